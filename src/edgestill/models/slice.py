@@ -1,0 +1,146 @@
+"""Slice a student out of a decoder teacher: a subset of its layers, optionally a narrower FFN.
+
+MLFS (shared/METHODS.md [9]) found that decoders resist compression unless the student is
+initialised by slicing the teacher; this module does that slicing. The student is a real,
+smaller model of the same class: its config has fewer layers / a smaller `intermediate_size`
+and its weight tensors are physically smaller, so its saved file has fewer bytes.
+
+Layer choice by block influence follows ShortGPT (Men et al., 2024, arXiv:2403.03853):
+BI_i = 1 - E_tokens[cos(h_i, h_{i+1})], the layers that change the residual stream least are
+dropped first. First and last layers are always kept (they carry the embedding/head interface).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from edgestill.errors import EdgestillError
+
+
+def decoder_layers(model) -> nn.ModuleList:
+    """The list of transformer blocks of a Llama-style causal LM (Llama, Mistral, Qwen2, SmolLM...)."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise EdgestillError(
+            f"slicing supports Llama-style decoders (model.model.layers); {type(model).__name__} is not one. "
+            "Pass an existing student with student.model instead"
+        )
+    return layers
+
+
+def count_params(model) -> int:
+    """Unique parameters (tied embedding/head counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+@torch.no_grad()
+def block_influence(model, batches: list[torch.Tensor]) -> list[float]:
+    """ShortGPT block influence of every layer, averaged over the tokens of `batches`."""
+    n = len(decoder_layers(model))
+    total = torch.zeros(n, dtype=torch.float64)
+    count = 0
+    for input_ids in batches:
+        hidden = model(input_ids=input_ids, output_hidden_states=True).hidden_states  # n+1 x (B, T, C)
+        for i in range(n):
+            # hidden_states[n] has the final norm applied; compare pre-norm states where possible.
+            cos = torch.nn.functional.cosine_similarity(hidden[i], hidden[i + 1], dim=-1)  # (B, T)
+            total[i] += (1 - cos).double().sum()
+        count += input_ids.numel()
+    return (total / max(count, 1)).tolist()
+
+
+def choose_layers(num_teacher_layers: int, num_layers: int, scores: list[float] | None = None) -> list[int]:
+    """Pick `num_layers` layer indices: the highest-scoring ones (first and last always), else evenly spaced."""
+    if num_layers >= num_teacher_layers:
+        return list(range(num_teacher_layers))
+    if num_layers == 1:
+        return [num_teacher_layers - 1]
+    if scores is None:
+        step = (num_teacher_layers - 1) / (num_layers - 1)
+        return sorted({round(i * step) for i in range(num_layers)})
+    keep = {0, num_teacher_layers - 1}
+    for i in sorted(range(num_teacher_layers), key=lambda i: -scores[i]):
+        if len(keep) >= num_layers:
+            break
+        keep.add(i)
+    return sorted(keep)
+
+
+def _ffn_keep(mlp, size: int) -> torch.Tensor:
+    """Indices of the FFN units to keep: largest ||gate_j|| * ||up_j|| * ||down_:,j||."""
+    score = mlp.gate_proj.weight.norm(dim=1) * mlp.up_proj.weight.norm(dim=1) * mlp.down_proj.weight.norm(dim=0)
+    return torch.topk(score, size).indices.sort().values
+
+
+def _narrow_ffn(mlp, keep: torch.Tensor) -> None:
+    for name in ("gate_proj", "up_proj"):
+        old = getattr(mlp, name)
+        new = nn.Linear(old.in_features, len(keep), bias=old.bias is not None, dtype=old.weight.dtype)
+        new.weight.data.copy_(old.weight.data[keep])
+        if old.bias is not None:
+            new.bias.data.copy_(old.bias.data[keep])
+        setattr(mlp, name, new)
+    old = mlp.down_proj
+    new = nn.Linear(len(keep), old.out_features, bias=old.bias is not None, dtype=old.weight.dtype)
+    new.weight.data.copy_(old.weight.data[:, keep])
+    if old.bias is not None:
+        new.bias.data.copy_(old.bias.data)
+    mlp.down_proj = new
+    if hasattr(mlp, "intermediate_size"):
+        mlp.intermediate_size = len(keep)
+
+
+def slice_decoder(teacher, layers: list[int], intermediate_size: int | None = None):
+    """A new model of the teacher's class holding only `layers`, FFNs narrowed to `intermediate_size`.
+
+    Weights are copied (the teacher is left untouched). Raises if the result would not be smaller.
+    """
+    teacher_layers = decoder_layers(teacher)
+    n = len(teacher_layers)
+    if not layers or any(i < 0 or i >= n for i in layers) or len(set(layers)) != len(layers):
+        raise EdgestillError(f"student.layers={layers} must be distinct indices in 0..{n - 1}")
+    cfg = copy.deepcopy(teacher.config)
+    teacher_ffn = getattr(cfg, "intermediate_size", None)
+    if intermediate_size is not None:
+        if teacher_ffn is None:
+            raise EdgestillError(f"{type(teacher).__name__} has no intermediate_size to narrow; leave student.intermediate_size unset")
+        if not 1 <= intermediate_size <= teacher_ffn:
+            raise EdgestillError(f"student.intermediate_size={intermediate_size} must be between 1 and the teacher's {teacher_ffn}")
+    if len(layers) == n and intermediate_size in (None, teacher_ffn):
+        raise EdgestillError(
+            f"the student would be as large as the teacher ({n} of {n} layers, full width): nothing to shrink; "
+            "set student.num_layers below the teacher's depth or a smaller student.intermediate_size"
+        )
+
+    cfg.num_hidden_layers = len(layers)
+    if getattr(cfg, "layer_types", None) is not None:
+        cfg.layer_types = [cfg.layer_types[i] for i in layers]
+    student = type(teacher)(cfg).to(next(teacher.parameters()).dtype)
+    student_layers = decoder_layers(student)
+    for new_idx, old_idx in enumerate(layers):
+        block = copy.deepcopy(teacher_layers[old_idx])
+        attn = getattr(block, "self_attn", None)
+        if attn is not None and hasattr(attn, "layer_idx"):
+            attn.layer_idx = new_idx  # the KV cache is indexed by position in the student
+        student_layers[new_idx] = block
+    # Everything outside the blocks (embeddings, final norm, head) is copied by name.
+    block_prefix = "model.layers."
+    own = {k: v for k, v in teacher.state_dict().items() if not k.startswith(block_prefix)}
+    missing, unexpected = student.load_state_dict(own, strict=False)
+    missing = [k for k in missing if not k.startswith(block_prefix) and not k.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise EdgestillError(f"slicing {type(teacher).__name__} left weights unset: {missing[:3]} {unexpected[:3]}")
+    if intermediate_size is not None and intermediate_size != teacher_ffn:
+        for block in student_layers:
+            _narrow_ffn(block.mlp, _ffn_keep(block.mlp, intermediate_size))
+        student.config.intermediate_size = intermediate_size
+    if getattr(student.config, "tie_word_embeddings", False):
+        student.tie_weights()
+    student.eval()
+    if count_params(student) >= count_params(teacher):
+        raise EdgestillError("the sliced student is not smaller than the teacher; use fewer layers or a narrower FFN")
+    return student

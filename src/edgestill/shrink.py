@@ -1,0 +1,251 @@
+"""The main job, stage by stage: load -> split -> slice -> cache teacher -> distil -> save -> evaluate -> report.
+
+`shrink(cfg)` is what `edgestill shrink` runs; `distill_run` and `evaluate_run` are its two
+halves (`edgestill distill`, `edgestill eval`). Each stage logs what it does; every long one
+shows a progress bar.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from edgestill.config import ShrinkConfig
+from edgestill.errors import EdgestillError
+from edgestill.progress import is_main_process
+from edgestill.runs import RunDir
+
+log = logging.getLogger("edgestill")
+
+
+def _blocks_for(cfg: ShrinkConfig, tokenizer):
+    from edgestill.data.corpus import load_documents, split_documents, tokenize_blocks
+
+    d = cfg.data
+    docs = load_documents(d.path, d.text_field)
+    splits = split_documents(docs, d.val_fraction, d.test_fraction, d.split_seed)
+    train = tokenize_blocks(splits.train, tokenizer, d.seq_len, d.max_train_tokens, seed=d.split_seed)
+    val = tokenize_blocks(splits.val, tokenizer, d.seq_len, d.max_val_tokens, seed=d.split_seed)
+    test = tokenize_blocks(splits.test, tokenizer, d.seq_len, d.max_eval_tokens, seed=d.split_seed)
+    if len(test) == 0 or len(val) == 0:
+        raise EdgestillError(
+            f"corpus too small: the held-out split has {len(test)} and the validation split {len(val)} blocks of "
+            f"{d.seq_len} tokens; add text or lower data.seq_len"
+        )
+    if len(train) < cfg.distill.batch_size:
+        raise EdgestillError(
+            f"corpus too small: the train split has {len(train)} blocks of {d.seq_len} tokens, fewer than one batch "
+            f"of {cfg.distill.batch_size}; add text, or lower data.seq_len / distill.batch_size"
+        )
+    log.info("data: %d train / %d val / %d test blocks of %d tokens (split by document: %d / %d / %d docs)",
+             len(train), len(val), len(test), d.seq_len, len(splits.train), len(splits.val), len(splits.test))
+    return splits, train, val, test
+
+
+def _build_student(cfg: ShrinkConfig, teacher, tokenizer, calibration: np.ndarray):
+    import torch
+
+    from edgestill.models.load import check_same_tokenizer, load_causal_lm
+    from edgestill.models.slice import block_influence, choose_layers, count_params, decoder_layers, slice_decoder
+
+    s = cfg.student
+    if s.model:
+        loaded = load_causal_lm(s.model)
+        check_same_tokenizer(tokenizer, loaded.tokenizer)
+        if count_params(loaded.model) >= count_params(teacher):
+            raise EdgestillError(
+                f"student '{s.model}' has {count_params(loaded.model):,} parameters, not fewer than the teacher's "
+                f"{count_params(teacher):,}: nothing would be shrunk; pick a smaller student"
+            )
+        return loaded.model, None
+    n = len(decoder_layers(teacher))
+    if s.layers is not None:
+        layers = sorted(s.layers)
+    else:
+        if s.num_layers >= n and s.intermediate_size is None:
+            raise EdgestillError(
+                f"student.num_layers={s.num_layers} keeps all {n} teacher layers at full width: the student would be as "
+                "large as the teacher; set student.num_layers lower or student.intermediate_size smaller"
+            )
+        scores = None
+        if s.layer_selection == "block_influence":
+            batches = [torch.from_numpy(calibration[i : i + 4]).long() for i in range(0, min(len(calibration), 8), 4)]
+            scores = block_influence(teacher, batches)
+        layers = choose_layers(n, min(s.num_layers, n), scores)
+    student = slice_decoder(teacher, layers, s.intermediate_size)
+    log.info("student: layers %s of %d, FFN %s -> %s params (teacher %s)", layers, n,
+             student.config.intermediate_size, f"{count_params(student):,}", f"{count_params(teacher):,}")
+    return student, layers
+
+
+def _fingerprint(*parts) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p if isinstance(p, bytes) else str(p).encode())
+    return h.hexdigest()[:16]
+
+
+def _save_student(student, tokenizer, folder: Path, dtype: str) -> None:
+    import torch
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    student.to(getattr(torch, dtype)).save_pretrained(tmp)
+    student.to(torch.float32)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+def distill_run(cfg: ShrinkConfig, overwrite: bool = False) -> tuple[RunDir, dict]:
+    """Stages 1-6: teacher, data, student, teacher cache, distillation, saved student.
+
+    Returns the (still partial) run folder and a context dict that `evaluate_run` can reuse.
+    """
+    import torch
+
+    from edgestill.distill.teacher_cache import build_topk_cache
+    from edgestill.distill.trainer import CachedTeacher, LiveTeacher, dist_setup, distill
+    from edgestill.models.load import load_causal_lm
+
+    rank, world = dist_setup()
+    run = RunDir(cfg.output.dir, cfg.to_dict(), overwrite=overwrite)
+    resumed = False
+    if rank == 0:
+        resumed = run.open()
+        log.info("%s run folder %s", "resuming" if resumed else "new", run.path)
+    if world > 1:
+        torch.distributed.barrier()
+
+    t0 = time.time()
+    teacher = load_causal_lm(cfg.teacher.model)
+    log.info("teacher: %s (%s) loaded in %.1fs", cfg.teacher.model, teacher.path, time.time() - t0)
+    splits, train, val, test = _blocks_for(cfg, teacher.tokenizer)
+    student, layers = _build_student(cfg, teacher.model, teacher.tokenizer, train)
+
+    if cfg.distill.cache_teacher:
+        fp = _fingerprint(teacher.path, train.tobytes(), cfg.distill.top_k)
+        cache_dir = run.path / "cache" / "teacher_topk"
+        if rank == 0:
+            cache = build_topk_cache(teacher.model, train, cfg.distill.top_k, cache_dir, fp, batch_size=cfg.eval.batch_size)
+        if world > 1:
+            torch.distributed.barrier()
+        if rank != 0:
+            from edgestill.distill.teacher_cache import TopKCache
+
+            cache = TopKCache(cache_dir)
+        source = CachedTeacher(cache)
+    else:
+        source = LiveTeacher(teacher.model, cfg.distill.top_k)
+
+    history = distill(student, source, train, cfg.distill, run.path, val_blocks=val)
+    if rank == 0:
+        _save_student(student, teacher.tokenizer, run.path / "student", cfg.output.dtype)
+        (run.path / "splits.json").write_text(json.dumps(splits.names(), indent=1))
+    context = {"teacher": teacher, "splits": splits, "test": test, "history": history, "layers": layers, "resumed": resumed}
+    return run, context
+
+
+def _environment() -> dict:
+    import os
+
+    import torch
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except Exception:
+        commit = None
+    return {"command": " ".join(sys.argv), "git_commit": commit, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": platform.machine(), "cpu_cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()}
+
+
+def evaluate_run(cfg: ShrinkConfig, run_dir: Path, teacher=None, test=None, splits=None, history=None, layers=None) -> dict:
+    """Stages 7-8: teacher vs the saved student on held-out text; metrics.json + report.*."""
+    import torch
+
+    from edgestill.evaluate.metrics import compare_lm, token_nll, weight_bytes
+    from edgestill.evaluate.report import summary_text, write_report
+    from edgestill.evaluate.speed import generate, measure_speed
+    from edgestill.models.load import check_same_tokenizer, load_causal_lm
+    from edgestill.models.slice import count_params, decoder_layers
+
+    if teacher is None:
+        teacher = load_causal_lm(cfg.teacher.model)
+    if test is None:
+        splits, _, _, test = _blocks_for(cfg, teacher.tokenizer)
+    student_dir = run_dir / "student"
+    saved = load_causal_lm(str(student_dir))  # the saved artifact itself, upcast to fp32 for CPU eval
+    check_same_tokenizer(teacher.tokenizer, saved.tokenizer)
+    student = saved.model
+    comparison = compare_lm(teacher.model, student, test, cfg.eval.batch_size)
+    summary = comparison["summary"]
+
+    baselines = {}
+    if layers is not None and cfg.student.model is None:
+        from edgestill.models.slice import slice_decoder
+
+        untrained = slice_decoder(teacher.model, layers, cfg.student.intermediate_size)
+        ppl = float(np.exp(token_nll(untrained, test, cfg.eval.batch_size, desc="baseline: sliced, untrained").mean()))
+        baselines["sliced_untrained"] = {"perplexity": ppl, "retention": summary["teacher_perplexity"] / ppl}
+        del untrained
+
+    prompt = torch.from_numpy(test[:1, : cfg.eval.speed_prompt_tokens]).long()
+    speed = measure_speed({"teacher": teacher.model, "student": student}, prompt, cfg.eval.speed_decode_tokens,
+                          cfg.eval.speed_repeats, cfg.eval.threads)
+    generations = [{"prompt": p, "teacher": generate(teacher.model, teacher.tokenizer, p, cfg.eval.generate_tokens),
+                    "student": generate(student, teacher.tokenizer, p, cfg.eval.generate_tokens)} for p in cfg.eval.prompts]
+
+    t_params, s_params = count_params(teacher.model), count_params(student)
+    s_bytes = weight_bytes(student_dir)
+    metrics = {
+        "teacher": {"name": cfg.teacher.model, "params": t_params, "bytes": weight_bytes(teacher.path),
+                    "num_layers": len(decoder_layers(teacher.model)), "perplexity": summary["teacher_perplexity"],
+                    **speed["teacher"]},
+        "student": {"path": str(student_dir), "params": s_params, "bytes": s_bytes, "dtype": cfg.output.dtype,
+                    "layers_kept": layers, "num_layers": len(decoder_layers(student)),
+                    "intermediate_size": getattr(student.config, "intermediate_size", None),
+                    "perplexity": summary["student_perplexity"], **speed["student"]},
+        "retention": summary["retention"],
+        "top1_agreement": summary["top1_agreement"],
+        "kl_teacher_student": summary["kl_teacher_student"],
+        "eval_tokens": summary["eval_tokens"],
+        "compression_x_fp32": t_params * 4 / s_bytes,
+        "compression_x_fp16": t_params * 2 / s_bytes,
+        "speedup_x": speed["student"]["decode_tokens_per_s"] / speed["teacher"]["decode_tokens_per_s"],
+        "speedup_x_prefill": speed["student"]["prefill_tokens_per_s"] / speed["teacher"]["prefill_tokens_per_s"],
+        "speed_repeats": cfg.eval.speed_repeats,
+        "baselines": baselines,
+        "splits": splits.names() if splits is not None else json.loads((run_dir / "splits.json").read_text()),
+        "train": {"steps": len(history or []), "final_loss": (history or [{}])[-1].get("loss"),
+                  "final_val_loss": next((h["val_loss"] for h in reversed(history or []) if "val_loss" in h), None)},
+        "environment": _environment(),
+    }
+    if history is None:
+        log_path = run_dir / "train_log.jsonl"
+        history = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.is_file() else []
+    write_report(run_dir, metrics, history, comparison, generations)
+    print(summary_text(metrics), flush=True)
+    return metrics
+
+
+def shrink(cfg: ShrinkConfig, overwrite: bool = False) -> Path | None:
+    """The whole job. Returns the finished run folder (None on non-zero DDP ranks)."""
+    run, ctx = distill_run(cfg, overwrite)
+    if not is_main_process():
+        return None
+    evaluate_run(cfg, run.path, ctx["teacher"], ctx["test"], ctx["splits"], ctx["history"], ctx["layers"])
+    shutil.rmtree(run.path / "checkpoints", ignore_errors=True)
+    final = run.finish()
+    print(f"run folder: {final}", flush=True)
+    return final

@@ -1,0 +1,71 @@
+"""Shared fixtures: a tiny random Llama (4 layers, hidden 64) with a small BPE tokenizer, and a
+tiny text corpus, all built offline in a temp dir once per session."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+os.environ.setdefault("EDGESTILL_NO_PROGRESS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+WORDS = ("the king queen lord lady love death night day sword crown heart blood speak hear see good "
+         "noble fair foul friend enemy war peace thou thee thy art hath doth shall will not what why").split()
+
+
+def make_text(seed: int, n_lines: int = 200) -> str:
+    rng = random.Random(seed)
+    return "\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) + "." for _ in range(n_lines))
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory):
+    """A folder of 8 small .txt documents."""
+    root = tmp_path_factory.mktemp("corpus")
+    for i in range(8):
+        (root / f"doc{i}.txt").write_text(make_text(i))
+    return root
+
+
+def build_tiny_model(path, num_layers: int = 4, seed: int = 0):
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([make_text(s) for s in range(20)], trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random LlamaForCausalLM (4 layers, hidden 64, vocab ~300) saved as a HF folder."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_llama"))
+
+
+def tiny_overrides(model_dir, corpus_dir, out_dir, steps: int = 6) -> list[str]:
+    """Config overrides for an end-to-end run on the tiny model and corpus (seconds on CPU)."""
+    return [
+        f"teacher.model={model_dir}", f"data.path={corpus_dir}", f"output.dir={out_dir}",
+        "data.seq_len=32", "data.max_train_tokens=2048", "data.max_eval_tokens=512", "data.max_val_tokens=256",
+        "data.val_fraction=0.2", "data.test_fraction=0.2",
+        "student.num_layers=2", f"distill.steps={steps}", "distill.batch_size=4", "distill.top_k=8",
+        "distill.checkpoint_every=2", "distill.eval_every=3", "distill.lr=1e-3",
+        "eval.batch_size=4", "eval.speed_prompt_tokens=16", "eval.speed_decode_tokens=4", "eval.speed_repeats=1",
+        "eval.generate_tokens=4", "eval.prompts=[\"the king\"]", "output.dtype=float32",
+    ]
