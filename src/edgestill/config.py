@@ -39,9 +39,9 @@ class DataConfig:
     test_fraction: float = 0.1
     split_seed: int = 0
     # Tokens of the train split whose teacher top-k logits are cached and trained on.
-    max_train_tokens: int = 65536
+    max_train_tokens: int = 51200
     # Held-out tokens used for perplexity/agreement (the test split).
-    max_eval_tokens: int = 16384
+    max_eval_tokens: int = 12288
     max_val_tokens: int = 4096
 
 
@@ -62,9 +62,9 @@ class StudentConfig:
 
 @dataclass
 class DistillConfig:
-    steps: int = 200
-    batch_size: int = 8  # global batch (sequences per optimizer step), split across DDP ranks
-    lr: float = 2e-4
+    steps: int = 100
+    batch_size: int = 4  # global batch (sequences per optimizer step), split across DDP ranks
+    lr: float = 5e-4
     weight_decay: float = 0.0
     warmup_steps: int = 10
     # Loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(labels, student)

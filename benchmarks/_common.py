@@ -1,0 +1,22 @@
+"""Helpers shared by the benchmark scripts: results are JSON files under benchmarks/results/."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def write_result(name: str, data: dict) -> Path:
+    from edgestill.evaluate.environment import environment
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    payload = {"benchmark": name, **data, "environment": data.get("environment") or environment()}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+    print(f"wrote {path}")
+    return path

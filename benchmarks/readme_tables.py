@@ -1,0 +1,84 @@
+"""Regenerate the README's result tables from benchmarks/results/*.json (never typed by hand).
+
+Each table sits between `<!-- results:NAME -->` and `<!-- /results:NAME -->` in README.md.
+    python benchmarks/readme_tables.py
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _load(name: str) -> dict | None:
+    p = RESULTS / f"{name}.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def default_run_table(r: dict) -> str:
+    t, s = r["teacher"], r["student"]
+    mb = 1e6
+    rows = [
+        "| | teacher | student |",
+        "|---|---:|---:|",
+        f"| model | {t['name']} ({t['num_layers']} layers, fp32) | {s['num_layers']} sliced layers, FFN {s['intermediate_size']}, {s['dtype']} |",
+        f"| held-out perplexity | {t['perplexity']:.2f} | {s['perplexity']:.2f} |",
+        f"| retention (teacher ppl ÷ student ppl) | 1.000 | **{r['retention']:.3f}** |",
+        f"| top-1 agreement with teacher | 1.000 | {r['top1_agreement']:.3f} |",
+        f"| mean token KL(teacher ‖ student) | 0 | {r['kl_teacher_student']:.3f} |",
+        f"| parameters | {t['params']:,} | {s['params']:,} |",
+        f"| bytes on disk | {t['bytes'] / mb:.1f} MB | {s['bytes'] / mb:.1f} MB |",
+        f"| compression_x_fp32 / _fp16 | | **{r['compression_x_fp32']:.2f}×** / {r['compression_x_fp16']:.2f}× |",
+        f"| decode tokens/s (transformers, {r['environment'].get('torch_threads', 2)} threads) | {t['decode_tokens_per_s']:.1f} | {s['decode_tokens_per_s']:.1f} (speedup_x **{r['speedup_x']:.2f}**) |",
+        f"| prefill tokens/s | {t['prefill_tokens_per_s']:.0f} | {s['prefill_tokens_per_s']:.0f} ({r['speedup_x_prefill']:.2f}×) |",
+    ]
+    for name, b in (r.get("baselines") or {}).items():
+        rows.append(f"| baseline: {name.replace('_', ' ')} | | ppl {b['perplexity']:.1f}, retention {b['retention']:.3f} |")
+    env = r["environment"]
+    rows.append("")
+    rows.append(f"Held-out: {r['held_out']['tokens']:,} tokens of {', '.join(r['held_out']['plays'])} (never seen in training). "
+                f"{r['train']['steps']} distillation steps. Measured {env['date'][:10]} on {env['cpu_cores']} CPU cores, "
+                f"commit `{(env.get('git_commit') or '?')[:8]}`, by `{env['command']}` → `benchmarks/results/default_run.json`.")
+    return "\n".join(rows)
+
+
+def throughput_table(r: dict) -> str:
+    c, lv = r["cached"], r["live"]
+    pay = r.get("cache_pays_off_after_epochs")
+    return "\n".join([
+        "| teacher signal | student training tokens/s (median, spread) |",
+        "|---|---:|",
+        f"| cached top-{r['top_k']} logits (memory-mapped) | {c['tokens_per_s']:.0f} ({c['tokens_per_s_spread'][0]:.0f}–{c['tokens_per_s_spread'][1]:.0f}) |",
+        f"| teacher recomputed every step | {lv['tokens_per_s']:.0f} ({lv['tokens_per_s_spread'][0]:.0f}–{lv['tokens_per_s_spread'][1]:.0f}) |",
+        f"| **ratio** | **{r['speedup_cached_over_live']:.2f}×** |",
+        "",
+        f"Building the cache ran the teacher at {r['cache_build_tokens_per_s']:.0f} tokens/s once"
+        + (f"; it pays for itself after {pay:.1f} epochs" if pay else "")
+        + f". {r['student_layers']}-layer student, batch {r['batch_size']}×{r['seq_len']}, {r['torch_threads']} threads; "
+        f"`benchmarks/distill_throughput.py` → `benchmarks/results/distill_throughput.json`.",
+    ])
+
+
+TABLES = {"default_run": default_run_table, "distill_throughput": throughput_table}
+
+
+def main() -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    for name, render in TABLES.items():
+        result = _load(name)
+        body = render(result) if result else f"_No result yet: run `python benchmarks/{name}.py`._"
+        pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(\n<!-- /results:{name} -->)", re.S)
+        text, n = pattern.subn(lambda m: m.group(1) + body + m.group(2), text)
+        if n == 0:
+            print(f"README.md has no markers for {name}; skipped")
+    readme.write_text(text)
+    print("README.md tables regenerated")
+
+
+if __name__ == "__main__":
+    main()
