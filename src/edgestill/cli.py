@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                 apply_override(cfg, o)
             pipeline.evaluate_run(cfg, run_dir)
     except EdgestillError as e:
-        print(f"edgestill: error: {e}", file=sys.stderr)
+        print(f"edgestill: error: {' '.join(str(e).split())}", file=sys.stderr)  # always one line
         return 2
     except KeyboardInterrupt:
         print("edgestill: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)

@@ -49,7 +49,7 @@ class RunDir:
             previous = yaml.safe_load(saved.read_text()) or {}
             if self._comparable(previous) == self._comparable(self.config):
                 return True
-            if not self.overwrite:
+            if not self.overwrite and self._has_progress():
                 raise EdgestillError(
                     f"'{self.partial}' holds an unfinished run with a different config; rerun with the same "
                     "config to resume it, or pass --overwrite to start over"
@@ -61,6 +61,10 @@ class RunDir:
         tmp.write_text(yaml.safe_dump(self.config, sort_keys=False))
         os.replace(tmp, saved)
         return False
+
+    def _has_progress(self) -> bool:
+        """Whether the partial run holds work worth keeping (a checkpoint or teacher cache)."""
+        return (self.partial / "checkpoints" / "LATEST").is_file() or (self.partial / "cache").is_dir()
 
     def finish(self) -> Path:
         """Mark the partial run done and move it into place (replacing an older finished run)."""

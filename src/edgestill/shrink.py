@@ -152,8 +152,12 @@ def distill_run(cfg: ShrinkConfig, overwrite: bool = False) -> tuple[RunDir, dic
     return run, context
 
 
-def evaluate_run(cfg: ShrinkConfig, run_dir: Path, teacher=None, test=None, splits=None, history=None, layers=None) -> dict:
-    """Stages 7-8: teacher vs the saved student on held-out text; metrics.json + report.*."""
+def evaluate_run(cfg: ShrinkConfig, run_dir: Path, teacher=None, test=None, splits=None, history=None, layers=None,
+                 final_dir: Path | None = None) -> dict:
+    """Stages 7-8: teacher vs the saved student on held-out text; metrics.json + report.*.
+
+    `final_dir` is where the run folder will live once finished (metrics name paths there).
+    """
     import torch
 
     from edgestill.evaluate.environment import environment
@@ -189,13 +193,16 @@ def evaluate_run(cfg: ShrinkConfig, run_dir: Path, teacher=None, test=None, spli
     generations = [{"prompt": p, "teacher": generate(teacher.model, teacher.tokenizer, p, cfg.eval.generate_tokens),
                     "student": generate(student, teacher.tokenizer, p, cfg.eval.generate_tokens)} for p in cfg.eval.prompts]
 
+    if history is None:
+        log_path = run_dir / "train_log.jsonl"
+        history = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.is_file() else []
     t_params, s_params = count_params(teacher.model), count_params(student)
     s_bytes = weight_bytes(student_dir)
     metrics = {
         "teacher": {"name": cfg.teacher.model, "params": t_params, "bytes": weight_bytes(teacher.path),
                     "num_layers": len(decoder_layers(teacher.model)), "perplexity": summary["teacher_perplexity"],
                     **speed["teacher"]},
-        "student": {"path": str(student_dir), "params": s_params, "bytes": s_bytes, "dtype": cfg.output.dtype,
+        "student": {"path": str((final_dir or run_dir) / "student"), "params": s_params, "bytes": s_bytes, "dtype": cfg.output.dtype,
                     "layers_kept": layers, "num_layers": len(decoder_layers(student)),
                     "intermediate_size": getattr(student.config, "intermediate_size", None),
                     "perplexity": summary["student_perplexity"], **speed["student"]},
@@ -214,9 +221,6 @@ def evaluate_run(cfg: ShrinkConfig, run_dir: Path, teacher=None, test=None, spli
                   "final_val_loss": next((h["val_loss"] for h in reversed(history or []) if "val_loss" in h), None)},
         "environment": environment(cfg.eval.threads),
     }
-    if history is None:
-        log_path = run_dir / "train_log.jsonl"
-        history = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.is_file() else []
     write_report(run_dir, metrics, history, comparison, generations)
     print(summary_text(metrics), flush=True)
     return metrics
@@ -227,7 +231,7 @@ def shrink(cfg: ShrinkConfig, overwrite: bool = False) -> Path | None:
     run, ctx = distill_run(cfg, overwrite)
     if not is_main_process():
         return None
-    evaluate_run(cfg, run.path, ctx["teacher"], ctx["test"], ctx["splits"], ctx["history"], ctx["layers"])
+    evaluate_run(cfg, run.path, ctx["teacher"], ctx["test"], ctx["splits"], ctx["history"], ctx["layers"], final_dir=run.final)
     shutil.rmtree(run.path / "checkpoints", ignore_errors=True)
     final = run.finish()
     print(f"run folder: {final}", flush=True)

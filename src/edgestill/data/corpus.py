@@ -150,6 +150,13 @@ def split_documents(docs: list[Document], val_fraction: float, test_fraction: fl
     n = len(order)
     n_test = max(1, round(n * test_fraction))
     n_val = max(1, round(n * val_fraction))
+    while n_test + n_val > n - 1:  # always leave at least one training document
+        if n_test >= n_val and n_test > 1:
+            n_test -= 1
+        elif n_val > 1:
+            n_val -= 1
+        else:
+            break
     return Splits(train=order[n_test + n_val :], val=order[n_test : n_test + n_val], test=order[:n_test])
 
 

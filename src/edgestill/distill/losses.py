@@ -60,7 +60,10 @@ def forward_kl_topk(student_logits: torch.Tensor, topk_logprobs: torch.Tensor, t
         log_q_tail = torch.logsumexp(masked, dim=-1) - torch.logsumexp(s, dim=-1)  # (B, T)
         p_tail = (1.0 - log_p_top.exp().sum(-1)).clamp_min(0.0)  # (B, T)
         kl_top = (log_p_top.exp() * (log_p_top - log_q_top)).sum(-1)
-        kl_tail = torch.where(p_tail > 0, p_tail * (p_tail.clamp_min(1e-30).log() - log_q_tail), torch.zeros_like(p_tail))
+        # No tail term where the teacher's tail is empty (k covers the vocabulary: p_tail is rounding noise)
+        # or the student's is (-inf): 0 * log 0 = 0 by convention.
+        valid = (p_tail > 1e-6) & torch.isfinite(log_q_tail)
+        kl_tail = torch.where(valid, p_tail * (p_tail.clamp_min(1e-30).log() - log_q_tail.clamp_min(-1e30)), torch.zeros_like(p_tail))
         per_token = kl_top + kl_tail
     else:
         log_p = F.log_softmax(t_top / temperature, dim=-1)

@@ -1,0 +1,127 @@
+"""Run folders: partial -> final, never losing a finished run, resume vs. conflicting config."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from edgestill.errors import EdgestillError
+from edgestill.runs import DONE, RunDir
+
+CFG = {"teacher": {"model": "m"}, "distill": {"steps": 5}, "eval": {"batch_size": 2}}
+
+
+def _cfg(**distill):
+    return {**CFG, "distill": {**CFG["distill"], **distill}}
+
+
+def test_open_new_creates_partial_only(tmp_path):
+    out = tmp_path / "run"
+    run = RunDir(out, CFG)
+    assert run.open() is False
+    assert run.path == tmp_path / "run.partial"
+    assert run.partial.is_dir()
+    assert not out.exists()
+    assert yaml.safe_load((run.partial / "config.yaml").read_text()) == CFG
+    assert not (run.partial / "config.yaml.tmp").exists()
+
+
+def test_finish_moves_partial_to_final_with_done(tmp_path):
+    out = tmp_path / "run"
+    run = RunDir(out, CFG)
+    run.open()
+    (run.path / "result.txt").write_text("42")
+    assert run.finish() == out
+    assert (out / DONE).is_file()
+    assert (out / "result.txt").read_text() == "42"
+    assert not run.partial.exists()
+    assert not list(tmp_path.glob("run.old-*"))
+
+
+def test_reopen_finished_without_overwrite_raises(tmp_path):
+    out = tmp_path / "run"
+    run = RunDir(out, CFG)
+    run.open()
+    run.finish()
+    with pytest.raises(EdgestillError, match="already holds a finished run"):
+        RunDir(out, CFG).open()
+    assert (out / DONE).is_file()
+    assert not (tmp_path / "run.partial").exists()
+
+
+def test_existing_non_run_folder_is_refused(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(EdgestillError, match="not an edgestill run"):
+        RunDir(out, CFG).open()
+    assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_overwrite_keeps_old_run_until_new_one_finishes(tmp_path):
+    out = tmp_path / "run"
+    first = RunDir(out, CFG)
+    first.open()
+    (first.path / "result.txt").write_text("old")
+    first.finish()
+
+    second = RunDir(out, _cfg(steps=9), overwrite=True)
+    assert second.open() is False
+    (second.path / "result.txt").write_text("new")
+    # the new run is in progress (or was killed here): the old finished run is intact
+    assert (out / DONE).is_file()
+    assert (out / "result.txt").read_text() == "old"
+
+    second.finish()
+    assert (out / "result.txt").read_text() == "new"
+    assert (out / DONE).is_file()
+    assert yaml.safe_load((out / "config.yaml").read_text())["distill"]["steps"] == 9
+    assert not second.partial.exists()
+    assert not list(tmp_path.glob("run.old-*"))  # the replaced run was cleaned up
+
+
+def test_partial_with_same_config_resumes(tmp_path):
+    out = tmp_path / "run"
+    run = RunDir(out, CFG)
+    run.open()
+    (run.path / "checkpoint").write_text("step 3")  # killed mid-run
+    again = RunDir(out, CFG)
+    assert again.open() is True
+    assert (again.path / "checkpoint").read_text() == "step 3"  # nothing was wiped
+
+
+def test_resume_ignores_resumable_sections(tmp_path):
+    out = tmp_path / "run"
+    RunDir(out, CFG).open()
+    changed_eval = {**CFG, "eval": {"batch_size": 64}}
+    assert RunDir(out, changed_eval).open() is True
+    # but not when `eval` is not declared resumable
+    with pytest.raises(EdgestillError, match="different config"):
+        RunDir(out, changed_eval, resumable_keys=()).open()
+
+
+def test_partial_with_different_config_raises_unless_overwrite(tmp_path):
+    out = tmp_path / "run"
+    run = RunDir(out, CFG)
+    run.open()
+    (run.path / "checkpoint").write_text("step 3")
+
+    with pytest.raises(EdgestillError, match="different config"):
+        RunDir(out, _cfg(steps=6)).open()
+    assert (run.path / "checkpoint").is_file()  # refusing left the partial run alone
+
+    fresh = RunDir(out, _cfg(steps=6), overwrite=True)
+    assert fresh.open() is False
+    assert not (fresh.path / "checkpoint").exists()  # started over
+    assert yaml.safe_load((fresh.path / "config.yaml").read_text())["distill"]["steps"] == 6
+
+
+def test_partial_without_config_is_restarted(tmp_path):
+    out = tmp_path / "run"
+    partial = tmp_path / "run.partial"
+    partial.mkdir()
+    (partial / "junk").write_text("x")
+    run = RunDir(out, CFG)
+    assert run.open() is False
+    assert not (partial / "junk").exists()
+    assert (partial / "config.yaml").is_file()
