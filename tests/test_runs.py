@@ -92,7 +92,10 @@ def test_partial_with_same_config_resumes(tmp_path):
 
 def test_resume_ignores_resumable_sections(tmp_path):
     out = tmp_path / "run"
-    RunDir(out, CFG).open()
+    run = RunDir(out, CFG)
+    run.open()
+    (run.path / "checkpoints").mkdir()
+    (run.path / "checkpoints" / "LATEST").write_text("ckpt-000003")
     changed_eval = {**CFG, "eval": {"batch_size": 64}}
     assert RunDir(out, changed_eval).open() is True
     # but not when `eval` is not declared resumable
@@ -104,16 +107,25 @@ def test_partial_with_different_config_raises_unless_overwrite(tmp_path):
     out = tmp_path / "run"
     run = RunDir(out, CFG)
     run.open()
-    (run.path / "checkpoint").write_text("step 3")
+    (run.path / "checkpoints").mkdir()
+    (run.path / "checkpoints" / "LATEST").write_text("ckpt-000003")
 
     with pytest.raises(EdgestillError, match="different config"):
         RunDir(out, _cfg(steps=6)).open()
-    assert (run.path / "checkpoint").is_file()  # refusing left the partial run alone
+    assert (run.path / "checkpoints" / "LATEST").is_file()  # refusing left the partial run alone
 
     fresh = RunDir(out, _cfg(steps=6), overwrite=True)
     assert fresh.open() is False
-    assert not (fresh.path / "checkpoint").exists()  # started over
+    assert not (fresh.path / "checkpoints").exists()  # started over
     assert yaml.safe_load((fresh.path / "config.yaml").read_text())["distill"]["steps"] == 6
+
+
+def test_partial_without_progress_is_restarted_with_a_new_config(tmp_path):
+    # A run that failed before any checkpoint or cache (say, a typo in the teacher path) holds
+    # nothing worth keeping: the corrected command simply starts over.
+    out = tmp_path / "run"
+    RunDir(out, CFG).open()
+    assert RunDir(out, _cfg(steps=6)).open() is False
 
 
 def test_partial_without_config_is_restarted(tmp_path):
