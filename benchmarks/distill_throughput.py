@@ -25,7 +25,7 @@ from _common import write_result
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", default="smollm2-135m")
-    ap.add_argument("--num-layers", type=int, default=10)
+    ap.add_argument("--num-layers", type=int, default=15)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per mode per round")

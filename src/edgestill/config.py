@@ -48,7 +48,7 @@ class DataConfig:
 @dataclass
 class StudentConfig:
     # Depth: number of teacher layers kept; `layers` pins them explicitly.
-    num_layers: int = 10
+    num_layers: int = 15
     layers: list[int] | None = None
     # How layers are picked when `layers` is not given:
     #   block_influence - ShortGPT's measure (1 - cos(h_in, h_out)) on calibration text; keep the most influential
@@ -75,7 +75,7 @@ class DistillConfig:
     freeze_embeddings: bool = True  # keep the teacher's (tied) embedding/head fixed: faster, less overfitting
     grad_clip: float = 1.0
     checkpoint_every: int = 20
-    eval_every: int = 50
+    eval_every: int = 25
     seed: int = 0
 
 

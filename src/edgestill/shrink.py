@@ -124,7 +124,11 @@ def distill_run(cfg: ShrinkConfig, overwrite: bool = False) -> tuple[RunDir, dic
         torch.distributed.barrier()
 
     t0 = time.time()
+    if world > 1 and rank != 0:
+        torch.distributed.barrier()  # rank 0 loads first, so a GGUF is dequantized and cached once
     teacher = load_causal_lm(cfg.teacher.model)
+    if world > 1 and rank == 0:
+        torch.distributed.barrier()
     log.info("teacher: %s (%s) loaded in %.1fs", cfg.teacher.model, teacher.path, time.time() - t0)
     splits, train, val, test = _blocks_for(cfg, teacher.tokenizer)
     student, layers = _build_student(cfg, teacher.model, teacher.tokenizer, train)

@@ -233,3 +233,20 @@ def test_shakespeare_default_corpus():
     assert len(names["test"]) == 4 and len(names["val"]) == 4 and len(names["train"]) == 30
     allnames = names["train"] + names["val"] + names["test"]
     assert len(set(allnames)) == len(allnames) == 38
+
+
+@pytest.mark.skipif(importlib.util.find_spec("datasets") is None, reason="needs the `datasets` extra")
+def test_hf_datasets_folder_saved_to_disk(tmp_path):
+    import datasets
+
+    texts = [make_text(i, n_lines=5) for i in range(6)]
+    datasets.Dataset.from_dict({"content": texts, "n": list(range(6))}).save_to_disk(tmp_path / "ds")
+    docs = load_documents(str(tmp_path / "ds"), text_field="content")
+    assert [d.text for d in docs] == [t.strip() for t in texts]
+    with pytest.raises(EdgestillError, match="no 'text' column"):
+        load_documents(str(tmp_path / "ds"))
+    # a DatasetDict keeps every split's rows as documents
+    dd = datasets.DatasetDict({"a": datasets.Dataset.from_dict({"text": texts[:2]}),
+                               "b": datasets.Dataset.from_dict({"text": texts[2:5]})})
+    dd.save_to_disk(tmp_path / "dd")
+    assert len(load_documents(str(tmp_path / "dd"))) == 5
