@@ -40,7 +40,9 @@ def default_run_table(r: dict) -> str:
         rows.append(f"| baseline: {name.replace('_', ' ')} | | ppl {b['perplexity']:.1f}, retention {b['retention']:.3f} |")
     env = r["environment"]
     rows.append("")
-    rows.append(f"Held-out: {r['held_out']['tokens']:,} tokens of {', '.join(r['held_out']['plays'])} (never seen in training). "
+    rows.append("The teacher ships as a Q4_1 GGUF; its dequantized fp32 weights are the teacher every number here is "
+                "measured against, so its bytes are those of its fp32 safetensors copy.")
+    rows.append(f" Held-out: {r['held_out']['tokens']:,} tokens of {', '.join(r['held_out']['plays'])} (never seen in training). "
                 f"{r['train']['steps']} distillation steps. Measured {env['date'][:10]} on {env['cpu_cores']} CPU cores, "
                 f"commit `{(env.get('git_commit') or '?')[:8]}`, by `{env['command']}` → `benchmarks/results/default_run.json`.")
     return "\n".join(rows)

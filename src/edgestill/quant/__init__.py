@@ -1,0 +1,44 @@
+"""Weight quantization in the formats the runtimes store, exact to the bit.
+
+    formats.py     one frozen config per format (GGUF Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/Q4_K/F16, ONNX int8
+                   per channel and MatMulNBits int4 blocks): fake_quant, bytes, fallbacks, packing
+    q4_k.py        llama.cpp's Q4_K quantizer (the gguf package only dequantizes Q4_K)
+    fake_quant.py  quantize_(model, QuantConfig(...), step="prepare" | "convert"): QAT and freezing
+
+Importing this package loads torch; `gguf` loads only when GGUF bytes are produced.
+"""
+
+from edgestill.quant.fake_quant import (
+    FakeQuantEmbedding,
+    FakeQuantLinear,
+    LayerReport,
+    QuantConfig,
+    fake_quant_ste,
+    quantize_,
+    total_weight_bytes,
+)
+from edgestill.quant.formats import (
+    FORMATS,
+    GGUFF16,
+    GGUFQ4_0,
+    GGUFQ4_1,
+    GGUFQ4_K,
+    GGUFQ5_0,
+    GGUFQ5_1,
+    GGUFQ8_0,
+    Format,
+    Int4Block,
+    Int8PerChannel,
+    gguf_quantize,
+    int8_per_channel_codes,
+    pack_matmul_nbits,
+    resolve_format,
+)
+
+__all__ = [
+    "FORMATS", "FakeQuantEmbedding", "FakeQuantLinear", "Format",
+    "GGUFF16", "GGUFQ4_0", "GGUFQ4_1", "GGUFQ4_K", "GGUFQ5_0", "GGUFQ5_1", "GGUFQ8_0",
+    "Int4Block", "Int8PerChannel", "LayerReport", "QuantConfig",
+    "fake_quant_ste", "gguf_quantize", "int8_per_channel_codes", "pack_matmul_nbits", "quantize_",
+    "resolve_format", "total_weight_bytes",
+]

@@ -1,0 +1,318 @@
+"""Parity: our fake-quant equals what the runtimes store, bit for bit (atol=0, sign of zero included)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
+
+from edgestill.errors import EdgestillError
+from edgestill.quant import (
+    GGUFF16,
+    GGUFQ4_0,
+    GGUFQ4_1,
+    GGUFQ4_K,
+    GGUFQ5_0,
+    GGUFQ5_1,
+    GGUFQ8_0,
+    Int4Block,
+    Int8PerChannel,
+    gguf_quantize,
+    int8_per_channel_codes,
+    pack_matmul_nbits,
+    resolve_format,
+)
+
+LEGACY = [GGUFQ8_0(), GGUFQ4_0(), GGUFQ4_1(), GGUFQ5_0(), GGUFQ5_1(), GGUFF16()]
+F32 = np.float32
+
+
+def assert_bits_equal(ours: torch.Tensor, ref) -> None:
+    ref = torch.as_tensor(np.asarray(ref, dtype=np.float32)).reshape(ours.shape)
+    assert ours.dtype == torch.float32
+    differ = (ours.view(torch.int32) != ref.view(torch.int32)).sum().item()
+    assert differ == 0, f"{differ} of {ours.numel()} differ; max |diff| {(ours - ref).abs().max().item()}"
+
+
+def make_weight(kind: str, rows: int = 32, cols: int = 256, seed: int = 0) -> torch.Tensor:
+    """Weights that exercise every branch of the block quantizers."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * 0.05
+    if kind == "outliers":
+        w.view(-1)[torch.randint(0, w.numel(), (w.numel() // 50,), generator=g)] *= 80
+    elif kind == "zero_blocks":
+        w[::2, :32] = 0
+        w[1::4] = 0  # whole rows, so K-quant super-blocks are all zero too
+    elif kind == "constant_blocks":
+        w[0::3, :64] = 0.25
+        w[1::3, 64:128] = -0.125
+        w[2::3, 32:64] = 3.0
+    elif kind == "negative_max":
+        w[:, ::32] = -w.abs().amax() * 2  # each block's largest magnitude is negative
+    elif kind == "ties":
+        w[:, 0::32], w[:, 1::32] = 0.5, -0.5  # +a and -a: the first one decides the sign
+    elif kind == "halves":  # codes land exactly on .5: trunc(x + 8.5) and round-half-away must be used
+        k = torch.randint(-8, 7, (rows, cols), generator=g).float() + 0.5
+        w = k / 8
+        w[0::2, ::32] = -1.0  # Q4_0: d = 1/8 exactly
+        w[1::2] = (torch.randint(-127, 127, (rows // 2, cols), generator=g).float() + 0.5) / 128
+        w[1::2, ::32] = 127 / 128  # Q8_0: d = 1/128 exactly
+    elif kind == "tiny":
+        w *= 1e-5  # scales become fp16 subnormals
+    elif kind == "one_sign":
+        w = w.abs()
+        w[::2] = -w[::2]
+    return w
+
+
+KINDS = ["normal", "outliers", "zero_blocks", "constant_blocks", "negative_max", "ties", "halves", "tiny",
+         "one_sign"]
+
+
+def gguf_roundtrip(w: torch.Tensor, qtype: GGMLQuantizationType) -> np.ndarray:
+    return quants.dequantize(quants.quantize(w.numpy(), qtype), qtype)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("fmt", LEGACY, ids=lambda f: f.ggml_type)
+def test_legacy_gguf_fake_quant_equals_gguf_reference(fmt, kind):
+    w = make_weight(kind)
+    assert_bits_equal(fmt.fake_quant(w), gguf_roundtrip(w, GGMLQuantizationType[fmt.ggml_type]))
+
+
+@pytest.mark.parametrize("fmt", LEGACY + [GGUFQ4_K()], ids=lambda f: f.ggml_type)
+def test_gguf_bytes_sizes_and_roundtrip(fmt):
+    w = make_weight("normal", rows=8, cols=512)
+    qtype = GGMLQuantizationType[fmt.ggml_type]
+    data, got_qtype = gguf_quantize(w, fmt)
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    assert got_qtype == qtype and fmt.block_size == block_size
+    assert fmt.bits_per_weight == 8 * type_size / block_size
+    assert data.nbytes == fmt.weight_bytes(tuple(w.shape)) == 8 * 512 * fmt.bits_per_weight / 8
+    assert_bits_equal(fmt.fake_quant(w), quants.dequantize(data, qtype))
+
+
+def test_bits_per_weight_table():
+    got = {f.ggml_type: f.bits_per_weight for f in LEGACY + [GGUFQ4_K()]}
+    assert got == {"Q8_0": 8.5, "Q4_0": 4.5, "Q4_1": 5.0, "Q5_0": 5.5, "Q5_1": 6.0, "F16": 16.0, "Q4_K": 4.5}
+
+
+# --- Q4_K -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_q4_k_bytes_dequantized_by_gguf_equal_fake_quant(kind):
+    w = make_weight(kind, rows=16, cols=512)
+    data, qtype = gguf_quantize(w, GGUFQ4_K())
+    assert data.dtype == np.uint8 and data.shape == (16, 2 * 144)
+    assert_bits_equal(GGUFQ4_K().fake_quant(w), quants.dequantize(data, qtype))
+
+
+def _nearest_int(v) -> int:
+    return int(np.rint(v))  # llama.cpp's nearest_int: round half to even
+
+
+def _make_qkx2_quants_port(x, weights, nmax=15, rmin=F32(-1), rdelta=F32(0.1), nstep=20):
+    """make_qkx2_quants (ggml-quants.c), line by line, in float32 scalars."""
+    n = len(x)
+    mn, mx = x[0], x[0]
+    sum_w = weights[0]
+    sum_x = sum_w * x[0]
+    for i in range(1, n):
+        mn = x[i] if x[i] < mn else mn
+        mx = x[i] if x[i] > mx else mx
+        sum_w = sum_w + weights[i]
+        sum_x = sum_x + weights[i] * x[i]
+    if mn > 0:
+        mn = F32(0)
+    if mx == mn:
+        return F32(0), -mn, [0] * n
+    iscale = F32(nmax) / (mx - mn)
+    scale = F32(1) / iscale
+    L = [max(0, min(nmax, _nearest_int(iscale * (x[i] - mn)))) for i in range(n)]
+    best_mad = F32(0)
+    for i in range(n):
+        diff = scale * F32(L[i]) + mn - x[i]
+        best_mad = best_mad + weights[i] * (diff * diff)
+    for step in range(nstep + 1):
+        iscale = (rmin + rdelta * F32(step) + F32(nmax)) / (mx - mn)
+        laux = [max(0, min(nmax, _nearest_int(iscale * (x[i] - mn)))) for i in range(n)]
+        sum_l = sum_l2 = sum_xl = F32(0)
+        for i in range(n):
+            wl = weights[i] * F32(laux[i])
+            sum_l, sum_l2, sum_xl = sum_l + wl, sum_l2 + wl * F32(laux[i]), sum_xl + wl * x[i]
+        D = sum_w * sum_l2 - sum_l * sum_l
+        if D > 0:
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+            if this_min > 0:
+                this_min, this_scale = F32(0), sum_xl / sum_l2
+            mad = F32(0)
+            for i in range(n):
+                diff = this_scale * F32(laux[i]) + this_min - x[i]
+                mad = mad + weights[i] * (diff * diff)
+            if mad < best_mad:
+                L, best_mad, scale, mn = laux, mad, this_scale, this_min
+    return scale, -mn, L
+
+
+def _quantize_row_q4_K_ref_port(x: np.ndarray) -> bytes:
+    """quantize_row_q4_K_ref (ggml-quants.c) for one 256-weight super-block, line by line."""
+    L, scales, mins = [0] * 256, [], []
+    max_scale = max_min = F32(0)
+    for j in range(8):
+        xs = x[32 * j: 32 * j + 32]
+        sum_x2 = F32(0)
+        for v in xs:
+            sum_x2 = sum_x2 + v * v
+        av_x = np.sqrt(sum_x2 / F32(32))
+        weights = [av_x + abs(v) for v in xs]
+        scale, the_min, L[32 * j: 32 * j + 32] = _make_qkx2_quants_port(xs, weights)
+        scales.append(scale)
+        mins.append(the_min)
+        max_scale = scale if scale > max_scale else max_scale
+        max_min = the_min if the_min > max_min else max_min
+    inv_scale = F32(63) / max_scale if max_scale > 0 else F32(0)
+    inv_min = F32(63) / max_min if max_min > 0 else F32(0)
+    packed = [0] * 12
+    for j in range(8):
+        ls = min(63, _nearest_int(inv_scale * scales[j]) & 0xFF)
+        lm = min(63, _nearest_int(inv_min * mins[j]) & 0xFF)
+        if j < 4:
+            packed[j], packed[j + 4] = ls, lm
+        else:
+            packed[j + 4] = (ls & 0xF) | ((lm & 0xF) << 4)
+            packed[j - 4] |= (ls >> 4) << 6
+            packed[j] |= (lm >> 4) << 6
+    d, dmin = np.float16(max_scale / F32(63)), np.float16(max_min / F32(63))
+    for j in range(8):
+        if j < 4:
+            sc, m = packed[j] & 63, packed[j + 4] & 63
+        else:
+            sc = (packed[j + 4] & 0xF) | ((packed[j - 4] >> 6) << 4)
+            m = (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4)
+        dd = F32(d) * F32(sc)
+        if dd == 0:
+            continue
+        dm = F32(dmin) * F32(m)
+        for i in range(32):
+            L[32 * j + i] = max(0, min(15, _nearest_int((x[32 * j + i] + dm) / dd)))
+    qs = [L[j + l] | (L[j + l + 32] << 4) for j in range(0, 256, 64) for l in range(32)]
+    return d.tobytes() + dmin.tobytes() + bytes(packed) + bytes(qs)
+
+
+def test_q4_k_bytes_equal_a_line_by_line_port_of_llama_cpp():
+    rows = [make_weight(kind, rows=1, cols=256, seed=i)[0]
+            for i, kind in enumerate(["normal", "outliers", "constant_blocks", "one_sign", "tiny"])]
+    rows.append(torch.cat([torch.zeros(32), torch.full((32,), -0.5), torch.full((32,), 0.5), rows[0][96:]]))
+    w = torch.stack(rows)  # (6, 256): one super-block per row
+    ours, _ = gguf_quantize(w, GGUFQ4_K())
+    for i, row in enumerate(w.numpy()):
+        assert ours[i].tobytes() == _quantize_row_q4_K_ref_port(row), f"super-block {i} differs"
+
+
+def test_q4_k_error_is_close_to_a_minmax_4bit_baseline():
+    w = make_weight("normal", rows=64, cols=1024, seed=3)
+    blocks = w.reshape(-1, 32)
+    lo, hi = blocks.amin(-1, keepdim=True), blocks.amax(-1, keepdim=True)
+    step = (hi - lo) / 15
+    baseline = (torch.round((blocks - lo) / step) * step + lo).reshape(w.shape)  # float32 scale, min per 32
+    mse_baseline = (baseline - w).square().mean().item()
+    mse_q4_k = (GGUFQ4_K().fake_quant(w) - w).square().mean().item()
+    # Q4_K stores 6-bit scales (4.5 bpw vs the baseline's 6) but searches for them: it lands near it.
+    assert 0 < mse_q4_k < 1.15 * mse_baseline, (mse_q4_k, mse_baseline)
+
+
+# --- fallbacks ---------------------------------------------------------------------------------------------
+
+def test_fallback_rules():
+    assert resolve_format(GGUFQ4_K(), 512) == (GGUFQ4_K(), None)
+    fmt, why = resolve_format(GGUFQ4_K(), 64)
+    assert fmt == GGUFQ5_0() and "llama_tensor_get_type" in why and "64" in why
+    assert resolve_format(GGUFQ4_K(), 48)[0] == GGUFF16()
+    fmt, why = resolve_format(GGUFQ4_0(), 48)
+    assert fmt == GGUFF16() and "48" in why and "32" in why
+    assert resolve_format(Int4Block(), 48) == (Int4Block(), None)
+    assert resolve_format(Int8PerChannel(), 48) == (Int8PerChannel(), None)
+
+
+@pytest.mark.parametrize("fmt", [GGUFQ4_0(), GGUFQ8_0(), GGUFQ4_K()], ids=lambda f: f.ggml_type)
+def test_odd_rows_are_refused_not_corrupted(fmt):
+    with pytest.raises(EdgestillError, match="resolve_format"):
+        fmt.fake_quant(torch.randn(4, 48))
+    with pytest.raises(EdgestillError):
+        gguf_quantize(torch.randn(4, 48), fmt)
+
+
+# --- ONNX Runtime ----------------------------------------------------------------------------------------
+
+def test_int8_per_channel_equals_onnxruntime_quantizer_math():
+    w = make_weight("outliers", rows=16, cols=96)
+    w[3] = 0  # ORT uses scale 1.0 for an all-zero channel
+    ref = []
+    for row in w.numpy():  # onnxruntime.quantization: compute_scale_zp (float64) then quantize_nparray
+        absmax = np.abs(row).max()
+        scale = np.float32(np.float64(2 * absmax) / 254.0) if absmax > 0 else np.float32(1.0)
+        q = np.clip(np.round(row.astype(np.float32) / scale), -127, 127).astype(np.int8)
+        ref.append(q.astype(np.float32) * scale)
+    assert_bits_equal(Int8PerChannel().fake_quant(w), np.stack(ref))
+    q, scale = int8_per_channel_codes(w)
+    assert q.dtype == torch.int8 and scale[3] == 1.0 and q.abs().max() == 127
+
+
+def _mlas_block_reference(block: np.ndarray, symmetric: bool) -> np.ndarray:
+    """MLAS MlasQuantizeBlockwise on one block's valid weights, then the op's (q - zp) * scale."""
+    lo, hi = block.min(), block.max()
+    if symmetric:
+        signed_max = hi if abs(hi) > abs(lo) else lo
+        scale, zp = signed_max / F32(-8), 8
+    else:
+        lo, hi = min(lo, F32(0)), max(hi, F32(0))
+        scale = (hi - lo) / F32(15)
+        zp_f = F32(0) - lo / scale if scale != 0 else lo
+        zp = 0 if zp_f < 0 else 15 if zp_f > 15 else int(quants.np_roundf(np.array([zp_f]))[0])
+    inv = F32(1) / scale if scale != 0 else F32(0)
+    q = np.clip(quants.np_roundf(block * inv + F32(zp)), 0, 15).astype(np.uint8)  # integer codes: no -0.0
+    return (q.astype(np.float32) - F32(zp)) * scale
+
+
+def _unpack_matmul_nbits(packed, k: int, block_size: int) -> np.ndarray:
+    """Dequantize from the documented MatMulNBits inputs (low nibble first; zero point 8 if absent)."""
+    B, scales, zero_points = packed["B"], packed["scales"], packed["zero_points"]
+    n, k_blocks, _ = B.shape
+    q = np.stack([B & 0xF, B >> 4], axis=-1).reshape(n, k_blocks, block_size).astype(np.float32)
+    if zero_points is None:
+        zp = np.full((n, k_blocks), 8, dtype=np.float32)
+    else:
+        zp = np.stack([zero_points & 0xF, zero_points >> 4], axis=-1).reshape(n, -1)[:, :k_blocks]
+        zp = zp.astype(np.float32)
+    w = (q - zp[..., None]) * scales[..., None]
+    return w.reshape(n, -1)[:, :k]
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("k", [96, 80])  # 80: a partial last block and an odd number of zero points
+def test_int4_block_matches_mlas_and_the_documented_layout(symmetric, k):
+    fmt = Int4Block(block_size=32, symmetric=symmetric)
+    w = make_weight("outliers", rows=8, cols=k)
+    w[0, :32] = -w[0, :32].abs()
+    w[1, :32] = 0
+    w[2, :32], w[2, 5], w[2, 9] = 0.1, 0.5, -0.5  # |max| == |min|: MLAS takes the min
+    ref = np.stack([np.concatenate([_mlas_block_reference(row[i:i + 32], symmetric) for i in range(0, k, 32)])
+                    for row in w.numpy()])
+    ours = fmt.fake_quant(w)
+    assert_bits_equal(ours, ref)
+    packed = pack_matmul_nbits(w, fmt)
+    k_blocks = -(-k // 32)
+    assert packed["B"].shape == (8, k_blocks, 16) and packed["scales"].dtype == np.float32
+    assert (packed["zero_points"] is None) == symmetric
+    assert_bits_equal(ours, _unpack_matmul_nbits(packed, k, 32))
+    nbytes = sum(a.nbytes for a in packed.values() if a is not None)
+    assert nbytes == fmt.weight_bytes((8, k))
+
+
+def test_int4_block_size_is_validated():
+    with pytest.raises(EdgestillError, match="power of 2"):
+        Int4Block(block_size=24)
+    assert Int4Block(block_size=32).bits_per_weight == 5.0
+    assert Int4Block(block_size=32, symmetric=False).bits_per_weight == 5.125
