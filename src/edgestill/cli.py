@@ -27,7 +27,7 @@ With no arguments, `edgestill shrink` uses the embedded defaults: teacher SmolLM
 
 EPILOG = """\
 examples:
-  edgestill shrink                                  # the defaults, ~15 min on 2 CPU cores
+  edgestill shrink                                  # the defaults, ~15 min on 2 CPU cores (+1 min set-up)
   edgestill shrink --quick                          # smoke run, ~3 min
   edgestill shrink --teacher path/to/model.gguf --data my_texts/ --out runs/mine
   edgestill shrink --config recipes/smollm2_135m_slice_kd_cpu.yaml student.num_layers=8 distill.steps=400
