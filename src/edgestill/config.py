@@ -80,6 +80,20 @@ class DistillConfig:
 
 
 @dataclass
+class QuantSection:
+    """Quantization-aware distillation (EdgeDistill [8]): fake-quant in the forward pass, exact runtime formats.
+
+    format: q8_0 | q4_0 | q4_1 | q5_0 | q5_1 (GGUF, what llama.cpp runs); null trains in float.
+    plan: per-module formats, module name or `re:` regex -> format, e.g. {"re:.*mlp\\.down_proj": q8_0}.
+    skip: modules left in float.
+    """
+
+    format: str | None = None
+    plan: dict[str, str] = field(default_factory=dict)
+    skip: list[str] = field(default_factory=list)
+
+
+@dataclass
 class EvalConfig:
     batch_size: int = 8
     threads: int = 2
@@ -109,6 +123,7 @@ class ShrinkConfig:
     data: DataConfig = field(default_factory=DataConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    quant: QuantSection = field(default_factory=QuantSection)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
@@ -149,6 +164,11 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
             except EdgestillError as e:
                 errors.append(str(e))
         raise EdgestillError(errors[0] if errors else f"config key '{key}': bad value {value!r}")
+    if origin is dict:
+        key_tp, value_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise EdgestillError(f"config key '{key}' takes a mapping, got {value!r} (write it as {{name: value}})")
+        return {_check_type(k, key_tp, key): _check_type(v, value_tp, key) for k, v in value.items()}
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -266,5 +286,15 @@ def validate(cfg: ShrinkConfig) -> None:
         raise EdgestillError("distill.temperature must be > 0")
     if k.steps < 1 or k.batch_size < 1 or k.top_k < 1:
         raise EdgestillError("distill.steps, distill.batch_size and distill.top_k must be positive")
+    q = cfg.quant
+    for name in [q.format, *q.plan.values()]:
+        if name is not None:
+            if name.lower() not in ("f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k"):
+                raise EdgestillError(f"quant format '{name}' is not a GGUF training format; use q8_0, q4_0, q4_1, q5_0 or q5_1")
+            if name.lower() == "q4_k":
+                raise EdgestillError("quant format q4_k is too slow to fake-quantize every step on a CPU (its scale search); "
+                                     "train with q4_0/q4_1/q5_0, or quantize to q4_k after training with `edgestill export`")
+    if q.plan and q.format is None:
+        raise EdgestillError("quant.plan needs quant.format too (the format of the modules the plan does not name)")
     if cfg.output.dtype not in ("float16", "bfloat16", "float32"):
         raise EdgestillError(f"output.dtype='{cfg.output.dtype}' is unknown; use float16, bfloat16 or float32")

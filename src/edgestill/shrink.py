@@ -84,6 +84,17 @@ def _build_student(cfg: ShrinkConfig, teacher, tokenizer, calibration: np.ndarra
     return student, layers
 
 
+def _quant_config(cfg: ShrinkConfig):
+    """The QuantConfig of the recipe's `quant` section, or None when training in float."""
+    if cfg.quant.format is None:
+        return None
+    from edgestill.quant import QuantConfig
+    from edgestill.quant.formats import format_by_name
+
+    return QuantConfig(default=format_by_name(cfg.quant.format),
+                       plan={name: format_by_name(f) for name, f in cfg.quant.plan.items()}, skip=list(cfg.quant.skip))
+
+
 def _fingerprint(*parts) -> str:
     h = hashlib.sha256()
     for p in parts:
@@ -148,9 +159,20 @@ def distill_run(cfg: ShrinkConfig, overwrite: bool = False) -> tuple[RunDir, dic
     else:
         source = LiveTeacher(teacher.model, cfg.distill.top_k)
 
+    quant_config = _quant_config(cfg)
+    if quant_config is not None:
+        from edgestill.quant import quantize_
+
+        quantize_(student, quant_config, step="prepare")  # fake-quant forward, straight-through gradients
     history = distill(student, source, train, cfg.distill, run.path, val_blocks=val)
+    dtype = cfg.output.dtype
+    if quant_config is not None:
+        report = quantize_(student, quant_config, step="convert")  # weights := exact runtime values
+        if rank == 0:
+            (run.path / "quant_report.json").write_text(json.dumps([r.to_dict() for r in report], indent=1))
+        dtype = "float32"  # the dequantized values are exact in fp32 only; the deployable file is the GGUF
     if rank == 0:
-        _save_student(student, teacher.tokenizer, run.path / "student", cfg.output.dtype)
+        _save_student(student, teacher.tokenizer, run.path / "student", dtype)
         (run.path / "splits.json").write_text(json.dumps(splits.names(), indent=1))
     context = {"teacher": teacher, "splits": splits, "test": test, "history": history, "layers": layers, "resumed": resumed}
     return run, context

@@ -428,3 +428,18 @@ def format_from_dict(data: dict[str, Any] | str) -> Format:
         return by_name[name](**data)
     except TypeError as e:
         raise EdgestillError(f"{name}: {e}") from None
+
+
+# Short names for recipes and the CLI (`quant.format: q4_0`, `--quant q4_0`).
+FORMAT_NAMES: dict[str, type] = {
+    "f16": GGUFF16, "q8_0": GGUFQ8_0, "q4_0": GGUFQ4_0, "q4_1": GGUFQ4_1, "q5_0": GGUFQ5_0,
+    "q5_1": GGUFQ5_1, "q4_k": GGUFQ4_K, "int8": Int8PerChannel, "int4": Int4Block,
+}
+
+
+def format_by_name(name: str) -> Format:
+    """`q4_0` -> GGUFQ4_0(); the names recipes use."""
+    cls = FORMAT_NAMES.get(str(name).lower())
+    if cls is None:
+        raise EdgestillError(f"unknown quantization format '{name}'; choose one of {', '.join(FORMAT_NAMES)}")
+    return cls()
