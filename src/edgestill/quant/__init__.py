@@ -4,6 +4,7 @@
                    per channel and MatMulNBits int4 blocks): fake_quant, bytes, fallbacks, packing
     q4_k.py        llama.cpp's Q4_K quantizer (the gguf package only dequantizes Q4_K)
     fake_quant.py  quantize_(model, QuantConfig(...), step="prepare" | "convert"): QAT and freezing
+    gptq.py        gptq_quantize_(model, QuantConfig(...), calibration): data-aware PTQ, same exact formats
 
 Importing this package loads torch; `gguf` loads only when GGUF bytes are produced.
 """
@@ -17,6 +18,7 @@ from edgestill.quant.fake_quant import (
     quantize_,
     total_weight_bytes,
 )
+from edgestill.quant.gptq import gptq_quantize_, rtn_quantize_
 from edgestill.quant.formats import (
     FORMATS,
     GGUFF16,
@@ -39,6 +41,6 @@ __all__ = [
     "FORMATS", "FakeQuantEmbedding", "FakeQuantLinear", "Format",
     "GGUFF16", "GGUFQ4_0", "GGUFQ4_1", "GGUFQ4_K", "GGUFQ5_0", "GGUFQ5_1", "GGUFQ8_0",
     "Int4Block", "Int8PerChannel", "LayerReport", "QuantConfig",
-    "fake_quant_ste", "gguf_quantize", "int8_per_channel_codes", "pack_matmul_nbits", "quantize_",
+    "fake_quant_ste", "gguf_quantize", "gptq_quantize_", "rtn_quantize_", "int8_per_channel_codes", "pack_matmul_nbits", "quantize_",
     "resolve_format", "total_weight_bytes",
 ]
