@@ -1,0 +1,122 @@
+"""llama.cpp, through llama-cpp-python: per-position logits of a GGUF, and llama.cpp's own quantizer.
+
+`llamacpp_logits` is the reference side of the export parity tests (the exported file, run by the
+engine people deploy, against eager transformers). `llamacpp_quantize` produces the llama.cpp-PTQ
+baseline (Q8_0, Q4_0, Q4_K_M, Q2_K, ...) from an f32/f16 GGUF, in-process.
+
+llama-cpp-python is optional and imported only here, when called:
+    pip install llama-cpp-python==0.3.36   # builds llama.cpp from source (~7 min on 2 cores)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from edgestill.errors import EdgestillError
+
+INSTALL_HINT = "pip install llama-cpp-python==0.3.36  (builds llama.cpp from source, ~7 minutes on 2 cores)"
+# The file types `llamacpp_quantize` accepts by name; llama.cpp knows more (see llama_cpp.LLAMA_FTYPE_*).
+QUANT_TYPES = ("F16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S",
+               "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K")
+
+
+def _llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError:
+        raise EdgestillError(f"llama.cpp runtime not installed: {INSTALL_HINT}") from None
+    return llama_cpp
+
+
+def llamacpp_logits(gguf_path, token_ids, n_threads: int = 2, kv_type: str = "f16") -> np.ndarray:
+    """Logits at every position of `token_ids` (no BOS added), as llama.cpp computes them: (T, V) float32.
+
+    kv_type: the KV-cache precision. "f16" is llama.cpp's default (what a deployment runs); "f32"
+    removes that rounding, so an f32 GGUF reproduces transformers' fp32 logits to ~1e-5 relative.
+    """
+    llama_cpp = _llama_cpp()
+    kv_types = {"f16": llama_cpp.GGML_TYPE_F16, "f32": llama_cpp.GGML_TYPE_F32}
+    if kv_type not in kv_types:
+        raise EdgestillError(f"kv_type '{kv_type}' must be one of {', '.join(kv_types)}")
+    from edgestill.export.gguf import check_gguf
+
+    check_gguf(gguf_path)
+    token_ids = [int(t) for t in token_ids]
+    if not token_ids:
+        raise EdgestillError("llamacpp_logits needs at least one token")
+    n_ctx = max(len(token_ids), 16)
+    try:
+        llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+                              logits_all=True, n_threads=n_threads, n_threads_batch=n_threads,
+                              type_k=kv_types[kv_type], type_v=kv_types[kv_type], verbose=False)
+    except Exception as e:  # llama.cpp reports load failures (bad metadata, wrong shapes) as ValueError
+        raise EdgestillError(f"llama.cpp could not load '{gguf_path}' ({e.__class__.__name__}: {str(e)[:160]})") from None
+    try:
+        llm.reset()
+        llm.eval(token_ids)
+        logits = np.array(llm.scores[: len(token_ids)], dtype=np.float32)  # (T, V), copied out of llama's buffer
+    finally:
+        close = getattr(llm, "close", None)
+        if close is not None:
+            close()
+    return logits
+
+
+def llamacpp_quantize(src_gguf, dst_gguf, type_name: str, n_threads: int = 2, allow_requantize: bool = False) -> Path:
+    """Quantize `src_gguf` (ideally f32/f16) to `dst_gguf` with llama.cpp's quantizer, e.g. type_name="Q4_K_M".
+
+    llama.cpp picks per-tensor types itself (K-quant mixes, fallbacks for rows that do not fit 256-wide
+    blocks); that is the point of this baseline. Written atomically (tmp file + rename).
+    """
+    llama_cpp = _llama_cpp()
+    from edgestill.export.gguf import check_gguf
+
+    check_gguf(src_gguf)
+    key = type_name.upper()
+    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{key}", None)
+    if ftype is None or key not in QUANT_TYPES:
+        raise EdgestillError(f"llama.cpp quantization type '{type_name}' is not one of {', '.join(QUANT_TYPES)}")
+    dst = Path(dst_gguf)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = n_threads
+    params.allow_requantize = allow_requantize
+    import contextlib
+    import ctypes
+
+    # llama.cpp logs every tensor to stderr while quantizing; llama-cpp-python's own helper silences it.
+    quiet = getattr(getattr(llama_cpp, "_utils", None), "suppress_stdout_stderr", None)
+    try:
+        with quiet(disable=False) if quiet is not None else contextlib.nullcontext():
+            rc = llama_cpp.llama_model_quantize(str(src_gguf).encode(), str(tmp).encode(), ctypes.byref(params))
+        if rc != 0:
+            raise EdgestillError(f"llama.cpp failed to quantize '{src_gguf}' to {key} (return code {rc}); "
+                                 "quantize from an f32/f16 GGUF, or pass allow_requantize=True")
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dst
+
+
+def logit_parity(reference: np.ndarray, candidate: np.ndarray) -> dict:
+    """How closely two (T, V) logit arrays agree: top-1 agreement and absolute differences.
+
+    `logit_scale` (the reference's mean per-position max |logit|) puts the differences in proportion.
+    """
+    reference = np.asarray(reference, dtype=np.float32)
+    candidate = np.asarray(candidate, dtype=np.float32)
+    if reference.shape != candidate.shape:
+        raise EdgestillError(f"logit shapes differ: {reference.shape} vs {candidate.shape}")
+    diff = np.abs(reference - candidate)  # (T, V)
+    return {
+        "positions": int(reference.shape[0]),
+        "top1_agreement": float((reference.argmax(-1) == candidate.argmax(-1)).mean()),
+        "max_abs_diff": float(diff.max()),
+        "mean_abs_diff": float(diff.mean()),
+        "logit_scale": float(np.abs(reference).max(-1).mean()),
+    }
