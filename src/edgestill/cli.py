@@ -32,6 +32,8 @@ examples:
   edgestill shrink --teacher path/to/model.gguf --data my_texts/ --out runs/mine
   edgestill shrink --config recipes/smollm2_135m_slice_kd_cpu.yaml student.num_layers=8 distill.steps=400
   edgestill distill --out runs/a && edgestill eval runs/a
+  edgestill shrink quant.format=q4_0 'quant.plan={lm_head: q8_0}'   # QAT + KD, exported to GGUF
+  edgestill export runs/a --type q8_0               # the student as a GGUF for llama.cpp
   torchrun --nproc_per_node 2 -m edgestill.cli distill --out runs/ddp   # DDP, gloo on CPU
   edgestill config                                  # print every config key with its default
 """
@@ -62,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Teacher vs student on the held-out split of the run's own config; rewrites metrics.json and report.*")
     p.add_argument("run_dir", help="a run folder written by shrink or distill")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="eval.* overrides, e.g. eval.speed_repeats=5")
+    p = sub.add_parser("export", help="write a run's student as a GGUF file that llama.cpp runs",
+                       description="Export RUN/student to GGUF (llama.cpp). A quantization-aware run keeps the formats it "
+                                   "was trained in; otherwise --type picks one for every 2-D weight.")
+    p.add_argument("run_dir", help="a run folder written by shrink or distill")
+    p.add_argument("--format", default="gguf", choices=["gguf"], help="file format (gguf)")
+    p.add_argument("--type", dest="tensor_type", choices=["f32", "f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k"],
+                   help="weight type for every 2-D tensor (default: the run's quant formats, else f16)")
+    p.add_argument("--out", help="output file (default RUN/student.gguf)")
     p = sub.add_parser("config", help="print the resolved config (defaults, --config, overrides) as YAML")
     _add_common(p)
     return parser
@@ -117,6 +127,17 @@ def main(argv: list[str] | None = None) -> int:
 
             if is_main_process():
                 print(f"run folder: {run.finish()}  (evaluate it with: edgestill eval {run.final})")
+        elif args.command == "export":
+            run_dir = Path(args.run_dir)
+            if not (run_dir / "student" / "config.json").is_file() or not (run_dir / "config.yaml").is_file():
+                raise EdgestillError(f"'{run_dir}' is not a finished edgestill run (no student/ or config.yaml)")
+            from edgestill.config import load_config
+
+            report = pipeline.export_student_gguf(run_dir, load_config(run_dir / "config.yaml"), args.tensor_type,
+                                                  Path(args.out) if args.out else None)
+            types = sorted(set(report.tensor_types.values()))
+            print(f"wrote {report.path} ({report.file_bytes:,} bytes, {report.n_tensors} tensors: {', '.join(types)}"
+                  + (f"; {len(report.fallbacks)} fell back: {report.fallbacks}" if report.fallbacks else "") + ")")
         elif args.command == "eval":
             from edgestill.config import apply_override, load_config
 

@@ -223,12 +223,15 @@ def evaluate_run(cfg: ShrinkConfig, run_dir: Path, teacher=None, test=None, spli
         log_path = run_dir / "train_log.jsonl"
         history = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.is_file() else []
     t_params, s_params = count_params(teacher.model), count_params(student)
-    s_bytes = weight_bytes(student_dir)
+    # The deployable artifact: the GGUF when the run has one (quantized runs always do), else the HF folder.
+    artifact = run_dir / "student.gguf" if (run_dir / "student.gguf").is_file() else student_dir
+    s_bytes = weight_bytes(artifact)
     metrics = {
         "teacher": {"name": cfg.teacher.model, "params": t_params, "bytes": weight_bytes(teacher.path),
                     "num_layers": len(decoder_layers(teacher.model)), "perplexity": summary["teacher_perplexity"],
                     **speed["teacher"]},
-        "student": {"path": str((final_dir or run_dir) / "student"), "params": s_params, "bytes": s_bytes, "dtype": cfg.output.dtype,
+        "student": {"path": str((final_dir or run_dir) / "student"), "artifact": str((final_dir or run_dir) / artifact.name),
+                    "params": s_params, "bytes": s_bytes, "dtype": cfg.output.dtype, "quant": cfg.quant.format,
                     "layers_kept": layers, "num_layers": len(decoder_layers(student)),
                     "intermediate_size": getattr(student.config, "intermediate_size", None),
                     "perplexity": summary["student_perplexity"], **speed["student"]},
@@ -252,11 +255,45 @@ def evaluate_run(cfg: ShrinkConfig, run_dir: Path, teacher=None, test=None, spli
     return metrics
 
 
+def export_student_gguf(run_dir: Path, cfg: ShrinkConfig, tensor_type: str | None = None, out: Path | None = None):
+    """Write the run's student as a llama.cpp GGUF; returns the ExportReport.
+
+    A quantization-aware run stores every tensor in the format it was trained in (quant_report.json)
+    and other 2-D weights in f16; otherwise all 2-D weights get `tensor_type` (default f16). The
+    tokenizer metadata is copied from the teacher's GGUF when the teacher is one.
+    """
+    from edgestill.export.gguf import export_gguf, format_quantize_fn, hf_to_gguf_name
+    from edgestill.models.load import load_causal_lm, resolve_model_path
+
+    saved = load_causal_lm(str(run_dir / "student"))
+    per_tensor: dict[str, str] = {}
+    report_path = run_dir / "quant_report.json"
+    if report_path.is_file() and tensor_type is None:
+        from edgestill.quant.formats import format_from_dict
+
+        for layer in json.loads(report_path.read_text()):
+            name = format_from_dict(layer["format"]).ggml_type.lower()
+            for module in [layer["name"], *layer["tied"]]:
+                hf_name = module + ".weight"
+                if hf_name == "lm_head.weight" and getattr(saved.model.config, "tie_word_embeddings", False):
+                    hf_name = "model.embed_tokens.weight"  # one stored tensor for a tied head
+                per_tensor[hf_to_gguf_name(hf_name)] = name
+    teacher_path = resolve_model_path(cfg.teacher.model)
+    teacher_gguf = teacher_path if teacher_path.suffix.lower() == ".gguf" else None
+    out = out or run_dir / "student.gguf"
+    return export_gguf(saved.model, saved.tokenizer, out, tensor_type or "f16", teacher_gguf=teacher_gguf,
+                       quantize_fn=format_quantize_fn(per_tensor))
+
+
 def shrink(cfg: ShrinkConfig, overwrite: bool = False) -> Path | None:
     """The whole job. Returns the finished run folder (None on non-zero DDP ranks)."""
     run, ctx = distill_run(cfg, overwrite)
     if not is_main_process():
         return None
+    if cfg.quant.format is not None:
+        exported = export_student_gguf(run.path, cfg)
+        log.info("exported %s (%s bytes; %d tensors, fallbacks: %s)", exported.path, f"{exported.file_bytes:,}",
+                 exported.n_tensors, exported.fallbacks or "none")
     evaluate_run(cfg, run.path, ctx["teacher"], ctx["test"], ctx["splits"], ctx["history"], ctx["layers"], final_dir=run.final)
     shutil.rmtree(run.path / "checkpoints", ignore_errors=True)
     final = run.finish()

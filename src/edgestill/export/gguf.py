@@ -35,7 +35,7 @@ from edgestill.errors import EdgestillError
 # `gguf` is imported inside the functions so that importing edgestill stays fast.
 __all__ = ["ExportReport", "TENSOR_TYPES", "check_gguf", "export_gguf", "permute_for_rope", "quantize_tensor"]
 
-TENSOR_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+TENSOR_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k")  # q4_k: via format_quantize_fn
 # A weight whose row length is not a multiple of the requested type's block size (32 for every
 # type above) is stored as f16 instead: lossless enough, and every llama.cpp backend reads it.
 FALLBACK_TYPE = "f16"
@@ -312,6 +312,8 @@ def export_gguf(model, tokenizer, path, tensor_type: str = "f16", teacher_gguf=N
 
     _check_supported(model)
     requested = _ggml_type(tensor_type)
+    if tensor_type.lower() == "q4_k" and quantize_fn is quantize_tensor:
+        quantize_fn = format_quantize_fn()  # the gguf package cannot pack Q4_K; edgestill.quant can
     config = model.config
     n_head = config.num_attention_heads
     n_kv_head = getattr(config, "num_key_value_heads", None) or n_head
@@ -346,8 +348,9 @@ def export_gguf(model, tokenizer, path, tensor_type: str = "f16", teacher_gguf=N
             writer.add_rope_scaling_factor(float(rope["factor"]))
         writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
         writer.add_vocab_size(n_vocab)
-        writer.add_file_type(int(gguf.LlamaFileType[
-            "ALL_F32" if requested == gguf.GGMLQuantizationType.F32 else f"MOSTLY_{requested.name}"]))
+        file_type = "ALL_F32" if requested == gguf.GGMLQuantizationType.F32 else f"MOSTLY_{requested.name}"
+        file_type = {"MOSTLY_Q4_K": "MOSTLY_Q4_K_S"}.get(file_type, file_type)  # informational only
+        writer.add_file_type(int(gguf.LlamaFileType[file_type]))
         if requested not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
@@ -388,3 +391,38 @@ def check_gguf(path) -> None:
     if not path.is_file():
         raise EdgestillError(f"GGUF file '{path}' does not exist")
     _check_gguf(path)
+
+
+def hf_to_gguf_name(hf_name: str) -> str:
+    """`model.layers.3.mlp.down_proj.weight` -> `blk.3.ffn_down.weight` (llama.cpp's names)."""
+    if hf_name in _GLOBAL_TENSORS:
+        return _GLOBAL_TENSORS[hf_name]
+    parts = hf_name.split(".")
+    module = ".".join(parts[3:-1])
+    if parts[:2] != ["model", "layers"] or module not in _LAYER_TENSORS:
+        raise EdgestillError(f"GGUF export does not know where tensor '{hf_name}' goes in llama.cpp's llama graph")
+    return f"blk.{parts[2]}.{_LAYER_TENSORS[module]}.{parts[-1]}"
+
+
+def format_quantize_fn(per_tensor: dict[str, str] | None = None) -> Callable:
+    """A `quantize_fn` for export_gguf that encodes 2-D weights with edgestill.quant's exact packers.
+
+    per_tensor maps GGUF tensor names to format names (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, f16);
+    others get the type export_gguf was asked for. Q4_K rows that its 256-weight super-blocks do not
+    divide fall back as llama.cpp does (Q5_0, then F16: quant.formats.resolve_format).
+    """
+    import torch
+    from gguf import GGMLQuantizationType
+
+    from edgestill.quant.formats import format_by_name, gguf_quantize, resolve_format
+
+    per_tensor = dict(per_tensor or {})
+
+    def quantize(name: str, array: np.ndarray, ggml_type) -> tuple[np.ndarray, object]:
+        wanted = per_tensor.get(name, ggml_type.name.lower())
+        if array.ndim == 1 or wanted == "f32":
+            return quantize_tensor(name, array, GGMLQuantizationType.F32 if wanted == "f32" else ggml_type)
+        fmt, _ = resolve_format(format_by_name(wanted), array.shape[-1])
+        return gguf_quantize(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)), fmt)
+
+    return quantize
