@@ -96,6 +96,7 @@ def _quiet_libraries() -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # GGUFWriter logs every file it writes at INFO
     try:
         import transformers
 
@@ -135,9 +136,12 @@ def main(argv: list[str] | None = None) -> int:
 
             report = pipeline.export_student_gguf(run_dir, load_config(run_dir / "config.yaml"), args.tensor_type,
                                                   Path(args.out) if args.out else None)
+            from collections import Counter
+
             types = sorted(set(report.tensor_types.values()))
-            print(f"wrote {report.path} ({report.file_bytes:,} bytes, {report.n_tensors} tensors: {', '.join(types)}"
-                  + (f"; {len(report.fallbacks)} fell back: {report.fallbacks}" if report.fallbacks else "") + ")")
+            print(f"wrote {report.path} ({report.file_bytes:,} bytes, {report.n_tensors} tensors: {', '.join(types)})")
+            for reason, count in Counter(report.fallbacks.values()).items():
+                print(f"  fallback, {count} tensors: {reason}")
         elif args.command == "eval":
             from edgestill.config import apply_override, load_config
 

@@ -292,8 +292,8 @@ def shrink(cfg: ShrinkConfig, overwrite: bool = False) -> Path | None:
         return None
     if cfg.quant.format is not None:
         exported = export_student_gguf(run.path, cfg)
-        log.info("exported %s (%s bytes; %d tensors, fallbacks: %s)", exported.path, f"{exported.file_bytes:,}",
-                 exported.n_tensors, exported.fallbacks or "none")
+        log.info("exported %s (%s bytes, %d tensors, %d stored in a fallback type)", exported.path,
+                 f"{exported.file_bytes:,}", exported.n_tensors, len(exported.fallbacks))
     evaluate_run(cfg, run.path, ctx["teacher"], ctx["test"], ctx["splits"], ctx["history"], ctx["layers"], final_dir=run.final)
     shutil.rmtree(run.path / "checkpoints", ignore_errors=True)
     final = run.finish()

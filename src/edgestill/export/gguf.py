@@ -366,8 +366,9 @@ def export_gguf(model, tokenizer, path, tensor_type: str = "f16", teacher_gguf=N
             data, written = quantize_fn(gguf_name, array, requested)  # one tensor at a time: peak memory stays low
             writer.add_tensor(gguf_name, data, raw_dtype=written if data.dtype == np.uint8 else None)
             report.tensor_types[gguf_name] = written.name.lower()
-            if written != requested and array.ndim > 1:
-                report.fallbacks[gguf_name] = _fallback_reason(array.shape, requested, written)
+            wanted = getattr(quantize_fn, "planned", {}).get(gguf_name, requested.name.lower())
+            if written.name.lower() != wanted and array.ndim > 1:
+                report.fallbacks[gguf_name] = _fallback_reason(array.shape, gguf.GGMLQuantizationType[wanted.upper()], written)
         report.n_tensors = len(report.tensor_types)
 
         writer.write_header_to_file()
@@ -425,4 +426,5 @@ def format_quantize_fn(per_tensor: dict[str, str] | None = None) -> Callable:
         fmt, _ = resolve_format(format_by_name(wanted), array.shape[-1])
         return gguf_quantize(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)), fmt)
 
+    quantize.planned = per_tensor  # export_gguf reports a fallback only where the stored type differs from this
     return quantize
