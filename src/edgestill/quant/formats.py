@@ -116,6 +116,18 @@ def _affine(w: torch.Tensor, levels: int, name: str) -> torch.Tensor:
     return (_fp16(d) * q.float() + _fp16(bmin)).reshape(w.shape)
 
 
+class _GGUFBlocks:
+    """What every GGUF block format shares: rows must divide into blocks; bytes from gguf's size table."""
+
+    block_size: ClassVar[int]
+
+    def supports(self, in_features: int) -> bool:
+        return in_features % self.block_size == 0
+
+    def weight_bytes(self, shape: tuple[int, int]) -> int:
+        return _gguf_bytes(self, shape)
+
+
 @dataclass(frozen=True)
 class GGUFF16:
     """GGUF F16: the fallback for rows no quantized block divides (16 bits per weight)."""
@@ -139,7 +151,7 @@ def _gguf_bytes(fmt, shape: tuple[int, int]) -> int:
 
 
 @dataclass(frozen=True)
-class GGUFQ8_0:
+class GGUFQ8_0(_GGUFBlocks):
     """GGUF Q8_0: 32 int8 codes + an fp16 scale per block (8.5 bits per weight); round half away."""
 
     ggml_type: ClassVar[str] = "Q8_0"
@@ -147,18 +159,12 @@ class GGUFQ8_0:
     type_size: ClassVar[int] = 34
     bits_per_weight: ClassVar[float] = 8.5
 
-    def supports(self, in_features: int) -> bool:
-        return in_features % self.block_size == 0
-
-    def weight_bytes(self, shape: tuple[int, int]) -> int:
-        return _gguf_bytes(self, shape)
-
     def fake_quant(self, w: torch.Tensor) -> torch.Tensor:
         return _q8_0(w)
 
 
 @dataclass(frozen=True)
-class GGUFQ4_0:
+class GGUFQ4_0(_GGUFBlocks):
     """GGUF Q4_0: 32 4-bit codes + an fp16 scale per block (4.5 bits per weight), symmetric."""
 
     ggml_type: ClassVar[str] = "Q4_0"
@@ -166,18 +172,12 @@ class GGUFQ4_0:
     type_size: ClassVar[int] = 18
     bits_per_weight: ClassVar[float] = 4.5
 
-    def supports(self, in_features: int) -> bool:
-        return in_features % self.block_size == 0
-
-    def weight_bytes(self, shape: tuple[int, int]) -> int:
-        return _gguf_bytes(self, shape)
-
     def fake_quant(self, w: torch.Tensor) -> torch.Tensor:
         return _q4_0(w)
 
 
 @dataclass(frozen=True)
-class GGUFQ4_1:
+class GGUFQ4_1(_GGUFBlocks):
     """GGUF Q4_1: 32 4-bit codes + fp16 scale and min per block (5.0 bits per weight)."""
 
     ggml_type: ClassVar[str] = "Q4_1"
@@ -185,18 +185,12 @@ class GGUFQ4_1:
     type_size: ClassVar[int] = 20
     bits_per_weight: ClassVar[float] = 5.0
 
-    def supports(self, in_features: int) -> bool:
-        return in_features % self.block_size == 0
-
-    def weight_bytes(self, shape: tuple[int, int]) -> int:
-        return _gguf_bytes(self, shape)
-
     def fake_quant(self, w: torch.Tensor) -> torch.Tensor:
         return _affine(w, 15, "Q4_1")
 
 
 @dataclass(frozen=True)
-class GGUFQ5_0:
+class GGUFQ5_0(_GGUFBlocks):
     """GGUF Q5_0: 32 5-bit codes + an fp16 scale per block (5.5 bits per weight), symmetric."""
 
     ggml_type: ClassVar[str] = "Q5_0"
@@ -204,18 +198,12 @@ class GGUFQ5_0:
     type_size: ClassVar[int] = 22
     bits_per_weight: ClassVar[float] = 5.5
 
-    def supports(self, in_features: int) -> bool:
-        return in_features % self.block_size == 0
-
-    def weight_bytes(self, shape: tuple[int, int]) -> int:
-        return _gguf_bytes(self, shape)
-
     def fake_quant(self, w: torch.Tensor) -> torch.Tensor:
         return _q5_0(w)
 
 
 @dataclass(frozen=True)
-class GGUFQ5_1:
+class GGUFQ5_1(_GGUFBlocks):
     """GGUF Q5_1: 32 5-bit codes + fp16 scale and min per block (6.0 bits per weight)."""
 
     ggml_type: ClassVar[str] = "Q5_1"
@@ -223,18 +211,12 @@ class GGUFQ5_1:
     type_size: ClassVar[int] = 24
     bits_per_weight: ClassVar[float] = 6.0
 
-    def supports(self, in_features: int) -> bool:
-        return in_features % self.block_size == 0
-
-    def weight_bytes(self, shape: tuple[int, int]) -> int:
-        return _gguf_bytes(self, shape)
-
     def fake_quant(self, w: torch.Tensor) -> torch.Tensor:
         return _affine(w, 31, "Q5_1")
 
 
 @dataclass(frozen=True)
-class GGUFQ4_K:
+class GGUFQ4_K(_GGUFBlocks):
     """GGUF Q4_K: 256-weight super-blocks of 8 sub-blocks, 6-bit scales/mins (4.5 bits per weight).
 
     Quantized with llama.cpp's quantize_row_q4_K_ref algorithm (see edgestill.quant.q4_k).
@@ -244,12 +226,6 @@ class GGUFQ4_K:
     block_size: ClassVar[int] = q4_k.QK_K
     type_size: ClassVar[int] = q4_k.TYPE_SIZE
     bits_per_weight: ClassVar[float] = 4.5
-
-    def supports(self, in_features: int) -> bool:
-        return in_features % self.block_size == 0
-
-    def weight_bytes(self, shape: tuple[int, int]) -> int:
-        return _gguf_bytes(self, shape)
 
     def fake_quant(self, w: torch.Tensor) -> torch.Tensor:
         _check_rows(w, self.block_size, "Q4_K")
