@@ -64,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Teacher vs student on the held-out split of the run's own config; rewrites metrics.json and report.*")
     p.add_argument("run_dir", help="a run folder written by shrink or distill")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="eval.* overrides, e.g. eval.speed_repeats=5")
+    p = sub.add_parser("quantize", help="post-training quantization of the teacher (RTN or GPTQ) to GGUF, evaluated",
+                       description="The baseline for QAT+KD: quantize the whole teacher to one GGUF format by round-to-nearest "
+                                   "or GPTQ (calibrated on the train split), export it, and evaluate it against the teacher.")
+    _add_common(p)
+    p.add_argument("--method", default="rtn", choices=["rtn", "gptq"], help="round-to-nearest or GPTQ (default rtn)")
+    p.add_argument("--type", dest="tensor_type", default="q4_0", choices=["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"],
+                   help="GGUF weight format (default q4_0)")
     p = sub.add_parser("export", help="write a run's student as a GGUF file that llama.cpp runs",
                        description="Export RUN/student to GGUF (llama.cpp). A quantization-aware run keeps the formats it "
                                    "was trained in; otherwise --type picks one for every 2-D weight.")
@@ -128,6 +135,11 @@ def main(argv: list[str] | None = None) -> int:
 
             if is_main_process():
                 print(f"run folder: {run.finish()}  (evaluate it with: edgestill eval {run.final})")
+        elif args.command == "quantize":
+            args.overrides = [f"quant.format={args.tensor_type}", *args.overrides]
+            if not args.out and not any(o.startswith("output.dir=") for o in args.overrides):
+                args.out = f"runs/quantize-{args.method}-{args.tensor_type}"
+            pipeline.quantize_run(_resolve(args), args.method, overwrite=args.overwrite)
         elif args.command == "export":
             run_dir = Path(args.run_dir)
             if not (run_dir / "student" / "config.json").is_file() or not (run_dir / "config.yaml").is_file():

@@ -285,6 +285,44 @@ def export_student_gguf(run_dir: Path, cfg: ShrinkConfig, tensor_type: str | Non
                        quantize_fn=format_quantize_fn(per_tensor))
 
 
+def quantize_run(cfg: ShrinkConfig, method: str = "rtn", overwrite: bool = False, calibration_blocks: int = 32) -> Path:
+    """Post-training quantization of the whole teacher (the baseline QAT+KD must beat).
+
+    The teacher is quantized to `quant.format` (and `quant.plan`) by round-to-nearest or by GPTQ on
+    `calibration_blocks` blocks of the train split, exported to GGUF and evaluated like a student.
+    """
+    import copy
+
+    import torch
+
+    from edgestill.models.load import load_causal_lm
+    from edgestill.quant import gptq_quantize_, quantize_
+
+    if method not in ("rtn", "gptq"):
+        raise EdgestillError(f"unknown post-training method '{method}'; use rtn or gptq")
+    quant_config = _quant_config(cfg)
+    if quant_config is None:
+        raise EdgestillError("edgestill quantize needs a format: --type q4_0 (or quant.format=...)")
+    run = RunDir(cfg.output.dir, {**cfg.to_dict(), "ptq_method": method}, overwrite=overwrite)
+    run.open()
+    teacher = load_causal_lm(cfg.teacher.model)
+    splits, train, _, test = _blocks_for(cfg, teacher.tokenizer)
+    model = copy.deepcopy(teacher.model)
+    if method == "gptq":
+        calibration = [torch.from_numpy(train[i : i + 4]).long() for i in range(0, min(len(train), calibration_blocks), 4)]
+        report = gptq_quantize_(model, quant_config, calibration)
+    else:
+        report = quantize_(model, quant_config, step="convert")
+    (run.path / "quant_report.json").write_text(json.dumps([r.to_dict() for r in report], indent=1))
+    (run.path / "splits.json").write_text(json.dumps(splits.names(), indent=1))
+    _save_student(model, teacher.tokenizer, run.path / "student", "float32")
+    export_student_gguf(run.path, cfg)
+    evaluate_run(cfg, run.path, teacher, test, splits, history=[], layers=None, final_dir=run.final)
+    final = run.finish()
+    print(f"run folder: {final}", flush=True)
+    return final
+
+
 def shrink(cfg: ShrinkConfig, overwrite: bool = False) -> Path | None:
     """The whole job. Returns the finished run folder (None on non-zero DDP ranks)."""
     run, ctx = distill_run(cfg, overwrite)

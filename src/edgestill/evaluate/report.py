@@ -94,7 +94,11 @@ def _rows(m: dict) -> list[tuple[str, str, str, str]]:
 def summary_text(m: dict) -> str:
     rows = _rows(m)
     w = [max(len(r[i]) for r in rows + [("", "teacher", "student", "")]) for i in range(4)]
-    lines = [f"edgestill: {m['teacher']['name']} → student with {m['student']['layers_kept']} layers "
+    kept = m["student"]["layers_kept"]
+    shape = f"layers {kept}" if kept is not None else f"{m['student']['num_layers']} layers"
+    if m["student"].get("quant"):
+        shape += f", {m['student']['quant']}"
+    lines = [f"edgestill: {m['teacher']['name']} → student with {shape} "
              f"(held-out: {m['eval_tokens']:,} tokens of {', '.join(m['splits']['test'][:4])})"]
     lines.append(f"  {'':{w[0]}}  {'teacher':>{w[1]}}  {'student':>{w[2]}}")
     for r in rows:
