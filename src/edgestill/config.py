@@ -86,11 +86,14 @@ class QuantSection:
     format: q8_0 | q4_0 | q4_1 | q5_0 | q5_1 (GGUF, what llama.cpp runs); null trains in float.
     plan: per-module formats, module name or `re:` regex -> format, e.g. {"re:.*mlp\\.down_proj": q8_0}.
     skip: modules left in float.
+    activations: "llama.cpp" also rounds each quantized Linear's inputs as llama.cpp's CPU matmuls do
+        (Q8_0/Q8_1/Q8_K blocks); null keeps float activations.
     """
 
     format: str | None = None
     plan: dict[str, str] = field(default_factory=dict)
     skip: list[str] = field(default_factory=list)
+    activations: str | None = None
 
 
 @dataclass
@@ -294,6 +297,8 @@ def validate(cfg: ShrinkConfig) -> None:
             if name.lower() == "q4_k":
                 raise EdgestillError("quant format q4_k is too slow to fake-quantize every step on a CPU (its scale search); "
                                      "train with q4_0/q4_1/q5_0, or quantize to q4_k after training with `edgestill export`")
+    if q.activations not in (None, "llama.cpp"):
+        raise EdgestillError(f"quant.activations='{q.activations}' is unknown; use llama.cpp or null")
     if q.plan and q.format is None:
         raise EdgestillError("quant.plan needs quant.format too (the format of the modules the plan does not name)")
     if cfg.output.dtype not in ("float16", "bfloat16", "float32"):

@@ -92,7 +92,8 @@ def _quant_config(cfg: ShrinkConfig):
     from edgestill.quant.formats import format_by_name
 
     return QuantConfig(default=format_by_name(cfg.quant.format),
-                       plan={name: format_by_name(f) for name, f in cfg.quant.plan.items()}, skip=list(cfg.quant.skip))
+                       plan={name: format_by_name(f) for name, f in cfg.quant.plan.items()}, skip=list(cfg.quant.skip),
+                       activations=cfg.quant.activations)
 
 
 def _fingerprint(*parts) -> str:

@@ -29,6 +29,19 @@ Sample:
 
 Dtypes: fake-quant values are computed in float32. In a float32 model they are exactly the
 runtime's values; in an fp16/bf16 model they are rounded once more to the weights' dtype.
+
+Activations (`QuantConfig(..., activations="llama.cpp")`, off by default): llama.cpp's CPU backend
+does not multiply a quantized weight with float activations. ggml_compute_forward_mul_mat first
+converts each input row to the weight type's `vec_dot_type` (ggml-cpu.c, type_traits_cpu): Q8_0
+for Q4_0/Q5_0/Q8_0 weights, Q8_1 for Q4_1/Q5_1, Q8_K for Q4_K, F16 for F16. With this option a
+FakeQuantLinear rounds its input the same way (per token, along in_features; identity gradient),
+bit for bit with libggml-cpu's quantizers, so PyTorch computes what llama.cpp computes up to the
+order of float32 sums. That order still matters in a deep model: rounding is discontinuous, so a
+last-bit difference can flip a code and the flips compound layer after layer (a 1e-6 relative input
+perturbation moves a 15-layer SmolLM2 student's logits by ~0.12 at scale 23, ~0.96 top-1), which is
+the size of llama.cpp's own gap to PyTorch. Shallow models match to ~1e-8. See
+`llamacpp_activations` for the exact rounding. `convert` gives back plain Linears either way
+(the runtime does this rounding itself).
 """
 
 from __future__ import annotations
@@ -46,8 +59,17 @@ from torch import nn
 from edgestill.errors import EdgestillError
 from edgestill.quant.formats import (
     FORMATS,
+    GGUF_FORMATS,
+    GGUFF16,
+    GGUFQ4_0,
+    GGUFQ4_1,
+    GGUFQ4_K,
+    GGUFQ5_0,
+    GGUFQ5_1,
     GGUFQ8_0,
     Format,
+    _div,
+    _fp16,
     format_from_dict,
     format_to_dict,
     resolve_format,
@@ -75,25 +97,127 @@ def fake_quant_ste(weight: torch.Tensor, fmt: Format) -> torch.Tensor:
     return _StraightThrough.apply(weight, fmt)
 
 
+# --- activations as llama.cpp's CPU backend rounds them ---------------------------------------------
+
+ACTIVATION_MODES = (None, "llama.cpp")
+
+
+def _q8_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes (n, 32) and float32 scales d (n, 1) of quantize_row_q8_0 / quantize_row_q8_1 (ggml-cpu).
+
+    x86 AVX/AVX2 path (arch/x86/quants.c; the repacked ggml_quantize_mat_q8_0_4x8 is the same),
+    checked bit for bit against llama-cpp-python's libggml-cpu in tests/quant/test_activation_quant.py:
+    amax = max |x| per 32-block, d = amax / 127, id = 127 / amax (0 if amax is 0),
+    q = round-half-even(x * id) (_mm256_round_ps, _MM_ROUND_NEAREST); d is stored as fp16.
+    The scalar reference (quantize_row_q8_0_ref) uses id = 1/d and roundf; the two differ only on
+    ties and on last-bit differences of the product.
+    """
+    blocks = x.reshape(-1, 32)  # (n, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)  # (n, 1)
+    safe = torch.where(amax == 0, 1.0, amax)
+    inv = torch.where(amax == 0, 0.0, torch.full_like(amax, 127.0) / safe)
+    return torch.round(blocks * inv), _div(amax, 127)  # torch.round: half to even
+
+
+def _q8_0_activations(x: torch.Tensor) -> torch.Tensor:
+    """Q8_0 (and Q8_1: same d and codes) activations, dequantized: q * fp16(d)."""
+    q, d = _q8_codes(x)
+    return (q * _fp16(d)).reshape(x.shape)
+
+
+def _q8_1_min_correction(x: torch.Tensor) -> torch.Tensor:
+    """(..., in_features/32): per unit of weight min, what llama.cpp's Q4_1/Q5_1 dot adds to sum(w_hat*x_hat).
+
+    ggml_vec_dot_q4_1_q8_1 computes d_w*d_x*sum(q_w*q_x) + m * s with s = fp16(d * sum(q_x)) stored
+    in the Q8_1 block, where sum(w_hat * x_hat) has m * fp16(d) * sum(q_x); the difference per block
+    is m * (s - fp16(d) * sum(q_x)).
+    """
+    q, d = _q8_codes(x.detach().to(torch.float32))
+    total = q.sum(-1, keepdim=True)
+    corr = _fp16(d * total) - _fp16(d) * total  # (n, 1)
+    return corr.reshape(*x.shape[:-1], x.shape[-1] // 32)
+
+
+def _nearest_int(x: torch.Tensor) -> torch.Tensor:
+    return torch.round(x)  # ggml's nearest_int (the 12582912.f trick): round half to even
+
+
+def _q8_k_activations(x: torch.Tensor) -> torch.Tensor:
+    """quantize_row_q8_K, dequantized: 256-blocks, iscale = -127 / signed max, float32 d = 1 / iscale."""
+    blocks = x.reshape(-1, 256)
+    signed_max = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True))  # first one on ties, as in C
+    zero = signed_max == 0
+    iscale = torch.full_like(signed_max, -127.0) / torch.where(zero, 1.0, signed_max)
+    q = _nearest_int(blocks * iscale).clamp(max=127)
+    d = torch.ones_like(iscale) / iscale
+    return torch.where(zero, 0.0, q * d).reshape(x.shape)
+
+
+def llamacpp_activations(x: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """`x` (..., in_features) rounded as llama.cpp's CPU backend rounds a matmul input for weights in `fmt`.
+
+    Q4_0, Q5_0, Q8_0 -> Q8_0 blocks; Q4_1, Q5_1 -> Q8_1 (same values; its extra s = fp16(d * sum(q))
+    enters only the weight-min term, which FakeQuantLinear adds separately); Q4_K -> Q8_K; F16 -> fp16.
+    Computed in float32, returned in x's dtype. No gradient (see activation_quant_ste).
+    """
+    x32 = x.detach().to(torch.float32)
+    if isinstance(fmt, (GGUFQ4_0, GGUFQ5_0, GGUFQ8_0, GGUFQ4_1, GGUFQ5_1)):
+        out = _q8_0_activations(x32)
+    elif isinstance(fmt, GGUFQ4_K):
+        out = _q8_k_activations(x32)
+    elif isinstance(fmt, GGUFF16):
+        out = _fp16(x32)
+    else:
+        raise EdgestillError(f"activations='llama.cpp' needs a GGUF format; {fmt} does not run in llama.cpp")
+    return out.to(x.dtype)
+
+
+class _ActivationStraightThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, fmt: Format) -> torch.Tensor:
+        return llamacpp_activations(x, fmt)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+def activation_quant_ste(x: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """llamacpp_activations(x, fmt) forward, identity gradient to `x` backward."""
+    return _ActivationStraightThrough.apply(x, fmt)
+
+
 class FakeQuantLinear(nn.Linear):
     """An nn.Linear that multiplies with its weight fake-quantized to `fmt` (scales from the live weight).
 
+    With activations="llama.cpp" its input is also rounded as llama.cpp rounds it (llamacpp_activations).
     It holds the original module's Parameters, not copies: ties, optimizer state and state-dict
     keys (`weight`, `bias`) are unchanged.
     """
 
-    def __init__(self, linear: nn.Linear, fmt: Format):
+    def __init__(self, linear: nn.Linear, fmt: Format, activations: str | None = None):
         nn.Module.__init__(self)  # nn.Linear.__init__ would allocate new parameters
+        if activations not in ACTIVATION_MODES:
+            raise EdgestillError(f"activations={activations!r}: use None or 'llama.cpp'")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
         self.fmt = fmt
+        self.activations = activations
         self.train(linear.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, fake_quant_ste(self.weight, self.fmt), self.bias)
+        if self.activations != "llama.cpp":
+            return F.linear(x, fake_quant_ste(self.weight, self.fmt), self.bias)
+        y = F.linear(activation_quant_ste(x, self.fmt), fake_quant_ste(self.weight, self.fmt), self.bias)
+        if isinstance(self.fmt, (GGUFQ4_1, GGUFQ5_1)):  # the min term uses Q8_1's fp16 s (no gradient)
+            w = self.weight.detach().to(torch.float32)
+            block_min = _fp16(w.reshape(w.shape[0], -1, 32).amin(-1))  # (out, in/32), as formats._affine
+            y = y + (_q8_1_min_correction(x) @ block_min.T).to(y.dtype)
+        return y
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, fmt={self.fmt}"
+        extra = f", activations={self.activations}" if self.activations else ""
+        return f"{super().extra_repr()}, fmt={self.fmt}{extra}"
 
 
 class FakeQuantEmbedding(nn.Embedding):
@@ -137,13 +261,21 @@ def _matches(pattern: str, name: str) -> bool:
 
 @dataclass
 class QuantConfig:
-    """Weight formats per Linear: `skip` first, then the first matching `plan` entry, then `default`."""
+    """Weight formats per Linear: `skip` first, then the first matching `plan` entry, then `default`.
+
+    `activations="llama.cpp"` also rounds each prepared Linear's input as llama.cpp's CPU backend
+    does (see llamacpp_activations); None (the default) leaves activations in float.
+    """
 
     default: Format | None = field(default_factory=GGUFQ8_0)
     plan: dict[str, Format] = field(default_factory=dict)
     skip: list[str] = field(default_factory=list)
+    activations: str | None = None
 
     def __post_init__(self):
+        if self.activations not in ACTIVATION_MODES:
+            raise EdgestillError(f"QuantConfig.activations = {self.activations!r}: use None (float "
+                                 "activations) or 'llama.cpp' (rounded as llama.cpp's CPU matmuls do)")
         for where, fmt in [("default", self.default), *((f"plan[{p!r}]", f) for p, f in self.plan.items())]:
             if fmt is not None and not isinstance(fmt, FORMATS):
                 names = ", ".join(cls.__name__ for cls in FORMATS)
@@ -159,22 +291,27 @@ class QuantConfig:
         return self.default
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "default": None if self.default is None else format_to_dict(self.default),
             "plan": {pattern: format_to_dict(fmt) for pattern, fmt in self.plan.items()},
             "skip": list(self.skip),
         }
+        if self.activations is not None:  # absent when off: older configs and reports stay as they were
+            data["activations"] = self.activations
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise EdgestillError(f"unknown QuantConfig keys {sorted(unknown)}; expected default, plan, skip")
+            raise EdgestillError(f"unknown QuantConfig keys {sorted(unknown)}; "
+                                 "expected default, plan, skip, activations")
         default = data.get("default", format_to_dict(GGUFQ8_0()))
         return cls(
             default=None if default is None else format_from_dict(default),
             plan={pattern: format_from_dict(fmt) for pattern, fmt in (data.get("plan") or {}).items()},
             skip=list(data.get("skip") or []),
+            activations=data.get("activations"),
         )
 
 
@@ -252,7 +389,10 @@ def quantize_(model: nn.Module, config: QuantConfig, step: str = "prepare") -> l
             if isinstance(linear, FakeQuantLinear):
                 raise EdgestillError(f"{name} is already prepared for QAT; "
                                      "call quantize_(..., step='convert')")
-            _replace(model, name, FakeQuantLinear(linear, fmt))
+            if config.activations is not None and not isinstance(fmt, GGUF_FORMATS):
+                raise EdgestillError(f"{name}: activations={config.activations!r} needs a GGUF format, "
+                                     f"got {fmt}")
+            _replace(model, name, FakeQuantLinear(linear, fmt, activations=config.activations))
             for emb_name, emb in embeddings:
                 _replace(model, emb_name, FakeQuantEmbedding(emb, fmt))
         else:
