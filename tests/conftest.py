@@ -52,6 +52,16 @@ def build_tiny_model(path, num_layers: int = 4, seed: int = 0):
     return path
 
 
+def load_tiny_teacher(model_dir):
+    """The tiny model in fp32, eval mode (a fresh copy per call, so tests may not share mutations)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()
+    return model
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny random LlamaForCausalLM (4 layers, hidden 64, vocab ~300) saved as a HF folder."""

@@ -90,12 +90,17 @@ def test_partial_with_same_config_resumes(tmp_path):
     assert (again.path / "checkpoint").read_text() == "step 3"  # nothing was wiped
 
 
+def _add_checkpoint(run: RunDir) -> None:
+    """Give a partial run some progress worth keeping (a checkpoint pointer)."""
+    (run.path / "checkpoints").mkdir()
+    (run.path / "checkpoints" / "LATEST").write_text("ckpt-000003")
+
+
 def test_resume_ignores_resumable_sections(tmp_path):
     out = tmp_path / "run"
     run = RunDir(out, CFG)
     run.open()
-    (run.path / "checkpoints").mkdir()
-    (run.path / "checkpoints" / "LATEST").write_text("ckpt-000003")
+    _add_checkpoint(run)
     changed_eval = {**CFG, "eval": {"batch_size": 64}}
     assert RunDir(out, changed_eval).open() is True
     # but not when `eval` is not declared resumable
@@ -107,8 +112,7 @@ def test_partial_with_different_config_raises_unless_overwrite(tmp_path):
     out = tmp_path / "run"
     run = RunDir(out, CFG)
     run.open()
-    (run.path / "checkpoints").mkdir()
-    (run.path / "checkpoints" / "LATEST").write_text("ckpt-000003")
+    _add_checkpoint(run)
 
     with pytest.raises(EdgestillError, match="different config"):
         RunDir(out, _cfg(steps=6)).open()

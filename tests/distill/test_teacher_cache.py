@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import load_tiny_teacher
 from edgestill.config import DistillConfig
 from edgestill.distill.teacher_cache import TopKCache, build_topk_cache, teacher_topk
 from edgestill.distill.trainer import batch_rows, learning_rate
@@ -17,11 +18,7 @@ N, SEQ, K = 6, 12, 5
 
 @pytest.fixture(scope="module")
 def teacher(tiny_model_dir):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    model.eval()
-    return model
+    return load_tiny_teacher(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 
 import pytest
+
+from conftest import load_tiny_teacher
 import torch
 from torch import nn
 
@@ -14,11 +16,7 @@ from edgestill.models.slice import block_influence, choose_layers, count_params,
 
 @pytest.fixture(scope="module")
 def teacher(tiny_model_dir):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    model.eval()
-    return model
+    return load_tiny_teacher(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
