@@ -34,6 +34,7 @@ examples:
   edgestill distill --out runs/a && edgestill eval runs/a
   edgestill shrink quant.format=q4_0 'quant.plan={lm_head: q8_0}'   # QAT + KD, exported to GGUF
   edgestill export runs/a --type q8_0               # the student as a GGUF for llama.cpp
+  edgestill export runs/a --format onnx --type int4 # ... or as ONNX for onnxruntime (MatMulNBits)
   torchrun --nproc_per_node 2 -m edgestill.cli distill --out runs/ddp   # DDP, gloo on CPU
   edgestill config                                  # print every config key with its default
 """
@@ -71,14 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="rtn", choices=["rtn", "gptq"], help="round-to-nearest or GPTQ (default rtn)")
     p.add_argument("--type", dest="tensor_type", default="q4_0", choices=["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"],
                    help="GGUF weight format (default q4_0)")
-    p = sub.add_parser("export", help="write a run's student as a GGUF file that llama.cpp runs",
-                       description="Export RUN/student to GGUF (llama.cpp). A quantization-aware run keeps the formats it "
-                                   "was trained in; otherwise --type picks one for every 2-D weight.")
+    p = sub.add_parser("export", help="write a run's student as GGUF (llama.cpp) or ONNX (onnxruntime)",
+                       description="Export RUN/student to GGUF (llama.cpp) or ONNX (onnxruntime, with its tokenizer and a "
+                                   "parity check against PyTorch). A quantization-aware run keeps the formats it was "
+                                   "trained in; otherwise --type picks one for every 2-D weight.")
     p.add_argument("run_dir", help="a run folder written by shrink or distill")
-    p.add_argument("--format", default="gguf", choices=["gguf"], help="file format (gguf)")
-    p.add_argument("--type", dest="tensor_type", choices=["f32", "f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k"],
-                   help="weight type for every 2-D tensor (default: the run's quant formats, else f16)")
-    p.add_argument("--out", help="output file (default RUN/student.gguf)")
+    p.add_argument("--format", default="gguf", choices=["gguf", "onnx"], help="gguf (llama.cpp, default) or onnx (onnxruntime)")
+    p.add_argument("--type", dest="tensor_type",
+                   choices=["f32", "f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "int8", "int4"],
+                   help="weight type for every 2-D tensor (default: the run's quant formats, else f16 for GGUF, f32 for "
+                        "ONNX); ONNX takes f32, int8, int4, q4_0, q8_0")
+    p.add_argument("--out", help="output file (default RUN/student.gguf, RUN/onnx/model.onnx)")
     p = sub.add_parser("config", help="print the resolved config (defaults, --config, overrides) as YAML")
     _add_common(p)
     return parser
@@ -104,6 +108,8 @@ def _quiet_libraries() -> None:
 
     warnings.filterwarnings("ignore")
     logging.getLogger("gguf").setLevel(logging.WARNING)  # GGUFWriter logs every file it writes at INFO
+    for name in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export"):  # the ONNX exporter's optimiser chatter
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         import transformers
 
@@ -146,6 +152,20 @@ def main(argv: list[str] | None = None) -> int:
                 raise EdgestillError(f"'{run_dir}' is not a finished edgestill run (no student/ or config.yaml)")
             from edgestill.config import load_config
 
+            if args.format == "onnx":
+                result = pipeline.export_student_onnx(run_dir, load_config(run_dir / "config.yaml"), args.tensor_type,
+                                                      Path(args.out) if args.out else None)
+                kinds = sorted(set(result["formats"].values())) or ["fp32"]
+                par = result["parity_vs_pytorch"]
+                print(f"wrote {result['path']} ({result['file_bytes']:,} bytes; {len(result['formats'])} quantized "
+                      f"weights: {', '.join(kinds)}; {result['float_matmuls']} fp32 MatMuls)")
+                print(f"  onnxruntime vs PyTorch on {par['positions']} held-out tokens: top-1 agreement "
+                      f"{par['top1_agreement']:.4f}, max |diff| {par['max_abs_diff']:.3g}, mean |diff| {par['mean_abs_diff']:.3g}")
+                for name, reason in result["fallbacks"].items():
+                    print(f"  fallback {name}: {reason}")
+                return 0
+            if args.tensor_type in ("int8", "int4"):
+                raise EdgestillError(f"--type {args.tensor_type} is an ONNX format; for GGUF use q8_0 or q4_0")
             report = pipeline.export_student_gguf(run_dir, load_config(run_dir / "config.yaml"), args.tensor_type,
                                                   Path(args.out) if args.out else None)
             from collections import Counter

@@ -286,6 +286,64 @@ def export_student_gguf(run_dir: Path, cfg: ShrinkConfig, tensor_type: str | Non
                        quantize_fn=format_quantize_fn(per_tensor))
 
 
+def _trained_formats(run_dir: Path) -> dict[str, object]:
+    """Linear module name -> the format a quantization-aware run trained it in (empty for a float run)."""
+    from edgestill.quant.formats import format_from_dict
+
+    report_path = run_dir / "quant_report.json"
+    if not report_path.is_file():
+        return {}
+    return {layer["name"]: format_from_dict(layer["format"]) for layer in json.loads(report_path.read_text())}
+
+
+def export_student_onnx(run_dir: Path, cfg: ShrinkConfig, tensor_type: str | None = None, out: Path | None = None,
+                        parity_tokens: int = 256) -> dict:
+    """Write the run's student as ONNX (onnxruntime) with its tokenizer, and check it against PyTorch.
+
+    A quantization-aware run keeps its trained formats when they have an exact ONNX op (q4_0, q8_0,
+    int4, int8); `tensor_type` (f32 | int8 | int4 | q4_0 | q8_0) instead applies one to every Linear.
+    Rows a 32-weight block does not divide stay fp32 and are listed. The parity check runs the file
+    in onnxruntime on `parity_tokens` held-out tokens and compares the logits with the PyTorch
+    student's. Returns the export report (also written next to the model as export_report.json).
+    """
+    import torch
+
+    from edgestill.export.llamacpp import logit_parity
+    from edgestill.export.onnx import ONNX_TYPES, copy_tokenizer, export_onnx, onnx_logits
+    from edgestill.models.load import load_causal_lm
+    from edgestill.quant.formats import format_by_name
+
+    saved = load_causal_lm(str(run_dir / "student"))
+    model = saved.model.float().eval()
+    fallbacks: dict[str, str] = {}
+    if tensor_type is not None:
+        if tensor_type not in ONNX_TYPES:
+            raise EdgestillError(f"ONNX export --type '{tensor_type}': choose one of {', '.join(ONNX_TYPES)}")
+        formats = {}
+        if tensor_type != "f32":
+            fmt = format_by_name(tensor_type)
+            for name, module in model.named_modules():
+                if isinstance(module, torch.nn.Linear):
+                    if fmt.supports(module.in_features):
+                        formats[name] = fmt
+                    else:
+                        fallbacks[name] = f"rows of {module.in_features} weights are not a multiple of {fmt.block_size}: kept fp32"
+    else:
+        formats = _trained_formats(run_dir)
+    out = Path(out) if out else run_dir / "onnx" / "model.onnx"
+    report = export_onnx(model, out, formats)
+    copy_tokenizer(saved.tokenizer, out.parent)
+
+    _, _, _, test = _blocks_for(cfg, saved.tokenizer)
+    ids = torch.from_numpy(test.reshape(-1)[:parity_tokens]).long()
+    with torch.no_grad():
+        reference = model(input_ids=ids[None]).logits[0].numpy()  # the saved weights are the exact quantized values
+    parity = logit_parity(reference, onnx_logits(out, ids))
+    result = {**report.to_dict(), "fallbacks": fallbacks, "parity_vs_pytorch": parity}
+    (out.parent / "export_report.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
 def quantize_run(cfg: ShrinkConfig, method: str = "rtn", overwrite: bool = False, calibration_blocks: int = 32) -> Path:
     """Post-training quantization of the whole teacher (the baseline QAT+KD must beat).
 
