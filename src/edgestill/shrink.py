@@ -68,17 +68,18 @@ def _build_student(cfg: ShrinkConfig, teacher, tokenizer, calibration: np.ndarra
     if s.layers is not None:
         layers = sorted(s.layers)
     else:
-        if s.num_layers >= n and s.intermediate_size is None:
+        if s.num_layers >= n and s.intermediate_size is None and cfg.quant.format is None:
             raise EdgestillError(
                 f"student.num_layers={s.num_layers} keeps all {n} teacher layers at full width: the student would be as "
-                "large as the teacher; set student.num_layers lower or student.intermediate_size smaller"
+                "large as the teacher; set student.num_layers lower, student.intermediate_size smaller, or quantize "
+                "it (quant.format=q4_0: quantization-aware distillation of the whole teacher)"
             )
         scores = None
         if s.layer_selection == "block_influence":
             batches = [torch.from_numpy(calibration[i : i + 4]).long() for i in range(0, min(len(calibration), 8), 4)]
             scores = block_influence(teacher, batches)
         layers = choose_layers(n, min(s.num_layers, n), scores)
-    student = slice_decoder(teacher, layers, s.intermediate_size)
+    student = slice_decoder(teacher, layers, s.intermediate_size, allow_full=cfg.quant.format is not None)
     log.info("student: layers %s of %d, FFN %s -> %s params (teacher %s)", layers, n,
              student.config.intermediate_size, f"{count_params(student):,}", f"{count_params(teacher):,}")
     return student, layers
@@ -209,7 +210,7 @@ def evaluate_run(cfg: ShrinkConfig, run_dir: Path, teacher=None, test=None, spli
     if layers is not None and cfg.student.model is None:
         from edgestill.models.slice import slice_decoder
 
-        untrained = slice_decoder(teacher.model, layers, cfg.student.intermediate_size)
+        untrained = slice_decoder(teacher.model, layers, cfg.student.intermediate_size, allow_full=cfg.quant.format is not None)
         ppl = float(np.exp(token_nll(untrained, test, cfg.eval.batch_size, desc="baseline: sliced, untrained").mean()))
         baselines["sliced_untrained"] = {"perplexity": ppl, "retention": summary["teacher_perplexity"] / ppl}
         del untrained

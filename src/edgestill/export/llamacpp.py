@@ -31,38 +31,76 @@ def _llama_cpp():
     return llama_cpp
 
 
-def llamacpp_logits(gguf_path, token_ids, n_threads: int = 2, kv_type: str = "f16") -> np.ndarray:
-    """Logits at every position of `token_ids` (no BOS added), as llama.cpp computes them: (T, V) float32.
+class LlamaCpp:
+    """One GGUF loaded in llama.cpp, reused for many sequences (load once, then `logits` / `time_tokens`).
 
     kv_type: the KV-cache precision. "f16" is llama.cpp's default (what a deployment runs); "f32"
     removes that rounding, so an f32 GGUF reproduces transformers' fp32 logits to ~1e-5 relative.
+    logits_all: keep every position's logits (for perplexity); False is what generation uses.
     """
-    llama_cpp = _llama_cpp()
-    kv_types = {"f16": llama_cpp.GGML_TYPE_F16, "f32": llama_cpp.GGML_TYPE_F32}
-    if kv_type not in kv_types:
-        raise EdgestillError(f"kv_type '{kv_type}' must be one of {', '.join(kv_types)}")
-    from edgestill.export.gguf import check_gguf
 
-    check_gguf(gguf_path)
-    token_ids = [int(t) for t in token_ids]
-    if not token_ids:
-        raise EdgestillError("llamacpp_logits needs at least one token")
-    n_ctx = max(len(token_ids), 16)
-    try:
-        llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
-                              logits_all=True, n_threads=n_threads, n_threads_batch=n_threads,
-                              type_k=kv_types[kv_type], type_v=kv_types[kv_type], verbose=False)
-    except Exception as e:  # llama.cpp reports load failures (bad metadata, wrong shapes) as ValueError
-        raise EdgestillError(f"llama.cpp could not load '{gguf_path}' ({e.__class__.__name__}: {str(e)[:160]})") from None
-    try:
-        llm.reset()
-        llm.eval(token_ids)
-        logits = np.array(llm.scores[: len(token_ids)], dtype=np.float32)  # (T, V), copied out of llama's buffer
-    finally:
-        close = getattr(llm, "close", None)
+    def __init__(self, gguf_path, n_ctx: int = 512, n_threads: int = 2, kv_type: str = "f16", logits_all: bool = True):
+        llama_cpp = _llama_cpp()
+        kv_types = {"f16": llama_cpp.GGML_TYPE_F16, "f32": llama_cpp.GGML_TYPE_F32}
+        if kv_type not in kv_types:
+            raise EdgestillError(f"kv_type '{kv_type}' must be one of {', '.join(kv_types)}")
+        from edgestill.export.gguf import check_gguf
+
+        check_gguf(gguf_path)
+        self.path, self.n_ctx = Path(gguf_path), max(int(n_ctx), 16)
+        try:
+            self.llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=self.n_ctx, n_batch=self.n_ctx, n_ubatch=self.n_ctx,
+                                       logits_all=logits_all, n_threads=n_threads, n_threads_batch=n_threads,
+                                       type_k=kv_types[kv_type], type_v=kv_types[kv_type], verbose=False)
+        except Exception as e:  # llama.cpp reports load failures (bad metadata, wrong shapes) as ValueError
+            raise EdgestillError(f"llama.cpp could not load '{gguf_path}' ({e.__class__.__name__}: {str(e)[:160]})") from None
+
+    def logits(self, token_ids) -> np.ndarray:
+        """Logits at every position of `token_ids` (no BOS added), from an empty cache: (T, V) float32."""
+        token_ids = [int(t) for t in token_ids]
+        if not token_ids:
+            raise EdgestillError("llama.cpp logits need at least one token")
+        if len(token_ids) > self.n_ctx:
+            raise EdgestillError(f"{len(token_ids)} tokens do not fit the context of {self.n_ctx}")
+        self.llm.reset()
+        self.llm.eval(token_ids)
+        return np.array(self.llm.scores[: len(token_ids)], dtype=np.float32)  # copied out of llama's buffer
+
+    def time_tokens(self, prompt_ids, decode_tokens: int) -> tuple[float, float]:
+        """(prefill tokens/s, decode tokens/s): the prompt in one batch, then greedy tokens one at a time."""
+        import time
+
+        self.llm.reset()
+        t0 = time.perf_counter()
+        self.llm.eval([int(t) for t in prompt_ids])
+        t1 = time.perf_counter()
+        for _ in range(decode_tokens):
+            token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+            self.llm.eval([token])
+        t2 = time.perf_counter()
+        return len(prompt_ids) / (t1 - t0), decode_tokens / (t2 - t1)
+
+    def close(self) -> None:
+        close = getattr(self.llm, "close", None)
         if close is not None:
             close()
-    return logits
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def llamacpp_logits(gguf_path, token_ids, n_threads: int = 2, kv_type: str = "f16") -> np.ndarray:
+    """Logits at every position of `token_ids` (no BOS added), as llama.cpp computes them: (T, V) float32.
+
+    kv_type: see LlamaCpp ("f16" is llama.cpp's default; "f32" for bit-level comparisons).
+    """
+    if not len(token_ids):
+        raise EdgestillError("llamacpp_logits needs at least one token")
+    with LlamaCpp(gguf_path, n_ctx=len(token_ids), n_threads=n_threads, kv_type=kv_type) as model:
+        return model.logits(token_ids)
 
 
 def llamacpp_quantize(src_gguf, dst_gguf, type_name: str, n_threads: int = 2, allow_requantize: bool = False) -> Path:

@@ -94,10 +94,11 @@ def _narrow_ffn(mlp, keep: torch.Tensor) -> None:
         mlp.intermediate_size = len(keep)
 
 
-def slice_decoder(teacher, layers: list[int], intermediate_size: int | None = None):
+def slice_decoder(teacher, layers: list[int], intermediate_size: int | None = None, allow_full: bool = False):
     """A new model of the teacher's class holding only `layers`, FFNs narrowed to `intermediate_size`.
 
-    Weights are copied (the teacher is left untouched). Raises if the result would not be smaller.
+    Weights are copied (the teacher is left untouched). Raises if the result would not be smaller,
+    unless `allow_full` (a full-size copy that quantization-aware training will shrink).
     """
     teacher_layers = decoder_layers(teacher)
     n = len(teacher_layers)
@@ -110,7 +111,7 @@ def slice_decoder(teacher, layers: list[int], intermediate_size: int | None = No
             raise EdgestillError(f"{type(teacher).__name__} has no intermediate_size to narrow; leave student.intermediate_size unset")
         if not 1 <= intermediate_size <= teacher_ffn:
             raise EdgestillError(f"student.intermediate_size={intermediate_size} must be between 1 and the teacher's {teacher_ffn}")
-    if len(layers) == n and intermediate_size in (None, teacher_ffn):
+    if len(layers) == n and intermediate_size in (None, teacher_ffn) and not allow_full:
         raise EdgestillError(
             f"the student would be as large as the teacher ({n} of {n} layers, full width): nothing to shrink; "
             "set student.num_layers below the teacher's depth or a smaller student.intermediate_size"
