@@ -77,6 +77,27 @@ class DistillConfig:
     checkpoint_every: int = 20
     eval_every: int = 25
     seed: int = 0
+    # Which divergence the KD term uses (distill/losses.py): forward_kl | reverse_kl (MiniLLM) |
+    # skew_kl | skew_reverse_kl (DistiLLM, mixing weight `skew`) | jsd (GKD, M = beta p + (1-beta) q) | total_variation
+    loss: str = "forward_kl"
+    skew: float = 0.1
+    beta: float = 0.5
+    # Feature transfer (distill/features.py); both need the teacher model live (distill.cache_teacher=false):
+    # hidden-state MSE through a learned projection, uniform layer map; MiniLMv2 Q/K/V relations of the last layer.
+    hidden_mse_weight: float = 0.0
+    attention_relation_weight: float = 0.0
+    relation_heads: int = 8  # must divide the Q and K/V widths of teacher and student
+    # KAKD (distill/pid.py): a PID controller moves alpha so that KD/CE approaches pid_setpoint [reconstructed],
+    # and token_focus > 0 weights the KD term towards tokens where the student's CE is high.
+    pid: bool = False
+    pid_setpoint: float = 0.3
+    token_focus: float = 0.0
+    # On-policy KD (GKD/DistiLLM, distill/on_policy.py): with this probability a batch is replaced by the
+    # student's own continuations of its first on_policy_prompt_tokens tokens (needs the live teacher);
+    # on_policy_adaptive raises the probability whenever the validation loss stops improving.
+    on_policy_fraction: float = 0.0
+    on_policy_adaptive: bool = False
+    on_policy_prompt_tokens: int = 16
 
 
 @dataclass
@@ -289,6 +310,15 @@ def validate(cfg: ShrinkConfig) -> None:
         raise EdgestillError("distill.temperature must be > 0")
     if k.steps < 1 or k.batch_size < 1 or k.top_k < 1:
         raise EdgestillError("distill.steps, distill.batch_size and distill.top_k must be positive")
+    kinds = ("forward_kl", "reverse_kl", "skew_kl", "skew_reverse_kl", "jsd", "total_variation")
+    if k.loss not in kinds:
+        hint = difflib.get_close_matches(k.loss, kinds, n=1)
+        raise EdgestillError(f"distill.loss='{k.loss}' is unknown" + (f"; did you mean {hint[0]}?" if hint else "")
+                             + f" (choose one of {', '.join(kinds)})")
+    if not (0.0 < k.skew < 1.0 and 0.0 < k.beta < 1.0):
+        raise EdgestillError(f"distill.skew={k.skew} and distill.beta={k.beta} must be strictly between 0 and 1")
+    if not 0.0 <= k.on_policy_fraction <= 1.0:
+        raise EdgestillError(f"distill.on_policy_fraction={k.on_policy_fraction} must be in [0, 1]")
     q = cfg.quant
     for name in [q.format, *q.plan.values()]:
         if name is not None:

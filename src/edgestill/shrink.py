@@ -124,7 +124,7 @@ def distill_run(cfg: ShrinkConfig, overwrite: bool = False) -> tuple[RunDir, dic
     import torch
 
     from edgestill.distill.teacher_cache import build_topk_cache
-    from edgestill.distill.trainer import CachedTeacher, LiveTeacher, dist_setup, distill
+    from edgestill.distill.trainer import CachedTeacher, LiveTeacher, dist_setup, distill, needs_live_teacher
     from edgestill.models.load import load_causal_lm
 
     rank, world = dist_setup()
@@ -157,7 +157,8 @@ def distill_run(cfg: ShrinkConfig, overwrite: bool = False) -> tuple[RunDir, dic
             from edgestill.distill.teacher_cache import TopKCache
 
             cache = TopKCache(cache_dir)
-        source = CachedTeacher(cache)
+        # hidden-state / relation / on-policy terms need the teacher itself; the cache still serves the logits
+        source = CachedTeacher(cache, model=teacher.model if needs_live_teacher(cfg.distill) else None)
     else:
         source = LiveTeacher(teacher.model, cfg.distill.top_k)
 

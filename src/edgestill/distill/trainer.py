@@ -2,10 +2,16 @@
 
     for step in steps:
         rows   = this step's blocks (a seeded permutation per epoch; this rank's share under DDP)
+        [on-policy: with probability lambda, replace them by the student's own continuations]
         logits = student(blocks)
-        loss   = alpha * T^2 * KL(teacher top-k || student) + (1 - alpha) * CE
+        loss   = alpha * T^2 * D(teacher top-k || student) + (1 - alpha) * CE
+                 [+ hidden-state MSE + attention-relation KL, with the live teacher]
         backward, clip, AdamW step
-        every N steps: atomic checkpoint (student, optimizer, step, log)
+        [PID: move alpha towards the wanted KD/CE ratio]
+        every N steps: atomic checkpoint (student, optimizer, step, log, method state)
+
+D is forward KL by default; `distill.loss` picks reverse KL, skew KL, JSD... (distill/losses.py).
+The bracketed parts are off by default and switched on by DistillConfig fields (see `Methods`).
 
 The data order is a pure function of (seed, step), so a run killed at any point and resumed
 from its last checkpoint replays exactly the steps an uninterrupted run would have taken.
@@ -15,6 +21,7 @@ each rank takes an equal slice of the global batch and DDP averages the gradient
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -29,7 +36,10 @@ import torch
 import torch.distributed as dist
 
 from edgestill.config import DistillConfig
-from edgestill.distill.losses import cross_entropy, forward_kl_topk, kd_objective
+from edgestill.distill.features import CaptureQKV, HiddenStateMSE, minilm_relation_loss, uniform_layer_map
+from edgestill.distill.losses import LogitLossConfig, cross_entropy, cross_entropy_per_token, kd_objective, logit_loss
+from edgestill.distill.on_policy import OnPolicyBatches, OnPolicyConfig
+from edgestill.distill.pid import PIDConfig, PIDController, student_error_weights
 from edgestill.distill.teacher_cache import TopKCache, teacher_topk
 from edgestill.errors import EdgestillError
 from edgestill.progress import progress_bar
@@ -39,9 +49,14 @@ from edgestill.progress import progress_bar
 
 @dataclass
 class CachedTeacher:
-    """Top-k log-probs read from a memory-mapped cache (the teacher ran once, offline)."""
+    """Top-k log-probs read from a memory-mapped cache (the teacher ran once, offline).
+
+    `model` is optional: methods that need more than the cached logits (hidden states, attention
+    relations, scoring the student's own samples) run it live when it is given.
+    """
 
     cache: TopKCache
+    model: torch.nn.Module | None = None
 
     def topk(self, rows: np.ndarray, input_ids: torch.Tensor):
         return self.cache.get(rows)
@@ -56,6 +71,91 @@ class LiveTeacher:
 
     def topk(self, rows: np.ndarray, input_ids: torch.Tensor):
         return teacher_topk(self.model, input_ids, self.k)
+
+
+def needs_live_teacher(cfg: DistillConfig) -> bool:
+    """True when the configured methods need the teacher model at training time, not just its top-k cache."""
+    return cfg.hidden_mse_weight > 0 or cfg.attention_relation_weight > 0 or cfg.on_policy_fraction > 0
+
+
+@torch.no_grad()
+def _run_teacher_live(model, input_ids: torch.Tensor, k: int, hidden_states: bool, qkv: CaptureQKV | None):
+    """One teacher forward: (top-k log-probs, ids) as `teacher_topk` computes them, plus hidden states / Q,K,V."""
+    with qkv if qkv is not None else contextlib.nullcontext():
+        out = model(input_ids=input_ids, output_hidden_states=hidden_states)
+    logits = out.logits[:, :-1].float()  # (B, T-1, V)
+    values, ids = torch.topk(logits, k, dim=-1)  # (B, T-1, k)
+    return values - torch.logsumexp(logits, dim=-1, keepdim=True), ids, out.hidden_states, qkv.outputs if qkv else None
+
+
+# --- the optional methods a DistillConfig switches on -------------------------------------------------
+
+@dataclass
+class Methods:
+    """Everything beyond plain top-k KD, built once from the config (all off by default).
+
+    logit:      which divergence the KD term uses
+    alpha:      the KD weight of the current step (cfg.alpha, or the PID controller's output)
+    pid:        KAKD controller moving alpha after every step
+    on_policy:  GKD/DistiLLM batches replaced by student samples
+    hidden_mse: learned projections for hidden-state MSE (trained with the student)
+    student_qkv, teacher_qkv: hooks capturing the last layer's Q/K/V for MiniLMv2 relations
+    teacher_model: the live teacher, when a method needs one
+    """
+
+    logit: LogitLossConfig
+    alpha: float
+    pid: PIDController | None = None
+    on_policy: OnPolicyBatches | None = None
+    hidden_mse: HiddenStateMSE | None = None
+    student_qkv: CaptureQKV | None = None
+    teacher_qkv: CaptureQKV | None = None
+    teacher_model: torch.nn.Module | None = None
+
+    @classmethod
+    def from_config(cls, cfg: DistillConfig, student=None, teacher=None) -> "Methods":
+        methods = cls(logit=LogitLossConfig(kind=cfg.loss, temperature=cfg.temperature, skew=cfg.skew, beta=cfg.beta),
+                      alpha=cfg.alpha)
+        for name in ("hidden_mse_weight", "attention_relation_weight", "token_focus"):
+            if getattr(cfg, name) < 0:
+                raise EdgestillError(f"distill.{name}={getattr(cfg, name)} must be >= 0 (0 switches it off)")
+        if cfg.pid:
+            methods.pid = PIDController(PIDConfig(setpoint=cfg.pid_setpoint, initial=cfg.alpha))
+        if needs_live_teacher(cfg):
+            methods.teacher_model = getattr(teacher, "model", None)
+            if methods.teacher_model is None:
+                wanted = [f"distill.{n}" for n in ("hidden_mse_weight", "attention_relation_weight", "on_policy_fraction")
+                          if getattr(cfg, n) > 0]
+                raise EdgestillError(f"{' and '.join(wanted)} need(s) the teacher model at training time, not only its "
+                                     "top-k cache; set distill.cache_teacher=false")
+        if cfg.on_policy_fraction > 0:
+            methods.on_policy = OnPolicyBatches(OnPolicyConfig(
+                fraction=cfg.on_policy_fraction, adaptive=cfg.on_policy_adaptive,
+                prompt_tokens=cfg.on_policy_prompt_tokens, seed=cfg.seed))
+        if cfg.hidden_mse_weight > 0:
+            methods.hidden_mse = HiddenStateMSE(
+                student.config.hidden_size, methods.teacher_model.config.hidden_size,
+                uniform_layer_map(student.config.num_hidden_layers, methods.teacher_model.config.num_hidden_layers))
+        if cfg.attention_relation_weight > 0:
+            methods.student_qkv = CaptureQKV(student)
+            methods.teacher_qkv = CaptureQKV(methods.teacher_model)
+        return methods
+
+    def parameters(self) -> list:
+        """Trainable parameters of the methods themselves (the hidden-state projections)."""
+        return list(self.hidden_mse.parameters()) if self.hidden_mse is not None else []
+
+    def state_dict(self) -> dict:
+        return {"alpha": self.alpha,
+                "pid": self.pid.state_dict() if self.pid else None,
+                "on_policy": self.on_policy.state_dict() if self.on_policy else None,
+                "hidden_mse": self.hidden_mse.state_dict() if self.hidden_mse else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.alpha = state["alpha"]
+        for name in ("pid", "on_policy", "hidden_mse"):
+            if getattr(self, name) is not None and state.get(name) is not None:
+                getattr(self, name).load_state_dict(state[name])
 
 
 # --- distributed helpers ---------------------------------------------------------------------------
@@ -80,7 +180,8 @@ def _mean_across_ranks(values: list[float]) -> list[float]:
 
 # --- checkpoints -------------------------------------------------------------------------------------
 
-def _save_checkpoint(ckpt_root: Path, student, optimizer, step: int, history: list[dict]) -> None:
+def _save_checkpoint(ckpt_root: Path, student, optimizer, step: int, history: list[dict],
+                     methods: Methods | None = None) -> None:
     """Write ckpt-<step>/ completely, then atomically point LATEST at it, then drop older ones."""
     from safetensors.torch import save_model
 
@@ -91,6 +192,8 @@ def _save_checkpoint(ckpt_root: Path, student, optimizer, step: int, history: li
     save_model(student, str(tmp / "student.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, "history": history}))
+    if methods is not None:
+        torch.save(methods.state_dict(), tmp / "methods.pt")  # PID, on-policy buffer, projections
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     latest_tmp = ckpt_root / "LATEST.tmp"
@@ -101,7 +204,7 @@ def _save_checkpoint(ckpt_root: Path, student, optimizer, step: int, history: li
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_checkpoint(ckpt_root: Path, student, optimizer) -> tuple[int, list[dict]]:
+def _load_checkpoint(ckpt_root: Path, student, optimizer, methods: Methods | None = None) -> tuple[int, list[dict]]:
     from safetensors.torch import load_model
 
     latest = ckpt_root / "LATEST"
@@ -111,6 +214,8 @@ def _load_checkpoint(ckpt_root: Path, student, optimizer) -> tuple[int, list[dic
     load_model(student, str(path / "student.safetensors"))
     # weights_only: the optimizer state is tensors and numbers; nothing else is unpickled.
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    if methods is not None and (path / "methods.pt").is_file():
+        methods.load_state_dict(torch.load(path / "methods.pt", weights_only=True))
     state = json.loads((path / "state.json").read_text())
     return state["step"], state["history"]
 
@@ -152,20 +257,74 @@ def validation_loss(model, blocks: np.ndarray, batch_size: int = 8) -> float:
     return total / max(count, 1)
 
 
-def train_step(model, optimizer, teacher, blocks: np.ndarray, rows: np.ndarray, cfg: DistillConfig, trainable: list):
-    """One optimizer step on `rows` of `blocks`; returns (loss, kd, ce, grad_norm) tensors."""
+def train_step(model, optimizer, teacher, blocks: np.ndarray, rows: np.ndarray, cfg: DistillConfig, trainable: list,
+               methods: Methods | None = None, step: int = 0, rank: int = 0):
+    """One optimizer step on `rows` of `blocks`; returns (loss, kd, ce, grad_norm) tensors.
+
+    `methods` (built from `cfg` when omitted) adds whatever the config switched on; `step` and `rank`
+    seed the on-policy coin and sampling.
+    """
+    methods = methods if methods is not None else Methods.from_config(cfg)
+    student = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     input_ids = torch.from_numpy(blocks[rows]).long()  # (b, T)
-    teacher_logprobs, teacher_ids = teacher.topk(rows, input_ids)  # (b, T-1, k) each
+    kd_mask = None  # (b, T-1): the positions the KD term counts; None = all
+    if methods.on_policy is not None:
+        input_ids, kd_mask = methods.on_policy.draw(step, input_ids, student, rank)  # sampled without gradient
+    on_policy = kd_mask is not None
+    want_hidden = methods.hidden_mse is not None
+    teacher_hidden = teacher_qkv = None
+    if methods.teacher_model is not None:
+        teacher_logprobs, teacher_ids, teacher_hidden, teacher_qkv = _run_teacher_live(
+            methods.teacher_model, input_ids, cfg.top_k, want_hidden, methods.teacher_qkv)
+    else:
+        teacher_logprobs, teacher_ids = teacher.topk(rows, input_ids)  # (b, T-1, k) each
     model.train()
-    logits = model(input_ids=input_ids).logits[:, :-1]  # (b, T-1, V)
-    kd = forward_kl_topk(logits, teacher_logprobs, teacher_ids, cfg.temperature)
-    ce = cross_entropy(logits, input_ids[:, 1:])
-    loss = kd_objective(kd, ce, cfg.alpha, cfg.temperature)
+    with methods.student_qkv if methods.student_qkv is not None else contextlib.nullcontext():
+        out = model(input_ids=input_ids, output_hidden_states=want_hidden)
+    logits = out.logits[:, :-1]  # (b, T-1, V)
+    labels = input_ids[:, 1:]  # (b, T-1)
+
+    token_weights = None
+    if cfg.token_focus > 0:  # KAKD: transfer more where the student is weak
+        token_weights = student_error_weights(cross_entropy_per_token(logits.detach(), labels), kd_mask, cfg.token_focus)
+    kd = logit_loss(logits, methods.logit, topk_logprobs=teacher_logprobs, topk_ids=teacher_ids, mask=kd_mask,
+                    token_weights=token_weights)
+    ce = cross_entropy(logits, labels)
+    if on_policy:  # the student's own text has no labels worth fitting: divergence only (GKD)
+        loss = cfg.temperature**2 * kd
+    else:
+        loss = kd_objective(kd, ce, methods.alpha, cfg.temperature)
+    if methods.hidden_mse is not None:
+        loss = loss + cfg.hidden_mse_weight * methods.hidden_mse(out.hidden_states, teacher_hidden)
+    if methods.student_qkv is not None:
+        loss = loss + cfg.attention_relation_weight * minilm_relation_loss(
+            methods.student_qkv.outputs, teacher_qkv, cfg.relation_heads, causal=True)
+
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    _average_method_grads(methods)
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
     optimizer.step()
     return loss.detach(), kd.detach(), ce.detach(), grad_norm
+
+
+def _average_method_grads(methods: Methods) -> None:
+    """DDP averages the student's gradients; the methods' own parameters (projections) are averaged here."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    for p in methods.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()
+
+
+def _from_rank0(value: float) -> float:
+    """The value rank 0 holds, on every rank (validation runs on rank 0 only)."""
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.broadcast(t, src=0)
+    return float(t.item())
 
 
 def distill(student, teacher, blocks: np.ndarray, cfg: DistillConfig, run_dir: str | Path,
@@ -190,9 +349,10 @@ def distill(student, teacher, blocks: np.ndarray, cfg: DistillConfig, run_dir: s
 
     if cfg.freeze_embeddings:
         student.get_input_embeddings().weight.requires_grad_(False)
-    trainable = [p for p in student.parameters() if p.requires_grad]
+    methods = Methods.from_config(cfg, student, teacher)
+    trainable = [p for p in student.parameters() if p.requires_grad] + methods.parameters()
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start_step, history = _load_checkpoint(ckpt_root, student, optimizer)
+    start_step, history = _load_checkpoint(ckpt_root, student, optimizer, methods)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         log_path.write_text("".join(json.dumps(h) + "\n" for h in history))  # drop steps after the checkpoint
@@ -208,20 +368,29 @@ def distill(student, teacher, blocks: np.ndarray, cfg: DistillConfig, run_dir: s
         rows = batch_rows(step, cfg.batch_size, len(blocks), cfg.seed)[rank * local : (rank + 1) * local]
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg)
-        loss, kd, ce, grad_norm = train_step(model, optimizer, teacher, blocks, rows, cfg, trainable)
+        alpha = methods.alpha
+        loss, kd, ce, grad_norm = train_step(model, optimizer, teacher, blocks, rows, cfg, trainable, methods, step, rank)
 
         loss_v, kd_v, ce_v = _mean_across_ranks([loss.item(), kd.item(), ce.item()])
         record = {"step": step + 1, "loss": loss_v, "kd": kd_v, "ce": ce_v, "lr": learning_rate(step, cfg),
                   "grad_norm": float(grad_norm), "tokens_per_s": cfg.batch_size * seq_len / (time.perf_counter() - t0)}
+        if methods.pid is not None:  # KAKD: the next step's alpha, from the rank-averaged losses
+            record["alpha"] = alpha
+            methods.alpha = methods.pid.update(kd_v, ce_v)
+        if methods.on_policy is not None:
+            record["on_policy_fraction"] = methods.on_policy.fraction
         last = step + 1 == cfg.steps
-        if rank == 0 and val_blocks is not None and len(val_blocks) and (last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
+        evaluate = val_blocks is not None and len(val_blocks) and (last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0))
+        if rank == 0 and evaluate:
             record["val_loss"] = validation_loss(student, val_blocks)
+        if methods.on_policy is not None and evaluate:  # DistiLLM: more on-policy data once validation stalls
+            methods.on_policy.schedule.update(_from_rank0(record.get("val_loss", 0.0)))
         history.append(record)
         if rank == 0:
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             if last or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0):
-                _save_checkpoint(ckpt_root, student, optimizer, step + 1, history)
+                _save_checkpoint(ckpt_root, student, optimizer, step + 1, history, methods)
         bar.set_postfix(loss=f"{loss_v:.3f}", kd=f"{kd_v:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
         bar.update(1)
     bar.close()

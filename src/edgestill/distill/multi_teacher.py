@@ -1,0 +1,94 @@
+"""MTAKD: weighting several teachers by how much each agrees with the others.
+
+Paper: "MTAKD: multi-teacher agreement knowledge distillation" ([4] in shared/METHODS.md). The paper
+weights teachers per input by their "dynamic agreement" and applies the weights to predictions (AWKD),
+spatial attention (AAKD) and embedding relations (RAKD). Its exact formula was not available, so this
+is a reconstruction [R] with every knob exposed:
+
+    a_k(x) = mean_{j != k} (1 - JS(p_k(x), p_j(x)))      agreement of teacher k with the others
+    w_k(x) = softmax_k(a_k(x) / tau)                      tau ~ 0.1
+    target = sum_k w_k(x) p_k(x)                          the distribution the student learns
+    strength(x) = mean_k a_k(x)                           optional: how much to trust the target at x
+
+"x" is a token for decoders ((K, B, T, V) logits give (K, B, T) weights) and a sample for classifiers
+((K, B, C) give (K, B)). JS is the symmetric Jensen-Shannon divergence in bits (in [0, 1], so the
+agreement is in [0, 1]); `js_in_bits=False` uses nats. A teacher that disagrees with the rest (broken,
+off-domain, or simply wrong at x) gets a small weight there; the weights come back for logging/plots.
+
+    result = agreement_target([t1_logits, t2_logits, t3_logits], AgreementConfig(tau=0.1))
+    kd = divergence(result.target_logprobs, log_softmax(student_logits / T, -1), LogitLossConfig()).mean()
+    log["teacher_weights"] = result.weights.mean(dim=(1, 2)).tolist()   # (K,)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from edgestill.distill.losses import jsd_div
+from edgestill.errors import EdgestillError
+
+
+@dataclass(frozen=True)
+class AgreementConfig:
+    tau: float = 0.1  # softmax temperature of the weights: small = trust the majority sharply
+    temperature: float = 1.0  # teachers' distributions are softened by this before comparison and mixing
+    js_in_bits: bool = True
+
+    def __post_init__(self):
+        if not self.tau > 0 or not self.temperature > 0:
+            raise EdgestillError(f"agreement tau={self.tau} and temperature={self.temperature} must both be > 0")
+
+
+@dataclass
+class AgreementResult:
+    target_logprobs: torch.Tensor  # (..., V) log sum_k w_k p_k
+    weights: torch.Tensor  # (K, ...) w_k, sums to 1 over K
+    agreement: torch.Tensor  # (K, ...) a_k in [0, 1]
+    strength: torch.Tensor  # (...) mean_k a_k
+
+
+def pairwise_js(teacher_logprobs: torch.Tensor, in_bits: bool = True) -> torch.Tensor:
+    """(K, ..., V) log-probs -> (K, K, ...) symmetric Jensen-Shannon divergences."""
+    k = teacher_logprobs.shape[0]
+    a = teacher_logprobs.unsqueeze(1).expand(k, k, *teacher_logprobs.shape[1:])  # (K, K, ..., V)
+    b = teacher_logprobs.unsqueeze(0).expand_as(a)
+    js = jsd_div(a, b, beta=0.5)  # (K, K, ...)
+    return js / math.log(2) if in_bits else js
+
+
+def agreement_weights(teacher_logprobs: torch.Tensor, cfg: AgreementConfig = AgreementConfig()):
+    """(weights, agreement), each (K, ...), from K teachers' log-probs (K, ..., V). No gradient."""
+    k = teacher_logprobs.shape[0]
+    if k < 2:
+        raise EdgestillError(f"agreement weighting needs at least 2 teachers, got {k}")
+    with torch.no_grad():
+        js = pairwise_js(teacher_logprobs.float(), cfg.js_in_bits)  # (K, K, ...); diagonal is 0
+        agreement = (1.0 - js).sum(1) - 1.0  # drop the j = k term (1 - 0)
+        agreement = agreement / (k - 1)  # (K, ...)
+        weights = F.softmax(agreement / cfg.tau, dim=0)  # (K, ...)
+    return weights, agreement
+
+
+def agreement_target(teacher_logits: Sequence[torch.Tensor] | torch.Tensor,
+                     cfg: AgreementConfig = AgreementConfig()) -> AgreementResult:
+    """The agreement-weighted target distribution of K teachers: logits (K, ..., V) or a list of K (..., V).
+
+    Teachers must share the label space / vocabulary. The target is detached (teachers are not trained here).
+    """
+    logits = torch.stack(list(teacher_logits)) if not isinstance(teacher_logits, torch.Tensor) else teacher_logits
+    logprobs = F.log_softmax(logits.detach().float() / cfg.temperature, dim=-1)  # (K, ..., V)
+    weights, agreement = agreement_weights(logprobs, cfg)
+    target = torch.logsumexp(weights.clamp_min(1e-30).log().unsqueeze(-1) + logprobs, dim=0)  # (..., V)
+    return AgreementResult(target_logprobs=target, weights=weights, agreement=agreement, strength=agreement.mean(0))
+
+
+def average_target(teacher_logits: Sequence[torch.Tensor] | torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Plain averaging of the teachers' probabilities (the baseline agreement weighting is compared with)."""
+    logits = torch.stack(list(teacher_logits)) if not isinstance(teacher_logits, torch.Tensor) else teacher_logits
+    logprobs = F.log_softmax(logits.detach().float() / temperature, dim=-1)
+    return torch.logsumexp(logprobs, dim=0) - math.log(logprobs.shape[0])
