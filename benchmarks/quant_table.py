@@ -4,7 +4,7 @@ Rows (default teacher SmolLM2-135M, Shakespeare held-out split, 2 threads):
   1. teacher fp32 (transformers) and the teacher as F32 / F16 GGUF (llama.cpp)
   2. the teacher quantized by llama.cpp's own quantizer: Q8_0, Q4_0, Q4_K_M
   3. the teacher quantized by edgestill: RTN and GPTQ, Q4_0   (`edgestill quantize --method rtn|gptq`)
-  4. the teacher after QAT + KD in Q4_0, the same bytes as 3   (`edgestill shrink student.num_layers=30 quant.format=q4_0`)
+  4. the teacher after QAT + KD in Q4_0, the same bytes as 3   (`edgestill shrink student.num_layers=30 quant.format=q4_0`, 40 steps)
   5. the sliced 15-layer student after QAT + KD: all Q4_0, and Q4_0 with a Q8_0 head/embedding
 
 Perplexity, retention, top-1 agreement and KL are computed from llama.cpp's own logits on the
@@ -41,7 +41,8 @@ RUNS = {
     "edgestill RTN Q4_0": ("3. edgestill PTQ", ["quantize", "--method", "rtn", "--type", "q4_0", "--out", "runs/bench/ptq-rtn-q4_0"]),
     "edgestill GPTQ Q4_0": ("3. edgestill PTQ", ["quantize", "--method", "gptq", "--type", "q4_0", "--out", "runs/bench/ptq-gptq-q4_0"]),
     "edgestill QAT+KD Q4_0 (30 layers)": ("4. edgestill QAT+KD", ["shrink", "--out", "runs/bench/qat-teacher-q4_0", "student.num_layers=30",
-                                                              "quant.format=q4_0", "distill.lr=1e-4"]),
+                                                              "quant.format=q4_0", "distill.lr=1e-4", "distill.steps=40",
+                                                              "distill.checkpoint_every=5"]),
     "sliced 15 layers, QAT+KD Q4_0": ("5. sliced student", ["shrink", "--out", "runs/bench/qat-student15-q4_0", "quant.format=q4_0"]),
     "sliced 15 layers, QAT+KD Q4_0, head Q8_0": ("5. sliced student", ["shrink", "--out", "runs/bench/qat-student15-q4_0-head-q8_0",
                                                                      "quant.format=q4_0", "quant.plan={lm_head: q8_0}"]),
