@@ -65,7 +65,35 @@ def throughput_table(r: dict) -> str:
     ])
 
 
-TABLES = {"default_run": default_run_table, "distill_throughput": throughput_table}
+def quant_table(r: dict) -> str:
+    rows = ["| group | model | held-out ppl | retention | top-1 | bytes | × fp32 | decode tok/s (2 threads) | of bandwidth bound |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for x in r["rows"]:
+        frac = x.get("bandwidth_bound_fraction")
+        runtime = "" if x.get("runtime", "llama.cpp") == "llama.cpp" else f" ({x['runtime']})"
+        rows.append(f"| {x['group']} | {x['name']} | {x['perplexity']:.2f} | {x['retention']:.3f} | {x['top1_agreement']:.3f} "
+                    f"| {x['file_bytes'] / 1e6:.1f} MB | {x['compression_x_fp32']:.2f}× | {x['decode_tokens_per_s']:.1f}{runtime} "
+                    f"| {'' if frac is None else f'{frac:.2f}'} |")
+    targets = r.get("targets") or {}
+    env = r["environment"]
+    notes = []
+    for key, value in targets.items():
+        base = key.split("_of_")[1].split("_")[0].upper()
+        notes.append(f"QAT+KD recovers **{value:.0%}** of the perplexity {base} Q4_0 loses")
+    rows.append("")
+    rows.append((" ; ".join(notes) + ". " if notes else "")
+                + f"Quality from llama.cpp's own logits on {r['held_out_tokens']:,} held-out tokens against the fp32 teacher "
+                f"(ppl {r['teacher_perplexity']:.2f}); decode = {r['decode_tokens']} greedy tokens after a "
+                f"{r['prompt_tokens']}-token prompt, median of {r['repeats']} alternated rounds; bandwidth bound from a measured "
+                f"{r['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s read. Measured {env['date'][:10]}, commit "
+                f"`{(env.get('git_commit') or '?')[:8]}`, `{r['command']}` → `benchmarks/results/quant_table.json`.")
+    return "\n".join(rows)
+
+
+from distill_methods import methods_table  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
+TABLES = {"default_run": default_run_table, "distill_throughput": throughput_table, "quant_table": quant_table,
+          "distill_methods": methods_table}
 
 
 def main() -> None:

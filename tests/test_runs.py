@@ -141,3 +141,15 @@ def test_partial_without_config_is_restarted(tmp_path):
     assert run.open() is False
     assert not (partial / "junk").exists()
     assert (partial / "config.yaml").is_file()
+
+
+def test_a_config_key_added_later_does_not_orphan_a_partial_run(tmp_path):
+    """An interrupted run from an older edgestill (its config.yaml lacks a new key) still resumes."""
+    old = {"distill": {"steps": 10}}
+    new = {"distill": {"steps": 10, "loss": "forward_kl"}}
+    run = RunDir(tmp_path / "r", old)
+    run.open()
+    (run.path / "cache").mkdir()  # progress worth keeping
+    assert RunDir(tmp_path / "r", new, defaults={"distill": {"loss": "forward_kl"}}).open() is True
+    with pytest.raises(EdgestillError, match="different config"):  # a changed default is a different run
+        RunDir(tmp_path / "r", {"distill": {"steps": 10, "loss": "jsd"}}, defaults={"distill": {"loss": "forward_kl"}}).open()

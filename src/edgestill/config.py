@@ -25,6 +25,10 @@ from edgestill.errors import EdgestillError
 class TeacherConfig:
     # "smollm2-135m" (the embedded default), a Hugging Face model folder, or a .gguf file.
     model: str = "smollm2-135m"
+    # More teachers sharing `model`'s tokenizer (HF folders or .gguf files): the student learns from all of
+    # them, mixed per token by distill.teacher_weighting (MTAKD, distill/multi_teacher.py). `model` stays the
+    # teacher the student is sliced from and evaluated against.
+    extra: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -98,6 +102,10 @@ class DistillConfig:
     on_policy_fraction: float = 0.0
     on_policy_adaptive: bool = False
     on_policy_prompt_tokens: int = 16
+    # Several teachers (teacher.extra): agreement = MTAKD, per-token weights softmax(agreement / agreement_tau)
+    # with agreement = mean (1 - JS) to the other teachers [reconstructed]; average = equal weights.
+    teacher_weighting: str = "agreement"
+    agreement_tau: float = 0.1
 
 
 @dataclass
@@ -319,6 +327,15 @@ def validate(cfg: ShrinkConfig) -> None:
         raise EdgestillError(f"distill.skew={k.skew} and distill.beta={k.beta} must be strictly between 0 and 1")
     if not 0.0 <= k.on_policy_fraction <= 1.0:
         raise EdgestillError(f"distill.on_policy_fraction={k.on_policy_fraction} must be in [0, 1]")
+    if k.teacher_weighting not in ("agreement", "average"):
+        raise EdgestillError(f"distill.teacher_weighting='{k.teacher_weighting}' is unknown; use agreement or average")
+    if not k.agreement_tau > 0:
+        raise EdgestillError(f"distill.agreement_tau={k.agreement_tau} must be > 0 (0.1 is typical)")
+    for spec in cfg.teacher.extra:
+        if not spec.strip():
+            raise EdgestillError("teacher.extra has an empty entry; list teacher models (HF folders or .gguf files)")
+    if len(set(cfg.teacher.extra)) != len(cfg.teacher.extra) or cfg.teacher.model in cfg.teacher.extra:
+        raise EdgestillError(f"teacher.extra {cfg.teacher.extra} repeats a teacher (or teacher.model); list each extra teacher once")
     q = cfg.quant
     for name in [q.format, *q.plan.values()]:
         if name is not None:

@@ -21,12 +21,16 @@ DONE = "DONE"
 
 
 class RunDir:
-    def __init__(self, out: str | Path, config: dict, overwrite: bool = False, resumable_keys: tuple[str, ...] = ("eval",)):
+    def __init__(self, out: str | Path, config: dict, overwrite: bool = False, resumable_keys: tuple[str, ...] = ("eval",),
+                 defaults: dict | None = None):
         self.final = Path(out)
         self.partial = self.final.with_name(self.final.name + ".partial")
         self.config = config
         self.overwrite = overwrite
         self.resumable_keys = resumable_keys  # sections that may change between a kill and a resume
+        # A key that a newer edgestill added is missing from an older partial run's config.yaml:
+        # it counts as holding its default, so upgrading does not orphan an interrupted run.
+        self.defaults = defaults or {}
 
     @property
     def path(self) -> Path:
@@ -46,7 +50,7 @@ class RunDir:
             raise EdgestillError(f"output folder '{self.final}' exists and is not an edgestill run; choose another --out or pass --overwrite")
         saved = self.partial / "config.yaml"
         if saved.is_file():
-            previous = yaml.safe_load(saved.read_text()) or {}
+            previous = _with_defaults(yaml.safe_load(saved.read_text()) or {}, self.defaults)
             if self._comparable(previous) == self._comparable(self.config):
                 return True
             if not self.overwrite and self._has_progress():
@@ -77,3 +81,14 @@ class RunDir:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return self.final
+
+
+def _with_defaults(saved: dict, defaults: dict) -> dict:
+    """`saved` with the keys it lacks taken from `defaults`, section by section."""
+    merged = dict(saved)
+    for key, value in defaults.items():
+        if key not in merged:
+            merged[key] = value
+        elif isinstance(value, dict) and isinstance(merged[key], dict):
+            merged[key] = _with_defaults(merged[key], value)
+    return merged

@@ -123,12 +123,12 @@ def distill_run(cfg: ShrinkConfig, overwrite: bool = False) -> tuple[RunDir, dic
     """
     import torch
 
-    from edgestill.distill.teacher_cache import build_topk_cache
-    from edgestill.distill.trainer import CachedTeacher, LiveTeacher, dist_setup, distill, needs_live_teacher
-    from edgestill.models.load import load_causal_lm
+    from edgestill.distill.teacher_cache import build_topk_cache, build_union_topk_cache
+    from edgestill.distill.trainer import CachedTeacher, LiveTeacher, MultiTeacher, dist_setup, distill, needs_live_teacher
+    from edgestill.models.load import check_same_tokenizer, load_causal_lm
 
     rank, world = dist_setup()
-    run = RunDir(cfg.output.dir, cfg.to_dict(), overwrite=overwrite)
+    run = RunDir(cfg.output.dir, cfg.to_dict(), overwrite=overwrite, defaults=ShrinkConfig().to_dict())
     resumed = False
     if rank == 0:
         resumed = run.open()
@@ -143,10 +143,44 @@ def distill_run(cfg: ShrinkConfig, overwrite: bool = False) -> tuple[RunDir, dic
     if world > 1 and rank == 0:
         torch.distributed.barrier()
     log.info("teacher: %s (%s) loaded in %.1fs", cfg.teacher.model, teacher.path, time.time() - t0)
+    extras = []  # MTAKD: more teachers sharing the tokenizer (loaded in the same order on every rank)
+    for spec in cfg.teacher.extra:
+        if world > 1 and rank != 0:
+            torch.distributed.barrier()
+        extra = load_causal_lm(spec)
+        if world > 1 and rank == 0:
+            torch.distributed.barrier()
+        try:
+            check_same_tokenizer(teacher.tokenizer, extra.tokenizer)
+        except EdgestillError:
+            raise EdgestillError(
+                f"teacher.extra '{spec}' has a different tokenizer from teacher.model '{cfg.teacher.model}' (vocab "
+                f"{len(extra.tokenizer.get_vocab())} vs {len(teacher.tokenizer.get_vocab())}); multi-teacher KD mixes "
+                "logits token by token, so remove it from teacher.extra or pick a teacher of the same family") from None
+        log.info("extra teacher: %s (%s)", spec, extra.path)
+        extras.append(extra)
     splits, train, val, test = _blocks_for(cfg, teacher.tokenizer)
     student, layers = _build_student(cfg, teacher.model, teacher.tokenizer, train)
 
-    if cfg.distill.cache_teacher:
+    if extras:
+        models = [teacher.model] + [e.model for e in extras]
+        names = [cfg.teacher.model, *cfg.teacher.extra]
+        live_model = teacher.model if needs_live_teacher(cfg.distill) else None
+        if cfg.distill.cache_teacher:
+            fp = _fingerprint(*(t.path for t in [teacher, *extras]), train.tobytes(), cfg.distill.top_k, "union")
+            cache_dir = run.path / "cache" / "teachers_union_topk"
+            if rank == 0:
+                build_union_topk_cache(models, train, cfg.distill.top_k, cache_dir, fp,
+                                       batch_size=max(1, cfg.eval.batch_size // len(models)))
+            if world > 1:
+                torch.distributed.barrier()
+            from edgestill.distill.teacher_cache import UnionTopKCache
+
+            source = MultiTeacher(names, cfg.distill.top_k, cache=UnionTopKCache(cache_dir), model=live_model)
+            del extras, models  # the cache holds all the extra teachers have to say
+        else:
+            source = MultiTeacher(names, cfg.distill.top_k, models=models)
+    elif cfg.distill.cache_teacher:
         fp = _fingerprint(teacher.path, train.tobytes(), cfg.distill.top_k)
         cache_dir = run.path / "cache" / "teacher_topk"
         if rank == 0:
@@ -364,7 +398,7 @@ def quantize_run(cfg: ShrinkConfig, method: str = "rtn", overwrite: bool = False
     quant_config = _quant_config(cfg)
     if quant_config is None:
         raise EdgestillError("edgestill quantize needs a format: --type q4_0 (or quant.format=...)")
-    run = RunDir(cfg.output.dir, {**cfg.to_dict(), "ptq_method": method}, overwrite=overwrite)
+    run = RunDir(cfg.output.dir, {**cfg.to_dict(), "ptq_method": method}, overwrite=overwrite, defaults=ShrinkConfig().to_dict())
     run.open()
     teacher = load_causal_lm(cfg.teacher.model)
     splits, train, _, test = _blocks_for(cfg, teacher.tokenizer)

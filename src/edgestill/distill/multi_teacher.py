@@ -18,6 +18,14 @@ off-domain, or simply wrong at x) gets a small weight there; the weights come ba
     result = agreement_target([t1_logits, t2_logits, t3_logits], AgreementConfig(tau=0.1))
     kd = divergence(result.target_logprobs, log_softmax(student_logits / T, -1), LogitLossConfig()).mean()
     log["teacher_weights"] = result.weights.mean(dim=(1, 2)).tolist()   # (K,)
+
+In the decoder distillation loop (`teacher.extra` in a recipe) the teachers come from a joint top-k
+cache (distill/teacher_cache.py): each teacher's exact log-probs on a common support of U ids per
+position (the union of their top-k ids, filled up to U), plus its own tail bucket 1 - sum. `TeacherMixer`
+weights the teachers per token on those U + 1 buckets and returns the mixed target on the U ids, which
+the usual top-k losses then treat like a single teacher's cache (the target's tail is sum_k w_k tail_k).
+Agreement is measured at temperature 1; at distill.temperature != 1 the mixed target is softened over the
+U ids like any top-k cache.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from edgestill.distill.losses import jsd_div
+from edgestill.distill.losses import TAIL_FLOOR, jsd_div
 from edgestill.errors import EdgestillError
 
 
@@ -92,3 +100,67 @@ def average_target(teacher_logits: Sequence[torch.Tensor] | torch.Tensor, temper
     logits = torch.stack(list(teacher_logits)) if not isinstance(teacher_logits, torch.Tensor) else teacher_logits
     logprobs = F.log_softmax(logits.detach().float() / temperature, dim=-1)
     return torch.logsumexp(logprobs, dim=0) - math.log(logprobs.shape[0])
+
+
+def with_tail_bucket(topk_logprobs: torch.Tensor) -> torch.Tensor:
+    """(..., U) log-probs of U ids -> (..., U + 1) with the rest of the mass as one tail bucket (floored)."""
+    lp = topk_logprobs.float()
+    tail = (1.0 - lp.exp().sum(-1, keepdim=True)).clamp_min(TAIL_FLOOR)
+    return torch.cat([lp, tail.log()], dim=-1)
+
+
+@dataclass
+class TeacherMixer:
+    """Mixes K teachers given on a common support into one target, per token (MTAKD [4]).
+
+    weighting: "agreement" (w = softmax(agreement / tau), see the module doc) or "average" (w = 1/K).
+    `combine` returns the target log-probs on the support's ids and keeps the weights of the last call.
+    """
+
+    weighting: str = "agreement"
+    tau: float = 0.1
+
+    def __post_init__(self):
+        if self.weighting not in ("agreement", "average"):
+            raise EdgestillError(f"teacher weighting '{self.weighting}' is unknown; use agreement or average")
+        AgreementConfig(tau=self.tau)  # validates tau
+
+    @torch.no_grad()
+    def combine(self, teacher_logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, B, T, U) teachers' log-probs on shared ids -> (target log-probs (B, T, U), weights (K, B, T))."""
+        lp = teacher_logprobs.float()
+        n_teachers = lp.shape[0]
+        if self.weighting == "average" or n_teachers == 1:
+            weights = torch.full(lp.shape[:-1], 1.0 / n_teachers)  # (K, B, T)
+        else:
+            weights, _ = agreement_weights(with_tail_bucket(lp), AgreementConfig(tau=self.tau))  # (K, B, T)
+        target = torch.logsumexp(weights.clamp_min(1e-30).log().unsqueeze(-1) + lp, dim=0)  # (B, T, U)
+        return target, weights
+
+
+def plot_teacher_weights(history: list[dict], names: list[str], path, weighting: str = "agreement") -> None:
+    """Mean weight per teacher over training steps (from the `teacher_weights` of a train log) as a PNG."""
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [h for h in history if "teacher_weights" in h]
+    if not rows:
+        return
+    steps = [h["step"] for h in rows]
+    weights = list(zip(*(h["teacher_weights"] for h in rows)))  # K series
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for name, series in zip(names, weights):
+        ax.plot(steps, series, label=Path(name).name or name)  # folder or file name, not the whole path
+    ax.axhline(1.0 / len(weights), color="grey", linestyle=":", linewidth=1, label=f"1/K = {1.0 / len(weights):.2f}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean teacher weight (per token)")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"Teacher weights ({weighting})" if weighting != "agreement" else "MTAKD: agreement weight of each teacher")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -3,6 +3,7 @@
     for step in steps:
         rows   = this step's blocks (a seeded permutation per epoch; this rank's share under DDP)
         [on-policy: with probability lambda, replace them by the student's own continuations]
+        [several teachers: mix their top-k per token by agreement (MTAKD) or equally, log the weights]
         logits = student(blocks)
         loss   = alpha * T^2 * D(teacher top-k || student) + (1 - alpha) * CE
                  [+ hidden-state MSE + attention-relation KL, with the live teacher]
@@ -38,9 +39,10 @@ import torch.distributed as dist
 from edgestill.config import DistillConfig
 from edgestill.distill.features import CaptureQKV, HiddenStateMSE, minilm_relation_loss, uniform_layer_map
 from edgestill.distill.losses import LogitLossConfig, cross_entropy, cross_entropy_per_token, kd_objective, logit_loss
+from edgestill.distill.multi_teacher import TeacherMixer, plot_teacher_weights
 from edgestill.distill.on_policy import OnPolicyBatches, OnPolicyConfig
 from edgestill.distill.pid import PIDConfig, PIDController, student_error_weights
-from edgestill.distill.teacher_cache import TopKCache, teacher_topk
+from edgestill.distill.teacher_cache import TopKCache, UnionTopKCache, teacher_topk, teachers_union_topk
 from edgestill.errors import EdgestillError
 from edgestill.progress import progress_bar
 
@@ -73,6 +75,34 @@ class LiveTeacher:
         return teacher_topk(self.model, input_ids, self.k)
 
 
+@dataclass
+class MultiTeacher:
+    """K teachers sharing one tokenizer (MTAKD): every teacher's log-probs on a common set of ids per position.
+
+    From a joint cache (`cache`, built once by `build_union_topk_cache`) or, without one, by running all
+    `models` (primary first) on every batch. `topk` returns (log-probs (K, b, T-1, U), ids (b, T-1, U));
+    the trainer mixes them into one target (`TeacherMixer`). `model` is the primary teacher, for methods
+    that need it live (hidden states, attention relations). `names` label the logged weights.
+    """
+
+    names: list[str]
+    k: int
+    cache: UnionTopKCache | None = None
+    models: list | None = None
+    model: torch.nn.Module | None = None
+
+    def __post_init__(self):
+        if self.cache is None and not self.models:
+            raise ValueError("MultiTeacher needs a cache or the teacher models")
+        if self.model is None and self.models:
+            self.model = self.models[0]
+
+    def topk(self, rows: np.ndarray, input_ids: torch.Tensor):
+        if self.cache is not None:
+            return self.cache.get(rows)
+        return teachers_union_topk(self.models, input_ids, self.k)
+
+
 def needs_live_teacher(cfg: DistillConfig) -> bool:
     """True when the configured methods need the teacher model at training time, not just its top-k cache."""
     return cfg.hidden_mse_weight > 0 or cfg.attention_relation_weight > 0 or cfg.on_policy_fraction > 0
@@ -101,6 +131,7 @@ class Methods:
     hidden_mse: learned projections for hidden-state MSE (trained with the student)
     student_qkv, teacher_qkv: hooks capturing the last layer's Q/K/V for MiniLMv2 relations
     teacher_model: the live teacher, when a method needs one
+    teachers:   MTAKD mixer of several teachers (a MultiTeacher source); teacher_weights: its last mean weights
     """
 
     logit: LogitLossConfig
@@ -111,6 +142,8 @@ class Methods:
     student_qkv: CaptureQKV | None = None
     teacher_qkv: CaptureQKV | None = None
     teacher_model: torch.nn.Module | None = None
+    teachers: TeacherMixer | None = None
+    teacher_weights: list[float] | None = None
 
     @classmethod
     def from_config(cls, cfg: DistillConfig, student=None, teacher=None) -> "Methods":
@@ -128,6 +161,11 @@ class Methods:
                           if getattr(cfg, n) > 0]
                 raise EdgestillError(f"{' and '.join(wanted)} need(s) the teacher model at training time, not only its "
                                      "top-k cache; set distill.cache_teacher=false")
+        if isinstance(teacher, MultiTeacher):
+            methods.teachers = TeacherMixer(cfg.teacher_weighting, cfg.agreement_tau)
+            if cfg.on_policy_fraction > 0 and teacher.cache is not None:
+                raise EdgestillError("distill.on_policy_fraction with teacher.extra needs every teacher live to score "
+                                     "the student's samples; set distill.cache_teacher=false")
         if cfg.on_policy_fraction > 0:
             methods.on_policy = OnPolicyBatches(OnPolicyConfig(
                 fraction=cfg.on_policy_fraction, adaptive=cfg.on_policy_adaptive,
@@ -276,8 +314,11 @@ def train_step(model, optimizer, teacher, blocks: np.ndarray, rows: np.ndarray, 
     if methods.teacher_model is not None:
         teacher_logprobs, teacher_ids, teacher_hidden, teacher_qkv = _run_teacher_live(
             methods.teacher_model, input_ids, cfg.top_k, want_hidden, methods.teacher_qkv)
-    else:
-        teacher_logprobs, teacher_ids = teacher.topk(rows, input_ids)  # (b, T-1, k) each
+    if methods.teacher_model is None or methods.teachers is not None:
+        teacher_logprobs, teacher_ids = teacher.topk(rows, input_ids)  # (b, T-1, k) each; several teachers: (K, b, T-1, U)
+    if methods.teachers is not None:  # MTAKD: one target per token, mixed from the K teachers on shared ids
+        teacher_logprobs, weights = methods.teachers.combine(teacher_logprobs)  # (b, T-1, U), (K, b, T-1)
+        methods.teacher_weights = weights.mean(dim=(1, 2)).tolist()
     model.train()
     with methods.student_qkv if methods.student_qkv is not None else contextlib.nullcontext():
         out = model(input_ids=input_ids, output_hidden_states=want_hidden)
@@ -329,10 +370,11 @@ def _from_rank0(value: float) -> float:
 
 def distill(student, teacher, blocks: np.ndarray, cfg: DistillConfig, run_dir: str | Path,
             val_blocks: np.ndarray | None = None, show_progress: bool = True) -> list[dict]:
-    """Train `student` towards `teacher` (a CachedTeacher or LiveTeacher) on `blocks` (N, T).
+    """Train `student` towards `teacher` (a CachedTeacher, LiveTeacher or MultiTeacher) on `blocks` (N, T).
 
     Checkpoints go to `run_dir/checkpoints`; an existing checkpoint there is resumed. Returns the
-    per-step log (loss, kd, ce, lr, tokens/s and, every `eval_every` steps, val_loss).
+    per-step log (loss, kd, ce, lr, tokens/s and, every `eval_every` steps, val_loss; with several
+    teachers `teacher_weights`, plotted to `run_dir/teacher_weights.png`).
     """
     rank, world = dist_setup()
     if cfg.batch_size % world:
@@ -379,6 +421,8 @@ def distill(student, teacher, blocks: np.ndarray, cfg: DistillConfig, run_dir: s
             methods.alpha = methods.pid.update(kd_v, ce_v)
         if methods.on_policy is not None:
             record["on_policy_fraction"] = methods.on_policy.fraction
+        if methods.teachers is not None:  # mean weight per teacher over this step's tokens (all ranks)
+            record["teacher_weights"] = _mean_across_ranks(methods.teacher_weights)
         last = step + 1 == cfg.steps
         evaluate = val_blocks is not None and len(val_blocks) and (last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0))
         if rank == 0 and evaluate:
@@ -394,6 +438,8 @@ def distill(student, teacher, blocks: np.ndarray, cfg: DistillConfig, run_dir: s
         bar.set_postfix(loss=f"{loss_v:.3f}", kd=f"{kd_v:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
         bar.update(1)
     bar.close()
+    if rank == 0 and methods.teachers is not None:
+        plot_teacher_weights(history, teacher.names, run_dir / "teacher_weights.png", methods.teachers.weighting)
     if dist.is_initialized():
         dist.barrier()
     student.eval()

@@ -1,0 +1,316 @@
+"""Distillation methods side by side, same teacher, data, student and token budget -> benchmarks/results/distill_methods.json.
+
+    python benchmarks/distill_methods.py                   # every row, 100 steps each (hours on 2 CPU cores)
+    python benchmarks/distill_methods.py --steps 200       # a bigger budget (every row gets the same one)
+    python benchmarks/distill_methods.py --rows jsd,pid    # only some rows (others already finished are kept)
+    python benchmarks/distill_methods.py --quick           # smoke run on tiny settings (minutes) -> distill_methods_quick.json
+
+Every row is one `edgestill shrink` run through the project's own functions (`distill_run` + `evaluate_run`
+with `load_config(overrides=...)`), in runs/bench/methods/<row>. Teacher smollm2-135m, corpus shakespeare,
+the default 15-layer sliced student, the default held-out split (test plays, never trained on); each row
+trains `--steps` steps of batch_size x seq_len tokens. A finished row (its folder has DONE) is reused, and
+a killed row resumes from its last checkpoint, so rerunning the command continues where it stopped.
+
+Rows: CE only (alpha 0); forward KL (the default objective); reverse KL; skew KL; JSD; on-policy JSD;
++ hidden-state MSE; + attention relations; KAKD PID-controlled alpha vs fixed alpha in {0.1, 0.5, 0.9, 1.0};
+MTAKD: SmolLM2 + a llama.cpp Q2_K copy + a noise-corrupted copy (all share the tokenizer), agreement
+weighting vs plain averaging vs each single teacher. The single-copy rows train from the same sliced
+student (sliced from the real teacher) and, like every row, are evaluated against the real teacher.
+
+The teacher cache (top-k logits of the train split) depends only on teacher(s), data and top_k, so it is
+built once per teacher set and copied into each new row's run folder before the run starts (the run
+then finds it as if it were resuming; its fingerprint is still checked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_TEACHER = "smollm2-135m"
+NOISE_STD = 0.5  # corrupted teacher: Gaussian noise of this x each decoder matrix's std
+
+# Small settings for --quick (the defaults are those of the default recipe). eval.* only shortens the
+# speed/generation part of the report, which this benchmark does not use.
+QUICK = ["data.seq_len=64", "data.max_train_tokens=1024", "data.max_eval_tokens=512", "data.max_val_tokens=256",
+         "distill.batch_size=2", "distill.checkpoint_every=2", "distill.eval_every=2", "distill.warmup_steps=1",
+         "eval.batch_size=4", "eval.speed_prompt_tokens=16", "eval.speed_decode_tokens=4", "eval.prompts=[\"To be\"]"]
+EVAL_LIGHT = ["eval.speed_repeats=1", "eval.generate_tokens=8"]
+
+
+@dataclass
+class Row:
+    name: str
+    label: str
+    group: str  # rows of a group are compared with each other in the table
+    overrides: list[str] = field(default_factory=list)
+    teachers: str = "real"  # real | multi | q2k | noisy: what the run trains from
+
+
+ROWS = [
+    Row("ce_only", "CE only (alpha 0)", "loss", ["distill.alpha=0.0"]),
+    Row("forward_kl", "forward KL (default)", "loss"),
+    Row("reverse_kl", "reverse KL", "loss", ["distill.loss=reverse_kl"]),
+    Row("skew_kl", "skew KL (a 0.1)", "loss", ["distill.loss=skew_kl"]),
+    Row("jsd", "JSD (beta 0.5)", "loss", ["distill.loss=jsd"]),
+    Row("on_policy_jsd", "on-policy JSD (lambda 0.5)", "loss", ["distill.loss=jsd", "distill.on_policy_fraction=0.5"]),
+    Row("hidden_mse", "forward KL + hidden MSE (0.1)", "features", ["distill.hidden_mse_weight=0.1"]),
+    Row("attention_relations", "forward KL + attention relations (1.0)", "features",
+        ["distill.attention_relation_weight=1.0"]),
+    Row("pid", "PID-controlled alpha (KAKD, r* 0.3)", "kd_weight", ["distill.pid=true"]),
+    Row("alpha_0.1", "fixed alpha 0.1", "kd_weight", ["distill.alpha=0.1"]),
+    Row("alpha_0.5", "fixed alpha 0.5", "kd_weight", ["distill.alpha=0.5"]),
+    Row("alpha_0.9", "fixed alpha 0.9", "kd_weight", ["distill.alpha=0.9"]),
+    Row("alpha_1.0", "fixed alpha 1.0", "kd_weight", ["distill.alpha=1.0"]),
+    Row("multi_agreement", "3 teachers, agreement weights (MTAKD)", "multi_teacher",
+        ["distill.teacher_weighting=agreement"], teachers="multi"),
+    Row("multi_average", "3 teachers, plain average", "multi_teacher", ["distill.teacher_weighting=average"],
+        teachers="multi"),
+    Row("single_real", "single teacher: SmolLM2", "multi_teacher"),
+    Row("single_q2k", "single teacher: Q2_K copy", "multi_teacher", teachers="q2k"),
+    Row("single_noisy", "single teacher: corrupted copy", "multi_teacher", teachers="noisy"),
+]
+# Rows whose config equals another row's: reported under both names, trained once.
+SAME_AS = {"alpha_0.9": "forward_kl", "single_real": "forward_kl"}
+
+log = logging.getLogger("edgestill")
+
+
+# --- the extra teachers -----------------------------------------------------------------------------------
+
+def make_teachers(folder: Path, teacher_spec: str, noise_std: float) -> dict[str, str]:
+    """A llama.cpp Q2_K copy and a noise-corrupted copy of the teacher (made once, reused): name -> model spec."""
+    import torch
+
+    from edgestill.export.gguf import export_gguf
+    from edgestill.export.llamacpp import llamacpp_quantize
+    from edgestill.models.load import load_causal_lm, resolve_model_path
+
+    folder.mkdir(parents=True, exist_ok=True)
+    q2k, noisy = folder / "teacher-Q2_K.gguf", folder / "teacher-noisy"
+    if q2k.is_file() and (noisy / "config.json").is_file():
+        return {"q2k": str(q2k), "noisy": str(noisy)}
+    teacher = load_causal_lm(teacher_spec)
+    src = resolve_model_path(teacher_spec)
+    if not q2k.is_file():
+        f32 = folder / "teacher-f32.gguf"
+        log.info("making the Q2_K teacher: f32 GGUF -> llama.cpp Q2_K")
+        export_gguf(teacher.model, teacher.tokenizer, f32, "f32", teacher_gguf=src if src.suffix == ".gguf" else None)
+        llamacpp_quantize(f32, q2k, "Q2_K")
+        f32.unlink()
+    if not (noisy / "config.json").is_file():
+        log.info("making the corrupted teacher: noise %.2f x std on every decoder matrix", noise_std)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, p in teacher.model.named_parameters():
+                if p.dim() == 2 and ".layers." in name:
+                    p.add_(noise_std * p.std() * torch.randn(p.shape, generator=g))
+        tmp = noisy.with_name(noisy.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        teacher.model.save_pretrained(tmp)
+        teacher.tokenizer.save_pretrained(tmp)
+        shutil.rmtree(noisy, ignore_errors=True)
+        tmp.rename(noisy)
+    return {"q2k": str(q2k), "noisy": str(noisy)}
+
+
+def make_student_init(folder: Path, teacher_spec: str, layers: list[int]) -> str:
+    """The untrained student the real-teacher rows start from (same layers), for rows trained by another teacher."""
+    if (folder / "config.json").is_file():
+        return str(folder)
+    from edgestill.models.load import load_causal_lm
+    from edgestill.models.slice import slice_decoder
+
+    teacher = load_causal_lm(teacher_spec)
+    student = slice_decoder(teacher.model, layers)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    student.save_pretrained(tmp)
+    teacher.tokenizer.save_pretrained(tmp)
+    tmp.rename(folder)
+    return str(folder)
+
+
+# --- one row ------------------------------------------------------------------------------------------------
+
+def _seed_cache(cfg, out: Path, shared: Path) -> None:
+    """Copy a teacher cache built by an earlier row into this row's (new) run folder; RunDir then resumes it."""
+    import yaml
+
+    partial = out.with_name(out.name + ".partial")
+    if not shared.is_dir() or partial.exists() or out.exists():
+        return
+    partial.mkdir(parents=True)
+    shutil.copytree(shared, partial / "cache")
+    (partial / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def _keep_cache(run_path: Path, shared: Path) -> None:
+    if shared.is_dir() or not (run_path / "cache").is_dir():
+        return
+    tmp = shared.with_name(shared.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(run_path / "cache", tmp)
+    tmp.rename(shared)
+
+
+def _cache_key(cfg) -> str:
+    key = json.dumps([cfg.teacher.model, cfg.teacher.extra, vars(cfg.data), cfg.distill.top_k], sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def run_row(row: Row, overrides: list[str], eval_overrides: list[str], out_root: Path) -> dict:
+    """Train and evaluate one row (or reuse its finished folder); the row's entry of the result."""
+    import yaml
+
+    from edgestill.config import load_config
+    from edgestill.shrink import distill_run, evaluate_run
+
+    out = out_root / row.name
+    if not (out / "DONE").is_file():
+        cfg = load_config(overrides=[*overrides, f"output.dir={out}"])
+        _seed_cache(cfg, out, out_root / "_caches" / _cache_key(cfg))
+        t0 = time.time()
+        run, ctx = distill_run(cfg)
+        distill_wall_s = time.time() - t0
+        _keep_cache(run.path, out_root / "_caches" / _cache_key(cfg))
+        eval_cfg = load_config(overrides=[*overrides, *eval_overrides, f"output.dir={out}"])
+        teacher = ctx["teacher"] if eval_cfg.teacher.model == cfg.teacher.model else None
+        evaluate_run(eval_cfg, run.path, teacher, ctx["test"] if teacher else None, ctx["splits"], ctx["history"],
+                     ctx["layers"], final_dir=run.final)
+        (run.path / "bench_row.json").write_text(json.dumps({"distill_wall_s": distill_wall_s}))
+        shutil.rmtree(run.path / "checkpoints", ignore_errors=True)
+        run.finish()
+    m = json.loads((out / "metrics.json").read_text())
+    history = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines() if x.strip()]
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    tokens_per_step = cfg["distill"]["batch_size"] * cfg["data"]["seq_len"]
+    entry = {
+        "label": row.label, "group": row.group, "overrides": overrides[len(BASE_OVERRIDES):],
+        "trained_from": [cfg["teacher"]["model"], *cfg["teacher"]["extra"]], "evaluated_against": m["teacher"]["name"],
+        "retention": m["retention"], "top1_agreement": m["top1_agreement"], "kl_teacher_student": m["kl_teacher_student"],
+        "student_perplexity": m["student"]["perplexity"], "teacher_perplexity": m["teacher"]["perplexity"],
+        "steps": len(history), "train_tokens": len(history) * tokens_per_step,
+        "train_s": sum(tokens_per_step / h["tokens_per_s"] for h in history),
+        "distill_wall_s": json.loads((out / "bench_row.json").read_text())["distill_wall_s"],
+        "final_val_loss": m["train"]["final_val_loss"], "run_dir": str(out),
+    }
+    if any("alpha" in h for h in history):
+        alphas = [h["alpha"] for h in history if "alpha" in h]
+        entry["alpha_first_last_mean"] = [alphas[0], alphas[-1], sum(alphas) / len(alphas)]
+    if any("teacher_weights" in h for h in history):
+        weights = [h["teacher_weights"] for h in history if "teacher_weights" in h]
+        entry["teacher_weights_mean"] = [sum(w[k] for w in weights) / len(weights) for k in range(len(weights[0]))]
+    return entry
+
+
+BASE_OVERRIDES: list[str] = []  # set in main: the overrides every row shares (listed once in the JSON)
+
+
+# --- the README table ---------------------------------------------------------------------------------------
+
+def methods_table(result: dict) -> str:
+    """Markdown table of a distill_methods result; the best retention and top-1 of each group in bold."""
+    rows = result["rows"]
+    groups = {"loss": "divergence", "features": "feature transfer", "kd_weight": "KD weight",
+              "multi_teacher": "teachers"}
+    lines = ["| | method | retention | top-1 agreement | KL(teacher ‖ student) | train s |", "|---|---|---:|---:|---:|---:|"]
+    for group, title in groups.items():
+        members = {n: r for n, r in rows.items() if r["group"] == group}
+        if not members:
+            continue
+        if group == "features" and "forward_kl" in rows:
+            members = {"forward_kl": rows["forward_kl"], **members}  # what the features are added to
+        best_ret = max(r["retention"] for r in members.values())
+        best_top1 = max(r["top1_agreement"] for r in members.values())
+        for i, (name, r) in enumerate(members.items()):
+            ret, top1 = f"{r['retention']:.3f}", f"{r['top1_agreement']:.3f}"
+            lines.append(f"| {title if i == 0 else ''} | {r['label']} | {f'**{ret}**' if r['retention'] == best_ret else ret} | "
+                         f"{f'**{top1}**' if r['top1_agreement'] == best_top1 else top1} | {r['kl_teacher_student']:.3f} | "
+                         f"{r['train_s']:.0f} |")
+    notes = []
+    w = rows.get("multi_agreement", {}).get("teacher_weights_mean")
+    if w:
+        names = ", ".join(f"{n} {x:.2f}" for n, x in zip(("SmolLM2", "Q2_K copy", "corrupted copy"), w))
+        notes.append(f"Mean agreement weight per teacher (1/K = 0.33): {names}.")
+    env = result.get("environment", {})
+    notes.append(f"Each row: {result['steps']} steps × {result['tokens_per_step']} tokens of {result['corpus']}, "
+                 f"{result['student_layers']}-layer sliced student of {result['teacher']}; retention = teacher ppl ÷ "
+                 f"student ppl on {result['held_out']}, never trained on; every row is measured against the real teacher. "
+                 f"Measured {env.get('date', '?')[:10]} on {env.get('cpu_cores', '?')} CPU cores, commit "
+                 f"`{(env.get('git_commit') or '?')[:8]}`, by `{result.get('command', 'benchmarks/distill_methods.py')}` → "
+                 f"`benchmarks/results/{result.get('benchmark', 'distill_methods')}.json`.")
+    return "\n".join(lines + [""] + notes)
+
+
+# --- main --------------------------------------------------------------------------------------------------
+
+def main() -> None:
+    global BASE_OVERRIDES
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=None, help="distillation steps per row (default 100; --quick: 3)")
+    ap.add_argument("--quick", action="store_true", help="tiny settings, a smoke run of every row")
+    ap.add_argument("--rows", default="", help="comma-separated row names (default: all)")
+    ap.add_argument("--out", default=None, help="folder of the row runs (default runs/bench/methods[-quick])")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides applied to every row")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from _common import write_result
+
+    from edgestill.config import load_config
+
+    steps = args.steps or (3 if args.quick else 100)
+    out_root = Path(args.out or ("runs/bench/methods-quick" if args.quick else "runs/bench/methods"))
+    BASE_OVERRIDES = [*(QUICK if args.quick else []), *EVAL_LIGHT, f"distill.steps={steps}", *args.overrides]
+    base = load_config(overrides=BASE_OVERRIDES)
+    wanted = [r for r in ROWS if not args.rows or r.name in args.rows.split(",")]
+    unknown = set(filter(None, args.rows.split(","))) - {r.name for r in ROWS}
+    if unknown:
+        sys.exit(f"unknown rows {sorted(unknown)}; choose from {', '.join(r.name for r in ROWS)}")
+
+    real = base.teacher.model
+    copies = {}
+    if any(r.teachers != "real" for r in wanted):
+        copies = make_teachers(out_root / "_teachers", real, NOISE_STD)
+    result_rows = {}
+    for row in wanted:
+        name = SAME_AS.get(row.name, row.name)
+        source = next(r for r in ROWS if r.name == name)
+        teacher_overrides = []
+        if source.teachers == "multi":
+            teacher_overrides = [f"teacher.extra=[{copies['q2k']}, {copies['noisy']}]"]
+        elif source.teachers in ("q2k", "noisy"):
+            reference = run_row(ROWS[1], BASE_OVERRIDES, [], out_root)  # forward_kl: its slice is every row's start
+            layers = json.loads((Path(reference["run_dir"]) / "metrics.json").read_text())["student"]["layers_kept"]
+            init = make_student_init(out_root / "_teachers" / "student-init", real, layers)
+            teacher_overrides = [f"teacher.model={copies[source.teachers]}", f"student.model={init}"]
+        log.info("=== row %s (%s)", row.name, source.label)
+        entry = run_row(source, [*BASE_OVERRIDES, *teacher_overrides, *source.overrides],
+                        [f"teacher.model={real}"] if source.teachers in ("q2k", "noisy") else [],
+                        out_root)
+        result_rows[row.name] = {**entry, "label": row.label, "group": row.group, "same_run_as": name if name != row.name else None}
+
+    path = write_result("distill_methods_quick" if args.quick else "distill_methods", {
+        "what": "distillation methods on one teacher, corpus, student shape and token budget; held-out retention",
+        "command": " ".join(["python", "benchmarks/distill_methods.py", *sys.argv[1:]]),
+        "teacher": real, "corpus": base.data.path, "student_layers": base.student.num_layers,
+        "held_out": "the test split (by play)", "steps": steps,
+        "tokens_per_step": base.distill.batch_size * base.data.seq_len, "base_overrides": BASE_OVERRIDES,
+        "extra_teachers": {"q2k": "llama.cpp Q2_K of an f32 GGUF export of the teacher",
+                           "noisy": f"the teacher with Gaussian noise of {NOISE_STD} x std added to every decoder matrix"},
+        "rows": result_rows,
+    })
+    print(methods_table(json.loads(path.read_text())))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
+    main()
