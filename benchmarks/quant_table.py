@@ -20,7 +20,6 @@ bytes read per token), bytes = tensor bytes + the f16 KV cache at the mean decod
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import subprocess
 import sys
@@ -87,37 +86,6 @@ def make_artifacts(teacher, train: bool) -> list[dict]:
     return rows
 
 
-def teacher_logprobs(teacher, blocks: np.ndarray) -> np.ndarray:
-    """log_softmax of the fp32 teacher's logits, (N, T-1, V) float16 (kept in memory for every row)."""
-    import torch
-
-    out = np.empty((len(blocks), blocks.shape[1] - 1, teacher.model.config.vocab_size), dtype=np.float16)
-    with torch.no_grad():
-        for i in range(0, len(blocks), 8):
-            ids = torch.from_numpy(blocks[i : i + 8]).long()
-            out[i : i + 8] = torch.log_softmax(teacher.model(input_ids=ids).logits[:, :-1].float(), -1).numpy()
-    return out
-
-
-def quality(gguf: Path, blocks: np.ndarray, t_logp: np.ndarray) -> dict:
-    """Perplexity, top-1 agreement and KL(teacher ‖ model) of llama.cpp running `gguf`."""
-    from edgestill.export.llamacpp import LlamaCpp
-
-    nll, agree, kl = [], [], []
-    with LlamaCpp(gguf, n_ctx=blocks.shape[1]) as model:
-        for i, block in enumerate(blocks):
-            logits = model.logits(block)[:-1].astype(np.float64)  # (T-1, V)
-            logp = logits - logits.max(-1, keepdims=True)
-            logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
-            target = block[1:]
-            nll.append(-logp[np.arange(len(target)), target])
-            tl = t_logp[i].astype(np.float64)
-            agree.append(tl.argmax(-1) == logp.argmax(-1))
-            kl.append((np.exp(tl) * (tl - logp)).sum(-1))
-    return {"perplexity": math.exp(float(np.concatenate(nll).mean())), "top1_agreement": float(np.concatenate(agree).mean()),
-            "kl_teacher_model": float(np.concatenate(kl).mean())}
-
-
 def gguf_layout(gguf: Path) -> dict:
     from gguf import GGUFReader
 
@@ -164,6 +132,7 @@ def main() -> None:
     import torch
 
     from edgestill.config import ShrinkConfig
+    from edgestill.evaluate.gguf_eval import gguf_quality, teacher_logprobs, teacher_perplexity
     from edgestill.evaluate.speed import measure_speed
     from edgestill.models.load import load_causal_lm
     from edgestill.plan.hostbench import measure_host
@@ -174,12 +143,11 @@ def main() -> None:
     rows = make_artifacts(teacher, train=not args.no_train)
     _, _, _, test = _blocks_for(ShrinkConfig(), teacher.tokenizer)
     print(f"held-out: {test.size:,} tokens; teacher log-probs ...", flush=True)
-    t_logp = teacher_logprobs(teacher, test)
-    nll = -np.take_along_axis(t_logp.astype(np.float32), test[:, 1:, None], -1)
-    teacher_ppl = math.exp(float(nll.mean()))
+    t_logp = teacher_logprobs(teacher.model, test)
+    teacher_ppl = teacher_perplexity(t_logp, test)
     for r in rows:
         t0 = time.perf_counter()
-        r.update(quality(r["gguf"], test, t_logp))
+        r.update(gguf_quality(r["gguf"], test, t_logp))
         r["retention"] = teacher_ppl / r["perplexity"]
         print(f"  {r['name']}: ppl {r['perplexity']:.2f} retention {r['retention']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     del t_logp

@@ -1,0 +1,59 @@
+"""Quality of a GGUF as llama.cpp runs it, against the fp32 teacher in transformers.
+
+The teacher's log-probabilities on the held-out blocks are computed once (`teacher_logprobs`) and
+every GGUF is scored against them (`gguf_quality`): perplexity from llama.cpp's own logits, top-1
+agreement and mean token KL(teacher ‖ model). Each block starts from an empty KV cache, as in
+`evaluate.metrics.compare_lm`, so the numbers are comparable with a run's metrics.json.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from edgestill.progress import progress_bar
+
+
+def teacher_logprobs(teacher_model, blocks: np.ndarray, batch_size: int = 8) -> np.ndarray:
+    """log_softmax of the teacher's logits at positions 0..T-2 of each block: (N, T-1, V) float16."""
+    import torch
+
+    out = np.empty((len(blocks), blocks.shape[1] - 1, teacher_model.config.vocab_size), dtype=np.float16)
+    bar = progress_bar(total=len(blocks), desc="teacher log-probs", unit="block")
+    with torch.no_grad():
+        for i in range(0, len(blocks), batch_size):
+            ids = torch.from_numpy(blocks[i : i + batch_size]).long()
+            out[i : i + batch_size] = torch.log_softmax(teacher_model(input_ids=ids).logits[:, :-1].float(), -1).numpy()
+            bar.update(len(ids))
+    bar.close()
+    return out
+
+
+def teacher_perplexity(t_logp: np.ndarray, blocks: np.ndarray) -> float:
+    nll = -np.take_along_axis(t_logp, blocks[:, 1:, None].astype(np.int64), -1).astype(np.float64)
+    return math.exp(float(nll.mean()))
+
+
+def gguf_quality(gguf: str | Path, blocks: np.ndarray, t_logp: np.ndarray, threads: int = 2) -> dict:
+    """Perplexity, top-1 agreement and KL(teacher ‖ model) of llama.cpp running `gguf` on `blocks` (N, T)."""
+    from edgestill.export.llamacpp import LlamaCpp
+
+    nll, agree, kl = [], [], []
+    bar = progress_bar(total=len(blocks), desc=f"llama.cpp {Path(gguf).name}", unit="block")
+    with LlamaCpp(gguf, n_ctx=blocks.shape[1], n_threads=threads) as model:
+        for i, block in enumerate(blocks):
+            logits = model.logits(block)[:-1].astype(np.float64)  # (T-1, V)
+            logp = logits - logits.max(-1, keepdims=True)
+            logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+            target = block[1:].astype(np.int64)
+            nll.append(-logp[np.arange(len(target)), target])
+            tl = t_logp[i].astype(np.float64)
+            agree.append(tl.argmax(-1) == logp.argmax(-1))
+            kl.append((np.exp(tl) * (tl - logp)).sum(-1))
+            bar.update(1)
+    bar.close()
+    return {"perplexity": math.exp(float(np.concatenate(nll).mean())),
+            "top1_agreement": float(np.concatenate(agree).mean()),
+            "kl_teacher_model": float(np.concatenate(kl).mean())}

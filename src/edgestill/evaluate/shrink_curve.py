@@ -1,0 +1,111 @@
+"""The shrink curve: quality retained against compression, with the break points marked.
+
+A point is one deployable model: its `compression_x_fp32` (teacher params × 4 bytes ÷ the artifact's
+bytes) and its retention (teacher ppl ÷ model ppl) and top-1 agreement on held-out text. A break
+point at threshold t is the most compressed *measured* point that still keeps retention ≥ t (no
+interpolation: a curve between two measured points is a guess). The llama.cpp quantizer's curve of
+the teacher (Q8_0 → Q2_K) is drawn on the same axes as the baseline.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from edgestill.evaluate.report import write_atomic
+
+
+@dataclass
+class ShrinkPoint:
+    name: str
+    compression_x_fp32: float
+    retention: float
+    top1_agreement: float
+    bytes: int
+    series: str = "edgestill"  # or "llama.cpp" for the baseline
+    perplexity: float | None = None
+    detail: dict = field(default_factory=dict)  # plan, run folder, command
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def break_points(points: list[ShrinkPoint], thresholds=(0.95, 0.90)) -> dict[str, dict | None]:
+    """{"0.95": the most compressed point with retention >= 0.95 (or None), ...}."""
+    out = {}
+    for t in thresholds:
+        keeping = [p for p in points if p.retention >= t]
+        best = max(keeping, key=lambda p: p.compression_x_fp32, default=None)
+        out[f"{t:.2f}"] = None if best is None else {"name": best.name, "compression_x_fp32": best.compression_x_fp32,
+                                                      "retention": best.retention, "bytes": best.bytes}
+    return out
+
+
+def plot_shrink_curve(points: list[ShrinkPoint], path: Path, thresholds=(0.95, 0.90), title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    styles = {"edgestill": dict(color="tab:blue", marker="o"), "llama.cpp": dict(color="tab:gray", marker="s", ls="--")}
+    for series in sorted({p.series for p in points}, key=lambda s: s != "edgestill"):
+        pts = sorted((p for p in points if p.series == series), key=lambda p: p.compression_x_fp32)
+        style = styles.get(series, dict(marker="^"))
+        label = "edgestill (slice + QAT/KD)" if series == "edgestill" else f"{series} quantizer, teacher"
+        xs = [p.compression_x_fp32 for p in pts]
+        ax.plot(xs, [p.retention for p in pts], label=label, **style)
+        ax2.plot(xs, [p.top1_agreement for p in pts], label=label, **style)
+        for p in pts:
+            ax.annotate(p.name, (p.compression_x_fp32, p.retention), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    for t, bp in break_points([p for p in points if p.series == "edgestill"], thresholds).items():
+        ax.axhline(float(t), color="tab:red", lw=0.8, alpha=0.6)
+        if bp:
+            ax.plot([bp["compression_x_fp32"]], [bp["retention"]], marker="*", ms=16, color="tab:red", zorder=5)
+            ax.annotate(f"break ≥{float(t):.0%}: {bp['compression_x_fp32']:.1f}×", (bp["compression_x_fp32"], float(t)),
+                        fontsize=8, color="tab:red", xytext=(4, -12), textcoords="offset points")
+    for a, ylabel in ((ax, "retention (teacher ppl ÷ model ppl)"), (ax2, "top-1 agreement with the teacher")):
+        a.set_xscale("log")
+        a.set_xlabel("compression_x_fp32 (log)")
+        a.set_ylabel(ylabel)
+        a.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.suptitle(title or "Shrink curve")
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def write_shrink_report(folder: Path, points: list[ShrinkPoint], meta: dict, thresholds=(0.95, 0.90)) -> dict:
+    """shrink_curve.json, shrink_curve.png and a self-contained report.html in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ours = [p for p in points if p.series == "edgestill"]
+    result = {**meta, "thresholds": list(thresholds), "break_points": break_points(ours, thresholds),
+              "points": [p.to_dict() for p in sorted(points, key=lambda p: (p.series, p.compression_x_fp32))]}
+    write_atomic(folder / "shrink_curve.json", json.dumps(result, indent=1))
+    png = folder / "shrink_curve.png"
+    plot_shrink_curve(points, png, thresholds, meta.get("title", ""))
+    rows = "".join(
+        f"<tr><td>{html.escape(p.series)}</td><td>{html.escape(p.name)}</td><td>{p.compression_x_fp32:.2f}×</td>"
+        f"<td>{p.bytes / 1e6:.1f} MB</td><td>{'' if p.perplexity is None else f'{p.perplexity:.2f}'}</td>"
+        f"<td>{p.retention:.3f}</td><td>{p.top1_agreement:.3f}</td></tr>"
+        for p in sorted(points, key=lambda p: (p.series, p.compression_x_fp32)))
+    bps = "".join(f"<li>retention ≥ {float(t):.0%}: " + (f"<b>{bp['compression_x_fp32']:.2f}×</b> ({html.escape(bp['name'])}, "
+                                                          f"retention {bp['retention']:.3f})" if bp else "no measured point")
+                  + "</li>" for t, bp in result["break_points"].items())
+    image = base64.b64encode(png.read_bytes()).decode()
+    page = f"""<!doctype html><meta charset="utf-8"><title>edgestill shrink curve</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}td,th{{padding:2px 10px;text-align:right}}</style>
+<h1>Shrink curve</h1><p>{html.escape(meta.get('title', ''))}</p>
+<img src="data:image/png;base64,{image}" style="max-width:100%">
+<h2>Break points (most compressed measured point keeping the retention)</h2><ul>{bps}</ul>
+<h2>Points</h2><table><tr><th>series</th><th>model</th><th>compression_x_fp32</th><th>bytes</th><th>ppl</th>
+<th>retention</th><th>top-1</th></tr>{rows}</table>
+<p>{html.escape(meta.get('note', ''))}</p>"""
+    write_atomic(folder / "report.html", page)
+    return result
