@@ -35,6 +35,9 @@ examples:
   edgestill shrink quant.format=q4_0 'quant.plan={lm_head: q8_0}'   # QAT + KD, exported to GGUF
   edgestill export runs/a --type q8_0               # the student as a GGUF for llama.cpp
   edgestill export runs/a --format onnx --type int4 # ... or as ONNX for onnxruntime (MatMulNBits)
+  edgestill finetune --task classification --data train.csv --out runs/teacher    # encoder classifier (text,label columns)
+  edgestill shrink --task classification --teacher runs/teacher --out runs/clf     # -> student ONNX + metrics
+  edgestill export --format onnx runs/clf --type int8   # classifier ONNX + tokenizer + label_map.json (folder)
   torchrun --nproc_per_node 2 -m edgestill.cli distill --out runs/ddp   # DDP, gloo on CPU
   edgestill config                                  # print every config key with its default
 """
@@ -50,6 +53,19 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out (kept until the new one finishes)")
 
 
+def _add_classification(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("classification (--task classification)")
+    g.add_argument("--text-column", help="text column/field of the labelled data (default text)")
+    g.add_argument("--label-column", help="label column/field (default label)")
+    g.add_argument("--test-data", help="a separate labelled test file (default: a stratified split of --data)")
+
+
+def _classifier_values(args) -> dict:
+    """CLI flags of a classification command as config keys (set verbatim, not parsed as YAML)."""
+    return {"teacher": args.teacher, "data.path": args.data, "output_dir": args.out, "data.text_column": args.text_column,
+            "data.label_column": args.label_column, "data.test_path": args.test_data}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgestill", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,6 +74,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("shrink", help="slice, distil and evaluate a student (the main job)",
                        description="Slice a student from the teacher, distil it, evaluate it against the teacher, write a report.")
     _add_common(p)
+    p.add_argument("--task", default="lm", choices=["lm", "classification"],
+                   help="lm (a decoder LLM, default) or classification (an encoder fine-tuned by `edgestill finetune`)")
+    _add_classification(p)
+    p = sub.add_parser("finetune", help="fine-tune a teacher encoder classifier on labelled text",
+                       description="Fine-tune an encoder (default all-MiniLM-L6-v2) with a classification head on labelled "
+                                   "text (CSV/TSV/JSONL with text and label columns, or spamassassin / drugreview); the run "
+                                   "folder is a HF model folder with label_map.json, ready for `shrink --task classification`.")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=100 train.lr=1e-4")
+    p.add_argument("--task", default="classification", choices=["classification"], help="classification (the only one)")
+    p.add_argument("--config", help="recipe YAML with data/train sections")
+    p.add_argument("--teacher", help="base encoder: a HF folder or all-minilm-l6-v2 (default)")
+    p.add_argument("--data", help="labelled data: a .csv/.tsv/.jsonl file, or spamassassin / drugreview")
+    p.add_argument("--out", help="run folder (default runs/finetune-<data name>)")
+    p.add_argument("--quick", action="store_true", help="smoke-run sizes")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out (kept until the new one finishes)")
+    _add_classification(p)
     p = sub.add_parser("distill", help="slice and distil a student, without the evaluation",
                        description="Stages 1-6 of shrink: writes the student to RUN/student; evaluate it later with `edgestill eval RUN`.")
     _add_common(p)
@@ -82,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["f32", "f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "int8", "int4"],
                    help="weight type for every 2-D tensor (default: the run's quant formats, else f16 for GGUF, f32 for "
                         "ONNX); ONNX takes f32, int8, int4, q4_0, q8_0")
-    p.add_argument("--out", help="output file (default RUN/student.gguf, RUN/onnx/model.onnx)")
+    p.add_argument("--out", help="output file (default RUN/student.gguf, RUN/onnx/model.onnx); for a classifier run, "
+                                   "the output folder (default RUN/onnx, or RUN/onnx-TYPE for another type)")
     p = sub.add_parser("config", help="print the resolved config (defaults, --config, overrides) as YAML")
     _add_common(p)
     return parser
@@ -133,6 +166,15 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_libraries()
         from edgestill import shrink as pipeline
 
+        if args.command == "finetune" or (args.command == "shrink" and args.task == "classification"):
+            from edgestill import classify
+
+            stage = "finetune" if args.command == "finetune" else "shrink"
+            cfg = classify.load_classifier_config(stage, args.config, args.overrides, args.quick, _classifier_values(args))
+            (classify.finetune_run if stage == "finetune" else classify.shrink_classifier_run)(cfg, overwrite=args.overwrite)
+            return 0
+        if args.command == "shrink" and (args.text_column or args.label_column or args.test_data):
+            raise EdgestillError("--text-column/--label-column/--test-data are for labelled data: add --task classification")
         if args.command == "shrink":
             pipeline.shrink(_resolve(args), overwrite=args.overwrite)
         elif args.command == "distill":
@@ -148,6 +190,19 @@ def main(argv: list[str] | None = None) -> int:
             pipeline.quantize_run(_resolve(args), args.method, overwrite=args.overwrite)
         elif args.command == "export":
             run_dir = Path(args.run_dir)
+            from edgestill import classify
+
+            if classify.is_classifier_run(run_dir):
+                if args.format != "onnx":
+                    raise EdgestillError(f"'{run_dir}' is a classifier run: export it with --format onnx")
+                out = Path(args.out) if args.out else None
+                result = classify.export_classifier_run(run_dir, args.tensor_type, out.parent if out and out.suffix == ".onnx" else out)
+                par = result["parity_vs_pytorch"]
+                print(f"wrote {result['path']} ({result['file_bytes']:,} bytes, {result['type']}; {len(result['formats'])} quantized "
+                      f"weights) with its tokenizer and label_map.json")
+                print(f"  onnxruntime vs PyTorch on {par['examples']} held-out examples: same prediction on "
+                      f"{par['prediction_agreement']:.4f}, max |logit diff| {par['max_abs_diff']:.3g}")
+                return 0
             if not (run_dir / "student" / "config.json").is_file() or not (run_dir / "config.yaml").is_file():
                 raise EdgestillError(f"'{run_dir}' is not a finished edgestill run (no student/ or config.yaml)")
             from edgestill.config import load_config

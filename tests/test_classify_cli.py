@@ -1,0 +1,229 @@
+"""The classifier track from the command line, on a tiny random BERT and a generated CSV:
+finetune -> shrink --task classification -> export --format onnx -> onnxruntime agrees with PyTorch."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+
+import numpy as np
+import pytest
+
+from edgestill.cli import main
+from edgestill.data.labelled import LabelMap, load_splits
+from edgestill.models.encoder import tiny_encoder
+
+FILLER = "the a of to and in is it on for with as at by".split()
+CUES = {"fruit": "apple banana cherry mango".split(), "tool": "hammer wrench saw drill".split(),
+        "pet": "cat dog parrot hamster".split()}
+STEPS = ["train.steps=40", "train.eval_every=20", "train.lr=3e-3", "train.batch_size=16"]
+
+
+def rows(n_per_class: int, seed: int = 0) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    out = []
+    for label, cues in CUES.items():
+        for _ in range(n_per_class):
+            words = [rng.choice(FILLER) for _ in range(rng.randint(3, 8))] + [rng.choice(cues) for _ in range(2)]
+            rng.shuffle(words)
+            out.append((" ".join(words), label))
+    return out
+
+
+def write_csv(path, data, header=("text", "label")):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(data)
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("clf")
+    data = rows(60)
+    enc = tiny_encoder(root / "tiny_bert", [t for t, _ in rows(80, seed=9)] + ["unseen zebra words"])
+    train_csv = write_csv(root / "train.csv", data)
+    teacher, shrunk = root / "teacher", root / "shrunk"
+    assert main(["finetune", "--task", "classification", "--teacher", str(enc), "--data", str(train_csv),
+                 "--out", str(teacher), *STEPS, "train.steps=100", "train.max_len=24"]) == 0
+    assert main(["shrink", "--task", "classification", "--teacher", str(teacher), "--data", str(train_csv),
+                 "--out", str(shrunk), *STEPS, "student.max_len=24", "student.num_layers=1", "student.compression_x=3",
+                 "student.min_rank=2", "student.multiple_of=1", "kd.alpha=0.7", "eval.latency_examples=4",
+                 "eval.latency_repeats=2"]) == 0
+    return {"root": root, "csv": train_csv, "teacher": teacher, "shrunk": shrunk}
+
+
+def _test_texts(runs):
+    return load_splits(str(runs["csv"]), val_fraction=0.1, test_fraction=0.2, seed=0).test
+
+
+def test_finetune_saves_a_hf_classifier_with_its_label_map(runs):
+    from edgestill.models.encoder import load_encoder_classifier
+
+    teacher = runs["teacher"]
+    assert (teacher / "DONE").is_file() and not (teacher.parent / "teacher.partial").exists()
+    label_map = LabelMap.load(teacher)
+    assert label_map.labels == ("fruit", "pet", "tool")  # sorted label strings -> ids
+    config = json.loads((teacher / "config.json").read_text())
+    assert {int(k): v for k, v in config["id2label"].items()} == label_map.id2label
+    model, _, again = load_encoder_classifier(str(teacher))
+    assert again == label_map and model.config.num_labels == 3
+    record = json.loads((teacher / "edgestill.json").read_text())
+    assert record["data"]["path"] == str(runs["csv"].resolve()) and record["max_len"] == 24
+    metrics = json.loads((teacher / "metrics.json").read_text())
+    assert metrics["teacher"]["test"]["n"] == len(_test_texts(runs)) and metrics["teacher"]["test"]["accuracy"] > 0.6
+
+
+def test_shrink_measures_the_onnx_student_against_the_teacher(runs):
+    shrunk = runs["shrunk"]
+    m = json.loads((shrunk / "metrics.json").read_text())
+    onnx_file = shrunk / "onnx" / "model.onnx"
+    assert m["task"] == "classification" and m["student"]["onnx_bytes"] == onnx_file.stat().st_size
+    assert m["compression_x_fp32"] == pytest.approx(m["teacher"]["params"] * 4 / onnx_file.stat().st_size)
+    assert m["compression_x_fp16"] == pytest.approx(m["compression_x_fp32"] / 2)
+    assert m["compression_x_fp32"] > 1.5  # the student file is really smaller than the teacher's fp32 weights
+    assert m["retention_accuracy"] == pytest.approx(m["student"]["test"]["accuracy"] / m["teacher"]["test"]["accuracy"])
+    assert m["retention_macro_f1"] == pytest.approx(m["student"]["test"]["macro_f1"] / m["teacher"]["test"]["macro_f1"])
+    assert m["student"]["test"]["n"] == m["teacher"]["test"]["n"] == len(_test_texts(runs))
+    lo, hi = m["student"]["latency_ms_spread"]
+    assert 0 < lo <= m["student"]["latency_ms_per_example"] <= hi
+    assert m["speedup_x"] == pytest.approx(m["teacher"]["latency_ms_per_example"] / m["student"]["latency_ms_per_example"])
+    assert m["onnx_parity_vs_pytorch"]["prediction_agreement"] >= 0.995
+    assert m["data"]["same_split_as_teacher_finetuning"] is True
+    assert m["student"]["layers_kept"] == [1] and m["student"]["vocab_kept"] < json.loads(
+        (runs["teacher"] / "config.json").read_text())["vocab_size"]
+    assert "tfidf_logreg" in m["baselines"] and "student_sliced_untrained" in m["baselines"]
+    report = (shrunk / "report.md").read_text()
+    assert "compression_x_fp32" in report and "retention" in report
+    assert LabelMap.load(shrunk / "onnx") == LabelMap.load(runs["teacher"])  # the label map travels with the model
+    assert not list(shrunk.glob(".teacher-onnx-*"))  # the teacher's timing export is not left behind
+
+
+def test_onnxruntime_predictions_agree_with_pytorch(runs):
+    """predict_onnx (labels via label_map.json) vs the PyTorch student, on the held-out split."""
+    from edgestill.evaluate.classification import predict_logits
+    from edgestill.export.onnx_classifier import predict_onnx
+    from edgestill.models.encoder import load_encoder_classifier, tokenize
+
+    test = _test_texts(runs)
+    student, tok, label_map = load_encoder_classifier(str(runs["shrunk"] / "student"))
+    expected = label_map.decode(predict_logits(student, tokenize(tok, test.texts, 24)).argmax(-1))
+    got = predict_onnx(runs["shrunk"] / "onnx", test.texts)
+    assert set(got) <= set(label_map.labels)
+    assert np.mean([a == b for a, b in zip(got, expected)]) >= 0.995
+    # long text is truncated to the student's 24 positions instead of failing in onnxruntime
+    assert predict_onnx(runs["shrunk"] / "onnx", [" ".join(["apple"] * 200)])[0] in label_map.labels
+
+
+def test_cli_export_int8_is_smaller_and_agrees_with_fake_quant_pytorch(runs, capsys):
+    from edgestill.evaluate.classification import predict_logits
+    from edgestill.export.onnx_classifier import fake_quant_reference, linearize_, predict_onnx, quant_formats
+    from edgestill.models.encoder import load_encoder_classifier, tokenize
+
+    shrunk = runs["shrunk"]
+    assert main(["export", "--format", "onnx", str(shrunk), "--type", "int8"]) == 0
+    assert "same prediction on" in capsys.readouterr().out
+    folder = shrunk / "onnx-int8"
+    report = json.loads((folder / "export_report.json").read_text())
+    assert report["type"] == "int8" and report["formats"] and report["float_matmuls"] <= 1  # only the fp32 head is left
+    assert report["parity_vs_pytorch"]["prediction_agreement"] >= 0.995
+    assert (folder / "model.onnx").stat().st_size < (shrunk / "onnx" / "model.onnx").stat().st_size
+    assert (folder / "tokenizer.json").is_file() and LabelMap.load(folder) == LabelMap.load(shrunk / "student")
+    student, tok, label_map = load_encoder_classifier(str(shrunk / "student"))
+    linearize_(student)
+    reference = fake_quant_reference(student, quant_formats(student, "int8"))
+    test = _test_texts(runs)
+    expected = label_map.decode(predict_logits(reference, tokenize(tok, test.texts, 24)).argmax(-1))
+    got = predict_onnx(folder, test.texts)
+    assert np.mean([a == b for a, b in zip(got, expected)]) >= 0.995
+
+
+def test_linearize_keeps_the_function(runs):
+    import torch
+
+    from edgestill.export.onnx_classifier import linearize_
+    from edgestill.models.encoder import load_encoder_classifier, tokenize
+    from edgestill.models.lowrank import FactorizedEmbedding, LowRankLinear
+
+    student, tok, _ = load_encoder_classifier(str(runs["shrunk"] / "student"))
+    assert any(isinstance(m, (LowRankLinear, FactorizedEmbedding)) for m in student.modules())
+    batch = {k: torch.from_numpy(v) for k, v in tokenize(tok, _test_texts(runs).texts[:6], 24).items()}
+    with torch.no_grad():
+        before = student(**batch).logits
+        changed = linearize_(student)
+        after = student(**batch).logits
+    assert changed and not any(isinstance(m, (LowRankLinear, FactorizedEmbedding)) for m in student.modules())
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("edgestill: error: ")
+    return err[-1]
+
+
+def test_bad_labelled_data_gives_one_line_errors(runs, tmp_path, capsys):
+    no_label = write_csv(tmp_path / "nolabel.csv", rows(5), header=("text", "category"))
+    assert main(["finetune", "--data", str(no_label), "--out", str(tmp_path / "a")]) == 2
+    assert "no column(s) ['label']" in _one_line_error(capsys)
+    single = write_csv(tmp_path / "single.csv", [(f"text number {i}", "spam") for i in range(20)])
+    assert main(["finetune", "--data", str(single), "--out", str(tmp_path / "b")]) == 2
+    assert "single class" in _one_line_error(capsys)
+    assert not (tmp_path / "a.partial").exists() and not (tmp_path / "b.partial").exists()  # nothing started
+    assert main(["finetune", "--data", str(runs["csv"]), "--out", str(tmp_path / "c"), "train.stepz=3"]) == 2
+    assert "did you mean 'train.steps'" in _one_line_error(capsys)
+    # a teacher that was never fine-tuned, and the GGUF format, are refused for classifiers
+    assert main(["shrink", "--task", "classification", "--teacher", str(runs["root"] / "tiny_bert"),
+                 "--out", str(tmp_path / "d")]) == 2
+    assert "no label_map.json" in _one_line_error(capsys)
+    assert main(["export", str(runs["shrunk"]), "--format", "gguf"]) == 2
+    assert "classifier run" in _one_line_error(capsys)
+
+
+def test_a_finished_run_is_not_overwritten(runs, capsys):
+    weights = runs["teacher"] / "model.safetensors"
+    before = weights.read_bytes()
+    assert main(["finetune", "--teacher", str(runs["root"] / "tiny_bert"), "--data", str(runs["csv"]),
+                 "--out", str(runs["teacher"]), "train.steps=2"]) == 2
+    assert "already holds a finished run" in _one_line_error(capsys)
+    assert weights.read_bytes() == before
+    metrics = (runs["shrunk"] / "metrics.json").read_text()
+    assert main(["shrink", "--task", "classification", "--teacher", str(runs["teacher"]), "--out", str(runs["shrunk"]),
+                 "train.steps=2"]) == 2
+    assert "already holds a finished run" in _one_line_error(capsys)
+    assert (runs["shrunk"] / "metrics.json").read_text() == metrics
+
+
+def test_a_killed_shrink_resumes_after_the_saved_student(runs, tmp_path, monkeypatch):
+    """A partial run holding a saved student finishes without distilling again (same config, same student)."""
+    import shutil
+
+    import yaml
+
+    import edgestill.distill.classifier as classifier
+
+    out = tmp_path / "resumed"
+    partial = tmp_path / "resumed.partial"
+    shutil.copytree(runs["shrunk"], partial)
+    for name in ("DONE", "metrics.json", "report.md"):
+        (partial / name).unlink()
+    shutil.rmtree(partial / "onnx")
+    cfg = yaml.safe_load((partial / "config.yaml").read_text())
+    cfg["output_dir"] = str(out)
+    (partial / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+    def boom(*a, **k):
+        raise AssertionError("the student was distilled again")
+
+    monkeypatch.setattr(classifier, "distill_classifier", boom)
+    assert main(["shrink", "--task", "classification", "--teacher", str(runs["teacher"]), "--data", str(runs["csv"]),
+                 "--out", str(out), *STEPS, "student.max_len=24", "student.num_layers=1", "student.compression_x=3",
+                 "student.min_rank=2", "student.multiple_of=1", "kd.alpha=0.7", "eval.latency_examples=2",
+                 "eval.latency_repeats=1", "eval.teacher_latency=false", "eval.tfidf_baseline=false"]) == 0
+    assert (out / "DONE").is_file() and not partial.exists()
+    assert (out / "student" / "model.safetensors").read_bytes() == (runs["shrunk"] / "student" / "model.safetensors").read_bytes()
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["speedup_x"] is None and "tfidf_logreg" not in m["baselines"]  # eval.* may change on resume
+    assert m["student"]["test"] == json.loads((runs["shrunk"] / "metrics.json").read_text())["student"]["test"]
