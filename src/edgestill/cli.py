@@ -39,6 +39,7 @@ examples:
   edgestill shrink --task classification --teacher runs/teacher --out runs/clf     # -> student ONNX + metrics
   edgestill export --format onnx runs/clf --type int8   # classifier ONNX + tokenizer + label_map.json (folder)
   torchrun --nproc_per_node 2 -m edgestill.cli distill --out runs/ddp   # DDP, gloo on CPU
+  edgestill sweep --device rpi5-8gb                 # plans light -> extreme, each shrunk: the shrink curve
   edgestill config                                  # print every config key with its default
 """
 
@@ -116,8 +117,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "ONNX); ONNX takes f32, int8, int4, q4_0, q8_0")
     p.add_argument("--out", help="output file (default RUN/student.gguf, RUN/onnx/model.onnx); for a classifier run, "
                                    "the output folder (default RUN/onnx, or RUN/onnx-TYPE for another type)")
+    p = sub.add_parser("sweep", help="shrink to a series of size budgets and draw the shrink curve",
+                       description="For each file-size budget (fractions of the teacher's fp32 bytes), plan the best student "
+                                   "for the device (shape + per-layer formats), shrink it end to end, then draw retention vs "
+                                   "compression with the break points and llama.cpp's quantizer as the baseline curve. "
+                                   "Resumable: rerun the same command after a kill.")
+    _add_common(p)
+    p.add_argument("--device", default="host", help="device profile for the plans (edgestill devices; default host)")
+    p.add_argument("--budgets", default="1/4,1/6,1/8,1/12,1/16,1/24",
+                   help="file-size budgets as fractions of the teacher's fp32 bytes, light to extreme")
+    p.add_argument("--thresholds", default="0.95,0.90", help="retention levels whose break points are marked")
+    p.add_argument("--baseline", default="Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q3_K_M,Q2_K", help="llama.cpp quantizer types of the teacher")
     p = sub.add_parser("config", help="print the resolved config (defaults, --config, overrides) as YAML")
     _add_common(p)
+    from edgestill.plan.commands import add_plan_commands
+
+    add_plan_commands(sub)  # devices, plan
     return parser
 
 
@@ -132,6 +147,15 @@ def _resolve(args):
     if args.out:
         overrides.append(f"output.dir={args.out}")
     return load_config(args.config, overrides, quick=args.quick)
+
+
+def _fraction(text: str) -> float:
+    """'1/8' or '0.125' -> 0.125."""
+    try:
+        num, _, den = text.strip().partition("/")
+        return float(num) / float(den) if den else float(num)
+    except (ValueError, ZeroDivisionError):
+        raise EdgestillError(f"'{text}' is not a fraction; write e.g. 0.125 or 1/8") from None
 
 
 def _quiet_libraries() -> None:
@@ -164,6 +188,24 @@ def main(argv: list[str] | None = None) -> int:
             print(_resolve(args).to_yaml(), end="")
             return 0
         _quiet_libraries()
+        if args.command in ("devices", "plan"):
+            from edgestill.plan.commands import run_plan_command
+
+            return run_plan_command(args)
+        if args.command == "sweep":
+            from edgestill.sweep import SweepSettings, run_sweep
+
+            out = args.out or "runs/sweep-smollm2-135m"
+            args.out = None  # the sweep folder; each point gets its own output.dir inside it
+            settings = SweepSettings(budgets=[_fraction(b) for b in args.budgets.split(",")], device=args.device,
+                                     thresholds=tuple(_fraction(t) for t in args.thresholds.split(",")),
+                                     baseline_types=tuple(t.strip().upper() for t in args.baseline.split(",") if t.strip()))
+            result = run_sweep(_resolve(args), settings, out)
+            for t, bp in result["break_points"].items():
+                print(f"break point, retention >= {float(t):.2f}: " + (
+                    f"{bp['compression_x_fp32']:.2f}x ({bp['name']}, retention {bp['retention']:.3f})" if bp else "none measured"))
+            print(f"shrink curve: {out}/shrink_curve.png, {out}/report.html, {out}/shrink_curve.json")
+            return 0
         from edgestill import shrink as pipeline
 
         if args.command == "finetune" or (args.command == "shrink" and args.task == "classification"):

@@ -1,0 +1,91 @@
+"""Bit allocation and planning: budgets are never exceeded, tighter budgets never predict less loss,
+infeasible budgets name the nearest plan, and plans are QuantConfigs that quantize_ accepts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edgestill.errors import EdgestillError
+from edgestill.plan.allocate import Budget, Plan, allocate, parse_bytes, plan
+from edgestill.plan.cost import StudentShape, predict
+from edgestill.plan.sensitivity import Sensitivity, unit_names
+from edgestill.quant.fake_quant import quantize_
+from plan_fixtures import calib_batches, tiny2, tiny2_dir, toy_device  # noqa: F401  (fixtures)
+
+SHAPE = StudentShape(layers=6, hidden=512, intermediate=1536, heads=8, kv_heads=4, vocab=8000)
+FORMATS = ("f16", "q8_0", "q5_0", "q4_0")
+
+
+def fake_sensitivity(shape: StudentShape) -> Sensitivity:
+    """Layer i is (i+1) times as sensitive; lower bits cost more (q4_0 = 10x q8_0)."""
+    base = {"f16": 0.0, "q8_0": 0.001, "q5_0": 0.006, "q4_0": 0.01}
+    kl = {u: {f: v * (i + 1) for f, v in base.items()} for i, u in enumerate(unit_names(shape.layers))}
+    return Sensitivity(units=list(kl), formats=list(FORMATS), kl=kl)
+
+
+def test_allocator_never_exceeds_the_memory_budget(toy_device):
+    sens = fake_sensitivity(SHAPE)
+    full = predict(SHAPE, {}, toy_device, "f16").peak_ram_bytes
+    low = predict(SHAPE, {}, toy_device, "q4_0").peak_ram_bytes
+    previous_kl = -1.0
+    for frac in [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.45, 0.4, 0.38, 0.36, 0.35, 0.34]:
+        budget = Budget(max_ram_bytes=int(full * frac))
+        if budget.max_ram_bytes < low:
+            with pytest.raises(EdgestillError):
+                allocate(SHAPE, sens, toy_device, budget, FORMATS)
+            continue
+        formats, pred, kl = allocate(SHAPE, sens, toy_device, budget, FORMATS)
+        assert pred.peak_ram_bytes <= budget.max_ram_bytes
+        assert kl >= previous_kl  # a tighter budget never buys a better predicted quality
+        previous_kl = kl
+    assert previous_kl > 0
+
+
+def test_least_sensitive_layers_are_lowered_first(toy_device):
+    sens = fake_sensitivity(SHAPE)
+    full = predict(SHAPE, {}, toy_device, "f16").file_bytes
+    formats, pred, _ = allocate(SHAPE, sens, toy_device, Budget(max_file_bytes=int(full * 0.85)), FORMATS)
+    bits = [FORMATS.index(formats[u]) for u in unit_names(SHAPE.layers)[:-1]]
+    assert bits == sorted(bits, reverse=True)  # layer 0 (least sensitive) at least as low as layer 5
+    assert pred.file_bytes <= full * 0.85
+
+
+def test_speed_budget_is_met(toy_device):
+    sens = fake_sensitivity(SHAPE)
+    slow = predict(SHAPE, {}, toy_device, "f16").decode_tokens_per_s
+    fast = predict(SHAPE, {}, toy_device, "q4_0").decode_tokens_per_s
+    target = (slow + fast) / 2
+    _, pred, _ = allocate(SHAPE, sens, toy_device, Budget(min_decode_tokens_per_s=target), FORMATS)
+    assert pred.decode_tokens_per_s >= target
+
+
+def test_plan_ranks_feasible_students_and_they_quantize(tiny2, calib_batches, toy_device):
+    from edgestill.plan.cost import gguf_bytes
+
+    shape = StudentShape.from_config(tiny2.config)
+    budget = Budget(max_file_bytes=int(gguf_bytes(shape, {}, "q8_0")["file"]))
+    plans = plan(tiny2, toy_device, budget, calib_batches, formats=("f16", "q8_0", "q4_0"), depths=[2, 1],
+                 widths=[128, 64])
+    assert plans and [p.predicted_kl for p in plans] == sorted(p.predicted_kl for p in plans)
+    for p in plans:
+        assert p.prediction.file_bytes <= budget.max_file_bytes
+        assert p.prediction.peak_ram_bytes <= toy_device.ram_bytes.value
+        assert Plan.from_dict(json.loads(json.dumps(p.to_dict()))).to_dict() == p.to_dict()
+    best = plans[0]
+    if best.shape.layers == 2 and best.shape.intermediate == 128:
+        report = quantize_(tiny2, best.quant_config(), step="convert")
+        assert len(report) == 2 * 7 + 1
+
+
+def test_an_infeasible_budget_names_the_nearest_plan(tiny2, calib_batches, toy_device):
+    with pytest.raises(EdgestillError, match=r"nearest: 1 layers.*max_file_bytes >= \d+"):
+        plan(tiny2, toy_device, Budget(max_file_bytes=1000), calib_batches, formats=("q8_0", "q4_0"),
+             depths=[2, 1], widths=[128])
+
+
+def test_parse_bytes():
+    assert parse_bytes("300MB") == 300_000_000 and parse_bytes("1GiB") == 2**30 and parse_bytes(5) == 5
+    with pytest.raises(EdgestillError, match="not a size"):
+        parse_bytes("lots")

@@ -1,0 +1,34 @@
+"""`edgestill devices` and `edgestill plan` through the CLI entry point."""
+
+from __future__ import annotations
+
+import json
+
+from edgestill.cli import main
+from plan_fixtures import toy_device  # noqa: F401  (fixture)
+
+
+def test_devices_lists_and_shows_profiles(capsys):
+    assert main(["devices"]) == 0
+    out = capsys.readouterr().out
+    assert "rpi4-4gb" in out and "jetson-orin-nano-8gb" in out and "host" in out
+    assert main(["devices", "--show", "rpi5-8gb"]) == 0
+    assert "memory_bandwidth_bytes_per_s" in capsys.readouterr().out
+    assert main(["devices", "--show", "toaster"]) == 2
+    assert "unknown device 'toaster'" in capsys.readouterr().err
+
+
+def test_plan_writes_ranked_plans_within_budget(tiny_model_dir, tiny_corpus, tmp_path, toy_device, capsys):
+    device = tmp_path / "toy.yaml"
+    device.write_text(toy_device.to_yaml())
+    out = tmp_path / "plans.json"
+    rc = main(["plan", "--device", str(device), "--teacher", str(tiny_model_dir), "--data", str(tiny_corpus),
+               "--file-size", "150KB", "--depths", "4,2", "--widths", "128", "--calibration-tokens", "64",
+               "--formats", "q8_0,q4_0", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    data = json.loads(out.read_text())
+    assert data["plans"] and all(p["prediction"]["file_bytes"] <= 150_000 for p in data["plans"])
+    assert "feasible plans on toy" in capsys.readouterr().out
+    assert main(["plan", "--device", str(device), "--teacher", str(tiny_model_dir), "--data", str(tiny_corpus),
+                 "--file-size", "1KB", "--depths", "2", "--widths", "128", "--calibration-tokens", "64"]) == 2
+    assert "nearest" in capsys.readouterr().err

@@ -1,0 +1,58 @@
+"""`edgestill sweep` end to end on the tiny model: plans within budget, resumable points, a baseline curve."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from conftest import tiny_overrides
+from edgestill.config import load_config
+from edgestill.sweep import SweepSettings, run_sweep
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                                reason="llama-cpp-python not installed (make test installs it)")
+
+
+@pytest.fixture(scope="module")
+def swept(tiny_model_dir, tiny_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep")
+    cfg = load_config(overrides=tiny_overrides(tiny_model_dir, tiny_corpus, out / "unused", steps=2))
+    settings = SweepSettings(budgets=[0.5, 0.3], device="rpi5-8gb", baseline_types=("Q8_0", "Q4_0"), calibration_blocks=2)
+    return out, cfg, settings, run_sweep(cfg, settings, out)
+
+
+def test_every_point_is_a_finished_run_within_its_file_budget(swept):
+    out, _, _, result = swept
+    plans = json.loads((out / "plans.json").read_text())["plans"]
+    ours = [p for p in result["points"] if p["series"] == "edgestill"]
+    assert len(ours) == len(plans) >= 1
+    for point in ours:
+        plan = next(p for p in plans if p["plan"] == point["detail"]["plan"])
+        assert point["bytes"] <= plan["max_file_bytes"]  # the real GGUF, not the prediction
+        metrics = json.loads((out / "points" / point["detail"]["run"].split("/points/")[1] / "metrics.json").read_text())
+        assert metrics["student"]["bytes"] == point["bytes"]
+
+
+def test_baseline_curve_and_report(swept):
+    out, _, _, result = swept
+    baseline = [p for p in result["points"] if p["series"] == "llama.cpp"]
+    assert [p["name"] for p in sorted(baseline, key=lambda p: p["compression_x_fp32"])] == ["llama.cpp Q8_0", "llama.cpp Q4_0"]
+    assert all(0 < p["retention"] and 0 <= p["top1_agreement"] <= 1 for p in baseline)
+    assert set(result["break_points"]) == {"0.95", "0.90"}
+    assert (out / "shrink_curve.png").is_file() and (out / "report.html").is_file()
+
+
+def test_a_rerun_reuses_finished_points_and_redoes_a_missing_one(swept):
+    import shutil
+
+    out, cfg, settings, first = swept
+    points = sorted((out / "points").iterdir())
+    stamps = {p.name: (p / "DONE").stat().st_mtime_ns for p in points}
+    shutil.rmtree(points[-1])  # as if the sweep had been killed before its last point
+    again = run_sweep(cfg, settings, out)
+    assert (points[-1] / "DONE").is_file()
+    for p in points[:-1]:
+        assert (p / "DONE").stat().st_mtime_ns == stamps[p.name]  # not retrained
+    assert [p["name"] for p in again["points"]] == [p["name"] for p in first["points"]]
