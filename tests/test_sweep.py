@@ -56,3 +56,25 @@ def test_a_rerun_reuses_finished_points_and_redoes_a_missing_one(swept):
     for p in points[:-1]:
         assert (p / "DONE").stat().st_mtime_ns == stamps[p.name]  # not retrained
     assert [p["name"] for p in again["points"]] == [p["name"] for p in first["points"]]
+
+
+def test_shrink_for_a_device_runs_the_best_plan_within_the_budget(tiny_model_dir, tiny_corpus, tmp_path, capsys):
+    from edgestill.cli import main
+
+    teacher_fp32_bytes = sum(f.stat().st_size for f in tiny_model_dir.glob("*.safetensors"))
+    budget = int(teacher_fp32_bytes * 0.4)
+    out = tmp_path / "dev"
+    assert main(["shrink", *tiny_overrides(tiny_model_dir, tiny_corpus, out, steps=2), "--device", "rpi5",
+                 "--max-file-size", str(budget)]) == 0
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["budget"]["max_file_bytes"] == budget
+    assert (out / "student.gguf").stat().st_size <= budget
+    cfg = (out / "config.yaml").read_text()
+    assert f"format: {plan['plan']['default_format']}" in cfg
+    # an impossible budget: one line naming the nearest plan; a budget without a device is refused
+    assert main(["shrink", *tiny_overrides(tiny_model_dir, tiny_corpus, tmp_path / "x", steps=2), "--device", "rpi5",
+                 "--max-file-size", "2KB"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nearest" in err
+    assert main(["shrink", "--max-memory", "150MB"]) == 2
+    assert "need --device" in capsys.readouterr().err

@@ -39,6 +39,7 @@ examples:
   edgestill shrink --task classification --teacher runs/teacher --out runs/clf     # -> student ONNX + metrics
   edgestill export --format onnx runs/clf --type int8   # classifier ONNX + tokenizer + label_map.json (folder)
   torchrun --nproc_per_node 2 -m edgestill.cli distill --out runs/ddp   # DDP, gloo on CPU
+  edgestill shrink --device rpi5 --max-memory 150MB --min-decode-tokens-per-s 20   # plan for a device, then shrink
   edgestill sweep --device rpi5-8gb                 # plans light -> extreme, each shrunk: the shrink curve
   edgestill config                                  # print every config key with its default
 """
@@ -78,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="lm", choices=["lm", "classification"],
                    help="lm (a decoder LLM, default) or classification (an encoder fine-tuned by `edgestill finetune`)")
     _add_classification(p)
+    g = p.add_argument_group("device-aware plan (lm): the best student for a device within a budget, then shrink it")
+    g.add_argument("--device", help="device profile (edgestill devices), host, or a YAML path")
+    g.add_argument("--max-memory", help="peak RAM budget, e.g. 150MB (default: the device's RAM for a model)")
+    g.add_argument("--max-file-size", help="GGUF file budget, e.g. 60MB")
+    g.add_argument("--min-decode-tokens-per-s", type=float, help="minimum predicted decode tokens/s on the device")
     p = sub.add_parser("finetune", help="fine-tune a teacher encoder classifier on labelled text",
                        description="Fine-tune an encoder (default all-MiniLM-L6-v2) with a classification head on labelled "
                                    "text (CSV/TSV/JSONL with text and label columns, or spamassassin / drugreview); the run "
@@ -217,7 +223,17 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "shrink" and (args.text_column or args.label_column or args.test_data):
             raise EdgestillError("--text-column/--label-column/--test-data are for labelled data: add --task classification")
-        if args.command == "shrink":
+        if args.command == "shrink" and args.device:
+            from edgestill.plan.allocate import Budget, parse_bytes
+            from edgestill.sweep import shrink_for_device
+
+            budget = Budget(max_ram_bytes=parse_bytes(args.max_memory), max_file_bytes=parse_bytes(args.max_file_size),
+                            min_decode_tokens_per_s=args.min_decode_tokens_per_s)
+            shrink_for_device(_resolve(args), args.device, budget, overwrite=args.overwrite)
+        elif args.command == "shrink":
+            if args.max_memory or args.max_file_size or args.min_decode_tokens_per_s:
+                raise EdgestillError("--max-memory, --max-file-size and --min-decode-tokens-per-s need --device "
+                                     "(the device the budget is for; `edgestill devices` lists them)")
             pipeline.shrink(_resolve(args), overwrite=args.overwrite)
         elif args.command == "distill":
             run, _ = pipeline.distill_run(_resolve(args), overwrite=args.overwrite)

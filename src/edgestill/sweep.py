@@ -52,6 +52,39 @@ def point_config(base: ShrinkConfig, plan, out: Path, teacher_layers: int, teach
     return cfg
 
 
+def shrink_for_device(cfg: ShrinkConfig, device: str, budget, overwrite: bool = False):
+    """`edgestill shrink --device D --max-memory M ...`: plan the best student for the budget, then shrink it.
+
+    The plan (calibrated on the train split) fixes the layers kept, the FFN width and the per-layer
+    formats; the run is an ordinary shrink run with those settings, plus plan.json (the prediction)
+    next to its metrics so predicted and measured bytes/speed sit side by side.
+    """
+    import numpy as np
+    import torch
+
+    from edgestill.models.load import load_causal_lm, resolve_model_path
+    from edgestill.models.slice import decoder_layers
+    from edgestill.plan import plan
+    from edgestill.plan.cost import tokenizer_metadata_bytes
+    from edgestill.shrink import _blocks_for, shrink
+
+    teacher = load_causal_lm(cfg.teacher.model)
+    _, train, _, _ = _blocks_for(cfg, teacher.tokenizer)
+    path = resolve_model_path(cfg.teacher.model)
+    metadata = tokenizer_metadata_bytes(path) if str(path).lower().endswith(".gguf") else 0
+    batches = [torch.from_numpy(np.asarray(train[i : i + 1])).long() for i in range(min(4, len(train)))]
+    best = plan(teacher.model, device, budget, batches, formats=TRAIN_FORMATS, metadata_bytes=metadata, top=1)[0]
+    log.info("plan for %s: %s", device, best.summary())
+    point = point_config(cfg, best, Path(cfg.output.dir), len(decoder_layers(teacher.model)),
+                         teacher.model.config.intermediate_size)
+    del teacher
+    final = shrink(point, overwrite=overwrite)
+    if final is not None:
+        write_atomic(Path(final) / "plan.json", json.dumps({"device": device, "budget": budget.to_dict(),
+                                                            "plan": best.to_dict()}, indent=1))
+    return final
+
+
 def make_plans(cfg: ShrinkConfig, settings: SweepSettings, teacher, train_blocks, metadata_bytes: int) -> list[dict]:
     """The best feasible plan for every budget (the same plan twice is run once)."""
     import numpy as np
