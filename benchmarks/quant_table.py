@@ -127,6 +127,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--blocks", type=int, default=48, help="held-out blocks scored (default all 48 = 12,240 tokens; "
+                                                          "llama.cpp scores ~1-4 s a block per model on 2 cores)")
     args = ap.parse_args()
 
     import torch
@@ -142,6 +144,7 @@ def main() -> None:
     teacher = load_causal_lm("smollm2-135m")
     rows = make_artifacts(teacher, train=not args.no_train)
     _, _, _, test = _blocks_for(ShrinkConfig(), teacher.tokenizer)
+    test = test[: args.blocks]
     print(f"held-out: {test.size:,} tokens; teacher log-probs ...", flush=True)
     t_logp = teacher_logprobs(teacher.model, test)
     teacher_ppl = teacher_perplexity(t_logp, test)
@@ -185,7 +188,8 @@ def main() -> None:
             lost = by_name[base]["perplexity"] - teacher_ppl
             targets[f"qat_recovers_of_{base.split()[1].lower()}_loss"] = (by_name[base]["perplexity"] - qat["perplexity"]) / lost
     write_result("quant_table", {
-        "command": "python benchmarks/quant_table.py" + (" --no-train" if args.no_train else ""),
+        "command": "python benchmarks/quant_table.py" + (" --no-train" if args.no_train else "")
+                   + (f" --blocks {args.blocks}" if args.blocks != 48 else ""),
         "held_out_tokens": int(test[:, 1:].size), "teacher_perplexity": teacher_ppl,
         "memory_bandwidth_bytes_per_s": bandwidth, "memory_bandwidth_spread": host["memory_bandwidth_spread"],
         "prompt_tokens": args.prompt_tokens, "decode_tokens": args.decode_tokens, "repeats": args.repeats, "threads": 2,

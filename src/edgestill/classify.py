@@ -170,16 +170,9 @@ def load_classifier_config(stage: str, path: str | Path | None = None, overrides
         raise EdgestillError(f"unknown classifier stage '{stage}'")
     cfg = FinetuneConfig() if stage == "finetune" else ClassifierShrinkConfig()
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise EdgestillError(f"config file '{p}' not found")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise EdgestillError(f"config file '{p}' is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise EdgestillError(f"config file '{p}' must hold a mapping of sections")
-        for k, v in data.items():
+        from edgestill.config import read_recipe
+
+        for k, v in read_recipe(path).items():
             _set(cfg, str(k), v)
     for o in (QUICK[stage] if quick else []) + list(overrides or []):
         if "=" not in o:

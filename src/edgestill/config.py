@@ -275,18 +275,25 @@ def apply_override(cfg: ShrinkConfig, override: str) -> None:
     _apply(cfg, nested)
 
 
+def read_recipe(path: str | Path, hint: str = "") -> dict:
+    """A recipe YAML file as a dict, with one-line errors for a missing or malformed file."""
+    p = Path(path)
+    if not p.is_file():
+        raise EdgestillError(f"config file '{p}' not found{hint}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise EdgestillError(f"config file '{p}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise EdgestillError(f"config file '{p}' must hold a mapping of sections")
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, quick: bool = False) -> ShrinkConfig:
     """Defaults <- recipe file <- quick profile <- key=value overrides."""
     cfg = ShrinkConfig()
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise EdgestillError(f"config file '{p}' not found (recipes live in recipes/, e.g. recipes/smollm2_135m_slice_kd_cpu.yaml)")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise EdgestillError(f"config file '{p}' is not valid YAML: {str(e).splitlines()[0]}") from None
-        _apply(cfg, data)
+        _apply(cfg, read_recipe(path, " (recipes live in recipes/, e.g. recipes/smollm2_135m_slice_kd_cpu.yaml)"))
     if quick:
         for o in QUICK_OVERRIDES:
             apply_override(cfg, o)

@@ -38,20 +38,20 @@ def teacher_perplexity(t_logp: np.ndarray, blocks: np.ndarray) -> float:
 
 def gguf_quality(gguf: str | Path, blocks: np.ndarray, t_logp: np.ndarray, threads: int = 2) -> dict:
     """Perplexity, top-1 agreement and KL(teacher ‖ model) of llama.cpp running `gguf` on `blocks` (N, T)."""
+    import torch
+
     from edgestill.export.llamacpp import LlamaCpp
 
     nll, agree, kl = [], [], []
     bar = progress_bar(total=len(blocks), desc=f"llama.cpp {Path(gguf).name}", unit="block")
-    with LlamaCpp(gguf, n_ctx=blocks.shape[1], n_threads=threads) as model:
+    with LlamaCpp(gguf, n_ctx=blocks.shape[1], n_threads=threads) as model, torch.no_grad():
         for i, block in enumerate(blocks):
-            logits = model.logits(block)[:-1].astype(np.float64)  # (T-1, V)
-            logp = logits - logits.max(-1, keepdims=True)
-            logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
-            target = block[1:].astype(np.int64)
-            nll.append(-logp[np.arange(len(target)), target])
-            tl = t_logp[i].astype(np.float64)
-            agree.append(tl.argmax(-1) == logp.argmax(-1))
-            kl.append((np.exp(tl) * (tl - logp)).sum(-1))
+            logp = torch.log_softmax(torch.from_numpy(model.logits(block)[:-1]).double(), -1)  # (T-1, V)
+            target = torch.from_numpy(block[1:].astype(np.int64))
+            nll.append(-logp.gather(-1, target[:, None])[:, 0].numpy())
+            tl = torch.from_numpy(t_logp[i]).double()
+            agree.append((tl.argmax(-1) == logp.argmax(-1)).numpy())
+            kl.append((tl.exp() * (tl - logp)).sum(-1).numpy())
             bar.update(1)
     bar.close()
     return {"perplexity": math.exp(float(np.concatenate(nll).mean())),

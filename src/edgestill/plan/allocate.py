@@ -100,11 +100,9 @@ class Budget:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Budget:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise EdgestillError(f"unknown Budget keys {sorted(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**data)
+        from edgestill.plan.cost import strict_from_dict
+
+        return strict_from_dict(cls, data)
 
 
 @dataclass

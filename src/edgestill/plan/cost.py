@@ -53,6 +53,15 @@ def format_name(fmt) -> str:
     return _NAME_OF[type(fmt)]
 
 
+def strict_from_dict(cls, data: dict[str, Any]):
+    """cls(**data) for a dataclass, refusing keys it does not have (a typo in a saved plan or budget)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise EdgestillError(f"unknown {cls.__name__} keys {sorted(unknown)}; known: {', '.join(sorted(known))}")
+    return cls(**data)
+
+
 @dataclass(frozen=True)
 class StudentShape:
     """The hyper-parameters that fix a Llama-style decoder's tensors."""
@@ -108,11 +117,7 @@ class StudentShape:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StudentShape:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise EdgestillError(f"unknown StudentShape keys {sorted(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**data)
+        return strict_from_dict(cls, data)
 
 
 # --- which format each tensor is stored in -------------------------------------------------------------
