@@ -20,6 +20,7 @@ bytes read per token), bytes = tensor bytes + the f16 KV cache at the mean decod
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -141,6 +142,7 @@ def main() -> None:
     from edgestill.shrink import _blocks_for
 
     torch.set_num_threads(2)
+    load_start = os.getloadavg()[0]
     teacher = load_causal_lm("smollm2-135m")
     rows = make_artifacts(teacher, train=not args.no_train)
     _, _, _, test = _blocks_for(ShrinkConfig(), teacher.tokenizer)
@@ -193,7 +195,7 @@ def main() -> None:
         "held_out_tokens": int(test[:, 1:].size), "teacher_perplexity": teacher_ppl,
         "memory_bandwidth_bytes_per_s": bandwidth, "memory_bandwidth_spread": host["memory_bandwidth_spread"],
         "prompt_tokens": args.prompt_tokens, "decode_tokens": args.decode_tokens, "repeats": args.repeats, "threads": 2,
-        "rows": rows, "targets": targets,
+        "rows": rows, "targets": targets, "load_average": {"start": load_start, "end": os.getloadavg()[0]},
     })
 
 

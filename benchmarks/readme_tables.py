@@ -81,7 +81,11 @@ def quant_table(r: dict) -> str:
         base = key.split("_of_")[1].split("_")[0].upper()
         notes.append(f"QAT+KD recovers **{value:.0%}** of the perplexity {base} Q4_0 loses")
     rows.append("")
-    rows.append((" ; ".join(notes) + ". " if notes else "")
+    load = r.get("load_average")
+    if load:
+        notes.append(f"the machine's load average was {load['start']:.1f} → {load['end']:.1f} during the run "
+                     "(2 cores; above ~2 the speeds are shared)")
+    rows.append(("; ".join(notes) + ". " if notes else "")
                 + f"Quality from llama.cpp's own logits on {r['held_out_tokens']:,} held-out tokens against the fp32 teacher "
                 f"(ppl {r['teacher_perplexity']:.2f}); decode = {r['decode_tokens']} greedy tokens after a "
                 f"{r['prompt_tokens']}-token prompt, median of {r['repeats']} alternated rounds; bandwidth bound from a measured "
@@ -90,10 +94,27 @@ def quant_table(r: dict) -> str:
     return "\n".join(rows)
 
 
+def cost_model_table(r: dict) -> str:
+    rows = ["| student (sliced from the teacher) | GGUF MB (predicted / real) | prefill tok/s predicted / measured | "
+            "decode tok/s predicted / measured |", "|---|---:|---:|---:|"]
+    for x in r["rows"]:
+        p, m, q = x["predicted"], x["measured"], x["predicted_over_measured"]
+        rows.append(f"| {x['case']} | {p['file_bytes'] / 1e6:.2f} / {m['file_bytes'] / 1e6:.2f} | "
+                    f"{p['prefill_tokens_per_s']:.0f} / {m['prefill_tokens_per_s']:.0f} ({q['prefill']:.2f}) | "
+                    f"{p['decode_tokens_per_s']:.0f} / {m['decode_tokens_per_s']:.0f} ({q['decode']:.2f}) |")
+    env = r["environment"]
+    rows += ["", f"{r['cases_within_tolerance_both']} of {r['cases']} cases within ±{r['tolerance']:.0%} for both prefill and "
+                 f"decode (ratio predicted ÷ measured in brackets). llama.cpp, {r['threads']} threads, medians of alternated "
+                 f"rounds; the host profile is fitted on synthetic models of other shapes. Measured {env['date'][:10]} with the "
+                 f"benchmark at raised CPU priority (nice {r['priority'].get('nice')}: the machine is shared), "
+                 "`python benchmarks/cost_model.py --boost-priority` → `benchmarks/results/cost_model.json`."]
+    return "\n".join(rows)
+
+
 from distill_methods import methods_table  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 TABLES = {"default_run": default_run_table, "distill_throughput": throughput_table, "quant_table": quant_table,
-          "distill_methods": methods_table}
+          "distill_methods": methods_table, "cost_model": cost_model_table}
 
 
 def main() -> None:
