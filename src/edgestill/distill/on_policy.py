@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from edgestill.models.cache import decode_step
+
 from edgestill.errors import EdgestillError
 
 
@@ -113,14 +115,6 @@ class ReplayBuffer:
         self.items = [] if state["items"] is None else list(state["items"].clone())
 
 
-def _decode_step(model, next_ids: torch.Tensor, out):
-    """One cached decoding step; transformers >= 5.2x calls the KV cache `cache`, earlier `past_key_values`."""
-    cache = out.get("cache") if hasattr(out, "get") else None
-    if cache is not None:
-        return model(input_ids=next_ids, cache=cache, use_cache=True)
-    return model(input_ids=next_ids, past_key_values=out.past_key_values, use_cache=True)
-
-
 @torch.no_grad()
 def sample_sequences(model, prompts: torch.Tensor, length: int, temperature: float = 1.0,
                      generator: torch.Generator | None = None) -> torch.Tensor:
@@ -142,7 +136,7 @@ def sample_sequences(model, prompts: torch.Tensor, length: int, temperature: flo
                 nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(seqs.device)  # (B, 1)
             seqs = torch.cat([seqs, nxt.to(seqs.dtype)], dim=1)
             if seqs.shape[1] < length:
-                out = _decode_step(model, nxt, out)
+                out = decode_step(model, nxt, out)
         return seqs
     finally:
         model.train(was_training)

@@ -11,18 +11,18 @@ import time
 
 import torch
 
+from edgestill.models.cache import decode_step
+
 
 @torch.no_grad()
 def _one_run(model, prompt: torch.Tensor, decode_tokens: int) -> tuple[float, float]:
     t0 = time.perf_counter()
     out = model(input_ids=prompt, use_cache=True)
     prefill_s = time.perf_counter() - t0
-    past = out.past_key_values
     next_id = out.logits[:, -1:].argmax(-1)
     t1 = time.perf_counter()
     for _ in range(decode_tokens):
-        out = model(input_ids=next_id, past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = decode_step(model, next_id, out)
         next_id = out.logits[:, -1:].argmax(-1)
     decode_s = time.perf_counter() - t1
     return prompt.shape[1] / prefill_s, decode_tokens / decode_s

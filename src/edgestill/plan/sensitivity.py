@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from edgestill.errors import EdgestillError
+from edgestill.progress import progress_bar
 from edgestill.quant.formats import format_by_name, resolve_format
 
 HEAD = "lm_head"
@@ -132,6 +133,7 @@ def layer_sensitivity(model, batches: list[torch.Tensor], formats=("q8_0", "q5_0
     del outputs
     tokens = sum(ids.numel() for ids in batches)
     kl: dict[str, dict[str, float]] = {}
+    bar = progress_bar(total=len(units) * len(fmts), desc="layer sensitivity", unit="probe")
     for unit in units:
         start = num_layers - 1 if unit == HEAD else int(unit.rsplit(".", 1)[1])
         inputs = [h[start] for h in hidden]
@@ -144,8 +146,10 @@ def layer_sensitivity(model, batches: list[torch.Tensor], formats=("q8_0", "q5_0
                 m.weight.copy_(stored.fake_quant(w).to(w.dtype))  # a tied head writes the embedding too
             logits = _logits_from_layer(model, start, inputs)
             kl[unit][name] = sum(float(token_kl(r, o)) for r, o in zip(reference, logits)) / tokens
+            bar.update(1)
         for (_, m), w in zip(linears, originals):
             m.weight.copy_(w)
+    bar.close()
     return Sensitivity(units=list(units), formats=list(formats), kl=kl, tokens=tokens,
                        notes={"reference": "given logits" if reference_logits is not None else "the model in float"})
 
