@@ -78,3 +78,42 @@ def test_shrink_for_a_device_runs_the_best_plan_within_the_budget(tiny_model_dir
     assert err.count("\n") == 1 and "nearest" in err
     assert main(["shrink", "--max-memory", "150MB"]) == 2
     assert "need --device" in capsys.readouterr().err
+
+
+def test_new_budgets_replan_from_the_saved_sensitivities(swept, monkeypatch):
+    import numpy as np
+
+    from edgestill.models.load import load_causal_lm
+    from edgestill.shrink import _blocks_for
+    from edgestill.sweep import make_plans
+
+    out, cfg, settings, _ = swept
+    assert (out / "sensitivity.json").is_file()
+
+    def measured_again(*a, **k):
+        raise AssertionError("layer sensitivity measured again although sensitivity.json holds it")
+
+    monkeypatch.setattr("edgestill.plan.sensitivity.layer_sensitivity", measured_again)
+    teacher = load_causal_lm(cfg.teacher.model)
+    _, train, _, _ = _blocks_for(cfg, teacher.tokenizer)
+    again = make_plans(cfg, settings, teacher.model, np.asarray(train), 0, out)
+    saved = json.loads((out / "plans.json").read_text())["plans"]
+    assert [p["plan"]["layers"] for p in again] == [p["plan"]["layers"] for p in saved]
+
+
+def test_a_plan_cache_shared_between_budgets_gives_the_same_plans(tiny_model_dir):
+    import torch
+
+    from conftest import load_tiny_teacher
+    from edgestill.plan import Budget, plan
+
+    model = load_tiny_teacher(tiny_model_dir)
+    batches = [torch.arange(32).reshape(2, 16) % model.config.vocab_size]
+    teacher_bytes = 4 * sum(p.numel() for p in model.parameters())
+    cache: dict = {}
+    for fraction in (0.5, 0.3):
+        budget = Budget(max_file_bytes=int(teacher_bytes * fraction))
+        fresh = plan(model, "rpi5-8gb", budget, batches, top=3)
+        cached = plan(model, "rpi5-8gb", budget, batches, top=3, cache=cache)
+        assert [p.to_dict() for p in cached] == [p.to_dict() for p in fresh]
+    assert any(isinstance(k, tuple) for k in cache)  # structural KL kept per shape

@@ -85,23 +85,42 @@ def shrink_for_device(cfg: ShrinkConfig, device: str, budget, overwrite: bool = 
     return final
 
 
-def make_plans(cfg: ShrinkConfig, settings: SweepSettings, teacher, train_blocks, metadata_bytes: int) -> list[dict]:
-    """The best feasible plan for every budget (the same plan twice is run once)."""
+def make_plans(cfg: ShrinkConfig, settings: SweepSettings, teacher, train_blocks, metadata_bytes: int,
+               folder: Path | None = None) -> list[dict]:
+    """The best feasible plan for every budget (the same plan twice is run once).
+
+    The layer sensitivities (the slow part) are measured once for all budgets and kept in
+    folder/sensitivity.json, so a sweep killed while planning, or rerun with other budgets, reuses them.
+    """
     import numpy as np
     import torch
 
     from edgestill.plan import Budget, plan
-    from edgestill.plan.sensitivity import layer_sensitivity
+    from edgestill.plan.sensitivity import Sensitivity, layer_sensitivity
 
     batches = [torch.from_numpy(np.asarray(train_blocks[i : i + 1])).long() for i in range(settings.calibration_blocks)]
     teacher_bytes = 4 * sum(p.numel() for p in teacher.parameters())
-    sensitivity = layer_sensitivity(teacher, batches, TRAIN_FORMATS)  # once for every budget
+    saved = folder / "sensitivity.json" if folder is not None else None
+    key = {"formats": list(TRAIN_FORMATS), "calibration_blocks": settings.calibration_blocks,
+           "data": cfg.data.path, "seq_len": cfg.data.seq_len, "split_seed": cfg.data.split_seed,
+           "teacher": cfg.teacher.model}
+    sensitivity = None
+    if saved is not None and saved.is_file():
+        stored = json.loads(saved.read_text())
+        if stored.get("key") == key:
+            sensitivity = Sensitivity.from_dict(stored["sensitivity"])
+            log.info("layer sensitivity read from %s", saved)
+    if sensitivity is None:
+        sensitivity = layer_sensitivity(teacher, batches, TRAIN_FORMATS)  # once for every budget
+        if saved is not None:
+            write_atomic(saved, json.dumps({"key": key, "sensitivity": sensitivity.to_dict()}, indent=1))
+    cache: dict = {}  # reference logits, block influence, structural KL per shape: shared by the budgets
     plans, seen = [], set()
     for fraction in settings.budgets:
         budget = Budget(max_file_bytes=int(teacher_bytes * fraction))
         try:
             best = plan(teacher, settings.device, budget, batches, formats=TRAIN_FORMATS, sensitivity=sensitivity,
-                        metadata_bytes=metadata_bytes, top=1)[0]
+                        metadata_bytes=metadata_bytes, top=1, cache=cache)[0]
         except EdgestillError as e:
             log.warning("budget 1/%.0f of the teacher: %s", 1 / fraction, e)
             continue
@@ -168,7 +187,7 @@ def run_sweep(cfg: ShrinkConfig, settings: SweepSettings, out: str | Path) -> di
     plans_path = out / "plans.json"
     saved = json.loads(plans_path.read_text()) if plans_path.is_file() else None
     if saved is None or saved.get("budgets") != settings.budgets or saved.get("device") != settings.device:
-        plans = make_plans(cfg, settings, teacher.model, train, metadata)
+        plans = make_plans(cfg, settings, teacher.model, train, metadata, out)
         write_atomic(plans_path, json.dumps({"budgets": settings.budgets, "device": settings.device, "plans": plans}, indent=1))
     else:
         plans = saved["plans"]

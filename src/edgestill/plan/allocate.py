@@ -274,12 +274,15 @@ def default_widths(intermediate: int) -> list[int]:
 
 def plan(model, device: str | DeviceProfile, budget: Budget, batches, formats=DEFAULT_FORMATS,
          depths: list[int] | None = None, widths: list[int] | None = None, workload: Workload = Workload(),
-         metadata_bytes: int = 0, sensitivity: Sensitivity | None = None, top: int | None = None) -> list[Plan]:
+         metadata_bytes: int = 0, sensitivity: Sensitivity | None = None, top: int | None = None,
+         cache: dict | None = None) -> list[Plan]:
     """Ranked feasible student plans for `model` (a Llama-style teacher) on `device` within `budget`.
 
     batches: calibration token ids (held-out text is never used here). depths/widths: candidate layer
     counts and FFN sizes (defaults: 100/75/50/33/25% of the layers, 100/75/50% of the FFN).
     metadata_bytes: the tokenizer's share of the GGUF (cost.tokenizer_metadata_bytes(teacher.gguf)).
+    cache: a dict kept between calls on the same model and batches (a sweep plans for several budgets): the
+      reference logits, block influence and every candidate's structural KL are measured once.
     """
     import torch
 
@@ -294,13 +297,18 @@ def plan(model, device: str | DeviceProfile, budget: Budget, batches, formats=DE
         raise EdgestillError(f"formats {bad} are not GGUF formats; choose from {', '.join(GGUF_FORMAT_NAMES)}")
     teacher_shape = StudentShape.from_config(model.config)
     model.eval()
-    with torch.no_grad():
-        reference = _logits(model, batches)
+    cache = {} if cache is None else cache
+    if "reference" not in cache:
+        with torch.no_grad():
+            cache["reference"] = _logits(model, batches)
+    reference = cache["reference"]
     if sensitivity is None:
         log.info("layer sensitivity: %d units x %d formats on %d calibration tokens", teacher_shape.layers + 1,
                  len(formats), sum(ids.numel() for ids in batches))
         sensitivity = layer_sensitivity(model, batches, formats, reference_logits=reference)
-    scores = block_influence(model, batches)
+    if "block_influence" not in cache:
+        cache["block_influence"] = block_influence(model, batches)
+    scores = cache["block_influence"]
     depths = sorted(set(depths or default_depths(teacher_shape.layers)), reverse=True)
     widths = sorted(set(widths or default_widths(teacher_shape.intermediate)), reverse=True)
     for d in depths:
@@ -317,11 +325,13 @@ def plan(model, device: str | DeviceProfile, budget: Budget, batches, formats=DE
             shape = dataclasses.replace(teacher_shape, layers=depth, intermediate=width)
             if depth == teacher_shape.layers and width == teacher_shape.intermediate:
                 structural = 0.0  # the teacher itself, only quantized
+            elif (depth, width) in cache:
+                structural = cache[(depth, width)]
             else:
                 student = slice_decoder(model, layers, None if width == teacher_shape.intermediate else width)
-                structural = mean_kl(student, batches, reference)
+                structural = cache[(depth, width)] = mean_kl(student, batches, reference)
                 del student
-            log.info("candidate %d layers, ffn %d: structural KL %.4f", depth, width, structural)
+                log.info("candidate %d layers, ffn %d: structural KL %.4f", depth, width, structural)
             sens = sensitivity.remap(layers)
             try:
                 formats_by_unit, prediction, quant_kl = allocate(shape, sens, device, budget, formats, workload,
