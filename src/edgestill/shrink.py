@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -104,6 +105,18 @@ def _fingerprint(*parts) -> str:
     return h.hexdigest()[:16]
 
 
+def _copy_cache(source_run: Path | None, cache_dir: Path) -> None:
+    """Start `cache_dir` from `source_run`'s teacher_topk cache when it has none (atomically: a copy is complete)."""
+    source = Path(source_run) / "cache" / "teacher_topk" if source_run is not None else None
+    if source is None or not source.is_dir() or cache_dir.exists():
+        return
+    tmp = cache_dir.with_name(cache_dir.name + ".copying")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    os.replace(tmp, cache_dir)
+    log.info("teacher cache copied from %s (its fingerprint is checked before use)", source_run)
+
+
 def _save_student(student, tokenizer, folder: Path, dtype: str) -> None:
     import torch
 
@@ -116,9 +129,12 @@ def _save_student(student, tokenizer, folder: Path, dtype: str) -> None:
     tmp.rename(folder)
 
 
-def distill_run(cfg: ShrinkConfig, overwrite: bool = False) -> tuple[RunDir, dict]:
+def distill_run(cfg: ShrinkConfig, overwrite: bool = False, teacher_cache_from: Path | None = None) -> tuple[RunDir, dict]:
     """Stages 1-6: teacher, data, student, teacher cache, distillation, saved student.
 
+    teacher_cache_from: another run's folder whose single-teacher top-k cache this run may start from (a
+      sweep's points share teacher, data and k). It is copied only where this run has none yet, and its
+      fingerprint is checked like any cache: a cache of another teacher, text or k is rebuilt.
     Returns the (still partial) run folder and a context dict that `evaluate_run` can reuse.
     """
     import torch
@@ -184,6 +200,7 @@ def distill_run(cfg: ShrinkConfig, overwrite: bool = False) -> tuple[RunDir, dic
         fp = _fingerprint(teacher.path, train.tobytes(), cfg.distill.top_k)
         cache_dir = run.path / "cache" / "teacher_topk"
         if rank == 0:
+            _copy_cache(teacher_cache_from, cache_dir)
             cache = build_topk_cache(teacher.model, train, cfg.distill.top_k, cache_dir, fp, batch_size=cfg.eval.batch_size)
         if world > 1:
             torch.distributed.barrier()
@@ -418,9 +435,12 @@ def quantize_run(cfg: ShrinkConfig, method: str = "rtn", overwrite: bool = False
     return final
 
 
-def shrink(cfg: ShrinkConfig, overwrite: bool = False) -> Path | None:
-    """The whole job. Returns the finished run folder (None on non-zero DDP ranks)."""
-    run, ctx = distill_run(cfg, overwrite)
+def shrink(cfg: ShrinkConfig, overwrite: bool = False, teacher_cache_from: Path | None = None) -> Path | None:
+    """The whole job. Returns the finished run folder (None on non-zero DDP ranks).
+
+    teacher_cache_from: a run folder whose teacher cache this run may reuse (see `distill_run`).
+    """
+    run, ctx = distill_run(cfg, overwrite, teacher_cache_from)
     if not is_main_process():
         return None
     if cfg.quant.format is not None:

@@ -204,7 +204,9 @@ def run_sweep(cfg: ShrinkConfig, settings: SweepSettings, out: str | Path) -> di
         run = out / "points" / f"{i:02d}-{p['max_file_bytes'] / 1e6:.0f}MB"
         if not (run / "DONE").is_file():
             log.info("sweep point %d/%d -> %s", i + 1, len(plans), run)
-            shrink(point_config(cfg, plan, run, n_layers, ffn))
+            # every point distils from the same teacher on the same text: the first point's cache serves all
+            done = sorted(p.parent for p in (out / "points").glob("*/DONE"))
+            shrink(point_config(cfg, plan, run, n_layers, ffn), teacher_cache_from=done[0] if done else None)
         m = json.loads((run / "metrics.json").read_text())
         points.append(ShrinkPoint(f"{len(plan.layers)}L {plan.default_format}" + ("+mix" if plan.quant_plan else ""),
                                   m["compression_x_fp32"], m["retention"], m["top1_agreement"], m["student"]["bytes"],
