@@ -1,127 +1,432 @@
-"""Classifier track on SpamAssassin: TF-IDF baseline, fine-tuned MiniLM teacher, a ≥50× smaller student.
+"""Classifier track: TF-IDF baseline, fine-tuned MiniLM teacher, KD students 5×–100× smaller, KD vs CE at ~50×.
 
-Rows (all on the same seeded stratified split; test is never seen before the final scoring):
-- tfidf_logreg: TF-IDF + logistic regression (C picked on val) — the strong classical baseline.
-- teacher: all-MiniLM-L6-v2 + classification head, CE fine-tuning.
-- student_sliced: the student cut from the teacher (layers, trimmed vocab, SVD low-rank), no training.
-- student_ce: that student trained with CE only.
-- student_kd: the same student trained with KD (α·T²·KL + (1−α)·CE [+ hidden MSE]), same steps and lr.
+For each data set (`spamassassin`, `drugreview`) every row is a run of edgestill's own classifier job,
+driven through the same functions as `edgestill finetune/shrink/export --task classification`:
 
-Sizes: params counted as really stored; `student_file_bytes` is the student's model.safetensors (fp32).
-`compression_x_fp32` = teacher params × 4 ÷ that file (ONNX export lives in edgestill/export, not here).
+    teacher   finetune_run: all-MiniLM-L6-v2 + classification head, CE fine-tuning (model selection on val)
+    kd-<X>x   shrink_classifier_run: student cut from the teacher (2 layers, trimmed vocabulary, truncated-SVD
+              factors; student.target_params set so the fp32 ONNX file is teacher params × 4 ÷ X bytes),
+              distilled with α·T²·KL + (1−α)·CE, exported to fp32 ONNX and scored there
+    ce-50x    the same student at ~50× trained with CE only (kd.alpha=0): the ablation
+    tfidf     TF-IDF + logistic regression on the same train split, C picked on val (recomputed, seconds)
 
-    python benchmarks/classifier.py [--max-len 64 --teacher-steps 60 --student-steps 200 --threads 2]
+Run folders: runs/bench/classifier/<data>/<row> (--quick: runs/bench/classifier-quick/...). A finished row
+(DONE) is reused when its config matches, an interrupted one resumes (the run functions do that), so rerunning
+the command continues where it stopped. `--overwrite` reruns finished rows whose config differs.
+
+Measured, all on the held-out **test split** (seeded stratified 70/10/20 for spamassassin; drugreview keeps
+its own test file, val is carved from its train file); the test split is never used for training,
+distillation or checkpoint selection:
+- accuracy, macro-F1: teacher = the fine-tuned PyTorch model; students = their fp32 ONNX file in onnxruntime
+  (the shrink run scores the exported file); retention = student ÷ teacher (accuracy and macro-F1);
+  top-1 agreement = the PyTorch student vs the teacher (the ONNX file agrees with it on `onnx_parity`).
+- size: the deployable artifact is each row's `onnx/model.onnx` (fp32); compression_x_fp32 / _fp16 =
+  teacher params × 4 (× 2) ÷ those file bytes (tokenizer files listed apart). The teacher's own row uses
+  its fp32 ONNX export (`export_classifier_run`, RUN/onnx/model.onnx).
+- latency: onnxruntime, batch 1 (one unpadded text at a time, truncated to the row's max length),
+  intra-op threads = --threads (2), inter-op 1, on --latency-examples test texts (a seeded sample); after a
+  warm-up, every repeat runs the teacher and all students one after the other (alternated in one loop);
+  per-example latency = a pass's time ÷ texts; median and [min, max] over repeats; speedup_x = teacher
+  median ÷ student median from that same loop. (The shrink runs' own teacher timing is switched off:
+  eval.teacher_latency=false; this single alternated loop replaces it.)
+
+    python benchmarks/classifier.py                         # both data sets, all rows (~60 min on 2 idle cores)
+    python benchmarks/classifier.py --data spamassassin --sizes 10,50
+    python benchmarks/classifier.py --quick                 # smoke run: tiny steps -> classifier_quick.json
 -> benchmarks/results/classifier.json
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import json
+import logging
 import os
+import shutil
+import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import RESULTS, write_result  # noqa: E402
 
-from _common import write_result
+ROOT = Path(__file__).resolve().parent.parent
+DATASETS = ("spamassassin", "drugreview")
+TARGET = {"data": "spamassassin", "min_compression_x_fp32": 50.0, "min_retention": 0.97}
+
+# Defaults sized so both data sets (2 teachers + 2 × 6 students) take about an hour on 2 idle CPU cores.
+FULL = {"max_len": 128, "teacher_steps": 300, "student_steps": 400, "eval_every": 100, "latency_examples": 64,
+        "latency_repeats": 15}
+QUICK = {"max_len": 32, "teacher_steps": 8, "student_steps": 8, "eval_every": 4, "latency_examples": 8,
+         "latency_repeats": 3}
+
+
+def _git(*args: str) -> str | None:
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True, cwd=ROOT, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _x(v: float) -> str:
+    return f"{v:g}"
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.root = Path(args.root)
+
+    # ------------------------------------------------------------------ configs
+
+    def teacher_cfg(self, data: str):
+        from edgestill.classify import load_classifier_config
+
+        a = self.args
+        return load_classifier_config("finetune", values={
+            "teacher": a.teacher, "data.path": data, "data.seed": a.seed, "train.steps": a.teacher_steps,
+            "train.lr": a.teacher_lr, "train.batch_size": a.batch_size, "train.max_len": a.max_len,
+            "train.eval_every": min(a.eval_every, a.teacher_steps), "train.seed": a.seed,
+            "output_dir": str(self.root / data / "teacher")})
+
+    def student_cfg(self, data: str, name: str, target_x: float, kd: bool):
+        from edgestill.classify import load_classifier_config
+
+        a = self.args
+        values = {
+            "teacher": str(self.root / data / "teacher"), "student.num_layers": a.num_layers, "student.max_len": a.max_len,
+            "student.compression_x": float(target_x), "student.target_params": self.student_params(data, target_x),
+            "train.steps": a.student_steps,
+            "train.lr": a.student_lr, "train.batch_size": a.batch_size, "train.eval_every": min(a.eval_every, a.student_steps),
+            "train.seed": a.seed, "kd.temperature": a.temperature, "kd.alpha": a.alpha if kd else 0.0,
+            "kd.hidden_weight": a.hidden_weight if kd else 0.0, "eval.onnx_type": "f32", "eval.threads": a.threads,
+            # the benchmark times teacher and all students in one alternated loop (below); the run's own timing is minimal
+            "eval.teacher_latency": False, "eval.tfidf_baseline": False, "eval.latency_examples": 4,
+            "eval.latency_repeats": 1, "output_dir": str(self.root / data / name)}
+        return load_classifier_config("shrink", values=values)
+
+    def student_params(self, data: str, target_x: float) -> int:
+        """The parameter budget whose fp32 ONNX file (4 bytes a parameter + the graph) is teacher params × 4 ÷ target_x."""
+        m = json.loads((self.root / data / "teacher" / "metrics.json").read_text())
+        return int((m["teacher"]["params"] * 4 / target_x - self.args.onnx_overhead_bytes) / 4)
+
+    # ------------------------------------------------------------------ runs
+
+    def _finished(self, cfg, sections: tuple[str, ...]) -> bool:
+        """True when the row's finished run folder holds this config (reuse it); rerun/raise when it differs."""
+        import yaml
+
+        from edgestill.classify import _plain
+
+        out = Path(cfg.output_dir)
+        if not (out / "DONE").is_file():
+            return False
+        saved = yaml.safe_load((out / "config.yaml").read_text()) or {}
+        wanted = _plain(cfg)
+        diff = [s for s in sections if saved.get(s) != wanted.get(s)]
+        if not diff:
+            return True
+        if not self.args.overwrite:
+            raise SystemExit(f"{out} is a finished run with a different {', '.join(diff)} config than requested; pass "
+                             "--overwrite to rerun it, or --root for another folder")
+        return False
+
+    def _timed(self, data: str, name: str, fn) -> dict:
+        """Run fn(), recording wall and process-CPU seconds in <root>/<data>/timings.json (kept across invocations)."""
+        path = self.root / data / "timings.json"
+        timings = json.loads(path.read_text()) if path.is_file() else {}
+        w0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        timings[name] = {"wall_s": time.perf_counter() - w0, "cpu_s": time.process_time() - c0,
+                         "load_average_end": os.getloadavg()[0], "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(timings, indent=1) + "\n")
+        return timings[name]
+
+    def run_rows(self, data: str, rows: list[dict]) -> None:
+        from edgestill.classify import export_classifier_run, finetune_run, shrink_classifier_run
+
+        t_cfg = self.teacher_cfg(data)
+        teacher_dir = Path(t_cfg.output_dir)
+        retrained = False
+        if self._finished(t_cfg, ("teacher", "data", "train")):
+            print(f"[{data}] teacher: finished run {teacher_dir} reused", flush=True)
+        else:
+            print(f"[{data}] teacher: fine-tuning {t_cfg.teacher} for {t_cfg.train.steps} steps -> {teacher_dir}", flush=True)
+            self._timed(data, "teacher", lambda: finetune_run(t_cfg, overwrite=(teacher_dir / "DONE").is_file()))
+            retrained = True
+        if retrained or not (teacher_dir / "onnx" / "export_report.json").is_file():  # the report is written last
+            print(f"[{data}] teacher: fp32 ONNX export for the latency loop -> {teacher_dir / 'onnx'}", flush=True)
+            self._timed(data, "teacher_onnx_export", lambda: export_classifier_run(teacher_dir, "f32"))
+        for row in (r for r in rows if r["kind"] in ("kd", "ce")):
+            cfg = self.student_cfg(data, row["name"], row["target_x"], row["kind"] == "kd")
+            out = Path(cfg.output_dir)
+            if not retrained and self._finished(cfg, ("teacher", "student", "train", "kd")):
+                print(f"[{data}] {row['name']}: finished run {out} reused", flush=True)
+                continue
+            partial = out.with_name(out.name + ".partial")
+            if retrained and partial.is_dir():  # distilled from the previous teacher: not resumable
+                print(f"[{data}] {row['name']}: the teacher was retrained; discarding {partial}", flush=True)
+                shutil.rmtree(partial)
+            print(f"[{data}] {row['name']}: {'KD' if row['kind'] == 'kd' else 'CE-only'} student at ~{_x(row['target_x'])}x, "
+                  f"{cfg.train.steps} steps -> {out}", flush=True)
+            self._timed(data, row["name"], lambda: shrink_classifier_run(cfg, overwrite=(out / "DONE").is_file()))
+
+    # ------------------------------------------------------------------ measuring
+
+    def collect(self, data: str, rows: list[dict]) -> dict:
+        import numpy as np
+        import yaml
+
+        from edgestill.classify import _load_splits, _set, load_classifier_config
+        from edgestill.evaluate.classification import retention, tfidf_baseline
+        from edgestill.export.onnx_classifier import load_onnx_classifier, measure_latency, single_inputs
+
+        a = self.args
+        teacher_dir = self.root / data / "teacher"
+        fm = json.loads((teacher_dir / "metrics.json").read_text())
+        t_cfg = load_classifier_config("finetune")
+        _set(t_cfg, "data", yaml.safe_load((teacher_dir / "config.yaml").read_text())["data"])
+        splits = _load_splits(t_cfg.data)
+        teacher_params = fm["teacher"]["params"]
+        t_test = fm["teacher"]["test"]
+        timings_file = self.root / data / "timings.json"
+        timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
+
+        out_rows = []
+        t0 = time.perf_counter()
+        tf = tfidf_baseline(splits, seed=a.seed)
+        out_rows.append({"name": "tfidf", "label": "TF-IDF + logistic regression", "kind": "tfidf", "target_x": None,
+                         "accuracy": tf["test"]["accuracy"], "macro_f1": tf["test"]["macro_f1"], **retention(tf["test"], t_test),
+                         "params": tf["params"], "weight_bytes_fp32": tf["weight_bytes_fp32"], "vocabulary": tf["vocabulary"],
+                         "C": tf["C"], "val": tf["val"], "fit_s": time.perf_counter() - t0,
+                         "note": "weights + idf as fp32; the vocabulary strings are extra; no ONNX artifact, not timed"})
+
+        t_onnx = teacher_dir / "onnx"
+        t_report = json.loads((t_onnx / "export_report.json").read_text())
+        t_bytes = (t_onnx / "model.onnx").stat().st_size
+        teacher_row = {"name": "teacher", "label": f"teacher ({fm['base_model']}, fine-tuned)", "kind": "teacher",
+                       "target_x": 1.0, "accuracy": t_test["accuracy"], "macro_f1": t_test["macro_f1"],
+                       "retention_accuracy": 1.0, "retention_macro_f1": 1.0, "top1_agreement_with_teacher": 1.0,
+                       "params": teacher_params,
+                       "onnx_file": str(t_onnx / "model.onnx"), "onnx_bytes": t_bytes,
+                       "compression_x_fp32": teacher_params * 4 / t_bytes, "compression_x_fp16": teacher_params * 2 / t_bytes,
+                       "safetensors_bytes": fm["teacher"]["file_bytes"], "max_len": fm["train"]["max_len"],
+                       "steps": fm["train"]["steps"], "lr": fm["train"]["lr"], "batch_size": fm["train"]["batch_size"],
+                       "best_step": fm["teacher"]["best_step"], "best_val_macro_f1": fm["teacher"]["best_val_macro_f1"],
+                       "onnx_parity": t_report.get("parity_vs_pytorch"), "train_time": timings.get("teacher")}
+        out_rows.append(teacher_row)
+        systems_dirs = {"teacher": t_onnx}
+        for row in rows:
+            if row["kind"] not in ("kd", "ce"):
+                continue
+            run = self.root / data / row["name"]
+            if not (run / "DONE").is_file():
+                print(f"[{data}] {row['name']}: no finished run in {run}; row skipped", flush=True)
+                continue
+            m = json.loads((run / "metrics.json").read_text())
+            cfg = yaml.safe_load((run / "config.yaml").read_text())
+            s = m["student"]
+            same_teacher = m["teacher"]["test"] == {k: t_test[k] for k in m["teacher"]["test"]}
+            out_rows.append({
+                "name": row["name"], "kind": row["kind"], "target_x": row["target_x"],
+                "label": (f"KD student ~{_x(row['target_x'])}×" if row["kind"] == "kd"
+                          else f"CE-only student ~{_x(row['target_x'])}× (ablation)"),
+                "accuracy": s["test"]["accuracy"], "macro_f1": s["test"]["macro_f1"], **retention(s["test"], t_test),
+                "top1_agreement_with_teacher": m["top1_agreement_with_teacher"],
+                "params": s["params"], "onnx_file": str(run / "onnx" / "model.onnx"), "onnx_bytes": s["onnx_bytes"],
+                "tokenizer_bytes": s["tokenizer_bytes"],
+                "compression_x_fp32": teacher_params * 4 / s["onnx_bytes"],
+                "compression_x_fp16": teacher_params * 2 / s["onnx_bytes"],
+                "student_compression_x_config": cfg["student"]["compression_x"], "layers_kept": s["layers_kept"],
+                "vocab_kept": s["vocab_kept"], "max_len": s["max_len"], "steps": cfg["train"]["steps"],
+                "lr": cfg["train"]["lr"], "batch_size": cfg["train"]["batch_size"], "best_step": m["train"]["best_step"],
+                "kd": cfg["kd"], "test_pytorch": m["baselines"]["student_pytorch"]["test"],
+                "sliced_untrained_test": m["baselines"]["student_sliced_untrained"]["test"],
+                "onnx_parity": m.get("onnx_parity_vs_pytorch"), "teacher_score_matches_finetune_run": same_teacher,
+                "run": str(run), "train_time": timings.get(row["name"]),
+            })
+            systems_dirs[row["name"]] = run / "onnx"
+
+        # latency: one alternated loop over the teacher and every student, same texts, batch 1
+        rng = np.random.default_rng(a.seed)
+        n = min(a.latency_examples, len(splits.test))
+        pick = sorted(rng.choice(len(splits.test), n, replace=False).tolist())
+        texts = [splits.test.texts[i] for i in pick]
+        systems = {}
+        for name, folder in systems_dirs.items():
+            session, tok, _, max_len = load_onnx_classifier(folder, a.threads)
+            systems[name] = (session, single_inputs(tok, texts, max_len))
+        print(f"[{data}] latency: {len(systems)} ONNX models alternated, {n} test texts, batch 1, {a.threads} threads, "
+              f"{a.latency_repeats} repeats", flush=True)
+        lat = measure_latency(systems, a.latency_repeats, warmup=a.latency_warmup)
+        tokens = {name: float(statistics.mean(f["input_ids"].shape[1] for f in feeds)) for name, (_, feeds) in systems.items()}
+        t_ms = lat["teacher"]["latency_ms_per_example"]
+        for r in out_rows:
+            if r["name"] in lat:
+                L = lat[r["name"]]
+                r.update({"latency_ms_per_example": L["latency_ms_per_example"], "latency_ms_spread": L["latency_ms_spread"],
+                          "latency_mean_tokens": tokens[r["name"]],
+                          "speedup_x": t_ms / L["latency_ms_per_example"]})
+
+        ablation = None
+        ce = next((r for r in out_rows if r["kind"] == "ce"), None)
+        kd = next((r for r in out_rows if r["kind"] == "kd" and ce and r["target_x"] == ce["target_x"]), None)
+        if ce and kd:
+            ablation = {"kd_row": kd["name"], "ce_row": ce["name"], "target_x": ce["target_x"],
+                        "kd_minus_ce_accuracy": kd["accuracy"] - ce["accuracy"],
+                        "kd_minus_ce_macro_f1": kd["macro_f1"] - ce["macro_f1"],
+                        "same_student": "same student config, steps, lr and seed; CE row has kd.alpha=0"}
+        summary = splits.summary()
+        split_desc = ("the data set's own test file; val = a seeded stratified 10% of its train file"
+                      if data == "drugreview" else "seeded stratified 70% train / 10% val / 20% test")
+        return {"data": {"name": data, "split": split_desc, "scored_on": "test split (never used for training, distillation "
+                         "or checkpoint selection)", "split_seed": t_cfg.data.seed, **summary},
+                "rows": out_rows, "ablation": ablation,
+                "latency": {"runtime": "onnxruntime CPUExecutionProvider", "intra_op_threads": a.threads, "inter_op_threads": 1,
+                            "batch_size": 1, "examples": n, "repeats": a.latency_repeats, "warmup": a.latency_warmup,
+                            "sample": f"seeded random sample (seed {a.seed}) of the test split, unpadded, truncated to each "
+                                      "model's max length",
+                            "statistic": "per-example time of a pass over the texts; median and [min, max] over repeats; "
+                                         "teacher and students alternated in every repeat"}}
+
+
+def target_verdict(result: dict) -> dict:
+    students = [r for r in result["rows"] if r["kind"] in ("kd", "ce")
+                and r["compression_x_fp32"] >= TARGET["min_compression_x_fp32"]]
+    verdict = {**{k: v for k, v in TARGET.items() if k != "data"}}
+    if not students:
+        return {**verdict, "met": False, "reason": "no student at ≥ 50× measured"}
+    best = max(students, key=lambda r: (min(r["retention_accuracy"], r["retention_macro_f1"]), r["compression_x_fp32"]))
+    best_acc = max(students, key=lambda r: r["retention_accuracy"])
+    return {**verdict, "best_row": best["name"], "compression_x_fp32": best["compression_x_fp32"],
+            "retention_accuracy": best["retention_accuracy"], "retention_macro_f1": best["retention_macro_f1"],
+            "met": min(best["retention_accuracy"], best["retention_macro_f1"]) >= TARGET["min_retention"],
+            "best_accuracy_retention_row": best_acc["name"], "best_retention_accuracy": best_acc["retention_accuracy"],
+            "met_on_accuracy": best_acc["retention_accuracy"] >= TARGET["min_retention"],
+            "rule": "students (KD or CE) whose fp32 ONNX file is ≥ 50× smaller than the teacher's fp32 params; "
+                    "met = accuracy and macro-F1 retention both ≥ 0.97 for the same student"}
+
+
+def print_table(data: str, result: dict) -> None:
+    print(f"\n{data}: test n={result['data']['test']['n']}")
+    print(f"{'row':10s} {'ONNX MB':>8s} {'x fp32':>7s} {'acc':>7s} {'macroF1':>7s} {'ret acc':>7s} {'ret F1':>7s} "
+          f"{'ms/ex':>7s} {'speedup':>7s}")
+    for r in result["rows"]:
+        mb = f"{r['onnx_bytes'] / 1e6:.2f}" if "onnx_bytes" in r else "-"
+        cx = f"{r['compression_x_fp32']:.1f}" if "compression_x_fp32" in r else "-"
+        ms = f"{r['latency_ms_per_example']:.2f}" if "latency_ms_per_example" in r else "-"
+        sp = f"{r['speedup_x']:.1f}" if "speedup_x" in r else "-"
+        print(f"{r['name']:10s} {mb:>8s} {cx:>7s} {r['accuracy']:7.4f} {r['macro_f1']:7.4f} {r['retention_accuracy']:7.3f} "
+              f"{r['retention_macro_f1']:7.3f} {ms:>7s} {sp:>7s}")
+    ab = result.get("ablation")
+    if ab:
+        print(f"KD − CE at ~{_x(ab['target_x'])}x: accuracy {ab['kd_minus_ce_accuracy']:+.4f}, "
+              f"macro-F1 {ab['kd_minus_ce_macro_f1']:+.4f}")
+    if "target" in result:
+        t = result["target"]
+        print(f"target (≥ {t['min_retention']:.0%} retention at ≥ {t['min_compression_x_fp32']:g}×): "
+              f"{'MET' if t['met'] else 'NOT MET'}" + (f" — best {t['best_row']}: {t['compression_x_fp32']:.1f}×, retention "
+                                                       f"{t['retention_accuracy']:.3f} / {t['retention_macro_f1']:.3f}"
+                                                       if "best_row" in t else f" ({t.get('reason')})"))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default="spamassassin")
+    ap.add_argument("--data", default=",".join(DATASETS), help="comma list of: spamassassin, drugreview")
+    ap.add_argument("--sizes", default="5,10,25,50,100", help="student sizes, × smaller than the teacher's fp32 params")
+    ap.add_argument("--ablation-x", type=float, default=50.0, help="size of the CE-only ablation row (0: none)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: tiny steps and max_len -> classifier_quick.json")
+    ap.add_argument("--root", default=None, help="run folders (default runs/bench/classifier[-quick])")
     ap.add_argument("--teacher", default="all-minilm-l6-v2")
-    ap.add_argument("--max-len", type=int, default=128)
-    ap.add_argument("--teacher-steps", type=int, default=300)
-    ap.add_argument("--student-steps", type=int, default=400)
+    ap.add_argument("--max-len", type=int, default=None, help=f"tokens, teacher and students (default {FULL['max_len']})")
+    ap.add_argument("--teacher-steps", type=int, default=None, help=f"default {FULL['teacher_steps']}")
+    ap.add_argument("--student-steps", type=int, default=None, help=f"default {FULL['student_steps']}")
+    ap.add_argument("--eval-every", type=int, default=None, help=f"validation every N steps (default {FULL['eval_every']})")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--teacher-lr", type=float, default=1e-4)
     ap.add_argument("--student-lr", type=float, default=1e-3)
-    ap.add_argument("--num-layers", type=int, default=2)
-    ap.add_argument("--compression-x", type=float, default=50.0)
+    ap.add_argument("--num-layers", type=int, default=2, help="teacher layers kept in every student")
+    ap.add_argument("--onnx-overhead-bytes", type=int, default=32_768,
+                    help="bytes the ONNX graph adds to 4 × params (~30 KB measured for a 2-layer student); the student's "
+                         "budget (student.target_params) is (teacher params × 4 ÷ size − this) ÷ 4, so the file reaches the size")
     ap.add_argument("--temperature", type=float, default=2.0)
     ap.add_argument("--alpha", type=float, default=0.7)
     ap.add_argument("--hidden-weight", type=float, default=0.0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (latency) and torch threads")
+    ap.add_argument("--train-threads", type=int, default=None,
+                    help="torch threads for training only (default --threads; 1 when sharing the machine)")
+    ap.add_argument("--latency-examples", type=int, default=None, help=f"default {FULL['latency_examples']}")
+    ap.add_argument("--latency-repeats", type=int, default=None, help=f"default {FULL['latency_repeats']}")
+    ap.add_argument("--latency-warmup", type=int, default=4, help="texts run per model before timing")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--name", default="classifier")
+    ap.add_argument("--overwrite", action="store_true", help="rerun finished rows whose config differs")
+    ap.add_argument("--name", default=None, help="result name (default classifier, --quick: classifier_quick)")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    for k, v in (QUICK if args.quick else FULL).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.root = args.root or str(ROOT / "runs" / "bench" / ("classifier-quick" if args.quick else "classifier"))
+    args.name = args.name or ("classifier_quick" if args.quick else "classifier")
+    datasets = [d.strip() for d in args.data.split(",") if d.strip()]
+    bad = [d for d in datasets if d not in DATASETS]
+    if bad:
+        ap.error(f"--data {bad}: choose from {', '.join(DATASETS)}")
+    sizes = [float(s) for s in args.sizes.split(",") if s.strip()]
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("edgestill").setLevel(logging.INFO)  # the run functions' progress; not the ONNX exporter's chatter
+    import torch
 
-    from edgestill.data.labelled import load_splits
-    from edgestill.distill.classifier import KDConfig, StudentConfig, TrainConfig, build_student, distill_classifier, finetune
-    from edgestill.evaluate.classification import evaluate_classifier, predict_logits, retention, tfidf_baseline
-    from edgestill.models.encoder import load_encoder_classifier, save_classifier, tokenize
-    from edgestill.models.lowrank import stored_bytes, stored_params
+    torch.set_num_threads(args.train_threads or args.threads)
+    torch.manual_seed(args.seed)
 
+    rows = [{"name": "teacher", "kind": "teacher", "target_x": 1.0}]
+    rows += [{"name": f"kd-{_x(x)}x", "kind": "kd", "target_x": x} for x in sizes]
+    if args.ablation_x:
+        rows.append({"name": f"ce-{_x(args.ablation_x)}x", "kind": "ce", "target_x": args.ablation_x})
+
+    bench = Bench(args)
+    load_start = os.getloadavg()[0]
     t_all = time.perf_counter()
-    rows, timings = {}, {}
-    splits = load_splits(args.data, seed=args.seed)
+    results = {}
+    for data in datasets:
+        w0 = time.perf_counter()
+        bench.run_rows(data, rows)
+        results[data] = bench.collect(data, rows)
+        results[data]["wall_s_this_invocation"] = time.perf_counter() - w0
+        if data == TARGET["data"]:
+            results[data]["target"] = target_verdict(results[data])
+        print_table(data, results[data])
 
-    t0 = time.perf_counter()
-    rows["tfidf_logreg"] = tfidf_baseline(splits, seed=args.seed)
-    timings["tfidf_s"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    teacher, tok, _ = load_encoder_classifier(args.teacher, splits.label_map)
-    t_cfg = TrainConfig(steps=args.teacher_steps, batch_size=args.batch_size, lr=args.teacher_lr, max_len=args.max_len,
-                        eval_every=args.teacher_steps, seed=args.seed)
-    ft = finetune(teacher, tok, splits, t_cfg)
-    timings["teacher_finetune_s"] = time.perf_counter() - t0
-    teacher_params = stored_params(teacher)
-    rows["teacher"] = {"test": ft["test"], "params": teacher_params, "bytes_fp32": stored_bytes(teacher),
-                       "history": ft["history"], "train": ft["config"]}
-
-    t0 = time.perf_counter()
-    student, s_tok, table, info = build_student(teacher, tok, splits.train.texts,
-                                                StudentConfig(num_layers=args.num_layers, max_len=args.max_len,
-                                                              compression_x=args.compression_x))
-    timings["student_build_s"] = time.perf_counter() - t0
-    s_test = tokenize(s_tok, splits.test.texts, args.max_len)
-    rows["student_sliced"] = {"test": evaluate_classifier(student, s_test, splits.ids("test"))}
-    t_logits = predict_logits(teacher, tokenize(tok, splits.test.texts, args.max_len), desc="teacher test logits")
-
-    s_cfg = TrainConfig(steps=args.student_steps, batch_size=args.batch_size, lr=args.student_lr, max_len=args.max_len,
-                        eval_every=max(1, args.student_steps // 4), seed=args.seed)
-    variants = {"student_ce": KDConfig(alpha=0.0, hidden_weight=0.0),
-                "student_kd": KDConfig(temperature=args.temperature, alpha=args.alpha, hidden_weight=args.hidden_weight)}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, kd in variants.items():
-            t0 = time.perf_counter()
-            s = copy.deepcopy(student)
-            res = distill_classifier(teacher, s, tok, splits, table, s_tok, s_cfg, kd)
-            timings[f"{name}_s"] = time.perf_counter() - t0
-            folder = save_classifier(s, s_tok, splits.label_map, Path(tmp) / name)
-            file_bytes = (folder / "model.safetensors").stat().st_size
-            s_logits = predict_logits(s, s_test)
-            rows[name] = {
-                "test": res["test"], **retention(res["test"], ft["test"]),
-                "top1_agreement": float((s_logits.argmax(-1) == t_logits.argmax(-1)).mean()),
-                "params": stored_params(s), "student_file_bytes": file_bytes,
-                "compression_x_fp32": teacher_params * 4 / file_bytes,
-                "compression_x_fp16": teacher_params * 2 / file_bytes,
-                "history": res["history"], "best_step": res["best_step"], "kd": res["config"]["kd"],
-            }
-    rows["student_sliced"].update(retention(rows["student_sliced"]["test"], ft["test"]))
-    timings["total_s"] = time.perf_counter() - t_all
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
+    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    commit = _git("rev-parse", "HEAD")
+    for r in results.values():
+        r.update({"commit": commit, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    previous = RESULTS / f"{args.name}.json"
+    if previous.is_file():  # a data set not run this time keeps its earlier entry (with its own date and commit)
+        for data, r in (json.loads(previous.read_text()).get("datasets") or {}).items():
+            if data not in results:
+                results[data] = {**r, "from_earlier_invocation": True}
     write_result(args.name, {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]), "commit": commit,
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "threads": args.threads, "args": vars(args),
-        "data": {"name": args.data, "split": "seeded stratified 70/10/20, scored on test", **splits.summary()},
-        "student": {k: v for k, v in info.items() if k != "config"}, "results": rows, "timings_s": timings,
+        "command": " ".join(["python", "benchmarks/classifier.py", *sys.argv[1:]]),
+        "commit": commit, "git_dirty": bool(dirty), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {"cpu_cores": os.cpu_count(), "torch_threads": args.train_threads or args.threads, "onnxruntime_intra_op_threads": args.threads,
+                    "onnxruntime_inter_op_threads": 1},
+        "threads": args.threads, "quick": args.quick, "args": vars(args),
+        "artifact": "each row's onnx/model.onnx, fp32 (the teacher's: its fp32 ONNX export); compression_x_fp32 = "
+                    "teacher params × 4 ÷ its bytes, compression_x_fp16 = teacher params × 2 ÷ its bytes",
+        "student": {"num_layers": args.num_layers, "max_len": args.max_len, "trim_vocab": True,
+                    "factorization": "truncated SVD of every matrix (not the head), global rank budget",
+                    "kd": {"temperature": args.temperature, "alpha": args.alpha, "hidden_weight": args.hidden_weight},
+                    "ablation": f"ce-{_x(args.ablation_x)}x: the same student config with kd.alpha=0 (CE only)"},
+        "load_average": {"start": load_start, "end": os.getloadavg()[0]},
+        "wall_s_this_invocation": time.perf_counter() - t_all,
+        "datasets": results,
     })
-    for name, r in rows.items():
-        extra = f"  {r['compression_x_fp32']:.1f}x smaller (fp32 file)" if "compression_x_fp32" in r else ""
-        print(f"{name:15s} acc {r['test']['accuracy']:.4f}  macro-F1 {r['test']['macro_f1']:.4f}{extra}")
 
 
 if __name__ == "__main__":

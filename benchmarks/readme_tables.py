@@ -111,18 +111,71 @@ def cost_model_table(r: dict) -> str:
     return "\n".join(rows)
 
 
+CLASSIFIER_DATA = {"spamassassin": "SpamAssassin (ham / spam)", "drugreview": "Drug reviews (negative / neutral / positive)"}
+
+
+def classifier_table(r: dict) -> str:
+    """Per data set: TF-IDF baseline, teacher, KD students by size, the CE-only ablation (benchmarks/classifier.py)."""
+    out = []
+    datasets = r.get("datasets") or {}
+    for data in [d for d in CLASSIFIER_DATA if d in datasets] + [d for d in datasets if d not in CLASSIFIER_DATA]:
+        d = datasets[data]
+        info = d.get("data", {})
+        n = {k: (info.get(k) or {}).get("n", "?") for k in ("train", "val", "test")}
+        out += [f"**{CLASSIFIER_DATA.get(data, data)}**: {n['train']} train / {n['val']} val / {n['test']} test "
+                f"({info.get('split', 'held-out test split')}; scored on test).", "",
+                "| row | ONNX MB | × fp32 | accuracy | macro-F1 | retention (acc) | retention (macro-F1) | ORT ms/example "
+                "| speed-up |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for x in d.get("rows", []):
+            mb = f"{x['onnx_bytes'] / 1e6:.2f}" if x.get("onnx_bytes") else "—"
+            cx = f"{x['compression_x_fp32']:.1f}×" if x.get("compression_x_fp32") else "—"
+            ms = x.get("latency_ms_per_example")
+            lat = "—" if ms is None else f"{ms:.2f} ({x['latency_ms_spread'][0]:.2f}–{x['latency_ms_spread'][1]:.2f})"
+            sp = f"{x['speedup_x']:.1f}×" if x.get("speedup_x") else "—"
+            out.append(f"| {x['label']} | {mb} | {cx} | {x['accuracy']:.4f} | {x['macro_f1']:.4f} | {x['retention_accuracy']:.3f} | "
+                       f"{x['retention_macro_f1']:.3f} | {lat} | {sp} |")
+        t = d.get("target")
+        if t and "best_row" in t:
+            out += ["", f"Target (≥ {t['min_retention']:.0%} retention at ≥ {t['min_compression_x_fp32']:g}× smaller): "
+                        f"**{'met' if t['met'] else 'not met'}** — best student {t['best_row']} at "
+                        f"{t['compression_x_fp32']:.1f}×, retention {t['retention_accuracy']:.3f} (accuracy) / "
+                        f"{t['retention_macro_f1']:.3f} (macro-F1)."]
+        elif t:
+            out += ["", f"Target: not met ({t.get('reason', 'no student at the size')})."]
+        lat = d.get("latency", {})
+        stamp = (f" This data set was measured {d['date'][:10]}, commit `{(d.get('commit') or '?')[:8]}`."
+                 if d.get("from_earlier_invocation") and d.get("date") else "")
+        out += ["", f"Size = the row's fp32 `model.onnx` (× fp32 = teacher params × 4 ÷ its bytes; TF-IDF has no ONNX file). "
+                    f"Latency: onnxruntime, batch 1, {lat.get('intra_op_threads', r.get('threads', '?'))} threads, "
+                    f"{lat.get('examples', '?')} test texts, median (min–max) of {lat.get('repeats', '?')} repeats with "
+                    f"teacher and students alternated; speed-up = teacher ÷ row.{stamp}", ""]
+    if not out:
+        return "_No classifier data set in the result yet: run `python benchmarks/classifier.py`._"
+    s, a = r.get("student", {}), r.get("args", {})
+    out.append(f"Students: {s.get('num_layers', '?')} teacher layers, trimmed vocabulary, SVD-factorized, max "
+               f"{s.get('max_len', '?')} tokens, {a.get('student_steps', '?')} training steps (teacher: "
+               f"{a.get('teacher_steps', '?')} fine-tuning steps). Measured {r.get('date', '?')[:10]} on "
+               f"{r.get('machine', {}).get('cpu_cores', '?')} CPU cores, commit `{(r.get('commit') or '?')[:8]}`"
+               f"{' (uncommitted changes)' if r.get('git_dirty') else ''}, by `{r.get('command', 'python benchmarks/classifier.py')}` "
+               f"→ `benchmarks/results/{r.get('benchmark', 'classifier')}.json`.")
+    return "\n".join(out)
+
+
 from distill_methods import methods_table  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from shrink_curve import shrink_curve_summary, shrink_curve_table  # noqa: E402
 
 TABLES = {"default_run": default_run_table, "distill_throughput": throughput_table, "quant_table": quant_table,
-          "distill_methods": methods_table, "cost_model": cost_model_table}
+          "distill_methods": methods_table, "cost_model": cost_model_table, "classifier": classifier_table,
+          "shrink_curve": shrink_curve_table}
 
 
 def main() -> None:
     readme = ROOT / "README.md"
     text = readme.read_text()
     for name, render in TABLES.items():
-        result = _load(name)
-        body = render(result) if result else f"_No result yet: run `python benchmarks/{name}.py`._"
+        source = SOURCES.get(name, name)
+        result = _load(source)
+        body = render(result) if result else f"_No result yet: run `python benchmarks/{source}.py`._"
         pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(\n<!-- /results:{name} -->)", re.S)
         text, n = pattern.subn(lambda m: m.group(1) + body + m.group(2), text)
         if n == 0:
