@@ -153,3 +153,20 @@ def test_a_config_key_added_later_does_not_orphan_a_partial_run(tmp_path):
     assert RunDir(tmp_path / "r", new, defaults={"distill": {"loss": "forward_kl"}}).open() is True
     with pytest.raises(EdgestillError, match="different config"):  # a changed default is a different run
         RunDir(tmp_path / "r", {"distill": {"steps": 10, "loss": "jsd"}}, defaults={"distill": {"loss": "forward_kl"}}).open()
+
+
+def test_any_stage_result_counts_as_progress_not_only_checkpoints(tmp_path):
+    """A classifier run keeps a trained student/ and distill.json, never checkpoints/: still not wiped."""
+    out = tmp_path / "run"
+    run = RunDir(out, CFG)
+    run.open()
+    (run.path / "distill.json").write_text("{}")
+    with pytest.raises(EdgestillError, match="different config"):
+        RunDir(out, _cfg(steps=6)).open()
+    assert (run.path / "distill.json").is_file()
+
+
+def test_a_partial_holding_only_its_config_restarts_with_the_new_one(tmp_path):
+    out = tmp_path / "run"
+    RunDir(out, CFG).open()
+    assert RunDir(out, _cfg(steps=6)).open() is False  # nothing to lose: started afresh

@@ -67,8 +67,9 @@ class RunDir:
         return False
 
     def _has_progress(self) -> bool:
-        """Whether the partial run holds work worth keeping (a checkpoint or teacher cache)."""
-        return (self.partial / "checkpoints" / "LATEST").is_file() or (self.partial / "cache").is_dir()
+        """Whether the partial run holds work worth keeping: anything beyond its config.yaml (a checkpoint,
+        a teacher cache, a trained model or stage result of any job that works in a RunDir)."""
+        return any(p.name not in ("config.yaml", "config.yaml.tmp") for p in self.partial.iterdir())
 
     def finish(self) -> Path:
         """Mark the partial run done and move it into place (replacing an older finished run)."""
