@@ -166,7 +166,8 @@ from shrink_curve import shrink_curve_summary, shrink_curve_table  # noqa: E402
 
 TABLES = {"default_run": default_run_table, "distill_throughput": throughput_table, "quant_table": quant_table,
           "distill_methods": methods_table, "cost_model": cost_model_table, "classifier": classifier_table,
-          "shrink_curve": shrink_curve_table}
+          "shrink_curve": shrink_curve_table, "shrink_curve_summary": shrink_curve_summary}
+SOURCES = {"shrink_curve_summary": "shrink_curve"}  # tables rendered from another table's JSON
 
 
 def main() -> None:

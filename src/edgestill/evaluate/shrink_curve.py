@@ -50,7 +50,9 @@ def plot_shrink_curve(points: list[ShrinkPoint], path: Path, thresholds=(0.95, 0
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.6))
     styles = {"edgestill": dict(color="tab:blue", marker="o"), "llama.cpp": dict(color="tab:gray", marker="s", ls="--")}
     for series in sorted({p.series for p in points}, key=lambda s: s != "edgestill"):
         pts = sorted((p for p in points if p.series == series), key=lambda p: p.compression_x_fp32)
@@ -59,17 +61,29 @@ def plot_shrink_curve(points: list[ShrinkPoint], path: Path, thresholds=(0.95, 0
         xs = [p.compression_x_fp32 for p in pts]
         ax.plot(xs, [p.retention for p in pts], label=label, **style)
         ax2.plot(xs, [p.top1_agreement for p in pts], label=label, **style)
-        for p in pts:
-            ax.annotate(p.name, (p.compression_x_fp32, p.retention), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ours = series == "edgestill"
+        for i, p in enumerate(pts):  # ours above-right, the baseline's below, alternating to keep labels apart
+            name = p.name.removeprefix(f"{series} ")
+            offset = (4, 5) if ours else (4, -11 if i % 2 == 0 else -20)
+            for a, y in ((ax, p.retention), (ax2, p.top1_agreement)):
+                a.annotate(name, (p.compression_x_fp32, y), fontsize=7, xytext=offset, textcoords="offset points",
+                           color=style.get("color", "black"))
     for t, bp in break_points([p for p in points if p.series == "edgestill"], thresholds).items():
-        ax.axhline(float(t), color="tab:red", lw=0.8, alpha=0.6)
+        ax.axhline(float(t), color="tab:red", lw=0.8, alpha=0.5, ls=":")
+        ax.annotate(f"{float(t):.0%}", (1, float(t)), xycoords=("axes fraction", "data"), fontsize=7, color="tab:red",
+                    xytext=(-22, 2), textcoords="offset points")
         if bp:
-            ax.plot([bp["compression_x_fp32"]], [bp["retention"]], marker="*", ms=16, color="tab:red", zorder=5)
-            ax.annotate(f"break ≥{float(t):.0%}: {bp['compression_x_fp32']:.1f}×", (bp["compression_x_fp32"], float(t)),
-                        fontsize=8, color="tab:red", xytext=(4, -12), textcoords="offset points")
+            ax.plot([bp["compression_x_fp32"]], [bp["retention"]], marker="*", ms=15, color="tab:red", zorder=5,
+                    label=f"break point ≥{float(t):.0%}: {bp['compression_x_fp32']:.1f}×")
+    xs_all = [p.compression_x_fp32 for p in points]
     for a, ylabel in ((ax, "retention (teacher ppl ÷ model ppl)"), (ax2, "top-1 agreement with the teacher")):
         a.set_xscale("log")
-        a.set_xlabel("compression_x_fp32 (log)")
+        a.xaxis.set_major_locator(LogLocator(base=10, subs=(1, 1.5, 2, 3, 4, 5, 6, 8)))
+        a.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}×"))
+        a.xaxis.set_minor_formatter(NullFormatter())
+        if xs_all:
+            a.set_xlim(min(xs_all) / 1.15, max(xs_all) * 1.3)
+        a.set_xlabel("compression_x_fp32 (teacher fp32 bytes ÷ file bytes, log)")
         a.set_ylabel(ylabel)
         a.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
