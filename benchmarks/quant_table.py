@@ -46,6 +46,10 @@ RUNS = {
     "sliced 15 layers, QAT+KD Q4_0": ("5. sliced student", ["shrink", "--out", "runs/bench/qat-student15-q4_0", "quant.format=q4_0"]),
     "sliced 15 layers, QAT+KD Q4_0, head Q8_0": ("5. sliced student", ["shrink", "--out", "runs/bench/qat-student15-q4_0-head-q8_0",
                                                                      "quant.format=q4_0", "quant.plan={lm_head: q8_0}"]),
+    # the shrink curve's 1/8 point: the planner's 22 layers with per-layer Q4_0/Q5_0 (a point of a resumable sweep)
+    "sliced 22 layers, QAT+KD mixed Q4_0/Q5_0 (planned)": ("5. sliced student", ["sweep", "--device", "host", "--out",
+                                                                                "runs/sweep-smollm2-135m"],
+                                                           "runs/sweep-smollm2-135m/points/02-67MB"),
 }
 LLAMACPP_TYPES = ("Q8_0", "Q4_0", "Q4_K_M")
 
@@ -75,11 +79,12 @@ def make_artifacts(teacher, train: bool) -> list[dict]:
             llamacpp_quantize(BENCH / "teacher-f32.gguf", path, qtype)
         rows.append({"name": f"llama.cpp {qtype}", "group": "2. llama.cpp PTQ", "gguf": path,
                      "command": f"llama_model_quantize(teacher-f32.gguf, {qtype})"})
-    for name, (group, command) in RUNS.items():
-        run = _run_dir(command)
+    for name, (group, command, *folder) in RUNS.items():
+        run = ROOT / folder[0] if folder else _run_dir(command)
         if not (run / "DONE").is_file() and train:
             print(f"making {name}: edgestill {' '.join(command)}", flush=True)
-            subprocess.run([*EDGESTILL, *command, "--overwrite"], cwd=ROOT, check=True)
+            # a run of its own is remade from scratch; a point of a sweep is made by resuming the sweep
+            subprocess.run([*EDGESTILL, *command, *([] if folder else ["--overwrite"])], cwd=ROOT, check=True)
         if (run / "student.gguf").is_file():
             rows.append({"name": name, "group": group, "gguf": run / "student.gguf", "command": "edgestill " + " ".join(command)})
         else:
