@@ -14,6 +14,7 @@ SWEEP/baseline.json. The plans themselves are written to SWEEP/plans.json before
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -101,9 +102,9 @@ def make_plans(cfg: ShrinkConfig, settings: SweepSettings, teacher, train_blocks
     batches = [torch.from_numpy(np.asarray(train_blocks[i : i + 1])).long() for i in range(settings.calibration_blocks)]
     teacher_bytes = 4 * sum(p.numel() for p in teacher.parameters())
     saved = folder / "sensitivity.json" if folder is not None else None
-    key = {"formats": list(TRAIN_FORMATS), "calibration_blocks": settings.calibration_blocks,
-           "data": cfg.data.path, "seq_len": cfg.data.seq_len, "split_seed": cfg.data.split_seed,
-           "teacher": cfg.teacher.model}
+    # valid for exactly these calibration tokens, teacher and formats (whatever data settings produced them)
+    tokens = hashlib.sha256(np.ascontiguousarray(train_blocks[: settings.calibration_blocks]).tobytes()).hexdigest()[:16]
+    key = {"formats": list(TRAIN_FORMATS), "teacher": cfg.teacher.model, "calibration_tokens_sha256": tokens}
     sensitivity = None
     if saved is not None and saved.is_file():
         stored = json.loads(saved.read_text())

@@ -26,9 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from edgestill.models.cache import decode_step
-
 from edgestill.errors import EdgestillError
+from edgestill.models.cache import decode_step
 
 
 @dataclass(frozen=True)
