@@ -18,8 +18,8 @@ weighting vs plain averaging vs each single teacher. The single-copy rows train 
 student (sliced from the real teacher) and, like every row, are evaluated against the real teacher.
 
 The teacher cache (top-k logits of the train split) depends only on teacher(s), data and top_k, so it is
-built once per teacher set and copied into each new row's run folder before the run starts (the run
-then finds it as if it were resuming; its fingerprint is still checked).
+built once per teacher set, kept in <root>/_caches/<key>/cache/ and handed to each new row's run
+(`distill_run(teacher_cache_from=...)`, which copies it and still checks its fingerprint).
 """
 
 from __future__ import annotations
@@ -141,24 +141,14 @@ def make_student_init(folder: Path, teacher_spec: str, layers: list[int]) -> str
 
 # --- one row ------------------------------------------------------------------------------------------------
 
-def _seed_cache(cfg, out: Path, shared: Path) -> None:
-    """Copy a teacher cache built by an earlier row into this row's (new) run folder; RunDir then resumes it."""
-    import yaml
-
-    partial = out.with_name(out.name + ".partial")
-    if not shared.is_dir() or partial.exists() or out.exists():
-        return
-    partial.mkdir(parents=True)
-    shutil.copytree(shared, partial / "cache")
-    (partial / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-
 def _keep_cache(run_path: Path, shared: Path) -> None:
-    if shared.is_dir() or not (run_path / "cache").is_dir():
+    """Keep this row's teacher cache as shared/cache/ for the next rows of the same teacher set."""
+    if (shared / "cache").is_dir() or not (run_path / "cache").is_dir():
         return
     tmp = shared.with_name(shared.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(run_path / "cache", tmp)
+    shutil.copytree(run_path / "cache", tmp / "cache")
+    shutil.rmtree(shared, ignore_errors=True)
     tmp.rename(shared)
 
 
@@ -177,11 +167,11 @@ def run_row(row: Row, overrides: list[str], eval_overrides: list[str], out_root:
     out = out_root / row.name
     if not (out / "DONE").is_file():
         cfg = load_config(overrides=[*overrides, f"output.dir={out}"])
-        _seed_cache(cfg, out, out_root / "_caches" / _cache_key(cfg))
+        shared = out_root / "_caches" / _cache_key(cfg)
         t0 = time.time()
-        run, ctx = distill_run(cfg)
+        run, ctx = distill_run(cfg, teacher_cache_from=shared)  # a copy of an earlier row's cache, when there is one
         distill_wall_s = time.time() - t0
-        _keep_cache(run.path, out_root / "_caches" / _cache_key(cfg))
+        _keep_cache(run.path, shared)
         eval_cfg = load_config(overrides=[*overrides, *eval_overrides, f"output.dir={out}"])
         teacher = ctx["teacher"] if eval_cfg.teacher.model == cfg.teacher.model else None
         evaluate_run(eval_cfg, run.path, teacher, ctx["test"] if teacher else None, ctx["splits"], ctx["history"],

@@ -106,8 +106,8 @@ def _fingerprint(*parts) -> str:
 
 
 def _copy_cache(source_run: Path | None, cache_dir: Path) -> None:
-    """Start `cache_dir` from `source_run`'s teacher_topk cache when it has none (atomically: a copy is complete)."""
-    source = Path(source_run) / "cache" / "teacher_topk" if source_run is not None else None
+    """Start `cache_dir` (RUN/cache/<name>) from `source_run`/cache/<name> when it has none (atomically)."""
+    source = Path(source_run) / "cache" / cache_dir.name if source_run is not None else None
     if source is None or not source.is_dir() or cache_dir.exists():
         return
     tmp = cache_dir.with_name(cache_dir.name + ".copying")
@@ -132,8 +132,8 @@ def _save_student(student, tokenizer, folder: Path, dtype: str) -> None:
 def distill_run(cfg: ShrinkConfig, overwrite: bool = False, teacher_cache_from: Path | None = None) -> tuple[RunDir, dict]:
     """Stages 1-6: teacher, data, student, teacher cache, distillation, saved student.
 
-    teacher_cache_from: another run's folder whose single-teacher top-k cache this run may start from (a
-      sweep's points share teacher, data and k). It is copied only where this run has none yet, and its
+    teacher_cache_from: another run's folder whose teacher top-k cache (single or multi-teacher) this run may
+      start from (a sweep's points share teacher, data and k). It is copied only where this run has none yet, and its
       fingerprint is checked like any cache: a cache of another teacher, text or k is rebuilt.
     Returns the (still partial) run folder and a context dict that `evaluate_run` can reuse.
     """
@@ -186,6 +186,7 @@ def distill_run(cfg: ShrinkConfig, overwrite: bool = False, teacher_cache_from: 
             fp = _fingerprint(*(t.path for t in [teacher, *extras]), train.tobytes(), cfg.distill.top_k, "union")
             cache_dir = run.path / "cache" / "teachers_union_topk"
             if rank == 0:
+                _copy_cache(teacher_cache_from, cache_dir)
                 build_union_topk_cache(models, train, cfg.distill.top_k, cache_dir, fp,
                                        batch_size=max(1, cfg.eval.batch_size // len(models)))
             if world > 1:
