@@ -44,7 +44,6 @@ import logging
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -61,13 +60,6 @@ FULL = {"max_len": 128, "teacher_steps": 300, "student_steps": 400, "eval_every"
         "latency_repeats": 15}
 QUICK = {"max_len": 32, "teacher_steps": 8, "student_steps": 8, "eval_every": 4, "latency_examples": 8,
          "latency_repeats": 3}
-
-
-def _git(*args: str) -> str | None:
-    try:
-        return subprocess.run(["git", *args], capture_output=True, text=True, check=True, cwd=ROOT, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def _x(v: float) -> str:
@@ -402,8 +394,10 @@ def main() -> None:
             results[data]["target"] = target_verdict(results[data])
         print_table(data, results[data])
 
-    dirty = _git("status", "--porcelain", "--untracked-files=no")
-    commit = _git("rev-parse", "HEAD")
+    from edgestill.evaluate.environment import environment
+
+    env = environment(args.train_threads or args.threads)
+    commit = env["git_commit"]
     for r in results.values():
         r.update({"commit": commit, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     previous = RESULTS / f"{args.name}.json"
@@ -413,7 +407,7 @@ def main() -> None:
                 results[data] = {**r, "from_earlier_invocation": True}
     write_result(args.name, {
         "command": " ".join(["python", "benchmarks/classifier.py", *sys.argv[1:]]),
-        "commit": commit, "git_dirty": bool(dirty), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "commit": commit, "git_dirty": env["git_dirty"], "date": env["date"], "environment": env,
         "machine": {"cpu_cores": os.cpu_count(), "torch_threads": args.train_threads or args.threads, "onnxruntime_intra_op_threads": args.threads,
                     "onnxruntime_inter_op_threads": 1},
         "threads": args.threads, "quick": args.quick, "args": vars(args),

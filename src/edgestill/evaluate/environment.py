@@ -13,14 +13,18 @@ from pathlib import Path
 def environment(threads: int | None = None) -> dict:
     import torch
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=Path(__file__).parent).stdout.strip() or None
-    except Exception:
-        commit = None
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
+                                  cwd=Path(__file__).parent).stdout.strip() or None
+        except Exception:
+            return None
+
+    commit = git("rev-parse", "HEAD")
     return {
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "git_commit": commit,
+        "git_dirty": None if commit is None else bool(git("status", "--porcelain", "--untracked-files=no")),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": platform.machine(),
         "processor": platform.processor() or None,
