@@ -33,7 +33,7 @@ distillation or checkpoint selection:
     python benchmarks/classifier.py                         # both data sets, all rows (~60 min on 2 idle cores)
     python benchmarks/classifier.py --data spamassassin --sizes 10,50
     python benchmarks/classifier.py --quick                 # smoke run: tiny steps -> classifier_quick.json
--> benchmarks/results/classifier.json
+-> benchmarks/results/classifier.json, docs/img/classifier_shrink_curve.png (--plot-only redraws it from the JSON)
 """
 
 from __future__ import annotations
@@ -325,6 +325,58 @@ def print_table(data: str, result: dict) -> None:
                                                        if "best_row" in t else f" ({t.get('reason')})"))
 
 
+def plot_curve(result: dict, path: Path) -> None:
+    """The classifier shrink curve: retention and onnxruntime speed-up against compression, one line per data set."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.4))
+    colors = {"spamassassin": "tab:blue", "drugreview": "tab:orange"}
+    for data, d in (result.get("datasets") or {}).items():
+        color = colors.get(data, None)
+        rows = d.get("rows", [])
+        kd = sorted((r for r in rows if r["kind"] in ("teacher", "kd")), key=lambda r: r["compression_x_fp32"])
+        xs = [r["compression_x_fp32"] for r in kd]
+        ax.plot(xs, [r["retention_accuracy"] for r in kd], "o-", color=color, label=f"{data}: KD students (accuracy)")
+        ax.plot(xs, [r["retention_macro_f1"] for r in kd], "o:", color=color, alpha=0.6, label=f"{data}: KD (macro-F1)")
+        ax2.plot(xs, [r.get("speedup_x") or float("nan") for r in kd], "o-", color=color, label=data)
+        for r in rows:
+            if r["kind"] == "ce":
+                ax.plot(r["compression_x_fp32"], r["retention_accuracy"], "x", ms=9, color=color,
+                        label=f"{data}: CE-only ablation")
+            if r["kind"] == "tfidf":
+                ax.axhline(r["retention_accuracy"], color=color, lw=0.8, ls="--", alpha=0.5)
+                ax.annotate(f"TF-IDF + LR ({data})", (1, r["retention_accuracy"]), xycoords=("axes fraction", "data"),
+                            xytext=(-120, 3), textcoords="offset points", fontsize=7, color=color)
+        for r in kd:
+            if r["kind"] == "kd":
+                ax.annotate(f"{r['compression_x_fp32']:.0f}×", (r["compression_x_fp32"], r["retention_accuracy"]),
+                            xytext=(3, 4), textcoords="offset points", fontsize=7, color=color)
+    target = TARGET["min_retention"]
+    ax.axhline(target, color="tab:red", lw=0.8, ls=":")
+    ax.axvline(TARGET["min_compression_x_fp32"], color="tab:red", lw=0.8, ls=":")
+    ax.annotate(f"target: ≥{target:.0%} at ≥{TARGET['min_compression_x_fp32']:g}×", (TARGET["min_compression_x_fp32"], target),
+                xytext=(4, -12), textcoords="offset points", fontsize=7, color="tab:red")
+    for a, label in ((ax, "retention (student ÷ teacher, test split)"), (ax2, "onnxruntime speed-up over the teacher (batch 1)")):
+        a.set_xscale("log")
+        a.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}×"))
+        a.set_xlabel("compression_x_fp32 (teacher params × 4 ÷ model.onnx bytes, log)")
+        a.set_ylabel(label)
+        a.grid(alpha=0.3, which="both")
+        a.legend(fontsize=7)
+    fig.suptitle("Classifier shrink curve: fine-tuned all-MiniLM-L6-v2 → sliced, SVD-factorized, vocabulary-trimmed students")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    print(f"wrote {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=",".join(DATASETS), help="comma list of: spamassassin, drugreview")
@@ -356,12 +408,17 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--overwrite", action="store_true", help="rerun finished rows whose config differs")
     ap.add_argument("--name", default=None, help="result name (default classifier, --quick: classifier_quick)")
+    ap.add_argument("--plot-only", action="store_true", help="only redraw the plot from the result JSON")
     args = ap.parse_args()
     for k, v in (QUICK if args.quick else FULL).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.root = args.root or str(ROOT / "runs" / "bench" / ("classifier-quick" if args.quick else "classifier"))
     args.name = args.name or ("classifier_quick" if args.quick else "classifier")
+    plot = ROOT / "docs" / "img" / f"{args.name}_shrink_curve.png"
+    if args.plot_only:
+        plot_curve(json.loads((RESULTS / f"{args.name}.json").read_text()), plot)
+        return
     datasets = [d.strip() for d in args.data.split(",") if d.strip()]
     bad = [d for d in datasets if d not in DATASETS]
     if bad:
@@ -419,8 +476,9 @@ def main() -> None:
                     "ablation": f"ce-{_x(args.ablation_x)}x: the same student config with kd.alpha=0 (CE only)"},
         "load_average": {"start": load_start, "end": os.getloadavg()[0]},
         "wall_s_this_invocation": time.perf_counter() - t_all,
-        "datasets": results,
+        "datasets": results, "plot": str(plot.relative_to(ROOT)),
     })
+    plot_curve(json.loads((RESULTS / f"{args.name}.json").read_text()), plot)
 
 
 if __name__ == "__main__":

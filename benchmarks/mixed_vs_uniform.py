@@ -1,18 +1,21 @@
 """Sensitivity-aware mixed precision vs uniform formats at equal bytes (EdgeDistill's HPAQD claim, issue 4).
 
 The whole teacher, post-training (round-to-nearest, no training, so only the allocation differs):
-  uniform:  every Linear in one GGUF format U (q5_0, q4_1)
+  uniform:  every Linear in one GGUF format U (q4_0, q5_0, q8_0; and q4_1, see below)
   mixed:    per-layer formats from {q8_0, q5_0, q4_0} (the formats `edgestill plan`/`sweep` allocate for QAT)
-            chosen by edgestill.plan.allocate from the measured layer sensitivities, within the GGUF file
-            bytes of the uniform model
+            chosen by edgestill.plan.allocate from the measured layer sensitivities, within a GGUF file budget:
+            (a) exactly the bytes of each uniform model (the equal-bytes comparison),
+            (b) 90% of uniform Q5_0's bytes (does the mix match Q5_0 with fewer bytes?),
+            (c) budgets spread between uniform Q4_0 and Q8_0 (the bytes -> KL curve, plotted)
 The teacher ships as a Q4_1 GGUF, so its weights already lie on the Q4_1 grid (and on Q5_1's, which holds
 it): re-quantizing a layer to Q4_1/Q5_1 is lossless for this teacher, which says nothing about those formats
 on a real fp16 model. They are therefore kept out of the mixed menu; uniform Q4_1 is still reported as the
 row that shows the artifact (`--formats`/`--uniform` change both).
-Reported: held-out KL(teacher ‖ model), perplexity, top-1 agreement, and the exact GGUF bytes of both.
+Reported: held-out KL(teacher || model), perplexity, top-1 agreement, and the exact GGUF bytes of each.
 Calibration (the sensitivities) uses the train split; the held-out split is only scored.
 
-    python benchmarks/mixed_vs_uniform.py        # ~5 min on 2 idle cores
+    python benchmarks/mixed_vs_uniform.py        # ~15 min on 2 idle cores
+-> benchmarks/results/mixed_vs_uniform.json, docs/img/mixed_vs_uniform.png
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import write_result  # noqa: E402
 
+ROOT = Path(__file__).resolve().parent.parent
 FORMATS = ("q8_0", "q5_0", "q4_0")
-UNIFORM = ("q5_0", "q4_1")
+UNIFORM = ("q4_0", "q5_0", "q8_0", "q4_1")
+CURVE = (0.1, 0.25, 0.4, 0.6, 0.8)  # budgets: fraction of the way from uniform q4_0 bytes to q8_0 bytes
 
 
 def main() -> None:
@@ -43,7 +48,7 @@ def main() -> None:
     from edgestill.config import ShrinkConfig
     from edgestill.evaluate.metrics import compare_lm
     from edgestill.models.load import load_causal_lm, resolve_model_path
-    from edgestill.plan.allocate import Budget, allocate, plan_dict
+    from edgestill.plan.allocate import Budget, allocate, format_bits, plan_dict
     from edgestill.plan.cost import StudentShape, gguf_bytes, tokenizer_metadata_bytes
     from edgestill.plan.devices import load_device
     from edgestill.plan.sensitivity import layer_sensitivity
@@ -69,25 +74,102 @@ def main() -> None:
         return {"file_bytes": gguf_bytes(shape, plan, default, metadata)["file"], "kl_teacher_model": s["kl_teacher_student"],
                 "perplexity": s["student_perplexity"], "retention": s["retention"], "top1_agreement": s["top1_agreement"]}
 
-    rows = []
-    for fmt in uniform_formats:
-        uniform = score(fmt, {})
-        unit_formats, prediction, _ = allocate(shape, sensitivity, device, Budget(max_file_bytes=uniform["file_bytes"]),
-                                               formats=formats, metadata_bytes=metadata)
+    def mixed_at(max_bytes: int) -> dict:
+        unit_formats, _, predicted_kl = allocate(shape, sensitivity, device, Budget(max_file_bytes=max_bytes),
+                                                 formats=formats, metadata_bytes=metadata)
         default, plan = plan_dict(unit_formats)
-        mixed = score(default, plan)
         counts = {f: list(unit_formats.values()).count(f) for f in formats if f in unit_formats.values()}
-        rows.append({"budget": f"uniform {fmt}", "uniform": {"format": fmt, **uniform},
-                     "mixed": {"default": default, "plan": plan, "unit_format_counts": counts, **mixed},
-                     "mixed_kl_over_uniform": mixed["kl_teacher_model"] / uniform["kl_teacher_model"]})
-        print(f"{fmt}: uniform KL {uniform['kl_teacher_model']:.4f} ({uniform['file_bytes']:,} B) | mixed "
-              f"KL {mixed['kl_teacher_model']:.4f} ({mixed['file_bytes']:,} B) {counts}", flush=True)
+        return {"budget_bytes": max_bytes, "default": default, "plan": plan, "unit_format_counts": counts,
+                "predicted_kl_sum": predicted_kl, **score(default, plan)}
+
+    def show(label: str, r: dict) -> None:
+        print(f"{label:<28} {r['file_bytes'] / 1e6:7.2f} MB  KL {r['kl_teacher_model']:.4f}  "
+              f"top-1 {r['top1_agreement']:.3f}  {r.get('unit_format_counts', '')}", flush=True)
+
+    uniform = {}
+    for fmt in dict.fromkeys((*uniform_formats, "q4_0", "q8_0")):
+        uniform[fmt] = {"format": fmt, **score(fmt, {})}
+        show(f"uniform {fmt}", uniform[fmt])
+
+    rows = []  # (a) equal bytes
+    for fmt in uniform_formats:
+        if fmt in (min(formats, key=format_bits), max(formats, key=format_bits)):
+            continue  # the lowest / highest menu format: the mix can only be that same uniform model
+        mixed = mixed_at(uniform[fmt]["file_bytes"])
+        show(f"mixed at uniform {fmt} bytes", mixed)
+        rows.append({"budget": f"uniform {fmt}", "uniform": uniform[fmt], "mixed": mixed,
+                     "mixed_kl_over_uniform": mixed["kl_teacher_model"] / uniform[fmt]["kl_teacher_model"]})
+
+    fewer = None  # (b) fewer bytes than uniform q5_0
+    if "q5_0" in uniform:
+        fewer = mixed_at(int(0.9 * uniform["q5_0"]["file_bytes"]))
+        show("mixed at 0.9 x q5_0 bytes", fewer)
+        fewer["kl_over_uniform_q5_0"] = fewer["kl_teacher_model"] / uniform["q5_0"]["kl_teacher_model"]
+
+    lo, hi = uniform["q4_0"]["file_bytes"], uniform["q8_0"]["file_bytes"]  # (c) the curve
+    curve = []
+    for f in CURVE:
+        curve.append(mixed_at(int(lo + f * (hi - lo))))
+        show(f"mixed at {curve[-1]['budget_bytes'] / 1e6:.1f} MB", curve[-1])
+
+    # Uniform menu formats joined by straight lines: what picking between uniform files gets you; a mix below it wins.
+    def uniform_line(nbytes: int) -> float:
+        pts = sorted((uniform[f]["file_bytes"], uniform[f]["kl_teacher_model"]) for f in formats if f in uniform)
+        for (b0, k0), (b1, k1) in zip(pts, pts[1:]):
+            if b0 <= nbytes <= b1:
+                return k0 + (k1 - k0) * (nbytes - b0) / (b1 - b0)
+        return float("nan")
+
+    for m in curve:
+        m["uniform_interpolated_kl"] = uniform_line(m["file_bytes"])
+        # the best uniform menu format that fits in the same bytes (what a user without a mix would ship)
+        fits = [uniform[f] for f in formats if f in uniform and uniform[f]["file_bytes"] <= m["budget_bytes"]]
+        best = min(fits, key=lambda u: u["kl_teacher_model"]) if fits else None
+        m["best_uniform_that_fits"] = best and {"format": best["format"], "kl_teacher_model": best["kl_teacher_model"]}
+
+    plot = ROOT / "docs" / "img" / "mixed_vs_uniform.png"
+    _plot(plot, uniform, formats, rows, fewer, curve)
     write_result("mixed_vs_uniform", {
         "command": " ".join(["python", "benchmarks/mixed_vs_uniform.py", *sys.argv[1:]]), "method": "RTN post-training, whole teacher",
         "calibration": "8 train blocks x 256 tokens", "held_out_tokens": int(test[:, 1:].size),
-        "formats": list(formats), "rows": rows,
+        "formats": list(formats), "uniform": uniform, "rows": rows, "mixed_at_0.9x_q5_0": fewer, "curve": curve,
+        "plot": str(plot.relative_to(ROOT)),
         "note": "the teacher ships as Q4_1: its layers re-quantize to Q4_1 losslessly (an artifact of this teacher)",
         "sensitivity": sensitivity.to_dict()})
+
+
+def _plot(path: Path, uniform: dict, formats, rows: list, fewer: dict | None, curve: list) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    menu = sorted((u["file_bytes"] / 1e6, u["kl_teacher_model"], f) for f, u in uniform.items() if f in formats)
+    ax.plot([m[0] for m in menu], [m[1] for m in menu], "o--", color="tab:gray", label="uniform (menu formats)")
+    for mb, kl, f in menu:
+        ax.annotate(f.upper(), (mb, kl), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    for f, u in uniform.items():
+        if f not in formats:
+            ax.plot(u["file_bytes"] / 1e6, u["kl_teacher_model"], "x", color="tab:red")
+            ax.annotate(f"{f.upper()} (teacher's own grid)", (u["file_bytes"] / 1e6, u["kl_teacher_model"]),
+                        textcoords="offset points", xytext=(6, -10), fontsize=8, color="tab:red")
+    pts = sorted([*(r["mixed"] for r in rows), *([fewer] if fewer else []), *curve], key=lambda m: m["file_bytes"])
+    ax.plot([m["file_bytes"] / 1e6 for m in pts], [m["kl_teacher_model"] for m in pts], "s-", color="tab:blue",
+            label="sensitivity-aware mix (q8_0/q5_0/q4_0)")
+    ax.set_xlabel("GGUF file (MB)")
+    ax.set_ylabel("held-out KL(teacher || model)")
+    ax.set_yscale("log")
+    ax.set_title("SmolLM2-135M, round-to-nearest: per-layer mix vs one format")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

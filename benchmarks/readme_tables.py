@@ -111,6 +111,45 @@ def cost_model_table(r: dict) -> str:
     return "\n".join(rows)
 
 
+def mixed_vs_uniform_table(r: dict) -> str:
+    """Sensitivity-aware per-layer formats vs one format for the whole teacher (benchmarks/mixed_vs_uniform.py)."""
+    if "uniform" not in r:
+        return "_Old result format: rerun `python benchmarks/mixed_vs_uniform.py`._"
+
+    def counts(m: dict) -> str:
+        return " + ".join(f"{n}×{f}" for f, n in m["unit_format_counts"].items())
+
+    rows = ["| model | GGUF MB | held-out KL(teacher ‖ model) | top-1 | retention | vs uniform |",
+            "|---|---:|---:|---:|---:|---|"]
+    for f, u in sorted(r["uniform"].items(), key=lambda kv: kv[1]["file_bytes"]):
+        mark = " (teacher's own grid)" if f not in r["formats"] else ""
+        rows.append(f"| uniform {f.upper()}{mark} | {u['file_bytes'] / 1e6:.2f} | {u['kl_teacher_model']:.4f} | "
+                    f"{u['top1_agreement']:.3f} | {u['retention']:.3f} | |")
+    for x in r["rows"]:
+        m = x["mixed"]
+        rows.append(f"| mix at uniform {x['uniform']['format'].upper()}'s bytes: {counts(m)} | {m['file_bytes'] / 1e6:.2f} | "
+                    f"{m['kl_teacher_model']:.4f} | {m['top1_agreement']:.3f} | {m['retention']:.3f} | "
+                    f"KL × {x['mixed_kl_over_uniform']:.2f} |")
+    fewer = r.get("mixed_at_0.9x_q5_0")
+    if fewer:
+        rows.append(f"| mix at 90% of Q5_0's bytes: {counts(fewer)} | {fewer['file_bytes'] / 1e6:.2f} | "
+                    f"{fewer['kl_teacher_model']:.4f} | {fewer['top1_agreement']:.3f} | {fewer['retention']:.3f} | "
+                    f"KL × {fewer['kl_over_uniform_q5_0']:.2f} of uniform Q5_0 |")
+    for m in r.get("curve", []):
+        best = m.get("best_uniform_that_fits")
+        vs = (f"line between uniform files: {m['uniform_interpolated_kl']:.4f}; best uniform that fits "
+              f"({best['format'].upper()}): {best['kl_teacher_model']:.4f}") if best else ""
+        rows.append(f"| mix within {m['budget_bytes'] / 1e6:.1f} MB: {counts(m)} | {m['file_bytes'] / 1e6:.2f} | "
+                    f"{m['kl_teacher_model']:.4f} | {m['top1_agreement']:.3f} | {m['retention']:.3f} | {vs} |")
+    env = r["environment"]
+    rows += ["", f"Round-to-nearest on the whole teacher (no training: only the allocation differs); mixes choose per layer "
+                 f"from {', '.join(f.upper() for f in r['formats'])} by the sensitivities measured on {r['calibration']} of "
+                 f"the train split; KL and top-1 on {r['held_out_tokens']:,} held-out tokens. Measured {env['date'][:10]}, "
+                 f"commit `{env['git_commit'][:8]}`, `{r['command']}` → `benchmarks/results/mixed_vs_uniform.json` and "
+                 f"`{r['plot']}`."]
+    return "\n".join(rows)
+
+
 CLASSIFIER_DATA = {"spamassassin": "SpamAssassin (ham / spam)", "drugreview": "Drug reviews (negative / neutral / positive)"}
 
 
@@ -166,7 +205,8 @@ from shrink_curve import shrink_curve_summary, shrink_curve_table  # noqa: E402
 
 TABLES = {"default_run": default_run_table, "distill_throughput": throughput_table, "quant_table": quant_table,
           "distill_methods": methods_table, "cost_model": cost_model_table, "classifier": classifier_table,
-          "shrink_curve": shrink_curve_table, "shrink_curve_summary": shrink_curve_summary}
+          "shrink_curve": shrink_curve_table, "shrink_curve_summary": shrink_curve_summary,
+          "mixed_vs_uniform": mixed_vs_uniform_table}
 SOURCES = {"shrink_curve_summary": "shrink_curve"}  # tables rendered from another table's JSON
 
 
