@@ -88,7 +88,9 @@ class Bench:
 
         a = self.args
         values = {
-            "teacher": str(self.root / data / "teacher"), "student.num_layers": a.num_layers, "student.max_len": a.max_len,
+            "teacher": str(self.root / data / "teacher"), "student.max_len": a.max_len,
+            # the smallest students cannot hold 2 layers even at the lowest rank: they keep 1 (--one-layer-from)
+            "student.num_layers": 1 if a.one_layer_from and target_x >= a.one_layer_from else a.num_layers,
             "student.compression_x": float(target_x), "student.target_params": self.student_params(data, target_x),
             "train.steps": a.student_steps,
             "train.lr": a.student_lr, "train.batch_size": a.batch_size, "train.eval_every": min(a.eval_every, a.student_steps),
@@ -139,6 +141,7 @@ class Bench:
 
     def run_rows(self, data: str, rows: list[dict]) -> None:
         from edgestill.classify import export_classifier_run, finetune_run, shrink_classifier_run
+        from edgestill.errors import EdgestillError
 
         t_cfg = self.teacher_cfg(data)
         teacher_dir = Path(t_cfg.output_dir)
@@ -164,7 +167,10 @@ class Bench:
                 shutil.rmtree(partial)
             print(f"[{data}] {row['name']}: {'KD' if row['kind'] == 'kd' else 'CE-only'} student at ~{_x(row['target_x'])}x, "
                   f"{cfg.train.steps} steps -> {out}", flush=True)
-            self._timed(data, row["name"], lambda: shrink_classifier_run(cfg, overwrite=(out / "DONE").is_file()))
+            try:
+                self._timed(data, row["name"], lambda: shrink_classifier_run(cfg, overwrite=(out / "DONE").is_file()))
+            except EdgestillError as e:  # e.g. a size the student cannot reach: report it, go on with the other rows
+                print(f"[{data}] {row['name']}: failed: {e}", flush=True)
 
     # ------------------------------------------------------------------ measuring
 
@@ -393,6 +399,9 @@ def main() -> None:
     ap.add_argument("--teacher-lr", type=float, default=1e-4)
     ap.add_argument("--student-lr", type=float, default=1e-3)
     ap.add_argument("--num-layers", type=int, default=2, help="teacher layers kept in every student")
+    ap.add_argument("--one-layer-from", type=float, default=100.0,
+                    help="students this many × smaller or more keep 1 layer (at 100× two layers do not fit even at rank 8; "
+                         "0: never)")
     ap.add_argument("--onnx-overhead-bytes", type=int, default=32_768,
                     help="bytes the ONNX graph adds to 4 × params (~30 KB measured for a 2-layer student); the student's "
                          "budget (student.target_params) is (teacher params × 4 ÷ size − this) ÷ 4, so the file reaches the size")
@@ -470,7 +479,7 @@ def main() -> None:
         "threads": args.threads, "quick": args.quick, "args": vars(args),
         "artifact": "each row's onnx/model.onnx, fp32 (the teacher's: its fp32 ONNX export); compression_x_fp32 = "
                     "teacher params × 4 ÷ its bytes, compression_x_fp16 = teacher params × 2 ÷ its bytes",
-        "student": {"num_layers": args.num_layers, "max_len": args.max_len, "trim_vocab": True,
+        "student": {"num_layers": args.num_layers, "one_layer_from_x": args.one_layer_from, "max_len": args.max_len, "trim_vocab": True,
                     "factorization": "truncated SVD of every matrix (not the head), global rank budget",
                     "kd": {"temperature": args.temperature, "alpha": args.alpha, "hidden_weight": args.hidden_weight},
                     "ablation": f"ce-{_x(args.ablation_x)}x: the same student config with kd.alpha=0 (CE only)"},

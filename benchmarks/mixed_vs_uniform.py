@@ -15,6 +15,7 @@ Reported: held-out KL(teacher || model), perplexity, top-1 agreement, and the ex
 Calibration (the sensitivities) uses the train split; the held-out split is only scored.
 
     python benchmarks/mixed_vs_uniform.py        # ~15 min on 2 idle cores
+    python benchmarks/mixed_vs_uniform.py --plot-only   # redraw the plot from the JSON
 -> benchmarks/results/mixed_vs_uniform.json, docs/img/mixed_vs_uniform.png
 """
 
@@ -41,7 +42,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--formats", default=",".join(FORMATS), help="formats the allocator may mix")
     ap.add_argument("--uniform", default=",".join(UNIFORM), help="uniform formats whose bytes are the budgets")
+    ap.add_argument("--plot-only", action="store_true", help="only redraw the plot from the result JSON")
     args = ap.parse_args()
+    if args.plot_only:
+        import json
+
+        r = json.loads((ROOT / "benchmarks" / "results" / "mixed_vs_uniform.json").read_text())
+        _plot(ROOT / r["plot"], r["uniform"], r["formats"], r["rows"], r.get("mixed_at_0.9x_q5_0"), r["curve"])
+        return
     formats = tuple(args.formats.split(","))
     uniform_formats = tuple(args.uniform.split(","))
 
@@ -146,7 +154,8 @@ def _plot(path: Path, uniform: dict, formats, rows: list, fewer: dict | None, cu
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     menu = sorted((u["file_bytes"] / 1e6, u["kl_teacher_model"], f) for f, u in uniform.items() if f in formats)
-    ax.plot([m[0] for m in menu], [m[1] for m in menu], "o--", color="tab:gray", label="uniform (menu formats)")
+    ax.plot([m[0] for m in menu], [m[1] for m in menu], "o--", color="tab:gray",
+            label="uniform formats (dashed: linear interpolation between them)")
     for mb, kl, f in menu:
         ax.annotate(f.upper(), (mb, kl), textcoords="offset points", xytext=(6, 4), fontsize=8)
     for f, u in uniform.items():
@@ -159,7 +168,7 @@ def _plot(path: Path, uniform: dict, formats, rows: list, fewer: dict | None, cu
             label="sensitivity-aware mix (q8_0/q5_0/q4_0)")
     ax.set_xlabel("GGUF file (MB)")
     ax.set_ylabel("held-out KL(teacher || model)")
-    ax.set_yscale("log")
+    ax.set_ylim(bottom=0)
     ax.set_title("SmolLM2-135M, round-to-nearest: per-layer mix vs one format")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)

@@ -191,7 +191,8 @@ def classifier_table(r: dict) -> str:
     if not out:
         return "_No classifier data set in the result yet: run `python benchmarks/classifier.py`._"
     s, a = r.get("student", {}), r.get("args", {})
-    out.append(f"Students: {s.get('num_layers', '?')} teacher layers, trimmed vocabulary, SVD-factorized, max "
+    one = f" (1 layer from {s['one_layer_from_x']:g}× on)" if s.get("one_layer_from_x") else ""
+    out.append(f"Students: {s.get('num_layers', '?')} teacher layers{one}, trimmed vocabulary, SVD-factorized, max "
                f"{s.get('max_len', '?')} tokens, {a.get('student_steps', '?')} training steps (teacher: "
                f"{a.get('teacher_steps', '?')} fine-tuning steps). Measured {r.get('date', '?')[:10]} on "
                f"{r.get('machine', {}).get('cpu_cores', '?')} CPU cores, commit `{(r.get('commit') or '?')[:8]}`"
