@@ -337,6 +337,8 @@ def plot_curve(result: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from edgestill.evaluate.report import save_figure
     from matplotlib.ticker import FuncFormatter
 
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.4))
@@ -375,11 +377,7 @@ def plot_curve(result: dict, path: Path) -> None:
         a.legend(fontsize=7)
     fig.suptitle("Classifier shrink curve: fine-tuned all-MiniLM-L6-v2 → sliced, SVD-factorized, vocabulary-trimmed students")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path, dpi=120)
     print(f"wrote {path}")
 
 

@@ -152,6 +152,8 @@ def _plot(path: Path, uniform: dict, formats, rows: list, fewer: dict | None, cu
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from edgestill.evaluate.report import save_figure
+
     fig, ax = plt.subplots(figsize=(7, 4.2))
     menu = sorted((u["file_bytes"] / 1e6, u["kl_teacher_model"], f) for f, u in uniform.items() if f in formats)
     ax.plot([m[0] for m in menu], [m[1] for m in menu], "o--", color="tab:gray",
@@ -173,11 +175,7 @@ def _plot(path: Path, uniform: dict, formats, rows: list, fewer: dict | None, cu
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path, dpi=120)
     print(f"wrote {path}")
 
 

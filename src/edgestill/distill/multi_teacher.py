@@ -147,6 +147,8 @@ def plot_teacher_weights(history: list[dict], names: list[str], path, weighting:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from edgestill.evaluate.report import save_figure
+
     rows = [h for h in history if "teacher_weights" in h]
     if not rows:
         return
@@ -162,5 +164,4 @@ def plot_teacher_weights(history: list[dict], names: list[str], path, weighting:
     ax.set_title(f"Teacher weights ({weighting})" if weighting != "agreement" else "MTAKD: agreement weight of each teacher")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -18,6 +18,21 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def save_figure(fig, path: Path, dpi: int = 110) -> None:
+    """Write a matplotlib figure as PNG atomically (a temp file renamed over `path`) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+
+
 def plot_training(history: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -38,8 +53,7 @@ def plot_training(history: list[dict], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_token_loss(teacher_nll: np.ndarray, student_nll: np.ndarray, path: Path) -> None:
@@ -68,8 +82,7 @@ def plot_token_loss(teacher_nll: np.ndarray, student_nll: np.ndarray, path: Path
     b.set_title("Distribution of per-token loss")
     b.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _rows(m: dict) -> list[tuple[str, str, str, str]]:

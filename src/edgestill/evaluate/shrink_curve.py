@@ -15,7 +15,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from edgestill.evaluate.report import write_atomic
+from edgestill.evaluate.report import save_figure, write_atomic
 
 
 @dataclass
@@ -89,10 +89,7 @@ def plot_shrink_curve(points: list[ShrinkPoint], path: Path, thresholds=(0.95, 0
     ax.legend(fontsize=8)
     fig.suptitle(title or "Shrink curve")
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path, dpi=120)
 
 
 def write_shrink_report(folder: Path, points: list[ShrinkPoint], meta: dict, thresholds=(0.95, 0.90)) -> dict:
