@@ -101,6 +101,24 @@ def test_shrink_measures_the_onnx_student_against_the_teacher(runs):
     assert not list(shrunk.glob(".teacher-onnx-*"))  # the teacher's timing export is not left behind
 
 
+def test_shrink_draws_the_runs_shrink_curve_over_onnx_types(runs):
+    shrunk = runs["shrunk"]
+    m = json.loads((shrunk / "metrics.json").read_text())
+    curve = {c["type"]: c for c in m["curve"]}
+    assert list(curve) == ["f32", "int8", "int4"]
+    assert curve["f32"]["onnx_bytes"] == m["student"]["onnx_bytes"] and curve["f32"]["test"] == m["student"]["test"]
+    for t, c in curve.items():
+        folder = shrunk / ("onnx" if t == "f32" else f"onnx-{t}")
+        assert c["onnx_bytes"] == (folder / "model.onnx").stat().st_size  # real files, kept for deployment
+        assert c["compression_x_fp32"] == pytest.approx(m["teacher"]["params"] * 4 / c["onnx_bytes"])
+        assert c["retention_accuracy"] == pytest.approx(c["test"]["accuracy"] / m["teacher"]["test"]["accuracy"])
+        assert c["onnx_parity_vs_pytorch"]["prediction_agreement"] >= 0.995
+        assert c["latency_ms_per_example"] > 0 and c["speedup_x"] > 0
+    assert curve["int4"]["onnx_bytes"] < curve["int8"]["onnx_bytes"] < curve["f32"]["onnx_bytes"]
+    assert (shrunk / "shrink_curve.png").stat().st_size > 0
+    assert "Shrink curve" in (shrunk / "report.md").read_text()
+
+
 def test_onnxruntime_predictions_agree_with_pytorch(runs):
     """predict_onnx (labels via label_map.json) vs the PyTorch student, on the held-out split."""
     from edgestill.evaluate.classification import predict_logits

@@ -22,7 +22,10 @@ distils it (`distill_classifier`: α·T²·KL + (1−α)·CE [+ hidden MSE]), ex
   and the teacher's fp32 safetensors bytes ÷ model.onnx bytes;
 - latency per example in onnxruntime (batch 1, `eval.threads` threads, unpadded test texts): teacher
   (exported to fp32 ONNX for the measurement, then deleted) and student alternated in each repeat,
-  median and [min, max]; speedup_x = teacher median ÷ student median.
+  median and [min, max]; speedup_x = teacher median ÷ student median;
+- the run's shrink curve: the same student exported in each of `eval.curve_types` (f32, int8, int4 by
+  default; kept as onnx/ and onnx-<type>/), each scored and timed like the deployable file
+  (`metrics.json` "curve", `shrink_curve.png`, a table in report.md).
 
 Runs are RunDir folders: built in `<out>.partial/`, renamed when finished, never replacing a finished run
 without `--overwrite`. A killed shrink resumes after the saved student (training is the costly part).
@@ -73,6 +76,9 @@ class ClassifierEvalConfig:
     latency_repeats: int = 5
     teacher_latency: bool = True  # export the teacher to ONNX (temporarily) to time it in the same runtime
     tfidf_baseline: bool = True
+    # the run's own shrink curve: the distilled student exported in each of these ONNX types (kept as onnx-<type>/),
+    # scored and timed with the rest; [] to skip
+    curve_types: list = field(default_factory=lambda: ["f32", "int8", "int4"])
 
 
 @dataclass
@@ -190,8 +196,9 @@ def load_classifier_config(stage: str, path: str | Path | None = None, overrides
         raise EdgestillError(f"task/stage are fixed for this command ({TASK}/{stage})")
     if stage == "shrink":
         cfg.train.max_len = cfg.student.max_len  # the student's position table decides the length everywhere
-        if cfg.eval.onnx_type not in ("f32", "int8", "int4"):
-            raise EdgestillError(f"eval.onnx_type '{cfg.eval.onnx_type}': choose f32, int8 or int4")
+        for t in (cfg.eval.onnx_type, *cfg.eval.curve_types):
+            if t not in ("f32", "int8", "int4"):
+                raise EdgestillError(f"ONNX type '{t}' (eval.onnx_type / eval.curve_types): choose f32, int8 or int4")
     return cfg
 
 
@@ -387,11 +394,30 @@ def shrink_classifier_run(cfg: ClassifierShrinkConfig, overwrite: bool = False) 
     exported = export_classifier_onnx(student_dir, onnx_dir, cfg.eval.onnx_type, parity_texts=splits.test.texts,
                                       max_len=max_len, threads=cfg.eval.threads)
     session = onnx_session(onnx_dir / "model.onnx", cfg.eval.threads)
-    s_onnx_test = scores(test_ids, onnx_classifier_logits(session, tokenize(s_tok, splits.test.texts, max_len)).argmax(-1), k)
+    test_inputs = tokenize(s_tok, splits.test.texts, max_len)
+    s_onnx_pred = onnx_classifier_logits(session, test_inputs).argmax(-1)
+    s_onnx_test = scores(test_ids, s_onnx_pred, k)
 
     # 4. teacher on the same split (PyTorch, its own tokenizer and length)
     t_logits = predict_logits(teacher, tokenize(t_tok, splits.test.texts, teacher_max_len), desc="teacher test logits")
     t_test = scores(test_ids, t_logits.argmax(-1), k)
+
+    # 4b. the run's shrink curve: the same student in each ONNX type (the deployable one is already exported)
+    curve_sessions, curve = {}, []
+    for t in dict.fromkeys(cfg.eval.curve_types):
+        folder = onnx_dir if t == cfg.eval.onnx_type else run.path / f"onnx-{t}"
+        report = exported if t == cfg.eval.onnx_type else export_classifier_onnx(
+            student_dir, folder, t, parity_texts=splits.test.texts, max_len=max_len, threads=cfg.eval.threads)
+        if t == cfg.eval.onnx_type:
+            sess, pred = session, s_onnx_pred
+        else:
+            sess = onnx_session(folder / "model.onnx", cfg.eval.threads)
+            pred = onnx_classifier_logits(sess, test_inputs).argmax(-1)
+        test = scores(test_ids, pred, k)
+        curve.append({"type": t, "folder": str(run.final / folder.name), "onnx_bytes": report["file_bytes"], "test": test,
+                      **retention(test, t_test), "top1_agreement_with_teacher": float((pred == t_logits.argmax(-1)).mean()),
+                      "onnx_parity_vs_pytorch": report.get("parity_vs_pytorch")})
+        curve_sessions[t] = sess
     s_pt_logits = predict_logits(student, tokenize(s_tok, splits.test.texts, max_len), desc="student test logits")
 
     # 5. sizes from real file bytes
@@ -403,7 +429,9 @@ def shrink_classifier_run(cfg: ClassifierShrinkConfig, overwrite: bool = False) 
 
     # 6. latency in onnxruntime, batch 1, teacher and student alternated
     texts = splits.test.texts[: max(1, cfg.eval.latency_examples)]
-    systems = {"student": (session, single_inputs(s_tok, texts, max_len))}
+    student_inputs = single_inputs(s_tok, texts, max_len)
+    systems = {"student": (session, student_inputs)}
+    systems.update({f"student-{t}": (sess, student_inputs) for t, sess in curve_sessions.items() if t != cfg.eval.onnx_type})
     teacher_onnx_bytes = None
     with tempfile.TemporaryDirectory(dir=run.path, prefix=".teacher-onnx-") as tmp:
         if cfg.eval.teacher_latency:
@@ -446,6 +474,15 @@ def shrink_classifier_run(cfg: ClassifierShrinkConfig, overwrite: bool = False) 
         "history": distilled["history"],
         "environment": {**environment(), "onnxruntime_threads": cfg.eval.threads, "latency_batch_size": 1},
     }
+    for c in curve:
+        lat = latency["student" if c["type"] == cfg.eval.onnx_type else f"student-{c['type']}"]
+        c.update({"compression_x_fp32": teacher_params * 4 / c["onnx_bytes"], "compression_x_fp16": teacher_params * 2 / c["onnx_bytes"],
+                  "latency_ms_per_example": lat["latency_ms_per_example"],
+                  "speedup_x": (latency["teacher"]["latency_ms_per_example"] / lat["latency_ms_per_example"]
+                                if "teacher" in latency else None)})
+    metrics["curve"] = curve
+    if curve:
+        _plot_curve(curve, run.path / "shrink_curve.png", str(cfg.teacher))
     _write_json(run.path / "metrics.json", metrics)
     _write_text(run.path / "report.md", classifier_report(metrics))
     final = run.finish()
@@ -465,6 +502,17 @@ def summary_line(m: dict) -> str:
             f"acc {s['accuracy']:.4f} / macro-F1 {s['macro_f1']:.4f} (retention {m['retention_accuracy']:.3f} / "
             f"{m['retention_macro_f1']:.3f}); {m['compression_x_fp32']:.1f}x smaller than fp32 "
             f"({m['compression_x_fp16']:.1f}x vs fp16){speed}")
+
+
+def _plot_curve(curve: list[dict], path: Path, teacher: str) -> None:
+    """shrink_curve.png of one run: accuracy retention and agreement against compression, one point per ONNX type."""
+    from edgestill.evaluate.shrink_curve import ShrinkPoint, plot_shrink_curve
+
+    points = [ShrinkPoint(name=c["type"], compression_x_fp32=c["compression_x_fp32"], retention=c["retention_accuracy"],
+                          top1_agreement=c["top1_agreement_with_teacher"], bytes=c["onnx_bytes"]) for c in curve]
+    plot_shrink_curve(points, path, title=f"Classifier shrink curve: {Path(teacher).name} -> this run's student, per ONNX type",
+                      retention_label="retention (student ÷ teacher accuracy, test split)",
+                      edgestill_label="student (slice + low-rank + KD), ONNX type")
 
 
 def classifier_report(m: dict) -> str:
@@ -498,6 +546,15 @@ def classifier_report(m: dict) -> str:
         f"- machine: {m['environment'].get('cpu_cores')} cores; commit {m['environment'].get('git_commit')}; "
         f"{m['environment'].get('date')}",
     ]
+    if m.get("curve"):
+        lines += ["", "Shrink curve (`shrink_curve.png`): the same student in each ONNX type, scored in onnxruntime on the test split.",
+                  "", "| ONNX type | MB | × fp32 | accuracy | macro-F1 | retention (acc / F1) | agreement with teacher | ms/example | speed-up |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for c in m["curve"]:
+            sp = f"{c['speedup_x']:.1f}×" if c.get("speedup_x") else "—"
+            lines.append(f"| {c['type']} | {c['onnx_bytes'] / 1e6:.2f} | {c['compression_x_fp32']:.1f}× | {c['test']['accuracy']:.4f} | "
+                         f"{c['test']['macro_f1']:.4f} | {c['retention_accuracy']:.3f} / {c['retention_macro_f1']:.3f} | "
+                         f"{c['top1_agreement_with_teacher']:.3f} | {c['latency_ms_per_example']:.2f} | {sp} |")
     if not m["data"]["same_split_as_teacher_finetuning"]:
         lines.append("- WARNING: the data or split differs from the teacher's fine-tuning; the teacher may have seen test rows.")
     if t.get("max_len") != s["max_len"]:

@@ -44,7 +44,9 @@ def break_points(points: list[ShrinkPoint], thresholds=(0.95, 0.90)) -> dict[str
     return out
 
 
-def plot_shrink_curve(points: list[ShrinkPoint], path: Path, thresholds=(0.95, 0.90), title: str = "") -> None:
+def plot_shrink_curve(points: list[ShrinkPoint], path: Path, thresholds=(0.95, 0.90), title: str = "",
+                      retention_label: str = "retention (teacher ppl ÷ model ppl)",
+                      edgestill_label: str = "edgestill (slice + QAT/KD)") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -57,7 +59,7 @@ def plot_shrink_curve(points: list[ShrinkPoint], path: Path, thresholds=(0.95, 0
     for series in sorted({p.series for p in points}, key=lambda s: s != "edgestill"):
         pts = sorted((p for p in points if p.series == series), key=lambda p: p.compression_x_fp32)
         style = styles.get(series, dict(marker="^"))
-        label = "edgestill (slice + QAT/KD)" if series == "edgestill" else f"{series} quantizer, teacher"
+        label = edgestill_label if series == "edgestill" else f"{series} quantizer, teacher"
         xs = [p.compression_x_fp32 for p in pts]
         ax.plot(xs, [p.retention for p in pts], label=label, **style)
         ax2.plot(xs, [p.top1_agreement for p in pts], label=label, **style)
@@ -76,7 +78,7 @@ def plot_shrink_curve(points: list[ShrinkPoint], path: Path, thresholds=(0.95, 0
             ax.plot([bp["compression_x_fp32"]], [bp["retention"]], marker="*", ms=15, color="tab:red", zorder=5,
                     label=f"break point ≥{float(t):.0%}: {bp['compression_x_fp32']:.1f}×")
     xs_all = [p.compression_x_fp32 for p in points]
-    for a, ylabel in ((ax, "retention (teacher ppl ÷ model ppl)"), (ax2, "top-1 agreement with the teacher")):
+    for a, ylabel in ((ax, retention_label), (ax2, "top-1 agreement with the teacher")):
         a.set_xscale("log")
         a.xaxis.set_major_locator(LogLocator(base=10, subs=(1, 1.5, 2, 3, 4, 5, 6, 8)))
         a.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}×"))
