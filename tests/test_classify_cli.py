@@ -95,6 +95,9 @@ def test_shrink_measures_the_onnx_student_against_the_teacher(runs):
     assert m["student"]["layers_kept"] == [1] and m["student"]["vocab_kept"] < json.loads(
         (runs["teacher"] / "config.json").read_text())["vocab_size"]
     assert "tfidf_logreg" in m["baselines"] and "student_sliced_untrained" in m["baselines"]
+    vt = m["vocab_trim"]  # the trim's effect on held-out text is measured, not assumed
+    assert 0 <= vt["texts_changed_fraction"] <= 1 and vt["test_texts_changed"] == round(vt["texts_changed_fraction"] * m["student"]["test"]["n"])
+    assert "student_accuracy_unchanged" in vt and vt["unk_fraction"] >= vt["full_unk_fraction"]
     report = (shrunk / "report.md").read_text()
     assert "compression_x_fp32" in report and "retention" in report
     assert LabelMap.load(shrunk / "onnx") == LabelMap.load(runs["teacher"])  # the label map travels with the model

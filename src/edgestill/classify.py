@@ -347,7 +347,7 @@ def shrink_classifier_run(cfg: ClassifierShrinkConfig, overwrite: bool = False) 
         onnx_classifier_logits,
         single_inputs,
     )
-    from edgestill.models.encoder import load_encoder_classifier, save_classifier, tokenize
+    from edgestill.models.encoder import load_encoder_classifier, save_classifier, tokenize, trim_coverage
     from edgestill.models.lowrank import stored_params
 
     if not cfg.teacher:
@@ -442,6 +442,19 @@ def shrink_classifier_run(cfg: ClassifierShrinkConfig, overwrite: bool = False) 
         latency = measure_latency(systems, cfg.eval.latency_repeats)
         systems.clear()
 
+    # 6b. what the vocabulary trim costs on unseen text: texts the student's tokenizer splits differently
+    vocab_trim = None
+    if distilled["student"]["vocab_kept"] < distilled["student"]["teacher_vocab"]:
+        cov = trim_coverage(t_tok, s_tok, splits.test.texts, max_len)
+        changed = cov.pop("changed")
+        vocab_trim = {**cov, "fallback": "unseen pieces -> shorter kept WordPiece pieces, else [UNK]",
+                      "test_texts_changed": int(changed.sum())}
+        for name, mask in (("changed", changed), ("unchanged", ~changed)):
+            if mask.any():
+                sub = test_ids[mask]
+                vocab_trim[f"student_accuracy_{name}"] = float((s_onnx_pred[mask] == sub).mean())
+                vocab_trim[f"teacher_accuracy_{name}"] = float((t_logits.argmax(-1)[mask] == sub).mean())
+
     baselines = {"student_sliced_untrained": {"test": distilled["sliced_untrained_test"],
                                               **retention(distilled["sliced_untrained_test"], t_test)},
                  "student_pytorch": {"test": scores(test_ids, s_pt_logits.argmax(-1), k)}}
@@ -467,6 +480,7 @@ def shrink_classifier_run(cfg: ClassifierShrinkConfig, overwrite: bool = False) 
         "speedup_x": (latency["teacher"]["latency_ms_per_example"] / latency["student"]["latency_ms_per_example"]
                       if "teacher" in latency else None),
         "onnx_parity_vs_pytorch": exported.get("parity_vs_pytorch"),
+        "vocab_trim": vocab_trim,
         "baselines": baselines,
         "data": {"spec": _data_record(cfg.data), "same_split_as_teacher_finetuning": data_matches,
                  "scored_on": "test split (never used for training, distillation or model selection)", **splits.summary()},
@@ -546,6 +560,13 @@ def classifier_report(m: dict) -> str:
         f"- machine: {m['environment'].get('cpu_cores')} cores; commit {m['environment'].get('git_commit')}; "
         f"{m['environment'].get('date')}",
     ]
+    vt = m.get("vocab_trim")
+    if vt:
+        acc = (f"; student accuracy on them {vt['student_accuracy_changed']:.4f} (teacher {vt['teacher_accuracy_changed']:.4f})"
+               if "student_accuracy_changed" in vt else "")
+        lines.append(f"- vocabulary trim on the test split: {vt['test_texts_changed']} texts ({_pct(vt['texts_changed_fraction'])}) "
+                     f"tokenize differently ({vt['fallback']}); [UNK] tokens {_pct(vt['unk_fraction'])} vs "
+                     f"{_pct(vt['full_unk_fraction'])} with the full vocabulary{acc}")
     if m.get("curve"):
         lines += ["", "Shrink curve (`shrink_curve.png`): the same student in each ONNX type, scored in onnxruntime on the test split.",
                   "", "| ONNX type | MB | × fp32 | accuracy | macro-F1 | retention (acc / F1) | agreement with teacher | ms/example | speed-up |",

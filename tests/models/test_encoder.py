@@ -98,6 +98,20 @@ def test_trimmed_tokenizer_gives_the_same_pieces_on_training_text(enc_dir):
     assert small.unk_token_id in unseen
 
 
+def test_trim_coverage_counts_texts_that_tokenize_differently(enc_dir):
+    from transformers import AutoTokenizer
+
+    from edgestill.models.encoder import trim_coverage
+
+    tok = AutoTokenizer.from_pretrained(enc_dir)
+    train = texts(30, seed=2)
+    small, _ = trim_tokenizer(tok, used_token_ids(tok, train, 32))
+    cov = trim_coverage(tok, small, [*train[:3], "zebra"], 32)
+    assert cov["changed"].tolist() == [False, False, False, True]  # training text keeps its pieces; unseen text does not
+    assert cov["texts_changed_fraction"] == 0.25
+    assert cov["unk_fraction"] > cov["full_unk_fraction"] == 0.0
+
+
 def test_default_encoder_is_found_without_importing_its_package():
     import importlib.util
     import sys

@@ -144,6 +144,27 @@ def used_token_ids(tokenizer, texts: list[str], max_len: int) -> list[int]:
     return sorted(ids)
 
 
+def trim_coverage(full_tokenizer, trimmed_tokenizer, texts: list[str], max_len: int) -> dict:
+    """What trimming changes on `texts`: which texts the trimmed tokenizer splits differently from the full one
+    (unseen pieces fall back to shorter kept pieces, or to [UNK]) and how many tokens become [UNK].
+
+    Returns {"changed": bool array per text, "texts_changed_fraction", "unk_fraction" (trimmed), "full_unk_fraction"}.
+    """
+    def pieces(tok) -> list[list[str]]:
+        ids = tok(list(texts), truncation=True, max_length=max_len)["input_ids"]
+        return [tok.convert_ids_to_tokens(x) for x in ids]
+
+    full, trimmed = pieces(full_tokenizer), pieces(trimmed_tokenizer)
+    changed = np.array([a != b for a, b in zip(full, trimmed)], dtype=bool)
+
+    def unk(seqs, token) -> float:
+        n = sum(len(x) for x in seqs)
+        return sum(t == token for x in seqs for t in x) / max(1, n)
+
+    return {"changed": changed, "texts_changed_fraction": float(changed.mean()) if len(changed) else 0.0,
+            "unk_fraction": unk(trimmed, trimmed_tokenizer.unk_token), "full_unk_fraction": unk(full, full_tokenizer.unk_token)}
+
+
 def trim_tokenizer(tokenizer, keep_ids: list[int]):
     """A WordPiece tokenizer holding only `keep_ids` (renumbered in the same order).
 
