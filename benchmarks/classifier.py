@@ -473,7 +473,7 @@ def main() -> None:
         for data, r in (json.loads(previous.read_text()).get("datasets") or {}).items():
             if data not in results:
                 results[data] = {**r, "from_earlier_invocation": True}
-    write_result(args.name, {
+    payload = {
         "command": " ".join(["python", "benchmarks/classifier.py", *sys.argv[1:]]),
         "commit": commit, "git_dirty": env["git_dirty"], "date": env["date"], "environment": env,
         "machine": {"cpu_cores": os.cpu_count(), "torch_threads": args.train_threads or args.threads, "onnxruntime_intra_op_threads": args.threads,
@@ -488,8 +488,9 @@ def main() -> None:
         "load_average": {"start": load_start, "end": os.getloadavg()[0]},
         "wall_s_this_invocation": time.perf_counter() - t_all,
         "datasets": results, "plot": str(plot.relative_to(ROOT)),
-    })
-    plot_curve(json.loads((RESULTS / f"{args.name}.json").read_text()), plot)
+    }
+    write_result(args.name, payload)
+    plot_curve(payload, plot)
 
 
 if __name__ == "__main__":

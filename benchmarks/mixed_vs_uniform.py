@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import write_result  # noqa: E402
+from _common import RESULTS, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 FORMATS = ("q8_0", "q5_0", "q4_0")
@@ -47,7 +47,7 @@ def main() -> None:
     if args.plot_only:
         import json
 
-        r = json.loads((ROOT / "benchmarks" / "results" / "mixed_vs_uniform.json").read_text())
+        r = json.loads((RESULTS / "mixed_vs_uniform.json").read_text())
         _plot(ROOT / r["plot"], r["uniform"], r["formats"], r["rows"], r.get("mixed_at_0.9x_q5_0"), r["curve"])
         return
     formats = tuple(args.formats.split(","))
@@ -73,7 +73,15 @@ def main() -> None:
     metadata = tokenizer_metadata_bytes(resolve_model_path("smollm2-135m"))
     device = load_device("rpi5-8gb")  # only the file budget binds; the device is needed for the speed terms
 
+    scored: dict[tuple, dict] = {}  # budgets that allocate the same formats are scored once
+
     def score(default: str, plan: dict[str, str]) -> dict:
+        key = (default, tuple(sorted(plan.items())))
+        if key not in scored:
+            scored[key] = _score(default, plan)
+        return dict(scored[key])
+
+    def _score(default: str, plan: dict[str, str]) -> dict:
         model = copy.deepcopy(teacher.model)
         quantize_(model, QuantConfig(default=format_by_name(default), plan={k: format_by_name(v) for k, v in plan.items()}),
                   step="convert")

@@ -400,25 +400,29 @@ def shrink_classifier_run(cfg: ClassifierShrinkConfig, overwrite: bool = False) 
 
     # 4. teacher on the same split (PyTorch, its own tokenizer and length)
     t_logits = predict_logits(teacher, tokenize(t_tok, splits.test.texts, teacher_max_len), desc="teacher test logits")
-    t_test = scores(test_ids, t_logits.argmax(-1), k)
+    t_pred = t_logits.argmax(-1)
+    t_test = scores(test_ids, t_pred, k)
 
     # 4b. the run's shrink curve: the same student in each ONNX type (the deployable one is already exported)
+    def latency_name(onnx_type: str) -> str:
+        return "student" if onnx_type == cfg.eval.onnx_type else f"student-{onnx_type}"
+
     curve_sessions, curve = {}, []
     for t in dict.fromkeys(cfg.eval.curve_types):
-        folder = onnx_dir if t == cfg.eval.onnx_type else run.path / f"onnx-{t}"
-        report = exported if t == cfg.eval.onnx_type else export_classifier_onnx(
-            student_dir, folder, t, parity_texts=splits.test.texts, max_len=max_len, threads=cfg.eval.threads)
         if t == cfg.eval.onnx_type:
-            sess, pred = session, s_onnx_pred
+            folder, report, sess, pred = onnx_dir, exported, session, s_onnx_pred
         else:
+            folder = run.path / f"onnx-{t}"
+            report = export_classifier_onnx(student_dir, folder, t, parity_texts=splits.test.texts, max_len=max_len,
+                                            threads=cfg.eval.threads)
             sess = onnx_session(folder / "model.onnx", cfg.eval.threads)
             pred = onnx_classifier_logits(sess, test_inputs).argmax(-1)
         test = scores(test_ids, pred, k)
         curve.append({"type": t, "folder": str(run.final / folder.name), "onnx_bytes": report["file_bytes"], "test": test,
-                      **retention(test, t_test), "top1_agreement_with_teacher": float((pred == t_logits.argmax(-1)).mean()),
+                      **retention(test, t_test), "top1_agreement_with_teacher": float((pred == t_pred).mean()),
                       "onnx_parity_vs_pytorch": report.get("parity_vs_pytorch")})
-        curve_sessions[t] = sess
-    s_pt_logits = predict_logits(student, tokenize(s_tok, splits.test.texts, max_len), desc="student test logits")
+        curve_sessions[latency_name(t)] = sess
+    s_pt_logits = predict_logits(student, test_inputs, desc="student test logits")
 
     # 5. sizes from real file bytes
     teacher_params = stored_params(teacher)
@@ -430,8 +434,7 @@ def shrink_classifier_run(cfg: ClassifierShrinkConfig, overwrite: bool = False) 
     # 6. latency in onnxruntime, batch 1, teacher and student alternated
     texts = splits.test.texts[: max(1, cfg.eval.latency_examples)]
     student_inputs = single_inputs(s_tok, texts, max_len)
-    systems = {"student": (session, student_inputs)}
-    systems.update({f"student-{t}": (sess, student_inputs) for t, sess in curve_sessions.items() if t != cfg.eval.onnx_type})
+    systems = {"student": (session, student_inputs), **{name: (sess, student_inputs) for name, sess in curve_sessions.items()}}
     teacher_onnx_bytes = None
     with tempfile.TemporaryDirectory(dir=run.path, prefix=".teacher-onnx-") as tmp:
         if cfg.eval.teacher_latency:
@@ -453,7 +456,7 @@ def shrink_classifier_run(cfg: ClassifierShrinkConfig, overwrite: bool = False) 
             if mask.any():
                 sub = test_ids[mask]
                 vocab_trim[f"student_accuracy_{name}"] = float((s_onnx_pred[mask] == sub).mean())
-                vocab_trim[f"teacher_accuracy_{name}"] = float((t_logits.argmax(-1)[mask] == sub).mean())
+                vocab_trim[f"teacher_accuracy_{name}"] = float((t_pred[mask] == sub).mean())
 
     baselines = {"student_sliced_untrained": {"test": distilled["sliced_untrained_test"],
                                               **retention(distilled["sliced_untrained_test"], t_test)},
@@ -473,7 +476,7 @@ def shrink_classifier_run(cfg: ClassifierShrinkConfig, overwrite: bool = False) 
                     "vocab_kept": distilled["student"]["vocab_kept"], "ranks": distilled["student"]["ranks"],
                     "test": s_onnx_test, **latency["student"]},
         **retention(s_onnx_test, t_test),
-        "top1_agreement_with_teacher": float((s_pt_logits.argmax(-1) == t_logits.argmax(-1)).mean()),
+        "top1_agreement_with_teacher": float((s_pt_logits.argmax(-1) == t_pred).mean()),
         "compression_x_fp32": teacher_params * 4 / onnx_bytes,
         "compression_x_fp16": teacher_params * 2 / onnx_bytes,
         "compression_x_teacher_file": teacher_file_bytes / onnx_bytes if teacher_file_bytes else None,
@@ -489,7 +492,7 @@ def shrink_classifier_run(cfg: ClassifierShrinkConfig, overwrite: bool = False) 
         "environment": {**environment(), "onnxruntime_threads": cfg.eval.threads, "latency_batch_size": 1},
     }
     for c in curve:
-        lat = latency["student" if c["type"] == cfg.eval.onnx_type else f"student-{c['type']}"]
+        lat = latency[latency_name(c["type"])]
         c.update({"compression_x_fp32": teacher_params * 4 / c["onnx_bytes"], "compression_x_fp16": teacher_params * 2 / c["onnx_bytes"],
                   "latency_ms_per_example": lat["latency_ms_per_example"],
                   "speedup_x": (latency["teacher"]["latency_ms_per_example"] / lat["latency_ms_per_example"]
