@@ -1,6 +1,6 @@
 """Regenerate the README's result tables from benchmarks/results/*.json (never typed by hand).
 
-Each table sits between `<!-- results:NAME -->` and `<!-- /results:NAME -->` in README.md.
+Each table sits between `<!-- results:NAME -->` and `<!-- /results:NAME -->` in README.md or a docs/*.md page.
     python benchmarks/readme_tables.py
 """
 
@@ -212,18 +212,22 @@ SOURCES = {"shrink_curve_summary": "shrink_curve"}  # tables rendered from anoth
 
 
 def main() -> None:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
+    pages = {path: path.read_text() for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]}
     for name, render in TABLES.items():
         source = SOURCES.get(name, name)
         result = _load(source)
         body = render(result) if result else f"_No result yet: run `python benchmarks/{source}.py`._"
         pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(\n<!-- /results:{name} -->)", re.S)
-        text, n = pattern.subn(lambda m: m.group(1) + body + m.group(2), text)
-        if n == 0:
-            print(f"README.md has no markers for {name}; skipped")
-    readme.write_text(text)
-    print("README.md tables regenerated")
+        found = 0
+        for path, text in pages.items():
+            pages[path], n = pattern.subn(lambda m: m.group(1) + body + m.group(2), text)
+            found += n
+        if not found:
+            print(f"no page has markers for {name}; skipped")
+    for path, text in pages.items():
+        if text != path.read_text():
+            path.write_text(text)
+            print(f"{path.relative_to(ROOT)}: tables regenerated")
 
 
 if __name__ == "__main__":

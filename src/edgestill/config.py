@@ -86,7 +86,7 @@ class DistillConfig:
     loss: str = "forward_kl"
     skew: float = 0.1
     beta: float = 0.5
-    # Feature transfer (distill/features.py); both need the teacher model live (distill.cache_teacher=false):
+    # Feature transfer (distill/features.py); both run the teacher model on every batch, next to its top-k cache:
     # hidden-state MSE through a learned projection, uniform layer map; MiniLMv2 Q/K/V relations of the last layer.
     hidden_mse_weight: float = 0.0
     attention_relation_weight: float = 0.0
