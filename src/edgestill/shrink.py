@@ -219,7 +219,7 @@ def distill_run(cfg: ShrinkConfig, overwrite: bool = False, teacher_cache_from: 
         from edgestill.quant import quantize_
 
         quantize_(student, quant_config, step="prepare")  # fake-quant forward, straight-through gradients
-    history = distill(student, source, train, cfg.distill, run.path, val_blocks=val)
+    history = distill(student, source, train, cfg.distill, run.path, val_blocks=val, layers=layers)
     dtype = cfg.output.dtype
     if quant_config is not None:
         report = quantize_(student, quant_config, step="convert")  # weights := exact runtime values

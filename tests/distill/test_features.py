@@ -8,7 +8,8 @@ import torch
 
 from conftest import load_tiny_teacher  # tests/ is on sys.path
 from edgestill.distill.features import (CaptureQKV, HiddenStateMSE, attention_relations, minilm_relation_loss,
-                                        relation_kl, rkd_angle_loss, rkd_distance_loss, uniform_layer_map)
+                                        relation_kl, rkd_angle_loss, rkd_distance_loss, sliced_layer_map,
+                                        uniform_layer_map)
 from edgestill.errors import EdgestillError
 
 R = 4  # relation heads: divides 64 and 32 (teacher Q and K/V) and 48 and 16 (student)
@@ -169,6 +170,26 @@ def test_hidden_mse_identity_init_and_mask(models):
     assert mse(shifted, hidden).item() > 0.01
     with pytest.raises(EdgestillError, match="layer map"):
         HiddenStateMSE(64, 64, {9: 2})(hidden, hidden)
+
+
+def test_sliced_layer_map_pairs_each_kept_block_with_itself():
+    # student block i is teacher block kept[i-1]: hidden state i (output of block i) <- teacher hidden kept[i-1] + 1
+    assert sliced_layer_map([0, 1, 6, 29], 30) == {1: 1, 2: 2, 3: 7, 4: 30}
+    assert sliced_layer_map([5, 0, 3], 8) == {1: 1, 2: 4, 3: 8}  # sorted; the last layers are always paired
+
+
+def test_hidden_mse_normalized_is_scale_free(models):
+    teacher, _, ids = models
+    _, hidden = _qkv(teacher, ids, grad=False)
+    g = torch.Generator().manual_seed(0)
+    noisy = [h + 0.3 * h.std() * torch.randn(h.shape, generator=g) for h in hidden]
+    norm, raw = HiddenStateMSE(64, 64, {2: 2, 4: 4}), HiddenStateMSE(64, 64, {2: 2, 4: 4}, normalize=False)
+    scaled = lambda hs, k: [k * h for h in hs]  # noqa: E731
+    # a residual stream 100x larger (deep pre-norm layers) leaves the normalised loss unchanged, the raw one x 1e4
+    torch.testing.assert_close(norm(scaled(noisy, 100.0), scaled(hidden, 100.0)), norm(noisy, hidden))
+    torch.testing.assert_close(raw(scaled(noisy, 100.0), scaled(hidden, 100.0)), 1e4 * raw(noisy, hidden))
+    zeros = [torch.zeros_like(h) for h in hidden]
+    assert norm(zeros, hidden).item() == pytest.approx(1.0)  # 1.0 = no better than predicting zeros
 
 
 def test_rkd_invariant_to_rotation_scale_and_width():

@@ -58,16 +58,32 @@ def uniform_layer_map(num_student_layers: int, num_teacher_layers: int) -> dict[
     return {i: round(i * num_teacher_layers / num_student_layers) for i in range(1, num_student_layers + 1)}
 
 
+def sliced_layer_map(layers_kept: Sequence[int], num_teacher_layers: int) -> dict[int, int]:
+    """For a student sliced out of the teacher (`student.layers`): student block i is teacher block layers_kept[i-1],
+    so student hidden state i <- teacher hidden state layers_kept[i-1] + 1; the last layers are always paired."""
+    kept = sorted(layers_kept)
+    layer_map = {i + 1: t + 1 for i, t in enumerate(kept)}
+    layer_map[len(kept)] = num_teacher_layers
+    return layer_map
+
+
 class HiddenStateMSE(nn.Module):
     """Mean over mapped layers of ||H_s^(i) W_i - H_t^(g(i))||^2 per token (averaged over the teacher width).
 
-    layer_map: {student index: teacher index} into the models' `hidden_states` tuples (see `uniform_layer_map`).
-    Each pair gets its own Linear(student_dim -> teacher_dim, no bias), initialised to a scaled identity
-    where the widths allow, so equal-width models start from plain MSE.
+    layer_map: {student index: teacher index} into the models' `hidden_states` tuples (`uniform_layer_map`, or
+    `sliced_layer_map` for a student sliced out of the teacher). Each pair gets its own Linear(student_dim ->
+    teacher_dim, no bias), initialised to the identity where the widths allow, so equal-width models start
+    from plain MSE.
+    normalize: divide each layer's error by the teacher's mean squared activation there (detached), so 1.0
+    means "no better than predicting zeros" whatever the layer's scale. Pre-norm decoders (Llama, SmolLM2)
+    have residual streams whose scale grows with depth and carries outlier channels in the hundreds; raw MSE
+    there is ~1e2-1e3 per element and swamps a KD term of ~0.1 at any sensible weight. False is the raw
+    FitNets/TinyBERT MSE (post-norm BERT hidden states are unit scale, where the two agree up to a constant).
     """
 
-    def __init__(self, student_dim: int, teacher_dim: int, layer_map: Mapping[int, int]):
+    def __init__(self, student_dim: int, teacher_dim: int, layer_map: Mapping[int, int], normalize: bool = True):
         super().__init__()
+        self.normalize = normalize
         if not layer_map:
             raise EdgestillError("HiddenStateMSE needs a non-empty layer map, e.g. uniform_layer_map(L_student, L_teacher)")
         self.layer_map = {int(s): int(t) for s, t in layer_map.items()}
@@ -88,7 +104,10 @@ class HiddenStateMSE(nn.Module):
                                      "build the map with uniform_layer_map(L_student, L_teacher)")
             h_s = self.proj[str(s)](student_hidden[s].float())  # (B, T, D_t)
             h_t = teacher_hidden[t].detach().float()  # (B, T, D_t)
-            losses.append(_masked_token_mean((h_s - h_t).pow(2).mean(-1), mask))
+            err = _masked_token_mean((h_s - h_t).pow(2).mean(-1), mask)
+            if self.normalize:
+                err = err / _masked_token_mean(h_t.pow(2).mean(-1), mask).clamp_min(1e-12)
+            losses.append(err)
         return torch.stack(losses).mean()
 
 

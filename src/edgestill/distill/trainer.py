@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from edgestill.config import DistillConfig
-from edgestill.distill.features import CaptureQKV, HiddenStateMSE, minilm_relation_loss, uniform_layer_map
+from edgestill.distill.features import CaptureQKV, HiddenStateMSE, minilm_relation_loss, sliced_layer_map, uniform_layer_map
 from edgestill.distill.losses import LogitLossConfig, cross_entropy, cross_entropy_per_token, kd_objective, logit_loss
 from edgestill.distill.multi_teacher import TeacherMixer, plot_teacher_weights
 from edgestill.distill.on_policy import OnPolicyBatches, OnPolicyConfig
@@ -146,7 +146,8 @@ class Methods:
     teacher_weights: list[float] | None = None
 
     @classmethod
-    def from_config(cls, cfg: DistillConfig, student=None, teacher=None) -> "Methods":
+    def from_config(cls, cfg: DistillConfig, student=None, teacher=None, layers: list[int] | None = None) -> "Methods":
+        """`layers`: the teacher blocks a sliced student kept (pairs its hidden states with theirs); None: a uniform map."""
         methods = cls(logit=LogitLossConfig(kind=cfg.loss, temperature=cfg.temperature, skew=cfg.skew, beta=cfg.beta),
                       alpha=cfg.alpha)
         for name in ("hidden_mse_weight", "attention_relation_weight", "token_focus"):
@@ -171,9 +172,10 @@ class Methods:
                 fraction=cfg.on_policy_fraction, adaptive=cfg.on_policy_adaptive,
                 prompt_tokens=cfg.on_policy_prompt_tokens, seed=cfg.seed))
         if cfg.hidden_mse_weight > 0:
-            methods.hidden_mse = HiddenStateMSE(
-                student.config.hidden_size, methods.teacher_model.config.hidden_size,
-                uniform_layer_map(student.config.num_hidden_layers, methods.teacher_model.config.num_hidden_layers))
+            n_s, n_t = student.config.num_hidden_layers, methods.teacher_model.config.num_hidden_layers
+            layer_map = sliced_layer_map(layers, n_t) if layers is not None else uniform_layer_map(n_s, n_t)
+            methods.hidden_mse = HiddenStateMSE(student.config.hidden_size, methods.teacher_model.config.hidden_size,
+                                                layer_map)
         if cfg.attention_relation_weight > 0:
             methods.student_qkv = CaptureQKV(student)
             methods.teacher_qkv = CaptureQKV(methods.teacher_model)
@@ -369,8 +371,10 @@ def _from_rank0(value: float) -> float:
 
 
 def distill(student, teacher, blocks: np.ndarray, cfg: DistillConfig, run_dir: str | Path,
-            val_blocks: np.ndarray | None = None, show_progress: bool = True) -> list[dict]:
+            val_blocks: np.ndarray | None = None, show_progress: bool = True, layers: list[int] | None = None) -> list[dict]:
     """Train `student` towards `teacher` (a CachedTeacher, LiveTeacher or MultiTeacher) on `blocks` (N, T).
+
+    `layers`: for a student sliced out of the teacher, the teacher blocks it kept (aligns hidden-state MSE).
 
     Checkpoints go to `run_dir/checkpoints`; an existing checkpoint there is resumed. Returns the
     per-step log (loss, kd, ce, lr, tokens/s and, every `eval_every` steps, val_loss; with several
@@ -391,7 +395,7 @@ def distill(student, teacher, blocks: np.ndarray, cfg: DistillConfig, run_dir: s
 
     if cfg.freeze_embeddings:
         student.get_input_embeddings().weight.requires_grad_(False)
-    methods = Methods.from_config(cfg, student, teacher)
+    methods = Methods.from_config(cfg, student, teacher, layers)
     trainable = [p for p in student.parameters() if p.requires_grad] + methods.parameters()
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     start_step, history = _load_checkpoint(ckpt_root, student, optimizer, methods)
