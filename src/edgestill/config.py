@@ -91,7 +91,8 @@ class DistillConfig:
     hidden_mse_weight: float = 0.0
     attention_relation_weight: float = 0.0
     relation_heads: int = 8  # must divide the Q and K/V widths of teacher and student
-    # KAKD (distill/pid.py): a PID controller moves alpha so that KD/CE approaches pid_setpoint [reconstructed],
+    # KAKD (distill/pid.py): a PID controller moves alpha so that KD/CE approaches pid_setpoint [reconstructed]
+    # (alpha falls while the ratio is below it, so the text gets more weight once the student follows the teacher),
     # and token_focus > 0 weights the KD term towards tokens where the student's CE is high.
     pid: bool = False
     pid_setpoint: float = 0.3

@@ -8,18 +8,19 @@ import dataclasses
 import pytest
 import torch
 
-from edgestill.distill.pid import PIDConfig, PIDController, student_error_weights
+from edgestill.distill.pid import PIDConfig, PIDController, kakd_alpha_controller, student_error_weights
 from edgestill.errors import EdgestillError
 
 
-def _simulate(cfg: PIDConfig, setpoints: list[float], gain: float = 2.0, lag: float = 0.2):
-    """A first-order plant: the measured ratio y moves 20% of the way to gain * lambda each step."""
+def _simulate(cfg: PIDConfig, setpoints: list[float], gain: float = 2.0, lag: float = 0.2, reverse: bool = False):
+    """A first-order plant: the measured ratio y moves 20% of the way to gain * lambda each step
+    (reverse: to gain * (1 - lambda), a plant where more lambda lowers the ratio, as KD weight does to KD/CE)."""
     pid = PIDController(cfg)
     y, ys, lams = 1.0, [], []
     for r in setpoints:
         pid.cfg = dataclasses.replace(cfg, setpoint=r)
         lam = pid.update(kd_loss=y, task_loss=1.0)
-        y += lag * (gain * lam - y)
+        y += lag * (gain * ((1.0 - lam) if reverse else lam) - y)
         ys.append(y)
         lams.append(lam)
     return ys, lams, pid
@@ -56,6 +57,24 @@ def test_anti_windup_recovers_from_saturation_much_faster():
     assert all(lam == 1.0 for lam in lams_wu[500:700])  # wound up: still pinned 200 steps after the step
     assert lams_aw[520] < 1.0  # leaves saturation as soon as the smoothed error turns
     assert abs(ys_aw[-1] - 1.0) < 0.01
+
+
+def test_reverse_acting_controller_settles_and_unwinds():
+    """The distillation plant: more KD weight, lower KD/CE. The trainer's controller has negative gains; it
+    must settle there, and anti-windup must hold when the unreachable setpoint saturates it at the floor."""
+    cfg = kakd_alpha_controller(setpoint=1.0, initial=0.9).cfg
+    assert cfg.kp < 0 and cfg.ki < 0 and cfg.kd < 0
+    ys, lams, _ = _simulate(cfg, [0.8] * 400 + [1.4] * 400, reverse=True)
+    assert abs(ys[399] - 0.8) < 0.02 and abs(ys[-1] - 1.4) < 0.02
+    setpoints = [3.0] * 500 + [1.0] * 1000  # y <= 2 here: lambda sits at 0 during phase 1
+    ys_aw, lams_aw, _ = _simulate(cfg, setpoints, reverse=True)
+    ys_wu, lams_wu, _ = _simulate(dataclasses.replace(cfg, anti_windup=False), setpoints, reverse=True)
+    assert lams_aw[499] < 0.02 and lams_wu[499] == 0.0  # at (or at the edge of) the floor
+    settle_aw, settle_wu = _settling_step(ys_aw[500:], 1.0, 0.05), _settling_step(ys_wu[500:], 1.0, 0.05)
+    assert settle_aw < 300 and settle_wu > 2 * settle_aw, (settle_aw, settle_wu)
+    # the positive-gain controller on this plant runs away to a bound instead (what the loop must not use)
+    ys_bad, lams_bad, _ = _simulate(PIDConfig(setpoint=1.0), [1.0] * 400, reverse=True)
+    assert lams_bad[-1] in (0.0, 1.0) and abs(ys_bad[-1] - 1.0) > 0.5
 
 
 def test_integral_is_bounded_with_anti_windup():

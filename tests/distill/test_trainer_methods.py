@@ -145,7 +145,7 @@ def test_on_policy_steps_use_student_samples(setup, tmp_path):
 def test_recipe_keys_select_methods():
     cfg = load_config(overrides=["distill.loss=jsd", "distill.beta=0.9", "distill.pid=true"])
     methods = Methods.from_config(cfg.distill)
-    assert methods.logit.kind == "jsd" and methods.logit.beta == 0.9 and methods.pid is not None
+    assert methods.logit.kind == "jsd" and methods.logit.beta == 0.9 and methods.pid is not None and methods.pid.cfg.kp < 0
     with pytest.raises(EdgestillError, match="distill.loss='kl' is unknown"):  # refused before any work starts
         load_config(overrides=["distill.loss=kl"])
     with pytest.raises(EdgestillError, match="did you mean reverse_kl"):

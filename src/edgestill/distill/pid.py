@@ -12,7 +12,9 @@ text was not available, so both pieces are reconstructions [R] with every knob c
    with anti-windup: the integral stops growing while the output is saturated in the direction the
    error pushes (conditional integration) and is clamped to the range that can still move the output.
    The loop is negative feedback when raising lambda raises the measured ratio; for a plant that acts
-   the other way give negative gains (a reverse-acting controller).
+   the other way give negative gains (a reverse-acting controller). Distillation is such a plant: a
+   larger KD weight makes the student follow the teacher more and the text less, so L_KD / L_task
+   falls. `kakd_alpha_controller` builds the reverse-acting controller the trainer uses.
 
        pid = PIDController(PIDConfig(setpoint=1.0, initial=0.9, max_value=1.0))
        alpha = pid.update(kd_loss.item(), ce_loss.item())        # once per step
@@ -75,8 +77,9 @@ class PIDController:
         self.error = raw_error if prev is None else c.ema * prev + (1.0 - c.ema) * raw_error
         derivative = 0.0 if prev is None else self.error - prev
         unclamped = c.initial + c.kp * self.error + c.ki * (self.integral + self.error) + c.kd * derivative
-        saturated_high = unclamped > c.max_value and self.error > 0
-        saturated_low = unclamped < c.min_value and self.error < 0
+        push = self.error if c.ki >= 0 else -self.error  # the way integrating this error moves the output
+        saturated_high = unclamped > c.max_value and push > 0
+        saturated_low = unclamped < c.min_value and push < 0
         if not (c.anti_windup and (saturated_high or saturated_low)):
             self.integral += self.error
         if c.anti_windup and c.ki != 0:
@@ -92,6 +95,16 @@ class PIDController:
 
     def load_state_dict(self, state: dict) -> None:
         self.error, self.integral, self.value = state["error"], state["integral"], state["value"]
+
+
+def kakd_alpha_controller(setpoint: float, initial: float) -> PIDController:
+    """The KD-weight controller of the distillation loop: holds L_KD / L_CE at `setpoint` by moving alpha.
+
+    Reverse-acting (negative gains): when the student already matches the teacher well relative to the text
+    (ratio below r*), alpha falls and the text gets more weight; when KD lags (ratio above r*), alpha rises.
+    """
+    d = PIDConfig()
+    return PIDController(PIDConfig(setpoint=setpoint, initial=initial, kp=-d.kp, ki=-d.ki, kd=-d.kd))
 
 
 def student_error_weights(per_token_loss: torch.Tensor, mask: torch.Tensor | None = None, focus: float = 1.0,

@@ -41,7 +41,7 @@ from edgestill.distill.features import CaptureQKV, HiddenStateMSE, minilm_relati
 from edgestill.distill.losses import LogitLossConfig, cross_entropy, cross_entropy_per_token, kd_objective, logit_loss
 from edgestill.distill.multi_teacher import TeacherMixer, plot_teacher_weights
 from edgestill.distill.on_policy import OnPolicyBatches, OnPolicyConfig
-from edgestill.distill.pid import PIDConfig, PIDController, student_error_weights
+from edgestill.distill.pid import PIDController, kakd_alpha_controller, student_error_weights
 from edgestill.distill.teacher_cache import TopKCache, UnionTopKCache, teacher_topk, teachers_union_topk
 from edgestill.errors import EdgestillError
 from edgestill.progress import progress_bar
@@ -154,7 +154,7 @@ class Methods:
             if getattr(cfg, name) < 0:
                 raise EdgestillError(f"distill.{name}={getattr(cfg, name)} must be >= 0 (0 switches it off)")
         if cfg.pid:
-            methods.pid = PIDController(PIDConfig(setpoint=cfg.pid_setpoint, initial=cfg.alpha))
+            methods.pid = kakd_alpha_controller(cfg.pid_setpoint, cfg.alpha)
         if needs_live_teacher(cfg):
             methods.teacher_model = getattr(teacher, "model", None)
             if methods.teacher_model is None:
