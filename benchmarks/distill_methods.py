@@ -62,7 +62,7 @@ ROWS = [
     Row("skew_kl", "skew KL (a 0.1)", "loss", ["distill.loss=skew_kl"]),
     Row("jsd", "JSD (beta 0.5)", "loss", ["distill.loss=jsd"]),
     Row("on_policy_jsd", "on-policy JSD (lambda 0.5)", "loss", ["distill.loss=jsd", "distill.on_policy_fraction=0.5"]),
-    Row("hidden_mse", "forward KL + hidden MSE (0.1)", "features", ["distill.hidden_mse_weight=0.1"]),
+    Row("hidden_mse", "forward KL + normalised hidden MSE (0.1)", "features", ["distill.hidden_mse_weight=0.1"]),
     Row("attention_relations", "forward KL + attention relations (1.0)", "features",
         ["distill.attention_relation_weight=1.0"]),
     Row("pid", "PID-controlled alpha (KAKD, r* 0.3)", "kd_weight", ["distill.pid=true"]),
