@@ -217,10 +217,10 @@ def main() -> None:
         source = SOURCES.get(name, name)
         result = _load(source)
         body = render(result) if result else f"_No result yet: run `python benchmarks/{source}.py`._"
-        pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(\n<!-- /results:{name} -->)", re.S)
+        pattern = re.compile(rf"(<!-- results:{name} -->\n)(?:.*?\n)?(<!-- /results:{name} -->)", re.S)  # may be empty
         found = 0
         for path, text in pages.items():
-            pages[path], n = pattern.subn(lambda m: m.group(1) + body + m.group(2), text)
+            pages[path], n = pattern.subn(lambda m: m.group(1) + body + "\n" + m.group(2), text)
             found += n
         if not found:
             print(f"no page has markers for {name}; skipped")
