@@ -87,7 +87,8 @@ class DistillConfig:
     skew: float = 0.1
     beta: float = 0.5
     # Feature transfer (distill/features.py); both run the teacher model on every batch, next to its top-k cache:
-    # hidden-state MSE through a learned projection, uniform layer map; MiniLMv2 Q/K/V relations of the last layer.
+    # hidden-state MSE (normalised) through a learned projection, each sliced block paired with its teacher block;
+    # MiniLMv2 Q/K/V relations of the last layer.
     hidden_mse_weight: float = 0.0
     attention_relation_weight: float = 0.0
     relation_heads: int = 8  # must divide the Q and K/V widths of teacher and student
