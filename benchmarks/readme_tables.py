@@ -212,7 +212,8 @@ SOURCES = {"shrink_curve_summary": "shrink_curve"}  # tables rendered from anoth
 
 
 def main() -> None:
-    pages = {path: path.read_text() for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]}
+    before = {path: path.read_text() for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]}
+    pages = dict(before)
     for name, render in TABLES.items():
         source = SOURCES.get(name, name)
         result = _load(source)
@@ -225,7 +226,7 @@ def main() -> None:
         if not found:
             print(f"no page has markers for {name}; skipped")
     for path, text in pages.items():
-        if text != path.read_text():
+        if text != before[path]:
             path.write_text(text)
             print(f"{path.relative_to(ROOT)}: tables regenerated")
 

@@ -12,6 +12,7 @@ import torch
 
 from conftest import load_tiny_teacher  # tests/ is on sys.path
 from edgestill.config import DistillConfig, load_config
+from edgestill.distill.features import sliced_layer_map, uniform_layer_map
 from edgestill.distill.losses import cross_entropy, forward_kl_topk, kd_objective
 from edgestill.distill import trainer
 from edgestill.distill.teacher_cache import build_topk_cache, teacher_topk
@@ -94,6 +95,16 @@ def test_feature_losses_need_the_live_teacher(setup, tmp_path):
     cfg = dataclasses.replace(BASE, hidden_mse_weight=0.5, steps=1)
     _, history = _run(setup, tmp_path, cfg, source=CachedTeacher(cache, model=teacher))
     assert np.isfinite(history[0]["loss"])
+
+
+def test_hidden_mse_pairs_a_sliced_student_with_the_blocks_it_kept(setup):
+    teacher, make_student, _, _ = setup
+    cfg = dataclasses.replace(BASE, hidden_mse_weight=0.5)
+    n_t = teacher.config.num_hidden_layers
+    sliced = Methods.from_config(cfg, make_student(), LiveTeacher(teacher, cfg.top_k), layers=[0, 3])
+    assert sliced.hidden_mse.layer_map == sliced_layer_map([0, 3], n_t) == {1: 1, 2: n_t}
+    other = Methods.from_config(cfg, make_student(), LiveTeacher(teacher, cfg.top_k))  # not a slice: uniform map
+    assert other.hidden_mse.layer_map == uniform_layer_map(2, n_t)
 
 
 class Killed(Exception):
