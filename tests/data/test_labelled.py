@@ -1,4 +1,6 @@
 import json
+import logging
+import random
 
 import numpy as np
 import pytest
@@ -66,15 +68,58 @@ def test_empty_label_is_an_error_with_the_line(tmp_path):
         load_labelled(str(path))
 
 
-def test_non_utf8_bytes_error_or_replace(tmp_path):
+def test_non_utf8_bytes_error_or_replace(tmp_path, caplog):
     path = tmp_path / "d.csv"
     path.write_bytes(b"text,label\nok,a\ncaf\xe9 latin-1,b\n")
-    with pytest.raises(EdgestillError, match=r"d.csv:3 is not valid UTF-8 \(byte 0xe9\).*encoding-errors replace"):
+    with pytest.raises(EdgestillError, match=r"d.csv:3 is not valid UTF-8 \(byte 0xe9\); it looks like cp1252: "
+                                             r"convert it to UTF-8 with `iconv -f cp1252 -t utf-8 .*d.csv > .*d.csv.utf8`"
+                                             r".*encoding-errors replace"):
         load_labelled(str(path))
-    d = load_labelled(str(path), encoding_errors="replace")
+    with caplog.at_level(logging.WARNING):
+        d = load_labelled(str(path), encoding_errors="replace")
     assert d.texts[1] == "caf\ufffd latin-1" and d.labels == ["a", "b"]
+    assert "d.csv is not valid UTF-8; 1 invalid byte(s) were replaced with U+FFFD" in caplog.text
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl"])
+@pytest.mark.parametrize("encoding_errors", ["strict", "replace"])
+def test_random_bytes_are_refused_as_not_text(tmp_path, suffix, encoding_errors):
+    path = tmp_path / f"noise{suffix}"
+    path.write_bytes(b"text,label\n" + random.Random(0).randbytes(4096))
+    with pytest.raises(EdgestillError) as e:
+        load_labelled(str(path), encoding_errors=encoding_errors)
+    msg = str(e.value)
+    assert f"{path} does not look like text" in msg and "above the 5% limit" in msg
+    assert "binary file" in msg and ".csv/.tsv/.jsonl" in msg and "\n" not in msg
+
+
+def _csv_of(n_bad: int, n: int = 1000) -> str:
+    """A valid UTF-8 CSV of `n` characters, `n_bad` of them control characters."""
+    head, tail = "text,label\n", ",x\n"
+    return head + "\x01" * n_bad + "a" * (n - n_bad - len(head) - len(tail)) + tail
+
+
+def test_valid_utf8_that_is_not_text_is_refused_above_the_threshold(tmp_path):
+    at = tmp_path / "at.csv"
+    at.write_text(_csv_of(50), encoding="utf-8")  # exactly 5%: passes
+    assert load_labelled(str(at)).labels == ["x"]
+    over = tmp_path / "over.csv"
+    over.write_text(_csv_of(51), encoding="utf-8")
+    with pytest.raises(EdgestillError, match=r"over.csv does not look like text: 5.1% of its characters \(51 of 1,000"):
+        load_labelled(str(over))
+
+
+def test_bom_is_stripped_even_when_the_utf8_is_damaged(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_bytes("text,label\nhé,a\n".encode("utf-8-sig") + b"caf\xe9,b\n")
+    d = load_labelled(str(path), encoding_errors="replace")
+    assert d.texts == ["hé", "caf\ufffd"]  # the first column is still 'text', not '\ufefftext'
+
+
+def test_utf16_with_bom_is_read(tmp_path):
+    path = tmp_path / "d.tsv"
+    path.write_bytes("text\tlabel\nhé €\tpos\n".encode("utf-16"))
+    assert load_labelled(str(path)).texts == ["hé €"]
 def test_utf8_bom_is_not_part_of_the_first_column(tmp_path):
     path = tmp_path / "d.csv"
     path.write_bytes("text,label\nhé,a\n".encode("utf-8-sig"))

@@ -15,12 +15,18 @@ from pathlib import Path
 
 import numpy as np
 
+from edgestill.data.textcheck import check_is_text, decode_text, read_text
 from edgestill.errors import EdgestillError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CORPUS = "shakespeare"
 TEXT_SUFFIXES = (".txt", ".md")
+FIX_NOT_TEXT = "point --data (data.path) at text files (.txt/.md, a .jsonl, a saved HF dataset)"
+PIECES = 10  # a corpus of fewer than 3 documents is cut into about this many pieces per document
+# A piece shorter than a couple of sentences is no held-out text at all: a document with few lines is
+# cut by length only into pieces at least this long.
+MIN_PIECE_CHARS = 100
 
 
 @dataclass
@@ -40,12 +46,8 @@ class Splits:
 
 
 def _read_text(path: Path) -> str:
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        log.warning("%s is not valid UTF-8; undecodable bytes were replaced with U+FFFD", path)
-        return raw.decode("utf-8", errors="replace")
+    """The file's text (UTF-8, else cp1252/latin-1 with a warning), refused when it is not text: see textcheck."""
+    return read_text(path, fix=FIX_NOT_TEXT)
 
 
 def _clean(text: str) -> str:
@@ -65,22 +67,24 @@ def _shakespeare() -> list[Document]:
 
 
 def _jsonl(path: Path, text_field: str) -> list[Document]:
+    # The whole file is decoded and checked at once: one encoding, one warning, one refusal.
+    content = decode_text(path.read_bytes(), path)
+    check_is_text(content, path, FIX_NOT_TEXT)
     docs = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            line = raw.decode("utf-8", errors="replace").strip()
-            if not line:
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EdgestillError(f"{path}:{lineno} is not valid JSON ({e.msg}); each line must be one JSON object") from None
-            if not isinstance(record, dict) or text_field not in record:
-                keys = list(record)[:5] if isinstance(record, dict) else type(record).__name__
-                raise EdgestillError(
-                    f"{path}:{lineno} has no '{text_field}' field (found {keys}); set data.text_field to the field that holds the text"
-                )
-            docs.append(Document(f"{path.stem}:{lineno}", _clean(str(record[text_field]))))
+    for lineno, line in enumerate(content.split("\n"), 1):  # only "\n": JSON strings may hold other line breaks
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise EdgestillError(f"{path}:{lineno} is not valid JSON ({e.msg}); each line must be one JSON object") from None
+        if not isinstance(record, dict) or text_field not in record:
+            keys = list(record)[:5] if isinstance(record, dict) else type(record).__name__
+            raise EdgestillError(
+                f"{path}:{lineno} has no '{text_field}' field (found {keys}); set data.text_field to the field that holds the text"
+            )
+        docs.append(Document(f"{path.stem}:{lineno}", _clean(str(record[text_field]))))
     return docs
 
 
@@ -96,6 +100,7 @@ def _hf_dataset(path: Path, text_field: str) -> list[Document]:
         if text_field not in part.column_names:
             raise EdgestillError(f"dataset '{path}' has no '{text_field}' column (columns: {part.column_names}); set data.text_field")
         docs += [Document(f"{split}:{i}", _clean(str(t))) for i, t in enumerate(part[text_field])]
+    check_is_text("\n".join(d.text for d in docs), f"dataset '{path}' (column '{text_field}')", FIX_NOT_TEXT)
     return docs
 
 
@@ -127,24 +132,55 @@ def load_documents(spec: str, text_field: str = "text") -> list[Document]:
     return docs
 
 
+def _cut_at(text: str, target: int, lo: int) -> int:
+    """Where to cut near `target`: the last line break in (lo, target], else the last space, else `target`."""
+    for seps in ("\n", " \t"):
+        cut = max(text.rfind(sep, lo + 1, target + 1) for sep in seps)
+        if cut > lo:
+            return cut
+    return target
+
+
+def _pieces_by_length(text: str, n: int) -> list[str]:
+    """`text` cut into `n` pieces of about equal length, each cut at whitespace within half a piece before its target."""
+    size = len(text) / n
+    cuts = [0] + [_cut_at(text, round(k * size), round((k - 0.5) * size)) for k in range(1, n)] + [len(text)]
+    return [text[a:b] for a, b in zip(cuts, cuts[1:])]
+
+
+def _pieces(doc: Document) -> list[Document]:
+    """A document cut into about PIECES contiguous pieces: by lines, or by length when it has too few lines.
+
+    A 50 MB file without a newline is one line; cutting only by lines would leave it one piece and
+    call a huge corpus "too small".
+    """
+    lines = doc.text.splitlines()
+    n_by_length = min(PIECES, len(doc.text) // MIN_PIECE_CHARS)
+    if len(lines) >= PIECES or n_by_length <= len(lines):
+        step = max(1, len(lines) // PIECES)
+        chunks = ["\n".join(lines[i : i + step]) for i in range(0, len(lines), step)]
+    else:
+        chunks = _pieces_by_length(doc.text, n_by_length)
+    chunks = [c.strip() for c in chunks]
+    return [Document(f"{doc.name}#{i}", c) for i, c in enumerate(chunks) if c]
+
+
 def split_documents(docs: list[Document], val_fraction: float, test_fraction: float, seed: int = 0) -> Splits:
     """Shuffle documents with `seed` and cut them into train / val / test by document.
 
-    With fewer than 3 documents, each is cut into 10 contiguous pieces first, so a single
-    text file still gives three disjoint splits.
+    With fewer than 3 documents, each is cut into about 10 contiguous pieces first (by lines, or by
+    length at whitespace when it has fewer than 10 lines), so a single text file still gives three
+    disjoint splits.
     """
     if len(docs) < 3:
-        pieces = []
-        for d in docs:
-            lines = d.text.splitlines()
-            step = max(1, len(lines) // 10)
-            for i in range(0, len(lines), step):
-                chunk = "\n".join(lines[i : i + step]).strip()
-                if chunk:
-                    pieces.append(Document(f"{d.name}#{i // step}", chunk))
-        docs = pieces
-    if len(docs) < 3:
-        raise EdgestillError(f"corpus too small: {len(docs)} document(s) cannot make train/val/test splits; add text")
+        n_docs, n_chars = len(docs), sum(len(d.text) for d in docs)
+        docs = [p for d in docs for p in _pieces(d)]
+        if len(docs) < 3:
+            raise EdgestillError(
+                f"corpus too small: {n_docs} document(s) with {n_chars:,} characters of text in all, which cut into "
+                f"{len(docs)} piece(s); train/val/test splits need 3 documents, or one document of at least 3 lines "
+                f"or {3 * MIN_PIECE_CHARS} characters; add text to data.path"
+            )
     order = sorted(docs, key=lambda d: d.name)
     random.Random(seed).shuffle(order)
     n = len(order)

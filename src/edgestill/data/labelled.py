@@ -11,8 +11,9 @@ Inputs: a CSV/TSV file (header row; text and label columns, names configurable),
   (its own train/test split is kept; validation is carved from train).
 
 Bad input is refused with one-line `EdgestillError`s that name the problem and the fix: missing columns,
-empty labels, undecodable bytes (unless `encoding_errors="replace"`), a single class, a class too rare to
-appear in every split, or test labels that never occur in training. Documented handling (with a warning,
+empty labels, undecodable bytes (unless `encoding_errors="replace"`), a file that is not text (random bytes;
+the rule of `edgestill.data.textcheck`), a single class, a class too rare to appear in every split, or test
+labels that never occur in training. Documented handling (with a warning,
 never silent): rows with empty text are dropped; exact duplicate texts are kept once (first label wins), so
 no text is in both train and test.
 
@@ -44,6 +45,15 @@ from pathlib import Path
 
 import numpy as np
 
+from edgestill.data.textcheck import (
+    UTF8_BOM,
+    check_is_text,
+    count_bad_utf8,
+    decode_bom,
+    decode_legacy,
+    iconv_fix,
+    line_of,
+)
 from edgestill.errors import EdgestillError
 
 log = logging.getLogger(__name__)
@@ -160,18 +170,36 @@ class LabelledSplits:
 # ---------------------------------------------------------------- reading files
 
 
+FIX_NOT_TEXT = "point --data (data.path) at a .csv/.tsv/.jsonl text file"
+
+
 def _decode(raw: bytes, path: Path, encoding_errors: str) -> str:
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        if encoding_errors == "replace":
-            log.warning("%s is not valid UTF-8; undecodable bytes were replaced with U+FFFD", path)
-            return raw.decode("utf-8-sig", errors="replace")
-        line = raw[: e.start].count(b"\n") + 1
-        raise EdgestillError(
-            f"{path}:{line} is not valid UTF-8 (byte 0x{raw[e.start]:02x}); re-save the file as UTF-8, "
-            "or set encoding_errors='replace' (--encoding-errors replace) to replace bad bytes with U+FFFD"
-        ) from None
+    """UTF-8 text (a UTF-8/16/32 byte-order mark is honoured), refused when it is not text (see data.textcheck).
+
+    Unlike a corpus, labelled data is not read as cp1252 on a guess: a wrong guess silently changes the
+    texts a label belongs to. `encoding_errors='strict'` refuses non-UTF-8 bytes, naming the line, the
+    byte and the iconv command for the likely encoding; 'replace' puts U+FFFD in their place, with a
+    warning. A file of bytes that is not text at all gets the not-text refusal in both modes.
+    """
+    text = decode_bom(raw)
+    if text is None:
+        raw = raw.removeprefix(UTF8_BOM)  # damaged UTF-8 behind a BOM: the BOM is still not part of the first column
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            guess, encoding = decode_legacy(raw)
+            check_is_text(guess, path, FIX_NOT_TEXT)  # random bytes: say so, not "re-save as UTF-8"
+            if encoding_errors != "replace":
+                raise EdgestillError(
+                    f"{path}:{line_of(raw, e.start)} is not valid UTF-8 (byte 0x{raw[e.start]:02x}); it looks like "
+                    f"{encoding}: convert it to UTF-8 with `{iconv_fix(path, encoding)}`, or set encoding_errors='replace' "
+                    "(--encoding-errors replace) to replace bad bytes with U+FFFD"
+                ) from None
+            text = raw.decode("utf-8", errors="replace")
+            log.warning("%s is not valid UTF-8; %d invalid byte(s) were replaced with U+FFFD; to keep them, convert it "
+                        "to UTF-8: `%s`", path, count_bad_utf8(raw), iconv_fix(path, encoding))
+    check_is_text(text, path, FIX_NOT_TEXT)
+    return text
 
 
 def _label_str(value, where: str) -> str:
