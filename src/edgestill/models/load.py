@@ -17,6 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgestill.errors import EdgestillError
+from edgestill.models.hf_folder import (
+    check_hf_folder,
+    check_loading_info,
+    error_line,
+    explain_tokenizer_failure,
+    explain_weights_failure,
+)
 
 log = logging.getLogger(__name__)
 
@@ -153,24 +160,32 @@ def load_causal_lm(spec: str, dtype: str = "float32") -> LoadedModel:
     path = resolve_model_path(spec)
     if path.suffix.lower() == ".gguf":
         path = _gguf_to_hf_folder(path)
+    folder = path if path.is_dir() else None  # None: a hub id, which transformers resolves itself
+    if folder is not None:
+        check_hf_folder(folder)  # before the tokenizer: a broken config.json would look like a tokenizer fault
     torch_dtype = getattr(torch, dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as e:
-        raise EdgestillError(f"no usable tokenizer in '{spec}' ({e.__class__.__name__}: {str(e)[:120]}); "
-                             "the folder needs tokenizer.json or the tokenizer files saved with it") from None
+        raise explain_tokenizer_failure(folder, spec, e) from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-    except OSError as e:
-        raise EdgestillError(f"could not load model '{spec}' ({str(e).splitlines()[0][:200]}); "
-                             "download it to a folder and pass the folder") from None
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, output_loading_info=True)
     except Exception as e:
-        raise EdgestillError(
-            f"model weights in '{spec}' are unreadable ({e.__class__.__name__}: {str(e)[:160]}); "
-            "the file is corrupt or truncated: re-download or re-export it"
-        ) from None
+        if folder is None:
+            raise EdgestillError(f"could not load model '{spec}' ({error_line(e, 200)}); "
+                                 "download it to a folder and pass the folder") from None
+        raise explain_weights_failure(folder, spec, e, lambda: _causal_lm_skeleton(folder)) from None
+    if folder is not None:
+        check_loading_info(folder, info)
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, source=spec, path=str(path))
+
+
+def _causal_lm_skeleton(folder: Path):
+    """The model that config.json describes, without its weights (built under the meta device: free)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
 
 
 def check_same_tokenizer(teacher_tok, student_tok, teacher_name: str = "teacher", student_name: str = "student") -> None:
