@@ -71,11 +71,12 @@ def test_shrink_for_a_device_runs_the_best_plan_within_the_budget(tiny_model_dir
     assert (out / "student.gguf").stat().st_size <= budget
     cfg = (out / "config.yaml").read_text()
     assert f"format: {plan['plan']['default_format']}" in cfg
-    # an impossible budget: one line naming the nearest plan; a budget without a device is refused
+    # an impossible budget: one line naming the least file size that would do; a budget without a device is refused
     assert main(["shrink", *tiny_overrides(tiny_model_dir, tiny_corpus, tmp_path / "x", steps=2), "--device", "rpi5",
                  "--max-file-size", "2KB"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "nearest" in err
+    assert err.count("\n") == 1 and "raise --max-file-size to at least" in err
+    assert not (tmp_path / "x").exists()
     assert main(["shrink", "--max-memory", "150MB"]) == 2
     assert "need --device" in capsys.readouterr().err
 

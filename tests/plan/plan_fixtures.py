@@ -25,6 +25,20 @@ def toy_device():
     )
 
 
+@pytest.fixture
+def kernel_bound_device(toy_device):
+    """The toy board with memory so fast that kernels bound decode, and q4_0's kernel 4x slower than q8_0's.
+
+    So the fewest bytes (q4_0) and the fastest decode (q8_0) need different formats.
+    """
+    import dataclasses
+
+    runtime = dataclasses.replace(toy_device.runtimes["llama.cpp"],
+                                  decode_weights_per_s={"q8_0": fig(4e9), "q4_0": fig(1e9)})
+    return dataclasses.replace(toy_device, name="kernel-bound", memory_bandwidth_bytes_per_s=fig(1e13),
+                               runtimes={"llama.cpp": runtime})
+
+
 @pytest.fixture(scope="session")
 def tiny2_dir(tmp_path_factory):
     """The shared tiny random Llama (hidden 64, vocab ~300) with 2 layers."""

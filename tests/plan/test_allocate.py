@@ -12,7 +12,7 @@ from edgestill.plan.allocate import Budget, Plan, allocate, parse_bytes, plan
 from edgestill.plan.cost import StudentShape, predict
 from edgestill.plan.sensitivity import Sensitivity, unit_names
 from edgestill.quant.fake_quant import quantize_
-from plan_fixtures import calib_batches, tiny2, tiny2_dir, toy_device  # noqa: F401  (fixtures)
+from plan_fixtures import calib_batches, kernel_bound_device, tiny2, tiny2_dir, toy_device  # noqa: F401  (fixtures)
 
 SHAPE = StudentShape(layers=6, hidden=512, intermediate=1536, heads=8, kv_heads=4, vocab=8000)
 FORMATS = ("f16", "q8_0", "q5_0", "q4_0")
@@ -79,13 +79,37 @@ def test_plan_ranks_feasible_students_and_they_quantize(tiny2, calib_batches, to
         assert len(report) == 2 * 7 + 1
 
 
-def test_an_infeasible_budget_names_the_nearest_plan(tiny2, calib_batches, toy_device):
-    with pytest.raises(EdgestillError, match=r"nearest: 1 layers.*max_file_bytes >= \d+"):
-        plan(tiny2, toy_device, Budget(max_file_bytes=1000), calib_batches, formats=("q8_0", "q4_0"),
-             depths=[2, 1], widths=[128])
+def test_an_infeasible_budget_names_the_nearest_plan(tiny2, calib_batches, kernel_bound_device):
+    """The floor check passes a budget some mix might meet; if the greedy finds none, the nearest is named.
+
+    On this device q8_0 decodes faster than q4_0: the file limit needs all q4_0, the speed all q8_0.
+    """
+    from edgestill.plan.allocate import student_floor
+
+    shape = StudentShape.from_config(tiny2.config)
+    floor = student_floor(shape, kernel_bound_device, ("q8_0", "q4_0"), [2, 1], [128])
+    budget = Budget(max_file_bytes=floor.bound.file_bytes, min_decode_tokens_per_s=floor.bound.decode_tokens_per_s)
+    with pytest.raises(EdgestillError, match=r"nearest: \d+ layers.*it would need (max_file_bytes|min_decode)"):
+        plan(tiny2, kernel_bound_device, budget, calib_batches, formats=("q8_0", "q4_0"), depths=[2, 1], widths=[128])
 
 
 def test_parse_bytes():
     assert parse_bytes("300MB") == 300_000_000 and parse_bytes("1GiB") == 2**30 and parse_bytes(5) == 5
-    with pytest.raises(EdgestillError, match="not a size"):
-        parse_bytes("lots")
+    assert parse_bytes("1.5 mb") == 1_500_000 and parse_bytes("2e3KB") == 2_000_000 and parse_bytes(None) is None
+    for nonsense in ("lots", "MB", "", "5 parsecs", "1.2.3MB"):
+        with pytest.raises(EdgestillError, match="is not a size; write e.g. 300MB"):
+            parse_bytes(nonsense)
+    for impossible in ("-5MB", "0", "0KB", "0.0001KB", "1e400", 0, -5):
+        with pytest.raises(EdgestillError, match="is not a usable size: a budget must be at least 1 byte"):
+            parse_bytes(impossible)
+
+
+@pytest.mark.parametrize("field", ["max_ram_bytes", "max_file_bytes", "min_decode_tokens_per_s",
+                                   "min_prefill_tokens_per_s"])
+@pytest.mark.parametrize("value", [0, -1, float("nan")])
+def test_a_zero_or_negative_budget_is_refused_at_once(field, value):
+    with pytest.raises(EdgestillError, match=f"the budget's {field} .* is {value}: a limit must be positive"):
+        Budget(**{field: value})
+    with pytest.raises(EdgestillError, match="must be positive"):
+        Budget.from_dict({field: value})
+    assert getattr(Budget(**{field: 1}), field) == 1

@@ -31,4 +31,16 @@ def test_plan_writes_ranked_plans_within_budget(tiny_model_dir, tiny_corpus, tmp
     assert "feasible plans on toy" in capsys.readouterr().out
     assert main(["plan", "--device", str(device), "--teacher", str(tiny_model_dir), "--data", str(tiny_corpus),
                  "--file-size", "1KB", "--depths", "2", "--widths", "128", "--calibration-tokens", "64"]) == 2
-    assert "nearest" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "raise --max-file-size to at least" in err
+    # ... and --max-file-size, the name that line uses (and shrink's), is accepted by plan too
+    assert main(["plan", "--device", str(device), "--teacher", str(tiny_model_dir), "--data", str(tiny_corpus),
+                 "--max-file-size", "1KB", "--depths", "2", "--widths", "128"]) == 2
+    assert "raise --max-file-size to at least" in capsys.readouterr().err
+
+
+def test_plan_refuses_zero_and_nonsense_budgets_in_one_line(capsys):
+    for flag in (["--ram", "0"], ["--ram=-5MB"], ["--file-size", "MB"], ["--decode", "0"], ["--prefill=-3"]):
+        assert main(["plan", "--device", "rpi5", *flag]) == 2, flag
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and ("usable size" in err or "not a size" in err or "must be positive" in err), err

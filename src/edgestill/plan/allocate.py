@@ -20,6 +20,10 @@ EdgeDistill's HPAQD allocator (shared/METHODS.md [8]), reconstructed [R]:
    feasible-only, ranked by predicted loss; if no candidate fits, EdgestillError names the nearest
    one and what it would need.
 
+Before step 1, check_budget prices the smallest student the candidates allow (fewest layers, narrowest
+FFN, every unit at its fewest-bytes format) with the cost model alone: a budget even that one misses
+is refused in milliseconds, naming the least budget that would do, instead of after the measurements.
+
 A Plan is a student shape (teacher layers kept, FFN width) plus a QuantConfig-compatible plan dict
 (`re:model\\.layers\\.3\\.` or `lm_head` -> format name; `quant_config()` builds the QuantConfig), with
 its predicted bytes, RAM and tokens/s.
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -52,18 +57,33 @@ from edgestill.quant.formats import format_by_name, resolve_format
 # 2 cores; pass formats=(..., "q4_k") to include it.
 DEFAULT_FORMATS = ("q8_0", "q5_0", "q4_0")
 log = logging.getLogger(__name__)
+# The command-line option that sets each budget field (`plan` and `shrink --device` both accept these).
+BUDGET_FLAGS = {"max_ram_bytes": "--max-memory", "max_file_bytes": "--max-file-size",
+                "min_decode_tokens_per_s": "--min-decode-tokens-per-s",
+                "min_prefill_tokens_per_s": "--min-prefill-tokens-per-s"}
 _UNITS = {"kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30, "b": 1}
 
 
 def parse_bytes(text: str | int | float | None) -> int | None:
-    """'300MB' -> 300000000, '1.5GiB' -> 1610612736, 12345 -> 12345 (None stays None)."""
-    if text is None or isinstance(text, (int, float)):
-        return None if text is None else int(text)
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
-    unit = match.group(2).lower() if match else ""
-    if not match or (unit and unit not in _UNITS):
-        raise EdgestillError(f"'{text}' is not a size; write e.g. 300MB, 1.5GiB or a number of bytes")
-    return int(float(match.group(1)) * _UNITS.get(unit, 1))
+    """'300MB' -> 300000000, '1.5GiB' -> 1610612736, 12345 -> 12345 (None stays None).
+
+    A size is a budget here, so zero, negative and unreadable sizes are refused with one line rather
+    than planned against (a 0-byte budget would otherwise fail only after the measurements).
+    """
+    if text is None:
+        return None
+    if isinstance(text, (int, float)):
+        value, unit = float(text), ""
+    else:
+        match = re.fullmatch(r"\s*([-+]?[0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)\s*([a-z]*)\s*", str(text), re.IGNORECASE)
+        unit = match.group(2).lower() if match else ""
+        if not match or (unit and unit not in _UNITS):
+            raise EdgestillError(f"'{text}' is not a size; write e.g. 300MB, 1.5GiB or a number of bytes")
+        value = float(match.group(1))
+    nbytes = value * _UNITS.get(unit, 1)
+    if not (math.isfinite(nbytes) and nbytes >= 1):
+        raise EdgestillError(f"'{text}' is not a usable size: a budget must be at least 1 byte (e.g. 300MB)")
+    return int(nbytes)
 
 
 def format_bits(name: str) -> float:
@@ -81,6 +101,14 @@ class Budget:
     max_file_bytes: int | None = None
     min_decode_tokens_per_s: float | None = None
     min_prefill_tokens_per_s: float | None = None
+
+    def __post_init__(self):
+        """Refuse a zero, negative or NaN limit at once: no plan meets it, and None already means no limit."""
+        for name, flag in BUDGET_FLAGS.items():
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise EdgestillError(f"the budget's {name} ({flag}) is {value}: a limit must be positive; "
+                                     "leave it out for no limit")
 
     def violations(self, p: Prediction) -> dict[str, float]:
         """{constraint: how far over, as a fraction} for each constraint `p` breaks (empty: feasible)."""
@@ -258,6 +286,177 @@ class _Infeasible(EdgestillError):
         super().__init__(f"budget not met at the lowest formats: {violated}")
 
 
+# --- the floor: what no plan can go below, known from the cost model before anything is measured ----------
+
+@dataclass(frozen=True)
+class Floor:
+    """The least any plan from these candidates can need, so an impossible budget fails in milliseconds.
+
+    Measuring sensitivity takes minutes to an hour on a real teacher; a budget even the smallest student
+    misses must be refused before that. Every cost grows with depth and width, so the floor is the
+    smallest candidate shape. `formats` gives each unit its fewest-bytes format (after the cost model's
+    fallbacks): the file bytes and peak RAM of `bound`. Its tokens/s are each unit's fastest format
+    instead (on a compute-bound device a bigger format can be faster), so a limit `bound` breaks is one
+    no candidate and no mix of formats meets (to within GGUF's 32-byte padding of a tensor). A budget
+    it meets can still fail later (the greedy allocator then names the nearest plan): the floor is a
+    lower bound, so it refuses only budgets that are certainly impossible.
+    """
+
+    shape: StudentShape
+    formats: dict[str, str]  # {unit: its fewest-bytes format}
+    bound: Prediction  # file bytes and peak RAM of that mix; the best decode/prefill tokens/s of any mix
+
+    def describe(self) -> str:
+        """'8 layers, FFN 768, all q4_0' (or '8 layers, FFN 768, 6x q4_0, 3x q5_0' when the fewest bytes mix)."""
+        counts = Counter(self.formats.values()).most_common()
+        mix = f"all {counts[0][0]}" if len(counts) == 1 else ", ".join(f"{n}x {f}" for f, n in counts)
+        layers = f"{self.shape.layers} layer" + ("s" if self.shape.layers != 1 else "")
+        return f"{layers}, FFN {self.shape.intermediate}, {mix}"
+
+
+def candidate_sizes(teacher: StudentShape, depths=None, widths=None) -> tuple[list[int], list[int]]:
+    """The candidate layer counts and FFN widths, largest first (defaults from the teacher's), validated."""
+    depths = sorted(set(depths or default_depths(teacher.layers)), reverse=True)
+    widths = sorted(set(widths or default_widths(teacher.intermediate)), reverse=True)
+    for d in depths:
+        if not 1 <= d <= teacher.layers:
+            raise EdgestillError(f"depth {d} is outside 1..{teacher.layers} (the teacher's layers)")
+    for w in widths:
+        if not 1 <= w <= teacher.intermediate:
+            raise EdgestillError(f"width {w} is outside 1..{teacher.intermediate} (the teacher's FFN)")
+    return depths, widths
+
+
+def with_device_ram(budget: Budget, device: DeviceProfile) -> Budget:
+    """`budget` with its RAM limit defaulted to the device's RAM for a model (what plan() holds a plan to)."""
+    if budget.max_ram_bytes is not None:
+        return budget
+    return dataclasses.replace(budget, max_ram_bytes=int(device.ram_bytes.value))
+
+
+def student_floor(teacher: StudentShape, device: DeviceProfile, formats=DEFAULT_FORMATS, depths=None, widths=None,
+                  workload: Workload = Workload(), metadata_bytes: int = 0) -> Floor:
+    """The Floor of plan(teacher, device, ..., formats, depths, widths): arithmetic on the cost model only."""
+    if not formats:
+        raise EdgestillError(f"no candidate formats; choose from {', '.join(GGUF_FORMAT_NAMES)}")
+    bad = [f for f in formats if f not in GGUF_FORMAT_NAMES]
+    if bad:
+        raise EdgestillError(f"formats {bad} are not GGUF formats; choose from {', '.join(GGUF_FORMAT_NAMES)}")
+    depths, widths = candidate_sizes(teacher, depths, widths)
+    shape = dataclasses.replace(teacher, layers=depths[-1], intermediate=widths[-1])
+    rates = Rates.of(device, workload.runtime)
+    lowest_first = sorted(formats, key=lambda f: (format_bits(f), f))  # a cost tie goes to the fewer nominal bits
+    costs = {u: {f: _unit_costs(shape, u, f, rates, workload.prompt_tokens) for f in lowest_first}
+             for u in unit_names(shape.layers)}
+
+    def embedding_bytes(fmt: str) -> int:  # an untied embedding is stored in the plan's default format
+        return resolve_format(format_by_name(fmt), shape.hidden)[0].weight_bytes((shape.vocab, shape.hidden))
+
+    embedding = min(lowest_first, key=embedding_bytes)
+
+    def least(i: int) -> dict[str, str]:  # {unit: its format least in cost i}: 0 bytes, 1 decode s, 2 prefill s
+        return {u: min(lowest_first, key=lambda f: by_format[f][i]) for u, by_format in costs.items()}
+
+    def predicted(by_unit: dict[str, str]) -> Prediction:
+        return predict(shape, {unit_pattern(u): f for u, f in by_unit.items()}, device, embedding, workload,
+                       metadata_bytes)
+
+    smallest = least(0)
+    bound = dataclasses.replace(predicted(smallest), decode_tokens_per_s=predicted(least(1)).decode_tokens_per_s,
+                                prefill_tokens_per_s=predicted(least(2)).prefill_tokens_per_s)
+    return Floor(shape, smallest, bound)
+
+
+def _size(n: float, up: bool = True) -> str:
+    """Bytes as '61.3MB'. up: rounded up to a tenth, so a floor printed is never below the real one."""
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if n >= scale:
+            return f"{-(-int(n) * 10 // scale) / 10:.1f}{unit}" if up else f"{n / scale:.4g}{unit}"
+    return f"{int(n)}B"
+
+
+def _speed_down(x: float) -> str:
+    """Tokens/s rounded down to 3 significant digits, so a ceiling printed is never above the real one."""
+    if not (math.isfinite(x) and x > 0):
+        return f"{x:g}"
+    step = 10.0 ** (math.floor(math.log10(x)) - 2)
+    return f"{math.floor(x / step) * step:.6g}"
+
+
+def floor_error(budget: Budget, floor: Floor, device: DeviceProfile, ram_from_device: bool = False,
+                sources: dict[str, str] | None = None, fixes: dict[str, str] | None = None,
+                hint: str = "") -> str | None:
+    """The one line saying which limits of `budget` no plan can meet on `device`, or None if the floor meets them.
+
+    It names the device, each broken limit with its value and where it came from (the option, or
+    `sources` by constraint: the sweep's --budgets), the floor's student and its figures, and the least
+    change that lets the floor through (`fixes` replaces one by constraint); `hint` says how the floor
+    itself could go lower.
+    """
+    violated = budget.violations(floor.bound)
+    if not violated:
+        return None
+    p = floor.bound
+    flag = dict(zip(("ram", "file", "decode", "prefill"), BUDGET_FLAGS.values()))
+    sources = {**flag, **({"ram": "the device's RAM for a model"} if ram_from_device else {}), **(sources or {})}
+    asked = {"ram": f"peak RAM <= {_size(budget.max_ram_bytes or 0, up=False)}",
+             "file": f"file <= {_size(budget.max_file_bytes or 0, up=False)}",
+             "decode": f"decode >= {budget.min_decode_tokens_per_s or 0:g} tok/s",
+             "prefill": f"prefill >= {budget.min_prefill_tokens_per_s or 0:g} tok/s"}
+    ram_fix = (f"use a device with at least {_size(p.peak_ram_bytes)} of RAM for a model" if ram_from_device
+               else f"raise {flag['ram']} to at least {_size(p.peak_ram_bytes)}")
+    fix = {"ram": ram_fix, "file": f"raise {flag['file']} to at least {_size(p.file_bytes)}",
+           "decode": f"lower {flag['decode']} to at most {_speed_down(p.decode_tokens_per_s)}",
+           "prefill": f"lower {flag['prefill']} to at most {_speed_down(p.prefill_tokens_per_s)}", **(fixes or {})}
+    needs = f"a {_size(p.file_bytes)} file and {_size(p.peak_ram_bytes)} peak RAM"
+    if "decode" in violated:
+        needs += f", and at best decodes {_speed_down(p.decode_tokens_per_s)} tok/s"
+    if "prefill" in violated:
+        needs += f", and at best prefills {_speed_down(p.prefill_tokens_per_s)} tok/s"
+    broken = " and ".join(f"{asked[k]} ({sources[k]})" for k in violated)
+    return (f"no student can meet the budget on {device.name} ({broken}): the smallest student edgestill can plan "
+            f"here ({floor.describe()}) needs {needs}; " + "; ".join(fix[k] for k in violated) + hint)
+
+
+def _lower_floor_hint(teacher: StudentShape, device: DeviceProfile, budget: Budget, floor: Floor, formats, widths,
+                      workload: Workload, metadata_bytes: int) -> str:
+    """How `edgestill plan`'s own options lower the floor, said only where they would let it meet `budget`.
+
+    Fewer layers (--depths) help when one layer would fit; a shorter --context when the weights fit the
+    RAM limit and the KV cache and compute buffer do not.
+    """
+    hints = []
+    if floor.shape.layers > 1:
+        one = student_floor(teacher, device, formats, [1], widths, workload, metadata_bytes)
+        if not budget.violations(one.bound):
+            hints.append(f"or plan fewer layers: with --depths 1 the smallest needs a {_size(one.bound.file_bytes)} "
+                         f"file and {_size(one.bound.peak_ram_bytes)} peak RAM")
+    p = floor.bound
+    if "ram" in budget.violations(p) and p.file_bytes <= budget.max_ram_bytes:
+        hints.append(f"the KV cache and compute buffer for a {workload.context_tokens}-token context take "
+                     f"{_size(p.peak_ram_bytes - p.file_bytes)} of it (a shorter --context lowers them)")
+    return "".join(f"; {h}" for h in hints)
+
+
+def check_budget(teacher: StudentShape, device: str | DeviceProfile, budget: Budget, formats=DEFAULT_FORMATS,
+                 depths=None, widths=None, workload: Workload = Workload(), metadata_bytes: int = 0,
+                 plan_options: bool = True) -> Floor:
+    """Refuse, with one line, a budget no plan of these candidates can meet; call it before measuring anything.
+
+    plan(), shrink --device and the sweep all call it first: pure arithmetic, milliseconds. Returns the
+    Floor when the budget may be met. plan_options: the line may suggest `edgestill plan`'s --depths and
+    --context (other commands do not have them).
+    """
+    device = load_device(device)
+    full = with_device_ram(budget, device)
+    floor = student_floor(teacher, device, formats, depths, widths, workload, metadata_bytes)
+    if not full.violations(floor.bound):
+        return floor
+    hint = (_lower_floor_hint(teacher, device, full, floor, formats, widths, workload, metadata_bytes)
+            if plan_options else "")
+    raise EdgestillError(floor_error(full, floor, device, budget.max_ram_bytes is None, hint=hint))
+
+
 # --- candidates and the verb ------------------------------------------------------------------------------
 
 def default_depths(num_layers: int) -> list[int]:
@@ -283,6 +482,8 @@ def plan(model, device: str | DeviceProfile, budget: Budget, batches, formats=DE
     metadata_bytes: the tokenizer's share of the GGUF (cost.tokenizer_metadata_bytes(teacher.gguf)).
     cache: a dict kept between calls on the same model and batches (a sweep plans for several budgets): the
       reference logits, block influence and every candidate's structural KL are measured once.
+    A budget even the smallest candidate cannot meet raises EdgestillError before anything is measured
+    (check_budget); one the floor meets but no allocation does names the nearest plan at the end.
     """
     import torch
 
@@ -290,12 +491,11 @@ def plan(model, device: str | DeviceProfile, budget: Budget, batches, formats=DE
     from edgestill.plan.sensitivity import _logits, layer_sensitivity, mean_kl
 
     device = load_device(device)
-    if budget.max_ram_bytes is None:
-        budget = dataclasses.replace(budget, max_ram_bytes=int(device.ram_bytes.value))
-    bad = [f for f in formats if f not in GGUF_FORMAT_NAMES]
-    if bad:
-        raise EdgestillError(f"formats {bad} are not GGUF formats; choose from {', '.join(GGUF_FORMAT_NAMES)}")
     teacher_shape = StudentShape.from_config(model.config)
+    depths, widths = candidate_sizes(teacher_shape, depths, widths)
+    # An impossible budget fails here, in milliseconds, not after the minutes of measurement below.
+    check_budget(teacher_shape, device, budget, formats, depths, widths, workload, metadata_bytes)
+    budget = with_device_ram(budget, device)
     model.eval()
     cache = {} if cache is None else cache
     if "reference" not in cache:
@@ -309,14 +509,6 @@ def plan(model, device: str | DeviceProfile, budget: Budget, batches, formats=DE
     if "block_influence" not in cache:
         cache["block_influence"] = block_influence(model, batches)
     scores = cache["block_influence"]
-    depths = sorted(set(depths or default_depths(teacher_shape.layers)), reverse=True)
-    widths = sorted(set(widths or default_widths(teacher_shape.intermediate)), reverse=True)
-    for d in depths:
-        if not 1 <= d <= teacher_shape.layers:
-            raise EdgestillError(f"depth {d} is outside 1..{teacher_shape.layers} (the teacher's layers)")
-    for w in widths:
-        if not 1 <= w <= teacher_shape.intermediate:
-            raise EdgestillError(f"width {w} is outside 1..{teacher_shape.intermediate} (the teacher's FFN)")
 
     plans, nearest = [], None
     for depth in depths:
@@ -379,9 +571,12 @@ def plan_for_teacher(teacher: str, device: str | DeviceProfile, budget: Budget, 
     from edgestill.plan.sensitivity import calibration_batches
 
     loaded = load_causal_lm(teacher)
-    batches = calibration_batches(loaded.tokenizer, data, seq_len=seq_len, blocks=max(1, calibration_tokens // seq_len))
     metadata = 0
     path = resolve_model_path(teacher)
     if str(path).lower().endswith(".gguf"):
         metadata = tokenizer_metadata_bytes(path)
+    # before the calibration text is read: an impossible budget needs only the teacher's shape to fail
+    check_budget(StudentShape.from_config(loaded.model.config), device, budget, kwargs.get("formats", DEFAULT_FORMATS),
+                 kwargs.get("depths"), kwargs.get("widths"), workload, metadata)
+    batches = calibration_batches(loaded.tokenizer, data, seq_len=seq_len, blocks=max(1, calibration_tokens // seq_len))
     return plan(loaded.model, device, budget, batches, workload=workload, metadata_bytes=metadata, **kwargs)

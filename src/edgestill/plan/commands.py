@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from edgestill.errors import EdgestillError
 
@@ -43,7 +42,7 @@ def add_plan_commands(sub) -> None:
     p.add_argument("--teacher", default="smollm2-135m", help="teacher: HF folder, .gguf file or smollm2-135m (default)")
     p.add_argument("--data", default="shakespeare", help="calibration text (its train split); default shakespeare")
     p.add_argument("--ram", "--max-memory", dest="ram", help="peak RAM budget, e.g. 400MB (default: the device's RAM available to a model)")
-    p.add_argument("--file-size", help="GGUF file budget, e.g. 60MB")
+    p.add_argument("--file-size", "--max-file-size", dest="file_size", help="GGUF file budget, e.g. 60MB")
     p.add_argument("--decode", "--min-decode-tokens-per-s", dest="decode", type=float, help="minimum decode tokens/s")
     p.add_argument("--prefill", "--min-prefill-tokens-per-s", dest="prefill", type=float, help="minimum prefill tokens/s")
     p.add_argument("--context", type=int, default=512, help="context length the RAM is planned for (default 512)")
@@ -83,9 +82,10 @@ def run_plan_command(args) -> int:
         print(f"{i}. {p.summary()}")
         print(f"   teacher layers {p.layers}; default {p.default_format}; plan {json.dumps(p.quant_plan)}")
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"device": device.to_dict(), "budget": budget.to_dict(), "teacher": args.teacher,
-                                   "plans": [p.to_dict() for p in plans]}, indent=2) + "\n")
+        from edgestill.files import write_text_atomic
+
+        out = write_text_atomic(args.out, json.dumps({"device": device.to_dict(), "budget": budget.to_dict(),
+                                                      "teacher": args.teacher, "plans": [p.to_dict() for p in plans]},
+                                                     indent=2) + "\n", "writing the plans")
         print(f"wrote {out}")
     return 0
