@@ -275,6 +275,12 @@ def bad_runs(tiny_model_dir, tiny_corpus, shrink_run, tmp_path_factory):
     inputs["small"] = root / "small_corpus"
     inputs["small"].mkdir()
     (inputs["small"] / "only.txt").write_text("the king is dead.\nlong live the king.\n")
+    inputs["garbage"] = root / "garbage_corpus"  # random bytes named .txt
+    inputs["garbage"].mkdir()
+    (inputs["garbage"] / "a.txt").write_bytes(os.urandom(20000))
+    inputs["bad_config"] = root / "bad_config_json"  # config.json broken, tokenizer.json intact
+    shutil.copytree(tiny_model_dir, inputs["bad_config"])
+    (inputs["bad_config"] / "config.json").write_text('{"model_type": "llama",')
     inputs["other_tokenizer"] = _tiny_model_other_tokenizer(root / "other_tokenizer_model")
     inputs["finished"] = root / "finished_run"
     shutil.copytree(shrink_run, inputs["finished"])  # copy2 keeps mtimes
@@ -290,6 +296,9 @@ def bad_runs(tiny_model_dir, tiny_corpus, shrink_run, tmp_path_factory):
         "gguf": ["shrink", *tiny("gguf", teacher=inputs["gguf"])],
         "empty": ["distill", *tiny("empty", corpus=inputs["empty"])],
         "small": ["distill", *tiny("small", corpus=inputs["small"])],
+        "garbage": ["shrink", *tiny("garbage", corpus=inputs["garbage"])],
+        "bad_config": ["shrink", *tiny("bad_config", teacher=inputs["bad_config"])],
+        "budget": ["shrink", *tiny("budget"), "--device", "rpi5", "--max-memory", "1MB"],
         "unknown_key": ["shrink", *tiny("unknown_key"), "distill.step=3"],
         "as_large": ["distill", *tiny("as_large"), "student.num_layers=4"],
         "other_tokenizer": ["distill", *tiny("other_tokenizer"), f"student.model={inputs['other_tokenizer']}"],
@@ -328,6 +337,27 @@ def test_empty_corpus_folder(bad_runs):
 
 def test_too_small_corpus(bad_runs):
     assert_user_error(bad_runs["procs"]["small"], "corpus too small")
+
+
+def test_random_bytes_as_text(bad_runs):
+    assert_user_error(bad_runs["procs"]["garbage"], str(bad_runs["inputs"]["garbage"] / "a.txt"), "does not look like text")
+
+
+def test_invalid_config_json_is_named(bad_runs):
+    assert_user_error(bad_runs["procs"]["bad_config"], str(bad_runs["inputs"]["bad_config"] / "config.json"),
+                      "not valid JSON")
+
+
+def test_an_impossible_budget_fails_before_measuring(bad_runs):
+    assert_user_error(bad_runs["procs"]["budget"], "no student can meet the budget", "raise --max-memory to at least")
+    assert "sensitivity" not in bad_runs["procs"]["budget"].stderr
+
+
+def test_refused_runs_leave_no_partial_folders(bad_runs):
+    """Every bad run above failed before doing any work: no `<out>.partial` (or parent folder) is left behind."""
+    out = bad_runs["root"] / "out"
+    leftovers = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    assert leftovers == [], leftovers
 
 
 def test_unknown_config_key_suggests(bad_runs):

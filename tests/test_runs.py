@@ -49,13 +49,78 @@ def test_reopen_finished_without_overwrite_raises(tmp_path):
     assert not (tmp_path / "run.partial").exists()
 
 
-def test_existing_non_run_folder_is_refused(tmp_path):
+def _user_folder(out):
+    """A folder of the user's that is not an edgestill run."""
+    (out / "sub").mkdir(parents=True)
+    (out / "notes.txt").write_text("keep me")
+    (out / "sub" / "x.csv").write_text("a,b\n1,2\n")
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_overwrite_never_replaces_a_folder_that_is_not_a_run(tmp_path, overwrite):
+    out = tmp_path / "run"
+    _user_folder(out)
+    with pytest.raises(EdgestillError, match="not an edgestill run.*never replaces other files, even with --overwrite"):
+        RunDir(out, CFG, overwrite=overwrite).open()
+    assert (out / "notes.txt").read_text() == "keep me"
+    assert (out / "sub" / "x.csv").is_file()
+    assert not (tmp_path / "run.partial").exists()  # refused before any folder was made
+
+
+def test_a_folder_with_a_stray_done_file_is_not_a_run(tmp_path):
+    out = tmp_path / "run"
+    _user_folder(out)
+    (out / DONE).write_text("my own file")
+    with pytest.raises(EdgestillError, match="not an edgestill run"):
+        RunDir(out, CFG, overwrite=True).open()
+    assert (out / "notes.txt").is_file()
+
+
+def test_a_file_at_out_is_refused(tmp_path):
+    (tmp_path / "run").write_text("data")
+    with pytest.raises(EdgestillError, match="is a file"):
+        RunDir(tmp_path / "run", CFG, overwrite=True).open()
+    assert (tmp_path / "run").read_text() == "data"
+
+
+def test_an_empty_out_folder_is_used(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    (out / "precious.txt").write_text("keep me")
-    with pytest.raises(EdgestillError, match="not an edgestill run"):
-        RunDir(out, CFG).open()
-    assert (out / "precious.txt").read_text() == "keep me"
+    run = RunDir(out, CFG)
+    run.open()
+    (run.path / "result.txt").write_text("42")
+    assert run.finish() == out
+    assert (out / "result.txt").read_text() == "42" and (out / DONE).is_file()
+
+
+def test_a_run_that_fails_before_any_work_leaves_nothing(tmp_path):
+    out = tmp_path / "a" / "b" / "run"
+    run = RunDir(out, CFG)
+    with pytest.raises(RuntimeError), run.cleanup_on_failure():
+        run.open()
+        raise RuntimeError("teacher not found")
+    assert list(tmp_path.iterdir()) == []  # the partial folder and the parents it made are gone
+
+
+def test_a_run_that_fails_after_work_keeps_its_partial_to_resume(tmp_path):
+    out = tmp_path / "run"
+    run = RunDir(out, CFG)
+    with pytest.raises(RuntimeError), run.cleanup_on_failure():
+        run.open()
+        _add_checkpoint(run)
+        raise RuntimeError("killed")
+    assert (tmp_path / "run.partial" / "checkpoints" / "LATEST").is_file()
+    assert RunDir(out, CFG).open() is True
+
+
+def test_a_resumed_run_that_fails_is_never_discarded(tmp_path):
+    out = tmp_path / "run"
+    RunDir(out, CFG).open()  # a partial holding only its config (say, from an older edgestill)
+    run = RunDir(out, CFG)
+    with pytest.raises(RuntimeError), run.cleanup_on_failure():
+        assert run.open() is True
+        raise RuntimeError("boom")
+    assert (tmp_path / "run.partial" / "config.yaml").is_file()
 
 
 def test_overwrite_keeps_old_run_until_new_one_finishes(tmp_path):
@@ -132,15 +197,23 @@ def test_partial_without_progress_is_restarted_with_a_new_config(tmp_path):
     assert RunDir(out, _cfg(steps=6)).open() is False
 
 
-def test_partial_without_config_is_restarted(tmp_path):
+def test_empty_partial_is_restarted(tmp_path):
     out = tmp_path / "run"
+    (tmp_path / "run.partial").mkdir()
+    run = RunDir(out, CFG)
+    assert run.open() is False
+    assert (run.partial / "config.yaml").is_file()
+
+
+def test_a_foreign_partial_folder_is_refused_and_kept(tmp_path):
+    """`<out>.partial` holding someone's files (no marker, no config.yaml) is not ours to wipe."""
     partial = tmp_path / "run.partial"
     partial.mkdir()
     (partial / "junk").write_text("x")
-    run = RunDir(out, CFG)
-    assert run.open() is False
-    assert not (partial / "junk").exists()
-    assert (partial / "config.yaml").is_file()
+    for overwrite in (False, True):
+        with pytest.raises(EdgestillError, match="not an unfinished edgestill run"):
+            RunDir(tmp_path / "run", CFG, overwrite=overwrite).open()
+    assert (partial / "junk").read_text() == "x"
 
 
 def test_a_config_key_added_later_does_not_orphan_a_partial_run(tmp_path):
@@ -149,7 +222,8 @@ def test_a_config_key_added_later_does_not_orphan_a_partial_run(tmp_path):
     new = {"distill": {"steps": 10, "loss": "forward_kl"}}
     run = RunDir(tmp_path / "r", old)
     run.open()
-    (run.path / "cache").mkdir()  # progress worth keeping
+    (run.path / "cache").mkdir()
+    (run.path / "cache" / "meta.json").write_text("{}")  # progress worth keeping
     assert RunDir(tmp_path / "r", new, defaults={"distill": {"loss": "forward_kl"}}).open() is True
     with pytest.raises(EdgestillError, match="different config"):  # a changed default is a different run
         RunDir(tmp_path / "r", {"distill": {"steps": 10, "loss": "jsd"}}, defaults={"distill": {"loss": "forward_kl"}}).open()

@@ -48,6 +48,7 @@ import yaml
 from edgestill.data.labelled import ALIASES, LABEL_MAP_FILE
 from edgestill.distill.classifier import KDConfig, StudentConfig, TrainConfig
 from edgestill.errors import EdgestillError
+from edgestill.files import write_text_atomic
 from edgestill.runs import RunDir
 
 log = logging.getLogger(__name__)
@@ -226,15 +227,7 @@ def _load_splits(data: LabelledDataConfig):
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=1, default=str) + "\n")
 
 
 # ---------------------------------------------------------------- fine-tuning the teacher
@@ -255,41 +248,42 @@ def finetune_run(cfg: FinetuneConfig, overwrite: bool = False) -> Path:
     run = RunDir(out, _plain(cfg), overwrite=overwrite)
     resumed = run.open()
     log.info("%s run folder %s", "resuming" if resumed else "new", run.path)
-    done = run.path / "finetune.json"
-    if resumed and done.is_file() and (run.path / LABEL_MAP_FILE).is_file():
-        log.info("the fine-tuned teacher is already saved in %s; finishing", run.path)
-        result = json.loads(done.read_text())
-        model, _, label_map = load_encoder_classifier(str(run.path))
-    else:
-        model, tokenizer, label_map = load_encoder_classifier(cfg.teacher, splits.label_map)
-        torch.manual_seed(cfg.train.seed)
-        result = finetune(model, tokenizer, splits, cfg.train)
-        record = {"task": TASK, "role": "teacher", "base_model": cfg.teacher, "data": _data_record(cfg.data),
-                  "max_len": cfg.train.max_len, "test": result["test"]}
-        staged = save_classifier(model, tokenizer, label_map, run.path / "model.tmp", extra=record)
-        for f in staged.iterdir():  # the run folder itself is the HF folder (`--teacher RUN`)
-            os.replace(f, run.path / f.name)
-        shutil.rmtree(staged, ignore_errors=True)
-        _write_json(done, result)
-    metrics = {
-        "task": TASK, "stage": "finetune", "base_model": cfg.teacher,
-        "teacher": {"params": stored_params(model), "file_bytes": (run.path / "model.safetensors").stat().st_size,
-                    "test": result["test"], "best_val_macro_f1": result["best_val_macro_f1"], "best_step": result["best_step"]},
-        "data": {"spec": _data_record(cfg.data), "split": "seeded stratified; test never used for training or selection",
-                 **splits.summary()},
-        "train": asdict(cfg.train), "history": result["history"], "environment": environment(),
-    }
-    _write_json(run.path / "metrics.json", metrics)
-    t = result["test"]
-    _write_text(run.path / "report.md", "\n".join([
-        f"# Fine-tuned teacher: {cfg.teacher} on {cfg.data.path}", "",
-        f"Labels: {', '.join(label_map.labels)}. Split: train {len(splits.train)} / val {len(splits.val)} / "
-        f"test {len(splits.test)} (seed {cfg.data.seed}).", "",
-        "| held-out test | accuracy | macro-F1 |", "|---|---|---|",
-        f"| teacher | {t['accuracy']:.4f} | {t['macro_f1']:.4f} |", "",
-        f"{metrics['teacher']['params']:,} parameters, model.safetensors {metrics['teacher']['file_bytes']:,} bytes; "
-        f"{cfg.train.steps} steps, best validation macro-F1 {result['best_val_macro_f1']:.4f} at step {result['best_step']}.",
-        "", f"Next: `edgestill shrink --task classification --teacher {run.final}`", ""]))
+    with run.cleanup_on_failure():  # a run that fails before any work leaves no folder behind
+        done = run.path / "finetune.json"
+        if resumed and done.is_file() and (run.path / LABEL_MAP_FILE).is_file():
+            log.info("the fine-tuned teacher is already saved in %s; finishing", run.path)
+            result = json.loads(done.read_text())
+            model, _, label_map = load_encoder_classifier(str(run.path))
+        else:
+            model, tokenizer, label_map = load_encoder_classifier(cfg.teacher, splits.label_map)
+            torch.manual_seed(cfg.train.seed)
+            result = finetune(model, tokenizer, splits, cfg.train)
+            record = {"task": TASK, "role": "teacher", "base_model": cfg.teacher, "data": _data_record(cfg.data),
+                      "max_len": cfg.train.max_len, "test": result["test"]}
+            staged = save_classifier(model, tokenizer, label_map, run.path / "model.tmp", extra=record)
+            for f in staged.iterdir():  # the run folder itself is the HF folder (`--teacher RUN`)
+                os.replace(f, run.path / f.name)
+            shutil.rmtree(staged, ignore_errors=True)
+            _write_json(done, result)
+        metrics = {
+            "task": TASK, "stage": "finetune", "base_model": cfg.teacher,
+            "teacher": {"params": stored_params(model), "file_bytes": (run.path / "model.safetensors").stat().st_size,
+                        "test": result["test"], "best_val_macro_f1": result["best_val_macro_f1"], "best_step": result["best_step"]},
+            "data": {"spec": _data_record(cfg.data), "split": "seeded stratified; test never used for training or selection",
+                     **splits.summary()},
+            "train": asdict(cfg.train), "history": result["history"], "environment": environment(),
+        }
+        _write_json(run.path / "metrics.json", metrics)
+        t = result["test"]
+        write_text_atomic(run.path / "report.md", "\n".join([
+            f"# Fine-tuned teacher: {cfg.teacher} on {cfg.data.path}", "",
+            f"Labels: {', '.join(label_map.labels)}. Split: train {len(splits.train)} / val {len(splits.val)} / "
+            f"test {len(splits.test)} (seed {cfg.data.seed}).", "",
+            "| held-out test | accuracy | macro-F1 |", "|---|---|---|",
+            f"| teacher | {t['accuracy']:.4f} | {t['macro_f1']:.4f} |", "",
+            f"{metrics['teacher']['params']:,} parameters, model.safetensors {metrics['teacher']['file_bytes']:,} bytes; "
+            f"{cfg.train.steps} steps, best validation macro-F1 {result['best_val_macro_f1']:.4f} at step {result['best_step']}.",
+            "", f"Next: `edgestill shrink --task classification --teacher {run.final}`", ""]))
     final = run.finish()
     print(f"teacher test accuracy {t['accuracy']:.4f}, macro-F1 {t['macro_f1']:.4f} on {t['n']} held-out examples")
     print(f"run folder: {final}  (shrink it with: edgestill shrink --task classification --teacher {final})", flush=True)
@@ -366,142 +360,143 @@ def shrink_classifier_run(cfg: ClassifierShrinkConfig, overwrite: bool = False) 
     run = RunDir(out, _plain(cfg), overwrite=overwrite)
     resumed = run.open()
     log.info("%s run folder %s", "resuming" if resumed else "new", run.path)
-    max_len = cfg.student.max_len
-    test_ids = splits.ids("test")
-    k = len(label_map)
+    with run.cleanup_on_failure():  # a run that fails before any work leaves no folder behind
+        max_len = cfg.student.max_len
+        test_ids = splits.ids("test")
+        k = len(label_map)
 
-    # 1-2. student: cut from the teacher, distilled; skipped on resume once saved
-    student_dir, distill_file = run.path / "student", run.path / "distill.json"
-    if resumed and distill_file.is_file() and (student_dir / LABEL_MAP_FILE).is_file():
-        log.info("resuming after the saved student in %s", student_dir)
-        distilled = json.loads(distill_file.read_text())
-        student, s_tok, _ = load_encoder_classifier(str(student_dir))
-    else:
-        torch.manual_seed(cfg.train.seed)
-        student, s_tok, table, info = build_student(teacher, t_tok, splits.train.texts, cfg.student)
-        log.info("student: layers %s of the teacher, vocab %d of %d, %s params (%.1fx fewer)", info["teacher_layers"],
-                 info["vocab_kept"], info["teacher_vocab"], f"{info['student_params']:,}", info["params_x_smaller"])
-        sliced = evaluate_classifier(student, tokenize(s_tok, splits.test.texts, max_len), test_ids)
-        result = distill_classifier(teacher, student, t_tok, splits, table, s_tok, cfg.train, cfg.kd)
-        save_classifier(student, s_tok, label_map, student_dir,
-                        extra={"task": TASK, "role": "student", "teacher": str(cfg.teacher), "max_len": max_len})
-        distilled = {"student": {k2: v for k2, v in info.items() if k2 != "config"}, "sliced_untrained_test": sliced,
-                     "history": result["history"], "best_step": result["best_step"], "test_pytorch": result["test"]}
-        _write_json(distill_file, distilled)
-
-    # 3. the deployable artifact, checked against PyTorch on the held-out split
-    onnx_dir = run.path / "onnx"
-    exported = export_classifier_onnx(student_dir, onnx_dir, cfg.eval.onnx_type, parity_texts=splits.test.texts,
-                                      max_len=max_len, threads=cfg.eval.threads)
-    session = onnx_session(onnx_dir / "model.onnx", cfg.eval.threads)
-    test_inputs = tokenize(s_tok, splits.test.texts, max_len)
-    s_onnx_pred = onnx_classifier_logits(session, test_inputs).argmax(-1)
-    s_onnx_test = scores(test_ids, s_onnx_pred, k)
-
-    # 4. teacher on the same split (PyTorch, its own tokenizer and length)
-    t_logits = predict_logits(teacher, tokenize(t_tok, splits.test.texts, teacher_max_len), desc="teacher test logits")
-    t_pred = t_logits.argmax(-1)
-    t_test = scores(test_ids, t_pred, k)
-
-    # 4b. the run's shrink curve: the same student in each ONNX type (the deployable one is already exported)
-    def latency_name(onnx_type: str) -> str:
-        return "student" if onnx_type == cfg.eval.onnx_type else f"student-{onnx_type}"
-
-    curve_sessions, curve = {}, []
-    for t in dict.fromkeys(cfg.eval.curve_types):
-        if t == cfg.eval.onnx_type:
-            folder, report, sess, pred = onnx_dir, exported, session, s_onnx_pred
+        # 1-2. student: cut from the teacher, distilled; skipped on resume once saved
+        student_dir, distill_file = run.path / "student", run.path / "distill.json"
+        if resumed and distill_file.is_file() and (student_dir / LABEL_MAP_FILE).is_file():
+            log.info("resuming after the saved student in %s", student_dir)
+            distilled = json.loads(distill_file.read_text())
+            student, s_tok, _ = load_encoder_classifier(str(student_dir))
         else:
-            folder = run.path / f"onnx-{t}"
-            report = export_classifier_onnx(student_dir, folder, t, parity_texts=splits.test.texts, max_len=max_len,
-                                            threads=cfg.eval.threads)
-            sess = onnx_session(folder / "model.onnx", cfg.eval.threads)
-            pred = onnx_classifier_logits(sess, test_inputs).argmax(-1)
-        test = scores(test_ids, pred, k)
-        curve.append({"type": t, "folder": str(run.final / folder.name), "onnx_bytes": report["file_bytes"], "test": test,
-                      **retention(test, t_test), "top1_agreement_with_teacher": float((pred == t_pred).mean()),
-                      "onnx_parity_vs_pytorch": report.get("parity_vs_pytorch")})
-        curve_sessions[latency_name(t)] = sess
-    s_pt_logits = predict_logits(student, test_inputs, desc="student test logits")
+            torch.manual_seed(cfg.train.seed)
+            student, s_tok, table, info = build_student(teacher, t_tok, splits.train.texts, cfg.student)
+            log.info("student: layers %s of the teacher, vocab %d of %d, %s params (%.1fx fewer)", info["teacher_layers"],
+                     info["vocab_kept"], info["teacher_vocab"], f"{info['student_params']:,}", info["params_x_smaller"])
+            sliced = evaluate_classifier(student, tokenize(s_tok, splits.test.texts, max_len), test_ids)
+            result = distill_classifier(teacher, student, t_tok, splits, table, s_tok, cfg.train, cfg.kd)
+            save_classifier(student, s_tok, label_map, student_dir,
+                            extra={"task": TASK, "role": "student", "teacher": str(cfg.teacher), "max_len": max_len})
+            distilled = {"student": {k2: v for k2, v in info.items() if k2 != "config"}, "sliced_untrained_test": sliced,
+                         "history": result["history"], "best_step": result["best_step"], "test_pytorch": result["test"]}
+            _write_json(distill_file, distilled)
 
-    # 5. sizes from real file bytes
-    teacher_params = stored_params(teacher)
-    onnx_bytes = exported["file_bytes"]
-    tokenizer_bytes = _file_bytes(onnx_dir, ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"))
-    teacher_files = sorted(Path(cfg.teacher).glob("*.safetensors"))
-    teacher_file_bytes = sum(f.stat().st_size for f in teacher_files)
+        # 3. the deployable artifact, checked against PyTorch on the held-out split
+        onnx_dir = run.path / "onnx"
+        exported = export_classifier_onnx(student_dir, onnx_dir, cfg.eval.onnx_type, parity_texts=splits.test.texts,
+                                          max_len=max_len, threads=cfg.eval.threads)
+        session = onnx_session(onnx_dir / "model.onnx", cfg.eval.threads)
+        test_inputs = tokenize(s_tok, splits.test.texts, max_len)
+        s_onnx_pred = onnx_classifier_logits(session, test_inputs).argmax(-1)
+        s_onnx_test = scores(test_ids, s_onnx_pred, k)
 
-    # 6. latency in onnxruntime, batch 1, teacher and student alternated
-    texts = splits.test.texts[: max(1, cfg.eval.latency_examples)]
-    student_inputs = single_inputs(s_tok, texts, max_len)
-    systems = {"student": (session, student_inputs), **{name: (sess, student_inputs) for name, sess in curve_sessions.items()}}
-    teacher_onnx_bytes = None
-    with tempfile.TemporaryDirectory(dir=run.path, prefix=".teacher-onnx-") as tmp:
-        if cfg.eval.teacher_latency:
-            t_export = export_classifier_onnx(cfg.teacher, Path(tmp), "f32", max_len=teacher_max_len)
-            teacher_onnx_bytes = t_export["file_bytes"]
-            systems = {"teacher": (onnx_session(Path(tmp) / "model.onnx", cfg.eval.threads),
-                                   single_inputs(t_tok, texts, teacher_max_len)), **systems}
-        latency = measure_latency(systems, cfg.eval.latency_repeats)
-        systems.clear()
+        # 4. teacher on the same split (PyTorch, its own tokenizer and length)
+        t_logits = predict_logits(teacher, tokenize(t_tok, splits.test.texts, teacher_max_len), desc="teacher test logits")
+        t_pred = t_logits.argmax(-1)
+        t_test = scores(test_ids, t_pred, k)
 
-    # 6b. what the vocabulary trim costs on unseen text: texts the student's tokenizer splits differently
-    vocab_trim = None
-    if distilled["student"]["vocab_kept"] < distilled["student"]["teacher_vocab"]:
-        cov = trim_coverage(t_tok, s_tok, splits.test.texts, max_len)
-        changed = cov.pop("changed")
-        vocab_trim = {**cov, "fallback": "unseen pieces -> shorter kept WordPiece pieces, else [UNK]",
-                      "test_texts_changed": int(changed.sum())}
-        for name, mask in (("changed", changed), ("unchanged", ~changed)):
-            if mask.any():
-                sub = test_ids[mask]
-                vocab_trim[f"student_accuracy_{name}"] = float((s_onnx_pred[mask] == sub).mean())
-                vocab_trim[f"teacher_accuracy_{name}"] = float((t_pred[mask] == sub).mean())
+        # 4b. the run's shrink curve: the same student in each ONNX type (the deployable one is already exported)
+        def latency_name(onnx_type: str) -> str:
+            return "student" if onnx_type == cfg.eval.onnx_type else f"student-{onnx_type}"
 
-    baselines = {"student_sliced_untrained": {"test": distilled["sliced_untrained_test"],
-                                              **retention(distilled["sliced_untrained_test"], t_test)},
-                 "student_pytorch": {"test": scores(test_ids, s_pt_logits.argmax(-1), k)}}
-    if cfg.eval.tfidf_baseline:
-        baselines["tfidf_logreg"] = tfidf_baseline(splits, seed=cfg.data.seed)
+        curve_sessions, curve = {}, []
+        for t in dict.fromkeys(cfg.eval.curve_types):
+            if t == cfg.eval.onnx_type:
+                folder, report, sess, pred = onnx_dir, exported, session, s_onnx_pred
+            else:
+                folder = run.path / f"onnx-{t}"
+                report = export_classifier_onnx(student_dir, folder, t, parity_texts=splits.test.texts, max_len=max_len,
+                                                threads=cfg.eval.threads)
+                sess = onnx_session(folder / "model.onnx", cfg.eval.threads)
+                pred = onnx_classifier_logits(sess, test_inputs).argmax(-1)
+            test = scores(test_ids, pred, k)
+            curve.append({"type": t, "folder": str(run.final / folder.name), "onnx_bytes": report["file_bytes"], "test": test,
+                          **retention(test, t_test), "top1_agreement_with_teacher": float((pred == t_pred).mean()),
+                          "onnx_parity_vs_pytorch": report.get("parity_vs_pytorch")})
+            curve_sessions[latency_name(t)] = sess
+        s_pt_logits = predict_logits(student, test_inputs, desc="student test logits")
 
-    metrics = {
-        "task": TASK, "stage": "shrink",
-        "teacher": {"path": str(cfg.teacher), "params": teacher_params, "fp32_bytes": teacher_params * 4,
-                    "safetensors_bytes": teacher_file_bytes, "onnx_f32_bytes": teacher_onnx_bytes, "max_len": teacher_max_len,
-                    "test": t_test, **latency.get("teacher", {})},
-        "student": {"artifact": str(run.final / "onnx" / "model.onnx"), "onnx_type": cfg.eval.onnx_type,
-                    "params": distilled["student"]["student_params"], "onnx_bytes": onnx_bytes,
-                    "tokenizer_bytes": tokenizer_bytes,
-                    "max_len": max_len, "layers_kept": distilled["student"]["teacher_layers"],
-                    "vocab_kept": distilled["student"]["vocab_kept"], "ranks": distilled["student"]["ranks"],
-                    "test": s_onnx_test, **latency["student"]},
-        **retention(s_onnx_test, t_test),
-        "top1_agreement_with_teacher": float((s_pt_logits.argmax(-1) == t_pred).mean()),
-        "compression_x_fp32": teacher_params * 4 / onnx_bytes,
-        "compression_x_fp16": teacher_params * 2 / onnx_bytes,
-        "compression_x_teacher_file": teacher_file_bytes / onnx_bytes if teacher_file_bytes else None,
-        "speedup_x": (latency["teacher"]["latency_ms_per_example"] / latency["student"]["latency_ms_per_example"]
-                      if "teacher" in latency else None),
-        "onnx_parity_vs_pytorch": exported.get("parity_vs_pytorch"),
-        "vocab_trim": vocab_trim,
-        "baselines": baselines,
-        "data": {"spec": _data_record(cfg.data), "same_split_as_teacher_finetuning": data_matches,
-                 "scored_on": "test split (never used for training, distillation or model selection)", **splits.summary()},
-        "train": {"best_step": distilled["best_step"], "steps": cfg.train.steps, "kd": asdict(cfg.kd)},
-        "history": distilled["history"],
-        "environment": {**environment(), "onnxruntime_threads": cfg.eval.threads, "latency_batch_size": 1},
-    }
-    for c in curve:
-        lat = latency[latency_name(c["type"])]
-        c.update({"compression_x_fp32": teacher_params * 4 / c["onnx_bytes"], "compression_x_fp16": teacher_params * 2 / c["onnx_bytes"],
-                  "latency_ms_per_example": lat["latency_ms_per_example"],
-                  "speedup_x": (latency["teacher"]["latency_ms_per_example"] / lat["latency_ms_per_example"]
-                                if "teacher" in latency else None)})
-    metrics["curve"] = curve
-    if curve:
-        _plot_curve(curve, run.path / "shrink_curve.png", str(cfg.teacher))
-    _write_json(run.path / "metrics.json", metrics)
-    _write_text(run.path / "report.md", classifier_report(metrics))
+        # 5. sizes from real file bytes
+        teacher_params = stored_params(teacher)
+        onnx_bytes = exported["file_bytes"]
+        tokenizer_bytes = _file_bytes(onnx_dir, ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"))
+        teacher_files = sorted(Path(cfg.teacher).glob("*.safetensors"))
+        teacher_file_bytes = sum(f.stat().st_size for f in teacher_files)
+
+        # 6. latency in onnxruntime, batch 1, teacher and student alternated
+        texts = splits.test.texts[: max(1, cfg.eval.latency_examples)]
+        student_inputs = single_inputs(s_tok, texts, max_len)
+        systems = {"student": (session, student_inputs), **{name: (sess, student_inputs) for name, sess in curve_sessions.items()}}
+        teacher_onnx_bytes = None
+        with tempfile.TemporaryDirectory(dir=run.path, prefix=".teacher-onnx-") as tmp:
+            if cfg.eval.teacher_latency:
+                t_export = export_classifier_onnx(cfg.teacher, Path(tmp), "f32", max_len=teacher_max_len)
+                teacher_onnx_bytes = t_export["file_bytes"]
+                systems = {"teacher": (onnx_session(Path(tmp) / "model.onnx", cfg.eval.threads),
+                                       single_inputs(t_tok, texts, teacher_max_len)), **systems}
+            latency = measure_latency(systems, cfg.eval.latency_repeats)
+            systems.clear()
+
+        # 6b. what the vocabulary trim costs on unseen text: texts the student's tokenizer splits differently
+        vocab_trim = None
+        if distilled["student"]["vocab_kept"] < distilled["student"]["teacher_vocab"]:
+            cov = trim_coverage(t_tok, s_tok, splits.test.texts, max_len)
+            changed = cov.pop("changed")
+            vocab_trim = {**cov, "fallback": "unseen pieces -> shorter kept WordPiece pieces, else [UNK]",
+                          "test_texts_changed": int(changed.sum())}
+            for name, mask in (("changed", changed), ("unchanged", ~changed)):
+                if mask.any():
+                    sub = test_ids[mask]
+                    vocab_trim[f"student_accuracy_{name}"] = float((s_onnx_pred[mask] == sub).mean())
+                    vocab_trim[f"teacher_accuracy_{name}"] = float((t_pred[mask] == sub).mean())
+
+        baselines = {"student_sliced_untrained": {"test": distilled["sliced_untrained_test"],
+                                                  **retention(distilled["sliced_untrained_test"], t_test)},
+                     "student_pytorch": {"test": scores(test_ids, s_pt_logits.argmax(-1), k)}}
+        if cfg.eval.tfidf_baseline:
+            baselines["tfidf_logreg"] = tfidf_baseline(splits, seed=cfg.data.seed)
+
+        metrics = {
+            "task": TASK, "stage": "shrink",
+            "teacher": {"path": str(cfg.teacher), "params": teacher_params, "fp32_bytes": teacher_params * 4,
+                        "safetensors_bytes": teacher_file_bytes, "onnx_f32_bytes": teacher_onnx_bytes, "max_len": teacher_max_len,
+                        "test": t_test, **latency.get("teacher", {})},
+            "student": {"artifact": str(run.final / "onnx" / "model.onnx"), "onnx_type": cfg.eval.onnx_type,
+                        "params": distilled["student"]["student_params"], "onnx_bytes": onnx_bytes,
+                        "tokenizer_bytes": tokenizer_bytes,
+                        "max_len": max_len, "layers_kept": distilled["student"]["teacher_layers"],
+                        "vocab_kept": distilled["student"]["vocab_kept"], "ranks": distilled["student"]["ranks"],
+                        "test": s_onnx_test, **latency["student"]},
+            **retention(s_onnx_test, t_test),
+            "top1_agreement_with_teacher": float((s_pt_logits.argmax(-1) == t_pred).mean()),
+            "compression_x_fp32": teacher_params * 4 / onnx_bytes,
+            "compression_x_fp16": teacher_params * 2 / onnx_bytes,
+            "compression_x_teacher_file": teacher_file_bytes / onnx_bytes if teacher_file_bytes else None,
+            "speedup_x": (latency["teacher"]["latency_ms_per_example"] / latency["student"]["latency_ms_per_example"]
+                          if "teacher" in latency else None),
+            "onnx_parity_vs_pytorch": exported.get("parity_vs_pytorch"),
+            "vocab_trim": vocab_trim,
+            "baselines": baselines,
+            "data": {"spec": _data_record(cfg.data), "same_split_as_teacher_finetuning": data_matches,
+                     "scored_on": "test split (never used for training, distillation or model selection)", **splits.summary()},
+            "train": {"best_step": distilled["best_step"], "steps": cfg.train.steps, "kd": asdict(cfg.kd)},
+            "history": distilled["history"],
+            "environment": {**environment(), "onnxruntime_threads": cfg.eval.threads, "latency_batch_size": 1},
+        }
+        for c in curve:
+            lat = latency[latency_name(c["type"])]
+            c.update({"compression_x_fp32": teacher_params * 4 / c["onnx_bytes"], "compression_x_fp16": teacher_params * 2 / c["onnx_bytes"],
+                      "latency_ms_per_example": lat["latency_ms_per_example"],
+                      "speedup_x": (latency["teacher"]["latency_ms_per_example"] / lat["latency_ms_per_example"]
+                                    if "teacher" in latency else None)})
+        metrics["curve"] = curve
+        if curve:
+            _plot_curve(curve, run.path / "shrink_curve.png", str(cfg.teacher))
+        _write_json(run.path / "metrics.json", metrics)
+        write_text_atomic(run.path / "report.md", classifier_report(metrics))
     final = run.finish()
     print(summary_line(metrics))
     print(f"run folder: {final}", flush=True)

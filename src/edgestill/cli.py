@@ -182,6 +182,34 @@ def _quiet_libraries() -> None:
         pass
 
 
+def _error(e: Exception) -> int:
+    print(f"edgestill: error: {' '.join(str(e).split())}", file=sys.stderr)  # always one line
+    return 2
+
+
+def _not_partial(run_dir: Path, command: str) -> Path:
+    """`run_dir` unless it is an unfinished run, for which the error says how to finish it."""
+    if run_dir.name.endswith(".partial"):
+        final = run_dir.with_name(run_dir.name[: -len(".partial")])
+        raise EdgestillError(f"'{run_dir}' is an unfinished run (edgestill works in OUT.partial until a run finishes); "
+                             f"rerun the command that started it, with --out {final}, to resume and finish it, then "
+                             f"`edgestill {command} {final}`")
+    partial = run_dir.with_name(run_dir.name + ".partial")
+    if not run_dir.exists() and partial.is_dir():
+        raise EdgestillError(f"'{run_dir}' has not finished yet (its work is in {partial}); rerun the command that "
+                             f"started it, with --out {run_dir}, to resume and finish it")
+    return run_dir
+
+
+def _finished_run(run_dir: Path, command: str) -> Path:
+    """`run_dir` if it is a finished LM run, else an error that says what is wrong."""
+    _not_partial(run_dir, command)
+    if not (run_dir / "student" / "config.json").is_file() or not (run_dir / "config.yaml").is_file():
+        raise EdgestillError(f"'{run_dir}' is not a finished edgestill run (no student/ or config.yaml); give the "
+                             "folder that `edgestill shrink` or `edgestill distill` printed as its run folder")
+    return run_dir
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -199,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_plan_command(args)
         if args.command == "sweep":
+            if args.overwrite:
+                raise EdgestillError("sweep has no --overwrite: rerunning it resumes the folder (finished points are kept); "
+                                     "to start over, choose a new --out")
             from edgestill.sweep import SweepSettings, run_sweep
 
             out = args.out or "runs/sweep-smollm2-135m"
@@ -247,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.out = f"runs/quantize-{args.method}-{args.tensor_type}"
             pipeline.quantize_run(_resolve(args), args.method, overwrite=args.overwrite)
         elif args.command == "export":
-            run_dir = Path(args.run_dir)
+            run_dir = _not_partial(Path(args.run_dir), "export")
             from edgestill import classify
 
             if classify.is_classifier_run(run_dir):
@@ -261,8 +292,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  onnxruntime vs PyTorch on {par['examples']} held-out examples: same prediction on "
                       f"{par['prediction_agreement']:.4f}, max |logit diff| {par['max_abs_diff']:.3g}")
                 return 0
-            if not (run_dir / "student" / "config.json").is_file() or not (run_dir / "config.yaml").is_file():
-                raise EdgestillError(f"'{run_dir}' is not a finished edgestill run (no student/ or config.yaml)")
+            _finished_run(run_dir, "export")
             from edgestill.config import load_config
 
             if args.format == "onnx":
@@ -290,9 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "eval":
             from edgestill.config import apply_override, load_config
 
-            run_dir = Path(args.run_dir)
-            if not (run_dir / "student" / "config.json").is_file() or not (run_dir / "config.yaml").is_file():
-                raise EdgestillError(f"'{run_dir}' is not a finished edgestill run (no student/ or config.yaml); run `edgestill distill --out {run_dir}` first")
+            run_dir = _finished_run(Path(args.run_dir), "eval")
             cfg = load_config(run_dir / "config.yaml")
             for o in args.overrides:
                 if not o.startswith("eval."):
@@ -300,8 +328,14 @@ def main(argv: list[str] | None = None) -> int:
                 apply_override(cfg, o)
             pipeline.evaluate_run(cfg, run_dir)
     except EdgestillError as e:
-        print(f"edgestill: error: {' '.join(str(e).split())}", file=sys.stderr)  # always one line
-        return 2
+        return _error(e)
+    except Exception as e:  # a read-only, full or missing disk location, wherever it was hit: one line too
+        from edgestill.files import user_error
+
+        err = user_error(e)
+        if err is None:
+            raise  # a bug: keep the traceback
+        return _error(err)
     except KeyboardInterrupt:
         print("edgestill: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
         return 130

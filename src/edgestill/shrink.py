@@ -19,6 +19,7 @@ import numpy as np
 
 from edgestill.config import ShrinkConfig
 from edgestill.errors import EdgestillError
+from edgestill.files import write_text_atomic, writing
 from edgestill.progress import is_main_process
 from edgestill.runs import RunDir
 
@@ -118,15 +119,18 @@ def _copy_cache(source_run: Path | None, cache_dir: Path) -> None:
 
 
 def _save_student(student, tokenizer, folder: Path, dtype: str) -> None:
+    """Save the student as a HF folder (safetensors + tokenizer), atomically: all of it or nothing."""
     import torch
 
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    student.to(getattr(torch, dtype)).save_pretrained(tmp)
-    student.to(torch.float32)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    from edgestill.files import atomic_path
+
+    nbytes = sum(p.numel() for p in student.parameters()) * torch.finfo(getattr(torch, dtype)).bits // 8
+    try:
+        with atomic_path(folder, "saving the student", needed_bytes=nbytes, is_dir=True) as tmp:
+            student.to(getattr(torch, dtype)).save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    finally:
+        student.to(torch.float32)
 
 
 def distill_run(cfg: ShrinkConfig, overwrite: bool = False, teacher_cache_from: Path | None = None) -> tuple[RunDir, dict]:
@@ -152,84 +156,85 @@ def distill_run(cfg: ShrinkConfig, overwrite: bool = False, teacher_cache_from: 
     if world > 1:
         torch.distributed.barrier()
 
-    t0 = time.time()
-    if world > 1 and rank != 0:
-        torch.distributed.barrier()  # rank 0 loads first, so a GGUF is dequantized and cached once
-    teacher = load_causal_lm(cfg.teacher.model)
-    if world > 1 and rank == 0:
-        torch.distributed.barrier()
-    log.info("teacher: %s (%s) loaded in %.1fs", cfg.teacher.model, teacher.path, time.time() - t0)
-    extras = []  # MTAKD: more teachers sharing the tokenizer (loaded in the same order on every rank)
-    for spec in cfg.teacher.extra:
+    with run.cleanup_on_failure():  # a run that fails before any work leaves no folder behind
+        t0 = time.time()
         if world > 1 and rank != 0:
-            torch.distributed.barrier()
-        extra = load_causal_lm(spec)
+            torch.distributed.barrier()  # rank 0 loads first, so a GGUF is dequantized and cached once
+        teacher = load_causal_lm(cfg.teacher.model)
         if world > 1 and rank == 0:
             torch.distributed.barrier()
-        try:
-            check_same_tokenizer(teacher.tokenizer, extra.tokenizer)
-        except EdgestillError:
-            raise EdgestillError(
-                f"teacher.extra '{spec}' has a different tokenizer from teacher.model '{cfg.teacher.model}' (vocab "
-                f"{len(extra.tokenizer.get_vocab())} vs {len(teacher.tokenizer.get_vocab())}); multi-teacher KD mixes "
-                "logits token by token, so remove it from teacher.extra or pick a teacher of the same family") from None
-        log.info("extra teacher: %s (%s)", spec, extra.path)
-        extras.append(extra)
-    splits, train, val, test = _blocks_for(cfg, teacher.tokenizer)
-    student, layers = _build_student(cfg, teacher.model, teacher.tokenizer, train)
+        log.info("teacher: %s (%s) loaded in %.1fs", cfg.teacher.model, teacher.path, time.time() - t0)
+        extras = []  # MTAKD: more teachers sharing the tokenizer (loaded in the same order on every rank)
+        for spec in cfg.teacher.extra:
+            if world > 1 and rank != 0:
+                torch.distributed.barrier()
+            extra = load_causal_lm(spec)
+            if world > 1 and rank == 0:
+                torch.distributed.barrier()
+            try:
+                check_same_tokenizer(teacher.tokenizer, extra.tokenizer)
+            except EdgestillError:
+                raise EdgestillError(
+                    f"teacher.extra '{spec}' has a different tokenizer from teacher.model '{cfg.teacher.model}' (vocab "
+                    f"{len(extra.tokenizer.get_vocab())} vs {len(teacher.tokenizer.get_vocab())}); multi-teacher KD mixes "
+                    "logits token by token, so remove it from teacher.extra or pick a teacher of the same family") from None
+            log.info("extra teacher: %s (%s)", spec, extra.path)
+            extras.append(extra)
+        splits, train, val, test = _blocks_for(cfg, teacher.tokenizer)
+        student, layers = _build_student(cfg, teacher.model, teacher.tokenizer, train)
 
-    if extras:
-        models = [teacher.model] + [e.model for e in extras]
-        names = [cfg.teacher.model, *cfg.teacher.extra]
-        live_model = teacher.model if needs_live_teacher(cfg.distill) else None
-        if cfg.distill.cache_teacher:
-            fp = _fingerprint(*(t.path for t in [teacher, *extras]), train.tobytes(), cfg.distill.top_k, "union")
-            cache_dir = run.path / "cache" / "teachers_union_topk"
+        if extras:
+            models = [teacher.model] + [e.model for e in extras]
+            names = [cfg.teacher.model, *cfg.teacher.extra]
+            live_model = teacher.model if needs_live_teacher(cfg.distill) else None
+            if cfg.distill.cache_teacher:
+                fp = _fingerprint(*(t.path for t in [teacher, *extras]), train.tobytes(), cfg.distill.top_k, "union")
+                cache_dir = run.path / "cache" / "teachers_union_topk"
+                if rank == 0:
+                    _copy_cache(teacher_cache_from, cache_dir)
+                    build_union_topk_cache(models, train, cfg.distill.top_k, cache_dir, fp,
+                                           batch_size=max(1, cfg.eval.batch_size // len(models)))
+                if world > 1:
+                    torch.distributed.barrier()
+                from edgestill.distill.teacher_cache import UnionTopKCache
+
+                source = MultiTeacher(names, cfg.distill.top_k, cache=UnionTopKCache(cache_dir), model=live_model)
+                del extras, models  # the cache holds all the extra teachers have to say
+            else:
+                source = MultiTeacher(names, cfg.distill.top_k, models=models)
+        elif cfg.distill.cache_teacher:
+            fp = _fingerprint(teacher.path, train.tobytes(), cfg.distill.top_k)
+            cache_dir = run.path / "cache" / "teacher_topk"
             if rank == 0:
                 _copy_cache(teacher_cache_from, cache_dir)
-                build_union_topk_cache(models, train, cfg.distill.top_k, cache_dir, fp,
-                                       batch_size=max(1, cfg.eval.batch_size // len(models)))
+                cache = build_topk_cache(teacher.model, train, cfg.distill.top_k, cache_dir, fp, batch_size=cfg.eval.batch_size)
             if world > 1:
                 torch.distributed.barrier()
-            from edgestill.distill.teacher_cache import UnionTopKCache
+            if rank != 0:
+                from edgestill.distill.teacher_cache import TopKCache
 
-            source = MultiTeacher(names, cfg.distill.top_k, cache=UnionTopKCache(cache_dir), model=live_model)
-            del extras, models  # the cache holds all the extra teachers have to say
+                cache = TopKCache(cache_dir)
+            # hidden-state / relation / on-policy terms need the teacher itself; the cache still serves the logits
+            source = CachedTeacher(cache, model=teacher.model if needs_live_teacher(cfg.distill) else None)
         else:
-            source = MultiTeacher(names, cfg.distill.top_k, models=models)
-    elif cfg.distill.cache_teacher:
-        fp = _fingerprint(teacher.path, train.tobytes(), cfg.distill.top_k)
-        cache_dir = run.path / "cache" / "teacher_topk"
+            source = LiveTeacher(teacher.model, cfg.distill.top_k)
+
+        quant_config = _quant_config(cfg)
+        if quant_config is not None:
+            from edgestill.quant import quantize_
+
+            quantize_(student, quant_config, step="prepare")  # fake-quant forward, straight-through gradients
+        history = distill(student, source, train, cfg.distill, run.path, val_blocks=val, layers=layers)
+        dtype = cfg.output.dtype
+        if quant_config is not None:
+            report = quantize_(student, quant_config, step="convert")  # weights := exact runtime values
+            if rank == 0:
+                write_text_atomic(run.path / "quant_report.json", json.dumps([r.to_dict() for r in report], indent=1))
+            dtype = "float32"  # the dequantized values are exact in fp32 only; the deployable file is the GGUF
         if rank == 0:
-            _copy_cache(teacher_cache_from, cache_dir)
-            cache = build_topk_cache(teacher.model, train, cfg.distill.top_k, cache_dir, fp, batch_size=cfg.eval.batch_size)
-        if world > 1:
-            torch.distributed.barrier()
-        if rank != 0:
-            from edgestill.distill.teacher_cache import TopKCache
-
-            cache = TopKCache(cache_dir)
-        # hidden-state / relation / on-policy terms need the teacher itself; the cache still serves the logits
-        source = CachedTeacher(cache, model=teacher.model if needs_live_teacher(cfg.distill) else None)
-    else:
-        source = LiveTeacher(teacher.model, cfg.distill.top_k)
-
-    quant_config = _quant_config(cfg)
-    if quant_config is not None:
-        from edgestill.quant import quantize_
-
-        quantize_(student, quant_config, step="prepare")  # fake-quant forward, straight-through gradients
-    history = distill(student, source, train, cfg.distill, run.path, val_blocks=val, layers=layers)
-    dtype = cfg.output.dtype
-    if quant_config is not None:
-        report = quantize_(student, quant_config, step="convert")  # weights := exact runtime values
-        if rank == 0:
-            (run.path / "quant_report.json").write_text(json.dumps([r.to_dict() for r in report], indent=1))
-        dtype = "float32"  # the dequantized values are exact in fp32 only; the deployable file is the GGUF
-    if rank == 0:
-        _save_student(student, teacher.tokenizer, run.path / "student", dtype)
-        (run.path / "splits.json").write_text(json.dumps(splits.names(), indent=1))
-    context = {"teacher": teacher, "splits": splits, "test": test, "history": history, "layers": layers, "resumed": resumed}
+            _save_student(student, teacher.tokenizer, run.path / "student", dtype)
+            write_text_atomic(run.path / "splits.json", json.dumps(splits.names(), indent=1))
+        context = {"teacher": teacher, "splits": splits, "test": test, "history": history, "layers": layers, "resumed": resumed}
     return run, context
 
 
@@ -336,8 +341,9 @@ def export_student_gguf(run_dir: Path, cfg: ShrinkConfig, tensor_type: str | Non
     teacher_path = resolve_model_path(cfg.teacher.model)
     teacher_gguf = teacher_path if teacher_path.suffix.lower() == ".gguf" else None
     out = out or run_dir / "student.gguf"
-    return export_gguf(saved.model, saved.tokenizer, out, tensor_type or "f16", teacher_gguf=teacher_gguf,
-                       quantize_fn=format_quantize_fn(per_tensor))
+    with writing(out, "exporting the student as GGUF"):
+        return export_gguf(saved.model, saved.tokenizer, out, tensor_type or "f16", teacher_gguf=teacher_gguf,
+                           quantize_fn=format_quantize_fn(per_tensor))
 
 
 def _trained_formats(run_dir: Path) -> dict[str, object]:
@@ -385,8 +391,9 @@ def export_student_onnx(run_dir: Path, cfg: ShrinkConfig, tensor_type: str | Non
     else:
         formats = _trained_formats(run_dir)
     out = Path(out) if out else run_dir / "onnx" / "model.onnx"
-    report = export_onnx(model, out, formats)
-    copy_tokenizer(saved.tokenizer, out.parent)
+    with writing(out, "exporting the student as ONNX"):
+        report = export_onnx(model, out, formats)
+        copy_tokenizer(saved.tokenizer, out.parent)
 
     _, _, _, test = _blocks_for(cfg, saved.tokenizer)
     ids = torch.from_numpy(test.reshape(-1)[:parity_tokens]).long()
@@ -394,7 +401,7 @@ def export_student_onnx(run_dir: Path, cfg: ShrinkConfig, tensor_type: str | Non
         reference = model(input_ids=ids[None]).logits[0].numpy()  # the saved weights are the exact quantized values
     parity = logit_parity(reference, onnx_logits(out, ids))
     result = {**report.to_dict(), "fallbacks": fallbacks, "parity_vs_pytorch": parity}
-    (out.parent / "export_report.json").write_text(json.dumps(result, indent=1))
+    write_text_atomic(out.parent / "export_report.json", json.dumps(result, indent=1))
     return result
 
 
@@ -418,19 +425,20 @@ def quantize_run(cfg: ShrinkConfig, method: str = "rtn", overwrite: bool = False
         raise EdgestillError("edgestill quantize needs a format: --type q4_0 (or quant.format=...)")
     run = RunDir(cfg.output.dir, {**cfg.to_dict(), "ptq_method": method}, overwrite=overwrite, defaults=ShrinkConfig().to_dict())
     run.open()
-    teacher = load_causal_lm(cfg.teacher.model)
-    splits, train, _, test = _blocks_for(cfg, teacher.tokenizer)
-    model = copy.deepcopy(teacher.model)
-    if method == "gptq":
-        calibration = [torch.from_numpy(train[i : i + 4]).long() for i in range(0, min(len(train), calibration_blocks), 4)]
-        report = gptq_quantize_(model, quant_config, calibration)
-    else:
-        report = quantize_(model, quant_config, step="convert")
-    (run.path / "quant_report.json").write_text(json.dumps([r.to_dict() for r in report], indent=1))
-    (run.path / "splits.json").write_text(json.dumps(splits.names(), indent=1))
-    _save_student(model, teacher.tokenizer, run.path / "student", "float32")
-    export_student_gguf(run.path, cfg)
-    evaluate_run(cfg, run.path, teacher, test, splits, history=[], layers=None, final_dir=run.final)
+    with run.cleanup_on_failure():
+        teacher = load_causal_lm(cfg.teacher.model)
+        splits, train, _, test = _blocks_for(cfg, teacher.tokenizer)
+        model = copy.deepcopy(teacher.model)
+        if method == "gptq":
+            calibration = [torch.from_numpy(train[i : i + 4]).long() for i in range(0, min(len(train), calibration_blocks), 4)]
+            report = gptq_quantize_(model, quant_config, calibration)
+        else:
+            report = quantize_(model, quant_config, step="convert")
+        write_text_atomic(run.path / "quant_report.json", json.dumps([r.to_dict() for r in report], indent=1))
+        write_text_atomic(run.path / "splits.json", json.dumps(splits.names(), indent=1))
+        _save_student(model, teacher.tokenizer, run.path / "student", "float32")
+        export_student_gguf(run.path, cfg)
+        evaluate_run(cfg, run.path, teacher, test, splits, history=[], layers=None, final_dir=run.final)
     final = run.finish()
     print(f"run folder: {final}", flush=True)
     return final

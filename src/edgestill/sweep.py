@@ -23,12 +23,14 @@ from pathlib import Path
 from edgestill.config import ShrinkConfig
 from edgestill.errors import EdgestillError
 from edgestill.evaluate.report import write_atomic
+from edgestill.runs import WorkFolder
 
 log = logging.getLogger("edgestill")
 
 # Formats quantization-aware training can use (q4_k's scale search is too slow to run every step on a CPU).
 TRAIN_FORMATS = ("q8_0", "q5_0", "q4_0")
 BASELINE_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K")
+SWEEP_MARKER = ".edgestill-sweep"  # marks a folder as a sweep's: only such a folder (or an empty one) is written into
 
 
 @dataclass
@@ -66,13 +68,17 @@ def shrink_for_device(cfg: ShrinkConfig, device: str, budget, overwrite: bool = 
     from edgestill.models.load import load_causal_lm, resolve_model_path
     from edgestill.models.slice import decoder_layers
     from edgestill.plan import plan
-    from edgestill.plan.cost import tokenizer_metadata_bytes
+    from edgestill.plan.allocate import check_budget
+    from edgestill.plan.cost import StudentShape, tokenizer_metadata_bytes
     from edgestill.shrink import _blocks_for, shrink
 
     teacher = load_causal_lm(cfg.teacher.model)
-    _, train, _, _ = _blocks_for(cfg, teacher.tokenizer)
     path = resolve_model_path(cfg.teacher.model)
     metadata = tokenizer_metadata_bytes(path) if str(path).lower().endswith(".gguf") else 0
+    # An impossible budget fails here, from the teacher's shape alone, before the text is read or anything measured.
+    check_budget(StudentShape.from_config(teacher.model.config), device, budget, TRAIN_FORMATS, metadata_bytes=metadata,
+                 plan_options=False)
+    _, train, _, _ = _blocks_for(cfg, teacher.tokenizer)
     batches = [torch.from_numpy(np.asarray(train[i : i + 1])).long() for i in range(min(4, len(train)))]
     best = plan(teacher.model, device, budget, batches, formats=TRAIN_FORMATS, metadata_bytes=metadata, top=1)[0]
     log.info("plan for %s: %s", device, best.summary())
@@ -97,10 +103,32 @@ def make_plans(cfg: ShrinkConfig, settings: SweepSettings, teacher, train_blocks
     import torch
 
     from edgestill.plan import Budget, plan
+    from edgestill.plan.allocate import floor_error, student_floor, with_device_ram
+    from edgestill.plan.cost import StudentShape
+    from edgestill.plan.devices import load_device
     from edgestill.plan.sensitivity import Sensitivity, layer_sensitivity
 
     batches = [torch.from_numpy(np.asarray(train_blocks[i : i + 1])).long() for i in range(settings.calibration_blocks)]
     teacher_bytes = 4 * sum(p.numel() for p in teacher.parameters())
+    # Before anything is measured, drop the budgets even the smallest plannable student misses (cost model only).
+    device = load_device(settings.device)
+    floor = student_floor(StudentShape.from_config(teacher.config), device, TRAIN_FORMATS,
+                          metadata_bytes=metadata_bytes)
+    n = teacher_bytes // floor.bound.file_bytes  # 1/n: the tightest fraction whose budget the floor's file fits
+    fixes = {"file": f"use --budgets no tighter than 1/{n} of the teacher ({teacher_bytes / 1e6:.1f}MB in fp32)"
+             if n >= 1 else "no file budget below the teacher's own size can be met"}
+    budgets, dropped = [], {}
+    for fraction in settings.budgets:
+        budget = Budget(max_file_bytes=max(1, int(teacher_bytes * fraction)))  # 0 bytes: refused by Budget
+        why = floor_error(with_device_ram(budget, device), floor, device, ram_from_device=True, fixes=fixes,
+                          sources={"file": f"--budgets {fraction:.4g} of the teacher"})
+        if why is None:
+            budgets.append((fraction, budget))
+        else:
+            dropped[fraction] = why
+            log.warning("budget 1/%.0f of the teacher dropped before planning: %s", 1 / fraction, why)
+    if not budgets:
+        raise EdgestillError(f"no budget of the sweep can be met: {dropped[max(dropped)]}")
     saved = folder / "sensitivity.json" if folder is not None else None
     # valid for exactly these calibration tokens, teacher and formats (whatever data settings produced them)
     tokens = hashlib.sha256(np.ascontiguousarray(train_blocks[: settings.calibration_blocks]).tobytes()).hexdigest()[:16]
@@ -117,10 +145,9 @@ def make_plans(cfg: ShrinkConfig, settings: SweepSettings, teacher, train_blocks
             write_atomic(saved, json.dumps({"key": key, "sensitivity": sensitivity.to_dict()}, indent=1))
     cache: dict = {}  # reference logits, block influence, structural KL per shape: shared by the budgets
     plans, seen = [], set()
-    for fraction in settings.budgets:
-        budget = Budget(max_file_bytes=int(teacher_bytes * fraction))
+    for fraction, budget in budgets:
         try:
-            best = plan(teacher, settings.device, budget, batches, formats=TRAIN_FORMATS, sensitivity=sensitivity,
+            best = plan(teacher, device, budget, batches, formats=TRAIN_FORMATS, sensitivity=sensitivity,
                         metadata_bytes=metadata_bytes, top=1, cache=cache)[0]
         except EdgestillError as e:
             log.warning("budget 1/%.0f of the teacher: %s", 1 / fraction, e)
@@ -167,7 +194,19 @@ def baseline_points(folder: Path, teacher, test_blocks, t_logp, teacher_ppl: flo
 
 
 def run_sweep(cfg: ShrinkConfig, settings: SweepSettings, out: str | Path) -> dict:
-    """Plan, shrink every point (resuming), score the llama.cpp baseline, write the shrink curve. Returns its JSON."""
+    """Plan, shrink every point (resuming), score the llama.cpp baseline, write the shrink curve. Returns its JSON.
+
+    `out` is created if needed; an existing folder must be empty or an earlier sweep's (which is resumed).
+    """
+    if any(not 0 < f < 1 for f in settings.budgets):
+        raise EdgestillError(f"sweep budgets {settings.budgets} must be fractions of the teacher's bytes, between 0 and 1")
+    folder = WorkFolder(out, SWEEP_MARKER, "sweep", legacy_files=("plans.json", "sensitivity.json"))
+    out = folder.open()
+    with folder.cleanup_on_failure():  # a sweep that fails before any work leaves no folder behind
+        return _run_sweep(cfg, settings, out)
+
+
+def _run_sweep(cfg: ShrinkConfig, settings: SweepSettings, out: Path) -> dict:
     from edgestill.evaluate.gguf_eval import teacher_logprobs, teacher_perplexity
     from edgestill.evaluate.shrink_curve import ShrinkPoint, write_shrink_report
     from edgestill.models.load import load_causal_lm, resolve_model_path
@@ -175,10 +214,6 @@ def run_sweep(cfg: ShrinkConfig, settings: SweepSettings, out: str | Path) -> di
     from edgestill.plan.cost import tokenizer_metadata_bytes
     from edgestill.shrink import _blocks_for, shrink
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if any(not 0 < f < 1 for f in settings.budgets):
-        raise EdgestillError(f"sweep budgets {settings.budgets} must be fractions of the teacher's bytes, between 0 and 1")
     teacher = load_causal_lm(cfg.teacher.model)
     _, train, _, test = _blocks_for(cfg, teacher.tokenizer)
     teacher_path = resolve_model_path(cfg.teacher.model)

@@ -24,20 +24,18 @@ together once and are all scored on a common support (plus each one's exact tail
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from edgestill.files import ensure_free_space, reserve, write_text_atomic, writing
 from edgestill.progress import progress_bar
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=1))
 
 
 @torch.no_grad()
@@ -136,6 +134,27 @@ def build_union_topk_cache(teachers, blocks: np.ndarray, k: int, directory: str 
     return UnionTopKCache(directory)
 
 
+def _create_arrays(directory: Path, shapes: dict) -> None:
+    """Create the .npy files of `shapes` with all their disk blocks allocated, or none of them.
+
+    The arrays are filled through memory maps; a sparse file on a full disk would kill the process with
+    SIGBUS at some later write, so the space is checked and reserved here, where it becomes one line.
+    """
+    action = "building the teacher's top-k cache"
+    needed = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in shapes.values())
+    existing = sum((directory / name).stat().st_size for name in shapes if (directory / name).is_file())
+    ensure_free_space(directory, needed - existing, action)
+    try:
+        with writing(directory, action, needed):
+            for name, (shape, dtype) in shapes.items():
+                np.lib.format.open_memmap(directory / name, mode="w+", dtype=dtype, shape=shape).flush()
+                reserve(directory / name, (directory / name).stat().st_size, action)
+    except BaseException:
+        for name in shapes:  # no half-made cache is left to take up the space
+            (directory / name).unlink(missing_ok=True)
+        raise
+
+
 def _fill_cache(blocks: np.ndarray, directory: Path, fingerprint: str, extra_meta: dict, shapes: dict, compute,
                 batch_size: int, show_progress: bool) -> None:
     """Create the arrays `shapes` (name -> (shape, dtype)) and fill them in order with `compute(input_ids)`,
@@ -146,11 +165,12 @@ def _fill_cache(blocks: np.ndarray, directory: Path, fingerprint: str, extra_met
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
     if meta is None or meta.get("fingerprint") != fingerprint or not all((directory / f).is_file() for f in shapes):
         meta = {"fingerprint": fingerprint, "rows": n, "seq_len": t, **extra_meta, "rows_done": 0}
-        for name, (shape, dtype) in shapes.items():
-            np.lib.format.open_memmap(directory / name, mode="w+", dtype=dtype, shape=shape).flush()
+        _create_arrays(directory, shapes)
         _write_json_atomic(meta_path, meta)
     done = meta["rows_done"]
     if done < n:
+        for name in shapes:  # a cache begun by an older edgestill may still be sparse
+            reserve(directory / name, (directory / name).stat().st_size, "building the teacher's top-k cache")
         arrays = {name: np.load(directory / name, mmap_mode="r+") for name in shapes}
         bar = progress_bar(total=n * (t - 1), initial=done * (t - 1), desc="teacher top-k logits", unit="tok",
                            disable=not show_progress)

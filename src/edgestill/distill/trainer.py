@@ -44,6 +44,7 @@ from edgestill.distill.on_policy import OnPolicyBatches, OnPolicyConfig
 from edgestill.distill.pid import PIDController, kakd_alpha_controller, student_error_weights
 from edgestill.distill.teacher_cache import TopKCache, UnionTopKCache, teacher_topk, teachers_union_topk
 from edgestill.errors import EdgestillError
+from edgestill.files import atomic_path, write_text_atomic
 from edgestill.progress import progress_bar
 
 
@@ -226,19 +227,15 @@ def _save_checkpoint(ckpt_root: Path, student, optimizer, step: int, history: li
     from safetensors.torch import save_model
 
     final = ckpt_root / f"ckpt-{step:06d}"
-    tmp = ckpt_root / f".tmp-ckpt-{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(student, str(tmp / "student.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "history": history}))
-    if methods is not None:
-        torch.save(methods.state_dict(), tmp / "methods.pt")  # PID, on-policy buffer, projections
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    latest_tmp = ckpt_root / "LATEST.tmp"
-    latest_tmp.write_text(final.name)
-    os.replace(latest_tmp, ckpt_root / "LATEST")
+    # the weights and AdamW's two moments: about 3x the student's fp32 bytes (the previous checkpoint stays meanwhile)
+    needed = 3 * sum(p.numel() * p.element_size() for p in student.parameters())
+    with atomic_path(final, "writing a checkpoint", needed_bytes=needed, is_dir=True) as tmp:
+        save_model(student, str(tmp / "student.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "history": history}))
+        if methods is not None:
+            torch.save(methods.state_dict(), tmp / "methods.pt")  # PID, on-policy buffer, projections
+    write_text_atomic(ckpt_root / "LATEST", final.name, "writing a checkpoint")
     for old in ckpt_root.glob("ckpt-*"):
         if old.name != final.name:
             shutil.rmtree(old, ignore_errors=True)
@@ -401,7 +398,7 @@ def distill(student, teacher, blocks: np.ndarray, cfg: DistillConfig, run_dir: s
     start_step, history = _load_checkpoint(ckpt_root, student, optimizer, methods)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        log_path.write_text("".join(json.dumps(h) + "\n" for h in history))  # drop steps after the checkpoint
+        write_text_atomic(log_path, "".join(json.dumps(h) + "\n" for h in history))  # drop steps after the checkpoint
 
     model = student
     if world > 1:

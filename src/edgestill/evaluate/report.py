@@ -11,11 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
+from edgestill.files import write_text_atomic
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+
+write_atomic = write_text_atomic  # the name the evaluate and sweep modules use
 
 
 def save_figure(fig, path: Path, dpi: int = 110) -> None:
