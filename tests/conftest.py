@@ -79,3 +79,23 @@ def tiny_overrides(model_dir, corpus_dir, out_dir, steps: int = 6) -> list[str]:
         "eval.batch_size=4", "eval.speed_prompt_tokens=16", "eval.speed_decode_tokens=4", "eval.speed_repeats=1",
         "eval.generate_tokens=4", "eval.prompts=[\"the king\"]", "output.dtype=float32",
     ]
+
+
+def one_line_error(call, *args, **kwargs) -> str:
+    """The EdgestillError message `call(*args)` raises, checked to be one line (the CLI prints it as one)."""
+    from edgestill.errors import EdgestillError
+
+    with pytest.raises(EdgestillError) as e:
+        call(*args, **kwargs)
+    msg = str(e.value)
+    assert "\n" not in msg, msg
+    return msg
+
+
+def edit_safetensors(st_path, edit) -> None:
+    """Rewrite a safetensors file after `edit(state_dict)` changed it in place (to damage a model on purpose)."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(st_path))
+    edit(state)
+    save_file(state, str(st_path), metadata={"format": "pt"})

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import edit_safetensors, one_line_error  # tests/ is on sys.path
 from edgestill.data.labelled import LabelMap
 from edgestill.errors import EdgestillError
 from edgestill.models.encoder import (
@@ -129,20 +130,11 @@ def test_default_encoder_is_found_without_importing_its_package():
 
 
 def _load_error(folder, label_map=None) -> str:
-    """The message load_encoder_classifier raises for `folder`, checked to be one line (the CLI prints it so)."""
-    with pytest.raises(EdgestillError) as e:
-        load_encoder_classifier(str(folder), label_map)
-    msg = str(e.value)
-    assert "\n" not in msg, msg
-    return msg
+    """The one-line message load_encoder_classifier raises for `folder`."""
+    return one_line_error(load_encoder_classifier, str(folder), label_map)
 
 
-def _edit_tensors(st_path, edit) -> None:
-    from safetensors.torch import load_file, save_file
-
-    state = load_file(str(st_path))
-    edit(state)
-    save_file(state, str(st_path), metadata={"format": "pt"})
+_edit_tensors = edit_safetensors
 
 
 def _shrink_layer1_mlp(state) -> None:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import load_tiny_teacher, make_text
+from conftest import edit_safetensors, load_tiny_teacher, make_text, one_line_error
 from edgestill.errors import EdgestillError
 from edgestill.models import hf_folder
 from edgestill.models import load as load_mod
@@ -156,21 +156,11 @@ def _copy(tiny_model_dir, tmp_path, name="broken"):
 
 
 def _load_error(folder) -> str:
-    """The message load_causal_lm raises for `folder`, checked to be one line (the CLI prints it as one)."""
-    with pytest.raises(EdgestillError) as e:
-        load_causal_lm(str(folder))
-    msg = str(e.value)
-    assert "\n" not in msg, msg
-    return msg
+    """The one-line message load_causal_lm raises for `folder`."""
+    return one_line_error(load_causal_lm, str(folder))
 
 
-def _edit_tensors(st_path, edit) -> None:
-    """Rewrite a safetensors file after `edit(state_dict)` changed it in place."""
-    from safetensors.torch import load_file, save_file
-
-    state = load_file(str(st_path))
-    edit(state)
-    save_file(state, str(st_path), metadata={"format": "pt"})
+_edit_tensors = edit_safetensors
 
 
 UP1 = "model.layers.1.mlp.up_proj.weight"  # (intermediate 128, hidden 64) in the tiny model
