@@ -52,7 +52,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="text: a folder of .txt/.md, a .jsonl, a text file, a saved HF dataset, or shakespeare (default)")
     p.add_argument("--out", help="run folder (default runs/shrink-smollm2-135m)")
     p.add_argument("--quick", action="store_true", help="smoke-run sizes (a few minutes on 2 CPU cores)")
-    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out (kept until the new one finishes)")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished edgestill run in --out (kept until the new one finishes); "
+                                                                 "never any other folder")
 
 
 def _add_classification(p: argparse.ArgumentParser) -> None:
@@ -95,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="labelled data: a .csv/.tsv/.jsonl file, or spamassassin / drugreview")
     p.add_argument("--out", help="run folder (default runs/finetune-<data name>)")
     p.add_argument("--quick", action="store_true", help="smoke-run sizes")
-    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out (kept until the new one finishes)")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished edgestill run in --out (kept until the new one finishes); "
+                                                                 "never any other folder")
     _add_classification(p)
     p = sub.add_parser("distill", help="slice and distil a student, without the evaluation",
                        description="Stages 1-6 of shrink: writes the student to RUN/student; evaluate it later with `edgestill eval RUN`.")
