@@ -93,3 +93,18 @@ def test_ensure_free_space_refuses_before_writing(tmp_path):
     ensure_free_space(tmp_path, 1, "caching")
     with pytest.raises(EdgestillError, match="full disk .* while caching .*needed"):
         ensure_free_space(tmp_path, 10**18, "caching")
+
+
+def test_an_error_after_a_progress_bar_starts_on_its_own_line():
+    """A bar left open by an exception would carry the one-line error on the end of its line."""
+    import io
+
+    from tqdm import tqdm
+
+    from edgestill.progress import close_progress_bars
+
+    out = io.StringIO()
+    bar = tqdm(total=10, file=out)
+    bar.update(3)
+    close_progress_bars()
+    assert out.getvalue().endswith("\n") and bar.disable

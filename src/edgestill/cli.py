@@ -185,6 +185,9 @@ def _quiet_libraries() -> None:
 
 
 def _error(e: Exception) -> int:
+    from edgestill.progress import close_progress_bars
+
+    close_progress_bars()
     print(f"edgestill: error: {' '.join(str(e).split())}", file=sys.stderr)  # always one line
     return 2
 
@@ -339,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
             raise  # a bug: keep the traceback
         return _error(err)
     except KeyboardInterrupt:
+        from edgestill.progress import close_progress_bars
+
+        close_progress_bars()
         print("edgestill: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
         return 130
     return 0

@@ -24,3 +24,14 @@ def progress_bar(total: int | None = None, desc: str = "", unit: str = "it", ini
         file=sys.stderr,
         bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]",
     )
+
+
+def close_progress_bars() -> None:
+    """Close every open bar (ending its line), so that a message printed next starts on a line of its own.
+
+    A bar left open by an exception would otherwise carry the error on the end of its last line.
+    """
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()

@@ -125,11 +125,12 @@ def test_missing_and_unsupported_paths(tmp_path):
 
 # --- decoding and the not-text refusal -------------------------------------------------------------------
 
-def test_random_bytes_are_refused_with_the_file_named(tmp_path):
+def test_random_bytes_are_refused_with_the_file_named(tmp_path, caplog):
     f = tmp_path / "noise.txt"
     f.write_bytes(random.Random(0).randbytes(4096))
     with pytest.raises(EdgestillError) as e:
         load_documents(str(f))
+    assert not caplog.records, "a refused file gets the refusal, not advice on its encoding"
     msg = str(e.value)
     assert f"{f} does not look like text" in msg and "above the 5% limit" in msg and "binary file" in msg
     assert "data.path" in msg and "\n" not in msg

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgestill.data.textcheck import check_is_text, decode_text, read_text
+from edgestill.data.textcheck import check_is_text, read_text
 from edgestill.errors import EdgestillError
 
 log = logging.getLogger(__name__)
@@ -68,8 +68,7 @@ def _shakespeare() -> list[Document]:
 
 def _jsonl(path: Path, text_field: str) -> list[Document]:
     # The whole file is decoded and checked at once: one encoding, one warning, one refusal.
-    content = decode_text(path.read_bytes(), path)
-    check_is_text(content, path, FIX_NOT_TEXT)
+    content = read_text(path, FIX_NOT_TEXT)
     docs = []
     for lineno, line in enumerate(content.split("\n"), 1):  # only "\n": JSON strings may hold other line breaks
         line = line.strip()

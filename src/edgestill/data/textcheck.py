@@ -90,28 +90,28 @@ def line_of(raw: bytes, offset: int) -> int:
     return raw.count(b"\n", 0, offset) + 1
 
 
-def decode_text(raw: bytes, path: Path | str) -> str:
-    """`raw` as text by the module's rule (BOM, UTF-8, damaged UTF-8, cp1252, latin-1); warns once when not clean UTF-8."""
+def decode_text(raw: bytes, path: Path | str) -> tuple[str, str | None]:
+    """(text, note): `raw` as text by the module's rule (BOM, UTF-8, damaged UTF-8, cp1252, latin-1), and the
+    warning to give when it was not clean UTF-8 (None when it was). The caller warns only once the text has
+    passed `check_is_text`: a refused binary file gets the refusal, not advice on its encoding."""
     text = decode_bom(raw)
     if text is not None:
-        return text
+        return text, None
     raw = raw.removeprefix(UTF8_BOM)  # a UTF-8 BOM on damaged UTF-8: still not part of the text
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8"), None
     except UnicodeDecodeError as e:
         first_bad = e.start
     n_bad = count_bad_utf8(raw)
     has_utf8_letters = not raw.decode("utf-8", errors="ignore").isascii()
     if has_utf8_letters and n_bad < MAX_BAD_UTF8_SHARE * len(raw):
-        log.warning("%s is UTF-8 with %d invalid byte(s) (%.2f%% of %d bytes, the first on line %d); they were replaced "
-                    "with U+FFFD; to fix, re-save the file as UTF-8 (`iconv -f utf-8 -t utf-8 %s > /dev/null` points at "
-                    "the first one)", path, n_bad, 100 * n_bad / len(raw), len(raw), line_of(raw, first_bad),
-                    shlex.quote(str(path)))
-        return raw.decode("utf-8", errors="replace")
+        note = (f"{path} is UTF-8 with {n_bad} invalid byte(s) ({100 * n_bad / len(raw):.2f}% of {len(raw)} bytes, the "
+                f"first on line {line_of(raw, first_bad)}); they were replaced with U+FFFD; to fix, re-save the file as "
+                f"UTF-8 (`iconv -f utf-8 -t utf-8 {shlex.quote(str(path))} > /dev/null` points at the first one)")
+        return raw.decode("utf-8", errors="replace"), note
     text, encoding = decode_legacy(raw)
-    log.warning("%s is not UTF-8; it was read as %s; if its accented letters look wrong, or to silence this, "
-                "convert it to UTF-8: `%s`", path, encoding, iconv_fix(path, encoding))
-    return text
+    return text, (f"{path} is not UTF-8; it was read as {encoding}; if its accented letters look wrong, or to silence "
+                  f"this, convert it to UTF-8: `{iconv_fix(path, encoding)}`")
 
 
 def _sample(text: str) -> str:
@@ -150,6 +150,8 @@ def check_is_text(text: str, where: Path | str, fix: str = "point --data (data.p
 
 def read_text(path: Path, fix: str = "point --data (data.path) at text files") -> str:
     """The file's text by the decoding rule, refused when it is not text."""
-    text = decode_text(path.read_bytes(), path)
+    text, note = decode_text(path.read_bytes(), path)
     check_is_text(text, path, fix)
+    if note:
+        log.warning(note)
     return text
