@@ -3,8 +3,8 @@
 For each data set (`spamassassin`, `drugreview`) every row is a run of edgestill's own classifier job,
 driven through the same functions as `edgestill finetune/shrink/export --task classification`:
 
-    teacher   finetune_run: all-MiniLM-L6-v2 + classification head, CE fine-tuning (model selection on val)
-    kd-<X>x   shrink_classifier_run: student cut from the teacher (2 layers, trimmed vocabulary, truncated-SVD
+    teacher   jobs.classify.finetune: all-MiniLM-L6-v2 + classification head, CE fine-tuning (model selection on val)
+    kd-<X>x   jobs.classify.shrink_classifier: student cut from the teacher (2 layers, trimmed vocabulary, truncated-SVD
               factors; student.target_params set so the fp32 ONNX file is teacher params × 4 ÷ X bytes),
               distilled with α·T²·KL + (1−α)·CE, exported to fp32 ONNX and scored there
     ce-50x    the same student at ~50× trained with CE only (kd.alpha=0): the ablation
@@ -22,7 +22,7 @@ distillation or checkpoint selection:
   top-1 agreement = the PyTorch student vs the teacher (the ONNX file agrees with it on `onnx_parity`).
 - size: the deployable artifact is each row's `onnx/model.onnx` (fp32); compression_x_fp32 / _fp16 =
   teacher params × 4 (× 2) ÷ those file bytes (tokenizer files listed apart). The teacher's own row uses
-  its fp32 ONNX export (`export_classifier_run`, RUN/onnx/model.onnx).
+  its fp32 ONNX export (`jobs.classify.export_classifier`, RUN/onnx/model.onnx).
 - latency: onnxruntime, batch 1 (one unpadded text at a time, truncated to the row's max length),
   intra-op threads = --threads (2), inter-op 1, on --latency-examples test texts (a seeded sample); after a
   warm-up, every repeat runs the teacher and all students one after the other (alternated in one loop);
@@ -74,7 +74,7 @@ class Bench:
     # ------------------------------------------------------------------ configs
 
     def teacher_cfg(self, data: str):
-        from edgestill.classify import load_classifier_config
+        from edgestill.config import load_classifier_config
 
         a = self.args
         return load_classifier_config("finetune", values={
@@ -84,7 +84,7 @@ class Bench:
             "output_dir": str(self.root / data / "teacher")})
 
     def student_cfg(self, data: str, name: str, target_x: float, kd: bool):
-        from edgestill.classify import load_classifier_config
+        from edgestill.config import load_classifier_config
 
         a = self.args
         values = {
@@ -112,13 +112,13 @@ class Bench:
         """True when the row's finished run folder holds this config (reuse it); rerun/raise when it differs."""
         import yaml
 
-        from edgestill.classify import _plain
+        from edgestill.jobs.classify import plain
 
         out = Path(cfg.output_dir)
         if not (out / "DONE").is_file():
             return False
         saved = yaml.safe_load((out / "config.yaml").read_text()) or {}
-        wanted = _plain(cfg)
+        wanted = plain(cfg)
         diff = [s for s in sections if saved.get(s) != wanted.get(s)]
         if not diff:
             return True
@@ -140,7 +140,7 @@ class Bench:
         return timings[name]
 
     def run_rows(self, data: str, rows: list[dict]) -> None:
-        from edgestill.classify import export_classifier_run, finetune_run, shrink_classifier_run
+        from edgestill.jobs.classify import export_classifier, finetune, shrink_classifier
         from edgestill.errors import EdgestillError
 
         t_cfg = self.teacher_cfg(data)
@@ -150,11 +150,11 @@ class Bench:
             print(f"[{data}] teacher: finished run {teacher_dir} reused", flush=True)
         else:
             print(f"[{data}] teacher: fine-tuning {t_cfg.teacher} for {t_cfg.train.steps} steps -> {teacher_dir}", flush=True)
-            self._timed(data, "teacher", lambda: finetune_run(t_cfg, overwrite=(teacher_dir / "DONE").is_file()))
+            self._timed(data, "teacher", lambda: finetune(t_cfg, overwrite=(teacher_dir / "DONE").is_file()))
             retrained = True
         if retrained or not (teacher_dir / "onnx" / "export_report.json").is_file():  # the report is written last
             print(f"[{data}] teacher: fp32 ONNX export for the latency loop -> {teacher_dir / 'onnx'}", flush=True)
-            self._timed(data, "teacher_onnx_export", lambda: export_classifier_run(teacher_dir, "f32"))
+            self._timed(data, "teacher_onnx_export", lambda: export_classifier(teacher_dir, "f32"))
         for row in (r for r in rows if r["kind"] in ("kd", "ce")):
             cfg = self.student_cfg(data, row["name"], row["target_x"], row["kind"] == "kd")
             out = Path(cfg.output_dir)
@@ -168,7 +168,7 @@ class Bench:
             print(f"[{data}] {row['name']}: {'KD' if row['kind'] == 'kd' else 'CE-only'} student at ~{_x(row['target_x'])}x, "
                   f"{cfg.train.steps} steps -> {out}", flush=True)
             try:
-                self._timed(data, row["name"], lambda: shrink_classifier_run(cfg, overwrite=(out / "DONE").is_file()))
+                self._timed(data, row["name"], lambda: shrink_classifier(cfg, overwrite=(out / "DONE").is_file()))
             except EdgestillError as e:  # e.g. a size the student cannot reach: report it, go on with the other rows
                 print(f"[{data}] {row['name']}: failed: {e}", flush=True)
 
@@ -178,16 +178,17 @@ class Bench:
         import numpy as np
         import yaml
 
-        from edgestill.classify import _load_splits, _set, load_classifier_config
+        from edgestill.config import fill, load_classifier_config
+        from edgestill.jobs.classify import load_splits
         from edgestill.evaluate.classification import retention, tfidf_baseline
         from edgestill.export.onnx_classifier import load_onnx_classifier, measure_latency, single_inputs
 
         a = self.args
         teacher_dir = self.root / data / "teacher"
         fm = json.loads((teacher_dir / "metrics.json").read_text())
-        t_cfg = load_classifier_config("finetune")
-        _set(t_cfg, "data", yaml.safe_load((teacher_dir / "config.yaml").read_text())["data"])
-        splits = _load_splits(t_cfg.data)
+        t_cfg = fill(load_classifier_config("finetune"),
+                     values={"data": yaml.safe_load((teacher_dir / "config.yaml").read_text())["data"]})
+        splits = load_splits(t_cfg.data)
         teacher_params = fm["teacher"]["params"]
         t_test = fm["teacher"]["test"]
         timings_file = self.root / data / "timings.json"

@@ -5,7 +5,7 @@
     python benchmarks/distill_methods.py --rows jsd,pid    # only some rows (others already finished are kept)
     python benchmarks/distill_methods.py --quick           # smoke run on tiny settings (minutes) -> distill_methods_quick.json
 
-Every row is one `edgestill shrink` run through the project's own functions (`distill_run` + `evaluate_run`
+Every row is one `edgestill shrink` run through the project's own functions (`jobs.shrink.distill` + `evaluate`
 with `load_config(overrides=...)`), in runs/bench/methods/<row>. Teacher smollm2-135m, corpus shakespeare,
 the default 15-layer sliced student, the default held-out split (test plays, never trained on); each row
 trains `--steps` steps of batch_size x seq_len tokens. A finished row (its folder has DONE) is reused, and
@@ -19,7 +19,7 @@ student (sliced from the real teacher) and, like every row, are evaluated agains
 
 The teacher cache (top-k logits of the train split) depends only on teacher(s), data and top_k, so it is
 built once per teacher set, kept in <root>/_caches/<key>/cache/ and handed to each new row's run
-(`distill_run(teacher_cache_from=...)`, which copies it and still checks its fingerprint).
+(`distill(teacher_cache_from=...)`, which copies it and still checks its fingerprint).
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ def make_student_init(folder: Path, teacher_spec: str, layers: list[int]) -> str
 # --- one row ------------------------------------------------------------------------------------------------
 
 def _keep_cache(run_path: Path, shared: Path) -> None:
-    """Keep this row's teacher cache as shared/cache/ for the next rows of the same teacher set."""
+    """Keep this row's teacher cache as <shared>/cache/ for the next rows of the same teacher set."""
     if (shared / "cache").is_dir() or not (run_path / "cache").is_dir():
         return
     tmp = shared.with_name(shared.name + ".tmp")
@@ -162,20 +162,20 @@ def run_row(row: Row, overrides: list[str], eval_overrides: list[str], out_root:
     import yaml
 
     from edgestill.config import load_config
-    from edgestill.shrink import distill_run, evaluate_run
+    from edgestill.jobs.shrink import Distilled, distill, evaluate
 
     out = out_root / row.name
     if not (out / "DONE").is_file():
         cfg = load_config(overrides=[*overrides, f"output.dir={out}"])
         shared = out_root / "_caches" / _cache_key(cfg)
         t0 = time.time()
-        run, ctx = distill_run(cfg, teacher_cache_from=shared)  # a copy of an earlier row's cache, when there is one
+        run, ctx = distill(cfg, teacher_cache_from=shared)  # a copy of an earlier row's cache, when there is one
         distill_wall_s = time.time() - t0
         _keep_cache(run.path, shared)
         eval_cfg = load_config(overrides=[*overrides, *eval_overrides, f"output.dir={out}"])
-        teacher = ctx["teacher"] if eval_cfg.teacher.model == cfg.teacher.model else None
-        evaluate_run(eval_cfg, run.path, teacher, ctx["test"] if teacher else None, ctx["splits"], ctx["history"],
-                     ctx["layers"], final_dir=run.final)
+        same_teacher = eval_cfg.teacher.model == cfg.teacher.model
+        evaluate(eval_cfg, run.path, Distilled(ctx.teacher if same_teacher else None, ctx.data if same_teacher else None,
+                                               ctx.history, ctx.layers, ctx.resumed), final_dir=run.final)
         (run.path / "bench_row.json").write_text(json.dumps({"distill_wall_s": distill_wall_s}))
         shutil.rmtree(run.path / "checkpoints", ignore_errors=True)
         run.finish()

@@ -1,7 +1,7 @@
 """Distillation throughput: cached teacher top-k logits vs recomputing the teacher every step.
 
 Same teacher (default SmolLM2-135M), same sliced student, same batches, same optimizer; the two
-modes alternate in rounds inside one process (shared/BENCHMARKS.md). The one-off cost of
+modes alternate in rounds inside one process (docs/references.md#measurement-conventions). The one-off cost of
 building the cache is reported separately, with the number of epochs after which it pays off.
 
     python benchmarks/distill_throughput.py [--steps 3 --rounds 3 --batch-size 4 --seq-len 256]

@@ -62,11 +62,12 @@ def main() -> None:
     from edgestill.plan.sensitivity import layer_sensitivity
     from edgestill.quant import QuantConfig, quantize_
     from edgestill.quant.formats import format_by_name
-    from edgestill.shrink import _blocks_for
+    from edgestill.data.corpus import corpus_blocks
 
     torch.set_num_threads(2)
     teacher = load_causal_lm("smollm2-135m")
-    _, train, _, test = _blocks_for(ShrinkConfig(), teacher.tokenizer)
+    blocks = corpus_blocks(ShrinkConfig().data, teacher.tokenizer)
+    train, test = blocks.train, blocks.test
     calibration = [torch.from_numpy(train[i : i + 2]).long() for i in range(0, 8, 2)]  # 8 train blocks
     sensitivity = layer_sensitivity(teacher.model, calibration, formats)
     shape = StudentShape.from_config(teacher.model.config)

@@ -144,13 +144,13 @@ def main() -> None:
     from edgestill.evaluate.speed import measure_speed
     from edgestill.models.load import load_causal_lm
     from edgestill.plan.hostbench import measure_host
-    from edgestill.shrink import _blocks_for
+    from edgestill.data.corpus import corpus_blocks
 
     torch.set_num_threads(2)
     load_start = os.getloadavg()[0]
     teacher = load_causal_lm("smollm2-135m")
     rows = make_artifacts(teacher, train=not args.no_train)
-    _, _, _, test = _blocks_for(ShrinkConfig(), teacher.tokenizer)
+    test = corpus_blocks(ShrinkConfig().data, teacher.tokenizer).test
     test = test[: args.blocks]
     print(f"held-out: {test.size:,} tokens; teacher log-probs ...", flush=True)
     t_logp = teacher_logprobs(teacher.model, test)

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import tiny_overrides
 from edgestill.config import load_config
-from edgestill.shrink import distill_run
+from edgestill.jobs.shrink import distill as distill_run
 
 
 def _fail(*a, **k):

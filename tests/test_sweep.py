@@ -9,7 +9,7 @@ import pytest
 
 from conftest import tiny_overrides
 from edgestill.config import load_config
-from edgestill.sweep import SweepSettings, run_sweep
+from edgestill.jobs.sweep import SweepSettings, sweep
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
                                 reason="llama-cpp-python not installed (make test installs it)")
@@ -20,7 +20,7 @@ def swept(tiny_model_dir, tiny_corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep")
     cfg = load_config(overrides=tiny_overrides(tiny_model_dir, tiny_corpus, out / "unused", steps=2))
     settings = SweepSettings(budgets=[0.5, 0.3], device="rpi5-8gb", baseline_types=("Q8_0", "Q4_0"), calibration_blocks=2)
-    return out, cfg, settings, run_sweep(cfg, settings, out)
+    return out, cfg, settings, sweep(cfg, settings, out)
 
 
 def test_every_point_is_a_finished_run_within_its_file_budget(swept):
@@ -51,7 +51,7 @@ def test_a_rerun_reuses_finished_points_and_redoes_a_missing_one(swept):
     points = sorted((out / "points").iterdir())
     stamps = {p.name: (p / "DONE").stat().st_mtime_ns for p in points}
     shutil.rmtree(points[-1])  # as if the sweep had been killed before its last point
-    again = run_sweep(cfg, settings, out)
+    again = sweep(cfg, settings, out)
     assert (points[-1] / "DONE").is_file()
     for p in points[:-1]:
         assert (p / "DONE").stat().st_mtime_ns == stamps[p.name]  # not retrained
@@ -85,8 +85,8 @@ def test_new_budgets_replan_from_the_saved_sensitivities(swept, monkeypatch):
     import numpy as np
 
     from edgestill.models.load import load_causal_lm
-    from edgestill.shrink import _blocks_for
-    from edgestill.sweep import make_plans
+    from edgestill.data.corpus import corpus_blocks
+    from edgestill.jobs.sweep import make_plans
 
     out, cfg, settings, _ = swept
     assert (out / "sensitivity.json").is_file()
@@ -96,7 +96,7 @@ def test_new_budgets_replan_from_the_saved_sensitivities(swept, monkeypatch):
 
     monkeypatch.setattr("edgestill.plan.sensitivity.layer_sensitivity", measured_again)
     teacher = load_causal_lm(cfg.teacher.model)
-    _, train, _, _ = _blocks_for(cfg, teacher.tokenizer)
+    train = corpus_blocks(cfg.data, teacher.tokenizer).train
     again = make_plans(cfg, settings, teacher.model, np.asarray(train), 0, out)
     saved = json.loads((out / "plans.json").read_text())["plans"]
     assert [p["plan"]["layers"] for p in again] == [p["plan"]["layers"] for p in saved]

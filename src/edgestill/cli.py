@@ -1,7 +1,7 @@
-"""edgestill command line: a thin layer over `edgestill.shrink`.
+"""edgestill command line: parse the arguments, call one job (edgestill.jobs), print what it returns.
 
-User mistakes (EdgestillError) print one line and exit 2; anything else is a bug and keeps
-its traceback.
+User mistakes (EdgestillError) and file-system faults print one line and exit 2; anything else is a
+bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 
 from edgestill.errors import EdgestillError
+
+OVERWRITE_HELP = "replace a finished edgestill run in --out (kept until the new one finishes); never any other folder"
 
 DESCRIPTION = """\
 edgestill — how much can you shrink this LLM without breaking it?
@@ -44,6 +45,15 @@ examples:
   edgestill config                                  # print every config key with its default
 """
 
+PLAN_EPILOG = """\
+examples:
+  edgestill devices                                   # the shipped profiles
+  edgestill devices --show rpi5-8gb                   # every figure with its kind and source
+  edgestill devices --show host                       # measure this machine (cached)
+  edgestill plan --device rpi4-4gb --ram 400MB --decode 20
+  edgestill plan --device my-board.yaml --file-size 60MB --formats q8_0,q5_0,q4_0,q4_k --out plan.json
+"""
+
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. distill.steps=100 student.num_layers=8")
@@ -52,8 +62,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="text: a folder of .txt/.md, a .jsonl, a text file, a saved HF dataset, or shakespeare (default)")
     p.add_argument("--out", help="run folder (default runs/shrink-smollm2-135m)")
     p.add_argument("--quick", action="store_true", help="smoke-run sizes (a few minutes on 2 CPU cores)")
-    p.add_argument("--overwrite", action="store_true", help="replace a finished edgestill run in --out (kept until the new one finishes); "
-                                                                 "never any other folder")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
 
 def _add_classification(p: argparse.ArgumentParser) -> None:
@@ -63,17 +72,7 @@ def _add_classification(p: argparse.ArgumentParser) -> None:
     g.add_argument("--test-data", help="a separate labelled test file (default: a stratified split of --data)")
 
 
-def _classifier_values(args) -> dict:
-    """CLI flags of a classification command as config keys (set verbatim, not parsed as YAML)."""
-    return {"teacher": args.teacher, "data.path": args.data, "output_dir": args.out, "data.text_column": args.text_column,
-            "data.label_column": args.label_column, "data.test_path": args.test_data}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edgestill", description=DESCRIPTION, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+def _add_shrink(sub) -> None:
     p = sub.add_parser("shrink", help="slice, distil and evaluate a student (the main job)",
                        description="Slice a student from the teacher, distil it, evaluate it against the teacher, write a report.")
     _add_common(p)
@@ -85,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-memory", help="peak RAM budget, e.g. 150MB (default: the device's RAM for a model)")
     g.add_argument("--max-file-size", help="GGUF file budget, e.g. 60MB")
     g.add_argument("--min-decode-tokens-per-s", type=float, help="minimum predicted decode tokens/s on the device")
+
+
+def _add_finetune(sub) -> None:
     p = sub.add_parser("finetune", help="fine-tune a teacher encoder classifier on labelled text",
                        description="Fine-tune an encoder (default all-MiniLM-L6-v2) with a classification head on labelled "
                                    "text (CSV/TSV/JSONL with text and label columns, or spamassassin / drugreview); the run "
@@ -96,9 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="labelled data: a .csv/.tsv/.jsonl file, or spamassassin / drugreview")
     p.add_argument("--out", help="run folder (default runs/finetune-<data name>)")
     p.add_argument("--quick", action="store_true", help="smoke-run sizes")
-    p.add_argument("--overwrite", action="store_true", help="replace a finished edgestill run in --out (kept until the new one finishes); "
-                                                                 "never any other folder")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     _add_classification(p)
+
+
+def _add_run_commands(sub) -> None:
+    """distill, eval, quantize, export: the halves of shrink, the PTQ baseline, and artifacts of a finished run."""
+    from edgestill.jobs.quantize import METHODS
+
     p = sub.add_parser("distill", help="slice and distil a student, without the evaluation",
                        description="Stages 1-6 of shrink: writes the student to RUN/student; evaluate it later with `edgestill eval RUN`.")
     _add_common(p)
@@ -110,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="The baseline for QAT+KD: quantize the whole teacher to one GGUF format by round-to-nearest "
                                    "or GPTQ (calibrated on the train split), export it, and evaluate it against the teacher.")
     _add_common(p)
-    p.add_argument("--method", default="rtn", choices=["rtn", "gptq"], help="round-to-nearest or GPTQ (default rtn)")
+    p.add_argument("--method", default="rtn", choices=METHODS, help="round-to-nearest or GPTQ (default rtn)")
     p.add_argument("--type", dest="tensor_type", default="q4_0", choices=["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"],
                    help="GGUF weight format (default q4_0)")
     p = sub.add_parser("export", help="write a run's student as GGUF (llama.cpp) or ONNX (onnxruntime)",
@@ -125,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "ONNX); ONNX takes f32, int8, int4, q4_0, q8_0")
     p.add_argument("--out", help="output file (default RUN/student.gguf, RUN/onnx/model.onnx); for a classifier run, "
                                    "the output folder (default RUN/onnx, or RUN/onnx-TYPE for another type)")
+
+
+def _add_sweep(sub) -> None:
     p = sub.add_parser("sweep", help="shrink to a series of size budgets and draw the shrink curve",
                        description="For each file-size budget (fractions of the teacher's fp32 bytes), plan the best student "
                                    "for the device (shape + per-layer formats), shrink it end to end, then draw retention vs "
@@ -136,25 +146,62 @@ def build_parser() -> argparse.ArgumentParser:
                    help="file-size budgets as fractions of the teacher's fp32 bytes, light to extreme")
     p.add_argument("--thresholds", default="0.95,0.90", help="retention levels whose break points are marked")
     p.add_argument("--baseline", default="Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q3_K_M,Q2_K", help="llama.cpp quantizer types of the teacher")
+
+
+def _add_plan(sub) -> None:
+    p = sub.add_parser("devices", help="list device profiles (RAM, bandwidth, compute, with sources)",
+                       description="List the shipped device profiles, or show one (its figures with kind and source). "
+                                   "`host` is this machine, measured by a short micro-benchmark and cached.")
+    p.add_argument("--show", metavar="DEVICE", help="a profile name, `host`, or a YAML path: print it as YAML")
+    p.add_argument("--refresh", action="store_true", help="with --show host: measure again")
+    p = sub.add_parser("plan", help="plan a student for a device: depth, width, per-layer formats within a budget",
+                       description="EdgeDistill-style planning: layer sensitivity on calibration text, then greedy bit "
+                                   "allocation per candidate depth/width within the memory and speed budget; prints "
+                                   "ranked plans (QuantConfig-compatible) with predicted bytes, RAM and tokens/s.",
+                       epilog=PLAN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", required=True, help="a profile name (see `edgestill devices`), host, or a YAML path")
+    p.add_argument("--teacher", default="smollm2-135m", help="teacher: HF folder, .gguf file or smollm2-135m (default)")
+    p.add_argument("--data", default="shakespeare", help="calibration text (its train split); default shakespeare")
+    p.add_argument("--ram", "--max-memory", dest="ram", help="peak RAM budget, e.g. 400MB (default: the device's RAM available to a model)")
+    p.add_argument("--file-size", "--max-file-size", dest="file_size", help="GGUF file budget, e.g. 60MB")
+    p.add_argument("--decode", "--min-decode-tokens-per-s", dest="decode", type=float, help="minimum decode tokens/s")
+    p.add_argument("--prefill", "--min-prefill-tokens-per-s", dest="prefill", type=float, help="minimum prefill tokens/s")
+    p.add_argument("--context", type=int, default=512, help="context length the RAM is planned for (default 512)")
+    p.add_argument("--prompt", type=int, default=64, help="prompt length for prefill speed (default 64)")
+    p.add_argument("--formats", default="q8_0,q5_0,q4_0", help="candidate GGUF formats (default q8_0,q5_0,q4_0)")
+    p.add_argument("--depths", help="candidate layer counts, e.g. 30,20,15 (default 100/75/50/33/25%% of the teacher)")
+    p.add_argument("--widths", help="candidate FFN sizes, e.g. 1536,1024 (default 100/75/50%%)")
+    p.add_argument("--calibration-tokens", type=int, default=1024,
+                   help="calibration tokens from the train split, in blocks of 256 (default 1024: the same tokens "
+                        "shrink --device and sweep plan with)")
+    p.add_argument("--top", type=int, default=5, help="how many plans to print (default 5)")
+    p.add_argument("--out", help="write every feasible plan as JSON here")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgestill", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_shrink(sub)
+    _add_finetune(sub)
+    _add_run_commands(sub)
+    _add_sweep(sub)
     p = sub.add_parser("config", help="print the resolved config (defaults, --config, overrides) as YAML")
     _add_common(p)
-    from edgestill.plan.commands import add_plan_commands
-
-    add_plan_commands(sub)  # devices, plan
+    _add_plan(sub)
     return parser
+
+
+def _flag_values(args) -> dict:
+    """--teacher/--data/--out as config keys, set verbatim (paths are not parsed as YAML)."""
+    return {"teacher.model": args.teacher, "data.path": args.data, "output.dir": args.out}
 
 
 def _resolve(args):
     from edgestill.config import load_config
 
-    overrides = list(args.overrides)
-    if args.teacher:
-        overrides.append(f"teacher.model={args.teacher}")
-    if args.data:
-        overrides.append(f"data.path={args.data}")
-    if args.out:
-        overrides.append(f"output.dir={args.out}")
-    return load_config(args.config, overrides, quick=args.quick)
+    return load_config(args.config, args.overrides, quick=args.quick, values=_flag_values(args))
 
 
 def _fraction(text: str) -> float:
@@ -164,6 +211,15 @@ def _fraction(text: str) -> float:
         return float(num) / float(den) if den else float(num)
     except (ValueError, ZeroDivisionError):
         raise EdgestillError(f"'{text}' is not a fraction; write e.g. 0.125 or 1/8") from None
+
+
+def _ints(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise EdgestillError(f"'{text}' is not a comma-separated list of integers (e.g. 30,20,15)") from None
 
 
 def _quiet_libraries() -> None:
@@ -192,27 +248,141 @@ def _error(e: Exception) -> int:
     return 2
 
 
-def _not_partial(run_dir: Path, command: str) -> Path:
-    """`run_dir` unless it is an unfinished run, for which the error says how to finish it."""
-    if run_dir.name.endswith(".partial"):
-        final = run_dir.with_name(run_dir.name[: -len(".partial")])
-        raise EdgestillError(f"'{run_dir}' is an unfinished run (edgestill works in OUT.partial until a run finishes); "
-                             f"rerun the command that started it, with --out {final}, to resume and finish it, then "
-                             f"`edgestill {command} {final}`")
-    partial = run_dir.with_name(run_dir.name + ".partial")
-    if not run_dir.exists() and partial.is_dir():
-        raise EdgestillError(f"'{run_dir}' has not finished yet (its work is in {partial}); rerun the command that "
-                             f"started it, with --out {run_dir}, to resume and finish it")
-    return run_dir
+# --- one function per command: call the job, print what it returns ------------------------------------------
 
 
-def _finished_run(run_dir: Path, command: str) -> Path:
-    """`run_dir` if it is a finished LM run, else an error that says what is wrong."""
-    _not_partial(run_dir, command)
-    if not (run_dir / "student" / "config.json").is_file() or not (run_dir / "config.yaml").is_file():
-        raise EdgestillError(f"'{run_dir}' is not a finished edgestill run (no student/ or config.yaml); give the "
-                             "folder that `edgestill shrink` or `edgestill distill` printed as its run folder")
-    return run_dir
+def _print_run(result) -> None:
+    """A finished LM run: the one-screen summary, then its folder."""
+    from edgestill.evaluate.report import summary_text
+
+    if result is not None:  # None on non-zero DDP ranks
+        final, metrics = result
+        print(summary_text(metrics), flush=True)
+        print(f"run folder: {final}", flush=True)
+
+
+def _cmd_shrink(args) -> None:
+    from edgestill.jobs import shrink as lm
+
+    if args.text_column or args.label_column or args.test_data:
+        raise EdgestillError("--text-column/--label-column/--test-data are for labelled data: add --task classification")
+    budget_flags = (args.max_memory, args.max_file_size, args.min_decode_tokens_per_s)
+    if args.device:
+        from edgestill.jobs.plan import shrink_for_device
+        from edgestill.plan.allocate import Budget
+
+        _print_run(shrink_for_device(_resolve(args), args.device, Budget.parse(*budget_flags), overwrite=args.overwrite))
+    elif any(budget_flags):
+        raise EdgestillError("--max-memory, --max-file-size and --min-decode-tokens-per-s need --device "
+                             "(the device the budget is for; `edgestill devices` lists them)")
+    else:
+        _print_run(lm.shrink(_resolve(args), overwrite=args.overwrite))
+
+
+def _cmd_classifier(args) -> None:
+    """finetune, or shrink --task classification."""
+    from edgestill.config import load_classifier_config
+    from edgestill.evaluate.classifier_report import summary_line
+    from edgestill.jobs import classify
+
+    stage = "finetune" if args.command == "finetune" else "shrink"
+    values = {"teacher": args.teacher, "data.path": args.data, "output_dir": args.out, "data.text_column": args.text_column,
+              "data.label_column": args.label_column, "data.test_path": args.test_data}
+    cfg = load_classifier_config(stage, args.config, args.overrides, args.quick, values)
+    if stage == "finetune":
+        final, metrics = classify.finetune(cfg, overwrite=args.overwrite)
+        t = metrics["teacher"]["test"]
+        print(f"teacher test accuracy {t['accuracy']:.4f}, macro-F1 {t['macro_f1']:.4f} on {t['n']} held-out examples")
+        print(f"run folder: {final}  (shrink it with: edgestill shrink --task classification --teacher {final})", flush=True)
+    else:
+        final, metrics = classify.shrink_classifier(cfg, overwrite=args.overwrite)
+        print(summary_line(metrics))
+        print(f"run folder: {final}", flush=True)
+
+
+def _cmd_distill(args) -> None:
+    from edgestill.jobs.shrink import distill
+
+    run, _ = distill(_resolve(args), overwrite=args.overwrite)
+    from edgestill.progress import is_main_process
+
+    if is_main_process():
+        print(f"run folder: {run.finish()}  (evaluate it with: edgestill eval {run.final})")
+
+
+def _cmd_eval(args) -> None:
+    from edgestill.evaluate.report import summary_text
+    from edgestill.jobs.shrink import evaluate_run
+
+    print(summary_text(evaluate_run(args.run_dir, args.overrides)), flush=True)
+
+
+def _cmd_quantize(args) -> None:
+    from edgestill.jobs.quantize import quantize
+
+    args.overrides = [f"quant.format={args.tensor_type}", *args.overrides]
+    if not args.out and not any(o.startswith("output.dir=") for o in args.overrides):
+        args.out = f"runs/quantize-{args.method}-{args.tensor_type}"
+    _print_run(quantize(_resolve(args), args.method, overwrite=args.overwrite))
+
+
+def _cmd_export(args) -> None:
+    from edgestill.jobs.export import export
+
+    for line in export(args.run_dir, args.format, args.tensor_type, args.out):
+        print(line)
+
+
+def _cmd_sweep(args) -> None:
+    from edgestill.jobs.sweep import SweepSettings, sweep
+
+    if args.overwrite:
+        raise EdgestillError("sweep has no --overwrite: rerunning it resumes the folder (finished points are kept); "
+                             "to start over, choose a new --out")
+    out = args.out or "runs/sweep-smollm2-135m"
+    args.out = None  # the sweep folder; each point gets its own output.dir inside it
+    settings = SweepSettings(budgets=[_fraction(b) for b in args.budgets.split(",")], device=args.device,
+                             thresholds=tuple(_fraction(t) for t in args.thresholds.split(",")),
+                             baseline_types=tuple(t.strip().upper() for t in args.baseline.split(",") if t.strip()))
+    result = sweep(_resolve(args), settings, out)
+    for t, bp in result["break_points"].items():
+        print(f"break point, retention >= {float(t):.2f}: " + (
+            f"{bp['compression_x_fp32']:.2f}x ({bp['name']}, retention {bp['retention']:.3f})" if bp else "none measured"))
+    print(f"shrink curve: {out}/shrink_curve.png, {out}/report.html, {out}/shrink_curve.json")
+
+
+def _cmd_devices(args) -> None:
+    from edgestill.jobs.plan import devices
+
+    print(devices(args.show, args.refresh), end="" if args.show else "\n")
+
+
+def _cmd_plan(args) -> None:
+    import json
+
+    from edgestill.config import DataConfig
+    from edgestill.jobs.plan import plan, plans_json
+    from edgestill.plan.allocate import Budget
+    from edgestill.plan.cost import Workload
+
+    budget = Budget.parse(args.ram, args.file_size, args.decode, args.prefill)
+    formats = tuple(f.strip().lower() for f in args.formats.split(",") if f.strip())
+    data = DataConfig(path=args.data)
+    plans = plan(args.teacher, args.device, budget, data, max(1, args.calibration_tokens // data.seq_len),
+                 workload=Workload(context_tokens=args.context, prompt_tokens=args.prompt), formats=formats,
+                 depths=_ints(args.depths), widths=_ints(args.widths))
+    device = plans[0].device if plans else args.device
+    print(f"{len(plans)} feasible plans on {device}; the best {min(args.top, len(plans))} by predicted KL:")
+    for i, p in enumerate(plans[: args.top], 1):
+        print(f"{i}. {p.summary()}")
+        print(f"   teacher layers {p.layers}; default {p.default_format}; plan {json.dumps(p.quant_plan)}")
+    if args.out:
+        print(f"wrote {plans_json(args.out, args.device, budget, args.teacher, plans)}")
+
+
+COMMANDS = {"shrink": _cmd_shrink, "finetune": _cmd_classifier, "distill": _cmd_distill, "eval": _cmd_eval,
+            "quantize": _cmd_quantize, "export": _cmd_export, "sweep": _cmd_sweep, "devices": _cmd_devices,
+            "plan": _cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,113 +397,16 @@ def main(argv: list[str] | None = None) -> int:
             print(_resolve(args).to_yaml(), end="")
             return 0
         _quiet_libraries()
-        if args.command in ("devices", "plan"):
-            from edgestill.plan.commands import run_plan_command
-
-            return run_plan_command(args)
-        if args.command == "sweep":
-            if args.overwrite:
-                raise EdgestillError("sweep has no --overwrite: rerunning it resumes the folder (finished points are kept); "
-                                     "to start over, choose a new --out")
-            from edgestill.sweep import SweepSettings, run_sweep
-
-            out = args.out or "runs/sweep-smollm2-135m"
-            args.out = None  # the sweep folder; each point gets its own output.dir inside it
-            settings = SweepSettings(budgets=[_fraction(b) for b in args.budgets.split(",")], device=args.device,
-                                     thresholds=tuple(_fraction(t) for t in args.thresholds.split(",")),
-                                     baseline_types=tuple(t.strip().upper() for t in args.baseline.split(",") if t.strip()))
-            result = run_sweep(_resolve(args), settings, out)
-            for t, bp in result["break_points"].items():
-                print(f"break point, retention >= {float(t):.2f}: " + (
-                    f"{bp['compression_x_fp32']:.2f}x ({bp['name']}, retention {bp['retention']:.3f})" if bp else "none measured"))
-            print(f"shrink curve: {out}/shrink_curve.png, {out}/report.html, {out}/shrink_curve.json")
-            return 0
-        from edgestill import shrink as pipeline
-
-        if args.command == "finetune" or (args.command == "shrink" and args.task == "classification"):
-            from edgestill import classify
-
-            stage = "finetune" if args.command == "finetune" else "shrink"
-            cfg = classify.load_classifier_config(stage, args.config, args.overrides, args.quick, _classifier_values(args))
-            (classify.finetune_run if stage == "finetune" else classify.shrink_classifier_run)(cfg, overwrite=args.overwrite)
-            return 0
-        if args.command == "shrink" and (args.text_column or args.label_column or args.test_data):
-            raise EdgestillError("--text-column/--label-column/--test-data are for labelled data: add --task classification")
-        if args.command == "shrink" and args.device:
-            from edgestill.plan.allocate import Budget, parse_bytes
-            from edgestill.sweep import shrink_for_device
-
-            budget = Budget(max_ram_bytes=parse_bytes(args.max_memory), max_file_bytes=parse_bytes(args.max_file_size),
-                            min_decode_tokens_per_s=args.min_decode_tokens_per_s)
-            shrink_for_device(_resolve(args), args.device, budget, overwrite=args.overwrite)
-        elif args.command == "shrink":
-            if args.max_memory or args.max_file_size or args.min_decode_tokens_per_s:
-                raise EdgestillError("--max-memory, --max-file-size and --min-decode-tokens-per-s need --device "
-                                     "(the device the budget is for; `edgestill devices` lists them)")
-            pipeline.shrink(_resolve(args), overwrite=args.overwrite)
-        elif args.command == "distill":
-            run, _ = pipeline.distill_run(_resolve(args), overwrite=args.overwrite)
-            from edgestill.progress import is_main_process
-
-            if is_main_process():
-                print(f"run folder: {run.finish()}  (evaluate it with: edgestill eval {run.final})")
-        elif args.command == "quantize":
-            args.overrides = [f"quant.format={args.tensor_type}", *args.overrides]
-            if not args.out and not any(o.startswith("output.dir=") for o in args.overrides):
-                args.out = f"runs/quantize-{args.method}-{args.tensor_type}"
-            pipeline.quantize_run(_resolve(args), args.method, overwrite=args.overwrite)
-        elif args.command == "export":
-            run_dir = _not_partial(Path(args.run_dir), "export")
-            from edgestill import classify
-
-            if classify.is_classifier_run(run_dir):
-                if args.format != "onnx":
-                    raise EdgestillError(f"'{run_dir}' is a classifier run: export it with --format onnx")
-                out = Path(args.out) if args.out else None
-                result = classify.export_classifier_run(run_dir, args.tensor_type, out.parent if out and out.suffix == ".onnx" else out)
-                par = result["parity_vs_pytorch"]
-                print(f"wrote {result['path']} ({result['file_bytes']:,} bytes, {result['type']}; {len(result['formats'])} quantized "
-                      f"weights) with its tokenizer and label_map.json")
-                print(f"  onnxruntime vs PyTorch on {par['examples']} held-out examples: same prediction on "
-                      f"{par['prediction_agreement']:.4f}, max |logit diff| {par['max_abs_diff']:.3g}")
-                return 0
-            _finished_run(run_dir, "export")
-            from edgestill.config import load_config
-
-            if args.format == "onnx":
-                result = pipeline.export_student_onnx(run_dir, load_config(run_dir / "config.yaml"), args.tensor_type,
-                                                      Path(args.out) if args.out else None)
-                kinds = sorted(set(result["formats"].values())) or ["fp32"]
-                par = result["parity_vs_pytorch"]
-                print(f"wrote {result['path']} ({result['file_bytes']:,} bytes; {len(result['formats'])} quantized "
-                      f"weights: {', '.join(kinds)}; {result['float_matmuls']} fp32 MatMuls)")
-                print(f"  onnxruntime vs PyTorch on {par['positions']} held-out tokens: top-1 agreement "
-                      f"{par['top1_agreement']:.4f}, max |diff| {par['max_abs_diff']:.3g}, mean |diff| {par['mean_abs_diff']:.3g}")
-                for name, reason in result["fallbacks"].items():
-                    print(f"  fallback {name}: {reason}")
-                return 0
-            if args.tensor_type in ("int8", "int4"):
-                raise EdgestillError(f"--type {args.tensor_type} is an ONNX format; for GGUF use q8_0 or q4_0")
-            report = pipeline.export_student_gguf(run_dir, load_config(run_dir / "config.yaml"), args.tensor_type,
-                                                  Path(args.out) if args.out else None)
-            from collections import Counter
-
-            types = sorted(set(report.tensor_types.values()))
-            print(f"wrote {report.path} ({report.file_bytes:,} bytes, {report.n_tensors} tensors: {', '.join(types)})")
-            for reason, count in Counter(report.fallbacks.values()).items():
-                print(f"  fallback, {count} tensors: {reason}")
-        elif args.command == "eval":
-            from edgestill.config import apply_override, load_config
-
-            run_dir = _finished_run(Path(args.run_dir), "eval")
-            cfg = load_config(run_dir / "config.yaml")
-            for o in args.overrides:
-                if not o.startswith("eval."):
-                    raise EdgestillError(f"eval only takes eval.* overrides (got '{o}'); the run's own config fixes teacher and data")
-                apply_override(cfg, o)
-            pipeline.evaluate_run(cfg, run_dir)
+        command = _cmd_classifier if args.command == "shrink" and args.task == "classification" else COMMANDS[args.command]
+        command(args)
     except EdgestillError as e:
         return _error(e)
+    except KeyboardInterrupt:
+        from edgestill.progress import close_progress_bars
+
+        close_progress_bars()
+        print("edgestill: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
     except Exception as e:  # a read-only, full or missing disk location, wherever it was hit: one line too
         from edgestill.files import user_error
 
@@ -341,12 +414,6 @@ def main(argv: list[str] | None = None) -> int:
         if err is None:
             raise  # a bug: keep the traceback
         return _error(err)
-    except KeyboardInterrupt:
-        from edgestill.progress import close_progress_bars
-
-        close_progress_bars()
-        print("edgestill: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
-        return 130
     return 0
 
 

@@ -182,6 +182,111 @@ QUICK_OVERRIDES = [
 ]
 
 
+# --- the classifier track (`edgestill finetune` / `shrink --task classification`), read by the same loader --------
+
+CLASSIFICATION = "classification"  # the `task` marker in config.yaml that makes a run folder a classifier run
+
+
+@dataclass
+class LabelledDataConfig:
+    path: str = ""  # a .csv/.tsv/.jsonl file, or spamassassin / drugreview
+    test_path: str | None = None  # a separate test file (else test is carved from `path`)
+    text_column: str = "text"
+    label_column: str = "label"
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    seed: int = 0
+    encoding_errors: str = "strict"  # or "replace"
+
+
+@dataclass
+class ClassifierTrainConfig:
+    """Fine-tuning / distillation loop of the classifier track (distill/classifier.py)."""
+
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.1
+    max_len: int = 128
+    eval_every: int = 100  # validation every N steps (and at the end); the best state is kept
+    eval_batch_size: int = 64
+    seed: int = 0
+
+
+@dataclass
+class ClassifierKDConfig:
+    temperature: float = 2.0
+    alpha: float = 0.5  # weight of the KL term; 0 = CE only
+    hidden_weight: float = 0.0  # weight of the hidden-state MSE; needs a teacher forward every step
+
+
+@dataclass
+class EncoderStudentConfig:
+    """The encoder student (distill/classifier.py build_student): sliced, vocabulary-trimmed, low-rank factorized."""
+
+    num_layers: int = 2
+    max_len: int = 128  # position table is cut to this many rows
+    trim_vocab: bool = True
+    compression_x: float = 50.0  # student stores <= teacher params / compression_x (same dtype)
+    target_params: int | None = None  # overrides compression_x
+    strategy: str = "global"  # see edgestill.models.lowrank
+    min_rank: int = 8
+    multiple_of: int = 8
+    factorize: tuple[str, ...] = ("re:.*",)
+    layers: list[int] | None = None  # teacher layer indices; default evenly spaced
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class ClassifierEvalConfig:
+    onnx_type: str = "f32"  # the student's deployable file: f32, int8 (DequantizeLinear) or int4 (MatMulNBits)
+    threads: int = 2  # onnxruntime intra-op threads for the latency measurement
+    latency_examples: int = 32  # test texts timed one at a time (batch 1)
+    latency_repeats: int = 5
+    teacher_latency: bool = True  # export the teacher to ONNX (temporarily) to time it in the same runtime
+    tfidf_baseline: bool = True
+    # the run's own shrink curve: the distilled student exported in each of these ONNX types (kept as onnx-<type>/),
+    # scored and timed with the rest; [] to skip
+    curve_types: list[str] = field(default_factory=lambda: ["f32", "int8", "int4"])
+
+
+@dataclass
+class FinetuneConfig:
+    task: str = CLASSIFICATION
+    stage: str = "finetune"
+    teacher: str = "all-minilm-l6-v2"  # the base encoder: the embedded default, a HF folder or id
+    data: LabelledDataConfig = field(default_factory=LabelledDataConfig)
+    train: ClassifierTrainConfig = field(default_factory=lambda: ClassifierTrainConfig(steps=300, lr=1e-4, max_len=128,
+                                                                                       eval_every=100))
+    output_dir: str = ""
+
+
+@dataclass
+class ClassifierShrinkConfig:
+    task: str = CLASSIFICATION
+    stage: str = "shrink"
+    teacher: str = ""  # a folder written by `edgestill finetune --task classification`
+    data: LabelledDataConfig = field(default_factory=LabelledDataConfig)  # empty path: the teacher's own data + split
+    student: EncoderStudentConfig = field(default_factory=EncoderStudentConfig)
+    train: ClassifierTrainConfig = field(default_factory=lambda: ClassifierTrainConfig(steps=400, lr=1e-3, max_len=128,
+                                                                                       eval_every=100))
+    kd: ClassifierKDConfig = field(default_factory=lambda: ClassifierKDConfig(temperature=2.0, alpha=0.7))
+    eval: ClassifierEvalConfig = field(default_factory=ClassifierEvalConfig)
+    output_dir: str = ""
+
+
+CLASSIFIER_QUICK_OVERRIDES = {
+    "finetune": ["train.steps=60", "train.max_len=64", "train.eval_every=30"],
+    "shrink": ["train.steps=100", "student.max_len=64", "train.eval_every=50", "eval.latency_examples=16",
+               "eval.latency_repeats=3"],
+}
+ONNX_CLASSIFIER_TYPES = ("f32", "int8", "int4")
+
+
+# --- reading recipes and overrides into any of these configs ------------------------------------------------
+
+
 def _check_type(value: Any, tp: Any, key: str) -> Any:
     """Coerce a YAML value to a dataclass field's type, or raise a clear error."""
     origin = typing.get_origin(tp)
@@ -203,11 +308,11 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise EdgestillError(f"config key '{key}' takes a mapping, got {value!r} (write it as {{name: value}})")
         return {_check_type(k, key_tp, key): _check_type(v, value_tp, key) for k, v in value.items()}
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, list):
+    if origin in (list, tuple):
+        item_tp = typing.get_args(tp)[0]
+        if not isinstance(value, (list, tuple)):
             raise EdgestillError(f"config key '{key}' takes a list, got {value!r} (write it as [a, b, c])")
-        return [_check_type(v, item_tp, key) for v in value]
+        return origin(_check_type(v, item_tp, key) for v in value)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -258,7 +363,7 @@ def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
             setattr(obj, key, _check_type(value, hints[key], full))
 
 
-def apply_override(cfg: ShrinkConfig, override: str) -> None:
+def apply_override(cfg, override: str) -> None:
     """Apply one `section.key=value` override; the value is parsed as YAML (`[1, 2]`, `null`, `3e-4`)."""
     if "=" not in override:
         raise EdgestillError(f"override '{override}' is not of the form section.key=value (e.g. distill.steps=100)")
@@ -291,17 +396,48 @@ def read_recipe(path: str | Path, hint: str = "") -> dict:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, quick: bool = False) -> ShrinkConfig:
-    """Defaults <- recipe file <- quick profile <- key=value overrides."""
-    cfg = ShrinkConfig()
+def fill(cfg, path: str | Path | None = None, overrides: list[str] = (), values: dict | None = None):
+    """`cfg` (any config dataclass) <- recipe file <- key=value overrides (parsed as YAML) <- `values`
+    ({dotted key: value}, set verbatim: CLI flags such as --data, which are paths, not YAML)."""
     if path is not None:
         _apply(cfg, read_recipe(path, " (recipes live in recipes/, e.g. recipes/smollm2_135m_slice_kd_cpu.yaml)"))
-    if quick:
-        for o in QUICK_OVERRIDES:
-            apply_override(cfg, o)
-    for o in overrides or []:
+    for o in overrides:
         apply_override(cfg, o)
+    for key, value in (values or {}).items():
+        if value is not None:
+            nested: dict[str, Any] = {}
+            node = nested
+            *sections, last = key.split(".")
+            for p in sections:
+                node = node.setdefault(p, {})
+            node[last] = value
+            _apply(cfg, nested)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, quick: bool = False,
+                values: dict | None = None) -> ShrinkConfig:
+    """Defaults <- recipe file <- quick profile <- key=value overrides <- `values` (CLI flags, set verbatim)."""
+    cfg = fill(ShrinkConfig(), path, [*(QUICK_OVERRIDES if quick else []), *(overrides or [])], values)
     validate(cfg)
+    return cfg
+
+
+def load_classifier_config(stage: str, path: str | Path | None = None, overrides: list[str] | None = None,
+                           quick: bool = False, values: dict | None = None):
+    """The FinetuneConfig or ClassifierShrinkConfig of `stage`: defaults <- recipe <- quick <- overrides <- values."""
+    if stage not in CLASSIFIER_QUICK_OVERRIDES:
+        raise EdgestillError(f"unknown classifier stage '{stage}'")
+    cfg = FinetuneConfig() if stage == "finetune" else ClassifierShrinkConfig()
+    fill(cfg, path, [*(CLASSIFIER_QUICK_OVERRIDES[stage] if quick else []), *(overrides or [])], values)
+    if cfg.task != CLASSIFICATION or cfg.stage != stage:
+        raise EdgestillError(f"task/stage are fixed for this command ({CLASSIFICATION}/{stage})")
+    if stage == "shrink":
+        cfg.train.max_len = cfg.student.max_len  # the student's position table decides the length everywhere
+        for t in (cfg.eval.onnx_type, *cfg.eval.curve_types):
+            if t not in ONNX_CLASSIFIER_TYPES:
+                raise EdgestillError(f"ONNX type '{t}' (eval.onnx_type / eval.curve_types): choose "
+                                     f"{', '.join(ONNX_CLASSIFIER_TYPES)}")
     return cfg
 
 

@@ -152,6 +152,30 @@ class RunDir:
         return self.final
 
 
+def not_partial(run_dir: Path, command: str) -> Path:
+    """`run_dir` unless it is an unfinished run, for which the error says how to finish it."""
+    run_dir = Path(run_dir)
+    if run_dir.name.endswith(".partial"):
+        final = run_dir.with_name(run_dir.name[: -len(".partial")])
+        raise EdgestillError(f"'{run_dir}' is an unfinished run (edgestill works in OUT.partial until a run finishes); "
+                             f"rerun the command that started it, with --out {final}, to resume and finish it, then "
+                             f"`edgestill {command} {final}`")
+    partial = run_dir.with_name(run_dir.name + ".partial")
+    if not run_dir.exists() and partial.is_dir():
+        raise EdgestillError(f"'{run_dir}' has not finished yet (its work is in {partial}); rerun the command that "
+                             f"started it, with --out {run_dir}, to resume and finish it")
+    return run_dir
+
+
+def finished_run(run_dir: Path, command: str, needs: tuple[str, ...] = ("student/config.json", "config.yaml")) -> Path:
+    """`run_dir` if it is a finished run holding `needs`, else one line saying what is wrong or how to finish it."""
+    run_dir = not_partial(run_dir, command)
+    if not all((run_dir / name).is_file() for name in needs):
+        raise EdgestillError(f"'{run_dir}' is not a finished edgestill run (no {' or '.join(needs)}); give the "
+                             "folder that `edgestill shrink` or `edgestill distill` printed as its run folder")
+    return run_dir
+
+
 def _only_bookkeeping(folder: Path) -> bool:
     """No file in `folder` beyond the run's own bookkeeping (empty sub-folders, say a cache never filled, hold no work)."""
     return not any(p.is_file() and not (p.parent == folder and p.name in _BOOKKEEPING) for p in folder.rglob("*"))

@@ -20,7 +20,7 @@ from edgestill.distill import trainer
 from edgestill.distill.multi_teacher import TeacherMixer
 from edgestill.distill.teacher_cache import build_union_topk_cache, teachers_union_topk
 from edgestill.errors import EdgestillError
-from edgestill.shrink import distill_run
+from edgestill.jobs.shrink import distill as distill_run
 
 K_TOP = 8
 
@@ -130,7 +130,7 @@ def test_distill_run_logs_and_plots_teacher_weights_and_resumes_exactly(teachers
         distill_run(cfg2)
     monkeypatch.setattr(trainer, "_save_checkpoint", save)
     run2, ctx2 = distill_run(cfg2)
-    assert ctx2["resumed"]
+    assert ctx2.resumed
     log2 = _log(run2.path)
     assert [h["teacher_weights"] for h in log2] == [h["teacher_weights"] for h in log]
     assert [h["loss"] for h in log2] == [h["loss"] for h in log]

@@ -166,7 +166,7 @@ def test_shrink_for_a_device_fails_before_reading_the_text(tiny_model_dir, tiny_
     def read(*args, **kwargs):
         raise AssertionError("the corpus was tokenized although the budget is impossible")
 
-    monkeypatch.setattr("edgestill.shrink._blocks_for", read)
+    monkeypatch.setattr("edgestill.jobs.plan.corpus_blocks", read)
     teacher = load_tiny_teacher(tiny_model_dir)
     depth = min(default_depths(teacher.config.num_hidden_layers))
     width = min(default_widths(teacher.config.intermediate_size))
@@ -198,7 +198,7 @@ def _sweep_inputs(tiny_model_dir, tiny_corpus, tmp_path):
 def test_the_sweep_drops_an_impossible_budget_before_measuring(tiny_model_dir, tiny_corpus, tmp_path, monkeypatch,
                                                                 caplog):
     import edgestill.plan.sensitivity as sensitivity
-    from edgestill.sweep import SweepSettings, make_plans
+    from edgestill.jobs.sweep import SweepSettings, make_plans
 
     cfg, teacher, blocks = _sweep_inputs(tiny_model_dir, tiny_corpus, tmp_path)
     real = sensitivity.layer_sensitivity
@@ -219,7 +219,8 @@ def test_the_sweep_drops_an_impossible_budget_before_measuring(tiny_model_dir, t
 
 def test_a_sweep_with_no_possible_budget_fails_at_once(tiny_model_dir, tiny_corpus, tmp_path, no_measurement):
     from edgestill.plan.devices import load_device
-    from edgestill.sweep import TRAIN_FORMATS, SweepSettings, make_plans
+    from edgestill.jobs.sweep import SweepSettings, make_plans
+    from edgestill.plan.allocate import DEFAULT_FORMATS as TRAIN_FORMATS
 
     cfg, teacher, blocks = _sweep_inputs(tiny_model_dir, tiny_corpus, tmp_path)
     shape = StudentShape.from_config(teacher.config)

@@ -213,3 +213,53 @@ def tokenize_blocks(docs: list[Document], tokenizer, seq_len: int, max_tokens: i
         keep = np.sort(np.random.default_rng(seed).choice(n_blocks, max(1, max_tokens // seq_len), replace=False))
         blocks = blocks[keep]
     return blocks
+
+
+@dataclass
+class CorpusBlocks:
+    """A corpus split by document and tokenized: what every LM job trains, calibrates and scores on."""
+
+    splits: Splits
+    train: np.ndarray  # (N, seq_len) int32 token ids
+    val: np.ndarray
+    test: np.ndarray
+
+
+def corpus_blocks(data, tokenizer, min_train_blocks: int = 1) -> CorpusBlocks:
+    """Load `data` (a config.DataConfig), split it by document and tokenize each split into blocks.
+
+    Raises one line when a split is empty, or when train has fewer than `min_train_blocks` blocks
+    (a training job passes its batch size).
+    """
+    docs = load_documents(data.path, data.text_field)
+    splits = split_documents(docs, data.val_fraction, data.test_fraction, data.split_seed)
+    train = tokenize_blocks(splits.train, tokenizer, data.seq_len, data.max_train_tokens, seed=data.split_seed)
+    val = tokenize_blocks(splits.val, tokenizer, data.seq_len, data.max_val_tokens, seed=data.split_seed)
+    test = tokenize_blocks(splits.test, tokenizer, data.seq_len, data.max_eval_tokens, seed=data.split_seed)
+    if len(test) == 0 or len(val) == 0:
+        raise EdgestillError(
+            f"corpus too small: the held-out split has {len(test)} and the validation split {len(val)} blocks of "
+            f"{data.seq_len} tokens; add text or lower data.seq_len"
+        )
+    if len(train) < min_train_blocks:
+        raise EdgestillError(
+            f"corpus too small: the train split has {len(train)} blocks of {data.seq_len} tokens, fewer than one batch "
+            f"of {min_train_blocks}; add text, or lower data.seq_len / distill.batch_size"
+        )
+    log.info("data: %d train / %d val / %d test blocks of %d tokens (split by document: %d / %d / %d docs)",
+             len(train), len(val), len(test), data.seq_len, len(splits.train), len(splits.val), len(splits.test))
+    return CorpusBlocks(splits, train, val, test)
+
+
+# Calibration (layer sensitivity and plans, block influence, GPTQ) reads the first blocks of the train split,
+# never held-out text. plan, shrink --device and sweep all use CALIBRATION_BLOCKS of them, so the same teacher
+# and budget get the same ranking of plans whichever command asks.
+CALIBRATION_BLOCKS = 4
+
+
+def calibration_batches(blocks: np.ndarray, n_blocks: int = CALIBRATION_BLOCKS, batch_size: int = 1) -> list:
+    """The first `n_blocks` rows of `blocks` as int64 token-id tensors of `batch_size` rows each."""
+    import torch
+
+    ids = torch.from_numpy(np.ascontiguousarray(blocks[:n_blocks])).long()
+    return list(ids.split(batch_size))

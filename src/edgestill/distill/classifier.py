@@ -1,6 +1,6 @@
 """Classifier track: fine-tune an encoder teacher, cut a ≥50× smaller student out of it, distil.
 
-Method [7] of shared/METHODS.md (KD + low-rank factorization). Reconstructed [R] from standard methods:
+Method [7] of docs/references.md (KD + low-rank factorization). Reconstructed [R] from standard methods:
 
 1. `finetune(model, ...)`: cross-entropy fine-tuning of `*ForSequenceClassification` (CLS pooler + linear).
 2. `build_student(teacher, tokenizer, train_texts, StudentConfig(...))`: keep `num_layers` teacher layers
@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from edgestill.config import ClassifierKDConfig as KDConfig
+from edgestill.config import ClassifierTrainConfig as TrainConfig
+from edgestill.config import EncoderStudentConfig as StudentConfig
 from edgestill.errors import EdgestillError
 from edgestill.evaluate.classification import evaluate_classifier
 from edgestill.models.encoder import batch_tensors, tokenize, trim_tokenizer, used_token_ids
@@ -32,41 +35,6 @@ from edgestill.models.lowrank import LowRankConfig, factorize_, stored_bytes, st
 from edgestill.progress import progress_bar
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainConfig:
-    steps: int = 300
-    batch_size: int = 16
-    lr: float = 5e-5
-    weight_decay: float = 0.01
-    warmup_fraction: float = 0.1
-    max_len: int = 128
-    eval_every: int = 100  # validation every N steps (and at the end); the best state is kept
-    eval_batch_size: int = 64
-    seed: int = 0
-
-
-@dataclass
-class KDConfig:
-    temperature: float = 2.0
-    alpha: float = 0.5  # weight of the KL term; 0 = CE only
-    hidden_weight: float = 0.0  # weight of the hidden-state MSE; needs a teacher forward every step
-
-
-@dataclass
-class StudentConfig:
-    num_layers: int = 2
-    max_len: int = 128  # position table is cut to this many rows
-    trim_vocab: bool = True
-    compression_x: float = 50.0  # student stores ≤ teacher params / compression_x (same dtype)
-    target_params: int | None = None  # overrides compression_x
-    strategy: str = "global"  # see edgestill.models.lowrank
-    min_rank: int = 8
-    multiple_of: int = 8
-    factorize: tuple[str, ...] = ("re:.*",)
-    layers: list[int] | None = None  # teacher layer indices; default evenly spaced
-    extra: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- losses

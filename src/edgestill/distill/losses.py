@@ -86,7 +86,7 @@ def forward_kl_topk(student_logits: torch.Tensor, topk_logprobs: torch.Tensor, t
 
 
 def kd_objective(kd: torch.Tensor, ce: torch.Tensor, alpha: float, temperature: float) -> torch.Tensor:
-    """The base KD loss of shared/METHODS.md: alpha * T^2 * KL + (1 - alpha) * CE."""
+    """The base KD loss (docs/references.md [hinton2015]): alpha * T^2 * KL + (1 - alpha) * CE."""
     return alpha * temperature**2 * kd + (1.0 - alpha) * ce
 
 

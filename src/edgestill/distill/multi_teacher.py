@@ -1,6 +1,6 @@
 """MTAKD: weighting several teachers by how much each agrees with the others.
 
-Paper: "MTAKD: multi-teacher agreement knowledge distillation" ([4] in shared/METHODS.md). The paper
+Paper: "MTAKD: multi-teacher agreement knowledge distillation" ([4] in docs/references.md). The paper
 weights teachers per input by their "dynamic agreement" and applies the weights to predictions (AWKD),
 spatial attention (AAKD) and embedding relations (RAKD). Its exact formula was not available, so this
 is a reconstruction [R] with every knob exposed:

@@ -1,6 +1,6 @@
 """Online distillation with adaptive mutual learning: teacher and student train at the same time.
 
-Paper: [10] in shared/METHODS.md ("online" = simultaneous training, not learning during deployment).
+Paper: [10] in docs/references.md ("online" = simultaneous training, not learning during deployment).
 The paper transfers responses, features and relations and adapts to the capacity gap; the exact
 weighting was not available, so this is a reconstruction [R] with its knobs exposed:
 

@@ -1,6 +1,6 @@
 """KAKD: a PID controller for the KD weight (or temperature), and student-error-focused token weights.
 
-Paper: KAKD, "bidirectional knowledge interaction" with PID control ([3] in shared/METHODS.md). Its
+Paper: KAKD, "bidirectional knowledge interaction" with PID control ([3] in docs/references.md). Its
 text was not available, so both pieces are reconstructions [R] with every knob configurable:
 
 1. `PIDController` adapts lambda (the KD weight alpha, or the temperature T) during training:

@@ -1,7 +1,7 @@
 """Classifier quality: accuracy, macro-F1, retention, and the TF-IDF + logistic-regression baseline.
 
-Definitions (shared/BENCHMARKS.md): retention for a classifier = student score ÷ teacher score on the
-same held-out split, for accuracy and macro-F1. The baseline any student must be compared with is
+Definitions (docs/references.md#measurement-conventions): retention for a classifier = student score ÷
+teacher score on the same held-out split, for accuracy and macro-F1. The baseline any student must be compared with is
 TF-IDF + logistic regression on the same train split (C chosen on the val split), scored on test.
 """
 

@@ -1,4 +1,5 @@
-"""What every result records (shared/BENCHMARKS.md): command, git commit, machine, threads, date."""
+"""What every result records (docs/references.md#measurement-conventions): command, git commit, machine,
+threads, date."""
 
 from __future__ import annotations
 

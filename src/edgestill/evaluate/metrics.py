@@ -1,4 +1,4 @@
-"""Teacher-vs-student quality on held-out blocks (definitions: shared/BENCHMARKS.md).
+"""Teacher-vs-student quality on held-out blocks (definitions: docs/references.md#measurement-conventions).
 
 - perplexity = exp(mean next-token NLL); retention = teacher ppl / student ppl
 - top1_agreement = share of positions where both argmax tokens agree

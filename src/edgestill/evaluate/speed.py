@@ -1,5 +1,6 @@
-"""Prefill and decode tokens/s in transformers on this CPU, measured as shared/BENCHMARKS.md asks:
-warm up, repeat, alternate the models inside one run, report medians and spreads.
+"""Prefill and decode tokens/s in transformers on this CPU, measured as the timing rules of
+docs/references.md#measurement-conventions ask: warm up, repeat, alternate the models inside one run,
+report medians and spreads.
 
 Decode is greedy with the KV cache, one token per forward; its clock starts after the prefill.
 """

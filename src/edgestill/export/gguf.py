@@ -405,6 +405,24 @@ def hf_to_gguf_name(hf_name: str) -> str:
     return f"blk.{parts[2]}.{_LAYER_TENSORS[module]}.{parts[-1]}"
 
 
+def trained_tensor_types(quant_report: list[dict], model) -> dict[str, str]:
+    """{GGUF tensor name: ggml type} for the weights a quantization-aware run trained (its quant_report.json rows).
+
+    A tied head is stored once, as the embedding, in the head's trained format."""
+    from edgestill.quant.formats import format_from_dict
+
+    per_tensor = {}
+    tied_head = getattr(model.config, "tie_word_embeddings", False)
+    for layer in quant_report:
+        ggml_type = format_from_dict(layer["format"]).ggml_type.lower()
+        for module in [layer["name"], *layer["tied"]]:
+            hf_name = module + ".weight"
+            if hf_name == "lm_head.weight" and tied_head:
+                hf_name = "model.embed_tokens.weight"
+            per_tensor[hf_to_gguf_name(hf_name)] = ggml_type
+    return per_tensor
+
+
 def format_quantize_fn(per_tensor: dict[str, str] | None = None) -> Callable:
     """A `quantize_fn` for export_gguf that encodes 2-D weights with edgestill.quant's exact packers.
 

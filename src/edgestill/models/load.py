@@ -87,6 +87,15 @@ def resolve_model_path(spec: str) -> Path:
     )
 
 
+def gguf_file(spec: str) -> Path | None:
+    """The GGUF file behind a teacher spec (alias, file, folder holding one .gguf), or None for a HF folder / hub id.
+
+    The jobs need it to copy the teacher's tokenizer into exported GGUFs and to count its bytes in plans.
+    """
+    path = resolve_model_path(spec)
+    return path if path.suffix.lower() == ".gguf" else None
+
+
 def _check_gguf(path: Path) -> None:
     with open(path, "rb") as f:
         magic = f.read(4)
@@ -186,6 +195,23 @@ def _causal_lm_skeleton(folder: Path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+
+
+def save_causal_lm(model, tokenizer, folder: Path, dtype: str = "float32") -> None:
+    """Save `model` in `dtype` with its tokenizer as a HF folder (safetensors), atomically: all of it or nothing.
+
+    The model is cast back to float32 afterwards (training and evaluation run in fp32)."""
+    import torch
+
+    from edgestill.files import atomic_path
+
+    nbytes = sum(p.numel() for p in model.parameters()) * torch.finfo(getattr(torch, dtype)).bits // 8
+    try:
+        with atomic_path(folder, "saving the student", needed_bytes=nbytes, is_dir=True) as tmp:
+            model.to(getattr(torch, dtype)).save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    finally:
+        model.to(torch.float32)
 
 
 def check_same_tokenizer(teacher_tok, student_tok, teacher_name: str = "teacher", student_name: str = "student") -> None:

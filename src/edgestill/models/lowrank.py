@@ -1,6 +1,6 @@
 """Low-rank factorization of linear layers and embeddings, with ranks chosen to meet a size budget.
 
-Method [7] of shared/METHODS.md (KD + low-rank factorization for a lightweight LM). The paper's text
+Method [7] of docs/references.md (KD + low-rank factorization for a lightweight LM). The paper's text
 was not available; this is a reconstruction [R] from standard methods, knobs configurable:
 
 - a dense W (out x in) becomes U·V with U (out x r), V (r x in), initialised from the truncated SVD

@@ -1,6 +1,6 @@
 """Slice a student out of a decoder teacher: a subset of its layers, optionally a narrower FFN.
 
-MLFS (shared/METHODS.md [9]) found that decoders resist compression unless the student is
+MLFS (docs/references.md [9]) found that decoders resist compression unless the student is
 initialised by slicing the teacher; this module does that slicing. The student is a real,
 smaller model of the same class: its config has fewer layers / a smaller `intermediate_size`
 and its weight tensors are physically smaller, so its saved file has fewer bytes.
@@ -13,11 +13,14 @@ dropped first. First and last layers are always kept (they carry the embedding/h
 from __future__ import annotations
 
 import copy
+import logging
 
 import torch
 from torch import nn
 
 from edgestill.errors import EdgestillError
+
+log = logging.getLogger("edgestill")
 
 
 def decoder_layers(model) -> nn.ModuleList:
@@ -145,3 +148,41 @@ def slice_decoder(teacher, layers: list[int], intermediate_size: int | None = No
     if count_params(student) >= count_params(teacher) and not allow_full:
         raise EdgestillError("the sliced student is not smaller than the teacher; use fewer layers or a narrower FFN")
     return student
+
+
+def build_student(student_cfg, teacher, tokenizer, calibration: list[torch.Tensor], quantized: bool = False):
+    """The student a config.StudentConfig describes: (model, teacher layers kept, or None for a given student).
+
+    student_cfg.model names an existing student (same tokenizer, fewer parameters than the teacher); otherwise the
+    teacher is sliced: `layers` if pinned, else `num_layers` chosen by block influence on `calibration` (or evenly),
+    with an optional narrower FFN. `quantized`: the student will train in a lower-bit format, so keeping every
+    layer at full width is a real (QAT) student rather than a copy of the teacher.
+    """
+    from edgestill.models.load import check_same_tokenizer, load_causal_lm
+
+    s = student_cfg
+    if s.model:
+        loaded = load_causal_lm(s.model)
+        check_same_tokenizer(tokenizer, loaded.tokenizer)
+        if count_params(loaded.model) >= count_params(teacher):
+            raise EdgestillError(
+                f"student '{s.model}' has {count_params(loaded.model):,} parameters, not fewer than the teacher's "
+                f"{count_params(teacher):,}: nothing would be shrunk; pick a smaller student"
+            )
+        return loaded.model, None
+    n = len(decoder_layers(teacher))
+    if s.layers is not None:
+        layers = sorted(s.layers)
+    else:
+        if s.num_layers >= n and s.intermediate_size is None and not quantized:
+            raise EdgestillError(
+                f"student.num_layers={s.num_layers} keeps all {n} teacher layers at full width: the student would be as "
+                "large as the teacher; set student.num_layers lower, student.intermediate_size smaller, or quantize "
+                "it (quant.format=q4_0: quantization-aware distillation of the whole teacher)"
+            )
+        scores = block_influence(teacher, calibration) if s.layer_selection == "block_influence" else None
+        layers = choose_layers(n, min(s.num_layers, n), scores)
+    student = slice_decoder(teacher, layers, s.intermediate_size, allow_full=quantized)
+    log.info("student: layers %s of %d, FFN %s -> %s params (teacher %s)", layers, n,
+             student.config.intermediate_size, f"{count_params(student):,}", f"{count_params(teacher):,}")
+    return student, layers

@@ -17,9 +17,10 @@ _EXPORTS = {
     "DeviceProfile": "devices", "Figure": "devices", "RuntimeProfile": "devices", "load_device": "devices",
     "list_devices": "devices", "host_profile": "hostbench", "StudentShape": "cost", "Workload": "cost",
     "Prediction": "cost", "predict": "cost", "gguf_bytes": "cost", "gguf_tensor_plan": "cost",
-    "Sensitivity": "sensitivity", "layer_sensitivity": "sensitivity", "calibration_batches": "sensitivity",
+    "Sensitivity": "sensitivity", "layer_sensitivity": "sensitivity",
     "Budget": "allocate", "Plan": "allocate", "allocate": "allocate", "plan": "allocate",
-    "plan_for_teacher": "allocate", "parse_bytes": "allocate",
+    "parse_bytes": "allocate", "check_budget": "allocate", "DEFAULT_FORMATS": "allocate",
+    "cached_sensitivity": "sensitivity",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -1,6 +1,6 @@
 """Bit allocation and student planning against a device budget: `plan(model, device, budget, batches)`.
 
-EdgeDistill's HPAQD allocator (shared/METHODS.md [8]), reconstructed [R]:
+EdgeDistill's HPAQD allocator (docs/references.md [8]), reconstructed [R]:
 
 1. Sensitivity: s_u(f) = KL(teacher || teacher with only unit u in format f) for every decoder layer
    and the head (plan/sensitivity.py), measured once on the teacher.
@@ -109,6 +109,13 @@ class Budget:
             if value is not None and not value > 0:
                 raise EdgestillError(f"the budget's {name} ({flag}) is {value}: a limit must be positive; "
                                      "leave it out for no limit")
+
+    @classmethod
+    def parse(cls, ram: str | None = None, file: str | None = None, decode: float | None = None,
+              prefill: float | None = None) -> Budget:
+        """A Budget from command-line text: sizes such as '150MB', speeds in tokens/s (None: no limit)."""
+        return cls(max_ram_bytes=parse_bytes(ram), max_file_bytes=parse_bytes(file), min_decode_tokens_per_s=decode,
+                   min_prefill_tokens_per_s=prefill)
 
     def violations(self, p: Prediction) -> dict[str, float]:
         """{constraint: how far over, as a fraction} for each constraint `p` breaks (empty: feasible)."""
@@ -559,24 +566,25 @@ def uniform_bytes(shape: StudentShape, fmt: str, metadata_bytes: int = 0) -> int
     return gguf_bytes(shape, {}, fmt, metadata_bytes)["file"]
 
 
-def plan_for_teacher(teacher: str, device: str | DeviceProfile, budget: Budget, data: str = "shakespeare",
-                     workload: Workload = Workload(), calibration_tokens: int = 256, seq_len: int = 128,
-                     **kwargs) -> list[Plan]:
-    """plan() for a teacher by name/path (as edgestill.models.load takes it), calibrated on `data`'s train split.
-
-    The tokenizer's share of the GGUF file is read from the teacher's GGUF when it is one.
-    """
-    from edgestill.models.load import load_causal_lm, resolve_model_path
-    from edgestill.plan.cost import tokenizer_metadata_bytes
-    from edgestill.plan.sensitivity import calibration_batches
-
-    loaded = load_causal_lm(teacher)
-    metadata = 0
-    path = resolve_model_path(teacher)
-    if str(path).lower().endswith(".gguf"):
-        metadata = tokenizer_metadata_bytes(path)
-    # before the calibration text is read: an impossible budget needs only the teacher's shape to fail
-    check_budget(StudentShape.from_config(loaded.model.config), device, budget, kwargs.get("formats", DEFAULT_FORMATS),
-                 kwargs.get("depths"), kwargs.get("widths"), workload, metadata)
-    batches = calibration_batches(loaded.tokenizer, data, seq_len=seq_len, blocks=max(1, calibration_tokens // seq_len))
-    return plan(loaded.model, device, budget, batches, workload=workload, metadata_bytes=metadata, **kwargs)
+def feasible_file_budgets(teacher: StudentShape, device: str | DeviceProfile, teacher_bytes: int, fractions,
+                          formats=DEFAULT_FORMATS, metadata_bytes: int = 0) -> list[tuple[float, Budget]]:
+    """[(fraction, Budget(max_file_bytes=fraction x teacher_bytes))] for the fractions the smallest plannable student
+    can meet; the others are dropped with a warning, before anything is measured. None left: one line, at once."""
+    device = load_device(device)
+    floor = student_floor(teacher, device, formats, metadata_bytes=metadata_bytes)
+    n = teacher_bytes // floor.bound.file_bytes  # 1/n: the tightest fraction whose budget the floor's file fits
+    fixes = {"file": f"use --budgets no tighter than 1/{n} of the teacher ({teacher_bytes / 1e6:.1f}MB in fp32)"
+             if n >= 1 else "no file budget below the teacher's own size can be met"}
+    budgets, dropped = [], {}
+    for fraction in fractions:
+        budget = Budget(max_file_bytes=max(1, int(teacher_bytes * fraction)))  # 0 bytes: refused by Budget
+        why = floor_error(with_device_ram(budget, device), floor, device, ram_from_device=True, fixes=fixes,
+                          sources={"file": f"--budgets {fraction:.4g} of the teacher"})
+        if why is None:
+            budgets.append((fraction, budget))
+        else:
+            dropped[fraction] = why
+            log.warning("budget 1/%.0f of the teacher dropped before planning: %s", 1 / fraction, why)
+    if not budgets:
+        raise EdgestillError(f"no budget of the sweep can be met: {dropped[max(dropped)]}")
+    return budgets

@@ -1,6 +1,6 @@
 """Cost model: bytes on disk, peak RAM and tokens/s of a student shape with per-layer formats on a device.
 
-EdgeDistill (shared/METHODS.md [8]) prices a bit allocation by memory `sum n_l * b_l / 8` plus a
+EdgeDistill (docs/references.md [8]) prices a bit allocation by memory `sum n_l * b_l / 8` plus a
 latency from the device profile; the seed gives no latency formula, so this one is reconstructed [R]
 from how llama.cpp runs a decoder on a CPU:
 

@@ -1,6 +1,6 @@
 """Device profiles: what a target can hold and how fast it reads and multiplies.
 
-EdgeDistill (shared/METHODS.md [8]) allocates bits against a *device profile*: memory plus a
+EdgeDistill (docs/references.md [8]) allocates bits against a *device profile*: memory plus a
 latency model. The seed gives no profile format; this one is reconstructed [R]. A profile is a
 YAML file with, for every figure, its value, whether it is a `spec` (a vendor sheet), `measured`
 (by someone, on the device), `estimated` (derived from other figures, with the reasoning in `note`)

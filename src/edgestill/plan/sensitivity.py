@@ -1,6 +1,6 @@
 """Layer sensitivity: how much each decoder layer's output distribution suffers in each format.
 
-EdgeDistill (shared/METHODS.md [8], HPAQD) measures `s_l(b) = KL(teacher || model with only layer l at
+EdgeDistill (docs/references.md [8], HPAQD) measures `s_l(b) = KL(teacher || model with only layer l at
 b bits)` on calibration data and feeds it to the bit allocator. Reconstructed here [R]:
 
 - a *unit* is one decoder layer (all its Linears: q, k, v, o, gate, up, down) or the head (`lm_head`,
@@ -20,6 +20,7 @@ forward passes over the calibration batches.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,8 @@ import torch.nn.functional as F
 from edgestill.errors import EdgestillError
 from edgestill.progress import progress_bar
 from edgestill.quant.formats import format_by_name, resolve_format
+
+log = logging.getLogger("edgestill")
 
 HEAD = "lm_head"
 
@@ -154,14 +157,23 @@ def layer_sensitivity(model, batches: list[torch.Tensor], formats=("q8_0", "q5_0
                        notes={"reference": "given logits" if reference_logits is not None else "the model in float"})
 
 
-def calibration_batches(tokenizer, data: str = "shakespeare", seq_len: int = 128, blocks: int = 4,
-                        batch_size: int = 2, seed: int = 0) -> list[torch.Tensor]:
-    """Token-id batches from the *train* split of a corpus (the default split of edgestill.data), never held-out text."""
-    from edgestill.data.corpus import load_documents, split_documents, tokenize_blocks
+def cached_sensitivity(model, batches: list[torch.Tensor], formats, path=None, key: dict | None = None) -> Sensitivity:
+    """layer_sensitivity, kept in `path` (JSON) under `key` (teacher, formats, a hash of the calibration tokens).
 
-    splits = split_documents(load_documents(data), val_fraction=0.1, test_fraction=0.1, seed=seed)
-    ids = tokenize_blocks(splits.train, tokenizer, seq_len, max_tokens=seq_len * blocks, seed=seed)
-    if len(ids) == 0:
-        raise EdgestillError(f"the train split of '{data}' has fewer than {seq_len} tokens; add text or lower seq_len")
-    ids = torch.from_numpy(ids.astype("int64"))  # (N, seq_len)
-    return list(ids.split(batch_size))
+    Measuring takes minutes to an hour on a real teacher; a sweep killed while planning, or rerun with other
+    budgets, reads it back. A file under another key is measured again and replaced.
+    """
+    import json
+    from pathlib import Path
+
+    from edgestill.files import write_text_atomic
+
+    if path is not None and Path(path).is_file():
+        stored = json.loads(Path(path).read_text())
+        if stored.get("key") == key:
+            log.info("layer sensitivity read from %s", path)
+            return Sensitivity.from_dict(stored["sensitivity"])
+    sensitivity = layer_sensitivity(model, batches, formats)
+    if path is not None:
+        write_text_atomic(path, json.dumps({"key": key, "sensitivity": sensitivity.to_dict()}, indent=1))
+    return sensitivity

@@ -1,0 +1,464 @@
+"""The classifier track as two runs: fine-tune a teacher encoder, then shrink it into an ONNX student.
+
+    edgestill finetune --task classification --data train.csv            # finetune()          -> runs/finetune-train/
+    edgestill shrink --task classification --teacher runs/finetune-train  # shrink_classifier() -> runs/shrink-classifier-train/
+    edgestill export --format onnx runs/shrink-classifier-train --type int8   # export_classifier()
+
+`finetune` fine-tunes an encoder (default all-MiniLM-L6-v2) with a classification head on the train split (model
+selection on val) and saves it as a HF folder + label_map.json: the run folder itself is the teacher folder. Its
+`edgestill.json` records the data and split it was trained on, so `shrink` reuses exactly that split and the
+held-out test rows stay unseen by teacher and student.
+
+`shrink_classifier` builds the student from the teacher (`distill.classifier.build_student`: keep
+`student.num_layers` layers, cut positions to `student.max_len`, trim the vocabulary to the training texts,
+factorize every matrix by truncated SVD to <= teacher params / `student.compression_x`), distils it
+(`distill_classifier`: a*T^2*KL + (1-a)*CE [+ hidden MSE]), exports it to ONNX (`eval.onnx_type` f32 | int8 | int4)
+and measures, on the held-out test split:
+
+- teacher (PyTorch) vs student (the ONNX file in onnxruntime) accuracy and macro-F1, and retention (student / teacher,
+  docs/references.md#measurement-conventions); the PyTorch student, the untrained cut and TF-IDF + logistic
+  regression as context rows;
+- compression_x_fp32 / _fp16 = teacher params x 4 (x 2) / bytes of model.onnx (tokenizer bytes listed apart), and the
+  teacher's fp32 safetensors bytes / model.onnx bytes;
+- latency per example in onnxruntime (batch 1, `eval.threads` threads, unpadded test texts): teacher (exported to fp32
+  ONNX for the measurement, then deleted) and student alternated in each repeat, median and [min, max];
+- the run's shrink curve: the same student exported in each of `eval.curve_types`, each scored and timed like the
+  deployable file (`metrics.json` "curve", `shrink_curve.png`, a table in report.md).
+
+Runs are RunDir folders: built in `<out>.partial/`, renamed when finished, never replacing a finished run without
+`--overwrite`. A killed shrink resumes after the saved student (training is the costly part).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+from edgestill.config import (
+    CLASSIFICATION,
+    ONNX_CLASSIFIER_TYPES,
+    ClassifierShrinkConfig,
+    FinetuneConfig,
+    LabelledDataConfig,
+    fill,
+    load_classifier_config,
+)
+from edgestill.data.labelled import ALIASES, LABEL_MAP_FILE
+from edgestill.errors import EdgestillError
+from edgestill.files import write_text_atomic
+from edgestill.runs import RunDir
+
+log = logging.getLogger(__name__)
+
+TEACHER_INFO = "edgestill.json"
+
+
+def plain(obj) -> dict:
+    """asdict with tuples as lists (YAML-safe): what config.yaml holds."""
+    return json.loads(json.dumps(asdict(obj), default=str))
+
+
+def _write_json(path: Path, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=1, default=str) + "\n")
+
+
+def _data_name(spec: str) -> str:
+    return spec if spec in ALIASES else Path(spec).stem or "data"
+
+
+def _data_record(data: LabelledDataConfig) -> dict:
+    """The data config with file paths made absolute (so a teacher's record means the same file from anywhere)."""
+    d = asdict(data)
+    for k in ("path", "test_path"):
+        if d[k] and d[k] not in ALIASES and Path(d[k]).expanduser().exists():
+            d[k] = str(Path(d[k]).expanduser().resolve())
+    return d
+
+
+def load_splits(data: LabelledDataConfig):
+    """The labelled data of `data`, split train / val / test (stratified, seeded)."""
+    from edgestill.data.labelled import load_splits as load
+
+    if not data.path:
+        raise EdgestillError("no labelled data: give --data train.csv (text and label columns), a .jsonl, "
+                             f"or one of {list(ALIASES)}")
+    return load(data.path, data.test_path, data.text_column, data.label_column, data.val_fraction,
+                data.test_fraction, data.seed, data.encoding_errors)
+
+
+# ---------------------------------------------------------------- fine-tuning the teacher
+
+
+def _finetune_report(cfg: FinetuneConfig, splits, label_map, result: dict, metrics: dict, final: Path) -> str:
+    t = result["test"]
+    return "\n".join([
+        f"# Fine-tuned teacher: {cfg.teacher} on {cfg.data.path}", "",
+        f"Labels: {', '.join(label_map.labels)}. Split: train {len(splits.train)} / val {len(splits.val)} / "
+        f"test {len(splits.test)} (seed {cfg.data.seed}).", "",
+        "| held-out test | accuracy | macro-F1 |", "|---|---|---|",
+        f"| teacher | {t['accuracy']:.4f} | {t['macro_f1']:.4f} |", "",
+        f"{metrics['teacher']['params']:,} parameters, model.safetensors {metrics['teacher']['file_bytes']:,} bytes; "
+        f"{cfg.train.steps} steps, best validation macro-F1 {result['best_val_macro_f1']:.4f} at step {result['best_step']}.",
+        "", f"Next: `edgestill shrink --task classification --teacher {final}`", ""])
+
+
+def _train_teacher(cfg: FinetuneConfig, run: RunDir, splits) -> tuple:
+    """Fine-tune the base encoder and save it as the run folder itself (a HF folder); returns (model, label_map, result)."""
+    import torch
+
+    from edgestill.distill.classifier import finetune as train
+    from edgestill.models.encoder import load_encoder_classifier, save_classifier
+
+    model, tokenizer, label_map = load_encoder_classifier(cfg.teacher, splits.label_map)
+    torch.manual_seed(cfg.train.seed)
+    result = train(model, tokenizer, splits, cfg.train)
+    record = {"task": CLASSIFICATION, "role": "teacher", "base_model": cfg.teacher, "data": _data_record(cfg.data),
+              "max_len": cfg.train.max_len, "test": result["test"]}
+    staged = save_classifier(model, tokenizer, label_map, run.path / "model.tmp", extra=record)
+    for f in staged.iterdir():  # the run folder itself is the HF folder (`--teacher RUN`)
+        os.replace(f, run.path / f.name)
+    shutil.rmtree(staged, ignore_errors=True)
+    _write_json(run.path / "finetune.json", result)
+    return model, label_map, result
+
+
+def finetune(cfg: FinetuneConfig, overwrite: bool = False) -> tuple[Path, dict]:
+    """`edgestill finetune`: fine-tune `cfg.teacher` on `cfg.data`; returns (the finished run folder, its metrics)."""
+    from edgestill.evaluate.environment import environment
+    from edgestill.models.encoder import load_encoder_classifier
+    from edgestill.models.lowrank import stored_params
+
+    splits = load_splits(cfg.data)  # bad data fails before any folder is made
+    cfg.output_dir = cfg.output_dir or f"runs/finetune-{_data_name(cfg.data.path)}"
+    run = RunDir(cfg.output_dir, plain(cfg), overwrite=overwrite)
+    resumed = run.open()
+    log.info("%s run folder %s", "resuming" if resumed else "new", run.path)
+    with run.cleanup_on_failure():  # a run that fails before any work leaves no folder behind
+        done = run.path / "finetune.json"
+        if resumed and done.is_file() and (run.path / LABEL_MAP_FILE).is_file():
+            log.info("the fine-tuned teacher is already saved in %s; finishing", run.path)
+            result = json.loads(done.read_text())
+            model, _, label_map = load_encoder_classifier(str(run.path))
+        else:
+            model, label_map, result = _train_teacher(cfg, run, splits)
+        metrics = {
+            "task": CLASSIFICATION, "stage": "finetune", "base_model": cfg.teacher,
+            "teacher": {"params": stored_params(model), "file_bytes": (run.path / "model.safetensors").stat().st_size,
+                        "test": result["test"], "best_val_macro_f1": result["best_val_macro_f1"],
+                        "best_step": result["best_step"]},
+            "data": {"spec": _data_record(cfg.data), "split": "seeded stratified; test never used for training or selection",
+                     **splits.summary()},
+            "train": asdict(cfg.train), "history": result["history"], "environment": environment(),
+        }
+        _write_json(run.path / "metrics.json", metrics)
+        write_text_atomic(run.path / "report.md", _finetune_report(cfg, splits, label_map, result, metrics, run.final))
+    return run.finish(), metrics
+
+
+# ---------------------------------------------------------------- shrinking it
+
+
+def _teacher_record(teacher: str) -> dict:
+    path = Path(teacher) / TEACHER_INFO
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _resolve_data(cfg: ClassifierShrinkConfig, record: dict) -> bool:
+    """Fill cfg.data from the teacher's record when not given; True when data + split match the teacher's."""
+    recorded = record.get("data")
+    if not cfg.data.path:
+        if not recorded:
+            raise EdgestillError(f"teacher '{cfg.teacher}' does not record its training data; give --data (the file it was "
+                                 "fine-tuned on, with the same split settings)")
+        for k, v in recorded.items():
+            if k in {f.name for f in dataclasses.fields(LabelledDataConfig)}:
+                setattr(cfg.data, k, v)
+        return True
+    if recorded is None:
+        log.warning("teacher '%s' does not record its training data: its held-out scores are only fair if it never saw "
+                    "the test split of %s", cfg.teacher, cfg.data.path)
+        return False
+    same = _data_record(cfg.data) == {k: recorded.get(k) for k in asdict(cfg.data)}
+    if not same:
+        log.warning("the teacher was fine-tuned on %s (split seed %s); this run uses %s (seed %s): the teacher may have "
+                    "seen some of this test split, so its score can be optimistic", recorded.get("path"),
+                    recorded.get("seed"), cfg.data.path, cfg.data.seed)
+    return same
+
+
+def _file_bytes(folder: Path, names) -> int:
+    return sum((folder / n).stat().st_size for n in names if (folder / n).is_file())
+
+
+@dataclass
+class _Teacher:
+    """The fine-tuned teacher with what every stage of the shrink needs from it."""
+
+    model: object
+    tokenizer: object
+    label_map: object
+    max_len: int
+    path: str
+
+
+def _student(cfg: ClassifierShrinkConfig, run: RunDir, resumed: bool, teacher: _Teacher, splits) -> tuple:
+    """Stages 1-2, the student cut from the teacher and distilled, skipped on resume once saved: (model, tokenizer,
+    distill record)."""
+    import torch
+
+    from edgestill.distill.classifier import build_student, distill_classifier
+    from edgestill.evaluate.classification import evaluate_classifier
+    from edgestill.models.encoder import load_encoder_classifier, save_classifier, tokenize
+
+    student_dir, distill_file = run.path / "student", run.path / "distill.json"
+    if resumed and distill_file.is_file() and (student_dir / LABEL_MAP_FILE).is_file():
+        log.info("resuming after the saved student in %s", student_dir)
+        student, s_tok, _ = load_encoder_classifier(str(student_dir))
+        return student, s_tok, json.loads(distill_file.read_text())
+    torch.manual_seed(cfg.train.seed)
+    student, s_tok, table, info = build_student(teacher.model, teacher.tokenizer, splits.train.texts, cfg.student)
+    log.info("student: layers %s of the teacher, vocab %d of %d, %s params (%.1fx fewer)", info["teacher_layers"],
+             info["vocab_kept"], info["teacher_vocab"], f"{info['student_params']:,}", info["params_x_smaller"])
+    sliced = evaluate_classifier(student, tokenize(s_tok, splits.test.texts, cfg.student.max_len), splits.ids("test"))
+    result = distill_classifier(teacher.model, student, teacher.tokenizer, splits, table, s_tok, cfg.train, cfg.kd)
+    save_classifier(student, s_tok, teacher.label_map, student_dir,
+                    extra={"task": CLASSIFICATION, "role": "student", "teacher": str(cfg.teacher),
+                           "max_len": cfg.student.max_len})
+    distilled = {"student": {k: v for k, v in info.items() if k != "config"}, "sliced_untrained_test": sliced,
+                 "history": result["history"], "best_step": result["best_step"], "test_pytorch": result["test"]}
+    _write_json(distill_file, distilled)
+    return student, s_tok, distilled
+
+
+def _onnx_curve(cfg: ClassifierShrinkConfig, run: RunDir, splits, test_inputs, t_pred, t_test) -> tuple[dict, list, dict]:
+    """Stages 3-4b: the student exported in every ONNX type (the deployable one first), each scored in onnxruntime on
+    the test split. Returns ({type: (report, session, predictions)}, curve rows, {latency name: session})."""
+    from edgestill.evaluate.classification import retention, scores
+    from edgestill.export.onnx import onnx_session
+    from edgestill.export.onnx_classifier import export_classifier_onnx, onnx_classifier_logits
+
+    exported, curve, sessions = {}, [], {}
+    test_ids, k = splits.ids("test"), len(splits.label_map)
+    for t in dict.fromkeys([cfg.eval.onnx_type, *cfg.eval.curve_types]):
+        folder = run.path / ("onnx" if t == cfg.eval.onnx_type else f"onnx-{t}")
+        report = export_classifier_onnx(run.path / "student", folder, t, parity_texts=splits.test.texts,
+                                        max_len=cfg.student.max_len, threads=cfg.eval.threads)
+        session = onnx_session(folder / "model.onnx", cfg.eval.threads)
+        pred = onnx_classifier_logits(session, test_inputs).argmax(-1)
+        exported[t] = (report, session, pred)
+        if t not in cfg.eval.curve_types:
+            continue
+        test = scores(test_ids, pred, k)
+        curve.append({"type": t, "folder": str(run.final / folder.name), "onnx_bytes": report["file_bytes"], "test": test,
+                      **retention(test, t_test), "top1_agreement_with_teacher": float((pred == t_pred).mean()),
+                      "onnx_parity_vs_pytorch": report.get("parity_vs_pytorch")})
+        sessions["student" if t == cfg.eval.onnx_type else f"student-{t}"] = session
+    curve.sort(key=lambda c: cfg.eval.curve_types.index(c["type"]))
+    return exported, curve, sessions
+
+
+def _latency(cfg: ClassifierShrinkConfig, run: RunDir, teacher: _Teacher, s_tok, texts, sessions: dict) -> tuple[dict, int | None]:
+    """Stage 6: latency per example in onnxruntime, batch 1, teacher (exported to fp32 ONNX for the measurement, then
+    deleted) and each student file alternated in every repeat. Returns (latency by name, teacher ONNX bytes)."""
+    from edgestill.export.onnx import onnx_session
+    from edgestill.export.onnx_classifier import export_classifier_onnx, measure_latency, single_inputs
+
+    student_inputs = single_inputs(s_tok, texts, cfg.student.max_len)
+    systems = {name: (sess, student_inputs) for name, sess in sessions.items()}
+    teacher_onnx_bytes = None
+    with tempfile.TemporaryDirectory(dir=run.path, prefix=".teacher-onnx-") as tmp:
+        if cfg.eval.teacher_latency:
+            t_export = export_classifier_onnx(cfg.teacher, Path(tmp), "f32", max_len=teacher.max_len)
+            teacher_onnx_bytes = t_export["file_bytes"]
+            systems = {"teacher": (onnx_session(Path(tmp) / "model.onnx", cfg.eval.threads),
+                                   single_inputs(teacher.tokenizer, texts, teacher.max_len)), **systems}
+        latency = measure_latency(systems, cfg.eval.latency_repeats)
+        systems.clear()
+    return latency, teacher_onnx_bytes
+
+
+def _vocab_trim(distilled: dict, teacher: _Teacher, s_tok, splits, max_len: int, s_pred, t_pred) -> dict | None:
+    """Stage 6b: what the vocabulary trim costs on unseen text: the test texts the student's tokenizer splits
+    differently, and accuracy on them."""
+    from edgestill.models.encoder import trim_coverage
+
+    if distilled["student"]["vocab_kept"] >= distilled["student"]["teacher_vocab"]:
+        return None
+    cov = trim_coverage(teacher.tokenizer, s_tok, splits.test.texts, max_len)
+    changed = cov.pop("changed")
+    trim = {**cov, "fallback": "unseen pieces -> shorter kept WordPiece pieces, else [UNK]",
+            "test_texts_changed": int(changed.sum())}
+    test_ids = splits.ids("test")
+    for name, mask in (("changed", changed), ("unchanged", ~changed)):
+        if mask.any():
+            trim[f"student_accuracy_{name}"] = float((s_pred[mask] == test_ids[mask]).mean())
+            trim[f"teacher_accuracy_{name}"] = float((t_pred[mask] == test_ids[mask]).mean())
+    return trim
+
+
+def _speedup(latency: dict, name: str) -> float | None:
+    return latency["teacher"]["latency_ms_per_example"] / latency[name]["latency_ms_per_example"] if "teacher" in latency else None
+
+
+def _shrink_metrics(cfg, teacher: _Teacher, distilled: dict, exported: dict, curve: list, latency: dict,
+                    teacher_onnx_bytes, t_test: dict, s_test: dict, agreement: float, baselines: dict, vocab_trim,
+                    splits, data_matches: bool, run: RunDir) -> dict:
+    """metrics.json of a classifier shrink: sizes from real file bytes, scores, latency, baselines, provenance."""
+    from edgestill.evaluate.classification import retention
+    from edgestill.evaluate.environment import environment
+    from edgestill.models.lowrank import stored_params
+
+    teacher_params = stored_params(teacher.model)
+    onnx_bytes = exported[cfg.eval.onnx_type][0]["file_bytes"]
+    teacher_file_bytes = sum(f.stat().st_size for f in sorted(Path(cfg.teacher).glob("*.safetensors")))
+    s = distilled["student"]
+    for c in curve:
+        name = "student" if c["type"] == cfg.eval.onnx_type else f"student-{c['type']}"
+        c.update({"compression_x_fp32": teacher_params * 4 / c["onnx_bytes"],
+                  "compression_x_fp16": teacher_params * 2 / c["onnx_bytes"],
+                  "latency_ms_per_example": latency[name]["latency_ms_per_example"], "speedup_x": _speedup(latency, name)})
+    return {
+        "task": CLASSIFICATION, "stage": "shrink",
+        "teacher": {"path": str(cfg.teacher), "params": teacher_params, "fp32_bytes": teacher_params * 4,
+                    "safetensors_bytes": teacher_file_bytes, "onnx_f32_bytes": teacher_onnx_bytes,
+                    "max_len": teacher.max_len, "test": t_test, **latency.get("teacher", {})},
+        "student": {"artifact": str(run.final / "onnx" / "model.onnx"), "onnx_type": cfg.eval.onnx_type,
+                    "params": s["student_params"], "onnx_bytes": onnx_bytes,
+                    "tokenizer_bytes": _file_bytes(run.path / "onnx", ("tokenizer.json", "tokenizer_config.json",
+                                                                         "special_tokens_map.json", "vocab.txt")),
+                    "max_len": cfg.student.max_len, "layers_kept": s["teacher_layers"], "vocab_kept": s["vocab_kept"],
+                    "ranks": s["ranks"], "test": s_test, **latency["student"]},
+        **retention(s_test, t_test),
+        "top1_agreement_with_teacher": agreement,
+        "compression_x_fp32": teacher_params * 4 / onnx_bytes,
+        "compression_x_fp16": teacher_params * 2 / onnx_bytes,
+        "compression_x_teacher_file": teacher_file_bytes / onnx_bytes if teacher_file_bytes else None,
+        "speedup_x": _speedup(latency, "student"),
+        "onnx_parity_vs_pytorch": exported[cfg.eval.onnx_type][0].get("parity_vs_pytorch"),
+        "vocab_trim": vocab_trim,
+        "baselines": baselines,
+        "data": {"spec": _data_record(cfg.data), "same_split_as_teacher_finetuning": data_matches,
+                 "scored_on": "test split (never used for training, distillation or model selection)", **splits.summary()},
+        "train": {"best_step": distilled["best_step"], "steps": cfg.train.steps, "kd": asdict(cfg.kd)},
+        "history": distilled["history"],
+        "curve": curve,
+        "environment": {**environment(), "onnxruntime_threads": cfg.eval.threads, "latency_batch_size": 1},
+    }
+
+
+def _load_teacher(cfg: ClassifierShrinkConfig) -> tuple[_Teacher, object, bool]:
+    """The fine-tuned teacher and the data split it was trained on: (teacher, splits, same split as its fine-tuning)."""
+    from edgestill.models.encoder import load_encoder_classifier
+
+    if not cfg.teacher:
+        raise EdgestillError("shrink --task classification needs --teacher: a folder from `edgestill finetune --task "
+                             "classification --data ...`")
+    if not (Path(cfg.teacher) / LABEL_MAP_FILE).is_file():
+        raise EdgestillError(f"teacher '{cfg.teacher}' has no {LABEL_MAP_FILE}: fine-tune one first with "
+                             "`edgestill finetune --task classification --data ...`")
+    record = _teacher_record(cfg.teacher)
+    data_matches = _resolve_data(cfg, record)
+    splits = load_splits(cfg.data)
+    model, tokenizer, label_map = load_encoder_classifier(cfg.teacher, splits.label_map)
+    max_len = int(record.get("max_len") or cfg.student.max_len)
+    return _Teacher(model, tokenizer, label_map, max_len, str(cfg.teacher)), splits, data_matches
+
+
+def shrink_classifier(cfg: ClassifierShrinkConfig, overwrite: bool = False) -> tuple[Path, dict]:
+    """`edgestill shrink --task classification`: build, distil, export and measure a student of a fine-tuned
+    classifier (see the module docstring). Returns (the finished run folder, its metrics)."""
+    from edgestill.evaluate.classification import predict_logits, retention, scores, tfidf_baseline
+    from edgestill.evaluate.classifier_report import classifier_report, plot_curve
+    from edgestill.models.encoder import tokenize
+
+    teacher, splits, data_matches = _load_teacher(cfg)
+    cfg.output_dir = cfg.output_dir or f"runs/shrink-classifier-{_data_name(cfg.data.path)}"
+    run = RunDir(cfg.output_dir, plain(cfg), overwrite=overwrite)
+    resumed = run.open()
+    log.info("%s run folder %s", "resuming" if resumed else "new", run.path)
+    with run.cleanup_on_failure():  # a run that fails before any work leaves no folder behind
+        test_ids, k = splits.ids("test"), len(teacher.label_map)
+        student, s_tok, distilled = _student(cfg, run, resumed, teacher, splits)
+        t_pred = predict_logits(teacher.model, tokenize(teacher.tokenizer, splits.test.texts, teacher.max_len),
+                                desc="teacher test logits").argmax(-1)
+        t_test = scores(test_ids, t_pred, k)
+        test_inputs = tokenize(s_tok, splits.test.texts, cfg.student.max_len)
+        exported, curve, sessions = _onnx_curve(cfg, run, splits, test_inputs, t_pred, t_test)
+        s_pred = exported[cfg.eval.onnx_type][2]
+        s_pt_pred = predict_logits(student, test_inputs, desc="student test logits").argmax(-1)
+        sessions = {"student": exported[cfg.eval.onnx_type][1], **sessions}
+        texts = splits.test.texts[: max(1, cfg.eval.latency_examples)]
+        latency, teacher_onnx_bytes = _latency(cfg, run, teacher, s_tok, texts, sessions)
+        vocab_trim = _vocab_trim(distilled, teacher, s_tok, splits, cfg.student.max_len, s_pred, t_pred)
+        baselines = {"student_sliced_untrained": {"test": distilled["sliced_untrained_test"],
+                                                  **retention(distilled["sliced_untrained_test"], t_test)},
+                     "student_pytorch": {"test": scores(test_ids, s_pt_pred, k)}}
+        if cfg.eval.tfidf_baseline:
+            baselines["tfidf_logreg"] = tfidf_baseline(splits, seed=cfg.data.seed)
+        metrics = _shrink_metrics(cfg, teacher, distilled, exported, curve, latency, teacher_onnx_bytes, t_test,
+                                  scores(test_ids, s_pred, k), float((s_pt_pred == t_pred).mean()), baselines, vocab_trim,
+                                  splits, data_matches, run)
+        if curve:
+            plot_curve(curve, run.path / "shrink_curve.png", str(cfg.teacher))
+        _write_json(run.path / "metrics.json", metrics)
+        write_text_atomic(run.path / "report.md", classifier_report(metrics))
+    return run.finish(), metrics
+
+
+# ---------------------------------------------------------------- export of a finished run
+
+
+def is_classifier_run(run_dir: str | Path) -> bool:
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return False
+    try:
+        cfg = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        return False
+    return isinstance(cfg, dict) and cfg.get("task") == CLASSIFICATION
+
+
+def export_classifier(run_dir: str | Path, tensor_type: str | None = None, out: str | Path | None = None) -> dict:
+    """Export a finished classifier run (a shrink run's student, or a finetune run's teacher) to ONNX.
+
+    Default folder: RUN/onnx for the run's own type, RUN/onnx-<type> for another. The parity check runs on the run's
+    held-out test split.
+    """
+    from edgestill.export.onnx_classifier import export_classifier_onnx
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "DONE").is_file():
+        raise EdgestillError(f"'{run_dir}' is not a finished edgestill run (no DONE marker); finish it first")
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    stage = saved.get("stage")
+    cfg = fill(load_classifier_config(stage), values={"data": saved.get("data") or {}})
+    if stage == "shrink":
+        model_dir, max_len = run_dir / "student", int(saved.get("student", {}).get("max_len", 128))
+        default_type = saved.get("eval", {}).get("onnx_type", "f32")
+    else:
+        model_dir, max_len, default_type = run_dir, int(saved.get("train", {}).get("max_len", 128)), "f32"
+    tensor_type = tensor_type or default_type
+    if tensor_type not in ONNX_CLASSIFIER_TYPES:
+        raise EdgestillError(f"--type {tensor_type} is not an ONNX classifier type; choose f32, int8 or int4")
+    if out is None:
+        out = run_dir / ("onnx" if tensor_type == default_type else f"onnx-{tensor_type}")
+    return export_classifier_onnx(model_dir, Path(out), tensor_type, parity_texts=load_splits(cfg.data).test.texts,
+                                  max_len=max_len)
+
+
+def export_summary(result: dict) -> list[str]:
+    """What `edgestill export` prints for a classifier export."""
+    par = result["parity_vs_pytorch"]
+    return [f"wrote {result['path']} ({result['file_bytes']:,} bytes, {result['type']}; {len(result['formats'])} quantized "
+            "weights) with its tokenizer and label_map.json",
+            f"  onnxruntime vs PyTorch on {par['examples']} held-out examples: same prediction on "
+            f"{par['prediction_agreement']:.4f}, max |logit diff| {par['max_abs_diff']:.3g}"]

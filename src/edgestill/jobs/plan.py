@@ -1,0 +1,105 @@
+"""`edgestill devices`, `edgestill plan` and `edgestill shrink --device`: students planned for a device's budget.
+
+All three calibrate on the same tokens (the first data.corpus.CALIBRATION_BLOCKS blocks of the train split of
+`data`), so the same teacher, budget and text rank plans the same way whichever command asks. An impossible
+budget is refused from the cost model alone, before the text is read or anything measured.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+
+from edgestill.config import DataConfig, ShrinkConfig
+from edgestill.data.corpus import CALIBRATION_BLOCKS, calibration_batches, corpus_blocks
+from edgestill.files import write_text_atomic
+
+log = logging.getLogger("edgestill")
+
+
+def devices(show: str | None = None, refresh: bool = False) -> str:
+    """The shipped profiles as a table, or one profile (`host` measured, cached unless `refresh`) as YAML."""
+    from edgestill.plan.devices import describe_devices, load_device
+
+    if not show:
+        return describe_devices()
+    return load_device(show, **({"refresh": refresh} if show == "host" else {})).to_yaml()
+
+
+def _teacher_and_metadata(spec: str):
+    """(the loaded teacher, the tokenizer's share of its GGUF file in bytes: 0 for a HF folder)."""
+    from edgestill.models.load import gguf_file, load_causal_lm
+    from edgestill.plan.cost import tokenizer_metadata_bytes
+
+    gguf = gguf_file(spec)
+    return load_causal_lm(spec), tokenizer_metadata_bytes(gguf) if gguf else 0
+
+
+def _plan(loaded, metadata: int, device, budget, data: DataConfig, calibration_blocks: int = CALIBRATION_BLOCKS,
+          plan_options: bool = True, **plan_kwargs) -> list:
+    """edgestill.plan.plan on the teacher `loaded`, after the cheap feasibility check (plan_options: the check's line
+    may suggest `edgestill plan`'s own --depths and --context)."""
+    from edgestill.plan import DEFAULT_FORMATS, check_budget
+    from edgestill.plan import plan as plan_students
+    from edgestill.plan.cost import StudentShape, Workload
+
+    kwargs = {"workload": Workload(), "formats": DEFAULT_FORMATS, **plan_kwargs}
+    # before the calibration text is read: an impossible budget needs only the teacher's shape to fail
+    check_budget(StudentShape.from_config(loaded.model.config), device, budget, kwargs["formats"], kwargs.get("depths"),
+                 kwargs.get("widths"), kwargs["workload"], metadata, plan_options=plan_options)
+    train = corpus_blocks(data, loaded.tokenizer).train
+    return plan_students(loaded.model, device, budget, calibration_batches(train, calibration_blocks),
+                         metadata_bytes=metadata, **kwargs)
+
+
+def plan(teacher: str, device, budget, data: DataConfig | None = None, calibration_blocks: int = CALIBRATION_BLOCKS,
+         **plan_kwargs) -> list:
+    """`edgestill plan`: ranked feasible plans (edgestill.plan.Plan) for `teacher` on `device` within `budget`,
+    calibrated on the train split of `data` (default: the embedded corpus). plan_kwargs go to edgestill.plan.plan
+    (formats, depths, widths, workload, top, ...)."""
+    loaded, metadata = _teacher_and_metadata(teacher)
+    return _plan(loaded, metadata, device, budget, data or DataConfig(), calibration_blocks, **plan_kwargs)
+
+
+def plans_json(path: str | Path, device, budget, teacher: str, plans: list) -> Path:
+    """Every plan, with the device and budget they were made for, as JSON (atomically)."""
+    from edgestill.plan.devices import load_device
+
+    data = {"device": load_device(device).to_dict(), "budget": budget.to_dict(), "teacher": teacher,
+            "plans": [p.to_dict() for p in plans]}
+    return write_text_atomic(path, json.dumps(data, indent=2) + "\n", "writing the plans")
+
+
+def point_config(base: ShrinkConfig, plan, out: Path, teacher_ffn: int) -> ShrinkConfig:
+    """The ShrinkConfig that executes `plan` (an edgestill.plan.Plan) into `out`."""
+    cfg = copy.deepcopy(base)
+    cfg.student.layers = list(plan.layers)
+    cfg.student.num_layers = len(plan.layers)
+    cfg.student.intermediate_size = plan.intermediate_size if plan.intermediate_size < teacher_ffn else None
+    cfg.quant.format = plan.default_format
+    cfg.quant.plan = dict(plan.quant_plan)
+    cfg.output.dir = str(out)
+    return cfg
+
+
+def shrink_for_device(cfg: ShrinkConfig, device: str, budget, overwrite: bool = False):
+    """`edgestill shrink --device D --max-memory M ...`: plan the best student for the budget, then shrink it.
+
+    The plan fixes the layers kept, the FFN width and the per-layer formats; the run is an ordinary shrink run with
+    those settings, plus plan.json (the prediction) next to its metrics so predicted and measured bytes/speed sit
+    side by side. Returns what jobs.shrink.shrink returns.
+    """
+    from edgestill.jobs.shrink import shrink
+
+    loaded, metadata = _teacher_and_metadata(cfg.teacher.model)
+    best = _plan(loaded, metadata, device, budget, cfg.data, plan_options=False, top=1)[0]
+    log.info("plan for %s: %s", device, best.summary())
+    point = point_config(cfg, best, Path(cfg.output.dir), loaded.model.config.intermediate_size)
+    del loaded
+    result = shrink(point, overwrite=overwrite)
+    if result is not None:
+        write_text_atomic(Path(result[0]) / "plan.json", json.dumps({"device": device, "budget": budget.to_dict(),
+                                                                     "plan": best.to_dict()}, indent=1))
+    return result

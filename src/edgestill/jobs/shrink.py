@@ -1,0 +1,259 @@
+"""The main job, stage by stage: load -> split -> slice -> cache teacher -> distil -> save -> evaluate -> report.
+
+    edgestill shrink    shrink(cfg)        distil() then evaluate(), then the run folder is finished
+    edgestill distill   distill(cfg)       stages 1-6: the trained student in RUN/student
+    edgestill eval RUN  evaluate_run(RUN)  stages 7-8 on a finished run, with its own config
+
+Each stage logs what it does; every long one shows a progress bar. The run works in RUN.partial/ and is
+renamed when finished (edgestill.runs), so a kill resumes and a failure never replaces a good run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgestill.config import ShrinkConfig, apply_override, load_config
+from edgestill.data.corpus import CorpusBlocks, calibration_batches, corpus_blocks
+from edgestill.errors import EdgestillError
+from edgestill.files import write_text_atomic
+from edgestill.progress import is_main_process
+from edgestill.runs import RunDir, finished_run
+
+log = logging.getLogger("edgestill")
+
+
+@dataclass
+class Distilled:
+    """What distil() hands to evaluate() so nothing is loaded or tokenized twice (None: evaluate() loads it)."""
+
+    teacher: object | None  # LoadedModel
+    data: CorpusBlocks | None
+    history: list[dict] | None
+    layers: list[int] | None  # teacher layers the student kept (None: a given student.model)
+    resumed: bool
+
+
+def quant_config(cfg: ShrinkConfig):
+    """The QuantConfig of the recipe's `quant` section, or None when training in float."""
+    if cfg.quant.format is None:
+        return None
+    from edgestill.quant import QuantConfig
+    from edgestill.quant.formats import format_by_name
+
+    return QuantConfig(default=format_by_name(cfg.quant.format),
+                       plan={name: format_by_name(f) for name, f in cfg.quant.plan.items()}, skip=list(cfg.quant.skip),
+                       activations=cfg.quant.activations)
+
+
+def _open_run(cfg: ShrinkConfig, overwrite: bool, rank: int, world: int) -> tuple[RunDir, bool]:
+    import torch
+
+    run = RunDir(cfg.output.dir, cfg.to_dict(), overwrite=overwrite, defaults=ShrinkConfig().to_dict())
+    resumed = False
+    if rank == 0:
+        resumed = run.open()
+        log.info("%s run folder %s", "resuming" if resumed else "new", run.path)
+    if world > 1:
+        torch.distributed.barrier()
+    return run, resumed
+
+
+def _load_teachers(cfg: ShrinkConfig, rank: int, world: int) -> list:
+    """teacher.model, then teacher.extra (MTAKD), each checked to share the tokenizer. Under DDP rank 0 loads
+    first, so a GGUF is dequantized and cached once."""
+    import torch
+
+    from edgestill.models.load import check_same_tokenizer, load_causal_lm
+
+    teachers = []
+    for spec in [cfg.teacher.model, *cfg.teacher.extra]:
+        t0 = time.time()
+        if world > 1 and rank != 0:
+            torch.distributed.barrier()
+        loaded = load_causal_lm(spec)
+        if world > 1 and rank == 0:
+            torch.distributed.barrier()
+        if teachers:
+            try:
+                check_same_tokenizer(teachers[0].tokenizer, loaded.tokenizer)
+            except EdgestillError:
+                raise EdgestillError(
+                    f"teacher.extra '{spec}' has a different tokenizer from teacher.model '{cfg.teacher.model}' (vocab "
+                    f"{len(loaded.tokenizer.get_vocab())} vs {len(teachers[0].tokenizer.get_vocab())}); multi-teacher KD "
+                    "mixes logits token by token, so remove it from teacher.extra or pick a teacher of the same family"
+                ) from None
+        log.info("%s: %s (%s) loaded in %.1fs", "extra teacher" if teachers else "teacher", spec, loaded.path,
+                 time.time() - t0)
+        teachers.append(loaded)
+    return teachers
+
+
+def distill(cfg: ShrinkConfig, overwrite: bool = False, teacher_cache_from: Path | None = None) -> tuple[RunDir, Distilled]:
+    """Stages 1-6: teacher, data, student, teacher cache, distillation, saved student.
+
+    teacher_cache_from: another run's folder whose teacher top-k cache this run may start from (a sweep's points
+      share teacher, data and k); its fingerprint is checked like any cache's.
+    Returns the (still partial) run folder and what evaluate() reuses.
+    """
+    from edgestill.distill.sources import teacher_source
+    from edgestill.distill.trainer import dist_setup
+    from edgestill.distill.trainer import distill as train
+    from edgestill.models.load import save_causal_lm
+    from edgestill.models.slice import build_student
+    from edgestill.quant import quantize_
+
+    rank, world = dist_setup()
+    run, resumed = _open_run(cfg, overwrite, rank, world)
+    with run.cleanup_on_failure():  # a run that fails before any work leaves no folder behind
+        teachers = _load_teachers(cfg, rank, world)
+        teacher = teachers[0]
+        data = corpus_blocks(cfg.data, teacher.tokenizer, min_train_blocks=cfg.distill.batch_size)
+        qconfig = quant_config(cfg)
+        student, layers = build_student(cfg.student, teacher.model, teacher.tokenizer,
+                                        calibration_batches(data.train, 8, 4), quantized=qconfig is not None)
+        source = teacher_source(cfg.distill, teachers, [cfg.teacher.model, *cfg.teacher.extra], data.train,
+                                run.path / "cache", teacher_cache_from, cfg.eval.batch_size, rank, world)
+        del teachers  # a cached source holds all the extra teachers have to say
+        if qconfig is not None:
+            quantize_(student, qconfig, step="prepare")  # fake-quant forward, straight-through gradients
+        history = train(student, source, data.train, cfg.distill, run.path, val_blocks=data.val, layers=layers)
+        dtype = cfg.output.dtype
+        if qconfig is not None:
+            report = quantize_(student, qconfig, step="convert")  # weights := exact runtime values
+            if rank == 0:
+                write_text_atomic(run.path / "quant_report.json", json.dumps([r.to_dict() for r in report], indent=1))
+            dtype = "float32"  # the dequantized values are exact in fp32 only; the deployable file is the GGUF
+        if rank == 0:
+            save_causal_lm(student, teacher.tokenizer, run.path / "student", dtype)
+            write_text_atomic(run.path / "splits.json", json.dumps(data.splits.names(), indent=1))
+    return run, Distilled(teacher, data, history, layers, resumed)
+
+
+def _sliced_untrained(cfg: ShrinkConfig, teacher, layers, test, teacher_ppl: float) -> dict:
+    """The baseline a sliced student starts from: the same slice, untrained."""
+    from edgestill.evaluate.metrics import token_nll
+    from edgestill.models.slice import slice_decoder
+
+    if layers is None or cfg.student.model is not None:
+        return {}
+    untrained = slice_decoder(teacher.model, layers, cfg.student.intermediate_size, allow_full=cfg.quant.format is not None)
+    ppl = float(np.exp(token_nll(untrained, test, cfg.eval.batch_size, desc="baseline: sliced, untrained").mean()))
+    return {"sliced_untrained": {"perplexity": ppl, "retention": teacher_ppl / ppl}}
+
+
+def _history(run_dir: Path, history: list[dict] | None) -> list[dict]:
+    if history is not None:
+        return history
+    log_path = run_dir / "train_log.jsonl"
+    return [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.is_file() else []
+
+
+def _metrics(cfg: ShrinkConfig, run_dir: Path, final_dir: Path, teacher, student, summary: dict, speed: dict,
+             baselines: dict, splits: dict, history: list[dict], layers) -> dict:
+    """metrics.json: teacher vs student, sizes from the files on disk, speed, baselines, provenance."""
+    from edgestill.evaluate.environment import environment
+    from edgestill.evaluate.metrics import weight_bytes
+    from edgestill.models.slice import count_params, decoder_layers
+
+    t_params, s_params = count_params(teacher.model), count_params(student)
+    # The deployable artifact: the GGUF when the run has one (quantized runs always do), else the HF folder.
+    artifact = run_dir / "student.gguf" if (run_dir / "student.gguf").is_file() else run_dir / "student"
+    s_bytes = weight_bytes(artifact)
+    return {
+        "teacher": {"name": cfg.teacher.model, "params": t_params, "bytes": weight_bytes(teacher.path),
+                    "num_layers": len(decoder_layers(teacher.model)), "perplexity": summary["teacher_perplexity"],
+                    **speed["teacher"]},
+        "student": {"path": str(final_dir / "student"), "artifact": str(final_dir / artifact.name),
+                    "params": s_params, "bytes": s_bytes, "dtype": cfg.output.dtype, "quant": cfg.quant.format,
+                    "layers_kept": layers, "num_layers": len(decoder_layers(student)),
+                    "intermediate_size": getattr(student.config, "intermediate_size", None),
+                    "perplexity": summary["student_perplexity"], **speed["student"]},
+        "retention": summary["retention"],
+        "top1_agreement": summary["top1_agreement"],
+        "kl_teacher_student": summary["kl_teacher_student"],
+        "eval_tokens": summary["eval_tokens"],
+        "compression_x_fp32": t_params * 4 / s_bytes,
+        "compression_x_fp16": t_params * 2 / s_bytes,
+        "speedup_x": speed["student"]["decode_tokens_per_s"] / speed["teacher"]["decode_tokens_per_s"],
+        "speedup_x_prefill": speed["student"]["prefill_tokens_per_s"] / speed["teacher"]["prefill_tokens_per_s"],
+        "speed_repeats": cfg.eval.speed_repeats,
+        "baselines": baselines,
+        "splits": splits,
+        "train": {"steps": len(history), "final_loss": (history or [{}])[-1].get("loss"),
+                  "final_val_loss": next((h["val_loss"] for h in reversed(history) if "val_loss" in h), None)},
+        "environment": environment(cfg.eval.threads),
+    }
+
+
+def evaluate(cfg: ShrinkConfig, run_dir: Path, distilled: Distilled | None = None, final_dir: Path | None = None) -> dict:
+    """Stages 7-8: teacher vs the saved student on held-out text; writes metrics.json and report.*, returns the metrics.
+
+    distilled: what distil() already loaded (what it lacks is loaded again). final_dir: where the run
+    folder will live once finished (the metrics name paths there).
+    """
+    import torch
+
+    from edgestill.evaluate.metrics import compare_lm
+    from edgestill.evaluate.report import write_report
+    from edgestill.evaluate.speed import generate, measure_speed
+    from edgestill.models.load import check_same_tokenizer, load_causal_lm
+
+    distilled = distilled or Distilled(None, None, None, None, False)
+    teacher = distilled.teacher or load_causal_lm(cfg.teacher.model)
+    data = distilled.data or corpus_blocks(cfg.data, teacher.tokenizer)
+    saved = load_causal_lm(str(run_dir / "student"))  # the saved artifact itself, upcast to fp32 for CPU eval
+    check_same_tokenizer(teacher.tokenizer, saved.tokenizer)
+    student, test = saved.model, data.test
+    comparison = compare_lm(teacher.model, student, test, cfg.eval.batch_size)
+    summary = comparison["summary"]
+    layers = distilled.layers
+    baselines = _sliced_untrained(cfg, teacher, layers, test, summary["teacher_perplexity"])
+
+    prompt = torch.from_numpy(test[:1, : cfg.eval.speed_prompt_tokens]).long()
+    speed = measure_speed({"teacher": teacher.model, "student": student}, prompt, cfg.eval.speed_decode_tokens,
+                          cfg.eval.speed_repeats, cfg.eval.threads)
+    generations = [{"prompt": p, "teacher": generate(teacher.model, teacher.tokenizer, p, cfg.eval.generate_tokens),
+                    "student": generate(student, teacher.tokenizer, p, cfg.eval.generate_tokens)} for p in cfg.eval.prompts]
+    history = _history(run_dir, distilled.history)
+    splits = json.loads((run_dir / "splits.json").read_text())
+    metrics = _metrics(cfg, run_dir, final_dir or run_dir, teacher, student, summary, speed, baselines, splits,
+                       history, layers)
+    write_report(run_dir, metrics, history, comparison, generations)
+    return metrics
+
+
+def evaluate_run(run_dir: str | Path, overrides: list[str] = ()) -> dict:
+    """`edgestill eval RUN`: evaluate a finished run again under its own config (only eval.* may be overridden)."""
+    run_dir = finished_run(Path(run_dir), "eval")
+    cfg = load_config(run_dir / "config.yaml")
+    for o in overrides:
+        if not o.startswith("eval."):
+            raise EdgestillError(f"eval only takes eval.* overrides (got '{o}'); the run's own config fixes teacher and data")
+        apply_override(cfg, o)
+    return evaluate(cfg, run_dir)
+
+
+def shrink(cfg: ShrinkConfig, overwrite: bool = False, teacher_cache_from: Path | None = None) -> tuple[Path, dict] | None:
+    """The whole job: (the finished run folder, its metrics); None on non-zero DDP ranks.
+
+    teacher_cache_from: a run folder whose teacher cache this run may reuse (see `distill`).
+    """
+    from edgestill.jobs.export import export_gguf_run
+
+    run, distilled = distill(cfg, overwrite, teacher_cache_from)
+    if not is_main_process():
+        return None
+    if cfg.quant.format is not None:
+        exported = export_gguf_run(run.path, cfg)
+        log.info("exported %s (%s bytes, %d tensors, %d stored in a fallback type)", exported.path,
+                 f"{exported.file_bytes:,}", exported.n_tensors, len(exported.fallbacks))
+    metrics = evaluate(cfg, run.path, distilled, final_dir=run.final)
+    shutil.rmtree(run.path / "checkpoints", ignore_errors=True)
+    return run.finish(), metrics
