@@ -181,7 +181,7 @@ class Bench:
         from edgestill.config import fill, load_classifier_config
         from edgestill.jobs.classify import load_splits
         from edgestill.evaluate.classification import retention, tfidf_baseline
-        from edgestill.export.onnx_classifier import load_onnx_classifier, measure_latency, single_inputs
+        from edgestill.runtime.onnx import load_onnx_classifier, measure_latency, single_inputs
 
         a = self.args
         teacher_dir = self.root / data / "teacher"

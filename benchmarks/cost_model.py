@@ -82,7 +82,8 @@ def main() -> None:
     from edgestill.models.load import load_causal_lm, resolve_model_path
     from edgestill.models.slice import choose_layers, slice_decoder
     from edgestill.plan.cost import StudentShape, Workload, gguf_tensor_plan, predict, tokenizer_metadata_bytes
-    from edgestill.plan.hostbench import DECODE_TOKENS, PROMPT_TOKENS, host_profile, llamacpp_speed
+    from edgestill.plan.hostbench import DECODE_TOKENS, PROMPT_TOKENS, host_profile
+    from edgestill.runtime.llamacpp import llamacpp_speed
 
     t_start = time.time()
     host = host_profile(threads=args.threads, refresh=True)
@@ -114,7 +115,7 @@ def main() -> None:
         samples = {name: {"prefill": [], "decode": [], "rss": []} for name, *_ in built}
         for _ in range(rounds):
             for name, *_, path in built:
-                s = llamacpp_speed(path, threads=args.threads, repeats=args.repeats)
+                s = llamacpp_speed(path, PROMPT_TOKENS, DECODE_TOKENS, threads=args.threads, repeats=args.repeats)
                 samples[name]["prefill"] += s["prefill_samples"]
                 samples[name]["decode"] += s["decode_samples"]
                 if s["peak_rss_growth_bytes"]:

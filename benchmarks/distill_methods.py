@@ -91,7 +91,7 @@ def make_teachers(folder: Path, teacher_spec: str, noise_std: float) -> dict[str
     import torch
 
     from edgestill.export.gguf import export_gguf
-    from edgestill.export.llamacpp import llamacpp_quantize
+    from edgestill.runtime.llamacpp import llamacpp_quantize
     from edgestill.models.load import load_causal_lm, resolve_model_path
 
     folder.mkdir(parents=True, exist_ok=True)

@@ -58,7 +58,7 @@ def main() -> None:
     from edgestill.models.load import load_causal_lm, resolve_model_path
     from edgestill.plan.allocate import Budget, allocate, format_bits, plan_dict
     from edgestill.plan.cost import StudentShape, gguf_bytes, tokenizer_metadata_bytes
-    from edgestill.plan.devices import load_device
+    from edgestill.plan.load import load_device
     from edgestill.plan.sensitivity import layer_sensitivity
     from edgestill.quant import QuantConfig, quantize_
     from edgestill.quant.formats import format_by_name

@@ -61,7 +61,7 @@ def _run_dir(command: list[str]) -> Path:
 def make_artifacts(teacher, train: bool) -> list[dict]:
     """Every row's GGUF, made if missing. Returns rows: name, group, gguf path, command."""
     from edgestill.export.gguf import export_gguf
-    from edgestill.export.llamacpp import llamacpp_quantize
+    from edgestill.runtime.llamacpp import llamacpp_quantize
     from edgestill.models.load import resolve_model_path
 
     BENCH.mkdir(parents=True, exist_ok=True)
@@ -108,7 +108,7 @@ def gguf_layout(gguf: Path) -> dict:
 
 def speeds(rows: list[dict], prompt: list[int], decode_tokens: int, repeats: int) -> None:
     """Prefill/decode tokens/s of every row in llama.cpp, rows alternated within each round."""
-    from edgestill.export.llamacpp import LlamaCpp
+    from edgestill.runtime.llamacpp import LlamaCpp
 
     models = {r["name"]: LlamaCpp(r["gguf"], n_ctx=len(prompt) + decode_tokens + 8, logits_all=False) for r in rows}
     samples = {name: [] for name in models}

@@ -125,8 +125,8 @@ def test_shrink_draws_the_runs_shrink_curve_over_onnx_types(runs):
 def test_onnxruntime_predictions_agree_with_pytorch(runs):
     """predict_onnx (labels via label_map.json) vs the PyTorch student, on the held-out split."""
     from edgestill.evaluate.classification import predict_logits
-    from edgestill.export.onnx_classifier import predict_onnx
     from edgestill.models.encoder import load_encoder_classifier, tokenize
+    from edgestill.runtime.onnx import predict_onnx
 
     test = _test_texts(runs)
     student, tok, label_map = load_encoder_classifier(str(runs["shrunk"] / "student"))
@@ -140,8 +140,9 @@ def test_onnxruntime_predictions_agree_with_pytorch(runs):
 
 def test_cli_export_int8_is_smaller_and_agrees_with_fake_quant_pytorch(runs, capsys):
     from edgestill.evaluate.classification import predict_logits
-    from edgestill.export.onnx_classifier import fake_quant_reference, linearize_, predict_onnx, quant_formats
+    from edgestill.export.onnx_classifier import fake_quant_reference, linearize_, quant_formats
     from edgestill.models.encoder import load_encoder_classifier, tokenize
+    from edgestill.runtime.onnx import predict_onnx
 
     shrunk = runs["shrunk"]
     assert main(["export", "--format", "onnx", str(shrunk), "--type", "int8"]) == 0

@@ -152,3 +152,27 @@ def test_validate_direct_alpha_above_one():
         validate(cfg)
     cfg.distill.alpha = 1.0  # the boundary is allowed
     validate(cfg)
+
+
+def test_quant_section_is_the_library_quant_config():
+    """The recipe's `quant` section becomes the QuantConfig in one call, short names and all."""
+    from edgestill.jobs.shrink import quant_config
+    from edgestill.quant import GGUFQ4_0, GGUFQ5_1, GGUFQ8_0, QuantConfig
+
+    assert quant_config(load_config()) is None  # quant.format null: float training
+    cfg = load_config(overrides=["quant.format=Q4_0", "quant.plan={lm_head: q8_0, 're:.*down_proj': q5_1}",
+                                 "quant.skip=[model.layers.0.mlp.up_proj]", "quant.activations=llama.cpp"])
+    assert quant_config(cfg) == QuantConfig(default=GGUFQ4_0(), plan={"lm_head": GGUFQ8_0(), "re:.*down_proj": GGUFQ5_1()},
+                                            skip=["model.layers.0.mlp.up_proj"], activations="llama.cpp")
+    assert quant_config(cfg) == QuantConfig.from_dict(yaml.safe_load(cfg.to_yaml())["quant"])  # a saved config.yaml
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("quant.format=q4_k", "quant format q4_k is too slow to fake-quantize every step on a CPU; train with f16/q8_0"),
+    ("quant.format=int8", "'int8' is not a GGUF training format; use f16, q8_0, q5_1, q5_0, q4_1 or q4_0"),
+    ("quant.format=q3_k", "'q3_k' is not a GGUF training format"),
+    ("quant.activations=onnx", "quant.activations='onnx' is unknown"),
+])
+def test_quant_section_validation(override, needle):
+    with pytest.raises(EdgestillError, match=needle.replace("(", r"\(").replace(".", r"\.")):
+        load_config(overrides=["quant.format=q4_0", override] if "activations" in override else [override])

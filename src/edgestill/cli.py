@@ -105,6 +105,10 @@ def _add_finetune(sub) -> None:
 def _add_run_commands(sub) -> None:
     """distill, eval, quantize, export: the halves of shrink, the PTQ baseline, and artifacts of a finished run."""
     from edgestill.jobs.quantize import METHODS
+    from edgestill.quant.formats import format_names
+
+    ptq_types = format_names(qat=True, quantized=True)  # what a recipe's quant.format takes, less f16
+    onnx_types = ("f32", *format_names(onnx=True))
 
     p = sub.add_parser("distill", help="slice and distil a student, without the evaluation",
                        description="Stages 1-6 of shrink: writes the student to RUN/student; evaluate it later with `edgestill eval RUN`.")
@@ -118,7 +122,7 @@ def _add_run_commands(sub) -> None:
                                    "or GPTQ (calibrated on the train split), export it, and evaluate it against the teacher.")
     _add_common(p)
     p.add_argument("--method", default="rtn", choices=METHODS, help="round-to-nearest or GPTQ (default rtn)")
-    p.add_argument("--type", dest="tensor_type", default="q4_0", choices=["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"],
+    p.add_argument("--type", dest="tensor_type", default="q4_0", choices=ptq_types,
                    help="GGUF weight format (default q4_0)")
     p = sub.add_parser("export", help="write a run's student as GGUF (llama.cpp) or ONNX (onnxruntime)",
                        description="Export RUN/student to GGUF (llama.cpp) or ONNX (onnxruntime, with its tokenizer and a "
@@ -127,9 +131,9 @@ def _add_run_commands(sub) -> None:
     p.add_argument("run_dir", help="a run folder written by shrink or distill")
     p.add_argument("--format", default="gguf", choices=["gguf", "onnx"], help="gguf (llama.cpp, default) or onnx (onnxruntime)")
     p.add_argument("--type", dest="tensor_type",
-                   choices=["f32", "f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "int8", "int4"],
+                   choices=["f32", *format_names()],
                    help="weight type for every 2-D tensor (default: the run's quant formats, else f16 for GGUF, f32 for "
-                        "ONNX); ONNX takes f32, int8, int4, q4_0, q8_0")
+                        f"ONNX); ONNX takes {', '.join(onnx_types)}")
     p.add_argument("--out", help="output file (default RUN/student.gguf, RUN/onnx/model.onnx); for a classifier run, "
                                    "the output folder (default RUN/onnx, or RUN/onnx-TYPE for another type)")
 
@@ -149,6 +153,8 @@ def _add_sweep(sub) -> None:
 
 
 def _add_plan(sub) -> None:
+    from edgestill.quant.formats import format_names
+
     p = sub.add_parser("devices", help="list device profiles (RAM, bandwidth, compute, with sources)",
                        description="List the shipped device profiles, or show one (its figures with kind and source). "
                                    "`host` is this machine, measured by a short micro-benchmark and cached.")
@@ -168,7 +174,8 @@ def _add_plan(sub) -> None:
     p.add_argument("--prefill", "--min-prefill-tokens-per-s", dest="prefill", type=float, help="minimum prefill tokens/s")
     p.add_argument("--context", type=int, default=512, help="context length the RAM is planned for (default 512)")
     p.add_argument("--prompt", type=int, default=64, help="prompt length for prefill speed (default 64)")
-    p.add_argument("--formats", default="q8_0,q5_0,q4_0", help="candidate GGUF formats (default q8_0,q5_0,q4_0)")
+    default_formats = ",".join(format_names(plan_default=True))  # the planner's defaults (plan.DEFAULT_FORMATS)
+    p.add_argument("--formats", default=default_formats, help=f"candidate GGUF formats (default {default_formats})")
     p.add_argument("--depths", help="candidate layer counts, e.g. 30,20,15 (default 100/75/50/33/25%% of the teacher)")
     p.add_argument("--widths", help="candidate FFN sizes, e.g. 1536,1024 (default 100/75/50%%)")
     p.add_argument("--calibration-tokens", type=int, default=1024,

@@ -1,6 +1,8 @@
-"""Typed recipe configs.
+"""Typed recipe configs: the schema of a recipe, on top of the library packages.
 
-A recipe is a YAML file whose sections map one-to-one onto the dataclasses below. The CLI
+A recipe is a YAML file whose sections map one-to-one onto the dataclasses below (or the library's own configs,
+e.g. the classifier track's `train`/`kd`/`student`, defined in distill/classifier.py). Names a section may take
+(divergences, formats) come from the library's registries, so the library packages never import this module. The CLI
 loads the defaults, then the recipe (`--config`), then `key=value` overrides
 (`distill.steps=200`). Unknown keys are an error with a suggestion, never silently ignored.
 The resolved config is written next to every run as `config.yaml`.
@@ -18,7 +20,10 @@ from typing import Any
 
 import yaml
 
+from edgestill.distill.classifier import KDConfig, StudentConfig as EncoderStudentConfig, TrainConfig
+from edgestill.distill.losses import LOGIT_LOSS_KINDS
 from edgestill.errors import EdgestillError
+from edgestill.quant.formats import format_names
 
 
 @dataclass
@@ -114,7 +119,9 @@ class DistillConfig:
 class QuantSection:
     """Quantization-aware distillation (EdgeDistill [8]): fake-quant in the forward pass, exact runtime formats.
 
-    format: q8_0 | q4_0 | q4_1 | q5_0 | q5_1 (GGUF, what llama.cpp runs); null trains in float.
+    The section is the library's QuantConfig as it is (QuantConfig.from_dict reads it; `format` is its default).
+    format: a GGUF format QAT can train, what llama.cpp runs (marked `qat` in edgestill.quant.formats.REGISTRY,
+        e.g. q8_0, q4_0); null trains in float.
     plan: per-module formats, module name or `re:` regex -> format, e.g. {"re:.*mlp\\.down_proj": q8_0}.
     skip: modules left in float.
     activations: "llama.cpp" also rounds each quantized Linear's inputs as llama.cpp's CPU matmuls do
@@ -200,45 +207,6 @@ class LabelledDataConfig:
 
 
 @dataclass
-class ClassifierTrainConfig:
-    """Fine-tuning / distillation loop of the classifier track (distill/classifier.py)."""
-
-    steps: int = 300
-    batch_size: int = 16
-    lr: float = 5e-5
-    weight_decay: float = 0.01
-    warmup_fraction: float = 0.1
-    max_len: int = 128
-    eval_every: int = 100  # validation every N steps (and at the end); the best state is kept
-    eval_batch_size: int = 64
-    seed: int = 0
-
-
-@dataclass
-class ClassifierKDConfig:
-    temperature: float = 2.0
-    alpha: float = 0.5  # weight of the KL term; 0 = CE only
-    hidden_weight: float = 0.0  # weight of the hidden-state MSE; needs a teacher forward every step
-
-
-@dataclass
-class EncoderStudentConfig:
-    """The encoder student (distill/classifier.py build_student): sliced, vocabulary-trimmed, low-rank factorized."""
-
-    num_layers: int = 2
-    max_len: int = 128  # position table is cut to this many rows
-    trim_vocab: bool = True
-    compression_x: float = 50.0  # student stores <= teacher params / compression_x (same dtype)
-    target_params: int | None = None  # overrides compression_x
-    strategy: str = "global"  # see edgestill.models.lowrank
-    min_rank: int = 8
-    multiple_of: int = 8
-    factorize: tuple[str, ...] = ("re:.*",)
-    layers: list[int] | None = None  # teacher layer indices; default evenly spaced
-    extra: dict = field(default_factory=dict)
-
-
-@dataclass
 class ClassifierEvalConfig:
     onnx_type: str = "f32"  # the student's deployable file: f32, int8 (DequantizeLinear) or int4 (MatMulNBits)
     threads: int = 2  # onnxruntime intra-op threads for the latency measurement
@@ -257,7 +225,7 @@ class FinetuneConfig:
     stage: str = "finetune"
     teacher: str = "all-minilm-l6-v2"  # the base encoder: the embedded default, a HF folder or id
     data: LabelledDataConfig = field(default_factory=LabelledDataConfig)
-    train: ClassifierTrainConfig = field(default_factory=lambda: ClassifierTrainConfig(steps=300, lr=1e-4, max_len=128,
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, lr=1e-4, max_len=128,
                                                                                        eval_every=100))
     output_dir: str = ""
 
@@ -269,9 +237,9 @@ class ClassifierShrinkConfig:
     teacher: str = ""  # a folder written by `edgestill finetune --task classification`
     data: LabelledDataConfig = field(default_factory=LabelledDataConfig)  # empty path: the teacher's own data + split
     student: EncoderStudentConfig = field(default_factory=EncoderStudentConfig)
-    train: ClassifierTrainConfig = field(default_factory=lambda: ClassifierTrainConfig(steps=400, lr=1e-3, max_len=128,
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=400, lr=1e-3, max_len=128,
                                                                                        eval_every=100))
-    kd: ClassifierKDConfig = field(default_factory=lambda: ClassifierKDConfig(temperature=2.0, alpha=0.7))
+    kd: KDConfig = field(default_factory=lambda: KDConfig(temperature=2.0, alpha=0.7))
     eval: ClassifierEvalConfig = field(default_factory=ClassifierEvalConfig)
     output_dir: str = ""
 
@@ -281,7 +249,7 @@ CLASSIFIER_QUICK_OVERRIDES = {
     "shrink": ["train.steps=100", "student.max_len=64", "train.eval_every=50", "eval.latency_examples=16",
                "eval.latency_repeats=3"],
 }
-ONNX_CLASSIFIER_TYPES = ("f32", "int8", "int4")
+ONNX_CLASSIFIER_TYPES = ("f32", *format_names(onnx=True, gguf=False))  # float, or ONNX Runtime's own formats: f32, int8, int4
 
 
 # --- reading recipes and overrides into any of these configs ------------------------------------------------
@@ -463,7 +431,7 @@ def validate(cfg: ShrinkConfig) -> None:
         raise EdgestillError("distill.temperature must be > 0")
     if k.steps < 1 or k.batch_size < 1 or k.top_k < 1:
         raise EdgestillError("distill.steps, distill.batch_size and distill.top_k must be positive")
-    kinds = ("forward_kl", "reverse_kl", "skew_kl", "skew_reverse_kl", "jsd", "total_variation")
+    kinds = LOGIT_LOSS_KINDS  # the divergences the trainer knows (distill/losses.py)
     if k.loss not in kinds:
         hint = difflib.get_close_matches(k.loss, kinds, n=1)
         raise EdgestillError(f"distill.loss='{k.loss}' is unknown" + (f"; did you mean {hint[0]}?" if hint else "")
@@ -482,14 +450,19 @@ def validate(cfg: ShrinkConfig) -> None:
     if len(set(cfg.teacher.extra)) != len(cfg.teacher.extra) or cfg.teacher.model in cfg.teacher.extra:
         raise EdgestillError(f"teacher.extra {cfg.teacher.extra} repeats a teacher (or teacher.model); list each extra teacher once")
     q = cfg.quant
+    from edgestill.quant.fake_quant import ACTIVATION_MODES
+
+    trainable = format_names(qat=True)  # the format registry's: fake-quantized every step on a CPU
     for name in [q.format, *q.plan.values()]:
         if name is not None:
-            if name.lower() not in ("f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k"):
-                raise EdgestillError(f"quant format '{name}' is not a GGUF training format; use q8_0, q4_0, q4_1, q5_0 or q5_1")
-            if name.lower() == "q4_k":
-                raise EdgestillError("quant format q4_k is too slow to fake-quantize every step on a CPU (its scale search); "
-                                     "train with q4_0/q4_1/q5_0, or quantize to q4_k after training with `edgestill export`")
-    if q.activations not in (None, "llama.cpp"):
+            if name.lower() not in format_names(gguf=True):
+                raise EdgestillError(f"quant format '{name}' is not a GGUF training format; use "
+                                     f"{', '.join(trainable[:-1])} or {trainable[-1]}")
+            if name.lower() not in trainable:
+                raise EdgestillError(f"quant format {name.lower()} is too slow to fake-quantize every step on a CPU; "
+                                     f"train with {'/'.join(trainable)}, or quantize to {name.lower()} after training "
+                                     "with `edgestill export`")
+    if q.activations not in ACTIVATION_MODES:
         raise EdgestillError(f"quant.activations='{q.activations}' is unknown; use llama.cpp or null")
     if q.plan and q.format is None:
         raise EdgestillError("quant.plan needs quant.format too (the format of the modules the plan does not name)")

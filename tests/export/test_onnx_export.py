@@ -17,8 +17,9 @@ import torch
 from conftest import load_tiny_teacher, tiny_overrides
 from edgestill.cli import main
 from edgestill.errors import EdgestillError
-from edgestill.export.onnx import check_onnx, export_onnx, onnx_logits, onnx_session
+from edgestill.export.onnx import export_onnx
 from edgestill.quant.formats import GGUFQ4_0, GGUFQ4_1, GGUFQ8_0, Int4Block, Int8PerChannel
+from edgestill.runtime.onnx import check_onnx, onnx_logits, onnx_session
 
 FORMATS = {"q4_0": GGUFQ4_0(), "q8_0": GGUFQ8_0(), "int4": Int4Block(), "int4_asym": Int4Block(symmetric=False),
            "int8": Int8PerChannel(), "f32": None}
@@ -143,4 +144,4 @@ def test_cli_exports_a_qat_run_with_its_trained_formats(tiny_model_dir, tiny_cor
     assert (out / "onnx" / "tokenizer.json").is_file()
     # --type on a float export; a GGUF-only format is refused with the ones that work
     assert main(["export", str(out), "--format", "onnx", "--type", "q4_1"]) == 2
-    assert "choose one of f32, int8, int4, q4_0, q8_0" in capsys.readouterr().err
+    assert "choose one of f32, q8_0, q4_0, int8, int4" in capsys.readouterr().err  # the registry's ONNX formats

@@ -52,6 +52,26 @@ def test_gguf_holds_exactly_the_trained_weights(qat_run):
     np.testing.assert_array_equal(tensors["token_embd.weight"][1].reshape(emb.shape), emb)
 
 
+def test_gguf_header_names_the_trained_file_type(qat_run):
+    """general.file_type comes from the tensors written (mostly Q4_0 here, the head Q8_0), not the f16 a QAT export
+    asks for, and general.quantization_version is ggml's GGML_QNT_VERSION, as llama.cpp's tools write them."""
+    from gguf import GGML_QUANT_VERSION, GGUFReader, LlamaFileType
+
+    fields = GGUFReader(str(qat_run / "student.gguf")).fields
+    assert LlamaFileType(fields["general.file_type"].contents()) == LlamaFileType.MOSTLY_Q4_0
+    assert fields["general.quantization_version"].contents() == GGML_QUANT_VERSION == 2
+    if importlib.util.find_spec("llama_cpp") is not None:  # llama.cpp still loads it, and reads the same header
+        import llama_cpp
+
+        llm = llama_cpp.Llama(model_path=str(qat_run / "student.gguf"), n_ctx=64, verbose=False)
+        try:
+            assert llm.metadata["general.file_type"] == str(int(LlamaFileType.MOSTLY_Q4_0))
+            assert llm.metadata["general.quantization_version"] == "2"
+            assert llm.n_vocab() > 0
+        finally:
+            llm.close()
+
+
 def test_metrics_count_the_gguf_bytes(qat_run):
     m = json.loads((qat_run / "metrics.json").read_text())
     assert m["student"]["artifact"].endswith("student.gguf")
@@ -67,7 +87,8 @@ def test_metrics_count_the_gguf_bytes(qat_run):
 def test_llamacpp_runs_the_qat_gguf_like_pytorch(qat_run):
     from transformers import AutoModelForCausalLM
 
-    from edgestill.export.llamacpp import llamacpp_logits, logit_parity
+    from edgestill.evaluate.metrics import logit_parity
+    from edgestill.runtime.llamacpp import llamacpp_logits
 
     student = AutoModelForCausalLM.from_pretrained(qat_run / "student")
     ids = torch.randint(3, student.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))

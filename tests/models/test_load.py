@@ -13,7 +13,7 @@ from conftest import edit_safetensors, load_tiny_teacher, make_text, one_line_er
 from edgestill.errors import EdgestillError
 from edgestill.models import hf_folder
 from edgestill.models import load as load_mod
-from edgestill.models.load import _check_gguf, check_same_tokenizer, load_causal_lm, resolve_model_path
+from edgestill.models.load import check_gguf, check_same_tokenizer, load_causal_lm, resolve_model_path
 
 
 def _write_gguf(path):
@@ -82,7 +82,7 @@ def test_wrong_magic_gguf_raises(tmp_path):
     f.write_bytes(b"PK\x03\x04" + b"\0" * 100)
     assert resolve_model_path(str(f)) == f  # the name alone passes resolution...
     with pytest.raises(EdgestillError, match="not a GGUF"):
-        _check_gguf(f)  # ...the magic bytes do not
+        check_gguf(f)  # ...the magic bytes do not
 
 
 def test_wrong_magic_gguf_via_load_causal_lm(tmp_path, monkeypatch):
@@ -95,13 +95,13 @@ def test_wrong_magic_gguf_via_load_causal_lm(tmp_path, monkeypatch):
 
 def test_valid_gguf_accepted_and_truncated_rejected(tmp_path):
     good = _write_gguf(tmp_path / "m.gguf")
-    _check_gguf(good)  # no error
+    check_gguf(good)  # no error
     data = good.read_bytes()
     for cut in (len(data) // 2, len(data) - 8):
         bad = tmp_path / f"cut{cut}.gguf"
         bad.write_bytes(data[:cut])
         with pytest.raises(EdgestillError) as e:
-            _check_gguf(bad)
+            check_gguf(bad)
         assert "corrupt or truncated" in str(e.value)
         assert str(bad) in str(e.value)
 

@@ -149,5 +149,7 @@ def test_synthetic_calibration_models_are_the_predicted_size_and_run(tmp_path):
     for fmt in ("q4_k", "q5_1", "f16"):
         path = hostbench.write_synthetic_gguf(tmp_path / f"s-{fmt}.gguf", shape, fmt)
         assert gguf_bytes(shape, {}, fmt)["data"] == _data_bytes(path)
-    speed = hostbench.llamacpp_speed(path, prompt_tokens=8, decode_tokens=2, repeats=1, warmup=0)
+    from edgestill.runtime.llamacpp import llamacpp_speed
+
+    speed = llamacpp_speed(path, prompt_tokens=8, decode_tokens=2, repeats=1, warmup=0)
     assert speed["decode_tokens_per_s"] > 0 and speed["prefill_tokens_per_s"] > 0

@@ -7,7 +7,8 @@ import yaml
 
 from edgestill.errors import EdgestillError
 from edgestill.plan import hostbench
-from edgestill.plan.devices import FIGURE_KINDS, DeviceProfile, list_devices, load_device
+from edgestill.plan.devices import FIGURE_KINDS, DeviceProfile, list_devices
+from edgestill.plan.load import load_device
 from plan_fixtures import toy_device  # noqa: F401  (fixture)
 
 REQUIRED = ("rpi4-4gb", "rpi5-8gb", "jetson-nano-4gb", "jetson-orin-nano-8gb", "phone-midrange", "host")
@@ -83,7 +84,7 @@ def test_host_profile_is_measured_once_then_cached(tmp_path, monkeypatch):
 
 def test_a_unique_prefix_names_a_shipped_device():
     from edgestill.errors import EdgestillError
-    from edgestill.plan.devices import load_device
+    from edgestill.plan.load import load_device
 
     assert load_device("rpi5").name == load_device("rpi5-8gb").name
     with pytest.raises(EdgestillError, match="unknown device 'jetson'"):  # two Jetsons: ambiguous

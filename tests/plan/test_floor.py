@@ -25,7 +25,7 @@ def no_measurement(monkeypatch):
     def measured(*args, **kwargs):
         raise AssertionError("a measurement ran although the budget is impossible")
 
-    for target in ("edgestill.plan.sensitivity.layer_sensitivity", "edgestill.plan.sensitivity._logits",
+    for target in ("edgestill.plan.sensitivity.layer_sensitivity", "edgestill.plan.sensitivity.model_logits",
                    "edgestill.plan.sensitivity.mean_kl", "edgestill.models.slice.block_influence"):
         monkeypatch.setattr(target, measured)
 
@@ -161,7 +161,7 @@ def test_shrink_for_a_device_fails_before_reading_the_text(tiny_model_dir, tiny_
                                                            no_measurement):
     from conftest import load_tiny_teacher, tiny_overrides
     from edgestill.cli import main
-    from edgestill.plan.devices import load_device
+    from edgestill.plan.load import load_device
 
     def read(*args, **kwargs):
         raise AssertionError("the corpus was tokenized although the budget is impossible")
@@ -218,7 +218,7 @@ def test_the_sweep_drops_an_impossible_budget_before_measuring(tiny_model_dir, t
 
 
 def test_a_sweep_with_no_possible_budget_fails_at_once(tiny_model_dir, tiny_corpus, tmp_path, no_measurement):
-    from edgestill.plan.devices import load_device
+    from edgestill.plan.load import load_device
     from edgestill.jobs.sweep import SweepSettings, make_plans
     from edgestill.plan.allocate import DEFAULT_FORMATS as TRAIN_FORMATS
 

@@ -239,7 +239,8 @@ def test_llamacpp_parity_of_a_qat_gguf_with_rounded_activations(quant, tiny_mode
 
     from conftest import tiny_overrides
     from edgestill.cli import main
-    from edgestill.export.llamacpp import llamacpp_logits, logit_parity
+    from edgestill.evaluate.metrics import logit_parity
+    from edgestill.runtime.llamacpp import llamacpp_logits
 
     out = tmp_path / "run"
     assert main(["shrink", *tiny_overrides(tiny_model_dir, tiny_corpus, out), f"quant.format={quant}",

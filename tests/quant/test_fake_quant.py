@@ -177,7 +177,9 @@ def test_config_errors_are_one_line_edgestill_errors():
     with pytest.raises(EdgestillError, match="matches no nn.Linear"):
         quantize_(model, QuantConfig(skip=["lm_head"]))
     with pytest.raises(EdgestillError, match="not a format"):
-        QuantConfig(default="Q4_K")
+        QuantConfig(default="Q3_K")  # a ggml type edgestill has no format for
+    with pytest.raises(EdgestillError, match="not a format"):
+        QuantConfig(plan={"0": 4})
     with pytest.raises(EdgestillError, match="step"):
         quantize_(model, QuantConfig(), step="train")
     quantize_(model, QuantConfig(default=GGUFQ4_0()))
@@ -194,7 +196,7 @@ def test_quant_config_round_trips_through_json():
                                              "lm_head": GGUFQ8_0()}, skip=["re:.*norm"])
     assert QuantConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     with pytest.raises(EdgestillError, match="unknown quantization format"):
-        QuantConfig.from_dict({"default": "Q4_K"})
+        QuantConfig.from_dict({"default": "Q3_K"})
     assert QuantConfig().format_for("anything") == GGUFQ8_0()
     assert QuantConfig(default=None).format_for("anything") is None
 
@@ -208,3 +210,22 @@ def test_format_bytes_add_up_on_a_model():
     assert json.loads(json.dumps(report[1].to_dict()))["format"] == {"format": "Int4Block", "block_size": 32,
                                                                       "symmetric": True}
     np.testing.assert_equal(Int8PerChannel().weight_bytes((4, 100)), 4 * 100 + 16)
+
+
+def test_quant_config_takes_the_recipes_format_names():
+    """Short names (any case, as recipes write them) are formats wherever a format goes, and a recipe's
+    `quant` section is read as it is, its `format` being the default."""
+    named = QuantConfig(default="q4_0", plan={"lm_head": "Q8_0", r"re:.*mlp\..*": "int4"}, skip=["x"])
+    assert named == QuantConfig(default=GGUFQ4_0(), plan={"lm_head": GGUFQ8_0(), r"re:.*mlp\..*": Int4Block()},
+                                skip=["x"])
+    assert QuantConfig(default="q4_k").default == GGUFQ4_K() and QuantConfig(default="GGUFQ4_K").default == GGUFQ4_K()
+    section = {"format": "q4_0", "plan": {"lm_head": "q8_0"}, "skip": ["x"], "activations": "llama.cpp"}
+    config = QuantConfig.from_dict(section)
+    assert config == QuantConfig(default=GGUFQ4_0(), plan={"lm_head": GGUFQ8_0()}, skip=["x"], activations="llama.cpp")
+    assert QuantConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config  # to_dict's layout is unchanged
+    assert config.to_dict()["default"] == {"format": "GGUFQ4_0"}
+    assert QuantConfig.from_dict({"format": None}).default is None
+    with pytest.raises(EdgestillError, match="not both"):
+        QuantConfig.from_dict({"format": "q4_0", "default": "q8_0"})
+    with pytest.raises(EdgestillError, match="unknown quantization format 'q3_k'"):
+        QuantConfig.from_dict({"format": "q3_k"})

@@ -18,6 +18,8 @@ from edgestill.quant import (
     GGUFQ8_0,
     Int4Block,
     Int8PerChannel,
+    format_by_name,
+    format_spec,
     gguf_quantize,
     int8_per_channel_codes,
     pack_matmul_nbits,
@@ -316,3 +318,113 @@ def test_int4_block_size_is_validated():
         Int4Block(block_size=24)
     assert Int4Block(block_size=32).bits_per_weight == 5.0
     assert Int4Block(block_size=32, symmetric=False).bits_per_weight == 5.125
+
+
+# --- the registry: one list of formats, everything else derived from it -------------------------------------
+
+def test_registry_entries_are_consistent():
+    from gguf import LlamaFileType
+
+    from edgestill.quant.formats import FORMATS, REGISTRY
+
+    names = [spec.name for spec in REGISTRY]
+    assert len(set(names)) == len(names) and tuple(spec.cls for spec in REGISTRY) == FORMATS
+    for spec in REGISTRY:
+        fmt = spec.cls()
+        assert callable(fmt.fake_quant) and spec.gptq == callable(getattr(fmt, "block_quantizer", None))
+        assert spec.quantized == (fmt.bits_per_weight < 16)
+        if spec.gguf:  # the short name is the GGUF export's tensor type and the ggml type in lower case
+            assert spec.name == spec.ggml_type.lower() and spec.ggml_type in GGMLQuantizationType.__members__
+            assert spec.file_type in LlamaFileType.__members__, spec
+            assert spec.vec_dot_type in ("q8_0", "q8_1", "q8_k", "f16"), spec
+            if spec.quantized:
+                assert (fmt.block_size, fmt.type_size) == GGML_QUANT_SIZES[GGMLQuantizationType[spec.ggml_type]]
+        else:
+            assert spec.file_type is spec.vec_dot_type is spec.fallback is None and spec.scale_fields == 0
+            assert not (spec.qat or spec.plan or spec.hostbench)  # what llama.cpp does not run
+        if spec.fallback is not None:  # a GGUF format with a smaller block
+            assert format_spec(spec.fallback).gguf and format_by_name(spec.fallback).block_size < fmt.block_size
+        if spec.plan_default:  # students are trained in the planner's default formats
+            assert spec.qat and spec.plan
+        if spec.qat or spec.plan or spec.hostbench:
+            assert spec.gguf, spec
+
+
+@pytest.mark.parametrize("name", ["q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "q4_k"])
+def test_scale_fields_open_every_block(name):
+    """scale_fields fp16 fields (scale, then min) open each block: zeroed, every weight dequantizes to 0."""
+    spec = format_spec(name)
+    qtype = GGMLQuantizationType[spec.ggml_type]
+    data, _ = gguf_quantize(make_weight("normal", rows=4, cols=512), spec.cls())
+    blocks = np.array(data).reshape(4, -1, spec.cls.type_size)  # (rows, blocks, type_size)
+    zeroed = blocks.copy()
+    zeroed[..., : 2 * spec.scale_fields] = 0
+    assert not np.any(quants.dequantize(zeroed.reshape(4, -1), qtype))
+    fewer = blocks.copy()
+    fewer[..., : 2 * (spec.scale_fields - 1)] = 0
+    assert np.any(quants.dequantize(fewer.reshape(4, -1), qtype))
+
+
+def test_registry_lookups():
+    from edgestill.quant.formats import as_format, format_name, format_names
+
+    assert format_spec("Q4_0") is format_spec("q4_0") is format_spec(GGUFQ4_0()) is format_spec(GGUFQ4_0)
+    assert format_name(Int4Block(block_size=64)) == "int4" and format_by_name("Q4_K") == GGUFQ4_K()
+    assert as_format("q5_1") == GGUFQ5_1() and as_format({"format": "Int4Block", "block_size": 64}) == Int4Block(64)
+    assert as_format(GGUFQ8_0()) == GGUFQ8_0() and as_format("GGUFQ8_0") == GGUFQ8_0()
+    assert format_names(plan_default=True) == ("q8_0", "q5_0", "q4_0")  # sweeps' cache keys hold this order
+    assert format_names(qat=True) == ("f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+    assert format_names(onnx=True, gguf=False) == ("int8", "int4")
+    with pytest.raises(EdgestillError, match="unknown quantization format 'q3_k'; choose one of f16, q8_0"):
+        format_spec("q3_k")
+    with pytest.raises(TypeError, match="unknown capabilities"):
+        format_names(trainable=True)
+
+
+def test_every_format_list_is_derived_from_the_registry():
+    """CLI choices, config validation, export types, the planner and the host benchmark all read the registry."""
+    from edgestill.cli import build_parser
+    from edgestill.config import ONNX_CLASSIFIER_TYPES, load_config
+    from edgestill.export import gguf as gguf_export
+    from edgestill.export import onnx as onnx_export
+    from edgestill.export.onnx_classifier import CLASSIFIER_TYPES
+    from edgestill.plan.allocate import DEFAULT_FORMATS
+    from edgestill.plan.cost import GGUF_FORMAT_NAMES
+    from edgestill.plan.hostbench import CALIBRATION_FORMATS
+    from edgestill.quant.formats import REGISTRY, format_names
+
+    assert gguf_export.TENSOR_TYPES == ("f32", *(s.name for s in REGISTRY if s.gguf))
+    assert onnx_export.ONNX_TYPES == ("f32", *(s.name for s in REGISTRY if s.onnx))
+    assert ONNX_CLASSIFIER_TYPES == CLASSIFIER_TYPES == ("f32", *(s.name for s in REGISTRY if s.onnx and not s.gguf))
+    assert GGUF_FORMAT_NAMES == tuple(s.name for s in REGISTRY if s.plan)
+    assert DEFAULT_FORMATS == tuple(s.name for s in REGISTRY if s.plan_default)
+    assert CALIBRATION_FORMATS == tuple(s.name for s in REGISTRY if s.hostbench)
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    choices = {cmd: next(a.choices for a in sub[cmd]._actions if a.dest == "tensor_type") for cmd in ("quantize", "export")}
+    assert list(choices["export"]) == ["f32", *(s.name for s in REGISTRY)]
+    assert list(choices["quantize"]) == [s.name for s in REGISTRY if s.qat and s.quantized]
+    assert next(a.default for a in sub["plan"]._actions if a.dest == "formats") == ",".join(DEFAULT_FORMATS)
+    for spec in REGISTRY:  # a recipe takes exactly the formats the registry lets QAT train
+        if spec.qat:
+            assert load_config(overrides=[f"quant.format={spec.name.upper()}"]).quant.format == spec.name.upper()
+        elif spec.gguf:
+            with pytest.raises(EdgestillError, match=f"quant format {spec.name} is too slow"):
+                load_config(overrides=[f"quant.format={spec.name}"])
+        else:
+            with pytest.raises(EdgestillError, match="is not a GGUF training format; use f16, q8_0"):
+                load_config(overrides=[f"quant.format={spec.name}"])
+    assert format_names(gguf=True) == GGUF_FORMAT_NAMES
+
+
+def test_onnx_flag_means_an_exact_onnx_op():
+    from edgestill.export.onnx import _pack
+    from edgestill.quant.formats import REGISTRY
+
+    w = make_weight("normal", rows=8, cols=64).numpy()
+    for spec in REGISTRY:
+        if spec.onnx:
+            packed = _pack(spec.cls().fake_quant(torch.from_numpy(w)).numpy(), spec.cls())
+            np.testing.assert_array_equal(packed.dequantize(), spec.cls().fake_quant(torch.from_numpy(w)).numpy())
+        elif spec.quantized:
+            with pytest.raises(EdgestillError, match="no exact ONNX operator"):
+                _pack(w, spec.cls())

@@ -19,15 +19,12 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edgestill.config import ClassifierKDConfig as KDConfig
-from edgestill.config import ClassifierTrainConfig as TrainConfig
-from edgestill.config import EncoderStudentConfig as StudentConfig
 from edgestill.errors import EdgestillError
 from edgestill.evaluate.classification import evaluate_classifier
 from edgestill.models.encoder import batch_tensors, tokenize, trim_tokenizer, used_token_ids
@@ -35,6 +32,45 @@ from edgestill.models.lowrank import LowRankConfig, factorize_, stored_bytes, st
 from edgestill.progress import progress_bar
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """The fine-tuning / distillation loop of the classifier track."""
+
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.1
+    max_len: int = 128
+    eval_every: int = 100  # validation every N steps (and at the end); the best state is kept
+    eval_batch_size: int = 64
+    seed: int = 0
+
+
+@dataclass
+class KDConfig:
+    temperature: float = 2.0
+    alpha: float = 0.5  # weight of the KL term; 0 = CE only
+    hidden_weight: float = 0.0  # weight of the hidden-state MSE; needs a teacher forward every step
+
+
+@dataclass
+class StudentConfig:
+    """The encoder student (build_student below): sliced, vocabulary-trimmed, low-rank factorized."""
+
+    num_layers: int = 2
+    max_len: int = 128  # position table is cut to this many rows
+    trim_vocab: bool = True
+    compression_x: float = 50.0  # student stores <= teacher params / compression_x (same dtype)
+    target_params: int | None = None  # overrides compression_x
+    strategy: str = "global"  # see edgestill.models.lowrank
+    min_rank: int = 8
+    multiple_of: int = 8
+    factorize: tuple[str, ...] = ("re:.*",)
+    layers: list[int] | None = None  # teacher layer indices; default evenly spaced
+    extra: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- losses

@@ -99,8 +99,6 @@ def kd_objective(kd: torch.Tensor, ce: torch.Tensor, alpha: float, temperature: 
 # All of them follow 0 * log 0 = 0, so buckets where both sides have no mass (-inf) contribute
 # nothing and never produce NaN gradients.
 
-LOGIT_LOSS_KINDS = ("forward_kl", "reverse_kl", "skew_kl", "skew_reverse_kl", "jsd", "total_variation")
-
 # The teacher's tail bucket from an fp16 cache can round to <= 0 although the true mass is positive;
 # a floor keeps the reverse-direction divergences finite there (it changes the loss by ~1e-6 at most).
 TAIL_FLOOR = 1e-6
@@ -126,7 +124,7 @@ class LogitLossConfig:
     beta: float = 0.5
 
     def __post_init__(self):
-        if self.kind not in LOGIT_LOSS_KINDS:
+        if self.kind not in DIVERGENCES:
             raise EdgestillError(f"unknown distillation loss '{self.kind}'; use one of {', '.join(LOGIT_LOSS_KINDS)}")
         if not self.temperature > 0:
             raise EdgestillError(f"distillation temperature={self.temperature} must be > 0")
@@ -191,22 +189,22 @@ def total_variation_div(log_p, log_q):
     return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
 
 
+# The divergences by name: `distill.loss` in a recipe, LogitLossConfig.kind here. A new divergence is a function
+# of (log_p, log_q, cfg) above plus its entry here (and its test); config validation reads these names.
+DIVERGENCES = {
+    "forward_kl": lambda log_p, log_q, cfg: forward_kl_div(log_p, log_q),
+    "reverse_kl": lambda log_p, log_q, cfg: reverse_kl_div(log_p, log_q),
+    "skew_kl": lambda log_p, log_q, cfg: skew_kl_div(log_p, log_q, cfg.skew),
+    "skew_reverse_kl": lambda log_p, log_q, cfg: skew_reverse_kl_div(log_p, log_q, cfg.skew),
+    "jsd": lambda log_p, log_q, cfg: jsd_div(log_p, log_q, cfg.beta),
+    "total_variation": lambda log_p, log_q, cfg: total_variation_div(log_p, log_q),
+}
+LOGIT_LOSS_KINDS = tuple(DIVERGENCES)
+
+
 def divergence(log_p: torch.Tensor, log_q: torch.Tensor, cfg: LogitLossConfig) -> torch.Tensor:
     """The divergence `cfg.kind` between teacher log_p and student log_q, per position: (..., n) -> (...)."""
-    match cfg.kind:
-        case "forward_kl":
-            return forward_kl_div(log_p, log_q)
-        case "reverse_kl":
-            return reverse_kl_div(log_p, log_q)
-        case "skew_kl":
-            return skew_kl_div(log_p, log_q, cfg.skew)
-        case "skew_reverse_kl":
-            return skew_reverse_kl_div(log_p, log_q, cfg.skew)
-        case "jsd":
-            return jsd_div(log_p, log_q, cfg.beta)
-        case "total_variation":
-            return total_variation_div(log_p, log_q)
-    raise EdgestillError(f"unknown distillation loss '{cfg.kind}'; use one of {', '.join(LOGIT_LOSS_KINDS)}")
+    return DIVERGENCES[cfg.kind](log_p, log_q, cfg)  # cfg.kind was checked when the config was made
 
 
 def aligned_logprobs(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None = None,

@@ -31,12 +31,12 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from edgestill.config import DistillConfig
 from edgestill.distill.features import CaptureQKV, HiddenStateMSE, minilm_relation_loss, sliced_layer_map, uniform_layer_map
 from edgestill.distill.losses import LogitLossConfig, cross_entropy, cross_entropy_per_token, kd_objective, logit_loss
 from edgestill.distill.multi_teacher import TeacherMixer, plot_teacher_weights
@@ -46,6 +46,9 @@ from edgestill.distill.teacher_cache import TopKCache, UnionTopKCache, teacher_t
 from edgestill.errors import EdgestillError
 from edgestill.files import atomic_path, write_text_atomic
 from edgestill.progress import progress_bar
+
+if TYPE_CHECKING:  # the recipe schema sits above the library: imported for type hints only
+    from edgestill.config import DistillConfig
 
 
 # --- where the teacher's distribution comes from -------------------------------------------------

@@ -1,4 +1,4 @@
-"""Classifier quality: accuracy, macro-F1, retention, and the TF-IDF + logistic-regression baseline.
+"""Classifier quality: accuracy, macro-F1, retention, the TF-IDF + logistic-regression baseline, ONNX parity.
 
 Definitions (docs/references.md#measurement-conventions): retention for a classifier = student score ÷
 teacher score on the same held-out split, for accuracy and macro-F1. The baseline any student must be compared with is
@@ -82,3 +82,17 @@ def tfidf_baseline(splits, Cs=(1.0, 10.0, 100.0), max_features: int = 200_000, s
         # weights + idf as float32; the vocabulary strings themselves are extra
         "weight_bytes_fp32": int(4 * (n_weights + len(vec.idf_))),
     }
+
+
+@torch.no_grad()
+def classifier_parity(reference, onnx_path, tokenizer, texts: list[str], max_len: int, threads: int = 2) -> dict:
+    """Share of `texts` on which onnxruntime and PyTorch predict the same label, and logit differences."""
+    from edgestill.models.encoder import tokenize
+    from edgestill.runtime.onnx import onnx_classifier_logits, onnx_session
+
+    enc = tokenize(tokenizer, texts, max_len)
+    expected = predict_logits(reference, enc, desc="PyTorch logits")
+    got = onnx_classifier_logits(onnx_session(onnx_path, threads), enc)
+    diff = np.abs(got - expected)
+    return {"examples": len(texts), "prediction_agreement": float((got.argmax(-1) == expected.argmax(-1)).mean()),
+            "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean())}

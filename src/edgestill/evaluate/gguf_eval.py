@@ -40,7 +40,7 @@ def gguf_quality(gguf: str | Path, blocks: np.ndarray, t_logp: np.ndarray, threa
     """Perplexity, top-1 agreement and KL(teacher ‖ model) of llama.cpp running `gguf` on `blocks` (N, T)."""
     import torch
 
-    from edgestill.export.llamacpp import LlamaCpp
+    from edgestill.runtime.llamacpp import LlamaCpp
 
     nll, agree, kl = [], [], []
     bar = progress_bar(total=len(blocks), desc=f"llama.cpp {Path(gguf).name}", unit="block")

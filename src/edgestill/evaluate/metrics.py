@@ -3,6 +3,7 @@
 - perplexity = exp(mean next-token NLL); retention = teacher ppl / student ppl
 - top1_agreement = share of positions where both argmax tokens agree
 - kl_teacher_student = mean per-token KL(teacher || student)
+- logit_parity: how closely a runtime's logits (llama.cpp, onnxruntime) match PyTorch's on the same tokens
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from edgestill.errors import EdgestillError
 from edgestill.progress import progress_bar
 
 
@@ -74,3 +76,22 @@ def weight_bytes(folder: str | Path) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.iterdir() if p.suffix in (".safetensors", ".gguf", ".onnx", ".bin"))
+
+
+def logit_parity(reference: np.ndarray, candidate: np.ndarray) -> dict:
+    """How closely two (T, V) logit arrays agree: top-1 agreement and absolute differences.
+
+    `logit_scale` (the reference's mean per-position max |logit|) puts the differences in proportion.
+    """
+    reference = np.asarray(reference, dtype=np.float32)
+    candidate = np.asarray(candidate, dtype=np.float32)
+    if reference.shape != candidate.shape:
+        raise EdgestillError(f"logit shapes differ: {reference.shape} vs {candidate.shape}")
+    diff = np.abs(reference - candidate)  # (T, V)
+    return {
+        "positions": int(reference.shape[0]),
+        "top1_agreement": float((reference.argmax(-1) == candidate.argmax(-1)).mean()),
+        "max_abs_diff": float(diff.max()),
+        "mean_abs_diff": float(diff.mean()),
+        "logit_scale": float(np.abs(reference).max(-1).mean()),
+    }

@@ -1,5 +1,9 @@
-"""Export a student for deployment: GGUF files for llama.cpp, and llama.cpp itself as the reference runtime.
+"""Export a student for deployment: the writers. GGUF files for llama.cpp, ONNX files for onnxruntime.
 
-    from edgestill.export.gguf import export_gguf, check_gguf
-    from edgestill.export.llamacpp import llamacpp_logits, llamacpp_quantize
+    from edgestill.export.gguf import export_gguf
+    from edgestill.export.onnx import export_onnx
+    from edgestill.export.onnx_classifier import export_classifier_onnx
+
+Running what is written (llama.cpp, onnxruntime) is edgestill.runtime; checking a GGUF is
+edgestill.models.load.check_gguf.
 """

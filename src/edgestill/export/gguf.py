@@ -31,11 +31,13 @@ from typing import Callable
 import numpy as np
 
 from edgestill.errors import EdgestillError
+from edgestill.models.load import check_gguf
 
 # `gguf` is imported inside the functions so that importing edgestill stays fast.
-__all__ = ["ExportReport", "TENSOR_TYPES", "check_gguf", "export_gguf", "permute_for_rope", "quantize_tensor"]
+__all__ = ["ExportReport", "TENSOR_TYPES", "export_gguf", "permute_for_rope", "quantize_tensor"]
 
-TENSOR_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k")  # q4_k: via format_quantize_fn
+# TENSOR_TYPES (what `tensor_type` takes): f32 and every GGUF format of edgestill.quant.formats.REGISTRY. It is
+# read on first use (module __getattr__ below): the registry's module loads torch, and importing this one should not.
 # A weight whose row length is not a multiple of the requested type's block size (32 for every
 # type above) is stored as f16 instead: lossless enough, and every llama.cpp backend reads it.
 FALLBACK_TYPE = "f16"
@@ -72,14 +74,28 @@ class ExportReport:
     tensor_types: dict[str, str] = field(default_factory=dict)  # gguf name -> ggml type written
     fallbacks: dict[str, str] = field(default_factory=dict)  # gguf name -> why it is not `tensor_type`
     tokenizer_source: str = ""  # the teacher GGUF path, or "hf"
+    file_type: str | None = None  # general.file_type written, a gguf.LlamaFileType name (MOSTLY_Q4_0)
+
+
+def _tensor_types() -> tuple[str, ...]:
+    from edgestill.quant.formats import format_names
+
+    return ("f32", *format_names(gguf=True))
+
+
+def __getattr__(name: str):
+    if name == "TENSOR_TYPES":
+        return _tensor_types()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _ggml_type(name: str):
     from gguf import GGMLQuantizationType
 
     key = name.lower()
-    if key not in TENSOR_TYPES:
-        raise EdgestillError(f"tensor_type '{name}' is not supported for GGUF export; choose one of {', '.join(TENSOR_TYPES)}")
+    tensor_types = _tensor_types()
+    if key not in tensor_types:
+        raise EdgestillError(f"tensor_type '{name}' is not supported for GGUF export; choose one of {', '.join(tensor_types)}")
     return GGMLQuantizationType[key.upper()]
 
 
@@ -151,6 +167,32 @@ def _llama3_rope_factors(config, rope: dict, head_dim: int) -> np.ndarray:
             smooth = (old_ctx / wavelen - low) / (high - low)
             out.append(1.0 / ((1 - smooth) / factor + smooth))
     return np.asarray(out, dtype=np.float32)
+
+
+def _file_type(weight_types: list[str]) -> str | None:
+    """general.file_type (a gguf.LlamaFileType name) of a file whose 2-D weights have these ggml types.
+
+    llama.cpp's convention: the type most of them have (llama_model_loader guesses the file type that way
+    when the key is absent; llama-quantize labels its mixes by their base type, the one most tensors get),
+    named as the format registry says (MOSTLY_Q4_0, ...). A tie goes to the type written first; all F32 is
+    ALL_F32. A type outside the registry (a custom quantize_fn) gets MOSTLY_<type> when gguf has one, else
+    no key (llama.cpp then guesses).
+    """
+    from collections import Counter
+
+    from gguf import LlamaFileType
+
+    from edgestill.quant.formats import FORMAT_NAMES, format_spec
+
+    counts = Counter(weight_types)
+    if not counts:
+        return "ALL_F32"
+    top = max(counts, key=counts.get)  # the first of the most common, in the order written
+    if top == "F32":
+        return "ALL_F32"
+    if top.lower() in FORMAT_NAMES:
+        return format_spec(top).file_type
+    return f"MOSTLY_{top}" if f"MOSTLY_{top}" in LlamaFileType.__members__ else None
 
 
 def _fallback_reason(shape, requested, written) -> str:
@@ -302,18 +344,23 @@ def export_gguf(model, tokenizer, path, tensor_type: str = "f16", teacher_gguf=N
                 quantize_fn: Callable = quantize_tensor) -> ExportReport:
     """Write `model` (a transformers LlamaForCausalLM) and its tokenizer to `path` as a llama.cpp GGUF.
 
-    tensor_type: f32, f16, q8_0, q4_0, q4_1, q5_0 or q5_1 for 2-D weights (norms stay f32).
+    tensor_type: f32 or a GGUF format of the registry (TENSOR_TYPES: f16, q8_0, q4_0, ...) for 2-D weights
+        (norms stay f32).
     teacher_gguf: a GGUF whose `tokenizer.*` fields are copied (recommended for students sliced from
         it); without it the metadata is built from `tokenizer` (byte-level BPE only).
     quantize_fn: `quantize_tensor`'s signature; swap in another packer without touching this function.
+    The header's general.file_type is what was written: the type of most 2-D weights (_file_type), and
+    general.quantization_version is ggml's GGML_QNT_VERSION, as llama.cpp's own converter and quantizer write.
     The file is written to a temporary name and renamed into place, so `path` is never half-written.
     """
     import gguf
 
+    from edgestill.quant.formats import format_names
+
     _check_supported(model)
     requested = _ggml_type(tensor_type)
-    if tensor_type.lower() == "q4_k" and quantize_fn is quantize_tensor:
-        quantize_fn = format_quantize_fn()  # the gguf package cannot pack Q4_K; edgestill.quant can
+    if quantize_fn is quantize_tensor and tensor_type.lower() in format_names(gguf=True, quantized=True):
+        quantize_fn = format_quantize_fn()  # edgestill.quant's exact packers (the gguf package cannot pack Q4_K)
     config = model.config
     n_head = config.num_attention_heads
     n_kv_head = getattr(config, "num_key_value_heads", None) or n_head
@@ -348,11 +395,6 @@ def export_gguf(model, tokenizer, path, tensor_type: str = "f16", teacher_gguf=N
             writer.add_rope_scaling_factor(float(rope["factor"]))
         writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
         writer.add_vocab_size(n_vocab)
-        file_type = "ALL_F32" if requested == gguf.GGMLQuantizationType.F32 else f"MOSTLY_{requested.name}"
-        file_type = {"MOSTLY_Q4_K": "MOSTLY_Q4_K_S"}.get(file_type, file_type)  # informational only
-        writer.add_file_type(int(gguf.LlamaFileType[file_type]))
-        if requested not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
         if teacher_gguf is not None:
             _copy_tokenizer_fields(writer, Path(teacher_gguf), n_vocab)
@@ -362,14 +404,22 @@ def export_gguf(model, tokenizer, path, tensor_type: str = "f16", teacher_gguf=N
         extra = []
         if rope["type"] == "llama3":
             extra.append(("rope_freqs.weight", _llama3_rope_factors(config, rope, head_dim)))
+        weight_types = []  # ggml type of each 2-D weight written
         for gguf_name, array in itertools.chain(_hf_tensors(model), extra):
             data, written = quantize_fn(gguf_name, array, requested)  # one tensor at a time: peak memory stays low
             writer.add_tensor(gguf_name, data, raw_dtype=written if data.dtype == np.uint8 else None)
             report.tensor_types[gguf_name] = written.name.lower()
+            if array.ndim > 1:
+                weight_types.append(written.name)
             wanted = getattr(quantize_fn, "planned", {}).get(gguf_name, requested.name.lower())
             if written.name.lower() != wanted and array.ndim > 1:
                 report.fallbacks[gguf_name] = _fallback_reason(array.shape, gguf.GGMLQuantizationType[wanted.upper()], written)
         report.n_tensors = len(report.tensor_types)
+        # The header keys that describe the tensors, now that they are known (a QAT run's requested type is f16).
+        report.file_type = _file_type(weight_types)
+        if report.file_type is not None:
+            writer.add_file_type(int(gguf.LlamaFileType[report.file_type]))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -384,16 +434,6 @@ def export_gguf(model, tokenizer, path, tensor_type: str = "f16", teacher_gguf=N
     return report
 
 
-def check_gguf(path) -> None:
-    """Raise EdgestillError unless `path` is a readable, complete GGUF file."""
-    from edgestill.models.load import _check_gguf
-
-    path = Path(path)
-    if not path.is_file():
-        raise EdgestillError(f"GGUF file '{path}' does not exist")
-    _check_gguf(path)
-
-
 def hf_to_gguf_name(hf_name: str) -> str:
     """`model.layers.3.mlp.down_proj.weight` -> `blk.3.ffn_down.weight` (llama.cpp's names)."""
     if hf_name in _GLOBAL_TENSORS:
@@ -405,8 +445,9 @@ def hf_to_gguf_name(hf_name: str) -> str:
     return f"blk.{parts[2]}.{_LAYER_TENSORS[module]}.{parts[-1]}"
 
 
-def trained_tensor_types(quant_report: list[dict], model) -> dict[str, str]:
-    """{GGUF tensor name: ggml type} for the weights a quantization-aware run trained (its quant_report.json rows).
+def trained_tensor_types(quant_report: list[dict], model) -> dict[str, object]:
+    """{GGUF tensor name: format} for the weights a quantization-aware run trained (its quant_report.json rows,
+    whose `format` is the format each Linear is stored in), for format_quantize_fn.
 
     A tied head is stored once, as the embedding, in the head's trained format."""
     from edgestill.quant.formats import format_from_dict
@@ -414,35 +455,40 @@ def trained_tensor_types(quant_report: list[dict], model) -> dict[str, str]:
     per_tensor = {}
     tied_head = getattr(model.config, "tie_word_embeddings", False)
     for layer in quant_report:
-        ggml_type = format_from_dict(layer["format"]).ggml_type.lower()
-        for module in [layer["name"], *layer["tied"]]:
+        fmt = format_from_dict(layer["format"])
+        for module in [layer["name"], *layer.get("tied", [])]:
             hf_name = module + ".weight"
             if hf_name == "lm_head.weight" and tied_head:
                 hf_name = "model.embed_tokens.weight"
-            per_tensor[hf_to_gguf_name(hf_name)] = ggml_type
+            per_tensor[hf_to_gguf_name(hf_name)] = fmt
     return per_tensor
 
 
-def format_quantize_fn(per_tensor: dict[str, str] | None = None) -> Callable:
+def format_quantize_fn(per_tensor: dict[str, object] | None = None) -> Callable:
     """A `quantize_fn` for export_gguf that encodes 2-D weights with edgestill.quant's exact packers.
 
-    per_tensor maps GGUF tensor names to format names (q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, f16);
-    others get the type export_gguf was asked for. Q4_K rows that its 256-weight super-blocks do not
-    divide fall back as llama.cpp does (Q5_0, then F16: quant.formats.resolve_format).
+    per_tensor maps GGUF tensor names to GGUF formats: a format config (trained_tensor_types) or a name
+    (TENSOR_TYPES: f32, f16, q8_0, ...; plan.cost.gguf_tensor_plan); others get the type export_gguf was
+    asked for. Rows a format's blocks do not divide fall back as quant.formats.resolve_format says
+    (Q4_K: Q5_0, then F16; the 32-weight formats: F16).
     """
     import torch
     from gguf import GGMLQuantizationType
 
-    from edgestill.quant.formats import format_by_name, gguf_quantize, resolve_format
+    from edgestill.quant.formats import as_format, format_spec, gguf_quantize, resolve_format
 
-    per_tensor = dict(per_tensor or {})
+    formats = {name: fmt if fmt == "f32" else as_format(fmt) for name, fmt in (per_tensor or {}).items()}
+    for name, fmt in formats.items():
+        if fmt != "f32" and not format_spec(fmt).gguf:
+            raise EdgestillError(f"{name}: {fmt} is not a GGUF format; GGUF stores {', '.join(_tensor_types())}")
 
     def quantize(name: str, array: np.ndarray, ggml_type) -> tuple[np.ndarray, object]:
-        wanted = per_tensor.get(name, ggml_type.name.lower())
+        wanted = formats.get(name, ggml_type.name.lower())
         if array.ndim == 1 or wanted == "f32":
             return quantize_tensor(name, array, GGMLQuantizationType.F32 if wanted == "f32" else ggml_type)
-        fmt, _ = resolve_format(format_by_name(wanted), array.shape[-1])
+        fmt, _ = resolve_format(as_format(wanted), array.shape[-1])
         return gguf_quantize(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)), fmt)
 
-    quantize.planned = per_tensor  # export_gguf reports a fallback only where the stored type differs from this
+    # export_gguf reports a fallback only where the stored type differs from this
+    quantize.planned = {name: fmt if fmt == "f32" else fmt.ggml_type.lower() for name, fmt in formats.items()}
     return quantize

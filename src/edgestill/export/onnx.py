@@ -22,7 +22,8 @@ The graph is one full forward pass, `input_ids (batch, seq) -> logits (batch, se
 causal LM (no KV cache: generation re-runs the prefix), or whatever inputs an encoder takes.
 
     report = export_onnx(student, "runs/a/onnx/model.onnx", formats={"lm_head": GGUFQ4_0(), ...})
-    logits = onnx_logits("runs/a/onnx/model.onnx", token_ids)        # (T, V), onnxruntime CPU
+
+Running the file (onnxruntime sessions, logits, latency) is `edgestill.runtime.onnx`.
 """
 
 from __future__ import annotations
@@ -41,10 +42,24 @@ import numpy as np
 
 from edgestill.errors import EdgestillError
 
-__all__ = ["ONNX_TYPES", "OnnxExportReport", "check_onnx", "export_onnx", "onnx_logits", "onnx_session"]
+__all__ = ["ONNX_TYPES", "OnnxExportReport", "copy_tokenizer", "export_onnx"]
 
 # What `edgestill export --format onnx --type` accepts: float, or a format with an exact ONNX op.
-ONNX_TYPES = ("f32", "int8", "int4", "q4_0", "q8_0")
+# ONNX_TYPES: f32, and the formats edgestill.quant.formats.REGISTRY marks `onnx`. It is read on first use
+# (module __getattr__ below): the registry's module loads torch, and importing this one should not.
+
+
+def _onnx_types() -> tuple[str, ...]:
+    from edgestill.quant.formats import format_names
+
+    return ("f32", *format_names(onnx=True))
+
+
+def __getattr__(name: str):
+    if name == "ONNX_TYPES":
+        return _onnx_types()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 OPSET = 21
 
 
@@ -106,7 +121,7 @@ def _pack(weight: np.ndarray, fmt) -> _NBits | _Int8Rows:
     """The exact ONNX representation of `weight` (already holding the format's dequantized values)."""
     import torch
 
-    from edgestill.quant.formats import GGUFQ4_0, GGUFQ8_0, Int4Block, Int8PerChannel, gguf_quantize, \
+    from edgestill.quant.formats import GGUFQ4_0, GGUFQ8_0, Int4Block, Int8PerChannel, format_names, gguf_quantize, \
         int8_per_channel_codes, pack_matmul_nbits
 
     w = torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32))
@@ -134,7 +149,8 @@ def _pack(weight: np.ndarray, fmt) -> _NBits | _Int8Rows:
         return _NBits(4, 32, packed.astype(np.uint8), scales, None, k)
     raise EdgestillError(
         f"{type(fmt).__name__} has no exact ONNX operator; for ONNX quantize with one of "
-        f"{', '.join(t for t in ONNX_TYPES if t != 'f32')} (GGUF Q4_1/Q5_x/Q4_K stay GGUF-only)")
+        f"{', '.join(format_names(onnx=True))} (GGUF {'/'.join(format_names(onnx=False, gguf=True, quantized=True))} "
+        "stay GGUF-only)")
 
 
 # --- graph surgery --------------------------------------------------------------------------------
@@ -385,45 +401,6 @@ def _module_name(model, target) -> str:
 def _count_float_matmuls(proto) -> int:
     inits = {i.name for i in proto.graph.initializer}
     return sum(1 for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in inits)
-
-
-# --- loading and running ---------------------------------------------------------------------------------
-
-def check_onnx(path) -> None:
-    """Reject a missing, truncated or corrupt ONNX file with a clear message."""
-    import onnx
-
-    path = Path(path)
-    if not path.is_file():
-        raise EdgestillError(f"ONNX file not found: '{path}'")
-    try:
-        onnx.checker.check_model(str(path))
-    except Exception as e:
-        raise EdgestillError(f"'{path}' is not a valid ONNX model (truncated or corrupt?): "
-                             f"{e.__class__.__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}; re-export it") from None
-
-
-def onnx_session(path, threads: int = 2):
-    """An onnxruntime CPU session for `path` (checked first), using `threads` intra-op threads."""
-    import onnxruntime as ort
-
-    check_onnx(path)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as e:
-        raise EdgestillError(f"onnxruntime could not load '{path}' ({e.__class__.__name__}: {str(e)[:200]})") from None
-
-
-def onnx_logits(path_or_session, token_ids, threads: int = 2) -> np.ndarray:
-    """Logits at every position of `token_ids` (one sequence), as onnxruntime computes them: (T, V) float32."""
-    session = onnx_session(path_or_session, threads) if isinstance(path_or_session, (str, Path)) else path_or_session
-    ids = np.asarray([int(t) for t in token_ids], dtype=np.int64)[None, :]
-    if ids.shape[1] == 0:
-        raise EdgestillError("onnx_logits needs at least one token")
-    return session.run(["logits"], {"input_ids": ids})[0][0].astype(np.float32)
 
 
 def copy_tokenizer(tokenizer, folder: Path) -> None:

@@ -1,4 +1,4 @@
-"""Export an encoder classifier (edgestill's teacher or student) to ONNX, run it, time it.
+"""Export an encoder classifier (edgestill's teacher or student) to ONNX (run and timed by edgestill.runtime.onnx).
 
 What is written, in one folder:
 
@@ -20,10 +20,10 @@ that decide every prediction). Embedding tables (Gather) stay fp32. The exporter
 metadata (stack traces) is stripped: it does not change the graph and would dominate a small file.
 
 The sequence length is capped at `max_len` (a student's position table has only that many rows):
-`predict_onnx` truncates to it, as the PyTorch evaluation does.
+`edgestill.runtime.onnx.predict_onnx` truncates to it, as the PyTorch evaluation does.
 
     report = export_classifier_onnx("runs/s/student", "runs/s/onnx", "int8", parity_texts=test_texts)
-    labels = predict_onnx("runs/s/onnx", ["free money!!!", "meeting at 10"])
+    labels = predict_onnx("runs/s/onnx", ["free money!!!", "meeting at 10"])   # edgestill.runtime.onnx
 """
 
 from __future__ import annotations
@@ -33,21 +33,19 @@ import json
 import logging
 import os
 import shutil
-import statistics
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from edgestill.data.labelled import LABEL_MAP_FILE, LabelMap
+from edgestill.data.labelled import LABEL_MAP_FILE
 from edgestill.errors import EdgestillError
+from edgestill.quant.formats import format_names
+from edgestill.runtime.onnx import REPORT_FILE
 
 log = logging.getLogger(__name__)
 
-CLASSIFIER_TYPES = ("f32", "int8", "int4")
-REPORT_FILE = "export_report.json"
+CLASSIFIER_TYPES = ("f32", *format_names(onnx=True, gguf=False))  # float, or ONNX Runtime's own formats: f32, int8, int4
 KEEP_FLOAT = ("classifier",)  # module-name prefixes never quantized
 
 
@@ -91,12 +89,12 @@ def linearize_(model: nn.Module) -> dict[str, str]:
 
     Returns {module name: what it became}.
     """
-    from edgestill.models.lowrank import FactorizedEmbedding, LowRankLinear, _set_module
+    from edgestill.models.lowrank import FactorizedEmbedding, LowRankLinear, set_module
 
     changed = {}
     for name, module in list(model.named_modules()):
         if type(module).__name__.endswith("Pooler") and hasattr(module, "dense") and hasattr(module, "activation"):
-            _set_module(model, name, _SequencePooler(module))
+            set_module(model, name, _SequencePooler(module))
             changed[name] = "pooler on a 3-D input"
         if isinstance(module, LowRankLinear):
             first = nn.Linear(module.in_features, module.rank, bias=False)
@@ -105,10 +103,10 @@ def linearize_(model: nn.Module) -> dict[str, str]:
             second.weight.copy_(module.U)  # (out, r)
             if module.bias is not None:
                 second.bias.copy_(module.bias)
-            _set_module(model, name, nn.Sequential(first, second).to(module.U.dtype))
+            set_module(model, name, nn.Sequential(first, second).to(module.U.dtype))
             changed[name] = f"Linear({module.in_features}->{module.rank}) + Linear({module.rank}->{module.out_features})"
         elif isinstance(module, FactorizedEmbedding):
-            _set_module(model, name, _EmbeddingThenLinear(module.table, module.proj, module.padding_idx).to(module.table.dtype))
+            set_module(model, name, _EmbeddingThenLinear(module.table, module.proj, module.padding_idx).to(module.table.dtype))
             changed[name] = f"Embedding({module.num_embeddings}, {module.rank}) + Linear({module.rank}->{module.embedding_dim})"
     return changed
 
@@ -187,6 +185,7 @@ def export_classifier_onnx(model_dir: str | Path, out_dir: str | Path, tensor_ty
     the PyTorch model's (the fake-quantized copy for int8/int4): `parity_vs_pytorch` in the report.
     Returns the report (also written as export_report.json).
     """
+    from edgestill.evaluate.classification import classifier_parity
     from edgestill.export.onnx import export_onnx
     from edgestill.models.encoder import load_encoder_classifier
 
@@ -214,99 +213,4 @@ def export_classifier_onnx(model_dir: str | Path, out_dir: str | Path, tensor_ty
     return result
 
 
-# --- running ----------------------------------------------------------------------------------------
-
-
-def onnx_classifier_logits(session, enc: dict[str, np.ndarray], batch_size: int = 32) -> np.ndarray:
-    """(N, num_labels) logits from onnxruntime over pre-tokenized arrays, each batch cut to its longest row."""
-    names = [i.name for i in session.get_inputs()]
-    n = len(enc["input_ids"])
-    out = []
-    for start in range(0, n, batch_size):
-        mask = enc["attention_mask"][start : start + batch_size]
-        width = max(1, int(mask.sum(1).max()))
-        feed = {k: np.ascontiguousarray(enc[k][start : start + batch_size, :width]) for k in names}
-        out.append(session.run(["logits"], feed)[0].astype(np.float32))
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
-
-
-@torch.no_grad()
-def classifier_parity(reference, onnx_path, tokenizer, texts: list[str], max_len: int, threads: int = 2) -> dict:
-    """Share of `texts` on which onnxruntime and PyTorch predict the same label, and logit differences."""
-    from edgestill.evaluate.classification import predict_logits
-    from edgestill.export.onnx import onnx_session
-    from edgestill.models.encoder import tokenize
-
-    enc = tokenize(tokenizer, texts, max_len)
-    expected = predict_logits(reference, enc, desc="PyTorch logits")
-    got = onnx_classifier_logits(onnx_session(onnx_path, threads), enc)
-    diff = np.abs(got - expected)
-    return {"examples": len(texts), "prediction_agreement": float((got.argmax(-1) == expected.argmax(-1)).mean()),
-            "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean())}
-
-
-def load_onnx_classifier(folder: str | Path, threads: int = 2):
-    """(session, tokenizer, label_map, max_len) of a folder written by `export_classifier_onnx`."""
-    from transformers import AutoTokenizer
-
-    from edgestill.export.onnx import onnx_session
-
-    folder = Path(folder)
-    if not (folder / "model.onnx").is_file():
-        raise EdgestillError(f"'{folder}' has no model.onnx; export one with `edgestill export --format onnx RUN`")
-    label_map = LabelMap.load(folder)
-    report = json.loads((folder / REPORT_FILE).read_text()) if (folder / REPORT_FILE).is_file() else {}
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    max_len = int(report.get("max_len") or min(tokenizer.model_max_length, 512))
-    return onnx_session(folder / "model.onnx", threads), tokenizer, label_map, max_len
-
-
-def predict_onnx(folder: str | Path, texts: list[str], threads: int = 2, batch_size: int = 32) -> list[str]:
-    """Label strings for `texts` from an exported classifier folder (onnxruntime, CPU)."""
-    from edgestill.models.encoder import tokenize
-
-    session, tokenizer, label_map, max_len = load_onnx_classifier(folder, threads)
-    logits = onnx_classifier_logits(session, tokenize(tokenizer, list(texts), max_len), batch_size)
-    if logits.shape[-1] != len(label_map):
-        raise EdgestillError(f"'{folder}': the model has {logits.shape[-1]} outputs but label_map.json {len(label_map)} "
-                             "labels; re-export it")
-    return label_map.decode(logits.argmax(-1))
-
-
-# --- timing -----------------------------------------------------------------------------------------
-
-
-def single_inputs(tokenizer, texts: list[str], max_len: int) -> list[dict[str, np.ndarray]]:
-    """One (1, len) feed per text, unpadded: what a device classifying one message at a time runs."""
-    out = []
-    for t in texts:
-        enc = tokenizer(t, truncation=True, max_length=max_len, return_tensors="np")
-        out.append({"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)})
-    return out
-
-
-def measure_latency(systems: dict[str, tuple[object, list[dict]]], repeats: int = 5, warmup: int = 2) -> dict[str, dict]:
-    """Per-example latency (batch 1) of onnxruntime sessions, alternated within each repeat.
-
-    systems: name -> (session, feeds). A repeat runs every feed of one system, then the next system;
-    latency = that pass's time / number of feeds. Returns median and [min, max] over repeats, in ms.
-    """
-    if repeats < 1:
-        raise EdgestillError("latency repeats must be at least 1")
-    times: dict[str, list[float]] = {name: [] for name in systems}
-    for name, (session, feeds) in systems.items():  # warm-up: allocator, kernel selection
-        for feed in feeds[: max(1, warmup)]:
-            session.run(["logits"], feed)
-    for _ in range(repeats):
-        for name, (session, feeds) in systems.items():
-            t0 = time.perf_counter()
-            for feed in feeds:
-                session.run(["logits"], feed)
-            times[name].append((time.perf_counter() - t0) * 1000 / max(1, len(feeds)))
-    return {name: {"latency_ms_per_example": statistics.median(v), "latency_ms_spread": [min(v), max(v)],
-                   "examples": len(systems[name][1]), "repeats": repeats} for name, v in times.items()}
-
-
-__all__ = ["CLASSIFIER_TYPES", "linearize_", "quant_formats", "fake_quant_reference", "export_classifier_onnx",
-           "classifier_parity", "onnx_classifier_logits", "load_onnx_classifier", "predict_onnx", "single_inputs",
-           "measure_latency"]
+__all__ = ["CLASSIFIER_TYPES", "linearize_", "quant_formats", "fake_quant_reference", "export_classifier_onnx"]

@@ -242,8 +242,8 @@ def _onnx_curve(cfg: ClassifierShrinkConfig, run: RunDir, splits, test_inputs, t
     """Stages 3-4b: the student exported in every ONNX type (the deployable one first), each scored in onnxruntime on
     the test split. Returns ({type: (report, session, predictions)}, curve rows, {latency name: session})."""
     from edgestill.evaluate.classification import retention, scores
-    from edgestill.export.onnx import onnx_session
-    from edgestill.export.onnx_classifier import export_classifier_onnx, onnx_classifier_logits
+    from edgestill.export.onnx_classifier import export_classifier_onnx
+    from edgestill.runtime.onnx import onnx_classifier_logits, onnx_session
 
     exported, curve, sessions = {}, [], {}
     test_ids, k = splits.ids("test"), len(splits.label_map)
@@ -268,8 +268,8 @@ def _onnx_curve(cfg: ClassifierShrinkConfig, run: RunDir, splits, test_inputs, t
 def _latency(cfg: ClassifierShrinkConfig, run: RunDir, teacher: _Teacher, s_tok, texts, sessions: dict) -> tuple[dict, int | None]:
     """Stage 6: latency per example in onnxruntime, batch 1, teacher (exported to fp32 ONNX for the measurement, then
     deleted) and each student file alternated in every repeat. Returns (latency by name, teacher ONNX bytes)."""
-    from edgestill.export.onnx import onnx_session
-    from edgestill.export.onnx_classifier import export_classifier_onnx, measure_latency, single_inputs
+    from edgestill.export.onnx_classifier import export_classifier_onnx
+    from edgestill.runtime.onnx import measure_latency, onnx_session, single_inputs
 
     student_inputs = single_inputs(s_tok, texts, cfg.student.max_len)
     systems = {name: (sess, student_inputs) for name, sess in sessions.items()}

@@ -82,9 +82,10 @@ def export_onnx_run(run_dir: Path, cfg: ShrinkConfig, tensor_type: str | None = 
     """
     import torch
 
-    from edgestill.export.llamacpp import logit_parity
-    from edgestill.export.onnx import copy_tokenizer, export_onnx, onnx_logits
+    from edgestill.evaluate.metrics import logit_parity
+    from edgestill.export.onnx import copy_tokenizer, export_onnx
     from edgestill.models.load import load_causal_lm
+    from edgestill.runtime.onnx import onnx_logits
 
     saved = load_causal_lm(str(run_dir / "student"))
     model = saved.model.float().eval()
@@ -137,6 +138,8 @@ def export(run_dir: str | Path, fmt: str = "gguf", tensor_type: str | None = Non
     cfg = load_config(run_dir / "config.yaml")
     if fmt == "onnx":
         return _onnx_summary(export_onnx_run(run_dir, cfg, tensor_type, Path(out) if out else None))
-    if tensor_type in ("int8", "int4"):
+    from edgestill.quant.formats import format_names
+
+    if tensor_type in format_names(gguf=False):  # the registry's formats that only ONNX Runtime runs
         raise EdgestillError(f"--type {tensor_type} is an ONNX format; for GGUF use q8_0 or q4_0")
     return _gguf_summary(export_gguf_run(run_dir, cfg, tensor_type, Path(out) if out else None))

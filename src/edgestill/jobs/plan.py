@@ -21,7 +21,8 @@ log = logging.getLogger("edgestill")
 
 def devices(show: str | None = None, refresh: bool = False) -> str:
     """The shipped profiles as a table, or one profile (`host` measured, cached unless `refresh`) as YAML."""
-    from edgestill.plan.devices import describe_devices, load_device
+    from edgestill.plan.devices import describe_devices
+    from edgestill.plan.load import load_device
 
     if not show:
         return describe_devices()
@@ -65,7 +66,7 @@ def plan(teacher: str, device, budget, data: DataConfig | None = None, calibrati
 
 def plans_json(path: str | Path, device, budget, teacher: str, plans: list) -> Path:
     """Every plan, with the device and budget they were made for, as JSON (atomically)."""
-    from edgestill.plan.devices import load_device
+    from edgestill.plan.load import load_device
 
     data = {"device": load_device(device).to_dict(), "budget": budget.to_dict(), "teacher": teacher,
             "plans": [p.to_dict() for p in plans]}

@@ -10,6 +10,7 @@ renamed when finished (edgestill.runs), so a kill resumes and a failure never re
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -41,15 +42,12 @@ class Distilled:
 
 
 def quant_config(cfg: ShrinkConfig):
-    """The QuantConfig of the recipe's `quant` section, or None when training in float."""
+    """The QuantConfig of the recipe's `quant` section (the section is one, read as it is), or None when training in float."""
     if cfg.quant.format is None:
         return None
     from edgestill.quant import QuantConfig
-    from edgestill.quant.formats import format_by_name
 
-    return QuantConfig(default=format_by_name(cfg.quant.format),
-                       plan={name: format_by_name(f) for name, f in cfg.quant.plan.items()}, skip=list(cfg.quant.skip),
-                       activations=cfg.quant.activations)
+    return QuantConfig.from_dict(dataclasses.asdict(cfg.quant))
 
 
 def _open_run(cfg: ShrinkConfig, overwrite: bool, rank: int, world: int) -> tuple[RunDir, bool]:

@@ -91,7 +91,7 @@ def baseline_points(folder: Path, teacher, test_blocks, t_logp, teacher_ppl: flo
     from edgestill.evaluate.gguf_eval import gguf_quality
     from edgestill.evaluate.shrink_curve import ShrinkPoint
     from edgestill.export.gguf import export_gguf
-    from edgestill.export.llamacpp import llamacpp_quantize
+    from edgestill.runtime.llamacpp import llamacpp_quantize
 
     cache_path = folder / "baseline.json"
     done = {p["name"]: p for p in json.loads(cache_path.read_text())} if cache_path.is_file() else {}

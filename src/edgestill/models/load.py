@@ -96,7 +96,11 @@ def gguf_file(spec: str) -> Path | None:
     return path if path.suffix.lower() == ".gguf" else None
 
 
-def _check_gguf(path: Path) -> None:
+def check_gguf(path) -> None:
+    """Raise EdgestillError unless `path` is a readable, complete GGUF file."""
+    path = Path(path)
+    if not path.is_file():
+        raise EdgestillError(f"GGUF file '{path}' does not exist")
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != b"GGUF":
@@ -126,7 +130,7 @@ def _gguf_to_hf_folder(path: Path) -> Path:
     target = cache_dir() / "models" / f"{path.stem}-{_fingerprint(path)}"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    _check_gguf(path)
+    check_gguf(path)
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

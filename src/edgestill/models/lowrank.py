@@ -264,7 +264,8 @@ def choose_ranks(model: nn.Module, cfg: LowRankConfig) -> dict[str, int]:
 # ---------------------------------------------------------------- applying
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` in place of the submodule called `name` (dotted, as in named_modules)."""
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
@@ -296,7 +297,7 @@ def factorize_(model: nn.Module, cfg: LowRankConfig | None = None, init: str = "
             plan["embedding"][name] = new.rank
         else:
             raise EdgestillError(f"'{name}' is a {type(m).__name__}; only nn.Linear and nn.Embedding can be factorized")
-        _set_module(model, name, new.to(_weight(m).device, _weight(m).dtype))
+        set_module(model, name, new.to(_weight(m).device, _weight(m).dtype))
     config = getattr(model, "config", None)
     if config is not None:
         previous = getattr(config, PLAN_KEY, None) or {"linear": {}, "embedding": {}}

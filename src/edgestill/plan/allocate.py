@@ -49,13 +49,14 @@ from edgestill.plan.cost import (
     gguf_bytes,
     predict,
 )
-from edgestill.plan.devices import DeviceProfile, load_device
+from edgestill.plan.devices import DeviceProfile
+from edgestill.plan.load import load_device
 from edgestill.plan.sensitivity import HEAD, Sensitivity, unit_names, unit_pattern
-from edgestill.quant.formats import format_by_name, resolve_format
+from edgestill.quant.formats import format_by_name, format_name, format_names, resolve_format
 
-# q4_k is left out by default: its exact fake-quant (quant/q4_k.py) takes ~10 s per layer of a 135M model on
-# 2 cores; pass formats=(..., "q4_k") to include it.
-DEFAULT_FORMATS = ("q8_0", "q5_0", "q4_0")
+# The format registry's default candidates (plan_default; students are trained in them). q4_k is left out: its exact
+# fake-quant (quant/q4_k.py) takes ~10 s per layer of a 135M model on 2 cores; pass formats=(..., "q4_k") to include it.
+DEFAULT_FORMATS = format_names(plan_default=True)  # ("q8_0", "q5_0", "q4_0")
 log = logging.getLogger(__name__)
 # The command-line option that sets each budget field (`plan` and `shrink --device` both accept these).
 BUDGET_FLAGS = {"max_ram_bytes": "--max-memory", "max_file_bytes": "--max-file-size",
@@ -171,8 +172,7 @@ class Plan:
         """The QuantConfig that quantize_ (and export via gguf_tensor_plan) applies to the student."""
         from edgestill.quant.fake_quant import QuantConfig
 
-        return QuantConfig(default=format_by_name(self.default_format),
-                           plan={k: format_by_name(v) for k, v in self.quant_plan.items()}, **kwargs)
+        return QuantConfig(default=self.default_format, plan=dict(self.quant_plan), **kwargs)
 
     def summary(self) -> str:
         counts = Counter(self.unit_formats().values())
@@ -219,8 +219,6 @@ def _unit_costs(shape: StudentShape, unit: str, fmt: str, rates: Rates, prompt_t
     nbytes, decode_s, prefill_s = 0, 0.0, 0.0
     for rows, cols, is_head in _unit_tensors(shape, unit):
         stored, _ = resolve_format(format_by_name(fmt), cols)
-        from edgestill.plan.cost import format_name
-
         name = format_name(stored)
         b = stored.weight_bytes((rows, cols))
         n = rows * cols
@@ -495,7 +493,7 @@ def plan(model, device: str | DeviceProfile, budget: Budget, batches, formats=DE
     import torch
 
     from edgestill.models.slice import block_influence, choose_layers, slice_decoder
-    from edgestill.plan.sensitivity import _logits, layer_sensitivity, mean_kl
+    from edgestill.plan.sensitivity import layer_sensitivity, mean_kl, model_logits
 
     device = load_device(device)
     teacher_shape = StudentShape.from_config(model.config)
@@ -507,7 +505,7 @@ def plan(model, device: str | DeviceProfile, budget: Budget, batches, formats=DE
     cache = {} if cache is None else cache
     if "reference" not in cache:
         with torch.no_grad():
-            cache["reference"] = _logits(model, batches)
+            cache["reference"] = model_logits(model, batches)
     reference = cache["reference"]
     if sensitivity is None:
         log.info("layer sensitivity: %d units x %d formats on %d calibration tokens", teacher_shape.layers + 1,

@@ -37,20 +37,14 @@ from typing import Any
 
 from edgestill.errors import EdgestillError
 from edgestill.plan.devices import DeviceProfile
-from edgestill.quant.formats import FORMAT_NAMES, GGUF_FORMATS, format_by_name, resolve_format
+from edgestill.quant.formats import format_by_name, format_name, format_names, resolve_format
 
 GGUF_ALIGNMENT = 32
 # general.* and llama.* keys export_gguf writes (name, counts, rope, ...): 634-678 bytes on a tiny export.
 BASE_METADATA_BYTES = 660
-GGUF_FORMAT_NAMES = tuple(name for name, cls in FORMAT_NAMES.items() if cls in GGUF_FORMATS)
-_NAME_OF = {cls: name for name, cls in FORMAT_NAMES.items()}
+GGUF_FORMAT_NAMES = format_names(plan=True)  # the formats the format registry lets the cost model price
 _LAYER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-
-
-def format_name(fmt) -> str:
-    """GGUFQ4_0() -> 'q4_0' (the names recipes and plans use)."""
-    return _NAME_OF[type(fmt)]
 
 
 def strict_from_dict(cls, data: dict[str, Any]):
@@ -122,17 +116,13 @@ class StudentShape:
 
 # --- which format each tensor is stored in -------------------------------------------------------------
 
-def _matches(pattern: str, name: str) -> bool:
-    from edgestill.quant.fake_quant import _matches as quant_matches
-
-    return quant_matches(pattern, name)
-
-
 def linear_formats(shape: StudentShape, plan: dict[str, str], default: str = "q8_0") -> dict[str, tuple[str, str]]:
     """{HF Linear name: (requested format, stored format)}: first matching plan entry, else default.
 
     Plan keys follow QuantConfig: an exact module name or a `re:` regex; values are format names.
     """
+    from edgestill.quant.fake_quant import pattern_matches
+
     for pattern, fmt in plan.items():
         if fmt not in GGUF_FORMAT_NAMES:
             raise EdgestillError(f"plan[{pattern!r}] = {fmt!r} is not a GGUF format; use one of {', '.join(GGUF_FORMAT_NAMES)}")
@@ -140,7 +130,7 @@ def linear_formats(shape: StudentShape, plan: dict[str, str], default: str = "q8
         raise EdgestillError(f"default format {default!r} is not a GGUF format; use one of {', '.join(GGUF_FORMAT_NAMES)}")
     out = {}
     for name, (rows, cols) in shape.linear_shapes().items():
-        requested = next((fmt for pattern, fmt in plan.items() if _matches(pattern, name)), default)
+        requested = next((fmt for pattern, fmt in plan.items() if pattern_matches(pattern, name)), default)
         stored, _ = resolve_format(format_by_name(requested), cols)
         out[name] = (requested, format_name(stored))
     return out

@@ -29,7 +29,9 @@ where it comes from (a URL, or the edgestill function that measured it):
 
 Profiles shipped with edgestill live in `edgestill/plan/devices/*.yaml` (`list_devices()`); a user
 adds one by passing a path (`load_device("my-board.yaml")`, `edgestill plan --device my-board.yaml`).
-`host` is this machine, measured by `edgestill.plan.hostbench` and cached.
+`host` is this machine, measured by `edgestill.plan.hostbench` and cached. `load_device` (plan/load.py)
+finds any of them; this module is the profile format only, so the cost model and the host benchmark
+can build on it.
 """
 
 from __future__ import annotations
@@ -249,36 +251,11 @@ def list_devices() -> list[str]:
     return [*shipped_devices(), HOST]
 
 
-def load_device(spec: str | Path | DeviceProfile, **host_kwargs) -> DeviceProfile:
-    """A profile by name (`rpi5-8gb`, `host`), or from a YAML file path.
-
-    `host` runs (or reads from cache) the micro-benchmark of edgestill.plan.hostbench; host_kwargs go
-    to `hostbench.host_profile` (cache_dir, refresh, threads, calibrate_llamacpp).
-    """
-    if isinstance(spec, DeviceProfile):
-        return spec
-    text = str(spec)
-    if text == HOST:
-        from edgestill.plan.hostbench import host_profile
-
-        return host_profile(**host_kwargs)
-    shipped = shipped_devices()
-    prefixed = [name for name in shipped if name.startswith(text + "-")]  # "rpi5" -> "rpi5-8gb"
-    if text in shipped or len(prefixed) == 1:
-        path = shipped[text if text in shipped else prefixed[0]]
-    else:
-        path = Path(text).expanduser()
-        if not path.is_file():
-            raise EdgestillError(f"unknown device '{text}'; choose one of {', '.join(list_devices())}, "
-                                 "or pass the path of a profile YAML file")
-    return DeviceProfile.from_yaml(path.read_text(), where=str(path))
-
-
 def describe_devices() -> str:
     """A table of the shipped profiles (and how to get `host`), for `edgestill devices`."""
     lines = [f"{'device':22s} {'RAM for a model':>15s} {'bandwidth':>11s} {'f32 peak':>10s}  description"]
-    for name in shipped_devices():
-        d = load_device(name)
+    for name, path in shipped_devices().items():
+        d = DeviceProfile.from_yaml(path.read_text(), where=str(path))
         f32 = d.compute_flops_per_s.get("f32")
         lines.append(f"{name:22s} {d.ram_bytes.value / 1e9:12.1f} GB {d.memory_bandwidth_bytes_per_s.value / 1e9:6.1f} GB/s "
                      f"{(f32.value / 1e9 if f32 else float('nan')):6.0f} GF/s  {d.description}")

@@ -14,7 +14,7 @@ Two parts, both cached under `$EDGESTILL_CACHE/plan/` (default ~/.cache/edgestil
        tiny   hidden 64, FFN 128, vocab 512, with 2 and with 18 layers
    The three rate shapes are 30-130 MB in every format, larger than a last-level cache, like real students.
    Decode is timed one token at a time after a 64-token prompt, prefill as one batch, each the median
-   of a few repeats, and `fit_llamacpp` solves the cost model's own equations for:
+   of a few repeats (`edgestill.runtime.llamacpp.llamacpp_speed`), and `fit_llamacpp` solves the cost model's own equations for:
        token_overhead_s, layer_overhead_s      <- decode step time of the two tiny models (a line in L)
        decode_weights_per_s[fmt],              <- wide, narrow and deep decode steps, minus overheads:
          decode_row_overhead_s[fmt],              t = weights / rate + output rows * row overhead
@@ -40,9 +40,11 @@ from pathlib import Path
 
 from edgestill.errors import EdgestillError
 from edgestill.plan.devices import DeviceProfile, Figure, RuntimeProfile
+from edgestill.quant.formats import format_names, format_spec
+from edgestill.runtime.llamacpp import llamacpp_speed
 
 SOURCE = "edgestill.plan.hostbench"
-CALIBRATION_FORMATS = ("f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "q4_k")
+CALIBRATION_FORMATS = format_names(hostbench=True)  # the format registry's: f16, q8_0, q5_1, ... q4_k
 # Synthetic calibration shapes (never a validation shape; see the module docstring).
 WIDE_SHAPE = dict(hidden=1024, intermediate=2560, heads=16, kv_heads=4, layers=4, vocab=24576)
 NARROW_SHAPE = dict(hidden=512, intermediate=1024, heads=8, kv_heads=2, layers=16, vocab=40960)
@@ -104,79 +106,7 @@ def measure_host(threads: int = 2, buffer_mib: int = 128, repeats: int = 7) -> d
     return result
 
 
-# --- llama.cpp speed of a GGUF --------------------------------------------------------------------------
-
-def _rss_bytes(key: str) -> int | None:
-    """VmRSS / VmHWM of this process from /proc (Linux); None elsewhere."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> None:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-    except OSError:
-        pass
-
-
-def llamacpp_speed(gguf_path, prompt_tokens: int = PROMPT_TOKENS, decode_tokens: int = DECODE_TOKENS,
-                   threads: int = 2, repeats: int = 3, warmup: int = 1) -> dict:
-    """Prefill and decode tokens/s of a GGUF in llama.cpp (llama-cpp-python), `threads` threads.
-
-    Prefill: the prompt as one batch (logits of the last token only, as generation does). Decode: one
-    token per step right after it, KV cache f16 (llama.cpp's default). Medians, with min/max spread.
-    On Linux also the growth of peak RSS from before loading (mapped weights + KV cache + buffers).
-    """
-    from edgestill.export.llamacpp import _llama_cpp
-
-    llama_cpp = _llama_cpp()
-    n_ctx = prompt_tokens + decode_tokens + 8
-    _reset_peak_rss()
-    rss_before = _rss_bytes("VmRSS")
-    try:
-        llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_batch=prompt_tokens, n_ubatch=prompt_tokens,
-                              n_threads=threads, n_threads_batch=threads, verbose=False)
-    except Exception as e:
-        raise EdgestillError(f"llama.cpp could not load '{gguf_path}' ({e.__class__.__name__}: {str(e)[:160]})") from None
-    n_vocab = llm.n_vocab()
-    prompt = [3 + (i * 7919) % (n_vocab - 3) for i in range(prompt_tokens)]
-    prefill, decode = [], []
-    try:
-        for i in range(warmup + repeats):
-            llm.reset()
-            t0 = time.perf_counter()
-            llm.eval(prompt)
-            t1 = time.perf_counter()
-            for j in range(decode_tokens):
-                llm.eval([prompt[j % prompt_tokens]])
-            t2 = time.perf_counter()
-            if i >= warmup:
-                prefill.append(prompt_tokens / (t1 - t0))
-                decode.append(decode_tokens / (t2 - t1))
-        peak_rss = _rss_bytes("VmHWM")
-    finally:
-        close = getattr(llm, "close", None)
-        if close is not None:
-            close()
-    return {
-        "peak_rss_growth_bytes": (peak_rss - rss_before) if peak_rss and rss_before else None,
-        "prefill_tokens_per_s": statistics.median(prefill), "prefill_tokens_per_s_spread": [min(prefill), max(prefill)],
-        "decode_tokens_per_s": statistics.median(decode), "decode_tokens_per_s_spread": [min(decode), max(decode)],
-        "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens, "threads": threads, "repeats": repeats,
-        "prefill_samples": prefill, "decode_samples": decode,
-    }
-
-
 # --- synthetic models for the llama.cpp fit ------------------------------------------------------------
-
-# Byte offsets of the fp16 scale (and min) fields at the start of each block, per GGUF type.
-_SCALE_FIELDS = {"q8_0": 1, "q4_0": 1, "q5_0": 1, "q4_1": 2, "q5_1": 2, "q4_k": 2}
-
 
 def write_synthetic_gguf(path, shape, fmt: str, seed: int = 0) -> Path:
     """A llama.cpp GGUF of `shape` (a cost.StudentShape, tied head) with random weights in `fmt`, for timing.
@@ -231,7 +161,7 @@ def write_synthetic_gguf(path, shape, fmt: str, seed: int = 0) -> Path:
                 continue
             block, type_size = gguf.GGML_QUANT_SIZES[stored]
             data = rng.integers(0, 256, size=(rows, cols // block, type_size), dtype=np.uint8)
-            for k in range(_SCALE_FIELDS[cost.fmt]):
+            for k in range(format_spec(cost.fmt).scale_fields):  # the fp16 scale (and min) opening each block
                 data[..., 2 * k:2 * k + 2] = scale
             writer.add_tensor(cost.gguf_name, data.reshape(rows, -1), raw_dtype=stored)
         if qtype not in (gguf.GGMLQuantizationType.F16,):
@@ -253,11 +183,12 @@ def calibrate_llamacpp(threads: int = 2, formats=CALIBRATION_FORMATS, repeats: i
     with tempfile.TemporaryDirectory(prefix="edgestill-hostbench-") as tmp:
         for layers in TINY_LAYERS:  # overheads: decode steps of two tiny models differ by 16 layers
             path = write_synthetic_gguf(Path(tmp) / f"tiny{layers}.gguf", StudentShape(layers=layers, **TINY_SHAPE), "q8_0")
-            raw[f"tiny{layers}"] = llamacpp_speed(path, threads=threads, repeats=repeats)
+            raw[f"tiny{layers}"] = llamacpp_speed(path, PROMPT_TOKENS, DECODE_TOKENS, threads=threads, repeats=repeats)
         for fmt in formats:  # per-format rates: two shapes separate the per-weight and per-row costs
             for name, shape in RATE_SHAPES.items():
                 path = write_synthetic_gguf(Path(tmp) / f"{name}-{fmt}.gguf", StudentShape(**shape), fmt)
-                raw[f"{name}_{fmt}"] = llamacpp_speed(path, threads=threads, repeats=repeats)
+                raw[f"{name}_{fmt}"] = llamacpp_speed(path, PROMPT_TOKENS, DECODE_TOKENS, threads=threads,
+                                                      repeats=repeats)
                 path.unlink()
     return {"threads": threads, "shapes": {**RATE_SHAPES, "tiny": {**TINY_SHAPE, "layers": list(TINY_LAYERS)}},
             "prompt_tokens": PROMPT_TOKENS, "decode_tokens": DECODE_TOKENS, "raw": raw,

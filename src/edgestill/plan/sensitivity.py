@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from edgestill.errors import EdgestillError
 from edgestill.progress import progress_bar
-from edgestill.quant.formats import format_by_name, resolve_format
+from edgestill.quant.formats import format_by_name, format_names, resolve_format
 
 log = logging.getLogger("edgestill")
 
@@ -92,13 +92,14 @@ def token_kl(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tens
 
 
 @torch.no_grad()
-def _logits(model, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+def model_logits(model, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """float32 logits of `model` on each batch of token ids (the reference side of `mean_kl`)."""
     return [model(input_ids=ids).logits.float() for ids in batches]
 
 
 @torch.no_grad()
 def mean_kl(model, batches: list[torch.Tensor], reference_logits: list[torch.Tensor]) -> float:
-    total = sum(float(token_kl(ref, out)) for ref, out in zip(reference_logits, _logits(model, batches)))
+    total = sum(float(token_kl(ref, out)) for ref, out in zip(reference_logits, model_logits(model, batches)))
     return total / sum(ids.numel() for ids in batches)
 
 
@@ -115,8 +116,11 @@ def _logits_from_layer(model, start: int, hidden_inputs: list[torch.Tensor]) -> 
         inner.layers = layers
 
 
+DEFAULT_FORMATS = format_names(plan_default=True)  # the format registry's default candidates: q8_0, q5_0, q4_0
+
+
 @torch.no_grad()
-def layer_sensitivity(model, batches: list[torch.Tensor], formats=("q8_0", "q5_0", "q4_0"),
+def layer_sensitivity(model, batches: list[torch.Tensor], formats=DEFAULT_FORMATS,
                       units: list[str] | None = None, reference_logits: list[torch.Tensor] | None = None) -> Sensitivity:
     """s[unit][fmt] for every unit (default: every decoder layer and the head) and format (see module doc).
 

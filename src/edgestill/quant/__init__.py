@@ -1,7 +1,8 @@
 """Weight quantization in the formats the runtimes store, exact to the bit.
 
     formats.py     one frozen config per format (GGUF Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/Q4_K/F16, ONNX int8
-                   per channel and MatMulNBits int4 blocks): fake_quant, bytes, fallbacks, packing
+                   per channel and MatMulNBits int4 blocks): fake_quant, bytes, fallbacks, packing; and
+                   REGISTRY, the one list of formats (short names and what each may be used for)
     q4_k.py        llama.cpp's Q4_K quantizer (the gguf package only dequantizes Q4_K)
     fake_quant.py  quantize_(model, QuantConfig(...), step="prepare" | "convert"): QAT and freezing
     gptq.py        gptq_quantize_(model, QuantConfig(...), calibration): data-aware PTQ, same exact formats
@@ -21,6 +22,8 @@ from edgestill.quant.fake_quant import (
 from edgestill.quant.gptq import gptq_quantize_, rtn_quantize_
 from edgestill.quant.formats import (
     FORMATS,
+    REGISTRY,
+    FormatSpec,
     GGUFF16,
     GGUFQ4_0,
     GGUFQ4_1,
@@ -31,6 +34,9 @@ from edgestill.quant.formats import (
     Format,
     Int4Block,
     Int8PerChannel,
+    format_by_name,
+    format_names,
+    format_spec,
     gguf_quantize,
     int8_per_channel_codes,
     pack_matmul_nbits,
@@ -38,9 +44,9 @@ from edgestill.quant.formats import (
 )
 
 __all__ = [
-    "FORMATS", "FakeQuantEmbedding", "FakeQuantLinear", "Format",
+    "FORMATS", "REGISTRY", "FakeQuantEmbedding", "FakeQuantLinear", "Format", "FormatSpec",
     "GGUFF16", "GGUFQ4_0", "GGUFQ4_1", "GGUFQ4_K", "GGUFQ5_0", "GGUFQ5_1", "GGUFQ8_0",
     "Int4Block", "Int8PerChannel", "LayerReport", "QuantConfig",
-    "fake_quant_ste", "gguf_quantize", "gptq_quantize_", "rtn_quantize_", "int8_per_channel_codes", "pack_matmul_nbits", "quantize_",
+    "fake_quant_ste", "format_by_name", "format_names", "format_spec", "gguf_quantize", "gptq_quantize_", "rtn_quantize_", "int8_per_channel_codes", "pack_matmul_nbits", "quantize_",
     "resolve_format", "total_weight_bytes",
 ]

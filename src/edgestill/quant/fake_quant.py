@@ -21,8 +21,12 @@ embedding is not a Linear and stays in float.
 Each call returns a report: one LayerReport per selected Linear with its shape, requested and
 actual format, the fallback reason if they differ (see formats.resolve_format), and its bytes.
 
+A format is a config (GGUFQ4_K()) or its short name ("q4_k", any case: quant.formats.REGISTRY), so a
+recipe's `quant` section is a QuantConfig as it is: QuantConfig.from_dict({"format": "q4_0", "plan":
+{"lm_head": "q8_0"}, "skip": [], "activations": None}), the recipe's `format` being `default`.
+
 Sample:
-    config = QuantConfig(default=GGUFQ4_K(), plan={"re:.*mlp\\.down_proj": GGUFQ8_0(), "lm_head": GGUFQ8_0()})
+    config = QuantConfig(default=GGUFQ4_K(), plan={"re:.*mlp\\.down_proj": GGUFQ8_0(), "lm_head": "q8_0"})
     report = quantize_(model, config, step="prepare")
     ... train ...
     quantize_(model, config, step="convert")
@@ -58,21 +62,16 @@ from torch import nn
 
 from edgestill.errors import EdgestillError
 from edgestill.quant.formats import (
+    FORMAT_NAMES,
     FORMATS,
-    GGUF_FORMATS,
-    GGUFF16,
-    GGUFQ4_0,
-    GGUFQ4_1,
-    GGUFQ4_K,
-    GGUFQ5_0,
-    GGUFQ5_1,
     GGUFQ8_0,
     Format,
-    _div,
-    _fp16,
+    f32_div,
     format_from_dict,
+    format_spec,
     format_to_dict,
     resolve_format,
+    round_to_fp16,
 )
 
 
@@ -116,13 +115,13 @@ def _q8_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     amax = blocks.abs().amax(-1, keepdim=True)  # (n, 1)
     safe = torch.where(amax == 0, 1.0, amax)
     inv = torch.where(amax == 0, 0.0, torch.full_like(amax, 127.0) / safe)
-    return torch.round(blocks * inv), _div(amax, 127)  # torch.round: half to even
+    return torch.round(blocks * inv), f32_div(amax, 127)  # torch.round: half to even
 
 
 def _q8_0_activations(x: torch.Tensor) -> torch.Tensor:
     """Q8_0 (and Q8_1: same d and codes) activations, dequantized: q * fp16(d)."""
     q, d = _q8_codes(x)
-    return (q * _fp16(d)).reshape(x.shape)
+    return (q * round_to_fp16(d)).reshape(x.shape)
 
 
 def _q8_1_min_correction(x: torch.Tensor) -> torch.Tensor:
@@ -134,7 +133,7 @@ def _q8_1_min_correction(x: torch.Tensor) -> torch.Tensor:
     """
     q, d = _q8_codes(x.detach().to(torch.float32))
     total = q.sum(-1, keepdim=True)
-    corr = _fp16(d * total) - _fp16(d) * total  # (n, 1)
+    corr = round_to_fp16(d * total) - round_to_fp16(d) * total  # (n, 1)
     return corr.reshape(*x.shape[:-1], x.shape[-1] // 32)
 
 
@@ -161,15 +160,20 @@ def llamacpp_activations(x: torch.Tensor, fmt: Format) -> torch.Tensor:
     Computed in float32, returned in x's dtype. No gradient (see activation_quant_ste).
     """
     x32 = x.detach().to(torch.float32)
-    if isinstance(fmt, (GGUFQ4_0, GGUFQ5_0, GGUFQ8_0, GGUFQ4_1, GGUFQ5_1)):
+    vec_dot_type = _vec_dot_type(fmt)  # the registry's: which input type llama.cpp's kernel for `fmt` takes
+    if vec_dot_type in ("q8_0", "q8_1"):
         out = _q8_0_activations(x32)
-    elif isinstance(fmt, GGUFQ4_K):
+    elif vec_dot_type == "q8_k":
         out = _q8_k_activations(x32)
-    elif isinstance(fmt, GGUFF16):
-        out = _fp16(x32)
+    elif vec_dot_type == "f16":
+        out = round_to_fp16(x32)
     else:
         raise EdgestillError(f"activations='llama.cpp' needs a GGUF format; {fmt} does not run in llama.cpp")
     return out.to(x.dtype)
+
+
+def _vec_dot_type(fmt: Format) -> str | None:
+    return format_spec(fmt).vec_dot_type if isinstance(fmt, FORMATS) else None
 
 
 class _ActivationStraightThrough(torch.autograd.Function):
@@ -209,9 +213,9 @@ class FakeQuantLinear(nn.Linear):
         if self.activations != "llama.cpp":
             return F.linear(x, fake_quant_ste(self.weight, self.fmt), self.bias)
         y = F.linear(activation_quant_ste(x, self.fmt), fake_quant_ste(self.weight, self.fmt), self.bias)
-        if isinstance(self.fmt, (GGUFQ4_1, GGUFQ5_1)):  # the min term uses Q8_1's fp16 s (no gradient)
+        if _vec_dot_type(self.fmt) == "q8_1":  # Q4_1/Q5_1: the min term uses Q8_1's fp16 s (no gradient)
             w = self.weight.detach().to(torch.float32)
-            block_min = _fp16(w.reshape(w.shape[0], -1, 32).amin(-1))  # (out, in/32), as formats._affine
+            block_min = round_to_fp16(w.reshape(w.shape[0], -1, 32).amin(-1))  # (out, in/32), as formats._affine
             y = y + (_q8_1_min_correction(x) @ block_min.T).to(y.dtype)
         return y
 
@@ -253,7 +257,8 @@ def _plain_embedding(module: nn.Embedding) -> nn.Embedding:
 
 # --- which format each Linear gets --------------------------------------------------------------------
 
-def _matches(pattern: str, name: str) -> bool:
+def pattern_matches(pattern: str, name: str) -> bool:
+    """Whether a QuantConfig key (an exact module name, or `re:` + a regex matched from the start) names `name`."""
     if pattern.startswith("re:"):
         return re.match(pattern[3:], name) is not None
     return pattern == name
@@ -263,12 +268,13 @@ def _matches(pattern: str, name: str) -> bool:
 class QuantConfig:
     """Weight formats per Linear: `skip` first, then the first matching `plan` entry, then `default`.
 
+    A format is a config (GGUFQ4_0()) or a short name ("q4_0"); names are turned into configs here.
     `activations="llama.cpp"` also rounds each prepared Linear's input as llama.cpp's CPU backend
     does (see llamacpp_activations); None (the default) leaves activations in float.
     """
 
-    default: Format | None = field(default_factory=GGUFQ8_0)
-    plan: dict[str, Format] = field(default_factory=dict)
+    default: Format | str | None = field(default_factory=GGUFQ8_0)
+    plan: dict[str, Format | str] = field(default_factory=dict)
     skip: list[str] = field(default_factory=list)
     activations: str | None = None
 
@@ -276,17 +282,14 @@ class QuantConfig:
         if self.activations not in ACTIVATION_MODES:
             raise EdgestillError(f"QuantConfig.activations = {self.activations!r}: use None (float "
                                  "activations) or 'llama.cpp' (rounded as llama.cpp's CPU matmuls do)")
-        for where, fmt in [("default", self.default), *((f"plan[{p!r}]", f) for p, f in self.plan.items())]:
-            if fmt is not None and not isinstance(fmt, FORMATS):
-                names = ", ".join(cls.__name__ for cls in FORMATS)
-                raise EdgestillError(f"QuantConfig.{where} = {fmt!r} is not a format; use a config such as "
-                                     f"GGUFQ4_K() (one of {names})")
+        self.default = _config_format("default", self.default)
+        self.plan = {pattern: _config_format(f"plan[{pattern!r}]", fmt) for pattern, fmt in self.plan.items()}
 
     def format_for(self, name: str) -> Format | None:
-        if any(_matches(pattern, name) for pattern in self.skip):
+        if any(pattern_matches(pattern, name) for pattern in self.skip):
             return None
         for pattern, fmt in self.plan.items():
-            if _matches(pattern, name):
+            if pattern_matches(pattern, name):
                 return fmt
         return self.default
 
@@ -302,10 +305,19 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
+        """Inverse of to_dict; also reads a recipe's `quant` section as it is (its `format` is `default`).
+
+        Formats may be to_dict's dicts, class names ("GGUFQ4_0") or short names ("q4_0", any case).
+        """
+        data = dict(data)
+        if "format" in data:  # the recipe's key (quant.format) for the default format
+            if "default" in data:
+                raise EdgestillError("QuantConfig: give `default` or a recipe's `format` (the same setting), not both")
+            data["default"] = data.pop("format")
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise EdgestillError(f"unknown QuantConfig keys {sorted(unknown)}; "
-                                 "expected default, plan, skip, activations")
+                                 "expected default (a recipe's format), plan, skip, activations")
         default = data.get("default", format_to_dict(GGUFQ8_0()))
         return cls(
             default=None if default is None else format_from_dict(default),
@@ -313,6 +325,19 @@ class QuantConfig:
             skip=list(data.get("skip") or []),
             activations=data.get("activations"),
         )
+
+
+def _config_format(where: str, fmt) -> Format | None:
+    """A QuantConfig entry as a format config: a config stays, a short or class name is looked up, None stays."""
+    if fmt is None or isinstance(fmt, FORMATS):
+        return fmt
+    if isinstance(fmt, str):
+        try:
+            return format_from_dict(fmt)
+        except EdgestillError:
+            pass
+    raise EdgestillError(f"QuantConfig.{where} = {fmt!r} is not a format; use a name such as q4_0 (one of "
+                         f"{', '.join(FORMAT_NAMES)}) or a config such as GGUFQ4_K()")
 
 
 @dataclass(frozen=True)
@@ -338,16 +363,18 @@ class LayerReport:
                 "tied": list(self.tied)}
 
 
-def _check_patterns_used(config: QuantConfig, names: list[str]) -> None:
+def check_patterns_used(config: QuantConfig, names: list[str]) -> None:
+    """Refuse a plan or skip entry that matches none of the Linears `names` (a typo), with a suggestion."""
     for kind, patterns in (("plan", list(config.plan)), ("skip", config.skip)):
         for pattern in patterns:
-            if not any(_matches(pattern, name) for name in names):
+            if not any(pattern_matches(pattern, name) for name in names):
                 close = difflib.get_close_matches(pattern.removeprefix("re:"), names, n=3)
                 hint = f"did you mean {', '.join(close)}?" if close else f"Linears look like {names[:3]}"
                 raise EdgestillError(f"QuantConfig.{kind} entry {pattern!r} matches no nn.Linear; {hint}")
 
 
-def _tied_embeddings(model: nn.Module) -> dict[int, list[tuple[str, nn.Embedding]]]:
+def tied_embeddings(model: nn.Module) -> dict[int, list[tuple[str, nn.Embedding]]]:
+    """{id(weight): [(name, embedding)]}: every nn.Embedding by the tensor it holds (a tied head shares one)."""
     tied: dict[int, list[tuple[str, nn.Embedding]]] = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Embedding):
@@ -372,8 +399,8 @@ def quantize_(model: nn.Module, config: QuantConfig, step: str = "prepare") -> l
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise EdgestillError(f"{type(model).__name__} has no nn.Linear modules to quantize")
-    _check_patterns_used(config, [name for name, _ in linears])
-    tied = _tied_embeddings(model)
+    check_patterns_used(config, [name for name, _ in linears])
+    tied = tied_embeddings(model)
 
     report = []
     for name, linear in linears:
@@ -389,7 +416,7 @@ def quantize_(model: nn.Module, config: QuantConfig, step: str = "prepare") -> l
             if isinstance(linear, FakeQuantLinear):
                 raise EdgestillError(f"{name} is already prepared for QAT; "
                                      "call quantize_(..., step='convert')")
-            if config.activations is not None and not isinstance(fmt, GGUF_FORMATS):
+            if config.activations is not None and _vec_dot_type(fmt) is None:
                 raise EdgestillError(f"{name}: activations={config.activations!r} needs a GGUF format, "
                                      f"got {fmt}")
             _replace(model, name, FakeQuantLinear(linear, fmt, activations=config.activations))

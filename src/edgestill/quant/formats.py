@@ -26,6 +26,17 @@ ONNX Runtime:
 
 A row that a GGUF block does not divide is never quantized silently: `fake_quant` raises, and
 `resolve_format` picks the documented fallback (see there).
+
+Each format also has `block_quantizer(block)`: its coding rule with the scales fixed from one block's
+current weights, which is what GPTQ (gptq.py) quantizes a column with.
+
+The registry (`REGISTRY`, at the end of this file) is the one list of formats: one FormatSpec per
+format with its short name (`q4_0`: recipes, the CLI, plans), its class, and what each part of
+edgestill may do with it (train it with QAT every step, plan it, time it in the host benchmark,
+export it to ONNX with an exact op, run GPTQ with it; its GGUF file type, llama.cpp activation type,
+block scale fields and row fallback). Config validation, the CLI's choices, the GGUF and ONNX export
+types, GPTQ, the planner and the host benchmark all read it, so a new format is its class and its
+registry entry here, plus its test.
 """
 
 from __future__ import annotations
@@ -44,7 +55,7 @@ from edgestill.quant import q4_k
 
 # --- float32 helpers that match C and numpy exactly ------------------------------------------------
 
-def _div(a: torch.Tensor, b: float) -> torch.Tensor:
+def f32_div(a: torch.Tensor, b: float) -> torch.Tensor:
     """a / b rounded once. (`t / 3.0` with a Python scalar multiplies by a rounded reciprocal on CUDA.)"""
     return a / torch.tensor(b, dtype=torch.float32, device=a.device)
 
@@ -54,7 +65,7 @@ def _inverse(d: torch.Tensor) -> torch.Tensor:
     return torch.where(d == 0, 0.0, torch.ones_like(d) / d)
 
 
-def _fp16(x: torch.Tensor) -> torch.Tensor:
+def round_to_fp16(x: torch.Tensor) -> torch.Tensor:
     """Round to fp16 (nearest even, as numpy and ggml do) and back to float32."""
     return x.to(torch.float16).to(torch.float32)
 
@@ -88,32 +99,75 @@ def _signed_absmax(blocks: torch.Tensor) -> torch.Tensor:
 
 def _q8_0(w: torch.Tensor) -> torch.Tensor:
     blocks = _blocks(w, 32, "Q8_0")  # (n, 32)
-    d = _div(blocks.abs().amax(-1, keepdim=True), 127)  # (n, 1)
+    d = f32_div(blocks.abs().amax(-1, keepdim=True), 127)  # (n, 1)
     q = _round_half_away(blocks * _inverse(d)).to(torch.int8)
-    return (q.float() * _fp16(d)).reshape(w.shape)
+    return (q.float() * round_to_fp16(d)).reshape(w.shape)
 
 
 def _q4_0(w: torch.Tensor) -> torch.Tensor:
     blocks = _blocks(w, 32, "Q4_0")
-    d = _div(_signed_absmax(blocks), -8)  # the signed max maps to code 0, i.e. to -8 * d
+    d = f32_div(_signed_absmax(blocks), -8)  # the signed max maps to code 0, i.e. to -8 * d
     q = torch.trunc(blocks * _inverse(d) + 8.5).clamp(0, 15).to(torch.uint8)
-    return (_fp16(d) * (q.to(torch.int8) - 8).float()).reshape(w.shape)
+    return (round_to_fp16(d) * (q.to(torch.int8) - 8).float()).reshape(w.shape)
 
 
 def _q5_0(w: torch.Tensor) -> torch.Tensor:
     blocks = _blocks(w, 32, "Q5_0")
-    d = _div(_signed_absmax(blocks), -16)
+    d = f32_div(_signed_absmax(blocks), -16)
     q = torch.trunc(blocks * _inverse(d) + 16.5).clamp(0, 31).to(torch.uint8)
-    return (_fp16(d) * (q.to(torch.int8) - 16).float()).reshape(w.shape)
+    return (round_to_fp16(d) * (q.to(torch.int8) - 16).float()).reshape(w.shape)
 
 
 def _affine(w: torch.Tensor, levels: int, name: str) -> torch.Tensor:
     """Q4_1 (levels 15) and Q5_1 (levels 31): d = (max - min) / levels, w_hat = d * q + min."""
     blocks = _blocks(w, 32, name)
     bmin, bmax = blocks.amin(-1, keepdim=True), blocks.amax(-1, keepdim=True)  # (n, 1)
-    d = _div(bmax - bmin, levels)
+    d = f32_div(bmax - bmin, levels)
     q = torch.trunc((blocks - bmin) * _inverse(d) + 0.5).clamp(0, levels).to(torch.uint8)
-    return (_fp16(d) * q.float() + _fp16(bmin)).reshape(w.shape)
+    return (round_to_fp16(d) * q.float() + round_to_fp16(bmin)).reshape(w.shape)
+
+
+# --- static-scale coders, one format block at a time (GPTQ, gptq.py) -----------------------------------
+#
+# Each takes a block's current weights (rows, g) in their original column order and returns dequant(x, cols):
+# the format's own coding rule with this block's scales, for values x (rows, n) at the block positions `cols`
+# (a slice), plus the positions (rows, A) of the weights that set the scales (None when no single weight
+# does). The arithmetic mirrors the fake_quant functions above operation for operation.
+
+def _q8_0_block(block: torch.Tensor):
+    d = f32_div(block.abs().amax(-1, keepdim=True), 127)  # (rows, 1)
+    inv, d16 = _inverse(d), round_to_fp16(d)
+
+    def dequant(x, cols):
+        q = _round_half_away(x * inv).clamp(-127, 127).to(torch.int8)  # an updated weight may overshoot
+        return q.float() * d16
+
+    return dequant, block.abs().argmax(-1, keepdim=True)
+
+
+def _symmetric_block(block: torch.Tensor, half: int):
+    """Q4_0 (half 8) and Q5_0 (half 16): d = signed absmax / -half, codes trunc(x/d + half + 0.5)."""
+    d = f32_div(_signed_absmax(block), -half)  # (rows, 1)
+    inv, d16 = _inverse(d), round_to_fp16(d)
+
+    def dequant(x, cols):
+        q = torch.trunc(x * inv + (half + 0.5)).clamp(0, 2 * half - 1).to(torch.uint8)
+        return d16 * (q.to(torch.int8) - half).float()
+
+    return dequant, block.abs().argmax(-1, keepdim=True)
+
+
+def _affine_block(block: torch.Tensor, levels: int):
+    """Q4_1 (levels 15) and Q5_1 (levels 31): d = (max - min) / levels, w = d * q + min."""
+    bmin, bmax = block.amin(-1, keepdim=True), block.amax(-1, keepdim=True)  # (rows, 1)
+    d = f32_div(bmax - bmin, levels)
+    inv, d16, min16 = _inverse(d), round_to_fp16(d), round_to_fp16(bmin)
+
+    def dequant(x, cols):
+        q = torch.trunc((x - bmin) * inv + 0.5).clamp(0, levels).to(torch.uint8)
+        return d16 * q.float() + min16
+
+    return dequant, torch.cat([block.argmin(-1, keepdim=True), block.argmax(-1, keepdim=True)], -1)
 
 
 class _GGUFBlocks:
@@ -143,7 +197,10 @@ class GGUFF16:
         return 2 * shape[0] * shape[1]
 
     def fake_quant(self, w: torch.Tensor) -> torch.Tensor:
-        return _fp16(w.detach())
+        return round_to_fp16(w.detach())
+
+    def block_quantizer(self, block: torch.Tensor):
+        return (lambda x, cols: round_to_fp16(x)), None
 
 
 def _gguf_bytes(fmt, shape: tuple[int, int]) -> int:
@@ -162,6 +219,9 @@ class GGUFQ8_0(_GGUFBlocks):
     def fake_quant(self, w: torch.Tensor) -> torch.Tensor:
         return _q8_0(w)
 
+    def block_quantizer(self, block: torch.Tensor):
+        return _q8_0_block(block)
+
 
 @dataclass(frozen=True)
 class GGUFQ4_0(_GGUFBlocks):
@@ -174,6 +234,9 @@ class GGUFQ4_0(_GGUFBlocks):
 
     def fake_quant(self, w: torch.Tensor) -> torch.Tensor:
         return _q4_0(w)
+
+    def block_quantizer(self, block: torch.Tensor):
+        return _symmetric_block(block, 8)
 
 
 @dataclass(frozen=True)
@@ -188,6 +251,9 @@ class GGUFQ4_1(_GGUFBlocks):
     def fake_quant(self, w: torch.Tensor) -> torch.Tensor:
         return _affine(w, 15, "Q4_1")
 
+    def block_quantizer(self, block: torch.Tensor):
+        return _affine_block(block, 15)
+
 
 @dataclass(frozen=True)
 class GGUFQ5_0(_GGUFBlocks):
@@ -201,6 +267,9 @@ class GGUFQ5_0(_GGUFBlocks):
     def fake_quant(self, w: torch.Tensor) -> torch.Tensor:
         return _q5_0(w)
 
+    def block_quantizer(self, block: torch.Tensor):
+        return _symmetric_block(block, 16)
+
 
 @dataclass(frozen=True)
 class GGUFQ5_1(_GGUFBlocks):
@@ -213,6 +282,9 @@ class GGUFQ5_1(_GGUFBlocks):
 
     def fake_quant(self, w: torch.Tensor) -> torch.Tensor:
         return _affine(w, 31, "Q5_1")
+
+    def block_quantizer(self, block: torch.Tensor):
+        return _affine_block(block, 31)
 
 
 @dataclass(frozen=True)
@@ -231,13 +303,30 @@ class GGUFQ4_K(_GGUFBlocks):
         _check_rows(w, self.block_size, "Q4_K")
         return q4_k.fake_quant_q4_k(w.reshape(-1, w.shape[-1])).reshape(w.shape)
 
+    def block_quantizer(self, block: torch.Tensor):
+        """One 256-column super-block: llama.cpp's scale/min search at entry, then its final coding rule.
+
+        No weight can be pinned: the scales come from a least-squares search, not from the extremes.
+        """
+        d, dmin, sc, m, _ = q4_k.q4_k_codes(block)
+        d_col = (d.float()[:, None] * sc.float()).repeat_interleave(q4_k.SUB, dim=1)  # (rows, 256)
+        dm_col = (dmin.float()[:, None] * m.float()).repeat_interleave(q4_k.SUB, dim=1)
+
+        def dequant(x, cols):
+            ds, dm = d_col[:, cols], dm_col[:, cols]
+            q = torch.round((x + dm) / ds).clamp(0, 15)
+            q = torch.where(ds != 0, q, 0.0)  # a zero sub-block scale: every code dequantizes to -dm
+            return ds * q - dm
+
+        return dequant, None
+
 
 # --- ONNX Runtime formats ------------------------------------------------------------------------------
 
 def int8_per_channel_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 codes (N, K) and float32 scales (N,) of a (N, K) weight; zero point 0 (not stored)."""
     w = w.detach().to(torch.float32)
-    scale = _div(w.abs().amax(-1), 127)  # (N,) == ORT's 2*absmax / 254, computed in float64 then rounded
+    scale = f32_div(w.abs().amax(-1), 127)  # (N,) == ORT's 2*absmax / 254, computed in float64 then rounded
     scale = torch.where(scale < torch.finfo(torch.float32).tiny, 1.0, scale)  # ORT's guard for a zero row
     q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)  # numpy round: half to even
     return q, scale
@@ -262,6 +351,15 @@ class Int8PerChannel:
     def fake_quant(self, w: torch.Tensor) -> torch.Tensor:
         q, scale = int8_per_channel_codes(w.reshape(-1, w.shape[-1]))
         return (q.float() * scale[:, None]).reshape(w.shape)
+
+    def block_quantizer(self, block: torch.Tensor):
+        scale = f32_div(block.abs().amax(-1, keepdim=True), 127)  # (rows, 1), the whole row
+        scale = torch.where(scale < torch.finfo(torch.float32).tiny, 1.0, scale)
+
+        def dequant(x, cols):
+            return torch.round(x / scale).clamp(-127, 127).to(torch.int8).float() * scale
+
+        return dequant, block.abs().argmax(-1, keepdim=True)
 
 
 @dataclass(frozen=True)
@@ -310,11 +408,11 @@ class Int4Block:
         if self.symmetric:
             bmin, bmax = x.amin(-1), x.amax(-1)
             signed_max = torch.where(bmax.abs() > bmin.abs(), bmax, bmin)  # MLAS range2scale
-            scale = _div(signed_max, -8)
+            scale = f32_div(signed_max, -8)
             zero_point = torch.full_like(scale, 8)
         else:
             bmin, bmax = x.amin(-1).clamp(max=0), x.amax(-1).clamp(min=0)  # MLAS range2scalezp
-            scale = _div(bmax - bmin, 15)
+            scale = f32_div(bmax - bmin, 15)
             zp = torch.where(scale != 0, -(bmin / torch.where(scale != 0, scale, 1.0)), bmin)
             zero_point = _round_half_away(zp.clamp(0, 15))
         q = _round_half_away(x * _inverse(scale)[..., None] + zero_point[..., None]).clamp(0, 15)
@@ -325,6 +423,20 @@ class Int4Block:
         q, scale, zero_point = self.codes(flat)
         w_hat = (q.float() - zero_point.float()[..., None]) * scale[..., None]  # the op's (q - zp) * scale
         return w_hat.reshape(flat.shape[0], -1)[:, : flat.shape[1]].reshape(w.shape)
+
+    def block_quantizer(self, block: torch.Tensor):
+        _, scale, zero_point = self.codes(block)  # (rows, 1) each: the block (a partial last one is padded)
+        inv, zp = _inverse(scale), zero_point.float()
+
+        def dequant(x, cols):
+            q = _round_half_away(x * inv + zp).clamp(0, 15).to(torch.uint8)
+            return (q.float() - zp) * scale
+
+        lo, hi = block.argmin(-1, keepdim=True), block.argmax(-1, keepdim=True)
+        if self.symmetric:  # MLAS: the max if |max| > |min|, else the min
+            bmin, bmax = block.gather(-1, lo).clamp(max=0), block.gather(-1, hi).clamp(min=0)
+            return dequant, torch.where(bmax.abs() > bmin.abs(), hi, lo)
+        return dequant, torch.cat([lo, hi], -1)
 
 
 def pack_matmul_nbits(w: torch.Tensor, fmt: Int4Block) -> dict[str, np.ndarray | None]:
@@ -344,11 +456,118 @@ def pack_matmul_nbits(w: torch.Tensor, fmt: Int4Block) -> dict[str, np.ndarray |
     return {"B": packed, "scales": scale.cpu().numpy(), "zero_points": zero_points}
 
 
-# --- every format, fallbacks, GGUF bytes -----------------------------------------------------------
+# --- the registry: every format, and what edgestill may do with it ----------------------------------------
 
-Format = Union[GGUFF16, GGUFQ8_0, GGUFQ4_0, GGUFQ4_1, GGUFQ5_0, GGUFQ5_1, GGUFQ4_K, Int8PerChannel, Int4Block]
-FORMATS = (GGUFF16, GGUFQ8_0, GGUFQ4_0, GGUFQ4_1, GGUFQ5_0, GGUFQ5_1, GGUFQ4_K, Int8PerChannel, Int4Block)
-GGUF_FORMATS = (GGUFF16, GGUFQ8_0, GGUFQ4_0, GGUFQ4_1, GGUFQ5_0, GGUFQ5_1, GGUFQ4_K)
+@dataclass(frozen=True)
+class FormatSpec:
+    """One format of the registry: its short name, its class, and what each part of edgestill may do with it.
+
+    name          what recipes, the CLI and plans call it (`quant.format: q4_0`, `--type q4_0`); for a GGUF
+                  format also the GGUF export's tensor type, its ggml type in lower case
+    cls           the Format class (`cls()` is the format with its default settings)
+    file_type     GGUF: general.file_type (a gguf.LlamaFileType name) of a file whose 2-D weights are mostly
+                  in this format, as llama.cpp labels it
+    vec_dot_type  GGUF: what llama.cpp's CPU backend rounds a matmul input to for weights in this format
+                  (ggml-cpu.c type_traits_cpu: q8_0, q8_1, q8_k or f16); QuantConfig(activations="llama.cpp")
+    scale_fields  GGUF: fp16 fields (the scale, then the min) that open every block
+    fallback      GGUF: the format llama.cpp stores a row in when this format's block does not divide it
+                  (its K-quant rule; F16 when that block does not divide it either); None: F16 directly
+    qat           fake-quantized every training step on a CPU: recipes' quant.format / quant.plan and
+                  `edgestill quantize --type` take it (config.validate)
+    gptq          gptq_quantize_ quantizes with it (its block_quantizer)
+    onnx          export_onnx stores it with an exact ONNX operator (`edgestill export --format onnx --type`)
+    plan          the planner and the cost model price it (plan/cost.py prices llama.cpp: GGUF formats only)
+    plan_default  a default candidate of `edgestill plan`, `shrink --device` and `sweep` (students are
+                  trained in it, so it needs qat)
+    hostbench     the host benchmark times llama.cpp on it (plan/hostbench.py)
+    """
+
+    name: str
+    cls: type
+    file_type: str | None = None
+    vec_dot_type: str | None = None
+    scale_fields: int = 0
+    fallback: str | None = None
+    qat: bool = False
+    gptq: bool = False
+    onnx: bool = False
+    plan: bool = False
+    plan_default: bool = False
+    hostbench: bool = False
+
+    @property
+    def ggml_type(self) -> str | None:
+        """GGUF: the ggml tensor type (a gguf.GGMLQuantizationType name such as 'Q4_0'); None otherwise."""
+        return getattr(self.cls, "ggml_type", None)
+
+    @property
+    def gguf(self) -> bool:
+        """Stored in GGUF files (llama.cpp runs it)."""
+        return self.ggml_type is not None
+
+    @property
+    def quantized(self) -> bool:
+        """Fewer bits than fp16."""
+        return self.cls().bits_per_weight < 16
+
+
+# GGUF formats from the most bits per weight to the fewest, then ONNX Runtime's own formats. Every list
+# derived from the registry keeps this order (CLI choices, the planner's default candidates, host benchmark).
+REGISTRY: tuple[FormatSpec, ...] = (
+    FormatSpec("f16", GGUFF16, file_type="MOSTLY_F16", vec_dot_type="f16",
+               qat=True, gptq=True, plan=True, hostbench=True),
+    FormatSpec("q8_0", GGUFQ8_0, file_type="MOSTLY_Q8_0", vec_dot_type="q8_0", scale_fields=1,
+               qat=True, gptq=True, onnx=True, plan=True, plan_default=True, hostbench=True),
+    FormatSpec("q5_1", GGUFQ5_1, file_type="MOSTLY_Q5_1", vec_dot_type="q8_1", scale_fields=2,
+               qat=True, gptq=True, plan=True, hostbench=True),
+    FormatSpec("q5_0", GGUFQ5_0, file_type="MOSTLY_Q5_0", vec_dot_type="q8_0", scale_fields=1,
+               qat=True, gptq=True, plan=True, plan_default=True, hostbench=True),
+    FormatSpec("q4_1", GGUFQ4_1, file_type="MOSTLY_Q4_1", vec_dot_type="q8_1", scale_fields=2,
+               qat=True, gptq=True, plan=True, hostbench=True),
+    FormatSpec("q4_0", GGUFQ4_0, file_type="MOSTLY_Q4_0", vec_dot_type="q8_0", scale_fields=1,
+               qat=True, gptq=True, onnx=True, plan=True, plan_default=True, hostbench=True),
+    # Not qat: its scale search (q4_k.py) takes ~10 s per layer of a 135M model on 2 cores. File type: of
+    # llama-quantize's Q4_K mixes, Q4_K_S is the one with (nearly) every matrix in Q4_K, as this export has.
+    FormatSpec("q4_k", GGUFQ4_K, file_type="MOSTLY_Q4_K_S", vec_dot_type="q8_k", scale_fields=2, fallback="q5_0",
+               gptq=True, plan=True, hostbench=True),
+    FormatSpec("int8", Int8PerChannel, gptq=True, onnx=True),
+    FormatSpec("int4", Int4Block, gptq=True, onnx=True),
+)
+
+FORMATS = tuple(spec.cls for spec in REGISTRY)
+GGUF_FORMATS = tuple(spec.cls for spec in REGISTRY if spec.gguf)
+Format = Union[FORMATS]  # every format config (a typing alias built from the registry)
+# Short names for recipes and the CLI (`quant.format: q4_0`, `--quant q4_0`).
+FORMAT_NAMES: dict[str, type] = {spec.name: spec.cls for spec in REGISTRY}
+_SPEC_OF_NAME = {spec.name: spec for spec in REGISTRY}
+_SPEC_OF_CLASS = {spec.cls: spec for spec in REGISTRY}
+_CLASS_NAMES = {spec.cls.__name__: spec.cls for spec in REGISTRY}
+_CAPABILITIES = ("gguf", "quantized", "qat", "gptq", "onnx", "plan", "plan_default", "hostbench")
+
+
+def format_names(**capabilities: bool) -> tuple[str, ...]:
+    """Short names of the formats that have all these capabilities, in registry order.
+
+    format_names(qat=True) -> ('f16', 'q8_0', ...); format_names(gguf=True); format_names(onnx=True, gguf=False).
+    Capabilities: gguf, quantized and FormatSpec's flags (qat, gptq, onnx, plan, plan_default, hostbench).
+    """
+    unknown = set(capabilities) - set(_CAPABILITIES)
+    if unknown:
+        raise TypeError(f"format_names: unknown capabilities {sorted(unknown)}; use {', '.join(_CAPABILITIES)}")
+    return tuple(spec.name for spec in REGISTRY
+                 if all(getattr(spec, key) == bool(value) for key, value in capabilities.items()))
+
+
+def format_spec(fmt) -> FormatSpec:
+    """The registry entry of a format: a Format, a Format class, or a name (`q4_0`, any case, or 'Q4_0')."""
+    if isinstance(fmt, type) and fmt in _SPEC_OF_CLASS:
+        return _SPEC_OF_CLASS[fmt]
+    if type(fmt) in _SPEC_OF_CLASS:
+        return _SPEC_OF_CLASS[type(fmt)]
+    spec = _SPEC_OF_NAME.get(str(fmt).lower()) if isinstance(fmt, str) else None
+    if spec is None:
+        raise EdgestillError(f"unknown quantization format '{fmt}'; choose one of {', '.join(FORMAT_NAMES)}")
+    return spec
 
 
 def resolve_format(fmt: Format, in_features: int) -> tuple[Format, str | None]:
@@ -363,10 +582,11 @@ def resolve_format(fmt: Format, in_features: int) -> tuple[Format, str | None]:
     if fmt.supports(in_features):
         return fmt, None
     why = f"rows of {in_features} weights are not a multiple of {fmt.ggml_type}'s block of {fmt.block_size}"
-    if isinstance(fmt, GGUFQ4_K) and GGUFQ5_0().supports(in_features):
-        return GGUFQ5_0(), f"{why}; Q5_0 as llama.cpp's llama_tensor_get_type does"
-    is_k_quant = isinstance(fmt, GGUFQ4_K)
-    source = "llama.cpp's rule for K-quants" if is_k_quant else "what convert_hf_to_gguf.py does"
+    fallback = format_spec(fmt).fallback  # the formats with one are llama.cpp's K-quants
+    if fallback is not None and format_by_name(fallback).supports(in_features):
+        stored = format_by_name(fallback)
+        return stored, f"{why}; {stored.ggml_type} as llama.cpp's llama_tensor_get_type does"
+    source = "llama.cpp's rule for K-quants" if fallback is not None else "what convert_hf_to_gguf.py does"
     return GGUFF16(), f"{why}; F16, {source}"
 
 
@@ -394,28 +614,29 @@ def format_to_dict(fmt: Format) -> dict[str, Any]:
 
 
 def format_from_dict(data: dict[str, Any] | str) -> Format:
-    """Inverse of format_to_dict; a bare class name ("GGUFQ4_K") is accepted too."""
+    """Inverse of format_to_dict; a bare class name ("GGUFQ4_K") or short name ("q4_k", any case) is accepted too."""
     data = {"format": data} if isinstance(data, str) else dict(data)
-    by_name = {cls.__name__: cls for cls in FORMATS}
     name = data.pop("format", None)
-    if name not in by_name:
-        raise EdgestillError(f"unknown quantization format {name!r}; choose one of {', '.join(by_name)}")
+    cls = (_CLASS_NAMES.get(name) or FORMAT_NAMES.get(name.lower())) if isinstance(name, str) else None
+    if cls is None:
+        raise EdgestillError(f"unknown quantization format {name!r}; choose one of {', '.join(FORMAT_NAMES)} "
+                             f"(or a class name: {', '.join(_CLASS_NAMES)})")
     try:
-        return by_name[name](**data)
+        return cls(**data)
     except TypeError as e:
-        raise EdgestillError(f"{name}: {e}") from None
-
-
-# Short names for recipes and the CLI (`quant.format: q4_0`, `--quant q4_0`).
-FORMAT_NAMES: dict[str, type] = {
-    "f16": GGUFF16, "q8_0": GGUFQ8_0, "q4_0": GGUFQ4_0, "q4_1": GGUFQ4_1, "q5_0": GGUFQ5_0,
-    "q5_1": GGUFQ5_1, "q4_k": GGUFQ4_K, "int8": Int8PerChannel, "int4": Int4Block,
-}
+        raise EdgestillError(f"{cls.__name__}: {e}") from None
 
 
 def format_by_name(name: str) -> Format:
     """`q4_0` -> GGUFQ4_0(); the names recipes use."""
-    cls = FORMAT_NAMES.get(str(name).lower())
-    if cls is None:
-        raise EdgestillError(f"unknown quantization format '{name}'; choose one of {', '.join(FORMAT_NAMES)}")
-    return cls()
+    return format_spec(str(name)).cls()
+
+
+def format_name(fmt: Format) -> str:
+    """GGUFQ4_0() -> 'q4_0' (the names recipes and plans use)."""
+    return format_spec(fmt).name
+
+
+def as_format(value: Format | str | dict[str, Any]) -> Format:
+    """A format from any way edgestill writes one: a Format, a short name (`q4_0`), a class name or format_to_dict's dict."""
+    return value if isinstance(value, FORMATS) else format_from_dict(value)

@@ -97,33 +97,15 @@ from torch import nn
 
 from edgestill.errors import EdgestillError
 from edgestill.progress import progress_bar
-from edgestill.quant import q4_k
 from edgestill.quant.fake_quant import (
     FakeQuantLinear,
     LayerReport,
     QuantConfig,
-    _check_patterns_used,
-    _tied_embeddings,
+    check_patterns_used,
     quantize_,
+    tied_embeddings,
 )
-from edgestill.quant.formats import (
-    GGUFF16,
-    GGUFQ4_0,
-    GGUFQ4_1,
-    GGUFQ4_K,
-    GGUFQ5_0,
-    GGUFQ5_1,
-    GGUFQ8_0,
-    Format,
-    Int4Block,
-    Int8PerChannel,
-    _div,
-    _fp16,
-    _inverse,
-    _round_half_away,
-    _signed_absmax,
-    resolve_format,
-)
+from edgestill.quant.formats import FORMATS, Format, format_names, format_spec, resolve_format
 
 
 def rtn_quantize_(model: nn.Module, config: QuantConfig) -> list[LayerReport]:
@@ -131,107 +113,15 @@ def rtn_quantize_(model: nn.Module, config: QuantConfig) -> list[LayerReport]:
     return quantize_(model, config, step="convert")
 
 
-# --- one format block, quantized with static scales ------------------------------------------------------
-#
-# Each _enter_* takes a block's current weights (rows, g) in their original column order and returns
-# dequant(x, cols): the format's own coding rule with this block's scales, for values x (rows, n) at the
-# block positions `cols` (a slice), plus the positions (rows, A) of the weights that set the scales (None
-# when no single weight does). The arithmetic mirrors formats.py operation for operation.
-
-def _enter_q8_0(block: torch.Tensor):
-    d = _div(block.abs().amax(-1, keepdim=True), 127)  # (rows, 1)
-    inv, d16 = _inverse(d), _fp16(d)
-
-    def dequant(x, cols):
-        q = _round_half_away(x * inv).clamp(-127, 127).to(torch.int8)  # an updated weight may overshoot
-        return q.float() * d16
-
-    return dequant, block.abs().argmax(-1, keepdim=True)
-
-
-def _enter_symmetric(block: torch.Tensor, half: int):
-    """Q4_0 (half 8) and Q5_0 (half 16): d = signed absmax / -half, codes trunc(x/d + half + 0.5)."""
-    d = _div(_signed_absmax(block), -half)  # (rows, 1)
-    inv, d16 = _inverse(d), _fp16(d)
-
-    def dequant(x, cols):
-        q = torch.trunc(x * inv + (half + 0.5)).clamp(0, 2 * half - 1).to(torch.uint8)
-        return d16 * (q.to(torch.int8) - half).float()
-
-    return dequant, block.abs().argmax(-1, keepdim=True)
-
-
-def _enter_affine(block: torch.Tensor, levels: int):
-    """Q4_1 (levels 15) and Q5_1 (levels 31): d = (max - min) / levels, w = d * q + min."""
-    bmin, bmax = block.amin(-1, keepdim=True), block.amax(-1, keepdim=True)  # (rows, 1)
-    d = _div(bmax - bmin, levels)
-    inv, d16, min16 = _inverse(d), _fp16(d), _fp16(bmin)
-
-    def dequant(x, cols):
-        q = torch.trunc((x - bmin) * inv + 0.5).clamp(0, levels).to(torch.uint8)
-        return d16 * q.float() + min16
-
-    return dequant, torch.cat([block.argmin(-1, keepdim=True), block.argmax(-1, keepdim=True)], -1)
-
-
-def _enter_q4_k(block: torch.Tensor):
-    """One 256-column super-block: llama.cpp's scale/min search at entry, then its final coding rule."""
-    d, dmin, sc, m, _ = q4_k.q4_k_codes(block)
-    d_col = (d.float()[:, None] * sc.float()).repeat_interleave(q4_k.SUB, dim=1)  # (rows, 256)
-    dm_col = (dmin.float()[:, None] * m.float()).repeat_interleave(q4_k.SUB, dim=1)
-
-    def dequant(x, cols):
-        ds, dm = d_col[:, cols], dm_col[:, cols]
-        q = torch.round((x + dm) / ds).clamp(0, 15)
-        q = torch.where(ds != 0, q, 0.0)  # a zero sub-block scale: every code dequantizes to -dm
-        return ds * q - dm
-
-    return dequant, None
-
-
-def _enter_int8_per_channel(block: torch.Tensor):
-    scale = _div(block.abs().amax(-1, keepdim=True), 127)  # (rows, 1), the whole row
-    scale = torch.where(scale < torch.finfo(torch.float32).tiny, 1.0, scale)
-
-    def dequant(x, cols):
-        return torch.round(x / scale).clamp(-127, 127).to(torch.int8).float() * scale
-
-    return dequant, block.abs().argmax(-1, keepdim=True)
-
-
-def _enter_int4_block(block: torch.Tensor, fmt: Int4Block):
-    _, scale, zero_point = fmt.codes(block)  # (rows, 1) each: the block (a partial last one is padded)
-    inv, zp = _inverse(scale), zero_point.float()
-
-    def dequant(x, cols):
-        q = _round_half_away(x * inv + zp).clamp(0, 15).to(torch.uint8)
-        return (q.float() - zp) * scale
-
-    lo, hi = block.argmin(-1, keepdim=True), block.argmax(-1, keepdim=True)
-    if fmt.symmetric:  # MLAS: the max if |max| > |min|, else the min
-        bmin, bmax = block.gather(-1, lo).clamp(max=0), block.gather(-1, hi).clamp(min=0)
-        return dequant, torch.where(bmax.abs() > bmin.abs(), hi, lo)
-    return dequant, torch.cat([lo, hi], -1)
-
-
 def _enter(fmt: Format, block: torch.Tensor) -> Callable[[torch.Tensor, int], torch.Tensor]:
-    """The quantizer of one block: quantize(column (rows,), position in block) -> dequantized (rows,)."""
-    if isinstance(fmt, GGUFQ8_0):
-        dequant, anchors = _enter_q8_0(block)
-    elif isinstance(fmt, (GGUFQ4_0, GGUFQ5_0)):
-        dequant, anchors = _enter_symmetric(block, 8 if isinstance(fmt, GGUFQ4_0) else 16)
-    elif isinstance(fmt, (GGUFQ4_1, GGUFQ5_1)):
-        dequant, anchors = _enter_affine(block, 15 if isinstance(fmt, GGUFQ4_1) else 31)
-    elif isinstance(fmt, GGUFQ4_K):
-        dequant, anchors = _enter_q4_k(block)
-    elif isinstance(fmt, Int8PerChannel):
-        dequant, anchors = _enter_int8_per_channel(block)
-    elif isinstance(fmt, Int4Block):
-        dequant, anchors = _enter_int4_block(block, fmt)
-    elif isinstance(fmt, GGUFF16):
-        dequant, anchors = (lambda x, cols: _fp16(x)), None
-    else:
-        raise EdgestillError(f"GPTQ has no quantizer for {fmt!r}")
+    """The quantizer of one block: quantize(column (rows,), position in block) -> dequantized (rows,).
+
+    The format's own static-scale coder (`fmt.block_quantizer`, formats.py) for the formats the registry
+    marks `gptq`: dequant(x, cols) with this block's scales, and the weights that set them (or None).
+    """
+    if not isinstance(fmt, FORMATS) or not format_spec(fmt).gptq:
+        raise EdgestillError(f"GPTQ has no quantizer for {fmt!r}; it takes {', '.join(format_names(gptq=True))}")
+    dequant, anchors = fmt.block_quantizer(block)
 
     if anchors is None:
         return lambda column, pos: dequant(column[:, None], slice(pos, pos + 1))[:, 0]
@@ -248,8 +138,9 @@ def _enter(fmt: Format, block: torch.Tensor) -> Callable[[torch.Tensor, int], to
 
 
 def _block_size(fmt: Format, in_features: int) -> int:
-    """Columns that share scales: the format block; the whole row for per-channel and scale-free formats."""
-    return in_features if isinstance(fmt, (Int8PerChannel, GGUFF16)) else fmt.block_size
+    """Columns that share scales: the format block; the whole row for per-channel (block_size None) and
+    scale-free (block_size 1) formats."""
+    return fmt.block_size if (fmt.block_size or 1) > 1 else in_features
 
 
 def _lazy_batches(groups: list[tuple[int, int]], block_columns: int) -> list[tuple[int, int]]:
@@ -472,14 +363,18 @@ def gptq_quantize_(model: nn.Module, config: QuantConfig, calibration: list[torc
     if any(isinstance(m, FakeQuantLinear) for _, m in linears):
         raise EdgestillError("gptq_quantize_ needs a float model; this one is prepared for QAT "
                              "(finish it with quantize_(..., step='convert'))")
-    _check_patterns_used(config, [name for name, _ in linears])
-    tied = _tied_embeddings(model)
+    check_patterns_used(config, [name for name, _ in linears])
+    tied = tied_embeddings(model)
 
     targets = {}  # name -> (Linear, requested, stored format, fallback reason)
     for name, linear in linears:
         requested = config.format_for(name)
         if requested is not None and id(linear.weight) not in tied:  # a tied lm_head is left to RTN
             targets[name] = (linear, requested, *resolve_format(requested, linear.in_features))
+    for name, (_, _, fmt, _) in targets.items():  # before any calibration pass
+        if not format_spec(fmt).gptq:
+            raise EdgestillError(f"GPTQ has no quantizer for {fmt!r} ({name}); it takes "
+                                 f"{', '.join(format_names(gptq=True))}")
 
     device = next(model.parameters()).device
     batches = [(b if b.dim() == 2 else b[None]).to(device) for b in calibration]  # (B, T)

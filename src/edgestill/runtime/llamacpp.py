@@ -1,8 +1,10 @@
-"""llama.cpp, through llama-cpp-python: per-position logits of a GGUF, and llama.cpp's own quantizer.
+"""llama.cpp, through llama-cpp-python: load a GGUF, its per-position logits, its speed, and llama.cpp's own quantizer.
 
-`llamacpp_logits` is the reference side of the export parity tests (the exported file, run by the
-engine people deploy, against eager transformers). `llamacpp_quantize` produces the llama.cpp-PTQ
-baseline (Q8_0, Q4_0, Q4_K_M, Q2_K, ...) from an f32/f16 GGUF, in-process.
+`LlamaCpp` / `llamacpp_logits` are the reference side of the export parity tests (the exported file, run by
+the engine people deploy, against eager transformers) and score GGUFs (evaluate.gguf_eval).
+`llamacpp_speed` times prefill and decode (plan.hostbench calibrates the cost model with it).
+`llamacpp_quantize` produces the llama.cpp-PTQ baseline (Q8_0, Q4_0, Q4_K_M, Q2_K, ...) from an f32/f16
+GGUF, in-process.
 
 llama-cpp-python is optional and imported only here, when called:
     pip install llama-cpp-python==0.3.36   # builds llama.cpp from source (~7 min on 2 cores)
@@ -11,6 +13,8 @@ llama-cpp-python is optional and imported only here, when called:
 from __future__ import annotations
 
 import os
+import statistics
+import time
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +48,7 @@ class LlamaCpp:
         kv_types = {"f16": llama_cpp.GGML_TYPE_F16, "f32": llama_cpp.GGML_TYPE_F32}
         if kv_type not in kv_types:
             raise EdgestillError(f"kv_type '{kv_type}' must be one of {', '.join(kv_types)}")
-        from edgestill.export.gguf import check_gguf
+        from edgestill.models.load import check_gguf
 
         check_gguf(gguf_path)
         self.path, self.n_ctx = Path(gguf_path), max(int(n_ctx), 16)
@@ -68,8 +72,6 @@ class LlamaCpp:
 
     def time_tokens(self, prompt_ids, decode_tokens: int) -> tuple[float, float]:
         """(prefill tokens/s, decode tokens/s): the prompt in one batch, then greedy tokens one at a time."""
-        import time
-
         self.llm.reset()
         t0 = time.perf_counter()
         self.llm.eval([int(t) for t in prompt_ids])
@@ -110,7 +112,7 @@ def llamacpp_quantize(src_gguf, dst_gguf, type_name: str, n_threads: int = 2, al
     blocks); that is the point of this baseline. Written atomically (tmp file + rename).
     """
     llama_cpp = _llama_cpp()
-    from edgestill.export.gguf import check_gguf
+    from edgestill.models.load import check_gguf
 
     check_gguf(src_gguf)
     key = type_name.upper()
@@ -141,20 +143,67 @@ def llamacpp_quantize(src_gguf, dst_gguf, type_name: str, n_threads: int = 2, al
     return dst
 
 
-def logit_parity(reference: np.ndarray, candidate: np.ndarray) -> dict:
-    """How closely two (T, V) logit arrays agree: top-1 agreement and absolute differences.
+# --- speed ---------------------------------------------------------------------------------------------
 
-    `logit_scale` (the reference's mean per-position max |logit|) puts the differences in proportion.
+def _rss_bytes(key: str) -> int | None:
+    """VmRSS / VmHWM of this process from /proc (Linux); None elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+    except OSError:
+        pass
+
+
+def llamacpp_speed(gguf_path, prompt_tokens: int = 64, decode_tokens: int = 24,
+                   threads: int = 2, repeats: int = 3, warmup: int = 1) -> dict:
+    """Prefill and decode tokens/s of a GGUF in llama.cpp (llama-cpp-python), `threads` threads.
+
+    Prefill: the prompt as one batch (logits of the last token only, as generation does). Decode: one
+    token per step right after it, KV cache f16 (llama.cpp's default). Medians, with min/max spread.
+    On Linux also the growth of peak RSS from before loading (mapped weights + KV cache + buffers).
     """
-    reference = np.asarray(reference, dtype=np.float32)
-    candidate = np.asarray(candidate, dtype=np.float32)
-    if reference.shape != candidate.shape:
-        raise EdgestillError(f"logit shapes differ: {reference.shape} vs {candidate.shape}")
-    diff = np.abs(reference - candidate)  # (T, V)
+    llama_cpp = _llama_cpp()
+    n_ctx = prompt_tokens + decode_tokens + 8
+    _reset_peak_rss()
+    rss_before = _rss_bytes("VmRSS")
+    try:
+        llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_batch=prompt_tokens, n_ubatch=prompt_tokens,
+                              n_threads=threads, n_threads_batch=threads, verbose=False)
+    except Exception as e:
+        raise EdgestillError(f"llama.cpp could not load '{gguf_path}' ({e.__class__.__name__}: {str(e)[:160]})") from None
+    n_vocab = llm.n_vocab()
+    prompt = [3 + (i * 7919) % (n_vocab - 3) for i in range(prompt_tokens)]
+    prefill, decode = [], []
+    try:
+        for i in range(warmup + repeats):
+            llm.reset()
+            t0 = time.perf_counter()
+            llm.eval(prompt)
+            t1 = time.perf_counter()
+            for j in range(decode_tokens):
+                llm.eval([prompt[j % prompt_tokens]])
+            t2 = time.perf_counter()
+            if i >= warmup:
+                prefill.append(prompt_tokens / (t1 - t0))
+                decode.append(decode_tokens / (t2 - t1))
+        peak_rss = _rss_bytes("VmHWM")
+    finally:
+        close = getattr(llm, "close", None)
+        if close is not None:
+            close()
     return {
-        "positions": int(reference.shape[0]),
-        "top1_agreement": float((reference.argmax(-1) == candidate.argmax(-1)).mean()),
-        "max_abs_diff": float(diff.max()),
-        "mean_abs_diff": float(diff.mean()),
-        "logit_scale": float(np.abs(reference).max(-1).mean()),
+        "peak_rss_growth_bytes": (peak_rss - rss_before) if peak_rss and rss_before else None,
+        "prefill_tokens_per_s": statistics.median(prefill), "prefill_tokens_per_s_spread": [min(prefill), max(prefill)],
+        "decode_tokens_per_s": statistics.median(decode), "decode_tokens_per_s_spread": [min(decode), max(decode)],
+        "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens, "threads": threads, "repeats": repeats,
+        "prefill_samples": prefill, "decode_samples": decode,
     }
