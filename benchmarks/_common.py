@@ -9,12 +9,21 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 
 
+# Captured when a benchmark script imports this module, i.e. when it starts: the load average before it ran.
+try:
+    from edgestill.evaluate.environment import measurement_start
+
+    START = measurement_start()
+except ImportError:  # edgestill not installed: write_result will say so
+    START = None
+
+
 def write_result(name: str, data: dict) -> Path:
     from edgestill.evaluate.environment import environment
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    payload = {"benchmark": name, **data, "environment": data.get("environment") or environment()}
+    payload = {"benchmark": name, **data, "environment": data.get("environment") or environment(start=START)}
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     os.replace(tmp, path)

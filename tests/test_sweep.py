@@ -99,6 +99,7 @@ def test_new_budgets_replan_from_the_saved_sensitivities(swept, monkeypatch):
     train = corpus_blocks(cfg.data, teacher.tokenizer).train
     again = make_plans(cfg, settings, teacher.model, np.asarray(train), 0, out)
     saved = json.loads((out / "plans.json").read_text())["plans"]
+    assert "dropped" in json.loads((out / "plans.json").read_text())  # budgets without a plan, with their reasons
     assert [p["plan"]["layers"] for p in again] == [p["plan"]["layers"] for p in saved]
 
 

@@ -209,9 +209,11 @@ def test_the_sweep_drops_an_impossible_budget_before_measuring(tiny_model_dir, t
 
     monkeypatch.setattr("edgestill.plan.sensitivity.layer_sensitivity", measured_after_the_warning)
     settings = SweepSettings(budgets=[0.5, 1e-5], device="rpi5-8gb", calibration_blocks=2)
+    recorded: list = []
     with caplog.at_level(logging.WARNING, logger="edgestill"):
-        plans = make_plans(cfg, settings, teacher, blocks, 0)
+        plans = make_plans(cfg, settings, teacher, blocks, 0, dropped=recorded)
     assert [p["budget_fraction"] for p in plans] == [0.5]
+    assert [d["budget_fraction"] for d in recorded] == [1e-5] and "no student can meet" in recorded[0]["reason"]
     dropped = [r.getMessage() for r in caplog.records if "dropped before planning" in r.getMessage()]
     assert len(dropped) == 1 and dropped[0].startswith("budget 1/100000 of the teacher dropped before planning: ")
     assert "(--budgets 1e-05 of the teacher)" in dropped[0] and "use --budgets no tighter than 1/" in dropped[0]

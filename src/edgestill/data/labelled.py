@@ -132,11 +132,9 @@ class LabelMap:
         return {"labels": list(self.labels), "label2id": self.label2id}
 
     def save(self, folder: str | Path) -> Path:
-        path = Path(folder) / LABEL_MAP_FILE
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-        return path
+        from edgestill.files import write_text_atomic
+
+        return write_text_atomic(Path(folder) / LABEL_MAP_FILE, json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
 
     @classmethod
     def load(cls, folder: str | Path) -> "LabelMap":

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
+
+from edgestill.files import atomic_path
 
 log = logging.getLogger("edgestill")
 
@@ -37,10 +38,8 @@ def copy_cache(source_run: Path | None, cache_dir: Path) -> None:
     source = Path(source_run) / "cache" / cache_dir.name if source_run is not None else None
     if source is None or not source.is_dir() or cache_dir.exists():
         return
-    tmp = cache_dir.with_name(cache_dir.name + ".copying")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp)
-    os.replace(tmp, cache_dir)
+    with atomic_path(cache_dir, "copying a teacher cache", is_dir=True) as tmp:
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
     log.info("teacher cache copied from %s (its fingerprint is checked before use)", source_run)
 
 

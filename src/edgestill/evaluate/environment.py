@@ -1,5 +1,11 @@
-"""What every result records (docs/references.md#measurement-conventions): command, git commit, machine,
-threads, date."""
+"""What every result records (docs/references.md#measurement-conventions): command, git commit and whether the
+tree was dirty, date, CPU model, threads, and the load average before and after the measurement (timings taken
+on a busy machine are wrong, and the record says so).
+
+    start = measurement_start()      # before the timed part
+    ...
+    record = environment(threads, start)
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,31 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 
-def environment(threads: int | None = None) -> dict:
+def cpu_model() -> str | None:
+    """The CPU's model name (/proc/cpuinfo on Linux; platform.processor() elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("model name", "hardware", "cpu model")):
+                return line.split(":", 1)[1].strip() or None
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages, or None where the OS has none."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def measurement_start() -> dict:
+    """The time and load average at the start of a measurement, for `environment(start=...)`."""
+    return {"date_start": datetime.now(timezone.utc).isoformat(timespec="seconds"), "load_average_before": load_average()}
+
+
+def environment(threads: int | None = None, start: dict | None = None) -> dict:
     import torch
 
     def git(*args: str) -> str | None:
@@ -27,6 +57,11 @@ def environment(threads: int | None = None) -> dict:
         "git_commit": commit,
         "git_dirty": None if commit is None else bool(git("status", "--porcelain", "--untracked-files=no")),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date_start": (start or {}).get("date_start"),
+        "cpu_model": cpu_model(),
+        "threads": threads if threads is not None else torch.get_num_threads(),
+        "load_average_before": (start or {}).get("load_average_before"),
+        "load_average_after": load_average(),
         "machine": platform.machine(),
         "processor": platform.processor() or None,
         "cpu_cores": os.cpu_count(),

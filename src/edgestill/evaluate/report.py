@@ -6,12 +6,11 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
-from edgestill.files import write_text_atomic
+from edgestill.files import atomic_path, write_text_atomic
 
 
 write_atomic = write_text_atomic  # the name the evaluate and sweep modules use
@@ -21,15 +20,11 @@ def save_figure(fig, path: Path, dpi: int = 110) -> None:
     """Write a matplotlib figure as PNG atomically (a temp file renamed over `path`) and close it."""
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
     try:
-        fig.savefig(tmp, dpi=dpi)
-        os.replace(tmp, path)
+        with atomic_path(path, f"saving {Path(path).name}") as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
 
 
 def plot_training(history: list[dict], path: Path) -> None:

@@ -94,6 +94,15 @@ def plot_shrink_curve(points: list[ShrinkPoint], path: Path, thresholds=(0.95, 0
     save_figure(fig, path, dpi=120)
 
 
+def _dropped_html(dropped: list[dict]) -> str:
+    """The budgets that have no point on the curve, each with the reason it was dropped."""
+    if not dropped:
+        return ""
+    items = "".join(f"<li>{d['max_file_bytes'] / 1e6:.1f} MB ({d['budget_fraction']:.4g} of the teacher): "
+                    f"{html.escape(d['reason'])}</li>" for d in dropped)
+    return f"<h2>Budgets without a point</h2><ul>{items}</ul>"
+
+
 def write_shrink_report(folder: Path, points: list[ShrinkPoint], meta: dict, thresholds=(0.95, 0.90)) -> dict:
     """shrink_curve.json, shrink_curve.png and a self-contained report.html in `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -119,6 +128,6 @@ def write_shrink_report(folder: Path, points: list[ShrinkPoint], meta: dict, thr
 <h2>Break points (most compressed measured point keeping the retention)</h2><ul>{bps}</ul>
 <h2>Points</h2><table><tr><th>series</th><th>model</th><th>compression_x_fp32</th><th>bytes</th><th>ppl</th>
 <th>retention</th><th>top-1</th></tr>{rows}</table>
-<p>{html.escape(meta.get('note', ''))}</p>"""
+<p>{html.escape(meta.get('note', ''))}</p>{_dropped_html(meta.get('dropped_budgets') or [])}"""
     write_atomic(folder / "report.html", page)
     return result

@@ -23,7 +23,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -31,10 +30,11 @@ from typing import Callable
 import numpy as np
 
 from edgestill.errors import EdgestillError
+from edgestill.files import atomic_path
 from edgestill.models.load import check_gguf
 
 # `gguf` is imported inside the functions so that importing edgestill stays fast.
-__all__ = ["ExportReport", "TENSOR_TYPES", "export_gguf", "permute_for_rope", "quantize_tensor"]
+__all__ = ["ExportReport", "export_gguf", "permute_for_rope", "quantize_tensor"]  # and TENSOR_TYPES (module __getattr__)
 
 # TENSOR_TYPES (what `tensor_type` takes): f32 and every GGUF format of edgestill.quant.formats.REGISTRY. It is
 # read on first use (module __getattr__ below): the registry's module loads torch, and importing this one should not.
@@ -371,65 +371,60 @@ def export_gguf(model, tokenizer, path, tensor_type: str = "f16", teacher_gguf=N
         raise EdgestillError(f"GGUF export handles rope types default, linear and llama3; this model uses '{rope['type']}'")
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     report = ExportReport(path=str(path), tensor_type=tensor_type.lower(), file_bytes=0, n_tensors=0,
                           tokenizer_source=str(teacher_gguf) if teacher_gguf is not None else "hf")
-    writer = gguf.GGUFWriter(str(tmp), "llama")
-    try:
-        name = Path(str(getattr(config, "_name_or_path", "") or "edgestill-student")).name or "edgestill-student"
-        writer.add_type("model")
-        writer.add_name(name)
-        writer.add_block_count(config.num_hidden_layers)
-        writer.add_context_length(int(getattr(config, "max_position_embeddings", 2048)))
-        writer.add_embedding_length(config.hidden_size)
-        writer.add_feed_forward_length(config.intermediate_size)
-        writer.add_head_count(n_head)
-        writer.add_head_count_kv(n_kv_head)
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-        writer.add_rope_dimension_count(head_dim)
-        writer.add_rope_freq_base(rope["theta"])
-        if rope["type"] == "linear":
-            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-            writer.add_rope_scaling_factor(float(rope["factor"]))
-        writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-        writer.add_vocab_size(n_vocab)
+    with atomic_path(path, "writing the GGUF") as tmp:  # all of the file under its name, or none of it
+        writer = gguf.GGUFWriter(str(tmp), "llama")
+        try:
+            name = Path(str(getattr(config, "_name_or_path", "") or "edgestill-student")).name or "edgestill-student"
+            writer.add_type("model")
+            writer.add_name(name)
+            writer.add_block_count(config.num_hidden_layers)
+            writer.add_context_length(int(getattr(config, "max_position_embeddings", 2048)))
+            writer.add_embedding_length(config.hidden_size)
+            writer.add_feed_forward_length(config.intermediate_size)
+            writer.add_head_count(n_head)
+            writer.add_head_count_kv(n_kv_head)
+            writer.add_key_length(head_dim)
+            writer.add_value_length(head_dim)
+            writer.add_rope_dimension_count(head_dim)
+            writer.add_rope_freq_base(rope["theta"])
+            if rope["type"] == "linear":
+                writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+                writer.add_rope_scaling_factor(float(rope["factor"]))
+            writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+            writer.add_vocab_size(n_vocab)
 
-        if teacher_gguf is not None:
-            _copy_tokenizer_fields(writer, Path(teacher_gguf), n_vocab)
-        else:
-            _write_hf_tokenizer(writer, _hf_tokenizer_metadata(tokenizer, n_vocab))
+            if teacher_gguf is not None:
+                _copy_tokenizer_fields(writer, Path(teacher_gguf), n_vocab)
+            else:
+                _write_hf_tokenizer(writer, _hf_tokenizer_metadata(tokenizer, n_vocab))
 
-        extra = []
-        if rope["type"] == "llama3":
-            extra.append(("rope_freqs.weight", _llama3_rope_factors(config, rope, head_dim)))
-        weight_types = []  # ggml type of each 2-D weight written
-        for gguf_name, array in itertools.chain(_hf_tensors(model), extra):
-            data, written = quantize_fn(gguf_name, array, requested)  # one tensor at a time: peak memory stays low
-            writer.add_tensor(gguf_name, data, raw_dtype=written if data.dtype == np.uint8 else None)
-            report.tensor_types[gguf_name] = written.name.lower()
-            if array.ndim > 1:
-                weight_types.append(written.name)
-            wanted = getattr(quantize_fn, "planned", {}).get(gguf_name, requested.name.lower())
-            if written.name.lower() != wanted and array.ndim > 1:
-                report.fallbacks[gguf_name] = _fallback_reason(array.shape, gguf.GGMLQuantizationType[wanted.upper()], written)
-        report.n_tensors = len(report.tensor_types)
-        # The header keys that describe the tensors, now that they are known (a QAT run's requested type is f16).
-        report.file_type = _file_type(weight_types)
-        if report.file_type is not None:
-            writer.add_file_type(int(gguf.LlamaFileType[report.file_type]))
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            extra = []
+            if rope["type"] == "llama3":
+                extra.append(("rope_freqs.weight", _llama3_rope_factors(config, rope, head_dim)))
+            weight_types = []  # ggml type of each 2-D weight written
+            for gguf_name, array in itertools.chain(_hf_tensors(model), extra):
+                data, written = quantize_fn(gguf_name, array, requested)  # one tensor at a time: peak memory stays low
+                writer.add_tensor(gguf_name, data, raw_dtype=written if data.dtype == np.uint8 else None)
+                report.tensor_types[gguf_name] = written.name.lower()
+                if array.ndim > 1:
+                    weight_types.append(written.name)
+                wanted = getattr(quantize_fn, "planned", {}).get(gguf_name, requested.name.lower())
+                if written.name.lower() != wanted and array.ndim > 1:
+                    report.fallbacks[gguf_name] = _fallback_reason(array.shape, gguf.GGMLQuantizationType[wanted.upper()], written)
+            report.n_tensors = len(report.tensor_types)
+            # The header keys that describe the tensors, now that they are known (a QAT run's requested type is f16).
+            report.file_type = _file_type(weight_types)
+            if report.file_type is not None:
+                writer.add_file_type(int(gguf.LlamaFileType[report.file_type]))
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, path)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
     report.file_bytes = path.stat().st_size
     return report
 

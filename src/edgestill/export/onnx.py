@@ -42,7 +42,7 @@ import numpy as np
 
 from edgestill.errors import EdgestillError
 
-__all__ = ["ONNX_TYPES", "OnnxExportReport", "copy_tokenizer", "export_onnx"]
+__all__ = ["OnnxExportReport", "copy_tokenizer", "export_onnx"]  # and ONNX_TYPES (module __getattr__)
 
 # What `edgestill export --format onnx --type` accepts: float, or a format with an exact ONNX op.
 # ONNX_TYPES: f32, and the formats edgestill.quant.formats.REGISTRY marks `onnx`. It is read on first use

@@ -31,7 +31,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from torch import nn
 
 from edgestill.data.labelled import LABEL_MAP_FILE
 from edgestill.errors import EdgestillError
+from edgestill.files import atomic_path, write_text_atomic
 from edgestill.quant.formats import format_names
 from edgestill.runtime.onnx import REPORT_FILE
 
@@ -160,9 +160,8 @@ def strip_debug_metadata(path: Path) -> int:
     for info in list(proto.graph.value_info) + list(proto.graph.input) + list(proto.graph.output):
         del info.metadata_props[:]
     onnx.checker.check_model(proto)
-    tmp = path.with_name(path.name + ".tmp")
-    onnx.save_model(proto, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path, "writing the ONNX classifier") as tmp:
+        onnx.save_model(proto, str(tmp))
     return before - path.stat().st_size
 
 
@@ -173,8 +172,8 @@ def copy_classifier_files(src: Path, dst: Path) -> None:
     from edgestill.export.onnx import copy_tokenizer
 
     copy_tokenizer(AutoTokenizer.from_pretrained(src), dst)
-    shutil.copyfile(Path(src) / LABEL_MAP_FILE, dst / (LABEL_MAP_FILE + ".tmp"))
-    os.replace(dst / (LABEL_MAP_FILE + ".tmp"), dst / LABEL_MAP_FILE)
+    with atomic_path(dst / LABEL_MAP_FILE) as tmp:
+        shutil.copyfile(Path(src) / LABEL_MAP_FILE, tmp)
 
 
 def export_classifier_onnx(model_dir: str | Path, out_dir: str | Path, tensor_type: str = "f32",
@@ -207,9 +206,7 @@ def export_classifier_onnx(model_dir: str | Path, out_dir: str | Path, tensor_ty
         reference = fake_quant_reference(model, formats)
         result["parity_vs_pytorch"] = classifier_parity(reference, out_dir / "model.onnx", tokenizer, parity_texts, max_len,
                                                         threads)
-    tmp = out_dir / (REPORT_FILE + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1, default=str) + "\n")
-    os.replace(tmp, out_dir / REPORT_FILE)
+    write_text_atomic(out_dir / REPORT_FILE, json.dumps(result, indent=1, default=str) + "\n")
     return result
 
 

@@ -136,6 +136,9 @@ def finetune(cfg: FinetuneConfig, overwrite: bool = False) -> tuple[Path, dict]:
     from edgestill.models.encoder import load_encoder_classifier
     from edgestill.models.lowrank import stored_params
 
+    from edgestill.evaluate.environment import measurement_start
+
+    start = measurement_start()
     splits = load_splits(cfg.data)  # bad data fails before any folder is made
     cfg.output_dir = cfg.output_dir or f"runs/finetune-{_data_name(cfg.data.path)}"
     run = RunDir(cfg.output_dir, plain(cfg), overwrite=overwrite)
@@ -156,7 +159,7 @@ def finetune(cfg: FinetuneConfig, overwrite: bool = False) -> tuple[Path, dict]:
                         "best_step": result["best_step"]},
             "data": {"spec": _data_record(cfg.data), "split": "seeded stratified; test never used for training or selection",
                      **splits.summary()},
-            "train": asdict(cfg.train), "history": result["history"], "environment": environment(),
+            "train": asdict(cfg.train), "history": result["history"], "environment": environment(None, start),
         }
         _write_json(run.path / "metrics.json", metrics)
         write_text_atomic(run.path / "report.md", _finetune_report(cfg, splits, label_map, result, metrics, run.final))
@@ -310,7 +313,7 @@ def _speedup(latency: dict, name: str) -> float | None:
 
 def _shrink_metrics(cfg, teacher: _Teacher, distilled: dict, exported: dict, curve: list, latency: dict,
                     teacher_onnx_bytes, t_test: dict, s_test: dict, agreement: float, baselines: dict, vocab_trim,
-                    splits, data_matches: bool, run: RunDir) -> dict:
+                    splits, data_matches: bool, run: RunDir, start: dict) -> dict:
     """metrics.json of a classifier shrink: sizes from real file bytes, scores, latency, baselines, provenance."""
     from edgestill.evaluate.classification import retention
     from edgestill.evaluate.environment import environment
@@ -350,7 +353,8 @@ def _shrink_metrics(cfg, teacher: _Teacher, distilled: dict, exported: dict, cur
         "train": {"best_step": distilled["best_step"], "steps": cfg.train.steps, "kd": asdict(cfg.kd)},
         "history": distilled["history"],
         "curve": curve,
-        "environment": {**environment(), "onnxruntime_threads": cfg.eval.threads, "latency_batch_size": 1},
+        "environment": {**environment(cfg.eval.threads, start), "onnxruntime_threads": cfg.eval.threads,
+                        "latency_batch_size": 1},
     }
 
 
@@ -379,6 +383,9 @@ def shrink_classifier(cfg: ClassifierShrinkConfig, overwrite: bool = False) -> t
     from edgestill.evaluate.classifier_report import classifier_report, plot_curve
     from edgestill.models.encoder import tokenize
 
+    from edgestill.evaluate.environment import measurement_start
+
+    start = measurement_start()
     teacher, splits, data_matches = _load_teacher(cfg)
     cfg.output_dir = cfg.output_dir or f"runs/shrink-classifier-{_data_name(cfg.data.path)}"
     run = RunDir(cfg.output_dir, plain(cfg), overwrite=overwrite)
@@ -405,7 +412,7 @@ def shrink_classifier(cfg: ClassifierShrinkConfig, overwrite: bool = False) -> t
             baselines["tfidf_logreg"] = tfidf_baseline(splits, seed=cfg.data.seed)
         metrics = _shrink_metrics(cfg, teacher, distilled, exported, curve, latency, teacher_onnx_bytes, t_test,
                                   scores(test_ids, s_pred, k), float((s_pt_pred == t_pred).mean()), baselines, vocab_trim,
-                                  splits, data_matches, run)
+                                  splits, data_matches, run, start)
         if curve:
             plot_curve(curve, run.path / "shrink_curve.png", str(cfg.teacher))
         _write_json(run.path / "metrics.json", metrics)

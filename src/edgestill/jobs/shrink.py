@@ -154,7 +154,7 @@ def _history(run_dir: Path, history: list[dict] | None) -> list[dict]:
 
 
 def _metrics(cfg: ShrinkConfig, run_dir: Path, final_dir: Path, teacher, student, summary: dict, speed: dict,
-             baselines: dict, splits: dict, history: list[dict], layers) -> dict:
+             baselines: dict, splits: dict, history: list[dict], layers, start: dict) -> dict:
     """metrics.json: teacher vs student, sizes from the files on disk, speed, baselines, provenance."""
     from edgestill.evaluate.environment import environment
     from edgestill.evaluate.metrics import weight_bytes
@@ -186,7 +186,7 @@ def _metrics(cfg: ShrinkConfig, run_dir: Path, final_dir: Path, teacher, student
         "splits": splits,
         "train": {"steps": len(history), "final_loss": (history or [{}])[-1].get("loss"),
                   "final_val_loss": next((h["val_loss"] for h in reversed(history) if "val_loss" in h), None)},
-        "environment": environment(cfg.eval.threads),
+        "environment": environment(cfg.eval.threads, start),
     }
 
 
@@ -198,11 +198,13 @@ def evaluate(cfg: ShrinkConfig, run_dir: Path, distilled: Distilled | None = Non
     """
     import torch
 
+    from edgestill.evaluate.environment import measurement_start
     from edgestill.evaluate.metrics import compare_lm
     from edgestill.evaluate.report import write_report
     from edgestill.evaluate.speed import generate, measure_speed
     from edgestill.models.load import check_same_tokenizer, load_causal_lm
 
+    start = measurement_start()
     distilled = distilled or Distilled(None, None, None, None, False)
     teacher = distilled.teacher or load_causal_lm(cfg.teacher.model)
     data = distilled.data or corpus_blocks(cfg.data, teacher.tokenizer)
@@ -222,7 +224,7 @@ def evaluate(cfg: ShrinkConfig, run_dir: Path, distilled: Distilled | None = Non
     history = _history(run_dir, distilled.history)
     splits = json.loads((run_dir / "splits.json").read_text())
     metrics = _metrics(cfg, run_dir, final_dir or run_dir, teacher, student, summary, speed, baselines, splits,
-                       history, layers)
+                       history, layers, start)
     write_report(run_dir, metrics, history, comparison, generations)
     return metrics
 

@@ -48,19 +48,22 @@ class SweepSettings:
 
 
 def make_plans(cfg: ShrinkConfig, settings: SweepSettings, teacher, train_blocks, metadata_bytes: int,
-               folder: Path | None = None) -> list[dict]:
+               folder: Path | None = None, dropped: list | None = None) -> list[dict]:
     """The best feasible plan for every budget (the same plan twice is run once).
 
-    Budgets even the smallest student misses are dropped first, from the cost model alone. The layer
-    sensitivities are measured once for all budgets and kept in folder/sensitivity.json.
+    Budgets even the smallest student misses are dropped first, from the cost model alone; budgets no plan meets
+    after measuring are dropped too. Each drop is appended to `dropped` as {budget_fraction, max_file_bytes, reason}.
+    The layer sensitivities are measured once for all budgets and kept in folder/sensitivity.json.
     """
+    dropped = [] if dropped is None else dropped
     from edgestill.plan import cached_sensitivity, plan
     from edgestill.plan.allocate import feasible_file_budgets
     from edgestill.plan.cost import StudentShape
 
     teacher_bytes = 4 * sum(p.numel() for p in teacher.parameters())
-    budgets = feasible_file_budgets(StudentShape.from_config(teacher.config), settings.device, teacher_bytes,
-                                    settings.budgets, settings.formats, metadata_bytes)
+    budgets, too_small = feasible_file_budgets(StudentShape.from_config(teacher.config), settings.device, teacher_bytes,
+                                               settings.budgets, settings.formats, metadata_bytes)
+    dropped += [{"budget_fraction": f, "max_file_bytes": int(teacher_bytes * f), "reason": why} for f, why in too_small.items()]
     batches = calibration_batches(train_blocks, settings.calibration_blocks)
     # valid for exactly these calibration tokens, teacher and formats (whatever data settings produced them)
     tokens = hashlib.sha256(np.ascontiguousarray(train_blocks[: settings.calibration_blocks]).tobytes()).hexdigest()[:16]
@@ -74,6 +77,7 @@ def make_plans(cfg: ShrinkConfig, settings: SweepSettings, teacher, train_blocks
                         metadata_bytes=metadata_bytes, top=1, cache=cache)[0]
         except EdgestillError as e:
             log.warning("budget 1/%.0f of the teacher: %s", 1 / fraction, e)
+            dropped.append({"budget_fraction": fraction, "max_file_bytes": budget.max_file_bytes, "reason": str(e)})
             continue
         same = json.dumps([best.layers, best.intermediate_size, best.default_format, best.quant_plan], sort_keys=True)
         if same in seen:
@@ -116,15 +120,18 @@ def baseline_points(folder: Path, teacher, test_blocks, t_logp, teacher_ppl: flo
     return [ShrinkPoint(**done[f"llama.cpp {t}"]) for t in types if f"llama.cpp {t}" in done]
 
 
-def _plans(cfg: ShrinkConfig, settings: SweepSettings, out: Path, teacher, train, metadata: int) -> list[dict]:
-    """SWEEP/plans.json when it was made for these budgets and device, else new plans (written before training)."""
+def _plans(cfg: ShrinkConfig, settings: SweepSettings, out: Path, teacher, train, metadata: int) -> tuple[list, list]:
+    """(plans, dropped budgets with their reasons): SWEEP/plans.json when it was made for these budgets and device,
+    else new plans (written before training)."""
     plans_path = out / "plans.json"
     saved = json.loads(plans_path.read_text()) if plans_path.is_file() else None
     if saved is not None and saved.get("budgets") == settings.budgets and saved.get("device") == settings.device:
-        return saved["plans"]
-    plans = make_plans(cfg, settings, teacher.model, train, metadata, out)
-    write_text_atomic(plans_path, json.dumps({"budgets": settings.budgets, "device": settings.device, "plans": plans}, indent=1))
-    return plans
+        return saved["plans"], saved.get("dropped", [])
+    dropped: list = []
+    plans = make_plans(cfg, settings, teacher.model, train, metadata, out, dropped)
+    write_text_atomic(plans_path, json.dumps({"budgets": settings.budgets, "device": settings.device, "plans": plans,
+                                              "dropped": dropped}, indent=1))
+    return plans, dropped
 
 
 def _shrink_points(cfg: ShrinkConfig, plans: list[dict], out: Path, teacher_ffn: int) -> list:
@@ -174,7 +181,7 @@ def _sweep(cfg: ShrinkConfig, settings: SweepSettings, out: Path) -> dict:
     data = corpus_blocks(cfg.data, teacher.tokenizer)
     teacher_gguf = gguf_file(cfg.teacher.model)
     metadata = tokenizer_metadata_bytes(teacher_gguf) if teacher_gguf else 0
-    plans = _plans(cfg, settings, out, teacher, data.train, metadata)
+    plans, dropped = _plans(cfg, settings, out, teacher, data.train, metadata)
     for i, p in enumerate(plans):
         log.info("plan %d/%d (budget %.1f MB): %s", i + 1, len(plans), p["max_file_bytes"] / 1e6, p["summary"])
     points = _shrink_points(cfg, plans, out, teacher.model.config.intermediate_size)
@@ -185,7 +192,7 @@ def _sweep(cfg: ShrinkConfig, settings: SweepSettings, out: Path) -> dict:
     points += baseline_points(out, teacher, test, t_logp, teacher_ppl, settings.baseline_types, teacher_gguf)
     meta = {"title": f"{cfg.teacher.model} on {cfg.data.path}: held-out retention vs size",
             "teacher": cfg.teacher.model, "data": cfg.data.path, "device": settings.device,
-            "budgets": settings.budgets, "held_out_tokens": int(test[:, 1:].size), "teacher_perplexity": teacher_ppl,
+            "budgets": settings.budgets, "dropped_budgets": dropped, "held_out_tokens": int(test[:, 1:].size), "teacher_perplexity": teacher_ppl,
             "note": "edgestill points: retention from the PyTorch model holding the exact quantized weights; llama.cpp "
                     "points: from llama.cpp's logits. Bytes are the GGUF files'."}
     return write_shrink_report(out, points, meta, settings.thresholds)

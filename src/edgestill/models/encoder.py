@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -179,24 +177,17 @@ def _check_head(model, label_map: LabelMap, spec: str) -> None:
 
 def save_classifier(model, tokenizer, label_map: LabelMap, out: str | Path, extra: dict | None = None) -> Path:
     """Write model + tokenizer + label_map.json (+ `extra` as edgestill.json) atomically to `out`."""
+    from edgestill.files import atomic_path
+
     out = Path(out)
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
     model.config.id2label, model.config.label2id = label_map.id2label, label_map.label2id
     model.config.num_labels = len(label_map)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    label_map.save(tmp)
-    if extra is not None:
-        (tmp / "edgestill.json").write_text(json.dumps(extra, indent=2, default=str) + "\n")
-    old = None
-    if out.exists():
-        old = out.with_name(out.name + f".old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    with atomic_path(out, "saving the classifier", is_dir=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        label_map.save(tmp)
+        if extra is not None:
+            (tmp / "edgestill.json").write_text(json.dumps(extra, indent=2, default=str) + "\n")
     return out
 
 

@@ -12,7 +12,6 @@ import hashlib
 import importlib.util
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,14 +153,13 @@ def _gguf_to_hf_folder(path: Path) -> Path:
     if missing or unexpected:
         raise EdgestillError(f"GGUF '{path}' did not map onto {type(model).__name__}: missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.tie_weights()
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "SOURCE").write_text(f"{path.resolve()}\n")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    from edgestill.files import atomic_path
+
+    nbytes = sum(p.numel() for p in model.parameters()) * 4
+    with atomic_path(target, f"caching the fp32 copy of {path.name}", needed_bytes=nbytes, is_dir=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "SOURCE").write_text(f"{path.resolve()}\n")
     return target
 
 

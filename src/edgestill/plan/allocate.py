@@ -565,9 +565,10 @@ def uniform_bytes(shape: StudentShape, fmt: str, metadata_bytes: int = 0) -> int
 
 
 def feasible_file_budgets(teacher: StudentShape, device: str | DeviceProfile, teacher_bytes: int, fractions,
-                          formats=DEFAULT_FORMATS, metadata_bytes: int = 0) -> list[tuple[float, Budget]]:
-    """[(fraction, Budget(max_file_bytes=fraction x teacher_bytes))] for the fractions the smallest plannable student
-    can meet; the others are dropped with a warning, before anything is measured. None left: one line, at once."""
+                          formats=DEFAULT_FORMATS, metadata_bytes: int = 0) -> tuple[list[tuple[float, Budget]], dict]:
+    """([(fraction, Budget(max_file_bytes=fraction x teacher_bytes))] for the fractions the smallest plannable student
+    can meet, {fraction: why} for the others), before anything is measured; each drop is also logged as a warning.
+    None left: one line, at once."""
     device = load_device(device)
     floor = student_floor(teacher, device, formats, metadata_bytes=metadata_bytes)
     n = teacher_bytes // floor.bound.file_bytes  # 1/n: the tightest fraction whose budget the floor's file fits
@@ -585,4 +586,4 @@ def feasible_file_budgets(teacher: StudentShape, device: str | DeviceProfile, te
             log.warning("budget 1/%.0f of the teacher dropped before planning: %s", 1 / fraction, why)
     if not budgets:
         raise EdgestillError(f"no budget of the sweep can be met: {dropped[max(dropped)]}")
-    return budgets
+    return budgets, dropped

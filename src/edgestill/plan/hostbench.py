@@ -86,7 +86,7 @@ def measure_host(threads: int = 2, buffer_mib: int = 128, repeats: int = 7) -> d
     try:
         x = torch.ones(buffer_mib * 2**20 // 4)  # float32, touched once here
         x.sum()
-        _, times = _best_of(lambda: x.sum(), repeats)
+        _, times = _best_of(lambda x=x: x.sum(), repeats)
         bandwidth = [x.numel() * 4 / t for t in times]
         del x
         result = {"threads": threads, "memory_bandwidth_bytes_per_s": statistics.median(bandwidth),
@@ -325,10 +325,9 @@ def host_measurements(threads: int = 2, cache_dir=None, refresh: bool = False, c
             changed = True
     if changed:
         data["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(data, indent=2))
-        os.replace(tmp, path)
+        from edgestill.files import write_text_atomic
+
+        write_text_atomic(path, json.dumps(data, indent=2), "saving the host profile")
     data["cache_path"] = str(path)
     return data
 

@@ -12,7 +12,6 @@ llama-cpp-python is optional and imported only here, when called:
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from pathlib import Path
@@ -120,8 +119,6 @@ def llamacpp_quantize(src_gguf, dst_gguf, type_name: str, n_threads: int = 2, al
     if ftype is None or key not in QUANT_TYPES:
         raise EdgestillError(f"llama.cpp quantization type '{type_name}' is not one of {', '.join(QUANT_TYPES)}")
     dst = Path(dst_gguf)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = n_threads
@@ -131,15 +128,14 @@ def llamacpp_quantize(src_gguf, dst_gguf, type_name: str, n_threads: int = 2, al
 
     # llama.cpp logs every tensor to stderr while quantizing; llama-cpp-python's own helper silences it.
     quiet = getattr(getattr(llama_cpp, "_utils", None), "suppress_stdout_stderr", None)
-    try:
+    from edgestill.files import atomic_path
+
+    with atomic_path(dst, f"quantizing to {key} with llama.cpp") as tmp:
         with quiet(disable=False) if quiet is not None else contextlib.nullcontext():
             rc = llama_cpp.llama_model_quantize(str(src_gguf).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0:
             raise EdgestillError(f"llama.cpp failed to quantize '{src_gguf}' to {key} (return code {rc}); "
                                  "quantize from an f32/f16 GGUF, or pass allow_requantize=True")
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
     return dst
 
 

@@ -1,0 +1,22 @@
+"""Every result records where and how it was measured: commit, dirty tree, CPU model, threads, load before/after."""
+
+from __future__ import annotations
+
+from edgestill.evaluate.environment import environment, measurement_start
+
+
+def test_a_record_carries_full_provenance():
+    start = measurement_start()
+    env = environment(2, start)
+    for key in ("git_commit", "git_dirty", "date", "date_start", "cpu_model", "threads", "load_average_before",
+                "load_average_after"):
+        assert key in env, key
+    assert env["threads"] == 2 and env["date_start"] == start["date_start"] <= env["date"]
+    assert env["load_average_before"] == start["load_average_before"]
+    assert isinstance(env["load_average_after"], list) and len(env["load_average_after"]) == 3
+    assert env["cpu_model"], "the CPU model is read on Linux (/proc/cpuinfo)"
+
+
+def test_a_record_without_a_start_says_so():
+    env = environment(1)
+    assert env["date_start"] is None and env["load_average_before"] is None and env["load_average_after"] is not None
