@@ -129,6 +129,9 @@ def test_shrink_writes_a_complete_run(shrink_run, tiny_model_dir):
     assert m["retention"] == pytest.approx(m["teacher"]["perplexity"] / m["student"]["perplexity"])
     assert 0 < m["student"]["bytes"] < m["teacher"]["bytes"]
     assert m["student"]["params"] < m["teacher"]["params"]
+    # against the teacher file the user started from (here the tiny model's own safetensors)
+    assert m["teacher"]["source_bytes"] == (Path(tiny_model_dir) / "model.safetensors").stat().st_size
+    assert m["compression_x_source"] == pytest.approx(m["teacher"]["source_bytes"] / m["student"]["bytes"])
     assert m["teacher"]["num_layers"] == 4 and m["student"]["num_layers"] == 2
     assert len(m["student"]["layers_kept"]) == 2
     assert m["train"]["steps"] == 6

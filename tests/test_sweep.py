@@ -33,6 +33,8 @@ def test_every_point_is_a_finished_run_within_its_file_budget(swept):
         assert point["bytes"] <= plan["max_file_bytes"]  # the real GGUF, not the prediction
         metrics = json.loads((out / "points" / point["detail"]["run"].split("/points/")[1] / "metrics.json").read_text())
         assert metrics["student"]["bytes"] == point["bytes"]
+        # the ratio against the file the user started from (the tiny teacher's safetensors) travels with the point
+        assert point["compression_x_source"] == pytest.approx(metrics["teacher"]["source_bytes"] / point["bytes"])
 
 
 def test_baseline_curve_and_report(swept):

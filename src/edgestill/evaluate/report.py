@@ -90,7 +90,8 @@ def _rows(m: dict) -> list[tuple[str, str, str, str]]:
         ("top-1 agreement with teacher", "1.000", f(m["top1_agreement"], "{:.3f}"), f"KL {m['kl_teacher_student']:.3f} nats/token"),
         ("parameters", f(t["params"], "{:,}"), f(s["params"], "{:,}"), f"{t['params'] / s['params']:.2f}× fewer"),
         ("bytes on disk", f(t["bytes"], "{:,}"), f(s["bytes"], "{:,}"),
-         f"compression_x_fp32 {m['compression_x_fp32']:.2f}, _fp16 {m['compression_x_fp16']:.2f}"),
+         f"compression_x_fp32 {m['compression_x_fp32']:.2f}, _fp16 {m['compression_x_fp16']:.2f}"
+         + (f", vs the teacher's own file {m['compression_x_source']:.2f}" if m.get("compression_x_source") else "")),
         ("prefill tokens/s", f(t["prefill_tokens_per_s"], "{:,.0f}"), f(s["prefill_tokens_per_s"], "{:,.0f}"),
          f"speedup_x {m['speedup_x_prefill']:.2f}"),
         ("decode tokens/s", f(t["decode_tokens_per_s"], "{:,.1f}"), f(s["decode_tokens_per_s"], "{:,.1f}"),

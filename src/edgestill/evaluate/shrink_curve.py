@@ -28,6 +28,7 @@ class ShrinkPoint:
     series: str = "edgestill"  # or "llama.cpp" for the baseline
     perplexity: float | None = None
     detail: dict = field(default_factory=dict)  # plan, run folder, command
+    compression_x_source: float | None = None  # against the teacher file the user started from (< 1: larger than it)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -158,14 +158,19 @@ def _metrics(cfg: ShrinkConfig, run_dir: Path, final_dir: Path, teacher, student
     """metrics.json: teacher vs student, sizes from the files on disk, speed, baselines, provenance."""
     from edgestill.evaluate.environment import environment
     from edgestill.evaluate.metrics import weight_bytes
+    from edgestill.models.load import gguf_file
     from edgestill.models.slice import count_params, decoder_layers
 
     t_params, s_params = count_params(teacher.model), count_params(student)
+    # The teacher as the user has it: its GGUF file (the default teacher: a 98.4 MB Q4_1), else its weight files.
+    source = gguf_file(cfg.teacher.model)
+    source_bytes = source.stat().st_size if source is not None else weight_bytes(teacher.path)
     # The deployable artifact: the GGUF when the run has one (quantized runs always do), else the HF folder.
     artifact = run_dir / "student.gguf" if (run_dir / "student.gguf").is_file() else run_dir / "student"
     s_bytes = weight_bytes(artifact)
     return {
         "teacher": {"name": cfg.teacher.model, "params": t_params, "bytes": weight_bytes(teacher.path),
+                    "source_bytes": source_bytes, "source": str(source or teacher.path),
                     "num_layers": len(decoder_layers(teacher.model)), "perplexity": summary["teacher_perplexity"],
                     **speed["teacher"]},
         "student": {"path": str(final_dir / "student"), "artifact": str(final_dir / artifact.name),
@@ -179,6 +184,7 @@ def _metrics(cfg: ShrinkConfig, run_dir: Path, final_dir: Path, teacher, student
         "eval_tokens": summary["eval_tokens"],
         "compression_x_fp32": t_params * 4 / s_bytes,
         "compression_x_fp16": t_params * 2 / s_bytes,
+        "compression_x_source": source_bytes / s_bytes,  # against the file the user started from (< 1: larger)
         "speedup_x": speed["student"]["decode_tokens_per_s"] / speed["teacher"]["decode_tokens_per_s"],
         "speedup_x_prefill": speed["student"]["prefill_tokens_per_s"] / speed["teacher"]["prefill_tokens_per_s"],
         "speed_repeats": cfg.eval.speed_repeats,

@@ -112,9 +112,11 @@ def baseline_points(folder: Path, teacher, test_blocks, t_logp, teacher_ppl: flo
         path = llamacpp_quantize(source, ggufs / f"teacher-{qtype}.gguf", qtype)
         q = gguf_quality(path, test_blocks, t_logp)
         size = path.stat().st_size
+        source_x = teacher_gguf.stat().st_size / size if teacher_gguf is not None else None
         done[name] = ShrinkPoint(name, teacher_bytes / size, teacher_ppl / q["perplexity"], q["top1_agreement"], size,
                                  series="llama.cpp", perplexity=q["perplexity"],
-                                 detail={"gguf": str(path), "kl": q["kl_teacher_model"]}).to_dict()
+                                 detail={"gguf": str(path), "kl": q["kl_teacher_model"]},
+                                 compression_x_source=source_x).to_dict()
         write_text_atomic(cache_path, json.dumps(list(done.values()), indent=1))
     source.unlink(missing_ok=True)  # the f32 copy is only a source for the quantizer
     return [ShrinkPoint(**done[f"llama.cpp {t}"]) for t in types if f"llama.cpp {t}" in done]
@@ -154,7 +156,8 @@ def _shrink_points(cfg: ShrinkConfig, plans: list[dict], out: Path, teacher_ffn:
                                   m["compression_x_fp32"], m["retention"], m["top1_agreement"], m["student"]["bytes"],
                                   perplexity=m["student"]["perplexity"],
                                   detail={"run": str(run), "plan": p["plan"], "predicted_file_bytes":
-                                          p["plan"]["prediction"]["file_bytes"]}))
+                                          p["plan"]["prediction"]["file_bytes"]},
+                                  compression_x_source=m.get("compression_x_source")))
     return points
 
 
