@@ -393,8 +393,8 @@ def test_every_format_list_is_derived_from_the_registry():
     from edgestill.plan.hostbench import CALIBRATION_FORMATS
     from edgestill.quant.formats import REGISTRY, format_names
 
-    assert gguf_export.TENSOR_TYPES == ("f32", *(s.name for s in REGISTRY if s.gguf))
-    assert onnx_export.ONNX_TYPES == ("f32", *(s.name for s in REGISTRY if s.onnx))
+    assert gguf_export.tensor_types() == ("f32", *(s.name for s in REGISTRY if s.gguf))
+    assert onnx_export.onnx_types() == ("f32", *(s.name for s in REGISTRY if s.onnx))
     assert ONNX_CLASSIFIER_TYPES == CLASSIFIER_TYPES == ("f32", *(s.name for s in REGISTRY if s.onnx and not s.gguf))
     assert GGUF_FORMAT_NAMES == tuple(s.name for s in REGISTRY if s.plan)
     assert DEFAULT_FORMATS == tuple(s.name for s in REGISTRY if s.plan_default)

@@ -13,9 +13,6 @@ import numpy as np
 from edgestill.files import atomic_path, write_text_atomic
 
 
-write_atomic = write_text_atomic  # the name the evaluate and sweep modules use
-
-
 def save_figure(fig, path: Path, dpi: int = 110) -> None:
     """Write a matplotlib figure as PNG atomically (a temp file renamed over `path`) and close it."""
     import matplotlib.pyplot as plt
@@ -161,7 +158,7 @@ td:nth-child(2),td:nth-child(3){{text-align:right;font-family:monospace}}</style
 def write_report(run_dir: Path, metrics: dict, history: list[dict], comparison: dict, generations: list[dict]) -> None:
     plot_training(history, run_dir / "training_loss.png")
     plot_token_loss(comparison["teacher_token_nll"], comparison["student_token_nll"], run_dir / "token_loss.png")
-    write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2))
-    write_atomic(run_dir / "generations.json", json.dumps(generations, indent=2, ensure_ascii=False))
-    write_atomic(run_dir / "report.md", _markdown(metrics, generations))
-    write_atomic(run_dir / "report.html", _html(metrics, generations, run_dir))
+    write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2))
+    write_text_atomic(run_dir / "generations.json", json.dumps(generations, indent=2, ensure_ascii=False))
+    write_text_atomic(run_dir / "report.md", _markdown(metrics, generations))
+    write_text_atomic(run_dir / "report.html", _html(metrics, generations, run_dir))

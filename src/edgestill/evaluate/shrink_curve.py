@@ -15,7 +15,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from edgestill.evaluate.report import save_figure, write_atomic
+from edgestill.evaluate.report import save_figure
+from edgestill.files import write_text_atomic
 
 
 @dataclass
@@ -52,7 +53,6 @@ def plot_shrink_curve(points: list[ShrinkPoint], path: Path, thresholds=(0.95, 0
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.6))
@@ -110,7 +110,7 @@ def write_shrink_report(folder: Path, points: list[ShrinkPoint], meta: dict, thr
     ours = [p for p in points if p.series == "edgestill"]
     result = {**meta, "thresholds": list(thresholds), "break_points": break_points(ours, thresholds),
               "points": [p.to_dict() for p in sorted(points, key=lambda p: (p.series, p.compression_x_fp32))]}
-    write_atomic(folder / "shrink_curve.json", json.dumps(result, indent=1))
+    write_text_atomic(folder / "shrink_curve.json", json.dumps(result, indent=1))
     png = folder / "shrink_curve.png"
     plot_shrink_curve(points, png, thresholds, meta.get("title", ""))
     rows = "".join(
@@ -130,5 +130,5 @@ def write_shrink_report(folder: Path, points: list[ShrinkPoint], meta: dict, thr
 <h2>Points</h2><table><tr><th>series</th><th>model</th><th>compression_x_fp32</th><th>bytes</th><th>ppl</th>
 <th>retention</th><th>top-1</th></tr>{rows}</table>
 <p>{html.escape(meta.get('note', ''))}</p>{_dropped_html(meta.get('dropped_budgets') or [])}"""
-    write_atomic(folder / "report.html", page)
+    write_text_atomic(folder / "report.html", page)
     return result

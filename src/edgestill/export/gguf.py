@@ -34,10 +34,8 @@ from edgestill.files import atomic_path
 from edgestill.models.load import check_gguf
 
 # `gguf` is imported inside the functions so that importing edgestill stays fast.
-__all__ = ["ExportReport", "export_gguf", "permute_for_rope", "quantize_tensor"]  # and TENSOR_TYPES (module __getattr__)
+__all__ = ["ExportReport", "export_gguf", "permute_for_rope", "quantize_tensor", "tensor_types"]
 
-# TENSOR_TYPES (what `tensor_type` takes): f32 and every GGUF format of edgestill.quant.formats.REGISTRY. It is
-# read on first use (module __getattr__ below): the registry's module loads torch, and importing this one should not.
 # A weight whose row length is not a multiple of the requested type's block size (32 for every
 # type above) is stored as f16 instead: lossless enough, and every llama.cpp backend reads it.
 FALLBACK_TYPE = "f16"
@@ -77,25 +75,20 @@ class ExportReport:
     file_type: str | None = None  # general.file_type written, a gguf.LlamaFileType name (MOSTLY_Q4_0)
 
 
-def _tensor_types() -> tuple[str, ...]:
+def tensor_types() -> tuple[str, ...]:
+    """What `edgestill export --type` accepts for GGUF: f32 and every GGUF format of the registry (quant/formats.py)."""
     from edgestill.quant.formats import format_names
 
     return ("f32", *format_names(gguf=True))
-
-
-def __getattr__(name: str):
-    if name == "TENSOR_TYPES":
-        return _tensor_types()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _ggml_type(name: str):
     from gguf import GGMLQuantizationType
 
     key = name.lower()
-    tensor_types = _tensor_types()
-    if key not in tensor_types:
-        raise EdgestillError(f"tensor_type '{name}' is not supported for GGUF export; choose one of {', '.join(tensor_types)}")
+    allowed = tensor_types()
+    if key not in allowed:
+        raise EdgestillError(f"tensor_type '{name}' is not supported for GGUF export; choose one of {', '.join(allowed)}")
     return GGMLQuantizationType[key.upper()]
 
 
@@ -344,7 +337,7 @@ def export_gguf(model, tokenizer, path, tensor_type: str = "f16", teacher_gguf=N
                 quantize_fn: Callable = quantize_tensor) -> ExportReport:
     """Write `model` (a transformers LlamaForCausalLM) and its tokenizer to `path` as a llama.cpp GGUF.
 
-    tensor_type: f32 or a GGUF format of the registry (TENSOR_TYPES: f16, q8_0, q4_0, ...) for 2-D weights
+    tensor_type: f32 or a GGUF format of the registry (tensor_types(): f16, q8_0, q4_0, ...) for 2-D weights
         (norms stay f32).
     teacher_gguf: a GGUF whose `tokenizer.*` fields are copied (recommended for students sliced from
         it); without it the metadata is built from `tokenizer` (byte-level BPE only).
@@ -463,7 +456,7 @@ def format_quantize_fn(per_tensor: dict[str, object] | None = None) -> Callable:
     """A `quantize_fn` for export_gguf that encodes 2-D weights with edgestill.quant's exact packers.
 
     per_tensor maps GGUF tensor names to GGUF formats: a format config (trained_tensor_types) or a name
-    (TENSOR_TYPES: f32, f16, q8_0, ...; plan.cost.gguf_tensor_plan); others get the type export_gguf was
+    (tensor_types(): f32, f16, q8_0, ...; plan.cost.gguf_tensor_plan); others get the type export_gguf was
     asked for. Rows a format's blocks do not divide fall back as quant.formats.resolve_format says
     (Q4_K: Q5_0, then F16; the 32-weight formats: F16).
     """
@@ -475,7 +468,7 @@ def format_quantize_fn(per_tensor: dict[str, object] | None = None) -> Callable:
     formats = {name: fmt if fmt == "f32" else as_format(fmt) for name, fmt in (per_tensor or {}).items()}
     for name, fmt in formats.items():
         if fmt != "f32" and not format_spec(fmt).gguf:
-            raise EdgestillError(f"{name}: {fmt} is not a GGUF format; GGUF stores {', '.join(_tensor_types())}")
+            raise EdgestillError(f"{name}: {fmt} is not a GGUF format; GGUF stores {', '.join(tensor_types())}")
 
     def quantize(name: str, array: np.ndarray, ggml_type) -> tuple[np.ndarray, object]:
         wanted = formats.get(name, ggml_type.name.lower())

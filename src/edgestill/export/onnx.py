@@ -42,23 +42,14 @@ import numpy as np
 
 from edgestill.errors import EdgestillError
 
-__all__ = ["OnnxExportReport", "copy_tokenizer", "export_onnx"]  # and ONNX_TYPES (module __getattr__)
+__all__ = ["OnnxExportReport", "copy_tokenizer", "export_onnx", "onnx_types"]
 
-# What `edgestill export --format onnx --type` accepts: float, or a format with an exact ONNX op.
-# ONNX_TYPES: f32, and the formats edgestill.quant.formats.REGISTRY marks `onnx`. It is read on first use
-# (module __getattr__ below): the registry's module loads torch, and importing this one should not.
-
-
-def _onnx_types() -> tuple[str, ...]:
+def onnx_types() -> tuple[str, ...]:
+    """What `edgestill export --format onnx --type` accepts: f32, and the registry's formats with an exact ONNX op."""
     from edgestill.quant.formats import format_names
 
     return ("f32", *format_names(onnx=True))
 
-
-def __getattr__(name: str):
-    if name == "ONNX_TYPES":
-        return _onnx_types()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 OPSET = 21
 

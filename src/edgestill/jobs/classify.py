@@ -132,11 +132,9 @@ def _train_teacher(cfg: FinetuneConfig, run: RunDir, splits) -> tuple:
 
 def finetune(cfg: FinetuneConfig, overwrite: bool = False) -> tuple[Path, dict]:
     """`edgestill finetune`: fine-tune `cfg.teacher` on `cfg.data`; returns (the finished run folder, its metrics)."""
-    from edgestill.evaluate.environment import environment
+    from edgestill.evaluate.environment import environment, measurement_start
     from edgestill.models.encoder import load_encoder_classifier
     from edgestill.models.lowrank import stored_params
-
-    from edgestill.evaluate.environment import measurement_start
 
     start = measurement_start()
     splits = load_splits(cfg.data)  # bad data fails before any folder is made
@@ -381,9 +379,8 @@ def shrink_classifier(cfg: ClassifierShrinkConfig, overwrite: bool = False) -> t
     classifier (see the module docstring). Returns (the finished run folder, its metrics)."""
     from edgestill.evaluate.classification import predict_logits, retention, scores, tfidf_baseline
     from edgestill.evaluate.classifier_report import classifier_report, plot_curve
-    from edgestill.models.encoder import tokenize
-
     from edgestill.evaluate.environment import measurement_start
+    from edgestill.models.encoder import tokenize
 
     start = measurement_start()
     teacher, splits, data_matches = _load_teacher(cfg)

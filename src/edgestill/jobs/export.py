@@ -52,11 +52,11 @@ def _onnx_formats(model, tensor_type: str) -> tuple[dict, dict[str, str]]:
     """({Linear name: format}, {Linear name: why it stays fp32}) for one ONNX type applied to every Linear."""
     import torch
 
-    from edgestill.export.onnx import ONNX_TYPES
+    from edgestill.export.onnx import onnx_types
     from edgestill.quant.formats import format_by_name
 
-    if tensor_type not in ONNX_TYPES:
-        raise EdgestillError(f"ONNX export --type '{tensor_type}': choose one of {', '.join(ONNX_TYPES)}")
+    if tensor_type not in onnx_types():
+        raise EdgestillError(f"ONNX export --type '{tensor_type}': choose one of {', '.join(onnx_types())}")
     formats, fallbacks = {}, {}
     if tensor_type == "f32":
         return formats, fallbacks
