@@ -90,7 +90,8 @@ def measure_host(threads: int = 2, buffer_mib: int = 128, repeats: int = 7) -> d
         bandwidth = [x.numel() * 4 / t for t in times]
         del x
         result = {"threads": threads, "memory_bandwidth_bytes_per_s": statistics.median(bandwidth),
-                  "memory_bandwidth_spread": [min(bandwidth), max(bandwidth)], "buffer_mib": buffer_mib}
+                  "memory_bandwidth_spread": [min(bandwidth), max(bandwidth)], "buffer_mib": buffer_mib,
+                  "ram_available_bytes": _available_ram_bytes()}
         n = 1024
         for dtype in ("float32", "bfloat16"):
             a = torch.randn(n, n).to(getattr(torch, dtype))
@@ -317,6 +318,9 @@ def host_measurements(threads: int = 2, cache_dir=None, refresh: bool = False, c
     if "host" not in data:
         data["host"] = measure_host(threads)
         changed = True
+    if "ram_available_bytes" not in data["host"]:  # caches written before it was recorded
+        data["host"]["ram_available_bytes"] = _available_ram_bytes()
+        changed = True
     if calibrate and "llama.cpp" not in data:
         import importlib.util
 
@@ -382,7 +386,7 @@ def host_profile(threads: int = 2, cache_dir=None, refresh: bool = False, calibr
         name="host",
         description=f"this machine ({platform.machine()}, {os.cpu_count()} cores, {threads} threads), measured",
         threads=threads,
-        ram_bytes=measured(_available_ram_bytes(), "MemAvailable at measurement time"),
+        ram_bytes=measured(host["ram_available_bytes"], "MemAvailable at measurement time"),
         memory_bandwidth_bytes_per_s=measured(host["memory_bandwidth_bytes_per_s"],
                                               f"median of a {host['buffer_mib']} MiB sum; spread "
                                               f"{[round(v / 1e9, 1) for v in host['memory_bandwidth_spread']]} GB/s"),
