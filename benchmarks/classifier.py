@@ -1,14 +1,20 @@
-"""Classifier track: TF-IDF baseline, fine-tuned MiniLM teacher, KD students 5×–100× smaller, KD vs CE at ~50×.
+"""Classifier track: majority-class and TF-IDF baselines, fine-tuned MiniLM teacher, KD students 5×–100× smaller, KD vs CE.
 
 For each data set (`spamassassin`, `drugreview`) every row is a run of edgestill's own classifier job,
 driven through the same functions as `edgestill finetune/shrink/export --task classification`:
 
-    teacher   jobs.classify.finetune: all-MiniLM-L6-v2 + classification head, CE fine-tuning (model selection on val)
+    majority  always the most frequent train label: the floor. A row whose test accuracy is not above it is
+              FAILED (`beats_majority: false`, the label says so), whatever its retention
+    tfidf     TF-IDF + logistic regression on the same train split, C picked on val (recomputed, seconds); every row
+              says whether it beats it (`beats_tfidf_logreg`)
+    teacher   jobs.classify.finetune: all-MiniLM-L6-v2 + classification head, CE fine-tuning to convergence (early
+              stopping on the val macro-F1: every --teacher-eval-every steps, patience --teacher-patience, at most
+              --teacher-steps; the best val state is the teacher; the step chosen and the val curve are recorded)
     kd-<X>x   jobs.classify.shrink_classifier: student cut from the teacher (2 layers, trimmed vocabulary, truncated-SVD
-              factors; student.target_params set so the fp32 ONNX file is teacher params × 4 ÷ X bytes),
-              distilled with α·T²·KL + (1−α)·CE, exported to fp32 ONNX and scored there
+              factors; student.target_params set so that the whole onnx/ folder (model.onnx + trimmed tokenizer +
+              label map + export report) is teacher params × 4 ÷ X bytes), distilled with α·T²·KL + (1−α)·CE,
+              exported to fp32 ONNX and scored there
     ce-50x    the same student at ~50× trained with CE only (kd.alpha=0): the ablation
-    tfidf     TF-IDF + logistic regression on the same train split, C picked on val (recomputed, seconds)
 
 Run folders: runs/bench/classifier/<data>/<row> (--quick: runs/bench/classifier-quick/...). A finished row
 (DONE) is reused when its config matches, an interrupted one resumes (the run functions do that), so rerunning
@@ -20,9 +26,12 @@ distillation or checkpoint selection:
 - accuracy, macro-F1: teacher = the fine-tuned PyTorch model; students = their fp32 ONNX file in onnxruntime
   (the shrink run scores the exported file); retention = student ÷ teacher (accuracy and macro-F1);
   top-1 agreement = the PyTorch student vs the teacher (the ONNX file agrees with it on `onnx_parity`).
-- size: the deployable artifact is each row's `onnx/model.onnx` (fp32); compression_x_fp32 / _fp16 =
-  teacher params × 4 (× 2) ÷ those file bytes (tokenizer files listed apart). The teacher's own row uses
-  its fp32 ONNX export (`jobs.classify.export_classifier`, RUN/onnx/model.onnx).
+- size: what the device loads is each row's `onnx/` folder (fp32 model.onnx, the trimmed tokenizer, label_map.json,
+  export_report.json); compression_x_fp32 / _fp16 = teacher params × 4 (× 2) ÷ all those bytes, and
+  compression_x_fp32_weights_only / _fp16_weights_only ÷ model.onnx alone. The teacher's own row uses its fp32 ONNX
+  export folder (`jobs.classify.export_classifier`, RUN/onnx/). TF-IDF's size counts its weights, idf and vocabulary.
+- provenance: every row carries the `environment` of the run that measured it (commit, git_dirty, date, CPU model,
+  threads, load before and after); the latency loop has its own (`latency.environment`).
 - latency: onnxruntime, batch 1 (one unpadded text at a time, truncated to the row's max length),
   intra-op threads = --threads (2), inter-op 1, on --latency-examples test texts (a seeded sample); after a
   warm-up, every repeat runs the teacher and all students one after the other (alternated in one loop);
@@ -30,7 +39,7 @@ distillation or checkpoint selection:
   median ÷ student median from that same loop. (The shrink runs' own teacher timing is switched off:
   eval.teacher_latency=false; this single alternated loop replaces it.)
 
-    python benchmarks/classifier.py                         # both data sets, all rows (~60 min on 2 idle cores)
+    python benchmarks/classifier.py                         # both data sets, all rows (~75 min or more on 2 idle cores)
     python benchmarks/classifier.py --data spamassassin --sizes 10,50
     python benchmarks/classifier.py --quick                 # smoke run: tiny steps -> classifier_quick.json
 -> benchmarks/results/classifier.json, docs/img/classifier_shrink_curve.png (--redraw redraws it from the JSON)
@@ -56,10 +65,13 @@ DATASETS = ("spamassassin", "drugreview")
 TARGET = {"data": "spamassassin", "min_compression_x_fp32": 50.0, "min_retention": 0.97}
 
 # Defaults sized so both data sets (2 teachers + 2 × 6 students) take about an hour on 2 idle CPU cores.
-FULL = {"max_len": 128, "teacher_steps": 300, "student_steps": 400, "eval_every": 100, "latency_examples": 64,
-        "latency_repeats": 15}
-QUICK = {"max_len": 32, "teacher_steps": 8, "student_steps": 8, "eval_every": 4, "latency_examples": 8,
-         "latency_repeats": 3}
+# The teacher is fine-tuned to convergence: teacher_steps is only the cap, early stopping decides.
+FULL = {"max_len": 128, "teacher_steps": 1500, "teacher_eval_every": 50, "teacher_patience": 4, "student_steps": 400,
+        "eval_every": 100, "latency_examples": 64, "latency_repeats": 15}
+QUICK = {"max_len": 32, "teacher_steps": 8, "teacher_eval_every": 4, "teacher_patience": 2, "student_steps": 8,
+         "eval_every": 4, "latency_examples": 8, "latency_repeats": 3}
+# Bytes budgeted for export_report.json and for the tokenizer_config.json the export writes again (~0.5-1 KB each)
+REPORT_MARGIN_BYTES = 2048
 
 
 def _x(v: float) -> str:
@@ -70,6 +82,7 @@ class Bench:
     def __init__(self, args):
         self.args = args
         self.root = Path(args.root)
+        self._extra_bytes: dict[str, int] = {}
 
     # ------------------------------------------------------------------ configs
 
@@ -80,8 +93,8 @@ class Bench:
         return load_classifier_config("finetune", values={
             "teacher": a.teacher, "data.path": data, "data.seed": a.seed, "train.steps": a.teacher_steps,
             "train.lr": a.teacher_lr, "train.batch_size": a.batch_size, "train.max_len": a.max_len,
-            "train.eval_every": min(a.eval_every, a.teacher_steps), "train.seed": a.seed,
-            "output_dir": str(self.root / data / "teacher")})
+            "train.eval_every": min(a.teacher_eval_every, a.teacher_steps), "train.patience": a.teacher_patience,
+            "train.select_on": "macro_f1", "train.seed": a.seed, "output_dir": str(self.root / data / "teacher")})
 
     def student_cfg(self, data: str, name: str, target_x: float, kd: bool):
         from edgestill.config import load_classifier_config
@@ -102,9 +115,49 @@ class Bench:
         return load_classifier_config("shrink", values=values)
 
     def student_params(self, data: str, target_x: float) -> int:
-        """The parameter budget whose fp32 ONNX file (4 bytes a parameter + the graph) is teacher params × 4 ÷ target_x."""
+        """The parameter budget whose whole onnx/ folder (4 bytes a parameter + the graph + the trimmed tokenizer, label
+        map and report) is teacher params × 4 ÷ target_x bytes. Raises when the non-weight files alone exceed it."""
+        from edgestill.errors import EdgestillError
+
         m = json.loads((self.root / data / "teacher" / "metrics.json").read_text())
-        return int((m["teacher"]["params"] * 4 / target_x - self.args.onnx_overhead_bytes) / 4)
+        budget = m["teacher"]["params"] * 4 / target_x
+        extra = self.deploy_extra_bytes(data)
+        params = int((budget - self.args.onnx_overhead_bytes - extra) / 4)
+        if params <= 0:
+            raise EdgestillError(f"~{_x(target_x)}x is {budget:,.0f} bytes in all, and the tokenizer, label map and report "
+                                 f"alone take {extra:,} (+ {self.args.onnx_overhead_bytes:,} of ONNX graph): no bytes left "
+                                 "for weights")
+        return params
+
+    def deploy_extra_bytes(self, data: str) -> int:
+        """Bytes every student's onnx/ folder holds besides the weights, known before any student exists: the teacher's
+        tokenizer trimmed to the train texts (as build_student trims it; the same for every size), label_map.json, and
+        REPORT_MARGIN_BYTES for export_report.json and the re-written tokenizer_config.json."""
+        if data not in self._extra_bytes:
+            import tempfile
+
+            from edgestill.models.encoder import load_encoder_classifier, trim_tokenizer, used_token_ids
+
+            teacher_dir = self.root / data / "teacher"
+            _, tok, _ = load_encoder_classifier(str(teacher_dir))
+            s_tok, _ = trim_tokenizer(tok, used_token_ids(tok, self.splits(data).train.texts, self.args.max_len))
+            with tempfile.TemporaryDirectory() as tmp:
+                s_tok.save_pretrained(tmp)
+                tokenizer_bytes = sum(f.stat().st_size for f in Path(tmp).iterdir() if f.is_file())
+            self._extra_bytes[data] = tokenizer_bytes + (teacher_dir / "label_map.json").stat().st_size + REPORT_MARGIN_BYTES
+        return self._extra_bytes[data]
+
+    def splits(self, data: str):
+        """The split the teacher was fine-tuned on (its config.yaml's data section)."""
+        import yaml
+
+        from edgestill.config import fill, load_classifier_config
+        from edgestill.jobs.classify import load_splits
+
+        teacher_dir = self.root / data / "teacher"
+        t_cfg = fill(load_classifier_config("finetune"),
+                     values={"data": yaml.safe_load((teacher_dir / "config.yaml").read_text())["data"]})
+        return load_splits(t_cfg.data)
 
     # ------------------------------------------------------------------ runs
 
@@ -156,7 +209,11 @@ class Bench:
             print(f"[{data}] teacher: fp32 ONNX export for the latency loop -> {teacher_dir / 'onnx'}", flush=True)
             self._timed(data, "teacher_onnx_export", lambda: export_classifier(teacher_dir, "f32"))
         for row in (r for r in rows if r["kind"] in ("kd", "ce")):
-            cfg = self.student_cfg(data, row["name"], row["target_x"], row["kind"] == "kd")
+            try:
+                cfg = self.student_cfg(data, row["name"], row["target_x"], row["kind"] == "kd")
+            except EdgestillError as e:  # the size cannot hold the tokenizer and a model: report it, go on
+                print(f"[{data}] {row['name']}: failed: {e}", flush=True)
+                continue
             out = Path(cfg.output_dir)
             if not retrained and self._finished(cfg, ("teacher", "student", "train", "kd")):
                 print(f"[{data}] {row['name']}: finished run {out} reused", flush=True)
@@ -178,44 +235,62 @@ class Bench:
         import numpy as np
         import yaml
 
-        from edgestill.config import fill, load_classifier_config
-        from edgestill.jobs.classify import load_splits
-        from edgestill.evaluate.classification import retention, tfidf_baseline
+        from edgestill.evaluate.classification import compression, deploy_sizes, majority_baseline, retention, tfidf_baseline
+        from edgestill.evaluate.environment import environment, measurement_start
         from edgestill.runtime.onnx import load_onnx_classifier, measure_latency, single_inputs
 
         a = self.args
+        start = measurement_start()
         teacher_dir = self.root / data / "teacher"
         fm = json.loads((teacher_dir / "metrics.json").read_text())
-        t_cfg = fill(load_classifier_config("finetune"),
-                     values={"data": yaml.safe_load((teacher_dir / "config.yaml").read_text())["data"]})
-        splits = load_splits(t_cfg.data)
+        splits = self.splits(data)
         teacher_params = fm["teacher"]["params"]
         t_test = fm["teacher"]["test"]
         timings_file = self.root / data / "timings.json"
         timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
 
+        def sizes(folder: Path) -> dict:
+            z = deploy_sizes(folder)
+            return {"onnx_file": str(folder / "model.onnx"), **{k: z[k] for k in ("onnx_bytes", "tokenizer_bytes",
+                                                                                   "label_map_bytes", "deploy_bytes")},
+                    "deploy_files": z["deploy_files"], **compression(teacher_params * 4, z, "compression_x_fp32"),
+                    **compression(teacher_params * 2, z, "compression_x_fp16")}
+
         out_rows = []
+        major = majority_baseline(splits)
+        out_rows.append({"name": "majority", "label": f"majority class (always '{major['label']}')", "kind": "majority",
+                         "target_x": None, "accuracy": major["test"]["accuracy"], "macro_f1": major["test"]["macro_f1"],
+                         **retention(major["test"], t_test), "majority_label": major["label"],
+                         "train_share": major["train_share"], "params": 0,
+                         "note": "the floor: a row at or below its accuracy is FAILED"})
         t0 = time.perf_counter()
         tf = tfidf_baseline(splits, seed=a.seed)
         out_rows.append({"name": "tfidf", "label": "TF-IDF + logistic regression", "kind": "tfidf", "target_x": None,
                          "accuracy": tf["test"]["accuracy"], "macro_f1": tf["test"]["macro_f1"], **retention(tf["test"], t_test),
                          "params": tf["params"], "weight_bytes_fp32": tf["weight_bytes_fp32"], "vocabulary": tf["vocabulary"],
+                         "vocabulary_bytes": tf["vocabulary_bytes"], "deploy_bytes": tf["deploy_bytes"],
                          "C": tf["C"], "val": tf["val"], "fit_s": time.perf_counter() - t0,
-                         "note": "weights + idf as fp32; the vocabulary strings are extra; no ONNX artifact, not timed"})
+                         "note": "size = weights + idf as fp32 + the vocabulary strings (one a line); no ONNX artifact, "
+                                 "not timed"})
+        baseline_env = environment(a.threads, start)
+        for r in out_rows:
+            r["environment"] = baseline_env
 
         t_onnx = teacher_dir / "onnx"
         t_report = json.loads((t_onnx / "export_report.json").read_text())
-        t_bytes = (t_onnx / "model.onnx").stat().st_size
+        ft = fm["teacher"]
         teacher_row = {"name": "teacher", "label": f"teacher ({fm['base_model']}, fine-tuned)", "kind": "teacher",
                        "target_x": 1.0, "accuracy": t_test["accuracy"], "macro_f1": t_test["macro_f1"],
                        "retention_accuracy": 1.0, "retention_macro_f1": 1.0, "top1_agreement_with_teacher": 1.0,
-                       "params": teacher_params,
-                       "onnx_file": str(t_onnx / "model.onnx"), "onnx_bytes": t_bytes,
-                       "compression_x_fp32": teacher_params * 4 / t_bytes, "compression_x_fp16": teacher_params * 2 / t_bytes,
-                       "safetensors_bytes": fm["teacher"]["file_bytes"], "max_len": fm["train"]["max_len"],
-                       "steps": fm["train"]["steps"], "lr": fm["train"]["lr"], "batch_size": fm["train"]["batch_size"],
-                       "best_step": fm["teacher"]["best_step"], "best_val_macro_f1": fm["teacher"]["best_val_macro_f1"],
-                       "onnx_parity": t_report.get("parity_vs_pytorch"), "train_time": timings.get("teacher")}
+                       "params": teacher_params, **sizes(t_onnx),
+                       "safetensors_bytes": ft["file_bytes"], "max_len": fm["train"]["max_len"],
+                       "steps": ft.get("stopped_at_step", fm["train"]["steps"]), "max_steps": fm["train"]["steps"],
+                       "eval_every": fm["train"]["eval_every"], "patience": fm["train"].get("patience"),
+                       "stopped_early": ft.get("stopped_early"), "stop_reason": ft.get("stop_reason"),
+                       "lr": fm["train"]["lr"], "batch_size": fm["train"]["batch_size"],
+                       "best_step": ft["best_step"], "best_val_macro_f1": ft["best_val_macro_f1"],
+                       "val_curve": fm.get("val_curve"), "onnx_parity": t_report.get("parity_vs_pytorch"),
+                       "train_time": timings.get("teacher"), "environment": fm.get("environment")}
         out_rows.append(teacher_row)
         systems_dirs = {"teacher": t_onnx}
         for row in rows:
@@ -235,21 +310,21 @@ class Bench:
                           else f"CE-only student ~{_x(row['target_x'])}× (ablation)"),
                 "accuracy": s["test"]["accuracy"], "macro_f1": s["test"]["macro_f1"], **retention(s["test"], t_test),
                 "top1_agreement_with_teacher": m["top1_agreement_with_teacher"],
-                "params": s["params"], "onnx_file": str(run / "onnx" / "model.onnx"), "onnx_bytes": s["onnx_bytes"],
-                "tokenizer_bytes": s["tokenizer_bytes"],
-                "compression_x_fp32": teacher_params * 4 / s["onnx_bytes"],
-                "compression_x_fp16": teacher_params * 2 / s["onnx_bytes"],
-                "student_compression_x_config": cfg["student"]["compression_x"], "layers_kept": s["layers_kept"],
+                "params": s["params"], **sizes(run / "onnx"),
+                "student_compression_x_config": cfg["student"]["compression_x"],
+                "student_target_params": cfg["student"].get("target_params"), "layers_kept": s["layers_kept"],
                 "vocab_kept": s["vocab_kept"], "max_len": s["max_len"], "steps": cfg["train"]["steps"],
                 "lr": cfg["train"]["lr"], "batch_size": cfg["train"]["batch_size"], "best_step": m["train"]["best_step"],
                 "kd": cfg["kd"], "test_pytorch": m["baselines"]["student_pytorch"]["test"],
                 "sliced_untrained_test": m["baselines"]["student_sliced_untrained"]["test"],
                 "onnx_parity": m.get("onnx_parity_vs_pytorch"), "teacher_score_matches_finetune_run": same_teacher,
-                "run": str(run), "train_time": timings.get(row["name"]),
+                "run": str(run), "train_time": timings.get(row["name"]), "environment": m.get("environment"),
             })
             systems_dirs[row["name"]] = run / "onnx"
+        judge_rows(out_rows)
 
         # latency: one alternated loop over the teacher and every student, same texts, batch 1
+        lat_start = measurement_start()
         rng = np.random.default_rng(a.seed)
         n = min(a.latency_examples, len(splits.test))
         pick = sorted(rng.choice(len(splits.test), n, replace=False).tolist())
@@ -261,6 +336,7 @@ class Bench:
         print(f"[{data}] latency: {len(systems)} ONNX models alternated, {n} test texts, batch 1, {a.threads} threads, "
               f"{a.latency_repeats} repeats", flush=True)
         lat = measure_latency(systems, a.latency_repeats, warmup=a.latency_warmup)
+        lat_env = environment(a.threads, lat_start)
         tokens = {name: float(statistics.mean(f["input_ids"].shape[1] for f in feeds)) for name, (_, feeds) in systems.items()}
         t_ms = lat["teacher"]["latency_ms_per_example"]
         for r in out_rows:
@@ -281,23 +357,57 @@ class Bench:
         summary = splits.summary()
         split_desc = ("the data set's own test file; val = a seeded stratified 10% of its train file"
                       if data == "drugreview" else "seeded stratified 70% train / 10% val / 20% test")
+        failed = [r["name"] for r in out_rows if r.get("failed")]
         return {"data": {"name": data, "split": split_desc, "scored_on": "test split (never used for training, distillation "
-                         "or checkpoint selection)", "split_seed": t_cfg.data.seed, **summary},
-                "rows": out_rows, "ablation": ablation,
+                         "or checkpoint selection)", "split_seed": splits_seed(teacher_dir), **summary},
+                "rows": out_rows, "ablation": ablation, "failed_rows": failed,
+                "deploy_extra_bytes_budgeted": self._extra_bytes.get(data),
                 "latency": {"runtime": "onnxruntime CPUExecutionProvider", "intra_op_threads": a.threads, "inter_op_threads": 1,
                             "batch_size": 1, "examples": n, "repeats": a.latency_repeats, "warmup": a.latency_warmup,
                             "sample": f"seeded random sample (seed {a.seed}) of the test split, unpadded, truncated to each "
                                       "model's max length",
                             "statistic": "per-example time of a pass over the texts; median and [min, max] over repeats; "
-                                         "teacher and students alternated in every repeat"}}
+                                         "teacher and students alternated in every repeat",
+                            "environment": lat_env}}
+
+
+def splits_seed(teacher_dir: Path):
+    import yaml
+
+    return (yaml.safe_load((teacher_dir / "config.yaml").read_text()).get("data") or {}).get("seed")
+
+
+def judge_rows(rows: list[dict]) -> None:
+    """Every model row gets its verdict against the two baseline rows of the same data set: `failed` (test accuracy at
+    or below the majority class: its retention is not a result, and its label says FAILED), `beats_majority`,
+    `beats_tfidf_logreg`."""
+    from edgestill.evaluate.classification import RETENTION_OF_A_FAILURE, verdict
+
+    by_kind = {r["kind"]: r for r in rows if r["kind"] in ("majority", "tfidf")}
+    baselines = {"majority_class": {"test": by_kind["majority"]}}
+    if "tfidf" in by_kind:
+        baselines["tfidf_logreg"] = {"test": by_kind["tfidf"]}
+    for r in rows:
+        if r["kind"] in ("majority", "tfidf"):
+            continue
+        v = verdict({"accuracy": r["accuracy"], "macro_f1": r["macro_f1"]}, baselines)
+        r.update({"beats_majority": v["beats_majority"], "beats_tfidf_logreg": v["beats_tfidf_logreg"],
+                  "failed": v["failed"], "verdict": v["text"],
+                  "retention_note": RETENTION_OF_A_FAILURE if v["failed"] else None})
+        if v["failed"] and "FAILED" not in r["label"]:
+            r["label"] += " — FAILED (≤ majority class)"
 
 
 def target_verdict(result: dict) -> dict:
     # the track's method is KD: the verdict is on the KD students (the CE-only ablation is reported beside it)
-    students = [r for r in result["rows"] if r["kind"] == "kd" and r["compression_x_fp32"] >= TARGET["min_compression_x_fp32"]]
-    verdict = {**{k: v for k, v in TARGET.items() if k != "data"}}
+    # a student at or below the majority class has failed: it cannot meet the target, whatever its retention
+    sized = [r for r in result["rows"] if r["kind"] == "kd" and r["compression_x_fp32"] >= TARGET["min_compression_x_fp32"]]
+    students = [r for r in sized if not r.get("failed")]
+    verdict = {**{k: v for k, v in TARGET.items() if k != "data"},
+               "failed_rows_excluded": [r["name"] for r in sized if r.get("failed")]}
     if not students:
-        return {**verdict, "met": False, "reason": "no student at ≥ 50× measured"}
+        return {**verdict, "met": False, "reason": ("every student at ≥ 50× (all files counted) is at or below the majority "
+                                                    "class" if sized else "no student at ≥ 50× (all files counted) measured")}
     best = max(students, key=lambda r: (min(r["retention_accuracy"], r["retention_macro_f1"]), r["compression_x_fp32"]))
     best_acc = max(students, key=lambda r: r["retention_accuracy"])
     return {**verdict, "best_row": best["name"], "compression_x_fp32": best["compression_x_fp32"],
@@ -305,21 +415,23 @@ def target_verdict(result: dict) -> dict:
             "met": min(best["retention_accuracy"], best["retention_macro_f1"]) >= TARGET["min_retention"],
             "best_accuracy_retention_row": best_acc["name"], "best_retention_accuracy": best_acc["retention_accuracy"],
             "met_on_accuracy": best_acc["retention_accuracy"] >= TARGET["min_retention"],
-            "rule": "students (KD or CE) whose fp32 ONNX file is ≥ 50× smaller than the teacher's fp32 params; "
-                    "met = accuracy and macro-F1 retention both ≥ 0.97 for the same student"}
+            "rule": "KD students whose onnx/ folder (fp32 model.onnx + tokenizer + label map + report) is ≥ 50× smaller "
+                    "than the teacher's fp32 params and whose accuracy is above the majority class; met = accuracy and "
+                    "macro-F1 retention both ≥ 0.97 for the same student"}
 
 
 def print_table(data: str, result: dict) -> None:
     print(f"\n{data}: test n={result['data']['test']['n']}")
-    print(f"{'row':10s} {'ONNX MB':>8s} {'x fp32':>7s} {'acc':>7s} {'macroF1':>7s} {'ret acc':>7s} {'ret F1':>7s} "
-          f"{'ms/ex':>7s} {'speedup':>7s}")
+    print(f"{'row':10s} {'all MB':>7s} {'x fp32':>7s} {'x w-only':>8s} {'acc':>7s} {'macroF1':>7s} {'ret acc':>7s} "
+          f"{'ret F1':>7s} {'ms/ex':>7s} {'speedup':>7s}  verdict")
     for r in result["rows"]:
-        mb = f"{r['onnx_bytes'] / 1e6:.2f}" if "onnx_bytes" in r else "-"
+        mb = f"{r['deploy_bytes'] / 1e6:.2f}" if r.get("deploy_bytes") else "-"
         cx = f"{r['compression_x_fp32']:.1f}" if "compression_x_fp32" in r else "-"
+        cw = f"{r['compression_x_fp32_weights_only']:.1f}" if "compression_x_fp32_weights_only" in r else "-"
         ms = f"{r['latency_ms_per_example']:.2f}" if "latency_ms_per_example" in r else "-"
         sp = f"{r['speedup_x']:.1f}" if "speedup_x" in r else "-"
-        print(f"{r['name']:10s} {mb:>8s} {cx:>7s} {r['accuracy']:7.4f} {r['macro_f1']:7.4f} {r['retention_accuracy']:7.3f} "
-              f"{r['retention_macro_f1']:7.3f} {ms:>7s} {sp:>7s}")
+        print(f"{r['name']:10s} {mb:>7s} {cx:>7s} {cw:>8s} {r['accuracy']:7.4f} {r['macro_f1']:7.4f} "
+              f"{r['retention_accuracy']:7.3f} {r['retention_macro_f1']:7.3f} {ms:>7s} {sp:>7s}  {r.get('verdict', r['kind'])}")
     ab = result.get("ablation")
     if ab:
         print(f"KD − CE at ~{_x(ab['target_x'])}x: accuracy {ab['kd_minus_ce_accuracy']:+.4f}, "
@@ -356,10 +468,11 @@ def plot_curve(result: dict, path: Path) -> None:
             if r["kind"] == "ce":
                 ax.plot(r["compression_x_fp32"], r["retention_accuracy"], "x", ms=9, color=color,
                         label=f"{data}: CE-only ablation")
-            if r["kind"] == "tfidf":
-                ax.axhline(r["retention_accuracy"], color=color, lw=0.8, ls="--", alpha=0.5)
-                ax.annotate(f"TF-IDF + LR ({data})", (1, r["retention_accuracy"]), xycoords=("axes fraction", "data"),
-                            xytext=(-120, 3), textcoords="offset points", fontsize=7, color=color)
+            if r["kind"] in ("tfidf", "majority"):  # the two baselines as levels: at or below the majority = FAILED
+                name = "TF-IDF + LR" if r["kind"] == "tfidf" else "majority class (at or below: FAILED)"
+                ax.axhline(r["retention_accuracy"], color=color, lw=0.8, ls="--" if r["kind"] == "tfidf" else "-.", alpha=0.5)
+                ax.annotate(f"{name} ({data})", (1, r["retention_accuracy"]), xycoords=("axes fraction", "data"),
+                            xytext=(-150, 3), textcoords="offset points", fontsize=7, color=color)
         for r in kd:
             if r["kind"] == "kd":
                 ax.annotate(f"{r['compression_x_fp32']:.0f}×", (r["compression_x_fp32"], r["retention_accuracy"]),
@@ -372,7 +485,7 @@ def plot_curve(result: dict, path: Path) -> None:
     for a, label in ((ax, "retention (student ÷ teacher, test split)"), (ax2, "onnxruntime speed-up over the teacher (batch 1)")):
         a.set_xscale("log")
         a.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}×"))
-        a.set_xlabel("compression_x_fp32 (teacher params × 4 ÷ model.onnx bytes, log)")
+        a.set_xlabel("compression_x_fp32 (teacher params × 4 ÷ bytes of all files in onnx/, log)")
         a.set_ylabel(label)
         a.grid(alpha=0.3, which="both")
         a.legend(fontsize=7)
@@ -391,9 +504,16 @@ def main() -> None:
     ap.add_argument("--root", default=None, help="run folders (default runs/bench/classifier[-quick])")
     ap.add_argument("--teacher", default="all-minilm-l6-v2")
     ap.add_argument("--max-len", type=int, default=None, help=f"tokens, teacher and students (default {FULL['max_len']})")
-    ap.add_argument("--teacher-steps", type=int, default=None, help=f"default {FULL['teacher_steps']}")
+    ap.add_argument("--teacher-steps", type=int, default=None,
+                    help=f"at most this many fine-tuning steps; early stopping decides (default {FULL['teacher_steps']})")
+    ap.add_argument("--teacher-eval-every", type=int, default=None,
+                    help=f"teacher validation every N steps (default {FULL['teacher_eval_every']})")
+    ap.add_argument("--teacher-patience", type=int, default=None,
+                    help=f"stop the teacher after this many validations without a better val macro-F1; 0: run all "
+                         f"--teacher-steps (default {FULL['teacher_patience']})")
     ap.add_argument("--student-steps", type=int, default=None, help=f"default {FULL['student_steps']}")
-    ap.add_argument("--eval-every", type=int, default=None, help=f"validation every N steps (default {FULL['eval_every']})")
+    ap.add_argument("--eval-every", type=int, default=None,
+                    help=f"student validation every N steps (default {FULL['eval_every']})")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--teacher-lr", type=float, default=1e-4)
     ap.add_argument("--student-lr", type=float, default=1e-3)
@@ -403,7 +523,8 @@ def main() -> None:
                          "0: never)")
     ap.add_argument("--onnx-overhead-bytes", type=int, default=32_768,
                     help="bytes the ONNX graph adds to 4 × params (~30 KB measured for a 2-layer student); the student's "
-                         "budget (student.target_params) is (teacher params × 4 ÷ size − this) ÷ 4, so the file reaches the size")
+                         "budget (student.target_params) is (teacher params × 4 ÷ size − this − the trimmed tokenizer, "
+                         "label map and report bytes) ÷ 4, so the whole onnx/ folder reaches the size")
     ap.add_argument("--temperature", type=float, default=2.0)
     ap.add_argument("--alpha", type=float, default=0.7)
     ap.add_argument("--hidden-weight", type=float, default=0.0)
@@ -480,8 +601,13 @@ def main() -> None:
         "machine": {"cpu_cores": os.cpu_count(), "torch_threads": args.train_threads or args.threads, "onnxruntime_intra_op_threads": args.threads,
                     "onnxruntime_inter_op_threads": 1},
         "threads": args.threads, "quick": args.quick, "args": vars(args),
-        "artifact": "each row's onnx/model.onnx, fp32 (the teacher's: its fp32 ONNX export); compression_x_fp32 = "
-                    "teacher params × 4 ÷ its bytes, compression_x_fp16 = teacher params × 2 ÷ its bytes",
+        "artifact": "each row's onnx/ folder: fp32 model.onnx + tokenizer + label_map.json + export_report.json (the "
+                    "teacher's: its fp32 ONNX export folder); compression_x_fp32 = teacher params × 4 ÷ all its bytes, "
+                    "compression_x_fp16 = teacher params × 2 ÷ all its bytes; *_weights_only = ÷ model.onnx bytes alone",
+        "teacher": {"steps_cap": args.teacher_steps, "eval_every": args.teacher_eval_every, "patience": args.teacher_patience,
+                    "select_on": "val macro-F1", "rule": "early stopping: the best val state is the teacher"},
+        "verdict_rule": "a row whose test accuracy is not above the majority-class row's is FAILED (beats_majority false); "
+                        "beats_tfidf_logreg compares accuracy with the TF-IDF + logistic regression row",
         "student": {"num_layers": args.num_layers, "one_layer_from_x": args.one_layer_from, "max_len": args.max_len, "trim_vocab": True,
                     "factorization": "truncated SVD of every matrix (not the head), global rank budget",
                     "kd": {"temperature": args.temperature, "alpha": args.alpha, "hidden_weight": args.hidden_weight},

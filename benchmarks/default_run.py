@@ -34,15 +34,25 @@ def main() -> None:
     for plot in ("token_loss.png", "training_loss.png"):  # the README shows the run's own plots
         shutil.copyfile(run_dir / plot, docs / f"default_run_{plot}")
     t, s = m["teacher"], m["student"]
+    chat = m.get("chat") or {}
     write_result("default_run", {
-        "what": "edgestill shrink with the default recipe: SmolLM2-135M-Instruct -> sliced student, logit KD on Shakespeare",
+        "what": "edgestill shrink with the default recipe: SmolLM2-135M-Instruct, corrected on the training plays, -> "
+                "sliced student, logit KD on Shakespeare; scores against the corrected teacher (the reference)",
         "held_out": {"split": "test (by play)", "plays": m["splits"]["test"], "tokens": m["eval_tokens"]},
-        "teacher": {k: t[k] for k in ("name", "params", "bytes", "num_layers", "perplexity", "prefill_tokens_per_s",
-                                      "decode_tokens_per_s", "decode_tokens_per_s_spread")},
+        "reference": m.get("reference", "original"),
+        "teacher": {k: t.get(k) for k in ("name", "params", "bytes", "source", "source_bytes", "num_layers", "perplexity",
+                                          "correction", "prefill_tokens_per_s", "decode_tokens_per_s",
+                                          "decode_tokens_per_s_spread")},
+        "original_teacher": m.get("original_teacher"),
         "student": {k: s[k] for k in ("params", "bytes", "dtype", "num_layers", "layers_kept", "intermediate_size", "perplexity",
                                       "prefill_tokens_per_s", "decode_tokens_per_s", "decode_tokens_per_s_spread")},
         **{k: m[k] for k in ("retention", "top1_agreement", "kl_teacher_student", "compression_x_fp32", "compression_x_fp16",
-                             "speedup_x", "speedup_x_prefill", "baselines", "train")},
+                             "compression_x_source", "speedup_x", "speedup_x_prefill", "baselines", "train")},
+        "out_of_domain": m.get("out_of_domain"),
+        "zero_shot": m.get("zero_shot"),
+        "chat": {k: v["summary"] for k, v in chat.items()} or None,
+        "chat_answers": [{k: p[k] for k in ("prompt", "reference_answer", "student_answer")}
+                         for p in (chat.get("student") or {}).get("prompts", [])],
         "environment": m["environment"],
     })
 

@@ -19,32 +19,61 @@ def _load(name: str) -> dict | None:
     return json.loads(p.read_text()) if p.is_file() else None
 
 
+def _load1(load) -> str:
+    """The 1-minute figure of a recorded load average ([1, 5, 15] minutes), or '?'."""
+    return f"{load[0]:.1f}" if isinstance(load, list) and load else "?"
+
+
 def default_run_table(r: dict) -> str:
-    t, s = r["teacher"], r["student"]
+    """Original teacher | corrected teacher (the reference) | student, in domain and out of domain."""
+    t, s, o = r["teacher"], r["student"], r.get("original_teacher") or {}
+    ood, zs, chat = r.get("out_of_domain") or {}, r.get("zero_shot") or {}, r.get("chat") or {}
     mb = 1e6
+
+    def f(x, fmt="{:.2f}"):
+        return "" if x is None else fmt.format(x)
+
     rows = [
-        "| | teacher | student |",
-        "|---|---:|---:|",
-        f"| model | {t['name']} ({t['num_layers']} layers, fp32) | {s['num_layers']} sliced layers, FFN {s['intermediate_size']}, {s['dtype']} |",
-        f"| held-out perplexity | {t['perplexity']:.2f} | {s['perplexity']:.2f} |",
-        f"| retention (teacher ppl ÷ student ppl) | 1.000 | **{r['retention']:.3f}** |",
-        f"| top-1 agreement with teacher | 1.000 | {r['top1_agreement']:.3f} |",
-        f"| mean token KL(teacher ‖ student) | 0 | {r['kl_teacher_student']:.3f} |",
-        f"| parameters | {t['params']:,} | {s['params']:,} |",
-        f"| bytes on disk | {t['bytes'] / mb:.1f} MB | {s['bytes'] / mb:.1f} MB |",
-        f"| compression_x_fp32 / _fp16 | | **{r['compression_x_fp32']:.2f}×** / {r['compression_x_fp16']:.2f}× |",
-        f"| decode tokens/s (transformers, {r['environment'].get('torch_threads', 2)} threads) | {t['decode_tokens_per_s']:.1f} | {s['decode_tokens_per_s']:.1f} (speedup_x **{r['speedup_x']:.2f}**) |",
-        f"| prefill tokens/s | {t['prefill_tokens_per_s']:.0f} | {s['prefill_tokens_per_s']:.0f} ({r['speedup_x_prefill']:.2f}×) |",
+        "| | original teacher | corrected teacher (reference) | student |",
+        "|---|---:|---:|---:|",
+        f"| model | {t['name']}, {t['num_layers']} layers | the same, fine-tuned {f((t.get('correction') or {}).get('best_step'), '{}')} "
+        f"steps on the training plays | {s['num_layers']} sliced layers, FFN {s['intermediate_size']}, {s['dtype']} |",
+        f"| file | {t['source_bytes'] / mb:.1f} MB (Q4_1 GGUF) | {t['bytes'] / mb:.1f} MB (fp32) | {s['bytes'] / mb:.1f} MB |",
+        f"| **student ÷ original file** (compression_x_source) | | | **{r['compression_x_source']:.2f}×** "
+        f"({r['compression_x_fp16']:.2f}× vs F16, {r['compression_x_fp32']:.2f}× vs fp32) |",
+        f"| held-out perplexity, in domain (test plays) | {f(o.get('perplexity'))} | {t['perplexity']:.2f} | {s['perplexity']:.2f} |",
+        f"| perplexity out of domain (general English) | {f(o.get('out_of_domain_perplexity'))} | "
+        f"{f(ood.get('reference_perplexity'))} | {f(ood.get('student_perplexity'))} |",
+        f"| top-1 agreement with the reference: in / out of domain | | 1.000 | **{r['top1_agreement']:.3f}** / "
+        f"**{f(ood.get('top1_agreement'), '{:.3f}')}** |",
+        f"| KL(reference ‖ student), nats/token: in / out | | 0 | {r['kl_teacher_student']:.3f} / {f(ood.get('kl_teacher_student'), '{:.3f}')} |",
+        f"| retention (reference ppl ÷ student ppl): in / out | | 1.000 | {r['retention']:.3f} / {f(ood.get('retention'), '{:.3f}')} |",
+    ]
+    if zs:
+        rows.append(f"| zero-shot last-word accuracy ({zs['n']} news passages) | {f((zs.get('original_teacher') or {}).get('accuracy'), '{:.3f}')} | "
+                    f"{zs['reference']['accuracy']:.3f} | {zs['student']['accuracy']:.3f} |")
+    if chat:
+        ref_chat = chat.get("reference") or {}
+        rows.append(f"| chat prompts: NLL/token of the original teacher's answers | {chat['student']['reference_answer_nll']:.3f} | "
+                    f"{f(ref_chat.get('student_answer_nll'), '{:.3f}')} | {chat['student']['student_answer_nll']:.3f} |")
+        rows.append(f"| chat prompts: answer tokens that are the model's top-1 | 1.000 | {f(ref_chat.get('answer_top1'), '{:.3f}')} | "
+                    f"{chat['student']['answer_top1']:.3f} |")
+    rows += [
+        f"| parameters | {t['params']:,} | {t['params']:,} | {s['params']:,} |",
+        f"| decode tokens/s (transformers, {r['environment'].get('threads', 2)} threads) | | {t['decode_tokens_per_s']:.1f} | "
+        f"{s['decode_tokens_per_s']:.1f} ({r['speedup_x']:.2f}×) |",
+        f"| prefill tokens/s | | {t['prefill_tokens_per_s']:.0f} | {s['prefill_tokens_per_s']:.0f} ({r['speedup_x_prefill']:.2f}×) |",
     ]
     for name, b in (r.get("baselines") or {}).items():
-        rows.append(f"| baseline: {name.replace('_', ' ')} | | ppl {b['perplexity']:.1f}, retention {b['retention']:.3f} |")
+        rows.append(f"| baseline: {name.replace('_', ' ')} | | | ppl {b['perplexity']:.1f}, retention {b['retention']:.3f} |")
     env = r["environment"]
     rows.append("")
-    rows.append("The teacher ships as a Q4_1 GGUF; its dequantized fp32 weights are the teacher every number here is "
-                "measured against, so its bytes are those of its fp32 safetensors copy.")
-    rows.append(f" Held-out: {r['held_out']['tokens']:,} tokens of {', '.join(r['held_out']['plays'])} (never seen in training). "
-                f"{r['train']['steps']} distillation steps. Measured {env['date'][:10]} on {env['cpu_cores']} CPU cores, "
-                f"commit `{(env.get('git_commit') or '?')[:8]}`, by `{env['command']}` → `benchmarks/results/default_run.json`.")
+    rows.append(f"Held-out: {r['held_out']['tokens']:,} tokens of {', '.join(r['held_out']['plays'])} (never seen in training or "
+                f"correction); out of domain: {f(ood.get('eval_tokens'), '{:,}')} tokens of the Lee news corpus. "
+                f"{r['train']['steps']} distillation steps. Measured {env['date'][:10]} on {env.get('cpu_model') or '?'} "
+                f"({env.get('threads', '?')} threads, 1-min load {_load1(env.get('load_average_before'))} → "
+                f"{_load1(env.get('load_average_after'))}), commit `{(env.get('git_commit') or '?')[:8]}`"
+                f"{' (dirty)' if env.get('git_dirty') else ''}, by `{env['command']}` → `benchmarks/results/default_run.json`.")
     return "\n".join(rows)
 
 

@@ -4,9 +4,16 @@
     python benchmarks/shrink_curve.py --copy   # only copy a finished sweep's results (no training)
 
 The sweep itself is the user command (`edgestill sweep`, resumable: rerun after a kill and it continues);
-this script runs it and files its shrink_curve.json (plus the command, commit and machine) and plot where the
-README reads them. Teacher smollm2-135m, corpus shakespeare, held-out split = the test plays (never trained on).
+this script runs it and files its shrink_curve.json and plot where the README reads them. Teacher smollm2-135m
+(a 98.4 MB Q4_1 GGUF), corrected on the training plays (the reference every figure is measured against), corpus
+shakespeare, held-out split = the test plays (never trained on), out of domain = general English news.
 About 1.5-2 hours on 2 idle CPU cores for the six default budgets.
+
+Provenance is per row: a resumed sweep's points were measured at different times, perhaps by different code. Each
+edgestill row carries the environment of its own run (its metrics.json: commit, git_dirty, date, CPU, threads, load
+average before and after); each llama.cpp and original-file row the environment it was scored in (the sweep's
+baseline.json); the result's `environment` is the sweep's own (the commit it started from, its start and end),
+not this copy step's, which is kept apart as `copied_by`.
 """
 
 from __future__ import annotations
@@ -18,10 +25,22 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import write_result  # noqa: E402
+from _common import START, write_result
 
 ROOT = Path(__file__).resolve().parent.parent
 PLOT = ROOT / "docs" / "img" / "shrink_curve.png"
+
+
+def row_environment(point: dict) -> dict | None:
+    """Where and with which code this row was measured: the point's own record, else (an edgestill point of an
+    older sweep) its run's metrics.json; None when neither says."""
+    from edgestill.evaluate.shrink_curve import provenance
+
+    env = point.get("environment")
+    run = Path(point.get("detail", {}).get("run", ""))
+    if env is None and point["series"] == "edgestill" and (run / "metrics.json").is_file():
+        env = json.loads((run / "metrics.json").read_text()).get("environment")
+    return provenance(env)
 
 
 def main() -> None:
@@ -42,9 +61,17 @@ def main() -> None:
     if not curve.is_file():
         sys.exit(f"{curve} does not exist: run the sweep first (python benchmarks/shrink_curve.py)")
     result = json.loads(curve.read_text())
+    if "reference" not in result:
+        sys.exit(f"{curve} was written before the sweep measured against the corrected teacher (no 'reference'): "
+                 "rerun the sweep (python benchmarks/shrink_curve.py) rather than filing it")
+    for point in result["points"]:
+        point["environment"] = row_environment(point)
     plans = json.loads((out / "plans.json").read_text())
+    from edgestill.evaluate.environment import environment
+
     write_result("shrink_curve", {"command": "edgestill " + " ".join(argv), "sweep_folder": str(out),
-                                  "plans": plans["plans"], **result})
+                                  "plans": plans["plans"], **result,  # its `environment`: the sweep's own
+                                  "copied_by": environment(start=START)})
     PLOT.parent.mkdir(parents=True, exist_ok=True)
     tmp = PLOT.with_suffix(".png.tmp")
     shutil.copyfile(out / "shrink_curve.png", tmp)
@@ -52,29 +79,62 @@ def main() -> None:
     print(f"wrote {PLOT}")
 
 
+_OLD = ("_benchmarks/results/shrink_curve.json predates the honest shrink curve (no corrected reference, no fidelity "
+        "break points): rerun `python benchmarks/shrink_curve.py`._")
+
+
+def _mb(bp: dict | None) -> str:
+    return "no file" if bp is None else f"{bp['bytes'] / 1e6:.1f} MB ({bp['name']})"
+
+
 def shrink_curve_summary(r: dict) -> str:
-    """One line: the break points (the README's first screen)."""
-    bps = []
-    for t, bp in r["break_points"].items():
-        bps.append(f"retention ≥ {float(t):.0%}: " + (f"**{bp['compression_x_fp32']:.2f}× smaller** ({bp['name']}, "
-                                                        f"{bp['bytes'] / 1e6:.1f} MB, retention {bp['retention']:.3f})"
-                                                        if bp else "no edgestill point"))
-    return "Break points (the most compressed edgestill student keeping the retention): " + "; ".join(bps) + "."
+    """One paragraph: the break points, edgestill beside llama.cpp (the README's first screen)."""
+    if "reference" not in r:
+        return _OLD
+    src = r["source_file"]["bytes"]
+    parts = []
+    for bp in r["break_points"].values():
+        ours = bp.get("edgestill")
+        gain = f", **{src / ours['bytes']:.2f}× smaller than the original file**" if ours and src else ""
+        label = bp["description"].split(" (")[0]
+        parts.append(f"{label}: edgestill {_mb(ours)}{gain}; llama.cpp {_mb(bp.get('llama.cpp'))}")
+    against = "the corrected teacher" if r["reference"] == "corrected" else "the teacher"
+    return (f"Break points (the smallest file meeting each bar, against {against}; the original file is "
+            f"{src / 1e6:.1f} MB): " + "; ".join(parts) + ".")
+
+
+def _f(x, fmt: str = "{:.3f}") -> str:
+    return "—" if x is None else fmt.format(x)
 
 
 def shrink_curve_table(r: dict) -> str:
-    """README table: every point of both series, then the break points."""
-    rows = ["| series | model | GGUF MB | × fp32 | held-out ppl | retention | top-1 agreement |",
-            "|---|---|---:|---:|---:|---:|---:|"]
-    for p in sorted(r["points"], key=lambda p: (p["series"] != "edgestill", p["compression_x_fp32"])):
-        ppl = "" if p.get("perplexity") is None else f"{p['perplexity']:.2f}"
-        rows.append(f"| {p['series']} | {p['name']} | {p['bytes'] / 1e6:.1f} | {p['compression_x_fp32']:.2f} | {ppl} | "
-                    f"{p['retention']:.3f} | {p['top1_agreement']:.3f} |")
-    env = r["environment"]
+    """README table: every point of every series (largest first), then the break points and the provenance."""
+    if "reference" not in r:
+        return _OLD
+    head = ("| series | model | MB | × fp16 | × original file | KL | top-1 | retention | KL, out of domain | "
+            "top-1, out of domain | retention, out of domain |")
+    rows = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    order = {"original file": 0, "edgestill": 1, "llama.cpp": 2}
+    commits = set()
+    for p in sorted(r["points"], key=lambda p: (order.get(p["series"], 3), -p["bytes"])):
+        ood, env = p.get("out_of_domain") or {}, p.get("environment") or {}
+        commits.add((env.get("git_commit") or "unknown")[:8] + (" (uncommitted changes)" if env.get("git_dirty") else ""))
+        rows.append(f"| {p['series']} | {p['name']} | {p['bytes'] / 1e6:.1f} | {_f(p.get('compression_x_fp16'), '{:.2f}')} | "
+                    f"{_f(p.get('compression_x_source'), '{:.2f}')} | {_f(p.get('kl_teacher_student'), '{:.3g}')} | "
+                    f"{p['top1_agreement']:.3f} | {p['retention']:.3f} | {_f(ood.get('kl_teacher_student'), '{:.3g}')} | "
+                    f"{_f(ood.get('top1_agreement'))} | {_f(ood.get('retention'))} |")
+    env, ood = r["environment"], r.get("out_of_domain")
+    against = ("the corrected teacher (fine-tuned on the training plays)" if r["reference"] == "corrected"
+               else "the teacher as given")
+    ood_text = (f" Out of domain: {ood['tokens']:,} tokens of {ood['source']} (reference perplexity "
+                f"{ood['reference_perplexity']:.2f})." if ood else " Out of domain: not measured.")
     rows += ["", shrink_curve_summary(r),
-             f"Teacher perplexity {r['teacher_perplexity']:.2f} on {r['held_out_tokens']:,} held-out tokens (test plays, "
-             f"never trained on). {r['note']} Measured {env['date'][:10]} on {env['cpu_cores']} CPU cores, commit "
-             f"`{env['git_commit'][:8]}`, by `{r['command']}` → `benchmarks/results/shrink_curve.json`."]
+             (f"Every figure is against {against}: reference perplexity {r['reference_perplexity']:.2f} on "
+             f"{r['held_out_tokens']:,} held-out tokens (test plays, never trained on).{ood_text} {r['note']} "
+             f"Sweep started {(env.get('date_start') or env['date'])[:10]} at commit `{(env['git_commit'] or '?')[:8]}`"
+             f"{' (uncommitted changes)' if env.get('git_dirty') else ''} on {env['cpu_cores']} CPU cores, by "
+             f"`{r['command']}`; rows measured at commit(s) {', '.join(f'`{c}`' for c in sorted(commits))} (each row's "
+             "environment is in `benchmarks/results/shrink_curve.json`).")]
     return "\n".join(rows)
 
 

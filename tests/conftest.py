@@ -12,6 +12,13 @@ os.environ.setdefault("EDGESTILL_NO_PROGRESS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+@pytest.fixture(autouse=True, scope="session")
+def _corrected_teachers_in_a_temp_dir(tmp_path_factory):
+    """Tiny teachers corrected by the tests are cached in a temp folder, not in ~/.cache/edgestill."""
+    os.environ["EDGESTILL_CORRECTED_CACHE"] = str(tmp_path_factory.mktemp("corrected"))
+    yield
+
 WORDS = ("the king queen lord lady love death night day sword crown heart blood speak hear see good "
          "noble fair foul friend enemy war peace thou thee thy art hath doth shall will not what why").split()
 
@@ -78,6 +85,8 @@ def tiny_overrides(model_dir, corpus_dir, out_dir, steps: int = 6) -> list[str]:
         "distill.checkpoint_every=2", "distill.eval_every=3", "distill.lr=1e-3",
         "eval.batch_size=4", "eval.speed_prompt_tokens=16", "eval.speed_decode_tokens=4", "eval.speed_repeats=1",
         "eval.generate_tokens=4", "eval.prompts=[\"the king\"]", "output.dtype=float32",
+        "teacher.correct_steps=4", "teacher.correct_eval_every=2", "teacher.correct_batch_size=2",
+        "eval.out_of_domain_tokens=256", "eval.zero_shot_passages=4", "eval.chat_tokens=4",
     ]
 
 

@@ -81,9 +81,16 @@ def test_shrink_measures_the_onnx_student_against_the_teacher(runs):
     m = json.loads((shrunk / "metrics.json").read_text())
     onnx_file = shrunk / "onnx" / "model.onnx"
     assert m["task"] == "classification" and m["student"]["onnx_bytes"] == onnx_file.stat().st_size
-    assert m["compression_x_fp32"] == pytest.approx(m["teacher"]["params"] * 4 / onnx_file.stat().st_size)
+    # "smaller" counts every file the device loads: model.onnx, the trimmed tokenizer, the label map, the report
+    files = {f.name: f.stat().st_size for f in (shrunk / "onnx").iterdir() if f.is_file()}
+    assert {"model.onnx", "tokenizer.json", "label_map.json"} <= set(files) and m["student"]["deploy_files"] == files
+    assert m["student"]["deploy_bytes"] == sum(files.values()) > onnx_file.stat().st_size
+    assert m["compression_x_fp32"] == pytest.approx(m["teacher"]["params"] * 4 / m["student"]["deploy_bytes"])
+    assert m["compression_x_fp32_weights_only"] == pytest.approx(m["teacher"]["params"] * 4 / onnx_file.stat().st_size)
+    assert m["compression_x_fp32"] < m["compression_x_fp32_weights_only"]
     assert m["compression_x_fp16"] == pytest.approx(m["compression_x_fp32"] / 2)
-    assert m["compression_x_fp32"] > 1.5  # the student file is really smaller than the teacher's fp32 weights
+    assert m["compression_x_fp16_weights_only"] == pytest.approx(m["compression_x_fp32_weights_only"] / 2)
+    assert m["compression_x_fp32"] > 1.5  # the student's files are really smaller than the teacher's fp32 weights
     assert m["retention_accuracy"] == pytest.approx(m["student"]["test"]["accuracy"] / m["teacher"]["test"]["accuracy"])
     assert m["retention_macro_f1"] == pytest.approx(m["student"]["test"]["macro_f1"] / m["teacher"]["test"]["macro_f1"])
     assert m["student"]["test"]["n"] == m["teacher"]["test"]["n"] == len(_test_texts(runs))
@@ -94,7 +101,7 @@ def test_shrink_measures_the_onnx_student_against_the_teacher(runs):
     assert m["data"]["same_split_as_teacher_finetuning"] is True
     assert m["student"]["layers_kept"] == [1] and m["student"]["vocab_kept"] < json.loads(
         (runs["teacher"] / "config.json").read_text())["vocab_size"]
-    assert "tfidf_logreg" in m["baselines"] and "student_sliced_untrained" in m["baselines"]
+    assert {"majority_class", "tfidf_logreg", "student_sliced_untrained"} <= set(m["baselines"])
     vt = m["vocab_trim"]  # the trim's effect on held-out text is measured, not assumed
     assert 0 <= vt["texts_changed_fraction"] <= 1 and vt["test_texts_changed"] == round(vt["texts_changed_fraction"] * m["student"]["test"]["n"])
     assert "student_accuracy_unchanged" in vt and vt["unk_fraction"] >= vt["full_unk_fraction"]
@@ -113,13 +120,82 @@ def test_shrink_draws_the_runs_shrink_curve_over_onnx_types(runs):
     for t, c in curve.items():
         folder = shrunk / ("onnx" if t == "f32" else f"onnx-{t}")
         assert c["onnx_bytes"] == (folder / "model.onnx").stat().st_size  # real files, kept for deployment
-        assert c["compression_x_fp32"] == pytest.approx(m["teacher"]["params"] * 4 / c["onnx_bytes"])
+        assert c["deploy_bytes"] == sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+        assert c["compression_x_fp32"] == pytest.approx(m["teacher"]["params"] * 4 / c["deploy_bytes"])
+        assert c["compression_x_fp32_weights_only"] == pytest.approx(m["teacher"]["params"] * 4 / c["onnx_bytes"])
+        assert c["beats_majority"] == (c["test"]["accuracy"] > m["baselines"]["majority_class"]["test"]["accuracy"])
         assert c["retention_accuracy"] == pytest.approx(c["test"]["accuracy"] / m["teacher"]["test"]["accuracy"])
         assert c["onnx_parity_vs_pytorch"]["prediction_agreement"] >= 0.995
         assert c["latency_ms_per_example"] > 0 and c["speedup_x"] > 0
     assert curve["int4"]["onnx_bytes"] < curve["int8"]["onnx_bytes"] < curve["f32"]["onnx_bytes"]
     assert (shrunk / "shrink_curve.png").stat().st_size > 0
     assert "Shrink curve" in (shrunk / "report.md").read_text()
+
+
+def test_finetune_stops_on_the_validation_curve_and_carries_the_baselines(runs):
+    m = json.loads((runs["teacher"] / "metrics.json").read_text())
+    t = m["teacher"]
+    assert m["val_curve"][0]["step"] == 20 and m["val_curve"][-1]["step"] == t["stopped_at_step"]
+    assert t["max_steps"] == 100 and t["patience"] == 5 and t["select_on"] == "macro_f1"
+    best = max(m["val_curve"], key=lambda p: p["val_macro_f1"])  # the first step with the best val macro-F1
+    assert t["best_step"] == best["step"] and t["best_val_macro_f1"] == best["val_macro_f1"]
+    test = _test_texts(runs)
+    major = m["baselines"]["majority_class"]  # 3 balanced classes: the tie goes to the first label
+    assert major["label"] == "fruit" and major["test"]["accuracy"] == pytest.approx(test.labels.count("fruit") / len(test))
+    assert m["baselines"]["tfidf_logreg"]["test"]["n"] == len(test)
+    assert t["verdict"]["beats_majority"] is True and t["verdict"]["text"].startswith("above the majority class")
+    report = (runs["teacher"] / "report.md").read_text()
+    assert "majority class (baseline)" in report and "TF-IDF" in report
+    assert ("stopped early" in report) == t["stopped_early"] and "val_curve" in report
+
+
+def test_shrink_reports_the_verdict_against_the_baselines(runs):
+    m = json.loads((runs["shrunk"] / "metrics.json").read_text())
+    major = m["baselines"]["majority_class"]
+    assert m["beats_majority"] == (m["student"]["test"]["accuracy"] > major["test"]["accuracy"]) is True
+    assert m["failed"] is False and m["retention_note"] is None
+    assert m["beats_tfidf_logreg"] == (m["student"]["test"]["accuracy"] > m["baselines"]["tfidf_logreg"]["test"]["accuracy"])
+    assert major["retention_accuracy"] == pytest.approx(major["test"]["accuracy"] / m["teacher"]["test"]["accuracy"])
+    assert m["teacher"]["beats_majority"] is True and m["environment"]["git_commit"] is not None
+    report = (runs["shrunk"] / "report.md").read_text()
+    assert "## Verdict" in report and "majority_class" in report and "FAILED" not in report
+    assert "compression_x_fp32" in report and "weights only" in report
+
+
+def test_a_student_at_the_majority_class_is_reported_as_failed(runs, tmp_path, monkeypatch, caplog):
+    """The student's ONNX file made to predict label 0 everywhere (= the majority class on this balanced split, a tie):
+    the run still finishes, but says FAILED and labels its retention."""
+    import shutil
+
+    import yaml
+
+    import edgestill.runtime.onnx as ort
+
+    out, partial = tmp_path / "failed", tmp_path / "failed.partial"
+    shutil.copytree(runs["shrunk"], partial)  # resume after the saved student: no distillation
+    for name in ("DONE", "metrics.json", "report.md"):
+        (partial / name).unlink()
+    cfg = yaml.safe_load((partial / "config.yaml").read_text())
+    cfg["output_dir"] = str(out)
+    (partial / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    monkeypatch.setattr(ort, "onnx_classifier_logits", lambda session, enc, *a, **k: np.zeros((len(enc["input_ids"]), 3),
+                                                                                             np.float32))
+    assert main(["shrink", "--task", "classification", "--teacher", str(runs["teacher"]), "--data", str(runs["csv"]),
+                 "--out", str(out), *STEPS, "student.max_len=24", "student.num_layers=1", "student.compression_x=3",
+                 "student.min_rank=2", "student.multiple_of=1", "kd.alpha=0.7", "eval.latency_examples=2",
+                 "eval.latency_repeats=1", "eval.teacher_latency=false", "eval.tfidf_baseline=false",
+                 "eval.curve_types=[f32]"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    acc = m["student"]["test"]["accuracy"]
+    assert acc == pytest.approx(m["baselines"]["majority_class"]["test"]["accuracy"])
+    assert m["beats_majority"] is False and m["failed"] is True and m["curve"][0]["failed"] is True
+    assert m["retention_accuracy"] == pytest.approx(acc / m["teacher"]["test"]["accuracy"])  # computed, but labelled
+    assert m["retention_note"].startswith("not a retention")
+    line = f"FAILED: at or below the majority class (acc {acc:.4f} <= {acc:.4f})"
+    assert m["verdict"]["text"].startswith(line) and line in (out / "report.md").read_text()
+    assert any(line in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+    # eval.tfidf_baseline=false: the teacher run's TF-IDF row (same split) is reused, so the comparison is still made
+    assert m["baselines"]["tfidf_logreg"]["from"].endswith("metrics.json") and m["beats_tfidf_logreg"] is False
 
 
 def test_onnxruntime_predictions_agree_with_pytorch(runs):
@@ -247,5 +323,6 @@ def test_a_killed_shrink_resumes_after_the_saved_student(runs, tmp_path, monkeyp
     assert (out / "DONE").is_file() and not partial.exists()
     assert (out / "student" / "model.safetensors").read_bytes() == (runs["shrunk"] / "student" / "model.safetensors").read_bytes()
     m = json.loads((out / "metrics.json").read_text())
-    assert m["speedup_x"] is None and "tfidf_logreg" not in m["baselines"]  # eval.* may change on resume
+    assert m["speedup_x"] is None  # eval.* may change on resume
+    assert m["baselines"]["tfidf_logreg"]["from"] == str(runs["teacher"] / "metrics.json")  # reused: same split
     assert m["student"]["test"] == json.loads((runs["shrunk"] / "metrics.json").read_text())["student"]["test"]

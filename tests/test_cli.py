@@ -136,6 +136,19 @@ def test_shrink_writes_a_complete_run(shrink_run, tiny_model_dir):
     assert len(m["student"]["layers_kept"]) == 2
     assert m["train"]["steps"] == 6
     assert "sliced_untrained" in m["baselines"]
+    # the reference is the teacher corrected on the train split; the original's numbers stand beside it
+    assert m["reference"] == "corrected" and m["teacher"]["correction"]["steps_run"] >= 1
+    assert m["teacher"]["correction"]["val_loss_best"] <= m["teacher"]["correction"]["val_loss_before"]
+    assert math.isfinite(m["original_teacher"]["perplexity"]) and m["original_teacher"]["perplexity"] > 1
+    # what broke: general English no training touched, zero-shot last word, chat (none: no chat template)
+    ood = m["out_of_domain"]
+    assert ood["source"] == "general-english" and ood["eval_tokens"] > 0
+    assert ood["retention"] == pytest.approx(ood["reference_perplexity"] / ood["student_perplexity"])
+    assert 0 <= ood["top1_agreement"] <= 1 and ood["kl_teacher_student"] > 0
+    assert m["zero_shot"]["n"] == 4 and {"original_teacher", "reference", "student"} <= set(m["zero_shot"])
+    assert m["chat"] is None
+    report = (run / "report.md").read_text()
+    assert "## What broke" in report and "out-of-domain" in report and "not an instruct model" in report
 
     gens = json.loads((run / "generations.json").read_text())
     assert [g["prompt"] for g in gens] == ["the king"]

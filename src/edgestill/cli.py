@@ -181,6 +181,8 @@ def _add_plan(sub) -> None:
     p.add_argument("--calibration-tokens", type=int, default=1024,
                    help="calibration tokens from the train split, in blocks of 256 (default 1024: the same tokens "
                         "shrink --device and sweep plan with)")
+    p.add_argument("--no-correct", action="store_true",
+                   help="plan for the teacher as given (default: first corrected on --data's train split, as shrink does; cached)")
     p.add_argument("--top", type=int, default=5, help="how many plans to print (default 5)")
     p.add_argument("--out", help="write every feasible plan as JSON here")
 
@@ -352,9 +354,10 @@ def _cmd_sweep(args) -> None:
                              thresholds=tuple(_fraction(t) for t in args.thresholds.split(",")),
                              baseline_types=tuple(t.strip().upper() for t in args.baseline.split(",") if t.strip()))
     result = sweep(_resolve(args), settings, out)
-    for t, bp in result["break_points"].items():
-        print(f"break point, retention >= {float(t):.2f}: " + (
-            f"{bp['compression_x_fp32']:.2f}x ({bp['name']}, retention {bp['retention']:.3f})" if bp else "none measured"))
+    from edgestill.evaluate.shrink_curve import break_point_lines
+
+    for line in break_point_lines(result):
+        print(line)
     print(f"shrink curve: {out}/shrink_curve.png, {out}/report.html, {out}/shrink_curve.json")
 
 
@@ -367,7 +370,7 @@ def _cmd_devices(args) -> None:
 def _cmd_plan(args) -> None:
     import json
 
-    from edgestill.config import DataConfig
+    from edgestill.config import DataConfig, TeacherConfig
     from edgestill.jobs.plan import plan, plans_json
     from edgestill.plan.allocate import Budget
     from edgestill.plan.cost import Workload
@@ -375,7 +378,8 @@ def _cmd_plan(args) -> None:
     budget = Budget.parse(args.ram, args.file_size, args.decode, args.prefill)
     formats = tuple(f.strip().lower() for f in args.formats.split(",") if f.strip())
     data = DataConfig(path=args.data)
-    plans = plan(args.teacher, args.device, budget, data, max(1, args.calibration_tokens // data.seq_len),
+    correction = None if args.no_correct else TeacherConfig().correction()
+    plans = plan(args.teacher, args.device, budget, data, max(1, args.calibration_tokens // data.seq_len), correction,
                  workload=Workload(context_tokens=args.context, prompt_tokens=args.prompt), formats=formats,
                  depths=_ints(args.depths), widths=_ints(args.widths))
     device = plans[0].device if plans else args.device

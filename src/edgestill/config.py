@@ -34,6 +34,24 @@ class TeacherConfig:
     # them, mixed per token by distill.teacher_weighting (MTAKD, distill/multi_teacher.py). `model` stays the
     # teacher the student is sliced from and evaluated against.
     extra: list[str] = field(default_factory=list)
+    # Correct `model` on the training split before compressing it (Minitron; distill/correct.py): the student is
+    # sliced from, distilled from and measured against the corrected teacher, and the original's numbers stand
+    # beside it. Cached and shared by runs with the same teacher, data and settings. false: use `model` as it is.
+    correct: bool = True
+    correct_steps: int = 50  # at most (early stopping on the validation split)
+    correct_batch_size: int = 4
+    correct_lr: float = 5e-5
+    correct_eval_every: int = 10
+    correct_patience: int = 2
+
+    def correction(self):
+        """The library's CorrectConfig of these keys, or None when teacher.correct is false."""
+        from edgestill.distill.correct import CorrectConfig
+
+        if not self.correct:
+            return None
+        return CorrectConfig(steps=self.correct_steps, batch_size=self.correct_batch_size, lr=self.correct_lr,
+                             eval_every=self.correct_eval_every, patience=self.correct_patience)
 
 
 @dataclass
@@ -149,6 +167,14 @@ class EvalConfig:
             "The capital of France is",
         ]
     )
+    # What broke (evaluate/what_broke.py): a held-out corpus no training or calibration touches ("general-english":
+    # the Lee news corpus from gensim's wheel; or a .txt file of yours; null: skip), its token budget, the number of
+    # LAMBADA-style zero-shot passages (0: skip), and the chat-prompt comparison for instruct teachers.
+    out_of_domain: str | None = "general-english"
+    out_of_domain_tokens: int = 12288
+    zero_shot_passages: int = 200
+    chat: bool = True
+    chat_tokens: int = 48
 
 
 @dataclass
@@ -186,6 +212,11 @@ QUICK_OVERRIDES = [
     "distill.eval_every=12",
     "eval.speed_repeats=2",
     "eval.generate_tokens=20",
+    "eval.out_of_domain_tokens=4096",
+    "eval.zero_shot_passages=40",
+    "eval.chat_tokens=24",
+    "teacher.correct_steps=8",
+    "teacher.correct_eval_every=4",
 ]
 
 
@@ -225,8 +256,10 @@ class FinetuneConfig:
     stage: str = "finetune"
     teacher: str = "all-minilm-l6-v2"  # the base encoder: the embedded default, a HF folder or id
     data: LabelledDataConfig = field(default_factory=LabelledDataConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, lr=1e-4, max_len=128,
-                                                                                       eval_every=100))
+    # fine-tuned to convergence: validation every 50 steps, stop after 5 without a better val macro-F1, at most 1500
+    # steps; the best validation state is the teacher
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1500, lr=1e-4, max_len=128, eval_every=50,
+                                                                   patience=5))
     output_dir: str = ""
 
 
@@ -444,6 +477,11 @@ def validate(cfg: ShrinkConfig) -> None:
         raise EdgestillError(f"distill.teacher_weighting='{k.teacher_weighting}' is unknown; use agreement or average")
     if not k.agreement_tau > 0:
         raise EdgestillError(f"distill.agreement_tau={k.agreement_tau} must be > 0 (0.1 is typical)")
+    if cfg.eval.out_of_domain is not None:  # found before an hour of training, not after
+        from edgestill.data.general import check_source
+
+        check_source(cfg.eval.out_of_domain)
+    cfg.teacher.correction()  # its settings are checked even before the teacher is loaded
     for spec in cfg.teacher.extra:
         if not spec.strip():
             raise EdgestillError("teacher.extra has an empty entry; list teacher models (HF folders or .gguf files)")

@@ -164,3 +164,72 @@ def test_scores_and_tfidf_baseline(splits):
     base = tfidf_baseline(splits)
     assert base["test"]["accuracy"] >= 0.9 and base["C"] in (1.0, 10.0, 100.0)
     assert base["params"] == base["vocabulary"] * 3 + 3
+    # its size counts the vocabulary it must ship, not only the weights
+    assert base["vocabulary_bytes"] > base["vocabulary"] and base["deploy_bytes"] == base["weight_bytes_fp32"] + base["vocabulary_bytes"]
+
+
+# ---------------------------------------------------------------- early stopping on a rigged validation curve
+
+
+def _rig(monkeypatch, curve: list[float]) -> list[dict]:
+    """Replace the validation with `curve` (one value per validation, as val macro-F1 and 1 - it as val loss);
+    returns the model state seen at each validation."""
+    from edgestill.distill import classifier
+
+    seen = []
+
+    def rigged(model, enc, labels, batch_size=64):
+        value = curve[len(seen)]
+        seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return {"accuracy": value, "macro_f1": value, "n": len(labels), "loss": 1.0 - value}
+
+    monkeypatch.setattr(classifier, "validation_scores", rigged)
+    return seen
+
+
+def _train(enc_dir, splits, cfg: TrainConfig):
+    from edgestill.distill.classifier import train_classifier
+
+    torch.manual_seed(0)
+    model, tok, _ = load_encoder_classifier(str(enc_dir), splits.label_map)
+    enc = {k: tokenize(tok, getattr(splits, k).texts, 24) for k in ("train", "val")}
+    return model, train_classifier(model, enc["train"], splits.ids("train"), enc["val"], splits.ids("val"), cfg)
+
+
+def _same_state(model, state) -> bool:
+    return all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("select_on", ["macro_f1", "loss"])
+def test_early_stopping_stops_after_patience_and_restores_the_best_step(enc_dir, splits, monkeypatch, select_on):
+    # best at the 2nd validation (step 4); an equal value is no improvement; the late 0.99 is never reached
+    seen = _rig(monkeypatch, [0.40, 0.70, 0.65, 0.70, 0.60, 0.99, 0.99])
+    cfg = TrainConfig(steps=100, batch_size=8, lr=3e-3, max_len=24, eval_every=2, patience=3, select_on=select_on)
+    model, result = _train(enc_dir, splits, cfg)
+    assert len(seen) == 5 and result["stopped_early"] is True
+    assert result["stopped_at_step"] == 10 and result["best_step"] == 4 and result["max_steps"] == 100
+    assert [p["step"] for p in result["val_curve"]] == [2, 4, 6, 8, 10]
+    assert [p["val_macro_f1"] for p in result["val_curve"]] == [0.40, 0.70, 0.65, 0.70, 0.60]
+    assert result["best_val_macro_f1"] == 0.70 and result["best_val_loss"] == pytest.approx(0.30)
+    assert _same_state(model, seen[1]) and not _same_state(model, seen[-1])  # the best state, not the last one
+
+
+def test_min_delta_and_no_patience(enc_dir, splits, monkeypatch):
+    seen = _rig(monkeypatch, [0.50, 0.505, 0.51, 0.52])
+    cfg = TrainConfig(steps=100, batch_size=8, lr=3e-3, max_len=24, eval_every=2, patience=2, min_delta=0.015)
+    model, result = _train(enc_dir, splits, cfg)  # +0.005 and +0.01 are below min_delta: 2 stale validations
+    assert result["stopped_at_step"] == 6 and result["best_step"] == 2 and _same_state(model, seen[0])
+    seen = _rig(monkeypatch, [0.9, 0.5, 0.4])
+    model, result = _train(enc_dir, splits, TrainConfig(steps=6, batch_size=8, lr=3e-3, max_len=24, eval_every=2))
+    assert result["stopped_early"] is False and result["stopped_at_step"] == 6 and result["best_step"] == 2  # patience 0
+    assert _same_state(model, seen[0])
+
+
+def test_bad_early_stopping_settings_are_refused():
+    from edgestill.distill.classifier import check_train_config
+    from edgestill.errors import EdgestillError
+
+    with pytest.raises(EdgestillError, match="select_on"):
+        check_train_config(TrainConfig(select_on="accuracy"))
+    with pytest.raises(EdgestillError, match="eval_every > 0"):
+        check_train_config(TrainConfig(patience=3, eval_every=0))

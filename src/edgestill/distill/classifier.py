@@ -12,7 +12,10 @@ Method [7] of docs/references.md (KD + low-rank factorization). Reconstructed [R
    g maps each student layer to the teacher layer it was cut from, widths are equal so no projection).
    α = 0 and β = 0 is the CE-only control the method is compared with.
 
-Every loop is a plain loop with a progress bar; the best validation macro-F1 state is kept.
+Every loop is a plain loop with a progress bar and early stopping on the validation split: every `eval_every`
+steps the val macro-F1 (or val loss, `select_on`) is measured, the best state is kept and restored at the end, and the
+loop stops after `patience` validations without improvement (0: never), at most `steps` steps. The val curve, the
+step chosen and the step it stopped at are returned.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from edgestill.errors import EdgestillError
-from edgestill.evaluate.classification import evaluate_classifier
+from edgestill.evaluate.classification import evaluate_classifier, validation_scores
 from edgestill.models.encoder import batch_tensors, tokenize, trim_tokenizer, used_token_ids
 from edgestill.models.lowrank import LowRankConfig, factorize_, stored_bytes, stored_params
 from edgestill.progress import progress_bar
@@ -38,15 +41,20 @@ log = logging.getLogger(__name__)
 class TrainConfig:
     """The fine-tuning / distillation loop of the classifier track."""
 
-    steps: int = 300
+    steps: int = 300  # at most this many steps (the cap; the learning rate decays linearly over them)
     batch_size: int = 16
     lr: float = 5e-5
     weight_decay: float = 0.01
     warmup_fraction: float = 0.1
     max_len: int = 128
-    eval_every: int = 100  # validation every N steps (and at the end); the best state is kept
+    eval_every: int = 100  # validation every N steps (and at the end); the best state is kept and restored
     eval_batch_size: int = 64
     seed: int = 0
+    # early stopping: stop after `patience` validations in a row without improvement of `select_on` by more than
+    # `min_delta` (0: run all `steps`); the best state is restored either way
+    patience: int = 0
+    select_on: str = "macro_f1"  # "macro_f1" (val macro-F1, higher is better) or "loss" (val cross-entropy, lower)
+    min_delta: float = 0.0
 
 
 @dataclass
@@ -103,12 +111,39 @@ def _schedule(step: int, cfg: TrainConfig) -> float:
     return max(0.0, (cfg.steps - step) / max(1, cfg.steps - warm))
 
 
+SELECT_ON = ("macro_f1", "loss")
+
+
+def check_train_config(cfg: TrainConfig) -> None:
+    """Refuse early-stopping settings that cannot work, before any run folder is made."""
+    if cfg.select_on not in SELECT_ON:
+        raise EdgestillError(f"train.select_on '{cfg.select_on}': choose {' or '.join(SELECT_ON)}")
+    if cfg.patience < 0 or cfg.steps < 1 or cfg.eval_every < 0 or cfg.min_delta < 0:
+        raise EdgestillError(f"train.patience ({cfg.patience}), train.eval_every ({cfg.eval_every}) and train.min_delta "
+                             f"({cfg.min_delta}) must be >= 0 and train.steps ({cfg.steps}) >= 1")
+    if cfg.patience and not cfg.eval_every:
+        raise EdgestillError("train.patience needs validations to count: set train.eval_every > 0")
+
+
+def improved(val: dict, best: dict | None, cfg: TrainConfig) -> bool:
+    """True when `val` beats `best` on `cfg.select_on` by more than `cfg.min_delta` (the first validation always does)."""
+    if best is None:
+        return True
+    if cfg.select_on == "loss":
+        return val["loss"] < best["loss"] - cfg.min_delta
+    return val["macro_f1"] > best["macro_f1"] + cfg.min_delta
+
+
 def train_classifier(model, train_enc: dict, train_labels: np.ndarray, val_enc: dict, val_labels: np.ndarray,
                      cfg: TrainConfig, loss_fn=None, desc: str = "fine-tuning") -> dict:
-    """AdamW with warmup + linear decay over `cfg.steps` seeded shuffled batches; keeps the best-val state.
+    """AdamW with warmup + linear decay over `cfg.steps` seeded shuffled batches, with early stopping on val.
 
-    `loss_fn(model, batch, labels, idx) -> (loss, parts)` defaults to cross-entropy. Returns the history.
+    Every `cfg.eval_every` steps (and at the last step) the val split is scored (`validation_scores`); the state
+    with the best `cfg.select_on` is kept and restored at the end; after `cfg.patience` validations in a row without
+    improvement the loop stops early. `loss_fn(model, batch, labels, idx) -> (loss, parts)` defaults to
+    cross-entropy. Returns the history, the val curve, the chosen step and the step the loop stopped at.
     """
+    check_train_config(cfg)
     if len(train_labels) == 0:
         raise EdgestillError("the training split is empty; give more labelled rows")
     device = next(model.parameters()).device
@@ -119,7 +154,7 @@ def train_classifier(model, train_enc: dict, train_labels: np.ndarray, val_enc: 
                             lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, cfg))
     loss_fn = loss_fn or (lambda m, batch, y, idx: (F.cross_entropy(m(**batch).logits, y), {}))
-    history, best = [], None
+    history, best, stale, stopped_early = [], None, 0, False  # best = (val scores, step, state)
     order, pos = torch.randperm(len(train_labels), generator=gen).numpy(), 0
     bar = progress_bar(total=cfg.steps, desc=desc, unit="step")
     for step in range(cfg.steps):
@@ -139,15 +174,34 @@ def train_classifier(model, train_enc: dict, train_labels: np.ndarray, val_enc: 
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps:
-            val = evaluate_classifier(model, val_enc, val_labels, cfg.eval_batch_size)
+            val = validation_scores(model, val_enc, val_labels, cfg.eval_batch_size)
             history.append({"step": step + 1, "loss": float(loss.item()), **{k: float(v) for k, v in parts.items()},
                             **{f"val_{k}": v for k, v in val.items()}})
-            if best is None or val["macro_f1"] > best[0]:
-                best = (val["macro_f1"], step + 1, copy.deepcopy(model.state_dict()))
+            if improved(val, best and best[0], cfg):
+                best, stale = (val, step + 1, copy.deepcopy(model.state_dict())), 0
+            else:
+                stale += 1
+                if cfg.patience and stale >= cfg.patience:
+                    stopped_early = True
+                    break
     bar.close()
-    model.load_state_dict(best[2])
+    model.load_state_dict(best[2])  # the best validation state, not the last one
     model.eval()
-    return {"history": history, "best_step": best[1], "best_val_macro_f1": best[0]}
+    last = history[-1]["step"]
+    return {"history": history, "best_step": best[1], "best_val_macro_f1": best[0]["macro_f1"],
+            "best_val_loss": best[0]["loss"], "select_on": cfg.select_on,
+            "val_curve": [{"step": h["step"], "val_macro_f1": h["val_macro_f1"], "val_accuracy": h["val_accuracy"],
+                           "val_loss": h["val_loss"]} for h in history],
+            "stopped_at_step": last, "max_steps": cfg.steps, "stopped_early": stopped_early, "patience": cfg.patience,
+            "stop_reason": _stop_reason(cfg, stopped_early)}
+
+
+def _stop_reason(cfg: TrainConfig, stopped_early: bool) -> str:
+    if stopped_early:
+        return f"no better val {cfg.select_on} in {cfg.patience} validations (every {cfg.eval_every} steps)"
+    if cfg.patience:
+        return f"ran all {cfg.steps} steps (the cap) before the patience of {cfg.patience} validations ran out"
+    return f"ran all {cfg.steps} steps (train.patience=0: no early stopping)"
 
 
 def finetune(model, tokenizer, splits, cfg: TrainConfig) -> dict:

@@ -4,11 +4,15 @@ The teacher's log-probabilities on the held-out blocks are computed once (`teach
 every GGUF is scored against them (`gguf_quality`): perplexity from llama.cpp's own logits, top-1
 agreement and mean token KL(teacher ‖ model). Each block starts from an empty KV cache, as in
 `evaluate.metrics.compare_lm`, so the numbers are comparable with a run's metrics.json.
+
+    ref = reference_logprobs(reference.model, test_blocks)      # once per reference and text
+    gguf_fidelity("x.gguf", ref, ood_ref)                        # retention, top-1, KL; in and out of domain
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -57,3 +61,35 @@ def gguf_quality(gguf: str | Path, blocks: np.ndarray, t_logp: np.ndarray, threa
     return {"perplexity": math.exp(float(np.concatenate(nll).mean())),
             "top1_agreement": float(np.concatenate(agree).mean()),
             "kl_teacher_model": float(np.concatenate(kl).mean())}
+
+
+@dataclass
+class ReferenceLogprobs:
+    """Held-out blocks and the reference's log-probabilities on them: what every GGUF is scored against."""
+
+    blocks: np.ndarray  # (N, T) token ids
+    logprobs: np.ndarray  # (N, T-1, V) float16, teacher_logprobs()
+
+    @property
+    def perplexity(self) -> float:
+        return teacher_perplexity(self.logprobs, self.blocks)
+
+
+def reference_logprobs(reference_model, blocks: np.ndarray, batch_size: int = 8) -> ReferenceLogprobs:
+    return ReferenceLogprobs(blocks, teacher_logprobs(reference_model, blocks, batch_size))
+
+
+def gguf_fidelity(gguf: str | Path, in_domain: ReferenceLogprobs, out_of_domain: ReferenceLogprobs | None = None,
+                  threads: int = 2) -> dict:
+    """A GGUF as llama.cpp runs it, against the reference, in the names of a run's metrics.json.
+
+    {"perplexity", "retention" (reference ppl ÷ GGUF ppl), "top1_agreement", "kl_teacher_student" (mean token
+    KL(reference ‖ GGUF), nats), "out_of_domain": the same four on `out_of_domain`'s blocks, or None when not given}.
+    """
+
+    def scored(ref: ReferenceLogprobs) -> dict:
+        q = gguf_quality(gguf, ref.blocks, ref.logprobs, threads)
+        return {"perplexity": q["perplexity"], "retention": ref.perplexity / q["perplexity"],
+                "top1_agreement": q["top1_agreement"], "kl_teacher_student": q["kl_teacher_model"]}
+
+    return {**scored(in_domain), "out_of_domain": None if out_of_domain is None else scored(out_of_domain)}

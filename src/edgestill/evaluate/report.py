@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgestill.evaluate.what_broke import what_broke_line, what_broke_tables
 from edgestill.files import atomic_path, write_text_atomic
 
 
@@ -105,26 +106,62 @@ def summary_text(m: dict) -> str:
         shape += f", {m['student']['quant']}"
     lines = [f"edgestill: {m['teacher']['name']} → student with {shape} "
              f"(held-out: {m['eval_tokens']:,} tokens of {', '.join(m['splits']['test'][:4])})"]
+    lines += [f"  {line}" for line in [reference_line(m)] if line]
     lines.append(f"  {'':{w[0]}}  {'teacher':>{w[1]}}  {'student':>{w[2]}}")
     for r in rows:
         lines.append(f"  {r[0]:{w[0]}}  {r[1]:>{w[1]}}  {r[2]:>{w[2]}}  {r[3]}")
     if m.get("baselines"):
         for name, b in m["baselines"].items():
             lines.append(f"  baseline {name}: perplexity {b['perplexity']:.2f}, retention {b['retention']:.3f}")
+    lines += [f"  {line}" for line in [what_broke_line(m)] if line]
     return "\n".join(lines)
+
+
+def reference_line(m: dict) -> str | None:
+    """Which teacher the scores are against: the corrected one (with what the correction did) or the original."""
+    c = m["teacher"].get("correction")
+    if not c:
+        return None
+    orig = (m.get("original_teacher") or {}).get("perplexity")
+    return (f"teacher = the reference: corrected on the training split ({c['best_step']} of {c['steps_run']} steps kept, "
+            f"val loss {c['val_loss_before']:.3f} → {c['val_loss_best']:.3f})"
+            + (f"; the original teacher's held-out perplexity is {orig:.2f}" if orig else ""))
+
+
+def _md_table(caption: str, header: list[str], rows: list[tuple]) -> list[str]:
+    def cell(x) -> str:
+        return str(x).replace("|", "\\|").replace("\n", " ")
+
+    out = [caption, ""]
+    if header:
+        out += ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+        out += ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows]
+        out.append("")
+    return out
+
+
+def _html_table(caption: str, header: list[str], rows: list[tuple]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<p>{html.escape(caption)}</p>" + (f"<table><tr>{head}</tr>{body}</table>" if header else "")
 
 
 def _markdown(m: dict, generations: list[dict]) -> str:
     out = [f"# edgestill run: {m['teacher']['name']} → {m['student']['params']:,}-parameter student", ""]
     out.append(f"Held-out split (never seen in distillation): {', '.join(m['splits']['test'])} "
                f"— {m['eval_tokens']:,} tokens. Speeds: transformers on this CPU, {m['teacher']['threads']} threads, median of {m['speed_repeats']} alternated runs.")
+    if reference_line(m):
+        out += ["", reference_line(m).capitalize() + "."]
     out += ["", "| | teacher | student | |", "|---|---:|---:|---|"]
     out += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in _rows(m)]
     if m.get("baselines"):
         out += ["", "Baselines (same held-out text):", ""]
         out += [f"- **{k}**: perplexity {v['perplexity']:.2f}, retention {v['retention']:.3f}" for k, v in m["baselines"].items()]
     out += ["", f"Student layers kept (of the teacher's {m['teacher']['num_layers']}): {m['student']['layers_kept']}",
-            "", "![training loss](training_loss.png)", "", "![per-token loss](token_loss.png)", "", "## Generations (greedy)", ""]
+            "", "![training loss](training_loss.png)", "", "![per-token loss](token_loss.png)", "", "## What broke", ""]
+    for table in what_broke_tables(m):
+        out += _md_table(*table)
+    out += ["## Generations (greedy)", ""]
     for g in generations:
         out += [f"**Prompt:** `{g['prompt']!r}`", "", f"- teacher: {g['teacher']!r}", f"- student: {g['student']!r}", ""]
     return "\n".join(out)
@@ -139,6 +176,7 @@ def _html(m: dict, generations: list[dict], run_dir: Path) -> str:
     gens = "".join(
         f"<h4>{html.escape(g['prompt'])}</h4><p><b>teacher:</b> <code>{html.escape(g['teacher'])}</code></p>"
         f"<p><b>student:</b> <code>{html.escape(g['student'])}</code></p>" for g in generations)
+    broke = "".join(_html_table(*t) for t in what_broke_tables(m))
     base = "".join(f"<li><b>{html.escape(k)}</b>: perplexity {v['perplexity']:.2f}, retention {v['retention']:.3f}</li>"
                    for k, v in (m.get("baselines") or {}).items())
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>edgestill report</title>
@@ -146,11 +184,13 @@ def _html(m: dict, generations: list[dict], run_dir: Path) -> str:
 td:nth-child(2),td:nth-child(3){{text-align:right;font-family:monospace}}</style></head><body>
 <h1>{html.escape(m['teacher']['name'])} → {m['student']['params']:,}-parameter student</h1>
 <p>Held-out split: {html.escape(', '.join(m['splits']['test']))} ({m['eval_tokens']:,} tokens).</p>
+<p>{html.escape(reference_line(m) or "")}</p>
 <table><tr><th></th><th>teacher</th><th>student</th><th></th></tr>{rows}</table>
 <ul>{base}</ul>
 <p>Layers kept: {m['student']['layers_kept']}</p>
 <h2>Training</h2>{img('training_loss.png')}
 <h2>Per-token loss on held-out text</h2>{img('token_loss.png')}
+<h2>What broke</h2>{broke}
 <h2>Generations (greedy)</h2>{gens}
 </body></html>"""
 

@@ -4,8 +4,10 @@
     edgestill shrink --task classification --teacher runs/finetune-train  # shrink_classifier() -> runs/shrink-classifier-train/
     edgestill export --format onnx runs/shrink-classifier-train --type int8   # export_classifier()
 
-`finetune` fine-tunes an encoder (default all-MiniLM-L6-v2) with a classification head on the train split (model
-selection on val) and saves it as a HF folder + label_map.json: the run folder itself is the teacher folder. Its
+`finetune` fine-tunes an encoder (default all-MiniLM-L6-v2) with a classification head on the train split to
+convergence (early stopping on the val split: the best val macro-F1 state, stopped after `train.patience` validations
+without improvement, at most `train.steps`) and saves it as a HF folder + label_map.json: the run folder itself is the
+teacher folder. Its metrics carry the val curve, the step chosen, the majority-class and TF-IDF rows and the verdict. Its
 `edgestill.json` records the data and split it was trained on, so `shrink` reuses exactly that split and the
 held-out test rows stay unseen by teacher and student.
 
@@ -16,10 +18,13 @@ factorize every matrix by truncated SVD to <= teacher params / `student.compress
 and measures, on the held-out test split:
 
 - teacher (PyTorch) vs student (the ONNX file in onnxruntime) accuracy and macro-F1, and retention (student / teacher,
-  docs/references.md#measurement-conventions); the PyTorch student, the untrained cut and TF-IDF + logistic
-  regression as context rows;
-- compression_x_fp32 / _fp16 = teacher params x 4 (x 2) / bytes of model.onnx (tokenizer bytes listed apart), and the
-  teacher's fp32 safetensors bytes / model.onnx bytes;
+  docs/references.md#measurement-conventions); the majority class and TF-IDF + logistic regression as the baselines
+  every table carries, the PyTorch student and the untrained cut as context rows;
+- the verdict: a model (student, teacher, curve point) whose test accuracy is not above the majority class's is
+  FAILED (`beats_majority: false`; its retention is shown, labelled as not a result), and whether it beats TF-IDF + LR;
+- compression_x_fp32 / _fp16 = teacher params x 4 (x 2) / bytes of every file the device loads (model.onnx, the
+  trimmed tokenizer, label_map.json, export_report.json); `_weights_only` = / model.onnx bytes alone; and the
+  teacher's fp32 safetensors bytes / the same;
 - latency per example in onnxruntime (batch 1, `eval.threads` threads, unpadded test texts): teacher (exported to fp32
   ONNX for the measurement, then deleted) and student alternated in each repeat, median and [min, max];
 - the run's shrink curve: the same student exported in each of `eval.curve_types`, each scored and timed like the
@@ -97,17 +102,54 @@ def load_splits(data: LabelledDataConfig):
 # ---------------------------------------------------------------- fine-tuning the teacher
 
 
+BASELINE_NAMES = {"majority_class": "majority class (baseline)", "tfidf_logreg": "TF-IDF + logistic regression (baseline)"}
+
+
+def _baselines(splits, seed: int, tfidf: bool) -> dict:
+    """The rows every classifier table carries: the majority class, and TF-IDF + logistic regression (when `tfidf`)."""
+    from edgestill.evaluate.classification import majority_baseline, tfidf_baseline
+
+    out = {"majority_class": majority_baseline(splits)}
+    if tfidf:
+        out["tfidf_logreg"] = tfidf_baseline(splits, seed=seed)
+    return out
+
+
+def _stopping(result: dict) -> str:
+    """One line on how training ended (early stopping)."""
+    if "stopped_at_step" not in result:  # a run saved before early stopping existed
+        return f"best validation macro-F1 {result['best_val_macro_f1']:.4f} at step {result['best_step']}."
+    how = (f"stopped early at step {result['stopped_at_step']} of at most {result['max_steps']} "
+           f"({result['stop_reason']})" if result["stopped_early"] else result["stop_reason"])
+    return (f"{how}; kept step {result['best_step']}: val {result['select_on']} "
+            f"{result['best_val_loss' if result['select_on'] == 'loss' else 'best_val_macro_f1']:.4f}.")
+
+
 def _finetune_report(cfg: FinetuneConfig, splits, label_map, result: dict, metrics: dict, final: Path) -> str:
-    t = result["test"]
+    t, v = result["test"], metrics["teacher"]["verdict"]
+    rows = [("teacher", t)] + [(BASELINE_NAMES.get(n, n), b["test"]) for n, b in metrics["baselines"].items()]
     return "\n".join([
         f"# Fine-tuned teacher: {cfg.teacher} on {cfg.data.path}", "",
         f"Labels: {', '.join(label_map.labels)}. Split: train {len(splits.train)} / val {len(splits.val)} / "
         f"test {len(splits.test)} (seed {cfg.data.seed}).", "",
         "| held-out test | accuracy | macro-F1 |", "|---|---|---|",
-        f"| teacher | {t['accuracy']:.4f} | {t['macro_f1']:.4f} |", "",
+        *[f"| {name} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} |" for name, r in rows], "",
+        f"Teacher: {v['text']}.", "",
         f"{metrics['teacher']['params']:,} parameters, model.safetensors {metrics['teacher']['file_bytes']:,} bytes; "
-        f"{cfg.train.steps} steps, best validation macro-F1 {result['best_val_macro_f1']:.4f} at step {result['best_step']}.",
+        f"training {_stopping(result)} The val curve is in metrics.json (`val_curve`).",
         "", f"Next: `edgestill shrink --task classification --teacher {final}`", ""])
+
+
+def _teacher_block(model, run: RunDir, result: dict, baselines: dict) -> dict:
+    """metrics.json "teacher" of a finetune run: size, test scores, how training stopped, the verdict."""
+    from edgestill.evaluate.classification import verdict
+    from edgestill.models.lowrank import stored_params
+
+    stop = {k: result[k] for k in ("stopped_at_step", "max_steps", "stopped_early", "patience", "select_on",
+                                   "stop_reason", "best_val_loss") if k in result}
+    return {"params": stored_params(model), "file_bytes": (run.path / "model.safetensors").stat().st_size,
+            "test": result["test"], "best_val_macro_f1": result["best_val_macro_f1"], "best_step": result["best_step"],
+            **stop, "verdict": verdict(result["test"], baselines)}
 
 
 def _train_teacher(cfg: FinetuneConfig, run: RunDir, splits) -> tuple:
@@ -132,11 +174,12 @@ def _train_teacher(cfg: FinetuneConfig, run: RunDir, splits) -> tuple:
 
 def finetune(cfg: FinetuneConfig, overwrite: bool = False) -> tuple[Path, dict]:
     """`edgestill finetune`: fine-tune `cfg.teacher` on `cfg.data`; returns (the finished run folder, its metrics)."""
+    from edgestill.distill.classifier import check_train_config
     from edgestill.evaluate.environment import environment, measurement_start
     from edgestill.models.encoder import load_encoder_classifier
-    from edgestill.models.lowrank import stored_params
 
     start = measurement_start()
+    check_train_config(cfg.train)
     splits = load_splits(cfg.data)  # bad data fails before any folder is made
     cfg.output_dir = cfg.output_dir or f"runs/finetune-{_data_name(cfg.data.path)}"
     run = RunDir(cfg.output_dir, plain(cfg), overwrite=overwrite)
@@ -150,15 +193,17 @@ def finetune(cfg: FinetuneConfig, overwrite: bool = False) -> tuple[Path, dict]:
             model, _, label_map = load_encoder_classifier(str(run.path))
         else:
             model, label_map, result = _train_teacher(cfg, run, splits)
+        baselines = _baselines(splits, cfg.data.seed, tfidf=True)
         metrics = {
             "task": CLASSIFICATION, "stage": "finetune", "base_model": cfg.teacher,
-            "teacher": {"params": stored_params(model), "file_bytes": (run.path / "model.safetensors").stat().st_size,
-                        "test": result["test"], "best_val_macro_f1": result["best_val_macro_f1"],
-                        "best_step": result["best_step"]},
+            "teacher": _teacher_block(model, run, result, baselines), "baselines": baselines,
             "data": {"spec": _data_record(cfg.data), "split": "seeded stratified; test never used for training or selection",
                      **splits.summary()},
-            "train": asdict(cfg.train), "history": result["history"], "environment": environment(None, start),
+            "train": asdict(cfg.train), "val_curve": result.get("val_curve"), "history": result["history"],
+            "environment": environment(None, start),
         }
+        if metrics["teacher"]["verdict"]["failed"]:
+            log.warning("teacher: %s", metrics["teacher"]["verdict"]["text"])
         _write_json(run.path / "metrics.json", metrics)
         write_text_atomic(run.path / "report.md", _finetune_report(cfg, splits, label_map, result, metrics, run.final))
     return run.finish(), metrics
@@ -193,10 +238,6 @@ def _resolve_data(cfg: ClassifierShrinkConfig, record: dict) -> bool:
                     "seen some of this test split, so its score can be optimistic", recorded.get("path"),
                     recorded.get("seed"), cfg.data.path, cfg.data.seed)
     return same
-
-
-def _file_bytes(folder: Path, names) -> int:
-    return sum((folder / n).stat().st_size for n in names if (folder / n).is_file())
 
 
 @dataclass
@@ -234,7 +275,8 @@ def _student(cfg: ClassifierShrinkConfig, run: RunDir, resumed: bool, teacher: _
                     extra={"task": CLASSIFICATION, "role": "student", "teacher": str(cfg.teacher),
                            "max_len": cfg.student.max_len})
     distilled = {"student": {k: v for k, v in info.items() if k != "config"}, "sliced_untrained_test": sliced,
-                 "history": result["history"], "best_step": result["best_step"], "test_pytorch": result["test"]}
+                 "history": result["history"], "best_step": result["best_step"], "test_pytorch": result["test"],
+                 **{k: result[k] for k in ("stopped_at_step", "stopped_early", "stop_reason", "val_curve")}}
     _write_json(distill_file, distilled)
     return student, s_tok, distilled
 
@@ -242,7 +284,7 @@ def _student(cfg: ClassifierShrinkConfig, run: RunDir, resumed: bool, teacher: _
 def _onnx_curve(cfg: ClassifierShrinkConfig, run: RunDir, splits, test_inputs, t_pred, t_test) -> tuple[dict, list, dict]:
     """Stages 3-4b: the student exported in every ONNX type (the deployable one first), each scored in onnxruntime on
     the test split. Returns ({type: (report, session, predictions)}, curve rows, {latency name: session})."""
-    from edgestill.evaluate.classification import retention, scores
+    from edgestill.evaluate.classification import deploy_sizes, retention, scores
     from edgestill.export.onnx_classifier import export_classifier_onnx
     from edgestill.runtime.onnx import onnx_classifier_logits, onnx_session
 
@@ -258,7 +300,9 @@ def _onnx_curve(cfg: ClassifierShrinkConfig, run: RunDir, splits, test_inputs, t
         if t not in cfg.eval.curve_types:
             continue
         test = scores(test_ids, pred, k)
-        curve.append({"type": t, "folder": str(run.final / folder.name), "onnx_bytes": report["file_bytes"], "test": test,
+        sizes = deploy_sizes(folder)
+        curve.append({"type": t, "folder": str(run.final / folder.name), "onnx_bytes": report["file_bytes"],
+                      "deploy_bytes": sizes["deploy_bytes"], "test": test,
                       **retention(test, t_test), "top1_agreement_with_teacher": float((pred == t_pred).mean()),
                       "onnx_parity_vs_pytorch": report.get("parity_vs_pytorch")})
         sessions["student" if t == cfg.eval.onnx_type else f"student-{t}"] = session
@@ -309,51 +353,95 @@ def _speedup(latency: dict, name: str) -> float | None:
     return latency["teacher"]["latency_ms_per_example"] / latency[name]["latency_ms_per_example"] if "teacher" in latency else None
 
 
+def _judged(test: dict, baselines: dict, t_test: dict | None = None) -> dict:
+    """A model's verdict against the baselines, and its retention labelled when it failed."""
+    from edgestill.evaluate.classification import RETENTION_OF_A_FAILURE, retention, verdict
+
+    v = verdict(test, baselines)
+    out = {"beats_majority": v["beats_majority"], "beats_tfidf_logreg": v["beats_tfidf_logreg"], "failed": v["failed"],
+           "verdict": v}
+    if t_test is not None:
+        out.update({**retention(test, t_test), "retention_note": RETENTION_OF_A_FAILURE if v["failed"] else None})
+    return out
+
+
+def _sizes(teacher_params: int, teacher_file_bytes: int, sizes: dict) -> dict:
+    """compression_x_* against every deployed byte, and `_weights_only` against model.onnx alone."""
+    from edgestill.evaluate.classification import compression
+
+    out = {**compression(teacher_params * 4, sizes, "compression_x_fp32"),
+           **compression(teacher_params * 2, sizes, "compression_x_fp16")}
+    if teacher_file_bytes:
+        out.update(compression(teacher_file_bytes, sizes, "compression_x_teacher_file"))
+    else:
+        out.update({"compression_x_teacher_file": None, "compression_x_teacher_file_weights_only": None})
+    return out
+
+
 def _shrink_metrics(cfg, teacher: _Teacher, distilled: dict, exported: dict, curve: list, latency: dict,
                     teacher_onnx_bytes, t_test: dict, s_test: dict, agreement: float, baselines: dict, vocab_trim,
                     splits, data_matches: bool, run: RunDir, start: dict) -> dict:
-    """metrics.json of a classifier shrink: sizes from real file bytes, scores, latency, baselines, provenance."""
-    from edgestill.evaluate.classification import retention
+    """metrics.json of a classifier shrink: sizes from real file bytes (every file the device loads), scores, the
+    verdict against the baselines, latency, provenance."""
+    from edgestill.evaluate.classification import deploy_sizes
     from edgestill.evaluate.environment import environment
     from edgestill.models.lowrank import stored_params
 
     teacher_params = stored_params(teacher.model)
-    onnx_bytes = exported[cfg.eval.onnx_type][0]["file_bytes"]
     teacher_file_bytes = sum(f.stat().st_size for f in sorted(Path(cfg.teacher).glob("*.safetensors")))
+    sizes = deploy_sizes(run.path / "onnx")
     s = distilled["student"]
     for c in curve:
         name = "student" if c["type"] == cfg.eval.onnx_type else f"student-{c['type']}"
-        c.update({"compression_x_fp32": teacher_params * 4 / c["onnx_bytes"],
-                  "compression_x_fp16": teacher_params * 2 / c["onnx_bytes"],
+        c.update({**_sizes(teacher_params, teacher_file_bytes, c),  # c holds its deploy_bytes and onnx_bytes
+                  **_judged(c["test"], baselines, t_test),
                   "latency_ms_per_example": latency[name]["latency_ms_per_example"], "speedup_x": _speedup(latency, name)})
     return {
         "task": CLASSIFICATION, "stage": "shrink",
         "teacher": {"path": str(cfg.teacher), "params": teacher_params, "fp32_bytes": teacher_params * 4,
                     "safetensors_bytes": teacher_file_bytes, "onnx_f32_bytes": teacher_onnx_bytes,
-                    "max_len": teacher.max_len, "test": t_test, **latency.get("teacher", {})},
+                    "max_len": teacher.max_len, "test": t_test, **_judged(t_test, baselines), **latency.get("teacher", {})},
         "student": {"artifact": str(run.final / "onnx" / "model.onnx"), "onnx_type": cfg.eval.onnx_type,
-                    "params": s["student_params"], "onnx_bytes": onnx_bytes,
-                    "tokenizer_bytes": _file_bytes(run.path / "onnx", ("tokenizer.json", "tokenizer_config.json",
-                                                                         "special_tokens_map.json", "vocab.txt")),
+                    "params": s["student_params"], **sizes, "deploy_folder": str(run.final / "onnx"),
                     "max_len": cfg.student.max_len, "layers_kept": s["teacher_layers"], "vocab_kept": s["vocab_kept"],
                     "ranks": s["ranks"], "test": s_test, **latency["student"]},
-        **retention(s_test, t_test),
+        **_judged(s_test, baselines, t_test),
         "top1_agreement_with_teacher": agreement,
-        "compression_x_fp32": teacher_params * 4 / onnx_bytes,
-        "compression_x_fp16": teacher_params * 2 / onnx_bytes,
-        "compression_x_teacher_file": teacher_file_bytes / onnx_bytes if teacher_file_bytes else None,
+        **_sizes(teacher_params, teacher_file_bytes, sizes),
         "speedup_x": _speedup(latency, "student"),
         "onnx_parity_vs_pytorch": exported[cfg.eval.onnx_type][0].get("parity_vs_pytorch"),
         "vocab_trim": vocab_trim,
         "baselines": baselines,
         "data": {"spec": _data_record(cfg.data), "same_split_as_teacher_finetuning": data_matches,
                  "scored_on": "test split (never used for training, distillation or model selection)", **splits.summary()},
-        "train": {"best_step": distilled["best_step"], "steps": cfg.train.steps, "kd": asdict(cfg.kd)},
+        "train": {"best_step": distilled["best_step"], "steps": cfg.train.steps, "kd": asdict(cfg.kd),
+                  **{k: distilled[k] for k in ("stopped_at_step", "stopped_early", "stop_reason") if k in distilled}},
         "history": distilled["history"],
         "curve": curve,
         "environment": {**environment(cfg.eval.threads, start), "onnxruntime_threads": cfg.eval.threads,
                         "latency_batch_size": 1},
     }
+
+
+def verdict_section(m: dict) -> str:
+    """The report.md section that says which models failed (at or below the majority class), which beat TF-IDF + LR,
+    and what the size counts: appended to the report of a shrink run."""
+    s, base = m["student"], m["baselines"]
+    maj = base["majority_class"]
+    lines = ["", "## Verdict (docs/classifier.md#honest-results)", "",
+             f"- student ({s['onnx_type']} ONNX): {m['verdict']['text']}"]
+    if m["failed"]:
+        lines.append(f"  - retention {m['retention_accuracy']:.3f} / {m['retention_macro_f1']:.3f}: {m['retention_note']}")
+    lines.append(f"- teacher: {m['teacher']['verdict']['text']}")
+    lines += [f"- {c['type']} ONNX (shrink curve): {c['verdict']['text']}" for c in m.get("curve", [])
+              if c["type"] != s["onnx_type"]]
+    lines.append(f"- majority class: always '{maj['label']}' ({maj['train_share']:.1%} of train): accuracy "
+                 f"{maj['test']['accuracy']:.4f}, macro-F1 {maj['test']['macro_f1']:.4f}")
+    parts = " + ".join(f"{name} {b:,}" for name, b in s["deploy_files"].items())
+    lines.append(f"- size counts every file in onnx/ ({parts} = {s['deploy_bytes']:,} bytes): compression_x_fp32 "
+                 f"{m['compression_x_fp32']:.1f} (weights only, model.onnx: {m['compression_x_fp32_weights_only']:.1f}), "
+                 f"compression_x_fp16 {m['compression_x_fp16']:.1f} ({m['compression_x_fp16_weights_only']:.1f})")
+    return "\n".join(lines) + "\n"
 
 
 def _load_teacher(cfg: ClassifierShrinkConfig) -> tuple[_Teacher, object, bool]:
@@ -374,15 +462,38 @@ def _load_teacher(cfg: ClassifierShrinkConfig) -> tuple[_Teacher, object, bool]:
     return _Teacher(model, tokenizer, label_map, max_len, str(cfg.teacher)), splits, data_matches
 
 
+def _shrink_baselines(cfg: ClassifierShrinkConfig, splits, data_matches: bool, t_test: dict, sliced: dict,
+                      student_pytorch: dict) -> dict:
+    """The majority class and TF-IDF + LR rows (with retention against the teacher), and the context rows.
+
+    With eval.tfidf_baseline=false the TF-IDF row of the teacher's own fine-tuning run is reused when the split is
+    the same (it is the same fit); otherwise the row is missing and `beats_tfidf_logreg` is null.
+    """
+    from edgestill.evaluate.classification import retention
+
+    rows = _baselines(splits, cfg.data.seed, tfidf=cfg.eval.tfidf_baseline)
+    recorded = Path(cfg.teacher) / "metrics.json"
+    if "tfidf_logreg" not in rows and data_matches and recorded.is_file():
+        earlier = (json.loads(recorded.read_text()).get("baselines") or {}).get("tfidf_logreg")
+        if earlier:
+            rows["tfidf_logreg"] = {**earlier, "from": str(recorded)}
+    for row in rows.values():
+        row.update(retention(row["test"], t_test))
+    return {**rows, "student_sliced_untrained": {"test": sliced, **retention(sliced, t_test)},
+            "student_pytorch": {"test": student_pytorch}}
+
+
 def shrink_classifier(cfg: ClassifierShrinkConfig, overwrite: bool = False) -> tuple[Path, dict]:
     """`edgestill shrink --task classification`: build, distil, export and measure a student of a fine-tuned
     classifier (see the module docstring). Returns (the finished run folder, its metrics)."""
-    from edgestill.evaluate.classification import predict_logits, retention, scores, tfidf_baseline
+    from edgestill.distill.classifier import check_train_config
+    from edgestill.evaluate.classification import predict_logits, scores
     from edgestill.evaluate.classifier_report import classifier_report, plot_curve
     from edgestill.evaluate.environment import measurement_start
     from edgestill.models.encoder import tokenize
 
     start = measurement_start()
+    check_train_config(cfg.train)
     teacher, splits, data_matches = _load_teacher(cfg)
     cfg.output_dir = cfg.output_dir or f"runs/shrink-classifier-{_data_name(cfg.data.path)}"
     run = RunDir(cfg.output_dir, plain(cfg), overwrite=overwrite)
@@ -402,18 +513,17 @@ def shrink_classifier(cfg: ClassifierShrinkConfig, overwrite: bool = False) -> t
         texts = splits.test.texts[: max(1, cfg.eval.latency_examples)]
         latency, teacher_onnx_bytes = _latency(cfg, run, teacher, s_tok, texts, sessions)
         vocab_trim = _vocab_trim(distilled, teacher, s_tok, splits, cfg.student.max_len, s_pred, t_pred)
-        baselines = {"student_sliced_untrained": {"test": distilled["sliced_untrained_test"],
-                                                  **retention(distilled["sliced_untrained_test"], t_test)},
-                     "student_pytorch": {"test": scores(test_ids, s_pt_pred, k)}}
-        if cfg.eval.tfidf_baseline:
-            baselines["tfidf_logreg"] = tfidf_baseline(splits, seed=cfg.data.seed)
+        baselines = _shrink_baselines(cfg, splits, data_matches, t_test, distilled["sliced_untrained_test"],
+                                      scores(test_ids, s_pt_pred, k))
         metrics = _shrink_metrics(cfg, teacher, distilled, exported, curve, latency, teacher_onnx_bytes, t_test,
                                   scores(test_ids, s_pred, k), float((s_pt_pred == t_pred).mean()), baselines, vocab_trim,
                                   splits, data_matches, run, start)
+        for who, v in (("student", metrics["verdict"]), ("teacher", metrics["teacher"]["verdict"])):
+            (log.warning if v["failed"] else log.info)("%s: %s", who, v["text"])
         if curve:
             plot_curve(curve, run.path / "shrink_curve.png", str(cfg.teacher))
         _write_json(run.path / "metrics.json", metrics)
-        write_text_atomic(run.path / "report.md", classifier_report(metrics))
+        write_text_atomic(run.path / "report.md", classifier_report(metrics) + verdict_section(metrics))
     return run.finish(), metrics
 
 

@@ -39,9 +39,11 @@ def _teacher_and_metadata(spec: str):
 
 
 def _plan(loaded, metadata: int, device, budget, data: DataConfig, calibration_blocks: int = CALIBRATION_BLOCKS,
-          plan_options: bool = True, **plan_kwargs) -> list:
+          plan_options: bool = True, correction=None, **plan_kwargs) -> list:
     """edgestill.plan.plan on the teacher `loaded`, after the cheap feasibility check (plan_options: the check's line
-    may suggest `edgestill plan`'s own --depths and --context)."""
+    may suggest `edgestill plan`'s own --depths and --context). correction: a distill.correct.CorrectConfig: plan
+    for the teacher corrected on the train split of `data` (cached: the one `shrink` then distils from)."""
+    from edgestill.distill.correct import correct_teacher
     from edgestill.plan import DEFAULT_FORMATS, check_budget
     from edgestill.plan import plan as plan_students
     from edgestill.plan.cost import StudentShape, Workload
@@ -50,18 +52,23 @@ def _plan(loaded, metadata: int, device, budget, data: DataConfig, calibration_b
     # before the calibration text is read: an impossible budget needs only the teacher's shape to fail
     check_budget(StudentShape.from_config(loaded.model.config), device, budget, kwargs["formats"], kwargs.get("depths"),
                  kwargs.get("widths"), kwargs["workload"], metadata, plan_options=plan_options)
-    train = corpus_blocks(data, loaded.tokenizer).train
+    blocks = corpus_blocks(data, loaded.tokenizer)
+    if correction is not None:
+        loaded = correct_teacher(loaded, blocks.train, blocks.val, correction)
+    train = blocks.train
     return plan_students(loaded.model, device, budget, calibration_batches(train, calibration_blocks),
                          metadata_bytes=metadata, **kwargs)
 
 
 def plan(teacher: str, device, budget, data: DataConfig | None = None, calibration_blocks: int = CALIBRATION_BLOCKS,
-         **plan_kwargs) -> list:
+         correction=None, **plan_kwargs) -> list:
     """`edgestill plan`: ranked feasible plans (edgestill.plan.Plan) for `teacher` on `device` within `budget`,
-    calibrated on the train split of `data` (default: the embedded corpus). plan_kwargs go to edgestill.plan.plan
-    (formats, depths, widths, workload, top, ...)."""
+    calibrated on the train split of `data` (default: the embedded corpus). correction: a CorrectConfig to plan for
+    the corrected teacher (as `shrink` does by default), None for the teacher as given. plan_kwargs go to
+    edgestill.plan.plan (formats, depths, widths, workload, top, ...)."""
     loaded, metadata = _teacher_and_metadata(teacher)
-    return _plan(loaded, metadata, device, budget, data or DataConfig(), calibration_blocks, **plan_kwargs)
+    return _plan(loaded, metadata, device, budget, data or DataConfig(), calibration_blocks, correction=correction,
+                 **plan_kwargs)
 
 
 def plans_json(path: str | Path, device, budget, teacher: str, plans: list) -> Path:
@@ -95,7 +102,8 @@ def shrink_for_device(cfg: ShrinkConfig, device: str, budget, overwrite: bool = 
     from edgestill.jobs.shrink import shrink
 
     loaded, metadata = _teacher_and_metadata(cfg.teacher.model)
-    best = _plan(loaded, metadata, device, budget, cfg.data, plan_options=False, top=1)[0]
+    best = _plan(loaded, metadata, device, budget, cfg.data, plan_options=False, correction=cfg.teacher.correction(),
+                 top=1)[0]
     log.info("plan for %s: %s", device, best.summary())
     point = point_config(cfg, best, Path(cfg.output.dir), loaded.model.config.intermediate_size)
     del loaded

@@ -1,6 +1,6 @@
 """`edgestill quantize`: the post-training baseline that quantization-aware distillation must beat.
 
-The whole teacher is quantized to `quant.format` (and `quant.plan`) by round-to-nearest or by GPTQ (calibrated on
+The whole (corrected, see teacher.correct) teacher is quantized to `quant.format` (and `quant.plan`) by round-to-nearest or by GPTQ (calibrated on
 blocks of the train split), exported to GGUF and evaluated against the teacher exactly like a student.
 """
 
@@ -15,7 +15,7 @@ from edgestill.data.corpus import calibration_batches, corpus_blocks
 from edgestill.errors import EdgestillError
 from edgestill.files import write_text_atomic
 from edgestill.jobs.export import export_gguf_run
-from edgestill.jobs.shrink import Distilled, evaluate, quant_config
+from edgestill.jobs.shrink import Distilled, evaluate, quant_config, reference_teacher
 from edgestill.runs import RunDir
 
 METHODS = ("rtn", "gptq")
@@ -35,8 +35,9 @@ def quantize(cfg: ShrinkConfig, method: str = "rtn", overwrite: bool = False,
     run = RunDir(cfg.output.dir, {**cfg.to_dict(), "ptq_method": method}, overwrite=overwrite, defaults=ShrinkConfig().to_dict())
     run.open()
     with run.cleanup_on_failure():
-        teacher = load_causal_lm(cfg.teacher.model)
-        data = corpus_blocks(cfg.data, teacher.tokenizer)
+        original = load_causal_lm(cfg.teacher.model)
+        data = corpus_blocks(cfg.data, original.tokenizer)
+        teacher = reference_teacher(cfg, original, data)  # fine-tune, then quantize: what a user would do instead
         model = copy.deepcopy(teacher.model)
         if method == "gptq":
             report = gptq_quantize_(model, qconfig, calibration_batches(data.train, calibration_blocks, 4))
@@ -46,5 +47,5 @@ def quantize(cfg: ShrinkConfig, method: str = "rtn", overwrite: bool = False,
         write_text_atomic(run.path / "splits.json", json.dumps(data.splits.names(), indent=1))
         save_causal_lm(model, teacher.tokenizer, run.path / "student", "float32")
         export_gguf_run(run.path, cfg)
-        metrics = evaluate(cfg, run.path, Distilled(teacher, data, [], None, False), final_dir=run.final)
+        metrics = evaluate(cfg, run.path, Distilled(teacher, original, data, [], None, False), final_dir=run.final)
     return run.finish(), metrics

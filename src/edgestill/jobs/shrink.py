@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from edgestill.config import ShrinkConfig, apply_override, load_config
 from edgestill.data.corpus import CorpusBlocks, calibration_batches, corpus_blocks
@@ -34,7 +35,8 @@ log = logging.getLogger("edgestill")
 class Distilled:
     """What distil() hands to evaluate() so nothing is loaded or tokenized twice (None: evaluate() loads it)."""
 
-    teacher: object | None  # LoadedModel
+    teacher: object | None  # LoadedModel: the reference (the corrected teacher, or the original when not corrected)
+    original: object | None  # LoadedModel: the teacher as the user gave it
     data: CorpusBlocks | None
     history: list[dict] | None
     layers: list[int] | None  # teacher layers the student kept (None: a given student.model)
@@ -93,6 +95,24 @@ def _load_teachers(cfg: ShrinkConfig, rank: int, world: int) -> list:
     return teachers
 
 
+def reference_teacher(cfg: ShrinkConfig, original, data: CorpusBlocks, rank: int = 0, world: int = 1):
+    """The teacher students are sliced from, distilled from and measured against: `original` corrected on the
+    training split (teacher.correct, distill/correct.py; cached and shared), or `original` itself."""
+    correction = cfg.teacher.correction()
+    if correction is None:
+        return original
+    import torch
+
+    from edgestill.distill.correct import correct_teacher
+
+    if world > 1 and rank != 0:
+        torch.distributed.barrier()  # rank 0 corrects (or finds the cache) first
+    reference = correct_teacher(original, data.train, data.val, correction, show_progress=is_main_process())
+    if world > 1 and rank == 0:
+        torch.distributed.barrier()
+    return reference
+
+
 def distill(cfg: ShrinkConfig, overwrite: bool = False, teacher_cache_from: Path | None = None) -> tuple[RunDir, Distilled]:
     """Stages 1-6: teacher, data, student, teacher cache, distillation, saved student.
 
@@ -111,8 +131,9 @@ def distill(cfg: ShrinkConfig, overwrite: bool = False, teacher_cache_from: Path
     run, resumed = _open_run(cfg, overwrite, rank, world)
     with run.cleanup_on_failure():  # a run that fails before any work leaves no folder behind
         teachers = _load_teachers(cfg, rank, world)
-        teacher = teachers[0]
-        data = corpus_blocks(cfg.data, teacher.tokenizer, min_train_blocks=cfg.distill.batch_size)
+        original = teachers[0]
+        data = corpus_blocks(cfg.data, original.tokenizer, min_train_blocks=cfg.distill.batch_size)
+        teacher = teachers[0] = reference_teacher(cfg, original, data, rank, world)
         qconfig = quant_config(cfg)
         student, layers = build_student(cfg.student, teacher.model, teacher.tokenizer,
                                         calibration_batches(data.train, 8, 4), quantized=qconfig is not None)
@@ -131,7 +152,7 @@ def distill(cfg: ShrinkConfig, overwrite: bool = False, teacher_cache_from: Path
         if rank == 0:
             save_causal_lm(student, teacher.tokenizer, run.path / "student", dtype)
             write_text_atomic(run.path / "splits.json", json.dumps(data.splits.names(), indent=1))
-    return run, Distilled(teacher, data, history, layers, resumed)
+    return run, Distilled(teacher, original, data, history, layers, resumed)
 
 
 def _sliced_untrained(cfg: ShrinkConfig, teacher, layers, test, teacher_ppl: float) -> dict:
@@ -172,7 +193,7 @@ def _metrics(cfg: ShrinkConfig, run_dir: Path, final_dir: Path, teacher, student
         "teacher": {"name": cfg.teacher.model, "params": t_params, "bytes": weight_bytes(teacher.path),
                     "source_bytes": source_bytes, "source": str(source or teacher.path),
                     "num_layers": len(decoder_layers(teacher.model)), "perplexity": summary["teacher_perplexity"],
-                    **speed["teacher"]},
+                    "correction": _correction(teacher.path), **speed["teacher"]},
         "student": {"path": str(final_dir / "student"), "artifact": str(final_dir / artifact.name),
                     "params": s_params, "bytes": s_bytes, "dtype": cfg.output.dtype, "quant": cfg.quant.format,
                     "layers_kept": layers, "num_layers": len(decoder_layers(student)),
@@ -196,6 +217,14 @@ def _metrics(cfg: ShrinkConfig, run_dir: Path, final_dir: Path, teacher, student
     }
 
 
+def _correction(path: str) -> dict | None:
+    """What the teacher correction did (None: the teacher was used as given), without its per-step log."""
+    from edgestill.distill.correct import correction_record
+
+    record = correction_record(path)
+    return None if record is None else {**{k: v for k, v in record.items() if k != "history"}, "path": path}
+
+
 def evaluate(cfg: ShrinkConfig, run_dir: Path, distilled: Distilled | None = None, final_dir: Path | None = None) -> dict:
     """Stages 7-8: teacher vs the saved student on held-out text; writes metrics.json and report.*, returns the metrics.
 
@@ -208,12 +237,14 @@ def evaluate(cfg: ShrinkConfig, run_dir: Path, distilled: Distilled | None = Non
     from edgestill.evaluate.metrics import compare_lm
     from edgestill.evaluate.report import write_report
     from edgestill.evaluate.speed import generate, measure_speed
+    from edgestill.evaluate.what_broke import what_broke
     from edgestill.models.load import check_same_tokenizer, load_causal_lm
 
     start = measurement_start()
-    distilled = distilled or Distilled(None, None, None, None, False)
-    teacher = distilled.teacher or load_causal_lm(cfg.teacher.model)
-    data = distilled.data or corpus_blocks(cfg.data, teacher.tokenizer)
+    distilled = distilled or Distilled(None, None, None, None, None, False)
+    original = distilled.original or load_causal_lm(cfg.teacher.model)
+    data = distilled.data or corpus_blocks(cfg.data, original.tokenizer)
+    teacher = distilled.teacher or reference_teacher(cfg, original, data)
     saved = load_causal_lm(str(run_dir / "student"))  # the saved artifact itself, upcast to fp32 for CPU eval
     check_same_tokenizer(teacher.tokenizer, saved.tokenizer)
     student, test = saved.model, data.test
@@ -227,10 +258,15 @@ def evaluate(cfg: ShrinkConfig, run_dir: Path, distilled: Distilled | None = Non
                           cfg.eval.speed_repeats, cfg.eval.threads)
     generations = [{"prompt": p, "teacher": generate(teacher.model, teacher.tokenizer, p, cfg.eval.generate_tokens),
                     "student": generate(student, teacher.tokenizer, p, cfg.eval.generate_tokens)} for p in cfg.eval.prompts]
+    broke = what_broke(original.model, teacher.model, student, teacher.tokenizer, test, source=cfg.eval.out_of_domain,
+                       seq_len=cfg.data.seq_len, max_tokens=cfg.eval.out_of_domain_tokens,
+                       passages=cfg.eval.zero_shot_passages, chat=cfg.eval.chat, chat_tokens=cfg.eval.chat_tokens,
+                       batch_size=cfg.eval.batch_size)
     history = _history(run_dir, distilled.history)
     splits = json.loads((run_dir / "splits.json").read_text())
     metrics = _metrics(cfg, run_dir, final_dir or run_dir, teacher, student, summary, speed, baselines, splits,
                        history, layers, start)
+    metrics.update(broke)
     write_report(run_dir, metrics, history, comparison, generations)
     return metrics
 
@@ -239,6 +275,8 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] = ()) -> dict:
     """`edgestill eval RUN`: evaluate a finished run again under its own config (only eval.* may be overridden)."""
     run_dir = finished_run(Path(run_dir), "eval")
     cfg = load_config(run_dir / "config.yaml")
+    if "correct" not in (yaml.safe_load((run_dir / "config.yaml").read_text()).get("teacher") or {}):
+        cfg.teacher.correct = False  # a run from before teacher correction: its student learned from the teacher as given
     for o in overrides:
         if not o.startswith("eval."):
             raise EdgestillError(f"eval only takes eval.* overrides (got '{o}'); the run's own config fixes teacher and data")

@@ -1,15 +1,22 @@
 """`edgestill sweep`: plans from light to extreme compression, each one shrunk end to end, and the shrink curve.
 
+    reference = the teacher corrected on the training split (jobs.shrink.reference_teacher; the teacher as given
+                when teacher.correct=false): every point is sliced from, distilled from and measured against it
     for each file-size budget (fractions of the teacher's fp32 bytes, light -> extreme):
-        best plan = plan(teacher, device, Budget(max_file_bytes=...))   # shape + per-layer formats (EdgeDistill)
+        best plan = plan(reference, device, Budget(max_file_bytes=...))   # shape + per-layer formats (EdgeDistill)
         run it:  edgestill shrink student.layers=... quant.format=... quant.plan=...   -> SWEEP/points/NN-<size>/
-    baseline: the teacher quantized by llama.cpp's own quantizer (Q8_0 ... Q2_K), scored by llama.cpp
-    -> SWEEP/shrink_curve.{json,png}, SWEEP/report.html: retention and top-1 vs compression_x_fp32, break points
+    baselines, run by llama.cpp and scored against the reference, in domain and out of domain:
+        llama.cpp's own quantizer of the reference (Q8_0 ... Q2_K)       series "llama.cpp"
+        the teacher file the user started from, when it is a GGUF        series "original file"
+    -> SWEEP/shrink_curve.{json,png}, SWEEP/report.html: KL, top-1 agreement, retention (in and out of domain) vs
+       file size, and the break points of each (evaluate/shrink_curve.py)
 
 Every point is an ordinary run folder, so a killed sweep continues where it stopped: finished points are
-read back, an interrupted one resumes from its last checkpoint, and the baseline is cached in
+read back, an interrupted one resumes from its last checkpoint, and the baselines are cached in
 SWEEP/baseline.json. The plans themselves are written to SWEEP/plans.json before any training starts, and the
-layer sensitivities (the slow part of planning) to SWEEP/sensitivity.json.
+layer sensitivities (the slow part of planning) to SWEEP/sensitivity.json. All of these are kept for one
+reference (`reference_key`): made for another teacher (an older sweep, another correction), they are made again,
+and a finished point measured against another reference (or made for another plan) is shrunk again.
 """
 
 from __future__ import annotations
@@ -41,19 +48,89 @@ class SweepSettings:
     # File-size budgets as fractions of the teacher's fp32 bytes, light to extreme.
     budgets: list[float] = field(default_factory=lambda: [1 / 4, 1 / 6, 1 / 8, 1 / 12, 1 / 16, 1 / 24])
     device: str = "host"
-    thresholds: tuple[float, ...] = (0.95, 0.90)
+    thresholds: tuple[float, ...] = (0.95, 0.90)  # in-domain retention bars of the break points
+    # Fidelity bars (why these: evaluate/shrink_curve.py): top-1 agreement at least, KL(reference ‖ model) at most.
+    top1_thresholds: tuple[float, ...] = (0.90, 0.80)
+    kl_thresholds: tuple[float, ...] = (0.10, 0.25)
     baseline_types: tuple[str, ...] = BASELINE_TYPES
     calibration_blocks: int = CALIBRATION_BLOCKS
     formats: tuple[str, ...] = DEFAULT_FORMATS  # what quantization-aware training can use (q4_k's search is too slow)
+    threads: int = 2  # llama.cpp's, scoring the baselines
+
+    def criteria(self) -> list:
+        from edgestill.evaluate.shrink_curve import criteria
+
+        return criteria(self.thresholds, self.top1_thresholds, self.kl_thresholds)
+
+
+@dataclass
+class Reference:
+    """The teacher every point is measured against, and what names it in the caches."""
+
+    loaded: object  # LoadedModel: the corrected teacher, or the original when teacher.correct=false
+    kind: str  # "corrected" or "original" (the `reference` of every result)
+    key: str  # reference_key(loaded)
+
+    @property
+    def params(self) -> int:
+        from edgestill.models.slice import count_params
+
+        return count_params(self.loaded.model)
+
+
+def reference_key(loaded) -> str:
+    """Names the reference's weights: its folder's name (a corrected teacher's carries the fingerprint of teacher,
+    tokens and correction settings; a GGUF teacher's fp32 cache, one of the file) and its weight files' sizes and
+    modification times (a folder whose weights were replaced in place is another reference)."""
+    folder = Path(loaded.path)
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    stamp = ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    return f"{folder.name}:{hashlib.sha256(stamp.encode()).hexdigest()[:12]}"
+
+
+def _sha(blocks: np.ndarray | None) -> str | None:
+    return None if blocks is None else hashlib.sha256(np.ascontiguousarray(blocks).tobytes()).hexdigest()[:16]
+
+
+@dataclass
+class HeldOut:
+    """The in-domain test blocks and the out-of-domain blocks (None: not measured), with the reference's log-probs
+    on them, computed on first use (a resumed sweep whose baselines are all cached never needs them)."""
+
+    reference_model: object
+    test: np.ndarray  # (N, T)
+    out_of_domain: np.ndarray | None  # (M, T)
+    batch_size: int = 8
+    _logprobs: tuple | None = field(default=None, init=False, repr=False)
+
+    def logprobs(self) -> tuple:
+        """(in-domain ReferenceLogprobs, out-of-domain ReferenceLogprobs or None)."""
+        from edgestill.evaluate.gguf_eval import reference_logprobs
+
+        if self._logprobs is None:
+            ood = self.out_of_domain
+            self._logprobs = (reference_logprobs(self.reference_model, self.test, self.batch_size),
+                              None if ood is None else reference_logprobs(self.reference_model, ood, self.batch_size))
+        return self._logprobs
+
+    def key(self) -> dict:
+        return {"held_out_sha256": _sha(self.test), "out_of_domain_sha256": _sha(self.out_of_domain)}
+
+    def perplexities(self) -> dict:
+        """The reference's own perplexity in domain and out of domain (None: not measured)."""
+        in_domain, ood = self.logprobs()
+        return {"in_domain": in_domain.perplexity, "out_of_domain": None if ood is None else ood.perplexity}
 
 
 def make_plans(cfg: ShrinkConfig, settings: SweepSettings, teacher, train_blocks, metadata_bytes: int,
-               folder: Path | None = None, dropped: list | None = None) -> list[dict]:
+               folder: Path | None = None, dropped: list | None = None, reference: str | None = None) -> list[dict]:
     """The best feasible plan for every budget (the same plan twice is run once).
 
+    teacher: the model plans are cut from (the sweep's reference); reference: its reference_key, which with the
+    formats and the calibration tokens keys the layer sensitivities kept in folder/sensitivity.json (measured once
+    for all budgets; a file made for another teacher is measured again).
     Budgets even the smallest student misses are dropped first, from the cost model alone; budgets no plan meets
     after measuring are dropped too. Each drop is appended to `dropped` as {budget_fraction, max_file_bytes, reason}.
-    The layer sensitivities are measured once for all budgets and kept in folder/sensitivity.json.
     """
     dropped = [] if dropped is None else dropped
     from edgestill.plan import cached_sensitivity, plan
@@ -66,8 +143,9 @@ def make_plans(cfg: ShrinkConfig, settings: SweepSettings, teacher, train_blocks
     dropped += [{"budget_fraction": f, "max_file_bytes": int(teacher_bytes * f), "reason": why} for f, why in too_small.items()]
     batches = calibration_batches(train_blocks, settings.calibration_blocks)
     # valid for exactly these calibration tokens, teacher and formats (whatever data settings produced them)
-    tokens = hashlib.sha256(np.ascontiguousarray(train_blocks[: settings.calibration_blocks]).tobytes()).hexdigest()[:16]
-    key = {"formats": list(settings.formats), "teacher": cfg.teacher.model, "calibration_tokens_sha256": tokens}
+    tokens = _sha(train_blocks[: settings.calibration_blocks])
+    key = {"formats": list(settings.formats), "teacher": cfg.teacher.model, "reference": reference,
+           "calibration_tokens_sha256": tokens}
     sensitivity = cached_sensitivity(teacher, batches, settings.formats, folder / "sensitivity.json" if folder else None, key)
     cache: dict = {}  # reference logits, block influence, structural KL per shape: shared by the budgets
     plans, seen = [], set()
@@ -90,79 +168,126 @@ def make_plans(cfg: ShrinkConfig, settings: SweepSettings, teacher, train_blocks
     return plans
 
 
-def baseline_points(folder: Path, teacher, test_blocks, t_logp, teacher_ppl: float, types, teacher_gguf) -> list:
-    """The teacher quantized by llama.cpp at each type, scored by llama.cpp (cached in baseline.json)."""
-    from edgestill.evaluate.gguf_eval import gguf_quality
-    from edgestill.evaluate.shrink_curve import ShrinkPoint
+def _gguf_point(name: str, series: str, path: Path, reference: Reference, held_out: HeldOut, source_bytes: int | None,
+                threads: int):
+    """One GGUF run by llama.cpp, against the reference in and out of domain, with the environment it was scored in."""
+    from edgestill.evaluate.environment import environment, measurement_start
+    from edgestill.evaluate.gguf_eval import gguf_fidelity
+    from edgestill.evaluate.shrink_curve import ShrinkPoint, provenance
+
+    start = measurement_start()
+    q = gguf_fidelity(path, *held_out.logprobs(), threads=threads)
+    size = path.stat().st_size
+    return ShrinkPoint(name, reference.params * 4 / size, q["retention"], q["top1_agreement"], size, series=series,
+                       perplexity=q["perplexity"], detail={"gguf": str(path)},
+                       compression_x_source=source_bytes / size if source_bytes else None,
+                       compression_x_fp16=reference.params * 2 / size, kl_teacher_student=q["kl_teacher_student"],
+                       reference=reference.kind, out_of_domain=q["out_of_domain"],
+                       environment=provenance(environment(threads, start)))
+
+
+def baseline_points(folder: Path, reference: Reference, held_out: HeldOut, types, teacher_gguf: Path | None,
+                    source_bytes: int | None = None, threads: int = 2) -> tuple[list, dict]:
+    """llama.cpp's quantizer of the reference at each type, and the user's own teacher file when it is a GGUF, each
+    run by llama.cpp and scored against the reference. Returns (points, the reference's perplexities).
+
+    Cached in folder/baseline.json under the reference, the held-out tokens and the teacher file: a cache made for
+    anything else (another reference, an older sweep's list) is scored again, never read.
+    """
+    from edgestill.evaluate.shrink_curve import LLAMA_CPP, ORIGINAL_FILE, ShrinkPoint
     from edgestill.export.gguf import export_gguf
     from edgestill.runtime.llamacpp import llamacpp_quantize
 
+    key = {"reference": reference.key, "reference_kind": reference.kind, **held_out.key(),
+           "source_file": None if teacher_gguf is None else f"{teacher_gguf.name}:{teacher_gguf.stat().st_size}"}
     cache_path = folder / "baseline.json"
-    done = {p["name"]: p for p in json.loads(cache_path.read_text())} if cache_path.is_file() else {}
-    teacher_bytes = 4 * sum(p.numel() for p in teacher.model.parameters())
+    stored = json.loads(cache_path.read_text()) if cache_path.is_file() else None
+    fresh = isinstance(stored, dict) and stored.get("key") == key
+    done, perplexity = (stored["points"], stored["reference_perplexity"]) if fresh else ({}, None)
     ggufs = folder / "baseline"
     ggufs.mkdir(parents=True, exist_ok=True)
-    source = ggufs / "teacher-f32.gguf"
-    for qtype in types:
-        name = f"llama.cpp {qtype}"
+    source = ggufs / f"reference-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:8]}-f32.gguf"
+    wanted = [(f"llama.cpp {t}", LLAMA_CPP, t) for t in types]
+    if teacher_gguf is not None:
+        wanted.append((teacher_gguf.name, ORIGINAL_FILE, None))
+    for name, series, qtype in wanted:
         if name in done:
             continue
-        if not source.is_file():
-            export_gguf(teacher.model, teacher.tokenizer, source, "f32", teacher_gguf=teacher_gguf)
-        path = llamacpp_quantize(source, ggufs / f"teacher-{qtype}.gguf", qtype)
-        q = gguf_quality(path, test_blocks, t_logp)
-        size = path.stat().st_size
-        source_x = teacher_gguf.stat().st_size / size if teacher_gguf is not None else None
-        done[name] = ShrinkPoint(name, teacher_bytes / size, teacher_ppl / q["perplexity"], q["top1_agreement"], size,
-                                 series="llama.cpp", perplexity=q["perplexity"],
-                                 detail={"gguf": str(path), "kl": q["kl_teacher_model"]},
-                                 compression_x_source=source_x).to_dict()
-        write_text_atomic(cache_path, json.dumps(list(done.values()), indent=1))
-    source.unlink(missing_ok=True)  # the f32 copy is only a source for the quantizer
-    return [ShrinkPoint(**done[f"llama.cpp {t}"]) for t in types if f"llama.cpp {t}" in done]
+        if qtype is None:
+            path = teacher_gguf  # the file itself, as the user has it
+        else:
+            if not source.is_file():  # the reference in full precision: only a source for the quantizer
+                export_gguf(reference.loaded.model, reference.loaded.tokenizer, source, "f32", teacher_gguf=teacher_gguf)
+            path = llamacpp_quantize(source, ggufs / f"reference-{qtype}.gguf", qtype, n_threads=threads)
+        done[name] = _gguf_point(name, series, path, reference, held_out, source_bytes, threads).to_dict()
+        perplexity = held_out.perplexities()
+        write_text_atomic(cache_path, json.dumps({"key": key, "reference_perplexity": perplexity, "points": done}, indent=1))
+    source.unlink(missing_ok=True)
+    perplexity = perplexity or held_out.perplexities()  # nothing was to be scored (no types, no GGUF teacher)
+    return [ShrinkPoint(**done[name]) for name, _, _ in wanted if name in done], perplexity
 
 
-def _plans(cfg: ShrinkConfig, settings: SweepSettings, out: Path, teacher, train, metadata: int) -> tuple[list, list]:
-    """(plans, dropped budgets with their reasons): SWEEP/plans.json when it was made for these budgets and device,
-    else new plans (written before training)."""
+def _plans(cfg: ShrinkConfig, settings: SweepSettings, out: Path, reference: Reference, train, metadata: int) -> tuple[list, list]:
+    """(plans, dropped budgets with their reasons): SWEEP/plans.json when it was made for these budgets, device and
+    reference, else new plans (written before training)."""
     plans_path = out / "plans.json"
     saved = json.loads(plans_path.read_text()) if plans_path.is_file() else None
-    if saved is not None and saved.get("budgets") == settings.budgets and saved.get("device") == settings.device:
+    if saved is not None and (saved.get("budgets"), saved.get("device"), saved.get("reference")) == \
+            (settings.budgets, settings.device, reference.key):
         return saved["plans"], saved.get("dropped", [])
     dropped: list = []
-    plans = make_plans(cfg, settings, teacher.model, train, metadata, out, dropped)
-    write_text_atomic(plans_path, json.dumps({"budgets": settings.budgets, "device": settings.device, "plans": plans,
-                                              "dropped": dropped}, indent=1))
+    plans = make_plans(cfg, settings, reference.loaded.model, train, metadata, out, dropped, reference.key)
+    write_text_atomic(plans_path, json.dumps({"budgets": settings.budgets, "device": settings.device,
+                                              "reference": reference.key, "plans": plans, "dropped": dropped}, indent=1))
     return plans, dropped
 
 
-def _shrink_points(cfg: ShrinkConfig, plans: list[dict], out: Path, teacher_ffn: int) -> list:
-    """Shrink every plan not yet finished (each an ordinary run folder) and read back its point of the curve."""
+def _finished_point(run: Path, point_cfg: ShrinkConfig, reference: Reference) -> dict | None:
+    """The metrics of `run` when it has finished, ran this plan and was measured against this reference; else None
+    (not run yet, or made for another plan or another teacher: it is shrunk again)."""
+    from edgestill.config import load_config
+
+    if not (run / "DONE").is_file():
+        return None
+    m = json.loads((run / "metrics.json").read_text())
+    correction = (m.get("teacher") or {}).get("correction") or {}
+    against = (m.get("reference"), Path(correction["path"]).name if correction.get("path") else None)
+    wanted = (reference.kind, Path(reference.loaded.path).name if reference.kind == "corrected" else None)
+    return m if against == wanted and _plan_of(load_config(run / "config.yaml")) == _plan_of(point_cfg) else None
+
+
+def _plan_of(cfg: ShrinkConfig) -> tuple:
+    """What a plan fixes in a point's config: the layers kept, the FFN width, the formats."""
+    return list(cfg.student.layers or []), cfg.student.intermediate_size, cfg.quant.format, dict(cfg.quant.plan or {})
+
+
+def _shrink_points(cfg: ShrinkConfig, plans: list[dict], out: Path, reference: Reference) -> list:
+    """Shrink every plan not yet finished against this reference (each an ordinary run folder) and read back its
+    point of the curve."""
     from edgestill.evaluate.shrink_curve import ShrinkPoint
     from edgestill.jobs.shrink import shrink
     from edgestill.plan import Plan
 
-    points = []
+    points, finished = [], []
     for i, p in enumerate(plans):
         plan = Plan.from_dict(p["plan"])
         run = out / "points" / f"{i:02d}-{p['max_file_bytes'] / 1e6:.0f}MB"
-        if not (run / "DONE").is_file():
-            log.info("sweep point %d/%d -> %s", i + 1, len(plans), run)
-            # every point distils from the same teacher on the same text: the first point's cache serves all
-            done = sorted(d.parent for d in (out / "points").glob("*/DONE"))
-            shrink(point_config(cfg, plan, run, teacher_ffn), teacher_cache_from=done[0] if done else None)
+        point_cfg = point_config(cfg, plan, run, reference.loaded.model.config.intermediate_size)
+        if _finished_point(run, point_cfg, reference) is None:
+            stale = (run / "DONE").is_file()  # another plan's or another reference's: replaced once the new one finishes
+            log.info("sweep point %d/%d -> %s%s", i + 1, len(plans), run, " (made for another plan or teacher: again)" * stale)
+            # every point distils from the same reference on the same text: the first point's cache serves all
+            shrink(point_cfg, overwrite=stale, teacher_cache_from=finished[0] if finished else None)
+        finished.append(run)
         m = json.loads((run / "metrics.json").read_text())
-        points.append(ShrinkPoint(f"{len(plan.layers)}L {plan.default_format}" + ("+mix" if plan.quant_plan else ""),
-                                  m["compression_x_fp32"], m["retention"], m["top1_agreement"], m["student"]["bytes"],
-                                  perplexity=m["student"]["perplexity"],
-                                  detail={"run": str(run), "plan": p["plan"], "predicted_file_bytes":
-                                          p["plan"]["prediction"]["file_bytes"]},
-                                  compression_x_source=m.get("compression_x_source")))
+        name = f"{len(plan.layers)}L {plan.default_format}" + ("+mix" if plan.quant_plan else "")
+        points.append(ShrinkPoint.from_metrics(name, m, {"run": str(run), "plan": p["plan"],
+                                                         "predicted_file_bytes": p["plan"]["prediction"]["file_bytes"]}))
     return points
 
 
 def sweep(cfg: ShrinkConfig, settings: SweepSettings, out: str | Path) -> dict:
-    """Plan, shrink every point (resuming), score the llama.cpp baseline, write the shrink curve. Returns its JSON.
+    """Plan, shrink every point (resuming), score the llama.cpp baselines, write the shrink curve. Returns its JSON.
 
     `out` is created if needed; an existing folder must be empty or an earlier sweep's (which is resumed).
     """
@@ -174,28 +299,59 @@ def sweep(cfg: ShrinkConfig, settings: SweepSettings, out: str | Path) -> dict:
         return _sweep(cfg, settings, out)
 
 
+def _held_out(cfg: ShrinkConfig, reference: Reference, test: np.ndarray) -> HeldOut:
+    """The in-domain test blocks and, when eval.out_of_domain is set, the general-English blocks every run's
+    what-broke section measures (the same call, so the same tokens)."""
+    from edgestill.data.general import out_of_domain_blocks
+
+    ood = None
+    if cfg.eval.out_of_domain:
+        ood = out_of_domain_blocks(reference.loaded.tokenizer, cfg.data.seq_len, cfg.eval.out_of_domain_tokens,
+                                   cfg.eval.out_of_domain)
+    return HeldOut(reference.loaded.model, test, ood, cfg.eval.batch_size)
+
+
 def _sweep(cfg: ShrinkConfig, settings: SweepSettings, out: Path) -> dict:
-    from edgestill.evaluate.gguf_eval import teacher_logprobs, teacher_perplexity
+    from edgestill.evaluate.environment import environment, measurement_start
+    from edgestill.evaluate.metrics import weight_bytes
     from edgestill.evaluate.shrink_curve import write_shrink_report
+    from edgestill.jobs.shrink import reference_teacher
     from edgestill.models.load import gguf_file, load_causal_lm
     from edgestill.plan.cost import tokenizer_metadata_bytes
 
-    teacher = load_causal_lm(cfg.teacher.model)
-    data = corpus_blocks(cfg.data, teacher.tokenizer)
+    start = measurement_start()
+    began = environment(start=start)  # the code the sweep started with (a point resumed later records its own)
+    original = load_causal_lm(cfg.teacher.model)
+    data = corpus_blocks(cfg.data, original.tokenizer)
+    loaded = reference_teacher(cfg, original, data)
+    reference = Reference(loaded, "corrected" if loaded is not original else "original", reference_key(loaded))
     teacher_gguf = gguf_file(cfg.teacher.model)
+    source = teacher_gguf or Path(original.path)  # the teacher file(s) the user started from
+    source_bytes = source.stat().st_size if teacher_gguf is not None else weight_bytes(source)
+    del original  # the points load it again for their what-broke section
     metadata = tokenizer_metadata_bytes(teacher_gguf) if teacher_gguf else 0
-    plans, dropped = _plans(cfg, settings, out, teacher, data.train, metadata)
+    plans, dropped = _plans(cfg, settings, out, reference, data.train, metadata)
     for i, p in enumerate(plans):
         log.info("plan %d/%d (budget %.1f MB): %s", i + 1, len(plans), p["max_file_bytes"] / 1e6, p["summary"])
-    points = _shrink_points(cfg, plans, out, teacher.model.config.intermediate_size)
+    points = _shrink_points(cfg, plans, out, reference)
 
-    test = data.test
-    t_logp = teacher_logprobs(teacher.model, test, cfg.eval.batch_size)
-    teacher_ppl = teacher_perplexity(t_logp, test)
-    points += baseline_points(out, teacher, test, t_logp, teacher_ppl, settings.baseline_types, teacher_gguf)
-    meta = {"title": f"{cfg.teacher.model} on {cfg.data.path}: held-out retention vs size",
-            "teacher": cfg.teacher.model, "data": cfg.data.path, "device": settings.device,
-            "budgets": settings.budgets, "dropped_budgets": dropped, "held_out_tokens": int(test[:, 1:].size), "teacher_perplexity": teacher_ppl,
-            "note": "edgestill points: retention from the PyTorch model holding the exact quantized weights; llama.cpp "
-                    "points: from llama.cpp's logits. Bytes are the GGUF files'."}
-    return write_shrink_report(out, points, meta, settings.thresholds)
+    held_out = _held_out(cfg, reference, data.test)
+    baselines, perplexity = baseline_points(out, reference, held_out, settings.baseline_types, teacher_gguf,
+                                            source_bytes, settings.threads)
+    ood = held_out.out_of_domain
+    end = environment(start=start)
+    meta = {"title": f"{cfg.teacher.model} on {cfg.data.path}: fidelity and retention vs file size",
+            "teacher": cfg.teacher.model, "data": cfg.data.path, "device": settings.device, "budgets": settings.budgets,
+            "dropped_budgets": dropped, "reference": reference.kind, "reference_path": loaded.path,
+            "reference_key": reference.key, "reference_params": reference.params,
+            "source_file": {"path": str(source), "bytes": source_bytes},
+            "held_out_tokens": int(data.test[:, 1:].size), "reference_perplexity": perplexity["in_domain"],
+            "out_of_domain": None if ood is None else {"source": cfg.eval.out_of_domain, "tokens": int(ood[:, 1:].size),
+                                                       "reference_perplexity": perplexity["out_of_domain"]},
+            "environment": {**end, "git_commit": began["git_commit"], "git_dirty": began["git_dirty"],
+                            "git_commit_end": end["git_commit"], "git_dirty_end": end["git_dirty"]},
+            "note": "All figures against the reference. edgestill points: from the PyTorch model holding the exact "
+                    "quantized weights (its run's metrics.json); llama.cpp and original-file points: from llama.cpp's "
+                    "logits. Bytes are the GGUF files'. Each point's environment says when and with which code it "
+                    "was measured."}
+    return write_shrink_report(out, points + baselines, meta, settings.criteria())
