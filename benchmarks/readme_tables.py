@@ -94,21 +94,34 @@ def throughput_table(r: dict) -> str:
     ])
 
 
+def _recovered(rows: list[dict], base: str, trained: str, key: str, perfect: float) -> float | None:
+    """The share of what `base` loses against the teacher on `key` that `trained` wins back."""
+    by = {x["name"]: x for x in rows}
+    if base not in by or trained not in by or by[base][key] == perfect:
+        return None
+    return (by[base][key] - by[trained][key]) / (by[base][key] - perfect)
+
+
 def quant_table(r: dict) -> str:
-    rows = ["| group | model | held-out ppl | retention | top-1 | bytes | × fp32 | decode tok/s (2 threads) | of bandwidth bound |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| group | model | held-out ppl | retention | top-1 | KL | bytes | × fp32 | decode tok/s (2 threads) | of bandwidth bound |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for x in r["rows"]:
         frac = x.get("bandwidth_bound_fraction")
+        kl = x.get("kl_teacher_model")
         runtime = "" if x.get("runtime", "llama.cpp") == "llama.cpp" else f" ({x['runtime']})"
         rows.append(f"| {x['group']} | {x['name']} | {x['perplexity']:.2f} | {x['retention']:.3f} | {x['top1_agreement']:.3f} "
-                    f"| {x['file_bytes'] / 1e6:.1f} MB | {x['compression_x_fp32']:.2f}× | {x['decode_tokens_per_s']:.1f}{runtime} "
-                    f"| {'' if frac is None else f'{frac:.2f}'} |")
-    targets = r.get("targets") or {}
+                    f"| {'' if kl is None else f'{kl:.3f}'} | {x['file_bytes'] / 1e6:.1f} MB | {x['compression_x_fp32']:.2f}× "
+                    f"| {x['decode_tokens_per_s']:.1f}{runtime} | {'' if frac is None else f'{frac:.2f}'} |")
     env = r["environment"]
     notes = []
-    for key, value in targets.items():
-        base = key.split("_of_")[1].split("_")[0].upper()
-        notes.append(f"QAT+KD recovers **{value:.0%}** of the perplexity {base} Q4_0 loses")
+    qat = next((x["name"] for x in r["rows"] if x["name"].startswith("edgestill QAT+KD Q4_0")), None)
+    for base in ("edgestill RTN Q4_0", "edgestill GPTQ Q4_0"):
+        kl = _recovered(r["rows"], base, qat, "kl_teacher_model", 0.0)
+        top1 = _recovered(r["rows"], base, qat, "top1_agreement", 1.0)
+        ppl = _recovered(r["rows"], base, qat, "perplexity", r["teacher_perplexity"])
+        if kl is not None and top1 is not None:
+            notes.append(f"of what {base.split()[1]} Q4_0 loses, QAT+KD wins back **{kl:.0%}** of the KL and **{top1:.0%}** of "
+                         f"the top-1 agreement ({ppl:.0%} of the perplexity, which counts what it learned of the plays)")
     rows.append("")
     load = r.get("load_average")
     if load:
@@ -116,7 +129,7 @@ def quant_table(r: dict) -> str:
                      "(2 cores; above ~2 the speeds are shared)")
     rows.append(("; ".join(notes) + ". " if notes else "")
                 + f"Quality from llama.cpp's own logits on {r['held_out_tokens']:,} held-out tokens against the fp32 teacher "
-                f"(ppl {r['teacher_perplexity']:.2f}); decode = {r['decode_tokens']} greedy tokens after a "
+                f"as given, not corrected (ppl {r['teacher_perplexity']:.2f}); decode = {r['decode_tokens']} greedy tokens after a "
                 f"{r['prompt_tokens']}-token prompt, median of {r['repeats']} alternated rounds; bandwidth bound from a measured "
                 f"{r['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s read. Measured {env['date'][:10]}, commit "
                 f"`{(env.get('git_commit') or '?')[:8]}`, `{r['command']}` → `benchmarks/results/quant_table.json`.")

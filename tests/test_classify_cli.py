@@ -158,7 +158,7 @@ def test_shrink_reports_the_verdict_against_the_baselines(runs):
     assert major["retention_accuracy"] == pytest.approx(major["test"]["accuracy"] / m["teacher"]["test"]["accuracy"])
     assert m["teacher"]["beats_majority"] is True and m["environment"]["git_commit"] is not None
     report = (runs["shrunk"] / "report.md").read_text()
-    assert "## Verdict" in report and "majority_class" in report and "FAILED" not in report
+    assert "## Verdict" in report and "majority class (baseline)" in report and "FAILED" not in report
     assert "compression_x_fp32" in report and "weights only" in report
 
 

@@ -15,7 +15,8 @@ def summary_line(m: dict) -> str:
     return (f"teacher acc {t['accuracy']:.4f} / macro-F1 {t['macro_f1']:.4f}; student ({m['student']['onnx_type']} ONNX) "
             f"acc {s['accuracy']:.4f} / macro-F1 {s['macro_f1']:.4f} (retention {m['retention_accuracy']:.3f} / "
             f"{m['retention_macro_f1']:.3f}); {m['compression_x_fp32']:.1f}x smaller than fp32 "
-            f"({m['compression_x_fp16']:.1f}x vs fp16){speed}")
+            f"({m['compression_x_fp16']:.1f}x vs fp16){speed}"
+            + (f"\n{m['verdict']['text']}" if m.get("failed") and m.get("verdict") else ""))
 
 
 def plot_curve(curve: list[dict], path: Path, teacher: str) -> None:
@@ -34,7 +35,7 @@ def classifier_report(m: dict) -> str:
     t, s = m["teacher"], m["student"]
     rows = [("teacher (PyTorch)", t["test"]), (f"student, {s['onnx_type']} ONNX in onnxruntime", s["test"])]
     names = {"student_sliced_untrained": "student cut from the teacher, untrained", "student_pytorch": "student (PyTorch)",
-             "tfidf_logreg": "TF-IDF + logistic regression (baseline)"}
+             "tfidf_logreg": "TF-IDF + logistic regression (baseline)", "majority_class": "majority class (baseline)"}
     rows += [(names.get(name, name), b["test"]) for name, b in m["baselines"].items()]
     lines = [f"# Classifier shrink: {t['path']}", "",
              f"Scored on the {m['data']['scored_on']}: {m['data']['test']['n']} examples.", "",
