@@ -129,8 +129,11 @@ def test_shrink_writes_a_complete_run(shrink_run, tiny_model_dir):
     assert m["retention"] == pytest.approx(m["teacher"]["perplexity"] / m["student"]["perplexity"])
     assert 0 < m["student"]["bytes"] < m["teacher"]["bytes"]
     assert m["student"]["params"] < m["teacher"]["params"]
-    # against the teacher file the user started from (here the tiny model's own safetensors)
-    assert m["teacher"]["source_bytes"] == (Path(tiny_model_dir) / "model.safetensors").stat().st_size
+    # against the teacher the user started from (here the tiny model's folder), every file a device loads counted
+    folder = [p for p in Path(tiny_model_dir).iterdir() if p.is_file()]
+    assert m["teacher"]["source_bytes"] == sum(p.stat().st_size for p in folder)
+    assert m["student"]["bytes"] == sum(p.stat().st_size for p in (run / "student").iterdir())
+    assert m["student"]["weight_bytes"] == (run / "student" / "model.safetensors").stat().st_size < m["student"]["bytes"]
     assert m["compression_x_source"] == pytest.approx(m["teacher"]["source_bytes"] / m["student"]["bytes"])
     assert m["teacher"]["num_layers"] == 4 and m["student"]["num_layers"] == 2
     assert len(m["student"]["layers_kept"]) == 2

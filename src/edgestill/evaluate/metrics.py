@@ -95,3 +95,14 @@ def logit_parity(reference: np.ndarray, candidate: np.ndarray) -> dict:
         "mean_abs_diff": float(diff.mean()),
         "logit_scale": float(np.abs(reference).max(-1).mean()),
     }
+
+
+def deploy_bytes(path: str | Path) -> int:
+    """Bytes a device loads: a file's size, or every file of a model folder (weights, config, tokenizer, templates).
+
+    A GGUF already holds its tokenizer; a Hugging Face folder needs its tokenizer files beside the weights, so they
+    count too (hidden files and sub-folders do not: they are not part of the model)."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.iterdir() if p.is_file() and not p.name.startswith("."))

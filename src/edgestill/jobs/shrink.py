@@ -178,24 +178,25 @@ def _metrics(cfg: ShrinkConfig, run_dir: Path, final_dir: Path, teacher, student
              baselines: dict, splits: dict, history: list[dict], layers, start: dict) -> dict:
     """metrics.json: teacher vs student, sizes from the files on disk, speed, baselines, provenance."""
     from edgestill.evaluate.environment import environment
-    from edgestill.evaluate.metrics import weight_bytes
+    from edgestill.evaluate.metrics import deploy_bytes, weight_bytes
     from edgestill.models.load import gguf_file
     from edgestill.models.slice import count_params, decoder_layers
 
     t_params, s_params = count_params(teacher.model), count_params(student)
-    # The teacher as the user has it: its GGUF file (the default teacher: a 98.4 MB Q4_1), else its weight files.
-    source = gguf_file(cfg.teacher.model)
-    source_bytes = source.stat().st_size if source is not None else weight_bytes(teacher.path)
+    # The teacher as the user has it: its GGUF file (the default teacher: a 98.4 MB Q4_1), else its whole folder.
+    source = gguf_file(cfg.teacher.model) or (Path(cfg.teacher.model) if Path(cfg.teacher.model).exists() else None)
+    source_bytes = deploy_bytes(source or teacher.path)  # (a hub id: the folder it was read from)
     # The deployable artifact: the GGUF when the run has one (quantized runs always do), else the HF folder.
     artifact = run_dir / "student.gguf" if (run_dir / "student.gguf").is_file() else run_dir / "student"
-    s_bytes = weight_bytes(artifact)
+    s_bytes = deploy_bytes(artifact)  # what the device loads: a GGUF holds its tokenizer, a HF folder needs its files
     return {
         "teacher": {"name": cfg.teacher.model, "params": t_params, "bytes": weight_bytes(teacher.path),
                     "source_bytes": source_bytes, "source": str(source or teacher.path),
                     "num_layers": len(decoder_layers(teacher.model)), "perplexity": summary["teacher_perplexity"],
                     "correction": _correction(teacher.path), **speed["teacher"]},
         "student": {"path": str(final_dir / "student"), "artifact": str(final_dir / artifact.name),
-                    "params": s_params, "bytes": s_bytes, "dtype": cfg.output.dtype, "quant": cfg.quant.format,
+                    "params": s_params, "bytes": s_bytes, "weight_bytes": weight_bytes(artifact),
+                    "dtype": cfg.output.dtype, "quant": cfg.quant.format,
                     "layers_kept": layers, "num_layers": len(decoder_layers(student)),
                     "intermediate_size": getattr(student.config, "intermediate_size", None),
                     "perplexity": summary["student_perplexity"], **speed["student"]},

@@ -313,7 +313,7 @@ def _held_out(cfg: ShrinkConfig, reference: Reference, test: np.ndarray) -> Held
 
 def _sweep(cfg: ShrinkConfig, settings: SweepSettings, out: Path) -> dict:
     from edgestill.evaluate.environment import environment, measurement_start
-    from edgestill.evaluate.metrics import weight_bytes
+    from edgestill.evaluate.metrics import deploy_bytes
     from edgestill.evaluate.shrink_curve import write_shrink_report
     from edgestill.jobs.shrink import reference_teacher
     from edgestill.models.load import gguf_file, load_causal_lm
@@ -327,7 +327,7 @@ def _sweep(cfg: ShrinkConfig, settings: SweepSettings, out: Path) -> dict:
     reference = Reference(loaded, "corrected" if loaded is not original else "original", reference_key(loaded))
     teacher_gguf = gguf_file(cfg.teacher.model)
     source = teacher_gguf or Path(original.path)  # the teacher file(s) the user started from
-    source_bytes = source.stat().st_size if teacher_gguf is not None else weight_bytes(source)
+    source_bytes = deploy_bytes(source)  # a GGUF holds its tokenizer; a folder counts its tokenizer files too
     del original  # the points load it again for their what-broke section
     metadata = tokenizer_metadata_bytes(teacher_gguf) if teacher_gguf else 0
     plans, dropped = _plans(cfg, settings, out, reference, data.train, metadata)
