@@ -20,7 +20,6 @@ import copy
 import dataclasses
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -73,14 +72,6 @@ def corrected_root() -> Path:
     return Path(os.environ.get("EDGESTILL_CORRECTED_CACHE") or cache_dir() / "corrected")
 
 
-def learning_rate(step: int, cfg: CorrectConfig) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak over `steps`."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
 def correct_teacher(teacher, train: np.ndarray, val: np.ndarray, cfg: CorrectConfig, root: Path | None = None,
                     show_progress: bool = True):
     """The corrected teacher (a LoadedModel whose path is its cached folder); `teacher` itself is left unchanged.
@@ -115,7 +106,7 @@ def _train_and_save(teacher, train: np.ndarray, val: np.ndarray, cfg: CorrectCon
                     show_progress: bool) -> None:
     import torch
 
-    from edgestill.distill.trainer import batch_rows, validation_loss
+    from edgestill.distill.trainer import batch_rows, learning_rate, validation_loss  # the students' schedule
 
     work = folder.with_name(folder.name + ".partial")  # checkpoints; removed once the folder is finished
     work.mkdir(parents=True, exist_ok=True)
