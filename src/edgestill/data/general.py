@@ -41,6 +41,12 @@ SENTENCE_END = re.compile(r"""[.!?]["')\]]*\s+(?=["'(\[]?[A-Z0-9])""")
 
 def general_english_documents() -> list[str]:
     """The 300 articles of the Lee news corpus (one string each), in file order."""
+    path = _lee_path()
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _lee_path() -> Path:
+    """Where gensim's wheel put the Lee corpus (found without importing gensim), or a one-line error."""
     spec = importlib.util.find_spec("gensim")
     if spec is None or not spec.submodule_search_locations:
         raise EdgestillError(f"the general-English corpus ships in the package gensim, which is not installed; {INSTALL_FIX}")
@@ -48,7 +54,7 @@ def general_english_documents() -> list[str]:
     if not path.is_file():
         raise EdgestillError(f"the gensim package has no {LEE_FILE} (looked in {path.parent}); "
                              "reinstall it: pip install --no-deps --force-reinstall gensim==4.4.0")
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return path
 
 
 def _documents(source: str) -> list[str]:
@@ -67,7 +73,9 @@ def _documents(source: str) -> list[str]:
 
 def check_source(source: str | None) -> None:
     """Refuse a missing or unusable out-of-domain source before any training (None: nothing is measured)."""
-    if source is not None:
+    if source == GENERAL_ENGLISH:
+        _lee_path()  # found, not read: this runs at every config load
+    elif source is not None:
         _documents(source)
 
 
