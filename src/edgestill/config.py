@@ -227,7 +227,7 @@ CLASSIFICATION = "classification"  # the `task` marker in config.yaml that makes
 
 @dataclass
 class LabelledDataConfig:
-    path: str = ""  # a .csv/.tsv/.jsonl file, or spamassassin / drugreview
+    path: str = ""  # a .csv/.tsv/.jsonl file, or spamassassin / drugreview / moviereviews
     test_path: str | None = None  # a separate test file (else test is carved from `path`)
     text_column: str = "text"
     label_column: str = "label"

