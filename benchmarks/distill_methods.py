@@ -186,12 +186,14 @@ def run_row(row: Row, overrides: list[str], eval_overrides: list[str], out_root:
     entry = {
         "label": row.label, "group": row.group, "overrides": overrides[len(BASE_OVERRIDES):],
         "trained_from": [cfg["teacher"]["model"], *cfg["teacher"]["extra"]], "evaluated_against": m["teacher"]["name"],
+        "reference": m.get("reference", "original"),
         "retention": m["retention"], "top1_agreement": m["top1_agreement"], "kl_teacher_student": m["kl_teacher_student"],
         "student_perplexity": m["student"]["perplexity"], "teacher_perplexity": m["teacher"]["perplexity"],
         "steps": len(history), "train_tokens": len(history) * tokens_per_step,
         "train_s": sum(tokens_per_step / h["tokens_per_s"] for h in history),
         "distill_wall_s": json.loads((out / "bench_row.json").read_text())["distill_wall_s"],
         "final_val_loss": m["train"]["final_val_loss"], "run_dir": str(out),
+        "environment": m.get("environment"),  # when, where and with which code this row was measured
     }
     if any("alpha" in h for h in history):
         alphas = [h["alpha"] for h in history if "alpha" in h]
@@ -208,33 +210,40 @@ BASE_OVERRIDES: list[str] = []  # set in main: the overrides every row shares (l
 # --- the README table ---------------------------------------------------------------------------------------
 
 def methods_table(result: dict) -> str:
-    """Markdown table of a distill_methods result; the best retention and top-1 of each group in bold."""
+    """Markdown table of a distill_methods result, one row per run: a row that is the same run as another (same
+    config) names it instead of repeating its numbers. One seed: nothing is marked best."""
     rows = result["rows"]
     groups = {"loss": "divergence", "features": "feature transfer", "kd_weight": "KD weight",
               "multi_teacher": "teachers"}
-    lines = ["| | method | retention | top-1 agreement | KL(teacher ‖ student) | train s |", "|---|---|---:|---:|---:|---:|"]
+    lines = ["| | method | retention | top-1 agreement | KL(teacher ‖ student) | train s | commit |",
+             "|---|---|---:|---:|---:|---:|---|"]
     for group, title in groups.items():
         members = {n: r for n, r in rows.items() if r["group"] == group}
         if not members:
             continue
         if group == "features" and "forward_kl" in rows:
-            members = {"forward_kl": rows["forward_kl"], **members}  # what the features are added to
-        best_ret = max(r["retention"] for r in members.values())
-        best_top1 = max(r["top1_agreement"] for r in members.values())
+            members = {"forward_kl": {**rows["forward_kl"], "same_run_as": "forward_kl"}, **members}  # the base
         for i, (name, r) in enumerate(members.items()):
-            ret, top1 = f"{r['retention']:.3f}", f"{r['top1_agreement']:.3f}"
-            lines.append(f"| {title if i == 0 else ''} | {r['label']} | {f'**{ret}**' if r['retention'] == best_ret else ret} | "
-                         f"{f'**{top1}**' if r['top1_agreement'] == best_top1 else top1} | {r['kl_teacher_student']:.3f} | "
-                         f"{r['train_s']:.0f} |")
+            same = r.get("same_run_as")
+            if same and same in rows:
+                lines.append(f"| {title if i == 0 else ''} | {r['label']} | the {rows[same]['label']} run above (same "
+                             "config) | | | | |")
+                continue
+            commit = ((r.get("environment") or {}).get("git_commit") or "?")[:7]
+            lines.append(f"| {title if i == 0 else ''} | {r['label']} | {r['retention']:.3f} | {r['top1_agreement']:.3f} | "
+                         f"{r['kl_teacher_student']:.3f} | {r['train_s']:.0f} | {commit} |")
     notes = []
     w = rows.get("multi_agreement", {}).get("teacher_weights_mean")
     if w:
         names = ", ".join(f"{n} {x:.2f}" for n, x in zip(("SmolLM2", "Q2_K copy", "corrupted copy"), w))
         notes.append(f"Mean agreement weight per teacher (1/K = 0.33): {names}.")
     env = result.get("environment", {})
+    refs = {r.get("reference", "original") for r in rows.values()}
+    notes.append("One seed per row: differences between rows are not claims (a claim needs ≥ 3 seeds).")
     notes.append(f"Each row: {result['steps']} steps × {result['tokens_per_step']} tokens of {result['corpus']}, "
                  f"{result['student_layers']}-layer sliced student of {result['teacher']}; retention = teacher ppl ÷ "
-                 f"student ppl on {result['held_out']}, never trained on; every row is measured against the real teacher. "
+                 f"student ppl on {result['held_out']}, never trained on; every row is measured against "
+                 f"{'the corrected teacher' if refs == {'corrected'} else 'the teacher as given' if refs == {'original'} else 'its own reference (' + ', '.join(sorted(refs)) + ')'}. "
                  f"Measured {env.get('date', '?')[:10]} on {env.get('cpu_cores', '?')} CPU cores, commit "
                  f"`{(env.get('git_commit') or '?')[:8]}`, by `{result.get('command', 'benchmarks/distill_methods.py')}` → "
                  f"`benchmarks/results/{result.get('benchmark', 'distill_methods')}.json`.")
