@@ -122,11 +122,25 @@ def test_missing_recipe_file(tmp_path):
 
 def test_round_trip_to_yaml_config_from_dict():
     cfg = load_config(overrides=["distill.lr=1e-3", "student.layers=[0, 5, 9]", "student.intermediate_size=256",
+                                 "student.hidden_size=384", "student.num_attention_heads=6",
+                                 "student.num_key_value_heads=2", "student.width_importance=activation",
                                  "eval.prompts=[\"x\"]", "output.dtype=float32"])
     again = config_from_dict(yaml.safe_load(cfg.to_yaml()))
     assert again == cfg
     assert again.to_dict() == cfg.to_dict()
     assert dataclasses.asdict(again)["student"]["layers"] == [0, 5, 9]
+    s = again.student
+    assert (s.hidden_size, s.num_attention_heads, s.num_key_value_heads, s.width_importance) == (384, 6, 2, "activation")
+
+
+def test_width_keys_default_to_the_teacher_and_auto_ranking(tmp_path):
+    s = load_config().student
+    assert s.hidden_size is s.num_attention_heads is s.num_key_value_heads is None
+    assert s.width_importance == "auto"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("student:\n  hidden_size: 448\n  num_key_value_heads: 2\n  width_importance: weight\n")
+    s = load_config(recipe).student
+    assert (s.hidden_size, s.num_attention_heads, s.num_key_value_heads, s.width_importance) == (448, None, 2, "weight")
 
 
 @pytest.mark.parametrize("override, needle", [
@@ -137,6 +151,10 @@ def test_round_trip_to_yaml_config_from_dict():
     ("data.val_fraction=0.5", "fraction"),
     ("student.layer_selection=random", "layer_selection"),
     ("student.num_layers=0", "num_layers"),
+    ("student.width_importance=gradient", "student.width_importance='gradient' is unknown; use auto, activation"),
+    ("student.hidden_size=0", "student.hidden_size=0 must be a positive number"),
+    ("student.num_key_value_heads=-1", "student.num_key_value_heads=-1 must be a positive number"),
+    ("student.hidden_size=abc", "integer"),
     ("output.dtype=int8", "dtype"),
     ("distill.top_k=0", "top_k"),
 ])

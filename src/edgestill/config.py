@@ -81,8 +81,19 @@ class StudentConfig:
     #   block_influence - ShortGPT's measure (1 - cos(h_in, h_out)) on calibration text; keep the most influential
     #   uniform         - evenly spaced, first and last always kept
     layer_selection: str = "block_influence"
-    # Width: a narrower FFN keeps the units with the largest weight norms; None keeps the teacher's width.
+    # Width; None keeps the teacher's. intermediate_size: FFN units per layer. hidden_size: embedding (residual)
+    # channels. num_attention_heads / num_key_value_heads: query heads and KV heads per layer (head_dim is kept;
+    # heads must be a multiple of KV heads): KV heads unset keeps the teacher's and drops query heads in every
+    # group, heads unset keeps the teacher's heads per KV head and drops whole groups (models/width.py).
     intermediate_size: int | None = None
+    hidden_size: int | None = None
+    num_attention_heads: int | None = None
+    num_key_value_heads: int | None = None
+    # How width units are ranked (Minitron width pruning, models/width.py):
+    #   activation - their activations on calibration text (Minitron)
+    #   weight     - their weight norms (what an FFN-only cut has always used)
+    #   auto       - activation when hidden_size or a head count is set, else weight (so FFN-only runs reproduce)
+    width_importance: str = "auto"
     # Existing student model folder (for `edgestill distill`), used instead of slicing the teacher.
     model: str | None = None
 
@@ -458,6 +469,12 @@ def validate(cfg: ShrinkConfig) -> None:
         raise EdgestillError(f"student.layer_selection='{s.layer_selection}' is unknown; use block_influence or uniform")
     if s.num_layers < 1:
         raise EdgestillError("student.num_layers must be at least 1")
+    if s.width_importance not in ("auto", "activation", "weight"):
+        raise EdgestillError(f"student.width_importance='{s.width_importance}' is unknown; use auto, activation or weight")
+    for key in ("intermediate_size", "hidden_size", "num_attention_heads", "num_key_value_heads"):
+        if getattr(s, key) is not None and getattr(s, key) < 1:
+            raise EdgestillError(f"student.{key}={getattr(s, key)} must be a positive number, or null to keep the "
+                                 "teacher's")
     if not 0.0 <= k.alpha <= 1.0:
         raise EdgestillError(f"distill.alpha={k.alpha} must be in [0, 1] (1 = pure KD, 0 = pure CE)")
     if k.temperature <= 0:

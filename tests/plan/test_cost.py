@@ -54,6 +54,24 @@ def test_predicted_gguf_bytes_equal_the_exported_file(tiny2, tiny2_dir, tmp_path
     assert abs(predicted["file"] - path.stat().st_size) <= 256  # the general.*/llama.* keys are estimated
 
 
+@pytest.mark.parametrize("fmt", ["f16", "q8_0", "q4_0"])
+def test_a_width_pruned_student_costs_what_its_export_stores(tiny2, tiny2_dir, tmp_path, fmt):
+    """hidden 48 and 2 heads of 16 over 1 KV head (head_dim != hidden / heads): parameters and GGUF bytes still exact
+    (rows of 48 do not fit Q8_0/Q4_0's 32-blocks, so those fall back as export does)."""
+    from transformers import AutoTokenizer
+
+    from edgestill.models.width import prune_width
+
+    student = prune_width(tiny2, None, 48, 2, 1, 96, importance="weight")
+    shape = StudentShape.from_config(student.config)
+    assert (shape.hidden, shape.heads, shape.kv_heads, shape.dim_per_head, shape.intermediate) == (48, 2, 1, 16, 96)
+    assert shape.params() == count_params(student)
+    path = tmp_path / f"pruned-{fmt}.gguf"
+    export_gguf(student, AutoTokenizer.from_pretrained(tiny2_dir), path, tensor_type=fmt)
+    predicted = gguf_bytes(shape, {}, fmt, metadata_bytes=tokenizer_metadata_bytes(path))
+    assert predicted["data"] == _data_bytes(path)
+
+
 def test_a_mixed_plan_costs_what_the_mixed_export_stores(tiny2, tiny2_dir, tmp_path):
     from transformers import AutoTokenizer
 

@@ -44,3 +44,14 @@ def test_plan_refuses_zero_and_nonsense_budgets_in_one_line(capsys):
         assert main(["plan", "--device", "rpi5", *flag]) == 2, flag
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and ("usable size" in err or "not a size" in err or "must be positive" in err), err
+
+
+def test_a_device_plan_refuses_width_keys_it_does_not_plan(tmp_path):
+    """A plan fixes depth, FFN width and formats; a hidden size or head count would cut a student it never priced."""
+    from conftest import one_line_error
+    from edgestill.config import load_config
+    from edgestill.jobs.plan import point_config
+
+    for key in ("hidden_size=448", "num_attention_heads=6", "num_key_value_heads=1"):
+        msg = one_line_error(point_config, load_config(overrides=[f"student.{key}"]), None, tmp_path, 1536)
+        assert "leave student.hidden_size, student.num_attention_heads and student.num_key_value_heads unset" in msg

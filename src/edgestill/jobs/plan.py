@@ -14,6 +14,7 @@ from pathlib import Path
 
 from edgestill.config import DataConfig, ShrinkConfig
 from edgestill.data.corpus import CALIBRATION_BLOCKS, calibration_batches, corpus_blocks
+from edgestill.errors import EdgestillError
 from edgestill.files import write_text_atomic
 
 log = logging.getLogger("edgestill")
@@ -82,6 +83,11 @@ def plans_json(path: str | Path, device, budget, teacher: str, plans: list) -> P
 
 def point_config(base: ShrinkConfig, plan, out: Path, teacher_ffn: int) -> ShrinkConfig:
     """The ShrinkConfig that executes `plan` (an edgestill.plan.Plan) into `out`."""
+    s = base.student
+    if any(w is not None for w in (s.hidden_size, s.num_attention_heads, s.num_key_value_heads)):
+        raise EdgestillError("a device plan fixes the layers, the FFN width and the formats, not the hidden size or "
+                             "the heads; leave student.hidden_size, student.num_attention_heads and "
+                             "student.num_key_value_heads unset with --device and sweep")
     cfg = copy.deepcopy(base)
     cfg.student.layers = list(plan.layers)
     cfg.student.num_layers = len(plan.layers)

@@ -135,8 +135,8 @@ def distill(cfg: ShrinkConfig, overwrite: bool = False, teacher_cache_from: Path
         data = corpus_blocks(cfg.data, original.tokenizer, min_train_blocks=cfg.distill.batch_size)
         teacher = teachers[0] = reference_teacher(cfg, original, data, rank, world)
         qconfig = quant_config(cfg)
-        student, layers = build_student(cfg.student, teacher.model, teacher.tokenizer,
-                                        calibration_batches(data.train, 8, 4), quantized=qconfig is not None)
+        student, layers = build_student(cfg.student, teacher.model, teacher.tokenizer, _calibration(data),
+                                        quantized=qconfig is not None)
         source = teacher_source(cfg.distill, teachers, [cfg.teacher.model, *cfg.teacher.extra], data.train,
                                 run.path / "cache", teacher_cache_from, cfg.eval.batch_size, rank, world)
         del teachers  # a cached source holds all the extra teachers have to say
@@ -155,15 +155,20 @@ def distill(cfg: ShrinkConfig, overwrite: bool = False, teacher_cache_from: Path
     return run, Distilled(teacher, original, data, history, layers, resumed)
 
 
-def _sliced_untrained(cfg: ShrinkConfig, teacher, layers, test, teacher_ppl: float) -> dict:
+def _calibration(data: CorpusBlocks) -> list:
+    """The text the student is cut on (block influence, activation importance): the first training blocks."""
+    return calibration_batches(data.train, 8, 4)
+
+
+def _sliced_untrained(cfg: ShrinkConfig, teacher, layers, data: CorpusBlocks, teacher_ppl: float) -> dict:
     """The baseline a sliced student starts from: the same slice, untrained."""
     from edgestill.evaluate.metrics import token_nll
-    from edgestill.models.slice import slice_decoder
+    from edgestill.models.slice import slice_student
 
     if layers is None or cfg.student.model is not None:
         return {}
-    untrained = slice_decoder(teacher.model, layers, cfg.student.intermediate_size, allow_full=cfg.quant.format is not None)
-    ppl = float(np.exp(token_nll(untrained, test, cfg.eval.batch_size, desc="baseline: sliced, untrained").mean()))
+    untrained = slice_student(cfg.student, teacher.model, layers, _calibration(data), allow_full=cfg.quant.format is not None)
+    ppl = float(np.exp(token_nll(untrained, data.test, cfg.eval.batch_size, desc="baseline: sliced, untrained").mean()))
     return {"sliced_untrained": {"perplexity": ppl, "retention": teacher_ppl / ppl}}
 
 
@@ -198,7 +203,8 @@ def _metrics(cfg: ShrinkConfig, run_dir: Path, final_dir: Path, teacher, student
                     "params": s_params, "bytes": s_bytes, "weight_bytes": weight_bytes(artifact),
                     "dtype": cfg.output.dtype, "quant": cfg.quant.format,
                     "layers_kept": layers, "num_layers": len(decoder_layers(student)),
-                    "intermediate_size": getattr(student.config, "intermediate_size", None),
+                    **{key: getattr(student.config, key, None) for key in
+                       ("intermediate_size", "hidden_size", "num_attention_heads", "num_key_value_heads")},
                     "perplexity": summary["student_perplexity"], **speed["student"]},
         "retention": summary["retention"],
         "top1_agreement": summary["top1_agreement"],
@@ -252,7 +258,7 @@ def evaluate(cfg: ShrinkConfig, run_dir: Path, distilled: Distilled | None = Non
     comparison = compare_lm(teacher.model, student, test, cfg.eval.batch_size)
     summary = comparison["summary"]
     layers = distilled.layers
-    baselines = _sliced_untrained(cfg, teacher, layers, test, summary["teacher_perplexity"])
+    baselines = _sliced_untrained(cfg, teacher, layers, data, summary["teacher_perplexity"])
 
     prompt = torch.from_numpy(test[:1, : cfg.eval.speed_prompt_tokens]).long()
     speed = measure_speed({"teacher": teacher.model, "student": student}, prompt, cfg.eval.speed_decode_tokens,

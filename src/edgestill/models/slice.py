@@ -1,9 +1,10 @@
-"""Slice a student out of a decoder teacher: a subset of its layers, optionally a narrower FFN.
+"""Slice a student out of a decoder teacher: a subset of its layers, optionally narrower widths.
 
 MLFS (docs/references.md [9]) found that decoders resist compression unless the student is
 initialised by slicing the teacher; this module does that slicing. The student is a real,
 smaller model of the same class: its config has fewer layers / a smaller `intermediate_size`
-and its weight tensors are physically smaller, so its saved file has fewer bytes.
+(and, width-pruned by models/width.py, a smaller hidden size and fewer heads) and its weight
+tensors are physically smaller, so its saved file has fewer bytes.
 
 Layer choice by block influence follows ShortGPT (Men et al., 2024, arXiv:2403.03853):
 BI_i = 1 - E_tokens[cos(h_i, h_{i+1})], the layers that change the residual stream least are
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from edgestill.errors import EdgestillError
+from edgestill.models.width import check_widths, ffn_weight_score, prune_width, resolve_importance
 
 log = logging.getLogger("edgestill")
 
@@ -75,8 +77,7 @@ def choose_layers(num_teacher_layers: int, num_layers: int, scores: list[float] 
 
 def _ffn_keep(mlp, size: int) -> torch.Tensor:
     """Indices of the FFN units to keep: largest ||gate_j|| * ||up_j|| * ||down_:,j||."""
-    score = mlp.gate_proj.weight.norm(dim=1) * mlp.up_proj.weight.norm(dim=1) * mlp.down_proj.weight.norm(dim=0)
-    return torch.topk(score, size).indices.sort().values
+    return torch.topk(ffn_weight_score(mlp), size).indices.sort().values
 
 
 def _narrow_ffn(mlp, keep: torch.Tensor) -> None:
@@ -150,13 +151,34 @@ def slice_decoder(teacher, layers: list[int], intermediate_size: int | None = No
     return student
 
 
+def slice_student(student_cfg, teacher, layers: list[int], calibration: list[torch.Tensor], allow_full: bool = False):
+    """The student `student_cfg` (a config.StudentConfig) describes, cut from `teacher`: `layers`, then its widths.
+
+    An FFN-only cut ranked by weight norms (student.width_importance auto or weight, no hidden size or head
+    count) is slice_decoder's, as before width pruning; any other width cut is models/width.py's, on the sliced
+    layers, ranked on `calibration` when the importance is activation.
+    """
+    s = student_cfg
+    hidden_or_heads = (s.hidden_size, s.num_attention_heads, s.num_key_value_heads)
+    importance = resolve_importance(s.width_importance, *hidden_or_heads)
+    if importance == "weight" and all(w is None for w in hidden_or_heads):
+        return slice_decoder(teacher, layers, s.intermediate_size, allow_full)
+    check_widths(teacher.config, *hidden_or_heads, s.intermediate_size)  # before any copy or forward pass
+    student = prune_width(slice_decoder(teacher, layers, allow_full=True), calibration, *hidden_or_heads,
+                          s.intermediate_size, importance=importance)
+    if count_params(student) >= count_params(teacher) and not allow_full:
+        raise EdgestillError("the width-pruned student is not smaller than the teacher; use fewer layers or smaller "
+                             "widths (student.hidden_size, student.num_attention_heads, student.intermediate_size)")
+    return student
+
+
 def build_student(student_cfg, teacher, tokenizer, calibration: list[torch.Tensor], quantized: bool = False):
     """The student a config.StudentConfig describes: (model, teacher layers kept, or None for a given student).
 
     student_cfg.model names an existing student (same tokenizer, fewer parameters than the teacher); otherwise the
     teacher is sliced: `layers` if pinned, else `num_layers` chosen by block influence on `calibration` (or evenly),
-    with an optional narrower FFN. `quantized`: the student will train in a lower-bit format, so keeping every
-    layer at full width is a real (QAT) student rather than a copy of the teacher.
+    with optional narrower widths (slice_student). `quantized`: the student will train in a lower-bit format, so
+    keeping every layer at full width is a real (QAT) student rather than a copy of the teacher.
     """
     from edgestill.models.load import check_same_tokenizer, load_causal_lm
 
@@ -174,15 +196,19 @@ def build_student(student_cfg, teacher, tokenizer, calibration: list[torch.Tenso
     if s.layers is not None:
         layers = sorted(s.layers)
     else:
-        if s.num_layers >= n and s.intermediate_size is None and not quantized:
+        widths = (s.intermediate_size, s.hidden_size, s.num_attention_heads, s.num_key_value_heads)
+        if s.num_layers >= n and all(w is None for w in widths) and not quantized:
             raise EdgestillError(
                 f"student.num_layers={s.num_layers} keeps all {n} teacher layers at full width: the student would be as "
-                "large as the teacher; set student.num_layers lower, student.intermediate_size smaller, or quantize "
-                "it (quant.format=q4_0: quantization-aware distillation of the whole teacher)"
+                "large as the teacher; set student.num_layers lower, a width smaller (student.intermediate_size, "
+                "student.hidden_size, student.num_attention_heads), or quantize it (quant.format=q4_0: "
+                "quantization-aware distillation of the whole teacher)"
             )
         scores = block_influence(teacher, calibration) if s.layer_selection == "block_influence" else None
         layers = choose_layers(n, min(s.num_layers, n), scores)
-    student = slice_decoder(teacher, layers, s.intermediate_size, allow_full=quantized)
-    log.info("student: layers %s of %d, FFN %s -> %s params (teacher %s)", layers, n,
-             student.config.intermediate_size, f"{count_params(student):,}", f"{count_params(teacher):,}")
+    student = slice_student(s, teacher, layers, calibration, allow_full=quantized)
+    c = student.config
+    log.info("student: layers %s of %d, hidden %s, heads %s/%s KV, FFN %s -> %s params (teacher %s)", layers, n,
+             c.hidden_size, c.num_attention_heads, getattr(c, "num_key_value_heads", None), c.intermediate_size,
+             f"{count_params(student):,}", f"{count_params(teacher):,}")
     return student, layers
