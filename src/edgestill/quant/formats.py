@@ -610,7 +610,7 @@ REGISTRY: tuple[FormatSpec, ...] = (
     # (nearly) every matrix in Q4_K, as this export has.
     FormatSpec("q4_k", GGUFQ4_K, file_type="MOSTLY_Q4_K_S", vec_dot_type="q8_k", scale_fields=2, fallback="q5_0",
                gptq=True, plan=True, hostbench=True),
-    # Below 4 bits, for QAT: ~0.1 (q3_k) and ~0.2 (q2_k) us per weight on one core, ~10-20x Q4_0's, and weights
+    # Below 4 bits, for QAT: ~0.1 (q3_k) and ~0.2 (q2_k) us per weight on one core, ~10-30x Q4_0's, and weights
     # that already hold their values are kept (q3_k.py, q2_k.py), so a QAT export stores the trained weights.
     # Neither is a default candidate of the planner nor timed by the host benchmark (the cost model prices them
     # from the device's compute rate when asked). File types: Q3_K_S is the Q3_K mix with every matrix in Q3_K;
