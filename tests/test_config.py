@@ -187,8 +187,8 @@ def test_quant_section_is_the_library_quant_config():
 
 @pytest.mark.parametrize("override, needle", [
     ("quant.format=q4_k", "quant format q4_k is too slow to fake-quantize every step on a CPU; train with f16/q8_0"),
-    ("quant.format=int8", "'int8' is not a GGUF training format; use f16, q8_0, q5_1, q5_0, q4_1 or q4_0"),
-    ("quant.format=q3_k", "'q3_k' is not a GGUF training format"),
+    ("quant.format=int8", "'int8' is not a GGUF training format; use f16, q8_0, q5_1, q5_0, q4_1, q4_0, q3_k or q2_k"),
+    ("quant.format=q6_k", "'q6_k' is not a GGUF training format"),
     ("quant.activations=onnx", "quant.activations='onnx' is unknown"),
 ])
 def test_quant_section_validation(override, needle):

@@ -230,8 +230,8 @@ def test_non_llama_architecture_is_refused(tiny, tmp_path):
 
 def test_unknown_tensor_type_is_refused(tiny, tmp_path):
     model, tokenizer = tiny
-    with pytest.raises(EdgestillError, match="q3_k"):
-        export_gguf(model, tokenizer, tmp_path / "x.gguf", tensor_type="q3_k")
+    with pytest.raises(EdgestillError, match="q6_k"):
+        export_gguf(model, tokenizer, tmp_path / "x.gguf", tensor_type="q6_k")
 
 
 def test_failed_export_keeps_the_previous_file(tiny, tmp_path):
@@ -391,6 +391,108 @@ def test_llamacpp_matches_transformers_llama3_rope(tiny, tiny_ids, tmp_path):
     print(f"tiny llama3-rope f32: {parity}")
     assert parity["top1_agreement"] >= 0.99
     assert parity["max_abs_diff"] < 1e-3 * parity["logit_scale"]
+
+
+# --- llama.cpp parity, K-quants below 4 bits on a tiny model with 256-wide rows --------------------------------
+
+@pytest.fixture(scope="module")
+def wide(tiny):
+    """The tiny test model's shape at hidden 256 / intermediate 512, so every row fills Q3_K/Q2_K super-blocks (the
+    64-wide tiny model stores them in their Q4_0 fallback): 2 layers, tied head, the tiny tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, tokenizer = tiny
+    torch.manual_seed(2)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    return LlamaForCausalLM(cfg).eval(), tokenizer
+
+
+@pytest.mark.parametrize("tensor_type", ["q3_k", "q2_k"])
+def test_converted_k_quant_model_exports_its_exact_weights(wide, tmp_path, tensor_type):
+    """What `edgestill export` does with a QAT or PTQ run (quant_report.json): the GGUF decodes to exactly the converted
+    weights, although llama.cpp's quantizer alone would refit many of their blocks."""
+    import copy
+
+    from gguf.quants import dequantize
+
+    from edgestill.export.gguf import format_quantize_fn, trained_tensor_types
+    from edgestill.quant import QuantConfig, quantize_
+
+    model, tokenizer = wide
+    fq = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in fq.parameters():
+            p.view(-1)[::101] *= 20  # outliers, as trained layers have
+    report = quantize_(fq, QuantConfig(default=tensor_type), step="convert")
+    per_tensor = trained_tensor_types([r.to_dict() for r in report], fq)
+    path = tmp_path / "converted.gguf"
+    export_gguf(fq, tokenizer, path, "f16", quantize_fn=format_quantize_fn(per_tensor))
+    _, tensors = read(path)
+    for i, layer in enumerate(fq.model.layers):
+        for module, gg in (("mlp.up_proj", "ffn_up"), ("mlp.gate_proj", "ffn_gate"), ("mlp.down_proj", "ffn_down"),
+                           ("self_attn.v_proj", "attn_v"), ("self_attn.o_proj", "attn_output"),
+                           ("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k")):
+            t, w = tensors[f"blk.{i}.{gg}.weight"], layer.get_submodule(module).weight.detach().numpy()
+            if gg in ("attn_q", "attn_k"):
+                w = permute_for_rope(w, 4 if gg == "attn_q" else 2)
+            assert t.tensor_type.name == tensor_type.upper()
+            np.testing.assert_array_equal(dequantize(t.data, t.tensor_type).reshape(w.shape), w, err_msg=gg)
+    t = tensors["token_embd.weight"]
+    np.testing.assert_array_equal(dequantize(t.data, t.tensor_type), fq.model.embed_tokens.weight.detach().numpy())
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("tensor_type, llama_type, same", [
+    ("q3_k", "Q3_K_S", ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")),
+    ("q2_k", "Q2_K", ("attn_q", "attn_k", "ffn_gate", "ffn_up")),  # Q2_K's mix puts the others in Q3_K
+])
+def test_k_quant_export_equals_llamacpp_quantize(wide, tmp_path, tensor_type, llama_type, same):
+    """Our q3_k/q2_k export equals llama-quantize's output of our f32 export, byte for byte, on every tensor that
+    llama.cpp's mix also stores in that type (its tied token_embd/output takes Q6_K)."""
+    from edgestill.runtime.llamacpp import llamacpp_quantize
+
+    model, tokenizer = wide
+    export_gguf(model, tokenizer, tmp_path / "f32.gguf", tensor_type="f32")
+    report = export_gguf(model, tokenizer, tmp_path / "ours.gguf", tensor_type=tensor_type)
+    llamacpp_quantize(tmp_path / "f32.gguf", tmp_path / "theirs.gguf", llama_type, n_threads=1)
+    fields, ours = read(tmp_path / "ours.gguf")
+    _, theirs = read(tmp_path / "theirs.gguf")
+    assert report.fallbacks == {}
+    file_type = {"q3_k": "MOSTLY_Q3_K_S", "q2_k": "MOSTLY_Q2_K_S"}[tensor_type]  # the mixes that are (nearly) pure
+    assert fields["general.file_type"] == int(gguf.LlamaFileType[file_type]) and report.file_type == file_type
+    for name, t in ours.items():
+        assert t.tensor_type.name == ("F32" if name.endswith("norm.weight") else tensor_type.upper()), name
+    compared = [f"blk.{i}.{t}.weight" for i in range(2) for t in same]
+    for name in compared:
+        assert theirs[name].tensor_type.name == tensor_type.upper(), name
+        np.testing.assert_array_equal(ours[name].data, theirs[name].data, err_msg=name)
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("tensor_type", ["q3_k", "q2_k"])
+def test_llamacpp_runs_k_quant_export_like_the_fake_quantized_model(wide, tiny_ids, tmp_path, tensor_type):
+    """llama.cpp on our q3_k/q2_k file against transformers running the fake-quantized model (QuantConfig convert):
+    the tolerance of the q8_0 test above, as llama.cpp also rounds activations (to Q8_K blocks here)."""
+    import copy
+
+    from edgestill.quant import QuantConfig, quantize_
+    from edgestill.runtime.llamacpp import llamacpp_logits
+
+    model, tokenizer = wide
+    path = tmp_path / f"wide-{tensor_type}.gguf"
+    export_gguf(model, tokenizer, path, tensor_type=tensor_type)
+    fq = copy.deepcopy(model)
+    report = quantize_(fq, QuantConfig(default=tensor_type), step="convert")
+    assert {r.fmt.ggml_type for r in report} == {tensor_type.upper()}  # no fallback: the file's weights exactly
+    theirs = llamacpp_logits(path, tiny_ids, n_threads=1)
+    vs_fq = logit_parity(hf_logits(fq, tiny_ids), theirs)
+    vs_fp32 = logit_parity(hf_logits(model, tiny_ids), theirs)
+    print(f"wide {tensor_type} vs fake-quantized: {vs_fq}\nwide {tensor_type} vs fp32: {vs_fp32}")
+    assert vs_fq["max_abs_diff"] < 2e-2 * vs_fq["logit_scale"]
+    assert vs_fq["top1_agreement"] >= 0.95
+    assert vs_fq["mean_abs_diff"] < 0.5 * vs_fp32["mean_abs_diff"]  # it runs the quantized weights, not the float ones
 
 
 # --- the real teacher: a 4-layer slice of SmolLM2-135M (slow) ----------------------------------------------

@@ -161,6 +161,24 @@ def test_the_host_fit_recovers_the_constants_it_was_given(toy_device):
         assert fit["prefill_op_overhead_s"][fmt] == pytest.approx(pre_op[fmt], rel=0.05, abs=1e-10)
 
 
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_1", "q4_k", "q3_k", "q2_k"])
+def test_synthetic_blocks_get_their_small_scales_where_the_format_keeps_them(tmp_path, fmt):
+    """The fp16 scale fields (FormatSpec.scale_fields at scale_offset: Q3_K and Q2_K store them last) are set, so the
+    random codes dequantize to small finite weights; the byte count is the cost model's."""
+    import numpy as np
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    shape = StudentShape(layers=1, hidden=256, intermediate=512, heads=4, kv_heads=2, vocab=256)
+    path = hostbench.write_synthetic_gguf(tmp_path / f"s-{fmt}.gguf", shape, fmt)
+    assert gguf_bytes(shape, {}, fmt)["data"] == _data_bytes(path)
+    blocks = [t for t in GGUFReader(str(path)).tensors if t.tensor_type.name == fmt.upper()]
+    assert len(blocks) == 8  # 7 matrices and the tied embedding
+    for t in blocks:
+        w = dequantize(t.data, t.tensor_type)
+        assert np.isfinite(w).all() and 0 < np.abs(w).max() < 1, t.name
+
+
 @pytest.mark.skipif(not HAS_LLAMA_CPP, reason="needs llama-cpp-python")
 def test_synthetic_calibration_models_are_the_predicted_size_and_run(tmp_path):
     shape = StudentShape(layers=2, hidden=256, intermediate=512, heads=4, kv_heads=2, vocab=1024)

@@ -1,7 +1,7 @@
 """QuantConfig(activations="llama.cpp"): matmul inputs rounded as llama.cpp's CPU backend rounds them.
 
 ggml-cpu converts a quantized matmul's input rows to the weight type's vec_dot_type first: Q8_0 for
-Q4_0/Q5_0/Q8_0, Q8_1 (same values) for Q4_1/Q5_1, Q8_K for Q4_K, F16 for F16.
+Q4_0/Q5_0/Q8_0, Q8_1 (same values) for Q4_1/Q5_1, Q8_K for Q4_K/Q3_K/Q2_K, F16 for F16.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from torch import nn
 from edgestill.errors import EdgestillError
 from edgestill.quant import (
     GGUFF16,
+    GGUFQ2_K,
+    GGUFQ3_K,
     GGUFQ4_0,
     GGUFQ4_1,
     GGUFQ4_K,
@@ -203,7 +205,8 @@ def test_q8_k_is_bit_exact_with_ggml_cpu():
     b = _run_ggml_quantizer("quantize_row_q8_K", x, 256, 292)  # float d, 256 int8, 16 int16 bsums
     d = b[..., :4].copy().view(np.float32)
     values = (b[..., 4:260].view(np.int8).astype(np.float32) * d).reshape(x.shape)
-    np.testing.assert_array_equal(llamacpp_activations(x, GGUFQ4_K()).numpy(), values)
+    for fmt in (GGUFQ4_K(), GGUFQ3_K(), GGUFQ2_K()):  # every K-quant's vec_dot_type is q8_K
+        np.testing.assert_array_equal(llamacpp_activations(x, fmt).numpy(), values)
 
 
 def test_q4_1_linear_adds_the_q8_1_min_term():

@@ -10,6 +10,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 from edgestill.errors import EdgestillError
 from edgestill.quant import (
     GGUFF16,
+    GGUFQ2_K,
+    GGUFQ3_K,
     GGUFQ4_0,
     GGUFQ4_1,
     GGUFQ4_K,
@@ -27,6 +29,8 @@ from edgestill.quant import (
 )
 
 LEGACY = [GGUFQ8_0(), GGUFQ4_0(), GGUFQ4_1(), GGUFQ5_0(), GGUFQ5_1(), GGUFF16()]
+K_QUANTS = [GGUFQ4_K(), GGUFQ3_K(), GGUFQ2_K()]
+BELOW_4 = [GGUFQ3_K(), GGUFQ2_K()]
 F32 = np.float32
 
 
@@ -83,7 +87,7 @@ def test_legacy_gguf_fake_quant_equals_gguf_reference(fmt, kind):
     assert_bits_equal(fmt.fake_quant(w), gguf_roundtrip(w, GGMLQuantizationType[fmt.ggml_type]))
 
 
-@pytest.mark.parametrize("fmt", LEGACY + [GGUFQ4_K()], ids=lambda f: f.ggml_type)
+@pytest.mark.parametrize("fmt", LEGACY + K_QUANTS, ids=lambda f: f.ggml_type)
 def test_gguf_bytes_sizes_and_roundtrip(fmt):
     w = make_weight("normal", rows=8, cols=512)
     qtype = GGMLQuantizationType[fmt.ggml_type]
@@ -96,8 +100,9 @@ def test_gguf_bytes_sizes_and_roundtrip(fmt):
 
 
 def test_bits_per_weight_table():
-    got = {f.ggml_type: f.bits_per_weight for f in LEGACY + [GGUFQ4_K()]}
-    assert got == {"Q8_0": 8.5, "Q4_0": 4.5, "Q4_1": 5.0, "Q5_0": 5.5, "Q5_1": 6.0, "F16": 16.0, "Q4_K": 4.5}
+    got = {f.ggml_type: f.bits_per_weight for f in LEGACY + K_QUANTS}
+    assert got == {"Q8_0": 8.5, "Q4_0": 4.5, "Q4_1": 5.0, "Q5_0": 5.5, "Q5_1": 6.0, "F16": 16.0, "Q4_K": 4.5,
+                   "Q3_K": 3.4375, "Q2_K": 2.625}
 
 
 # --- Q4_K -------------------------------------------------------------------------------------------------
@@ -114,7 +119,14 @@ def _nearest_int(v) -> int:
     return int(np.rint(v))  # llama.cpp's nearest_int: round half to even
 
 
-def _make_qkx2_quants_port(x, weights, nmax=15, rmin=F32(-1), rdelta=F32(0.1), nstep=20):
+def _nearest_int_ggml(v) -> int:
+    """ggml's nearest_int exactly: the low mantissa bits of (v + 12582912.f), also for |v| >= 2^22."""
+    i = int(np.array([np.float32(v) + F32(12582912.0)], dtype=np.float32).view(np.int32)[0])
+    return (i & 0x007FFFFF) - 0x00400000
+
+
+def _make_qkx2_quants_port(x, weights, nmax=15, rmin=F32(-1), rdelta=F32(0.1), nstep=20, use_mad=False,
+                           nearest=_nearest_int):
     """make_qkx2_quants (ggml-quants.c), line by line, in float32 scalars."""
     n = len(x)
     mn, mx = x[0], x[0]
@@ -131,14 +143,14 @@ def _make_qkx2_quants_port(x, weights, nmax=15, rmin=F32(-1), rdelta=F32(0.1), n
         return F32(0), -mn, [0] * n
     iscale = F32(nmax) / (mx - mn)
     scale = F32(1) / iscale
-    L = [max(0, min(nmax, _nearest_int(iscale * (x[i] - mn)))) for i in range(n)]
+    L = [max(0, min(nmax, nearest(iscale * (x[i] - mn)))) for i in range(n)]
     best_mad = F32(0)
     for i in range(n):
         diff = scale * F32(L[i]) + mn - x[i]
-        best_mad = best_mad + weights[i] * (diff * diff)
+        best_mad = best_mad + weights[i] * (abs(diff) if use_mad else diff * diff)
     for step in range(nstep + 1):
         iscale = (rmin + rdelta * F32(step) + F32(nmax)) / (mx - mn)
-        laux = [max(0, min(nmax, _nearest_int(iscale * (x[i] - mn)))) for i in range(n)]
+        laux = [max(0, min(nmax, nearest(iscale * (x[i] - mn)))) for i in range(n)]
         sum_l = sum_l2 = sum_xl = F32(0)
         for i in range(n):
             wl = weights[i] * F32(laux[i])
@@ -152,7 +164,7 @@ def _make_qkx2_quants_port(x, weights, nmax=15, rmin=F32(-1), rdelta=F32(0.1), n
             mad = F32(0)
             for i in range(n):
                 diff = this_scale * F32(laux[i]) + this_min - x[i]
-                mad = mad + weights[i] * (diff * diff)
+                mad = mad + weights[i] * (abs(diff) if use_mad else diff * diff)
             if mad < best_mad:
                 L, best_mad, scale, mn = laux, mad, this_scale, this_min
     return scale, -mn, L
@@ -225,6 +237,237 @@ def test_q4_k_error_is_close_to_a_minmax_4bit_baseline():
     assert 0 < mse_q4_k < 1.15 * mse_baseline, (mse_q4_k, mse_baseline)
 
 
+# --- Q3_K and Q2_K ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("fmt", BELOW_4, ids=lambda f: f.ggml_type)
+def test_below_4_bit_bytes_dequantized_by_gguf_equal_fake_quant(fmt, kind):
+    w = make_weight(kind, rows=16, cols=512)
+    data, qtype = gguf_quantize(w, fmt)
+    assert data.dtype == np.uint8 and data.shape == (16, 2 * fmt.type_size)
+    assert_bits_equal(fmt.fake_quant(w), quants.dequantize(data, qtype))
+
+
+def _make_q3_quants_port(x):
+    """make_q3_quants(16, 4, x, L, do_rmse=true) (ggml-quants.c), line by line, in float32 scalars."""
+    n, nmax = 16, 4
+    mx = amax = F32(0)
+    for v in x:
+        if abs(v) > amax:
+            amax, mx = abs(v), v
+    if amax < F32(1e-15):
+        return F32(0), [0] * n
+    iscale = F32(-nmax) / mx
+    sumlx = suml2 = F32(0)
+    L = []
+    for v in x:
+        l = max(-nmax, min(nmax - 1, _nearest_int_ggml(iscale * v)))
+        L.append(l)
+        w = v * v
+        sumlx = sumlx + w * v * F32(l)
+        suml2 = suml2 + w * F32(l) * F32(l)
+    for _ in range(5):
+        n_changed = 0
+        for i in range(n):
+            w = x[i] * x[i]
+            slx = sumlx - w * x[i] * F32(L[i])
+            if slx > 0:
+                sl2 = suml2 - w * F32(L[i]) * F32(L[i])
+                new_l = max(-nmax, min(nmax - 1, _nearest_int_ggml(x[i] * sl2 / slx)))
+                if new_l != L[i]:
+                    slx = slx + w * x[i] * F32(new_l)
+                    sl2 = sl2 + w * F32(new_l) * F32(new_l)
+                    if sl2 > 0 and slx * slx * suml2 > sumlx * sumlx * sl2:
+                        L[i], sumlx, suml2 = new_l, slx, sl2
+                        n_changed += 1
+        if not n_changed:
+            break
+    return (sumlx / suml2 if suml2 > 0 else F32(0)), [l + nmax for l in L]
+
+
+def _pack_2bit_port(L) -> list[int]:
+    return [L[j + l] | (L[j + l + 32] << 2) | (L[j + l + 64] << 4) | (L[j + l + 96] << 6)
+            for j in (0, 128) for l in range(32)]
+
+
+def _quantize_row_q3_K_ref_port(x: np.ndarray) -> bytes:
+    """quantize_row_q3_K_ref (ggml-quants.c) for one 256-weight super-block, line by line."""
+    L, scales = [0] * 256, []
+    for j in range(16):
+        scale, L[16 * j: 16 * j + 16] = _make_q3_quants_port(x[16 * j: 16 * j + 16])
+        scales.append(scale)
+    max_scale = amax = F32(0)
+    for scale in scales:
+        if abs(scale) > amax:
+            amax, max_scale = abs(scale), scale
+    packed = [0] * 12
+    if max_scale != 0:
+        iscale = F32(-32) / max_scale
+        for j in range(16):
+            l = ((_nearest_int_ggml(iscale * scales[j]) + 128) & 0xFF) - 128  # stored in an int8_t
+            l = max(-32, min(31, l)) + 32
+            if j < 8:
+                packed[j] = l & 0xF
+            else:
+                packed[j - 8] |= (l & 0xF) << 4
+            packed[j % 4 + 8] |= (l >> 4) << (2 * (j // 4))
+        d = np.float16(F32(1) / iscale)
+    else:
+        d = np.float16(0)
+    for j in range(16):
+        sc = packed[j] & 0xF if j < 8 else packed[j - 8] >> 4
+        sc = (sc | (((packed[8 + j % 4] >> (2 * (j // 4))) & 3) << 4)) - 32
+        dd = F32(d) * F32(sc)
+        if dd == 0:
+            continue
+        for i in range(16):
+            L[16 * j + i] = max(-4, min(3, _nearest_int_ggml(x[16 * j + i] / dd))) + 4
+    hmask, m, hm = [0] * 32, 0, 1
+    for j in range(256):
+        if L[j] > 3:
+            hmask[m] |= hm
+            L[j] -= 4
+        m += 1
+        if m == 32:
+            m, hm = 0, hm << 1
+    return bytes(hmask) + bytes(_pack_2bit_port(L)) + bytes(packed) + d.tobytes()
+
+
+def _quantize_row_q2_K_ref_port(x: np.ndarray) -> bytes:
+    """quantize_row_q2_K_ref (ggml-quants.c) for one 256-weight super-block, line by line."""
+    L, scales, mins = [0] * 256, [], []
+    max_scale = max_min = F32(0)
+    for j in range(16):
+        xs = x[16 * j: 16 * j + 16]
+        scale, the_min, L[16 * j: 16 * j + 16] = _make_qkx2_quants_port(
+            xs, [abs(v) for v in xs], nmax=3, rmin=F32(-0.5), rdelta=F32(0.1), nstep=15, use_mad=True,
+            nearest=_nearest_int_ggml)
+        scales.append(scale)
+        mins.append(the_min)
+        max_scale = scale if scale > max_scale else max_scale
+        max_min = the_min if the_min > max_min else max_min
+    packed = [0] * 16
+    d = dmin = np.float16(0)
+    if max_scale > 0:
+        iscale = F32(15) / max_scale
+        packed = [_nearest_int_ggml(iscale * scales[j]) & 0xFF for j in range(16)]
+        d = np.float16(max_scale / F32(15))
+    if max_min > 0:
+        iscale = F32(15) / max_min
+        packed = [(packed[j] | (_nearest_int_ggml(iscale * mins[j]) << 4)) & 0xFF for j in range(16)]
+        dmin = np.float16(max_min / F32(15))
+    for j in range(16):
+        dd = F32(d) * F32(packed[j] & 0xF)
+        if dd == 0:
+            continue
+        dm = F32(dmin) * F32(packed[j] >> 4)
+        for i in range(16):
+            L[16 * j + i] = max(0, min(3, _nearest_int_ggml((x[16 * j + i] + dm) / dd)))
+    return bytes(packed) + bytes(_pack_2bit_port(L)) + d.tobytes() + dmin.tobytes()
+
+
+def _special_rows() -> torch.Tensor:
+    """One super-block per row: every kind, and sub-blocks that are zero, constant, huge or tiny."""
+    rows = [make_weight(kind, rows=1, cols=256, seed=i)[0] for i, kind in enumerate(KINDS)]
+    rows.append(torch.cat([torch.zeros(16), torch.full((16,), -0.5), torch.full((16,), 0.5), rows[0][48:]]))
+    huge = rows[1] * 1e4
+    huge[:16], huge[16] = -3e4, 1e-3  # (x + dm) / d far beyond 2^22 for nearest_int
+    rows.append(huge)
+    return torch.stack(rows)  # (11, 256)
+
+
+@pytest.mark.parametrize("fmt, port", [(GGUFQ3_K(), _quantize_row_q3_K_ref_port),
+                                       (GGUFQ2_K(), _quantize_row_q2_K_ref_port)], ids=["Q3_K", "Q2_K"])
+def test_below_4_bit_bytes_equal_a_line_by_line_port_of_llama_cpp(fmt, port):
+    w = _special_rows()
+    ours, _ = gguf_quantize(w, fmt)
+    with np.errstate(all="ignore"):  # the port divides as C does, inf and all
+        for i, row in enumerate(w.numpy()):
+            assert ours[i].tobytes() == port(row), f"super-block {i} differs"
+
+
+def _ggml_base():
+    """llama.cpp's own quantizers: libggml-base from llama-cpp-python (its reference C functions, no FMA)."""
+    import ctypes
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("llama_cpp")
+    libs = sorted(Path(spec.origin).parent.glob("lib/libggml-base.so*")) if spec else []
+    if not libs:
+        pytest.skip("needs llama-cpp-python's libggml-base: pip install 'edgestill[llamacpp]'")
+    return ctypes, ctypes.CDLL(str(libs[0]))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("fmt", K_QUANTS, ids=lambda f: f.ggml_type)
+def test_k_quant_bytes_equal_llama_cpps_own_quantizer(fmt, seed):
+    """quantize_row_q{4,3,2}_K_ref, the functions llama-quantize calls without an importance matrix, byte for byte."""
+    ctypes, lib = _ggml_base()
+    fn = getattr(lib, f"quantize_row_{fmt.ggml_type[:2].lower()}_K_ref")
+    for kind in KINDS:
+        w = make_weight(kind, rows=32, cols=512, seed=seed)
+        x = np.ascontiguousarray(w.numpy(), dtype=np.float32)
+        theirs = np.zeros((32, 2 * fmt.type_size), dtype=np.uint8)
+        fn(x.ctypes.data_as(ctypes.c_void_p), theirs.ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(x.size))
+        ours, _ = gguf_quantize(w, fmt)
+        differ = (ours.reshape(-1, fmt.type_size) != theirs.reshape(-1, fmt.type_size)).any(-1).sum()
+        assert differ == 0, f"{kind}: {differ} of {x.size // 256} super-blocks differ"
+    x = np.ascontiguousarray(_special_rows().numpy())
+    theirs = np.zeros((x.shape[0], fmt.type_size), dtype=np.uint8)
+    fn(x.ctypes.data_as(ctypes.c_void_p), theirs.ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(x.size))
+    np.testing.assert_array_equal(gguf_quantize(torch.from_numpy(x), fmt)[0], theirs)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("fmt", BELOW_4, ids=lambda f: f.ggml_type)
+def test_values_already_on_the_grid_are_kept(fmt, kind):
+    """A converted (QAT, RTN) or GPTQ weight holds Q3_K/Q2_K values already: fake_quant keeps them and the export
+    stores them exactly. llama.cpp's own quantizer is not idempotent on them (its search refits such blocks)."""
+    w = make_weight(kind, rows=16, cols=512, seed=7)
+    v = fmt.fake_quant(w)
+    assert_bits_equal(fmt.fake_quant(v), v)
+    data, qtype = gguf_quantize(v, fmt)
+    assert_bits_equal(v, quants.dequantize(data, qtype))
+    deq, _ = fmt.block_quantizer(w[:, :256])  # GPTQ's values: the entry scales, other codes
+    g = deq(w[:, :256] + 0.3 * w.std() * torch.randn(16, 256, generator=torch.Generator().manual_seed(8)), slice(None))
+    assert_bits_equal(fmt.fake_quant(g), g)
+
+
+def test_every_qat_format_keeps_its_own_values():
+    """An export re-encodes the converted (QAT) model, so a format QAT trains must be idempotent (up to the sign
+    of a zero for the 32-weight formats; bit for bit for Q3_K and Q2_K, see the test above)."""
+    from edgestill.quant.formats import REGISTRY
+
+    for spec in REGISTRY:
+        if spec.qat:
+            for kind in ("normal", "outliers", "zero_blocks"):
+                v = spec.cls().fake_quant(make_weight(kind, rows=8, cols=512, seed=5))
+                assert torch.equal(spec.cls().fake_quant(v), v), (spec.name, kind)
+
+
+def test_llama_cpps_quantizer_alone_would_move_converted_weights():
+    from edgestill.quant import q2_k, q3_k
+
+    w = make_weight("outliers", rows=16, cols=1024)
+    v3, v2 = GGUFQ3_K().fake_quant(w).reshape(-1, 256), GGUFQ2_K().fake_quant(w).reshape(-1, 256)
+    again3 = q3_k.dequantize_q3_k(*q3_k.quantize_row_q3_k_ref(v3))
+    again2 = q2_k.dequantize_q2_k(*q2_k.quantize_row_q2_k_ref(v2))
+    assert (again3 != v3).any(-1).float().mean() > 0.2 and (again2 != v2).any(-1).float().mean() > 0.2
+
+
+def test_fewer_bits_more_error():
+    w = make_weight("normal", rows=64, cols=1024, seed=3)
+    blocks = w.reshape(-1, 16)
+    lo, hi = blocks.amin(-1, keepdim=True), blocks.amax(-1, keepdim=True)
+    step = (hi - lo) / 3
+    minmax_2bit = (torch.round((blocks - lo) / step) * step + lo).reshape(w.shape)  # float32 scale, min per 16
+    mse = {f.ggml_type: (f.fake_quant(w) - w).square().mean().item() for f in K_QUANTS}
+    assert 0 < mse["Q4_K"] < mse["Q3_K"] < mse["Q2_K"], mse
+    # Q2_K stores 4-bit scales and mins (2.625 bpw vs the baseline's 6) but searches for them: it lands near it.
+    assert mse["Q2_K"] < 1.15 * (minmax_2bit - w).square().mean().item(), mse
+
+
 # --- fallbacks ---------------------------------------------------------------------------------------------
 
 def test_fallback_rules():
@@ -232,13 +475,18 @@ def test_fallback_rules():
     fmt, why = resolve_format(GGUFQ4_K(), 64)
     assert fmt == GGUFQ5_0() and "llama_tensor_get_type" in why and "64" in why
     assert resolve_format(GGUFQ4_K(), 48)[0] == GGUFF16()
+    for fmt in BELOW_4:  # llama_tensor_get_type: Q2_K and Q3_K fall back to Q4_0, then F16
+        assert resolve_format(fmt, 768) == (fmt, None)
+        stored, why = resolve_format(fmt, 64)
+        assert stored == GGUFQ4_0() and "llama_tensor_get_type" in why and "64" in why
+        assert resolve_format(fmt, 48)[0] == GGUFF16()
     fmt, why = resolve_format(GGUFQ4_0(), 48)
     assert fmt == GGUFF16() and "48" in why and "32" in why
     assert resolve_format(Int4Block(), 48) == (Int4Block(), None)
     assert resolve_format(Int8PerChannel(), 48) == (Int8PerChannel(), None)
 
 
-@pytest.mark.parametrize("fmt", [GGUFQ4_0(), GGUFQ8_0(), GGUFQ4_K()], ids=lambda f: f.ggml_type)
+@pytest.mark.parametrize("fmt", [GGUFQ4_0(), GGUFQ8_0(), *K_QUANTS], ids=lambda f: f.ggml_type)
 def test_odd_rows_are_refused_not_corrupted(fmt):
     with pytest.raises(EdgestillError, match="resolve_format"):
         fmt.fake_quant(torch.randn(4, 48))
@@ -350,18 +598,20 @@ def test_registry_entries_are_consistent():
             assert spec.gguf, spec
 
 
-@pytest.mark.parametrize("name", ["q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "q4_k"])
-def test_scale_fields_open_every_block(name):
-    """scale_fields fp16 fields (scale, then min) open each block: zeroed, every weight dequantizes to 0."""
+@pytest.mark.parametrize("name", ["q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "q4_k", "q3_k", "q2_k"])
+def test_scale_fields_of_every_block(name):
+    """scale_fields fp16 fields (scale, then min) at scale_offset in each block: zeroed, all weights dequantize to 0."""
     spec = format_spec(name)
     qtype = GGMLQuantizationType[spec.ggml_type]
     data, _ = gguf_quantize(make_weight("normal", rows=4, cols=512), spec.cls())
     blocks = np.array(data).reshape(4, -1, spec.cls.type_size)  # (rows, blocks, type_size)
+    start = spec.scale_offset
+    assert start + 2 * spec.scale_fields <= spec.cls.type_size and (start == 0) == (name not in ("q3_k", "q2_k"))
     zeroed = blocks.copy()
-    zeroed[..., : 2 * spec.scale_fields] = 0
+    zeroed[..., start: start + 2 * spec.scale_fields] = 0
     assert not np.any(quants.dequantize(zeroed.reshape(4, -1), qtype))
     fewer = blocks.copy()
-    fewer[..., : 2 * (spec.scale_fields - 1)] = 0
+    fewer[..., start: start + 2 * (spec.scale_fields - 1)] = 0
     assert np.any(quants.dequantize(fewer.reshape(4, -1), qtype))
 
 
@@ -373,10 +623,12 @@ def test_registry_lookups():
     assert as_format("q5_1") == GGUFQ5_1() and as_format({"format": "Int4Block", "block_size": 64}) == Int4Block(64)
     assert as_format(GGUFQ8_0()) == GGUFQ8_0() and as_format("GGUFQ8_0") == GGUFQ8_0()
     assert format_names(plan_default=True) == ("q8_0", "q5_0", "q4_0")  # sweeps' cache keys hold this order
-    assert format_names(qat=True) == ("f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+    assert format_names(qat=True) == ("f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "q3_k", "q2_k")
     assert format_names(onnx=True, gguf=False) == ("int8", "int4")
-    with pytest.raises(EdgestillError, match="unknown quantization format 'q3_k'; choose one of f16, q8_0"):
-        format_spec("q3_k")
+    assert format_by_name("Q3_K") == GGUFQ3_K() and as_format("q2_k") == GGUFQ2_K()
+    assert format_name(GGUFQ2_K()) == "q2_k"
+    with pytest.raises(EdgestillError, match="unknown quantization format 'q6_k'; choose one of f16, q8_0"):
+        format_spec("q6_k")
     with pytest.raises(TypeError, match="unknown capabilities"):
         format_names(trainable=True)
 
@@ -414,6 +666,32 @@ def test_every_format_list_is_derived_from_the_registry():
             with pytest.raises(EdgestillError, match="is not a GGUF training format; use f16, q8_0"):
                 load_config(overrides=[f"quant.format={spec.name}"])
     assert format_names(gguf=True) == GGUF_FORMAT_NAMES
+
+
+def test_below_4_bit_formats_leave_every_default_alone():
+    """Q3_K and Q2_K train, export and GPTQ by name, and the cost model prices them when asked; the planner's default
+    menu, the host benchmark's formats, the sweep's and every recipe's default are what they were."""
+    from edgestill.cli import build_parser
+    from edgestill.config import load_config
+    from edgestill.jobs.sweep import SweepSettings
+    from edgestill.plan import allocate, sensitivity
+    from edgestill.plan.cost import GGUF_FORMAT_NAMES
+    from edgestill.plan.hostbench import CALIBRATION_FORMATS
+    from edgestill.quant.formats import format_names
+
+    menu = ("q8_0", "q5_0", "q4_0")
+    assert allocate.DEFAULT_FORMATS == sensitivity.DEFAULT_FORMATS == SweepSettings().formats == menu
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    assert next(a.default for a in sub["plan"]._actions if a.dest == "formats") == ",".join(menu)
+    assert CALIBRATION_FORMATS == ("f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "q4_k")
+    assert load_config().quant.format is None and load_config().quant.plan == {}
+    for name in ("q3_k", "q2_k"):
+        spec = format_spec(name)
+        assert spec.qat and spec.gptq and spec.plan and not (spec.plan_default or spec.hostbench or spec.onnx)
+        assert name in GGUF_FORMAT_NAMES and name in format_names(qat=True, quantized=True)
+        assert load_config(overrides=[f"quant.format={name}"]).quant.format == name
+        assert spec.vec_dot_type == "q8_k" and spec.fallback == "q4_0"
+    assert format_spec("q3_k").file_type == "MOSTLY_Q3_K_S" and format_spec("q2_k").file_type == "MOSTLY_Q2_K_S"
 
 
 def test_onnx_flag_means_an_exact_onnx_op():

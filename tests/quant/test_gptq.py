@@ -14,6 +14,8 @@ from torch import nn
 from edgestill.errors import EdgestillError
 from edgestill.quant import (
     GGUFF16,
+    GGUFQ2_K,
+    GGUFQ3_K,
     GGUFQ4_0,
     GGUFQ4_1,
     GGUFQ4_K,
@@ -28,11 +30,12 @@ from edgestill.quant import (
 )
 from edgestill.quant.gptq import _accumulate_hessians, gptq_quantize_, gptq_weight, rtn_quantize_
 
-ALL = [GGUFQ8_0(), GGUFQ4_0(), GGUFQ4_1(), GGUFQ5_0(), GGUFQ5_1(), GGUFQ4_K(), GGUFF16(), Int8PerChannel(),
-       Int4Block(), Int4Block(symmetric=False)]
-# Formats whose scales come from the block's extremes: the column loop's result is already a fixed point.
+ALL = [GGUFQ8_0(), GGUFQ4_0(), GGUFQ4_1(), GGUFQ5_0(), GGUFQ5_1(), GGUFQ4_K(), GGUFQ3_K(), GGUFQ2_K(), GGUFF16(),
+       Int8PerChannel(), Int4Block(), Int4Block(symmetric=False)]
+# Formats whose scales come from the block's extremes: the column loop's result is already a fixed point. So is
+# Q3_K's and Q2_K's: their fake_quant keeps a block that already holds their values (the entry scales' grid).
 PINNED = [GGUFQ8_0(), GGUFQ4_0(), GGUFQ4_1(), GGUFQ5_0(), GGUFQ5_1(), GGUFF16(), Int8PerChannel(),
-          Int4Block()]
+          Int4Block(), GGUFQ3_K(), GGUFQ2_K()]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -89,7 +92,8 @@ def test_int4_block_partial_last_block():
     assert output_error(w, w_hat, x) < 0.8 * output_error(w, fmt.fake_quant(w), x)
 
 
-@pytest.mark.parametrize("fmt", [GGUFQ4_0(), GGUFQ4_1(), GGUFQ4_K(), Int8PerChannel()], ids=repr)
+@pytest.mark.parametrize("fmt", [GGUFQ4_0(), GGUFQ4_1(), GGUFQ4_K(), GGUFQ3_K(), GGUFQ2_K(), Int8PerChannel()],
+                         ids=repr)
 def test_gptq_beats_rtn_on_correlated_inputs(problem, fmt):
     """||W X - W_hat X|| on held-out inputs: ~0.62x RTN's at Q4_0/Q4_1 (0.054 vs 0.087, 0.049 vs 0.079)."""
     w, hessian, held_out = problem
@@ -112,7 +116,8 @@ def test_gptq_weights_are_fixed_points(problem, fmt):
         assert output_error(w, w_hat, held_out) < 1.05 * output_error(w, raw, held_out)
 
 
-@pytest.mark.parametrize("fmt", [GGUFQ8_0(), GGUFQ4_0(), GGUFQ4_1(), GGUFQ5_1(), GGUFQ4_K()], ids=repr)
+@pytest.mark.parametrize("fmt", [GGUFQ8_0(), GGUFQ4_0(), GGUFQ4_1(), GGUFQ5_1(), GGUFQ4_K(), GGUFQ3_K(), GGUFQ2_K()],
+                         ids=repr)
 def test_gguf_bytes_dequantize_to_the_gptq_weights(problem, fmt):
     w, hessian, _ = problem
     w_hat = gptq_weight(w, hessian, fmt)

@@ -162,8 +162,9 @@ def write_synthetic_gguf(path, shape, fmt: str, seed: int = 0) -> Path:
                 continue
             block, type_size = gguf.GGML_QUANT_SIZES[stored]
             data = rng.integers(0, 256, size=(rows, cols // block, type_size), dtype=np.uint8)
-            for k in range(format_spec(cost.fmt).scale_fields):  # the fp16 scale (and min) opening each block
-                data[..., 2 * k:2 * k + 2] = scale
+            spec = format_spec(cost.fmt)
+            for k in range(spec.scale_fields):  # the fp16 scale (and min) of each block
+                data[..., spec.scale_offset + 2 * k:spec.scale_offset + 2 * k + 2] = scale
             writer.add_tensor(cost.gguf_name, data.reshape(rows, -1), raw_dtype=stored)
         if qtype not in (gguf.GGMLQuantizationType.F16,):
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)

@@ -37,7 +37,7 @@ runtime's values; in an fp16/bf16 model they are rounded once more to the weight
 Activations (`QuantConfig(..., activations="llama.cpp")`, off by default): llama.cpp's CPU backend
 does not multiply a quantized weight with float activations. ggml_compute_forward_mul_mat first
 converts each input row to the weight type's `vec_dot_type` (ggml-cpu.c, type_traits_cpu): Q8_0
-for Q4_0/Q5_0/Q8_0 weights, Q8_1 for Q4_1/Q5_1, Q8_K for Q4_K, F16 for F16. With this option a
+for Q4_0/Q5_0/Q8_0 weights, Q8_1 for Q4_1/Q5_1, Q8_K for Q4_K/Q3_K/Q2_K, F16 for F16. With this option a
 FakeQuantLinear rounds its input the same way (per token, along in_features; identity gradient),
 bit for bit with libggml-cpu's quantizers, so PyTorch computes what llama.cpp computes up to the
 order of float32 sums. That order still matters in a deep model: rounding is discontinuous, so a
@@ -156,7 +156,7 @@ def llamacpp_activations(x: torch.Tensor, fmt: Format) -> torch.Tensor:
     """`x` (..., in_features) rounded as llama.cpp's CPU backend rounds a matmul input for weights in `fmt`.
 
     Q4_0, Q5_0, Q8_0 -> Q8_0 blocks; Q4_1, Q5_1 -> Q8_1 (same values; its extra s = fp16(d * sum(q))
-    enters only the weight-min term, which FakeQuantLinear adds separately); Q4_K -> Q8_K; F16 -> fp16.
+    enters only the weight-min term, which FakeQuantLinear adds separately); Q4_K, Q3_K, Q2_K -> Q8_K; F16 -> fp16.
     Computed in float32, returned in x's dtype. No gradient (see activation_quant_ste).
     """
     x32 = x.detach().to(torch.float32)

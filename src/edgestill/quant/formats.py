@@ -11,7 +11,12 @@ GGUF (llama.cpp):
     operation for operation: the scale is computed and used in float32 but stored (and
     dequantized) as fp16; Q4_0/Q5_0 divide by the *signed* largest-magnitude value (first one on
     ties) over -8/-16, so that value lands on code 0; the 4/5-bit codes truncate `x/d + 8.5`
-    (or `(x-min)/d + 0.5`); Q8_0 rounds half away from zero. GGUFQ4_K is in `q4_k.py`.
+    (or `(x-min)/d + 0.5`); Q8_0 rounds half away from zero. The K-quants GGUFQ4_K, GGUFQ3_K and
+    GGUFQ2_K (256-weight super-blocks) reproduce llama.cpp's own quantize_row_q*_K_ref, which the
+    gguf package does not have: `q4_k.py`, `q3_k.py`, `q2_k.py`. llama.cpp's K-quant search is not
+    idempotent: it refits some blocks of weights that already hold its values. Q3_K and Q2_K keep
+    such weights (their fake_quant is idempotent, as the 32-weight formats' is up to the sign of a
+    zero), so a converted (QAT) model exports as it is; Q4_K does not.
     GGUFF16 is the fallback: a plain fp16 round trip.
 ONNX Runtime:
     Int8PerChannel: int8 symmetric per output channel, as onnxruntime.quantization writes
@@ -50,7 +55,7 @@ import numpy as np
 import torch
 
 from edgestill.errors import EdgestillError
-from edgestill.quant import q4_k
+from edgestill.quant import q2_k, q3_k, q4_k
 
 
 # --- float32 helpers that match C and numpy exactly ------------------------------------------------
@@ -314,7 +319,77 @@ class GGUFQ4_K(_GGUFBlocks):
 
         def dequant(x, cols):
             ds, dm = d_col[:, cols], dm_col[:, cols]
-            q = torch.round((x + dm) / ds).clamp(0, 15)
+            q = q4_k.nearest_int((x + dm) / ds).clamp(0, 15)
+            q = torch.where(ds != 0, q, 0.0)  # a zero sub-block scale: every code dequantizes to -dm
+            return ds * q - dm
+
+        return dequant, None
+
+
+@dataclass(frozen=True)
+class GGUFQ3_K(_GGUFBlocks):
+    """GGUF Q3_K: 256-weight super-blocks of 16 sub-blocks, signed 3-bit codes, 6-bit scales (3.4375 bits per weight).
+
+    Quantized with llama.cpp's quantize_row_q3_K_ref algorithm; weights that already hold Q3_K values are kept
+    (see edgestill.quant.q3_k).
+    """
+
+    ggml_type: ClassVar[str] = "Q3_K"
+    block_size: ClassVar[int] = q3_k.QK_K
+    type_size: ClassVar[int] = q3_k.TYPE_SIZE
+    bits_per_weight: ClassVar[float] = 3.4375
+
+    def fake_quant(self, w: torch.Tensor) -> torch.Tensor:
+        _check_rows(w, self.block_size, "Q3_K")
+        return q3_k.fake_quant_q3_k(w.reshape(-1, w.shape[-1])).reshape(w.shape)
+
+    def block_quantizer(self, block: torch.Tensor):
+        """One 256-column super-block: llama.cpp's scale search at entry, then its final coding rule.
+
+        No weight can be pinned: the scales come from a least-squares refinement, not from the extremes. A
+        sub-block whose quantized scale is 0 dequantizes to zeros, signed by its entry codes as fake_quant's are.
+        """
+        d, sc, codes = q3_k.q3_k_codes(block)
+        d_col = (d.float()[:, None] * (sc - 32).float()).repeat_interleave(q3_k.SUB, dim=1)  # (rows, 256)
+        entry = codes.reshape(block.shape[0], -1).float() - 4  # (rows, 256) the codes q of the block at entry
+
+        def dequant(x, cols):
+            ds = d_col[:, cols]
+            q = q4_k.nearest_int(x / ds).clamp(-4, 3)
+            return ds * torch.where(ds != 0, q, entry[:, cols])
+
+        return dequant, None
+
+
+@dataclass(frozen=True)
+class GGUFQ2_K(_GGUFBlocks):
+    """GGUF Q2_K: 256-weight super-blocks of 16 sub-blocks, 2-bit codes, 4-bit scales/mins (2.625 bits per weight).
+
+    Quantized with llama.cpp's quantize_row_q2_K_ref algorithm; weights that already hold Q2_K values are kept
+    (see edgestill.quant.q2_k).
+    """
+
+    ggml_type: ClassVar[str] = "Q2_K"
+    block_size: ClassVar[int] = q2_k.QK_K
+    type_size: ClassVar[int] = q2_k.TYPE_SIZE
+    bits_per_weight: ClassVar[float] = 2.625
+
+    def fake_quant(self, w: torch.Tensor) -> torch.Tensor:
+        _check_rows(w, self.block_size, "Q2_K")
+        return q2_k.fake_quant_q2_k(w.reshape(-1, w.shape[-1])).reshape(w.shape)
+
+    def block_quantizer(self, block: torch.Tensor):
+        """One 256-column super-block: llama.cpp's scale/min search at entry, then its final coding rule.
+
+        No weight can be pinned: the scales come from a least-squares search, not from the extremes.
+        """
+        d, dmin, scales, _ = q2_k.q2_k_codes(block)
+        d_col = (d.float()[:, None] * (scales & 0xF).float()).repeat_interleave(q2_k.SUB, dim=1)  # (rows, 256)
+        dm_col = (dmin.float()[:, None] * (scales >> 4).float()).repeat_interleave(q2_k.SUB, dim=1)
+
+        def dequant(x, cols):
+            ds, dm = d_col[:, cols], dm_col[:, cols]
+            q = q4_k.nearest_int((x + dm) / ds).clamp(0, 3)
             q = torch.where(ds != 0, q, 0.0)  # a zero sub-block scale: every code dequantizes to -dm
             return ds * q - dm
 
@@ -469,7 +544,8 @@ class FormatSpec:
                   in this format, as llama.cpp labels it
     vec_dot_type  GGUF: what llama.cpp's CPU backend rounds a matmul input to for weights in this format
                   (ggml-cpu.c type_traits_cpu: q8_0, q8_1, q8_k or f16); QuantConfig(activations="llama.cpp")
-    scale_fields  GGUF: fp16 fields (the scale, then the min) that open every block
+    scale_fields  GGUF: fp16 fields (the scale, then the min) of every block, `scale_offset` bytes into it
+    scale_offset  GGUF: where they start: 0 (they open the block) but for Q3_K and Q2_K, which store them last
     fallback      GGUF: the format llama.cpp stores a row in when this format's block does not divide it
                   (its K-quant rule; F16 when that block does not divide it either); None: F16 directly
     qat           fake-quantized every training step on a CPU: recipes' quant.format / quant.plan and
@@ -487,6 +563,7 @@ class FormatSpec:
     file_type: str | None = None
     vec_dot_type: str | None = None
     scale_fields: int = 0
+    scale_offset: int = 0
     fallback: str | None = None
     qat: bool = False
     gptq: bool = False
@@ -526,10 +603,23 @@ REGISTRY: tuple[FormatSpec, ...] = (
                qat=True, gptq=True, plan=True, hostbench=True),
     FormatSpec("q4_0", GGUFQ4_0, file_type="MOSTLY_Q4_0", vec_dot_type="q8_0", scale_fields=1,
                qat=True, gptq=True, onnx=True, plan=True, plan_default=True, hostbench=True),
-    # Not qat: its scale search (q4_k.py) takes ~10 s per layer of a 135M model on 2 cores. File type: of
-    # llama-quantize's Q4_K mixes, Q4_K_S is the one with (nearly) every matrix in Q4_K, as this export has.
+    # Not qat: its scale search (q4_k.py) took ~10 s per layer of a 135M model on 2 cores when this was decided;
+    # it now runs step by step over all sub-blocks at once, ~0.2 us per weight on one core, but llama.cpp's
+    # quantizer is not idempotent and q4_k.py (unlike q3_k.py, q2_k.py) does not keep weights that already hold
+    # Q4_K values, which a QAT export needs. File type: of llama-quantize's Q4_K mixes, Q4_K_S is the one with
+    # (nearly) every matrix in Q4_K, as this export has.
     FormatSpec("q4_k", GGUFQ4_K, file_type="MOSTLY_Q4_K_S", vec_dot_type="q8_k", scale_fields=2, fallback="q5_0",
                gptq=True, plan=True, hostbench=True),
+    # Below 4 bits, for QAT: ~0.1 (q3_k) and ~0.2 (q2_k) us per weight on one core, ~10-30x Q4_0's, and weights
+    # that already hold their values are kept (q3_k.py, q2_k.py), so a QAT export stores the trained weights.
+    # Neither is a default candidate of the planner nor timed by the host benchmark (the cost model prices them
+    # from the device's compute rate when asked). File types: Q3_K_S is the Q3_K mix with every matrix in Q3_K;
+    # in the Q2_K mix llama-quantize puts attn_v, attn_output and ffn_down in Q3_K, in Q2_K_S (nearly) every
+    # matrix stays Q2_K, as this export has. Fallback: llama_tensor_get_type's Q2_K/Q3_K -> Q4_0 (then F16).
+    FormatSpec("q3_k", GGUFQ3_K, file_type="MOSTLY_Q3_K_S", vec_dot_type="q8_k", scale_fields=1, scale_offset=108,
+               fallback="q4_0", qat=True, gptq=True, plan=True),
+    FormatSpec("q2_k", GGUFQ2_K, file_type="MOSTLY_Q2_K_S", vec_dot_type="q8_k", scale_fields=2, scale_offset=80,
+               fallback="q4_0", qat=True, gptq=True, plan=True),
     FormatSpec("int8", Int8PerChannel, gptq=True, onnx=True),
     FormatSpec("int4", Int4Block, gptq=True, onnx=True),
 )
@@ -573,9 +663,10 @@ def format_spec(fmt) -> FormatSpec:
 def resolve_format(fmt: Format, in_features: int) -> tuple[Format, str | None]:
     """The format a row of `in_features` weights is actually stored in, and why if it is not `fmt`.
 
-    Q4_K -> Q5_0 -> F16 is llama.cpp's own rule (llama-quant.cpp, llama_tensor_get_type: a K-quant
-    whose super-block does not divide the row becomes Q4_K->Q5_0, Q5_K->Q5_1, Q6_K->Q8_0, and F16
-    if that block does not divide it either). For the 32-weight formats llama-quantize has no
+    Q4_K -> Q5_0 -> F16 and Q3_K, Q2_K -> Q4_0 -> F16 are llama.cpp's own rule (llama-quant.cpp,
+    llama_tensor_get_type: a K-quant whose super-block does not divide the row becomes Q2_K/Q3_K->Q4_0,
+    Q4_K->Q5_0, Q5_K->Q5_1, Q6_K->Q8_0, and F16 if that block does not divide it either; checked against
+    llama-cpp-python 0.3.36's llama-quantize). For the 32-weight formats llama-quantize has no
     fallback (it stops with "Unsupported tensor size encountered"); convert_hf_to_gguf.py stores
     such tensors as F16, and so do we. The ONNX formats never need one.
     """
@@ -604,8 +695,9 @@ def gguf_quantize(w: torch.Tensor, fmt: Format):
     if not fmt.supports(w.shape[-1]):
         raise EdgestillError(f"{fmt} cannot store rows of {w.shape[-1]} weights; use resolve_format")
     qtype = GGMLQuantizationType[fmt.ggml_type]
-    if isinstance(fmt, GGUFQ4_K):
-        return q4_k.pack_q4_k(w.reshape(-1, w.shape[-1])).reshape(*w.shape[:-1], -1), qtype
+    packer = {GGUFQ4_K: q4_k.pack_q4_k, GGUFQ3_K: q3_k.pack_q3_k, GGUFQ2_K: q2_k.pack_q2_k}.get(type(fmt))
+    if packer is not None:  # the K-quants: the gguf package only dequantizes them
+        return packer(w.reshape(-1, w.shape[-1])).reshape(*w.shape[:-1], -1), qtype
     return quants.quantize(w.detach().to(torch.float32).cpu().numpy(), qtype), qtype
 
 

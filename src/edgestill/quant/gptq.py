@@ -14,7 +14,7 @@ exports to the same GGUF / ONNX bytes; only which codes are chosen changes.
 
 What was reconstructed, and how the runtime formats fit in:
   - Scales are static per format block, as GPTQ's `groupsize`: when the column loop enters a
-    block (32 columns for Q8_0/Q4_0/Q4_1/Q5_0/Q5_1, `block_size` for Int4Block, 256 for Q4_K, the
+    block (32 columns for Q8_0/Q4_0/Q4_1/Q5_0/Q5_1, `block_size` for Int4Block, 256 for the K-quants, the
     whole row for Int8PerChannel), that block's scale(s) are computed with the format's own rule
     from the block's *current* weights, i.e. after the error updates of the earlier columns
     (lazy batches always start at a block start or contain the whole block, so these are the
@@ -30,7 +30,10 @@ What was reconstructed, and how the runtime formats fit in:
     that, for Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, F16, Int8PerChannel and symmetric Int4Block the GPTQ
     result is already a fixed point (checked by the tests).
   - The result is then "settled": W_hat = fmt.fake_quant(W_hat), repeated until nothing changes,
-    which is a no-op for the formats above. It is not for:
+    which is a no-op for the formats above, and for Q3_K and Q2_K: GPTQ runs with their quantizer
+    fitted per 256-column super-block at entry (llama.cpp's own search, q3_k.py, q2_k.py), its values
+    lie on that entry grid, and their fake_quant keeps weights that already hold their values. It is
+    not a no-op for:
       Q4_K: its scales come from a least-squares search over each 32-weight sub-block, not
         from the extremes, so no weight can be pinned. GPTQ runs with the Q4_K quantizer fitted
         per 256-column super-block at entry (llama.cpp's own search, edgestill.quant.q4_k) and

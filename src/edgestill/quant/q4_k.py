@@ -11,16 +11,23 @@ and min over 21 candidate grid stretches, weights `sqrt(mean(x^2)) + |x|`, where
 step's min carries into the steps after it (a quirk of the C loop, kept); then the 8 scales and
 8 mins are quantized to 6 bits against the super-block maxima, and the codes recomputed from the
 quantized scales. Every float32 operation is reproduced, including the order of each sum (C's
-left-to-right loops) and a correctly rounded sqrtf, so the bytes equal those of a float32
-line-by-line port of the C code (tests/quant/test_formats.py holds one). A compiled llama.cpp
-may still differ in rare near-ties: with `-march=native` the C compiler may fuse `a*b + c` into
-one FMA, which no portable Python can mirror. The contract that matters holds exactly:
-`gguf.quants.dequantize` of `pack_q4_k(w)` equals `fake_quant_q4_k(w)`, since both come from
-the same codes.
+left-to-right loops), a correctly rounded sqrtf and ggml's `nearest_int` (the 12582912 trick, bit
+for bit, also where its input exceeds 2^22), so the bytes equal those of a float32 line-by-line port
+of the C code (tests/quant/test_formats.py holds one) and those of llama.cpp's own
+`quantize_row_q4_K_ref` in the libggml-base that llama-cpp-python ships, called through ctypes
+(that build has no FMA instructions). A llama.cpp built with `-march=native` may still differ in
+rare near-ties: the C compiler may then fuse `a*b + c` into one FMA, which no portable Python can
+mirror. The contract that matters holds exactly: `gguf.quants.dequantize` of `pack_q4_k(w)` equals
+`fake_quant_q4_k(w)`, since both come from the same codes.
 
-Cost: the search is vectorised over sub-blocks but not free, about 3 us per weight on one CPU
-core (the cheap 32-block formats are ~50x faster); QAT with Q4_K on big layers wants a GPU.
-Exactness is promised on CPU; elsewhere the arithmetic is the same but not checked bit for bit.
+The search helpers here (`make_qkx2_quants`, `nearest_int`, `f32`) are shared with Q2_K (q2_k.py)
+and Q3_K (q3_k.py). The search runs its steps one after the other, as C does, each step for every
+sub-block of the weight at once.
+
+Cost: about 0.2 us per weight on one CPU core (a 576 x 1536 matrix in ~0.2 s; Q4_0 takes ~0.01 us;
+the search took ~3 us before it ran step by step over all sub-blocks). Exactness is promised on CPU;
+elsewhere the arithmetic is the same but not checked bit for bit. Unlike q3_k.py and q2_k.py, weights
+that already hold Q4_K values are not kept: llama.cpp's search refits some of their blocks.
 """
 
 from __future__ import annotations
@@ -35,7 +42,8 @@ _NMAX = 15
 _RMIN, _RDELTA, _NSTEP = -1.0, 0.1, 20  # make_qkx2_quants' search grid, as quantize_row_q4_K_ref calls it
 
 
-def _f32(value: float, like: torch.Tensor) -> torch.Tensor:
+def f32(value: float, like: torch.Tensor) -> torch.Tensor:
+    """A float32 scalar on `like`'s device: a C float constant (a Python float would be a double)."""
     return torch.tensor(value, dtype=torch.float32, device=like.device)
 
 
@@ -47,75 +55,89 @@ def _sum_in_order(t: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def _candidates(x, weights, sum_w, sum_x, lo, hi):
-    """The 21 search steps of each sub-block at its current min `lo`.
+def _sum_rows(t: torch.Tensor) -> torch.Tensor:
+    """Sum over the first dim in order (the same sum as _sum_in_order, for data laid out (n, ...))."""
+    total = t[0]
+    for i in range(1, t.shape[0]):
+        total = total + t[i]
+    return total
 
-    Returns scale, min, error (A, 21) and codes (A, 21, 32).
+
+def nearest_int(v: torch.Tensor) -> torch.Tensor:
+    """ggml's nearest_int, bit for bit, as float32: `(bits of (v + 12582912.f)) & 0x7fffff) - 0x400000`.
+
+    Round half to even for |v| < 2^22 (torch.round there); beyond, the same wrapped integer the C trick gives.
     """
-    steps = _f32(_RMIN, x) + _f32(_RDELTA, x) * torch.arange(_NSTEP + 1, device=x.device, dtype=torch.float32)
-    steps = steps + _f32(_NMAX, x)  # (21,)  C's (rmin + rdelta*is) + nmax, in float32
-    iscale = steps / (hi - lo)[:, None]  # (A, 21)
-    codes = torch.round(iscale[..., None] * (x - lo[:, None])[:, None, :]).clamp(0, _NMAX)  # (A, 21, 32)
-    w, xs = weights[:, None, :], x[:, None, :]
-    wl = w * codes
-    sum_l, sum_l2, sum_xl = _sum_in_order(torch.stack([wl, wl * codes, wl * xs]))  # 3 x (A, 21), one loop
-    sum_w, sum_x = sum_w[:, None], sum_x[:, None]
-    det = sum_w * sum_l2 - sum_l * sum_l
-    scale = (sum_w * sum_xl - sum_x * sum_l) / det
-    the_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
-    positive = the_min > 0  # a positive min would leave 0 off the grid: refit the scale alone
-    scale = torch.where(positive, sum_xl / sum_l2, scale)
-    the_min = torch.where(positive, 0.0, the_min)
-    err = _sum_in_order(w * (scale[..., None] * codes + the_min[..., None] - xs).square())
-    err = torch.where((det > 0) & ~torch.isnan(err), err, torch.inf)  # C skips det <= 0; NaN never wins
-    return scale, the_min, err, codes
+    bits = (v.to(torch.float32) + f32(12582912.0, v)).view(torch.int32)
+    return ((bits & 0x7FFFFF) - 0x400000).to(torch.float32)
 
 
-def _make_qkx2_quants(x: torch.Tensor, weights: torch.Tensor):
-    """llama.cpp's make_qkx2_quants for S sub-blocks: x, weights (S, 32) -> scale, min (S,), codes (S, 32).
+def distinct_counts(x: torch.Tensor) -> torch.Tensor:
+    """How many different float32 values (bit patterns: -0.0 is not +0.0) each row of the last dim holds."""
+    bits = x.contiguous().view(torch.int32).sort(-1).values
+    return 1 + (bits[..., 1:] != bits[..., :-1]).sum(-1)
+
+
+def blocks_equal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(B,) whether the float32 blocks (B, n) of a and b are equal bit for bit (the sign of zero too)."""
+    return (a.contiguous().view(torch.int32) == b.contiguous().view(torch.int32)).all(-1)
+
+
+def _errors(diff: torch.Tensor, use_mad: bool) -> torch.Tensor:
+    return diff.abs() if use_mad else diff.square()
+
+
+def make_qkx2_quants(x: torch.Tensor, weights: torch.Tensor, nmax=_NMAX, rmin=_RMIN, rdelta=_RDELTA,
+                      nstep=_NSTEP, use_mad=False):
+    """llama.cpp's make_qkx2_quants for S sub-blocks: x, weights (S, n) -> scale, min (S,), codes (S, n).
+
+    The defaults are Q4_K's call (nmax 15, rmin -1, rdelta 0.1, nstep 20, squared errors); Q2_K (q2_k.py)
+    calls it with nmax 3, rmin -0.5, rdelta 0.1, nstep 15 and absolute errors (use_mad).
 
     The min is returned as a positive offset (a weight is about scale * L - min). The C loop keeps
     a step only if its error beats the best so far, and then *continues from that step's min*:
-    later steps grid `x - min` with the new min. So steps cannot all be scored at once; each round
-    scores the remaining steps of every sub-block at its current min and takes the first one that
-    improves, until none does (a handful of rounds).
+    later steps grid `x - min` with the new min. So the steps run one after the other, as in C,
+    each one for all sub-blocks at once. The work is laid out (n, S) so that every in-order sum
+    adds contiguous rows.
     """
+    xt, wt = x.T.contiguous(), weights.T.contiguous()  # (n, S)
     lo = torch.where(x.amin(-1) > 0, 0.0, x.amin(-1))  # (S,)  the grid always contains 0
     hi = x.amax(-1)
     flat = hi == lo
-    sum_w = _sum_in_order(weights)
-    sum_x = _sum_in_order(weights * x)
+    sum_w = _sum_rows(wt)
+    sum_x = _sum_rows(wt * xt)
 
-    iscale = _f32(_NMAX, x) / torch.where(flat, 1.0, hi - lo)
-    scale = _f32(1.0, x) / iscale
-    codes = torch.round(iscale[:, None] * (x - lo[:, None])).clamp(0, _NMAX)  # C's nearest_int: half to even
-    best_err = _sum_in_order(weights * (scale[:, None] * codes + lo[:, None] - x).square())
+    iscale = f32(nmax, x) / torch.where(flat, 1.0, hi - lo)
+    scale = f32(1.0, x) / iscale
+    codes = nearest_int(iscale * (xt - lo)).clamp(0, nmax)  # (n, S)
+    best_err = _sum_rows(wt * _errors(scale * codes + lo - xt, use_mad))
 
-    next_step = torch.zeros_like(lo, dtype=torch.long)
-    active = (~flat).nonzero()[:, 0]
-    step_ids = torch.arange(_NSTEP + 1, device=x.device)
-    while active.numel():
-        c_scale, c_min, c_err, c_codes = _candidates(x[active], weights[active], sum_w[active], sum_x[active],
-                                                     lo[active], hi[active])
-        better = (step_ids >= next_step[active, None]) & (c_err < best_err[active, None])  # (A, 21)
-        found = better.any(-1)
-        first = better.int().argmax(-1)[found]  # the first improving step
-        active, rows = active[found], found.nonzero()[:, 0]
-        best_err[active] = c_err[rows, first]
-        scale[active] = c_scale[rows, first]
-        lo[active] = c_min[rows, first]
-        codes[active] = c_codes[rows, first]
-        next_step[active] = first + 1
-        active = active[next_step[active] <= _NSTEP]
+    for step in range(nstep + 1):
+        stretch = (f32(rmin, x) + f32(rdelta, x) * f32(step, x)) + f32(nmax, x)  # C's rmin + rdelta*is + nmax
+        c = nearest_int(stretch / (hi - lo) * (xt - lo)).clamp(0, nmax)  # at the current min
+        wl = wt * c
+        sum_l, sum_l2, sum_xl = _sum_rows(torch.stack([wl, wl * c, wl * xt], 1))  # 3 x (S,), one loop
+        det = sum_w * sum_l2 - sum_l * sum_l
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
+        positive = this_min > 0  # a positive min would leave 0 off the grid: refit the scale alone
+        this_scale = torch.where(positive, sum_xl / sum_l2, this_scale)
+        this_min = torch.where(positive, 0.0, this_min)
+        err = _sum_rows(wt * _errors(this_scale * c + this_min - xt, use_mad))
+        better = ~flat & (det > 0) & (err < best_err)  # C skips det <= 0; a NaN error never wins
+        best_err = torch.where(better, err, best_err)
+        scale = torch.where(better, this_scale, scale)
+        lo = torch.where(better, this_min, lo)
+        codes = torch.where(better, c, codes)
 
     scale = torch.where(flat, 0.0, scale)
-    codes = torch.where(flat[:, None], 0.0, codes)
-    return scale, -lo, codes
+    codes = torch.where(flat, 0.0, codes)
+    return scale, -lo, codes.T
 
 
 def _six_bit(values: torch.Tensor, vmax: torch.Tensor) -> torch.Tensor:
     """Quantize the 8 scales (or mins) of each super-block to 0..63 against their maximum, as C does."""
-    inv = torch.where(vmax > 0, _f32(63.0, values) / vmax, 0.0)  # (B,)
+    inv = torch.where(vmax > 0, f32(63.0, values) / vmax, 0.0)  # (B,)
     # C stores nearest_int(...) into a uint8_t (wrapping a negative value) and then caps it at 63.
     return (torch.round(inv[:, None] * values).to(torch.int32) & 0xFF).clamp(max=63)
 
@@ -128,22 +150,22 @@ def q4_k_codes(w: torch.Tensor):
     """
     x = w.detach().to(torch.float32).reshape(-1, QK_K // SUB, SUB)  # (B, 8, 32)
     # float32 torch.sqrt may miss the correctly rounded sqrtf by an ulp; a float64 sqrt rounded once cannot.
-    av_x = torch.sqrt((_sum_in_order(x * x) / _f32(SUB, x)).double()).float()  # (B, 8)
+    av_x = torch.sqrt((_sum_in_order(x * x) / f32(SUB, x)).double()).float()  # (B, 8)
     weights = av_x[..., None] + x.abs()  # (B, 8, 32)
-    scales, mins, codes = _make_qkx2_quants(x.reshape(-1, SUB), weights.reshape(-1, SUB))
+    scales, mins, codes = make_qkx2_quants(x.reshape(-1, SUB), weights.reshape(-1, SUB))
     scales, mins, codes = scales.view(-1, 8), mins.view(-1, 8), codes.view(x.shape)  # (B, 8), (B, 8, 32)
 
     # The super-block maxima start from 0 in C, so an all-negative set gives +0.0 (not the max).
     max_scale = torch.where(scales.amax(-1) > 0, scales.amax(-1), 0.0)  # (B,)
     max_min = torch.where(mins.amax(-1) > 0, mins.amax(-1), 0.0)
     sc, m = _six_bit(scales, max_scale), _six_bit(mins, max_min)  # (B, 8)
-    d = (max_scale / _f32(63.0, x)).to(torch.float16)
-    dmin = (max_min / _f32(63.0, x)).to(torch.float16)
+    d = (max_scale / f32(63.0, x)).to(torch.float16)
+    dmin = (max_min / f32(63.0, x)).to(torch.float16)
 
     # Codes are recomputed from the quantized scales; a sub-block whose scale is 0 keeps the search's codes.
     d_sub = d.float()[:, None] * sc.float()  # (B, 8)
     dm_sub = dmin.float()[:, None] * m.float()
-    requant = torch.round((x + dm_sub[..., None]) / d_sub[..., None]).clamp(0, _NMAX)
+    requant = nearest_int((x + dm_sub[..., None]) / d_sub[..., None]).clamp(0, _NMAX)
     codes = torch.where(d_sub[..., None] != 0, requant, codes).to(torch.uint8)  # stored as integers: no -0.0
     return d, dmin, sc, m, codes
 
