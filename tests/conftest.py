@@ -19,6 +19,13 @@ def _corrected_teachers_in_a_temp_dir(tmp_path_factory):
     os.environ["EDGESTILL_CORRECTED_CACHE"] = str(tmp_path_factory.mktemp("corrected"))
     yield
 
+
+@pytest.fixture(autouse=True, scope="session")
+def _measured_reference_side_in_a_temp_dir(tmp_path_factory):
+    """What broke's cached reference-side numbers (evaluate/measured.py) go to a temp folder, not ~/.cache/edgestill."""
+    os.environ["EDGESTILL_MEASURED_CACHE"] = str(tmp_path_factory.mktemp("measured"))
+    yield
+
 WORDS = ("the king queen lord lady love death night day sword crown heart blood speak hear see good "
          "noble fair foul friend enemy war peace thou thee thy art hath doth shall will not what why").split()
 

@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from edgestill.evaluate.chat import (
     CHAT_PROMPTS,
+    chat_answers,
     chat_compare,
     chat_markdown,
     has_chat_template,
@@ -64,6 +65,17 @@ def test_a_different_student_agrees_less_and_finds_the_answers_less_likely(kind,
     assert s["answer_top1"] < 0.5
     assert s["student_answer_nll"] > s["reference_answer_nll"] + 1.0
     assert all(math.isfinite(s[k]) for k in ("student_answer_nll", "reference_answer_nll"))
+
+
+def test_answers_generated_once_serve_every_student_with_the_same_result(tiny_model_dir, chat_tokenizer):
+    reference = chatty_model(tiny_model_dir, seed=0)
+    answers = chat_answers(reference, chat_tokenizer, max_new_tokens=8)
+    assert answers["prompts"] == list(CHAT_PROMPTS) and answers["max_new_tokens"] == 8
+    assert all(isinstance(t, int) for answer in answers["answers"] for t in answer)  # plain data: it can be cached
+    for seed in (1, 2):
+        student = chatty_model(tiny_model_dir, seed=seed)
+        fresh = chat_compare(reference, student, chat_tokenizer, max_new_tokens=8)
+        assert chat_compare(None, student, chat_tokenizer, answers=answers) == fresh  # the reference is not run
 
 
 def test_answers_stop_at_the_end_of_turn_token(tiny_model_dir, chat_tokenizer):

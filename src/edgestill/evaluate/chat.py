@@ -1,8 +1,9 @@
 """Does the student still follow instructions? A fixed set of chat prompts, teacher vs student.
 
 Students are distilled on plain text, so an instruct teacher's chat behaviour can fade. For each prompt in
-`CHAT_PROMPTS` (rendered with the tokenizer's chat template) the reference (teacher) answers greedily, the
-student answers greedily, and the student is then scored on the reference's answer by teacher forcing:
+`CHAT_PROMPTS` (rendered with the tokenizer's chat template) the reference (teacher) answers greedily
+(`chat_answers`), the student answers greedily, and the student is then scored on the reference's answer by
+teacher forcing (`score_on_answers`):
 
 - student_answer_nll = mean per-token NLL (nats) of the reference's answer under the student
 - reference_answer_nll = the same under the reference itself (the floor the student is measured against)
@@ -11,6 +12,9 @@ student answers greedily, and the student is then scored on the reference's answ
 The scored answer includes the end-of-turn token when the reference emitted one (knowing when to stop is part
 of following an instruction). A tokenizer without a chat template means the teacher is not an instruct model:
 `chat_compare` then returns None, and the caller says "not an instruct model: no chat comparison".
+
+The reference's answers are plain data (token ids and numbers), so one set serves several students
+(`chat_compare(..., answers=...)`) and can be cached (evaluate/measured.py).
 """
 
 from __future__ import annotations
@@ -89,43 +93,73 @@ def answer_log_probs(model, prompt_ids: torch.Tensor, answer: list[int]) -> torc
 
 
 @torch.no_grad()
-def chat_compare(reference, student, tokenizer, prompts=CHAT_PROMPTS, max_new_tokens: int = 48) -> dict | None:
-    """Per-prompt answers and scores of `student` against `reference`, and a token-weighted summary.
+def chat_answers(model, tokenizer, prompts=CHAT_PROMPTS, max_new_tokens: int = 48) -> dict | None:
+    """The greedy answers of `model` (the original teacher) to `prompts`, the answers every model is scored on.
 
-    Returns None when the tokenizer has no chat template (not an instruct model: nothing to compare).
-    Both models must share the tokenizer (a student cut from the teacher does).
+    Returns None when the tokenizer has no chat template, else plain data (JSON-able, what evaluate/measured.py
+    caches): {"prompts", "answers": token ids per prompt, "answer_nll": the model's own mean NLL of each answer,
+    "vocab_size", "max_new_tokens"}.
     """
     if not has_chat_template(tokenizer):
         return None
     if max_new_tokens < 1:
         raise EdgestillError(f"max_new_tokens={max_new_tokens} must be at least 1")
-    reference.eval()
-    student.eval()
-    device = next(reference.parameters()).device
+    model.eval()
+    device = next(model.parameters()).device
     stop_ids = stop_token_ids(tokenizer)
-    rows = []
-    bar = progress_bar(total=len(prompts), desc="chat comparison (teacher+student)", unit="prompt")
+    answers, nll, vocab = [], [], None
+    bar = progress_bar(total=len(prompts), desc="chat answers (original teacher)", unit="prompt")
     for prompt in prompts:
         ids = chat_prompt_ids(tokenizer, prompt).to(device)
-        ref_answer = greedy_answer(reference, ids, stop_ids, max_new_tokens)
-        student_answer = greedy_answer(student, ids, stop_ids, max_new_tokens)
-        target = torch.tensor(ref_answer, device=device)  # (A,)
-        ref_logp = answer_log_probs(reference, ids, ref_answer)  # (A, V)
-        student_logp = answer_log_probs(student, ids, ref_answer)
-        if student_logp.shape[-1] != ref_logp.shape[-1]:
-            raise EdgestillError(f"the student's vocabulary ({student_logp.shape[-1]}) differs from the reference's "
-                                 f"({ref_logp.shape[-1]}); compare a student cut from the same teacher")
-        rows.append({
-            "prompt": prompt,
-            "reference_answer": tokenizer.decode(ref_answer, skip_special_tokens=True).strip(),
-            "student_answer": tokenizer.decode(student_answer, skip_special_tokens=True).strip(),
-            "student_answer_nll": float(-student_logp.gather(-1, target[:, None]).mean()),
-            "reference_answer_nll": float(-ref_logp.gather(-1, target[:, None]).mean()),
-            "answer_top1": float((student_logp.argmax(-1) == target).float().mean()),
-            "answer_tokens": len(ref_answer),
-        })
+        answer = greedy_answer(model, ids, stop_ids, max_new_tokens)
+        logp = answer_log_probs(model, ids, answer)  # (A, V)
+        target = torch.tensor(answer, device=device)  # (A,)
+        answers.append(answer)
+        nll.append(float(-logp.gather(-1, target[:, None]).mean()))
+        vocab = logp.shape[-1]
         bar.update(1)
     bar.close()
+    return {"prompts": list(prompts), "answers": answers, "answer_nll": nll, "vocab_size": vocab,
+            "max_new_tokens": max_new_tokens}
+
+
+@torch.no_grad()
+def score_on_answers(model, tokenizer, answers: dict, desc: str = "chat comparison (student)") -> list[dict]:
+    """`model` on the prompts of `answers` (a `chat_answers` result): per prompt its own greedy answer (token ids),
+    its mean NLL of the given answer and the share of that answer's tokens that are its own top-1."""
+    model.eval()
+    device = next(model.parameters()).device
+    stop_ids = stop_token_ids(tokenizer)
+    scores = []
+    bar = progress_bar(total=len(answers["prompts"]), desc=desc, unit="prompt")
+    for prompt, given in zip(answers["prompts"], answers["answers"]):
+        ids = chat_prompt_ids(tokenizer, prompt).to(device)
+        own = greedy_answer(model, ids, stop_ids, answers["max_new_tokens"])
+        logp = answer_log_probs(model, ids, given)  # (A, V)
+        if logp.shape[-1] != answers["vocab_size"]:
+            raise EdgestillError(f"the student's vocabulary ({logp.shape[-1]}) differs from the reference's "
+                                 f"({answers['vocab_size']}); compare a student cut from the same teacher")
+        target = torch.tensor(given, device=device)  # (A,)
+        scores.append({"answer": own, "answer_nll": float(-logp.gather(-1, target[:, None]).mean()),
+                       "answer_top1": float((logp.argmax(-1) == target).float().mean())})
+        bar.update(1)
+    bar.close()
+    return scores
+
+
+def chat_result(answers: dict, scores: list[dict], tokenizer) -> dict:
+    """The `chat_compare` result of a student's `scores` on the reference's `answers` (answers decoded here)."""
+    rows = []
+    for prompt, given, nll, score in zip(answers["prompts"], answers["answers"], answers["answer_nll"], scores):
+        rows.append({
+            "prompt": prompt,
+            "reference_answer": tokenizer.decode(given, skip_special_tokens=True).strip(),
+            "student_answer": tokenizer.decode(score["answer"], skip_special_tokens=True).strip(),
+            "student_answer_nll": score["answer_nll"],
+            "reference_answer_nll": nll,
+            "answer_top1": score["answer_top1"],
+            "answer_tokens": len(given),
+        })
     tokens = sum(r["answer_tokens"] for r in rows)
 
     def weighted(key: str) -> float:
@@ -139,9 +173,26 @@ def chat_compare(reference, student, tokenizer, prompts=CHAT_PROMPTS, max_new_to
             "answer_top1": weighted("answer_top1"),
             "answer_tokens": tokens,
             "n_prompts": len(rows),
-            "max_new_tokens": max_new_tokens,
+            "max_new_tokens": answers["max_new_tokens"],
         },
     }
+
+
+@torch.no_grad()
+def chat_compare(reference, student, tokenizer, prompts=CHAT_PROMPTS, max_new_tokens: int = 48,
+                 answers: dict | None = None) -> dict | None:
+    """Per-prompt answers and scores of `student` against `reference`, and a token-weighted summary.
+
+    Returns None when the tokenizer has no chat template (not an instruct model: nothing to compare).
+    Both models must share the tokenizer (a student cut from the teacher does).
+    answers: `reference`'s answers already generated (`chat_answers`); they fix the prompts and the answer
+      length, and `reference` is then not run at all.
+    """
+    if not has_chat_template(tokenizer):
+        return None
+    if answers is None:
+        answers = chat_answers(reference, tokenizer, prompts, max_new_tokens)
+    return chat_result(answers, score_on_answers(student, tokenizer, answers), tokenizer)
 
 
 def _cell(text: str) -> str:

@@ -11,36 +11,65 @@ student:
 - for instruct teachers (a chat template): fixed chat prompts answered through the template, scored by how well
   the reference and the student predict the original teacher's answers (evaluate/chat.py).
 
-`what_broke(...)` returns the dict that metrics.json keeps (out_of_domain, zero_shot, chat, original_teacher);
+What depends on the original teacher and the reference alone (the original's perplexities, both zero-shot
+scores, the original's chat answers and the reference's scores on them) is the same for every student: it is
+measured once and cached (evaluate/measured.py), and `what_broke_reference` in metrics.json says where it came from.
+
+`what_broke(...)` returns the dict that metrics.json keeps (out_of_domain, zero_shot, chat, original_teacher,
+what_broke_reference);
 `what_broke_tables(metrics)` is the report's "What broke" section; `what_broke_line(metrics)` its console line.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 
+from edgestill.evaluate.measured import sha256_of
+
+log = logging.getLogger("edgestill")
+
+# What depends on the original teacher and the reference alone (None: not measured in this run).
+REFERENCE_SIDE = ("original_perplexity", "original_out_of_domain_perplexity", "zero_shot", "chat")
+
 
 def what_broke(original, reference, student, tokenizer, test: np.ndarray, *, source: str | None, seq_len: int,
-               max_tokens: int, passages: int, chat: bool, chat_tokens: int, batch_size: int = 8) -> dict:
+               max_tokens: int, passages: int, chat: bool, chat_tokens: int, batch_size: int = 8,
+               paths: tuple | None = None, cache_dir: str | Path | None = None) -> dict:
     """The out-of-domain, zero-shot and chat measurements (models: the original teacher, the reference, the student).
 
     test: the in-domain held-out blocks (for the original teacher's in-domain perplexity beside the reference's).
     source: the out-of-domain corpus ("general-english" or a .txt file); None measures nothing out of domain.
     `original` may be `reference` itself (no correction): it is then measured once.
+    paths: (the original's folder, the reference's folder), what the reference-side cache keys the models by;
+      cache_dir: where that cache lives (evaluate/measured.py `measured_root()`). Either None: nothing is cached.
+      What depends on the original and the reference alone is then read from the cache when it was measured
+      before, and `what_broke_reference` says whether it was and when it was measured.
     """
     from edgestill.data.general import lambada_passages, out_of_domain_blocks
-    from edgestill.evaluate.metrics import compare_lm, token_nll
+    from edgestill.evaluate.chat import CHAT_PROMPTS, has_chat_template
+    from edgestill.evaluate.metrics import compare_lm
 
     corrected = original is not reference
     out: dict = {"reference": "corrected" if corrected else "original"}
+    if source is None and not corrected:
+        return out  # nothing out of domain, no original beside the reference: nothing to measure
+    ood = None if source is None else out_of_domain_blocks(tokenizer, seq_len, max_tokens, source)
+    items = lambada_passages(passages, source) if source is not None and passages else None
+    prompts = list(CHAT_PROMPTS) if source is not None and chat and has_chat_template(tokenizer) else None
+    inputs = {"test_sha256": sha256_of(test) if corrected else None, "out_of_domain": source,
+              "out_of_domain_sha256": sha256_of(ood), "zero_shot_sha256": sha256_of(items),
+              "chat_prompts": prompts, "chat_tokens": chat_tokens if prompts else None, "batch_size": batch_size}
+    side, out["what_broke_reference"] = _reference_side(original, reference, tokenizer, test, ood, items, prompts,
+                                                        chat_tokens, batch_size, inputs, paths, cache_dir)
     if corrected:
-        ppl = math.exp(float(token_nll(original, test, batch_size, desc="in-domain: original teacher").mean()))
-        out["original_teacher"] = {"perplexity": ppl}
+        out["original_teacher"] = {"perplexity": side["original_perplexity"]}
     if source is None:
         return out
-    ood = out_of_domain_blocks(tokenizer, seq_len, max_tokens, source)
     summary = compare_lm(reference, student, ood, batch_size)["summary"]
     out["out_of_domain"] = {
         "source": source, "eval_tokens": summary["eval_tokens"],
@@ -49,38 +78,85 @@ def what_broke(original, reference, student, tokenizer, test: np.ndarray, *, sou
         "kl_teacher_student": summary["kl_teacher_student"],
     }
     if corrected:
-        ppl = math.exp(float(token_nll(original, ood, batch_size, desc="out-of-domain: original teacher").mean()))
+        ppl = side["original_out_of_domain_perplexity"]
         out["out_of_domain"]["original_teacher_perplexity"] = ppl
         out["out_of_domain"]["retention_vs_original"] = ppl / summary["student_perplexity"]
         out["original_teacher"]["out_of_domain_perplexity"] = ppl
-    if passages:
-        out["zero_shot"] = _zero_shot(original, reference, student, tokenizer, lambada_passages(passages, source), corrected)
+    if items is not None:
+        out["zero_shot"] = _zero_shot(side["zero_shot"], student, tokenizer, items)
     if chat:
-        out["chat"] = _chat(original, reference, student, tokenizer, chat_tokens, corrected)
+        out["chat"] = _chat(side["chat"], student, tokenizer)
     return out
 
 
-def _zero_shot(original, reference, student, tokenizer, items, corrected: bool) -> dict:
+def _reference_side(original, reference, tokenizer, test, ood, items, prompts, chat_tokens: int, batch_size: int,
+                    inputs: dict, paths, cache_dir) -> tuple[dict, dict]:
+    """(what depends on the original and the reference alone, where it came from): read from the cache under its
+    key when measured before, else measured (and cached, when the models have folders and a cache_dir is given)."""
+    from edgestill.evaluate.measured import load_measured, measured_key, store_measured
+
+    key = None
+    if cache_dir is not None and paths is not None:
+        key = measured_key(paths[0], paths[1], original, reference, tokenizer, **inputs)
+    if key is not None:
+        found = load_measured(Path(cache_dir), key, REFERENCE_SIDE)
+        if found is not None:
+            log.info("what broke: the original teacher's and the reference's numbers measured %s, read from the "
+                     "cache (eval.cache_reference=false measures them again)", found["measured"])
+            return found["result"], {"cached": True, "measured": found["measured"], "key": sha256_of(key)[:32]}
+    side = _measure_reference_side(original, reference, tokenizer, test, ood, items, prompts, chat_tokens, batch_size)
+    if key is None:
+        return side, {"cached": False, "measured": datetime.now(timezone.utc).isoformat(timespec="seconds"), "key": None}
+    stored = store_measured(Path(cache_dir), key, side)
+    return side, {"cached": False, "measured": stored["measured"], "key": sha256_of(key)[:32]}
+
+
+def _measure_reference_side(original, reference, tokenizer, test, ood, items, prompts, chat_tokens: int,
+                            batch_size: int) -> dict:
+    """The original teacher's perplexities, the zero-shot scores of the original and the reference, the original's
+    chat answers and the reference's scores on them: plain numbers and token ids (JSON-able)."""
+    from edgestill.evaluate.chat import chat_answers, score_on_answers
+    from edgestill.evaluate.metrics import token_nll
     from edgestill.evaluate.zeroshot import lambada
 
-    models = {"original_teacher": original, "reference": reference, "student": student}
-    if not corrected:
-        del models["original_teacher"]
-    scores = {name: lambada(model, tokenizer, items) for name, model in models.items()}
+    corrected = original is not reference
+    side: dict = dict.fromkeys(REFERENCE_SIDE)
+    if corrected:
+        side["original_perplexity"] = math.exp(float(token_nll(original, test, batch_size,
+                                                               desc="in-domain: original teacher").mean()))
+        if ood is not None:
+            side["original_out_of_domain_perplexity"] = math.exp(float(token_nll(
+                original, ood, batch_size, desc="out-of-domain: original teacher").mean()))
+    if items is not None:
+        models = {"original_teacher": original, "reference": reference} if corrected else {"reference": reference}
+        side["zero_shot"] = {name: lambada(model, tokenizer, items) for name, model in models.items()}
+    if prompts:
+        answers = chat_answers(original, tokenizer, prompts, max_new_tokens=chat_tokens)
+        scores = score_on_answers(reference, tokenizer, answers, desc="chat comparison (reference)") if corrected else None
+        side["chat"] = {"answers": answers, "reference_scores": scores}
+    return side
+
+
+def _zero_shot(side: dict, student, tokenizer, items) -> dict:
+    from edgestill.evaluate.zeroshot import lambada
+
+    scores = {**side, "student": lambada(student, tokenizer, items)}
     task = next(iter(scores.values()))
     return {"task": task["task"], "n": task["n"], **{k: {"accuracy": v["accuracy"], "perplexity": v["perplexity"]}
                                                     for k, v in scores.items()}}
 
 
-def _chat(original, reference, student, tokenizer, max_new_tokens: int, corrected: bool) -> dict | None:
-    """Both the reference and the student scored on the original (instruct) teacher's answers."""
-    from edgestill.evaluate.chat import chat_compare, has_chat_template
+def _chat(side: dict | None, student, tokenizer) -> dict | None:
+    """Both the reference and the student scored on the original (instruct) teacher's answers (None: the tokenizer
+    has no chat template)."""
+    from edgestill.evaluate.chat import chat_result, score_on_answers
 
-    if not has_chat_template(tokenizer):
+    if side is None:
         return None
-    out = {"student": chat_compare(original, student, tokenizer, max_new_tokens=max_new_tokens)}
-    if corrected:
-        out["reference"] = chat_compare(original, reference, tokenizer, max_new_tokens=max_new_tokens)
+    answers = side["answers"]
+    out = {"student": chat_result(answers, score_on_answers(student, tokenizer, answers), tokenizer)}
+    if side["reference_scores"] is not None:
+        out["reference"] = chat_result(answers, side["reference_scores"], tokenizer)
     return out
 
 

@@ -241,6 +241,7 @@ def evaluate(cfg: ShrinkConfig, run_dir: Path, distilled: Distilled | None = Non
     import torch
 
     from edgestill.evaluate.environment import measurement_start
+    from edgestill.evaluate.measured import measured_root
     from edgestill.evaluate.metrics import compare_lm
     from edgestill.evaluate.report import write_report
     from edgestill.evaluate.speed import generate, measure_speed
@@ -268,7 +269,8 @@ def evaluate(cfg: ShrinkConfig, run_dir: Path, distilled: Distilled | None = Non
     broke = what_broke(original.model, teacher.model, student, teacher.tokenizer, test, source=cfg.eval.out_of_domain,
                        seq_len=cfg.data.seq_len, max_tokens=cfg.eval.out_of_domain_tokens,
                        passages=cfg.eval.zero_shot_passages, chat=cfg.eval.chat, chat_tokens=cfg.eval.chat_tokens,
-                       batch_size=cfg.eval.batch_size)
+                       batch_size=cfg.eval.batch_size, paths=(original.path, teacher.path),
+                       cache_dir=measured_root() if cfg.eval.cache_reference else None)
     history = _history(run_dir, distilled.history)
     splits = json.loads((run_dir / "splits.json").read_text())
     metrics = _metrics(cfg, run_dir, final_dir or run_dir, teacher, student, summary, speed, baselines, splits,

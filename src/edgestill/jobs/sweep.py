@@ -79,13 +79,11 @@ class Reference:
 
 
 def reference_key(loaded) -> str:
-    """Names the reference's weights: its folder's name (a corrected teacher's carries the fingerprint of teacher,
-    tokens and correction settings; a GGUF teacher's fp32 cache, one of the file) and its weight files' sizes and
-    modification times (a folder whose weights were replaced in place is another reference)."""
-    folder = Path(loaded.path)
-    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
-    stamp = ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
-    return f"{folder.name}:{hashlib.sha256(stamp.encode()).hexdigest()[:12]}"
+    """Names the reference's weights (models.load.weights_key of its folder): its folder's name and its weight
+    files' sizes and modification times."""
+    from edgestill.models.load import weights_key
+
+    return weights_key(loaded.path)
 
 
 def _sha(blocks: np.ndarray | None) -> str | None:

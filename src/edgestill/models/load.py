@@ -124,6 +124,31 @@ def _fingerprint(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def weights_key(path: str | Path) -> str:
+    """Names a model folder's weights: the folder's name (a corrected teacher's carries the fingerprint of teacher,
+    tokens and correction settings; a GGUF teacher's fp32 cache, one of the file) and its weight files' sizes and
+    modification times (a folder whose weights were replaced in place gets another key)."""
+    folder = Path(path)
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    stamp = ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    return f"{folder.name}:{hashlib.sha256(stamp.encode()).hexdigest()[:12]}"
+
+
+def model_fingerprint(path: str | Path | None) -> str | None:
+    """`weights_key` and a hash of config.json: what a cached measurement of the model is keyed by.
+
+    None when there is nothing on disk to name the model by (no path, a hub id, a folder without config.json
+    or safetensors weights): such a model's measurements are not cached.
+    """
+    if path is None:
+        return None
+    folder = Path(path)
+    if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
+        return None
+    config = hashlib.sha256((folder / "config.json").read_bytes()).hexdigest()[:12]
+    return f"{weights_key(folder)}:{config}"
+
+
 def _gguf_to_hf_folder(path: Path) -> Path:
     """Dequantize a GGUF once and cache it as a plain fp32 HF folder (atomic: tmp dir + rename)."""
     target = cache_dir() / "models" / f"{path.stem}-{_fingerprint(path)}"
