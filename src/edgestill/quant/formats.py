@@ -292,6 +292,20 @@ class GGUFQ5_1(_GGUFBlocks):
         return _affine_block(block, 31)
 
 
+def _affine_k_dequant(d, dmin, sc, m, sub: int, qmax: int):
+    """GPTQ's coding rule for an affine K-quant super-block (Q4_K, Q2_K): codes 0..qmax, w = d*sc*q - dmin*m."""
+    d_col = (d.float()[:, None] * sc.float()).repeat_interleave(sub, dim=1)  # (rows, 256)
+    dm_col = (dmin.float()[:, None] * m.float()).repeat_interleave(sub, dim=1)
+
+    def dequant(x, cols):
+        ds, dm = d_col[:, cols], dm_col[:, cols]
+        q = q4_k.nearest_int((x + dm) / ds).clamp(0, qmax)
+        q = torch.where(ds != 0, q, 0.0)  # a zero sub-block scale: every code dequantizes to -dm
+        return ds * q - dm
+
+    return dequant
+
+
 @dataclass(frozen=True)
 class GGUFQ4_K(_GGUFBlocks):
     """GGUF Q4_K: 256-weight super-blocks of 8 sub-blocks, 6-bit scales/mins (4.5 bits per weight).
@@ -314,16 +328,7 @@ class GGUFQ4_K(_GGUFBlocks):
         No weight can be pinned: the scales come from a least-squares search, not from the extremes.
         """
         d, dmin, sc, m, _ = q4_k.q4_k_codes(block)
-        d_col = (d.float()[:, None] * sc.float()).repeat_interleave(q4_k.SUB, dim=1)  # (rows, 256)
-        dm_col = (dmin.float()[:, None] * m.float()).repeat_interleave(q4_k.SUB, dim=1)
-
-        def dequant(x, cols):
-            ds, dm = d_col[:, cols], dm_col[:, cols]
-            q = q4_k.nearest_int((x + dm) / ds).clamp(0, 15)
-            q = torch.where(ds != 0, q, 0.0)  # a zero sub-block scale: every code dequantizes to -dm
-            return ds * q - dm
-
-        return dequant, None
+        return _affine_k_dequant(d, dmin, sc, m, q4_k.SUB, 15), None
 
 
 @dataclass(frozen=True)
@@ -384,16 +389,7 @@ class GGUFQ2_K(_GGUFBlocks):
         No weight can be pinned: the scales come from a least-squares search, not from the extremes.
         """
         d, dmin, scales, _ = q2_k.q2_k_codes(block)
-        d_col = (d.float()[:, None] * (scales & 0xF).float()).repeat_interleave(q2_k.SUB, dim=1)  # (rows, 256)
-        dm_col = (dmin.float()[:, None] * (scales >> 4).float()).repeat_interleave(q2_k.SUB, dim=1)
-
-        def dequant(x, cols):
-            ds, dm = d_col[:, cols], dm_col[:, cols]
-            q = q4_k.nearest_int((x + dm) / ds).clamp(0, 3)
-            q = torch.where(ds != 0, q, 0.0)  # a zero sub-block scale: every code dequantizes to -dm
-            return ds * q - dm
-
-        return dequant, None
+        return _affine_k_dequant(d, dmin, scales & 0xF, scales >> 4, q2_k.SUB, 3), None
 
 
 # --- ONNX Runtime formats ------------------------------------------------------------------------------
