@@ -193,8 +193,8 @@ class Bench:
         return timings[name]
 
     def run_rows(self, data: str, rows: list[dict]) -> None:
-        from edgestill.jobs.classify import export_classifier, finetune, shrink_classifier
         from edgestill.errors import EdgestillError
+        from edgestill.jobs.classify import export_classifier, finetune, shrink_classifier
 
         t_cfg = self.teacher_cfg(data)
         teacher_dir = Path(t_cfg.output_dir)
@@ -235,7 +235,13 @@ class Bench:
         import numpy as np
         import yaml
 
-        from edgestill.evaluate.classification import compression, deploy_sizes, majority_baseline, retention, tfidf_baseline
+        from edgestill.evaluate.classification import (
+            compression,
+            deploy_sizes,
+            majority_baseline,
+            retention,
+            tfidf_baseline,
+        )
         from edgestill.evaluate.environment import environment, measurement_start
         from edgestill.runtime.onnx import load_onnx_classifier, measure_latency, single_inputs
 
@@ -463,9 +469,9 @@ def plot_curve(result: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     from edgestill.evaluate.report import save_figure
-    from matplotlib.ticker import FuncFormatter
 
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.4))
     colors = {"spamassassin": "tab:blue", "drugreview": "tab:orange", "moviereviews": "tab:green"}

@@ -91,8 +91,8 @@ def make_teachers(folder: Path, teacher_spec: str, noise_std: float) -> dict[str
     import torch
 
     from edgestill.export.gguf import export_gguf
-    from edgestill.runtime.llamacpp import llamacpp_quantize
     from edgestill.models.load import load_causal_lm, resolve_model_path
+    from edgestill.runtime.llamacpp import llamacpp_quantize
 
     folder.mkdir(parents=True, exist_ok=True)
     q2k, noisy = folder / "teacher-Q2_K.gguf", folder / "teacher-noisy"

@@ -17,7 +17,6 @@ import tempfile
 import time
 
 import torch
-
 from _common import write_result
 
 

@@ -27,7 +27,6 @@ import sys
 import time
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import write_result  # noqa: E402
 
@@ -60,8 +59,8 @@ def _run_dir(command: list[str]) -> Path:
 def make_artifacts(teacher, train: bool) -> list[dict]:
     """Every row's GGUF, made if missing. Returns rows: name, group, gguf path, command."""
     from edgestill.export.gguf import export_gguf
-    from edgestill.runtime.llamacpp import llamacpp_quantize
     from edgestill.models.load import resolve_model_path
+    from edgestill.runtime.llamacpp import llamacpp_quantize
 
     BENCH.mkdir(parents=True, exist_ok=True)
     teacher_gguf = resolve_model_path("smollm2-135m")
@@ -139,11 +138,11 @@ def main() -> None:
     import torch
 
     from edgestill.config import ShrinkConfig
+    from edgestill.data.corpus import corpus_blocks
     from edgestill.evaluate.gguf_eval import gguf_quality, teacher_logprobs, teacher_perplexity
     from edgestill.evaluate.speed import measure_speed
     from edgestill.models.load import load_causal_lm
     from edgestill.plan.hostbench import measure_host
-    from edgestill.data.corpus import corpus_blocks
 
     torch.set_num_threads(2)
     load_start = os.getloadavg()[0]

@@ -20,7 +20,8 @@ from typing import Any
 
 import yaml
 
-from edgestill.distill.classifier import KDConfig, StudentConfig as EncoderStudentConfig, TrainConfig
+from edgestill.distill.classifier import KDConfig, TrainConfig
+from edgestill.distill.classifier import StudentConfig as EncoderStudentConfig
 from edgestill.distill.losses import LOGIT_LOSS_KINDS
 from edgestill.errors import EdgestillError
 from edgestill.quant.formats import format_names

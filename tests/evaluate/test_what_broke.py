@@ -10,9 +10,9 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import make_text
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from conftest import make_text
 from edgestill.evaluate import what_broke as wb
 from edgestill.evaluate.measured import MEASURE_VERSION, measured_root
 from edgestill.models.load import model_fingerprint

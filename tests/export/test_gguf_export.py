@@ -11,8 +11,8 @@ import gguf
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_text  # tests/ is on sys.path
+
 from edgestill.errors import EdgestillError
 from edgestill.evaluate.metrics import logit_parity
 from edgestill.export.gguf import export_gguf, permute_for_rope

@@ -11,8 +11,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import load_tiny_teacher, make_text, one_line_error
+
 from edgestill.config import StudentConfig
 from edgestill.errors import EdgestillError
 from edgestill.models.slice import build_student, count_params, decoder_layers, slice_decoder, slice_student

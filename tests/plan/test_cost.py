@@ -7,6 +7,7 @@ import dataclasses
 import importlib.util
 
 import pytest
+from plan_fixtures import tiny2, tiny2_dir, toy_device  # noqa: F401  (fixtures)
 
 from edgestill.errors import EdgestillError
 from edgestill.export.gguf import export_gguf, format_quantize_fn
@@ -21,7 +22,6 @@ from edgestill.plan.cost import (
     predict,
     tokenizer_metadata_bytes,
 )
-from plan_fixtures import tiny2, tiny2_dir, toy_device  # noqa: F401  (fixtures)
 
 HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 

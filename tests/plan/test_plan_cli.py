@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 
-from edgestill.cli import main
 from plan_fixtures import toy_device  # noqa: F401  (fixture)
+
+from edgestill.cli import main
 
 
 def test_devices_lists_and_shows_profiles(capsys):
@@ -49,6 +50,7 @@ def test_plan_refuses_zero_and_nonsense_budgets_in_one_line(capsys):
 def test_a_device_plan_refuses_width_keys_it_does_not_plan(tmp_path):
     """A plan fixes depth, FFN width and formats; a hidden size or head count would cut a student it never priced."""
     from conftest import one_line_error
+
     from edgestill.config import load_config
     from edgestill.jobs.plan import point_config
 

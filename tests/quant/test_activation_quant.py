@@ -238,9 +238,9 @@ def test_q4_1_linear_adds_the_q8_1_min_term():
                     reason="needs llama-cpp-python: pip install 'edgestill[llamacpp]'")
 @pytest.mark.parametrize("quant", ["q4_0", "q4_1"])
 def test_llamacpp_parity_of_a_qat_gguf_with_rounded_activations(quant, tiny_model_dir, tiny_corpus, tmp_path):
+    from conftest import tiny_overrides
     from transformers import AutoModelForCausalLM
 
-    from conftest import tiny_overrides
     from edgestill.cli import main
     from edgestill.evaluate.metrics import logit_parity
     from edgestill.runtime.llamacpp import llamacpp_logits

@@ -22,21 +22,20 @@ from edgestill.quant.fake_quant import (
     quantize_,
     total_weight_bytes,
 )
-from edgestill.quant.gptq import gptq_quantize_, rtn_quantize_
 from edgestill.quant.formats import (
     FORMATS,
-    REGISTRY,
-    FormatSpec,
     GGUFF16,
-    GGUFQ4_0,
     GGUFQ2_K,
     GGUFQ3_K,
+    GGUFQ4_0,
     GGUFQ4_1,
     GGUFQ4_K,
     GGUFQ5_0,
     GGUFQ5_1,
     GGUFQ8_0,
+    REGISTRY,
     Format,
+    FormatSpec,
     Int4Block,
     Int8PerChannel,
     format_by_name,
@@ -47,6 +46,7 @@ from edgestill.quant.formats import (
     pack_matmul_nbits,
     resolve_format,
 )
+from edgestill.quant.gptq import gptq_quantize_, rtn_quantize_
 
 __all__ = [
     "FORMATS", "REGISTRY", "FakeQuantEmbedding", "FakeQuantLinear", "Format", "FormatSpec",

@@ -57,7 +57,6 @@ import torch
 from edgestill.errors import EdgestillError
 from edgestill.quant import q2_k, q3_k, q4_k
 
-
 # --- float32 helpers that match C and numpy exactly ------------------------------------------------
 
 def f32_div(a: torch.Tensor, b: float) -> torch.Tensor:
@@ -683,8 +682,7 @@ def gguf_quantize(w: torch.Tensor, fmt: Format):
     uint8 (rows, bytes per row) for quantized types, float16 for F16, as gguf.quants.quantize and
     GGUFWriter.add_tensor(..., raw_dtype=qtype) expect. Call resolve_format first for odd rows.
     """
-    from gguf import GGMLQuantizationType
-    from gguf import quants
+    from gguf import GGMLQuantizationType, quants
 
     if not isinstance(fmt, GGUF_FORMATS):
         raise EdgestillError(f"{fmt} is not a GGUF format")
