@@ -24,11 +24,15 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --no-deps gensim==4.4.0
 	touch $(STAMP)
 
-# llama.cpp (llama-cpp-python) for the GGUF parity tests: built from source once (~7 min on 2 cores),
-# then pip's wheel cache makes it seconds. The demo does not need it.
+# llama.cpp (llama-cpp-python) for the GGUF parity tests: built from source once per venv (~7-10 min on 2 cores).
+# The demo does not need it.
 LLAMA_STAMP := $(VENV)/.edgestill-llamacpp-installed
+# Without llama.cpp's AMX matmul on x86-64: it segfaults on the first decode on CPUs with AMX (Xeon Sapphire Rapids
+# and later; llama.cpp issue #20824). Every other kernel -march=native picks stays. No wheel cache: a cached wheel
+# could have been built with other flags.
+LLAMA_CMAKE_ARGS := $(if $(filter x86_64 amd64,$(shell uname -m)),-DCMAKE_C_FLAGS=-mno-amx-int8 -DCMAKE_CXX_FLAGS=-mno-amx-int8)
 $(LLAMA_STAMP): $(STAMP)
-	$(BIN)/python -m pip install --quiet -e '.[llamacpp]'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS) $$CMAKE_ARGS" $(BIN)/python -m pip install --quiet --no-cache-dir -e '.[llamacpp]'
 	touch $(LLAMA_STAMP)
 
 venv: $(STAMP)

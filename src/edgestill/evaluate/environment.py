@@ -36,6 +36,16 @@ def load_average() -> list[float] | None:
         return None
 
 
+def llamacpp_extra_buffer_types() -> bool | None:
+    """For a process that ran llama.cpp: whether it loaded models with llama.cpp's extra buffer types (AMX, repacked
+    layouts; off on AMX builds, see runtime.llamacpp.uses_extra_buffer_types). None where llama.cpp was not used."""
+    if "llama_cpp" not in sys.modules:
+        return None
+    from edgestill.runtime.llamacpp import uses_extra_buffer_types
+
+    return uses_extra_buffer_types()
+
+
 def measurement_start() -> dict:
     """The time and load average at the start of a measurement, for `environment(start=...)`."""
     return {"date_start": datetime.now(timezone.utc).isoformat(timespec="seconds"), "load_average_before": load_average()}
@@ -68,4 +78,5 @@ def environment(threads: int | None = None, start: dict | None = None) -> dict:
         "torch_threads": threads if threads is not None else torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
+        "llamacpp_extra_buffer_types": llamacpp_extra_buffer_types(),
     }

@@ -34,6 +34,43 @@ def _llama_cpp():
     return llama_cpp
 
 
+def amx_build() -> bool:
+    """Whether this llama.cpp was built with its AMX matmul (-march=native on a CPU with AMX, e.g. Xeon Sapphire Rapids)."""
+    return "AMX_INT8 = 1" in _llama_cpp().llama_print_system_info().decode(errors="replace")
+
+
+def uses_extra_buffer_types() -> bool:
+    """Whether `LlamaCpp` / `llamacpp_speed` load models with llama.cpp's extra buffer types (AMX, repacked layouts).
+
+    Not with an AMX build: llama.cpp's AMX matmul segfaults on the first decode (llama.cpp issue #20824; here on
+    the tiny Q8_0 parity model, on a Xeon with AMX). Without extra buffer types the same build runs the plain CPU
+    kernels: no crash, slower prefill. `make` builds llama.cpp without AMX (-mno-amx-int8), so this is only for a
+    llama-cpp-python installed some other way. Timings record it (environment.llamacpp_extra_buffer_types).
+    """
+    return not amx_build()
+
+
+def _load(gguf_path, **kwargs):
+    """llama_cpp.Llama(gguf_path, **kwargs) with a one-line error, and without extra buffer types on AMX builds."""
+    llama_cpp = _llama_cpp()
+    low = llama_cpp.llama_cpp  # the module Llama() asks for its model parameters
+    default = low.llama_model_default_params
+
+    def without_extra_buffer_types():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    if not uses_extra_buffer_types():
+        low.llama_model_default_params = without_extra_buffer_types
+    try:
+        return llama_cpp.Llama(model_path=str(gguf_path), verbose=False, **kwargs)
+    except Exception as e:  # llama.cpp reports load failures (bad metadata, wrong shapes) as ValueError
+        raise EdgestillError(f"llama.cpp could not load '{gguf_path}' ({e.__class__.__name__}: {str(e)[:160]})") from None
+    finally:
+        low.llama_model_default_params = default
+
+
 class LlamaCpp:
     """One GGUF loaded in llama.cpp, reused for many sequences (load once, then `logits` / `time_tokens`).
 
@@ -51,12 +88,8 @@ class LlamaCpp:
 
         check_gguf(gguf_path)
         self.path, self.n_ctx = Path(gguf_path), max(int(n_ctx), 16)
-        try:
-            self.llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=self.n_ctx, n_batch=self.n_ctx, n_ubatch=self.n_ctx,
-                                       logits_all=logits_all, n_threads=n_threads, n_threads_batch=n_threads,
-                                       type_k=kv_types[kv_type], type_v=kv_types[kv_type], verbose=False)
-        except Exception as e:  # llama.cpp reports load failures (bad metadata, wrong shapes) as ValueError
-            raise EdgestillError(f"llama.cpp could not load '{gguf_path}' ({e.__class__.__name__}: {str(e)[:160]})") from None
+        self.llm = _load(gguf_path, n_ctx=self.n_ctx, n_batch=self.n_ctx, n_ubatch=self.n_ctx, logits_all=logits_all,
+                         n_threads=n_threads, n_threads_batch=n_threads, type_k=kv_types[kv_type], type_v=kv_types[kv_type])
 
     def logits(self, token_ids) -> np.ndarray:
         """Logits at every position of `token_ids` (no BOS added), from an empty cache: (T, V) float32."""
@@ -167,15 +200,11 @@ def llamacpp_speed(gguf_path, prompt_tokens: int = 64, decode_tokens: int = 24,
     token per step right after it, KV cache f16 (llama.cpp's default). Medians, with min/max spread.
     On Linux also the growth of peak RSS from before loading (mapped weights + KV cache + buffers).
     """
-    llama_cpp = _llama_cpp()
     n_ctx = prompt_tokens + decode_tokens + 8
     _reset_peak_rss()
     rss_before = _rss_bytes("VmRSS")
-    try:
-        llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_batch=prompt_tokens, n_ubatch=prompt_tokens,
-                              n_threads=threads, n_threads_batch=threads, verbose=False)
-    except Exception as e:
-        raise EdgestillError(f"llama.cpp could not load '{gguf_path}' ({e.__class__.__name__}: {str(e)[:160]})") from None
+    llm = _load(gguf_path, n_ctx=n_ctx, n_batch=prompt_tokens, n_ubatch=prompt_tokens, n_threads=threads,
+                n_threads_batch=threads)
     n_vocab = llm.n_vocab()
     prompt = [3 + (i * 7919) % (n_vocab - 3) for i in range(prompt_tokens)]
     prefill, decode = [], []
