@@ -58,7 +58,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, write_result  # noqa: E402
+from _common import RESULTS, START, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DATASETS = ("spamassassin", "drugreview", "moviereviews")
@@ -604,7 +604,7 @@ def main() -> None:
 
     from edgestill.evaluate.environment import environment
 
-    env = environment(args.train_threads or args.threads)
+    env = environment(args.train_threads or args.threads, START)
     commit = env["git_commit"]
     for r in results.values():
         r.update({"commit": commit, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")})

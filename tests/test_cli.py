@@ -254,6 +254,10 @@ def test_eval_of_a_distill_run_reports_training(distill_then_eval):
     m = json.loads((distill_then_eval["out"] / "metrics.json").read_text())
     assert m["train"]["steps"] == 4
     assert m["train"]["final_loss"] is not None and m["train"]["final_val_loss"] is not None
+    sel = m["train"]["selection"]  # fidelity first: which evaluated state the student is, step 0 included
+    assert sel["select"] == "val_kl" and sel["start"]["step"] == 0 and sel["last_step"] == 4
+    assert sel["selected"]["kl_teacher_student"] <= min(sel["start"]["kl_teacher_student"], sel["last"]["kl_teacher_student"])
+    assert "chosen on held-out KL to the teacher" in (distill_then_eval["out"] / "report.md").read_text()
 
 
 # --- bad input: one line, exit 2, no traceback -----------------------------------------------------------

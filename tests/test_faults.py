@@ -143,7 +143,7 @@ def test_full_disk_at_a_checkpoint_then_resume(tiny_model_dir, tiny_corpus, tmp_
 
 
 def test_full_disk_at_the_student_save(tiny_model_dir, tiny_corpus, tmp_path, capsys):
-    with tmpfs(tmp_path / "disk", 1250) as disk:  # the cache and the last checkpoint fit, the student not
+    with tmpfs(tmp_path / "disk", 1650) as disk:  # the cache, the last and the best checkpoint fit, the student not
         out = disk / "run"
         argv = ["distill", *tiny_overrides(tiny_model_dir, tiny_corpus, out, steps=2)]
         assert main(argv) == 2

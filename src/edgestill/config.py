@@ -115,6 +115,9 @@ class DistillConfig:
     grad_clip: float = 1.0
     checkpoint_every: int = 20
     eval_every: int = 25
+    # Which evaluated state the run keeps (the student as cut, step 0, is one): val_kl = lowest held-out
+    # KL(teacher || student) (fidelity first), val_loss = lowest held-out CE, last = the final step.
+    select: str = "val_kl"
     seed: int = 0
     # Which divergence the KD term uses (distill/losses.py): forward_kl | reverse_kl (MiniLLM) |
     # skew_kl | skew_reverse_kl (DistiLLM, mixing weight `skew`) | jsd (GKD, M = beta p + (1-beta) q) | total_variation
@@ -494,6 +497,9 @@ def validate(cfg: ShrinkConfig) -> None:
         raise EdgestillError(f"distill.skew={k.skew} and distill.beta={k.beta} must be strictly between 0 and 1")
     if not 0.0 <= k.on_policy_fraction <= 1.0:
         raise EdgestillError(f"distill.on_policy_fraction={k.on_policy_fraction} must be in [0, 1]")
+    if k.select not in ("val_kl", "val_loss", "last"):
+        raise EdgestillError(f"distill.select='{k.select}' is unknown; use val_kl (lowest held-out KL to the teacher), "
+                             "val_loss (lowest held-out CE) or last (the final step)")
     if k.teacher_weighting not in ("agreement", "average"):
         raise EdgestillError(f"distill.teacher_weighting='{k.teacher_weighting}' is unknown; use agreement or average")
     if not k.agreement_tau > 0:

@@ -42,7 +42,7 @@ def run(mode: str, model_dir: Path, out: Path) -> None:
     blocks = rng.integers(3, teacher.config.vocab_size, size=(12, 24), dtype=np.int64).astype(np.int32)
     val_blocks = rng.integers(3, teacher.config.vocab_size, size=(4, 24), dtype=np.int64).astype(np.int32)
     cfg = DistillConfig(steps=STEPS, batch_size=GLOBAL_BATCH, lr=1e-3, warmup_steps=1, top_k=8, alpha=0.7,
-                        checkpoint_every=0, eval_every=0, seed=0)
+                        checkpoint_every=0, eval_every=0, seed=0, select="last")  # the trained state itself
 
     if mode == "cached":
         cache_dir = out / "cache"

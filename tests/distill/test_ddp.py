@@ -113,6 +113,8 @@ def test_cli_distill_under_torchrun(tiny_model_dir, tiny_corpus, tmp_path):
     assert [h["step"] for h in log] == [1, 2, 3, 4]
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in log)
     assert "val_loss" in log[-1]
+    selection = json.loads((out / "selection.json").read_text())  # chosen once, by rank 0, and kept by every rank
+    assert selection["select"] == "val_kl" and selection["last_step"] == 4
 
     from transformers import AutoModelForCausalLM
 

@@ -10,6 +10,9 @@
         backward, clip, AdamW step
         [PID: move alpha towards the wanted KD/CE ratio]
         every N steps: atomic checkpoint (student, optimizer, step, log, method state)
+        every eval_every steps (and at step 0, the student as cut): held-out KL to the teacher; the best
+            state so far is kept in checkpoints/best
+    the student returned is the kept state (`distill.select`: val_kl, fidelity first, by default)
 
 D is forward KL by default; `distill.loss` picks reverse KL, skew KL, JSD... (distill/losses.py).
 The bracketed parts are off by default and switched on by DistillConfig fields (see `Methods`).
@@ -25,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import math
 import os
 import shutil
@@ -49,6 +53,8 @@ from edgestill.progress import progress_bar
 
 if TYPE_CHECKING:  # the recipe schema sits above the library: imported for type hints only
     from edgestill.config import DistillConfig
+
+log = logging.getLogger("edgestill")
 
 
 # --- where the teacher's distribution comes from -------------------------------------------------
@@ -244,6 +250,22 @@ def _save_checkpoint(ckpt_root: Path, student, optimizer, step: int, history: li
             shutil.rmtree(old, ignore_errors=True)
 
 
+def _save_best(ckpt_root: Path, student, record: dict) -> None:
+    """Keep `student` as checkpoints/best (weights, then best.json naming its step and scores), atomically."""
+    from safetensors.torch import save_model
+
+    best = ckpt_root / "best"
+    needed = sum(p.numel() * p.element_size() for p in student.parameters())
+    with atomic_path(best, "keeping the best checkpoint", needed_bytes=needed, is_dir=True) as tmp:
+        save_model(student, str(tmp / "student.safetensors"))
+        (tmp / "best.json").write_text(json.dumps(record))
+
+
+def _read_best(ckpt_root: Path) -> dict | None:
+    path = ckpt_root / "best" / "best.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def _load_checkpoint(ckpt_root: Path, student, optimizer, methods: Methods | None = None) -> tuple[int, list[dict]]:
     from safetensors.torch import load_model
 
@@ -282,6 +304,21 @@ def learning_rate(step: int, cfg: DistillConfig) -> float:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+SELECT_ON = {"val_kl": "kl_teacher_student", "val_loss": "val_loss"}  # distill.select -> the score it minimises
+
+
+def held_out_scores(student, reference, blocks: np.ndarray, batch_size: int = 8) -> dict:
+    """What checkpoint selection reads: the student's held-out CE and, with a `reference` (the teacher model),
+    its KL(teacher || student) and top-1 agreement on the same blocks (the report's definitions)."""
+    if reference is None:
+        return {"val_loss": validation_loss(student, blocks, batch_size)}
+    from edgestill.evaluate.metrics import compare_lm
+
+    summary = compare_lm(reference, student, blocks, batch_size)["summary"]
+    return {"val_loss": math.log(summary["student_perplexity"]), "kl_teacher_student": summary["kl_teacher_student"],
+            "top1_agreement": summary["top1_agreement"]}
 
 
 @torch.no_grad()
@@ -371,7 +408,8 @@ def _from_rank0(value: float) -> float:
 
 
 def distill(student, teacher, blocks: np.ndarray, cfg: DistillConfig, run_dir: str | Path,
-            val_blocks: np.ndarray | None = None, show_progress: bool = True, layers: list[int] | None = None) -> list[dict]:
+            val_blocks: np.ndarray | None = None, show_progress: bool = True, layers: list[int] | None = None,
+            reference: torch.nn.Module | None = None) -> list[dict]:
     """Train `student` towards `teacher` (a CachedTeacher, LiveTeacher or MultiTeacher) on `blocks` (N, T).
 
     `layers`: for a student sliced out of the teacher, the teacher blocks it kept (aligns hidden-state MSE).
@@ -379,6 +417,12 @@ def distill(student, teacher, blocks: np.ndarray, cfg: DistillConfig, run_dir: s
     Checkpoints go to `run_dir/checkpoints`; an existing checkpoint there is resumed. Returns the
     per-step log (loss, kd, ce, lr, tokens/s and, every `eval_every` steps, val_loss; with several
     teachers `teacher_weights`, plotted to `run_dir/teacher_weights.png`).
+
+    `reference`: the teacher model the student is judged against. With it and `val_blocks`, every evaluation
+    (step 0 included) also scores held-out KL(teacher || student) and top-1 agreement, and `cfg.select`
+    decides which evaluated state the student ends in: val_kl (fidelity first: training that moves the
+    student away from the teacher is not kept), val_loss, or last. The choice is written to
+    `run_dir/selection.json`.
     """
     rank, world = dist_setup()
     if cfg.batch_size % world:
@@ -402,6 +446,11 @@ def distill(student, teacher, blocks: np.ndarray, cfg: DistillConfig, run_dir: s
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(log_path, "".join(json.dumps(h) + "\n" for h in history))  # drop steps after the checkpoint
+
+    select = _selection_mode(cfg.select, reference, val_blocks)
+    if rank == 0 and select != "last" and _read_best(ckpt_root) is None:  # the student as cut is a candidate
+        start = _scores(held_out_scores(student, reference, val_blocks))
+        _save_best(ckpt_root, student, {"step": start_step, **start, "start": {"step": start_step, **start}})
 
     model = student
     if world > 1:
@@ -430,7 +479,11 @@ def distill(student, teacher, blocks: np.ndarray, cfg: DistillConfig, run_dir: s
         last = step + 1 == cfg.steps
         evaluate = val_blocks is not None and len(val_blocks) and (last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0))
         if rank == 0 and evaluate:
-            record["val_loss"] = validation_loss(student, val_blocks)
+            record.update(_scores(held_out_scores(student, reference if select != "last" else None, val_blocks)))
+            best = _read_best(ckpt_root)
+            if best is not None and record[SELECT_ON[select]] < best[SELECT_ON[select]]:
+                _save_best(ckpt_root, student, {"step": step + 1, **{k: record[k] for k in _SCORE_KEYS if k in record},
+                                                "start": best["start"]})
         if methods.on_policy is not None and evaluate:  # DistiLLM: more on-policy data once validation stalls
             methods.on_policy.schedule.update(_from_rank0(record.get("val_loss", 0.0)))
         history.append(record)
@@ -446,5 +499,45 @@ def distill(student, teacher, blocks: np.ndarray, cfg: DistillConfig, run_dir: s
         plot_teacher_weights(history, teacher.names, run_dir / "teacher_weights.png", methods.teachers.weighting)
     if dist.is_initialized():
         dist.barrier()
+    if select != "last":
+        _keep_best(ckpt_root, student, history, select, run_dir, rank)
     student.eval()
     return history
+
+
+_SCORE_KEYS = ("val_loss", "kl_teacher_student", "top1_agreement")
+
+
+def _scores(scores: dict) -> dict:
+    return {k: scores[k] for k in _SCORE_KEYS if k in scores}
+
+
+def _selection_mode(select: str, reference, val_blocks) -> str:
+    """distill.select as it can be honoured: val_kl needs the teacher model, anything but last needs val blocks."""
+    if val_blocks is None or not len(val_blocks):
+        return "last"
+    if select == "val_kl" and reference is None:
+        return "val_loss"
+    return select
+
+
+def _keep_best(ckpt_root: Path, student, history: list[dict], select: str, run_dir: Path, rank: int) -> None:
+    """End the run in the best evaluated state; record which one it is and what the last step scored."""
+    from safetensors.torch import load_model
+
+    best = _read_best(ckpt_root)
+    last_step = history[-1]["step"] if history else 0
+    if best is None:
+        return
+    if best["step"] != last_step:
+        load_model(student, str(ckpt_root / "best" / "student.safetensors"))
+    last = next((h for h in reversed(history) if SELECT_ON[select] in h), None)
+    if rank == 0:
+        record = {"select": select, "selected_on": SELECT_ON[select], "selected_step": best["step"],
+                  "last_step": last_step, "selected": _scores(best), "start": best["start"],
+                  "last": _scores(last) if last is not None else None}
+        write_text_atomic(run_dir / "selection.json", json.dumps(record, indent=1) + "\n")
+        key = SELECT_ON[select]
+        if best["step"] != last_step and last is not None:
+            log.info("kept the student of step %d of %d (distill.select=%s): held-out %s %.4f there, %.4f at the "
+                     "last step", best["step"], last_step, select, key, best[key], last[key])

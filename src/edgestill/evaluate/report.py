@@ -25,7 +25,7 @@ def save_figure(fig, path: Path, dpi: int = 110) -> None:
         plt.close(fig)
 
 
-def plot_training(history: list[dict], path: Path) -> None:
+def plot_training(history: list[dict], path: Path, selection: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -39,6 +39,13 @@ def plot_training(history: list[dict], path: Path) -> None:
     val = [(h["step"], h["val_loss"]) for h in history if "val_loss" in h]
     if val:
         ax.plot(*zip(*val), "o-", label="validation CE", color="black")
+    val_kl = [(h["step"], h["kl_teacher_student"]) for h in history if "kl_teacher_student" in h]
+    if selection and selection.get("start", {}).get("kl_teacher_student") is not None:
+        val_kl.insert(0, (selection["start"]["step"], selection["start"]["kl_teacher_student"]))
+    if val_kl:
+        ax.plot(*zip(*val_kl), "s--", label="validation KL(teacher‖student)", color="tab:red")
+    if selection:
+        ax.axvline(selection["selected_step"], color="grey", ls=":", label=f"kept: step {selection['selected_step']}")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title("Distillation")
@@ -106,7 +113,7 @@ def summary_text(m: dict) -> str:
         shape += f", {m['student']['quant']}"
     lines = [f"edgestill: {m['teacher']['name']} → student with {shape} "
              f"(held-out: {m['eval_tokens']:,} tokens of {', '.join(m['splits']['test'][:4])})"]
-    lines += [f"  {line}" for line in [reference_line(m)] if line]
+    lines += [f"  {line}" for line in [reference_line(m), selection_line(m)] if line]
     lines.append(f"  {'':{w[0]}}  {'teacher':>{w[1]}}  {'student':>{w[2]}}")
     for r in rows:
         lines.append(f"  {r[0]:{w[0]}}  {r[1]:>{w[1]}}  {r[2]:>{w[2]}}  {r[3]}")
@@ -126,6 +133,23 @@ def reference_line(m: dict) -> str | None:
     return (f"teacher = the reference: corrected on the training split ({c['best_step']} of {c['steps_run']} steps kept, "
             f"val loss {c['val_loss_before']:.3f} → {c['val_loss_best']:.3f})"
             + (f"; the original teacher's held-out perplexity is {orig:.2f}" if orig else ""))
+
+
+def selection_line(m: dict) -> str | None:
+    """Which evaluated state the student is (distill.select), against the student as cut and the last step."""
+    sel = (m.get("train") or {}).get("selection")
+    if not sel:
+        return None
+    key = sel["selected_on"]
+    name = {"kl_teacher_student": "held-out KL to the teacher", "val_loss": "held-out CE"}.get(key, key)
+
+    def at(rec):
+        return f"{rec[key]:.4f}" if rec and rec.get(key) is not None else "n/a"
+
+    kept = (f"the student as cut (step {sel['selected_step']}): training did not improve it"
+            if sel["selected_step"] == sel["start"]["step"] else f"step {sel['selected_step']} of {sel['last_step']}")
+    return (f"student = {kept}, chosen on {name} ({at(sel['start'])} as cut, {at(sel['selected'])} kept, "
+            f"{at(sel['last'])} at the last step)")
 
 
 def _md_table(caption: str, header: list[str], rows: list[tuple]) -> list[str]:
@@ -150,8 +174,9 @@ def _markdown(m: dict, generations: list[dict]) -> str:
     out = [f"# edgestill run: {m['teacher']['name']} → {m['student']['params']:,}-parameter student", ""]
     out.append(f"Held-out split (never seen in distillation): {', '.join(m['splits']['test'])} "
                f"— {m['eval_tokens']:,} tokens. Speeds: transformers on this CPU, {m['teacher']['threads']} threads, median of {m['speed_repeats']} alternated runs.")
-    if reference_line(m):
-        out += ["", reference_line(m).capitalize() + "."]
+    for line in (reference_line(m), selection_line(m)):
+        if line:
+            out += ["", line[0].upper() + line[1:] + "."]
     out += ["", "| | teacher | student | |", "|---|---:|---:|---|"]
     out += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in _rows(m)]
     if m.get("baselines"):
@@ -185,6 +210,7 @@ td:nth-child(2),td:nth-child(3){{text-align:right;font-family:monospace}}</style
 <h1>{html.escape(m['teacher']['name'])} → {m['student']['params']:,}-parameter student</h1>
 <p>Held-out split: {html.escape(', '.join(m['splits']['test']))} ({m['eval_tokens']:,} tokens).</p>
 <p>{html.escape(reference_line(m) or "")}</p>
+<p>{html.escape(selection_line(m) or "")}</p>
 <table><tr><th></th><th>teacher</th><th>student</th><th></th></tr>{rows}</table>
 <ul>{base}</ul>
 <p>Layers kept: {m['student']['layers_kept']}</p>
@@ -196,7 +222,7 @@ td:nth-child(2),td:nth-child(3){{text-align:right;font-family:monospace}}</style
 
 
 def write_report(run_dir: Path, metrics: dict, history: list[dict], comparison: dict, generations: list[dict]) -> None:
-    plot_training(history, run_dir / "training_loss.png")
+    plot_training(history, run_dir / "training_loss.png", (metrics.get("train") or {}).get("selection"))
     plot_token_loss(comparison["teacher_token_nll"], comparison["student_token_nll"], run_dir / "token_loss.png")
     write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     write_text_atomic(run_dir / "generations.json", json.dumps(generations, indent=2, ensure_ascii=False))

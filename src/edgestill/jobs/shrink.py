@@ -142,7 +142,8 @@ def distill(cfg: ShrinkConfig, overwrite: bool = False, teacher_cache_from: Path
         del teachers  # a cached source holds all the extra teachers have to say
         if qconfig is not None:
             quantize_(student, qconfig, step="prepare")  # fake-quant forward, straight-through gradients
-        history = train(student, source, data.train, cfg.distill, run.path, val_blocks=data.val, layers=layers)
+        history = train(student, source, data.train, cfg.distill, run.path, val_blocks=data.val, layers=layers,
+                        reference=teacher.model)
         dtype = cfg.output.dtype
         if qconfig is not None:
             report = quantize_(student, qconfig, step="convert")  # weights := exact runtime values
@@ -219,9 +220,14 @@ def _metrics(cfg: ShrinkConfig, run_dir: Path, final_dir: Path, teacher, student
         "baselines": baselines,
         "splits": splits,
         "train": {"steps": len(history), "final_loss": (history or [{}])[-1].get("loss"),
-                  "final_val_loss": next((h["val_loss"] for h in reversed(history) if "val_loss" in h), None)},
+                  "final_val_loss": next((h["val_loss"] for h in reversed(history) if "val_loss" in h), None),
+                  "selection": _read_json(run_dir / "selection.json")},  # which evaluated step the student is
         "environment": environment(cfg.eval.threads, start),
     }
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _correction(path: str) -> dict | None:
