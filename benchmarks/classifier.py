@@ -12,9 +12,11 @@ driven through the same functions as `edgestill finetune/shrink/export --task cl
               --teacher-steps; the best val state is the teacher; the step chosen and the val curve are recorded)
     kd-<X>x   jobs.classify.shrink_classifier: student cut from the teacher (2 layers, trimmed vocabulary, truncated-SVD
               factors; student.target_params set so that the whole onnx/ folder (model.onnx + trimmed tokenizer +
-              label map + export report) is teacher params × 4 ÷ X bytes), distilled with α·T²·KL + (1−α)·CE,
-              exported to fp32 ONNX and scored there
-    ce-50x    the same student at ~50× trained with CE only (kd.alpha=0): the ablation
+              label map + export report) is teacher params × 4 ÷ X bytes), distilled with α·T²·KL + (1−α)·CE on
+              a transfer set of the training texts + --augment perturbed copies of each (kd.augment; the copies
+              have the teacher's soft labels only: edgestill.distill.augment), exported to fp32 ONNX and scored there
+    ce-50x    the same student at ~50× trained with CE only (kd.alpha=0, labelled texts): the KD ablation
+    kd-50x-labelled  the same KD student on the labelled texts alone (kd.augment=0): the augmentation ablation
 
 Run folders: runs/bench/classifier/<data>/<row> (--quick: runs/bench/classifier-quick/...). A finished row
 (DONE) is reused when its config matches, an interrupted one resumes (the run functions do that), so rerunning
@@ -39,7 +41,7 @@ distillation or checkpoint selection:
   median ÷ student median from that same loop. (The shrink runs' own teacher timing is switched off:
   eval.teacher_latency=false; this single alternated loop replaces it.)
 
-    python benchmarks/classifier.py                         # all three data sets, all rows (about 2 hours on 2 idle cores)
+    python benchmarks/classifier.py                         # all three data sets, all rows (about 4 hours on 2 idle cores)
     python benchmarks/classifier.py --data spamassassin --sizes 10,50
     python benchmarks/classifier.py --quick                 # smoke run: tiny steps -> classifier_quick.json
 -> benchmarks/results/classifier.json, docs/img/classifier_shrink_curve.png (--redraw redraws it from the JSON)
@@ -64,14 +66,17 @@ ROOT = Path(__file__).resolve().parent.parent
 DATASETS = ("spamassassin", "drugreview", "moviereviews")
 TARGET = {"min_compression_x_fp32": 50.0, "min_retention": 0.97, "min_teacher_lead_macro_f1": 0.02}  # judged per data set
 
-# Defaults sized so each data set (a teacher + 6 students) takes well under an hour on 2 idle CPU cores.
+# Defaults sized so each data set (a teacher + 7 students) takes about 1.5 hours on 2 idle CPU cores.
 # The teacher is fine-tuned to convergence: teacher_steps is only the cap, early stopping decides.
-FULL = {"max_len": 128, "teacher_steps": 1500, "teacher_eval_every": 50, "teacher_patience": 4, "student_steps": 400,
-        "eval_every": 100, "latency_examples": 64, "latency_repeats": 15}
+FULL = {"max_len": 128, "teacher_steps": 1500, "teacher_eval_every": 50, "teacher_patience": 4, "student_steps": 2000,
+        "eval_every": 250, "augment": 4, "student_batch_size": 32, "latency_examples": 64, "latency_repeats": 15}
 QUICK = {"max_len": 32, "teacher_steps": 8, "teacher_eval_every": 4, "teacher_patience": 2, "student_steps": 8,
-         "eval_every": 4, "latency_examples": 8, "latency_repeats": 3}
+         "eval_every": 4, "augment": 1, "student_batch_size": 16, "latency_examples": 8, "latency_repeats": 3}
 # Bytes budgeted for export_report.json and for the tokenizer_config.json the export writes again (~0.5-1 KB each)
 REPORT_MARGIN_BYTES = 2048
+# the student rows: kind -> how it is trained
+STUDENT_KINDS = {"kd": "KD student (augmented transfer set)", "kd_labelled": "KD student (labelled texts only)",
+                 "ce": "CE-only student"}
 
 
 def _x(v: float) -> str:
@@ -96,7 +101,7 @@ class Bench:
             "train.eval_every": min(a.teacher_eval_every, a.teacher_steps), "train.patience": a.teacher_patience,
             "train.select_on": "macro_f1", "train.seed": a.seed, "output_dir": str(self.root / data / "teacher")})
 
-    def student_cfg(self, data: str, name: str, target_x: float, kd: bool):
+    def student_cfg(self, data: str, name: str, target_x: float, kd: bool, augment: bool = True):
         from edgestill.config import load_classifier_config
 
         a = self.args
@@ -106,9 +111,10 @@ class Bench:
             "student.num_layers": 1 if a.one_layer_from and target_x >= a.one_layer_from else a.num_layers,
             "student.compression_x": float(target_x), "student.target_params": self.student_params(data, target_x),
             "train.steps": a.student_steps,
-            "train.lr": a.student_lr, "train.batch_size": a.batch_size, "train.eval_every": min(a.eval_every, a.student_steps),
+            "train.lr": a.student_lr, "train.batch_size": a.student_batch_size, "train.eval_every": min(a.eval_every, a.student_steps),
             "train.seed": a.seed, "kd.temperature": a.temperature, "kd.alpha": a.alpha if kd else 0.0,
-            "kd.hidden_weight": a.hidden_weight if kd else 0.0, "eval.onnx_type": "f32", "eval.threads": a.threads,
+            "kd.hidden_weight": a.hidden_weight if kd else 0.0, "kd.augment": a.augment if kd and augment else 0,
+            "eval.onnx_type": "f32", "eval.threads": a.threads,
             # the benchmark times teacher and all students in one alternated loop (below); the run's own timing is minimal
             "eval.teacher_latency": False, "eval.tfidf_baseline": False, "eval.latency_examples": 4,
             "eval.latency_repeats": 1, "output_dir": str(self.root / data / name)}
@@ -208,9 +214,9 @@ class Bench:
         if retrained or not (teacher_dir / "onnx" / "export_report.json").is_file():  # the report is written last
             print(f"[{data}] teacher: fp32 ONNX export for the latency loop -> {teacher_dir / 'onnx'}", flush=True)
             self._timed(data, "teacher_onnx_export", lambda: export_classifier(teacher_dir, "f32"))
-        for row in (r for r in rows if r["kind"] in ("kd", "ce")):
+        for row in (r for r in rows if r["kind"] in STUDENT_KINDS):
             try:
-                cfg = self.student_cfg(data, row["name"], row["target_x"], row["kind"] == "kd")
+                cfg = self.student_cfg(data, row["name"], row["target_x"], row["kind"] != "ce", row["kind"] == "kd")
             except EdgestillError as e:  # the size cannot hold the tokenizer and a model: report it, go on
                 print(f"[{data}] {row['name']}: failed: {e}", flush=True)
                 continue
@@ -222,7 +228,7 @@ class Bench:
             if retrained and partial.is_dir():  # distilled from the previous teacher: not resumable
                 print(f"[{data}] {row['name']}: the teacher was retrained; discarding {partial}", flush=True)
                 shutil.rmtree(partial)
-            print(f"[{data}] {row['name']}: {'KD' if row['kind'] == 'kd' else 'CE-only'} student at ~{_x(row['target_x'])}x, "
+            print(f"[{data}] {row['name']}: {STUDENT_KINDS[row['kind']]} student at ~{_x(row['target_x'])}x, "
                   f"{cfg.train.steps} steps -> {out}", flush=True)
             try:
                 self._timed(data, row["name"], lambda: shrink_classifier(cfg, overwrite=(out / "DONE").is_file()))
@@ -300,7 +306,7 @@ class Bench:
         out_rows.append(teacher_row)
         systems_dirs = {"teacher": t_onnx}
         for row in rows:
-            if row["kind"] not in ("kd", "ce"):
+            if row["kind"] not in STUDENT_KINDS:
                 continue
             run = self.root / data / row["name"]
             if not (run / "DONE").is_file():
@@ -312,8 +318,7 @@ class Bench:
             same_teacher = m["teacher"]["test"] == {k: t_test[k] for k in m["teacher"]["test"]}
             out_rows.append({
                 "name": row["name"], "kind": row["kind"], "target_x": row["target_x"],
-                "label": (f"KD student ~{_x(row['target_x'])}×" if row["kind"] == "kd"
-                          else f"CE-only student ~{_x(row['target_x'])}× (ablation)"),
+                "label": f"{STUDENT_KINDS[row['kind']]} ~{_x(row['target_x'])}×" + ("" if row["kind"] == "kd" else " (ablation)"),
                 "accuracy": s["test"]["accuracy"], "macro_f1": s["test"]["macro_f1"], **retention(s["test"], t_test),
                 "top1_agreement_with_teacher": m["top1_agreement_with_teacher"],
                 "params": s["params"], **sizes(run / "onnx"),
@@ -321,7 +326,7 @@ class Bench:
                 "student_target_params": cfg["student"].get("target_params"), "layers_kept": s["layers_kept"],
                 "vocab_kept": s["vocab_kept"], "max_len": s["max_len"], "steps": cfg["train"]["steps"],
                 "lr": cfg["train"]["lr"], "batch_size": cfg["train"]["batch_size"], "best_step": m["train"]["best_step"],
-                "kd": cfg["kd"], "test_pytorch": m["baselines"]["student_pytorch"]["test"],
+                "kd": cfg["kd"], "transfer_set": m["train"].get("transfer_set"), "test_pytorch": m["baselines"]["student_pytorch"]["test"],
                 "sliced_untrained_test": m["baselines"]["student_sliced_untrained"]["test"],
                 "onnx_parity": m.get("onnx_parity_vs_pytorch"), "teacher_score_matches_finetune_run": same_teacher,
                 "run": str(run), "train_time": timings.get(row["name"]), "environment": m.get("environment"),
@@ -359,7 +364,12 @@ class Bench:
             ablation = {"kd_row": kd["name"], "ce_row": ce["name"], "target_x": ce["target_x"],
                         "kd_minus_ce_accuracy": kd["accuracy"] - ce["accuracy"],
                         "kd_minus_ce_macro_f1": kd["macro_f1"] - ce["macro_f1"],
-                        "same_student": "same student config, steps, lr and seed; CE row has kd.alpha=0"}
+                        "same_student": "same student config, steps, lr and seed; CE row has kd.alpha=0 and kd.augment=0"}
+            labelled = next((r for r in out_rows if r["kind"] == "kd_labelled" and r["target_x"] == kd["target_x"]), None)
+            if labelled:
+                ablation.update({"kd_labelled_row": labelled["name"],
+                                 "augmented_minus_labelled_macro_f1": kd["macro_f1"] - labelled["macro_f1"],
+                                 "labelled_minus_ce_macro_f1": labelled["macro_f1"] - ce["macro_f1"]})
         summary = splits.summary()
         split_desc = ("the data set's own test file; val = a seeded stratified 10% of its train file"
                       if data == "drugreview" else "seeded stratified 70% train / 10% val / 20% test")
@@ -438,7 +448,7 @@ def target_verdict(result: dict) -> dict:
 
 def print_table(data: str, result: dict) -> None:
     print(f"\n{data}: test n={result['data']['test']['n']}")
-    print(f"{'row':10s} {'all MB':>7s} {'x fp32':>7s} {'x w-only':>8s} {'acc':>7s} {'macroF1':>7s} {'ret acc':>7s} "
+    print(f"{'row':16s} {'all MB':>7s} {'x fp32':>7s} {'x w-only':>8s} {'acc':>7s} {'macroF1':>7s} {'ret acc':>7s} "
           f"{'ret F1':>7s} {'ms/ex':>7s} {'speedup':>7s}  verdict")
     for r in result["rows"]:
         mb = f"{r['deploy_bytes'] / 1e6:.2f}" if r.get("deploy_bytes") else "-"
@@ -446,12 +456,15 @@ def print_table(data: str, result: dict) -> None:
         cw = f"{r['compression_x_fp32_weights_only']:.1f}" if "compression_x_fp32_weights_only" in r else "-"
         ms = f"{r['latency_ms_per_example']:.2f}" if "latency_ms_per_example" in r else "-"
         sp = f"{r['speedup_x']:.1f}" if "speedup_x" in r else "-"
-        print(f"{r['name']:10s} {mb:>7s} {cx:>7s} {cw:>8s} {r['accuracy']:7.4f} {r['macro_f1']:7.4f} "
+        print(f"{r['name']:16s} {mb:>7s} {cx:>7s} {cw:>8s} {r['accuracy']:7.4f} {r['macro_f1']:7.4f} "
               f"{r['retention_accuracy']:7.3f} {r['retention_macro_f1']:7.3f} {ms:>7s} {sp:>7s}  {r.get('verdict', r['kind'])}")
     ab = result.get("ablation")
     if ab:
         print(f"KD − CE at ~{_x(ab['target_x'])}x: accuracy {ab['kd_minus_ce_accuracy']:+.4f}, "
               f"macro-F1 {ab['kd_minus_ce_macro_f1']:+.4f}")
+        if "augmented_minus_labelled_macro_f1" in ab:
+            print(f"augmented transfer set − labelled texts only (both KD): macro-F1 "
+                  f"{ab['augmented_minus_labelled_macro_f1']:+.4f}")
     if "target" in result:
         t = result["target"]
         lead = t.get("teacher_lead_over_tfidf_macro_f1")
@@ -484,9 +497,9 @@ def plot_curve(result: dict, path: Path) -> None:
         ax.plot(xs, [r["retention_macro_f1"] for r in kd], "o:", color=color, alpha=0.6, label=f"{data}: KD (macro-F1)")
         ax2.plot(xs, [r.get("speedup_x") or float("nan") for r in kd], "o-", color=color, label=data)
         for r in rows:
-            if r["kind"] == "ce":
-                ax.plot(r["compression_x_fp32"], r["retention_accuracy"], "x", ms=9, color=color,
-                        label=f"{data}: CE-only ablation")
+            if r["kind"] in ("ce", "kd_labelled"):
+                ax.plot(r["compression_x_fp32"], r["retention_accuracy"], "x" if r["kind"] == "ce" else "+", ms=9,
+                        color=color, label=f"{data}: {STUDENT_KINDS[r['kind']]} (ablation)")
             if r["kind"] in ("tfidf", "majority"):  # the two baselines as levels: at or below the majority = FAILED
                 name = "TF-IDF + LR" if r["kind"] == "tfidf" else "majority class (at or below: FAILED)"
                 ax.axhline(r["retention_accuracy"], color=color, lw=0.8, ls="--" if r["kind"] == "tfidf" else "-.", alpha=0.5)
@@ -533,7 +546,8 @@ def main() -> None:
     ap.add_argument("--student-steps", type=int, default=None, help=f"default {FULL['student_steps']}")
     ap.add_argument("--eval-every", type=int, default=None,
                     help=f"student validation every N steps (default {FULL['eval_every']})")
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=16, help="the teacher's fine-tuning batch")
+    ap.add_argument("--student-batch-size", type=int, default=None, help=f"default {FULL['student_batch_size']}")
     ap.add_argument("--teacher-lr", type=float, default=1e-4)
     ap.add_argument("--student-lr", type=float, default=1e-3)
     ap.add_argument("--num-layers", type=int, default=2, help="teacher layers kept in every student")
@@ -547,6 +561,9 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=2.0)
     ap.add_argument("--alpha", type=float, default=0.7)
     ap.add_argument("--hidden-weight", type=float, default=0.0)
+    ap.add_argument("--augment", type=int, default=None,
+                    help="perturbed copies of each training text in the KD rows' transfer set (kd.augment; 0: the labelled "
+                         f"texts alone, and no kd-<X>x-labelled ablation row) (default {FULL['augment']})")
     ap.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (latency) and torch threads")
     ap.add_argument("--train-threads", type=int, default=None,
                     help="torch threads for training only (default --threads; 1 when sharing the machine)")
@@ -589,6 +606,8 @@ def main() -> None:
     rows += [{"name": f"kd-{_x(x)}x", "kind": "kd", "target_x": x} for x in sizes]
     if args.ablation_x:
         rows.append({"name": f"ce-{_x(args.ablation_x)}x", "kind": "ce", "target_x": args.ablation_x})
+        if args.augment:
+            rows.append({"name": f"kd-{_x(args.ablation_x)}x-labelled", "kind": "kd_labelled", "target_x": args.ablation_x})
 
     bench = Bench(args)
     load_start = os.getloadavg()[0]
@@ -628,8 +647,10 @@ def main() -> None:
                         "beats_tfidf_logreg compares accuracy with the TF-IDF + logistic regression row",
         "student": {"num_layers": args.num_layers, "one_layer_from_x": args.one_layer_from, "max_len": args.max_len, "trim_vocab": True,
                     "factorization": "truncated SVD of every matrix (not the head), global rank budget",
-                    "kd": {"temperature": args.temperature, "alpha": args.alpha, "hidden_weight": args.hidden_weight},
-                    "ablation": f"ce-{_x(args.ablation_x)}x: the same student config with kd.alpha=0 (CE only)"},
+                    "kd": {"temperature": args.temperature, "alpha": args.alpha, "hidden_weight": args.hidden_weight,
+                           "augment": args.augment},
+                    "ablation": f"ce-{_x(args.ablation_x)}x: the same student config with kd.alpha=0 (CE only, labelled "
+                                f"texts); kd-{_x(args.ablation_x)}x-labelled: KD on the labelled texts alone (kd.augment=0)"},
         "load_average": {"start": load_start, "end": os.getloadavg()[0]},
         "wall_s_this_invocation": time.perf_counter() - t_all,
         "datasets": results, "plot": str(plot.relative_to(ROOT)),

@@ -15,6 +15,7 @@ from edgestill.distill.classifier import (
     hidden_mse,
     kd_logits_loss,
 )
+from edgestill.errors import EdgestillError
 from edgestill.evaluate.classification import predict_logits, scores, tfidf_baseline
 from edgestill.models.encoder import load_encoder_classifier, save_classifier, tiny_encoder, tokenize
 from edgestill.models.lowrank import FactorizedEmbedding, LowRankLinear, stored_params
@@ -227,9 +228,33 @@ def test_min_delta_and_no_patience(enc_dir, splits, monkeypatch):
 
 def test_bad_early_stopping_settings_are_refused():
     from edgestill.distill.classifier import check_train_config
-    from edgestill.errors import EdgestillError
 
     with pytest.raises(EdgestillError, match="select_on"):
         check_train_config(TrainConfig(select_on="accuracy"))
     with pytest.raises(EdgestillError, match="eval_every > 0"):
         check_train_config(TrainConfig(patience=3, eval_every=0))
+
+
+def test_augmented_transfer_set_is_labelled_by_the_teacher_only(teacher, splits):
+    model, tok, _ = teacher
+    student, s_tok, table, _ = _student(model, tok, splits)
+    calls = []
+    handle = model.register_forward_hook(lambda m, i, o: calls.append(1))
+    try:
+        result = distill_classifier(model, student, tok, splits, table, s_tok,
+                                    TrainConfig(steps=12, batch_size=16, lr=3e-3, max_len=24, eval_every=0),
+                                    KDConfig(alpha=0.7, augment=3))
+    finally:
+        handle.remove()
+    n = len(splits.train.texts)
+    assert result["transfer_set"] == {"labelled": n, "augmented": 3 * n}
+    assert len(calls) == -(-4 * n // 64)  # the teacher's logits: one pass over the transfer set, before training
+    assert {"ce", "kl"} <= set(result["history"][-1])
+
+
+def test_augmenting_a_ce_only_student_is_refused(teacher, splits):
+    model, tok, _ = teacher
+    student, s_tok, table, _ = _student(model, tok, splits)
+    with pytest.raises(EdgestillError, match="kd.augment=2.*kd.alpha > 0"):
+        distill_classifier(model, student, tok, splits, table, s_tok, TrainConfig(steps=2, max_len=24),
+                           KDConfig(alpha=0.0, augment=2))

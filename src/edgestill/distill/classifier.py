@@ -10,7 +10,9 @@ Method [7] of docs/references.md (KD + low-rank factorization). Reconstructed [R
 3. `distill_classifier(teacher, student, ...)`: train the student on
    `L = α·T²·KL(p_T ‖ q_T) + (1−α)·CE(y, q) + β·Σ_i MSE(H_s[i], H_t[g(i)])` (hidden-state term optional;
    g maps each student layer to the teacher layer it was cut from, widths are equal so no projection).
-   α = 0 and β = 0 is the CE-only control the method is compared with.
+   α = 0 and β = 0 is the CE-only control the method is compared with. With `kd.augment` = k the transfer
+   set also holds k perturbed copies of every training text (distill/augment.py, [tang2019]), seen by the
+   KL term only; the teacher's logits on the whole transfer set are computed once, before training.
 
 Every loop is a plain loop with a progress bar and early stopping on the validation split: every `eval_every`
 steps the val macro-F1 (or val loss, `select_on`) is measured, the best state is kept and restored at the end, and the
@@ -62,6 +64,9 @@ class KDConfig:
     temperature: float = 2.0
     alpha: float = 0.5  # weight of the KL term; 0 = CE only
     hidden_weight: float = 0.0  # weight of the hidden-state MSE; needs a teacher forward every step
+    # perturbed copies of each training text added to the transfer set, labelled by the teacher's logits only
+    # (distill/augment.py, [tang2019]); 0 = the labelled texts alone. Needs alpha > 0.
+    augment: int = 0
 
 
 @dataclass
@@ -123,6 +128,16 @@ def check_train_config(cfg: TrainConfig) -> None:
                              f"({cfg.min_delta}) must be >= 0 and train.steps ({cfg.steps}) >= 1")
     if cfg.patience and not cfg.eval_every:
         raise EdgestillError("train.patience needs validations to count: set train.eval_every > 0")
+
+
+def check_kd_config(kd: KDConfig) -> None:
+    """Refuse KD settings that cannot work, before any run folder is made."""
+    if not 0.0 <= kd.alpha <= 1.0 or kd.temperature <= 0 or kd.hidden_weight < 0:
+        raise EdgestillError(f"kd.alpha={kd.alpha} must be in [0, 1], kd.temperature={kd.temperature} > 0 and "
+                             f"kd.hidden_weight={kd.hidden_weight} >= 0")
+    if kd.augment < 0 or (kd.augment and kd.alpha <= 0):
+        raise EdgestillError(f"kd.augment={kd.augment}: augmented texts carry only the teacher's soft labels, so they "
+                             "need kd.alpha > 0 (and kd.augment >= 0); set kd.augment=0 for a CE-only student")
 
 
 def improved(val: dict, best: dict | None, cfg: TrainConfig) -> bool:
@@ -292,19 +307,32 @@ def distill_classifier(teacher, student, teacher_tokenizer, splits, id_table: np
     """Train `student` on `splits.train` with KD from `teacher` (α=0, β=0: CE only; the teacher is then unused).
 
     Training inputs are tokenized once with the teacher's tokenizer; the student sees the same pieces
-    renumbered through `id_table` (identical to its trimmed tokenizer on training text). Validation and
-    test use the student's own tokenizer, as a device would.
+    renumbered through `id_table` (identical to its trimmed tokenizer on training text). With `kd.augment`
+    = k, the transfer set is the training texts plus k perturbed copies of each (distill/augment.py): the
+    copies have no gold label, so only the KD term sees them. The teacher's logits on the whole transfer set
+    are computed once, before the first step. Validation and test use the student's own tokenizer, as a
+    device would.
     """
-    train = tokenize(teacher_tokenizer, splits.train.texts, cfg.max_len)
+    from edgestill.distill.augment import augment_texts
+    from edgestill.evaluate.classification import predict_logits
+
+    use_teacher = kd.alpha > 0 or kd.hidden_weight > 0
+    check_kd_config(kd)
+    texts, y_train = list(splits.train.texts), splits.ids("train")
+    if kd.augment:
+        copies = augment_texts(texts, kd.augment, teacher_tokenizer.mask_token or teacher_tokenizer.unk_token, cfg.seed)
+        log.info("transfer set: %d training texts + %d perturbed copies (kd.augment=%d)", len(texts), len(copies),
+                 kd.augment)
+        texts += copies
+        y_train = np.concatenate([y_train, np.full(len(copies), -100, dtype=y_train.dtype)])  # -100: no gold label
+    train = tokenize(teacher_tokenizer, texts, cfg.max_len)
     s_train = dict(train, input_ids=id_table[train["input_ids"]]) if id_table is not None else train
     val = tokenize(student_tokenizer, splits.val.texts, cfg.max_len)
-    y_train = splits.ids("train")
-    use_teacher = kd.alpha > 0 or kd.hidden_weight > 0
-    # teacher logits are computed the first time an example is drawn and reused in later epochs
-    teacher_logits = torch.zeros(len(y_train), len(splits.label_map))
-    have_logits = np.zeros(len(y_train), dtype=bool)
+    teacher_logits = None
     if use_teacher:
         teacher.eval()
+    if kd.alpha > 0:
+        teacher_logits = torch.from_numpy(predict_logits(teacher, train, cfg.eval_batch_size, desc="teacher logits")).float()
     layer_map = [(0, 0)] + [(i + 1, t + 1) for i, t in enumerate(student.config.edgestill_student["teacher_layers"])] \
         if hasattr(student.config, "edgestill_student") else []
     if kd.hidden_weight > 0 and not layer_map:
@@ -312,21 +340,17 @@ def distill_classifier(teacher, student, teacher_tokenizer, splits, id_table: np
 
     def loss_fn(model, batch, y, idx):
         out = model(**batch, output_hidden_states=kd.hidden_weight > 0)
-        ce = F.cross_entropy(out.logits, y)
+        gold = y >= 0
+        ce = F.cross_entropy(out.logits[gold], y[gold]) if gold.any() else out.logits.sum() * 0.0
         parts, loss = {"ce": ce.item()}, (1 - kd.alpha) * ce
-        t_hidden = None
-        if kd.hidden_weight > 0 or (kd.alpha > 0 and not have_logits[idx].all()):
-            t_batch = {k: torch.from_numpy(v[idx][:, : batch["input_ids"].shape[1]]).to(y.device) for k, v in train.items()}
-            with torch.no_grad():
-                t_out = teacher(**t_batch, output_hidden_states=kd.hidden_weight > 0)
-            teacher_logits[idx] = t_out.logits.float().cpu()
-            have_logits[idx] = True
-            t_hidden = t_out.hidden_states
         if kd.alpha > 0:
             kl = kd_logits_loss(out.logits, teacher_logits[idx].to(out.logits.device), kd.temperature)
             loss = loss + kd.alpha * kl
             parts["kl"] = kl.item()
         if kd.hidden_weight > 0:
+            t_batch = {k: torch.from_numpy(v[idx][:, : batch["input_ids"].shape[1]]).to(y.device) for k, v in train.items()}
+            with torch.no_grad():
+                t_hidden = teacher(**t_batch, output_hidden_states=True).hidden_states
             mse = hidden_mse(out.hidden_states, t_hidden, layer_map, batch["attention_mask"])
             loss = loss + kd.hidden_weight * mse
             parts["hidden_mse"] = mse.item()
@@ -337,6 +361,7 @@ def distill_classifier(teacher, student, teacher_tokenizer, splits, id_table: np
     test = tokenize(student_tokenizer, splits.test.texts, cfg.max_len)
     out["test"] = evaluate_classifier(student, test, splits.ids("test"), cfg.eval_batch_size)
     out["config"] = {"train": asdict(cfg), "kd": asdict(kd)}
+    out["transfer_set"] = {"labelled": len(splits.train.texts), "augmented": len(texts) - len(splits.train.texts)}
     return out
 
 

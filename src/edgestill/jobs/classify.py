@@ -276,7 +276,8 @@ def _student(cfg: ClassifierShrinkConfig, run: RunDir, resumed: bool, teacher: _
                            "max_len": cfg.student.max_len})
     distilled = {"student": {k: v for k, v in info.items() if k != "config"}, "sliced_untrained_test": sliced,
                  "history": result["history"], "best_step": result["best_step"], "test_pytorch": result["test"],
-                 **{k: result[k] for k in ("stopped_at_step", "stopped_early", "stop_reason", "val_curve")}}
+                 **{k: result[k] for k in ("stopped_at_step", "stopped_early", "stop_reason", "val_curve",
+                                           "transfer_set")}}
     _write_json(distill_file, distilled)
     return student, s_tok, distilled
 
@@ -415,7 +416,8 @@ def _shrink_metrics(cfg, teacher: _Teacher, distilled: dict, exported: dict, cur
         "data": {"spec": _data_record(cfg.data), "same_split_as_teacher_finetuning": data_matches,
                  "scored_on": "test split (never used for training, distillation or model selection)", **splits.summary()},
         "train": {"best_step": distilled["best_step"], "steps": cfg.train.steps, "kd": asdict(cfg.kd),
-                  **{k: distilled[k] for k in ("stopped_at_step", "stopped_early", "stop_reason") if k in distilled}},
+                  **{k: distilled[k] for k in ("stopped_at_step", "stopped_early", "stop_reason", "transfer_set")
+                     if k in distilled}},
         "history": distilled["history"],
         "curve": curve,
         "environment": {**environment(cfg.eval.threads, start), "onnxruntime_threads": cfg.eval.threads,
@@ -486,7 +488,7 @@ def _shrink_baselines(cfg: ClassifierShrinkConfig, splits, data_matches: bool, t
 def shrink_classifier(cfg: ClassifierShrinkConfig, overwrite: bool = False) -> tuple[Path, dict]:
     """`edgestill shrink --task classification`: build, distil, export and measure a student of a fine-tuned
     classifier (see the module docstring). Returns (the finished run folder, its metrics)."""
-    from edgestill.distill.classifier import check_train_config
+    from edgestill.distill.classifier import check_kd_config, check_train_config
     from edgestill.evaluate.classification import predict_logits, scores
     from edgestill.evaluate.classifier_report import classifier_report, plot_curve
     from edgestill.evaluate.environment import measurement_start
@@ -494,6 +496,7 @@ def shrink_classifier(cfg: ClassifierShrinkConfig, overwrite: bool = False) -> t
 
     start = measurement_start()
     check_train_config(cfg.train)
+    check_kd_config(cfg.kd)
     teacher, splits, data_matches = _load_teacher(cfg)
     cfg.output_dir = cfg.output_dir or f"runs/shrink-classifier-{_data_name(cfg.data.path)}"
     run = RunDir(cfg.output_dir, plain(cfg), overwrite=overwrite)
