@@ -67,11 +67,11 @@ DATASETS = ("spamassassin", "drugreview", "moviereviews")
 TARGET = {"min_compression_x_fp32": 50.0, "min_retention": 0.97, "min_teacher_lead_macro_f1": 0.02}  # judged per data set
 
 # Defaults sized so each data set (a teacher + 7 students) takes about 1.5 hours on 2 idle CPU cores.
-# The teacher is fine-tuned to convergence: teacher_steps is only the cap, early stopping decides.
-FULL = {"max_len": 128, "teacher_steps": 1500, "teacher_eval_every": 50, "teacher_patience": 4, "student_steps": 2000,
-        "eval_every": 250, "augment": 4, "student_batch_size": 32, "latency_examples": 64, "latency_repeats": 15}
+# Teacher and students are trained to convergence: the step counts are caps, early stopping on val macro-F1 decides.
+FULL = {"max_len": 128, "teacher_steps": 1500, "teacher_eval_every": 50, "teacher_patience": 4, "student_steps": 3000,
+        "student_patience": 3, "eval_every": 250, "augment": 4, "student_batch_size": 32, "latency_examples": 64, "latency_repeats": 15}
 QUICK = {"max_len": 32, "teacher_steps": 8, "teacher_eval_every": 4, "teacher_patience": 2, "student_steps": 8,
-         "eval_every": 4, "augment": 1, "student_batch_size": 16, "latency_examples": 8, "latency_repeats": 3}
+         "student_patience": 0, "eval_every": 4, "augment": 1, "student_batch_size": 16, "latency_examples": 8, "latency_repeats": 3}
 # Bytes budgeted for export_report.json and for the tokenizer_config.json the export writes again (~0.5-1 KB each)
 REPORT_MARGIN_BYTES = 2048
 # the student rows: kind -> how it is trained
@@ -112,6 +112,7 @@ class Bench:
             "student.compression_x": float(target_x), "student.target_params": self.student_params(data, target_x),
             "train.steps": a.student_steps,
             "train.lr": a.student_lr, "train.batch_size": a.student_batch_size, "train.eval_every": min(a.eval_every, a.student_steps),
+            "train.patience": a.student_patience,
             "train.seed": a.seed, "kd.temperature": a.temperature, "kd.alpha": a.alpha if kd else 0.0,
             "kd.hidden_weight": a.hidden_weight if kd else 0.0, "kd.augment": a.augment if kd and augment else 0,
             "eval.onnx_type": "f32", "eval.threads": a.threads,
@@ -543,7 +544,11 @@ def main() -> None:
     ap.add_argument("--teacher-patience", type=int, default=None,
                     help=f"stop the teacher after this many validations without a better val macro-F1; 0: run all "
                          f"--teacher-steps (default {FULL['teacher_patience']})")
-    ap.add_argument("--student-steps", type=int, default=None, help=f"default {FULL['student_steps']}")
+    ap.add_argument("--student-steps", type=int, default=None,
+                    help=f"at most this many student steps; early stopping decides (default {FULL['student_steps']})")
+    ap.add_argument("--student-patience", type=int, default=None,
+                    help="stop a student after this many validations without a better val macro-F1; 0: run all "
+                         f"--student-steps (default {FULL['student_patience']})")
     ap.add_argument("--eval-every", type=int, default=None,
                     help=f"student validation every N steps (default {FULL['eval_every']})")
     ap.add_argument("--batch-size", type=int, default=16, help="the teacher's fine-tuning batch")

@@ -252,6 +252,9 @@ def classifier_table(r: dict) -> str:
             out += ["", f"KD − CE-only at ~{ab['target_x']:g}× (same student, steps and seed): accuracy "
                         f"{ab['kd_minus_ce_accuracy'] * 100:+.1f} points, macro-F1 {ab['kd_minus_ce_macro_f1'] * 100:+.1f} "
                         "points (one seed: not a claim)."]
+            if "augmented_minus_labelled_macro_f1" in ab:
+                out[-1] += (f" KD on the augmented transfer set − KD on the labelled texts alone: macro-F1 "
+                            f"{ab['augmented_minus_labelled_macro_f1'] * 100:+.1f} points (one seed).")
         teacher = next((x for x in d.get("rows", []) if x["kind"] == "teacher"), None)
         if teacher and teacher.get("best_step") is not None:
             stop = (f"stopped early at step {teacher['steps']} (patience {teacher.get('patience')})"
@@ -260,7 +263,8 @@ def classifier_table(r: dict) -> str:
                         f"{teacher.get('eval_every', '?')} steps; best step {teacher['best_step']} (val macro-F1 "
                         f"{teacher['best_val_macro_f1']:.4f}), {stop}."]
         lat = d.get("latency", {})
-        stamp = (f" This data set was measured {d['date'][:10]}, commit `{(d.get('commit') or '?')[:8]}`."
+        stamp = (f" This data set was measured {d['date'][:10]}, commit `{(d.get('commit') or '?')[:8]}`, by an earlier "
+                 "invocation with its own settings (the line below describes the latest one)."
                  if d.get("from_earlier_invocation") and d.get("date") else "")
         out += ["", f"MB on device = every file of the row's `onnx/` folder (fp32 `model.onnx`, trimmed tokenizer, label "
                     "map, export report); × fp32 = teacher params × 4 ÷ those bytes, weights only = ÷ `model.onnx` alone; "
@@ -273,8 +277,14 @@ def classifier_table(r: dict) -> str:
     s, a = r.get("student", {}), r.get("args", {})
     one = f" (1 layer from {s['one_layer_from_x']:g}× on)" if s.get("one_layer_from_x") else ""
     env = r.get("environment") or {}
+    kd = s.get("kd") or {}
+    transfer = (f", KD on the training texts + {kd['augment']} perturbed copies of each (labelled by the teacher)"
+                if kd.get("augment") else "")
+    batch = f" of {a['student_batch_size']}" if a.get("student_batch_size") else ""
+    steps = (f"at most {a.get('student_steps', '?')} training steps (early stopping on val macro-F1, patience "
+             f"{a['student_patience']})" if a.get("student_patience") else f"{a.get('student_steps', '?')} training steps")
     out.append(f"Students: {s.get('num_layers', '?')} teacher layers{one}, trimmed vocabulary, SVD-factorized, max "
-               f"{s.get('max_len', '?')} tokens, {a.get('student_steps', '?')} training steps. Measured "
+               f"{s.get('max_len', '?')} tokens, {steps}{batch}{transfer}. Measured "
                f"{r.get('date', '?')[:10]} on {env.get('cpu_model', '?')}, {r.get('machine', {}).get('cpu_cores', '?')} "
                f"cores, commit `{(r.get('commit') or '?')[:8]}`{' (uncommitted changes)' if r.get('git_dirty') else ''}, "
                f"by `{r.get('command', 'python benchmarks/classifier.py')}` → "
