@@ -229,7 +229,7 @@ class Bench:
             if retrained and partial.is_dir():  # distilled from the previous teacher: not resumable
                 print(f"[{data}] {row['name']}: the teacher was retrained; discarding {partial}", flush=True)
                 shutil.rmtree(partial)
-            print(f"[{data}] {row['name']}: {STUDENT_KINDS[row['kind']]} student at ~{_x(row['target_x'])}x, "
+            print(f"[{data}] {row['name']}: {STUDENT_KINDS[row['kind']]} at ~{_x(row['target_x'])}x, "
                   f"{cfg.train.steps} steps -> {out}", flush=True)
             try:
                 self._timed(data, row["name"], lambda: shrink_classifier(cfg, overwrite=(out / "DONE").is_file()))

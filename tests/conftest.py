@@ -76,6 +76,19 @@ def load_tiny_teacher(model_dir):
     return model
 
 
+def tiny_distill_setup(model_dir, layers: list[int], allow_full: bool = False):
+    """(teacher, a factory of students sliced to `layers`, 8 training blocks, 2 val blocks) for trainer tests."""
+    import numpy as np
+
+    from edgestill.models.slice import slice_decoder
+
+    teacher = load_tiny_teacher(model_dir)
+    rng = np.random.default_rng(0)
+    blocks = rng.integers(3, teacher.config.vocab_size, size=(8, 20)).astype(np.int32)
+    val = rng.integers(3, teacher.config.vocab_size, size=(2, 20)).astype(np.int32)
+    return teacher, (lambda: slice_decoder(teacher, layers, allow_full=allow_full)), blocks, val
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny random LlamaForCausalLM (4 layers, hidden 64, vocab ~300) saved as a HF folder."""

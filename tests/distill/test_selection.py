@@ -6,10 +6,9 @@ from __future__ import annotations
 import dataclasses
 import json
 
-import numpy as np
 import pytest
 import torch
-from conftest import load_tiny_teacher, one_line_error  # tests/ is on sys.path
+from conftest import one_line_error, tiny_distill_setup  # tests/ is on sys.path
 
 from edgestill.config import DistillConfig, load_config
 from edgestill.distill.trainer import LiveTeacher, distill, held_out_scores
@@ -19,13 +18,7 @@ BASE = DistillConfig(steps=6, batch_size=2, lr=1e-3, warmup_steps=1, top_k=8, ch
 
 @pytest.fixture(scope="module")
 def setup(tiny_model_dir):
-    from edgestill.models.slice import slice_decoder
-
-    teacher = load_tiny_teacher(tiny_model_dir)
-    rng = np.random.default_rng(0)
-    blocks = rng.integers(3, teacher.config.vocab_size, size=(8, 20)).astype(np.int32)
-    val = rng.integers(3, teacher.config.vocab_size, size=(2, 20)).astype(np.int32)
-    return teacher, (lambda: slice_decoder(teacher, [0, 1, 2, 3], allow_full=True)), blocks, val
+    return tiny_distill_setup(tiny_model_dir, [0, 1, 2, 3], allow_full=True)
 
 
 def _state(model) -> dict:

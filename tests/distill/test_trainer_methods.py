@@ -9,12 +9,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_distill_setup  # tests/ is on sys.path
 
-from conftest import load_tiny_teacher  # tests/ is on sys.path
 from edgestill.config import DistillConfig, load_config
+from edgestill.distill import trainer
 from edgestill.distill.features import sliced_layer_map, uniform_layer_map
 from edgestill.distill.losses import cross_entropy, forward_kl_topk, kd_objective
-from edgestill.distill import trainer
 from edgestill.distill.teacher_cache import build_topk_cache, teacher_topk
 from edgestill.distill.trainer import CachedTeacher, LiveTeacher, Methods, batch_rows, distill, learning_rate
 from edgestill.errors import EdgestillError
@@ -24,13 +24,7 @@ BASE = DistillConfig(steps=4, batch_size=2, lr=1e-3, warmup_steps=1, top_k=8, ch
 
 @pytest.fixture(scope="module")
 def setup(tiny_model_dir):
-    from edgestill.models.slice import slice_decoder
-
-    teacher = load_tiny_teacher(tiny_model_dir)
-    rng = np.random.default_rng(0)
-    blocks = rng.integers(3, teacher.config.vocab_size, size=(8, 20)).astype(np.int32)
-    val = rng.integers(3, teacher.config.vocab_size, size=(2, 20)).astype(np.int32)
-    return teacher, (lambda: slice_decoder(teacher, [0, 3])), blocks, val
+    return tiny_distill_setup(tiny_model_dir, [0, 3])
 
 
 def _run(setup, tmp_path, cfg, source=None, name="run", student=None):
