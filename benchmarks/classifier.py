@@ -101,10 +101,11 @@ class Bench:
             "train.eval_every": min(a.teacher_eval_every, a.teacher_steps), "train.patience": a.teacher_patience,
             "train.select_on": "macro_f1", "train.seed": a.seed, "output_dir": str(self.root / data / "teacher")})
 
-    def student_cfg(self, data: str, name: str, target_x: float, kd: bool, augment: bool = True):
+    def student_cfg(self, data: str, name: str, target_x: float, kind: str):
+        """The shrink config of a student row; `kind` is a key of STUDENT_KINDS."""
         from edgestill.config import load_classifier_config
 
-        a = self.args
+        a, kd = self.args, kind != "ce"
         values = {
             "teacher": str(self.root / data / "teacher"), "student.max_len": a.max_len,
             # the smallest students cannot hold 2 layers even at the lowest rank: they keep 1 (--one-layer-from)
@@ -114,7 +115,7 @@ class Bench:
             "train.lr": a.student_lr, "train.batch_size": a.student_batch_size, "train.eval_every": min(a.eval_every, a.student_steps),
             "train.patience": a.student_patience,
             "train.seed": a.seed, "kd.temperature": a.temperature, "kd.alpha": a.alpha if kd else 0.0,
-            "kd.hidden_weight": a.hidden_weight if kd else 0.0, "kd.augment": a.augment if kd and augment else 0,
+            "kd.hidden_weight": a.hidden_weight if kd else 0.0, "kd.augment": a.augment if kind == "kd" else 0,
             "eval.onnx_type": "f32", "eval.threads": a.threads,
             # the benchmark times teacher and all students in one alternated loop (below); the run's own timing is minimal
             "eval.teacher_latency": False, "eval.tfidf_baseline": False, "eval.latency_examples": 4,
@@ -217,7 +218,7 @@ class Bench:
             self._timed(data, "teacher_onnx_export", lambda: export_classifier(teacher_dir, "f32"))
         for row in (r for r in rows if r["kind"] in STUDENT_KINDS):
             try:
-                cfg = self.student_cfg(data, row["name"], row["target_x"], row["kind"] != "ce", row["kind"] == "kd")
+                cfg = self.student_cfg(data, row["name"], row["target_x"], row["kind"])
             except EdgestillError as e:  # the size cannot hold the tokenizer and a model: report it, go on
                 print(f"[{data}] {row['name']}: failed: {e}", flush=True)
                 continue
