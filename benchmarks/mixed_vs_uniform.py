@@ -7,10 +7,11 @@ The whole teacher, post-training (round-to-nearest, no training, so only the all
             (a) exactly the bytes of each uniform model (the equal-bytes comparison),
             (b) 90% of uniform Q5_0's bytes (does the mix match Q5_0 with fewer bytes?),
             (c) budgets spread between uniform Q4_0 and Q8_0 (the bytes -> KL curve, plotted)
-The teacher ships as a Q4_1 GGUF, so its weights already lie on the Q4_1 grid (and on Q5_1's, which holds
-it): re-quantizing a layer to Q4_1/Q5_1 is lossless for this teacher, which says nothing about those formats
-on a real fp16 model. They are therefore kept out of the mixed menu; uniform Q4_1 is still reported as the
-row that shows the artifact (`--formats`/`--uniform` change both).
+The teacher is the reference every edgestill run uses: the default teacher corrected on the training split
+(teacher.correct; cached in ~/.cache/edgestill/corrected). The original ships as a Q4_1 GGUF, whose weights lie on
+the Q4_1 grid, so re-quantizing *it* to Q4_1 was lossless; the corrected teacher's full-precision weights are off
+that grid, so uniform Q4_1 is an ordinary row here. The mixed menu is the formats `plan`/`sweep` allocate for QAT
+(`--formats`/`--uniform` change both).
 Reported: held-out KL(teacher || model), perplexity, top-1 agreement, and the exact GGUF bytes of each.
 Calibration (the sensitivities) uses the train split; the held-out split is only scored.
 
@@ -54,7 +55,9 @@ def main() -> None:
     uniform_formats = tuple(args.uniform.split(","))
 
     from edgestill.config import ShrinkConfig
+    from edgestill.data.corpus import corpus_blocks
     from edgestill.evaluate.metrics import compare_lm
+    from edgestill.jobs.shrink import reference_teacher
     from edgestill.models.load import load_causal_lm, resolve_model_path
     from edgestill.plan.allocate import Budget, allocate, format_bits, plan_dict
     from edgestill.plan.cost import StudentShape, gguf_bytes, tokenizer_metadata_bytes
@@ -62,11 +65,14 @@ def main() -> None:
     from edgestill.plan.sensitivity import layer_sensitivity
     from edgestill.quant import QuantConfig, quantize_
     from edgestill.quant.formats import format_by_name
-    from edgestill.data.corpus import corpus_blocks
 
     torch.set_num_threads(2)
-    teacher = load_causal_lm("smollm2-135m")
-    blocks = corpus_blocks(ShrinkConfig().data, teacher.tokenizer)
+    cfg = ShrinkConfig()
+    original = load_causal_lm(cfg.teacher.model)
+    blocks = corpus_blocks(cfg.data, original.tokenizer)
+    teacher = reference_teacher(cfg, original, blocks)  # corrected on the train split (cached, shared with every run)
+    original_path = original.path
+    del original
     train, test = blocks.train, blocks.test
     calibration = [torch.from_numpy(train[i : i + 2]).long() for i in range(0, 8, 2)]  # 8 train blocks
     sensitivity = layer_sensitivity(teacher.model, calibration, formats)
@@ -151,7 +157,7 @@ def main() -> None:
         "calibration": "8 train blocks x 256 tokens", "held_out_tokens": int(test[:, 1:].size),
         "formats": list(formats), "uniform": uniform, "rows": rows, "mixed_at_0.9x_q5_0": fewer, "curve": curve,
         "plot": str(plot.relative_to(ROOT)),
-        "note": "the teacher ships as Q4_1: its layers re-quantize to Q4_1 losslessly (an artifact of this teacher)",
+        "reference": "corrected" if teacher.path != original_path else "original", "reference_path": teacher.path,
         "sensitivity": sensitivity.to_dict()})
 
 
@@ -172,7 +178,7 @@ def _plot(path: Path, uniform: dict, formats, rows: list, fewer: dict | None, cu
     for f, u in uniform.items():
         if f not in formats:
             ax.plot(u["file_bytes"] / 1e6, u["kl_teacher_model"], "x", color="tab:red")
-            ax.annotate(f"{f.upper()} (teacher's own grid)", (u["file_bytes"] / 1e6, u["kl_teacher_model"]),
+            ax.annotate(f"{f.upper()} (not in the mix menu)", (u["file_bytes"] / 1e6, u["kl_teacher_model"]),
                         textcoords="offset points", xytext=(6, -10), fontsize=8, color="tab:red")
     pts = sorted([*(r["mixed"] for r in rows), *([fewer] if fewer else []), *curve], key=lambda m: m["file_bytes"])
     ax.plot([m["file_bytes"] / 1e6 for m in pts], [m["kl_teacher_model"] for m in pts], "s-", color="tab:blue",

@@ -24,6 +24,13 @@ def _load1(load) -> str:
     return f"{load[0]:.1f}" if isinstance(load, list) and load else "?"
 
 
+def _measured(env: dict) -> str:
+    """'Measured <date> on <cpu> (<threads> threads, 1-min load a → b), commit `x`': a result's provenance in prose."""
+    return (f"Measured {env['date'][:10]} on {env.get('cpu_model') or '?'} ({env.get('threads', '?')} threads, 1-min load "
+            f"{_load1(env.get('load_average_before'))} → {_load1(env.get('load_average_after'))}), commit "
+            f"`{(env.get('git_commit') or '?')[:8]}`{' (dirty)' if env.get('git_dirty') else ''}")
+
+
 def default_run_table(r: dict) -> str:
     """Original teacher | corrected teacher (the reference) | student, in domain and out of domain."""
     t, s, o = r["teacher"], r["student"], r.get("original_teacher") or {}
@@ -90,7 +97,7 @@ def throughput_table(r: dict) -> str:
         f"Building the cache ran the teacher at {r['cache_build_tokens_per_s']:.0f} tokens/s once"
         + (f"; it pays for itself after {pay:.1f} epochs" if pay else "")
         + f". {r['student_layers']}-layer student, batch {r['batch_size']}×{r['seq_len']}, {r['torch_threads']} threads; "
-        f"`benchmarks/distill_throughput.py` → `benchmarks/results/distill_throughput.json`.",
+        f"{_measured(r['environment'])}, `benchmarks/distill_throughput.py` → `benchmarks/results/distill_throughput.json`.",
     ])
 
 
@@ -103,36 +110,41 @@ def _recovered(rows: list[dict], base: str, trained: str, key: str, perfect: flo
 
 
 def quant_table(r: dict) -> str:
-    rows = ["| group | model | held-out ppl | retention | top-1 | KL | bytes | × fp32 | decode tok/s (2 threads) | of bandwidth bound |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    if "reference_perplexity" not in r:
+        return "_Old result format (scored against the teacher as given): rerun `python benchmarks/quant_table.py`._"
+    rows = ["| group | model | held-out ppl | retention | top-1 | KL | MB | × original file | × F16 | decode tok/s (2 threads) "
+            "| of bandwidth bound |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for x in r["rows"]:
         frac = x.get("bandwidth_bound_fraction")
-        kl = x.get("kl_teacher_model")
         runtime = "" if x.get("runtime", "llama.cpp") == "llama.cpp" else f" ({x['runtime']})"
         rows.append(f"| {x['group']} | {x['name']} | {x['perplexity']:.2f} | {x['retention']:.3f} | {x['top1_agreement']:.3f} "
-                    f"| {'' if kl is None else f'{kl:.3f}'} | {x['file_bytes'] / 1e6:.1f} MB | {x['compression_x_fp32']:.2f}× "
-                    f"| {x['decode_tokens_per_s']:.1f}{runtime} | {'' if frac is None else f'{frac:.2f}'} |")
-    env = r["environment"]
+                    f"| {x['kl_teacher_model']:.3f} | {x['file_bytes'] / 1e6:.1f} | {x['compression_x_source']:.2f}× "
+                    f"| {x['compression_x_fp16']:.2f}× | {x['decode_tokens_per_s']:.1f}{runtime} "
+                    f"| {'' if frac is None else f'{frac:.2f}'} |")
+    env, t = r["environment"], r.get("targets", {})
     notes = []
-    qat = next((x["name"] for x in r["rows"] if x["name"].startswith("edgestill QAT+KD Q4_0")), None)
-    for base in ("edgestill RTN Q4_0", "edgestill GPTQ Q4_0"):
-        kl = _recovered(r["rows"], base, qat, "kl_teacher_model", 0.0)
-        top1 = _recovered(r["rows"], base, qat, "top1_agreement", 1.0)
-        ppl = _recovered(r["rows"], base, qat, "perplexity", r["teacher_perplexity"])
-        if kl is not None and top1 is not None:
-            notes.append(f"of what {base.split()[1]} Q4_0 loses, QAT+KD wins back **{kl:.0%}** of the KL and **{top1:.0%}** of "
-                         f"the top-1 agreement ({ppl:.0%} of the perplexity, which counts what it learned of the plays)")
+    for base in ("rtn", "gptq"):
+        if f"qat_recovers_of_{base}_kl" in t:
+            notes.append(f"of what {base.upper()} Q4_0 loses against the corrected teacher, QAT+KD wins back "
+                         f"**{t[f'qat_recovers_of_{base}_kl']:.0%}** of the KL and **{t[f'qat_recovers_of_{base}_top1']:.0%}** "
+                         f"of the top-1 agreement ({t[f'qat_recovers_of_{base}_perplexity']:.0%} of the perplexity)")
+    qat = next((x for x in r["rows"] if x["name"].startswith("edgestill QAT+KD")), None)
+    selection = ((qat or {}).get("run") or {}).get("selection")
+    if selection:
+        notes.append(f"the QAT+KD run kept step {selection['selected_step']} of {selection['last_step']} "
+                     f"(distill.select={selection['select']}: the evaluated step with the lowest held-out "
+                     f"{selection.get('selected_on', 'score')})")
+    ood = [(x["name"], x["run"]["out_of_domain"]) for x in r["rows"] if (x.get("run") or {}).get("out_of_domain", {}).get("retention")]
+    if ood:
+        notes.append("out of domain (general English), retention: " + ", ".join(f"{n} {o['retention']:.3f}" for n, o in ood))
     rows.append("")
-    load = r.get("load_average")
-    if load:
-        notes.append(f"the machine's load average was {load['start']:.1f} → {load['end']:.1f} during the run "
-                     "(2 cores; above ~2 the speeds are shared)")
     rows.append(("; ".join(notes) + ". " if notes else "")
-                + f"Quality from llama.cpp's own logits on {r['held_out_tokens']:,} held-out tokens against the fp32 teacher "
-                f"as given, not corrected (ppl {r['teacher_perplexity']:.2f}); decode = {r['decode_tokens']} greedy tokens after a "
+                + f"Quality from llama.cpp's own logits on {r['held_out_tokens']:,} held-out tokens against the corrected "
+                f"teacher in transformers (ppl {r['reference_perplexity']:.2f}); the original file is "
+                f"{r['source_file']['bytes'] / 1e6:.1f} MB. Decode = {r['decode_tokens']} greedy tokens after a "
                 f"{r['prompt_tokens']}-token prompt, median of {r['repeats']} alternated rounds; bandwidth bound from a measured "
-                f"{r['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s read. Measured {env['date'][:10]}, commit "
-                f"`{(env.get('git_commit') or '?')[:8]}`, `{r['command']}` → `benchmarks/results/quant_table.json`.")
+                f"{r['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s read. {_measured(env)}, "
+                f"`{r['command']}` → `benchmarks/results/quant_table.json`.")
     return "\n".join(rows)
 
 
@@ -147,7 +159,7 @@ def cost_model_table(r: dict) -> str:
     env = r["environment"]
     rows += ["", f"{r['cases_within_tolerance_both']} of {r['cases']} cases within ±{r['tolerance']:.0%} for both prefill and "
                  f"decode (ratio predicted ÷ measured in brackets). llama.cpp, {r['threads']} threads, medians of alternated "
-                 f"rounds; the host profile is fitted on synthetic models of other shapes. Measured {env['date'][:10]} with the "
+                 f"rounds; the host profile is fitted on synthetic models of other shapes. {_measured(env)}, with the "
                  f"benchmark at raised CPU priority (nice {r['priority'].get('nice')}: the machine is shared), "
                  "`python benchmarks/cost_model.py --boost-priority` → `benchmarks/results/cost_model.json`."]
     return "\n".join(rows)
@@ -164,7 +176,7 @@ def mixed_vs_uniform_table(r: dict) -> str:
     rows = ["| model | GGUF MB | held-out KL(teacher ‖ model) | top-1 | retention | vs uniform |",
             "|---|---:|---:|---:|---:|---|"]
     for f, u in sorted(r["uniform"].items(), key=lambda kv: kv[1]["file_bytes"]):
-        mark = " (teacher's own grid)" if f not in r["formats"] else ""
+        mark = " (not in the mix menu)" if f not in r["formats"] else ""
         rows.append(f"| uniform {f.upper()}{mark} | {u['file_bytes'] / 1e6:.2f} | {u['kl_teacher_model']:.4f} | "
                     f"{u['top1_agreement']:.3f} | {u['retention']:.3f} | |")
     for x in r["rows"]:
@@ -184,10 +196,12 @@ def mixed_vs_uniform_table(r: dict) -> str:
         rows.append(f"| mix within {m['budget_bytes'] / 1e6:.1f} MB: {counts(m)} | {m['file_bytes'] / 1e6:.2f} | "
                     f"{m['kl_teacher_model']:.4f} | {m['top1_agreement']:.3f} | {m['retention']:.3f} | {vs} |")
     env = r["environment"]
-    rows += ["", f"Round-to-nearest on the whole teacher (no training: only the allocation differs); mixes choose per layer "
+    reference = ("the corrected teacher (fine-tuned on the train split; the reference of every run)"
+                 if r.get("reference") == "corrected" else "the teacher as given (not corrected)")
+    rows += ["", f"Round-to-nearest on {reference}, KL against it (no training: only the allocation differs); mixes choose per layer "
                  f"from {', '.join(f.upper() for f in r['formats'])} by the sensitivities measured on {r['calibration']} of "
-                 f"the train split; KL and top-1 on {r['held_out_tokens']:,} held-out tokens. Measured {env['date'][:10]}, "
-                 f"commit `{env['git_commit'][:8]}`, `{r['command']}` → `benchmarks/results/mixed_vs_uniform.json` and "
+                 f"the train split; KL and top-1 on {r['held_out_tokens']:,} held-out tokens. {_measured(env)}, "
+                 f"`{r['command']}` → `benchmarks/results/mixed_vs_uniform.json` and "
                  f"`{r['plot']}`."]
     return "\n".join(rows)
 

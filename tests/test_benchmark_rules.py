@@ -62,3 +62,29 @@ def test_classifier_table_strikes_out_a_failed_students_retention():
     assert "**FAILED**" in student and "~~0.476~~" in student
     assert "| teacher |" in table and "beats TF-IDF" in table
     assert "**not met**" in table
+
+
+def _quant_row(name: str, group: str, kl: float, top1: float, ppl: float, **extra) -> dict:
+    return {"name": name, "group": group, "perplexity": ppl, "retention": 30.0 / ppl, "top1_agreement": top1,
+            "kl_teacher_model": kl, "file_bytes": 80e6, "compression_x_source": 1.23, "compression_x_fp16": 3.4,
+            "decode_tokens_per_s": 50.0, "bandwidth_bound_fraction": 0.5, **extra}
+
+
+def test_quant_table_names_the_corrected_reference_and_the_recovery_on_kl_and_top1():
+    env = {"date": "2026-12-03T06:00:00", "cpu_model": "Xeon", "threads": 2, "load_average_before": [0.1, 0, 0],
+           "load_average_after": [1.9, 1, 0], "git_commit": "abcdef1234", "git_dirty": False}
+    qat_run = {"selection": {"select": "val_kl", "selected_on": "kl_teacher_student", "selected_step": 25, "last_step": 40},
+               "out_of_domain": {"retention": 0.812}}
+    result = {"reference_perplexity": 30.0, "held_out_tokens": 12240, "source_file": {"bytes": 98.4e6},
+              "decode_tokens": 64, "prompt_tokens": 128, "repeats": 5, "memory_bandwidth_bytes_per_s": 28.8e9,
+              "command": "python benchmarks/quant_table.py", "environment": env,
+              "targets": {"qat_recovers_of_rtn_kl": 0.5, "qat_recovers_of_rtn_top1": 0.25,
+                          "qat_recovers_of_rtn_perplexity": 1.1},
+              "rows": [_quant_row("edgestill RTN Q4_0", "3", 0.2, 0.8, 33.0),
+                       _quant_row("edgestill QAT+KD Q4_0 (30 layers)", "4", 0.1, 0.85, 30.5, run=qat_run)]}
+    text = readme_tables.quant_table(result)
+    assert "against the corrected teacher" in text and "1.23×" in text
+    assert "**50%** of the KL and **25%** of the top-1" in text
+    assert "kept step 25 of 40" in text and "0.812" in text
+    assert "1-min load 0.1 → 1.9" in text and "(dirty)" not in text
+    assert "Old result format" in readme_tables.quant_table({"rows": [], "teacher_perplexity": 45.8})
