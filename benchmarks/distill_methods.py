@@ -4,6 +4,7 @@
     python benchmarks/distill_methods.py --steps 200       # a bigger budget (every row gets the same one)
     python benchmarks/distill_methods.py --rows jsd,pid    # only some rows (others already finished are kept)
     python benchmarks/distill_methods.py --quick           # smoke run on tiny settings (minutes) -> distill_methods_quick.json
+    python benchmarks/distill_methods.py --seeds 0,1,2 --rows ce_only,forward_kl,pid   # 3 seeds: differences can be claimed
 
 Every row is one `edgestill shrink` run through the project's own functions (`jobs.shrink.distill` + `evaluate`
 with `load_config(overrides=...)`), in runs/bench/methods/<row>. Teacher smollm2-135m, corpus shakespeare,
@@ -16,6 +17,11 @@ Rows: CE only (alpha 0); forward KL (the default objective); reverse KL; skew KL
 MTAKD: SmolLM2 + a llama.cpp Q2_K copy + a noise-corrupted copy (all share the tokenizer), agreement
 weighting vs plain averaging vs each single teacher. The single-copy rows train from the same sliced
 student (sliced from the real teacher) and, like every row, are evaluated against the real teacher.
+
+Seeds (`--seeds`, distill.seed) change the order of the training batches (and on-policy sampling); the sliced
+student, the corrected teacher and the data are the same for every seed. Seed 0 lives in <root>/<row>, seed s in
+<root>/<row>-seed<s>. The table shows the mean and the spread across seeds, and calls a row better or worse than
+forward KL only when it is so on every one of >= 3 seeds (paired by seed).
 
 The teacher cache (top-k logits of the train split) depends only on teacher(s), data and top_k, so it is
 built once per teacher set, kept in <root>/_caches/<key>/cache/ and handed to each new row's run
@@ -157,14 +163,19 @@ def _cache_key(cfg) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
-def run_row(row: Row, overrides: list[str], eval_overrides: list[str], out_root: Path) -> dict:
-    """Train and evaluate one row (or reuse its finished folder); the row's entry of the result."""
+def row_dir(out_root: Path, name: str, seed: int) -> Path:
+    return out_root / (name if seed == 0 else f"{name}-seed{seed}")
+
+
+def run_row(row: Row, overrides: list[str], eval_overrides: list[str], out_root: Path, seed: int = 0) -> dict:
+    """Train and evaluate one row for one seed (or reuse its finished folder); the row's entry of the result."""
     import yaml
 
     from edgestill.config import load_config
     from edgestill.jobs.shrink import Distilled, distill, evaluate
 
-    out = out_root / row.name
+    out = row_dir(out_root, row.name, seed)
+    overrides = [*overrides, f"distill.seed={seed}"]
     if not (out / "DONE").is_file():
         cfg = load_config(overrides=[*overrides, f"output.dir={out}"])
         shared = out_root / "_caches" / _cache_key(cfg)
@@ -184,7 +195,7 @@ def run_row(row: Row, overrides: list[str], eval_overrides: list[str], out_root:
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     tokens_per_step = cfg["distill"]["batch_size"] * cfg["data"]["seq_len"]
     entry = {
-        "label": row.label, "group": row.group, "overrides": overrides[len(BASE_OVERRIDES):],
+        "label": row.label, "group": row.group, "overrides": overrides[len(BASE_OVERRIDES):-1], "seed": seed,
         "trained_from": [cfg["teacher"]["model"], *cfg["teacher"]["extra"]], "evaluated_against": m["teacher"]["name"],
         "reference": m.get("reference", "original"),
         "retention": m["retention"], "top1_agreement": m["top1_agreement"], "kl_teacher_student": m["kl_teacher_student"],
@@ -207,16 +218,63 @@ def run_row(row: Row, overrides: list[str], eval_overrides: list[str], out_root:
 BASE_OVERRIDES: list[str] = []  # set in main: the overrides every row shares (listed once in the JSON)
 
 
+SCORES = ("retention", "top1_agreement", "kl_teacher_student")
+
+
+def aggregate(entries: list[dict]) -> dict:
+    """One row of the result from its per-seed entries: the scores' mean (and min/max across seeds), the seeds kept."""
+    row = {k: v for k, v in entries[0].items() if k not in (*SCORES, "seed", "environment", "run_dir")}
+    for key in (*SCORES, "train_s"):
+        values = [e[key] for e in entries]
+        row[key] = sum(values) / len(values)
+        row[f"{key}_range"] = [min(values), max(values)]
+    row["n_seeds"] = len(entries)
+    row["per_seed"] = [{k: e[k] for k in ("seed", *SCORES, "train_s", "run_dir", "environment")} for e in entries]
+    return row
+
+
+def versus(per_seed: dict[str, list[dict]], base: str) -> dict:
+    """Each row against `base`, paired by seed: the mean difference of each score and on how many seeds the row was
+    better. A difference is `claimed` only when the row is better (or worse) on every one of >= 3 shared seeds."""
+    if base not in per_seed:
+        return {}
+    base_by_seed = {e["seed"]: e for e in per_seed[base]}
+    out = {}
+    for name, entries in per_seed.items():
+        pairs = [(e, base_by_seed[e["seed"]]) for e in entries if e["seed"] in base_by_seed]
+        if name == base or not pairs or entries[0].get("same_run_as") == base:
+            continue
+        row = {"seeds": len(pairs)}
+        for key in SCORES:
+            sign = -1 if key == "kl_teacher_student" else 1  # lower KL is better
+            diffs = [sign * (e[key] - b[key]) for e, b in pairs]
+            better = sum(d > 0 for d in diffs)
+            row[key] = {"mean_gain": sum(diffs) / len(diffs), "better_on": better,
+                        "claimed": ("better" if better == len(pairs) else "worse" if better == 0 and all(diffs) else None)
+                        if len(pairs) >= 3 else None}
+        out[name] = row
+    return out
+
+
 # --- the README table ---------------------------------------------------------------------------------------
 
+def _score(r: dict, key: str) -> str:
+    """The mean, and across seeds its range: '0.512 (0.50–0.52)'."""
+    lo, hi = r.get(f"{key}_range") or (r[key], r[key])
+    return f"{r[key]:.3f}" + (f" ({lo:.3f}–{hi:.3f})" if r.get("n_seeds", 1) > 1 else "")
+
+
 def methods_table(result: dict) -> str:
-    """Markdown table of a distill_methods result, one row per run: a row that is the same run as another (same
-    config) names it instead of repeating its numbers. One seed: nothing is marked best."""
+    """Markdown table of a distill_methods result, one row per config: a row that is the same run as another (same
+    config) names it instead of repeating its numbers. Scores are means across seeds (range in brackets); a row is
+    called better or worse than forward KL only when it is so on every one of >= 3 seeds."""
     rows = result["rows"]
+    seeds = result.get("seeds", [0])
     groups = {"loss": "divergence", "features": "feature transfer", "kd_weight": "KD weight",
               "multi_teacher": "teachers"}
-    lines = ["| | method | retention | top-1 agreement | KL(teacher ‖ student) | train s | commit |",
-             "|---|---|---:|---:|---:|---:|---|"]
+    lines = ["| | method | retention | top-1 agreement | KL(teacher ‖ student) | vs forward KL (KL, by seed) | train s | commit |",
+             "|---|---|---:|---:|---:|---|---:|---|"]
+    vs = result.get("versus_forward_kl", {})
     for group, title in groups.items():
         members = {n: r for n, r in rows.items() if r["group"] == group}
         if not members:
@@ -227,25 +285,40 @@ def methods_table(result: dict) -> str:
             same = r.get("same_run_as")
             if same and same in rows:
                 lines.append(f"| {title if i == 0 else ''} | {r['label']} | the {rows[same]['label']} run above (same "
-                             "config) | | | | |")
+                             "config) | | | | | |")
                 continue
-            commit = ((r.get("environment") or {}).get("git_commit") or "?")[:7]
-            lines.append(f"| {title if i == 0 else ''} | {r['label']} | {r['retention']:.3f} | {r['top1_agreement']:.3f} | "
-                         f"{r['kl_teacher_student']:.3f} | {r['train_s']:.0f} | {commit} |")
+            envs = [p.get("environment") or {} for p in r.get("per_seed", [r])]
+            commits = ", ".join(sorted({(e.get("git_commit") or "?")[:7] for e in envs}))
+            v = (vs.get(name) or {}).get("kl_teacher_student")
+            verdict = ""
+            if v:
+                verdict = (f"{v['claimed']}: " if v["claimed"] else "no claim: ") + f"lower on {v['better_on']}/{vs[name]['seeds']}"
+            lines.append(f"| {title if i == 0 else ''} | {r['label']} | {_score(r, 'retention')} | {_score(r, 'top1_agreement')} "
+                         f"| {_score(r, 'kl_teacher_student')} | {verdict} | {r['train_s']:.0f} | {commits} |")
     notes = []
     w = rows.get("multi_agreement", {}).get("teacher_weights_mean")
     if w:
         names = ", ".join(f"{n} {x:.2f}" for n, x in zip(("SmolLM2", "Q2_K copy", "corrupted copy"), w))
         notes.append(f"Mean agreement weight per teacher (1/K = 0.33): {names}.")
-    env = result.get("environment", {})
     refs = {r.get("reference", "original") for r in rows.values()}
-    notes.append("One seed per row: differences between rows are not claims (a claim needs ≥ 3 seeds).")
+    if len(seeds) >= 3:
+        notes.append(f"{len(seeds)} seeds per row (distill.seed {', '.join(map(str, seeds))}: the order of the training "
+                     "batches; same student, teacher and data). A row is called better or worse than forward KL only when "
+                     "its KL is lower (higher) on every seed, paired by seed.")
+    else:
+        notes.append(f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''} per row: differences between rows are not claims "
+                     "(a claim needs ≥ 3 seeds).")
+    envs = [p.get("environment") or {} for r in rows.values() for p in r.get("per_seed", [r])]
+    dates = sorted(e["date"][:10] for e in envs if e.get("date"))
+    cpus = ", ".join(sorted({e.get("cpu_model") or "?" for e in envs}))
+    loads = [e["load_average_before"][0] for e in envs if isinstance(e.get("load_average_before"), list)]
     notes.append(f"Each row: {result['steps']} steps × {result['tokens_per_step']} tokens of {result['corpus']}, "
-                 f"{result['student_layers']}-layer sliced student of {result['teacher']}; retention = teacher ppl ÷ "
+                 f"{result['student_layers']}-layer sliced student of {result['teacher']}; retention = reference ppl ÷ "
                  f"student ppl on {result['held_out']}, never trained on; every row is measured against "
                  f"{'the corrected teacher' if refs == {'corrected'} else 'the teacher as given' if refs == {'original'} else 'its own reference (' + ', '.join(sorted(refs)) + ')'}. "
-                 f"Measured {env.get('date', '?')[:10]} on {env.get('cpu_cores', '?')} CPU cores, commit "
-                 f"`{(env.get('git_commit') or '?')[:8]}`, by `{result.get('command', 'benchmarks/distill_methods.py')}` → "
+                 f"Measured {dates[0] if dates else '?'}{f' to {dates[-1]}' if dates and dates[-1] != dates[0] else ''} "
+                 f"on {cpus}, 2 threads" + (f", 1-min load at each row's start {min(loads):.1f}–{max(loads):.1f}" if loads else "")
+                 + f"; each row names its commit; by `{result.get('command', 'benchmarks/distill_methods.py')}` → "
                  f"`benchmarks/results/{result.get('benchmark', 'distill_methods')}.json`.")
     return "\n".join(lines + [""] + notes)
 
@@ -258,6 +331,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="distillation steps per row (default 100; --quick: 3)")
     ap.add_argument("--quick", action="store_true", help="tiny settings, a smoke run of every row")
     ap.add_argument("--rows", default="", help="comma-separated row names (default: all)")
+    ap.add_argument("--seeds", default="0", help="comma-separated distill.seed values, each row run once per seed "
+                                                  "(default 0; a difference is claimed only across >= 3)")
     ap.add_argument("--out", default=None, help="folder of the row runs (default runs/bench/methods[-quick])")
     ap.add_argument("overrides", nargs="*", help="key=value overrides applied to every row")
     args = ap.parse_args()
@@ -279,33 +354,39 @@ def main() -> None:
     copies = {}
     if any(r.teachers != "real" for r in wanted):
         copies = make_teachers(out_root / "_teachers", real, NOISE_STD)
-    result_rows = {}
-    for row in wanted:
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        sys.exit(f"--seeds takes comma-separated integers, e.g. 0,1,2 (got {args.seeds!r})")
+    per_seed = {}
+    for seed, row in [(seed, row) for seed in seeds for row in wanted]:  # seed-major: every row of seed 0 comes first
         name = SAME_AS.get(row.name, row.name)
         source = next(r for r in ROWS if r.name == name)
         teacher_overrides = []
         if source.teachers == "multi":
             teacher_overrides = [f"teacher.extra=[{copies['q2k']}, {copies['noisy']}]"]
         elif source.teachers in ("q2k", "noisy"):
-            reference = run_row(ROWS[1], BASE_OVERRIDES, [], out_root)  # forward_kl: its slice is every row's start
+            reference = run_row(ROWS[1], BASE_OVERRIDES, [], out_root)  # forward_kl, seed 0: its slice is every row's start
             layers = json.loads((Path(reference["run_dir"]) / "metrics.json").read_text())["student"]["layers_kept"]
             init = make_student_init(out_root / "_teachers" / "student-init", real, layers)
             teacher_overrides = [f"teacher.model={copies[source.teachers]}", f"student.model={init}"]
-        log.info("=== row %s (%s)", row.name, source.label)
+        log.info("=== row %s (%s), seed %d", row.name, source.label, seed)
         entry = run_row(source, [*BASE_OVERRIDES, *teacher_overrides, *source.overrides],
                         [f"teacher.model={real}"] if source.teachers in ("q2k", "noisy") else [],
-                        out_root)
-        result_rows[row.name] = {**entry, "label": row.label, "group": row.group, "same_run_as": name if name != row.name else None}
+                        out_root, seed)
+        per_seed.setdefault(row.name, []).append(
+            {**entry, "label": row.label, "group": row.group, "same_run_as": name if name != row.name else None})
+    result_rows = {name: aggregate(entries) for name, entries in per_seed.items()}
 
     path = write_result("distill_methods_quick" if args.quick else "distill_methods", {
         "what": "distillation methods on one teacher, corpus, student shape and token budget; held-out retention",
         "command": " ".join(["python", "benchmarks/distill_methods.py", *sys.argv[1:]]),
         "teacher": real, "corpus": base.data.path, "student_layers": base.student.num_layers,
-        "held_out": "the test split (by play)", "steps": steps,
+        "held_out": "the test split (by play)", "steps": steps, "seeds": seeds,
         "tokens_per_step": base.distill.batch_size * base.data.seq_len, "base_overrides": BASE_OVERRIDES,
         "extra_teachers": {"q2k": "llama.cpp Q2_K of an f32 GGUF export of the teacher",
                            "noisy": f"the teacher with Gaussian noise of {NOISE_STD} x std added to every decoder matrix"},
-        "rows": result_rows,
+        "rows": result_rows, "versus_forward_kl": versus(per_seed, "forward_kl"),
     })
     print(methods_table(json.loads(path.read_text())))
 

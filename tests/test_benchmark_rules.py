@@ -88,3 +88,37 @@ def test_quant_table_names_the_corrected_reference_and_the_recovery_on_kl_and_to
     assert "kept step 25 of 40" in text and "0.812" in text
     assert "1-min load 0.1 → 1.9" in text and "(dirty)" not in text
     assert "Old result format" in readme_tables.quant_table({"rows": [], "teacher_perplexity": 45.8})
+
+
+def _method_entry(seed: int, kl: float, **extra) -> dict:
+    return {"seed": seed, "label": "x", "group": "loss", "retention": 0.6, "top1_agreement": 0.5,
+            "kl_teacher_student": kl, "train_s": 400.0, "run_dir": f"runs/{seed}",
+            "environment": {"git_commit": "abc1234", "date": "2026-12-03", "cpu_model": "Xeon",
+                            "load_average_before": [0.2, 0, 0]}, **extra}
+
+
+@pytest.mark.parametrize("kls, claimed", [
+    ([0.80, 0.81, 0.79], "better"),   # lower KL than forward KL on every one of 3 seeds
+    ([0.80, 0.95, 0.79], None),       # worse on one seed: no claim
+    ([0.95, 0.96, 0.97], "worse"),
+])
+def test_methods_claim_a_difference_only_when_it_holds_on_every_one_of_three_seeds(kls, claimed):
+    methods = pytest.importorskip("distill_methods")
+    per_seed = {"forward_kl": [_method_entry(s, 0.9) for s in range(3)],
+                "jsd": [_method_entry(s, kl) for s, kl in enumerate(kls)]}
+    vs = methods.versus(per_seed, "forward_kl")
+    assert vs["jsd"]["kl_teacher_student"]["claimed"] == claimed
+    row = methods.aggregate(per_seed["jsd"])
+    assert row["n_seeds"] == 3 and row["kl_teacher_student_range"] == [min(kls), max(kls)]
+
+
+def test_methods_never_claim_from_fewer_than_three_seeds():
+    methods = pytest.importorskip("distill_methods")
+    per_seed = {"forward_kl": [_method_entry(s, 0.9) for s in range(2)],
+                "jsd": [_method_entry(s, 0.5) for s in range(2)]}
+    assert methods.versus(per_seed, "forward_kl")["jsd"]["kl_teacher_student"]["claimed"] is None
+    result = {"rows": {n: {**methods.aggregate(e), "group": "loss"} for n, e in per_seed.items()}, "seeds": [0, 1],
+              "versus_forward_kl": methods.versus(per_seed, "forward_kl"), "steps": 100, "tokens_per_step": 1024,
+              "corpus": "shakespeare", "student_layers": 15, "teacher": "smollm2-135m", "held_out": "the test split"}
+    text = methods.methods_table(result)
+    assert "no claim: lower on 2/2" in text and "a claim needs ≥ 3 seeds" in text and "abc1234" in text
