@@ -98,8 +98,8 @@ def _run_summary(run: Path, reference_path: str) -> dict:
     teacher = metrics.get("teacher") or {}
     train = metrics.get("train") or {}
     correction = teacher.get("correction") or {}
-    if correction and Path(teacher.get("path", "")).name != Path(reference_path).name:
-        raise SystemExit(f"{run} learned from another corrected teacher ({teacher.get('path')}); "
+    if not correction or Path(correction.get("path", "")).name != Path(reference_path).name:
+        raise SystemExit(f"{run} did not learn from this corrected teacher ({correction.get('path')}); "
                          "rerun it: remove the folder, then run this script again")
     ood = metrics.get("out_of_domain") or {}
     return {"selection": train.get("selection"), "run_commit": (metrics.get("environment") or {}).get("git_commit"),
