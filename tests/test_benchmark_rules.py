@@ -122,3 +122,21 @@ def test_methods_never_claim_from_fewer_than_three_seeds():
               "corpus": "shakespeare", "student_layers": 15, "teacher": "smollm2-135m", "held_out": "the test split"}
     text = methods.methods_table(result)
     assert "no claim: lower on 2/2" in text and "a claim needs ≥ 3 seeds" in text and "abc1234" in text
+
+
+def test_recovery_curve_reads_step_zero_and_every_evaluation(tmp_path):
+    import json
+    import math
+
+    recovery = pytest.importorskip("recovery_curve")
+    (tmp_path / "config.yaml").write_text("distill: {batch_size: 4}\ndata: {seq_len: 256}\n")
+    (tmp_path / "selection.json").write_text(json.dumps(
+        {"start": {"step": 0, "kl_teacher_student": 2.0, "top1_agreement": 0.3, "val_loss": 5.0}}))
+    log = [{"step": 1, "loss": 3.0, "tokens_per_s": 100.0},
+           {"step": 2, "loss": 2.0, "tokens_per_s": 120.0, "kl_teacher_student": 1.0, "top1_agreement": 0.5, "val_loss": 4.0},
+           {"step": 3, "loss": 1.5, "tokens_per_s": 140.0}]
+    (tmp_path / "train_log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in log))
+    points = recovery.curve_points(tmp_path, reference_val_ce=3.5)
+    assert [p["train_tokens"] for p in points] == [0, 2048]
+    assert points[1]["kl_teacher_student"] == 1.0 and math.isclose(points[1]["retention"], math.exp(-0.5))
+    assert recovery.training_speed(tmp_path) == 120.0
