@@ -189,3 +189,30 @@ def test_synthetic_calibration_models_are_the_predicted_size_and_run(tmp_path):
 
     speed = llamacpp_speed(path, prompt_tokens=8, decode_tokens=2, repeats=1, warmup=0)
     assert speed["decode_tokens_per_s"] > 0 and speed["prefill_tokens_per_s"] > 0
+
+
+def test_training_flops_per_token_matches_torchs_count_of_the_matmuls():
+    """Every Linear's forward and backward FLOPs, the frozen tied head's weight gradient left out, as torch counts
+    them; attention is added on top (causal half of eager attention's bmm count)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from edgestill.plan.cost import training_flops_per_token
+
+    config = LlamaConfig(vocab_size=500, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                         max_position_embeddings=64, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.get_input_embeddings().weight.requires_grad_(False)  # distill.freeze_embeddings: the tied head too
+    tokens = 16
+    ids = torch.randint(0, 500, (1, tokens))
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=ids, labels=ids).loss.backward()
+    counts = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
+    shape = StudentShape.from_config(config)
+    attention = 3 * 2 * tokens * 4 * 16 * 3  # causal: half of the bmm count below
+    assert training_flops_per_token(shape, tokens) == counts["aten.mm"] / tokens + attention
+    assert counts["aten.bmm"] / tokens == 2 * attention
+    assert training_flops_per_token(shape, tokens, frozen_head=False) > training_flops_per_token(shape, tokens)

@@ -114,6 +114,22 @@ class StudentShape:
         return strict_from_dict(cls, data)
 
 
+def training_flops_per_token(shape: StudentShape, seq_len: int, frozen_head: bool = True) -> float:
+    """Matmul FLOPs of one token of student training from a cached teacher, forward and backward.
+
+    Every Linear: 2 FLOPs per weight forward, 2 for the gradient of its input, 2 for the gradient of its weight
+    when it trains; a tied head frozen with the embedding (distill.freeze_embeddings) skips the last. Attention's
+    QK^T and AV: 2 x 2 x (seq_len / 2 keys on average, causal) x heads x head_dim per layer forward, 3x that in
+    all. Norms, activations, the loss and the optimizer are left out: this is the bound's numerator, not a
+    prediction of step time."""
+    flops = 0.0
+    for name, (out_features, in_features) in shape.linear_shapes().items():
+        weights = out_features * in_features
+        flops += (4 if name == "lm_head" and frozen_head else 6) * weights
+    flops += 3 * 2 * seq_len * shape.heads * shape.dim_per_head * shape.layers
+    return flops
+
+
 # --- which format each tensor is stored in -------------------------------------------------------------
 
 def linear_formats(shape: StudentShape, plan: dict[str, str], default: str = "q8_0") -> dict[str, tuple[str, str]]:
