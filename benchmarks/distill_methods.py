@@ -287,7 +287,7 @@ def methods_table(result: dict) -> str:
                 lines.append(f"| {title if i == 0 else ''} | {r['label']} | the {rows[same]['label']} run above (same "
                              "config) | | | | | |")
                 continue
-            envs = [p.get("environment") or {} for p in r.get("per_seed", [r])]
+            envs = [p.get("environment") or result.get("environment") or {} for p in r.get("per_seed", [r])]
             commits = ", ".join(sorted({(e.get("git_commit") or "?")[:7] for e in envs}))
             v = (vs.get(name) or {}).get("kl_teacher_student")
             verdict = ""
@@ -308,7 +308,7 @@ def methods_table(result: dict) -> str:
     else:
         notes.append(f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''} per row: differences between rows are not claims "
                      "(a claim needs ≥ 3 seeds).")
-    envs = [p.get("environment") or {} for r in rows.values() for p in r.get("per_seed", [r])]
+    envs = [p.get("environment") or result.get("environment") or {} for r in rows.values() for p in r.get("per_seed", [r])]
     dates = sorted(e["date"][:10] for e in envs if e.get("date"))
     cpus = ", ".join(sorted({e.get("cpu_model") or "?" for e in envs}))
     loads = [e["load_average_before"][0] for e in envs if isinstance(e.get("load_average_before"), list)]
