@@ -8,9 +8,10 @@ The whole teacher, post-training (round-to-nearest, no training, so only the all
             (b) 90% of uniform Q5_0's bytes (does the mix match Q5_0 with fewer bytes?),
             (c) budgets spread between uniform Q4_0 and Q8_0 (the bytes -> KL curve, plotted)
 The teacher is the reference every edgestill run uses: the default teacher corrected on the training split
-(teacher.correct; cached in ~/.cache/edgestill/corrected). The original ships as a Q4_1 GGUF, whose weights lie on
-the Q4_1 grid, so re-quantizing *it* to Q4_1 was lossless; the corrected teacher's full-precision weights are off
-that grid, so uniform Q4_1 is an ordinary row here. The mixed menu is the formats `plan`/`sweep` allocate for QAT
+(teacher.correct; cached in ~/.cache/edgestill/corrected). The original ships as a Q4_1 GGUF, so its weights lie on
+the Q4_1 grid; the short correction moves them only a little off it, and re-quantizing the corrected teacher to
+Q4_1 mostly snaps them back, undoing the correction (its KL is close to the original file's). Uniform Q4_1 is
+therefore reported but kept out of the mixed menu, which is the formats `plan`/`sweep` allocate for QAT
 (`--formats`/`--uniform` change both).
 Reported: held-out KL(teacher || model), perplexity, top-1 agreement, and the exact GGUF bytes of each.
 Calibration (the sensitivities) uses the train split; the held-out split is only scored.
