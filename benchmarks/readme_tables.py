@@ -85,18 +85,29 @@ def default_run_table(r: dict) -> str:
 
 
 def throughput_table(r: dict) -> str:
-    c, lv = r["cached"], r["live"]
+    modes = {"cached": f"cached top-{r['top_k']} logits (memory-mapped), fp32",
+             "cached_bf16": "the same under bf16 autocast", "live": "teacher recomputed every step, fp32"}
+    rows = ["| teacher signal | student training tokens/s (median, spread) | bound from measured matmul FLOP/s | of bound |",
+            "|---|---:|---:|---:|"]
+    for key, label in modes.items():
+        if key not in r:
+            continue
+        m = r[key]
+        bound = f"{m['bound_tokens_per_s']:.0f}" if "bound_tokens_per_s" in m else ""
+        frac = f"{m['fraction_of_bound']:.2f}" if "fraction_of_bound" in m else ""
+        rows.append(f"| {label} | {m['tokens_per_s']:.0f} ({m['tokens_per_s_spread'][0]:.0f}–{m['tokens_per_s_spread'][1]:.0f}) "
+                    f"| {bound} | {frac} |")
+    rows.append(f"| **cached ÷ live** | **{r['speedup_cached_over_live']:.2f}×** | | |")
+    if "speedup_bf16_over_fp32" in r:
+        rows.append(f"| **bf16 ÷ fp32 (cached)** | **{r['speedup_bf16_over_fp32']:.2f}×** | | |")
     pay = r.get("cache_pays_off_after_epochs")
-    return "\n".join([
-        "| teacher signal | student training tokens/s (median, spread) |",
-        "|---|---:|",
-        f"| cached top-{r['top_k']} logits (memory-mapped) | {c['tokens_per_s']:.0f} ({c['tokens_per_s_spread'][0]:.0f}–{c['tokens_per_s_spread'][1]:.0f}) |",
-        f"| teacher recomputed every step | {lv['tokens_per_s']:.0f} ({lv['tokens_per_s_spread'][0]:.0f}–{lv['tokens_per_s_spread'][1]:.0f}) |",
-        f"| **ratio** | **{r['speedup_cached_over_live']:.2f}×** |",
+    flops = (f" One training token is {r['training_flops_per_token'] / 1e6:.0f} M matmul FLOPs (the live teacher's "
+             "forward pass not counted)." if "training_flops_per_token" in r else "")
+    return "\n".join(rows + [
         "",
         f"Building the cache ran the teacher at {r['cache_build_tokens_per_s']:.0f} tokens/s once"
         + (f"; it pays for itself after {pay:.1f} epochs" if pay else "")
-        + f". {r['student_layers']}-layer student, batch {r['batch_size']}×{r['seq_len']}, {r['torch_threads']} threads; "
+        + f". {r['student_layers']}-layer student, batch {r['batch_size']}×{r['seq_len']}.{flops} "
         f"{_measured(r['environment'])}, `benchmarks/distill_throughput.py` → `benchmarks/results/distill_throughput.json`.",
     ])
 
