@@ -119,6 +119,11 @@ class DistillConfig:
     # KL(teacher || student) (fidelity first), val_loss = lowest held-out CE, last = the final step.
     select: str = "val_kl"
     seed: int = 0
+    # fp32, or bf16: the student's forward pass under torch.autocast(bfloat16) (weights, gradients' accumulation and
+    # the optimizer stay fp32; the losses are computed in fp32). Faster where the CPU has bf16 matmuls (AMX, or
+    # AVX-512 BF16; benchmarks/distill_throughput.py measures it); float students only, since bf16 would round a
+    # quantization-aware student's runtime-exact weights again.
+    precision: str = "fp32"
     # Which divergence the KD term uses (distill/losses.py): forward_kl | reverse_kl (MiniLLM) |
     # skew_kl | skew_reverse_kl (DistiLLM, mixing weight `skew`) | jsd (GKD, M = beta p + (1-beta) q) | total_variation
     loss: str = "forward_kl"
@@ -500,6 +505,12 @@ def validate(cfg: ShrinkConfig) -> None:
     if k.select not in ("val_kl", "val_loss", "last"):
         raise EdgestillError(f"distill.select='{k.select}' is unknown; use val_kl (lowest held-out KL to the teacher), "
                              "val_loss (lowest held-out CE) or last (the final step)")
+    if k.precision not in ("fp32", "bf16"):
+        raise EdgestillError(f"distill.precision='{k.precision}' is unknown; use fp32 or bf16")
+    if k.precision == "bf16" and cfg.quant.format is not None:
+        raise EdgestillError(f"distill.precision=bf16 cannot train quant.format={cfg.quant.format}: bf16 would round the "
+                             "fake-quantized weights again, so the student would no longer train in the runtime's exact "
+                             "format; use distill.precision=fp32 (the default) with quant.format, or train a float student")
     if k.teacher_weighting not in ("agreement", "average"):
         raise EdgestillError(f"distill.teacher_weighting='{k.teacher_weighting}' is unknown; use agreement or average")
     if not k.agreement_tau > 0:

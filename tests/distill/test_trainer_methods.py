@@ -155,3 +155,23 @@ def test_recipe_keys_select_methods():
         load_config(overrides=["distill.loss=kl"])
     with pytest.raises(EdgestillError, match="did you mean reverse_kl"):
         load_config(overrides=["distill.loss=revers_kl"])
+
+
+def test_bf16_precision_trains_in_bf16_and_keeps_fp32_weights(setup, tmp_path):
+    """distill.precision=bf16 runs the student's matmuls in bfloat16 (so it ends on other weights than fp32, close
+    to them), keeps the weights fp32, and its losses stay finite and fall like fp32's."""
+    cfg = dataclasses.replace(BASE, eval_every=0, steps=6)
+    fp32, h32 = _run(setup, tmp_path, cfg, name="fp32")
+    bf16, h16 = _run(setup, tmp_path, dataclasses.replace(cfg, precision="bf16"), name="bf16")
+    assert all(p.dtype == torch.float32 for p in bf16.parameters())
+    diffs = [(a - b).abs().max().item() for a, b in zip(fp32.parameters(), bf16.parameters())]
+    assert max(diffs) > 0  # the forward really ran in bf16
+    assert all(np.isfinite(h["loss"]) for h in h16) and h16[-1]["loss"] < h16[0]["loss"]
+    assert abs(h16[-1]["loss"] - h32[-1]["loss"]) < 0.1 * h32[0]["loss"]
+
+
+def test_bf16_precision_refuses_a_quantization_aware_student():
+    with pytest.raises(EdgestillError, match="distill.precision=bf16 cannot train quant.format=q4_0"):
+        load_config(overrides=["distill.precision=bf16", "quant.format=q4_0"])
+    with pytest.raises(EdgestillError, match="use fp32 or bf16"):
+        load_config(overrides=["distill.precision=fp16"])

@@ -359,9 +359,10 @@ def train_step(model, optimizer, teacher, blocks: np.ndarray, rows: np.ndarray, 
         teacher_logprobs, weights = methods.teachers.combine(teacher_logprobs)  # (b, T-1, U), (K, b, T-1)
         methods.teacher_weights = weights.mean(dim=(1, 2)).tolist()
     model.train()
-    with methods.student_qkv if methods.student_qkv is not None else contextlib.nullcontext():
+    with methods.student_qkv if methods.student_qkv is not None else contextlib.nullcontext(), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
         out = model(input_ids=input_ids, output_hidden_states=want_hidden)
-    logits = out.logits[:, :-1]  # (b, T-1, V)
+    logits = out.logits[:, :-1].float()  # (b, T-1, V); the losses in fp32 whatever the forward's precision
     labels = input_ids[:, 1:]  # (b, T-1)
 
     token_weights = None
