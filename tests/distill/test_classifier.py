@@ -258,3 +258,48 @@ def test_augmenting_a_ce_only_student_is_refused(teacher, splits):
     with pytest.raises(EdgestillError, match="kd.augment=2.*kd.alpha > 0"):
         distill_classifier(model, student, tok, splits, table, s_tok, TrainConfig(steps=2, max_len=24),
                            KDConfig(alpha=0.0, augment=2))
+
+
+def test_a_killed_training_resumes_from_its_checkpoint_and_ends_where_an_uninterrupted_one_does(enc_dir, splits, tmp_path):
+    import torch.nn.functional as F
+
+    from edgestill.distill.classifier import train_classifier
+
+    cfg = TrainConfig(steps=12, batch_size=8, lr=3e-3, max_len=24, eval_every=3)
+    ce = lambda m, batch, y, idx: (F.cross_entropy(m(**batch).logits, y), {})  # noqa: E731
+
+    def run(folder, loss_fn=ce):
+        torch.manual_seed(0)
+        model, tok, _ = load_encoder_classifier(str(enc_dir), splits.label_map)
+        enc = {k: tokenize(tok, getattr(splits, k).texts, 24) for k in ("train", "val")}
+        out = train_classifier(model, enc["train"], splits.ids("train"), enc["val"], splits.ids("val"), cfg, loss_fn,
+                               checkpoint_dir=folder)
+        return model, out
+
+    whole, whole_out = run(tmp_path / "whole")
+    calls = []
+
+    def killed_at_step_8(m, batch, y, idx):
+        calls.append(1)
+        if len(calls) == 8:
+            raise KeyboardInterrupt  # the kill: after the checkpoint of step 6
+        return ce(m, batch, y, idx)
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "killed", killed_at_step_8)
+    assert (tmp_path / "killed" / "LATEST").read_text() == "ckpt-000006"
+    resumed, resumed_out = run(tmp_path / "killed")  # torch.manual_seed(0) again: the checkpoint's RNG must win
+    assert _same_state(resumed, whole.state_dict())
+    assert resumed_out["history"] == whole_out["history"] and resumed_out["best_step"] == whole_out["best_step"]
+
+
+def test_a_checkpoint_of_another_training_is_refused(enc_dir, splits, tmp_path):
+    from edgestill.distill.classifier import train_classifier
+
+    torch.manual_seed(0)
+    model, tok, _ = load_encoder_classifier(str(enc_dir), splits.label_map)
+    enc = {k: tokenize(tok, getattr(splits, k).texts, 24) for k in ("train", "val")}
+    args = (model, enc["train"], splits.ids("train"), enc["val"], splits.ids("val"))
+    train_classifier(*args, TrainConfig(steps=4, batch_size=8, max_len=24, eval_every=2), checkpoint_dir=tmp_path)
+    with pytest.raises(EdgestillError, match="is of another training"):
+        train_classifier(*args, TrainConfig(steps=6, batch_size=8, max_len=24, eval_every=2), checkpoint_dir=tmp_path)

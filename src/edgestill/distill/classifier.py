@@ -23,8 +23,11 @@ step chosen and the step it stopped at are returned.
 from __future__ import annotations
 
 import copy
+import json
 import logging
+import shutil
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,6 +35,7 @@ import torch.nn.functional as F
 
 from edgestill.errors import EdgestillError
 from edgestill.evaluate.classification import evaluate_classifier, validation_scores
+from edgestill.files import atomic_path, write_text_atomic
 from edgestill.models.encoder import batch_tensors, tokenize, trim_tokenizer, used_token_ids
 from edgestill.models.lowrank import LowRankConfig, factorize_, stored_bytes, stored_params
 from edgestill.progress import progress_bar
@@ -149,14 +153,63 @@ def improved(val: dict, best: dict | None, cfg: TrainConfig) -> bool:
     return val["macro_f1"] > best["macro_f1"] + cfg.min_delta
 
 
+# --- checkpoints: a killed fine-tune or distillation resumes at its last validation, on the same batches -----------
+
+def _save_checkpoint(folder: Path, model, opt, sched, gen: torch.Generator, loop: dict, best) -> None:
+    """Everything the loop needs to go on as if never stopped, written completely before LATEST points at it.
+
+    Weights are safetensors; the optimizer's, the schedule's and the generator's states are tensors and numbers,
+    saved with torch.save and read back with weights_only=True (nothing else is unpickled)."""
+    from safetensors.torch import save_model
+
+    final = folder / f"ckpt-{loop['step']:06d}"
+    needed = 4 * sum(p.numel() * p.element_size() for p in model.parameters())  # weights, best, AdamW's two moments
+    with atomic_path(final, "writing a checkpoint", needed_bytes=needed, is_dir=True) as tmp:
+        save_model(model, str(tmp / "model.safetensors"))
+        torch.save({"optimizer": opt.state_dict(), "schedule": sched.state_dict(), "generator": gen.get_state(),
+                    "torch_rng": torch.get_rng_state()}, tmp / "state.pt")  # torch's own RNG: the dropout masks
+        if best is not None:
+            from safetensors.torch import save_file
+
+            save_file({k: v.clone().contiguous() for k, v in best[2].items()}, str(tmp / "best.safetensors"))
+        (tmp / "loop.json").write_text(json.dumps({**loop, "best": None if best is None else [best[0], best[1]]}))
+    write_text_atomic(folder / "LATEST", final.name, "writing a checkpoint")
+    for old in folder.glob("ckpt-*"):
+        if old.name != final.name:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(folder: Path, model, opt, sched, gen: torch.Generator):
+    """(loop state, best) from the checkpoint LATEST names, loaded into model/opt/sched/gen; None when there is none."""
+    from safetensors.torch import load_file, load_model
+
+    latest = folder / "LATEST"
+    if not latest.is_file():
+        return None
+    path = folder / latest.read_text().strip()
+    load_model(model, str(path / "model.safetensors"))
+    state = torch.load(path / "state.pt", weights_only=True)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["schedule"])
+    gen.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    loop = json.loads((path / "loop.json").read_text())
+    kept = loop.pop("best")  # [val scores, step] of the best state so far, or None
+    best = None if kept is None else (kept[0], kept[1], load_file(str(path / "best.safetensors")))
+    log.info("resuming training at step %d of %d (checkpoint %s)", loop["step"], loop["steps"], path)
+    return loop, best
+
+
 def train_classifier(model, train_enc: dict, train_labels: np.ndarray, val_enc: dict, val_labels: np.ndarray,
-                     cfg: TrainConfig, loss_fn=None, desc: str = "fine-tuning") -> dict:
+                     cfg: TrainConfig, loss_fn=None, desc: str = "fine-tuning", checkpoint_dir: Path | None = None) -> dict:
     """AdamW with warmup + linear decay over `cfg.steps` seeded shuffled batches, with early stopping on val.
 
     Every `cfg.eval_every` steps (and at the last step) the val split is scored (`validation_scores`); the state
     with the best `cfg.select_on` is kept and restored at the end; after `cfg.patience` validations in a row without
     improvement the loop stops early. `loss_fn(model, batch, labels, idx) -> (loss, parts)` defaults to
-    cross-entropy. Returns the history, the val curve, the chosen step and the step the loop stopped at.
+    cross-entropy. With `checkpoint_dir`, every validation also writes a checkpoint there, and a call that finds
+    one resumes from it on the same batches (the result equals an uninterrupted run's). Returns the history, the
+    val curve, the chosen step and the step the loop stopped at.
     """
     check_train_config(cfg)
     if len(train_labels) == 0:
@@ -171,8 +224,18 @@ def train_classifier(model, train_enc: dict, train_labels: np.ndarray, val_enc: 
     loss_fn = loss_fn or (lambda m, batch, y, idx: (F.cross_entropy(m(**batch).logits, y), {}))
     history, best, stale, stopped_early = [], None, 0, False  # best = (val scores, step, state)
     order, pos = torch.randperm(len(train_labels), generator=gen).numpy(), 0
-    bar = progress_bar(total=cfg.steps, desc=desc, unit="step")
-    for step in range(cfg.steps):
+    start = 0
+    resumed = _load_checkpoint(checkpoint_dir, model, opt, sched, gen) if checkpoint_dir is not None else None
+    if resumed is not None:
+        loop, best = resumed
+        if loop["steps"] != cfg.steps or loop["n_train"] != len(train_labels):
+            raise EdgestillError(f"the checkpoint in {checkpoint_dir} is of another training ({loop['steps']} steps on "
+                                 f"{loop['n_train']} texts, not {cfg.steps} on {len(train_labels)}); remove the "
+                                 "folder to start again")
+        start, history, stale, pos = loop["step"], loop["history"], loop["stale"], loop["pos"]
+        order = np.asarray(loop["order"], dtype=order.dtype)
+    bar = progress_bar(total=cfg.steps, initial=start, desc=desc, unit="step")
+    for step in range(start, cfg.steps):
         model.train()
         if pos + cfg.batch_size > len(order):  # a new epoch: reshuffle
             order, pos = torch.randperm(len(train_labels), generator=gen).numpy(), 0
@@ -199,6 +262,10 @@ def train_classifier(model, train_enc: dict, train_labels: np.ndarray, val_enc: 
                 if cfg.patience and stale >= cfg.patience:
                     stopped_early = True
                     break
+            if checkpoint_dir is not None and step + 1 < cfg.steps:
+                _save_checkpoint(checkpoint_dir, model, opt, sched, gen,
+                                 {"step": step + 1, "steps": cfg.steps, "n_train": len(train_labels), "history": history,
+                                  "stale": stale, "pos": pos, "order": order.tolist()}, best)
     bar.close()
     model.load_state_dict(best[2])  # the best validation state, not the last one
     model.eval()
@@ -219,12 +286,14 @@ def _stop_reason(cfg: TrainConfig, stopped_early: bool) -> str:
     return f"ran all {cfg.steps} steps (train.patience=0: no early stopping)"
 
 
-def finetune(model, tokenizer, splits, cfg: TrainConfig) -> dict:
-    """Cross-entropy fine-tuning on `splits.train`, model selection on `splits.val`. Returns history + test scores."""
+def finetune(model, tokenizer, splits, cfg: TrainConfig, checkpoint_dir: Path | None = None) -> dict:
+    """Cross-entropy fine-tuning on `splits.train`, model selection on `splits.val`. Returns history + test scores.
+    checkpoint_dir: see train_classifier (a killed fine-tune resumes there)."""
     train = tokenize(tokenizer, splits.train.texts, cfg.max_len)
     val = tokenize(tokenizer, splits.val.texts, cfg.max_len)
     test = tokenize(tokenizer, splits.test.texts, cfg.max_len)
-    out = train_classifier(model, train, splits.ids("train"), val, splits.ids("val"), cfg, desc="fine-tuning teacher")
+    out = train_classifier(model, train, splits.ids("train"), val, splits.ids("val"), cfg, desc="fine-tuning teacher",
+                           checkpoint_dir=checkpoint_dir)
     out["test"] = evaluate_classifier(model, test, splits.ids("test"), cfg.eval_batch_size)
     out["config"] = asdict(cfg)
     return out
@@ -303,7 +372,7 @@ def build_student(teacher, tokenizer, train_texts: list[str], cfg: StudentConfig
 
 
 def distill_classifier(teacher, student, teacher_tokenizer, splits, id_table: np.ndarray | None, student_tokenizer,
-                       cfg: TrainConfig, kd: KDConfig) -> dict:
+                       cfg: TrainConfig, kd: KDConfig, checkpoint_dir: Path | None = None) -> dict:
     """Train `student` on `splits.train` with KD from `teacher` (α=0, β=0: CE only; the teacher is then unused).
 
     Training inputs are tokenized once with the teacher's tokenizer; the student sees the same pieces
@@ -357,7 +426,8 @@ def distill_classifier(teacher, student, teacher_tokenizer, splits, id_table: np
         return loss, parts
 
     desc = "distilling student" if use_teacher else "training student (CE only)"
-    out = train_classifier(student, s_train, y_train, val, splits.ids("val"), cfg, loss_fn, desc=desc)
+    out = train_classifier(student, s_train, y_train, val, splits.ids("val"), cfg, loss_fn, desc=desc,
+                           checkpoint_dir=checkpoint_dir)
     test = tokenize(student_tokenizer, splits.test.texts, cfg.max_len)
     out["test"] = evaluate_classifier(student, test, splits.ids("test"), cfg.eval_batch_size)
     out["config"] = {"train": asdict(cfg), "kd": asdict(kd)}

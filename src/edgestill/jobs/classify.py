@@ -161,7 +161,7 @@ def _train_teacher(cfg: FinetuneConfig, run: RunDir, splits) -> tuple:
 
     model, tokenizer, label_map = load_encoder_classifier(cfg.teacher, splits.label_map)
     torch.manual_seed(cfg.train.seed)
-    result = train(model, tokenizer, splits, cfg.train)
+    result = train(model, tokenizer, splits, cfg.train, checkpoint_dir=run.path / "checkpoints")  # a kill resumes there
     record = {"task": CLASSIFICATION, "role": "teacher", "base_model": cfg.teacher, "data": _data_record(cfg.data),
               "max_len": cfg.train.max_len, "test": result["test"]}
     staged = save_classifier(model, tokenizer, label_map, run.path / "model.tmp", extra=record)
@@ -169,6 +169,7 @@ def _train_teacher(cfg: FinetuneConfig, run: RunDir, splits) -> tuple:
         os.replace(f, run.path / f.name)
     shutil.rmtree(staged, ignore_errors=True)
     _write_json(run.path / "finetune.json", result)
+    shutil.rmtree(run.path / "checkpoints", ignore_errors=True)  # the model is saved: the checkpoints are spent
     return model, label_map, result
 
 
@@ -270,7 +271,8 @@ def _student(cfg: ClassifierShrinkConfig, run: RunDir, resumed: bool, teacher: _
     log.info("student: layers %s of the teacher, vocab %d of %d, %s params (%.1fx fewer)", info["teacher_layers"],
              info["vocab_kept"], info["teacher_vocab"], f"{info['student_params']:,}", info["params_x_smaller"])
     sliced = evaluate_classifier(student, tokenize(s_tok, splits.test.texts, cfg.student.max_len), splits.ids("test"))
-    result = distill_classifier(teacher.model, student, teacher.tokenizer, splits, table, s_tok, cfg.train, cfg.kd)
+    result = distill_classifier(teacher.model, student, teacher.tokenizer, splits, table, s_tok, cfg.train, cfg.kd,
+                                checkpoint_dir=run.path / "checkpoints")  # a kill resumes there
     save_classifier(student, s_tok, teacher.label_map, student_dir,
                     extra={"task": CLASSIFICATION, "role": "student", "teacher": str(cfg.teacher),
                            "max_len": cfg.student.max_len})
@@ -279,6 +281,7 @@ def _student(cfg: ClassifierShrinkConfig, run: RunDir, resumed: bool, teacher: _
                  **{k: result[k] for k in ("stopped_at_step", "stopped_early", "stop_reason", "val_curve",
                                            "transfer_set")}}
     _write_json(distill_file, distilled)
+    shutil.rmtree(run.path / "checkpoints", ignore_errors=True)  # the student is saved: the checkpoints are spent
     return student, s_tok, distilled
 
 
