@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+# Overrides that shorten the parts of a run's report a benchmark does not read (speed repeats, sample generations).
+EVAL_LIGHT = ["eval.speed_repeats=1", "eval.generate_tokens=8"]
 
 
 # Captured when a benchmark script imports this module, i.e. when it starts: the load average before it ran.

@@ -49,7 +49,6 @@ NOISE_STD = 0.5  # corrupted teacher: Gaussian noise of this x each decoder matr
 QUICK = ["data.seq_len=64", "data.max_train_tokens=1024", "data.max_eval_tokens=512", "data.max_val_tokens=256",
          "distill.batch_size=2", "distill.checkpoint_every=2", "distill.eval_every=2", "distill.warmup_steps=1",
          "eval.batch_size=4", "eval.speed_prompt_tokens=16", "eval.speed_decode_tokens=4", "eval.prompts=[\"To be\"]"]
-EVAL_LIGHT = ["eval.speed_repeats=1", "eval.generate_tokens=8"]
 
 
 @dataclass
@@ -337,7 +336,7 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="key=value overrides applied to every row")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from _common import write_result
+    from _common import EVAL_LIGHT, write_result
 
     from edgestill.config import load_config
 

@@ -4,7 +4,8 @@ machine's own matmul FLOP/s.
 Same teacher (default SmolLM2-135M), same sliced student, same batches, same optimizer; the modes alternate in
 rounds inside one process (docs/references.md#measurement-conventions):
   cached       the teacher's top-k logits read from the cache (what `edgestill shrink` does), fp32
-  cached_bf16  the same step under torch.autocast(bfloat16) (weights and optimizer stay fp32)
+  cached_bf16  the same step with distill.precision=bf16 (the student's forward under bf16 autocast; weights,
+               optimizer and losses stay fp32), exactly what `edgestill shrink distill.precision=bf16` trains with
   live         the teacher recomputed every step, fp32
 The one-off cost of building the cache is reported separately, with the number of epochs after which it pays off.
 The bound: the machine's measured matmul FLOP/s (torch.mm 1024^3, fp32 and bf16; plan/hostbench.py) divided by the
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import statistics
 import tempfile
 import time
@@ -61,7 +63,7 @@ def main() -> None:
         cache_build_s = time.perf_counter() - t0
         sources = {"cached": CachedTeacher(cache), "cached_bf16": CachedTeacher(cache),
                    "live": LiveTeacher(teacher.model, args.top_k)}
-        precision = {"cached": None, "cached_bf16": torch.bfloat16, "live": None}
+        configs = {name: dataclasses.replace(cfg, precision="bf16" if name == "cached_bf16" else "fp32") for name in sources}
         students = {name: copy.deepcopy(base) for name in sources}
         optimizers, trainables = {}, {}
         for name, st in students.items():
@@ -70,9 +72,8 @@ def main() -> None:
             optimizers[name] = torch.optim.AdamW(trainables[name], lr=cfg.lr)
         def step(name: str, rows) -> float:
             """One training step of mode `name`; returns its loss."""
-            with torch.autocast("cpu", dtype=precision[name], enabled=precision[name] is not None):
-                loss = train_step(students[name], optimizers[name], sources[name], blocks, rows, cfg, trainables[name])[0]
-            return float(loss)
+            return float(train_step(students[name], optimizers[name], sources[name], blocks, rows, configs[name],
+                                    trainables[name])[0])
 
         for name in sources:  # warm-up step for each mode (not timed)
             step(name, batch_rows(0, cfg.batch_size, len(blocks), 0))
@@ -91,7 +92,7 @@ def main() -> None:
     result = {}
     for name, times in step_s.items():
         tps = [tokens / t for t in times]
-        rate = host["matmul_flops_per_s_bf16" if precision[name] is not None else "matmul_flops_per_s_f32"]
+        rate = host["matmul_flops_per_s_bf16" if name == "cached_bf16" else "matmul_flops_per_s_f32"]
         result[name] = {"tokens_per_s": statistics.median(tps), "tokens_per_s_spread": [min(tps), max(tps)], "steps_timed": len(tps),
                         "matmul_flops_per_s": rate, "bound_tokens_per_s": rate / flops_per_token,
                         "fraction_of_bound": statistics.median(tps) * flops_per_token / rate,

@@ -112,14 +112,6 @@ def throughput_table(r: dict) -> str:
     ])
 
 
-def _recovered(rows: list[dict], base: str, trained: str, key: str, perfect: float) -> float | None:
-    """The share of what `base` loses against the teacher on `key` that `trained` wins back."""
-    by = {x["name"]: x for x in rows}
-    if base not in by or trained not in by or by[base][key] == perfect:
-        return None
-    return (by[base][key] - by[trained][key]) / (by[base][key] - perfect)
-
-
 def quant_table(r: dict) -> str:
     if "reference_perplexity" not in r:
         return "_Old result format (scored against the teacher as given): rerun `python benchmarks/quant_table.py`._"

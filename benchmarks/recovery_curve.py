@@ -26,14 +26,13 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import write_result  # noqa: E402
+from _common import EVAL_LIGHT, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = ["data.seq_len=64", "data.max_eval_tokens=512", "data.max_val_tokens=256", "distill.batch_size=2",
          "distill.checkpoint_every=2", "distill.warmup_steps=1", "eval.batch_size=4", "eval.speed_prompt_tokens=16",
          "eval.speed_decode_tokens=4", "eval.prompts=[\"To be\"]", "eval.out_of_domain_tokens=512",
          "eval.zero_shot_passages=8", "eval.chat_tokens=8", "teacher.correct_steps=4", "teacher.correct_eval_every=2"]
-EVAL_LIGHT = ["eval.speed_repeats=1", "eval.generate_tokens=8"]
 
 
 def curve_points(run: Path, reference_val_ce: float) -> list[dict]:
