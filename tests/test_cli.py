@@ -206,7 +206,9 @@ def distill_then_eval(tiny_model_dir, tiny_corpus, tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("EDGESTILL_CACHE", str(out.parent / "edgestill-cache"))
-        facts["distill"] = call(["distill", *tiny_overrides(tiny_model_dir, tiny_corpus, out, steps=4)])
+        # 4 steps of 4 x 32 tokens, asked for as a token budget (--train-budget -> distill.budget)
+        facts["distill"] = call(["distill", *tiny_overrides(tiny_model_dir, tiny_corpus, out, steps=99),
+                                 "--train-budget", "512 tokens"])
         facts["files_after_distill"] = sorted(str(p.relative_to(out)) for p in out.rglob("*")) if out.exists() else []
         facts["eval_bad_override"] = call(["eval", str(out), "distill.steps=3"])
         facts["eval_not_a_run"] = call(["eval", str(out.parent / "nope")])
@@ -252,7 +254,8 @@ def test_eval_of_a_distill_run(distill_then_eval):
 
 def test_eval_of_a_distill_run_reports_training(distill_then_eval):
     m = json.loads((distill_then_eval["out"] / "metrics.json").read_text())
-    assert m["train"]["steps"] == 4
+    assert m["train"]["steps"] == 4 and m["train"]["tokens"] == 512
+    assert m["train"]["budget"]["budget"] == "512 tokens" and m["train"]["budget"]["steps"] == 4
     assert m["train"]["final_loss"] is not None and m["train"]["final_val_loss"] is not None
     sel = m["train"]["selection"]  # fidelity first: which evaluated state the student is, step 0 included
     assert sel["select"] == "val_kl" and sel["start"]["step"] == 0 and sel["last_step"] == 4

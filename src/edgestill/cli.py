@@ -63,6 +63,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="run folder (default runs/shrink-smollm2-135m)")
     p.add_argument("--quick", action="store_true", help="smoke-run sizes (a few minutes on 2 CPU cores)")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    p.add_argument("--train-budget", metavar="BUDGET",
+                   help="train for a time or a token count instead of distill.steps (distill.budget): 2h, 45m (the "
+                        "distillation loop, measured on this machine's first steps) or 2Mtok, 500k tokens; a sweep gives "
+                        "each point this budget")
 
 
 def _add_classification(p: argparse.ArgumentParser) -> None:
@@ -204,7 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _flag_values(args) -> dict:
     """--teacher/--data/--out as config keys, set verbatim (paths are not parsed as YAML)."""
-    return {"teacher.model": args.teacher, "data.path": args.data, "output.dir": args.out}
+    values = {"teacher.model": args.teacher, "data.path": args.data, "output.dir": args.out}
+    if getattr(args, "train_budget", None):
+        values["distill.budget"] = args.train_budget
+    return values
 
 
 def _resolve(args):
@@ -295,6 +302,9 @@ def _cmd_classifier(args) -> None:
     from edgestill.jobs import classify
 
     stage = "finetune" if args.command == "finetune" else "shrink"
+    if getattr(args, "train_budget", None):
+        raise EdgestillError("--train-budget is for language-model students; a classifier trains until its validation "
+                             "score stops improving (train.steps caps it)")
     values = {"teacher": args.teacher, "data.path": args.data, "output_dir": args.out, "data.text_column": args.text_column,
               "data.label_column": args.label_column, "data.test_path": args.test_data}
     cfg = load_classifier_config(stage, args.config, args.overrides, args.quick, values)

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from edgestill.distill.budget import TrainBudget
 from edgestill.distill.classifier import KDConfig, TrainConfig
 from edgestill.distill.classifier import StudentConfig as EncoderStudentConfig
 from edgestill.distill.losses import LOGIT_LOSS_KINDS
@@ -102,6 +103,10 @@ class StudentConfig:
 @dataclass
 class DistillConfig:
     steps: int = 100
+    # A training budget instead of `steps` (distill/budget.py): wall-clock time of the distillation loop ("2h", "45m")
+    # or training tokens ("2Mtok", "500k tokens"). A time budget is measured on this machine's first steps; the steps
+    # it buys are written to RUN/budget.json (and `distill.steps=<those>` repeats the run anywhere). null: `steps`.
+    budget: str | None = None
     batch_size: int = 4  # global batch (sequences per optimizer step), split across DDP ranks
     lr: float = 5e-4
     weight_decay: float = 0.0
@@ -491,6 +496,7 @@ def validate(cfg: ShrinkConfig) -> None:
         raise EdgestillError(f"distill.alpha={k.alpha} must be in [0, 1] (1 = pure KD, 0 = pure CE)")
     if k.temperature <= 0:
         raise EdgestillError("distill.temperature must be > 0")
+    TrainBudget.parse(k.budget)  # refused here, before the teacher is loaded
     if k.steps < 1 or k.batch_size < 1 or k.top_k < 1:
         raise EdgestillError("distill.steps, distill.batch_size and distill.top_k must be positive")
     kinds = LOGIT_LOSS_KINDS  # the divergences the trainer knows (distill/losses.py)

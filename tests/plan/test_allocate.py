@@ -8,7 +8,7 @@ import json
 import pytest
 
 from edgestill.errors import EdgestillError
-from edgestill.plan.allocate import Budget, Plan, allocate, parse_bytes, plan
+from edgestill.plan.allocate import Budget, Plan, allocate, parse_bytes, plan, plan_dict
 from edgestill.plan.cost import StudentShape, predict
 from edgestill.plan.sensitivity import Sensitivity, unit_names
 from edgestill.quant.fake_quant import quantize_
@@ -50,6 +50,40 @@ def test_least_sensitive_layers_are_lowered_first(toy_device):
     bits = [FORMATS.index(formats[u]) for u in unit_names(SHAPE.layers)[:-1]]
     assert bits == sorted(bits, reverse=True)  # layer 0 (least sensitive) at least as low as layer 5
     assert pred.file_bytes <= full * 0.85
+
+
+def _jumpy_sensitivity(shape: StudentShape) -> Sensitivity:
+    """Layer 0 loses almost nothing more at q4_0 than at q8_0, so the lowering jumps it straight to q4_0 (the best KL
+    per byte freed), freeing far more than a budget just under f16 needs; every other unit is 100x as sensitive."""
+    kl = {u: {"f16": 0.0, "q8_0": 0.1, "q5_0": 0.6, "q4_0": 1.0} for u in unit_names(shape.layers)}
+    kl["model.layers.0"] = {"f16": 0.0, "q8_0": 0.001, "q5_0": 0.0011, "q4_0": 0.0012}
+    return Sensitivity(units=list(kl), formats=list(FORMATS), kl=kl)
+
+
+def test_the_refill_pass_spends_what_a_jump_freed(toy_device):
+    full = predict(SHAPE, {}, toy_device, "f16").file_bytes
+    layer = 2 * (2 * 512 * 512 + 2 * 512 * 256 + 3 * 512 * 1536) // 2  # ~ bytes of one layer's Linears in f16
+    formats, pred, kl = allocate(SHAPE, _jumpy_sensitivity(SHAPE), toy_device, Budget(max_file_bytes=full - layer // 10),
+                                 FORMATS)
+    lowered = {u: f for u, f in formats.items() if f != "f16"}
+    assert lowered == {"model.layers.0": "q8_0"}, lowered  # jumped to q4_0, then raised back as far as the budget allows
+    assert kl == pytest.approx(0.001)
+
+
+@pytest.mark.parametrize("frac", [0.85, 0.7, 0.55, 0.45])
+@pytest.mark.parametrize("sensitivity", [fake_sensitivity, _jumpy_sensitivity])
+def test_no_bytes_a_better_format_could_use_are_left_over(toy_device, frac, sensitivity):
+    """The refill pass: after allocation, raising any one unit to any format it measures better in breaks the budget."""
+    sens = sensitivity(SHAPE)
+    budget = Budget(max_file_bytes=int(predict(SHAPE, {}, toy_device, "f16").file_bytes * frac))
+    formats, pred, kl = allocate(SHAPE, sens, toy_device, budget, FORMATS)
+    assert pred.file_bytes <= budget.max_file_bytes
+    for u, cur in formats.items():
+        for f in FORMATS[:FORMATS.index(cur)]:
+            if sens.kl[u][f] >= sens.kl[u][cur]:
+                continue
+            default, plan_ = plan_dict({**formats, u: f})
+            assert budget.violations(predict(SHAPE, plan_, toy_device, default)), (u, cur, f)
 
 
 def test_speed_budget_is_met(toy_device):

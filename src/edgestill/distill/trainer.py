@@ -14,6 +14,8 @@
             state so far is kept in checkpoints/best
     the student returned is the kept state (`distill.select`: val_kl, fidelity first, by default)
 
+How many steps: `distill.steps`, or what `distill.budget` buys (a token count, or a time measured on the first steps:
+distill/budget.py, resolved once and kept in RUN/budget.json).
 D is forward KL by default; `distill.loss` picks reverse KL, skew KL, JSD... (distill/losses.py).
 The bracketed parts are off by default and switched on by DistillConfig fields (see `Methods`).
 
@@ -26,6 +28,7 @@ each rank takes an equal slice of the global batch and DDP averages the gradient
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -41,6 +44,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from edgestill.distill.budget import TrainBudget, probe_steps
 from edgestill.distill.features import CaptureQKV, HiddenStateMSE, minilm_relation_loss, sliced_layer_map, uniform_layer_map
 from edgestill.distill.losses import LogitLossConfig, cross_entropy, cross_entropy_per_token, kd_objective, logit_loss
 from edgestill.distill.multi_teacher import TeacherMixer, plot_teacher_weights
@@ -408,6 +412,96 @@ def _from_rank0(value: float) -> float:
     return float(t.item())
 
 
+# --- a training budget (distill.budget) -> the number of steps -------------------------------------
+
+BUDGET_FILE = "budget.json"
+
+
+def _budgeted_steps(cfg: DistillConfig, budget: TrainBudget | None, run_dir: Path, tokens_per_step: int,
+                    rank: int = 0) -> tuple[DistillConfig, bool]:
+    """(cfg with the steps the budget buys, whether a time budget still has to be measured).
+
+    A budget already resolved for this run (RUN/budget.json, same budget and batch) is reused as it is, so a resumed
+    run keeps the total its first attempt chose."""
+    if budget is None:
+        return cfg, False
+    recorded = run_dir / BUDGET_FILE
+    if recorded.is_file():
+        r = json.loads(recorded.read_text())
+        if r.get("budget") == budget.text and r.get("tokens_per_step") == tokens_per_step:
+            log.info("distill.budget=%s: %d steps, as resolved when this run started (%s)", budget.text, r["steps"], recorded)
+            return dataclasses.replace(cfg, steps=int(r["steps"])), False
+    if budget.tokens is None:
+        return cfg, True
+    steps = budget.steps_for_tokens(tokens_per_step)
+    _warn_inside_warmup(budget, steps, cfg)
+    if rank == 0:
+        _write_budget(run_dir, budget, steps, tokens_per_step, measured=None)
+    log.info("distill.budget=%s: %d steps of %d tokens", budget.text, steps, tokens_per_step)
+    return dataclasses.replace(cfg, steps=steps), False
+
+
+def _warn_inside_warmup(budget: TrainBudget, steps: int, cfg: DistillConfig) -> None:
+    if steps <= cfg.warmup_steps:
+        log.warning("distill.budget=%s buys %d steps, no more than the %d warm-up steps: the learning rate never reaches "
+                    "distill.lr=%g (raise the budget, or lower distill.warmup_steps)", budget.text, steps,
+                    cfg.warmup_steps, cfg.lr)
+
+
+def _write_budget(run_dir: Path, budget: TrainBudget, steps: int, tokens_per_step: int, measured: dict | None) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run_dir / BUDGET_FILE, json.dumps(
+        {"budget": budget.text, "kind": "tokens" if budget.tokens is not None else "time",
+         "budget_tokens": budget.tokens, "budget_seconds": budget.seconds, "steps": steps,
+         "tokens_per_step": tokens_per_step, "train_tokens": steps * tokens_per_step, "measured": measured}, indent=1))
+
+
+def _record_attempt(run_dir: Path, from_step: int, to_step: int, seconds: float) -> None:
+    path = run_dir / BUDGET_FILE
+    if path.is_file():
+        record = json.loads(path.read_text())
+        record.setdefault("attempts", []).append({"from_step": from_step, "to_step": to_step, "loop_s": seconds})
+        write_text_atomic(path, json.dumps(record, indent=1))
+
+
+def _resolve_time_budget(cfg: DistillConfig, budget: TrainBudget, run_dir: Path, tokens_per_step: int,
+                         timed: list[dict], done: int, t_begin: float, eval_s: float | None, rank: int, student,
+                         reference, val_blocks, save_checkpoint) -> DistillConfig:
+    """Fix the total steps of a time budget from the probe steps (`timed`), one evaluation and one checkpoint, all
+    measured here, and the time distillation has spent since `t_begin`; rank 0 decides, every rank gets its answer."""
+    total, error = 0, None
+    if rank == 0:
+        seconds = [tokens_per_step / r["tokens_per_s"] for r in timed]
+        step_s = float(np.median(seconds[1:] if len(seconds) > 1 else seconds))  # the first step carries one-off costs
+        if eval_s is None:  # the start was not evaluated here (resumed, or distill.select=last): time one evaluation
+            t = time.perf_counter()
+            if val_blocks is not None and len(val_blocks):
+                held_out_scores(student, reference, val_blocks)
+            eval_s = time.perf_counter() - t
+        t = time.perf_counter()
+        save_checkpoint()  # keeps the probe steps, and says what a checkpoint costs
+        ckpt_s = time.perf_counter() - t
+        spent_s = time.perf_counter() - t_begin
+        try:
+            total = budget.steps_for_time(done, spent_s, step_s, eval_s, cfg.eval_every if val_blocks is not None else 0,
+                                          ckpt_s, cfg.checkpoint_every, done + 1)
+        except EdgestillError as e:
+            error, total = e, -1
+        measured = {"step_s": step_s, "eval_s": eval_s, "checkpoint_s": ckpt_s, "probe_steps": len(timed),
+                    "spent_s_before_resolving": spent_s, "eval_every": cfg.eval_every,
+                    "checkpoint_every": cfg.checkpoint_every}
+        if error is None:
+            _warn_inside_warmup(budget, total, cfg)
+            _write_budget(run_dir, budget, total, tokens_per_step, measured)
+            log.info("distill.budget=%s: %d steps = %d tokens (measured here: %.2f s per step, %.1f s per evaluation "
+                     "every %d steps, %.1f s per checkpoint)", budget.text, total, total * tokens_per_step, step_s,
+                     eval_s, cfg.eval_every, ckpt_s)
+    total = int(_from_rank0(float(total)))
+    if total < 0:
+        raise error or EdgestillError(f"distill.budget={budget.text} is too small to train this student (rank 0 said why)")
+    return dataclasses.replace(cfg, steps=total)
+
+
 def distill(student, teacher, blocks: np.ndarray, cfg: DistillConfig, run_dir: str | Path,
             val_blocks: np.ndarray | None = None, show_progress: bool = True, layers: list[int] | None = None,
             reference: torch.nn.Module | None = None) -> list[dict]:
@@ -449,17 +543,22 @@ def distill(student, teacher, blocks: np.ndarray, cfg: DistillConfig, run_dir: s
         write_text_atomic(log_path, "".join(json.dumps(h) + "\n" for h in history))  # drop steps after the checkpoint
 
     select = _selection_mode(cfg.select, reference, val_blocks)
+    t_begin = time.perf_counter()  # what a time budget counts from
+    eval_s = None
     if rank == 0 and select != "last" and _read_best(ckpt_root) is None:  # the student as cut is a candidate
         start = _scores(held_out_scores(student, reference, val_blocks))
+        eval_s = time.perf_counter() - t_begin
         _save_best(ckpt_root, student, {"step": start_step, **start, "start": {"step": start_step, **start}})
 
+    budget = TrainBudget.parse(cfg.budget)
+    seq_len = blocks.shape[1]
+    cfg, probing = _budgeted_steps(cfg, budget, run_dir, cfg.batch_size * seq_len, rank)
     model = student
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(student)
     local = cfg.batch_size // world
-    seq_len = blocks.shape[1]
-    bar = progress_bar(total=cfg.steps, initial=start_step, desc="distilling", unit="step", disable=not show_progress)
-    for step in range(start_step, cfg.steps):
+
+    def one_step(step: int, last: bool) -> dict:
         t0 = time.perf_counter()
         rows = batch_rows(step, cfg.batch_size, len(blocks), cfg.seed)[rank * local : (rank + 1) * local]
         for group in optimizer.param_groups:
@@ -477,7 +576,6 @@ def distill(student, teacher, blocks: np.ndarray, cfg: DistillConfig, run_dir: s
             record["on_policy_fraction"] = methods.on_policy.fraction
         if methods.teachers is not None:  # mean weight per teacher over this step's tokens (all ranks)
             record["teacher_weights"] = _mean_across_ranks(methods.teacher_weights)
-        last = step + 1 == cfg.steps
         evaluate = val_blocks is not None and len(val_blocks) and (last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0))
         if rank == 0 and evaluate:
             record.update(_scores(held_out_scores(student, reference if select != "last" else None, val_blocks)))
@@ -495,6 +593,24 @@ def distill(student, teacher, blocks: np.ndarray, cfg: DistillConfig, run_dir: s
                 _save_checkpoint(ckpt_root, student, optimizer, step + 1, history, methods)
         bar.set_postfix(loss=f"{loss_v:.3f}", kd=f"{kd_v:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
         bar.update(1)
+        return record
+
+    if probing:  # a time budget: time the first steps (inside the warm-up) and one evaluation, then fix the total
+        n = probe_steps(cfg.warmup_steps)
+        bar = progress_bar(total=None, initial=start_step, desc="distilling (timing steps for the budget)", unit="step",
+                           disable=not show_progress)
+        timed = [one_step(step, last=False) for step in range(start_step, start_step + n)]
+        bar.close()
+        start_step += n
+        cfg = _resolve_time_budget(cfg, budget, run_dir, cfg.batch_size * seq_len, timed, start_step, t_begin, eval_s,
+                                   rank, student, reference if select != "last" else None, val_blocks,
+                                   lambda: _save_checkpoint(ckpt_root, student, optimizer, start_step, history, methods))
+    bar = progress_bar(total=cfg.steps, initial=start_step, desc="distilling", unit="step", disable=not show_progress)
+    first_step = start_step - (n if probing else 0)
+    for step in range(start_step, cfg.steps):
+        one_step(step, last=step + 1 == cfg.steps)
+    if budget is not None and rank == 0:  # what the loop really took, next to what the budget allowed
+        _record_attempt(run_dir, first_step, cfg.steps, time.perf_counter() - t_begin)
     bar.close()
     if rank == 0 and methods.teachers is not None:
         plot_teacher_weights(history, teacher.names, run_dir / "teacher_weights.png", methods.teachers.weighting)

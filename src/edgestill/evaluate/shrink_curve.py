@@ -69,6 +69,8 @@ class ShrinkPoint:
     reference: str | None = None  # "corrected" or "original": the teacher every figure is measured against
     out_of_domain: dict | None = None  # {retention, top1_agreement, kl_teacher_student, perplexity}; None: not measured
     environment: dict | None = None  # where and with which code this row was measured (PROVENANCE_KEYS)
+    train_tokens: int | None = None  # tokens the student was distilled on (steps x batch x sequence); None: no training
+    train_budget: str | None = None  # the distill.budget that set them (None: distill.steps)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -84,7 +86,8 @@ class ShrinkPoint:
                    out_of_domain=None if not ood else {"retention": ood["retention"], "top1_agreement": ood["top1_agreement"],
                                                        "kl_teacher_student": ood["kl_teacher_student"],
                                                        "perplexity": ood.get("student_perplexity")},
-                   environment=provenance(m.get("environment")))
+                   environment=provenance(m.get("environment")), train_tokens=(m.get("train") or {}).get("tokens"),
+                   train_budget=((m.get("train") or {}).get("budget") or {}).get("budget"))
 
 
 def provenance(env: dict | None) -> dict | None:
@@ -333,10 +336,16 @@ def _bp_cell(bp: dict | None) -> str:
             f"vs fp16, {_f(bp['compression_x_source'], '{:.2f}')}× vs the original file)")
 
 
+def _tokens(p: ShrinkPoint) -> str:
+    if p.train_tokens is None:
+        return "–"
+    return f"{p.train_tokens:,}" + (f" ({html.escape(p.train_budget)})" if p.train_budget else "")
+
+
 def _points_html(points: list[ShrinkPoint]) -> str:
     head = ("<tr><th>series</th><th>model</th><th>MB</th><th>× fp16</th><th>× original file</th><th>KL</th>"
             "<th>top-1</th><th>retention</th><th>ppl</th><th>KL, out of domain</th><th>top-1, out of domain</th>"
-            "<th>retention, out of domain</th><th>commit</th></tr>")
+            "<th>retention, out of domain</th><th>trained on (tokens)</th><th>commit</th></tr>")
     rows = []
     for p in sorted(points, key=lambda p: (p.series, -p.bytes)):
         ood, env = p.out_of_domain or {}, p.environment or {}
@@ -346,7 +355,7 @@ def _points_html(points: list[ShrinkPoint]) -> str:
                     f"<td>{_f(p.kl_teacher_student, '{:.3g}')}</td><td>{p.top1_agreement:.3f}</td><td>{p.retention:.3f}</td>"
                     f"<td>{_f(p.perplexity, '{:.2f}')}</td><td>{_f(ood.get('kl_teacher_student'), '{:.3g}')}</td>"
                     f"<td>{_f(ood.get('top1_agreement'))}</td><td>{_f(ood.get('retention'))}</td>"
-                    f"<td>{html.escape(commit)}</td></tr>")
+                    f"<td>{_tokens(p)}</td><td>{html.escape(commit)}</td></tr>")
     return f"<table>{head}{''.join(rows)}</table>"
 
 

@@ -219,7 +219,9 @@ def _metrics(cfg: ShrinkConfig, run_dir: Path, final_dir: Path, teacher, student
         "speed_repeats": cfg.eval.speed_repeats,
         "baselines": baselines,
         "splits": splits,
-        "train": {"steps": len(history), "final_loss": (history or [{}])[-1].get("loss"),
+        "train": {"steps": len(history), "tokens": len(history) * cfg.distill.batch_size * cfg.data.seq_len,
+                  "budget": _read_json(run_dir / "budget.json"),  # distill.budget: what it bought and what it took
+                  "final_loss": (history or [{}])[-1].get("loss"),
                   "final_val_loss": next((h["val_loss"] for h in reversed(history) if "val_loss" in h), None),
                   "selection": _read_json(run_dir / "selection.json")},  # which evaluated step the student is
         "environment": environment(cfg.eval.threads, start),

@@ -255,8 +255,10 @@ def _finished_point(run: Path, point_cfg: ShrinkConfig, reference: Reference) ->
 
 
 def _plan_of(cfg: ShrinkConfig) -> tuple:
-    """What a plan fixes in a point's config: the layers kept, the FFN width, the formats."""
-    return list(cfg.student.layers or []), cfg.student.intermediate_size, cfg.quant.format, dict(cfg.quant.plan or {})
+    """What a plan fixes in a point's config (the layers kept, the FFN width, the formats) and the training it gets
+    (distill.budget, else distill.steps): a point finished with less or more training is shrunk again."""
+    training = cfg.distill.budget or cfg.distill.steps
+    return list(cfg.student.layers or []), cfg.student.intermediate_size, cfg.quant.format, dict(cfg.quant.plan or {}), training
 
 
 def _shrink_points(cfg: ShrinkConfig, plans: list[dict], out: Path, reference: Reference) -> list:

@@ -15,7 +15,8 @@ EdgeDistill's HPAQD allocator (docs/references.md [8]), reconstructed [R]:
    size, decode and prefill seconds for speed, all from plan/cost.py). A move is any lower format of
    a unit (not only the next one), so a format that quantizes better than a higher one is taken.
    The result is checked with the full cost model after every move, so a returned plan never
-   exceeds the budget.
+   exceeds the budget. Then a refill pass spends what the moves freed beyond the budget: units are raised
+   back, the largest KL saved per byte first, while the plan still fits.
 4. Predicted loss = structural KL + sum over units of s_u(f_u) (additive, [R]). Plans are returned
    feasible-only, ranked by predicted loss; if no candidate fits, EdgestillError names the nearest
    one and what it would need.
@@ -283,7 +284,34 @@ def allocate(shape: StudentShape, sensitivity: Sensitivity, device: DeviceProfil
             raise _Infeasible(state, p, violated)
         state[best[1]] = best[2]
         p = predicted()
+    p = _refill(state, units, order, sensitivity, cost, budget, predicted, p)
     return dict(state), p, sum(sensitivity.kl[u][f] for u, f in state.items())
+
+
+def _refill(state: dict, units, order, sensitivity: Sensitivity, cost: dict, budget: Budget, predicted,
+            p: Prediction) -> Prediction:
+    """Spend what the lowering left over. A lowering move can free more than the budget needed (a unit may drop
+    several formats at once), so raise units back, the largest KL saved per byte first, while the plan still fits;
+    stop when no raise of any unit to any format with a lower measured KL fits. Changes `state`; returns its
+    prediction."""
+    while True:
+        moves = []
+        for u in units:
+            cur = state[u]
+            for f in order[:order.index(cur)]:  # the higher-precision formats
+                saved = sensitivity.kl[u][cur] - sensitivity.kl[u][f]
+                if saved > 0:
+                    extra = max(1, cost[(u, f)][0] - cost[(u, cur)][0])
+                    moves.append((saved / extra, u, f))
+        for _, u, f in sorted(moves, key=lambda m: m[0], reverse=True):
+            cur, state[u] = state[u], f
+            q = predicted()
+            if not budget.violations(q):
+                p = q
+                break
+            state[u] = cur
+        else:
+            return p
 
 
 class _Infeasible(EdgestillError):
