@@ -272,12 +272,29 @@ def _write_hf_tokenizer(writer, meta: dict) -> None:
             writer.add_key_value(key, value, GGUFValueType.ARRAY, sub_type=GGUFValueType.STRING)
 
 
-def _copy_tokenizer_fields(writer, teacher_gguf: Path, n_vocab: int) -> None:
-    """Copy every `tokenizer.*` field of a GGUF, keeping each value's GGUF type (strings as raw bytes)."""
+_PER_TOKEN = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.scores")
+
+
+def _trimmed_merges(tokenizer) -> list[bytes]:
+    """A (trimmed) HF tokenizer's merges as GGUF writes them: 'a b', UTF-8."""
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    return [(m if isinstance(m, str) else " ".join(m)).encode() for m in merges]
+
+
+def _copy_tokenizer_fields(writer, teacher_gguf: Path, n_vocab: int, kept: list[int] | None = None,
+                           merges: list[bytes] | None = None) -> None:
+    """Copy every `tokenizer.*` field of a GGUF, keeping each value's GGUF type (strings as raw bytes).
+
+    `kept` (a student with a trimmed vocabulary, models/vocab.py): its new id -> the teacher's id. The per-token
+    arrays keep those entries, the special token ids are renumbered (one that was trimmed is left out), and the
+    merges are `merges`, the trimmed tokenizer's."""
     from gguf import GGUFReader, GGUFValueType
 
     check_gguf(teacher_gguf)
     reader = GGUFReader(str(teacher_gguf))
+    new_id = None
+    if kept is not None:
+        new_id = {old: new for new, old in enumerate(kept)}
     for key, fld in reader.fields.items():
         if not key.startswith("tokenizer."):
             continue
@@ -290,6 +307,10 @@ def _copy_tokenizer_fields(writer, teacher_gguf: Path, n_vocab: int) -> None:
                 value = [bytes(fld.parts[i]) for i in fld.data]
             else:
                 value = fld.contents()
+            if kept is not None and key in _PER_TOKEN:
+                value = [value[i] for i in kept]
+            elif kept is not None and key == "tokenizer.ggml.merges":
+                value = merges
             if key == "tokenizer.ggml.tokens" and len(value) != n_vocab:
                 raise EdgestillError(
                     f"the tokenizer in '{teacher_gguf}' has {len(value)} tokens but the model's embedding has "
@@ -298,6 +319,9 @@ def _copy_tokenizer_fields(writer, teacher_gguf: Path, n_vocab: int) -> None:
             writer.add_key_value(key, value, main, sub_type=sub)
         elif main == GGUFValueType.STRING:
             writer.add_key_value(key, bytes(fld.parts[fld.data[0]]), main)
+        elif new_id is not None and key.endswith("_token_id"):
+            if int(fld.contents()) in new_id:  # a special token the trimmed vocabulary dropped is left out
+                writer.add_key_value(key, new_id[int(fld.contents())], main)
         else:
             writer.add_key_value(key, fld.contents(), main)
     if "tokenizer.ggml.tokens" not in reader.fields:
@@ -388,7 +412,10 @@ def export_gguf(model, tokenizer, path, tensor_type: str = "f16", teacher_gguf=N
             writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
             writer.add_vocab_size(n_vocab)
 
-            if teacher_gguf is not None:
+            trim = getattr(config, "edgestill_vocab_trim", None)  # models/vocab.py: the student keeps some tokens
+            if teacher_gguf is not None and trim:
+                _copy_tokenizer_fields(writer, Path(teacher_gguf), n_vocab, trim["kept"], _trimmed_merges(tokenizer))
+            elif teacher_gguf is not None:
                 _copy_tokenizer_fields(writer, Path(teacher_gguf), n_vocab)
             else:
                 _write_hf_tokenizer(writer, _hf_tokenizer_metadata(tokenizer, n_vocab))
