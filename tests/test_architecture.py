@@ -21,6 +21,7 @@ above it, so nothing reaches back up and there is no cycle:
     distill    core, data, models, quant, evaluate                   training a student
     export     core, data, models, quant, runtime, evaluate          what WRITES artifacts: GGUF, ONNX
     plan       core, data, models, quant, runtime, evaluate, export  device profiles, cost model, allocation
+    serve      core, data, models, runtime, plan                     the HTTP server, its engine and scheduler
     config     core and every package above                          config.py: the recipe schema, which
                                                                      reuses the packages' configs/registries
     jobs       all of the above, jobs                                one recipe per command
@@ -46,7 +47,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 ROOT = SRC / "edgestill"
 
 CORE = ("errors", "files", "runs", "progress")
-PACKAGES = ("data", "models", "quant", "runtime", "evaluate", "distill", "export", "plan")
+PACKAGES = ("data", "models", "quant", "runtime", "evaluate", "distill", "export", "plan", "serve")
 _EVERYTHING = ("core", *PACKAGES, "config", "jobs")
 MAY_IMPORT = {
     "core": {"core"},
@@ -58,6 +59,7 @@ MAY_IMPORT = {
     "distill": {"core", "data", "models", "quant", "evaluate"},
     "export": {"core", "data", "models", "quant", "runtime", "evaluate"},
     "plan": {"core", "data", "models", "quant", "runtime", "evaluate", "export"},
+    "serve": {"core", "data", "models", "runtime", "plan"},
     "config": {"core", *PACKAGES},
     "jobs": set(_EVERYTHING),
     "cli": set(_EVERYTHING),

@@ -42,6 +42,7 @@ examples:
   torchrun --nproc_per_node 2 -m edgestill.cli distill --out runs/ddp   # DDP, gloo on CPU
   edgestill shrink --device rpi5 --max-memory 150MB --min-decode-tokens-per-s 20   # plan for a device, then shrink
   edgestill sweep --device rpi5-8gb                 # plans light -> extreme, each shrunk: the shrink curve
+  edgestill serve runs/q4 --port 8080               # the student behind an OpenAI-compatible server (llama.cpp)
   edgestill config                                  # print every config key with its default
 """
 
@@ -156,6 +157,26 @@ def _add_sweep(sub) -> None:
     p.add_argument("--baseline", default="Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q3_K_M,Q2_K", help="llama.cpp quantizer types of the teacher")
 
 
+def _add_serve(sub) -> None:
+    from edgestill.serve.scheduler import POLICIES
+
+    p = sub.add_parser("serve", help="serve a run's GGUF over an OpenAI-compatible HTTP API (llama.cpp)",
+                       description="Serve a run's student.gguf (or any GGUF file) with llama.cpp behind an async "
+                                   "OpenAI-compatible server: /v1/completions, /v1/chat/completions (streaming), "
+                                   "/v1/models, /health, /metrics. Requests may carry `deadline_s` and `value`.")
+    p.add_argument("target", help="a run folder (its student.gguf) or a .gguf file")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    p.add_argument("--policy", default="vdf", choices=POLICIES,
+                   help="which queued request runs next: fifo, edf (earliest deadline) or vdf (value / predicted "
+                        "cost, the default)")
+    p.add_argument("--queue", type=int, default=32, help="requests that may wait; past it: 429 (default 32)")
+    p.add_argument("--max-wait", type=float, default=30.0, help="seconds after which a waiting request goes first")
+    p.add_argument("--ctx", type=int, default=2048, help="context length in tokens (default 2048)")
+    p.add_argument("--threads", type=int, default=2, help="llama.cpp threads (default 2)")
+    p.add_argument("--name", help="the model id clients use (default: the file's name)")
+
+
 def _add_plan(sub) -> None:
     from edgestill.quant.formats import format_names
 
@@ -200,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_finetune(sub)
     _add_run_commands(sub)
     _add_sweep(sub)
+    _add_serve(sub)
     p = sub.add_parser("config", help="print the resolved config (defaults, --config, overrides) as YAML")
     _add_common(p)
     _add_plan(sub)
@@ -401,7 +423,13 @@ def _cmd_plan(args) -> None:
         print(f"wrote {plans_json(args.out, args.device, budget, args.teacher, plans)}")
 
 
-COMMANDS = {"shrink": _cmd_shrink, "finetune": _cmd_classifier, "distill": _cmd_distill, "eval": _cmd_eval,
+def _cmd_serve(args) -> None:
+    from edgestill.jobs.serve import serve
+
+    serve(args.target, args.host, args.port, args.policy, args.queue, args.max_wait, args.ctx, args.threads, args.name)
+
+
+COMMANDS = {"serve": _cmd_serve, "shrink": _cmd_shrink, "finetune": _cmd_classifier, "distill": _cmd_distill, "eval": _cmd_eval,
             "quantize": _cmd_quantize, "export": _cmd_export, "sweep": _cmd_sweep, "devices": _cmd_devices,
             "plan": _cmd_plan}
 

@@ -1,0 +1,394 @@
+"""The OpenAI-compatible HTTP server (FastAPI on uvicorn) in front of one llama.cpp engine and a scheduler.
+
+    POST /v1/completions, /v1/chat/completions   OpenAI's request and response shapes, `stream: true` as SSE;
+                                                 extension fields: `deadline_s` (seconds from arrival) and `value`
+                                                 (priority, > 0); the response's `edgestill` field says which model
+                                                 served it, how long it queued and whether it met its deadline
+    GET  /v1/models, /health, /metrics            the model; liveness and queue; Prometheus counters
+
+One worker generates, one request at a time, in a thread (llama.cpp is not re-entrant); the event loop only parses,
+validates, queues and streams. The queue is bounded (`capacity`): past it, 429 with Retry-After. A queued request
+that can no longer meet its deadline is answered 503 at once, not run; one served after its deadline says so
+(`deadline_met: false`). At shutdown the running request finishes and every queued one is answered 503. Bad requests
+get a 400 (or 404 for an unknown model) whose message names the field to fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import threading
+import time
+from collections import Counter
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from fastapi import Request  # at module level: FastAPI resolves the handlers' annotations here
+
+from edgestill.serve.scheduler import Job, QueueFull, Scheduler
+
+MAX_OUTPUT_DEFAULT = 256  # max_tokens when a request names none
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, status: int = 400, param: str | None = None):
+        self.message, self.status, self.param = message, status, param
+        super().__init__(message)
+
+
+@dataclass
+class Work:
+    """What the worker runs for one request, and where its output goes."""
+
+    kind: str  # "completion" | "chat"
+    kwargs: dict
+    stream: bool
+    prompt_tokens: int
+    out: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    started: float | None = None
+
+
+@dataclass
+class Rejected:
+    status: int
+    message: str
+    retry_after_s: float | None = None
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+           retry_after_s: float | None = None):
+    from fastapi.responses import JSONResponse
+
+    headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))} if retry_after_s is not None else None
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}}, status_code=status,
+                        headers=headers)
+
+
+class Server:
+    """The state behind the app: engine, scheduler, counters, the worker."""
+
+    def __init__(self, engine, policy: str = "vdf", capacity: int = 32, max_wait_s: float = 30.0,
+                 max_output_tokens: int | None = None):
+        self.engine = engine
+        self.scheduler = Scheduler(policy, capacity, max_wait_s)
+        self.max_output_tokens = max_output_tokens or engine.n_ctx
+        self.counters: Counter = Counter()
+        self.wake = asyncio.Event()
+        self.stopping = False
+        self.running: Job | None = None
+        self.worker: asyncio.Task | None = None
+
+    # --- validation -----------------------------------------------------------------------------------------
+
+    def parse(self, body: dict, kind: str) -> tuple[dict, int, bool, float | None, float]:
+        """(llama.cpp kwargs, prompt tokens, stream, deadline_s, value), or BadRequest."""
+        if not isinstance(body, dict):
+            raise BadRequest("the request body must be a JSON object")
+        model = body.get("model")
+        if model not in (None, "", self.engine.name, "default"):
+            raise BadRequest(f"model '{model}' is not served here; this server serves '{self.engine.name}' "
+                             "(GET /v1/models)", 404, "model")
+        kwargs: dict = {}
+        if kind == "completion":
+            prompt = body.get("prompt")
+            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+                prompt = prompt[0]
+            if not isinstance(prompt, str) or not prompt:
+                raise BadRequest("'prompt' must be a non-empty string", param="prompt")
+            kwargs["prompt"] = prompt
+            prompt_tokens = self.engine.count_prompt(prompt)
+        else:
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages or not all(
+                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                    for m in messages):
+                raise BadRequest("'messages' must be a non-empty list of {role, content} objects with string values",
+                                 param="messages")
+            kwargs["messages"] = [{"role": m["role"], "content": m["content"]} for m in messages]
+            prompt_tokens = self.engine.count_chat(kwargs["messages"])
+        max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
+        if max_tokens is None:  # not given: what fits, up to MAX_OUTPUT_DEFAULT
+            max_tokens = max(1, min(MAX_OUTPUT_DEFAULT, self.max_output_tokens, self.engine.n_ctx - prompt_tokens))
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise BadRequest(f"'max_tokens' must be a positive integer, not {max_tokens!r}", param="max_tokens")
+        if max_tokens > self.max_output_tokens:
+            raise BadRequest(f"'max_tokens'={max_tokens} is more than this server generates per request "
+                             f"({self.max_output_tokens})", param="max_tokens")
+        if prompt_tokens >= self.engine.n_ctx:
+            raise BadRequest(f"the prompt is {prompt_tokens} tokens, longer than the model's context of "
+                             f"{self.engine.n_ctx}; shorten it", param="prompt" if kind == "completion" else "messages")
+        if prompt_tokens + max_tokens > self.engine.n_ctx:
+            raise BadRequest(f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) exceed the context of "
+                             f"{self.engine.n_ctx}; lower max_tokens to {self.engine.n_ctx - prompt_tokens} or less",
+                             param="max_tokens")
+        kwargs["max_tokens"] = max_tokens
+        for key, lo, hi in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0)):
+            if key in body and body[key] is not None:
+                v = body[key]
+                if not isinstance(v, (int, float)) or isinstance(v, bool) or not lo <= v <= hi:
+                    raise BadRequest(f"'{key}' must be a number in [{lo}, {hi}], not {v!r}", param=key)
+                kwargs[key] = float(v)
+        if body.get("stop") is not None:
+            stop = body["stop"]
+            if isinstance(stop, str):
+                stop = [stop]
+            if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:
+                raise BadRequest("'stop' must be a string or a list of up to 4 strings", param="stop")
+            kwargs["stop"] = stop
+        if body.get("seed") is not None:
+            if not isinstance(body["seed"], int):
+                raise BadRequest("'seed' must be an integer", param="seed")
+            kwargs["seed"] = body["seed"]
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise BadRequest("'stream' must be true or false", param="stream")
+        deadline_s = body.get("deadline_s")
+        if deadline_s is not None and (not isinstance(deadline_s, (int, float)) or isinstance(deadline_s, bool)
+                                       or not deadline_s > 0):
+            raise BadRequest("'deadline_s' must be a positive number of seconds from now", param="deadline_s")
+        value = body.get("value", 1.0)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 or not math.isfinite(value):
+            raise BadRequest("'value' (the request's priority) must be a positive number", param="value")
+        return kwargs, prompt_tokens, stream, deadline_s, float(value)
+
+    # --- admission and the worker -----------------------------------------------------------------------------
+
+    def admit(self, kind: str, kwargs: dict, prompt_tokens: int, stream: bool, deadline_s, value: float) -> Job:
+        if self.stopping:
+            raise QueueFull(0, 5.0)
+        now = time.monotonic()
+        predicted = self.engine.predict_s(prompt_tokens, kwargs["max_tokens"])
+        if deadline_s is not None and predicted > deadline_s:
+            raise BadRequest(f"'deadline_s'={deadline_s} is shorter than this request's predicted service time "
+                             f"({predicted:.2f} s for {prompt_tokens} prompt and {kwargs['max_tokens']} output tokens "
+                             "here); raise deadline_s or lower max_tokens", 503, "deadline_s")
+        work = Work(kind, kwargs, stream, prompt_tokens, asyncio.Queue(), asyncio.get_running_loop())
+        job = Job(arrival=now, predicted_s=predicted, deadline=None if deadline_s is None else now + deadline_s,
+                  value=value, payload=work)
+        self.scheduler.push(job)
+        self.counters["requests_admitted"] += 1
+        self.wake.set()
+        return job
+
+    def _reject(self, job: Job, status: int, message: str, reason: str) -> None:
+        self.counters[f"rejected_{reason}"] += 1
+        job.payload.out.put_nowait(Rejected(status, message, retry_after_s=5.0 if status in (429, 503) else None))
+
+    def reject_hopeless(self) -> None:
+        """Answer 503 now to every queued request that cannot finish by its deadline, even if it ran next."""
+        now = time.monotonic()
+        running = self.running
+        free_at = None
+        if running is not None and running.payload.started is not None:
+            free_at = running.payload.started + running.predicted_s
+        for late in self.scheduler.drop_infeasible(now, free_at):
+            self._reject(late, 503, f"the request cannot meet its deadline ({late.deadline - late.arrival:.1f} s): "
+                         f"{late.predicted_s:.1f} s of work, {now - late.arrival:.1f} s queued, and the server is busy "
+                         f"for {max(0.0, (free_at or now) - now):.1f} s more", "deadline")
+
+    async def run_reaper(self, every_s: float = 0.05) -> None:
+        """While the worker generates, keep answering hopeless requests early instead of when their turn comes."""
+        while not self.stopping:
+            self.reject_hopeless()
+            await asyncio.sleep(every_s)
+
+    async def run_worker(self) -> None:
+        while True:
+            self.reject_hopeless()
+            now = time.monotonic()
+            job = self.scheduler.pop(now)
+            if job is None:
+                if self.stopping:
+                    return
+                self.wake.clear()
+                await self.wake.wait()
+                continue
+            self.running = job
+            try:
+                await asyncio.to_thread(self._generate, job)
+            finally:
+                self.running = None
+
+    def _generate(self, job: Job) -> None:
+        """Runs in the worker thread: generate, hand every chunk to the event loop, then None (or the error)."""
+        work: Work = job.payload
+        put = lambda item: work.loop.call_soon_threadsafe(work.out.put_nowait, item)  # noqa: E731
+        work.started = time.monotonic()
+        first = None
+        n = 0
+        try:
+            fn = self.engine.complete if work.kind == "completion" else self.engine.chat
+            result = fn(work.stream, **work.kwargs)
+            last = None  # streamed one chunk behind, so the last one can carry the `edgestill` field
+            if work.stream:
+                for chunk in result:
+                    if work.cancelled.is_set():  # the client went away: stop generating for it
+                        self.counters["cancelled"] += 1
+                        break
+                    first = first if first is not None else time.monotonic()
+                    n += 1
+                    if last is not None:
+                        put(last)
+                    last = chunk
+            else:
+                n = result["usage"]["completion_tokens"]
+                last = result
+            end = time.monotonic()
+            self.engine.observe(work.prompt_tokens, n, None if first is None else first - work.started,
+                                end - work.started)
+            met = job.deadline is None or end <= job.deadline
+            self.counters["completed"] += 1
+            self.counters["completion_tokens"] += n
+            self.counters["prompt_tokens"] += work.prompt_tokens
+            if not met:
+                self.counters["deadline_missed"] += 1
+            if last is not None:
+                put({**last, "edgestill": self.extension(job, end, met)})
+        except Exception as e:  # noqa: BLE001 - a failed generation is answered, never crashes the server
+            self.counters["server_errors"] += 1
+            put(e)
+        put(None)
+
+    def extension(self, job: Job, end: float, met: bool) -> dict:
+        w: Work = job.payload
+        return {"model": self.engine.name, "variant": self.engine.name, "policy": self.scheduler.policy,
+                "queued_s": round(w.started - job.arrival, 4), "service_s": round(end - w.started, 4),
+                "predicted_s": round(job.predicted_s, 4), "deadline_met": met}
+
+    def begin_shutdown(self) -> None:
+        """Stop admitting and answer every queued request 503; the running one goes on."""
+        self.stopping = True
+        for job in self.scheduler.drain():
+            self._reject(job, 503, "the server is shutting down; retry on another server or later", "shutdown")
+        self.wake.set()
+
+    async def shutdown(self) -> None:
+        self.begin_shutdown()
+        if self.worker is not None:
+            await self.worker  # the running request finishes
+
+    def metrics_text(self) -> str:
+        c = self.counters
+        lines = [
+            "# HELP edgestill_requests_total Requests by outcome.", "# TYPE edgestill_requests_total counter"]
+        lines.append(f'edgestill_requests_total{{outcome="admitted"}} {c["requests_admitted"]}')
+        lines.append(f'edgestill_requests_total{{outcome="completed"}} {c["completed"]}')
+        for reason in ("queue_full", "deadline", "shutdown", "bad_request"):
+            lines.append(f'edgestill_requests_total{{outcome="rejected",reason="{reason}"}} {c["rejected_" + reason]}')
+        lines.append(f'edgestill_requests_total{{outcome="cancelled"}} {c["cancelled"]}')
+        lines += ["# HELP edgestill_deadline_missed_total Requests served after their deadline.",
+                  "# TYPE edgestill_deadline_missed_total counter", f"edgestill_deadline_missed_total {c['deadline_missed']}",
+                  "# HELP edgestill_server_errors_total Generations that failed.",
+                  "# TYPE edgestill_server_errors_total counter", f"edgestill_server_errors_total {c['server_errors']}",
+                  "# HELP edgestill_tokens_total Tokens processed.", "# TYPE edgestill_tokens_total counter",
+                  f'edgestill_tokens_total{{kind="prompt"}} {c["prompt_tokens"]}',
+                  f'edgestill_tokens_total{{kind="completion"}} {c["completion_tokens"]}',
+                  "# HELP edgestill_queue_depth Requests waiting.", "# TYPE edgestill_queue_depth gauge",
+                  f"edgestill_queue_depth {len(self.scheduler)}",
+                  "# HELP edgestill_rate_tokens_per_s Measured rates the scheduler predicts with.",
+                  "# TYPE edgestill_rate_tokens_per_s gauge",
+                  f'edgestill_rate_tokens_per_s{{phase="prefill"}} {self.engine.prefill_tokens_per_s:.3f}',
+                  f'edgestill_rate_tokens_per_s{{phase="decode"}} {self.engine.decode_tokens_per_s:.3f}']
+        return "\n".join(lines) + "\n"
+
+
+def create_app(engine, policy: str = "vdf", capacity: int = 32, max_wait_s: float = 30.0,
+               max_output_tokens: int | None = None):
+    """The FastAPI app serving `engine` (serve/engine.Engine or anything with its methods)."""
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+    server = Server(engine, policy, capacity, max_wait_s, max_output_tokens)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        server.worker = asyncio.create_task(server.run_worker())
+        reaper = asyncio.create_task(server.run_reaper())
+        yield
+        await server.shutdown()
+        reaper.cancel()
+
+    app = FastAPI(title="edgestill serve", lifespan=lifespan)
+    app.state.server = server
+
+    async def handle(request: Request, kind: str):
+        try:
+            body = json.loads(await request.body() or b"null")
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            server.counters["rejected_bad_request"] += 1
+            return _error(400, f"the request body is not valid JSON ({e})")
+        try:
+            kwargs, prompt_tokens, stream, deadline_s, value = server.parse(body, kind)
+            job = server.admit(kind, kwargs, prompt_tokens, stream, deadline_s, value)
+        except BadRequest as e:
+            server.counters["rejected_deadline" if e.status == 503 else "rejected_bad_request"] += 1
+            kind_ = {404: "not_found_error", 503: "server_error"}.get(e.status, "invalid_request_error")
+            return _error(e.status, e.message, kind_, e.param, retry_after_s=None)
+        except QueueFull as e:
+            server.counters["rejected_queue_full"] += 1
+            if server.stopping:
+                return _error(503, "the server is shutting down", "server_error", retry_after_s=5.0)
+            return _error(429, str(e), "rate_limit_error", retry_after_s=e.retry_after_s)
+        work: Work = job.payload
+        first = await work.out.get()
+        if isinstance(first, Rejected):
+            return _error(first.status, first.message, "server_error", retry_after_s=first.retry_after_s)
+        if isinstance(first, Exception):
+            return _error(500, f"generation failed: {first}", "server_error")
+        if not stream:
+            await work.out.get()  # the closing None
+            return JSONResponse(first)
+
+        async def events():
+            item = first
+            try:
+                while item is not None:
+                    if isinstance(item, Exception):  # failed mid-stream: the client gets an error event
+                        yield f"data: {json.dumps({'error': {'message': str(item), 'type': 'server_error'}})}\n\n"
+                    else:
+                        yield f"data: {json.dumps(item)}\n\n"
+                    item = await work.out.get()
+                yield "data: [DONE]\n\n"
+            finally:
+                work.cancelled.set()
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await handle(request, "completion")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await handle(request, "chat")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": engine.name, "object": "model", "created": 0, "owned_by": "edgestill"}]}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "stopping" if server.stopping else "ok", "model": engine.name, "queue": len(server.scheduler),
+                "running": server.running is not None, "policy": server.scheduler.policy}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(server.metrics_text(), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def http_server(app, host: str = "127.0.0.1", port: int = 8080):
+    """A uvicorn server for `app` whose shutdown (Ctrl-C, SIGTERM) first answers the queued requests 503 and lets the
+    running one finish; plain uvicorn would wait for every open connection, so queued requests would still run."""
+    import uvicorn
+
+    class Graceful(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            app.state.server.begin_shutdown()
+            await super().shutdown(sockets)
+
+    return Graceful(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))

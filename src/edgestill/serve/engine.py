@@ -1,0 +1,101 @@
+"""One GGUF loaded in llama.cpp (llama-cpp-python) for serving: completions, chat completions with the GGUF's own chat
+template, token counts, and the service time a request is predicted to take.
+
+The prediction is measured, not assumed: at start the engine times a prefill and a few decode steps of this model on
+this machine, and every finished request updates both rates (an exponential moving average), so the scheduler's
+costs follow the machine's real speed.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from edgestill.errors import EdgestillError
+
+EWMA = 0.2  # weight of the newest observation in the rate averages
+
+
+class Engine:
+    """A served model. Only the server's worker thread generates; `count_*` may be called from the event loop."""
+
+    def __init__(self, gguf_path, name: str | None = None, n_ctx: int = 2048, n_threads: int = 2):
+        from edgestill.runtime.llamacpp import LlamaCpp
+
+        self.path = Path(gguf_path)
+        self.name = name or self.path.stem
+        self.model = LlamaCpp(self.path, n_ctx=n_ctx, n_threads=n_threads, logits_all=False)
+        self.llm = self.model.llm
+        self.n_ctx = self.model.n_ctx
+        template = (self.llm.metadata or {}).get("tokenizer.chat_template")
+        self.has_chat_template = bool(template)
+        self._formatter = None
+        if template:
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+            vocab = self.llm
+            eos = vocab.detokenize([vocab.token_eos()]).decode(errors="ignore") if vocab.token_eos() >= 0 else ""
+            bos = vocab.detokenize([vocab.token_bos()]).decode(errors="ignore") if vocab.token_bos() >= 0 else ""
+            self._formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
+        self.prefill_tokens_per_s, self.decode_tokens_per_s = self._measure()
+
+    # --- sizes --------------------------------------------------------------------------------------------------
+
+    def count_prompt(self, prompt: str) -> int:
+        return len(self.llm.tokenize(prompt.encode(), add_bos=True, special=False))
+
+    def count_chat(self, messages: list[dict]) -> int:
+        """Tokens of the prompt the chat template makes of `messages` (without a template: their contents)."""
+        if self._formatter is None:
+            return self.count_prompt("\n".join(str(m.get("content", "")) for m in messages))
+        text = self._formatter(messages=messages).prompt
+        return len(self.llm.tokenize(text.encode(), add_bos=False, special=True))
+
+    # --- cost -------------------------------------------------------------------------------------------------
+
+    def predict_s(self, prompt_tokens: int, max_tokens: int) -> float:
+        return prompt_tokens / self.prefill_tokens_per_s + max_tokens / self.decode_tokens_per_s
+
+    def observe(self, prompt_tokens: int, completion_tokens: int, first_token_s: float | None, total_s: float) -> None:
+        """Fold one served request's timings into the rates. Without a first-token time (a request that was not
+        streamed) only the decode rate learns, from the total less the predicted prefill."""
+        if first_token_s is not None and prompt_tokens > 0 and first_token_s > 0:
+            self.prefill_tokens_per_s += EWMA * (prompt_tokens / first_token_s - self.prefill_tokens_per_s)
+        if first_token_s is None:
+            decode_s, decoded = total_s - prompt_tokens / self.prefill_tokens_per_s, completion_tokens
+        else:
+            decode_s, decoded = total_s - first_token_s, completion_tokens - 1
+        if decoded > 0 and decode_s > 0:
+            self.decode_tokens_per_s += EWMA * (decoded / decode_s - self.decode_tokens_per_s)
+
+    def _measure(self, prompt_tokens: int = 32, decode_tokens: int = 16) -> tuple[float, float]:
+        """(prefill tokens/s, decode tokens/s) of this model here, from one timed greedy generation."""
+        ids = [t for t in self.llm.tokenize(b" the" * prompt_tokens, add_bos=False)][:prompt_tokens]
+        eos = self.llm.token_eos()
+        no_eos = {eos: -1e9} if eos >= 0 else None  # generate all `decode_tokens`: a timing, not an answer
+        self.llm.reset()
+        t0 = time.perf_counter()
+        first, n = None, 0
+        for _ in self.llm.create_completion(ids, max_tokens=decode_tokens, temperature=0.0, stream=True,
+                                            logit_bias=no_eos):
+            n += 1
+            if first is None:
+                first = time.perf_counter() - t0
+        total = time.perf_counter() - t0
+        if first is None:
+            raise EdgestillError(f"llama.cpp generated nothing from '{self.path}' while measuring its speed")
+        decode = (n - 1) / (total - first) if n > 1 and total > first else len(ids) / first
+        return len(ids) / first, decode
+
+    # --- generation (the worker thread only) --------------------------------------------------------------------
+
+    def complete(self, stream: bool, **kwargs):
+        self.llm.reset()  # no state carried between requests (prefix reuse is a later step)
+        return self.llm.create_completion(stream=stream, model=self.name, **kwargs)
+
+    def chat(self, stream: bool, **kwargs):
+        self.llm.reset()
+        return self.llm.create_chat_completion(stream=stream, model=self.name, **kwargs)
+
+    def close(self) -> None:
+        self.model.close()

@@ -1,0 +1,94 @@
+"""The scheduler's orders, its aging bound (nothing starves) and its bookkeeping (nothing is lost), on random loads."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from edgestill.serve.scheduler import POLICIES, Job, QueueFull, Scheduler
+
+
+def _jobs():
+    return [Job(arrival=0.0, predicted_s=4.0, deadline=50.0, value=1.0),   # 0: first in, late deadline, low density
+            Job(arrival=1.0, predicted_s=1.0, deadline=None, value=1.0),   # 1: no deadline, density 1
+            Job(arrival=2.0, predicted_s=2.0, deadline=10.0, value=8.0),   # 2: earliest deadline, density 4
+            Job(arrival=3.0, predicted_s=1.0, deadline=20.0, value=2.0)]   # 3: density 2
+
+
+@pytest.mark.parametrize("policy, order", [("fifo", [0, 1, 2, 3]), ("edf", [2, 3, 0, 1]), ("vdf", [2, 3, 1, 0])])
+def test_each_policy_orders_as_defined(policy, order):
+    jobs = _jobs()
+    s = Scheduler(policy, capacity=8, max_wait_s=1e9)
+    for j in jobs:
+        s.push(j)
+    assert [jobs.index(s.pop(now=3.0)) for _ in jobs] == order
+    assert s.pop(now=3.0) is None
+
+
+def test_a_full_queue_refuses_with_a_retry_time():
+    s = Scheduler("fifo", capacity=2)
+    s.push(Job(0.0, 3.0))
+    s.push(Job(0.0, 5.0))
+    with pytest.raises(QueueFull) as e:
+        s.push(Job(0.0, 1.0))
+    assert e.value.capacity == 2 and e.value.retry_after_s == pytest.approx(4.0)
+
+
+def test_hopeless_deadlines_are_dropped_and_returned():
+    s = Scheduler("vdf", capacity=8)
+    ok, late, none = Job(0.0, 1.0, deadline=10.0), Job(0.0, 5.0, deadline=6.0), Job(0.0, 100.0)
+    for j in (ok, late, none):
+        s.push(j)
+    assert s.drop_infeasible(now=2.0) == [late]  # 2 + 5 > 6
+    assert len(s) == 2
+
+
+def test_aging_serves_the_oldest_overdue_request_first():
+    s = Scheduler("vdf", capacity=8, max_wait_s=10.0)
+    poor = Job(arrival=0.0, predicted_s=10.0, value=0.1)
+    rich = Job(arrival=5.0, predicted_s=1.0, value=10.0)
+    s.push(poor)
+    s.push(rich)
+    assert s.pop(now=6.0) is rich  # VDF, nobody overdue
+    s.push(rich2 := Job(arrival=6.0, predicted_s=1.0, value=10.0))
+    assert s.pop(now=10.5) is poor and s.pop(now=10.5) is rich2  # poor waited 10.5 s >= max_wait
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("seed", range(5))
+def test_random_load_loses_nothing_and_starves_no_one(policy, seed):
+    """Random arrivals on one server: every job leaves exactly once (run, dropped as hopeless, or refused at a full
+    queue), and no job waits longer than max_wait plus the queue's worth of service (the overdue ahead of it)."""
+    rng = random.Random(seed)
+    max_wait, capacity = 20.0, 10
+    s = Scheduler(policy, capacity=capacity, max_wait_s=max_wait)
+    clock, busy_until, pushed, left, waits, longest = 0.0, 0.0, [], [], [], 0.0
+    for t in sorted(rng.uniform(0, 300) for _ in range(200)) + [1e9]:
+        while True:  # the server takes jobs as it frees up, until the next arrival
+            start = max(busy_until, clock)
+            if start > t:
+                break
+            left += s.drop_infeasible(start)
+            job = s.pop(start)
+            if job is None:
+                break
+            left.append(job)
+            waits.append(start - job.arrival)
+            busy_until = start + job.predicted_s
+        if t == 1e9:
+            break
+        clock = t
+        service = rng.choice([0.5, 1.0, 2.0, 4.0])
+        longest = max(longest, service)
+        job = Job(arrival=t, predicted_s=service, value=rng.choice([0.5, 1, 4]),
+                  deadline=t + rng.uniform(2, 60) if rng.random() < 0.5 else None)
+        pushed.append(job)
+        try:
+            s.push(job)
+        except QueueFull:
+            left.append(job)
+    left += s.drain()
+    assert sorted(j.id for j in left) == sorted(j.id for j in pushed)  # each exactly once
+    assert min(waits) >= 0 and max(waits) <= max_wait + (capacity + 1) * longest
+    assert len(waits) > 50  # the load was served, not refused wholesale
