@@ -30,6 +30,13 @@ from _common import write_result  # noqa: E402
 GGUF_Q8_0_BYTES_PER_WEIGHT = 34 / 32  # a Q8_0 block: 32 int8 + one fp16 scale
 
 
+def _bar(progress_bar, items: list, desc: str, unit: str):
+    with progress_bar(total=len(items), desc=desc, unit=unit) as bar:
+        for item in items:
+            yield item
+            bar.update(1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", default="smollm2-135m")
@@ -52,7 +59,7 @@ def main() -> None:
     train = [d.text for d in splits.train]
     test = [d.text for d in splits.test]
     ood = general_english_documents()[: args.ood_documents]
-    train_ids = [tok(t)["input_ids"] for t in progress_bar(train, desc="tokenizing the train split", unit="doc")]
+    train_ids = [tok(t)["input_ids"] for t in _bar(progress_bar, train, "tokenizing the train split", "doc")]
     counts = used_token_counts(np.concatenate(train_ids), len(tok))
     full_test = sum(len(tok(t)["input_ids"]) for t in test)
     full_ood = [tok(t)["input_ids"] for t in ood]
@@ -64,7 +71,7 @@ def main() -> None:
         small = trim_tokenizer(tok, trim)
         table = trim.new_ids()
         identical = candidates = 0
-        for line in progress_bar(lines, desc=f"min_count={min_count}: checking train lines", unit="line"):
+        for line in _bar(progress_bar, lines, f"min_count={min_count}: checking train lines", "line"):
             old = np.asarray(tok(line)["input_ids"])
             if len(old) and (table[old] >= 0).all():
                 candidates += 1
