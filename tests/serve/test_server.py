@@ -82,8 +82,12 @@ def test_openai_client_completions_and_chat(live):
     assert done.choices[0].text and done.usage.completion_tokens <= 8
     extension = done.model_extra["edgestill"]
     assert extension["model"] == "tiny" and extension["policy"] == "vdf" and extension["deadline_met"] is True
+    assert extension["cache"] == "miss"
     again = client.completions.create(model="tiny", prompt="the king", max_tokens=8, temperature=0.0, seed=1)
-    assert again.choices[0].text == done.choices[0].text  # greedy: the same text
+    assert again.choices[0].text == done.choices[0].text and again.model_extra["edgestill"]["cache"] == "hit"
+    engine_again = client.completions.create(model="tiny", prompt="the king", max_tokens=8, temperature=0.0, seed=2)
+    assert engine_again.model_extra["edgestill"]["cache"] == "miss"  # another seed: another request
+    assert engine_again.choices[0].text == done.choices[0].text  # greedy: the same text, generated again
     chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=6,
                                           temperature=0.0)
     assert chat.choices[0].message.role == "assistant" and chat.usage.prompt_tokens == engine.count_chat(
@@ -160,7 +164,10 @@ class SlowEngine:
     def observe(self, *args):
         pass
 
-    def complete(self, stream, prompt, max_tokens, **kwargs):
+    calls = 0
+
+    def complete(self, stream, max_tokens, **kwargs):
+        type(self).calls += 1
         chunks = self._chunks(max_tokens)
         if stream:
             return chunks
@@ -273,3 +280,25 @@ def test_serve_refuses_what_it_cannot_serve_in_one_line(tmp_path, capsys, make, 
     assert main(["serve", str(make(tmp_path))]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("edgestill: error:") and needle.lower() in err[0].lower()
+
+
+def test_deterministic_repeats_come_from_the_cache_sampled_ones_never():
+    from edgestill.serve.app import create_app
+
+    engine = SlowEngine(0.01)
+    SlowEngine.calls = 0
+    with running(create_app(engine, policy="fifo")) as url:
+        greedy = {"prompt": "x", "max_tokens": 5, "temperature": 0}
+        a = httpx.post(url + "/v1/completions", json=greedy, timeout=30).json()
+        b = httpx.post(url + "/v1/completions", json=greedy, timeout=30).json()
+        streamed = [httpx.post(url + "/v1/completions", json={**greedy, "stream": True}, timeout=30).text
+                    for _ in range(2)]
+        sampled = [httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 5, "temperature": 0.7},
+                              timeout=30).json() for _ in range(2)]
+        metrics = httpx.get(url + "/metrics").text
+    assert (a["edgestill"]["cache"], b["edgestill"]["cache"]) == ("miss", "hit") and a["choices"] == b["choices"]
+    assert '"cache": "miss"' in streamed[0] and '"cache": "hit"' in streamed[1]
+    assert streamed[0].replace('"cache": "miss"', "") .count("data: ") == streamed[1].count("data: ")
+    assert [s["edgestill"]["cache"] for s in sampled] == ["off", "off"]
+    assert SlowEngine.calls == 4  # greedy once, streamed once, sampled twice
+    assert 'edgestill_cache_requests_total{result="hit"} 2' in metrics

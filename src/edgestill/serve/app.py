@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from fastapi import Request  # at module level: FastAPI resolves the handlers' annotations here
 
+from edgestill.serve.cache import ResponseCache
 from edgestill.serve.scheduler import Job, QueueFull, Scheduler
 
 MAX_OUTPUT_DEFAULT = 256  # max_tokens when a request names none
@@ -49,6 +50,7 @@ class Work:
     loop: asyncio.AbstractEventLoop
     cancelled: threading.Event = field(default_factory=threading.Event)
     started: float | None = None
+    cache_key: str | None = None  # set for deterministic requests: the finished response is kept under it
 
 
 @dataclass
@@ -71,8 +73,9 @@ class Server:
     """The state behind the app: engine, scheduler, counters, the worker."""
 
     def __init__(self, engine, policy: str = "vdf", capacity: int = 32, max_wait_s: float = 30.0,
-                 max_output_tokens: int | None = None):
+                 max_output_tokens: int | None = None, cache_entries: int = 256):
         self.engine = engine
+        self.cache = ResponseCache(cache_entries)
         self.scheduler = Scheduler(policy, capacity, max_wait_s)
         self.max_output_tokens = max_output_tokens or engine.n_ctx
         self.counters: Counter = Counter()
@@ -223,16 +226,19 @@ class Server:
             fn = self.engine.complete if work.kind == "completion" else self.engine.chat
             result = fn(work.stream, **work.kwargs)
             last = None  # streamed one chunk behind, so the last one can carry the `edgestill` field
+            chunks = []  # what the cache keeps of a stream
             if work.stream:
                 for chunk in result:
                     if work.cancelled.is_set():  # the client went away: stop generating for it
                         self.counters["cancelled"] += 1
+                        work.cache_key = None  # an unfinished stream is not an answer to keep
                         break
                     first = first if first is not None else time.monotonic()
                     n += 1
                     if last is not None:
                         put(last)
                     last = chunk
+                    chunks.append(chunk)
             else:
                 n = result["usage"]["completion_tokens"]
                 last = result
@@ -247,6 +253,7 @@ class Server:
                 self.counters["deadline_missed"] += 1
             if last is not None:
                 put({**last, "edgestill": self.extension(job, end, met)})
+            self.cache.put(work.cache_key, chunks if work.stream else last)
         except Exception as e:  # noqa: BLE001 - a failed generation is answered, never crashes the server
             self.counters["server_errors"] += 1
             put(e)
@@ -256,7 +263,8 @@ class Server:
         w: Work = job.payload
         return {"model": self.engine.name, "variant": self.engine.name, "policy": self.scheduler.policy,
                 "queued_s": round(w.started - job.arrival, 4), "service_s": round(end - w.started, 4),
-                "predicted_s": round(job.predicted_s, 4), "deadline_met": met}
+                "predicted_s": round(job.predicted_s, 4), "deadline_met": met,
+                "cache": "miss" if w.cache_key is not None else "off"}
 
     def begin_shutdown(self) -> None:
         """Stop admitting and answer every queued request 503; the running one goes on."""
@@ -286,6 +294,10 @@ class Server:
                   "# HELP edgestill_tokens_total Tokens processed.", "# TYPE edgestill_tokens_total counter",
                   f'edgestill_tokens_total{{kind="prompt"}} {c["prompt_tokens"]}',
                   f'edgestill_tokens_total{{kind="completion"}} {c["completion_tokens"]}',
+                  "# HELP edgestill_cache_requests_total Deterministic requests looked up in the response cache.",
+                  "# TYPE edgestill_cache_requests_total counter",
+                  f'edgestill_cache_requests_total{{result="hit"}} {self.cache.hits}',
+                  f'edgestill_cache_requests_total{{result="miss"}} {self.cache.misses}',
                   "# HELP edgestill_queue_depth Requests waiting.", "# TYPE edgestill_queue_depth gauge",
                   f"edgestill_queue_depth {len(self.scheduler)}",
                   "# HELP edgestill_rate_tokens_per_s Measured rates the scheduler predicts with.",
@@ -296,12 +308,13 @@ class Server:
 
 
 def create_app(engine, policy: str = "vdf", capacity: int = 32, max_wait_s: float = 30.0,
-               max_output_tokens: int | None = None):
-    """The FastAPI app serving `engine` (serve/engine.Engine or anything with its methods)."""
+               max_output_tokens: int | None = None, cache_entries: int = 256):
+    """The FastAPI app serving `engine` (serve/engine.Engine or anything with its methods); `cache_entries`: the
+    response cache's size (0: off)."""
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-    server = Server(engine, policy, capacity, max_wait_s, max_output_tokens)
+    server = Server(engine, policy, capacity, max_wait_s, max_output_tokens, cache_entries)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -322,7 +335,12 @@ def create_app(engine, policy: str = "vdf", capacity: int = 32, max_wait_s: floa
             return _error(400, f"the request body is not valid JSON ({e})")
         try:
             kwargs, prompt_tokens, stream, deadline_s, value = server.parse(body, kind)
+            key = server.cache.key(engine.name, kind, kwargs, stream)
+            cached = server.cache.get(key)
+            if cached is not None:  # a repeated deterministic request: answered now, not queued
+                return cached_response(cached, stream)
             job = server.admit(kind, kwargs, prompt_tokens, stream, deadline_s, value)
+            job.payload.cache_key = key
         except BadRequest as e:
             server.counters["rejected_deadline" if e.status == 503 else "rejected_bad_request"] += 1
             kind_ = {404: "not_found_error", 503: "server_error"}.get(e.status, "invalid_request_error")
@@ -356,6 +374,19 @@ def create_app(engine, policy: str = "vdf", capacity: int = 32, max_wait_s: floa
                 work.cancelled.set()
 
         return StreamingResponse(events(), media_type="text/event-stream")
+
+    def cached_response(cached, stream: bool):
+        ext = {"model": engine.name, "variant": engine.name, "policy": server.scheduler.policy, "queued_s": 0.0,
+               "service_s": 0.0, "cache": "hit", "deadline_met": True}
+        if not stream:
+            return JSONResponse({**cached, "edgestill": ext})
+
+        async def replay():
+            for i, chunk in enumerate(cached):
+                yield f"data: {json.dumps({**chunk, 'edgestill': ext} if i == len(cached) - 1 else chunk)}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(replay(), media_type="text/event-stream")
 
     @app.post("/v1/completions")
     async def completions(request: Request):
