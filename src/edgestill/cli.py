@@ -175,6 +175,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--ctx", type=int, default=2048, help="context length in tokens (default 2048)")
     p.add_argument("--threads", type=int, default=2, help="llama.cpp threads (default 2)")
     p.add_argument("--name", help="the model id clients use (default: the file's name)")
+    p.add_argument("--no-prefix-reuse", action="store_true",
+                   help="start every request from an empty KV cache (bit-reproducible answers; slower for prompts "
+                        "that share their start)")
 
 
 def _add_plan(sub) -> None:
@@ -426,7 +429,8 @@ def _cmd_plan(args) -> None:
 def _cmd_serve(args) -> None:
     from edgestill.jobs.serve import serve
 
-    serve(args.target, args.host, args.port, args.policy, args.queue, args.max_wait, args.ctx, args.threads, args.name)
+    serve(args.target, args.host, args.port, args.policy, args.queue, args.max_wait, args.ctx, args.threads, args.name,
+          prefix_reuse=not args.no_prefix_reuse)
 
 
 COMMANDS = {"serve": _cmd_serve, "shrink": _cmd_shrink, "finetune": _cmd_classifier, "distill": _cmd_distill, "eval": _cmd_eval,

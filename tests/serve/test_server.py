@@ -164,17 +164,20 @@ class SlowEngine:
     def observe(self, *args):
         pass
 
+    def finish(self, before, prompt_tokens):
+        return 0
+
     calls = 0
 
     def complete(self, stream, max_tokens, **kwargs):
         type(self).calls += 1
         chunks = self._chunks(max_tokens)
         if stream:
-            return chunks
+            return chunks, []
         text = "".join(c["choices"][0]["text"] for c in chunks)
         return {"id": "x", "object": "text_completion", "model": self.name, "created": 0,
                 "choices": [{"index": 0, "text": text, "finish_reason": "length", "logprobs": None}],
-                "usage": {"prompt_tokens": 1, "completion_tokens": max_tokens, "total_tokens": 1 + max_tokens}}
+                "usage": {"prompt_tokens": 1, "completion_tokens": max_tokens, "total_tokens": 1 + max_tokens}}, []
 
     def _chunks(self, n):
         for _ in range(n):
@@ -217,11 +220,15 @@ def test_overload_answers_429_with_retry_after_and_loses_nothing():
 def test_a_hopeless_deadline_is_rejected_early_not_run():
     from edgestill.serve.app import create_app
 
-    with running(create_app(SlowEngine(0.05), policy="edf", capacity=8)) as url:
+    app = create_app(SlowEngine(0.05), policy="edf", capacity=8)
+    with running(app) as url:
         out = [None] * 2
         first = threading.Thread(target=_post, args=(url, {"prompt": "x", "max_tokens": 20}, out, 0))  # ~1 s
         first.start()
-        time.sleep(0.1)
+        deadline = time.monotonic() + 20
+        while app.state.server.running is None:  # the first request is generating
+            assert time.monotonic() < deadline, "the first request never started"
+            time.sleep(0.005)
         t0 = time.monotonic()
         _post(url, {"prompt": "x", "max_tokens": 4, "deadline_s": 0.5}, out, 1)  # needs 0.2 s, behind ~0.9 s of work
         waited = time.monotonic() - t0
@@ -302,3 +309,28 @@ def test_deterministic_repeats_come_from_the_cache_sampled_ones_never():
     assert [s["edgestill"]["cache"] for s in sampled] == ["off", "off"]
     assert SlowEngine.calls == 4  # greedy once, streamed once, sampled twice
     assert 'edgestill_cache_requests_total{result="hit"} 2' in metrics
+
+
+@needs_llama_cpp
+def test_a_shared_prompt_prefix_is_taken_from_the_kv_cache_and_the_answer_is_unchanged(tiny_gguf):
+    """Two prompts that share their start: the second evaluates only its new tokens, and generates what an engine
+    that starts every request from an empty state generates."""
+    from edgestill.serve.engine import Engine
+
+    shared = "the king and the queen walked " * 6
+    fresh = Engine(tiny_gguf, n_ctx=256, prefix_reuse=False)
+    reusing = Engine(tiny_gguf, n_ctx=256, prefix_reuse=True)
+    try:
+        outputs = {}
+        for name, engine in (("fresh", fresh), ("reusing", reusing)):
+            texts = []
+            for prompt in (shared + "to the", shared + "into a"):
+                result, before = engine.complete(False, prompt=prompt, max_tokens=8, temperature=0.0)
+                engine.finish(before, engine.count_prompt(prompt))
+                texts.append(result["choices"][0]["text"])
+            outputs[name] = (texts, engine.last_reused_tokens)
+        assert outputs["fresh"][0] == outputs["reusing"][0]
+        assert outputs["fresh"][1] == 0 and outputs["reusing"][1] >= fresh.count_prompt(shared) - 2
+    finally:
+        fresh.close()
+        reusing.close()

@@ -29,7 +29,8 @@ def resolve_gguf(target: str | Path) -> Path:
 
 
 def serve(target: str | Path, host: str = "127.0.0.1", port: int = 8080, policy: str = "vdf", queue: int = 32,
-          max_wait_s: float = 30.0, n_ctx: int = 2048, threads: int = 2, name: str | None = None) -> None:
+          max_wait_s: float = 30.0, n_ctx: int = 2048, threads: int = 2, name: str | None = None,
+          prefix_reuse: bool = True) -> None:
     """Load the model, measure its speed, and serve until interrupted (Ctrl-C: the running request finishes, queued
     ones are answered 503)."""
     try:
@@ -44,7 +45,7 @@ def serve(target: str | Path, host: str = "127.0.0.1", port: int = 8080, policy:
     if queue < 1:
         raise EdgestillError("--queue must be at least 1")
     gguf = resolve_gguf(target)
-    engine = Engine(gguf, name=name, n_ctx=n_ctx, n_threads=threads)
+    engine = Engine(gguf, name=name, n_ctx=n_ctx, n_threads=threads, prefix_reuse=prefix_reuse)
     log.info("serving %s as '%s' on http://%s:%d (policy %s, queue %d; measured %.0f prefill / %.1f decode tokens/s)",
              gguf, engine.name, host, port, policy, queue, engine.prefill_tokens_per_s, engine.decode_tokens_per_s)
     try:

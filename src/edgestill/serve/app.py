@@ -224,7 +224,7 @@ class Server:
         n = 0
         try:
             fn = self.engine.complete if work.kind == "completion" else self.engine.chat
-            result = fn(work.stream, **work.kwargs)
+            result, before = fn(work.stream, **work.kwargs)
             last = None  # streamed one chunk behind, so the last one can carry the `edgestill` field
             chunks = []  # what the cache keeps of a stream
             if work.stream:
@@ -243,6 +243,8 @@ class Server:
                 n = result["usage"]["completion_tokens"]
                 last = result
             end = time.monotonic()
+            reused = self.engine.finish(before, work.prompt_tokens)
+            self.counters["prefix_reused_tokens"] += reused
             self.engine.observe(work.prompt_tokens, n, None if first is None else first - work.started,
                                 end - work.started)
             met = job.deadline is None or end <= job.deadline
@@ -298,6 +300,9 @@ class Server:
                   "# TYPE edgestill_cache_requests_total counter",
                   f'edgestill_cache_requests_total{{result="hit"}} {self.cache.hits}',
                   f'edgestill_cache_requests_total{{result="miss"}} {self.cache.misses}',
+                  "# HELP edgestill_prefix_reused_tokens_total Prompt tokens taken from the KV cache, not evaluated.",
+                  "# TYPE edgestill_prefix_reused_tokens_total counter",
+                  f"edgestill_prefix_reused_tokens_total {c['prefix_reused_tokens']}",
                   "# HELP edgestill_queue_depth Requests waiting.", "# TYPE edgestill_queue_depth gauge",
                   f"edgestill_queue_depth {len(self.scheduler)}",
                   "# HELP edgestill_rate_tokens_per_s Measured rates the scheduler predicts with.",

@@ -1,7 +1,8 @@
 """An exact response cache for deterministic requests (Edge-LLM's cache, docs/references.md [5], its simplest part).
 
-A request is deterministic when it is greedy (`temperature` 0) or names a `seed`: the engine starts every request
-from an empty state, so the same model, prompt and parameters give the same tokens. Its answer is kept (least
+A request is deterministic when it is greedy (`temperature` 0) or names a `seed`: the same model, prompt and
+parameters give the same tokens (with prefix reuse, up to the rare greedy tie that other evaluation batch sizes can
+flip; the cache then keeps answering with the first). Its answer is kept (least
 recently used first out, `capacity` entries) under a key made of everything that decides the output: the kind
 (completion or chat), every generation parameter and whether it streams; a repeat is answered from the cache without
 queueing. Sampled requests (temperature > 0 without a seed) are never cached.

@@ -19,7 +19,8 @@ EWMA = 0.2  # weight of the newest observation in the rate averages
 class Engine:
     """A served model. Only the server's worker thread generates; `count_*` may be called from the event loop."""
 
-    def __init__(self, gguf_path, name: str | None = None, n_ctx: int = 2048, n_threads: int = 2):
+    def __init__(self, gguf_path, name: str | None = None, n_ctx: int = 2048, n_threads: int = 2,
+                 prefix_reuse: bool = True):
         from edgestill.runtime.llamacpp import LlamaCpp
 
         self.path = Path(gguf_path)
@@ -38,6 +39,10 @@ class Engine:
             bos = vocab.detokenize([vocab.token_bos()]).decode(errors="ignore") if vocab.token_bos() >= 0 else ""
             self._formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
         self.prefill_tokens_per_s, self.decode_tokens_per_s = self._measure()
+        # Prefix reuse: a request whose prompt starts like the previous request's tokens keeps that part of llama.cpp's
+        # KV cache and evaluates only the rest (llama-cpp-python's own prefix match; we just do not reset).
+        self.prefix_reuse = prefix_reuse
+        self.last_reused_tokens = 0
 
     # --- sizes --------------------------------------------------------------------------------------------------
 
@@ -89,13 +94,34 @@ class Engine:
 
     # --- generation (the worker thread only) --------------------------------------------------------------------
 
+    def _state(self) -> list[int]:
+        return [int(t) for t in self.llm.input_ids[: self.llm.n_tokens]]
+
+    def _begin(self) -> list[int]:
+        if not self.prefix_reuse:
+            self.llm.reset()  # every request from an empty state
+        return self._state()
+
+    def finish(self, before: list[int], prompt_tokens: int) -> int:
+        """After a request: how many of its prompt tokens llama.cpp took from the KV cache instead of evaluating
+        (its rule: the common prefix with the previous tokens, one less when that covers the whole prompt)."""
+        prompt = self._state()[:prompt_tokens]
+        common = 0
+        for a, b in zip(before, prompt):
+            if a != b:
+                break
+            common += 1
+        self.last_reused_tokens = common - 1 if common and common == len(prompt) else common
+        return self.last_reused_tokens
+
     def complete(self, stream: bool, **kwargs):
-        self.llm.reset()  # no state carried between requests (prefix reuse is a later step)
-        return self.llm.create_completion(stream=stream, model=self.name, **kwargs)
+        """(llama.cpp's completion or stream of chunks, the tokens before it for `finish`)."""
+        before = self._begin()
+        return self.llm.create_completion(stream=stream, model=self.name, **kwargs), before
 
     def chat(self, stream: bool, **kwargs):
-        self.llm.reset()
-        return self.llm.create_chat_completion(stream=stream, model=self.name, **kwargs)
+        before = self._begin()
+        return self.llm.create_chat_completion(stream=stream, model=self.name, **kwargs), before
 
     def close(self) -> None:
         self.model.close()
