@@ -458,7 +458,10 @@ def main(argv: list[str] | None = None) -> int:
         from edgestill.progress import close_progress_bars
 
         close_progress_bars()
-        print("edgestill: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        if args.command == "serve":
+            print("edgestill: stopped", file=sys.stderr)
+        else:
+            print("edgestill: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
         return 130
     except Exception as e:  # a read-only, full or missing disk location, wherever it was hit: one line too
         from edgestill.files import user_error

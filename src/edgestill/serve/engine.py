@@ -38,6 +38,7 @@ class Engine:
             eos = vocab.detokenize([vocab.token_eos()]).decode(errors="ignore") if vocab.token_eos() >= 0 else ""
             bos = vocab.detokenize([vocab.token_bos()]).decode(errors="ignore") if vocab.token_bos() >= 0 else ""
             self._formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
+        self._measure()  # the first generation pays one-off costs (buffers, graphs): warm up, then time
         self.prefill_tokens_per_s, self.decode_tokens_per_s = self._measure()
         # Prefix reuse: a request whose prompt starts like the previous request's tokens keeps that part of llama.cpp's
         # KV cache and evaluates only the rest (llama-cpp-python's own prefix match; we just do not reset).
