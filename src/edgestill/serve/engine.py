@@ -8,10 +8,7 @@ costs follow the machine's real speed.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
-
-from edgestill.errors import EdgestillError
 
 EWMA = 0.2  # weight of the newest observation in the rate averages
 
@@ -38,7 +35,6 @@ class Engine:
             eos = vocab.detokenize([vocab.token_eos()]).decode(errors="ignore") if vocab.token_eos() >= 0 else ""
             bos = vocab.detokenize([vocab.token_bos()]).decode(errors="ignore") if vocab.token_bos() >= 0 else ""
             self._formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
-        self._measure()  # the first generation pays one-off costs (buffers, graphs): warm up, then time
         self.prefill_tokens_per_s, self.decode_tokens_per_s = self._measure()
         # Prefix reuse: a request whose prompt starts like the previous request's tokens keeps that part of llama.cpp's
         # KV cache and evaluates only the rest (llama-cpp-python's own prefix match; we just do not reset).
@@ -75,23 +71,11 @@ class Engine:
             self.decode_tokens_per_s += EWMA * (decoded / decode_s - self.decode_tokens_per_s)
 
     def _measure(self, prompt_tokens: int = 32, decode_tokens: int = 16) -> tuple[float, float]:
-        """(prefill tokens/s, decode tokens/s) of this model here, from one timed greedy generation."""
-        ids = [t for t in self.llm.tokenize(b" the" * prompt_tokens, add_bos=False)][:prompt_tokens]
-        eos = self.llm.token_eos()
-        no_eos = {eos: -1e9} if eos >= 0 else None  # generate all `decode_tokens`: a timing, not an answer
-        self.llm.reset()
-        t0 = time.perf_counter()
-        first, n = None, 0
-        for _ in self.llm.create_completion(ids, max_tokens=decode_tokens, temperature=0.0, stream=True,
-                                            logit_bias=no_eos):
-            n += 1
-            if first is None:
-                first = time.perf_counter() - t0
-        total = time.perf_counter() - t0
-        if first is None:
-            raise EdgestillError(f"llama.cpp generated nothing from '{self.path}' while measuring its speed")
-        decode = (n - 1) / (total - first) if n > 1 and total > first else len(ids) / first
-        return len(ids) / first, decode
+        """(prefill tokens/s, decode tokens/s) of this model here (runtime.llamacpp's timing), after one warm-up: the
+        first generation pays one-off costs (buffers, graphs) that would make every prediction far too slow."""
+        ids = self.llm.tokenize(b" the" * prompt_tokens, add_bos=False)[:prompt_tokens]
+        self.model.time_tokens(ids, decode_tokens)
+        return self.model.time_tokens(ids, decode_tokens)
 
     # --- generation (the worker thread only) --------------------------------------------------------------------
 
