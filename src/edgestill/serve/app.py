@@ -225,8 +225,7 @@ class Server:
         try:
             fn = self.engine.complete if work.kind == "completion" else self.engine.chat
             result, before = fn(work.stream, **work.kwargs)
-            last = None  # streamed one chunk behind, so the last one can carry the `edgestill` field
-            chunks = []  # what the cache keeps of a stream
+            chunks = []  # a stream, sent one chunk behind so that the last can carry the `edgestill` field
             if work.stream:
                 for chunk in result:
                     if work.cancelled.is_set():  # the client went away: stop generating for it
@@ -235,10 +234,10 @@ class Server:
                         break
                     first = first if first is not None else time.monotonic()
                     n += 1
-                    if last is not None:
-                        put(last)
-                    last = chunk
+                    if chunks:
+                        put(chunks[-1])
                     chunks.append(chunk)
+                last = chunks[-1] if chunks else None
             else:
                 n = result["usage"]["completion_tokens"]
                 last = result
@@ -248,7 +247,8 @@ class Server:
             self.engine.observe(work.prompt_tokens, n, None if first is None else first - work.started,
                                 end - work.started)
             met = job.deadline is None or end <= job.deadline
-            self.counters["completed"] += 1
+            if not work.cancelled.is_set():  # a cancelled one is counted as cancelled, not completed
+                self.counters["completed"] += 1
             self.counters["completion_tokens"] += n
             self.counters["prompt_tokens"] += work.prompt_tokens
             if not met:
