@@ -164,7 +164,16 @@ def _add_serve(sub) -> None:
                        description="Serve a run's student.gguf (or any GGUF file) with llama.cpp behind an async "
                                    "OpenAI-compatible server: /v1/completions, /v1/chat/completions (streaming), "
                                    "/v1/models, /health, /metrics. Requests may carry `deadline_s` and `value`.")
-    p.add_argument("target", help="a run folder (its student.gguf) or a .gguf file")
+    p.add_argument("target", nargs="+",
+                   help="a run folder (its student.gguf), a sweep folder (its points' students) or .gguf files of one "
+                        "model; several: served as variants, each request on the best one the queue can afford")
+    p.add_argument("--variants", metavar="TYPES",
+                   help="with one run folder: also serve its student in these llama.cpp types, e.g. q8_0,q4_k_m "
+                        "(made once, in RUN/variants/)")
+    p.add_argument("--device", metavar="DEVICE",
+                   help="the device profile whose ram_bytes the variants must fit together (default: this machine's "
+                        "available memory)")
+    p.add_argument("--memory-budget", metavar="SIZE", help="the memory the variants may use together, e.g. 2GB")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     p.add_argument("--policy", default="vdf", choices=POLICIES,
@@ -429,8 +438,12 @@ def _cmd_plan(args) -> None:
 def _cmd_serve(args) -> None:
     from edgestill.jobs.serve import serve
 
+    from edgestill.plan.allocate import parse_bytes
+
+    variants = [t.strip() for t in args.variants.split(",") if t.strip()] if args.variants else None
     serve(args.target, args.host, args.port, args.policy, args.queue, args.max_wait, args.ctx, args.threads, args.name,
-          prefix_reuse=not args.no_prefix_reuse)
+          prefix_reuse=not args.no_prefix_reuse, variants=variants, device=args.device,
+          budget_bytes=parse_bytes(args.memory_budget))
 
 
 COMMANDS = {"serve": _cmd_serve, "shrink": _cmd_shrink, "finetune": _cmd_classifier, "distill": _cmd_distill, "eval": _cmd_eval,

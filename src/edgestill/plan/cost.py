@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from edgestill.errors import EdgestillError
@@ -88,6 +89,36 @@ class StudentShape:
                    heads=heads, kv_heads=getattr(config, "num_key_value_heads", None) or heads,
                    vocab=config.vocab_size, tied=bool(getattr(config, "tie_word_embeddings", False)),
                    head_dim=getattr(config, "head_dim", None))
+
+    @classmethod
+    def from_gguf(cls, path) -> StudentShape:
+        """The shape a GGUF's metadata declares (`<arch>.block_count`, `.embedding_length`, ...)."""
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path))
+        fields = reader.fields
+
+        def value(key: str, default=None):
+            field = fields.get(key)
+            if field is None:
+                if default is None:
+                    raise EdgestillError(f"GGUF '{path}' has no '{key}' in its metadata; it is not a decoder "
+                                         "edgestill can size")
+                return default
+            return field.contents()
+
+        arch = value("general.architecture")
+        heads = int(value(f"{arch}.attention.head_count"))
+        tokens = fields.get("tokenizer.ggml.tokens")
+        vocab = len(tokens.data) if tokens is not None else int(value(f"{arch}.vocab_size"))
+        hidden = int(value(f"{arch}.embedding_length"))
+        key_length = value(f"{arch}.attention.key_length", 0)
+        reader_tensors = {t.name for t in reader.tensors}
+        return cls(layers=int(value(f"{arch}.block_count")), hidden=hidden,
+                   intermediate=int(value(f"{arch}.feed_forward_length")), heads=heads,
+                   kv_heads=int(value(f"{arch}.attention.head_count_kv", heads)), vocab=vocab,
+                   tied="output.weight" not in reader_tensors,
+                   head_dim=int(key_length) if key_length and int(key_length) * heads != hidden else None)
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """{HF module name: (out_features, in_features)} of every Linear, the head included."""
@@ -394,6 +425,15 @@ def compute_buffer_bytes(shape: StudentShape, context_tokens: int) -> int:
     ubatch = min(512, context_tokens)
     per_token = shape.vocab + 4 * shape.hidden + 2 * shape.intermediate + shape.heads * context_tokens
     return 4 * ubatch * per_token
+
+
+def gguf_ram_bytes(path, context_tokens: int) -> dict[str, int]:
+    """What llama.cpp holds in memory for a GGUF file with a context of `context_tokens`: the file (mapped), the
+    KV cache and the compute buffer, as `predict` counts them, and their total."""
+    shape = StudentShape.from_gguf(path)
+    parts = {"file": Path(path).stat().st_size, "kv_cache": kv_cache_bytes(shape, context_tokens),
+             "compute_buffer": compute_buffer_bytes(shape, context_tokens)}
+    return {**parts, "total": sum(parts.values())}
 
 
 def predict(shape: StudentShape, plan: dict[str, str], device: DeviceProfile, default: str = "q8_0",

@@ -91,7 +91,7 @@ def measure_host(threads: int = 2, buffer_mib: int = 128, repeats: int = 7) -> d
         del x
         result = {"threads": threads, "memory_bandwidth_bytes_per_s": statistics.median(bandwidth),
                   "memory_bandwidth_spread": [min(bandwidth), max(bandwidth)], "buffer_mib": buffer_mib,
-                  "ram_available_bytes": _available_ram_bytes()}
+                  "ram_available_bytes": available_ram_bytes()}
         n = 1024
         for dtype in ("float32", "bfloat16"):
             a = torch.randn(n, n).to(getattr(torch, dtype))
@@ -320,7 +320,7 @@ def host_measurements(threads: int = 2, cache_dir=None, refresh: bool = False, c
         data["host"] = measure_host(threads)
         changed = True
     if "ram_available_bytes" not in data["host"]:  # caches written before it was recorded
-        data["host"]["ram_available_bytes"] = _available_ram_bytes()
+        data["host"]["ram_available_bytes"] = available_ram_bytes()
         changed = True
     if calibrate and "llama.cpp" not in data:
         import importlib.util
@@ -337,7 +337,7 @@ def host_measurements(threads: int = 2, cache_dir=None, refresh: bool = False, c
     return data
 
 
-def _available_ram_bytes() -> float:
+def available_ram_bytes() -> float:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):

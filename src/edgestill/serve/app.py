@@ -1,10 +1,14 @@
-"""The OpenAI-compatible HTTP server (FastAPI on uvicorn) in front of one llama.cpp engine and a scheduler.
+"""The OpenAI-compatible HTTP server (FastAPI on uvicorn) in front of llama.cpp engines and a scheduler.
 
     POST /v1/completions, /v1/chat/completions   OpenAI's request and response shapes, `stream: true` as SSE;
                                                  extension fields: `deadline_s` (seconds from arrival) and `value`
-                                                 (priority, > 0); the response's `edgestill` field says which model
-                                                 served it, how long it queued and whether it met its deadline
-    GET  /v1/models, /health, /metrics            the model; liveness and queue; Prometheus counters
+                                                 (priority, > 0); the response's `edgestill` field says which
+                                                 variant served it, how long it queued and whether it met its deadline
+    GET  /v1/models, /health, /metrics            the model (and `model@variant` ids); liveness and queue; Prometheus
+                                                 counters
+
+One model may be loaded in several variants (serve/variants.py: e.g. its Q8_0 and Q4_K_M files): each request gets
+the best variant the queue can afford, chosen when it starts; `model: "<model>@<variant>"` pins one.
 
 One worker generates, one request at a time, in a thread (llama.cpp is not re-entrant); the event loop only parses,
 validates, queues and streams. The queue is bounded (`capacity`): past it, 429 with Retry-After. A queued request
@@ -51,6 +55,9 @@ class Work:
     cancelled: threading.Event = field(default_factory=threading.Event)
     started: float | None = None
     cache_key: str | None = None  # set for deterministic requests: the finished response is kept under it
+    pinned: int | None = None  # the variant the client asked for (model@variant); None: the server chooses
+    variant: int = 0  # the variant that serves it, chosen when it starts
+    run_predicted_s: float | None = None  # its predicted service time on that variant
 
 
 @dataclass
@@ -70,14 +77,23 @@ def _error(status: int, message: str, kind: str = "invalid_request_error", param
 
 
 class Server:
-    """The state behind the app: engine, scheduler, counters, the worker."""
+    """The state behind the app: the engines (one per variant, best first), scheduler, counters, the worker."""
 
-    def __init__(self, engine, policy: str = "vdf", capacity: int = 32, max_wait_s: float = 30.0,
-                 max_output_tokens: int | None = None, cache_entries: int = 256):
-        self.engine = engine
+    def __init__(self, engines, policy: str = "vdf", capacity: int = 32, max_wait_s: float = 30.0,
+                 max_output_tokens: int | None = None, cache_entries: int = 256, name: str | None = None):
+        self.engines = list(engines) if isinstance(engines, (list, tuple)) else [engines]
+        if not self.engines:
+            raise ValueError("the server needs at least one engine")
+        self.engine = self.engines[0]  # tokenizes and counts for all: variants share the tokenizer
+        self.name = name or self.engine.name
+        names = [e.name for e in self.engines]
+        if len(set(names)) != len(names):
+            raise ValueError(f"variant names must differ: {names}")
+        self.variant_ids = [f"{self.name}@{n}" for n in names] if len(self.engines) > 1 else []
+        self.n_ctx = min(e.n_ctx for e in self.engines)
         self.cache = ResponseCache(cache_entries)
         self.scheduler = Scheduler(policy, capacity, max_wait_s)
-        self.max_output_tokens = max_output_tokens or engine.n_ctx
+        self.max_output_tokens = max_output_tokens or self.n_ctx
         self.counters: Counter = Counter()
         self.wake = asyncio.Event()
         self.stopping = False
@@ -86,14 +102,16 @@ class Server:
 
     # --- validation -----------------------------------------------------------------------------------------
 
-    def parse(self, body: dict, kind: str) -> tuple[dict, int, bool, float | None, float]:
-        """(llama.cpp kwargs, prompt tokens, stream, deadline_s, value), or BadRequest."""
+    def parse(self, body: dict, kind: str) -> tuple[dict, int, bool, float | None, float, int | None]:
+        """(llama.cpp kwargs, prompt tokens, stream, deadline_s, value, pinned variant), or BadRequest."""
         if not isinstance(body, dict):
             raise BadRequest("the request body must be a JSON object")
         model = body.get("model")
-        if model not in (None, "", self.engine.name, "default"):
-            raise BadRequest(f"model '{model}' is not served here; this server serves '{self.engine.name}' "
-                             "(GET /v1/models)", 404, "model")
+        pinned = self.variant_ids.index(model) if model in self.variant_ids else None
+        if pinned is None and model not in (None, "", self.name, "default"):
+            served = ", ".join(f"'{m}'" for m in [self.name, *self.variant_ids])
+            raise BadRequest(f"model '{model}' is not served here; this server serves {served} (GET /v1/models)",
+                             404, "model")
         kwargs: dict = {}
         if kind == "completion":
             prompt = body.get("prompt")
@@ -114,18 +132,18 @@ class Server:
             prompt_tokens = self.engine.count_chat(kwargs["messages"])
         max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
         if max_tokens is None:  # not given: what fits, up to MAX_OUTPUT_DEFAULT
-            max_tokens = max(1, min(MAX_OUTPUT_DEFAULT, self.max_output_tokens, self.engine.n_ctx - prompt_tokens))
+            max_tokens = max(1, min(MAX_OUTPUT_DEFAULT, self.max_output_tokens, self.n_ctx - prompt_tokens))
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
             raise BadRequest(f"'max_tokens' must be a positive integer, not {max_tokens!r}", param="max_tokens")
         if max_tokens > self.max_output_tokens:
             raise BadRequest(f"'max_tokens'={max_tokens} is more than this server generates per request "
                              f"({self.max_output_tokens})", param="max_tokens")
-        if prompt_tokens >= self.engine.n_ctx:
+        if prompt_tokens >= self.n_ctx:
             raise BadRequest(f"the prompt is {prompt_tokens} tokens, longer than the model's context of "
-                             f"{self.engine.n_ctx}; shorten it", param="prompt" if kind == "completion" else "messages")
-        if prompt_tokens + max_tokens > self.engine.n_ctx:
+                             f"{self.n_ctx}; shorten it", param="prompt" if kind == "completion" else "messages")
+        if prompt_tokens + max_tokens > self.n_ctx:
             raise BadRequest(f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) exceed the context of "
-                             f"{self.engine.n_ctx}; lower max_tokens to {self.engine.n_ctx - prompt_tokens} or less",
+                             f"{self.n_ctx}; lower max_tokens to {self.n_ctx - prompt_tokens} or less",
                              param="max_tokens")
         kwargs["max_tokens"] = max_tokens
         for key, lo, hi in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0)):
@@ -155,20 +173,28 @@ class Server:
         value = body.get("value", 1.0)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 or not math.isfinite(value):
             raise BadRequest("'value' (the request's priority) must be a positive number", param="value")
-        return kwargs, prompt_tokens, stream, deadline_s, float(value)
+        return kwargs, prompt_tokens, stream, deadline_s, float(value), pinned
 
     # --- admission and the worker -----------------------------------------------------------------------------
 
-    def admit(self, kind: str, kwargs: dict, prompt_tokens: int, stream: bool, deadline_s, value: float) -> Job:
+    def costs(self, work: Work) -> list[float]:
+        """`work`'s predicted service seconds on each variant."""
+        return [e.predict_s(work.prompt_tokens, work.kwargs["max_tokens"]) for e in self.engines]
+
+    def admit(self, kind: str, kwargs: dict, prompt_tokens: int, stream: bool, deadline_s, value: float,
+              pinned: int | None = None) -> Job:
+        """Queue a request. Its predicted cost (for VDF, for the deadline checks) is its time on the fastest variant
+        it may get: a request is hopeless only if no variant can serve it in time."""
         if self.stopping:
             raise QueueFull(0, 5.0)
         now = time.monotonic()
-        predicted = self.engine.predict_s(prompt_tokens, kwargs["max_tokens"])
+        work = Work(kind, kwargs, stream, prompt_tokens, asyncio.Queue(), asyncio.get_running_loop(), pinned=pinned)
+        costs = self.costs(work)
+        predicted = costs[pinned] if pinned is not None else min(costs)
         if deadline_s is not None and predicted > deadline_s:
             raise BadRequest(f"'deadline_s'={deadline_s} is shorter than this request's predicted service time "
                              f"({predicted:.2f} s for {prompt_tokens} prompt and {kwargs['max_tokens']} output tokens "
                              "here); raise deadline_s or lower max_tokens", 503, "deadline_s")
-        work = Work(kind, kwargs, stream, prompt_tokens, asyncio.Queue(), asyncio.get_running_loop())
         job = Job(arrival=now, predicted_s=predicted, deadline=None if deadline_s is None else now + deadline_s,
                   value=value, payload=work)
         self.scheduler.push(job)
@@ -186,7 +212,7 @@ class Server:
         running = self.running
         free_at = None
         if running is not None and running.payload.started is not None:
-            free_at = running.payload.started + running.predicted_s
+            free_at = running.payload.started + running.payload.run_predicted_s
         for late in self.scheduler.drop_infeasible(now, free_at):
             self._reject(late, 503, f"the request cannot meet its deadline ({late.deadline - late.arrival:.1f} s): "
                          f"{late.predicted_s:.1f} s of work, {now - late.arrival:.1f} s queued, and the server is busy "
@@ -209,21 +235,35 @@ class Server:
                 self.wake.clear()
                 await self.wake.wait()
                 continue
+            self.assign_variant(job, now)
             self.running = job
             try:
                 await asyncio.to_thread(self._generate, job)
             finally:
                 self.running = None
 
+    def assign_variant(self, job: Job, now: float) -> None:
+        """Decide, as `job` starts, which variant serves it (serve/variants.choose, unless the client pinned one)."""
+        from edgestill.serve.variants import choose
+
+        work: Work = job.payload
+        costs = self.costs(work)
+        if work.pinned is not None:
+            work.variant = work.pinned
+        elif len(costs) > 1:
+            work.variant = choose(job, now, self.scheduler.ordered(now), costs, self.scheduler.max_wait_s)
+        work.run_predicted_s = costs[work.variant]
+
     def _generate(self, job: Job) -> None:
         """Runs in the worker thread: generate, hand every chunk to the event loop, then None (or the error)."""
         work: Work = job.payload
+        engine = self.engines[work.variant]
         put = lambda item: work.loop.call_soon_threadsafe(work.out.put_nowait, item)  # noqa: E731
         work.started = time.monotonic()
         first = None
         n = 0
         try:
-            fn = self.engine.complete if work.kind == "completion" else self.engine.chat
+            fn = engine.complete if work.kind == "completion" else engine.chat
             result, before = fn(work.stream, **work.kwargs)
             chunks = []  # a stream, sent one chunk behind so that the last can carry the `edgestill` field
             if work.stream:
@@ -242,20 +282,22 @@ class Server:
                 n = result["usage"]["completion_tokens"]
                 last = result
             end = time.monotonic()
-            reused = self.engine.finish(before, work.prompt_tokens)
+            reused = engine.finish(before, work.prompt_tokens)
             self.counters["prefix_reused_tokens"] += reused
-            self.engine.observe(work.prompt_tokens, n, None if first is None else first - work.started,
+            engine.observe(work.prompt_tokens, n, None if first is None else first - work.started,
                                 end - work.started)
             met = job.deadline is None or end <= job.deadline
             if not work.cancelled.is_set():  # a cancelled one is counted as cancelled, not completed
                 self.counters["completed"] += 1
+                self.counters["variant_" + engine.name] += 1
             self.counters["completion_tokens"] += n
             self.counters["prompt_tokens"] += work.prompt_tokens
             if not met:
                 self.counters["deadline_missed"] += 1
             if last is not None:
                 put({**last, "edgestill": self.extension(job, end, met)})
-            self.cache.put(work.cache_key, chunks if work.stream else last)
+            if work.pinned is not None or work.variant == 0:  # the cache answers with the best variant only
+                self.cache.put(work.cache_key, chunks if work.stream else last)
         except Exception as e:  # noqa: BLE001 - a failed generation is answered, never crashes the server
             self.counters["server_errors"] += 1
             put(e)
@@ -263,9 +305,9 @@ class Server:
 
     def extension(self, job: Job, end: float, met: bool) -> dict:
         w: Work = job.payload
-        return {"model": self.engine.name, "variant": self.engine.name, "policy": self.scheduler.policy,
+        return {"model": self.name, "variant": self.engines[w.variant].name, "policy": self.scheduler.policy,
                 "queued_s": round(w.started - job.arrival, 4), "service_s": round(end - w.started, 4),
-                "predicted_s": round(job.predicted_s, 4), "deadline_met": met,
+                "predicted_s": round(w.run_predicted_s, 4), "deadline_met": met,
                 "cache": "miss" if w.cache_key is not None else "off"}
 
     def begin_shutdown(self) -> None:
@@ -305,21 +347,27 @@ class Server:
                   f"edgestill_prefix_reused_tokens_total {c['prefix_reused_tokens']}",
                   "# HELP edgestill_queue_depth Requests waiting.", "# TYPE edgestill_queue_depth gauge",
                   f"edgestill_queue_depth {len(self.scheduler)}",
-                  "# HELP edgestill_rate_tokens_per_s Measured rates the scheduler predicts with.",
-                  "# TYPE edgestill_rate_tokens_per_s gauge",
-                  f'edgestill_rate_tokens_per_s{{phase="prefill"}} {self.engine.prefill_tokens_per_s:.3f}',
-                  f'edgestill_rate_tokens_per_s{{phase="decode"}} {self.engine.decode_tokens_per_s:.3f}']
+                  "# HELP edgestill_variant_requests_total Completed requests by the variant that served them.",
+                  "# TYPE edgestill_variant_requests_total counter"]
+        lines += [f'edgestill_variant_requests_total{{variant="{e.name}"}} {c["variant_" + e.name]}' for e in self.engines]
+        lines += ["# HELP edgestill_rate_tokens_per_s Measured rates the scheduler predicts with.",
+                  "# TYPE edgestill_rate_tokens_per_s gauge"]
+        for e in self.engines:
+            label = f',variant="{e.name}"' if len(self.engines) > 1 else ""
+            lines += [f'edgestill_rate_tokens_per_s{{phase="prefill"{label}}} {e.prefill_tokens_per_s:.3f}',
+                      f'edgestill_rate_tokens_per_s{{phase="decode"{label}}} {e.decode_tokens_per_s:.3f}']
         return "\n".join(lines) + "\n"
 
 
-def create_app(engine, policy: str = "vdf", capacity: int = 32, max_wait_s: float = 30.0,
-               max_output_tokens: int | None = None, cache_entries: int = 256):
-    """The FastAPI app serving `engine` (serve/engine.Engine or anything with its methods); `cache_entries`: the
+def create_app(engines, policy: str = "vdf", capacity: int = 32, max_wait_s: float = 30.0,
+               max_output_tokens: int | None = None, cache_entries: int = 256, name: str | None = None):
+    """The FastAPI app serving `engines`: one serve/engine.Engine (or anything with its methods), or a list of the
+    same model's variants, best first. `name`: the model id (default: the first engine's); `cache_entries`: the
     response cache's size (0: off)."""
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-    server = Server(engine, policy, capacity, max_wait_s, max_output_tokens, cache_entries)
+    server = Server(engines, policy, capacity, max_wait_s, max_output_tokens, cache_entries, name)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -339,12 +387,13 @@ def create_app(engine, policy: str = "vdf", capacity: int = 32, max_wait_s: floa
             server.counters["rejected_bad_request"] += 1
             return _error(400, f"the request body is not valid JSON ({e})")
         try:
-            kwargs, prompt_tokens, stream, deadline_s, value = server.parse(body, kind)
-            key = server.cache.key(engine.name, kind, kwargs, stream)
+            kwargs, prompt_tokens, stream, deadline_s, value, pinned = server.parse(body, kind)
+            served_as = server.name if pinned is None else server.variant_ids[pinned]
+            key = server.cache.key(served_as, kind, kwargs, stream)
             cached = server.cache.get(key)
             if cached is not None:  # a repeated deterministic request: answered now, not queued
-                return cached_response(cached, stream)
-            job = server.admit(kind, kwargs, prompt_tokens, stream, deadline_s, value)
+                return cached_response(cached, stream, pinned or 0)
+            job = server.admit(kind, kwargs, prompt_tokens, stream, deadline_s, value, pinned)
             job.payload.cache_key = key
         except BadRequest as e:
             server.counters["rejected_deadline" if e.status == 503 else "rejected_bad_request"] += 1
@@ -380,9 +429,9 @@ def create_app(engine, policy: str = "vdf", capacity: int = 32, max_wait_s: floa
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    def cached_response(cached, stream: bool):
-        ext = {"model": engine.name, "variant": engine.name, "policy": server.scheduler.policy, "queued_s": 0.0,
-               "service_s": 0.0, "cache": "hit", "deadline_met": True}
+    def cached_response(cached, stream: bool, variant: int):
+        ext = {"model": server.name, "variant": server.engines[variant].name, "policy": server.scheduler.policy,
+               "queued_s": 0.0,               "service_s": 0.0, "cache": "hit", "deadline_met": True}
         if not stream:
             return JSONResponse({**cached, "edgestill": ext})
 
@@ -403,11 +452,13 @@ def create_app(engine, policy: str = "vdf", capacity: int = 32, max_wait_s: floa
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": engine.name, "object": "model", "created": 0, "owned_by": "edgestill"}]}
+        return {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "edgestill"}
+                                           for m in [server.name, *server.variant_ids]]}
 
     @app.get("/health")
     async def health():
-        return {"status": "stopping" if server.stopping else "ok", "model": engine.name, "queue": len(server.scheduler),
+        return {"status": "stopping" if server.stopping else "ok", "model": server.name,
+                "variants": [e.name for e in server.engines], "queue": len(server.scheduler),
                 "running": server.running is not None, "policy": server.scheduler.policy}
 
     @app.get("/metrics")

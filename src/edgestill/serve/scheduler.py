@@ -89,6 +89,15 @@ class Scheduler:
         del self._jobs[job.id]
         return job
 
+    def ordered(self, now: float) -> list[Job]:
+        """The waiting jobs in the order `pop` would take them if nothing else arrived (as of `now`: one that becomes
+        overdue later moves up then, so this is the order a look-ahead can plan with, not a promise)."""
+        overdue = sorted((j for j in self._jobs.values() if now - j.arrival >= self.max_wait_s),
+                         key=lambda j: (j.arrival, j.id))
+        rest = sorted((j for j in self._jobs.values() if now - j.arrival < self.max_wait_s),
+                      key=lambda j: _key(j, self.policy))
+        return overdue + rest
+
     def drop_infeasible(self, now: float, free_at: float | None = None) -> list[Job]:
         """Remove and return the jobs that would miss their deadline even if they started next, as soon as the
         server is free (`free_at`: when the running job is predicted to end; None: now)."""

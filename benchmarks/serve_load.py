@@ -1,0 +1,337 @@
+"""`edgestill serve` under load: FIFO / EDF / VDF, each with one fixed Q8_0 model and with adaptive variants, driven
+over loopback by an async httpx load generator at three load levels, the last one overload.
+
+The server is the real command (`python -m edgestill.cli serve ...`: FastAPI on uvicorn, llama.cpp underneath),
+started once per (policy, variants) case. The model is the default teacher corrected on the training plays (the
+reference of every other benchmark), quantized by llama.cpp:
+  fixed     llama.cpp Q8_0 of the corrected teacher (what the issue's goal compares against)
+  adaptive  that Q8_0, its Q4_K_M and Q4_0, and the default run's 15-layer sliced student in Q8_0; each request
+            gets the best variant the queue can afford (serve/variants.py)
+Each variant's fidelity (top-1 agreement and KL against the corrected teacher, on the held-out plays) comes from
+quant_table.json and default_run.json, so each row also says what the adaptive answers cost in quality.
+
+The load: Poisson arrivals of completion requests (streamed, greedy, prompts cut from the held-out plays, every
+prompt different so the response cache never answers), a mix of prompt lengths (12 / 48 / 144 words) and outputs
+(8 / 16 / 48 tokens), values 1, 1, 2 or 5, and a deadline of 2-8 x the request's service time alone on the Q8_0
+(from the Q8_0's prefill and decode rates, measured here first). Load = arrival rate x mean service time alone on
+the Q8_0: 0.6, 1.0 and 1.6 by default. Every case sees the same arrivals (they depend only on the seed and load).
+
+Per (load, policy, variants), over the seeds: deadline_miss_rate = requests not answered by their deadline (late,
+or refused 429/503) / requests; goodput = output tokens of the requests that met their deadline / seconds from the
+first arrival to the last answer; tokens/s = all output tokens / the same seconds; p50/p99 time to first token and
+p99 time to the last, over the requests answered 200; lost requests (no answer at all) and server errors (5xx other
+than the deliberate 503s, and /metrics' generation failures), both of which must be 0.
+
+    python benchmarks/serve_load.py                     # ~40 min on 2 cores: 6 cases x 3 loads x 3 seeds x 30 requests
+    python benchmarks/serve_load.py --seeds 0 --loads 1.6 --requests 20     # a quick look
+Needs the GGUFs of benchmarks/quant_table.py (--no-train is enough) and the run of benchmarks/default_run.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import RESULTS, write_result  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "runs" / "bench"
+DEFAULT_RUN = ROOT / "runs" / "bench-default-run"
+POLICIES = ("fifo", "edf", "vdf")
+PROMPT_WORDS = (12, 48, 144)
+OUTPUT_TOKENS = (8, 16, 48)
+VALUES = (1, 1, 2, 5)
+SLACK = (2.0, 8.0)
+
+
+# --- the variants and what each keeps ------------------------------------------------------------------------------
+
+def variants() -> list[dict]:
+    """The served files, best first, each with its fidelity from the benchmark that measured it."""
+    table = json.loads((RESULTS / "quant_table.json").read_text())
+    rows = {r["name"]: r for r in table["rows"]}
+    out = []
+    for qtype in ("Q8_0", "Q4_K_M", "Q4_0"):
+        row = rows[f"llama.cpp {qtype}"]
+        path = ROOT / row["gguf"]
+        if not path.is_file():
+            raise SystemExit(f"{path} is missing: run python benchmarks/quant_table.py --no-train first")
+        out.append({"name": f"teacher-{qtype.lower()}", "gguf": path, "top1_agreement": row["top1_agreement"],
+                    "kl": row["kl_teacher_model"], "fidelity_source": "quant_table.json (llama.cpp logits)"})
+    student = DEFAULT_RUN / "student.gguf"
+    if not (DEFAULT_RUN / "DONE").is_file():
+        raise SystemExit(f"{DEFAULT_RUN} is missing: run python benchmarks/default_run.py first")
+    if not student.is_file():
+        subprocess.run([sys.executable, "-m", "edgestill.cli", "export", str(DEFAULT_RUN), "--type", "q8_0"], check=True)
+    run = json.loads((RESULTS / "default_run.json").read_text())
+    out.append({"name": f"student{run['student']['num_layers']}-q8_0", "gguf": student,
+                "top1_agreement": run["top1_agreement"], "kl": run["kl_teacher_student"],
+                "fidelity_source": "default_run.json (the run's PyTorch student, before its Q8_0 export)"})
+    return out
+
+
+# --- the load --------------------------------------------------------------------------------------------------------
+
+def prompts(n: int, seed: int) -> list[str]:
+    """`n` different prompts cut from the held-out plays, of PROMPT_WORDS words."""
+    from edgestill.config import ShrinkConfig
+    from edgestill.data.corpus import load_documents, split_documents
+
+    cfg = ShrinkConfig().data
+    test = split_documents(load_documents(cfg.path, cfg.text_field), cfg.val_fraction, cfg.test_fraction, cfg.split_seed).test
+    words = " ".join(d.text for d in test).split()
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        k = rng.choice(PROMPT_WORDS)
+        start = rng.randrange(0, len(words) - k)
+        out.append(" ".join(words[start: start + k]))
+    return out
+
+
+def arrivals(n: int, load: float, seed: int, rates: tuple[float, float], count_tokens) -> list[dict]:
+    """The requests of one (load, seed): arrival time, body, deadline; the same for every case."""
+    rng = random.Random(f"{seed}:{load}")
+    texts = prompts(n, seed * 7919 + round(load * 100))
+    prefill, decode = rates
+    reqs = []
+    for text in texts:
+        max_tokens = rng.choice(OUTPUT_TOKENS)
+        alone = count_tokens(text) / prefill + max_tokens / decode  # its service time alone on the Q8_0
+        reqs.append({"alone_s": alone, "deadline_s": round(rng.uniform(*SLACK) * alone, 3),
+                     "body": {"prompt": text, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
+                              "value": rng.choice(VALUES)}})
+    mean_alone = statistics.mean(r["alone_s"] for r in reqs)
+    t = 0.0
+    for r in reqs:
+        t += rng.expovariate(load / mean_alone)
+        r["at"] = t
+        r["body"]["deadline_s"] = r["deadline_s"]
+    return reqs
+
+
+async def send(client, url: str, req: dict, t0: float) -> dict:
+    """One request at its arrival time; what the client saw."""
+    await asyncio.sleep(max(0.0, t0 + req["at"] - time.monotonic()))
+    sent = time.monotonic()
+    out = {"sent": sent, "status": None, "ttft": None, "end": None, "tokens": 0, "variant": None}
+    try:
+        async with client.stream("POST", url + "/v1/completions", json=req["body"]) as r:
+            out["status"] = r.status_code
+            if r.status_code != 200:
+                await r.aread()
+            else:
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if "error" in chunk:
+                        out["status"] = 500
+                        continue
+                    if chunk["choices"] and chunk["choices"][0].get("text"):
+                        out["ttft"] = out["ttft"] or time.monotonic() - sent
+                        out["tokens"] += 1
+                    if "edgestill" in chunk:
+                        out["variant"] = chunk["edgestill"]["variant"]
+        out["end"] = time.monotonic()
+    except Exception as e:  # noqa: BLE001 - a request without an answer is a lost request, and counted
+        out["error"] = repr(e)
+    out["met"] = out["status"] == 200 and out["end"] - sent <= req["deadline_s"]
+    return out
+
+
+async def drive(url: str, reqs: list[dict]) -> list[dict]:
+    import httpx
+
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=httpx.Limits(max_connections=256)) as client:
+        t0 = time.monotonic() + 0.2
+        return await asyncio.gather(*(send(client, url, r, t0) for r in reqs))
+
+
+def summarize(reqs: list[dict], seen: list[dict], fidelity: dict) -> dict:
+    ok = [s for s in seen if s["status"] == 200]
+    start = min(s["sent"] for s in seen)
+    stop = max(s["end"] or s["sent"] for s in seen)
+    seconds = stop - start
+    ttft = sorted(s["ttft"] for s in ok if s["ttft"] is not None)
+    latency = sorted(s["end"] - s["sent"] for s in ok)
+
+    def q(xs, p):
+        return None if not xs else xs[min(len(xs) - 1, math.ceil(p * len(xs)) - 1)]
+
+    served = [s["variant"] for s in ok]
+    return {
+        "requests": len(seen), "answered": len(ok), "met": sum(s["met"] for s in seen),
+        "late": sum(s["status"] == 200 and not s["met"] for s in seen),
+        "refused_429": sum(s["status"] == 429 for s in seen), "refused_503": sum(s["status"] == 503 for s in seen),
+        "deadline_miss_rate": 1 - sum(s["met"] for s in seen) / len(seen),
+        "goodput_tokens_per_s": sum(s["tokens"] for s in seen if s["met"]) / seconds,
+        "tokens_per_s": sum(s["tokens"] for s in ok) / seconds,
+        "ttft_p50_s": q(ttft, 0.5), "ttft_p99_s": q(ttft, 0.99), "latency_p99_s": q(latency, 0.99),
+        "lost_requests": sum(s["status"] is None for s in seen),
+        "server_errors": sum(s["status"] is not None and s["status"] >= 500 and s["status"] != 503 for s in seen),
+        "served_by": {v: served.count(v) for v in sorted(set(served))},
+        "top1_agreement_served": statistics.mean(fidelity[v] for v in served) if served else None,
+        "seconds": seconds,
+    }
+
+
+# --- one case: a server, every load and seed -----------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def metrics(url: str) -> dict[str, float]:
+    import httpx
+
+    out = {}
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            out[key] = float(value)
+    return out
+
+
+def run_case(policy: str, files: list[Path], workloads: dict, args, fidelity: dict) -> dict:
+    import httpx
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = BENCH / f"serve-{policy}-{len(files)}.log"
+    command = [sys.executable, "-m", "edgestill.cli", "serve", *map(str, files), "--policy", policy, "--port", str(port),
+               "--queue", str(args.queue), "--ctx", "1024", "--threads", str(args.threads), "--name", "smollm2"]
+    with open(log, "w") as err:
+        server = subprocess.Popen(command, stderr=err, stdout=err)
+        try:
+            deadline = time.monotonic() + 300
+            while True:
+                try:
+                    if httpx.get(url + "/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"the server did not start; see {log}")
+                time.sleep(0.5)
+            results = {}
+            for (load, seed), reqs in workloads.items():
+                seen = asyncio.run(drive(url, reqs))
+                results[(load, seed)] = summarize(reqs, seen, fidelity)
+                r = results[(load, seed)]
+                print(f"  {policy:4s} {'adaptive' if len(files) > 1 else 'fixed   '} load {load} seed {seed}: miss "
+                      f"{r['deadline_miss_rate']:.2f}, goodput {r['goodput_tokens_per_s']:.1f} tok/s, served by "
+                      f"{r['served_by']}, lost {r['lost_requests']}, errors {r['server_errors']}", flush=True)
+            final = metrics(url)
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+    results["server_errors_metric"] = final.get("edgestill_server_errors_total", 0.0)
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--loads", default="0.6,1.0,1.6")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--requests", type=int, default=30, help="requests per (load, seed)")
+    ap.add_argument("--policies", default=",".join(POLICIES))
+    ap.add_argument("--queue", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    loads = [float(x) for x in args.loads.split(",")]
+    seeds = [int(x) for x in args.seeds.split(",")]
+
+    from llama_cpp import Llama
+
+    from edgestill.runtime.llamacpp import llamacpp_speed
+
+    served = variants()
+    fidelity = {v["name"]: v["top1_agreement"] for v in served}
+    fixed = served[0]
+    speed = llamacpp_speed(fixed["gguf"], prompt_tokens=64, decode_tokens=32, threads=args.threads, repeats=3)
+    rates = (speed["prefill_tokens_per_s"], speed["decode_tokens_per_s"])
+    vocab = Llama(str(fixed["gguf"]), vocab_only=True, verbose=False)
+    count = lambda text: len(vocab.tokenize(text.encode(), add_bos=True))  # noqa: E731
+    print(f"Q8_0 here: {rates[0]:.0f} prefill / {rates[1]:.1f} decode tokens/s", flush=True)
+    workloads = {(load, seed): arrivals(args.requests, load, seed, rates, count) for load in loads for seed in seeds}
+
+    # the served files must be named as the variants: link them under runs/bench/serve-variants/
+    folder = BENCH / "serve-variants"
+    folder.mkdir(parents=True, exist_ok=True)
+    for v in served:
+        link = folder / f"{v['name']}.gguf"
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(Path(v["gguf"]).resolve())
+        v["file"] = link
+    rows = []
+    for policy in args.policies.split(","):
+        for adaptive in (False, True):
+            files = [v["file"] for v in served] if adaptive else [fixed["file"]]
+            results = run_case(policy, files, workloads, args, fidelity)
+            for load in loads:
+                per_seed = [results[(load, seed)] for seed in seeds]
+
+                def mean(key):
+                    xs = [r[key] for r in per_seed if r[key] is not None]
+                    return statistics.mean(xs) if xs else None
+
+                served_by: dict[str, int] = {}
+                for r in per_seed:
+                    for k, n in r["served_by"].items():
+                        served_by[k] = served_by.get(k, 0) + n
+                rows.append({
+                    "load": load, "policy": policy, "adaptive": adaptive,
+                    "variants": [v["name"] for v in served] if adaptive else [fixed["name"]],
+                    "requests": sum(r["requests"] for r in per_seed),
+                    **{k: mean(k) for k in ("deadline_miss_rate", "goodput_tokens_per_s", "tokens_per_s", "ttft_p50_s",
+                                            "ttft_p99_s", "latency_p99_s", "top1_agreement_served")},
+                    "deadline_miss_rate_by_seed": [r["deadline_miss_rate"] for r in per_seed],
+                    "goodput_by_seed": [r["goodput_tokens_per_s"] for r in per_seed],
+                    "lost_requests": sum(r["lost_requests"] for r in per_seed),
+                    "server_errors": sum(r["server_errors"] for r in per_seed) + int(results["server_errors_metric"]),
+                    "late": sum(r["late"] for r in per_seed), "refused_429": sum(r["refused_429"] for r in per_seed),
+                    "refused_503": sum(r["refused_503"] for r in per_seed), "served_by": served_by,
+                    "seeds": seeds,
+                })
+    anchor = {}
+    for load in loads:
+        base = next(r for r in rows if r["load"] == load and r["policy"] == "fifo" and not r["adaptive"])
+        for r in rows:
+            if r["load"] == load and base["deadline_miss_rate"] > 0:
+                r["fewer_misses_than_fifo_fixed"] = 1 - r["deadline_miss_rate"] / base["deadline_miss_rate"]
+        best = next((r for r in rows if r["load"] == load and r["policy"] == "vdf" and r["adaptive"]), None)
+        if best is not None:
+            anchor[str(load)] = {"vdf_adaptive_fewer_misses": best.get("fewer_misses_than_fifo_fixed"),
+                                 "goodput_ratio": best["goodput_tokens_per_s"] / max(base["goodput_tokens_per_s"], 1e-9)}
+    write_result("serve_load", {
+        "command": "python benchmarks/serve_load.py " + " ".join(sys.argv[1:]),
+        "what": __doc__.split("\n\n")[0],
+        "variants": [{k: (str(v[k].relative_to(ROOT)) if k == "gguf" else v[k]) for k in
+                      ("name", "gguf", "top1_agreement", "kl", "fidelity_source")} for v in served],
+        "q8_0_rates_tokens_per_s": {"prefill": rates[0], "decode": rates[1]},
+        "load_definition": "arrival rate x mean service time alone on the Q8_0",
+        "workload": {"prompt_words": PROMPT_WORDS, "output_tokens": OUTPUT_TOKENS, "values": VALUES,
+                     "deadline_x_alone": SLACK, "requests_per_load_and_seed": args.requests, "queue": args.queue,
+                     "threads": args.threads},
+        "anchor": {"edge_llm_fewer_timeouts": 0.63, "goal": "VDF + adaptive >= 60% fewer misses than FIFO on one Q8_0 "
+                   "under overload, at equal or higher goodput", "measured": anchor},
+        "rows": rows,
+    })
+
+
+if __name__ == "__main__":
+    main()
