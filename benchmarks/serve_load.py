@@ -13,8 +13,8 @@ quant_table.json and default_run.json, so each row also says what the adaptive a
 The load: Poisson arrivals of completion requests (streamed, greedy, prompts cut from the held-out plays, every
 prompt different so the response cache never answers), a mix of prompt lengths (12 / 48 / 144 words) and outputs
 (8 / 16 / 48 tokens), values 1, 1, 2 or 5, and a deadline of 2-8 x the request's service time alone on the Q8_0
-(from the Q8_0's prefill and decode rates, measured here first). Load = arrival rate x mean service time alone on
-the Q8_0: 0.6, 1.0 and 1.6 by default. Every case sees the same arrivals (they depend only on the seed and load).
+server. That time is measured first, end to end over HTTP, one request at a time (a least-squares fit of overhead +
+per prompt token + per output token). Load = arrival rate x mean service time alone: 0.6, 1.0 and 1.6 by default. Every case sees the same arrivals (they depend only on the seed and load).
 
 Per (load, policy, variants), over the seeds: deadline_miss_rate = requests not answered by their deadline (late,
 or refused 429/503) / requests; goodput = output tokens of the requests that met their deadline / seconds from the
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import random
@@ -99,15 +100,15 @@ def prompts(n: int, seed: int) -> list[str]:
     return out
 
 
-def arrivals(n: int, load: float, seed: int, rates: tuple[float, float], count_tokens) -> list[dict]:
-    """The requests of one (load, seed): arrival time, body, deadline; the same for every case."""
+def arrivals(n: int, load: float, seed: int, alone_s, count_tokens) -> list[dict]:
+    """The requests of one (load, seed): arrival time, body, deadline; the same for every case. `alone_s(prompt
+    tokens, max_tokens)`: a request's measured service time alone on the Q8_0 server."""
     rng = random.Random(f"{seed}:{load}")
     texts = prompts(n, seed * 7919 + round(load * 100))
-    prefill, decode = rates
     reqs = []
     for text in texts:
         max_tokens = rng.choice(OUTPUT_TOKENS)
-        alone = count_tokens(text) / prefill + max_tokens / decode  # its service time alone on the Q8_0
+        alone = alone_s(count_tokens(text), max_tokens)
         reqs.append({"alone_s": alone, "deadline_s": round(rng.uniform(*SLACK) * alone, 3),
                      "body": {"prompt": text, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
                               "value": rng.choice(VALUES)}})
@@ -205,12 +206,14 @@ def metrics(url: str) -> dict[str, float]:
     return out
 
 
-def run_case(policy: str, files: list[Path], workloads: dict, args, fidelity: dict) -> dict:
+@contextlib.contextmanager
+def serving(policy: str, files: list[Path], args, tag: str):
+    """`edgestill serve FILES` in its own process on a free loopback port; yields its URL; stops it (SIGTERM)."""
     import httpx
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log = BENCH / f"serve-{policy}-{len(files)}.log"
+    log = BENCH / f"serve-{tag}.log"
     command = [sys.executable, "-m", "edgestill.cli", "serve", *map(str, files), "--policy", policy, "--port", str(port),
                "--queue", str(args.queue), "--ctx", "1024", "--threads", str(args.threads), "--name", "smollm2"]
     with open(log, "w") as err:
@@ -226,18 +229,56 @@ def run_case(policy: str, files: list[Path], workloads: dict, args, fidelity: di
                 if server.poll() is not None or time.monotonic() > deadline:
                     raise SystemExit(f"the server did not start; see {log}")
                 time.sleep(0.5)
-            results = {}
-            for (load, seed), reqs in workloads.items():
-                seen = asyncio.run(drive(url, reqs))
-                results[(load, seed)] = summarize(reqs, seen, fidelity)
-                r = results[(load, seed)]
-                print(f"  {policy:4s} {'adaptive' if len(files) > 1 else 'fixed   '} load {load} seed {seed}: miss "
-                      f"{r['deadline_miss_rate']:.2f}, goodput {r['goodput_tokens_per_s']:.1f} tok/s, served by "
-                      f"{r['served_by']}, lost {r['lost_requests']}, errors {r['server_errors']}", flush=True)
-            final = metrics(url)
+            yield url
         finally:
             server.terminate()
             server.wait(timeout=60)
+
+
+def calibrate(files: list[Path], args, count_tokens) -> dict:
+    """A request's service time alone on the Q8_0 server, measured: every (prompt length, output) pair of the mix,
+    twice, one request at a time, end to end over HTTP; least squares t = a + b x prompt tokens + c x max_tokens."""
+    import httpx
+    import numpy as np
+
+    texts = prompts(60 * len(PROMPT_WORDS), seed=10_007)
+    by_words = {k: iter([t for t in texts if len(t.split()) == k]) for k in PROMPT_WORDS}
+    xs, ys = [], []
+    with serving("fifo", files, args, "calibration") as url:
+        for rep in range(3):  # the first round warms up (its times are not kept)
+            for k in PROMPT_WORDS:
+                for out in OUTPUT_TOKENS:
+                    text = next(by_words[k])  # a new prompt every time: no prefix reuse, no cache, as in the load
+                    t0 = time.monotonic()
+                    r = httpx.post(url + "/v1/completions", json={"prompt": text, "max_tokens": out, "temperature": 0.0,
+                                                                  "stream": True}, timeout=120)
+                    assert r.status_code == 200, r.text
+                    if rep:
+                        ys.append(time.monotonic() - t0)
+                        xs.append([1.0, count_tokens(text), out])
+    for x, y in zip(xs, ys):
+        print(f"  calibration: {x[1]:.0f} prompt tokens, {x[2]:.0f} out: {y:.3f} s", flush=True)
+    coef, *_ = np.linalg.lstsq(np.array(xs), np.array(ys), rcond=None)
+    fit = {"overhead_s": float(coef[0]), "s_per_prompt_token": float(coef[1]), "s_per_output_token": float(coef[2]),
+           "requests": len(ys), "mean_s": float(np.mean(ys))}
+    print(f"alone on the Q8_0: {fit['overhead_s'] * 1e3:.0f} ms + {fit['s_per_prompt_token'] * 1e3:.2f} ms/prompt token "
+          f"+ {fit['s_per_output_token'] * 1e3:.1f} ms/output token", flush=True)
+    return fit
+
+
+def run_case(policy: str, files: list[Path], workloads: dict, args, fidelity: dict) -> dict:
+    tag = f"{policy}-{'adaptive' if len(files) > 1 else 'fixed'}"
+    with serving(policy, files, args, tag) as url:
+        results = {}
+        for (load, seed), reqs in workloads.items():
+            seen = asyncio.run(drive(url, reqs))
+            results[(load, seed)] = summarize(reqs, seen, fidelity)
+            r = results[(load, seed)]
+            print(f"  {tag:14s} load {load} seed {seed}: miss {r['deadline_miss_rate']:.2f}, goodput "
+                  f"{r['goodput_tokens_per_s']:.1f} tok/s, served by {r['served_by']}, lost {r['lost_requests']}, "
+                  f"errors {r['server_errors']}", flush=True)
+            time.sleep(2.0)  # the queue drains; the next load starts on an idle server
+        final = metrics(url)
     results["server_errors_metric"] = final.get("edgestill_server_errors_total", 0.0)
     return results
 
@@ -256,17 +297,11 @@ def main() -> None:
 
     from llama_cpp import Llama
 
-    from edgestill.runtime.llamacpp import llamacpp_speed
-
     served = variants()
     fidelity = {v["name"]: v["top1_agreement"] for v in served}
     fixed = served[0]
-    speed = llamacpp_speed(fixed["gguf"], prompt_tokens=64, decode_tokens=32, threads=args.threads, repeats=3)
-    rates = (speed["prefill_tokens_per_s"], speed["decode_tokens_per_s"])
     vocab = Llama(str(fixed["gguf"]), vocab_only=True, verbose=False)
     count = lambda text: len(vocab.tokenize(text.encode(), add_bos=True))  # noqa: E731
-    print(f"Q8_0 here: {rates[0]:.0f} prefill / {rates[1]:.1f} decode tokens/s", flush=True)
-    workloads = {(load, seed): arrivals(args.requests, load, seed, rates, count) for load in loads for seed in seeds}
 
     # the served files must be named as the variants: link them under runs/bench/serve-variants/
     folder = BENCH / "serve-variants"
@@ -277,6 +312,12 @@ def main() -> None:
             link.unlink()
         link.symlink_to(Path(v["gguf"]).resolve())
         v["file"] = link
+    fit = calibrate([fixed["file"]], args, count)
+
+    def alone_s(prompt_tokens: int, max_tokens: int) -> float:
+        return fit["overhead_s"] + fit["s_per_prompt_token"] * prompt_tokens + fit["s_per_output_token"] * max_tokens
+
+    workloads = {(load, seed): arrivals(args.requests, load, seed, alone_s, count) for load in loads for seed in seeds}
     rows = []
     for policy in args.policies.split(","):
         for adaptive in (False, True):
@@ -322,8 +363,9 @@ def main() -> None:
         "what": __doc__.split("\n\n")[0],
         "variants": [{k: (str(v[k].relative_to(ROOT)) if k == "gguf" else v[k]) for k in
                       ("name", "gguf", "top1_agreement", "kl", "fidelity_source")} for v in served],
-        "q8_0_rates_tokens_per_s": {"prefill": rates[0], "decode": rates[1]},
-        "load_definition": "arrival rate x mean service time alone on the Q8_0",
+        "alone_on_q8_0": fit,
+        "load_definition": "arrival rate x mean service time alone on the Q8_0 server (measured end to end: "
+                           "alone_on_q8_0)",
         "workload": {"prompt_words": PROMPT_WORDS, "output_tokens": OUTPUT_TOKENS, "values": VALUES,
                      "deadline_x_alone": SLACK, "requests_per_load_and_seed": args.requests, "queue": args.queue,
                      "threads": args.threads},
