@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.edgestill-installed
 ARGS   ?=
 
-.PHONY: demo quick test test-slow bench venv data clean
+.PHONY: demo serve quick test test-slow bench venv data clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,12 @@ data: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/edgestill shrink --overwrite $(ARGS)
+
+# serve the demo's student (exported to GGUF on first use) over an OpenAI-compatible API on http://127.0.0.1:8080;
+# builds llama.cpp first if `make test` has not (~7-10 min once). RUN=<run folder> serves another run.
+RUN ?= runs/shrink-smollm2-135m
+serve: $(LLAMA_STAMP)
+	$(BIN)/edgestill serve $(RUN) $(ARGS)
 
 quick: $(STAMP)
 	$(BIN)/edgestill shrink --quick --out runs/quick --overwrite $(ARGS)

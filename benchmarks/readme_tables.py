@@ -309,13 +309,48 @@ def classifier_table(r: dict) -> str:
     return "\n".join(out)
 
 
+def serve_load_table(r: dict) -> str:
+    """Deadline misses, goodput and latency per (load, policy, fixed/adaptive) of benchmarks/serve_load.py."""
+    def f(x, fmt="{:.2f}"):
+        return "" if x is None else fmt.format(x)
+
+    names = [v["name"] for v in r["variants"]]
+    out = ["| load | policy | variants | deadline misses (per seed) | vs FIFO fixed | goodput tok/s | tokens/s | "
+           "TTFT p50 / p99 s | latency p99 s | served by (" + " / ".join(names) + ") | top-1 of served | lost | errors |",
+           "|---:|---|---|---|---:|---:|---:|---|---:|---|---:|---:|---:|"]
+    for x in r["rows"]:
+        seeds = ", ".join(f"{m:.2f}" for m in x["deadline_miss_rate_by_seed"])
+        vs = x.get("fewer_misses_than_fifo_fixed")
+        vs_text = "" if vs is None or (x["policy"] == "fifo" and not x["adaptive"]) else f"{-vs:+.0%}"
+        served = " / ".join(str(x["served_by"].get(n, 0)) for n in names)
+        threads = "" if x.get("threads") == r["workload"]["threads"] else f", {x.get('threads')} threads"
+        out.append(f"| {x['load']} | {x['policy'].upper()} | {'adaptive' if x['adaptive'] else 'Q8_0'}{threads} | "
+                   f"**{x['deadline_miss_rate']:.2f}** ({seeds}) | {vs_text} | {x['goodput_tokens_per_s']:.1f} | "
+                   f"{x['tokens_per_s']:.1f} | {f(x['ttft_p50_s'])} / {f(x['ttft_p99_s'])} | {f(x['latency_p99_s'])} | "
+                   f"{served} | {f(x['top1_agreement_served'], '{:.3f}')} | {x['lost_requests']} | "
+                   f"{x['server_errors']} |")
+    fit = r["alone_on_q8_0"]
+    w = r["workload"]
+    variants = "; ".join(f"{v['name']}: top-1 {v['top1_agreement']:.3f}, KL {v['kl']:.3f}" for v in r["variants"])
+    out += ["", f"Per row: {w['requests_per_load_and_seed']} requests × {len(r['rows'][0]['seeds'])} seeds; misses "
+            "= late or refused (429/503) ÷ requests, the mean over seeds with each seed's in brackets; vs FIFO fixed = "
+            "the change in that mean. Load = arrival rate × a request's mean service time alone on the Q8_0 server, "
+            f"measured first ({fit['overhead_s'] * 1e3:.0f} ms + {fit['s_per_prompt_token'] * 1e3:.2f} ms per prompt "
+            f"token + {fit['s_per_output_token'] * 1e3:.1f} ms per output token). Deadlines: "
+            f"{w['deadline_x_alone'][0]:g}–{w['deadline_x_alone'][1]:g}× that time; queue {w['queue']}; "
+            f"{w['threads']} llama.cpp threads. Variants, best first, with their fidelity to the corrected teacher on "
+            f"the held-out plays: {variants}. {_measured(r['environment'])}, by `{r['command'].strip()}` → "
+            "`benchmarks/results/serve_load.json`."]
+    return "\n".join(out)
+
+
 from distill_methods import methods_table  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from shrink_curve import shrink_curve_summary, shrink_curve_table  # noqa: E402
 
 TABLES = {"default_run": default_run_table, "distill_throughput": throughput_table, "quant_table": quant_table,
           "distill_methods": methods_table, "cost_model": cost_model_table, "classifier": classifier_table,
           "shrink_curve": shrink_curve_table, "shrink_curve_summary": shrink_curve_summary,
-          "mixed_vs_uniform": mixed_vs_uniform_table}
+          "mixed_vs_uniform": mixed_vs_uniform_table, "serve_load": serve_load_table}
 SOURCES = {"shrink_curve_summary": "shrink_curve"}  # tables rendered from another table's JSON
 
 

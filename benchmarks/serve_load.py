@@ -14,7 +14,10 @@ The load: Poisson arrivals of completion requests (streamed, greedy, prompts cut
 prompt different so the response cache never answers), a mix of prompt lengths (12 / 48 / 144 words) and outputs
 (8 / 16 / 48 tokens), values 1, 1, 2 or 5, and a deadline of 2-8 x the request's service time alone on the Q8_0
 server. That time is measured first, end to end over HTTP, one request at a time (a least-squares fit of overhead +
-per prompt token + per output token). Load = arrival rate x mean service time alone: 0.6, 1.0 and 1.6 by default. Every case sees the same arrivals (they depend only on the seed and load).
+per prompt token + per output token). Load = arrival rate x mean service time alone: 0.6, 1.0 and 1.6 by default.
+
+Threads: every case runs llama.cpp with `edgestill serve`'s default, every core but one (the HTTP side and the load
+generator share the machine). One extra case, FIFO on one Q8_0 with a llama.cpp thread on every core, shows why. Every case sees the same arrivals (they depend only on the seed and load).
 
 Per (load, policy, variants), over the seeds: deadline_miss_rate = requests not answered by their deadline (late,
 or refused 429/503) / requests; goodput = output tokens of the requests that met their deadline / seconds from the
@@ -22,7 +25,7 @@ first arrival to the last answer; tokens/s = all output tokens / the same second
 p99 time to the last, over the requests answered 200; lost requests (no answer at all) and server errors (5xx other
 than the deliberate 503s, and /metrics' generation failures), both of which must be 0.
 
-    python benchmarks/serve_load.py                     # ~40 min on 2 cores: 6 cases x 3 loads x 3 seeds x 30 requests
+    python benchmarks/serve_load.py                     # ~45 min on 2 cores: 7 cases x 3 loads x 3 seeds x 30 requests
     python benchmarks/serve_load.py --seeds 0 --loads 1.6 --requests 20     # a quick look
 Needs the GGUFs of benchmarks/quant_table.py (--no-train is enough) and the run of benchmarks/default_run.py.
 """
@@ -180,6 +183,7 @@ def summarize(reqs: list[dict], seen: list[dict], fidelity: dict) -> dict:
         "tokens_per_s": sum(s["tokens"] for s in ok) / seconds,
         "ttft_p50_s": q(ttft, 0.5), "ttft_p99_s": q(ttft, 0.99), "latency_p99_s": q(latency, 0.99),
         "lost_requests": sum(s["status"] is None for s in seen),
+        "lost_errors": [s["error"] for s in seen if "error" in s][:5],
         "server_errors": sum(s["status"] is not None and s["status"] >= 500 and s["status"] != 503 for s in seen),
         "served_by": {v: served.count(v) for v in sorted(set(served))},
         "top1_agreement_served": statistics.mean(fidelity[v] for v in served) if served else None,
@@ -207,7 +211,7 @@ def metrics(url: str) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def serving(policy: str, files: list[Path], args, tag: str):
+def serving(policy: str, files: list[Path], args, tag: str, threads: int | None = None):
     """`edgestill serve FILES` in its own process on a free loopback port; yields its URL; stops it (SIGTERM)."""
     import httpx
 
@@ -215,7 +219,7 @@ def serving(policy: str, files: list[Path], args, tag: str):
     url = f"http://127.0.0.1:{port}"
     log = BENCH / f"serve-{tag}.log"
     command = [sys.executable, "-m", "edgestill.cli", "serve", *map(str, files), "--policy", policy, "--port", str(port),
-               "--queue", str(args.queue), "--ctx", "1024", "--threads", str(args.threads), "--name", "smollm2"]
+               "--queue", str(args.queue), "--ctx", "1024", "--threads", str(threads or args.threads), "--name", "smollm2"]
     with open(log, "w") as err:
         server = subprocess.Popen(command, stderr=err, stdout=err)
         try:
@@ -266,9 +270,9 @@ def calibrate(files: list[Path], args, count_tokens) -> dict:
     return fit
 
 
-def run_case(policy: str, files: list[Path], workloads: dict, args, fidelity: dict) -> dict:
-    tag = f"{policy}-{'adaptive' if len(files) > 1 else 'fixed'}"
-    with serving(policy, files, args, tag) as url:
+def run_case(policy: str, files: list[Path], workloads: dict, args, fidelity: dict, threads: int) -> dict:
+    tag = f"{policy}-{'adaptive' if len(files) > 1 else 'fixed'}-{threads}t"
+    with serving(policy, files, args, tag, threads) as url:
         results = {}
         for (load, seed), reqs in workloads.items():
             seen = asyncio.run(drive(url, reqs))
@@ -290,8 +294,17 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=30, help="requests per (load, seed)")
     ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--queue", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="llama.cpp threads of every case (default: edgestill serve's, every core but one)")
+    ap.add_argument("--no-all-cores-case", action="store_true",
+                    help="skip the extra FIFO case on one Q8_0 with a llama.cpp thread on every core")
     args = ap.parse_args()
+    import os
+
+    from edgestill.jobs.serve import default_threads
+
+    args.threads = args.threads or default_threads()
+    cores = os.cpu_count() or 1
     loads = [float(x) for x in args.loads.split(",")]
     seeds = [int(x) for x in args.seeds.split(",")]
 
@@ -319,38 +332,42 @@ def main() -> None:
 
     workloads = {(load, seed): arrivals(args.requests, load, seed, alone_s, count) for load in loads for seed in seeds}
     rows = []
-    for policy in args.policies.split(","):
-        for adaptive in (False, True):
-            files = [v["file"] for v in served] if adaptive else [fixed["file"]]
-            results = run_case(policy, files, workloads, args, fidelity)
-            for load in loads:
-                per_seed = [results[(load, seed)] for seed in seeds]
+    cases = [(policy, adaptive, args.threads) for policy in args.policies.split(",") for adaptive in (False, True)]
+    if not args.no_all_cores_case and cores != args.threads:
+        cases.append(("fifo", False, cores))
+    for policy, adaptive, threads in cases:
+        files = [v["file"] for v in served] if adaptive else [fixed["file"]]
+        results = run_case(policy, files, workloads, args, fidelity, threads)
+        for load in loads:
+            per_seed = [results[(load, seed)] for seed in seeds]
 
-                def mean(key):
-                    xs = [r[key] for r in per_seed if r[key] is not None]
-                    return statistics.mean(xs) if xs else None
+            def mean(key):
+                xs = [r[key] for r in per_seed if r[key] is not None]
+                return statistics.mean(xs) if xs else None
 
-                served_by: dict[str, int] = {}
-                for r in per_seed:
-                    for k, n in r["served_by"].items():
-                        served_by[k] = served_by.get(k, 0) + n
-                rows.append({
-                    "load": load, "policy": policy, "adaptive": adaptive,
-                    "variants": [v["name"] for v in served] if adaptive else [fixed["name"]],
-                    "requests": sum(r["requests"] for r in per_seed),
-                    **{k: mean(k) for k in ("deadline_miss_rate", "goodput_tokens_per_s", "tokens_per_s", "ttft_p50_s",
-                                            "ttft_p99_s", "latency_p99_s", "top1_agreement_served")},
-                    "deadline_miss_rate_by_seed": [r["deadline_miss_rate"] for r in per_seed],
-                    "goodput_by_seed": [r["goodput_tokens_per_s"] for r in per_seed],
-                    "lost_requests": sum(r["lost_requests"] for r in per_seed),
-                    "server_errors": sum(r["server_errors"] for r in per_seed) + int(results["server_errors_metric"]),
-                    "late": sum(r["late"] for r in per_seed), "refused_429": sum(r["refused_429"] for r in per_seed),
-                    "refused_503": sum(r["refused_503"] for r in per_seed), "served_by": served_by,
-                    "seeds": seeds,
-                })
+            served_by: dict[str, int] = {}
+            for r in per_seed:
+                for k, n in r["served_by"].items():
+                    served_by[k] = served_by.get(k, 0) + n
+            rows.append({
+                "load": load, "policy": policy, "adaptive": adaptive, "threads": threads,
+                "variants": [v["name"] for v in served] if adaptive else [fixed["name"]],
+                "requests": sum(r["requests"] for r in per_seed),
+                **{k: mean(k) for k in ("deadline_miss_rate", "goodput_tokens_per_s", "tokens_per_s", "ttft_p50_s",
+                                        "ttft_p99_s", "latency_p99_s", "top1_agreement_served")},
+                "deadline_miss_rate_by_seed": [r["deadline_miss_rate"] for r in per_seed],
+                "goodput_by_seed": [r["goodput_tokens_per_s"] for r in per_seed],
+                "lost_requests": sum(r["lost_requests"] for r in per_seed),
+                "lost_errors": [e for r in per_seed for e in r["lost_errors"]][:5],
+                "server_errors": sum(r["server_errors"] for r in per_seed) + int(results["server_errors_metric"]),
+                "late": sum(r["late"] for r in per_seed), "refused_429": sum(r["refused_429"] for r in per_seed),
+                "refused_503": sum(r["refused_503"] for r in per_seed), "served_by": served_by,
+                "seeds": seeds,
+            })
     anchor = {}
     for load in loads:
-        base = next(r for r in rows if r["load"] == load and r["policy"] == "fifo" and not r["adaptive"])
+        base = next(r for r in rows if r["load"] == load and r["policy"] == "fifo" and not r["adaptive"]
+                    and r["threads"] == args.threads)
         for r in rows:
             if r["load"] == load and base["deadline_miss_rate"] > 0:
                 r["fewer_misses_than_fifo_fixed"] = 1 - r["deadline_miss_rate"] / base["deadline_miss_rate"]

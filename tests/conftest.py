@@ -128,3 +128,54 @@ def edit_safetensors(st_path, edit) -> None:
     state = load_file(str(st_path))
     edit(state)
     save_file(state, str(st_path), metadata={"format": "pt"})
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny_model_dir, tmp_path_factory):
+    """The tiny model as a Q8_0 GGUF with a chat template (the serving tests)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edgestill.export.gguf import export_gguf
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    path = tmp_path_factory.mktemp("serve") / "tiny.gguf"
+    export_gguf(model, tokenizer, path, tensor_type="q8_0")
+    return path
+
+
+LORA_RANK, LORA_ALPHA = 4, 8.0
+LORA_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.down_proj")
+
+
+def make_peft_adapter(folder, config, seed=0, scale=0.3, layers=(0, 1)):
+    """A PEFT-style LoRA folder for the tiny model: A (r, in) and B (out, r) on MODULES of `layers`."""
+    import json
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+    head_dim = config.hidden_size // config.num_attention_heads
+    outs = {"self_attn.q_proj": config.num_attention_heads * head_dim, "self_attn.o_proj": config.hidden_size,
+            "self_attn.k_proj": config.num_key_value_heads * head_dim,
+            "self_attn.v_proj": config.num_key_value_heads * head_dim, "mlp.down_proj": config.hidden_size}
+    ins = {m: config.hidden_size for m in LORA_MODULES} | {"mlp.down_proj": config.intermediate_size,
+                                                       "self_attn.o_proj": config.num_attention_heads * head_dim}
+    tensors = {}
+    for layer in layers:
+        for m in LORA_MODULES:
+            key = f"base_model.model.model.layers.{layer}.{m}"
+            tensors[f"{key}.lora_A.weight"] = (rng.standard_normal((LORA_RANK, ins[m])) * scale).astype(np.float32)
+            tensors[f"{key}.lora_B.weight"] = (rng.standard_normal((outs[m], LORA_RANK)) * scale).astype(np.float32)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": LORA_RANK, "lora_alpha": LORA_ALPHA,
+                                                            "target_modules": list(LORA_MODULES)}))
+    return folder

@@ -174,6 +174,13 @@ def _add_serve(sub) -> None:
                    help="the device profile whose ram_bytes the variants must fit together (default: this machine's "
                         "available memory)")
     p.add_argument("--memory-budget", metavar="SIZE", help="the memory the variants may use together, e.g. 2GB")
+    p.add_argument("--lora", metavar="NAME=PATH", action="append",
+                   help="a per-task LoRA adapter (a llama.cpp LoRA .gguf or a PEFT adapter folder) that requests pick "
+                        "with \"adapter\": NAME; repeat for several (a run's adapters/ folder is loaded too)")
+    p.add_argument("--nodes", metavar="DEVICE:THREADS,...",
+                   help="serve from several worker processes, each with its own device profile (memory budget) and "
+                        "threads, behind a dispatcher that sends each request to the node that finishes it earliest, "
+                        "e.g. host:1,rpi5-8gb:1")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     p.add_argument("--policy", default="vdf", choices=POLICIES,
@@ -182,7 +189,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--queue", type=int, default=32, help="requests that may wait; past it: 429 (default 32)")
     p.add_argument("--max-wait", type=float, default=30.0, help="seconds after which a waiting request goes first")
     p.add_argument("--ctx", type=int, default=2048, help="context length in tokens (default 2048)")
-    p.add_argument("--threads", type=int, default=2, help="llama.cpp threads (default 2)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="llama.cpp threads (default: every core but one, which the HTTP side needs)")
     p.add_argument("--name", help="the model id clients use (default: the file's name)")
     p.add_argument("--no-prefix-reuse", action="store_true",
                    help="start every request from an empty KV cache (bit-reproducible answers; slower for prompts "
@@ -443,7 +451,7 @@ def _cmd_serve(args) -> None:
     variants = [t.strip() for t in args.variants.split(",") if t.strip()] if args.variants else None
     serve(args.target, args.host, args.port, args.policy, args.queue, args.max_wait, args.ctx, args.threads, args.name,
           prefix_reuse=not args.no_prefix_reuse, variants=variants, device=args.device,
-          budget_bytes=parse_bytes(args.memory_budget))
+          budget_bytes=parse_bytes(args.memory_budget), nodes=args.nodes, lora=args.lora)
 
 
 COMMANDS = {"serve": _cmd_serve, "shrink": _cmd_shrink, "finetune": _cmd_classifier, "distill": _cmd_distill, "eval": _cmd_eval,

@@ -17,9 +17,6 @@ needs_llama_cpp = pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<s>assistant:{% endif %}")
-
 
 @contextmanager
 def running(app):
@@ -44,21 +41,6 @@ def running(app):
 
 
 # --- the real engine: llama.cpp on the tiny model, through the openai client -----------------------------------------
-
-@pytest.fixture(scope="module")
-def tiny_gguf(tiny_model_dir, tmp_path_factory):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from edgestill.export.gguf import export_gguf
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    path = tmp_path_factory.mktemp("serve") / "tiny.gguf"
-    export_gguf(model, tokenizer, path, tensor_type="q8_0")
-    return path
-
 
 @pytest.fixture(scope="module")
 def live(tiny_gguf):
@@ -277,7 +259,7 @@ def test_shutdown_finishes_the_running_request_and_answers_the_queued():
 
 @pytest.mark.parametrize("make, needle", [
     (lambda tmp: tmp / "nope", "does not exist"),
-    (lambda tmp: (tmp / "run" / "student").mkdir(parents=True) or tmp / "run", "export it first: edgestill export"),
+    (lambda tmp: (tmp / "run" / "student").mkdir(parents=True) or tmp / "run", "is not a finished edgestill run"),
     (lambda tmp: tmp.joinpath("bad.gguf").write_bytes(b"not a gguf") and tmp / "bad.gguf", "gguf"),
 ])
 def test_serve_refuses_what_it_cannot_serve_in_one_line(tmp_path, capsys, make, needle):

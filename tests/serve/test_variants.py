@@ -218,16 +218,17 @@ def test_a_sweep_folder_serves_its_exported_points(tmp_path, tiny_model_dir):
 
 
 @needs_llama_cpp
-def test_a_runs_variants_are_made_once_by_llama_cpps_quantizer(tiny_model_dir, tiny_corpus, tmp_path, monkeypatch):
+def test_a_runs_gguf_and_variants_are_made_once_by_llama_cpps_quantizer(tiny_model_dir, tiny_corpus, tmp_path, monkeypatch):
     from edgestill.cli import main
     from edgestill.jobs.serve import resolve_targets
 
     monkeypatch.setenv("EDGESTILL_CACHE", str(tmp_path / "cache"))
     run = tmp_path / "run"
     assert main(["distill", *tiny_overrides(tiny_model_dir, tiny_corpus, run, steps=2)]) == 0
-    main(["export", str(run), "--type", "q8_0"])
+    assert not (run / "student.gguf").exists()
     model, found = resolve_targets([run], ["q4_0", "q8_0"])
     assert model == "run" and list(found) == ["student", "q4_0", "q8_0"]
+    assert found["student"] == run / "student.gguf" and found["student"].is_file()  # exported on first use
     assert found["q4_0"].stat().st_size < found["q8_0"].stat().st_size and (run / "variants" / "f16.gguf").is_file()
     stamp = found["q4_0"].stat().st_mtime_ns
     time.sleep(0.01)

@@ -2,8 +2,9 @@
 
     POST /v1/completions, /v1/chat/completions   OpenAI's request and response shapes, `stream: true` as SSE;
                                                  extension fields: `deadline_s` (seconds from arrival) and `value`
-                                                 (priority, > 0); the response's `edgestill` field says which
-                                                 variant served it, how long it queued and whether it met its deadline
+                                                 (priority, > 0), `adapter` (a LoRA loaded with --lora); the
+                                                 response's `edgestill` field says which variant served it, how
+                                                 long it queued and whether it met its deadline
     GET  /v1/models, /health, /metrics            the model (and `model@variant` ids); liveness and queue; Prometheus
                                                  counters
 
@@ -67,7 +68,7 @@ class Rejected:
     retry_after_s: float | None = None
 
 
-def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+def error_response(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
            retry_after_s: float | None = None):
     from fastapi.responses import JSONResponse
 
@@ -91,6 +92,7 @@ class Server:
             raise ValueError(f"variant names must differ: {names}")
         self.variant_ids = [f"{self.name}@{n}" for n in names] if len(self.engines) > 1 else []
         self.n_ctx = min(e.n_ctx for e in self.engines)
+        self.adapter_names = sorted(getattr(self.engine, "adapters", None) or {})  # every variant loads the same
         self.cache = ResponseCache(cache_entries)
         self.scheduler = Scheduler(policy, capacity, max_wait_s)
         self.max_output_tokens = max_output_tokens or self.n_ctx
@@ -146,6 +148,12 @@ class Server:
                              f"{self.n_ctx}; lower max_tokens to {self.n_ctx - prompt_tokens} or less",
                              param="max_tokens")
         kwargs["max_tokens"] = max_tokens
+        adapter = body.get("adapter")
+        if adapter is not None:
+            if not isinstance(adapter, str) or adapter not in self.adapter_names:
+                loaded = ", ".join(f"'{a}'" for a in self.adapter_names) or "none (start the server with --lora)"
+                raise BadRequest(f"adapter {adapter!r} is not loaded here; loaded adapters: {loaded}", 404, "adapter")
+            kwargs["adapter"] = adapter
         for key, lo, hi in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0)):
             if key in body and body[key] is not None:
                 v = body[key]
@@ -201,6 +209,21 @@ class Server:
         self.counters["requests_admitted"] += 1
         self.wake.set()
         return job
+
+    def estimate(self, body: dict, kind: str) -> dict:
+        """When this server would finish `body` if it arrived now (for a dispatcher choosing among nodes): its
+        predicted cost on the fastest variant it may get, plus the predicted seconds of work ahead of it."""
+        kwargs, prompt_tokens, _, deadline_s, _, pinned = self.parse(body, kind)
+        costs = [e.predict_s(prompt_tokens, kwargs["max_tokens"]) for e in self.engines]
+        cost = costs[pinned] if pinned is not None else min(costs)
+        now = time.monotonic()
+        running = self.running
+        ahead = self.scheduler.backlog_s()
+        if running is not None and running.payload.started is not None and running.payload.run_predicted_s:
+            ahead += max(0.0, running.payload.started + running.payload.run_predicted_s - now)
+        return {"finish_s": ahead + cost, "cost_s": cost, "backlog_s": ahead, "queue": len(self.scheduler),
+                "queue_full": len(self.scheduler) >= self.scheduler.capacity or self.stopping,
+                "deadline_s": deadline_s}
 
     def _reject(self, job: Job, status: int, message: str, reason: str) -> None:
         self.counters[f"rejected_{reason}"] += 1
@@ -290,6 +313,7 @@ class Server:
             if not work.cancelled.is_set():  # a cancelled one is counted as cancelled, not completed
                 self.counters["completed"] += 1
                 self.counters["variant_" + engine.name] += 1
+                self.counters["adapter_" + (work.kwargs.get("adapter") or "")] += 1
             self.counters["completion_tokens"] += n
             self.counters["prompt_tokens"] += work.prompt_tokens
             if not met:
@@ -307,7 +331,7 @@ class Server:
         w: Work = job.payload
         return {"model": self.name, "variant": self.engines[w.variant].name, "policy": self.scheduler.policy,
                 "queued_s": round(w.started - job.arrival, 4), "service_s": round(end - w.started, 4),
-                "predicted_s": round(w.run_predicted_s, 4), "deadline_met": met,
+                "predicted_s": round(w.run_predicted_s, 4), "deadline_met": met, "adapter": w.kwargs.get("adapter"),
                 "cache": "miss" if w.cache_key is not None else "off"}
 
     def begin_shutdown(self) -> None:
@@ -350,6 +374,14 @@ class Server:
                   "# HELP edgestill_variant_requests_total Completed requests by the variant that served them.",
                   "# TYPE edgestill_variant_requests_total counter"]
         lines += [f'edgestill_variant_requests_total{{variant="{e.name}"}} {c["variant_" + e.name]}' for e in self.engines]
+        if self.adapter_names:
+            lines += ["# HELP edgestill_adapter_requests_total Completed requests by LoRA adapter (\"\": none).",
+                      "# TYPE edgestill_adapter_requests_total counter"]
+            lines += [f'edgestill_adapter_requests_total{{adapter="{a}"}} {c["adapter_" + a]}'
+                      for a in ["", *self.adapter_names]]
+            lines += ["# HELP edgestill_adapter_switches_total Times an engine changed adapter (and emptied its KV "
+                      "cache).", "# TYPE edgestill_adapter_switches_total counter",
+                      f"edgestill_adapter_switches_total {sum(getattr(e, 'adapter_switches', 0) for e in self.engines)}"]
         lines += ["# HELP edgestill_rate_tokens_per_s Measured rates the scheduler predicts with.",
                   "# TYPE edgestill_rate_tokens_per_s gauge"]
         for e in self.engines:
@@ -385,31 +417,31 @@ def create_app(engines, policy: str = "vdf", capacity: int = 32, max_wait_s: flo
             body = json.loads(await request.body() or b"null")
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             server.counters["rejected_bad_request"] += 1
-            return _error(400, f"the request body is not valid JSON ({e})")
+            return error_response(400, f"the request body is not valid JSON ({e})")
         try:
             kwargs, prompt_tokens, stream, deadline_s, value, pinned = server.parse(body, kind)
             served_as = server.name if pinned is None else server.variant_ids[pinned]
             key = server.cache.key(served_as, kind, kwargs, stream)
             cached = server.cache.get(key)
             if cached is not None:  # a repeated deterministic request: answered now, not queued
-                return cached_response(cached, stream, pinned or 0)
+                return cached_response(cached, stream, pinned or 0, kwargs)
             job = server.admit(kind, kwargs, prompt_tokens, stream, deadline_s, value, pinned)
             job.payload.cache_key = key
         except BadRequest as e:
             server.counters["rejected_deadline" if e.status == 503 else "rejected_bad_request"] += 1
             kind_ = {404: "not_found_error", 503: "server_error"}.get(e.status, "invalid_request_error")
-            return _error(e.status, e.message, kind_, e.param, retry_after_s=None)
+            return error_response(e.status, e.message, kind_, e.param, retry_after_s=None)
         except QueueFull as e:
             server.counters["rejected_queue_full"] += 1
             if server.stopping:
-                return _error(503, "the server is shutting down", "server_error", retry_after_s=5.0)
-            return _error(429, str(e), "rate_limit_error", retry_after_s=e.retry_after_s)
+                return error_response(503, "the server is shutting down", "server_error", retry_after_s=5.0)
+            return error_response(429, str(e), "rate_limit_error", retry_after_s=e.retry_after_s)
         work: Work = job.payload
         first = await work.out.get()
         if isinstance(first, Rejected):
-            return _error(first.status, first.message, "server_error", retry_after_s=first.retry_after_s)
+            return error_response(first.status, first.message, "server_error", retry_after_s=first.retry_after_s)
         if isinstance(first, Exception):
-            return _error(500, f"generation failed: {first}", "server_error")
+            return error_response(500, f"generation failed: {first}", "server_error")
         if not stream:
             await work.out.get()  # the closing None
             return JSONResponse(first)
@@ -429,9 +461,9 @@ def create_app(engines, policy: str = "vdf", capacity: int = 32, max_wait_s: flo
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    def cached_response(cached, stream: bool, variant: int):
+    def cached_response(cached, stream: bool, variant: int, kwargs: dict):
         ext = {"model": server.name, "variant": server.engines[variant].name, "policy": server.scheduler.policy,
-               "queued_s": 0.0,               "service_s": 0.0, "cache": "hit", "deadline_met": True}
+               "queued_s": 0.0, "adapter": kwargs.get("adapter"),               "service_s": 0.0, "cache": "hit", "deadline_met": True}
         if not stream:
             return JSONResponse({**cached, "edgestill": ext})
 
@@ -446,6 +478,22 @@ def create_app(engines, policy: str = "vdf", capacity: int = 32, max_wait_s: flo
     async def completions(request: Request):
         return await handle(request, "completion")
 
+    @app.post("/v1/edgestill/estimate")
+    async def estimate(request: Request):
+        """For a dispatcher (serve/dispatch.py): `{"kind": "completion" | "chat", "request": <its body>}` -> when
+        this server would finish it. A bad request gets the same 4xx as the request itself would."""
+        try:
+            body = json.loads(await request.body() or b"null")
+            kind = body["kind"] if body.get("kind") in ("completion", "chat") else None
+            if kind is None:
+                raise BadRequest("'kind' must be 'completion' or 'chat'", param="kind")
+            return server.estimate(body.get("request"), kind)
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+            return error_response(400, f"the estimate body is not a JSON object ({e})")
+        except BadRequest as e:
+            kind_ = {404: "not_found_error", 503: "server_error"}.get(e.status, "invalid_request_error")
+            return error_response(e.status, e.message, kind_, e.param)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         return await handle(request, "chat")
@@ -458,7 +506,8 @@ def create_app(engines, policy: str = "vdf", capacity: int = 32, max_wait_s: flo
     @app.get("/health")
     async def health():
         return {"status": "stopping" if server.stopping else "ok", "model": server.name,
-                "variants": [e.name for e in server.engines], "queue": len(server.scheduler),
+                "variants": [e.name for e in server.engines], "adapters": server.adapter_names,
+                "queue": len(server.scheduler),
                 "running": server.running is not None, "policy": server.scheduler.policy}
 
     @app.get("/metrics")
@@ -475,7 +524,9 @@ def http_server(app, host: str = "127.0.0.1", port: int = 8080):
 
     class Graceful(uvicorn.Server):
         async def shutdown(self, sockets=None):
-            app.state.server.begin_shutdown()
+            server = getattr(app.state, "server", None)  # a dispatcher has none: its nodes stop themselves
+            if server is not None:
+                server.begin_shutdown()
             await super().shutdown(sockets)
 
     return Graceful(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))

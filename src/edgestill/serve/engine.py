@@ -1,6 +1,9 @@
 """One GGUF loaded in llama.cpp (llama-cpp-python) for serving: completions, chat completions with the GGUF's own chat
 template, token counts, and the service time a request is predicted to take.
 
+Per-task LoRA adapters (llama.cpp LoRA GGUFs, `adapters`) are loaded once over the resident base weights and
+swapped per request; switching empties the KV cache, which the other adapter's weights computed.
+
 The prediction is measured, not assumed: at start the engine times a prefill and a few decode steps of this model on
 this machine, and every finished request updates both rates (an exponential moving average), so the scheduler's
 costs follow the machine's real speed.
@@ -17,7 +20,7 @@ class Engine:
     """A served model. Only the server's worker thread generates; `count_*` may be called from the event loop."""
 
     def __init__(self, gguf_path, name: str | None = None, n_ctx: int = 2048, n_threads: int = 2,
-                 prefix_reuse: bool = True):
+                 prefix_reuse: bool = True, adapters: dict | None = None):
         from edgestill.runtime.llamacpp import LlamaCpp
 
         self.path = Path(gguf_path)
@@ -40,6 +43,48 @@ class Engine:
         # KV cache and evaluates only the rest (llama-cpp-python's own prefix match; we just do not reset).
         self.prefix_reuse = prefix_reuse
         self.last_reused_tokens = 0
+        self.adapters: dict[str, object] = {}
+        self.active_adapter: str | None = None
+        self.adapter_switches = 0
+        try:
+            for adapter_name, path in (adapters or {}).items():
+                self._load_adapter(adapter_name, Path(path))
+        except Exception:
+            self.close()
+            raise
+
+    # --- LoRA adapters ------------------------------------------------------------------------------------------
+
+    def _load_adapter(self, adapter_name: str, path: Path) -> None:
+        import llama_cpp
+
+        from edgestill.errors import EdgestillError
+        from edgestill.models.load import check_gguf
+
+        check_gguf(path)
+        pointer = llama_cpp.llama_adapter_lora_init(self.llm._model.model, str(path).encode())
+        if not pointer:
+            raise EdgestillError(f"llama.cpp could not load LoRA adapter '{adapter_name}' ({path}) onto "
+                                 f"'{self.path.name}': it is not a LoRA GGUF for this model's shape (its log above "
+                                 "names the tensor); give each variant adapters made for its own shape")
+        self.adapters[adapter_name] = pointer
+
+    def use_adapter(self, adapter_name: str | None) -> None:
+        """Apply `adapter_name` (None: the base weights alone) for the next generation."""
+        if adapter_name == self.active_adapter:
+            return
+        import ctypes
+
+        import llama_cpp
+
+        if adapter_name is None:
+            llama_cpp.llama_set_adapters_lora(self.llm._ctx.ctx, None, 0, None)
+        else:
+            pointers = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self.adapters[adapter_name])
+            llama_cpp.llama_set_adapters_lora(self.llm._ctx.ctx, pointers, 1, (ctypes.c_float * 1)(1.0))
+        self.llm.reset()  # the KV cache holds what the other weights computed
+        self.active_adapter = adapter_name
+        self.adapter_switches += 1
 
     # --- sizes --------------------------------------------------------------------------------------------------
 
@@ -99,14 +144,23 @@ class Engine:
         self.last_reused_tokens = common - 1 if common and common == len(prompt) else common
         return self.last_reused_tokens
 
-    def complete(self, stream: bool, **kwargs):
+    def complete(self, stream: bool, adapter: str | None = None, **kwargs):
         """(llama.cpp's completion or stream of chunks, the tokens before it for `finish`)."""
+        self.use_adapter(adapter)
         before = self._begin()
         return self.llm.create_completion(stream=stream, model=self.name, **kwargs), before
 
-    def chat(self, stream: bool, **kwargs):
+    def chat(self, stream: bool, adapter: str | None = None, **kwargs):
+        self.use_adapter(adapter)
         before = self._begin()
         return self.llm.create_chat_completion(stream=stream, model=self.name, **kwargs), before
 
     def close(self) -> None:
+        import llama_cpp
+
+        if self.adapters and self.active_adapter is not None:
+            llama_cpp.llama_set_adapters_lora(self.llm._ctx.ctx, None, 0, None)
+        for pointer in self.adapters.values():
+            llama_cpp.llama_adapter_lora_free(pointer)
+        self.adapters = {}
         self.model.close()
