@@ -338,7 +338,7 @@ def serve_load_table(r: dict) -> str:
             f"measured first ({fit['overhead_s'] * 1e3:.0f} ms + {fit['s_per_prompt_token'] * 1e3:.2f} ms per prompt "
             f"token + {fit['s_per_output_token'] * 1e3:.1f} ms per output token). Deadlines: "
             f"{w['deadline_x_alone'][0]:g}–{w['deadline_x_alone'][1]:g}× that time; queue {w['queue']}; "
-            f"{w['threads']} llama.cpp threads. Variants, best first, with their fidelity to the corrected teacher on "
+            f"{w['threads']} llama.cpp thread{'s' if w['threads'] != 1 else ''} (edgestill serve's default here). Variants, best first, with their fidelity to the corrected teacher on "
             f"the held-out plays: {variants}. {_measured(r['environment'])}, by `{r['command'].strip()}` → "
             "`benchmarks/results/serve_load.json`."]
     return "\n".join(out)

@@ -165,7 +165,7 @@ def memory_budget(device: str | None, budget_bytes: float | None) -> tuple[float
 def default_threads() -> int:
     """llama.cpp threads for serving: every core but one. The HTTP side (event loop, streaming, the clients on the
     same machine) needs a core; llama.cpp's threads wait for each other at every step, so when one of them loses its
-    core to that work, the whole generation stalls (benchmarks/serve_load.py measures it)."""
+    core to that work, the whole generation stalls (docs/serving.md, "Threads")."""
     import os
 
     return max(1, (os.cpu_count() or 2) - 1)
