@@ -9,12 +9,11 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from contextlib import ExitStack
 
 import pytest
-from test_server import SlowEngine, _post, running
+from test_server import SlowEngine, _post_many, running
 
 from edgestill.serve.dispatch import Node, choose_node, merge_metrics
 
@@ -56,13 +55,7 @@ def test_the_dispatcher_spreads_requests_and_passes_answers_through():
         nodes = _nodes(stack, [0.05, 0.02])  # n1 is 2.5x faster
         url = stack.enter_context(running(create_dispatcher(nodes)))
         alone = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 5}, timeout=30).json()
-        out = [None] * 6  # at once: the fast node fills up, and the slow one takes some
-        threads = [threading.Thread(target=_post, args=(url, {"prompt": "x", "max_tokens": 20}, out, i)) for i in range(6)]
-        for t in threads:
-            t.start()
-            time.sleep(0.05)
-        for t in threads:
-            t.join()
+        out = _post_many(url, {"prompt": "x", "max_tokens": 20}, 6, 0.05)  # the fast node fills, the slow one helps
         streamed = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 3, "stream": True},
                               timeout=30).text
         hopeless = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 50, "deadline_s": 0.1},

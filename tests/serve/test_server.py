@@ -179,18 +179,24 @@ def _post(url, body, out, i):
         out[i] = ("exception", None, repr(e), time.monotonic())
 
 
+def _post_many(url, body, n, gap_s=0.0):
+    """POST `body` n times from n threads, started `gap_s` apart; the `_post` outcomes in order."""
+    out = [None] * n
+    threads = [threading.Thread(target=_post, args=(url, body, out, i)) for i in range(n)]
+    for t in threads:
+        t.start()
+        time.sleep(gap_s)
+    for t in threads:
+        t.join()
+    return out
+
+
 def test_overload_answers_429_with_retry_after_and_loses_nothing():
     from edgestill.serve.app import create_app
 
     app = create_app(SlowEngine(0.2), policy="fifo", capacity=2)  # 2 s per request
     with running(app) as url:
-        out = [None] * 8
-        threads = [threading.Thread(target=_post, args=(url, {"prompt": "x", "max_tokens": 10}, out, i)) for i in range(8)]
-        for t in threads:
-            t.start()
-            time.sleep(0.02)
-        for t in threads:
-            t.join()
+        out = _post_many(url, {"prompt": "x", "max_tokens": 10}, 8, 0.02)
         metrics = httpx.get(url + "/metrics").text
     codes = [o[0] for o in out]
     assert "exception" not in codes and set(codes) <= {200, 429} and codes.count(200) >= 3 and 429 in codes
