@@ -315,17 +315,18 @@ def serve_load_table(r: dict) -> str:
         return "" if x is None else fmt.format(x)
 
     names = [v["name"] for v in r["variants"]]
-    out = ["| load | policy | variants | deadline misses (per seed) | vs FIFO fixed | goodput tok/s | tokens/s | "
+    out = ["| load | policy | variants | deadline misses (per seed) | vs FIFO fixed | value met | goodput tok/s | tokens/s | "
            "TTFT p50 / p99 s | latency p99 s | served by (" + " / ".join(names) + ") | top-1 of served | lost | errors |",
-           "|---:|---|---|---|---:|---:|---:|---|---:|---|---:|---:|---:|"]
+           "|---:|---|---|---|---:|---:|---:|---:|---|---:|---|---:|---:|---:|"]
     for x in r["rows"]:
         seeds = ", ".join(f"{m:.2f}" for m in x["deadline_miss_rate_by_seed"])
         vs = x.get("fewer_misses_than_fifo_fixed")
         vs_text = "" if vs is None or (x["policy"] == "fifo" and not x["adaptive"]) else f"{-vs:+.0%}"
         served = " / ".join(str(x["served_by"].get(n, 0)) for n in names)
         threads = "" if x.get("threads") == r["workload"]["threads"] else f", {x.get('threads')} threads"
-        out.append(f"| {x['load']} | {x['policy'].upper()} | {'adaptive' if x['adaptive'] else 'Q8_0'}{threads} | "
-                   f"**{x['deadline_miss_rate']:.2f}** ({seeds}) | {vs_text} | {x['goodput_tokens_per_s']:.1f} | "
+        out.append(f"| {x['load']} | {x['policy'].upper() if x['policy'] != 'density' else 'density (plain)'} | {'adaptive' if x['adaptive'] else 'Q8_0'}{threads} | "
+                   f"**{x['deadline_miss_rate']:.2f}** ({seeds}) | {vs_text} | {f(x.get('value_met_fraction'))} | "
+                   f"{x['goodput_tokens_per_s']:.1f} | "
                    f"{x['tokens_per_s']:.1f} | {f(x['ttft_p50_s'])} / {f(x['ttft_p99_s'])} | {f(x['latency_p99_s'])} | "
                    f"{served} | {f(x['top1_agreement_served'], '{:.3f}')} | {x['lost_requests']} | "
                    f"{x['server_errors']} |")
@@ -334,7 +335,8 @@ def serve_load_table(r: dict) -> str:
     variants = "; ".join(f"{v['name']}: top-1 {v['top1_agreement']:.3f}, KL {v['kl']:.3f}" for v in r["variants"])
     out += ["", f"Per row: {w['requests_per_load_and_seed']} requests × {len(r['rows'][0]['seeds'])} seeds; misses "
             "= late or refused (429/503) ÷ requests, the mean over seeds with each seed's in brackets; vs FIFO fixed = "
-            "the change in that mean. Load = arrival rate × a request's mean service time alone on the Q8_0 server, "
+            "the change in that mean; value met = the values (1, 1, 2 or 5) of the requests that met their deadline ÷ "
+            "all values. Load = arrival rate × a request's mean service time alone on the Q8_0 server, "
             f"measured first ({fit['overhead_s'] * 1e3:.0f} ms + {fit['s_per_prompt_token'] * 1e3:.2f} ms per prompt "
             f"token + {fit['s_per_output_token'] * 1e3:.1f} ms per output token). Deadlines: "
             f"{w['deadline_x_alone'][0]:g}–{w['deadline_x_alone'][1]:g}× that time; queue {w['queue']}; "

@@ -1,4 +1,4 @@
-"""`edgestill serve` under load: FIFO / EDF / VDF, each with one fixed Q8_0 model and with adaptive variants, driven
+"""`edgestill serve` under load: FIFO / EDF / VDF / plain value density, each with one fixed Q8_0 model and with adaptive variants, driven
 over loopback by an async httpx load generator at three load levels, the last one overload.
 
 The server is the real command (`python -m edgestill.cli serve ...`: FastAPI on uvicorn, llama.cpp underneath),
@@ -22,7 +22,8 @@ generator share the machine). One extra case, FIFO on one Q8_0 with a llama.cpp 
 Per (load, policy, variants), over the seeds: deadline_miss_rate = requests not answered by their deadline (late,
 or refused 429/503) / requests; goodput = output tokens of the requests that met their deadline / seconds from the
 first arrival to the last answer; tokens/s = all output tokens / the same seconds; p50/p99 time to first token and
-p99 time to the last, over the requests answered 200; lost requests (no answer at all) and server errors (5xx other
+p99 time to the last, over the requests answered 200; value met = the values of the requests that met their
+deadline / the values of all requests (what VDF is for); lost requests (no answer at all) and server errors (5xx other
 than the deliberate 503s, and /metrics' generation failures), both of which must be 0.
 
     python benchmarks/serve_load.py                     # ~45 min on 2 cores: 7 cases x 3 loads x 3 seeds x 30 requests
@@ -51,7 +52,7 @@ from _common import RESULTS, write_result  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "runs" / "bench"
 DEFAULT_RUN = ROOT / "runs" / "bench-default-run"
-POLICIES = ("fifo", "edf", "vdf")
+POLICIES = ("fifo", "edf", "vdf", "density")
 PROMPT_WORDS = (12, 48, 144)
 OUTPUT_TOKENS = (8, 16, 48)
 VALUES = (1, 1, 2, 5)
@@ -179,6 +180,8 @@ def summarize(reqs: list[dict], seen: list[dict], fidelity: dict) -> dict:
         "late": sum(s["status"] == 200 and not s["met"] for s in seen),
         "refused_429": sum(s["status"] == 429 for s in seen), "refused_503": sum(s["status"] == 503 for s in seen),
         "deadline_miss_rate": 1 - sum(s["met"] for s in seen) / len(seen),
+        "value_met_fraction": sum(r["body"]["value"] for r, s in zip(reqs, seen) if s["met"])
+        / sum(r["body"]["value"] for r in reqs),
         "goodput_tokens_per_s": sum(s["tokens"] for s in seen if s["met"]) / seconds,
         "tokens_per_s": sum(s["tokens"] for s in ok) / seconds,
         "ttft_p50_s": q(ttft, 0.5), "ttft_p99_s": q(ttft, 0.99), "latency_p99_s": q(latency, 0.99),
@@ -354,7 +357,8 @@ def main() -> None:
                 "variants": [v["name"] for v in served] if adaptive else [fixed["name"]],
                 "requests": sum(r["requests"] for r in per_seed),
                 **{k: mean(k) for k in ("deadline_miss_rate", "goodput_tokens_per_s", "tokens_per_s", "ttft_p50_s",
-                                        "ttft_p99_s", "latency_p99_s", "top1_agreement_served")},
+                                        "ttft_p99_s", "latency_p99_s", "top1_agreement_served",
+                                        "value_met_fraction")},
                 "deadline_miss_rate_by_seed": [r["deadline_miss_rate"] for r in per_seed],
                 "goodput_by_seed": [r["goodput_tokens_per_s"] for r in per_seed],
                 "lost_requests": sum(r["lost_requests"] for r in per_seed),

@@ -184,8 +184,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     p.add_argument("--policy", default="vdf", choices=POLICIES,
-                   help="which queued request runs next: fifo, edf (earliest deadline) or vdf (value / predicted "
-                        "cost, the default)")
+                   help="which queued request runs next: fifo, edf (earliest deadline), vdf (the default: deadline "
+                        "order while everyone fits, the lowest value / predicted cost set aside when not) or density "
+                        "(value / predicted cost, always)")
     p.add_argument("--queue", type=int, default=32, help="requests that may wait; past it: 429 (default 32)")
     p.add_argument("--max-wait", type=float, default=30.0, help="seconds after which a waiting request goes first")
     p.add_argument("--ctx", type=int, default=2048, help="context length in tokens (default 2048)")

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from edgestill.serve.scheduler import POLICIES, Job, QueueFull, Scheduler
+from edgestill.serve.scheduler import POLICIES, Job, QueueFull, Scheduler, best_effort_order
 
 
 def _jobs():
@@ -16,7 +16,8 @@ def _jobs():
             Job(arrival=3.0, predicted_s=1.0, deadline=20.0, value=2.0)]   # 3: density 2
 
 
-@pytest.mark.parametrize("policy, order", [("fifo", [0, 1, 2, 3]), ("edf", [2, 3, 0, 1]), ("vdf", [2, 3, 1, 0])])
+@pytest.mark.parametrize("policy, order", [("fifo", [0, 1, 2, 3]), ("edf", [2, 3, 0, 1]), ("density", [2, 3, 1, 0]),
+                                           ("vdf", [2, 3, 0, 1])])  # vdf: everyone fits, so deadline order
 def test_each_policy_orders_as_defined(policy, order):
     jobs = _jobs()
     s = Scheduler(policy, capacity=8, max_wait_s=1e9)
@@ -24,6 +25,55 @@ def test_each_policy_orders_as_defined(policy, order):
         s.push(j)
     assert [jobs.index(s.pop(now=3.0)) for _ in jobs] == order
     assert s.pop(now=3.0) is None
+
+
+def test_vdf_sets_aside_the_lowest_value_density_only_when_not_everyone_fits():
+    # from t=0: deadline order is a (due 2), b (due 3), c (due 4); a + b + c = 4.5 s, so c would end at 4.5 > 4
+    a = Job(arrival=0.0, predicted_s=1.5, deadline=2.0, value=1.0)   # density 0.67
+    b = Job(arrival=0.0, predicted_s=1.0, deadline=3.0, value=5.0)   # density 5
+    c = Job(arrival=0.0, predicted_s=2.0, deadline=4.0, value=4.0)   # density 2
+    assert best_effort_order([c, b, a], start=0.0, max_wait_s=1e9) == [b, c, a]  # a set aside: b, c both fit
+    assert best_effort_order([c, b, a], start=-0.5, max_wait_s=1e9) == [a, b, c]  # half a second more: all fit
+    s = Scheduler("vdf", capacity=8, max_wait_s=1e9)
+    for j in (a, b, c):
+        s.push(j)
+    assert s.ordered(0.0) == [b, c, a] and s.pop(0.0) is b
+    e = Scheduler("edf", capacity=8, max_wait_s=1e9)
+    for j in (a, b, c):
+        e.push(j)
+    assert e.pop(0.0) is a  # EDF runs a and then misses c (1.5 + 1 + 2 > 4)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_vdf_order_keeps_a_feasible_set_and_is_deadline_order_when_all_fit(seed):
+    rng = random.Random(seed)
+    jobs = [Job(arrival=-rng.uniform(0, 5), predicted_s=rng.uniform(0.2, 3), value=rng.choice([1, 2, 5]),
+                deadline=None if rng.random() < 0.2 else rng.uniform(0.5, 15)) for _ in range(rng.randint(1, 12))]
+    max_wait = 12.0
+    due = {j.id: j.deadline if j.deadline is not None else j.arrival + max_wait for j in jobs}
+    order = best_effort_order(jobs, 0.0, max_wait)
+    assert sorted(j.id for j in order) == sorted(j.id for j in jobs)  # a permutation: nothing lost
+    t, on_time = 0.0, 0
+    for j in order:  # the kept prefix all meets its due times
+        t += j.predicted_s
+        if t > due[j.id]:
+            break
+        on_time += 1
+    kept = order[:on_time]
+    assert [j.id for j in kept] == [j.id for j in sorted(kept, key=lambda j: (due[j.id], j.arrival, j.id))]
+    edf = sorted(jobs, key=lambda j: (due[j.id], j.arrival, j.id))
+    t, edf_feasible = 0.0, True
+    for j in edf:
+        t += j.predicted_s
+        edf_feasible &= t <= due[j.id]
+    if edf_feasible:
+        assert order == edf
+    # the server drops a request it cannot serve in time even alone (drop_infeasible) before it pops: of the rest,
+    # the first to run always meets its due time
+    alone = [j for j in jobs if j.predicted_s <= due[j.id]]
+    if alone:
+        first = best_effort_order(alone, 0.0, max_wait)[0]
+        assert first.predicted_s <= due[first.id]
 
 
 def test_a_full_queue_refuses_with_a_retry_time():
