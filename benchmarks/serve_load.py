@@ -370,8 +370,10 @@ def main() -> None:
             })
     anchor = {}
     for load in loads:
-        base = next(r for r in rows if r["load"] == load and r["policy"] == "fifo" and not r["adaptive"]
-                    and r["threads"] == args.threads)
+        base = next((r for r in rows if r["load"] == load and r["policy"] == "fifo" and not r["adaptive"]
+                     and r["threads"] == args.threads), None)
+        if base is None:  # --policies without fifo: nothing to compare with
+            continue
         for r in rows:
             if r["load"] == load and base["deadline_miss_rate"] > 0:
                 r["fewer_misses_than_fifo_fixed"] = 1 - r["deadline_miss_rate"] / base["deadline_miss_rate"]
