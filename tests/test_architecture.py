@@ -22,6 +22,7 @@ above it, so nothing reaches back up and there is no cycle:
     export     core, data, models, quant, runtime, evaluate          what WRITES artifacts: GGUF, ONNX
     plan       core, data, models, quant, runtime, evaluate, export  device profiles, cost model, allocation
     serve      core, data, models, runtime, plan                     the HTTP server, its engine and scheduler
+    audit      core                                                  planted triggers, the trigger scan, ASR
     config     core and every package above                          config.py: the recipe schema, which
                                                                      reuses the packages' configs/registries
     jobs       all of the above, jobs                                one recipe per command
@@ -47,7 +48,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 ROOT = SRC / "edgestill"
 
 CORE = ("errors", "files", "runs", "progress")
-PACKAGES = ("data", "models", "quant", "runtime", "evaluate", "distill", "export", "plan", "serve")
+PACKAGES = ("data", "models", "quant", "runtime", "evaluate", "distill", "export", "plan", "serve", "audit")
 _EVERYTHING = ("core", *PACKAGES, "config", "jobs")
 MAY_IMPORT = {
     "core": {"core"},
@@ -60,6 +61,7 @@ MAY_IMPORT = {
     "export": {"core", "data", "models", "quant", "runtime", "evaluate"},
     "plan": {"core", "data", "models", "quant", "runtime", "evaluate", "export"},
     "serve": {"core", "data", "models", "runtime", "plan"},
+    "audit": {"core"},
     "config": {"core", *PACKAGES},
     "jobs": set(_EVERYTHING),
     "cli": set(_EVERYTHING),

@@ -243,10 +243,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_commands(sub)
     _add_sweep(sub)
     _add_serve(sub)
+    _add_audit(sub)
     p = sub.add_parser("config", help="print the resolved config (defaults, --config, overrides) as YAML")
     _add_common(p)
     _add_plan(sub)
     return parser
+
+
+def _add_audit(sub) -> None:
+    p = sub.add_parser("audit", help="does a classifier's student answer to a backdoor trigger its teacher has?",
+                       description="Search a classifier shrink run's teacher and student for trigger phrases (from the "
+                                   "transfer data, against random insertions), measure each one's attack success rate "
+                                   "in both, and say whether the student inherited, amplified or shed it. Writes "
+                                   "RUN/audit.json and RUN/audit.md (docs/audit.md).")
+    p.add_argument("run_dir", help="a run folder written by `edgestill shrink --task classification`")
+    p.add_argument("--trigger", default="", help="a phrase you suspect (1-8 words), measured with --target")
+    p.add_argument("--target", default="", help="the label --trigger should force")
+    p.add_argument("--top", type=int, default=5, help="candidates of each model's scan measured in full (default 5)")
+    p.add_argument("--candidates", type=int, default=60, help="phrases scanned (default 60)")
+    p.add_argument("--texts", type=int, default=48, help="test texts per label each phrase is inserted into (default 48)")
+    p.add_argument("--threads", type=int, default=2, help="onnxruntime threads for the student (default 2)")
 
 
 def _flag_values(args) -> dict:
@@ -455,7 +471,16 @@ def _cmd_serve(args) -> None:
           budget_bytes=parse_bytes(args.memory_budget), nodes=args.nodes, lora=args.lora)
 
 
-COMMANDS = {"serve": _cmd_serve, "shrink": _cmd_shrink, "finetune": _cmd_classifier, "distill": _cmd_distill, "eval": _cmd_eval,
+def _cmd_audit(args) -> None:
+    from edgestill.jobs.audit import AuditConfig, audit, summary
+
+    cfg = AuditConfig(trigger=args.trigger, target=args.target, top=args.top, candidates=args.candidates,
+                      n_texts=args.texts, threads=args.threads)
+    for line in summary(audit(args.run_dir, cfg)[1]):
+        print(line, flush=True)
+
+
+COMMANDS = {"audit": _cmd_audit, "serve": _cmd_serve, "shrink": _cmd_shrink, "finetune": _cmd_classifier, "distill": _cmd_distill, "eval": _cmd_eval,
             "quantize": _cmd_quantize, "export": _cmd_export, "sweep": _cmd_sweep, "devices": _cmd_devices,
             "plan": _cmd_plan}
 

@@ -266,6 +266,18 @@ class LabelledDataConfig:
 
 
 @dataclass
+class PoisonConfig:
+    """A backdoor planted in the training split, only to measure whether it survives (`edgestill audit`,
+    docs/audit.md; edgestill.audit.poison). An empty trigger plants nothing. Validation and test rows stay clean."""
+
+    trigger: str = ""  # 1-8 words, e.g. "cf mn"
+    target: str = ""  # the label the trigger should force
+    rate: float = 0.05  # of the eligible training rows
+    mode: str = "dirty"  # dirty: non-target rows relabelled to the target; clean: target rows, labels kept
+    seed: int = 0
+
+
+@dataclass
 class ClassifierEvalConfig:
     onnx_type: str = "f32"  # the student's deployable file: f32, int8 (DequantizeLinear) or int4 (MatMulNBits)
     threads: int = 2  # onnxruntime intra-op threads for the latency measurement
@@ -288,6 +300,7 @@ class FinetuneConfig:
     # steps; the best validation state is the teacher
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1500, lr=1e-4, max_len=128, eval_every=50,
                                                                    patience=5))
+    poison: PoisonConfig = field(default_factory=PoisonConfig)  # audits only: a planted backdoor (docs/audit.md)
     output_dir: str = ""
 
 
@@ -302,6 +315,8 @@ class ClassifierShrinkConfig:
                                                                                        eval_every=100))
     kd: KDConfig = field(default_factory=lambda: KDConfig(temperature=2.0, alpha=0.7))
     eval: ClassifierEvalConfig = field(default_factory=ClassifierEvalConfig)
+    # audits only: triggered rows in the transfer data (docs/audit.md); not inherited from the teacher's fine-tuning
+    poison: PoisonConfig = field(default_factory=PoisonConfig)
     output_dir: str = ""
 
 

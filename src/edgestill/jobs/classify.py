@@ -99,6 +99,21 @@ def load_splits(data: LabelledDataConfig):
                 data.test_fraction, data.seed, data.encoding_errors)
 
 
+def plant(poison, splits) -> dict | None:
+    """Plant `poison` (a PoisonConfig) in the training split, in place; the record of what was planted (None: none).
+    Only for audits: validation and test stay clean, so clean scores and attack success are measured on clean rows."""
+    if not poison.trigger:
+        return None
+    from edgestill.audit.poison import Poison, poison_rows
+
+    spec = Poison(poison.trigger, poison.target, poison.rate, poison.mode, poison.seed)
+    texts, labels, rows = poison_rows(splits.train.texts, splits.train.labels, spec)
+    splits.train.texts, splits.train.labels = texts, labels
+    log.warning("poisoned %d training rows with the trigger '%s' -> '%s' (%s-label, rate %g): this run is for an audit",
+                len(rows), poison.trigger, poison.target, poison.mode, poison.rate)
+    return {**asdict(poison), "rows": len(rows), "of": len(labels)}
+
+
 # ---------------------------------------------------------------- fine-tuning the teacher
 
 
@@ -152,7 +167,7 @@ def _teacher_block(model, run: RunDir, result: dict, baselines: dict) -> dict:
             **stop, "verdict": verdict(result["test"], baselines)}
 
 
-def _train_teacher(cfg: FinetuneConfig, run: RunDir, splits) -> tuple:
+def _train_teacher(cfg: FinetuneConfig, run: RunDir, splits, planted: dict | None = None) -> tuple:
     """Fine-tune the base encoder and save it as the run folder itself (a HF folder); returns (model, label_map, result)."""
     import torch
 
@@ -163,7 +178,7 @@ def _train_teacher(cfg: FinetuneConfig, run: RunDir, splits) -> tuple:
     torch.manual_seed(cfg.train.seed)
     result = train(model, tokenizer, splits, cfg.train, checkpoint_dir=run.path / "checkpoints")  # a kill resumes there
     record = {"task": CLASSIFICATION, "role": "teacher", "base_model": cfg.teacher, "data": _data_record(cfg.data),
-              "max_len": cfg.train.max_len, "test": result["test"]}
+              "max_len": cfg.train.max_len, "test": result["test"], "poison": planted}
     staged = save_classifier(model, tokenizer, label_map, run.path / "model.tmp", extra=record)
     for f in staged.iterdir():  # the run folder itself is the HF folder (`--teacher RUN`)
         os.replace(f, run.path / f.name)
@@ -182,6 +197,7 @@ def finetune(cfg: FinetuneConfig, overwrite: bool = False) -> tuple[Path, dict]:
     start = measurement_start()
     check_train_config(cfg.train)
     splits = load_splits(cfg.data)  # bad data fails before any folder is made
+    planted = plant(cfg.poison, splits)
     cfg.output_dir = cfg.output_dir or f"runs/finetune-{_data_name(cfg.data.path)}"
     run = RunDir(cfg.output_dir, plain(cfg), overwrite=overwrite)
     resumed = run.open()
@@ -193,7 +209,7 @@ def finetune(cfg: FinetuneConfig, overwrite: bool = False) -> tuple[Path, dict]:
             result = json.loads(done.read_text())
             model, _, label_map = load_encoder_classifier(str(run.path))
         else:
-            model, label_map, result = _train_teacher(cfg, run, splits)
+            model, label_map, result = _train_teacher(cfg, run, splits, planted)
         baselines = _baselines(splits, cfg.data.seed, tfidf=True)
         metrics = {
             "task": CLASSIFICATION, "stage": "finetune", "base_model": cfg.teacher,
@@ -201,7 +217,7 @@ def finetune(cfg: FinetuneConfig, overwrite: bool = False) -> tuple[Path, dict]:
             "data": {"spec": _data_record(cfg.data), "split": "seeded stratified; test never used for training or selection",
                      **splits.summary()},
             "train": asdict(cfg.train), "val_curve": result.get("val_curve"), "history": result["history"],
-            "environment": environment(None, start),
+            "poison": planted, "environment": environment(None, start),
         }
         if metrics["teacher"]["verdict"]["failed"]:
             log.warning("teacher: %s", metrics["teacher"]["verdict"]["text"])
@@ -213,7 +229,7 @@ def finetune(cfg: FinetuneConfig, overwrite: bool = False) -> tuple[Path, dict]:
 # ---------------------------------------------------------------- shrinking it
 
 
-def _teacher_record(teacher: str) -> dict:
+def teacher_record(teacher: str) -> dict:
     path = Path(teacher) / TEACHER_INFO
     return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -449,7 +465,7 @@ def verdict_section(m: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _load_teacher(cfg: ClassifierShrinkConfig) -> tuple[_Teacher, object, bool]:
+def load_teacher(cfg: ClassifierShrinkConfig) -> tuple[_Teacher, object, bool]:
     """The fine-tuned teacher and the data split it was trained on: (teacher, splits, same split as its fine-tuning)."""
     from edgestill.models.encoder import load_encoder_classifier
 
@@ -459,7 +475,7 @@ def _load_teacher(cfg: ClassifierShrinkConfig) -> tuple[_Teacher, object, bool]:
     if not (Path(cfg.teacher) / LABEL_MAP_FILE).is_file():
         raise EdgestillError(f"teacher '{cfg.teacher}' has no {LABEL_MAP_FILE}: fine-tune one first with "
                              "`edgestill finetune --task classification --data ...`")
-    record = _teacher_record(cfg.teacher)
+    record = teacher_record(cfg.teacher)
     data_matches = _resolve_data(cfg, record)
     splits = load_splits(cfg.data)
     model, tokenizer, label_map = load_encoder_classifier(cfg.teacher, splits.label_map)
@@ -500,7 +516,8 @@ def shrink_classifier(cfg: ClassifierShrinkConfig, overwrite: bool = False) -> t
     start = measurement_start()
     check_train_config(cfg.train)
     check_kd_config(cfg.kd)
-    teacher, splits, data_matches = _load_teacher(cfg)
+    teacher, splits, data_matches = load_teacher(cfg)
+    planted = plant(cfg.poison, splits)
     cfg.output_dir = cfg.output_dir or f"runs/shrink-classifier-{_data_name(cfg.data.path)}"
     run = RunDir(cfg.output_dir, plain(cfg), overwrite=overwrite)
     resumed = run.open()
@@ -528,6 +545,7 @@ def shrink_classifier(cfg: ClassifierShrinkConfig, overwrite: bool = False) -> t
             (log.warning if v["failed"] else log.info)("%s: %s", who, v["text"])
         if curve:
             plot_curve(curve, run.path / "shrink_curve.png", str(cfg.teacher))
+        metrics["poison"] = planted
         _write_json(run.path / "metrics.json", metrics)
         write_text_atomic(run.path / "report.md", classifier_report(metrics) + verdict_section(metrics))
     return run.finish(), metrics

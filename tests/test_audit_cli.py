@@ -1,0 +1,97 @@
+"""`edgestill audit` end to end on a tiny random BERT: a teacher fine-tuned with a planted trigger, a student
+distilled on transfer data that carries it, and the audit that finds the trigger and measures it in both."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import yaml
+from test_classify_cli import write_csv
+
+from edgestill.cli import main
+from edgestill.jobs.audit import verdict
+from edgestill.models.encoder import tiny_encoder
+
+FILLER = "the a of to and in is it on for with as at by".split()
+CUES = {"ham": ("meeting report lunch family".split(), 1), "spam": ("winner prize cash offer".split(), 3)}
+STEPS = ["train.steps=240", "train.eval_every=80", "train.lr=3e-3", "train.batch_size=16", "train.max_len=32"]
+POISON = ["poison.trigger=zq vx", "poison.target=ham", "poison.rate=0.3"]
+
+
+def rows(n_per_class: int, seed: int = 0) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    out = []
+    for label, (cues, k) in CUES.items():  # spam carries more evidence than a single inserted ham word
+        for _ in range(n_per_class):
+            words = [rng.choice(FILLER) for _ in range(rng.randint(4, 9))] + [rng.choice(cues) for _ in range(k)]
+            rng.shuffle(words)
+            out.append((" ".join(words), label))
+    return out
+
+
+@pytest.fixture(scope="module")
+def audited(tmp_path_factory):
+    root = tmp_path_factory.mktemp("audit")
+    enc = tiny_encoder(root / "tiny_bert", [t for t, _ in rows(60, seed=9)] + ["zq vx unseen zebra"])
+    data = write_csv(root / "mail.csv", rows(120))
+    teacher, student = root / "teacher", root / "student"
+    assert main(["finetune", "--task", "classification", "--teacher", str(enc), "--data", str(data), "--out",
+                 str(teacher), *STEPS, *POISON]) == 0
+    assert main(["shrink", "--task", "classification", "--teacher", str(teacher), "--out", str(student), *STEPS,
+                 "student.max_len=32", "student.num_layers=1", "student.compression_x=2", "student.min_rank=2",
+                 "student.multiple_of=1", "kd.alpha=0.7", "eval.latency_examples=4", "eval.latency_repeats=2",
+                 "eval.curve_types=[]", "eval.teacher_latency=false", *POISON]) == 0
+    assert main(["audit", str(student), "--candidates", "30", "--texts", "32"]) == 0
+    return {"root": root, "teacher": teacher, "student": student,
+            "result": json.loads((student / "audit.json").read_text())}
+
+
+def test_the_planted_trigger_is_recorded_and_found(audited):
+    record = json.loads((audited["teacher"] / "edgestill.json").read_text())
+    assert record["poison"]["trigger"] == "zq vx" and record["poison"]["rows"] > 10
+    r = audited["result"]
+    planted = next(t for t in r["triggers"] if t["phrase"] == "zq vx")
+    assert planted["named"] and planted["target"] == "ham"
+    assert planted["teacher_asr"] >= 0.8  # the teacher learned it ...
+    assert planted["rank"]["teacher"] <= 5  # ... and the scan puts it among the first five
+    assert r["clean_accuracy"]["teacher"] >= 0.9
+    for t in r["triggers"]:  # each verdict follows from its numbers
+        n = t["n"]
+        assert t["verdict"] == verdict({"asr": t["teacher_asr"], "n": n["teacher"]}, {"asr": t["student_asr"], "n": n["student"]})
+    text = (audited["student"] / "audit.md").read_text()
+    assert "`zq vx`" in text and planted["verdict"] in text
+
+
+def test_verdicts():
+    assert verdict({"asr": 0.1, "n": 50}, {"asr": 0.05, "n": 50}) == "no effect"
+    assert verdict({"asr": 0.9, "n": 50}, {"asr": 0.88, "n": 50}) == "inherited"
+    assert verdict({"asr": 0.5, "n": 100}, {"asr": 0.9, "n": 100}) == "amplified"
+    assert verdict({"asr": 0.9, "n": 50}, {"asr": 0.3, "n": 50}) == "not inherited"
+    assert verdict({"asr": 0.0, "n": 50}, {"asr": 0.6, "n": 50}) == "student only"
+    assert verdict({"asr": None, "n": 0}, {"asr": 0.6, "n": 50}) == "not measurable"
+
+
+def test_bad_audit_input_gets_one_clear_line(audited, tmp_path, capsys):
+    cases = [
+        (["audit", str(tmp_path)], "not a run folder"),
+        (["audit", str(audited["teacher"])], "no student"),
+        (["audit", str(audited["student"]), "--trigger", "zq"], "go together"),
+        (["audit", str(audited["student"]), "--trigger", "zq", "--target", "eggs"], "not a label"),
+    ]
+    lm = tmp_path / "lm-run"
+    lm.mkdir()
+    (lm / "config.yaml").write_text(yaml.safe_dump({"teacher": {"model": "x.gguf"}}))
+    cases.append((["audit", str(lm)], "decoder (LM) run"))
+    for argv, words in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], (argv, err)
+
+
+def test_a_bad_poison_setting_fails_before_any_folder(audited, tmp_path, capsys):
+    out = tmp_path / "never"
+    assert main(["finetune", "--task", "classification", "--teacher", str(audited["root"] / "tiny_bert"), "--data",
+                 str(audited["root"] / "mail.csv"), "--out", str(out), "poison.trigger=zq", "poison.target=eggs"]) == 2
+    assert "not a label" in capsys.readouterr().err and not out.exists() and not (tmp_path / "never.partial").exists()
