@@ -238,8 +238,12 @@ def _classifier_target(t: dict) -> str:
     if "qualifies" not in t:
         return "Target: judged by an older rule; rerun `python benchmarks/classifier.py`."
     lead = t.get("teacher_lead_over_tfidf_macro_f1")
-    qual = ("the teacher beats TF-IDF + LR by " if t.get("qualifies") else "the teacher beats TF-IDF + LR by only ") \
-        + (f"{lead * 100:+.1f} macro-F1 points" if lead is not None else "? points")
+    if lead is None:
+        qual = "the teacher's lead over TF-IDF + LR is unknown"
+    elif lead < 0:
+        qual = f"the teacher trails TF-IDF + LR by {-lead * 100:.1f} macro-F1 points"
+    else:
+        qual = f"the teacher beats TF-IDF + LR by {'' if t.get('qualifies') else 'only '}{lead * 100:.1f} macro-F1 points"
     best = (f"; best student {t['best_row']} at {t['compression_x_fp32']:.1f}× keeps {t['retention_macro_f1']:.1%} of the "
             "teacher's macro-F1" if "best_row" in t else "")
     why = f" ({t['reason']})" if t.get("reason") and not t["met"] else ""
