@@ -95,3 +95,13 @@ def test_a_bad_poison_setting_fails_before_any_folder(audited, tmp_path, capsys)
     assert main(["finetune", "--task", "classification", "--teacher", str(audited["root"] / "tiny_bert"), "--data",
                  str(audited["root"] / "mail.csv"), "--out", str(out), "poison.trigger=zq", "poison.target=eggs"]) == 2
     assert "not a label" in capsys.readouterr().err and not out.exists() and not (tmp_path / "never.partial").exists()
+
+
+def test_config_yaml_names_poison_only_when_something_is_planted():
+    from edgestill.config import ClassifierShrinkConfig, FinetuneConfig, PoisonConfig
+    from edgestill.jobs.classify import plain
+
+    # runs started before audits existed must still resume: an empty poison section is not written
+    assert "poison" not in plain(FinetuneConfig()) and "poison" not in plain(ClassifierShrinkConfig())
+    cfg = ClassifierShrinkConfig(poison=PoisonConfig(trigger="cf", target="ham"))
+    assert plain(cfg)["poison"]["trigger"] == "cf"

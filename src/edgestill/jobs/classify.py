@@ -67,8 +67,12 @@ TEACHER_INFO = "edgestill.json"
 
 
 def plain(obj) -> dict:
-    """asdict with tuples as lists (YAML-safe): what config.yaml holds."""
-    return json.loads(json.dumps(asdict(obj), default=str))
+    """asdict with tuples as lists (YAML-safe): what config.yaml holds. A `poison` section that plants nothing is left
+    out, so runs made before audits existed (and every ordinary run) keep the config they were started with."""
+    out = json.loads(json.dumps(asdict(obj), default=str))
+    if isinstance(out.get("poison"), dict) and not out["poison"].get("trigger"):
+        del out["poison"]
+    return out
 
 
 def _write_json(path: Path, obj) -> None:

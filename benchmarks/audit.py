@@ -1,0 +1,157 @@
+"""Does a planted backdoor survive distillation? The classifier track's audit benchmark (issue 17; LBKD,
+docs/references.md [2]).
+
+Per seed: a teacher (all-MiniLM-L6-v2) fine-tuned on the data with a planted trigger (`poison.*`, dirty-label by
+default: 1% of the rows not of the target label get the trigger and the target label), then students distilled
+from it in each setting x defence, and `edgestill audit` on each student:
+
+    settings   clean      the transfer data is the clean training split
+               triggered  the transfer data carries the trigger too (the same planting as the teacher's)
+    defences   none       KD on the transfer texts as they are (kd.augment=0)
+               perturb    KD on the texts plus 4 perturbed copies of each (masking, word substitution, n-gram
+                          sampling: distill/augment.py), labelled by the teacher's logits only
+
+Per row, over the seeds (mean and std): the planted trigger's attack success rate (ASR) in teacher and student,
+their clean test accuracy, the ratio student ASR / teacher ASR, and the trigger's rank in the audit's scan of the
+teacher and of the student (1 = first). Not built yet (so not in this table): the decoder track, the federated
+setting on Flower, fine-pruning, ONION-style filtering and robust aggregation.
+
+    python benchmarks/audit.py                      # spamassassin, seeds 0,1,2 (hours on 2 cores)
+    python benchmarks/audit.py --quick              # smoke run, minutes: tiny steps -> audit_quick.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import write_result  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SETTINGS = ("clean", "triggered")
+DEFENCES = {"none": 0, "perturb": 4}  # kd.augment
+FULL = {"max_len": 128, "teacher_steps": 1500, "teacher_eval_every": 50, "teacher_patience": 4, "student_steps": 3000,
+        "student_eval_every": 250, "student_patience": 3, "audit_texts": 48, "candidates": 60}
+QUICK = {"max_len": 32, "teacher_steps": 8, "teacher_eval_every": 4, "teacher_patience": 0, "student_steps": 8,
+         "student_eval_every": 4, "student_patience": 0, "audit_texts": 8, "candidates": 10}
+
+
+def poison_values(args, seed: int) -> dict:
+    return {"poison.trigger": args.trigger, "poison.target": args.target, "poison.rate": args.rate,
+            "poison.mode": args.mode, "poison.seed": seed}
+
+
+def teacher(args, s: dict, seed: int) -> Path:
+    from edgestill.config import load_classifier_config
+    from edgestill.jobs.classify import finetune
+
+    out = Path(args.root) / f"seed{seed}" / "teacher"
+    if (out / "DONE").is_file():
+        return out
+    cfg = load_classifier_config("finetune", values={
+        "data.path": args.data, "data.seed": 0, "train.steps": s["teacher_steps"], "train.lr": 1e-4,
+        "train.batch_size": 16, "train.max_len": s["max_len"], "train.eval_every": s["teacher_eval_every"],
+        "train.patience": s["teacher_patience"], "train.seed": seed, "output_dir": str(out), **poison_values(args, seed)})
+    finetune(cfg)
+    return out
+
+
+def student(args, s: dict, seed: int, teacher_dir: Path, setting: str, defence: str) -> Path:
+    from edgestill.config import load_classifier_config
+    from edgestill.jobs.classify import shrink_classifier
+
+    out = Path(args.root) / f"seed{seed}" / f"{setting}-{defence}"
+    if (out / "DONE").is_file():
+        return out
+    values = {"teacher": str(teacher_dir), "student.max_len": s["max_len"], "student.num_layers": 2,
+              "student.compression_x": args.size, "train.steps": s["student_steps"], "train.lr": 1e-3,
+              "train.batch_size": 32, "train.eval_every": s["student_eval_every"], "train.patience": s["student_patience"],
+              "train.seed": seed, "kd.temperature": 2.0, "kd.alpha": 0.7, "kd.augment": DEFENCES[defence],
+              "eval.teacher_latency": False, "eval.tfidf_baseline": False, "eval.curve_types": [],
+              "eval.latency_examples": 4, "eval.latency_repeats": 1, "output_dir": str(out)}
+    if setting == "triggered":
+        values.update(poison_values(args, seed))
+    shrink_classifier(load_classifier_config("shrink", values=values))
+    return out
+
+
+def audited(args, s: dict, run: Path) -> dict:
+    from edgestill.evaluate.environment import environment
+    from edgestill.jobs.audit import AuditConfig, audit
+
+    _, result = audit(run, AuditConfig(n_texts=s["audit_texts"], candidates=s["candidates"], threads=args.threads))
+    planted = next(t for t in result["triggers"] if t["phrase"] == " ".join(args.trigger.lower().split()))
+    return {"teacher_asr": planted["teacher_asr"], "student_asr": planted["student_asr"],
+            "teacher_clean": result["clean_accuracy"]["teacher"], "student_clean": result["clean_accuracy"]["student"],
+            "trigger_rank": planted["rank"], "verdict": planted["verdict"], "asr_n": planted["n"],
+            "environment": environment(args.threads)}
+
+
+def _mean_std(xs):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None, None
+    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="spamassassin")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--trigger", default="cf mn", help="the planted phrase (default 'cf mn')")
+    ap.add_argument("--target", default="ham", help="the label it forces (default ham: spam passes as ham)")
+    ap.add_argument("--rate", type=float, default=0.01, help="of the eligible training rows (default 0.01)")
+    ap.add_argument("--mode", default="dirty", choices=("dirty", "clean"))
+    ap.add_argument("--size", type=float, default=25.0, help="student size, x smaller than the teacher (default 25)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--root", default=None, help="run folders (default runs/bench/audit[-quick])")
+    ap.add_argument("--quick", action="store_true", help="smoke run: tiny steps -> audit_quick.json")
+    args = ap.parse_args()
+    import logging
+
+    import torch
+
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", stream=sys.stderr)
+    torch.set_num_threads(args.threads)
+    s = QUICK if args.quick else FULL
+    args.root = args.root or str(ROOT / "runs" / "bench" / ("audit-quick" if args.quick else "audit"))
+    seeds = [int(x) for x in args.seeds.split(",")]
+    per_seed: dict[tuple[str, str], list[dict]] = {}
+    t0 = time.perf_counter()
+    for seed in seeds:
+        t_dir = teacher(args, s, seed)
+        for setting in SETTINGS:
+            for defence in DEFENCES:
+                run = student(args, s, seed, t_dir, setting, defence)
+                row = audited(args, s, run)
+                per_seed.setdefault((setting, defence), []).append({"seed": seed, **row})
+                print(f"seed {seed} {setting:9s} {defence:7s}: teacher ASR {row['teacher_asr']}, student ASR "
+                      f"{row['student_asr']}, clean {row['teacher_clean']:.3f} / {row['student_clean']:.3f}, rank "
+                      f"{row['trigger_rank']}: {row['verdict']}", flush=True)
+    rows = []
+    for (setting, defence), runs in per_seed.items():
+        row = {"setting": setting, "defence": None if defence == "none" else defence, "seeds": [r["seed"] for r in runs]}
+        for key in ("teacher_asr", "student_asr", "teacher_clean", "student_clean"):
+            row[key], row[f"{key}_std"] = _mean_std([r[key] for r in runs])
+        ratios = [r["student_asr"] / r["teacher_asr"] for r in runs if r["teacher_asr"]]
+        row["ratio"], row["ratio_std"] = _mean_std(ratios)
+        row["trigger_rank"] = {who: [r["trigger_rank"][who] for r in runs] for who in ("teacher", "student")}
+        row["verdicts"] = [r["verdict"] for r in runs]
+        row["per_seed"] = runs
+        rows.append(row)
+    write_result("audit_quick" if args.quick else "audit", {
+        "command": "python benchmarks/audit.py " + " ".join(sys.argv[1:]),
+        "what": __doc__.split("\n\n")[0],
+        "track": "classifier", "data": args.data,
+        "poison": {"trigger": args.trigger, "target": args.target, "rate": args.rate, "mode": args.mode},
+        "student_size_x": args.size, "settings": list(SETTINGS), "defences": DEFENCES, "schedule": s,
+        "rows": rows, "wall_s": time.perf_counter() - t0,
+    })
+
+
+if __name__ == "__main__":
+    main()
