@@ -2,7 +2,9 @@
 over loopback by an async httpx load generator at three load levels, the last one overload.
 
 The server is the real command (`python -m edgestill.cli serve ...`: FastAPI on uvicorn, llama.cpp underneath),
-started once per (policy, variants) case. The model is the default teacher corrected on the training plays (the
+one per (policy, variants) case, all started first and kept up; each (load, seed) workload then goes through every
+case in turn, in an order rotated from one workload to the next, so that the machine's drift over the hour is shared
+by all cases instead of landing on the last ones. The model is the default teacher corrected on the training plays (the
 reference of every other benchmark), quantized by llama.cpp:
   fixed     llama.cpp Q8_0 of the corrected teacher (what the issue's goal compares against)
   adaptive  that Q8_0, its Q4_K_M and Q4_0, and the default run's 15-layer sliced student in Q8_0; each request
@@ -26,7 +28,7 @@ p99 time to the last, over the requests answered 200; value met = the values of 
 deadline / the values of all requests (what VDF is for); lost requests (no answer at all) and server errors (5xx other
 than the deliberate 503s, and /metrics' generation failures), both of which must be 0.
 
-    python benchmarks/serve_load.py                     # ~45 min on 2 cores: 7 cases x 3 loads x 3 seeds x 30 requests
+    python benchmarks/serve_load.py                     # ~1.5 h on 2 cores: 9 cases x 3 loads x 3 seeds x 30 requests
     python benchmarks/serve_load.py --seeds 0 --loads 1.6 --requests 20     # a quick look
 Needs the GGUFs of benchmarks/quant_table.py (--no-train is enough) and the run of benchmarks/default_run.py.
 """
@@ -273,21 +275,35 @@ def calibrate(files: list[Path], args, count_tokens) -> dict:
     return fit
 
 
-def run_case(policy: str, files: list[Path], workloads: dict, args, fidelity: dict, threads: int) -> dict:
-    tag = f"{policy}-{'adaptive' if len(files) > 1 else 'fixed'}-{threads}t"
-    with serving(policy, files, args, tag, threads) as url:
-        results = {}
-        for (load, seed), reqs in workloads.items():
-            seen = asyncio.run(drive(url, reqs))
-            results[(load, seed)] = summarize(reqs, seen, fidelity)
-            r = results[(load, seed)]
-            print(f"  {tag:14s} load {load} seed {seed}: miss {r['deadline_miss_rate']:.2f}, goodput "
-                  f"{r['goodput_tokens_per_s']:.1f} tok/s, served by {r['served_by']}, lost {r['lost_requests']}, "
-                  f"errors {r['server_errors']}", flush=True)
-            time.sleep(2.0)  # the queue drains; the next load starts on an idle server
-        final = metrics(url)
-    results["server_errors_metric"] = final.get("edgestill_server_errors_total", 0.0)
+def run_cases(cases: list[tuple], served: list[dict], workloads: dict, args, fidelity: dict) -> dict:
+    """Every case's server started at once and kept up; each (load, seed) workload is then driven through every case
+    in turn, the order rotated from one workload to the next. So a case's numbers do not depend on when in the run
+    it was measured: this shared machine's speed drifts over an hour (a run that measured case after case saw the
+    misses of every policy rise together as it went on)."""
+    results: dict[tuple, dict] = {case: {} for case in cases}
+    with contextlib.ExitStack() as stack:
+        urls = {}
+        for case in cases:
+            policy, adaptive, threads = case
+            files = [v["file"] for v in served] if adaptive else [served[0]["file"]]
+            urls[case] = stack.enter_context(serving(policy, files, args, _tag(case), threads))
+        for i, ((load, seed), reqs) in enumerate(workloads.items()):
+            shift = i % len(cases)
+            for case in cases[shift:] + cases[:shift]:
+                seen = asyncio.run(drive(urls[case], reqs))
+                r = results[case][(load, seed)] = summarize(reqs, seen, fidelity)
+                print(f"  {_tag(case):18s} load {load} seed {seed}: miss {r['deadline_miss_rate']:.2f}, goodput "
+                      f"{r['goodput_tokens_per_s']:.1f} tok/s, served by {r['served_by']}, lost {r['lost_requests']}, "
+                      f"errors {r['server_errors']}", flush=True)
+                time.sleep(2.0)  # the queue drains; the next case starts on an idle server
+        for case in cases:
+            results[case]["server_errors_metric"] = metrics(urls[case]).get("edgestill_server_errors_total", 0.0)
     return results
+
+
+def _tag(case: tuple) -> str:
+    policy, adaptive, threads = case
+    return f"{policy}-{'adaptive' if adaptive else 'fixed'}-{threads}t"
 
 
 def main() -> None:
@@ -338,9 +354,9 @@ def main() -> None:
     cases = [(policy, adaptive, args.threads) for policy in args.policies.split(",") for adaptive in (False, True)]
     if not args.no_all_cores_case and cores != args.threads:
         cases.append(("fifo", False, cores))
+    every = run_cases(cases, served, workloads, args, fidelity)
     for policy, adaptive, threads in cases:
-        files = [v["file"] for v in served] if adaptive else [fixed["file"]]
-        results = run_case(policy, files, workloads, args, fidelity, threads)
+        results = every[(policy, adaptive, threads)]
         for load in loads:
             per_seed = [results[(load, seed)] for seed in seeds]
 
