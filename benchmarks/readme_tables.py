@@ -356,7 +356,8 @@ from shrink_curve import shrink_curve_summary, shrink_curve_table  # noqa: E402
 TABLES = {"default_run": default_run_table, "distill_throughput": throughput_table, "quant_table": quant_table,
           "distill_methods": methods_table, "cost_model": cost_model_table, "classifier": classifier_table,
           "shrink_curve": shrink_curve_table, "shrink_curve_summary": shrink_curve_summary,
-          "mixed_vs_uniform": mixed_vs_uniform_table, "serve_load": serve_load_table}
+          "mixed_vs_uniform": mixed_vs_uniform_table, "serve_load": serve_load_table,
+          "serve_load_overload": serve_load_table}
 SOURCES = {"shrink_curve_summary": "shrink_curve"}  # tables rendered from another table's JSON
 
 

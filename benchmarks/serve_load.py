@@ -315,6 +315,9 @@ def main() -> None:
     ap.add_argument("--queue", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None,
                     help="llama.cpp threads of every case (default: edgestill serve's, every core but one)")
+    ap.add_argument("--name", default="serve_load",
+                    help="result name: benchmarks/results/<name>.json (default serve_load; a partial run, e.g. one load, "
+                         "goes under another name so it does not replace the full table)")
     ap.add_argument("--no-all-cores-case", action="store_true",
                     help="skip the extra FIFO case on one Q8_0 with a llama.cpp thread on every core")
     args = ap.parse_args()
@@ -397,7 +400,7 @@ def main() -> None:
         if best is not None:
             anchor[str(load)] = {"vdf_adaptive_fewer_misses": best.get("fewer_misses_than_fifo_fixed"),
                                  "goodput_ratio": best["goodput_tokens_per_s"] / max(base["goodput_tokens_per_s"], 1e-9)}
-    write_result("serve_load", {
+    write_result(args.name, {
         "command": "python benchmarks/serve_load.py " + " ".join(sys.argv[1:]),
         "what": __doc__.split("\n\n")[0],
         "variants": [{k: (str(v[k].relative_to(ROOT)) if k == "gguf" else v[k]) for k in
