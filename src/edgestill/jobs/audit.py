@@ -161,8 +161,8 @@ def audit(run_dir: str | Path, cfg: AuditConfig | None = None) -> tuple[Path, di
     named = {}  # phrase -> target label id: the user's, and what was planted for an audit
     if cfg.trigger:
         named[" ".join(cfg.trigger.lower().split())] = labels.index(cfg.target)
-    for planted in (shrink_cfg.poison.trigger and {"trigger": shrink_cfg.poison.trigger, "target": shrink_cfg.poison.target},
-                    record.get("poison")):
+    run_poison = vars(shrink_cfg.poison) if shrink_cfg.poison.trigger else None
+    for planted in (run_poison, record.get("poison")):
         if planted and planted.get("trigger") and planted.get("target") in labels:
             named[" ".join(planted["trigger"].lower().split())] = labels.index(planted["target"])
     phrases += [p for p in named if p not in phrases]
@@ -187,7 +187,7 @@ def audit(run_dir: str | Path, cfg: AuditConfig | None = None) -> tuple[Path, di
     clean_scores = {who: float((clean[who] == test_ids).mean()) for who in models}
     result = {"run": str(run_dir), "teacher": str(shrink_cfg.teacher), "student": str(run_dir / "onnx" / "model.onnx"),
               "labels": labels, "test_rows": len(texts), "clean_accuracy": clean_scores,
-              "planted": {"run": shrink_cfg.poison.trigger and vars(shrink_cfg.poison), "teacher": record.get("poison")},
+              "planted": {"run": run_poison, "teacher": record.get("poison")},
               "candidates_scanned": len(phrases), "config": vars(cfg), "scan_controls": {
                   who: scans[who]["controls"] for who in models},
               "triggers": rows, "top_candidates": {who: scans[who]["candidates"][:10] for who in models}}
