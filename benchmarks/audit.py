@@ -137,7 +137,7 @@ def main() -> None:
         row = {"setting": setting, "defence": None if defence == "none" else defence, "seeds": [r["seed"] for r in runs]}
         for key in ("teacher_asr", "student_asr", "teacher_clean", "student_clean"):
             row[key], row[f"{key}_std"] = _mean_std([r[key] for r in runs])
-        ratios = [r["student_asr"] / r["teacher_asr"] for r in runs if r["teacher_asr"]]
+        ratios = [r["student_asr"] / r["teacher_asr"] for r in runs if r["teacher_asr"] and r["student_asr"] is not None]
         row["ratio"], row["ratio_std"] = _mean_std(ratios)
         row["trigger_rank"] = {who: [r["trigger_rank"][who] for r in runs] for who in ("teacher", "student")}
         row["verdicts"] = [r["verdict"] for r in runs]

@@ -3,8 +3,9 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
-from edgestill.config import ShrinkConfig, load_config
+from edgestill.config import ShrinkConfig, TimeseriesConfig, load_config, load_timeseries_config
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 
@@ -15,8 +16,15 @@ def test_there_are_recipes():
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_recipe_loads(path):
-    cfg = load_config(path)
-    assert isinstance(cfg, ShrinkConfig)
+    if yaml.safe_load(path.read_text()).get("task") == "timeseries":
+        assert isinstance(load_timeseries_config(path), TimeseriesConfig)
+    else:
+        assert isinstance(load_config(path), ShrinkConfig)
+
+
+def test_timeseries_recipe_is_the_defaults_with_its_own_folder():
+    cfg = load_timeseries_config(Path(__file__).parent.parent / "recipes" / "cmapss_fd001_rul_online_kd.yaml")
+    assert cfg == TimeseriesConfig(output_dir="runs/rul-cmapss-fd001")
 
 
 def test_default_recipe_is_the_defaults():

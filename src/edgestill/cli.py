@@ -39,6 +39,7 @@ examples:
   edgestill finetune --task classification --data train.csv --out runs/teacher    # encoder classifier (text,label columns)
   edgestill shrink --task classification --teacher runs/teacher --out runs/clf     # -> student ONNX + metrics
   edgestill export --format onnx runs/clf --type int8   # classifier ONNX + tokenizer + label_map.json (folder)
+  edgestill shrink --task timeseries --data cmapss-fd001 --out runs/rul   # RUL: teacher + tiny int8 student, online KD
   torchrun --nproc_per_node 2 -m edgestill.cli distill --out runs/ddp   # DDP, gloo on CPU
   edgestill shrink --device rpi5 --max-memory 150MB --min-decode-tokens-per-s 20   # plan for a device, then shrink
   edgestill sweep --device rpi5-8gb                 # plans light -> extreme, each shrunk: the shrink curve
@@ -81,8 +82,10 @@ def _add_shrink(sub) -> None:
     p = sub.add_parser("shrink", help="slice, distil and evaluate a student (the main job)",
                        description="Slice a student from the teacher, distil it, evaluate it against the teacher, write a report.")
     _add_common(p)
-    p.add_argument("--task", default="lm", choices=["lm", "classification"],
-                   help="lm (a decoder LLM, default) or classification (an encoder fine-tuned by `edgestill finetune`)")
+    p.add_argument("--task", default="lm", choices=["lm", "classification", "timeseries"],
+                   help="lm (a decoder LLM, default), classification (an encoder fine-tuned by `edgestill finetune`) or "
+                        "timeseries (remaining useful life from run-to-failure sensor series: a teacher and a tiny "
+                        "student trained together, --data cmapss-fd001 or a CSV)")
     _add_classification(p)
     g = p.add_argument_group("device-aware plan (lm): the best student for a device within a budget, then shrink it")
     g.add_argument("--device", help="device profile (edgestill devices), host, or a YAML path")
@@ -485,6 +488,27 @@ COMMANDS = {"audit": _cmd_audit, "serve": _cmd_serve, "shrink": _cmd_shrink, "fi
             "plan": _cmd_plan}
 
 
+def _cmd_timeseries(args) -> None:
+    """shrink --task timeseries."""
+    from edgestill.config import load_timeseries_config
+    from edgestill.jobs import timeseries
+
+    if args.teacher:
+        raise EdgestillError("--teacher is not used with --task timeseries: the teacher is trained in the same run "
+                             "(teacher.* sets its size)")
+    if args.text_column or args.label_column:
+        raise EdgestillError("--text-column/--label-column are for labelled text; a series CSV names its columns with "
+                             "data.unit_column, data.time_column, data.target_column and data.sensors")
+    if getattr(args, "train_budget", None) or args.device:
+        raise EdgestillError("--train-budget and --device are for language-model students; a series student trains "
+                             "until its validation RMSE stops improving (train.epochs caps it)")
+    values = {"data.path": args.data, "data.test_path": args.test_data, "output_dir": args.out}
+    cfg = load_timeseries_config(args.config, args.overrides, args.quick, values)
+    final, metrics = timeseries.shrink_timeseries(cfg, overwrite=args.overwrite)
+    print(timeseries.summary_line(metrics))
+    print(f"run folder: {final}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -497,7 +521,9 @@ def main(argv: list[str] | None = None) -> int:
             print(_resolve(args).to_yaml(), end="")
             return 0
         _quiet_libraries()
-        command = _cmd_classifier if args.command == "shrink" and args.task == "classification" else COMMANDS[args.command]
+        command = COMMANDS[args.command]
+        if args.command == "shrink" and args.task != "lm":
+            command = _cmd_classifier if args.task == "classification" else _cmd_timeseries
         command(args)
     except EdgestillError as e:
         return _error(e)

@@ -20,11 +20,14 @@ from typing import Any
 
 import yaml
 
+from edgestill.data.timeseries import SeriesDataConfig
 from edgestill.distill.budget import TrainBudget
 from edgestill.distill.classifier import KDConfig, TrainConfig
 from edgestill.distill.classifier import StudentConfig as EncoderStudentConfig
 from edgestill.distill.losses import LOGIT_LOSS_KINDS
+from edgestill.distill.online import OnlineKDConfig, TrainSchedule
 from edgestill.errors import EdgestillError
+from edgestill.models.sequence import SeriesStudentConfig, SeriesTeacherConfig
 from edgestill.quant.formats import format_names
 
 
@@ -326,6 +329,48 @@ CLASSIFIER_QUICK_OVERRIDES = {
                "eval.latency_repeats=3"],
 }
 ONNX_CLASSIFIER_TYPES = ("f32", *format_names(onnx=True, gguf=False))  # float, or ONNX Runtime's own formats: f32, int8, int4
+
+
+# --- the prognosis track (`edgestill shrink --task timeseries`): RUL regression on run-to-failure sensor series ---
+
+TIMESERIES = "timeseries"
+
+
+@dataclass
+class SeriesEvalConfig:
+    threads: int = 2  # onnxruntime intra-op threads for the latency measurement
+    latency_windows: int = 64  # test windows timed one at a time (batch 1)
+    latency_repeats: int = 5
+    stream: bool = True  # after deployment: the student keeps learning from the teacher on the test units' stream
+    stream_lr: float = 1e-4
+    stream_batch: int = 16  # the last arrivals each stream step learns from
+    plot_units: int = 4  # test units drawn in the predicted-vs-true RUL plot
+
+
+@dataclass
+class TimeseriesConfig:
+    task: str = TIMESERIES
+    data: SeriesDataConfig = field(default_factory=SeriesDataConfig)
+    teacher: SeriesTeacherConfig = field(default_factory=SeriesTeacherConfig)
+    student: SeriesStudentConfig = field(default_factory=SeriesStudentConfig)
+    train: TrainSchedule = field(default_factory=TrainSchedule)
+    kd: OnlineKDConfig = field(default_factory=OnlineKDConfig)
+    eval: SeriesEvalConfig = field(default_factory=SeriesEvalConfig)
+    output_dir: str = ""
+
+
+TIMESERIES_QUICK_OVERRIDES = ["train.epochs=3", "teacher.layers=1", "teacher.d_model=32", "teacher.ffn=64",
+                              "eval.latency_windows=16", "eval.latency_repeats=2"]
+
+
+def load_timeseries_config(path: str | Path | None = None, overrides: list[str] | None = None, quick: bool = False,
+                           values: dict | None = None) -> TimeseriesConfig:
+    """Defaults <- recipe <- quick profile <- key=value overrides <- `values` (CLI flags, set verbatim)."""
+    cfg = fill(TimeseriesConfig(), path, [*(TIMESERIES_QUICK_OVERRIDES if quick else []), *(overrides or [])], values)
+    if cfg.task != TIMESERIES:
+        raise EdgestillError(f"this recipe is for task '{cfg.task}', not {TIMESERIES}; use `edgestill shrink --task {cfg.task}`")
+    cfg.kd.check()
+    return cfg
 
 
 # --- reading recipes and overrides into any of these configs ------------------------------------------------

@@ -180,7 +180,7 @@ def audit(run_dir: str | Path, cfg: AuditConfig | None = None) -> tuple[Path, di
         rank = {who: rank_of(phrase, scans[who]["candidates"])["exact"] for who in models}
         t, s = asr["teacher"]["asr"], asr["student"]["asr"]
         rows.append({"phrase": phrase, "target": labels[target], "named": phrase in named,
-                     "teacher_asr": t, "student_asr": s, "ratio": None if not t else s / t,
+                     "teacher_asr": t, "student_asr": s, "ratio": None if not t or s is None else s / t,
                      "n": {who: a["n"] for who, a in asr.items()}, "rank": rank,
                      "verdict": verdict(asr["teacher"], asr["student"])})
     rows.sort(key=lambda r: (not r["named"], -max(r["teacher_asr"] or 0, r["student_asr"] or 0)))

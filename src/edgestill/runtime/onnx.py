@@ -128,14 +128,15 @@ def measure_latency(systems: dict[str, tuple[object, list[dict]]], repeats: int 
     if repeats < 1:
         raise EdgestillError("latency repeats must be at least 1")
     times: dict[str, list[float]] = {name: [] for name in systems}
+    first = {name: [session.get_outputs()[0].name] for name, (session, _) in systems.items()}  # logits, rul, ...
     for name, (session, feeds) in systems.items():  # warm-up: allocator, kernel selection
         for feed in feeds[: max(1, warmup)]:
-            session.run(["logits"], feed)
+            session.run(first[name], feed)
     for _ in range(repeats):
         for name, (session, feeds) in systems.items():
             t0 = time.perf_counter()
             for feed in feeds:
-                session.run(["logits"], feed)
+                session.run(first[name], feed)
             times[name].append((time.perf_counter() - t0) * 1000 / max(1, len(feeds)))
     return {name: {"latency_ms_per_example": statistics.median(v), "latency_ms_spread": [min(v), max(v)],
                    "examples": len(systems[name][1]), "repeats": repeats} for name, v in times.items()}
