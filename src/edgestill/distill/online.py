@@ -89,11 +89,11 @@ def transfer_loss(s_pred, s_feat, t_pred, t_feat, projector: nn.Module, cfg: Onl
 
 @dataclass
 class TrainSchedule:
-    epochs: int = 60
+    epochs: int = 30
     batch_size: int = 256
     lr: float = 2e-3
     teacher_lr: float = 1e-3
-    patience: int = 10  # epochs without a better validation RMSE (of either trained model) before stopping
+    patience: int = 6  # epochs without a better validation RMSE (of either trained model) before stopping
     seed: int = 0
 
 
