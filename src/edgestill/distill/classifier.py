@@ -68,6 +68,9 @@ class KDConfig:
     temperature: float = 2.0
     alpha: float = 0.5  # weight of the KL term; 0 = CE only
     hidden_weight: float = 0.0  # weight of the hidden-state MSE; needs a teacher forward every step
+    # weight of RKD (distill/features.py: distances + 2 x angles) between the batch's mean-pooled last hidden states;
+    # needs a teacher forward every step
+    relation_weight: float = 0.0
     # perturbed copies of each training text added to the transfer set, labelled by the teacher's logits only
     # (distill/augment.py, [tang2019]); 0 = the labelled texts alone. Needs alpha > 0.
     augment: int = 0
@@ -113,6 +116,18 @@ def hidden_mse(student_hidden, teacher_hidden, layer_map: list[tuple[int, int]],
 # ---------------------------------------------------------------- one training loop
 
 
+def pooled_relation_loss(student_last, teacher_last, mask) -> torch.Tensor:
+    """RKD ([rkd] in docs/references.md) between the batch's sentence embeddings: each model's last hidden state,
+    mean-pooled over non-padding tokens. Distances + 2 x angles, as in distill/online.py."""
+    from edgestill.distill.features import rkd_angle_loss, rkd_distance_loss
+
+    m = mask.unsqueeze(-1).to(student_last.dtype)
+    s = (student_last * m).sum(1) / m.sum(1).clamp_min(1)
+    t = (teacher_last.float() * m).sum(1) / m.sum(1).clamp_min(1)
+    loss = rkd_distance_loss(s, t)
+    return loss + 2 * rkd_angle_loss(s, t) if len(s) >= 3 else loss
+
+
 def _schedule(step: int, cfg: TrainConfig) -> float:
     warm = max(1, int(cfg.steps * cfg.warmup_fraction))
     if step < warm:
@@ -136,9 +151,9 @@ def check_train_config(cfg: TrainConfig) -> None:
 
 def check_kd_config(kd: KDConfig) -> None:
     """Refuse KD settings that cannot work, before any run folder is made."""
-    if not 0.0 <= kd.alpha <= 1.0 or kd.temperature <= 0 or kd.hidden_weight < 0:
-        raise EdgestillError(f"kd.alpha={kd.alpha} must be in [0, 1], kd.temperature={kd.temperature} > 0 and "
-                             f"kd.hidden_weight={kd.hidden_weight} >= 0")
+    if not 0.0 <= kd.alpha <= 1.0 or kd.temperature <= 0 or kd.hidden_weight < 0 or kd.relation_weight < 0:
+        raise EdgestillError(f"kd.alpha={kd.alpha} must be in [0, 1], kd.temperature={kd.temperature} > 0, "
+                             f"kd.hidden_weight={kd.hidden_weight} >= 0 and kd.relation_weight={kd.relation_weight} >= 0")
     if kd.augment < 0 or (kd.augment and kd.alpha <= 0):
         raise EdgestillError(f"kd.augment={kd.augment}: augmented texts carry only the teacher's soft labels, so they "
                              "need kd.alpha > 0 (and kd.augment >= 0); set kd.augment=0 for a CE-only student")
@@ -385,7 +400,7 @@ def distill_classifier(teacher, student, teacher_tokenizer, splits, id_table: np
     from edgestill.distill.augment import augment_texts
     from edgestill.evaluate.classification import predict_logits
 
-    use_teacher = kd.alpha > 0 or kd.hidden_weight > 0
+    use_teacher = kd.alpha > 0 or kd.hidden_weight > 0 or kd.relation_weight > 0
     check_kd_config(kd)
     texts, y_train = list(splits.train.texts), splits.ids("train")
     if kd.augment:
@@ -407,8 +422,10 @@ def distill_classifier(teacher, student, teacher_tokenizer, splits, id_table: np
     if kd.hidden_weight > 0 and not layer_map:
         raise EdgestillError("hidden-state KD needs a student made by build_student (its layer map is in the config)")
 
+    live_teacher = kd.hidden_weight > 0 or kd.relation_weight > 0
+
     def loss_fn(model, batch, y, idx):
-        out = model(**batch, output_hidden_states=kd.hidden_weight > 0)
+        out = model(**batch, output_hidden_states=live_teacher)
         gold = y >= 0
         ce = F.cross_entropy(out.logits[gold], y[gold]) if gold.any() else out.logits.sum() * 0.0
         parts, loss = {"ce": ce.item()}, (1 - kd.alpha) * ce
@@ -416,13 +433,18 @@ def distill_classifier(teacher, student, teacher_tokenizer, splits, id_table: np
             kl = kd_logits_loss(out.logits, teacher_logits[idx].to(out.logits.device), kd.temperature)
             loss = loss + kd.alpha * kl
             parts["kl"] = kl.item()
-        if kd.hidden_weight > 0:
+        if live_teacher:
             t_batch = {k: torch.from_numpy(v[idx][:, : batch["input_ids"].shape[1]]).to(y.device) for k, v in train.items()}
             with torch.no_grad():
                 t_hidden = teacher(**t_batch, output_hidden_states=True).hidden_states
+        if kd.hidden_weight > 0:
             mse = hidden_mse(out.hidden_states, t_hidden, layer_map, batch["attention_mask"])
             loss = loss + kd.hidden_weight * mse
             parts["hidden_mse"] = mse.item()
+        if kd.relation_weight > 0 and len(y) >= 2:
+            rel = pooled_relation_loss(out.hidden_states[-1], t_hidden[-1], batch["attention_mask"])
+            loss = loss + kd.relation_weight * rel
+            parts["relation"] = rel.item()
         return loss, parts
 
     desc = "distilling student" if use_teacher else "training student (CE only)"

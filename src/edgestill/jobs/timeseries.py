@@ -45,8 +45,9 @@ def _write_json(path: Path, obj) -> None:
 
 
 def phm_score(pred: np.ndarray, true: np.ndarray) -> float:
-    """The PHM08 scoring function per prediction (mean over predictions; the challenge sums over units):
-    exp(-d/13) - 1 for an early prediction (d = pred - true < 0), exp(d/10) - 1 for a late one, which costs more."""
+    """The PHM08 scoring function ([saxena2008] in docs/references.md) per prediction (the mean over predictions;
+    the challenge sums over units): exp(-d/13) - 1 for an early prediction (d = pred - true < 0), exp(d/10) - 1
+    for a late one, which costs more."""
     d = np.asarray(pred, np.float64) - np.asarray(true, np.float64)
     return float(np.mean(np.where(d < 0, np.exp(-d / 13) - 1, np.exp(d / 10) - 1)))
 
