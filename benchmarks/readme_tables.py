@@ -390,6 +390,28 @@ def timeseries_table(r: dict) -> str:
     return "\n".join(out)
 
 
+def audit_table(r: dict) -> str:
+    """Teacher and student ASR and clean accuracy per setting x defence of benchmarks/audit.py."""
+    def pm(x, key, fmt="{:.1%}"):
+        if x.get(key) is None:
+            return "—"
+        return f"{fmt.format(x[key])} ± {fmt.format(x[key + '_std'] or 0.0)}"
+
+    out = ["| setting | defence | teacher ASR | student ASR | student ÷ teacher | teacher clean acc. | student clean acc. | "
+           "trigger rank in the scan (teacher / student) | verdicts |", "|---|---|---:|---:|---:|---:|---:|---|---|"]
+    for x in r["rows"]:
+        ranks = " / ".join(",".join("—" if v is None else str(v) for v in x["trigger_rank"][who]) for who in ("teacher", "student"))
+        out.append(f"| {x['setting']} | {x['defence'] or 'none'} | {pm(x, 'teacher_asr')} | **{pm(x, 'student_asr')}** | "
+                   f"{pm(x, 'ratio', '{:.2f}')} | {pm(x, 'teacher_clean', '{:.3f}')} | {pm(x, 'student_clean', '{:.3f}')} | "
+                   f"{ranks} | {', '.join(x['verdicts'])} |")
+    p = r["poison"]
+    out += ["", f"Mean ± std over {len(r['rows'][0]['seeds'])} seeds on {r['data']}: the trigger `{p['trigger']}` planted "
+            f"{p['mode']}-label in {p['rate']:.0%} of the teacher's eligible training rows (target {p['target']}); students "
+            f"{r['student_size_x']:g}× smaller. ASR = the share of correctly classified non-target test texts the trigger "
+            f"flips to the target. {_measured(r['environment'])}, by `{r['command'].strip()}` → `benchmarks/results/audit.json`."]
+    return "\n".join(out)
+
+
 from distill_methods import methods_table  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from shrink_curve import shrink_curve_summary, shrink_curve_table  # noqa: E402
 
@@ -397,7 +419,8 @@ TABLES = {"default_run": default_run_table, "distill_throughput": throughput_tab
           "distill_methods": methods_table, "cost_model": cost_model_table, "classifier": classifier_table,
           "shrink_curve": shrink_curve_table, "shrink_curve_summary": shrink_curve_summary,
           "mixed_vs_uniform": mixed_vs_uniform_table, "serve_load": serve_load_table,
-          "serve_load_overload": serve_load_table, "timeseries": timeseries_table}
+          "serve_load_overload": serve_load_table, "timeseries": timeseries_table,
+          "audit": audit_table}
 SOURCES = {"shrink_curve_summary": "shrink_curve"}  # tables rendered from another table's JSON
 
 

@@ -164,3 +164,17 @@ def test_timeseries_table_marks_a_student_at_the_constant_floor_and_says_which_g
     assert "online KD + adaptive mutual learning |" in table and "**21.50 ± 0.50**" in table
     assert "within 5% of the teacher's RMSE: **no**" in table and "student ≥ 50× smaller: yes" in table
     assert "ridge regression on the window | | | | | 22.30" in table
+
+
+def test_audit_table_shows_both_asrs_and_an_unmeasurable_ratio():
+    env = {"date": "2026-12-04T00:00:00", "cpu_model": "cpu", "threads": 2, "git_commit": "abcdef12",
+           "load_average_before": [1.0], "load_average_after": [1.0]}
+    row = {"setting": "clean", "defence": None, "seeds": [0, 1, 2], "teacher_asr": 0.9, "teacher_asr_std": 0.05,
+           "student_asr": 0.06, "student_asr_std": 0.01, "ratio": None, "ratio_std": None, "teacher_clean": 0.97,
+           "teacher_clean_std": 0.0, "student_clean": 0.95, "student_clean_std": 0.01,
+           "trigger_rank": {"teacher": [1, 1, 2], "student": [None, 7, 9]}, "verdicts": ["not inherited"] * 3}
+    r = {"rows": [row], "poison": {"trigger": "cf mn", "mode": "dirty", "rate": 0.01, "target": "ham"},
+         "data": "spamassassin", "student_size_x": 25.0, "environment": env, "command": "python benchmarks/audit.py"}
+    table = readme_tables.audit_table(r)
+    assert "| clean | none | 90.0% ± 5.0% | **6.0% ± 1.0%** | — |" in table
+    assert "1,1,2 / —,7,9" in table and "`cf mn`" in table
