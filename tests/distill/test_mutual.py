@@ -78,6 +78,18 @@ def test_co_training_pulls_the_pair_together():
     assert teacher_ce_mutual < teacher_ce_alone + 0.05  # listening to the student did not hurt the teacher much
 
 
+def test_log_ratio_gap_adapts_on_small_regression_losses():
+    diff = MutualWeights(MutualConfig(k=5.0, gamma=0.5, ema=0.0))
+    ratio = MutualWeights(MutualConfig(k=5.0, gamma=0.5, ema=0.0, gap="log_ratio"))
+    d_ts, d_st = diff.update(0.03, 0.02)  # an MSE half again the teacher's
+    r_ts, r_st = ratio.update(0.03, 0.02)
+    assert d_ts == pytest.approx(0.5, abs=0.02)  # the difference barely moves the weights
+    assert r_ts == pytest.approx(1 / (1 + 1.5 ** -5)) and r_st == pytest.approx(0.5 / (1 + 1.5 ** 5))
+    assert ratio.update(3.0, 2.0) == pytest.approx((r_ts, r_st))  # scale-free
+    with pytest.raises(EdgestillError, match="gap 'ratio'"):
+        MutualConfig(gap="ratio")
+
+
 def test_bad_gamma():
     with pytest.raises(EdgestillError, match="gamma"):
         MutualConfig(gamma=1.0)

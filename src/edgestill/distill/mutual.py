@@ -6,8 +6,11 @@ weighting was not available, so this is a reconstruction [R] with its knobs expo
 
     L_S = L_task(S) + lambda_TS (L_resp(S <- T) + L_feat + L_rel)
     L_T = L_task(T) + lambda_ST L_resp(T <- S)
-    lambda_TS = sigmoid(k (Lbar_S - Lbar_T))            the weaker the student, the more it listens
-    lambda_ST = gamma sigmoid(k (Lbar_T - Lbar_S))      the teacher listens less, and only while it is weaker
+    lambda_TS = sigmoid(k gap)            the weaker the student, the more it listens
+    lambda_ST = gamma sigmoid(-k gap)     the teacher listens less, and only while it is weaker
+    gap = Lbar_S - Lbar_T                 (gap="difference": losses on a scale of ~1, e.g. cross-entropy in nats)
+        = log(Lbar_S / Lbar_T)            (gap="log_ratio": any scale, e.g. an MSE of 0.02 against 0.03, whose
+                                           difference would leave both weights at their midpoint)
 with Lbar the EMA of each model's task loss, gamma < 1, and every target detached (each model learns
 from the other's current prediction, never through it). A frozen teacher simply ignores lambda_ST.
 
@@ -36,8 +39,11 @@ class MutualConfig:
     k: float = 5.0  # sharpness of the sigmoid on the loss gap
     gamma: float = 0.5  # < 1: the teacher learns less from the student than the other way round
     ema: float = 0.9  # smoothing of the task losses; 0 = use the latest loss
+    gap: str = "difference"  # or "log_ratio" (scale-free: regression losses)
 
     def __post_init__(self):
+        if self.gap not in ("difference", "log_ratio"):
+            raise EdgestillError(f"mutual-learning gap '{self.gap}': choose difference or log_ratio")
         if not 0.0 <= self.gamma < 1.0:
             raise EdgestillError(f"mutual-learning gamma={self.gamma} must be in [0, 1) (the teacher's KD weight cap)")
         if not 0.0 <= self.ema < 1.0:
@@ -68,7 +74,11 @@ class MutualWeights:
     def weights(self) -> tuple[float, float]:
         if self.student_loss is None:
             return 0.5, 0.5 * self.cfg.gamma  # no evidence yet: the value at equal losses
-        gap = self.student_loss - self.teacher_loss
+        if self.cfg.gap == "log_ratio":
+            eps = 1e-12
+            gap = math.log(max(self.student_loss, eps) / max(self.teacher_loss, eps))
+        else:
+            gap = self.student_loss - self.teacher_loss
         return _sigmoid(self.cfg.k * gap), self.cfg.gamma * _sigmoid(-self.cfg.k * gap)
 
     def state_dict(self) -> dict:

@@ -51,6 +51,7 @@ class OnlineKDConfig:
     mutual_k: float = 5.0  # MutualConfig (distill/mutual.py): sharpness of the sigmoid on the loss gap
     mutual_gamma: float = 0.5  # the cap on the teacher's weight for the student's response
     mutual_ema: float = 0.9
+    mutual_gap: str = "log_ratio"  # regression MSEs are small numbers: compare them as a ratio, not a difference
 
     def __post_init__(self):
         self.check()
@@ -61,7 +62,7 @@ class OnlineKDConfig:
         for name in ("weight", "response", "feature", "relation"):
             if getattr(self, name) < 0:
                 raise EdgestillError(f"kd.{name}={getattr(self, name)} must be >= 0")
-        return MutualConfig(k=self.mutual_k, gamma=self.mutual_gamma, ema=self.mutual_ema)
+        return MutualConfig(k=self.mutual_k, gamma=self.mutual_gamma, ema=self.mutual_ema, gap=self.mutual_gap)
 
 
 def response_loss(student_pred: torch.Tensor, teacher_pred: torch.Tensor) -> torch.Tensor:
