@@ -10,11 +10,14 @@ from it in each setting x defence, and `edgestill audit` on each student:
     defences   none       KD on the transfer texts as they are (kd.augment=0)
                perturb    KD on the texts plus 4 perturbed copies of each (masking, word substitution, n-gram
                           sampling: distill/augment.py), labelled by the teacher's logits only
+               fine-prune KD as `none`, then fine-pruning: 30% of each layer's FFN units, the least active on the
+                          clean validation texts, cut out, then 200 steps of fine-tuning on those texts
+                          (models/encoder_prune.py; [fine-pruning] in docs/references.md)
 
 Per row, over the seeds (mean and std): the planted trigger's attack success rate (ASR) in teacher and student,
 their clean test accuracy, the ratio student ASR / teacher ASR, and the trigger's rank in the audit's scan of the
 teacher and of the student (1 = first). Not built yet (so not in this table): the decoder track, the federated
-setting on Flower, fine-pruning, ONION-style filtering and robust aggregation.
+setting on Flower, ONION-style filtering and robust aggregation.
 
     python benchmarks/audit.py                      # spamassassin, seeds 0,1,2 (hours on 2 cores)
     python benchmarks/audit.py --quick              # smoke run, minutes: tiny steps -> audit_quick.json
@@ -33,7 +36,8 @@ from _common import write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = ("clean", "triggered")
-DEFENCES = {"none": 0, "perturb": 4}  # kd.augment
+DEFENCES = {"none": {"kd.augment": 0}, "perturb": {"kd.augment": 4},
+            "fine-prune": {"kd.augment": 0, "fine_prune.fraction": 0.3, "fine_prune.steps": 200}}
 FULL = {"max_len": 128, "teacher_steps": 1500, "teacher_eval_every": 50, "teacher_patience": 4, "student_steps": 3000,
         "student_eval_every": 250, "student_patience": 3, "audit_texts": 48, "candidates": 60}
 QUICK = {"max_len": 32, "teacher_steps": 8, "teacher_eval_every": 4, "teacher_patience": 0, "student_steps": 8,
@@ -70,7 +74,7 @@ def student(args, s: dict, seed: int, teacher_dir: Path, setting: str, defence: 
     values = {"teacher": str(teacher_dir), "student.max_len": s["max_len"], "student.num_layers": 2,
               "student.compression_x": args.size, "train.steps": s["student_steps"], "train.lr": 1e-3,
               "train.batch_size": 32, "train.eval_every": s["student_eval_every"], "train.patience": s["student_patience"],
-              "train.seed": seed, "kd.temperature": 2.0, "kd.alpha": 0.7, "kd.augment": DEFENCES[defence],
+              "train.seed": seed, "kd.temperature": 2.0, "kd.alpha": 0.7, **DEFENCES[defence],
               "eval.teacher_latency": False, "eval.tfidf_baseline": False, "eval.curve_types": [],
               "eval.latency_examples": 4, "eval.latency_repeats": 1, "output_dir": str(out)}
     if setting == "triggered":

@@ -105,3 +105,22 @@ def test_config_yaml_names_poison_only_when_something_is_planted():
     assert "poison" not in plain(FinetuneConfig()) and "poison" not in plain(ClassifierShrinkConfig())
     cfg = ClassifierShrinkConfig(poison=PoisonConfig(trigger="cf", target="ham"))
     assert plain(cfg)["poison"]["trigger"] == "cf"
+
+
+def test_fine_pruned_student_is_smaller_exports_and_is_audited(audited, capsys):
+    out = audited["root"] / "pruned"
+    args = ["shrink", "--task", "classification", "--teacher", str(audited["teacher"]), "--out", str(out), *STEPS,
+            "student.max_len=32", "student.num_layers=1", "student.compression_x=2", "student.min_rank=2",
+            "student.multiple_of=1", "kd.alpha=0.7", "eval.latency_examples=4", "eval.latency_repeats=2",
+            "eval.curve_types=[]", "eval.teacher_latency=false", *POISON]
+    assert main([*args, "fine_prune.fraction=0.5", "fine_prune.steps=3"]) == 0
+    record = json.loads((out / "distill.json").read_text())["fine_prune"]
+    assert record["units_after"] == record["units_before"] // 2 and record["steps"] == 3
+    assert yaml.safe_load((out / "config.yaml").read_text())["fine_prune"]["fraction"] == 0.5
+    assert json.loads((out / "student" / "config.json").read_text())["intermediate_size"] == record["units_after"]
+    assert main(["audit", str(out), "--candidates", "10", "--texts", "16"]) == 0
+    capsys.readouterr()
+    assert main([*args[:5], "--out", str(audited["root"] / "bad"), "fine_prune.fraction=1.5"]) == 2
+    assert "fine_prune.fraction=1.5 must be in [0, 1)" in capsys.readouterr().err
+    assert not (audited["root"] / "bad").exists() and not (audited["root"] / "bad.partial").exists()
+    assert "fine_prune" not in yaml.safe_load((audited["student"] / "config.yaml").read_text())  # off: not written

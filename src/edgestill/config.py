@@ -22,7 +22,7 @@ import yaml
 
 from edgestill.data.timeseries import SeriesDataConfig
 from edgestill.distill.budget import TrainBudget
-from edgestill.distill.classifier import KDConfig, TrainConfig
+from edgestill.distill.classifier import FinePruneConfig, KDConfig, TrainConfig
 from edgestill.distill.classifier import StudentConfig as EncoderStudentConfig
 from edgestill.distill.losses import LOGIT_LOSS_KINDS
 from edgestill.distill.online import OnlineKDConfig, TrainSchedule
@@ -320,6 +320,8 @@ class ClassifierShrinkConfig:
     eval: ClassifierEvalConfig = field(default_factory=ClassifierEvalConfig)
     # audits only: triggered rows in the transfer data (docs/audit.md); not inherited from the teacher's fine-tuning
     poison: PoisonConfig = field(default_factory=PoisonConfig)
+    # a backdoor defence on the distilled student (docs/audit.md): fine_prune.fraction > 0 turns it on
+    fine_prune: FinePruneConfig = field(default_factory=FinePruneConfig)
     output_dir: str = ""
 
 

@@ -77,6 +77,18 @@ class KDConfig:
 
 
 @dataclass
+class FinePruneConfig:
+    """Fine-pruning ([fine-pruning] in docs/references.md), a backdoor defence applied to the distilled student:
+    remove each layer's least active FFN units on clean text, then fine-tune on clean labelled data. The clean
+    data is the validation split (never planted: docs/audit.md), which this step therefore trains on."""
+
+    fraction: float = 0.0  # of each layer's FFN units removed; 0 = off
+    steps: int = 200
+    lr: float = 1e-4
+    batch_size: int = 32
+
+
+@dataclass
 class StudentConfig:
     """The encoder student (build_student below): sliced, vocabulary-trimmed, low-rank factorized."""
 
@@ -455,6 +467,36 @@ def distill_classifier(teacher, student, teacher_tokenizer, splits, id_table: np
     out["config"] = {"train": asdict(cfg), "kd": asdict(kd)}
     out["transfer_set"] = {"labelled": len(splits.train.texts), "augmented": len(texts) - len(splits.train.texts)}
     return out
+
+
+def fine_prune(model, tokenizer, splits, cfg: FinePruneConfig, max_len: int, seed: int = 0) -> dict:
+    """Fine-pruning in place (FinePruneConfig): prune dormant FFN units on the clean validation texts, then
+    fine-tune on them (cross-entropy, AdamW, `cfg.steps` seeded batches). Returns what changed."""
+    from edgestill.models.encoder_prune import prune_dormant_
+
+    if cfg.steps < 0 or cfg.lr <= 0 or cfg.batch_size < 1:
+        raise EdgestillError(f"defence.fine_prune_steps={cfg.steps} must be >= 0, lr > 0 and batch_size >= 1")
+    enc = tokenize(tokenizer, splits.val.texts, max_len)
+    labels = splits.ids("val")
+    before = evaluate_classifier(model, enc, labels)
+    record = prune_dormant_(model, enc, cfg.fraction)
+    record["val_before"] = before
+    record["val_after_prune"] = evaluate_classifier(model, enc, labels)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    gen = np.random.default_rng(seed)
+    y_all = torch.from_numpy(labels).long()
+    model.train()
+    for _ in range(cfg.steps):
+        idx = gen.choice(len(labels), size=min(cfg.batch_size, len(labels)), replace=False)
+        batch = {k: torch.from_numpy(v[idx]) for k, v in enc.items()}
+        loss = F.cross_entropy(model(**batch).logits, y_all[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.eval()
+    record["val_after_fine_tune"] = evaluate_classifier(model, enc, labels)
+    record["steps"], record["lr"] = cfg.steps, cfg.lr
+    return record
 
 
 def agreement(teacher_logits: np.ndarray, student_logits: np.ndarray) -> float:

@@ -72,6 +72,8 @@ def plain(obj) -> dict:
     out = json.loads(json.dumps(asdict(obj), default=str))
     if isinstance(out.get("poison"), dict) and not out["poison"].get("trigger"):
         del out["poison"]
+    if isinstance(out.get("fine_prune"), dict) and not out["fine_prune"].get("fraction"):
+        del out["fine_prune"]  # off: runs made before the defence existed keep their config
     return out
 
 
@@ -277,7 +279,7 @@ def _student(cfg: ClassifierShrinkConfig, run: RunDir, resumed: bool, teacher: _
     distill record)."""
     import torch
 
-    from edgestill.distill.classifier import build_student, distill_classifier
+    from edgestill.distill.classifier import build_student, distill_classifier, fine_prune
     from edgestill.evaluate.classification import evaluate_classifier
     from edgestill.models.encoder import load_encoder_classifier, save_classifier, tokenize
 
@@ -293,13 +295,20 @@ def _student(cfg: ClassifierShrinkConfig, run: RunDir, resumed: bool, teacher: _
     sliced = evaluate_classifier(student, tokenize(s_tok, splits.test.texts, cfg.student.max_len), splits.ids("test"))
     result = distill_classifier(teacher.model, student, teacher.tokenizer, splits, table, s_tok, cfg.train, cfg.kd,
                                 checkpoint_dir=run.path / "checkpoints")  # a kill resumes there
+    pruned = None
+    if cfg.fine_prune.fraction > 0:
+        pruned = fine_prune(student, s_tok, splits, cfg.fine_prune, cfg.student.max_len, cfg.train.seed)
+        result["test"] = evaluate_classifier(student, tokenize(s_tok, splits.test.texts, cfg.student.max_len),
+                                             splits.ids("test"))
+        log.info("fine-pruned: %d -> %d FFN units per layer, then %d clean fine-tuning steps", pruned["units_before"],
+                 pruned["units_after"], pruned["steps"])
     save_classifier(student, s_tok, teacher.label_map, student_dir,
                     extra={"task": CLASSIFICATION, "role": "student", "teacher": str(cfg.teacher),
                            "max_len": cfg.student.max_len})
     distilled = {"student": {k: v for k, v in info.items() if k != "config"}, "sliced_untrained_test": sliced,
                  "history": result["history"], "best_step": result["best_step"], "test_pytorch": result["test"],
                  **{k: result[k] for k in ("stopped_at_step", "stopped_early", "stop_reason", "val_curve",
-                                           "transfer_set")}}
+                                           "transfer_set")}, "fine_prune": pruned}
     _write_json(distill_file, distilled)
     shutil.rmtree(run.path / "checkpoints", ignore_errors=True)  # the student is saved: the checkpoints are spent
     return student, s_tok, distilled
@@ -520,6 +529,9 @@ def shrink_classifier(cfg: ClassifierShrinkConfig, overwrite: bool = False) -> t
     start = measurement_start()
     check_train_config(cfg.train)
     check_kd_config(cfg.kd)
+    if not 0 <= cfg.fine_prune.fraction < 1:
+        raise EdgestillError(f"fine_prune.fraction={cfg.fine_prune.fraction} must be in [0, 1) (the share of each "
+                             "layer's FFN units removed; 0 = no fine-pruning)")
     teacher, splits, data_matches = load_teacher(cfg)
     planted = plant(cfg.poison, splits)
     cfg.output_dir = cfg.output_dir or f"runs/shrink-classifier-{_data_name(cfg.data.path)}"
