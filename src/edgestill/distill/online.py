@@ -300,7 +300,7 @@ def _step(student, teacher, projector, x, y, cfg: OnlineKDConfig, optimizers: di
     return logs
 
 
-def stream_update(student: nn.Module, teacher: nn.Module, x: np.ndarray, order: list[int], lr: float = 1e-4,
+def stream_update(student: nn.Module, teacher: nn.Module, x: np.ndarray, order: list[int], lr: float = 1e-2,
                   batch: int = 16) -> np.ndarray:
     """Learning after deployment, without labels: windows arrive one at a time in `order`; each is predicted
     first (the error counted is always on data the student has not learned from: prequential), then the student
