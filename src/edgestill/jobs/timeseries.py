@@ -323,9 +323,7 @@ def shrink_timeseries(cfg: TimeseriesConfig, overwrite: bool = False) -> tuple[P
         write_text_atomic(run.path / "report.md", _report(metrics))
         for name in ("ckpt-teacher", "ckpt-student", "ckpt-pair"):
             shutil.rmtree(run.path / name, ignore_errors=True)
-    final = run.finish()
-    log.info(_summary(metrics))
-    return final, metrics
+    return run.finish(), metrics
 
 
 def _int8_predictions(path: Path, x: np.ndarray, threads: int) -> np.ndarray:
