@@ -58,7 +58,7 @@ def _config(args):
 
 def _train_run(cfg, data, run: str, seed: int, folder: Path, teacher_alone=None) -> dict:
     """Train one plan entry (resumable), save its models, return {name: model}."""
-    import copy
+    import dataclasses
 
     from safetensors.torch import load_model, save_model
 
@@ -73,10 +73,8 @@ def _train_run(cfg, data, run: str, seed: int, folder: Path, teacher_alone=None)
         for name, role in yields.items():
             load_model(models[role], str(folder / f"{name}.safetensors"))
         return {name: models[role] for name, role in yields.items()}
-    kd = copy.copy(cfg.kd)
-    kd.method = method
-    sched = copy.copy(cfg.train)
-    sched.seed = seed
+    kd = dataclasses.replace(cfg.kd, method=method)
+    sched = dataclasses.replace(cfg.train, seed=seed)
     tx, ty = data.xy("train")
     vx, vy = data.xy("val")
     folder.mkdir(parents=True, exist_ok=True)
@@ -96,32 +94,18 @@ def _train_run(cfg, data, run: str, seed: int, folder: Path, teacher_alone=None)
 
 
 def _measure(cfg, data, trained: dict, folder: Path) -> dict:
-    """Every model's test scores (students as int8 ONNX in onnxruntime), bytes and batch-1 latency."""
-    import numpy as np
-
+    """Every model's test scores (students as int8 ONNX in onnxruntime, teachers as float), bytes and batch-1
+    latency (jobs/timeseries.export_and_measure), plus its parameters and float PyTorch scores."""
     from edgestill.distill.online import predict
-    from edgestill.export.onnx_series import INPUT, export_float, onnx_predict, quantize_int8
-    from edgestill.jobs.timeseries import scores
+    from edgestill.jobs.timeseries import export_and_measure, scores
     from edgestill.models.sequence import parameter_count
-    from edgestill.runtime.onnx import measure_latency, onnx_session
 
+    exports = {name: (model, f"{name}.onnx", name in STUDENTS) for name, model in trained.items()}
+    out, preds = export_and_measure(cfg, data, exports, folder)
     test = data.windows["test"]
-    calib = data.windows["train"].x[np.random.default_rng(0).permutation(len(data.windows["train"]))[:512]]
-    files, out, preds = {}, {}, {}
     for name, model in trained.items():
-        f32 = export_float(model, cfg.data.window, data.sensors, data.cap, folder / f"{name}.f32.onnx")
-        files[name] = quantize_int8(f32, folder / f"{name}.int8.onnx", calib) if name in STUDENTS else f32
-        torch_pred = predict(model, test.x) * data.cap
-        out[name] = {"params": parameter_count(model), "torch_test": scores(torch_pred, test.y)}
-    sessions = {name: onnx_session(path, cfg.eval.threads) for name, path in files.items()}
-    for name, session in sessions.items():
-        preds[name] = onnx_predict(session, test.x)
-        out[name].update({"test": scores(preds[name], test.y), "bytes": files[name].stat().st_size,
+        out[name].update({"params": parameter_count(model), "torch_test": scores(predict(model, test.x) * data.cap, test.y),
                           "file": "int8 QDQ ONNX" if name in STUDENTS else "float ONNX"})
-    feeds = [{INPUT: test.x[i:i + 1]} for i in np.linspace(0, len(test) - 1, cfg.eval.latency_windows).astype(int)]
-    latency = measure_latency({n: (s, feeds) for n, s in sessions.items()}, repeats=cfg.eval.latency_repeats)
-    for name in out:
-        out[name]["latency_ms"] = latency[name]["latency_ms_per_example"]
     return out, preds
 
 
@@ -135,12 +119,6 @@ def _references(data) -> dict:
     constant = np.full(len(te), tr.y.mean(), np.float32)
     ridge = Ridge(alpha=1.0).fit(tr.x.reshape(len(tr), -1), tr.y)
     return {"constant": scores(constant, te.y), "ridge": scores(ridge.predict(te.x.reshape(len(te), -1)), te.y)}
-
-
-def _plot(path: Path, data, preds: dict) -> None:
-    from edgestill.jobs.timeseries import _plot_units
-
-    _plot_units(path, data, preds, 4)
 
 
 def _mean_std(xs):
@@ -165,7 +143,7 @@ def main() -> None:
     import torch
 
     from edgestill.evaluate.environment import environment
-    from edgestill.jobs.timeseries import Prepared, stream
+    from edgestill.jobs.timeseries import Prepared, plot_units, stream
 
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", stream=sys.stderr)
     if args.quick:
@@ -229,7 +207,7 @@ def main() -> None:
     goal["met"] = all(goal.values())
     name = "timeseries_quick" if args.quick else "timeseries"
     if plot_preds is not None:
-        _plot(RESULTS / f"{name}_rul.png", data, plot_preds)
+        plot_units(RESULTS / f"{name}_rul.png", data, plot_preds, 4)
     write_result(name, {
         "command": "python benchmarks/timeseries.py " + " ".join(sys.argv[1:]),
         "what": __doc__.split("\n\n")[0],

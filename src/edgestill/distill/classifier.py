@@ -469,13 +469,22 @@ def distill_classifier(teacher, student, teacher_tokenizer, splits, id_table: np
     return out
 
 
+def check_fine_prune_config(cfg: FinePruneConfig) -> None:
+    """Refuse fine-pruning settings that cannot work, before any run folder is made."""
+    if not 0 <= cfg.fraction < 1:
+        raise EdgestillError(f"fine_prune.fraction={cfg.fraction} must be in [0, 1) (the share of each layer's FFN "
+                             "units removed; 0 = no fine-pruning)")
+    if cfg.steps < 0 or cfg.lr <= 0 or cfg.batch_size < 1:
+        raise EdgestillError(f"fine_prune.steps={cfg.steps} must be >= 0, fine_prune.lr={cfg.lr} > 0 and "
+                             f"fine_prune.batch_size={cfg.batch_size} >= 1")
+
+
 def fine_prune(model, tokenizer, splits, cfg: FinePruneConfig, max_len: int, seed: int = 0) -> dict:
     """Fine-pruning in place (FinePruneConfig): prune dormant FFN units on the clean validation texts, then
     fine-tune on them (cross-entropy, AdamW, `cfg.steps` seeded batches). Returns what changed."""
     from edgestill.models.encoder_prune import prune_dormant_
 
-    if cfg.steps < 0 or cfg.lr <= 0 or cfg.batch_size < 1:
-        raise EdgestillError(f"defence.fine_prune_steps={cfg.steps} must be >= 0, lr > 0 and batch_size >= 1")
+    check_fine_prune_config(cfg)
     enc = tokenize(tokenizer, splits.val.texts, max_len)
     labels = splits.ids("val")
     before = evaluate_classifier(model, enc, labels)

@@ -16,8 +16,9 @@ docs/references.md), with response, feature and relation transfer and adaptive m
               student (EMA task loss), the more it listens, and the teacher listens to the student only while
               the teacher is the weaker one, at most gamma
 
-Each model keeps its best state by validation RMSE; training stops when neither improved for `patience`
-epochs. The loop checkpoints every epoch (safetensors + the optimizer's tensors) and resumes from there.
+Each model keeps its best state by validation RMSE; training stops once neither has improved for more than
+`patience` epochs in a row. The loop checkpoints every epoch (safetensors, the optimizer's tensors, the RNG)
+and resumes from there.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from torch import nn
 from edgestill.distill.features import rkd_angle_loss, rkd_distance_loss
 from edgestill.distill.mutual import MutualConfig, MutualWeights
 from edgestill.errors import EdgestillError
+from edgestill.files import atomic_path
 from edgestill.progress import progress_bar
 
 METHODS = ("alone", "offline", "online", "mutual")
@@ -94,7 +96,7 @@ class TrainSchedule:
     batch_size: int = 256
     lr: float = 2e-3
     teacher_lr: float = 1e-3
-    patience: int = 6  # epochs without a better validation RMSE (of either trained model) before stopping
+    patience: int = 6  # stop after more than this many epochs in a row without a better validation RMSE (either model)
     seed: int = 0
 
 
@@ -127,26 +129,17 @@ class _Best:
 
 def _save(path: Path, models: dict, optimizers: dict, bests: dict, meta: dict) -> None:
     """One atomic checkpoint folder: each model's current and best weights, the optimizers, the loop's state."""
-    import shutil
-
     from safetensors.torch import save_file
 
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name, model in models.items():
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / f"{name}.safetensors"))
-        if bests.get(name) is not None and bests[name].state is not None:
-            save_file({k: v.contiguous() for k, v in bests[name].state.items()}, str(tmp / f"{name}.best.safetensors"))
-    for name, opt in optimizers.items():
-        torch.save(opt.state_dict(), tmp / f"{name}.optimizer.pt")
-    save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))  # dropout masks continue exactly
-    (tmp / "state.json").write_text(json.dumps(meta))
-    old = path.with_name(path.name + ".old")
-    if path.exists():
-        path.rename(old)
-    tmp.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_path(path, "writing a training checkpoint", is_dir=True) as tmp:
+        for name, model in models.items():
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / f"{name}.safetensors"))
+            if bests.get(name) is not None and bests[name].state is not None:
+                save_file({k: v.contiguous() for k, v in bests[name].state.items()}, str(tmp / f"{name}.best.safetensors"))
+        for name, opt in optimizers.items():
+            torch.save(opt.state_dict(), tmp / f"{name}.optimizer.pt")
+        save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))  # dropout masks continue exactly
+        (tmp / "state.json").write_text(json.dumps(meta))
 
 
 def _load(path: Path, models: dict, optimizers: dict, bests: dict) -> dict | None:

@@ -520,7 +520,7 @@ def _shrink_baselines(cfg: ClassifierShrinkConfig, splits, data_matches: bool, t
 def shrink_classifier(cfg: ClassifierShrinkConfig, overwrite: bool = False) -> tuple[Path, dict]:
     """`edgestill shrink --task classification`: build, distil, export and measure a student of a fine-tuned
     classifier (see the module docstring). Returns (the finished run folder, its metrics)."""
-    from edgestill.distill.classifier import check_kd_config, check_train_config
+    from edgestill.distill.classifier import check_fine_prune_config, check_kd_config, check_train_config
     from edgestill.evaluate.classification import predict_logits, scores
     from edgestill.evaluate.classifier_report import classifier_report, plot_curve
     from edgestill.evaluate.environment import measurement_start
@@ -529,9 +529,7 @@ def shrink_classifier(cfg: ClassifierShrinkConfig, overwrite: bool = False) -> t
     start = measurement_start()
     check_train_config(cfg.train)
     check_kd_config(cfg.kd)
-    if not 0 <= cfg.fine_prune.fraction < 1:
-        raise EdgestillError(f"fine_prune.fraction={cfg.fine_prune.fraction} must be in [0, 1) (the share of each "
-                             "layer's FFN units removed; 0 = no fine-pruning)")
+    check_fine_prune_config(cfg.fine_prune)
     teacher, splits, data_matches = load_teacher(cfg)
     planted = plant(cfg.poison, splits)
     cfg.output_dir = cfg.output_dir or f"runs/shrink-classifier-{_data_name(cfg.data.path)}"

@@ -19,6 +19,7 @@ epoch and a rerun of the same command resumes.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -58,15 +59,14 @@ def scores(pred_cycles: np.ndarray, true_cycles: np.ndarray) -> dict:
             "phm_score": phm_score(pred_cycles, true_cycles), "n": int(len(d))}
 
 
-def receptive_field(cfg) -> int:
-    return 1 + (cfg.student.kernel - 1) * 3  # conv (k) then dilated conv (k, dilation 2)
-
-
 def check(cfg: TimeseriesConfig) -> None:
+    from edgestill.models.sequence import RULConvStudent
+
     cfg.kd.check()
-    if cfg.data.window < receptive_field(cfg):
+    field = RULConvStudent.receptive_field(cfg.student)
+    if cfg.data.window < field:
         raise EdgestillError(f"data.window={cfg.data.window} is shorter than the student's receptive field "
-                             f"({receptive_field(cfg)} cycles for student.kernel={cfg.student.kernel}); raise data.window "
+                             f"({field} cycles for student.kernel={cfg.student.kernel}); raise data.window "
                              f"or lower student.kernel")
     if cfg.teacher.d_model % cfg.teacher.heads:
         raise EdgestillError(f"teacher.d_model={cfg.teacher.d_model} must be a multiple of teacher.heads={cfg.teacher.heads}")
@@ -113,7 +113,7 @@ def train_pair(cfg: TimeseriesConfig, data: Prepared, teacher, student, work: Pa
     out = {}
     ckpt = (lambda name: work / name) if work is not None else (lambda name: None)
     if method in ("alone", "offline"):
-        alone = _with_method(cfg.kd, "alone")
+        alone = dataclasses.replace(cfg.kd, method="alone")
         out["teacher"] = train(None, teacher, tx, ty, vx, vy, alone, cfg.train, ckpt("ckpt-teacher"), "teacher alone")
         if method == "alone":
             out["student"] = train(student, None, tx, ty, vx, vy, alone, cfg.train, ckpt("ckpt-student"), "student alone")
@@ -126,12 +126,6 @@ def train_pair(cfg: TimeseriesConfig, data: Prepared, teacher, student, work: Pa
     return out
 
 
-def _with_method(kd, method: str):
-    k = copy.copy(kd)
-    k.method = method
-    return k
-
-
 def _history_best(trained: dict, who: str) -> dict:
     for key in (who, "pair"):
         if key in trained and who in trained[key]["best"]:
@@ -139,8 +133,11 @@ def _history_best(trained: dict, who: str) -> dict:
     return {}
 
 
-def _plot_units(path: Path, data: Prepared, preds: dict[str, np.ndarray], n_units: int) -> None:
+def plot_units(path: Path, data: Prepared, preds: dict[str, np.ndarray], n_units: int) -> None:
+    """Predicted against true (capped) RUL over the life of `n_units` test units of spread-out lengths."""
     import matplotlib
+
+    from edgestill.evaluate.report import save_figure
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -160,10 +157,7 @@ def _plot_units(path: Path, data: Prepared, preds: dict[str, np.ndarray], n_unit
     axes[0][0].set_ylabel("RUL (cycles)")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    with_tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(with_tmp, dpi=110)
-    plt.close(fig)
-    with_tmp.replace(path)
+    save_figure(fig, path)
 
 
 def stream(cfg: TimeseriesConfig, data: Prepared, teacher, student) -> dict:
@@ -192,6 +186,8 @@ def stream(cfg: TimeseriesConfig, data: Prepared, teacher, student) -> dict:
 def _plot_stream(path: Path, result: dict) -> None:
     import matplotlib
 
+    from edgestill.evaluate.report import save_figure
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -203,34 +199,35 @@ def _plot_stream(path: Path, result: dict) -> None:
     ax.set_ylabel("RMSE (cycles), prequential")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
-def export_and_measure(cfg: TimeseriesConfig, data: Prepared, teacher, student, folder: Path) -> dict:
-    """ONNX files of both models; test scores in onnxruntime; bytes; batch-1 latency."""
+def export_and_measure(cfg: TimeseriesConfig, data: Prepared, exports: dict[str, tuple], folder: Path) -> tuple[dict, dict]:
+    """exports: {key: (model, file name, int8)}. Each model becomes a float ONNX file; with int8, that float file
+    is `<stem>.f32.onnx` and the file named is its static int8 version, calibrated on 512 training windows. Every
+    file is scored on the test windows in onnxruntime and timed at batch 1, all in one alternated measurement.
+    Returns ({key: file, bytes, test scores, latency}, {key: test predictions in cycles})."""
     from edgestill.export.onnx_series import INPUT, export_float, onnx_predict, quantize_int8
-    from edgestill.models.sequence import parameter_count
     from edgestill.runtime.onnx import measure_latency, onnx_session
 
     window, cap = cfg.data.window, data.cap
-    files = {"teacher_f32": export_float(teacher, window, data.sensors, cap, folder / "teacher.onnx"),
-             "student_f32": export_float(student, window, data.sensors, cap, folder / "student.f32.onnx")}
-    calib = data.windows["train"].x[np.random.default_rng(0).permutation(len(data.windows["train"]))[:512]]
-    files["student_int8"] = quantize_int8(files["student_f32"], folder / "student.onnx", calib)
-    sessions = {name: onnx_session(path, cfg.eval.threads) for name, path in files.items()}
+    train_x = data.windows["train"].x
+    calib = train_x[np.random.default_rng(0).permutation(len(train_x))[:512]]
+    files, floats = {}, {}
+    for key, (model, name, int8) in exports.items():
+        float_path = folder / (name.removesuffix(".onnx") + ".f32.onnx" if int8 else name)
+        if float_path not in floats:  # a model exported as float and as int8 is exported once
+            floats[float_path] = export_float(model, window, data.sensors, cap, float_path)
+        files[key] = quantize_int8(float_path, folder / name, calib) if int8 else float_path
+    sessions = {key: onnx_session(path, cfg.eval.threads) for key, path in files.items()}
     test = data.windows["test"]
-    out = {name: {"file": path.name, "bytes": path.stat().st_size, "test": scores(onnx_predict(sessions[name], test.x), test.y)}
-           for name, path in files.items()}
+    preds = {key: onnx_predict(session, test.x) for key, session in sessions.items()}
     feeds = [{INPUT: test.x[i:i + 1]} for i in np.linspace(0, len(test) - 1, cfg.eval.latency_windows).astype(int)]
-    latency = measure_latency({name: (s, feeds) for name, s in sessions.items()}, repeats=cfg.eval.latency_repeats)
-    for name in out:
-        out[name]["latency_ms"] = latency[name]["latency_ms_per_example"]
-        out[name]["latency_ms_spread"] = latency[name]["latency_ms_spread"]
-    out["params"] = {"teacher": parameter_count(teacher), "student": parameter_count(student)}
-    return out
+    latency = measure_latency({key: (s, feeds) for key, s in sessions.items()}, repeats=cfg.eval.latency_repeats)
+    out = {key: {"file": path.name, "bytes": path.stat().st_size, "test": scores(preds[key], test.y),
+                 "latency_ms": latency[key]["latency_ms_per_example"],
+                 "latency_ms_spread": latency[key]["latency_ms_spread"]} for key, path in files.items()}
+    return out, preds
 
 
 def _summary(m: dict) -> str:
@@ -276,6 +273,7 @@ def shrink_timeseries(cfg: TimeseriesConfig, overwrite: bool = False) -> tuple[P
 
     from edgestill.distill.online import predict
     from edgestill.evaluate.environment import environment, measurement_start
+    from edgestill.models.sequence import parameter_count
 
     start = measurement_start()
     check(cfg)
@@ -292,7 +290,10 @@ def shrink_timeseries(cfg: TimeseriesConfig, overwrite: bool = False) -> tuple[P
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(run.path / f"{name}.safetensors"))
         test = data.windows["test"]
         preds = {name: predict(model, test.x) * data.cap for name, model in (("teacher", teacher), ("student", student))}
-        onnx = export_and_measure(cfg, data, teacher, student, run.path)
+        onnx, onnx_preds = export_and_measure(cfg, data, {
+            "teacher_f32": (teacher, "teacher.onnx", False), "student_f32": (student, "student.f32.onnx", False),
+            "student_int8": (student, "student.onnx", True)}, run.path)
+        onnx["params"] = {"teacher": parameter_count(teacher), "student": parameter_count(student)}
         streamed = stream(cfg, data, teacher, student) if cfg.eval.stream else None
         t_rmse, q = scores(preds["teacher"], test.y)["rmse"], onnx["student_int8"]
         metrics = {
@@ -309,10 +310,9 @@ def shrink_timeseries(cfg: TimeseriesConfig, overwrite: bool = False) -> tuple[P
             "stream": streamed, "environment": environment(cfg.eval.threads, start),
         }
         metrics["within_5pct"] = metrics["rmse_ratio"] <= 1.05
-        _plot_units(run.path / "rul_test_units.png", data,
-                    {"teacher": preds["teacher"], "student (PyTorch)": preds["student"],
-                     "student int8 (onnxruntime)": _int8_predictions(run.path / "student.onnx", test.x, cfg.eval.threads)},
-                    cfg.eval.plot_units)
+        plot_units(run.path / "rul_test_units.png", data,
+                   {"teacher": preds["teacher"], "student (PyTorch)": preds["student"],
+                    "student int8 (onnxruntime)": onnx_preds["student_int8"]}, cfg.eval.plot_units)
         if streamed:
             _plot_stream(run.path / "stream.png", streamed)
         _write_json(run.path / "series.json", {"window": cfg.data.window, "rul_cap": data.cap,
@@ -324,13 +324,6 @@ def shrink_timeseries(cfg: TimeseriesConfig, overwrite: bool = False) -> tuple[P
         for name in ("ckpt-teacher", "ckpt-student", "ckpt-pair"):
             shutil.rmtree(run.path / name, ignore_errors=True)
     return run.finish(), metrics
-
-
-def _int8_predictions(path: Path, x: np.ndarray, threads: int) -> np.ndarray:
-    from edgestill.export.onnx_series import onnx_predict
-    from edgestill.runtime.onnx import onnx_session
-
-    return onnx_predict(onnx_session(path, threads), x)
 
 
 def summary_line(metrics: dict) -> str:

@@ -100,9 +100,9 @@ def prune_dormant_(model, enc: dict, fraction: float) -> dict:
     scores = ffn_mean_activation(model, enc)
     units = len(scores[0])
     kept = max(1, units - int(round(fraction * units)))
-    keep = [torch.topk(s, kept).indices for s in scores]
-    pruned_mean = [float(s[torch.tensor(sorted(set(range(units)) - set(k.tolist())), dtype=torch.long)].mean())
-                   if kept < units else None for s, k in zip(scores, keep)]
+    order = [torch.argsort(s, descending=True) for s in scores]  # most active first
+    keep, dropped = [o[:kept] for o in order], [o[kept:] for o in order]
     cut_ffn_(model, keep)
-    return {"units_before": units, "units_after": kept, "fraction": fraction, "mean_activation_of_pruned": pruned_mean,
+    return {"units_before": units, "units_after": kept, "fraction": fraction,
+            "mean_activation_of_pruned": [float(s[d].mean()) if len(d) else None for s, d in zip(scores, dropped)],
             "mean_activation_of_kept": [float(s[k].mean()) for s, k in zip(scores, keep)]}

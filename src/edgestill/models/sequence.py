@@ -56,6 +56,11 @@ class RULTransformer(nn.Module):
 class RULConvStudent(nn.Module):
     """Two 1-D convolutions (the second dilated) + ReLU, mean over time, then a two-layer head."""
 
+    @staticmethod
+    def receptive_field(cfg: SeriesStudentConfig) -> int:
+        """Cycles one output position sees: conv (kernel k), then conv (kernel k, dilation 2)."""
+        return 1 + (cfg.kernel - 1) * 3
+
     def __init__(self, sensors: int, cfg: SeriesStudentConfig = SeriesStudentConfig()):
         super().__init__()
         c, k = cfg.channels, cfg.kernel
