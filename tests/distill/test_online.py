@@ -36,7 +36,7 @@ def task(n=384, seed=0):
 
 def models(seed=0):
     torch.manual_seed(seed)
-    return RULTransformer(2, WINDOW, TEACHER), RULConvStudent(2, STUDENT)
+    return RULTransformer(2, WINDOW, TEACHER), RULConvStudent(2, WINDOW, STUDENT)
 
 
 def weights(model):
@@ -108,17 +108,32 @@ def test_offline_teacher_stays_frozen():
     assert torch.equal(weights(t), before)
 
 
-def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path):
+def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+    import edgestill.distill.online as online
+
     x, y = task()
     vx, vy = task(64, seed=1)
     cfg = OnlineKDConfig(method="mutual")
+    sched = TrainSchedule(epochs=4, batch_size=64, patience=10)  # cosine: the resumed epochs need the same lr
     t1, s1 = models()
-    train(s1, t1, x, y, vx, vy, cfg, TrainSchedule(epochs=4, batch_size=64, patience=10))
+    train(s1, t1, x, y, vx, vy, cfg, sched)
     t2, s2 = models()
     ckpt = tmp_path / "ckpt"
-    train(s2, t2, x, y, vx, vy, cfg, TrainSchedule(epochs=2, batch_size=64, patience=10), ckpt)  # "killed" after 2
+    saves = []
+    real_save = online._save
+
+    def killed_after_two(*args, **kwargs):
+        real_save(*args, **kwargs)
+        saves.append(1)
+        if len(saves) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(online, "_save", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        train(s2, t2, x, y, vx, vy, cfg, sched, ckpt)
+    monkeypatch.setattr(online, "_save", real_save)
     t3, s3 = models(seed=7)  # fresh objects: everything must come from the checkpoint
-    out = train(s3, t3, x, y, vx, vy, cfg, TrainSchedule(epochs=4, batch_size=64, patience=10), ckpt)
+    out = train(s3, t3, x, y, vx, vy, cfg, sched, ckpt)
     assert [h["epoch"] for h in out["history"]] == [0, 1, 2, 3]
     assert torch.allclose(weights(s3), weights(s1), atol=1e-6) and torch.allclose(weights(t3), weights(t1), atol=1e-6)
     with pytest.raises(EdgestillError, match="holds a 'mutual' run"):

@@ -17,7 +17,7 @@ WINDOW, CAP = 20, 125.0
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     torch.manual_seed(0)
-    model = RULConvStudent(3, SeriesStudentConfig(channels=4, kernel=3, hidden=8)).eval()
+    model = RULConvStudent(3, WINDOW, SeriesStudentConfig(channels=4, kernel=3, hidden=8)).eval()
     folder = tmp_path_factory.mktemp("onnx")
     x = np.random.default_rng(0).normal(size=(300, WINDOW, 3)).astype(np.float32)
     f32 = export_float(model, WINDOW, 3, CAP, folder / "s.f32.onnx")
@@ -37,9 +37,9 @@ def test_int8_graph_is_quantized_and_close(exported):
     model, f32, q8, x = exported
     proto = onnx.load(str(q8))
     ops = {n.op_type for n in proto.graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm"} <= ops
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm", "MatMul"} <= ops
     int8 = [i for i in proto.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) >= 2]
-    assert len(int8) == 4  # the two convolutions' and the two linears' weights are stored as int8
+    assert len(int8) == 5  # the two convolutions', the trend pooling's and the two linears' weights are int8
     ref = PredictionOnly(model, CAP)(torch.from_numpy(x)).detach().numpy()
     got = onnx_predict(onnx_session(q8), x)
     spread = ref.max() - ref.min()

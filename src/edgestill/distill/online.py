@@ -92,12 +92,20 @@ def transfer_loss(s_pred, s_feat, t_pred, t_feat, projector: nn.Module, cfg: Onl
 
 @dataclass
 class TrainSchedule:
-    epochs: int = 30
+    epochs: int = 20
     batch_size: int = 256
-    lr: float = 2e-3
+    lr: float = 1e-2  # the student's: a ~1k-parameter conv net wants a large step
     teacher_lr: float = 1e-3
     patience: int = 6  # stop after more than this many epochs in a row without a better validation RMSE (either model)
     seed: int = 0
+    lr_schedule: str = "cosine"  # constant, or cosine: each epoch's lr decays from lr towards 0 over `epochs`
+
+    def lr_factor(self, epoch: int) -> float:
+        """The multiplier on both learning rates in `epoch` (a function of the epoch only, so a resumed run
+        continues the same schedule)."""
+        if self.lr_schedule == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * epoch / self.epochs))
 
 
 @torch.no_grad()
@@ -175,6 +183,8 @@ def train(student: nn.Module | None, teacher: nn.Module | None, train_x: np.ndar
     if sched.epochs < 1 or sched.batch_size < 1 or sched.lr <= 0 or sched.teacher_lr <= 0 or sched.patience < 0:
         raise EdgestillError(f"train: epochs ({sched.epochs}) and batch_size ({sched.batch_size}) must be >= 1, lr and "
                              f"teacher_lr > 0, patience >= 0")
+    if sched.lr_schedule not in ("constant", "cosine"):
+        raise EdgestillError(f"train.lr_schedule '{sched.lr_schedule}': choose constant or cosine")
     if method == "alone" and (student is None) == (teacher is None):
         raise EdgestillError("method 'alone' trains exactly one model: pass a student or a teacher, not both")
     if method != "alone" and (student is None or teacher is None):
@@ -210,12 +220,22 @@ def train(student: nn.Module | None, teacher: nn.Module | None, train_x: np.ndar
             weights.load_state_dict(meta["weights"])
     xt, yt = torch.from_numpy(train_x), torch.from_numpy(train_y)
     n = len(yt)
+    frozen = None  # offline: the frozen teacher's outputs on every training window, computed once
+    if teacher is not None and not trains_teacher:
+        teacher.eval()
+        with torch.no_grad():
+            parts = [teacher(xt[i:i + 1024]) for i in range(0, n, 1024)]
+        frozen = (torch.cat([p for p, _ in parts]), torch.cat([f for _, f in parts]))
     steps_per_epoch = max(1, math.ceil(n / sched.batch_size))
     bar = progress_bar(total=sched.epochs * steps_per_epoch, desc=desc, unit="step", initial=start * steps_per_epoch)
     for epoch in range(start, sched.epochs):
         if stale > sched.patience:
             break
         order = torch.from_numpy(np.random.default_rng([sched.seed, epoch]).permutation(n))
+        for name, opt in optimizers.items():
+            base = sched.teacher_lr if name == "teacher" else sched.lr
+            for group in opt.param_groups:
+                group["lr"] = base * sched.lr_factor(epoch)
         sums: dict[str, float] = {}
         for models_ in models.values():
             models_.train()
@@ -224,7 +244,8 @@ def train(student: nn.Module | None, teacher: nn.Module | None, train_x: np.ndar
         for b in range(steps_per_epoch):
             rows = order[b * sched.batch_size:(b + 1) * sched.batch_size]
             x, y = xt[rows], yt[rows]
-            logs = _step(student, teacher, projector, x, y, cfg, optimizers, weights, trains_teacher)
+            cached = None if frozen is None else (frozen[0][rows], frozen[1][rows])
+            logs = _step(student, teacher, projector, x, y, cfg, optimizers, weights, trains_teacher, cached)
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
             bar.update(1)
@@ -250,10 +271,12 @@ def train(student: nn.Module | None, teacher: nn.Module | None, train_x: np.ndar
 
 
 def _step(student, teacher, projector, x, y, cfg: OnlineKDConfig, optimizers: dict, weights: MutualWeights,
-          trains_teacher: bool) -> dict:
+          trains_teacher: bool, cached: tuple | None = None) -> dict:
     logs = {}
     t_pred = t_feat = None
-    if teacher is not None:
+    if cached is not None:  # a frozen teacher's outputs for these rows
+        t_pred, t_feat = cached
+    elif teacher is not None:
         if trains_teacher:
             t_pred, t_feat = teacher(x)
         else:

