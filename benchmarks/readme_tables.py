@@ -390,6 +390,20 @@ def timeseries_table(r: dict) -> str:
     return "\n".join(out)
 
 
+def timeseries_pooling_table(r: dict) -> str:
+    """The RUL student's pooling ablation (benchmarks/timeseries_pooling.py)."""
+    out = ["| student pooling over time | params | int8 bytes | test RMSE (cycles), int8 ONNX | per seed |",
+           "|---|---:|---:|---:|---|"]
+    labels = {"mean": "mean only", "trend": "mean + learned trend (default)"}
+    for x in r["rows"]:
+        seeds = ", ".join(f"{s['rmse']:.2f}" for s in x["per_seed"])
+        out.append(f"| {labels.get(x['pool'], x['pool'])} | {x['params']:,} | {x['bytes']:,} | "
+                   f"**{x['rmse_mean']:.2f} ± {x['rmse_std']:.2f}** | {seeds} |")
+    out += ["", f"The student trained alone, {len(r['rows'][0]['seeds'])} seeds, the recipe's training otherwise. "
+            f"{_measured(r['environment'])}, by `{r['command'].strip()}` → `benchmarks/results/timeseries_pooling.json`."]
+    return "\n".join(out)
+
+
 def audit_table(r: dict) -> str:
     """Teacher and student ASR and clean accuracy per setting x defence of benchmarks/audit.py."""
     def pm(x, key, fmt="{:.1%}"):
@@ -420,7 +434,7 @@ TABLES = {"default_run": default_run_table, "distill_throughput": throughput_tab
           "shrink_curve": shrink_curve_table, "shrink_curve_summary": shrink_curve_summary,
           "mixed_vs_uniform": mixed_vs_uniform_table, "serve_load": serve_load_table,
           "serve_load_overload": serve_load_table, "timeseries": timeseries_table,
-          "audit": audit_table}
+          "timeseries_pooling": timeseries_pooling_table, "audit": audit_table}
 SOURCES = {"shrink_curve_summary": "shrink_curve"}  # tables rendered from another table's JSON
 
 

@@ -73,6 +73,28 @@ def test_bad_config_is_refused():
         train(s, None, x, y, x, y, OnlineKDConfig(method="online"), SCHED)
     with pytest.raises(EdgestillError, match="exactly one model"):
         train(s, t, x, y, x, y, OnlineKDConfig(method="alone"), SCHED)
+    with pytest.raises(EdgestillError, match="train.lr_schedule 'step'"):
+        train(s, None, x, y, x, y, OnlineKDConfig(method="alone"), TrainSchedule(lr_schedule="step"))
+    with pytest.raises(EdgestillError, match="student.pool 'max'"):
+        SeriesStudentConfig(pool="max")
+
+
+def test_cosine_schedule_decays_per_epoch_and_constant_does_not():
+    cosine, constant = TrainSchedule(epochs=4), TrainSchedule(epochs=4, lr_schedule="constant")
+    assert [round(cosine.lr_factor(e), 4) for e in range(4)] == [1.0, 0.8536, 0.5, 0.1464]
+    assert all(constant.lr_factor(e) == 1.0 for e in range(4))
+
+
+def test_trend_pooling_adds_one_weight_per_position_and_the_head_inputs_it_feeds():
+    mean = RULConvStudent(2, WINDOW, SeriesStudentConfig(channels=4, kernel=3, hidden=8, pool="mean"))
+    trend = RULConvStudent(2, WINDOW, SeriesStudentConfig(channels=4, kernel=3, hidden=8, pool="trend"))
+    positions = WINDOW - RULConvStudent.receptive_field(STUDENT) + 1
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(trend) - count(mean) == positions + 8 * 8  # the trend weights, and 8 more head inputs x 8 hidden
+    pred, feat = trend(torch.from_numpy(task(5)[0]))
+    assert pred.shape == (5,) and feat.shape == (5, 8)
+    with pytest.raises(ValueError, match="shorter than the student's receptive field"):
+        RULConvStudent(2, 4, STUDENT)
 
 
 def test_training_alone_learns_the_task():
