@@ -60,6 +60,8 @@ def test_a_finished_run_is_not_replaced_without_overwrite(finished, capsys):
     (["kd.method=distil"], "kd.method 'distil'"),
     (["data.window=5"], "shorter than the student's receptive field"),
     (["data.sensors=[s1,s7]"], r"sensor column\(s\) s7 missing"),
+    (["train.lr_schedule=step"], "train.lr_schedule 'step': choose constant or cosine"),
+    (["student.pool=max"], "student.pool 'max': choose mean or trend"),
 ])
 def test_bad_input_one_line_and_no_folder(finished, tmp_path, capsys, extra, match):
     _, data, _ = finished

@@ -100,6 +100,13 @@ class TrainSchedule:
     seed: int = 0
     lr_schedule: str = "cosine"  # constant, or cosine: each epoch's lr decays from lr towards 0 over `epochs`
 
+    def check(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.teacher_lr <= 0 or self.patience < 0:
+            raise EdgestillError(f"train: epochs ({self.epochs}) and batch_size ({self.batch_size}) must be >= 1, lr and "
+                                 f"teacher_lr > 0, patience >= 0")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise EdgestillError(f"train.lr_schedule '{self.lr_schedule}': choose constant or cosine")
+
     def lr_factor(self, epoch: int) -> float:
         """The multiplier on both learning rates in `epoch` (a function of the epoch only, so a resumed run
         continues the same schedule)."""
@@ -180,11 +187,7 @@ def train(student: nn.Module | None, teacher: nn.Module | None, train_x: np.ndar
     """
     method = cfg.method
     mutual_cfg = cfg.check()
-    if sched.epochs < 1 or sched.batch_size < 1 or sched.lr <= 0 or sched.teacher_lr <= 0 or sched.patience < 0:
-        raise EdgestillError(f"train: epochs ({sched.epochs}) and batch_size ({sched.batch_size}) must be >= 1, lr and "
-                             f"teacher_lr > 0, patience >= 0")
-    if sched.lr_schedule not in ("constant", "cosine"):
-        raise EdgestillError(f"train.lr_schedule '{sched.lr_schedule}': choose constant or cosine")
+    sched.check()
     if method == "alone" and (student is None) == (teacher is None):
         raise EdgestillError("method 'alone' trains exactly one model: pass a student or a teacher, not both")
     if method != "alone" and (student is None or teacher is None):

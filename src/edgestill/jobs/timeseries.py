@@ -63,6 +63,8 @@ def check(cfg: TimeseriesConfig) -> None:
     from edgestill.models.sequence import RULConvStudent
 
     cfg.kd.check()
+    cfg.train.check()
+    cfg.student.check()
     field = RULConvStudent.receptive_field(cfg.student)
     if cfg.data.window < field:
         raise EdgestillError(f"data.window={cfg.data.window} is shorter than the student's receptive field "

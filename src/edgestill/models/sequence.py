@@ -38,6 +38,9 @@ class SeriesStudentConfig:
     pool: str = "trend"  # mean (over time), or trend: the mean and a learned weighting of the time positions
 
     def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
         if self.pool not in ("mean", "trend"):
             raise EdgestillError(f"student.pool '{self.pool}': choose mean or trend")
 
