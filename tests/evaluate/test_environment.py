@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from edgestill.evaluate.environment import environment, measurement_start
+import subprocess
+
+from edgestill.evaluate.environment import environment, git_dirty, measurement_start
 
 
 def test_a_record_carries_full_provenance():
@@ -20,3 +22,22 @@ def test_a_record_carries_full_provenance():
 def test_a_record_without_a_start_says_so():
     env = environment(1)
     assert env["date_start"] is None and env["load_average_before"] is None and env["load_average_after"] is not None
+
+
+def test_dirty_means_changed_code_not_a_benchmarks_own_results(tmp_path):
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "code.py").write_text("x = 1\n")
+    (tmp_path / "benchmarks" / "results" / "r.json").write_text("{}\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    assert git_dirty(tmp_path / "src") is False
+    (tmp_path / "benchmarks" / "results" / "r.json").write_text('{"new": 1}\n')
+    (tmp_path / "untracked.py").write_text("")
+    assert git_dirty(tmp_path / "src") is False  # its own output and untracked files are not dirt
+    (tmp_path / "src" / "code.py").write_text("x = 2\n")
+    assert git_dirty(tmp_path / "src") is True

@@ -51,6 +51,17 @@ def measurement_start() -> dict:
     return {"date_start": datetime.now(timezone.utc).isoformat(timespec="seconds"), "load_average_before": load_average()}
 
 
+def git_dirty(repo: Path) -> bool | None:
+    """Uncommitted changes to tracked files of the repository holding `repo`, except benchmark results: a benchmark
+    writes its own plot or JSON before it records this, and those are its output, not the code that measured."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
+                              ":(top,exclude)benchmarks/results"], capture_output=True, text=True, timeout=5, cwd=repo)
+    except Exception:
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None
+
+
 def environment(threads: int | None = None, start: dict | None = None) -> dict:
     import torch
 
@@ -65,7 +76,7 @@ def environment(threads: int | None = None, start: dict | None = None) -> dict:
     return {
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "git_commit": commit,
-        "git_dirty": None if commit is None else bool(git("status", "--porcelain", "--untracked-files=no")),
+        "git_dirty": None if commit is None else git_dirty(Path(__file__).parent),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "date_start": (start or {}).get("date_start"),
         "cpu_model": cpu_model(),
