@@ -242,8 +242,6 @@ def train(student: nn.Module | None, teacher: nn.Module | None, train_x: np.ndar
         sums: dict[str, float] = {}
         for models_ in models.values():
             models_.train()
-        if teacher is not None and not trains_teacher:
-            teacher.eval()
         for b in range(steps_per_epoch):
             rows = order[b * sched.batch_size:(b + 1) * sched.batch_size]
             x, y = xt[rows], yt[rows]
@@ -277,14 +275,10 @@ def _step(student, teacher, projector, x, y, cfg: OnlineKDConfig, optimizers: di
           trains_teacher: bool, cached: tuple | None = None) -> dict:
     logs = {}
     t_pred = t_feat = None
-    if cached is not None:  # a frozen teacher's outputs for these rows
+    if cached is not None:  # a frozen teacher's outputs for these rows (train computes them once)
         t_pred, t_feat = cached
-    elif teacher is not None:
-        if trains_teacher:
-            t_pred, t_feat = teacher(x)
-        else:
-            with torch.no_grad():
-                t_pred, t_feat = teacher(x)
+    elif teacher is not None:  # a teacher that trains alongside
+        t_pred, t_feat = teacher(x)
     if student is None:  # the teacher alone
         t_task = F.mse_loss(t_pred, y)
         optimizers["teacher"].zero_grad(set_to_none=True)
