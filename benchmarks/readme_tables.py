@@ -426,6 +426,29 @@ def audit_table(r: dict) -> str:
     return "\n".join(out)
 
 
+def levers_table(r: dict) -> str:
+    """The default student with and without each lever of benchmarks/levers.py, one row per (lever, seed)."""
+    def f(x, fmt="{:.3f}"):
+        return "—" if x is None else fmt.format(x)
+
+    out = ["| lever | seed | MB (HF folder) | × F16 | × original file | retention | top-1 | KL | out-of-domain retention | "
+           "out-of-domain top-1 | tokens per teacher token (in / out) | commit |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    for x in r["rows"]:
+        ood, v = x["out_of_domain"], x.get("vocab_trim") or {}
+        ratio = "1 / 1" if not v else (f"{v['student_tokens_per_teacher_token']:.3f} / "
+                                       f"{(v.get('out_of_domain') or {}).get('student_tokens_per_teacher_token', float('nan')):.3f}")
+        env = x["environment"]
+        out.append(f"| {x['label']} | {x['seed']} | {x['bytes'] / 1e6:.1f} | {x['compression_x_fp16']:.2f} | "
+                   f"{x['compression_x_source']:.2f} | {f(x['retention'])} | {f(x['top1_agreement'])} | "
+                   f"{f(x['kl_teacher_student'])} | {f(ood.get('retention'))} | {f(ood.get('top1_agreement'))} | {ratio} | "
+                   f"`{(env.get('git_commit') or '?')[:8]}`{' (dirty)' if env.get('git_dirty') else ''} |")
+    out += ["", f"Scores against the corrected teacher; the same training steps and tokens for every row "
+            f"({r['rows'][0]['train_tokens']:,} tokens). {_measured(r['environment'])}, by `{r['command'].strip()}` → "
+            "`benchmarks/results/levers.json`."]
+    return "\n".join(out)
+
+
 from distill_methods import methods_table  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from shrink_curve import shrink_curve_summary, shrink_curve_table  # noqa: E402
 
@@ -434,7 +457,7 @@ TABLES = {"default_run": default_run_table, "distill_throughput": throughput_tab
           "shrink_curve": shrink_curve_table, "shrink_curve_summary": shrink_curve_summary,
           "mixed_vs_uniform": mixed_vs_uniform_table, "serve_load": serve_load_table,
           "serve_load_overload": serve_load_table, "timeseries": timeseries_table,
-          "timeseries_pooling": timeseries_pooling_table, "audit": audit_table}
+          "timeseries_pooling": timeseries_pooling_table, "audit": audit_table, "levers": levers_table}
 SOURCES = {"shrink_curve_summary": "shrink_curve"}  # tables rendered from another table's JSON
 
 

@@ -178,3 +178,18 @@ def test_audit_table_shows_both_asrs_and_an_unmeasurable_ratio():
     table = readme_tables.audit_table(r)
     assert "| clean | none | 90.0% ± 5.0% | **6.0% ± 1.0%** | — |" in table
     assert "1,1,2 / —,7,9" in table and "`cf mn`" in table
+
+
+def test_levers_summary_keeps_each_rows_seeds_apart_and_gives_their_range():
+    levers = pytest.importorskip("levers")
+
+    def row(name, seed, retention, ood):
+        return {"row": name, "seed": seed, "bytes": 10 if name == "none" else 7, "compression_x_fp16": 1.0,
+                "compression_x_source": 0.5, "retention": retention, "top1_agreement": 0.5,
+                "kl_teacher_student": 0.3, "out_of_domain": {"retention": ood}}
+
+    summary = levers.summarise([row("none", 0, 0.6, 0.1), row("trim_vocab", 0, 0.5, None), row("none", 1, 0.8, 0.3)])
+    assert list(summary) == ["none", "trim_vocab"]
+    assert summary["none"]["seeds"] == [0, 1] and summary["none"]["retention"] == {"mean": 0.7, "min": 0.6, "max": 0.8}
+    assert summary["none"]["out_of_domain_retention"]["mean"] == pytest.approx(0.2)
+    assert summary["trim_vocab"]["bytes"] == 7 and "out_of_domain_retention" not in summary["trim_vocab"]

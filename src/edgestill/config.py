@@ -99,6 +99,10 @@ class StudentConfig:
     #   weight     - their weight norms (what an FFN-only cut has always used)
     #   auto       - activation when hidden_size or a head count is set, else weight (so FFN-only runs reproduce)
     width_importance: str = "auto"
+    # Vocabulary trimming (models/vocab.py): keep only the tokens the training split uses, plus the tokenizer's byte
+    # symbols and special tokens, so any text still encodes (a word the student lacks is spelled in kept pieces). The
+    # tied embedding loses its other rows; the GGUF carries the trimmed tokenizer. Byte-level BPE tokenizers only.
+    trim_vocab: bool = False
     # Existing student model folder (for `edgestill distill`), used instead of slicing the teacher.
     model: str | None = None
 
@@ -551,6 +555,12 @@ def validate(cfg: ShrinkConfig) -> None:
         raise EdgestillError("student.num_layers must be at least 1")
     if s.width_importance not in ("auto", "activation", "weight"):
         raise EdgestillError(f"student.width_importance='{s.width_importance}' is unknown; use auto, activation or weight")
+    if s.trim_vocab and s.model:
+        raise EdgestillError("student.trim_vocab trims a student cut from the teacher, and student.model names a "
+                             "ready-made one; drop one of them")
+    if s.trim_vocab and k.on_policy_fraction > 0:
+        raise EdgestillError("student.trim_vocab with distill.on_policy_fraction: the teacher cannot score samples in "
+                             "the student's trimmed vocabulary; set one of them off")
     for key in ("intermediate_size", "hidden_size", "num_attention_heads", "num_key_value_heads"):
         if getattr(s, key) is not None and getattr(s, key) < 1:
             raise EdgestillError(f"student.{key}={getattr(s, key)} must be a positive number, or null to keep the "

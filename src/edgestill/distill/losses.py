@@ -72,7 +72,7 @@ def forward_kl_topk(student_logits: torch.Tensor, topk_logprobs: torch.Tensor, t
         masked = s.scatter(-1, ids, float("-inf"))
         log_q_tail = torch.logsumexp(masked, dim=-1) - torch.logsumexp(s, dim=-1)  # (B, T)
         p_tail = (1.0 - log_p_top.exp().sum(-1)).clamp_min(0.0)  # (B, T)
-        kl_top = (log_p_top.exp() * (log_p_top - log_q_top)).sum(-1)
+        kl_top = (log_p_top.exp() * _safe_diff(log_p_top, log_q_top)).sum(-1)  # ids with p = 0 (a trimmed vocabulary's)
         # No tail term where the teacher's tail is empty (k covers the vocabulary: p_tail is rounding noise)
         # or the student's is (-inf): 0 * log 0 = 0 by convention.
         valid = (p_tail > 1e-6) & torch.isfinite(log_q_tail)
@@ -81,7 +81,7 @@ def forward_kl_topk(student_logits: torch.Tensor, topk_logprobs: torch.Tensor, t
     else:
         log_p = F.log_softmax(t_top / temperature, dim=-1)
         log_q = F.log_softmax(s.gather(-1, ids) / temperature, dim=-1)
-        per_token = (log_p.exp() * (log_p - log_q)).sum(-1)
+        per_token = (log_p.exp() * _safe_diff(log_p, log_q)).sum(-1)
     return _masked_mean(per_token, mask)
 
 

@@ -146,6 +146,8 @@ class Methods:
     student_qkv, teacher_qkv: hooks capturing the last layer's Q/K/V for MiniLMv2 relations
     teacher_model: the live teacher, when a method needs one
     teachers:   MTAKD mixer of several teachers (a MultiTeacher source); teacher_weights: its last mean weights
+    vocab:      a student with a trimmed vocabulary (models/vocab.VocabMap): it reads its own ids, and the teacher's
+                targets are mapped into its vocabulary
     """
 
     logit: LogitLossConfig
@@ -158,6 +160,7 @@ class Methods:
     teacher_model: torch.nn.Module | None = None
     teachers: TeacherMixer | None = None
     teacher_weights: list[float] | None = None
+    vocab: object | None = None
 
     @classmethod
     def from_config(cls, cfg: DistillConfig, student=None, teacher=None, layers: list[int] | None = None) -> "Methods":
@@ -313,21 +316,26 @@ def learning_rate(step: int, cfg: DistillConfig) -> float:
 SELECT_ON = {"val_kl": "kl_teacher_student", "val_loss": "val_loss"}  # distill.select -> the score it minimises
 
 
-def held_out_scores(student, reference, blocks: np.ndarray, batch_size: int = 8) -> dict:
+def held_out_scores(student, reference, blocks: np.ndarray, batch_size: int = 8, vocab=None) -> dict:
     """What checkpoint selection reads: the student's held-out CE and, with a `reference` (the teacher model),
-    its KL(teacher || student) and top-1 agreement on the same blocks (the report's definitions)."""
+    its KL(teacher || student) and top-1 agreement on the same blocks (the report's definitions; `vocab`: the
+    student's VocabMap when its vocabulary is trimmed)."""
     if reference is None:
-        return {"val_loss": validation_loss(student, blocks, batch_size)}
+        return {"val_loss": validation_loss(student, blocks, batch_size, vocab)}
     from edgestill.evaluate.metrics import compare_lm
 
-    summary = compare_lm(reference, student, blocks, batch_size)["summary"]
+    summary = compare_lm(reference, student, blocks, batch_size, vocab)["summary"]
     return {"val_loss": math.log(summary["student_perplexity"]), "kl_teacher_student": summary["kl_teacher_student"],
             "top1_agreement": summary["top1_agreement"]}
 
 
 @torch.no_grad()
-def validation_loss(model, blocks: np.ndarray, batch_size: int = 8) -> float:
-    """Mean next-token CE of `model` over `blocks` (N, T)."""
+def validation_loss(model, blocks: np.ndarray, batch_size: int = 8, vocab=None) -> float:
+    """Mean next-token CE of `model` over `blocks` (N, T) (per teacher token for a trimmed vocabulary's `vocab`)."""
+    if vocab is not None:
+        from edgestill.evaluate.metrics import token_nll
+
+        return float(token_nll(model, blocks, batch_size, desc="validation", vocab=vocab).mean())
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(blocks), batch_size):
@@ -363,16 +371,21 @@ def train_step(model, optimizer, teacher, blocks: np.ndarray, rows: np.ndarray, 
         teacher_logprobs, weights = methods.teachers.combine(teacher_logprobs)  # (b, T-1, U), (K, b, T-1)
         methods.teacher_weights = weights.mean(dim=(1, 2)).tolist()
     model.train()
+    student_ids = input_ids if methods.vocab is None else methods.vocab.student_ids(input_ids)
     with methods.student_qkv if methods.student_qkv is not None else contextlib.nullcontext(), \
             torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-        out = model(input_ids=input_ids, output_hidden_states=want_hidden)
+        out = model(input_ids=student_ids, output_hidden_states=want_hidden)
     logits = out.logits[:, :-1].float()  # (b, T-1, V); the losses in fp32 whatever the forward's precision
-    labels = input_ids[:, 1:]  # (b, T-1)
+    labels = student_ids[:, 1:]  # (b, T-1)
+    kd_logits = logits
+    if methods.vocab is not None:  # the teacher's targets in the student's vocabulary, trimmed ids in a column of no mass
+        teacher_logprobs, teacher_ids = methods.vocab.teacher_topk(teacher_logprobs, teacher_ids)
+        kd_logits = methods.vocab.with_dummy_column(logits)
 
     token_weights = None
     if cfg.token_focus > 0:  # KAKD: transfer more where the student is weak
         token_weights = student_error_weights(cross_entropy_per_token(logits.detach(), labels), kd_mask, cfg.token_focus)
-    kd = logit_loss(logits, methods.logit, topk_logprobs=teacher_logprobs, topk_ids=teacher_ids, mask=kd_mask,
+    kd = logit_loss(kd_logits, methods.logit, topk_logprobs=teacher_logprobs, topk_ids=teacher_ids, mask=kd_mask,
                     token_weights=token_weights)
     ce = cross_entropy(logits, labels)
     if on_policy:  # the student's own text has no labels worth fitting: divergence only (GKD)
@@ -466,7 +479,7 @@ def _record_attempt(run_dir: Path, from_step: int, to_step: int, seconds: float)
 
 def _resolve_time_budget(cfg: DistillConfig, budget: TrainBudget, run_dir: Path, tokens_per_step: int,
                          timed: list[dict], done: int, t_begin: float, eval_s: float | None, rank: int, student,
-                         reference, val_blocks, save_checkpoint) -> DistillConfig:
+                         reference, val_blocks, save_checkpoint, vocab=None) -> DistillConfig:
     """Fix the total steps of a time budget from the probe steps (`timed`), one evaluation and one checkpoint, all
     measured here, and the time distillation has spent since `t_begin`; rank 0 decides, every rank gets its answer."""
     total, error = 0, None
@@ -476,7 +489,7 @@ def _resolve_time_budget(cfg: DistillConfig, budget: TrainBudget, run_dir: Path,
         if eval_s is None:  # the start was not evaluated here (resumed, or distill.select=last): time one evaluation
             t = time.perf_counter()
             if val_blocks is not None and len(val_blocks):
-                held_out_scores(student, reference, val_blocks)
+                held_out_scores(student, reference, val_blocks, vocab=vocab)
             eval_s = time.perf_counter() - t
         t = time.perf_counter()
         save_checkpoint()  # keeps the probe steps, and says what a checkpoint costs
@@ -504,7 +517,7 @@ def _resolve_time_budget(cfg: DistillConfig, budget: TrainBudget, run_dir: Path,
 
 def distill(student, teacher, blocks: np.ndarray, cfg: DistillConfig, run_dir: str | Path,
             val_blocks: np.ndarray | None = None, show_progress: bool = True, layers: list[int] | None = None,
-            reference: torch.nn.Module | None = None) -> list[dict]:
+            reference: torch.nn.Module | None = None, vocab=None) -> list[dict]:
     """Train `student` towards `teacher` (a CachedTeacher, LiveTeacher or MultiTeacher) on `blocks` (N, T).
 
     `layers`: for a student sliced out of the teacher, the teacher blocks it kept (aligns hidden-state MSE).
@@ -518,6 +531,9 @@ def distill(student, teacher, blocks: np.ndarray, cfg: DistillConfig, run_dir: s
     decides which evaluated state the student ends in: val_kl (fidelity first: training that moves the
     student away from the teacher is not kept), val_loss, or last. The choice is written to
     `run_dir/selection.json`.
+
+    `vocab`: the student's VocabMap when its vocabulary is trimmed (models/vocab.py): `blocks` stay the teacher's ids,
+    every token of them kept, and the student reads its own.
     """
     rank, world = dist_setup()
     if cfg.batch_size % world:
@@ -535,6 +551,11 @@ def distill(student, teacher, blocks: np.ndarray, cfg: DistillConfig, run_dir: s
     if cfg.freeze_embeddings:
         student.get_input_embeddings().weight.requires_grad_(False)
     methods = Methods.from_config(cfg, student, teacher, layers)
+    if vocab is not None and methods.on_policy is not None:
+        raise EdgestillError("distill.on_policy_fraction needs the teacher to score the student's own samples, which "
+                             "are in the student's trimmed vocabulary; set student.trim_vocab=false or "
+                             "distill.on_policy_fraction=0")
+    methods.vocab = vocab
     trainable = [p for p in student.parameters() if p.requires_grad] + methods.parameters()
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     start_step, history = _load_checkpoint(ckpt_root, student, optimizer, methods)
@@ -546,7 +567,7 @@ def distill(student, teacher, blocks: np.ndarray, cfg: DistillConfig, run_dir: s
     t_begin = time.perf_counter()  # what a time budget counts from
     eval_s = None
     if rank == 0 and select != "last" and _read_best(ckpt_root) is None:  # the student as cut is a candidate
-        start = _scores(held_out_scores(student, reference, val_blocks))
+        start = _scores(held_out_scores(student, reference, val_blocks, vocab=vocab))
         eval_s = time.perf_counter() - t_begin
         _save_best(ckpt_root, student, {"step": start_step, **start, "start": {"step": start_step, **start}})
 
@@ -578,7 +599,8 @@ def distill(student, teacher, blocks: np.ndarray, cfg: DistillConfig, run_dir: s
             record["teacher_weights"] = _mean_across_ranks(methods.teacher_weights)
         evaluate = val_blocks is not None and len(val_blocks) and (last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0))
         if rank == 0 and evaluate:
-            record.update(_scores(held_out_scores(student, reference if select != "last" else None, val_blocks)))
+            record.update(_scores(held_out_scores(student, reference if select != "last" else None, val_blocks,
+                                                  vocab=vocab)))
             best = _read_best(ckpt_root)
             if best is not None and record[SELECT_ON[select]] < best[SELECT_ON[select]]:
                 _save_best(ckpt_root, student, {"step": step + 1, **{k: record[k] for k in _SCORE_KEYS if k in record},
@@ -605,7 +627,8 @@ def distill(student, teacher, blocks: np.ndarray, cfg: DistillConfig, run_dir: s
         start_step += n
         cfg = _resolve_time_budget(cfg, budget, run_dir, cfg.batch_size * seq_len, timed, start_step, t_begin, eval_s,
                                    rank, student, reference if select != "last" else None, val_blocks,
-                                   lambda: _save_checkpoint(ckpt_root, student, optimizer, start_step, history, methods))
+                                   lambda: _save_checkpoint(ckpt_root, student, optimizer, start_step, history, methods),
+                                   vocab)
     bar = progress_bar(total=cfg.steps, initial=start_step, desc="distilling", unit="step", disable=not show_progress)
     for step in range(start_step, cfg.steps):
         one_step(step, last=step + 1 == cfg.steps)

@@ -19,6 +19,7 @@ The reference's answers are plain data (token ids and numbers), so one set serve
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -124,9 +125,15 @@ def chat_answers(model, tokenizer, prompts=CHAT_PROMPTS, max_new_tokens: int = 4
 
 
 @torch.no_grad()
-def score_on_answers(model, tokenizer, answers: dict, desc: str = "chat comparison (student)") -> list[dict]:
+def score_on_answers(model, tokenizer, answers: dict, desc: str = "chat comparison (student)", vocab=None) -> list[dict]:
     """`model` on the prompts of `answers` (a `chat_answers` result): per prompt its own greedy answer (token ids),
-    its mean NLL of the given answer and the share of that answer's tokens that are its own top-1."""
+    its mean NLL of the given answer and the share of that answer's tokens that are its own top-1.
+
+    vocab: the model's VocabMap when its vocabulary is trimmed (`tokenizer` is then its own): the answer is fed as its
+    pieces, the NLL stays per answer token (summed over its pieces), and a token the model lacks is never its top-1.
+    """
+    if vocab is not None:
+        return _score_trimmed(model, tokenizer, answers, desc, vocab)
     model.eval()
     device = next(model.parameters()).device
     stop_ids = stop_token_ids(tokenizer)
@@ -147,14 +154,38 @@ def score_on_answers(model, tokenizer, answers: dict, desc: str = "chat comparis
     return scores
 
 
-def chat_result(answers: dict, scores: list[dict], tokenizer) -> dict:
-    """The `chat_compare` result of a student's `scores` on the reference's `answers` (answers decoded here)."""
+@torch.no_grad()
+def _score_trimmed(model, tokenizer, answers: dict, desc: str, vocab) -> list[dict]:
+    model.eval()
+    device = next(model.parameters()).device
+    stop_ids = stop_token_ids(tokenizer)
+    scores = []
+    bar = progress_bar(total=len(answers["prompts"]), desc=desc, unit="prompt")
+    for prompt, given in zip(answers["prompts"], answers["answers"]):
+        ids = chat_prompt_ids(tokenizer, prompt).to(device)
+        own = greedy_answer(model, ids, stop_ids, answers["max_new_tokens"])
+        pieces, starts = vocab.expand(given)
+        logp = answer_log_probs(model, ids, pieces)  # (pieces, K)
+        piece_lp = logp.gather(-1, torch.tensor(pieces, device=device)[:, None]).squeeze(-1).cpu().numpy()
+        owner = np.searchsorted(starts, np.arange(len(pieces)), side="right") - 1
+        nll = -np.bincount(owner, weights=piece_lp, minlength=len(given))  # per answer token
+        wanted = vocab.table[torch.tensor(given)].to(device)  # -1 where the model lacks the token
+        top1 = logp[torch.from_numpy(starts).to(device)].argmax(-1) == wanted
+        scores.append({"answer": own, "answer_nll": float(nll.mean()), "answer_top1": float(top1.float().mean())})
+        bar.update(1)
+    bar.close()
+    return scores
+
+
+def chat_result(answers: dict, scores: list[dict], tokenizer, student_tokenizer=None) -> dict:
+    """The `chat_compare` result of a student's `scores` on the reference's `answers` (answers decoded here;
+    `student_tokenizer`: the student's own, when its vocabulary is trimmed)."""
     rows = []
     for prompt, given, nll, score in zip(answers["prompts"], answers["answers"], answers["answer_nll"], scores):
         rows.append({
             "prompt": prompt,
             "reference_answer": tokenizer.decode(given, skip_special_tokens=True).strip(),
-            "student_answer": tokenizer.decode(score["answer"], skip_special_tokens=True).strip(),
+            "student_answer": (student_tokenizer or tokenizer).decode(score["answer"], skip_special_tokens=True).strip(),
             "student_answer_nll": score["answer_nll"],
             "reference_answer_nll": nll,
             "answer_top1": score["answer_top1"],

@@ -120,8 +120,23 @@ def summary_text(m: dict) -> str:
     if m.get("baselines"):
         for name, b in m["baselines"].items():
             lines.append(f"  baseline {name}: perplexity {b['perplexity']:.2f}, retention {b['retention']:.3f}")
-    lines += [f"  {line}" for line in [what_broke_line(m)] if line]
+    lines += [f"  {line}" for line in [vocab_trim_line(m), what_broke_line(m)] if line]
     return "\n".join(lines)
+
+
+def vocab_trim_line(m: dict) -> str | None:
+    """What a trimmed vocabulary kept and what it costs on the teacher's text (None: the full vocabulary)."""
+    v = m.get("vocab_trim")
+    if not v:
+        return None
+    ood = v.get("out_of_domain") or {}
+    line = (f"vocabulary: {v['student_vocab']:,} of the teacher's {v['teacher_vocab']:,} tokens kept; the student reads "
+            f"{v['student_tokens_per_teacher_token']:.3f} tokens per teacher token in domain")
+    if ood:
+        line += f", {ood['student_tokens_per_teacher_token']:.3f} out of domain"
+    line += (f"; the teacher's mass on trimmed tokens ({v['teacher_trimmed_mass']:.4f} in domain"
+             + (f", {ood['teacher_trimmed_mass']:.4f} out" if ood else "") + ") is set aside by KL and top-1")
+    return line
 
 
 def reference_line(m: dict) -> str | None:

@@ -29,19 +29,23 @@ def _one_run(model, prompt: torch.Tensor, decode_tokens: int) -> tuple[float, fl
     return prompt.shape[1] / prefill_s, decode_tokens / decode_s
 
 
-def measure_speed(models: dict[str, torch.nn.Module], prompt_ids: torch.Tensor, decode_tokens: int = 32,
-                  repeats: int = 3, threads: int = 2) -> dict[str, dict]:
-    """{name: {prefill_tokens_per_s, decode_tokens_per_s, *_spread}} with models alternated each repeat."""
+def measure_speed(models: dict[str, torch.nn.Module], prompt_ids: torch.Tensor | dict[str, torch.Tensor],
+                  decode_tokens: int = 32, repeats: int = 3, threads: int = 2) -> dict[str, dict]:
+    """{name: {prefill_tokens_per_s, decode_tokens_per_s, *_spread}} with models alternated each repeat.
+
+    prompt_ids: one (1, T) prompt for all, or one per model name (models with different vocabularies read the same
+    text as different ids)."""
+    prompts = prompt_ids if isinstance(prompt_ids, dict) else {name: prompt_ids for name in models}
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for m in models.values():
+        for name, m in models.items():
             m.eval()
-            _one_run(m, prompt_ids[:, :16], 4)  # warm-up: allocator, kernels, caches
+            _one_run(m, prompts[name][:, :16], 4)  # warm-up: allocator, kernels, caches
         runs: dict[str, list[tuple[float, float]]] = {name: [] for name in models}
         for _ in range(repeats):
             for name, m in models.items():
-                runs[name].append(_one_run(m, prompt_ids, decode_tokens))
+                runs[name].append(_one_run(m, prompts[name], decode_tokens))
     finally:
         torch.set_num_threads(previous)
     result = {}
@@ -54,7 +58,7 @@ def measure_speed(models: dict[str, torch.nn.Module], prompt_ids: torch.Tensor, 
             "decode_tokens_per_s": statistics.median(decode),
             "decode_tokens_per_s_spread": [min(decode), max(decode)],
             "threads": threads,
-            "prompt_tokens": int(prompt_ids.shape[1]),
+            "prompt_tokens": int(prompts[name].shape[1]),
             "decode_tokens": decode_tokens,
             "repeats": repeats,
         }

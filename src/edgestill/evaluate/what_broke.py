@@ -39,7 +39,8 @@ REFERENCE_SIDE = ("original_perplexity", "original_out_of_domain_perplexity", "z
 
 def what_broke(original, reference, student, tokenizer, test: np.ndarray, *, source: str | None, seq_len: int,
                max_tokens: int, passages: int, chat: bool, chat_tokens: int, batch_size: int = 8,
-               paths: tuple | None = None, cache_dir: str | Path | None = None) -> dict:
+               paths: tuple | None = None, cache_dir: str | Path | None = None, student_tokenizer=None,
+               vocab=None) -> dict:
     """The out-of-domain, zero-shot and chat measurements (models: the original teacher, the reference, the student).
 
     test: the in-domain held-out blocks (for the original teacher's in-domain perplexity beside the reference's).
@@ -49,6 +50,8 @@ def what_broke(original, reference, student, tokenizer, test: np.ndarray, *, sou
       cache_dir: where that cache lives (evaluate/measured.py `measured_root()`). Either None: nothing is cached.
       What depends on the original and the reference alone is then read from the cache when it was measured
       before, and `what_broke_reference` says whether it was and when it was measured.
+    student_tokenizer, vocab: a student with a trimmed vocabulary, its own tokenizer and VocabMap (evaluate/metrics.py
+      says how it is compared on the teacher's tokens); the zero-shot task is text, scored with the student's own.
     """
     from edgestill.data.general import lambada_passages, out_of_domain_blocks
     from edgestill.evaluate.chat import CHAT_PROMPTS, has_chat_template
@@ -70,22 +73,24 @@ def what_broke(original, reference, student, tokenizer, test: np.ndarray, *, sou
         out["original_teacher"] = {"perplexity": side["original_perplexity"]}
     if source is None:
         return out
-    summary = compare_lm(reference, student, ood, batch_size)["summary"]
+    summary = compare_lm(reference, student, ood, batch_size, vocab)["summary"]
     out["out_of_domain"] = {
         "source": source, "eval_tokens": summary["eval_tokens"],
         "reference_perplexity": summary["teacher_perplexity"], "student_perplexity": summary["student_perplexity"],
         "retention": summary["retention"], "top1_agreement": summary["top1_agreement"],
         "kl_teacher_student": summary["kl_teacher_student"],
     }
+    if vocab is not None:
+        out["out_of_domain"]["vocab_trim"] = summary["vocab_trim"]
     if corrected:
         ppl = side["original_out_of_domain_perplexity"]
         out["out_of_domain"]["original_teacher_perplexity"] = ppl
         out["out_of_domain"]["retention_vs_original"] = ppl / summary["student_perplexity"]
         out["original_teacher"]["out_of_domain_perplexity"] = ppl
     if items is not None:
-        out["zero_shot"] = _zero_shot(side["zero_shot"], student, tokenizer, items)
+        out["zero_shot"] = _zero_shot(side["zero_shot"], student, student_tokenizer or tokenizer, items)
     if chat:
-        out["chat"] = _chat(side["chat"], student, tokenizer)
+        out["chat"] = _chat(side["chat"], student, tokenizer, student_tokenizer, vocab)
     return out
 
 
@@ -146,7 +151,7 @@ def _zero_shot(side: dict, student, tokenizer, items) -> dict:
                                                     for k, v in scores.items()}}
 
 
-def _chat(side: dict | None, student, tokenizer) -> dict | None:
+def _chat(side: dict | None, student, tokenizer, student_tokenizer=None, vocab=None) -> dict | None:
     """Both the reference and the student scored on the original (instruct) teacher's answers (None: the tokenizer
     has no chat template)."""
     from edgestill.evaluate.chat import chat_result, score_on_answers
@@ -154,7 +159,8 @@ def _chat(side: dict | None, student, tokenizer) -> dict | None:
     if side is None:
         return None
     answers = side["answers"]
-    out = {"student": chat_result(answers, score_on_answers(student, tokenizer, answers), tokenizer)}
+    scores = score_on_answers(student, student_tokenizer or tokenizer, answers, vocab=vocab)
+    out = {"student": chat_result(answers, scores, tokenizer, student_tokenizer)}
     if side["reference_scores"] is not None:
         out["reference"] = chat_result(answers, side["reference_scores"], tokenizer)
     return out

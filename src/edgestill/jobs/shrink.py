@@ -125,6 +125,7 @@ def distill(cfg: ShrinkConfig, overwrite: bool = False, teacher_cache_from: Path
     from edgestill.distill.trainer import distill as train
     from edgestill.models.load import save_causal_lm
     from edgestill.models.slice import build_student
+    from edgestill.models.vocab import trim_student_vocab
     from edgestill.quant import quantize_
 
     rank, world = dist_setup()
@@ -137,13 +138,19 @@ def distill(cfg: ShrinkConfig, overwrite: bool = False, teacher_cache_from: Path
         qconfig = quant_config(cfg)
         student, layers = build_student(cfg.student, teacher.model, teacher.tokenizer, _calibration(data),
                                         quantized=qconfig is not None)
+        tokenizer, vocab = teacher.tokenizer, None
+        if cfg.student.trim_vocab:  # before quantization: the embedding it fake-quantizes is the trimmed one
+            student, tokenizer, vocab = trim_student_vocab(student, teacher.tokenizer, data.train,
+                                                           teacher.model.get_output_embeddings().weight.shape[0])
+            log.info("vocabulary trimmed to the %d tokens the training split uses (+ bytes and specials), of %d",
+                     vocab.size, vocab.old_size)
         source = teacher_source(cfg.distill, teachers, [cfg.teacher.model, *cfg.teacher.extra], data.train,
                                 run.path / "cache", teacher_cache_from, cfg.eval.batch_size, rank, world)
         del teachers  # a cached source holds all the extra teachers have to say
         if qconfig is not None:
             quantize_(student, qconfig, step="prepare")  # fake-quant forward, straight-through gradients
         history = train(student, source, data.train, cfg.distill, run.path, val_blocks=data.val, layers=layers,
-                        reference=teacher.model)
+                        reference=teacher.model, vocab=vocab)
         dtype = cfg.output.dtype
         if qconfig is not None:
             report = quantize_(student, qconfig, step="convert")  # weights := exact runtime values
@@ -151,7 +158,7 @@ def distill(cfg: ShrinkConfig, overwrite: bool = False, teacher_cache_from: Path
                 write_text_atomic(run.path / "quant_report.json", json.dumps([r.to_dict() for r in report], indent=1))
             dtype = "float32"  # the dequantized values are exact in fp32 only; the deployable file is the GGUF
         if rank == 0:
-            save_causal_lm(student, teacher.tokenizer, run.path / "student", dtype)
+            save_causal_lm(student, tokenizer, run.path / "student", dtype)
             write_text_atomic(run.path / "splits.json", json.dumps(data.splits.names(), indent=1))
     return run, Distilled(teacher, original, data, history, layers, resumed)
 
@@ -255,6 +262,7 @@ def evaluate(cfg: ShrinkConfig, run_dir: Path, distilled: Distilled | None = Non
     from edgestill.evaluate.speed import generate, measure_speed
     from edgestill.evaluate.what_broke import what_broke
     from edgestill.models.load import check_same_tokenizer, load_causal_lm
+    from edgestill.models.vocab import VocabMap
 
     start = measurement_start()
     distilled = distilled or Distilled(None, None, None, None, None, False)
@@ -262,28 +270,37 @@ def evaluate(cfg: ShrinkConfig, run_dir: Path, distilled: Distilled | None = Non
     data = distilled.data or corpus_blocks(cfg.data, original.tokenizer)
     teacher = distilled.teacher or reference_teacher(cfg, original, data)
     saved = load_causal_lm(str(run_dir / "student"))  # the saved artifact itself, upcast to fp32 for CPU eval
-    check_same_tokenizer(teacher.tokenizer, saved.tokenizer)
+    vocab = VocabMap.of_model(saved.model, teacher.tokenizer, saved.tokenizer,
+                              teacher.model.get_output_embeddings().weight.shape[0])
+    if vocab is None:
+        check_same_tokenizer(teacher.tokenizer, saved.tokenizer)
     student, test = saved.model, data.test
-    comparison = compare_lm(teacher.model, student, test, cfg.eval.batch_size)
+    comparison = compare_lm(teacher.model, student, test, cfg.eval.batch_size, vocab)
     summary = comparison["summary"]
     layers = distilled.layers
     baselines = _sliced_untrained(cfg, teacher, layers, data, summary["teacher_perplexity"])
 
     prompt = torch.from_numpy(test[:1, : cfg.eval.speed_prompt_tokens]).long()
-    speed = measure_speed({"teacher": teacher.model, "student": student}, prompt, cfg.eval.speed_decode_tokens,
-                          cfg.eval.speed_repeats, cfg.eval.threads)
+    # a trimmed student reads the same text in its own tokens, cut to the same length (speed is per token)
+    s_prompt = prompt if vocab is None else torch.tensor([vocab.expand(test[0])[0][: cfg.eval.speed_prompt_tokens]])
+    speed = measure_speed({"teacher": teacher.model, "student": student}, {"teacher": prompt, "student": s_prompt},
+                          cfg.eval.speed_decode_tokens, cfg.eval.speed_repeats, cfg.eval.threads)
     generations = [{"prompt": p, "teacher": generate(teacher.model, teacher.tokenizer, p, cfg.eval.generate_tokens),
-                    "student": generate(student, teacher.tokenizer, p, cfg.eval.generate_tokens)} for p in cfg.eval.prompts]
+                    "student": generate(student, saved.tokenizer, p, cfg.eval.generate_tokens)} for p in cfg.eval.prompts]
     broke = what_broke(original.model, teacher.model, student, teacher.tokenizer, test, source=cfg.eval.out_of_domain,
                        seq_len=cfg.data.seq_len, max_tokens=cfg.eval.out_of_domain_tokens,
                        passages=cfg.eval.zero_shot_passages, chat=cfg.eval.chat, chat_tokens=cfg.eval.chat_tokens,
                        batch_size=cfg.eval.batch_size, paths=(original.path, teacher.path),
-                       cache_dir=measured_root() if cfg.eval.cache_reference else None)
+                       cache_dir=measured_root() if cfg.eval.cache_reference else None,
+                       student_tokenizer=saved.tokenizer, vocab=vocab)
     history = _history(run_dir, distilled.history)
     splits = json.loads((run_dir / "splits.json").read_text())
     metrics = _metrics(cfg, run_dir, final_dir or run_dir, teacher, student, summary, speed, baselines, splits,
                        history, layers, start)
     metrics.update(broke)
+    if vocab is not None:  # what the trim kept, and what it costs on the teacher's text in and out of domain
+        metrics["vocab_trim"] = {**summary["vocab_trim"],
+                                 "out_of_domain": (broke.get("out_of_domain") or {}).get("vocab_trim")}
     write_report(run_dir, metrics, history, comparison, generations)
     return metrics
 

@@ -293,6 +293,10 @@ def sweep(cfg: ShrinkConfig, settings: SweepSettings, out: str | Path) -> dict:
     """
     if any(not 0 < f < 1 for f in settings.budgets):
         raise EdgestillError(f"sweep budgets {settings.budgets} must be fractions of the teacher's bytes, between 0 and 1")
+    if cfg.student.trim_vocab:
+        raise EdgestillError("the sweep does not take student.trim_vocab yet: it plans without the trim and scores each "
+                             "point's GGUF in llama.cpp on the teacher's token ids; run `edgestill shrink "
+                             "student.trim_vocab=true` for one student instead")
     folder = WorkFolder(out, SWEEP_MARKER, "sweep", legacy_files=("plans.json", "sensitivity.json"))
     out = folder.open()
     with folder.cleanup_on_failure():  # a sweep that fails before any work leaves no folder behind

@@ -224,3 +224,107 @@ def trim_embeddings_(model, trim: VocabTrim):
     # what the GGUF export needs to cut the teacher GGUF's tokenizer fields the same way (export/gguf.py)
     model.config.edgestill_vocab_trim = {"old_size": trim.old_size, "size": trim.size, "kept": list(trim.kept)}
     return model
+
+
+class VocabMap:
+    """How a trimmed student reads the teacher's token ids, so that the two can be trained and compared on the same text.
+
+    kept[new id] = old id. A kept token is one student token; a trimmed token is spelled by the student's tokenizer as
+    a few kept pieces (its BPE on that token's string, `pieces`), so any sequence of teacher ids becomes a sequence of
+    student ids holding the same bytes, and every teacher token boundary is a student token boundary.
+
+    What this gives the rest of edgestill:
+      student_ids(ids)     the student's ids of a batch whose tokens are all kept (the training split, by construction)
+      expand(seq)          any teacher sequence as student ids, with where each teacher token's pieces start
+      teacher_topk(lp, ids) a teacher top-k target in the student's vocabulary: trimmed ids point at one extra
+                           column (`dummy` = size) that the student gives no mass, and the kept ids are renormalised
+                           (the teacher conditioned on the tokens the student has: the closest it can be)
+      kept_logprobs(lp)    the same for dense teacher log-probs (V) -> (K), renormalised
+    """
+
+    def __init__(self, kept, old_size: int, student_tokenizer=None, teacher_tokenizer=None, teacher_vocab: int = 0):
+        """teacher_vocab: the width of the teacher's logits, when its embedding has rows past the tokenizer's ids."""
+        self.kept = torch.as_tensor(np.asarray(kept, dtype=np.int64))
+        self.old_size = int(old_size)
+        self.size = len(self.kept)
+        table = np.full(max(self.old_size, int(teacher_vocab)), -1, dtype=np.int64)
+        table[self.kept.numpy()] = np.arange(self.size)
+        self.table = torch.from_numpy(table)
+        self._student_tok, self._teacher_tok = student_tokenizer, teacher_tokenizer
+        self._pieces: dict[int, list[int]] = {}
+
+    @classmethod
+    def of_model(cls, student, teacher_tokenizer, student_tokenizer, teacher_vocab: int = 0) -> "VocabMap | None":
+        """The map of a student whose config records a trim (`trim_embeddings_`), else None (a full vocabulary)."""
+        trim = getattr(student.config, "edgestill_vocab_trim", None)
+        if not trim:
+            return None
+        return cls(trim["kept"], trim["old_size"], student_tokenizer, teacher_tokenizer, teacher_vocab)
+
+    @property
+    def dummy(self) -> int:
+        """The extra column trimmed teacher ids are sent to (`with_dummy_column` gives the student -inf there)."""
+        return self.size
+
+    def pieces(self, old_id: int) -> list[int]:
+        """The student ids that spell teacher token `old_id` (one id when it is kept)."""
+        old_id = int(old_id)
+        new = int(self.table[old_id])
+        if new >= 0:
+            return [new]
+        if old_id not in self._pieces:
+            if self._student_tok is None or self._teacher_tok is None:
+                raise EdgestillError(f"token id {old_id} was trimmed from the student's vocabulary, and this map has no "
+                                     "tokenizers to spell it with")
+            token = self._teacher_tok.convert_ids_to_tokens(old_id)
+            ids = [t.id for t in self._student_tok.backend_tokenizer.model.tokenize(token)]
+            if not ids:
+                raise EdgestillError(f"the trimmed tokenizer cannot spell token {token!r}: it lacks its byte symbols")
+            self._pieces[old_id] = ids
+        return self._pieces[old_id]
+
+    def student_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Teacher ids whose tokens are all kept -> the student's ids (same shape)."""
+        new = self.table[ids.long()]
+        if (new < 0).any():
+            raise EdgestillError(f"{int((new < 0).sum())} token(s) of this batch were trimmed from the student's "
+                                 "vocabulary; the trim keeps every token of the training split, so this text is not it")
+        return new
+
+    def expand(self, seq) -> tuple[list[int], np.ndarray]:
+        """A teacher sequence as student ids, and starts[i] = the index of teacher token i's first piece."""
+        out, starts = [], np.empty(len(seq), dtype=np.int64)
+        for i, old in enumerate(np.asarray(seq).tolist()):
+            starts[i] = len(out)
+            out.extend(self.pieces(old))
+        return out, starts
+
+    def teacher_topk(self, logprobs: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A teacher top-k (log-probs over the full vocabulary, ids (..., k)) in the student's vocabulary + `dummy`."""
+        new = self.table.to(ids.device)[ids.long()]
+        trimmed = new < 0
+        lp = logprobs.float().masked_fill(trimmed, float("-inf"))
+        kept_mass = (1.0 - logprobs.float().exp().masked_fill(~trimmed, 0.0).sum(-1, keepdim=True)).clamp_min(1e-6)
+        return lp - kept_mass.log(), torch.where(trimmed, torch.full_like(new, self.dummy), new)
+
+    @staticmethod
+    def with_dummy_column(logits: torch.Tensor) -> torch.Tensor:
+        """Student logits (..., K) with the `dummy` column appended, where the student has no mass (-inf)."""
+        return torch.cat([logits, logits.new_full((*logits.shape[:-1], 1), float("-inf"))], dim=-1)
+
+    def kept_logprobs(self, logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense teacher log-probs (..., V) -> (renormalised log-probs over the kept tokens (..., K), the teacher's mass
+        on trimmed tokens (...))."""
+        kept = logprobs.index_select(-1, self.kept.to(logprobs.device))
+        log_mass = torch.logsumexp(kept, dim=-1, keepdim=True)
+        return kept - log_mass, (1.0 - log_mass.squeeze(-1).exp()).clamp_min(0.0)
+
+
+def trim_student_vocab(student, tokenizer, train_blocks: np.ndarray, teacher_vocab: int = 0):
+    """Cut `student`'s vocabulary (in place) to the tokens of the training split `train_blocks` (every one of them, so
+    the split's tokenization does not change) plus the tokenizer's bytes and specials: (student, its tokenizer, the
+    VocabMap the trainer and the evaluation read it with)."""
+    trim = plan_trim(tokenizer, used_token_counts(train_blocks, max(len(tokenizer), int(teacher_vocab))))
+    small = trim_tokenizer(tokenizer, trim)
+    trim_embeddings_(student, trim)
+    return student, small, VocabMap(trim.kept, trim.old_size, small, tokenizer, teacher_vocab)

@@ -1,0 +1,128 @@
+"""One lever at a time: the default student with and without each lever, same teacher, data and training budget
+-> benchmarks/results/levers.json.
+
+    python benchmarks/levers.py                         # rows none, trim_vocab; seed 0 (about 20 min a row on 2 cores)
+    python benchmarks/levers.py --rows trim_vocab --seeds 0,1,2
+    python benchmarks/levers.py --quick                 # smoke run on tiny settings -> levers_quick.json
+
+Every row is one `edgestill shrink` run through the project's own function (`jobs.shrink.shrink`) with the default
+recipe plus the row's overrides, in <root>/<row>[-seed<s>]: the corrected teacher is the reference, the student is the
+default 15-layer slice, each row trains the same steps of the same tokens. A finished row (DONE) is reused and a
+killed one resumes. The teacher's top-k cache is built once and copied into every row (its fingerprint is checked).
+
+Rows (issue 15's levers; a lever joins when it runs end to end through `shrink`):
+    none        the default student (float, full vocabulary)
+    trim_vocab  student.trim_vocab=true: only the tokens the training split uses (models/vocab.py)
+
+Each row records the student's bytes as the device loads them (the HF folder: weights + config + tokenizer files) and
+its ratio to F16 and to the teacher file the user started from; in-domain retention, top-1 and KL against the
+corrected teacher; the same out of domain (general English, never trained on); for a trimmed vocabulary what the
+trim kept and what it costs (student tokens per teacher token, the teacher's mass on trimmed tokens); and its own
+environment (commit, git_dirty, CPU, threads, load before and after). Quality does not depend on the machine's load;
+the decode speeds do, and are given for the record only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import EVAL_LIGHT, write_result  # noqa: E402
+
+ROWS = {
+    "none": ("default student (full vocabulary)", []),
+    "trim_vocab": ("+ trimmed vocabulary", ["student.trim_vocab=true"]),
+}
+QUICK = ["data.seq_len=64", "data.max_train_tokens=4096", "data.max_eval_tokens=512", "data.max_val_tokens=256",
+         "distill.steps=4", "distill.batch_size=2", "distill.checkpoint_every=2", "distill.eval_every=2",
+         "distill.warmup_steps=1", "student.num_layers=4", "teacher.correct_steps=2", "teacher.correct_eval_every=1",
+         "eval.batch_size=4", "eval.speed_prompt_tokens=16", "eval.speed_decode_tokens=4", "eval.out_of_domain_tokens=512",
+         "eval.zero_shot_passages=4", "eval.chat_tokens=4", "eval.prompts=[\"To be\"]"]
+
+log = logging.getLogger("edgestill")
+
+
+def run_row(name: str, base: list[str], root: Path, seed: int) -> dict:
+    from edgestill.config import load_config
+    from edgestill.jobs.shrink import shrink
+
+    label, overrides = ROWS[name]
+    out = root / (name if seed == 0 else f"{name}-seed{seed}")
+    if not (out / "DONE").is_file():
+        cfg = load_config(overrides=[*base, *overrides, f"distill.seed={seed}", f"output.dir={out}"])
+        shrink(cfg, teacher_cache_from=root / "_cache")
+    if not (root / "_cache" / "cache").is_dir() and (out / "cache").is_dir():  # the next rows start from this cache
+        tmp = root / "_cache.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(out / "cache", tmp / "cache")
+        tmp.rename(root / "_cache")
+    m = json.loads((out / "metrics.json").read_text())
+    ood = m.get("out_of_domain") or {}
+    s, t = m["student"], m["teacher"]
+    return {
+        "row": name, "label": label, "overrides": overrides, "seed": seed, "run_dir": str(out),
+        "reference": m.get("reference", "original"),
+        "params": s["params"], "bytes": s["bytes"], "teacher_params": t["params"], "source_bytes": t["source_bytes"],
+        "compression_x_fp16": m["compression_x_fp16"], "compression_x_source": m["compression_x_source"],
+        "retention": m["retention"], "top1_agreement": m["top1_agreement"], "kl_teacher_student": m["kl_teacher_student"],
+        "out_of_domain": {k: ood.get(k) for k in ("retention", "top1_agreement", "kl_teacher_student")},
+        "vocab_trim": m.get("vocab_trim"),
+        "train_tokens": m["train"]["tokens"], "selection": m["train"].get("selection"),
+        "decode_tokens_per_s": s["decode_tokens_per_s"],
+        "environment": m["environment"],
+    }
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Per row: the mean over seeds of each score and, with >= 3 seeds, its range (a difference is claimed only
+    when it holds on every seed, as in distill_methods)."""
+    out = {}
+    for name in dict.fromkeys(r["row"] for r in rows):
+        mine = [r for r in rows if r["row"] == name]
+        entry = {"seeds": [r["seed"] for r in mine], "bytes": mine[0]["bytes"],
+                 "compression_x_fp16": mine[0]["compression_x_fp16"], "compression_x_source": mine[0]["compression_x_source"]}
+        for key, get in (("retention", lambda r: r["retention"]), ("top1_agreement", lambda r: r["top1_agreement"]),
+                         ("kl_teacher_student", lambda r: r["kl_teacher_student"]),
+                         ("out_of_domain_retention", lambda r: r["out_of_domain"]["retention"])):
+            values = [get(r) for r in mine if get(r) is not None]
+            if values:
+                entry[key] = {"mean": statistics.fmean(values), "min": min(values), "max": max(values)}
+        out[name] = entry
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--root", default=None, help="run folders (default runs/bench/levers[-quick])")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("overrides", nargs="*", help="config overrides every row shares (e.g. distill.steps=200)")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        raise SystemExit(f"unknown row(s) {', '.join(unknown)}; choose from {', '.join(ROWS)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    root = Path(args.root or ("runs/bench/levers-quick" if args.quick else "runs/bench/levers"))
+    base = [*(QUICK if args.quick else []), *EVAL_LIGHT, *args.overrides]
+    results = [run_row(name, base, root, seed) for seed in seeds for name in rows]
+    write_result("levers_quick" if args.quick else "levers", {
+        "what": "the default student with and without each lever (same teacher, data, steps); scores against the "
+                "corrected teacher, in domain (held-out plays) and out of domain (general English)",
+        "command": "python benchmarks/levers.py " + " ".join(sys.argv[1:]),
+        "shared_overrides": base,
+        "rows": results,
+        "summary": summarise(results),
+    })
+
+
+if __name__ == "__main__":
+    main()

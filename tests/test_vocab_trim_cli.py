@@ -1,0 +1,97 @@
+"""`edgestill shrink student.trim_vocab=true` end to end on the tiny model: the student keeps only the training split's
+tokens, is measured on the teacher's text through its own tokens, and its GGUF runs in llama.cpp with its tokenizer."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import pytest
+from conftest import WORDS, tiny_overrides  # tests/ is on sys.path
+
+from edgestill.cli import main
+
+HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
+
+
+@pytest.fixture(scope="module")
+def narrow_corpus(tmp_path_factory):
+    """Text of 10 of the tiny tokenizer's words: the merges of the other words go unused, so the trim cuts them."""
+    import random
+
+    root = tmp_path_factory.mktemp("narrow")
+    for i in range(8):
+        rng = random.Random(i)
+        (root / f"doc{i}.txt").write_text("\n".join(" ".join(rng.choice(WORDS[:10]) for _ in range(rng.randint(4, 12)))
+                                                    + "." for _ in range(200)))
+    return root
+
+
+@pytest.fixture(scope="module")
+def trimmed_run(tiny_model_dir, narrow_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trim") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EDGESTILL_CACHE", str(out.parent / "edgestill-cache"))
+        rc = main(["shrink", *tiny_overrides(tiny_model_dir, narrow_corpus, out, steps=4), "student.trim_vocab=true"])
+    assert rc == 0
+    return out
+
+
+def test_the_trimmed_run_measures_the_student_on_the_teachers_tokens(trimmed_run):
+    from transformers import AutoTokenizer
+
+    m = json.loads((trimmed_run / "metrics.json").read_text())
+    trim = m["vocab_trim"]
+    tok = AutoTokenizer.from_pretrained(trimmed_run / "student")
+    assert trim["student_vocab"] == len(tok) < trim["teacher_vocab"]
+    assert trim["student_tokens_per_teacher_token"] >= 1.0 and 0.0 <= trim["teacher_trimmed_mass"] < 1.0
+    assert trim["out_of_domain"]["student_tokens_per_teacher_token"] >= trim["student_tokens_per_teacher_token"]
+    for key in ("retention", "top1_agreement", "kl_teacher_student"):
+        assert math.isfinite(m[key]) and math.isfinite(m["out_of_domain"][key]), key
+    assert m["zero_shot"]["student"]["accuracy"] is not None
+    assert m["student"]["params"] < m["teacher"]["params"]
+    generations = json.loads((trimmed_run / "generations.json").read_text())
+    assert all(isinstance(g["student"], str) for g in generations)
+
+
+def test_a_trimmed_run_refuses_a_ready_made_student(tiny_model_dir, tiny_corpus, tmp_path, capsys):
+    rc = main(["shrink", *tiny_overrides(tiny_model_dir, tiny_corpus, tmp_path / "run"), "student.trim_vocab=true",
+               f"student.model={tiny_model_dir}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "student.trim_vocab" in err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "run.partial").exists()
+
+
+@pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python is not installed")
+def test_the_trimmed_students_gguf_runs_in_llamacpp_with_its_tokenizer(trimmed_run, tmp_path):
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edgestill.evaluate.metrics import logit_parity
+    from edgestill.runtime.llamacpp import LlamaCpp, llamacpp_logits
+
+    gguf = tmp_path / "student.gguf"
+    assert main(["export", str(trimmed_run), "--format", "gguf", "--out", str(gguf), "--type", "f32"]) == 0
+    tok = AutoTokenizer.from_pretrained(trimmed_run / "student")
+    model = AutoModelForCausalLM.from_pretrained(trimmed_run / "student", dtype=torch.float32).eval()
+    text = "the king spoke of quantum zebras"
+    with LlamaCpp(gguf, n_ctx=64) as m:
+        assert m.llm.tokenize(text.encode(), add_bos=False, special=False) == tok(text)["input_ids"]
+    ids = tok(text)["input_ids"]
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    parity = logit_parity(ref, np.asarray(llamacpp_logits(gguf, ids, kv_type="f32")))
+    assert parity["top1_agreement"] >= 0.99 and parity["max_abs_diff"] < 1e-4 * parity["logit_scale"]
+
+
+def test_the_sweep_refuses_a_trimmed_vocabulary_before_any_folder(tiny_model_dir, tiny_corpus, tmp_path):
+    from conftest import one_line_error
+
+    from edgestill.config import load_config
+    from edgestill.jobs.sweep import SweepSettings, sweep
+
+    cfg = load_config(overrides=[*tiny_overrides(tiny_model_dir, tiny_corpus, tmp_path / "x"), "student.trim_vocab=true"])
+    msg = one_line_error(sweep, cfg, SweepSettings(budgets=[0.5]), tmp_path / "sweep")
+    assert "student.trim_vocab" in msg and not (tmp_path / "sweep").exists()
