@@ -431,21 +431,27 @@ def levers_table(r: dict) -> str:
     def f(x, fmt="{:.3f}"):
         return "—" if x is None else fmt.format(x)
 
+    def pair(v: dict, key: str) -> str:
+        if not v:
+            return "—"
+        return f"{v[key]:.3f} / {(v.get('out_of_domain') or {}).get(key, float('nan')):.3f}"
+
     out = ["| lever | seed | MB (HF folder) | × F16 | × original file | retention | top-1 | KL | out-of-domain retention | "
-           "out-of-domain top-1 | tokens per teacher token (in / out) | commit |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+           "out-of-domain top-1 | student tokens per teacher token (in / out) | teacher mass on trimmed tokens (in / out) "
+           "| commit |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]
     for x in r["rows"]:
-        ood, v = x["out_of_domain"], x.get("vocab_trim") or {}
-        ratio = "1 / 1" if not v else (f"{v['student_tokens_per_teacher_token']:.3f} / "
-                                       f"{(v.get('out_of_domain') or {}).get('student_tokens_per_teacher_token', float('nan')):.3f}")
-        env = x["environment"]
+        ood, v, env = x["out_of_domain"], x.get("vocab_trim") or {}, x["environment"]
         out.append(f"| {x['label']} | {x['seed']} | {x['bytes'] / 1e6:.1f} | {x['compression_x_fp16']:.2f} | "
                    f"{x['compression_x_source']:.2f} | {f(x['retention'])} | {f(x['top1_agreement'])} | "
-                   f"{f(x['kl_teacher_student'])} | {f(ood.get('retention'))} | {f(ood.get('top1_agreement'))} | {ratio} | "
+                   f"{f(x['kl_teacher_student'])} | {f(ood.get('retention'))} | {f(ood.get('top1_agreement'))} | "
+                   f"{pair(v, 'student_tokens_per_teacher_token')} | {pair(v, 'teacher_trimmed_mass')} | "
                    f"`{(env.get('git_commit') or '?')[:8]}`{' (dirty)' if env.get('git_dirty') else ''} |")
     out += ["", f"Scores against the corrected teacher; the same training steps and tokens for every row "
-            f"({r['rows'][0]['train_tokens']:,} tokens). {_measured(r['environment'])}, by `{r['command'].strip()}` → "
-            "`benchmarks/results/levers.json`."]
+            f"({r['rows'][0]['train_tokens']:,} tokens). Retention is per teacher token for every row (a trimmed student "
+            "pays for the pieces it spells a missing token with), so it compares across rows; a trimmed row's KL and "
+            "top-1 are against the teacher renormalised over the kept tokens, so read them with the teacher's mass on "
+            f"trimmed tokens beside them. {_measured(r['environment'])}, by `{r['command'].strip()}` → "
+            f"`benchmarks/results/{r['benchmark']}.json`."]
     return "\n".join(out)
 
 
