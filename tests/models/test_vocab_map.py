@@ -171,3 +171,26 @@ def test_trim_helpers_agree(teacher):
     assert list(vocab.kept.tolist()) == list(trim.kept)
     assert trim_tokenizer(tok, trim).get_vocab() == small.get_vocab()
     assert trim_embeddings_(_copy(model), trim).config.vocab_size == vocab.size
+
+
+def test_a_chat_answer_is_scored_the_same_through_a_map_that_keeps_everything_and_by_pieces_when_trimmed(teacher, trimmed):
+    from edgestill.evaluate.chat import _answer_scores, _answer_scores_trimmed
+
+    model, tok = teacher
+    prompt = torch.tensor([tok(make_text(4, 2))["input_ids"][:10]])
+    answer = tok(make_text(5, 3))["input_ids"][:12]
+    everything = VocabMap(range(model.config.vocab_size), model.config.vocab_size)
+    plain, mapped = _answer_scores(model, prompt, answer, model.config.vocab_size), _answer_scores_trimmed(
+        model, prompt, answer, everything)
+    assert mapped == pytest.approx(plain, rel=1e-5)
+    student, small, vocab, _ = trimmed
+    assert any(vocab.table[i] < 0 for i in answer)
+    s_prompt = torch.tensor([vocab.expand(prompt[0].tolist())[0]])
+    nll, top1 = _answer_scores_trimmed(student, s_prompt, answer, vocab)
+    pieces, _ = vocab.expand(answer)
+    with torch.no_grad():
+        logp = torch.log_softmax(student(torch.tensor([s_prompt[0].tolist() + pieces])).logits[0].float(), -1)
+    start = s_prompt.shape[1]
+    chain = -sum(float(logp[start + p - 1, pieces[p]]) for p in range(len(pieces)))
+    assert nll == pytest.approx(chain / len(answer), rel=1e-5)
+    assert top1 <= sum(vocab.table[i] >= 0 for i in answer) / len(answer)  # a token it lacks is never its top-1

@@ -132,8 +132,6 @@ def score_on_answers(model, tokenizer, answers: dict, desc: str = "chat comparis
     vocab: the model's VocabMap when its vocabulary is trimmed (`tokenizer` is then its own): the answer is fed as its
     pieces, the NLL stays per answer token (summed over its pieces), and a token the model lacks is never its top-1.
     """
-    if vocab is not None:
-        return _score_trimmed(model, tokenizer, answers, desc, vocab)
     model.eval()
     device = next(model.parameters()).device
     stop_ids = stop_token_ids(tokenizer)
@@ -142,39 +140,34 @@ def score_on_answers(model, tokenizer, answers: dict, desc: str = "chat comparis
     for prompt, given in zip(answers["prompts"], answers["answers"]):
         ids = chat_prompt_ids(tokenizer, prompt).to(device)
         own = greedy_answer(model, ids, stop_ids, answers["max_new_tokens"])
-        logp = answer_log_probs(model, ids, given)  # (A, V)
-        if logp.shape[-1] != answers["vocab_size"]:
-            raise EdgestillError(f"the student's vocabulary ({logp.shape[-1]}) differs from the reference's "
-                                 f"({answers['vocab_size']}); compare a student cut from the same teacher")
-        target = torch.tensor(given, device=device)  # (A,)
-        scores.append({"answer": own, "answer_nll": float(-logp.gather(-1, target[:, None]).mean()),
-                       "answer_top1": float((logp.argmax(-1) == target).float().mean())})
+        nll, top1 = (_answer_scores(model, ids, given, answers["vocab_size"]) if vocab is None
+                     else _answer_scores_trimmed(model, ids, given, vocab))
+        scores.append({"answer": own, "answer_nll": nll, "answer_top1": top1})
         bar.update(1)
     bar.close()
     return scores
 
 
-@torch.no_grad()
-def _score_trimmed(model, tokenizer, answers: dict, desc: str, vocab) -> list[dict]:
-    model.eval()
-    device = next(model.parameters()).device
-    stop_ids = stop_token_ids(tokenizer)
-    scores = []
-    bar = progress_bar(total=len(answers["prompts"]), desc=desc, unit="prompt")
-    for prompt, given in zip(answers["prompts"], answers["answers"]):
-        ids = chat_prompt_ids(tokenizer, prompt).to(device)
-        own = greedy_answer(model, ids, stop_ids, answers["max_new_tokens"])
-        pieces, starts = vocab.expand(given)
-        logp = answer_log_probs(model, ids, pieces)  # (pieces, K)
-        piece_lp = logp.gather(-1, torch.tensor(pieces, device=device)[:, None]).squeeze(-1).cpu().numpy()
-        owner = np.searchsorted(starts, np.arange(len(pieces)), side="right") - 1
-        nll = -np.bincount(owner, weights=piece_lp, minlength=len(given))  # per answer token
-        wanted = vocab.table[torch.tensor(given)].to(device)  # -1 where the model lacks the token
-        top1 = logp[torch.from_numpy(starts).to(device)].argmax(-1) == wanted
-        scores.append({"answer": own, "answer_nll": float(nll.mean()), "answer_top1": float(top1.float().mean())})
-        bar.update(1)
-    bar.close()
-    return scores
+def _answer_scores(model, ids: torch.Tensor, given: list[int], vocab_size: int) -> tuple[float, float]:
+    """(mean NLL of the answer `given`, share of its tokens that are the model's top-1)."""
+    logp = answer_log_probs(model, ids, given)  # (A, V)
+    if logp.shape[-1] != vocab_size:
+        raise EdgestillError(f"the student's vocabulary ({logp.shape[-1]}) differs from the reference's "
+                             f"({vocab_size}); compare a student cut from the same teacher")
+    target = torch.tensor(given, device=ids.device)  # (A,)
+    return float(-logp.gather(-1, target[:, None]).mean()), float((logp.argmax(-1) == target).float().mean())
+
+
+def _answer_scores_trimmed(model, ids: torch.Tensor, given: list[int], vocab) -> tuple[float, float]:
+    """The same for a trimmed vocabulary: the answer fed as its pieces, NLL per answer token (summed over pieces)."""
+    pieces, starts = vocab.expand(given)
+    logp = answer_log_probs(model, ids, pieces)  # (pieces, K)
+    piece_lp = logp.gather(-1, torch.tensor(pieces, device=ids.device)[:, None]).squeeze(-1).cpu().numpy()
+    owner = np.searchsorted(starts, np.arange(len(pieces)), side="right") - 1
+    nll = -np.bincount(owner, weights=piece_lp, minlength=len(given))  # per answer token
+    wanted = vocab.table[torch.tensor(given)].to(ids.device)  # -1 where the model lacks the token
+    top1 = logp[torch.from_numpy(starts).to(ids.device)].argmax(-1) == wanted
+    return float(nll.mean()), float(top1.float().mean())
 
 
 def chat_result(answers: dict, scores: list[dict], tokenizer, student_tokenizer=None) -> dict:
