@@ -27,13 +27,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import EVAL_LIGHT, write_result  # noqa: E402
+from distill_methods import _keep_cache  # noqa: E402
 
 ROWS = {
     "none": ("default student (full vocabulary)", []),
@@ -57,11 +57,7 @@ def run_row(name: str, base: list[str], root: Path, seed: int) -> dict:
     if not (out / "DONE").is_file():
         cfg = load_config(overrides=[*base, *overrides, f"distill.seed={seed}", f"output.dir={out}"])
         shrink(cfg, teacher_cache_from=root / "_cache")
-    if not (root / "_cache" / "cache").is_dir() and (out / "cache").is_dir():  # the next rows start from this cache
-        tmp = root / "_cache.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(out / "cache", tmp / "cache")
-        tmp.rename(root / "_cache")
+    _keep_cache(out, root / "_cache")  # the next rows start from this row's teacher cache
     m = json.loads((out / "metrics.json").read_text())
     ood = m.get("out_of_domain") or {}
     s, t = m["student"], m["teacher"]
