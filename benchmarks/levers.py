@@ -1,7 +1,7 @@
 """One lever at a time: the default student with and without each lever, same teacher, data and training budget
 -> benchmarks/results/levers.json.
 
-    python benchmarks/levers.py                         # rows none, trim_vocab; seed 0 (about 20 min a row on 2 cores)
+    python benchmarks/levers.py                         # every row, seed 0 (about 20-30 min a row on 2 cores)
     python benchmarks/levers.py --rows trim_vocab --seeds 0,1,2
     python benchmarks/levers.py --quick                 # smoke run on tiny settings -> levers_quick.json
 
@@ -13,9 +13,12 @@ killed one resumes. The teacher's top-k cache is built once and copied into ever
 Rows (issue 15's levers; a lever joins when it runs end to end through `shrink`):
     none        the default student (float, full vocabulary)
     trim_vocab  student.trim_vocab=true: only the tokens the training split uses (models/vocab.py)
+    width       student.intermediate_size=768: half of each kept layer's FFN channels, ranked by activation
+                importance on calibration text (Minitron, models/width.py)
+    q4_k, q3_k, q2_k   quant.format=...: QAT + KD in llama.cpp's K-quant (bit-exact), the GGUF is the artifact
 
-Each row records the student's bytes as the device loads them (the HF folder: weights + config + tokenizer files) and
-its ratio to F16 and to the teacher file the user started from; in-domain retention, top-1 and KL against the
+Each row records the student's bytes as the device loads them (a quantized row's GGUF, else the HF folder: weights +
+config + tokenizer files) and its ratio to F16 and to the teacher file the user started from; in-domain retention, top-1 and KL against the
 corrected teacher; the same out of domain (general English, never trained on); for a trimmed vocabulary what the
 trim kept and what it costs (student tokens per teacher token, the teacher's mass on trimmed tokens); and its own
 environment (commit, git_dirty, CPU, threads, load before and after). Quality does not depend on the machine's load;
@@ -38,6 +41,10 @@ from distill_methods import _keep_cache  # noqa: E402
 ROWS = {
     "none": ("default student (full vocabulary)", []),
     "trim_vocab": ("+ trimmed vocabulary", ["student.trim_vocab=true"]),
+    "width": ("+ FFN width halved (1536 -> 768)", ["student.intermediate_size=768"]),
+    "q4_k": ("+ QAT in Q4_K (GGUF)", ["quant.format=q4_k"]),
+    "q3_k": ("+ QAT in Q3_K (GGUF)", ["quant.format=q3_k"]),
+    "q2_k": ("+ QAT in Q2_K (GGUF)", ["quant.format=q2_k"]),
 }
 QUICK = ["data.seq_len=64", "data.max_train_tokens=4096", "data.max_eval_tokens=512", "data.max_val_tokens=256",
          "distill.steps=4", "distill.batch_size=2", "distill.checkpoint_every=2", "distill.eval_every=2",
