@@ -15,6 +15,8 @@ Rows (issue 15's levers; a lever joins when it runs end to end through `shrink`)
     trim_vocab  student.trim_vocab=true: only the tokens the training split uses (models/vocab.py)
     width       student.intermediate_size=768: half of each kept layer's FFN channels, ranked by activation
                 importance on calibration text (Minitron, models/width.py)
+    low_rank    student.low_rank=0.5: every matrix of the kept blocks as SVD-initialised factors storing half the
+                blocks' dense parameters (method [7]; PyTorch / ONNX only, no GGUF)
     q4_k, q3_k, q2_k   quant.format=...: QAT + KD in llama.cpp's K-quant (bit-exact), the GGUF is the artifact
 
 Each row records the student's bytes as the device loads them (a quantized row's GGUF, else the HF folder: weights +
@@ -42,6 +44,7 @@ ROWS = {
     "none": ("default student (full vocabulary)", []),
     "trim_vocab": ("+ trimmed vocabulary", ["student.trim_vocab=true"]),
     "width": ("+ FFN width halved (1536 -> 768)", ["student.intermediate_size=768"]),
+    "low_rank": ("+ low-rank blocks (half the blocks' parameters)", ["student.low_rank=0.5"]),
     "q4_k": ("+ QAT in Q4_K (GGUF)", ["quant.format=q4_k"]),
     "q3_k": ("+ QAT in Q3_K (GGUF)", ["quant.format=q3_k"]),
     "q2_k": ("+ QAT in Q2_K (GGUF)", ["quant.format=q2_k"]),
@@ -76,6 +79,8 @@ def run_row(name: str, base: list[str], root: Path, seed: int) -> dict:
         "retention": m["retention"], "top1_agreement": m["top1_agreement"], "kl_teacher_student": m["kl_teacher_student"],
         "out_of_domain": {k: ood.get(k) for k in ("retention", "top1_agreement", "kl_teacher_student")},
         "vocab_trim": m.get("vocab_trim"),
+        "artifact": Path(m["student"]["artifact"]).name, "quant": m["student"].get("quant"),
+        "low_rank": {k: v for k, v in (m["student"].get("low_rank") or {}).items() if k != "ranks"} or None,
         "train_tokens": m["train"]["tokens"], "selection": m["train"].get("selection"),
         "decode_tokens_per_s": s["decode_tokens_per_s"],
         "environment": m["environment"],

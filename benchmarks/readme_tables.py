@@ -436,7 +436,7 @@ def levers_table(r: dict) -> str:
             return "—"
         return f"{v[key]:.3f} / {(v.get('out_of_domain') or {}).get(key, float('nan')):.3f}"
 
-    out = ["| lever | seed | MB (HF folder) | × F16 | × original file | retention | top-1 | KL | out-of-domain retention | "
+    out = ["| lever | seed | MB on device | × F16 | × original file | retention | top-1 | KL | out-of-domain retention | "
            "out-of-domain top-1 | student tokens per teacher token (in / out) | teacher mass on trimmed tokens (in / out) "
            "| commit |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]
     for x in r["rows"]:
@@ -447,7 +447,8 @@ def levers_table(r: dict) -> str:
                    f"{pair(v, 'student_tokens_per_teacher_token')} | {pair(v, 'teacher_trimmed_mass')} | "
                    f"`{(env.get('git_commit') or '?')[:8]}`{' (dirty)' if env.get('git_dirty') else ''} |")
     out += ["", f"Scores against the corrected teacher; the same training steps and tokens for every row "
-            f"({r['rows'][0]['train_tokens']:,} tokens). Retention is per teacher token for every row (a trimmed student "
+            f"({r['rows'][0]['train_tokens']:,} tokens). MB on device: a quantized row's GGUF, else the HF folder "
+            "(weights, config, tokenizer). Retention is per teacher token for every row (a trimmed student "
             "pays for the pieces it spells a missing token with), so it compares across rows; a trimmed row's KL and "
             "top-1 are against the teacher renormalised over the kept tokens, so read them with the teacher's mass on "
             f"trimmed tokens beside them. {_measured(r['environment'])}, by `{r['command'].strip()}` → "

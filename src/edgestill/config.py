@@ -103,6 +103,12 @@ class StudentConfig:
     # symbols and special tokens, so any text still encodes (a word the student lacks is spelled in kept pieces). The
     # tied embedding loses its other rows; the GGUF carries the trimmed tokenizer. Byte-level BPE tokenizers only.
     trim_vocab: bool = False
+    # Low-rank blocks (method [7], models/lowrank.py): every Linear of the kept decoder blocks becomes two smaller
+    # matrices U·V initialised from its truncated SVD, with ranks chosen over all of them (greedy on singular-value
+    # energy per stored parameter) so that the blocks' matrices store this fraction of their dense parameters, e.g.
+    # 0.5. The embedding/head is not factorized. The student runs in PyTorch and ONNX (two smaller MatMuls per
+    # projection); llama.cpp's graph has one matrix per projection, so it has no GGUF. null: dense blocks.
+    low_rank: float | None = None
     # Existing student model folder (for `edgestill distill`), used instead of slicing the teacher.
     model: str | None = None
 
@@ -561,6 +567,13 @@ def validate(cfg: ShrinkConfig) -> None:
     if s.trim_vocab and k.on_policy_fraction > 0:
         raise EdgestillError("student.trim_vocab with distill.on_policy_fraction: the teacher cannot score samples in "
                              "the student's trimmed vocabulary; set one of them off")
+    if s.low_rank is not None and not 0.0 < s.low_rank < 1.0:
+        raise EdgestillError(f"student.low_rank={s.low_rank} is the share of the blocks' dense parameters the factors "
+                             "keep: give a number strictly between 0 and 1 (0.5 is typical), or null for dense blocks")
+    if s.low_rank is not None and cfg.quant.format is not None:
+        raise EdgestillError(f"student.low_rank with quant.format={cfg.quant.format}: a factorized student has no GGUF "
+                             "(llama.cpp stores one matrix per projection), so it cannot train in a GGUF format; drop "
+                             "one of them")
     for key in ("intermediate_size", "hidden_size", "num_attention_heads", "num_key_value_heads"):
         if getattr(s, key) is not None and getattr(s, key) < 1:
             raise EdgestillError(f"student.{key}={getattr(s, key)} must be a positive number, or null to keep the "

@@ -35,8 +35,13 @@ def export_gguf_run(run_dir: Path, cfg: ShrinkConfig, tensor_type: str | None = 
     copied from the teacher's GGUF when the teacher is one.
     """
     from edgestill.export.gguf import export_gguf, format_quantize_fn, trained_tensor_types
-    from edgestill.models.load import gguf_file, load_causal_lm
+    from edgestill.models.load import gguf_file, load_causal_lm, lowrank_plan
 
+    if lowrank_plan(run_dir / "student"):
+        raise EdgestillError(f"'{run_dir}' has low-rank blocks (student.low_rank): llama.cpp's graph stores one matrix "
+                             "per projection, so a GGUF would have to multiply the factors back into dense matrices "
+                             "(no smaller than the dense student); export it with --format onnx, which keeps the two "
+                             "smaller MatMuls")
     saved = load_causal_lm(str(run_dir / "student"))
     report_path = run_dir / "quant_report.json"
     per_tensor = {}

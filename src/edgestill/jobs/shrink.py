@@ -210,6 +210,7 @@ def _metrics(cfg: ShrinkConfig, run_dir: Path, final_dir: Path, teacher, student
         "student": {"path": str(final_dir / "student"), "artifact": str(final_dir / artifact.name),
                     "params": s_params, "bytes": s_bytes, "weight_bytes": weight_bytes(artifact),
                     "dtype": cfg.output.dtype, "quant": cfg.quant.format,
+                    "low_rank": _lowrank_summary(student, cfg.student.low_rank),
                     "layers_kept": layers, "num_layers": len(decoder_layers(student)),
                     **{key: getattr(student.config, key, None) for key in
                        ("intermediate_size", "hidden_size", "num_attention_heads", "num_key_value_heads")},
@@ -233,6 +234,16 @@ def _metrics(cfg: ShrinkConfig, run_dir: Path, final_dir: Path, teacher, student
                   "selection": _read_json(run_dir / "selection.json")},  # which evaluated step the student is
         "environment": environment(cfg.eval.threads, start),
     }
+
+
+def _lowrank_summary(student, keep: float | None) -> dict | None:
+    """student.low_rank: the share asked for, how many matrices were factorized and their ranks (None: dense)."""
+    from edgestill.models.lowrank import PLAN_KEY
+
+    ranks = (getattr(student.config, PLAN_KEY, None) or {}).get("linear") or {}
+    if keep is None and not ranks:
+        return None
+    return {"keep": keep, "factorized": len(ranks), "ranks": ranks}
 
 
 def _read_json(path: Path) -> dict | None:

@@ -297,6 +297,10 @@ def sweep(cfg: ShrinkConfig, settings: SweepSettings, out: str | Path) -> dict:
         raise EdgestillError("the sweep does not take student.trim_vocab yet: it plans without the trim and scores each "
                              "point's GGUF in llama.cpp on the teacher's token ids; run `edgestill shrink "
                              "student.trim_vocab=true` for one student instead")
+    if cfg.student.low_rank is not None:
+        raise EdgestillError("the sweep does not take student.low_rank: its points are GGUFs scored in llama.cpp, and a "
+                             "low-rank student has no GGUF; run `edgestill shrink student.low_rank=...` for one student "
+                             "instead")
     folder = WorkFolder(out, SWEEP_MARKER, "sweep", legacy_files=("plans.json", "sensitivity.json"))
     out = folder.open()
     with folder.cleanup_on_failure():  # a sweep that fails before any work leaves no folder behind

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -204,6 +205,11 @@ def load_causal_lm(spec: str, dtype: str = "float32") -> LoadedModel:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as e:
         raise explain_tokenizer_failure(folder, spec, e) from None
+    if folder is not None and lowrank_plan(folder):  # a student with low-rank blocks (student.low_rank)
+        from edgestill.models.lowrank import load_factorized
+
+        model = load_factorized(folder, AutoModelForCausalLM.from_config, torch_dtype)
+        return LoadedModel(model=model, tokenizer=tokenizer, source=spec, path=str(path))
     try:
         model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, output_loading_info=True)
     except Exception as e:
@@ -215,6 +221,15 @@ def load_causal_lm(spec: str, dtype: str = "float32") -> LoadedModel:
         check_loading_info(folder, info)
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, source=spec, path=str(path))
+
+
+def lowrank_plan(folder: Path) -> dict:
+    """The low-rank factors a saved student's config.json records ({} for a dense model)."""
+    from edgestill.models.lowrank import PLAN_KEY
+
+    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    plan = config.get(PLAN_KEY) or {}
+    return plan if any(plan.get(k) for k in ("linear", "embedding")) else {}
 
 
 def _causal_lm_skeleton(folder: Path):

@@ -329,8 +329,12 @@ def load_factorized(folder: str | Path, model_cls, dtype=torch.float32):
     for f in files:
         state.update(load_file(str(f)))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    # tied or non-persistent tensors may legitimately be absent; anything else is a mismatch
-    missing = [k for k in missing if not k.endswith("position_ids") and not k.endswith("token_type_ids")]
+    # tied or non-persistent tensors may legitimately be absent (a tied head shares the loaded embedding's storage);
+    # anything else is a mismatch
+    current = model.state_dict()
+    loaded_ptrs = {current[k].data_ptr() for k in state if k in current}
+    missing = [k for k in missing if not k.endswith("position_ids") and not k.endswith("token_type_ids")
+               and current[k].data_ptr() not in loaded_ptrs]
     if missing or unexpected:
         raise EdgestillError(f"'{folder}' does not match its rank plan (missing {missing[:3]}, unexpected {unexpected[:3]}); "
                              "was it saved by another edgestill version?")

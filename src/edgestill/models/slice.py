@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 
 import torch
 from torch import nn
@@ -35,6 +36,27 @@ def decoder_layers(model) -> nn.ModuleList:
             "Pass an existing student with student.model instead"
         )
     return layers
+
+
+def factorize_decoder_(model, keep: float, min_rank: int = 8, multiple_of: int = 8) -> dict:
+    """student.low_rank: every nn.Linear of the decoder blocks as U·V (SVD-initialised, models/lowrank.py), in place.
+
+    Ranks are chosen over all the blocks' matrices at once (greedy on singular-value energy per stored parameter)
+    so that they store `keep` of their dense parameters; the embedding/head and the norms are left as they are.
+    A matrix the budget would keep at nearly full rank stays dense. Returns the rank plan (also in model.config).
+    """
+    from edgestill.models.lowrank import LowRankConfig, factorize_
+
+    blocks = decoder_layers(model)
+    prefix = next(name for name, m in model.named_modules() if m is blocks)
+    linears = [m for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.startswith(prefix + ".")]
+    if not linears:
+        raise EdgestillError("student.low_rank: the decoder blocks hold no nn.Linear to factorize")
+    dense = sum(m.weight.numel() for m in linears)
+    budget = count_params(model) - dense + int(keep * dense)
+    cfg = LowRankConfig(target_params=budget, targets=(f"re:{re.escape(prefix)}\\.\\d+\\..*",), skip=(), embeddings=(),
+                        min_rank=min_rank, multiple_of=multiple_of)
+    return factorize_(model, cfg)
 
 
 def count_params(model) -> int:
@@ -186,6 +208,8 @@ def build_student(student_cfg, teacher, tokenizer, calibration: list[torch.Tenso
     if s.model:
         loaded = load_causal_lm(s.model)
         check_same_tokenizer(tokenizer, loaded.tokenizer)
+        if s.low_rank is not None:
+            factorize_decoder_(loaded.model, s.low_rank)
         if count_params(loaded.model) >= count_params(teacher):
             raise EdgestillError(
                 f"student '{s.model}' has {count_params(loaded.model):,} parameters, not fewer than the teacher's "
@@ -197,7 +221,7 @@ def build_student(student_cfg, teacher, tokenizer, calibration: list[torch.Tenso
         layers = sorted(s.layers)
     else:
         widths = (s.intermediate_size, s.hidden_size, s.num_attention_heads, s.num_key_value_heads)
-        if s.num_layers >= n and all(w is None for w in widths) and not quantized:
+        if s.num_layers >= n and all(w is None for w in widths) and not quantized and s.low_rank is None:
             raise EdgestillError(
                 f"student.num_layers={s.num_layers} keeps all {n} teacher layers at full width: the student would be as "
                 "large as the teacher; set student.num_layers lower, a width smaller (student.intermediate_size, "
@@ -206,7 +230,12 @@ def build_student(student_cfg, teacher, tokenizer, calibration: list[torch.Tenso
             )
         scores = block_influence(teacher, calibration) if s.layer_selection == "block_influence" else None
         layers = choose_layers(n, min(s.num_layers, n), scores)
-    student = slice_student(s, teacher, layers, calibration, allow_full=quantized)
+    student = slice_student(s, teacher, layers, calibration, allow_full=quantized or s.low_rank is not None)
+    if s.low_rank is not None:
+        plan = factorize_decoder_(student, s.low_rank)
+        log.info("low-rank blocks: %d matrices factorized (ranks %d-%d), the blocks keep %.0f%% of their dense "
+                 "parameters", len(plan["linear"]), min(plan["linear"].values(), default=0),
+                 max(plan["linear"].values(), default=0), 100 * s.low_rank)
     c = student.config
     log.info("student: layers %s of %d, hidden %s, heads %s/%s KV, FFN %s -> %s params (teacher %s)", layers, n,
              c.hidden_size, c.num_attention_heads, getattr(c, "num_key_value_heads", None), c.intermediate_size,
