@@ -95,3 +95,37 @@ def test_the_sweep_refuses_a_trimmed_vocabulary_before_any_folder(tiny_model_dir
     cfg = load_config(overrides=[*tiny_overrides(tiny_model_dir, tiny_corpus, tmp_path / "x"), "student.trim_vocab=true"])
     msg = one_line_error(sweep, cfg, SweepSettings(budgets=[0.5]), tmp_path / "sweep")
     assert "student.trim_vocab" in msg and not (tmp_path / "sweep").exists()
+
+
+def test_the_trim_keeps_every_token_of_the_whole_training_split_not_only_the_sample(tiny_model_dir, tmp_path):
+    """Each document speaks its own four words; distilling on a 4-block sample misses some documents' words, and the
+    trim still keeps them (the domain is the training split, the sample is only what the run distils on)."""
+    import random
+
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from edgestill.config import load_config
+    from edgestill.data.corpus import corpus_blocks, tokenize_blocks
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(8):
+        rng = random.Random(i)
+        words = WORDS[4 * i: 4 * i + 4]
+        (corpus / f"doc{i}.txt").write_text("\n".join(" ".join(rng.choice(words) for _ in range(6)) + "."
+                                                     for _ in range(100)))
+    out = tmp_path / "run"
+    overrides = [*tiny_overrides(tiny_model_dir, corpus, out, steps=2), "student.trim_vocab=true",
+                 "data.max_train_tokens=128"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EDGESTILL_CACHE", str(tmp_path / "edgestill-cache"))
+        assert main(["shrink", *overrides]) == 0
+    cfg = load_config(out / "config.yaml")
+    teacher_tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    data = corpus_blocks(cfg.data, teacher_tok)
+    whole = set(np.unique(tokenize_blocks(data.splits.train, teacher_tok, cfg.data.seq_len)).tolist())
+    sample = set(np.unique(data.train).tolist())
+    assert sample < whole  # the sample really misses words of the split
+    kept = set(AutoTokenizer.from_pretrained(out / "student").get_vocab())
+    assert set(teacher_tok.convert_ids_to_tokens(sorted(whole))) <= kept

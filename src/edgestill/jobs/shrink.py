@@ -22,7 +22,7 @@ import numpy as np
 import yaml
 
 from edgestill.config import ShrinkConfig, apply_override, load_config
-from edgestill.data.corpus import CorpusBlocks, calibration_batches, corpus_blocks
+from edgestill.data.corpus import CorpusBlocks, calibration_batches, corpus_blocks, tokenize_blocks
 from edgestill.errors import EdgestillError
 from edgestill.files import write_text_atomic
 from edgestill.progress import is_main_process
@@ -140,10 +140,14 @@ def distill(cfg: ShrinkConfig, overwrite: bool = False, teacher_cache_from: Path
                                         quantized=qconfig is not None)
         tokenizer, vocab = teacher.tokenizer, None
         if cfg.student.trim_vocab:  # before quantization: the embedding it fake-quantizes is the trimmed one
-            student, tokenizer, vocab = trim_student_vocab(student, teacher.tokenizer, data.train,
+            # the domain is the whole training split, not only the sample distilled on (data.max_train_tokens): a
+            # held-out word is then likelier to be kept whole; the sample's blocks are a subset of the split's
+            domain = np.concatenate([data.train.ravel(), tokenize_blocks(data.splits.train, teacher.tokenizer,
+                                                                         cfg.data.seq_len).ravel()])
+            student, tokenizer, vocab = trim_student_vocab(student, teacher.tokenizer, domain,
                                                            teacher.model.get_output_embeddings().weight.shape[0])
-            log.info("vocabulary trimmed to the %d tokens the training split uses (+ bytes and specials), of %d",
-                     vocab.size, vocab.old_size)
+            log.info("vocabulary trimmed to the %d tokens the training split's %s tokens use (+ bytes and "
+                     "specials), of %d", vocab.size, f"{len(domain) - data.train.size:,}", vocab.old_size)
         source = teacher_source(cfg.distill, teachers, [cfg.teacher.model, *cfg.teacher.extra], data.train,
                                 run.path / "cache", teacher_cache_from, cfg.eval.batch_size, rank, world)
         del teachers  # a cached source holds all the extra teachers have to say
