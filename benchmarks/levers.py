@@ -33,8 +33,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import statistics
 import sys
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -83,11 +85,25 @@ def run_row(name: str, base: list[str], root: Path, seed: int) -> dict:
         "out_of_domain": {k: ood.get(k) for k in ("retention", "top1_agreement", "kl_teacher_student")},
         "vocab_trim": m.get("vocab_trim"),
         "artifact": Path(m["student"]["artifact"]).name, "quant": m["student"].get("quant"),
+        "formats": _formats(out),
         "low_rank": {k: v for k, v in (m["student"].get("low_rank") or {}).items() if k != "ranks"} or None,
         "train_tokens": m["train"]["tokens"], "selection": m["train"].get("selection"),
         "decode_tokens_per_s": s["decode_tokens_per_s"],
         "environment": m["environment"],
     }
+
+
+def _formats(run_dir: Path) -> dict | None:
+    """A quantized row's matrices: how many got each format (a K-quant needs rows that are a multiple of 256; others
+    fall back, as llama.cpp's own quantizer does) and their mean bits per weight. None for a float row."""
+    path = run_dir / "quant_report.json"
+    if not path.is_file():
+        return None
+    report = json.loads(path.read_text())
+    count = Counter(layer["format"]["format"] for layer in report)
+    weights = sum(math.prod(layer["shape"]) for layer in report)
+    return {"matrices": dict(count), "fallbacks": sum(1 for layer in report if layer.get("fallback")),
+            "bits_per_weight": 8 * sum(layer["weight_bytes"] for layer in report) / weights}
 
 
 def summarise(rows: list[dict]) -> dict:

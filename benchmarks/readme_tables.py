@@ -436,19 +436,28 @@ def levers_table(r: dict) -> str:
             return "—"
         return f"{v[key]:.3f} / {(v.get('out_of_domain') or {}).get(key, float('nan')):.3f}"
 
-    out = ["| lever | seed | MB on device | × F16 | × original file | retention | top-1 | KL | out-of-domain retention | "
-           "out-of-domain top-1 | student tokens per teacher token (in / out) | teacher mass on trimmed tokens (in / out) "
-           "| commit |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]
+    def formats(x: dict) -> str:
+        q = x.get("formats")
+        if not q:
+            return "16 (F16)"
+        kinds = ", ".join(f"{n} {k.removeprefix('GGUF')}" for k, n in sorted(q["matrices"].items(), key=lambda kv: -kv[1]))
+        return f"{q['bits_per_weight']:.2f} ({kinds})"
+
+    out = ["| lever | seed | MB on device | bits/weight (matrices) | × F16 | × original file | retention | top-1 | KL | "
+           "out-of-domain retention | out-of-domain top-1 | student tokens per teacher token (in / out) | teacher mass on "
+           "trimmed tokens (in / out) | commit |", "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]
     for x in r["rows"]:
         ood, v, env = x["out_of_domain"], x.get("vocab_trim") or {}, x["environment"]
-        out.append(f"| {x['label']} | {x['seed']} | {x['bytes'] / 1e6:.1f} | {x['compression_x_fp16']:.2f} | "
+        out.append(f"| {x['label']} | {x['seed']} | {x['bytes'] / 1e6:.1f} | {formats(x)} | {x['compression_x_fp16']:.2f} | "
                    f"{x['compression_x_source']:.2f} | {f(x['retention'])} | {f(x['top1_agreement'])} | "
                    f"{f(x['kl_teacher_student'])} | {f(ood.get('retention'))} | {f(ood.get('top1_agreement'))} | "
                    f"{pair(v, 'student_tokens_per_teacher_token')} | {pair(v, 'teacher_trimmed_mass')} | "
                    f"`{(env.get('git_commit') or '?')[:8]}`{' (dirty)' if env.get('git_dirty') else ''} |")
     out += ["", f"Scores against the corrected teacher; the same training steps and tokens for every row "
             f"({r['rows'][0]['train_tokens']:,} tokens). MB on device: a quantized row's GGUF, else the HF folder "
-            "(weights, config, tokenizer). Retention is per teacher token for every row (a trimmed student "
+            "(weights, config, tokenizer). A K-quant needs rows that are a multiple of 256 weights; this teacher's rows "
+            "of 576 (every matrix but the FFN down projection, and the tied embedding) fall back to another format as "
+            "llama.cpp's own quantizer does, and the bits/weight column counts what was stored. Retention is per teacher token for every row (a trimmed student "
             "pays for the pieces it spells a missing token with), so it compares across rows; a trimmed row's KL and "
             "top-1 are against the teacher renormalised over the kept tokens, so read them with the teacher's mass on "
             f"trimmed tokens beside them. {_measured(r['environment'])}, by `{r['command'].strip()}` → "
