@@ -110,6 +110,18 @@ def tiny_overrides(model_dir, corpus_dir, out_dir, steps: int = 6) -> list[str]:
     ]
 
 
+def shrunk_run(tmp_path_factory, name: str, model_dir, corpus_dir, *extra: str, steps: int = 6):
+    """A finished `edgestill shrink` run on the tiny model (for module fixtures), with its own edgestill cache."""
+    from edgestill.cli import main
+
+    out = tmp_path_factory.mktemp(name) / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EDGESTILL_CACHE", str(out.parent / "edgestill-cache"))
+        rc = main(["shrink", *tiny_overrides(model_dir, corpus_dir, out, steps=steps), *extra])
+    assert rc == 0
+    return out
+
+
 def one_line_error(call, *args, **kwargs) -> str:
     """The EdgestillError message `call(*args)` raises, checked to be one line (the CLI prints it as one)."""
     from edgestill.errors import EdgestillError

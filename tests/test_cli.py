@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import build_tiny_model, tiny_overrides  # tests/ is on sys.path
+from conftest import build_tiny_model, shrunk_run, tiny_overrides  # tests/ is on sys.path
 from edgestill.cli import main
 
 SUBPROCESS_TIMEOUT = 300
@@ -102,12 +102,7 @@ def test_config_unknown_key_in_process(capsys):
 
 @pytest.fixture(scope="module")
 def shrink_run(tiny_model_dir, tiny_corpus, tmp_path_factory):
-    out = tmp_path_factory.mktemp("shrink") / "run"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("EDGESTILL_CACHE", str(out.parent / "edgestill-cache"))
-        rc = main(["shrink", *tiny_overrides(tiny_model_dir, tiny_corpus, out)])
-    assert rc == 0
-    return out
+    return shrunk_run(tmp_path_factory, "shrink", tiny_model_dir, tiny_corpus)
 
 
 def test_shrink_writes_a_complete_run(shrink_run, tiny_model_dir):

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import one_line_error, tiny_overrides  # tests/ is on sys.path
+from conftest import one_line_error, shrunk_run, tiny_overrides  # tests/ is on sys.path
 
 from edgestill.cli import main
 
@@ -85,12 +85,7 @@ def test_a_killed_low_rank_run_resumes_to_the_same_factors(tiny_model_dir, tmp_p
 
 @pytest.fixture(scope="module")
 def lowrank_run(tiny_model_dir, tiny_corpus, tmp_path_factory):
-    out = tmp_path_factory.mktemp("lowrank") / "run"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("EDGESTILL_CACHE", str(out.parent / "edgestill-cache"))
-        rc = main(["shrink", *tiny_overrides(tiny_model_dir, tiny_corpus, out, steps=4), "student.low_rank=0.5"])
-    assert rc == 0
-    return out
+    return shrunk_run(tmp_path_factory, "lowrank", tiny_model_dir, tiny_corpus, "student.low_rank=0.5", steps=4)
 
 
 def test_the_low_rank_run_saves_a_smaller_student_that_reloads_exactly(lowrank_run, tiny_model_dir, tiny_corpus,

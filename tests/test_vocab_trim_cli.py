@@ -8,7 +8,7 @@ import json
 import math
 
 import pytest
-from conftest import WORDS, tiny_overrides  # tests/ is on sys.path
+from conftest import WORDS, shrunk_run, tiny_overrides  # tests/ is on sys.path
 
 from edgestill.cli import main
 
@@ -30,12 +30,7 @@ def narrow_corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trimmed_run(tiny_model_dir, narrow_corpus, tmp_path_factory):
-    out = tmp_path_factory.mktemp("trim") / "run"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("EDGESTILL_CACHE", str(out.parent / "edgestill-cache"))
-        rc = main(["shrink", *tiny_overrides(tiny_model_dir, narrow_corpus, out, steps=4), "student.trim_vocab=true"])
-    assert rc == 0
-    return out
+    return shrunk_run(tmp_path_factory, "trim", tiny_model_dir, narrow_corpus, "student.trim_vocab=true", steps=4)
 
 
 def test_the_trimmed_run_measures_the_student_on_the_teachers_tokens(trimmed_run):
