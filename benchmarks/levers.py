@@ -19,7 +19,8 @@ Rows (issue 15's levers; a lever joins when it runs end to end through `shrink`)
     low_rank    student.low_rank=0.5: every matrix of the kept blocks as SVD-initialised factors storing half the
                 blocks' dense parameters (method [7]; PyTorch / ONNX only, no GGUF)
     q4_k, q3_k, q2_k   quant.format=...: QAT + KD in llama.cpp's K-quant (bit-exact), the GGUF is the artifact
-    combined    the GGUF levers together (trim, FFN 768, Q3_K): the smallest student llama.cpp runs here
+    combined    the GGUF levers together (trim, FFN 768 ranked by activations, Q3_K): the smallest student
+                llama.cpp runs here
 
 Each row records the student's bytes as the device loads them (a quantized row's GGUF, else the HF folder: weights +
 config + tokenizer files) and its ratio to F16 and to the teacher file the user started from; in-domain retention, top-1 and KL against the
@@ -54,8 +55,9 @@ ROWS = {
     "q4_k": ("+ QAT in Q4_K (GGUF)", ["quant.format=q4_k"]),
     "q3_k": ("+ QAT in Q3_K (GGUF)", ["quant.format=q3_k"]),
     "q2_k": ("+ QAT in Q2_K (GGUF)", ["quant.format=q2_k"]),
-    "combined": ("trimmed + FFN 768 + QAT Q3_K (GGUF)",
-                 ["student.trim_vocab=true", "student.intermediate_size=768", "quant.format=q3_k"]),
+    "combined": ("trimmed + FFN 768 (activation ranking) + QAT Q3_K (GGUF)",
+                 ["student.trim_vocab=true", "student.intermediate_size=768", "student.width_importance=activation",
+                  "quant.format=q3_k"]),
 }
 QUICK = ["data.seq_len=64", "data.max_train_tokens=4096", "data.max_eval_tokens=512", "data.max_val_tokens=256",
          "distill.steps=4", "distill.batch_size=2", "distill.checkpoint_every=2", "distill.eval_every=2",
