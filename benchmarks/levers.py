@@ -3,6 +3,7 @@
 
     python benchmarks/levers.py                         # every row, seed 0 (about 20-30 min a row on 2 cores)
     python benchmarks/levers.py --rows trim_vocab --seeds 0,1,2
+    python benchmarks/levers.py --seeds 0,1,2 --seed-rows width,width_activation   # seeds 1, 2 only for those rows
     python benchmarks/levers.py --quick                 # smoke run on tiny settings -> levers_quick.json
 
 Every row is one `edgestill shrink` run through the project's own function (`jobs.shrink.shrink`) with the default
@@ -133,6 +134,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
     ap.add_argument("--seeds", default="0")
+    ap.add_argument("--seed-rows", default=None,
+                    help="comma-separated rows that get the seeds after the first (default: every row), e.g. to repeat "
+                         "only the rows whose difference is in question")
     ap.add_argument("--root", default=None, help="run folders (default runs/bench/levers[-quick])")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("overrides", nargs="*", help="config overrides every row shares (e.g. distill.steps=200)")
@@ -145,7 +149,10 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     root = Path(args.root or ("runs/bench/levers-quick" if args.quick else "runs/bench/levers"))
     base = [*(QUICK if args.quick else []), *EVAL_LIGHT, *args.overrides]
-    results = [run_row(name, base, root, seed) for seed in seeds for name in rows]
+    seeded = rows if args.seed_rows is None else [r.strip() for r in args.seed_rows.split(",") if r.strip()]
+    if set(seeded) - set(rows):
+        raise SystemExit(f"--seed-rows {', '.join(sorted(set(seeded) - set(rows)))} not in --rows")
+    results = [run_row(name, base, root, seed) for seed in seeds for name in rows if seed == seeds[0] or name in seeded]
     write_result("levers_quick" if args.quick else "levers", {
         "what": "the default student with and without each lever (same teacher, data, steps); scores against the "
                 "corrected teacher, in domain (held-out plays) and out of domain (general English)",
