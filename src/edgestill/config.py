@@ -97,7 +97,7 @@ class StudentConfig:
     # How width units are ranked (Minitron width pruning, models/width.py):
     #   activation - their activations on calibration text (Minitron)
     #   weight     - their weight norms (what an FFN-only cut has always used)
-    #   auto       - activation when hidden_size or a head count is set, else weight (so FFN-only runs reproduce)
+    #   auto       - activation (an FFN-only cut used weight norms before; docs/distillation.md#one-lever-at-a-time)
     width_importance: str = "auto"
     # Vocabulary trimming (models/vocab.py): keep only the tokens the training split uses, plus the tokenizer's byte
     # symbols and special tokens, so any text still encodes (a word the student lacks is spelled in kept pieces). The

@@ -176,9 +176,9 @@ def slice_decoder(teacher, layers: list[int], intermediate_size: int | None = No
 def slice_student(student_cfg, teacher, layers: list[int], calibration: list[torch.Tensor], allow_full: bool = False):
     """The student `student_cfg` (a config.StudentConfig) describes, cut from `teacher`: `layers`, then its widths.
 
-    An FFN-only cut ranked by weight norms (student.width_importance auto or weight, no hidden size or head
-    count) is slice_decoder's, as before width pruning; any other width cut is models/width.py's, on the sliced
-    layers, ranked on `calibration` when the importance is activation.
+    An FFN-only cut ranked by weight norms (student.width_importance=weight, no hidden size or head count) is
+    slice_decoder's; any other width cut is models/width.py's, on the sliced layers, ranked on `calibration` when
+    the importance is activation (`auto`).
     """
     s = student_cfg
     hidden_or_heads = (s.hidden_size, s.num_attention_heads, s.num_key_value_heads)

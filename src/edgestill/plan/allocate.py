@@ -5,7 +5,8 @@ EdgeDistill's HPAQD allocator (docs/references.md [8]), reconstructed [R]:
 1. Sensitivity: s_u(f) = KL(teacher || teacher with only unit u in format f) for every decoder layer
    and the head (plan/sensitivity.py), measured once on the teacher.
 2. Candidates: students of several depths (layers chosen by ShortGPT block influence, as
-   models/slice.py does) and FFN widths. A student layer keeps its teacher layer's sensitivities [R],
+   models/slice.py does) and FFN widths (units ranked by their activations on the calibration batches, as
+   `shrink` cuts them). A student layer keeps its teacher layer's sensitivities [R],
    and a candidate's structural loss is measured directly: KL(teacher || sliced student, float) on the
    same calibration batches (before distillation, so it ranks shapes rather than predicting the
    distilled quality).
@@ -522,6 +523,7 @@ def plan(model, device: str | DeviceProfile, budget: Budget, batches, formats=DE
     import torch
 
     from edgestill.models.slice import block_influence, choose_layers, slice_decoder
+    from edgestill.models.width import prune_width
     from edgestill.plan.sensitivity import layer_sensitivity, mean_kl, model_logits
 
     device = load_device(device)
@@ -554,7 +556,9 @@ def plan(model, device: str | DeviceProfile, budget: Budget, batches, formats=DE
             elif (depth, width) in cache:
                 structural = cache[(depth, width)]
             else:
-                student = slice_decoder(model, layers, None if width == teacher_shape.intermediate else width)
+                student = slice_decoder(model, layers, allow_full=True)
+                if width != teacher_shape.intermediate:  # FFN units ranked by their activations, as shrink cuts them
+                    student = prune_width(student, batches, intermediate_size=width)
                 structural = cache[(depth, width)] = mean_kl(student, batches, reference)
                 del student
                 log.info("candidate %d layers, ffn %d: structural KL %.4f", depth, width, structural)
