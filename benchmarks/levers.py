@@ -15,7 +15,7 @@ Rows (issue 15's levers; a lever joins when it runs end to end through `shrink`)
     none        the default student (float, full vocabulary)
     trim_vocab  student.trim_vocab=true: only the tokens the training split uses (models/vocab.py)
     width       student.intermediate_size=768: half of each kept layer's FFN channels, ranked by weight norm (what
-                width_importance=auto does for an FFN-only cut)
+                width_importance=auto did for an FFN-only cut before these rows; the measured rows ran with auto)
     width_activation   the same cut ranked by activation importance on calibration text (Minitron, models/width.py)
     low_rank    student.low_rank=0.5: every matrix of the kept blocks as SVD-initialised factors storing half the
                 blocks' dense parameters (method [7]; PyTorch / ONNX only, no GGUF)
@@ -49,7 +49,8 @@ from distill_methods import _keep_cache  # noqa: E402
 ROWS = {
     "none": ("default student (full vocabulary)", []),
     "trim_vocab": ("+ trimmed vocabulary", ["student.trim_vocab=true"]),
-    "width": ("+ FFN width halved (1536 -> 768), weight-norm ranking", ["student.intermediate_size=768"]),
+    "width": ("+ FFN width halved (1536 -> 768), weight-norm ranking",
+              ["student.intermediate_size=768", "student.width_importance=weight"]),
     "width_activation": ("+ FFN width halved (1536 -> 768), activation ranking",
                          ["student.intermediate_size=768", "student.width_importance=activation"]),
     "low_rank": ("+ low-rank blocks (half the blocks' parameters)", ["student.low_rank=0.5"]),
