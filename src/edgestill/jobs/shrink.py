@@ -141,13 +141,12 @@ def distill(cfg: ShrinkConfig, overwrite: bool = False, teacher_cache_from: Path
         tokenizer, vocab = teacher.tokenizer, None
         if cfg.student.trim_vocab:  # before quantization: the embedding it fake-quantizes is the trimmed one
             # the domain is the whole training split, not only the sample distilled on (data.max_train_tokens): a
-            # held-out word is then likelier to be kept whole; the sample's blocks are a subset of the split's
-            domain = np.concatenate([data.train.ravel(), tokenize_blocks(data.splits.train, teacher.tokenizer,
-                                                                         cfg.data.seq_len).ravel()])
+            # held-out word is then likelier to be kept whole; the sample's blocks are a subset of these
+            domain = tokenize_blocks(data.splits.train, teacher.tokenizer, cfg.data.seq_len)
             student, tokenizer, vocab = trim_student_vocab(student, teacher.tokenizer, domain,
                                                            teacher.model.get_output_embeddings().weight.shape[0])
             log.info("vocabulary trimmed to the %d tokens the training split's %s tokens use (+ bytes and "
-                     "specials), of %d", vocab.size, f"{len(domain) - data.train.size:,}", vocab.old_size)
+                     "specials), of %d", vocab.size, f"{domain.size:,}", vocab.old_size)
         source = teacher_source(cfg.distill, teachers, [cfg.teacher.model, *cfg.teacher.extra], data.train,
                                 run.path / "cache", teacher_cache_from, cfg.eval.batch_size, rank, world)
         del teachers  # a cached source holds all the extra teachers have to say

@@ -182,7 +182,7 @@ def slice_student(student_cfg, teacher, layers: list[int], calibration: list[tor
     """
     s = student_cfg
     hidden_or_heads = (s.hidden_size, s.num_attention_heads, s.num_key_value_heads)
-    importance = resolve_importance(s.width_importance, *hidden_or_heads)
+    importance = resolve_importance(s.width_importance)
     if importance == "weight" and all(w is None for w in hidden_or_heads):
         return slice_decoder(teacher, layers, s.intermediate_size, allow_full)
     check_widths(teacher.config, *hidden_or_heads, s.intermediate_size)  # before any copy or forward pass

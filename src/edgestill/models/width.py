@@ -76,15 +76,13 @@ def _kv_heads(config) -> int:
     return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
 
 
-def resolve_importance(setting: str, hidden_size: int | None, num_attention_heads: int | None,
-                       num_key_value_heads: int | None) -> str:
+def resolve_importance(setting: str) -> str:
     """student.width_importance with `auto` resolved: activation (Minitron), for every cut.
 
     An FFN-only cut used to rank its units by weight norms under `auto`; on the default teacher that cut (half of
     each kept layer's FFN) started at held-out KL 14.7 against 6.1 by activations, and after the default training
     kept retention 0.090–0.103 against 0.377–0.383 over three seeds (benchmarks/levers.py, rows width and
-    width_activation). `weight` still
-    selects weight norms. The sizes stay in the signature: they are what a cut touches, and may decide again."""
+    width_activation). `weight` still selects weight norms."""
     if setting == "auto":
         return "activation"
     if setting not in IMPORTANCE:
