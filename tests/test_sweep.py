@@ -135,6 +135,39 @@ def test_shrink_for_a_device_runs_the_best_plan_within_the_budget(tiny_model_dir
     assert "need --device" in capsys.readouterr().err
 
 
+def test_a_device_plan_with_a_trimmed_vocabulary_is_priced_and_run_with_it(tiny_model_dir, tmp_path, capsys):
+    """shrink --device ... student.trim_vocab=true: the planner prices the trimmed embedding (plan.json's vocab), and
+    the run trims to exactly that many tokens; `edgestill plan --trim-vocab` prints the same cut."""
+    import random
+
+    from conftest import WORDS
+
+    from edgestill.cli import main
+
+    tiny_corpus = tmp_path / "few-words"  # a domain of six words: the tokens of the others' merges are cut
+    tiny_corpus.mkdir()
+    for i in range(8):
+        rng = random.Random(i)
+        (tiny_corpus / f"doc{i}.txt").write_text("\n".join(" ".join(rng.choice(WORDS[:6]) for _ in range(8)) + "."
+                                                           for _ in range(150)))
+    teacher_fp32_bytes = sum(f.stat().st_size for f in tiny_model_dir.glob("*.safetensors"))
+    budget = int(teacher_fp32_bytes * 0.4)
+    out = tmp_path / "dev-trim"
+    assert main(["shrink", *tiny_overrides(tiny_model_dir, tiny_corpus, out, steps=2), "student.trim_vocab=true",
+                 "--device", "rpi5", "--max-file-size", str(budget)]) == 0
+    plan = json.loads((out / "plan.json").read_text())["plan"]
+    teacher_vocab = json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
+    assert plan["vocab"]["teacher_size"] == teacher_vocab > plan["vocab"]["size"] == plan["shape"]["vocab"]
+    student = json.loads((out / "student" / "config.json").read_text())
+    assert student["vocab_size"] == plan["vocab"]["size"]  # the run cut what the plan priced
+    assert (out / "student.gguf").stat().st_size <= budget
+    capsys.readouterr()
+    assert main(["plan", "--device", "rpi5", "--teacher", str(tiny_model_dir), "--data", str(tiny_corpus),
+                 "--file-size", str(budget), "--trim-vocab", "--calibration-tokens", "64", "--no-correct"]) == 0
+    printed = capsys.readouterr().out
+    assert f"vocabulary {plan['vocab']['size']:,} of {teacher_vocab:,}" in printed and "the trim cuts" in printed
+
+
 def _reference(cfg):
     from edgestill.data.corpus import corpus_blocks
     from edgestill.jobs.shrink import reference_teacher

@@ -232,6 +232,9 @@ def _add_plan(sub) -> None:
                         "shrink --device and sweep plan with)")
     p.add_argument("--no-correct", action="store_true",
                    help="plan for the teacher as given (default: first corrected on --data's train split, as shrink does; cached)")
+    p.add_argument("--trim-vocab", action="store_true",
+                   help="plan students whose vocabulary is trimmed to the tokens --data's train split uses (shrink "
+                        "student.trim_vocab=true): a smaller embedding and tokenizer, paid for on text outside that domain")
     p.add_argument("--top", type=int, default=5, help="how many plans to print (default 5)")
     p.add_argument("--out", help="write every feasible plan as JSON here")
 
@@ -453,12 +456,15 @@ def _cmd_plan(args) -> None:
     correction = None if args.no_correct else TeacherConfig().correction()
     plans = plan(args.teacher, args.device, budget, data, max(1, args.calibration_tokens // data.seq_len), correction,
                  workload=Workload(context_tokens=args.context, prompt_tokens=args.prompt), formats=formats,
-                 depths=_ints(args.depths), widths=_ints(args.widths))
+                 depths=_ints(args.depths), widths=_ints(args.widths), trim_vocab=args.trim_vocab)
     device = plans[0].device if plans else args.device
     print(f"{len(plans)} feasible plans on {device}; the best {min(args.top, len(plans))} by predicted KL:")
     for i, p in enumerate(plans[: args.top], 1):
         print(f"{i}. {p.summary()}")
         print(f"   teacher layers {p.layers}; default {p.default_format}; plan {json.dumps(p.quant_plan)}")
+    if plans and plans[0].vocab:
+        print(f"the trim cuts {plans[0].vocab['teacher_mass_trimmed']:.2%} of the teacher's probability on the calibration "
+              "text (the tokens it would predict that the trimmed vocabulary lacks); out-of-domain text pays more")
     if args.out:
         print(f"wrote {plans_json(args.out, args.device, budget, args.teacher, plans)}")
 

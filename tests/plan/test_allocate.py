@@ -113,6 +113,53 @@ def test_plan_ranks_feasible_students_and_they_quantize(tiny2, calib_batches, to
         assert len(report) == 2 * 7 + 1
 
 
+def test_a_trimmed_vocabulary_plan_prices_the_cut_and_measures_the_trimmed_students_kl(tiny2, calib_batches, toy_device):
+    """plan(vocab_keep=...): a budget only the trim meets is met at full depth, every candidate has the kept rows, and
+    a sliced candidate's structural KL is what the trimmed student it describes really scores (its own renumbered ids
+    and cut head) against the teacher renormalised over the kept tokens."""
+    import copy
+    import dataclasses
+
+    import torch
+    import torch.nn.functional as F
+
+    from edgestill.models.slice import slice_decoder
+    from edgestill.models.vocab import VocabTrim, trim_embeddings_
+    from edgestill.plan.cost import gguf_bytes
+
+    shape = StudentShape.from_config(tiny2.config)
+    used = sorted({int(i) for b in calib_batches for i in b.flatten()})
+    keep = sorted(set(used) | {0, 1, 2})  # the calibration text's tokens and the specials
+    trimmed_shape = dataclasses.replace(shape, vocab=len(keep))
+    budget = Budget(max_file_bytes=int(gguf_bytes(trimmed_shape, {}, "q4_0")["file"]))
+    assert budget.max_file_bytes < gguf_bytes(shape, {}, "q4_0")["file"]  # the untrimmed teacher cannot fit
+    kwargs = dict(formats=("q8_0", "q4_0"), depths=[2, 1], widths=[128])
+    assert all(p.shape.layers == 1 for p in plan(tiny2, toy_device, budget, calib_batches, **kwargs))
+    plans = plan(tiny2, toy_device, budget, calib_batches, vocab_keep=keep, **kwargs)
+    assert {p.shape.vocab for p in plans} == {len(keep)}
+    best = next(p for p in plans if p.shape.layers == 2)  # full depth fits once the embedding is cut
+    assert best.structural_kl == 0.0  # the trim alone changes nothing over the kept tokens
+    assert best.vocab["size"] == len(keep) and best.vocab["teacher_size"] == shape.vocab
+    assert 0.0 < best.vocab["teacher_mass_trimmed"] < 1.0
+    assert "vocabulary" in best.summary() and Plan.from_dict(json.loads(json.dumps(best.to_dict()))).vocab == best.vocab
+    if not any(p.shape.layers == 1 for p in plans):
+        plans = plan(tiny2, toy_device, Budget(max_file_bytes=10**9), calib_batches, vocab_keep=keep, **kwargs)
+    sliced = next(p for p in plans if p.shape.layers == 1)
+
+    trim = VocabTrim(tuple(keep), (), shape.vocab)
+    student = trim_embeddings_(slice_decoder(copy.deepcopy(tiny2), sliced.layers), trim).eval()
+    table = torch.as_tensor(trim.new_ids())
+    total = 0.0
+    with torch.no_grad():
+        for ids in calib_batches:
+            ref = F.log_softmax(tiny2(input_ids=ids).logits.double()[..., keep], -1)
+            out = F.log_softmax(student(input_ids=table[ids]).logits.double(), -1)
+            total += float((ref.exp() * (ref - out)).sum())
+    assert sliced.structural_kl == pytest.approx(total / sum(b.numel() for b in calib_batches), rel=1e-5)
+    with pytest.raises(EdgestillError, match="vocab_keep must hold token ids"):
+        plan(tiny2, toy_device, budget, calib_batches, vocab_keep=[shape.vocab], **kwargs)
+
+
 def test_an_infeasible_budget_names_the_nearest_plan(tiny2, calib_batches, kernel_bound_device):
     """The floor check passes a budget some mix might meet; if the greedy finds none, the nearest is named.
 

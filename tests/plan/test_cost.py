@@ -216,3 +216,29 @@ def test_training_flops_per_token_matches_torchs_count_of_the_matmuls():
     assert training_flops_per_token(shape, tokens) == counts["aten.mm"] / tokens + attention
     assert counts["aten.bmm"] / tokens == 2 * attention
     assert training_flops_per_token(shape, tokens, frozen_head=False) > training_flops_per_token(shape, tokens)
+
+
+def test_a_trimmed_vocabulary_costs_what_its_export_stores(tiny2, tiny2_dir, tmp_path):
+    """The planner prices a trimmed student (models/vocab.py) before it exists: its tokenizer's share of the GGUF, cut
+    from the teacher's, and its embedding rows. Both must equal what export_gguf then writes."""
+    import numpy as np
+    from conftest import make_text
+    from transformers import AutoTokenizer
+
+    from edgestill.models.vocab import plan_trim, trim_embeddings_, trim_tokenizer, used_token_counts
+
+    tok = AutoTokenizer.from_pretrained(tiny2_dir)
+    teacher_gguf = tmp_path / "teacher.gguf"
+    export_gguf(tiny2, tok, teacher_gguf, tensor_type="q8_0")
+    ids = np.asarray(tok(make_text(0, 4))["input_ids"])
+    trim = plan_trim(tok, used_token_counts(ids, len(tok)))
+    assert 0 < trim.size < len(tok) and trim.merges  # a real cut, with merges kept and merges dropped
+    predicted_meta = tokenizer_metadata_bytes(teacher_gguf, trim.kept, trim.merges)
+    shape = dataclasses.replace(StudentShape.from_config(tiny2.config), vocab=trim.size)
+    student = trim_embeddings_(tiny2, trim)
+    path = tmp_path / "trimmed.gguf"
+    export_gguf(student, trim_tokenizer(tok, trim), path, tensor_type="q8_0", teacher_gguf=teacher_gguf)
+    assert predicted_meta == tokenizer_metadata_bytes(path) < tokenizer_metadata_bytes(teacher_gguf)
+    predicted = gguf_bytes(shape, {}, "q8_0", metadata_bytes=predicted_meta)
+    assert predicted["data"] == _data_bytes(path)
+    assert abs(predicted["file"] - path.stat().st_size) <= 256  # the general.*/llama.* keys are estimated

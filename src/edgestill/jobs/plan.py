@@ -8,6 +8,7 @@ budget is refused from the cost model alone, before the text is read or anything
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -30,46 +31,59 @@ def devices(show: str | None = None, refresh: bool = False) -> str:
     return load_device(show, **({"refresh": refresh} if show == "host" else {})).to_yaml()
 
 
-def _teacher_and_metadata(spec: str):
-    """(the loaded teacher, the tokenizer's share of its GGUF file in bytes: 0 for a HF folder)."""
+def _teacher_and_gguf(spec: str):
+    """(the loaded teacher, its GGUF file: where the student's tokenizer metadata comes from; None for a HF folder)."""
     from edgestill.models.load import gguf_file, load_causal_lm
-    from edgestill.plan.cost import tokenizer_metadata_bytes
 
-    gguf = gguf_file(spec)
-    return load_causal_lm(spec), tokenizer_metadata_bytes(gguf) if gguf else 0
+    return load_causal_lm(spec), gguf_file(spec)
 
 
-def _plan(loaded, metadata: int, device, budget, data: DataConfig, calibration_blocks: int = CALIBRATION_BLOCKS,
-          plan_options: bool = True, correction=None, **plan_kwargs) -> list:
+def _plan(loaded, gguf, device, budget, data: DataConfig, calibration_blocks: int = CALIBRATION_BLOCKS,
+          plan_options: bool = True, correction=None, trim_vocab: bool = False, **plan_kwargs) -> list:
     """edgestill.plan.plan on the teacher `loaded`, after the cheap feasibility check (plan_options: the check's line
     may suggest `edgestill plan`'s own --depths and --context). correction: a distill.correct.CorrectConfig: plan
-    for the teacher corrected on the train split of `data` (cached: the one `shrink` then distils from)."""
+    for the teacher corrected on the train split of `data` (cached: the one `shrink` then distils from).
+    trim_vocab: plan students whose vocabulary is trimmed to the tokens of the train split, as `shrink
+    student.trim_vocab=true` cuts it: fewer embedding rows and a shorter tokenizer in every plan's bytes.
+    gguf: the teacher's GGUF, whose tokenizer fields (cut to the trim) the student's file copies; None: no tokenizer
+    bytes are counted (a HF folder's tokenizer is written from tokenizer.json at export)."""
     from edgestill.distill.correct import correct_teacher
+    from edgestill.jobs.shrink import domain_blocks
+    from edgestill.models.vocab import domain_trim
     from edgestill.plan import DEFAULT_FORMATS, check_budget
     from edgestill.plan import plan as plan_students
-    from edgestill.plan.cost import StudentShape, Workload
+    from edgestill.plan.cost import StudentShape, Workload, tokenizer_metadata_bytes
 
     kwargs = {"workload": Workload(), "formats": DEFAULT_FORMATS, **plan_kwargs}
-    # before the calibration text is read: an impossible budget needs only the teacher's shape to fail
-    check_budget(StudentShape.from_config(loaded.model.config), device, budget, kwargs["formats"], kwargs.get("depths"),
-                 kwargs.get("widths"), kwargs["workload"], metadata, plan_options=plan_options)
-    blocks = corpus_blocks(data, loaded.tokenizer)
+    shape = StudentShape.from_config(loaded.model.config)
+    trim, blocks = None, None
+    if trim_vocab:  # the trim needs the text: read it before the cost model's check, which prices the cut
+        blocks = corpus_blocks(data, loaded.tokenizer)
+        trim = domain_trim(loaded.tokenizer, domain_blocks(blocks, loaded.tokenizer, data.seq_len), shape.vocab)
+        shape = dataclasses.replace(shape, vocab=trim.size)
+        log.info("planning with the vocabulary trimmed to the %d tokens the train split uses (+ bytes and specials), "
+                 "of %d", trim.size, trim.old_size)
+    metadata = 0 if gguf is None else tokenizer_metadata_bytes(gguf, *((trim.kept, trim.merges) if trim else ()))
+    # before the calibration text is read (unless the trim needed it): an impossible budget needs only the shape to fail
+    check_budget(shape, device, budget, kwargs["formats"], kwargs.get("depths"), kwargs.get("widths"),
+                 kwargs["workload"], metadata, plan_options=plan_options)
+    blocks = blocks or corpus_blocks(data, loaded.tokenizer)
     if correction is not None:
         loaded = correct_teacher(loaded, blocks.train, blocks.val, correction)
-    train = blocks.train
-    return plan_students(loaded.model, device, budget, calibration_batches(train, calibration_blocks),
-                         metadata_bytes=metadata, **kwargs)
+    return plan_students(loaded.model, device, budget, calibration_batches(blocks.train, calibration_blocks),
+                         metadata_bytes=metadata, vocab_keep=trim.kept if trim else None, **kwargs)
 
 
 def plan(teacher: str, device, budget, data: DataConfig | None = None, calibration_blocks: int = CALIBRATION_BLOCKS,
-         correction=None, **plan_kwargs) -> list:
+         correction=None, trim_vocab: bool = False, **plan_kwargs) -> list:
     """`edgestill plan`: ranked feasible plans (edgestill.plan.Plan) for `teacher` on `device` within `budget`,
     calibrated on the train split of `data` (default: the embedded corpus). correction: a CorrectConfig to plan for
-    the corrected teacher (as `shrink` does by default), None for the teacher as given. plan_kwargs go to
+    the corrected teacher (as `shrink` does by default), None for the teacher as given. trim_vocab: students with
+    the vocabulary trimmed to that split's tokens (`shrink student.trim_vocab=true`). plan_kwargs go to
     edgestill.plan.plan (formats, depths, widths, workload, top, ...)."""
-    loaded, metadata = _teacher_and_metadata(teacher)
-    return _plan(loaded, metadata, device, budget, data or DataConfig(), calibration_blocks, correction=correction,
-                 **plan_kwargs)
+    loaded, gguf = _teacher_and_gguf(teacher)
+    return _plan(loaded, gguf, device, budget, data or DataConfig(), calibration_blocks, correction=correction,
+                 trim_vocab=trim_vocab, **plan_kwargs)
 
 
 def plans_json(path: str | Path, device, budget, teacher: str, plans: list) -> Path:
@@ -94,6 +108,7 @@ def point_config(base: ShrinkConfig, plan, out: Path, teacher_ffn: int) -> Shrin
     cfg.student.intermediate_size = plan.intermediate_size if plan.intermediate_size < teacher_ffn else None
     cfg.quant.format = plan.default_format
     cfg.quant.plan = dict(plan.quant_plan)
+    cfg.student.trim_vocab = bool(plan.vocab)  # a plan priced with the trimmed vocabulary is run with it
     cfg.output.dir = str(out)
     return cfg
 
@@ -107,9 +122,9 @@ def shrink_for_device(cfg: ShrinkConfig, device: str, budget, overwrite: bool = 
     """
     from edgestill.jobs.shrink import shrink
 
-    loaded, metadata = _teacher_and_metadata(cfg.teacher.model)
-    best = _plan(loaded, metadata, device, budget, cfg.data, plan_options=False, correction=cfg.teacher.correction(),
-                 top=1)[0]
+    loaded, gguf = _teacher_and_gguf(cfg.teacher.model)
+    best = _plan(loaded, gguf, device, budget, cfg.data, plan_options=False, correction=cfg.teacher.correction(),
+                 trim_vocab=cfg.student.trim_vocab, top=1)[0]
     log.info("plan for %s: %s", device, best.summary())
     point = point_config(cfg, best, Path(cfg.output.dir), loaded.model.config.intermediate_size)
     del loaded

@@ -140,9 +140,7 @@ def distill(cfg: ShrinkConfig, overwrite: bool = False, teacher_cache_from: Path
                                         quantized=qconfig is not None)
         tokenizer, vocab = teacher.tokenizer, None
         if cfg.student.trim_vocab:  # before quantization: the embedding it fake-quantizes is the trimmed one
-            # the domain is the whole training split, not only the sample distilled on (data.max_train_tokens): a
-            # held-out word is then likelier to be kept whole; the sample's blocks are a subset of these
-            domain = tokenize_blocks(data.splits.train, teacher.tokenizer, cfg.data.seq_len)
+            domain = domain_blocks(data, teacher.tokenizer, cfg.data.seq_len)
             student, tokenizer, vocab = trim_student_vocab(student, teacher.tokenizer, domain,
                                                            teacher.model.get_output_embeddings().weight.shape[0])
             log.info("vocabulary trimmed to the %d tokens the training split's %s tokens use (+ bytes and "
@@ -164,6 +162,13 @@ def distill(cfg: ShrinkConfig, overwrite: bool = False, teacher_cache_from: Path
             save_causal_lm(student, tokenizer, run.path / "student", dtype)
             write_text_atomic(run.path / "splits.json", json.dumps(data.splits.names(), indent=1))
     return run, Distilled(teacher, original, data, history, layers, resumed)
+
+
+def domain_blocks(data: CorpusBlocks, tokenizer, seq_len: int):
+    """The token ids a trimmed vocabulary keeps (student.trim_vocab): the whole training split, not only the sample
+    distilled on (data.max_train_tokens), so that a held-out word is likelier to be kept whole. The planner prices
+    the same trim (jobs/plan.py)."""
+    return tokenize_blocks(data.splits.train, tokenizer, seq_len)
 
 
 def _calibration(data: CorpusBlocks) -> list:

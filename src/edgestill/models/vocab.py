@@ -320,11 +320,18 @@ class VocabMap:
         return kept - log_mass, (1.0 - log_mass.squeeze(-1).exp()).clamp_min(0.0)
 
 
+def domain_trim(tokenizer, train_blocks: np.ndarray, teacher_vocab: int = 0) -> VocabTrim:
+    """The trim of the domain whose training split is `train_blocks` (token ids): what `trim_student_vocab` cuts, and
+    what the planner prices before any student exists. teacher_vocab: the teacher's embedding rows, when more than
+    the tokenizer's ids."""
+    return plan_trim(tokenizer, used_token_counts(train_blocks, max(len(tokenizer), int(teacher_vocab))))
+
+
 def trim_student_vocab(student, tokenizer, train_blocks: np.ndarray, teacher_vocab: int = 0):
     """Cut `student`'s vocabulary (in place) to the tokens of the training split `train_blocks` (every one of them, so
     the split's tokenization does not change) plus the tokenizer's bytes and specials: (student, its tokenizer, the
     VocabMap the trainer and the evaluation read it with)."""
-    trim = plan_trim(tokenizer, used_token_counts(train_blocks, max(len(tokenizer), int(teacher_vocab))))
+    trim = domain_trim(tokenizer, train_blocks, teacher_vocab)
     small = trim_tokenizer(tokenizer, trim)
     trim_embeddings_(student, trim)
     return student, small, VocabMap(trim.kept, trim.old_size, small, tokenizer, teacher_vocab)

@@ -158,6 +158,8 @@ class Plan:
     quantization_kl: float
     device: str = ""
     workload: Workload = field(default_factory=Workload)
+    # a trimmed vocabulary (plan(vocab_keep=...)): {"size", "teacher_size", "teacher_mass_trimmed"}; None = the teacher's
+    vocab: dict[str, Any] | None = None
 
     @property
     def intermediate_size(self) -> int:
@@ -181,7 +183,8 @@ class Plan:
         counts = Counter(self.unit_formats().values())
         mix = ", ".join(f"{n}x{fmt}" for fmt, n in counts.most_common())
         p = self.prediction
-        return (f"{self.shape.layers} layers, ffn {self.shape.intermediate}, {mix}: {p.file_bytes / 1e6:.1f} MB file, "
+        trim = f", vocabulary {self.vocab['size']:,} of {self.vocab['teacher_size']:,}" if self.vocab else ""
+        return (f"{self.shape.layers} layers, ffn {self.shape.intermediate}{trim}, {mix}: {p.file_bytes / 1e6:.1f} MB file, "
                 f"{p.peak_ram_bytes / 1e6:.1f} MB RAM, decode {p.decode_tokens_per_s:.1f} tok/s, "
                 f"prefill {p.prefill_tokens_per_s:.1f} tok/s, predicted KL {self.predicted_kl:.4f}")
 
@@ -190,7 +193,7 @@ class Plan:
                 "default_format": self.default_format, "quant_plan": dict(self.quant_plan),
                 "prediction": self.prediction.to_dict(), "predicted_kl": self.predicted_kl,
                 "structural_kl": self.structural_kl, "quantization_kl": self.quantization_kl,
-                "device": self.device, "workload": self.workload.to_dict()}
+                "device": self.device, "workload": self.workload.to_dict(), "vocab": self.vocab}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Plan:
@@ -198,7 +201,8 @@ class Plan:
                    default_format=data["default_format"], quant_plan=dict(data["quant_plan"]),
                    prediction=Prediction.from_dict(data["prediction"]), predicted_kl=float(data["predicted_kl"]),
                    structural_kl=float(data["structural_kl"]), quantization_kl=float(data["quantization_kl"]),
-                   device=str(data.get("device", "")), workload=Workload.from_dict(data.get("workload") or {}))
+                   device=str(data.get("device", "")), workload=Workload.from_dict(data.get("workload") or {}),
+                   vocab=data.get("vocab"))
 
 
 def plan_dict(formats: dict[str, str]) -> tuple[str, dict[str, str]]:
@@ -509,7 +513,7 @@ def default_widths(intermediate: int) -> list[int]:
 def plan(model, device: str | DeviceProfile, budget: Budget, batches, formats=DEFAULT_FORMATS,
          depths: list[int] | None = None, widths: list[int] | None = None, workload: Workload = Workload(),
          metadata_bytes: int = 0, sensitivity: Sensitivity | None = None, top: int | None = None,
-         cache: dict | None = None) -> list[Plan]:
+         cache: dict | None = None, vocab_keep=None) -> list[Plan]:
     """Ranked feasible student plans for `model` (a Llama-style teacher) on `device` within `budget`.
 
     batches: calibration token ids (held-out text is never used here). depths/widths: candidate layer
@@ -517,6 +521,13 @@ def plan(model, device: str | DeviceProfile, budget: Budget, batches, formats=DE
     metadata_bytes: the tokenizer's share of the GGUF (cost.tokenizer_metadata_bytes(teacher.gguf)).
     cache: a dict kept between calls on the same model and batches (a sweep plans for several budgets): the
       reference logits, block influence and every candidate's structural KL are measured once.
+    vocab_keep: the teacher token ids a trimmed vocabulary keeps (models/vocab.py's VocabTrim.kept), when the student
+      is to be trimmed: every candidate then has that many embedding rows (pass the trimmed tokenizer's
+      metadata_bytes too), and its structural KL compares the teacher with the student over the kept tokens only
+      (both renormalised there, which is what the trimmed student is trained to match). What the trim itself costs
+      is the teacher's probability on the tokens cut, on the calibration text: each plan's vocab records it, as a
+      number beside the KL rather than inside it (a KL against a student that gives those tokens no mass is
+      infinite). The layer sensitivities stay those measured over the whole vocabulary [R].
     A budget even the smallest candidate cannot meet raises EdgestillError before anything is measured
     (check_budget); one the floor meets but no allocation does names the nearest plan at the end.
     """
@@ -528,6 +539,14 @@ def plan(model, device: str | DeviceProfile, budget: Budget, batches, formats=DE
 
     device = load_device(device)
     teacher_shape = StudentShape.from_config(model.config)
+    columns = None
+    if vocab_keep is not None:
+        ids = sorted({int(i) for i in vocab_keep})
+        if not ids or ids[0] < 0 or ids[-1] >= teacher_shape.vocab:
+            raise EdgestillError(f"vocab_keep must hold token ids of the teacher's {teacher_shape.vocab}-row embedding "
+                                 f"(got {len(ids)} ids{f', from {ids[0]} to {ids[-1]}' if ids else ''})")
+        columns = torch.tensor(ids, dtype=torch.long)
+        teacher_shape = dataclasses.replace(teacher_shape, vocab=len(columns))
     depths, widths = candidate_sizes(teacher_shape, depths, widths)
     # An impossible budget fails here, in milliseconds, not after the minutes of measurement below.
     check_budget(teacher_shape, device, budget, formats, depths, widths, workload, metadata_bytes)
@@ -538,10 +557,19 @@ def plan(model, device: str | DeviceProfile, budget: Budget, batches, formats=DE
         with torch.no_grad():
             cache["reference"] = model_logits(model, batches)
     reference = cache["reference"]
+    trim_record = None
+    if columns is not None:
+        full = reference
+        reference = [r.index_select(-1, columns) for r in full]
+        cut = sum(float((1 - (torch.logsumexp(k.double(), -1) - torch.logsumexp(r.double(), -1)).exp()).sum())
+                  for k, r in zip(reference, full))
+        trim_record = {"size": len(columns), "teacher_size": int(full[0].shape[-1]),
+                       "teacher_mass_trimmed": cut / sum(ids.numel() for ids in batches)}
+    trimmed = None if columns is None else len(columns)  # structural KLs over the kept tokens are cached apart
     if sensitivity is None:
         log.info("layer sensitivity: %d units x %d formats on %d calibration tokens", teacher_shape.layers + 1,
                  len(formats), sum(ids.numel() for ids in batches))
-        sensitivity = layer_sensitivity(model, batches, formats, reference_logits=reference)
+        sensitivity = layer_sensitivity(model, batches, formats, reference_logits=cache["reference"])  # whole vocabulary
     if "block_influence" not in cache:
         cache["block_influence"] = block_influence(model, batches)
     scores = cache["block_influence"]
@@ -553,13 +581,13 @@ def plan(model, device: str | DeviceProfile, budget: Budget, batches, formats=DE
             shape = dataclasses.replace(teacher_shape, layers=depth, intermediate=width)
             if depth == teacher_shape.layers and width == teacher_shape.intermediate:
                 structural = 0.0  # the teacher itself, only quantized
-            elif (depth, width) in cache:
-                structural = cache[(depth, width)]
+            elif (depth, width, trimmed) in cache:
+                structural = cache[(depth, width, trimmed)]
             else:
                 student = slice_decoder(model, layers, allow_full=True)
                 if width != teacher_shape.intermediate:  # FFN units ranked by their activations, as shrink cuts them
                     student = prune_width(student, batches, intermediate_size=width)
-                structural = cache[(depth, width)] = mean_kl(student, batches, reference)
+                structural = cache[(depth, width, trimmed)] = mean_kl(student, batches, reference, columns)
                 del student
                 log.info("candidate %d layers, ffn %d: structural KL %.4f", depth, width, structural)
             sens = sensitivity.remap(layers)
@@ -574,7 +602,7 @@ def plan(model, device: str | DeviceProfile, budget: Budget, batches, formats=DE
             default, qplan = plan_dict(formats_by_unit)
             plans.append(Plan(shape=shape, layers=list(layers), default_format=default, quant_plan=qplan,
                               prediction=prediction, predicted_kl=structural + quant_kl, structural_kl=structural,
-                              quantization_kl=quant_kl, device=device.name, workload=workload))
+                              quantization_kl=quant_kl, device=device.name, workload=workload, vocab=trim_record))
     if not plans:
         worst, shape, layers, state, p, violated = nearest
         mix = ", ".join(f"{n}x{fmt}" for fmt, n in Counter(state.values()).most_common())

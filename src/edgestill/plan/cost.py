@@ -240,14 +240,43 @@ def gguf_bytes(shape: StudentShape, plan: dict[str, str], default: str = "q8_0",
     return {"data": data, "tensor_info": info, "metadata": meta, "file": _pad(header + meta + info) + data}
 
 
-def tokenizer_metadata_bytes(gguf_path) -> int:
-    """Bytes of the `tokenizer.*` key/values of a GGUF (what export_gguf copies from a teacher)."""
-    from gguf import GGUFReader
+_PER_TOKEN_KEYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.scores")
+
+
+def tokenizer_metadata_bytes(gguf_path, kept=None, merges=None) -> int:
+    """Bytes of the `tokenizer.*` key/values of a GGUF (what export_gguf copies from a teacher).
+
+    kept, merges: a trimmed vocabulary (models/vocab.py's VocabTrim: new id -> teacher id, and the merges it keeps,
+    'a b' strings or pairs): the bytes export_gguf writes for a student with that vocabulary, which keeps the per-token
+    arrays' kept entries, writes those merges (none: no merges key) and leaves out a special token id that was cut.
+    """
+    from gguf import GGUFReader, GGUFValueType
 
     reader = GGUFReader(str(gguf_path))
+    kept_set = None if kept is None else set(int(i) for i in kept)
     total = 0
     for key, fld in reader.fields.items():
-        if key.startswith("tokenizer."):
+        if not key.startswith("tokenizer."):
+            continue
+        if kept is None:
+            total += sum(int(part.nbytes) for part in fld.parts)
+            continue
+        head = 8 + len(key.encode()) + 4  # key (u64 length + bytes), value type (u32)
+        if fld.types[0] == GGUFValueType.ARRAY:
+            if len(fld.types) != 2:
+                continue  # an empty or nested array: export copies none
+            items = [fld.parts[i] for i in fld.data]
+            string = fld.types[1] == GGUFValueType.STRING
+            if key in _PER_TOKEN_KEYS:
+                items = [items[i] for i in kept]
+            elif key == "tokenizer.ggml.merges":
+                if not merges:
+                    continue  # export leaves an empty merges list out
+                items = [(m if isinstance(m, str) else " ".join(m)).encode() for m in merges]
+            total += head + 4 + 8 + sum((8 + len(bytes(x))) if string else int(x.nbytes) for x in items)
+        elif key.endswith("_token_id") and fld.types[0] != GGUFValueType.STRING:
+            total += (head + int(fld.parts[fld.data[0]].nbytes)) if int(fld.contents()) in kept_set else 0
+        else:
             total += sum(int(part.nbytes) for part in fld.parts)
     return total
 

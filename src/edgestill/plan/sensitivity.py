@@ -92,14 +92,19 @@ def token_kl(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tens
 
 
 @torch.no_grad()
-def model_logits(model, batches: list[torch.Tensor]) -> list[torch.Tensor]:
-    """float32 logits of `model` on each batch of token ids (the reference side of `mean_kl`)."""
-    return [model(input_ids=ids).logits.float() for ids in batches]
+def model_logits(model, batches: list[torch.Tensor], columns: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """float32 logits of `model` on each batch of token ids (the reference side of `mean_kl`); columns: only those
+    token ids' logits (a trimmed vocabulary: its softmax is the model's renormalised over them)."""
+    out = [model(input_ids=ids).logits.float() for ids in batches]
+    return out if columns is None else [x.index_select(-1, columns) for x in out]
 
 
 @torch.no_grad()
-def mean_kl(model, batches: list[torch.Tensor], reference_logits: list[torch.Tensor]) -> float:
-    total = sum(float(token_kl(ref, out)) for ref, out in zip(reference_logits, model_logits(model, batches)))
+def mean_kl(model, batches: list[torch.Tensor], reference_logits: list[torch.Tensor],
+            columns: torch.Tensor | None = None) -> float:
+    """Mean KL(reference || model) per token; columns: compare over those token ids only (reference_logits hold
+    just those columns then)."""
+    total = sum(float(token_kl(ref, out)) for ref, out in zip(reference_logits, model_logits(model, batches, columns)))
     return total / sum(ids.numel() for ids in batches)
 
 
