@@ -465,6 +465,61 @@ def levers_table(r: dict) -> str:
     return "\n".join(out)
 
 
+def decode_speed_table(r: dict) -> str:
+    """llama.cpp speeds of the lever students and the baselines, alternated in one run (benchmarks/decode_speed.py)."""
+    anchor = (r.get("anchor") or "").removeprefix("llama.cpp ").split(" ")[0].lower()
+
+    def rng(x: dict, key: str) -> str:
+        lo, hi = x[f"{key}_spread"]
+        return f"{x[key]:.1f} ({lo:.1f}–{hi:.1f})"
+
+    out = [f"| model | MB | × fewer bytes than {anchor.upper()} | decode tok/s (range) | × {anchor.upper()} decode | "
+           "prefill tok/s (range) | retention / out-of-domain (its run) |", "|---|---:|---:|---:|---:|---:|---|"]
+    for x in r["rows"]:
+        run = x.get("run")
+        quality = "—" if not run else f"{run['retention']:.3f} / {run['out_of_domain_retention']:.3f}"
+        out.append(f"| {x['name']} | {x['file_bytes'] / 1e6:.1f} | {x.get(f'bytes_x_vs_{anchor}', float('nan')):.2f} | "
+                   f"{rng(x, 'decode_tokens_per_s')} | {x.get(f'decode_x_vs_{anchor}', float('nan')):.2f} | "
+                   f"{rng(x, 'prefill_tokens_per_s')} | {quality} |")
+    out += ["", f"llama.cpp (llama-cpp-python), {r['threads']} threads; every model loaded once and timed in turn, "
+            f"{r['repeats']} rounds after {r['warmup']} warm-up (medians, min–max): a {r['prompt_tokens']}-token prompt "
+            f"in one batch, then {r['decode_tokens']} decode steps. Students: the GGUFs of the levers rows above, with "
+            f"the quality their own runs measured against the corrected teacher. {_measured(r['environment'])}, by "
+            f"`{r['command'].strip()}` → `benchmarks/results/{r['benchmark']}.json`."]
+    return "\n".join(out)
+
+
+def recovery_curve_table(r: dict) -> str:
+    """Validation fidelity against training tokens per student depth (benchmarks/recovery_curve.py): the student as
+    cut, then at a quarter, half and the whole of the budget, and the held-out test and out-of-domain scores at the end."""
+    def at(curve: list[dict], share: float) -> dict:
+        goal = share * curve[-1]["train_tokens"]
+        return min(curve, key=lambda p: abs(p["train_tokens"] - goal))
+
+    def walk(curve: list[dict], key: str, fmt: str) -> str:
+        return " → ".join(fmt.format(at(curve, q)[key]) for q in (0.0, 0.25, 0.5, 1.0))
+
+    out = ["| student | × F16 | val KL (as cut → ¼ → ½ → all of the budget) | val top-1 | val retention | "
+           "test retention / top-1 / KL | out-of-domain retention | train tokens/s | commit |",
+           "|---|---:|---|---|---|---|---:|---:|---|"]
+    for x in r["sizes"]:
+        c, t, env = x["curve"], x["test"], x.get("environment") or {}
+        ood = (x.get("out_of_domain") or {}).get("retention")
+        out.append(f"| {x['layers']} of {r['reference_layers']} layers | {x['compression_x_fp16']:.2f} | "
+                   f"{walk(c, 'kl_teacher_student', '{:.3f}')} | {walk(c, 'top1_agreement', '{:.3f}')} | "
+                   f"{walk(c, 'retention', '{:.3f}')} | {t['retention']:.3f} / {t['top1_agreement']:.3f} / "
+                   f"{t['kl_teacher_student']:.3f} | {'—' if ood is None else f'{ood:.3f}'} | "
+                   f"{x['train_tokens_per_s']:.0f} | `{(env.get('git_commit') or '?')[:8]}`"
+                   f"{' (dirty)' if env.get('git_dirty') else ''} |")
+    out += ["", f"One run per depth, each {r['steps']} steps × {r['tokens_per_step']:,} tokens "
+            f"({r['steps'] * r['tokens_per_step']:,} training tokens, none seen twice), evaluated on the validation split "
+            f"every {r['eval_every']} steps against the corrected teacher; the columns pick the evaluations nearest a "
+            "quarter, half and all of the budget. One cosine schedule spans the whole budget, so an earlier point is a "
+            f"lower bound on what that many tokens buy with a schedule of their own. Plot: `{r['plot']}`. "
+            f"{_measured(r['environment'])}, by `{r['command'].strip()}` → `benchmarks/results/{r['benchmark']}.json`."]
+    return "\n".join(out)
+
+
 from distill_methods import methods_table  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from shrink_curve import shrink_curve_summary, shrink_curve_table  # noqa: E402
 
@@ -473,7 +528,8 @@ TABLES = {"default_run": default_run_table, "distill_throughput": throughput_tab
           "shrink_curve": shrink_curve_table, "shrink_curve_summary": shrink_curve_summary,
           "mixed_vs_uniform": mixed_vs_uniform_table, "serve_load": serve_load_table,
           "serve_load_overload": serve_load_table, "timeseries": timeseries_table,
-          "timeseries_pooling": timeseries_pooling_table, "audit": audit_table, "levers": levers_table}
+          "timeseries_pooling": timeseries_pooling_table, "audit": audit_table, "levers": levers_table,
+          "decode_speed": decode_speed_table, "recovery_curve": recovery_curve_table}
 SOURCES = {"shrink_curve_summary": "shrink_curve"}  # tables rendered from another table's JSON
 
 

@@ -193,3 +193,46 @@ def test_levers_summary_keeps_each_rows_seeds_apart_and_gives_their_range():
     assert summary["none"]["seeds"] == [0, 1] and summary["none"]["retention"] == {"mean": 0.7, "min": 0.6, "max": 0.8}
     assert summary["none"]["out_of_domain_retention"]["mean"] == pytest.approx(0.2)
     assert summary["trim_vocab"]["bytes"] == 7 and "out_of_domain_retention" not in summary["trim_vocab"]
+
+
+def test_decode_speed_table_gives_each_model_against_the_anchor_with_its_range_and_its_runs_quality():
+    env = {"date": "2026-12-05T00:00:00", "cpu_model": "cpu", "threads": 2, "git_commit": "abc", "git_dirty": False,
+           "load_average_before": [0.1], "load_average_after": [1.0]}
+
+    def row(name, mb, dec, kind="baseline", run=None):
+        return {"name": name, "kind": kind, "file_bytes": mb * 1e6, "decode_tokens_per_s": dec,
+                "decode_tokens_per_s_spread": [dec - 1, dec + 1], "prefill_tokens_per_s": 100.0,
+                "prefill_tokens_per_s_spread": [90.0, 110.0], "decode_x_vs_q4_k_m": dec / 40.0,
+                "bytes_x_vs_q4_k_m": 105.0 / mb, **({"run": run} if run else {})}
+
+    r = {"benchmark": "decode_speed", "command": "python benchmarks/decode_speed.py", "threads": 2, "repeats": 7,
+         "warmup": 1, "prompt_tokens": 64, "decode_tokens": 64, "anchor": "llama.cpp Q4_K_M of the corrected teacher",
+         "environment": env, "rows": [
+             row("llama.cpp Q4_K_M of the corrected teacher", 105.0, 40.0),
+             row("+ QAT in Q3_K (GGUF)", 45.0, 60.0, "edgestill",
+                 {"retention": 0.431, "out_of_domain_retention": 0.065})]}
+    table = readme_tables.decode_speed_table(r)
+    lines = table.splitlines()
+    assert "× fewer bytes than Q4_K_M" in lines[0] and "× Q4_K_M decode" in lines[0]
+    assert "| 105.0 | 1.00 | 40.0 (39.0–41.0) | 1.00 |" in lines[2]
+    assert "| 45.0 | 2.33 | 60.0 (59.0–61.0) | 1.50 |" in lines[3] and "0.431 / 0.065" in lines[3]
+    assert "7 rounds after 1 warm-up" in table and "commit `abc`" in table
+
+
+def test_recovery_curve_table_walks_each_depth_from_the_cut_to_the_end_of_its_budget():
+    env = {"date": "2026-12-05T00:00:00", "cpu_model": "cpu", "threads": 2, "git_commit": "abc", "git_dirty": False,
+           "load_average_before": [0.1], "load_average_after": [1.0]}
+    curve = [{"step": s, "train_tokens": s * 1024, "kl_teacher_student": 5.0 - s / 100, "top1_agreement": s / 400,
+              "retention": s / 300, "val_loss": 4.0} for s in range(0, 301, 25)]
+    r = {"benchmark": "recovery_curve", "command": "python benchmarks/recovery_curve.py", "steps": 300,
+         "tokens_per_step": 1024, "eval_every": 25, "reference_layers": 30, "plot": "docs/img/recovery_curve.png",
+         "environment": env, "sizes": [{"layers": 15, "compression_x_fp16": 1.62, "curve": curve,
+                                        "test": {"retention": 0.5, "top1_agreement": 0.55, "kl_teacher_student": 0.7},
+                                        "out_of_domain": {"retention": 0.09}, "train_tokens_per_s": 181.4,
+                                        "environment": env}]}
+    table = readme_tables.recovery_curve_table(r)
+    row = table.splitlines()[2]
+    # steps 0, 75, 150, 300: as cut, a quarter, half, the whole budget
+    assert "| 15 of 30 layers | 1.62 | 5.000 → 4.250 → 3.500 → 2.000 | 0.000 → 0.188 → 0.375 → 0.750 |" in row
+    assert "0.500 / 0.550 / 0.700 | 0.090 | 181 | `abc` |" in row
+    assert "307,200 training tokens" in table

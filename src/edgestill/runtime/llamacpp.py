@@ -192,6 +192,19 @@ def _reset_peak_rss() -> None:
         pass
 
 
+def _time_once(llm, prompt: list[int], decode_tokens: int) -> tuple[float, float]:
+    """(prefill, decode) tokens/s of one timing from an empty cache: the prompt as one batch (logits of the last token
+    only, as generation does), then `decode_tokens` single-token steps right after it."""
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(prompt)
+    t1 = time.perf_counter()
+    for j in range(decode_tokens):
+        llm.eval([prompt[j % len(prompt)]])
+    t2 = time.perf_counter()
+    return len(prompt) / (t1 - t0), decode_tokens / (t2 - t1)
+
+
 def llamacpp_speed(gguf_path, prompt_tokens: int = 64, decode_tokens: int = 24,
                    threads: int = 2, repeats: int = 3, warmup: int = 1) -> dict:
     """Prefill and decode tokens/s of a GGUF in llama.cpp (llama-cpp-python), `threads` threads.
@@ -210,16 +223,10 @@ def llamacpp_speed(gguf_path, prompt_tokens: int = 64, decode_tokens: int = 24,
     prefill, decode = [], []
     try:
         for i in range(warmup + repeats):
-            llm.reset()
-            t0 = time.perf_counter()
-            llm.eval(prompt)
-            t1 = time.perf_counter()
-            for j in range(decode_tokens):
-                llm.eval([prompt[j % prompt_tokens]])
-            t2 = time.perf_counter()
+            p, d = _time_once(llm, prompt, decode_tokens)
             if i >= warmup:
-                prefill.append(prompt_tokens / (t1 - t0))
-                decode.append(decode_tokens / (t2 - t1))
+                prefill.append(p)
+                decode.append(d)
         peak_rss = _rss_bytes("VmHWM")
     finally:
         close = getattr(llm, "close", None)
@@ -232,3 +239,42 @@ def llamacpp_speed(gguf_path, prompt_tokens: int = 64, decode_tokens: int = 24,
         "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens, "threads": threads, "repeats": repeats,
         "prefill_samples": prefill, "decode_samples": decode,
     }
+
+
+def alternated_speed(gguf_paths: dict, prompt_tokens: int = 64, decode_tokens: int = 32, threads: int = 2,
+                     repeats: int = 5, warmup: int = 1) -> dict:
+    """Prefill and decode tokens/s of several GGUFs in llama.cpp, alternated inside one run: {name: speeds}.
+
+    Every model is loaded once, then each round times each model in turn (the prompt in one batch, then one token per
+    step, as `llamacpp_speed` does), so a change of machine load or clock during the run falls on every model alike
+    rather than on whichever was timed then (docs/references.md#measurement-conventions). The first `warmup` rounds
+    are not counted. Medians, with min/max spread and every sample.
+    """
+    if not gguf_paths:
+        raise EdgestillError("alternated_speed needs at least one GGUF to time")
+    if repeats < 1 or warmup < 0 or prompt_tokens < 1 or decode_tokens < 1:
+        raise EdgestillError(f"alternated_speed: repeats ({repeats}), prompt_tokens ({prompt_tokens}) and decode_tokens "
+                             f"({decode_tokens}) must be >= 1 and warmup ({warmup}) >= 0")
+    n_ctx = prompt_tokens + decode_tokens + 8
+    models, samples = {}, {name: ([], []) for name in gguf_paths}
+    try:
+        for name, path in gguf_paths.items():
+            llm = _load(path, n_ctx=n_ctx, n_batch=prompt_tokens, n_ubatch=prompt_tokens, n_threads=threads,
+                        n_threads_batch=threads)
+            models[name] = (llm, [3 + (i * 7919) % (llm.n_vocab() - 3) for i in range(prompt_tokens)])
+        for round_ in range(warmup + repeats):
+            for name, (llm, prompt) in models.items():
+                p, d = _time_once(llm, prompt, decode_tokens)
+                if round_ >= warmup:
+                    samples[name][0].append(p)
+                    samples[name][1].append(d)
+    finally:
+        for llm, _ in models.values():
+            close = getattr(llm, "close", None)
+            if close is not None:
+                close()
+    return {name: {"file": str(gguf_paths[name]), "file_bytes": Path(gguf_paths[name]).stat().st_size,
+                   "prefill_tokens_per_s": statistics.median(pre), "prefill_tokens_per_s_spread": [min(pre), max(pre)],
+                   "decode_tokens_per_s": statistics.median(dec), "decode_tokens_per_s_spread": [min(dec), max(dec)],
+                   "prefill_samples": pre, "decode_samples": dec}
+            for name, (pre, dec) in samples.items()}
