@@ -326,3 +326,21 @@ def test_a_killed_shrink_resumes_after_the_saved_student(runs, tmp_path, monkeyp
     assert m["speedup_x"] is None  # eval.* may change on resume
     assert m["baselines"]["tfidf_logreg"]["from"] == str(runs["teacher"] / "metrics.json")  # reused: same split
     assert m["student"]["test"] == json.loads((runs["shrunk"] / "metrics.json").read_text())["student"]["test"]
+
+
+def test_shrink_with_mutual_learning_reports_the_teacher_copy_beside_the_reference(runs, tmp_path):
+    """kd.method=mutual from the command line: the run's teacher scores stay the fine-tuned teacher's, and the copy that
+    learned beside the student is reported next to them (metrics.json and the report's verdict)."""
+    out = tmp_path / "mutual"
+    assert main(["shrink", "--task", "classification", "--teacher", str(runs["teacher"]), "--data", str(runs["csv"]),
+                 "--out", str(out), *STEPS, "train.steps=10", "student.max_len=24", "student.num_layers=1",
+                 "student.compression_x=3", "student.min_rank=2", "student.multiple_of=1", "kd.alpha=0.7",
+                 "kd.method=mutual", "kd.mutual_teacher_lr=1e-3", "eval.latency_examples=2", "eval.latency_repeats=1",
+                 "eval.teacher_latency=false", "eval.tfidf_baseline=false", "eval.curve_types=[f32]"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    reference = json.loads((runs["shrunk"] / "metrics.json").read_text())["teacher"]["test"]
+    assert m["teacher"]["test"] == reference  # the fine-tuned teacher, untouched
+    mutual = m["teacher"]["mutual"]
+    assert mutual["lr"] == 1e-3 and {"accuracy", "macro_f1"} <= set(mutual["test"])
+    assert m["train"]["kd"]["method"] == "mutual" and "lambda_ts" in m["history"][-1]
+    assert "learned beside the student (kd.method=mutual" in (out / "report.md").read_text()

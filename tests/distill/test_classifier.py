@@ -330,3 +330,68 @@ def test_a_checkpoint_of_another_training_is_refused(enc_dir, splits, tmp_path):
     train_classifier(*args, TrainConfig(steps=4, batch_size=8, max_len=24, eval_every=2), checkpoint_dir=tmp_path)
     with pytest.raises(EdgestillError, match="is of another training"):
         train_classifier(*args, TrainConfig(steps=6, batch_size=8, max_len=24, eval_every=2), checkpoint_dir=tmp_path)
+
+
+# ---------------------------------------------------------------- kd.method=mutual: a teacher copy learns beside the student
+
+
+def test_mutual_learning_trains_a_copy_of_the_teacher_and_leaves_the_reference_alone(teacher, splits):
+    model, tok, _ = teacher
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    student, s_tok, table, _ = _student(model, tok, splits)
+    kd = KDConfig(alpha=0.7, method="mutual", mutual_teacher_lr=1e-3, mutual_gamma=0.4)
+    result = distill_classifier(model, student, tok, splits, table, s_tok,
+                                TrainConfig(steps=20, batch_size=16, lr=3e-3, max_len=24, eval_every=10), kd)
+    assert _same_state(model, before)  # the fine-tuned teacher stays the reference
+    last = result["history"][-1]
+    assert {"ce", "kl", "teacher_ce", "teacher_kl", "lambda_ts", "lambda_st"} <= set(last)
+    assert 0 < last["lambda_ts"] < 1 and 0 < last["lambda_st"] < kd.mutual_gamma
+    mutual = result["teacher_mutual"]
+    assert set(mutual["test"]) >= {"accuracy", "macro_f1"} and mutual["lr"] == 1e-3
+    assert result["test"]["accuracy"] >= 0.6
+
+
+def test_a_killed_mutual_run_resumes_the_teacher_copy_too(teacher, splits, tmp_path, monkeypatch):
+    """The copy's weights, optimizer and loss EMAs go into the checkpoints: a killed run ends where an uninterrupted
+    one does, student and copy alike."""
+    from edgestill.distill import classifier as mod
+
+    model, tok, _ = teacher
+    cfg = TrainConfig(steps=8, batch_size=8, lr=3e-3, max_len=24, eval_every=3)
+    kd = KDConfig(alpha=0.7, method="mutual", mutual_teacher_lr=1e-3)
+
+    def run(folder):
+        student, s_tok, table, _ = _student(model, tok, splits)
+        torch.manual_seed(0)
+        return student, distill_classifier(model, student, tok, splits, table, s_tok, cfg, kd, checkpoint_dir=folder)
+
+    whole, whole_out = run(tmp_path / "whole")
+    real, calls = mod.MutualTeacher.step, []
+
+    def killed_at_step_5(self, *a):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt  # after the checkpoint of step 3
+        return real(self, *a)
+
+    monkeypatch.setattr(mod.MutualTeacher, "step", killed_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "killed")
+    monkeypatch.setattr(mod.MutualTeacher, "step", real)
+    assert (tmp_path / "killed" / "LATEST").read_text() == "ckpt-000003"
+    resumed, resumed_out = run(tmp_path / "killed")
+    assert _same_state(resumed, whole.state_dict())
+    assert resumed_out["history"] == whole_out["history"]
+    assert resumed_out["teacher_mutual"] == whole_out["teacher_mutual"]  # the copy resumed, not restarted
+
+
+@pytest.mark.parametrize("kd, match", [
+    (KDConfig(method="online"), "kd.method 'online': choose offline or mutual"),
+    (KDConfig(method="mutual", alpha=0.0), "needs kd.alpha > 0"),
+    (KDConfig(method="mutual", augment=2), "set kd.augment=0"),
+    (KDConfig(method="mutual", mutual_gamma=1.5), "gamma=1.5 must be in"),
+    (KDConfig(method="mutual", mutual_teacher_lr=0.0), "mutual_teacher_lr=0.0 must be > 0"),
+])
+def test_mutual_settings_that_cannot_work_are_refused_in_one_line(kd, match):
+    with pytest.raises(EdgestillError, match=match):
+        check_kd_config(kd)

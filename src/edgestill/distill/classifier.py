@@ -74,6 +74,13 @@ class KDConfig:
     # perturbed copies of each training text added to the transfer set, labelled by the teacher's logits only
     # (distill/augment.py, [tang2019]); 0 = the labelled texts alone. Needs alpha > 0.
     augment: int = 0
+    # offline: the fine-tuned teacher is frozen. mutual: a copy of it keeps learning beside the student, from the labels
+    # and from the student (adaptive mutual learning, distill/mutual.py, [10]); the frozen teacher stays the reference
+    method: str = "offline"
+    mutual_k: float = 5.0  # sharpness of the weights on the gap between the two cross-entropies (EMA)
+    mutual_gamma: float = 0.5  # the teacher's KD weight cap (< 1: it learns less from the student than the reverse)
+    mutual_ema: float = 0.9
+    mutual_teacher_lr: float = 1e-5  # the teacher was fine-tuned already: a small step keeps it near its best state
 
 
 @dataclass
@@ -148,6 +155,7 @@ def _schedule(step: int, cfg: TrainConfig) -> float:
 
 
 SELECT_ON = ("macro_f1", "loss")
+KD_METHODS = ("offline", "mutual")
 
 
 def check_train_config(cfg: TrainConfig) -> None:
@@ -169,6 +177,20 @@ def check_kd_config(kd: KDConfig) -> None:
     if kd.augment < 0 or (kd.augment and kd.alpha <= 0):
         raise EdgestillError(f"kd.augment={kd.augment}: augmented texts carry only the teacher's soft labels, so they "
                              "need kd.alpha > 0 (and kd.augment >= 0); set kd.augment=0 for a CE-only student")
+    if kd.method not in KD_METHODS:
+        raise EdgestillError(f"kd.method '{kd.method}': choose {' or '.join(KD_METHODS)}")
+    if kd.method == "mutual":
+        if kd.alpha <= 0:
+            raise EdgestillError("kd.method=mutual trains teacher and student on each other's predictions: it needs "
+                                 "kd.alpha > 0 (kd.alpha=0 is the CE-only student, with no teacher)")
+        if kd.augment:
+            raise EdgestillError("kd.method=mutual scores the transfer set with the teacher as it learns, and the "
+                                 "perturbed copies (kd.augment) have no label for it to learn from; set kd.augment=0")
+        if kd.mutual_teacher_lr <= 0:
+            raise EdgestillError(f"kd.mutual_teacher_lr={kd.mutual_teacher_lr} must be > 0")
+        from edgestill.distill.mutual import MutualConfig
+
+        MutualConfig(k=kd.mutual_k, gamma=kd.mutual_gamma, ema=kd.mutual_ema)  # refuses bad knobs in one line
 
 
 def improved(val: dict, best: dict | None, cfg: TrainConfig) -> bool:
@@ -182,7 +204,7 @@ def improved(val: dict, best: dict | None, cfg: TrainConfig) -> bool:
 
 # --- checkpoints: a killed fine-tune or distillation resumes at its last validation, on the same batches -----------
 
-def _save_checkpoint(folder: Path, model, opt, sched, gen: torch.Generator, loop: dict, best) -> None:
+def _save_checkpoint(folder: Path, model, opt, sched, gen: torch.Generator, loop: dict, best, companion=None) -> None:
     """Everything the loop needs to go on as if never stopped, written completely before LATEST points at it.
 
     Weights are safetensors; the optimizer's, the schedule's and the generator's states are tensors and numbers,
@@ -200,13 +222,15 @@ def _save_checkpoint(folder: Path, model, opt, sched, gen: torch.Generator, loop
 
             save_file({k: v.clone().contiguous() for k, v in best[2].items()}, str(tmp / "best.safetensors"))
         (tmp / "loop.json").write_text(json.dumps({**loop, "best": None if best is None else [best[0], best[1]]}))
+        if companion is not None:  # what else learns in the loop (kd.method=mutual: the teacher copy)
+            companion.save(tmp)
     write_text_atomic(folder / "LATEST", final.name, "writing a checkpoint")
     for old in folder.glob("ckpt-*"):
         if old.name != final.name:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_checkpoint(folder: Path, model, opt, sched, gen: torch.Generator):
+def _load_checkpoint(folder: Path, model, opt, sched, gen: torch.Generator, companion=None):
     """(loop state, best) from the checkpoint LATEST names, loaded into model/opt/sched/gen; None when there is none."""
     from safetensors.torch import load_file, load_model
 
@@ -220,6 +244,8 @@ def _load_checkpoint(folder: Path, model, opt, sched, gen: torch.Generator):
     sched.load_state_dict(state["schedule"])
     gen.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
+    if companion is not None:
+        companion.load(path)
     loop = json.loads((path / "loop.json").read_text())
     kept = loop.pop("best")  # [val scores, step] of the best state so far, or None
     best = None if kept is None else (kept[0], kept[1], load_file(str(path / "best.safetensors")))
@@ -228,14 +254,16 @@ def _load_checkpoint(folder: Path, model, opt, sched, gen: torch.Generator):
 
 
 def train_classifier(model, train_enc: dict, train_labels: np.ndarray, val_enc: dict, val_labels: np.ndarray,
-                     cfg: TrainConfig, loss_fn=None, desc: str = "fine-tuning", checkpoint_dir: Path | None = None) -> dict:
+                     cfg: TrainConfig, loss_fn=None, desc: str = "fine-tuning", checkpoint_dir: Path | None = None,
+                     companion=None) -> dict:
     """AdamW with warmup + linear decay over `cfg.steps` seeded shuffled batches, with early stopping on val.
 
     Every `cfg.eval_every` steps (and at the last step) the val split is scored (`validation_scores`); the state
     with the best `cfg.select_on` is kept and restored at the end; after `cfg.patience` validations in a row without
     improvement the loop stops early. `loss_fn(model, batch, labels, idx) -> (loss, parts)` defaults to
     cross-entropy. With `checkpoint_dir`, every validation also writes a checkpoint there, and a call that finds
-    one resumes from it on the same batches (the result equals an uninterrupted run's). Returns the history, the
+    one resumes from it on the same batches (the result equals an uninterrupted run's); `companion` (save(folder),
+    load(folder)) is what else learns inside loss_fn and goes into the same checkpoints. Returns the history, the
     val curve, the chosen step and the step the loop stopped at.
     """
     check_train_config(cfg)
@@ -252,7 +280,7 @@ def train_classifier(model, train_enc: dict, train_labels: np.ndarray, val_enc: 
     history, best, stale, stopped_early = [], None, 0, False  # best = (val scores, step, state)
     order, pos = torch.randperm(len(train_labels), generator=gen).numpy(), 0
     start = 0
-    resumed = _load_checkpoint(checkpoint_dir, model, opt, sched, gen) if checkpoint_dir is not None else None
+    resumed = _load_checkpoint(checkpoint_dir, model, opt, sched, gen, companion) if checkpoint_dir is not None else None
     if resumed is not None:
         loop, best = resumed
         if loop["steps"] != cfg.steps or loop["n_train"] != len(train_labels):
@@ -292,7 +320,7 @@ def train_classifier(model, train_enc: dict, train_labels: np.ndarray, val_enc: 
             if checkpoint_dir is not None and step + 1 < cfg.steps:
                 _save_checkpoint(checkpoint_dir, model, opt, sched, gen,
                                  {"step": step + 1, "steps": cfg.steps, "n_train": len(train_labels), "history": history,
-                                  "stale": stale, "pos": pos, "order": order.tolist()}, best)
+                                  "stale": stale, "pos": pos, "order": order.tolist()}, best, companion)
     bar.close()
     model.load_state_dict(best[2])  # the best validation state, not the last one
     model.eval()
@@ -398,6 +426,52 @@ def build_student(teacher, tokenizer, train_texts: list[str], cfg: StudentConfig
 # ---------------------------------------------------------------- distillation
 
 
+class MutualTeacher:
+    """kd.method=mutual: a copy of the fine-tuned teacher that learns beside the student (distill/mutual.py, [10] [R]).
+
+    Each step it is trained on CE(labels) + λ_ST · T²·KL(p_S ‖ p_T), the student's prediction detached, with AdamW at
+    kd.mutual_teacher_lr (no schedule), while the student's KD term is weighted by λ_TS; (λ_TS, λ_ST) adapt to the
+    gap between the two models' EMA cross-entropies (the weaker the student, the more it listens; the teacher listens
+    less, and only while the student does better). The frozen teacher it was copied from stays the reference every
+    score is against. Its state (weights, optimizer, the EMAs) goes into the loop's checkpoints."""
+
+    def __init__(self, teacher, kd: KDConfig, weight_decay: float):
+        from edgestill.distill.mutual import MutualConfig, MutualWeights
+
+        self.model = copy.deepcopy(teacher).train()
+        for p in self.model.parameters():
+            p.requires_grad_(True)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=kd.mutual_teacher_lr, weight_decay=weight_decay)
+        self.weights = MutualWeights(MutualConfig(k=kd.mutual_k, gamma=kd.mutual_gamma, ema=kd.mutual_ema))
+        self.temperature = kd.temperature
+
+    def step(self, teacher_logits, student_logits, teacher_ce, student_ce) -> tuple[float, dict]:
+        """One teacher update; returns (λ_TS for the student's KD term, what to log)."""
+        lam_ts, lam_st = self.weights.update(student_ce.item(), teacher_ce.item())
+        t_kd = kd_logits_loss(teacher_logits, student_logits.detach(), self.temperature)
+        self.opt.zero_grad(set_to_none=True)
+        (teacher_ce + lam_st * t_kd).backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        return lam_ts, {"teacher_ce": teacher_ce.item(), "teacher_kl": t_kd.item(), "lambda_ts": lam_ts,
+                        "lambda_st": lam_st}
+
+    def save(self, folder: Path) -> None:
+        from safetensors.torch import save_model
+
+        save_model(self.model, str(folder / "mutual_teacher.safetensors"))
+        torch.save({"optimizer": self.opt.state_dict(), "weights": self.weights.state_dict()},
+                   folder / "mutual_teacher_state.pt")
+
+    def load(self, folder: Path) -> None:
+        from safetensors.torch import load_model
+
+        load_model(self.model, str(folder / "mutual_teacher.safetensors"))
+        state = torch.load(folder / "mutual_teacher_state.pt", weights_only=True)
+        self.opt.load_state_dict(state["optimizer"])
+        self.weights.load_state_dict(state["weights"])
+
+
 def distill_classifier(teacher, student, teacher_tokenizer, splits, id_table: np.ndarray | None, student_tokenizer,
                        cfg: TrainConfig, kd: KDConfig, checkpoint_dir: Path | None = None) -> dict:
     """Train `student` on `splits.train` with KD from `teacher` (α=0, β=0: CE only; the teacher is then unused).
@@ -407,13 +481,15 @@ def distill_classifier(teacher, student, teacher_tokenizer, splits, id_table: np
     = k, the transfer set is the training texts plus k perturbed copies of each (distill/augment.py): the
     copies have no gold label, so only the KD term sees them. The teacher's logits on the whole transfer set
     are computed once, before the first step. Validation and test use the student's own tokenizer, as a
-    device would.
+    device would. With kd.method=mutual the teacher's logits come live from a copy that learns too (MutualTeacher):
+    the student's loss is (1−α)·CE + α·λ_TS·T²·KL, and the copy's val and test scores are returned ("teacher_mutual").
     """
     from edgestill.distill.augment import augment_texts
     from edgestill.evaluate.classification import predict_logits
 
     use_teacher = kd.alpha > 0 or kd.hidden_weight > 0 or kd.relation_weight > 0
     check_kd_config(kd)
+    mutual = MutualTeacher(teacher, kd, cfg.weight_decay) if kd.method == "mutual" else None
     texts, y_train = list(splits.train.texts), splits.ids("train")
     if kd.augment:
         copies = augment_texts(texts, kd.augment, teacher_tokenizer.mask_token or teacher_tokenizer.unk_token, cfg.seed)
@@ -427,7 +503,7 @@ def distill_classifier(teacher, student, teacher_tokenizer, splits, id_table: np
     teacher_logits = None
     if use_teacher:
         teacher.eval()
-    if kd.alpha > 0:
+    if kd.alpha > 0 and mutual is None:
         teacher_logits = torch.from_numpy(predict_logits(teacher, train, cfg.eval_batch_size, desc="teacher logits")).float()
     layer_map = [(0, 0)] + [(i + 1, t + 1) for i, t in enumerate(student.config.edgestill_student["teacher_layers"])] \
         if hasattr(student.config, "edgestill_student") else []
@@ -441,12 +517,21 @@ def distill_classifier(teacher, student, teacher_tokenizer, splits, id_table: np
         gold = y >= 0
         ce = F.cross_entropy(out.logits[gold], y[gold]) if gold.any() else out.logits.sum() * 0.0
         parts, loss = {"ce": ce.item()}, (1 - kd.alpha) * ce
-        if kd.alpha > 0:
+        if live_teacher or mutual is not None:
+            t_batch = {k: torch.from_numpy(v[idx][:, : batch["input_ids"].shape[1]]).to(y.device) for k, v in train.items()}
+        if mutual is not None:  # the teacher copy's forward with gradients: it learns from this batch too
+            t_out = mutual.model(**t_batch, output_hidden_states=live_teacher)
+            t_ce = F.cross_entropy(t_out.logits[gold], y[gold]) if gold.any() else t_out.logits.sum() * 0.0
+            kl = kd_logits_loss(out.logits, t_out.logits.detach(), kd.temperature)
+            lam_ts, logged = mutual.step(t_out.logits, out.logits, t_ce, ce)
+            loss = loss + kd.alpha * lam_ts * kl
+            parts.update(kl=kl.item(), **logged)
+            t_hidden = [h.detach() for h in t_out.hidden_states] if live_teacher else None
+        elif kd.alpha > 0:
             kl = kd_logits_loss(out.logits, teacher_logits[idx].to(out.logits.device), kd.temperature)
             loss = loss + kd.alpha * kl
             parts["kl"] = kl.item()
-        if live_teacher:
-            t_batch = {k: torch.from_numpy(v[idx][:, : batch["input_ids"].shape[1]]).to(y.device) for k, v in train.items()}
+        if live_teacher and mutual is None:
             with torch.no_grad():
                 t_hidden = teacher(**t_batch, output_hidden_states=True).hidden_states
         if kd.hidden_weight > 0:
@@ -460,10 +545,20 @@ def distill_classifier(teacher, student, teacher_tokenizer, splits, id_table: np
         return loss, parts
 
     desc = "distilling student" if use_teacher else "training student (CE only)"
+    if mutual is not None:
+        desc = "mutual learning (student + teacher copy)"
     out = train_classifier(student, s_train, y_train, val, splits.ids("val"), cfg, loss_fn, desc=desc,
-                           checkpoint_dir=checkpoint_dir)
+                           checkpoint_dir=checkpoint_dir, companion=mutual)
     test = tokenize(student_tokenizer, splits.test.texts, cfg.max_len)
     out["test"] = evaluate_classifier(student, test, splits.ids("test"), cfg.eval_batch_size)
+    if mutual is not None:  # the copy as it ended (the student is restored to its best validation state)
+        mutual.model.eval()
+        t_val = tokenize(teacher_tokenizer, splits.val.texts, cfg.max_len)
+        t_test = tokenize(teacher_tokenizer, splits.test.texts, cfg.max_len)
+        out["teacher_mutual"] = {
+            "val": evaluate_classifier(mutual.model, t_val, splits.ids("val"), cfg.eval_batch_size),
+            "test": evaluate_classifier(mutual.model, t_test, splits.ids("test"), cfg.eval_batch_size),
+            "lr": kd.mutual_teacher_lr, "weights_at_end": dict(zip(("lambda_ts", "lambda_st"), mutual.weights.weights()))}
     out["config"] = {"train": asdict(cfg), "kd": asdict(kd)}
     out["transfer_set"] = {"labelled": len(splits.train.texts), "augmented": len(texts) - len(splits.train.texts)}
     return out

@@ -308,7 +308,8 @@ def _student(cfg: ClassifierShrinkConfig, run: RunDir, resumed: bool, teacher: _
     distilled = {"student": {k: v for k, v in info.items() if k != "config"}, "sliced_untrained_test": sliced,
                  "history": result["history"], "best_step": result["best_step"], "test_pytorch": result["test"],
                  **{k: result[k] for k in ("stopped_at_step", "stopped_early", "stop_reason", "val_curve",
-                                           "transfer_set")}, "fine_prune": pruned}
+                                           "transfer_set")}, "fine_prune": pruned,
+                 "teacher_mutual": result.get("teacher_mutual")}
     _write_json(distill_file, distilled)
     shutil.rmtree(run.path / "checkpoints", ignore_errors=True)  # the student is saved: the checkpoints are spent
     return student, s_tok, distilled
@@ -433,7 +434,10 @@ def _shrink_metrics(cfg, teacher: _Teacher, distilled: dict, exported: dict, cur
         "task": CLASSIFICATION, "stage": "shrink",
         "teacher": {"path": str(cfg.teacher), "params": teacher_params, "fp32_bytes": teacher_params * 4,
                     "safetensors_bytes": teacher_file_bytes, "onnx_f32_bytes": teacher_onnx_bytes,
-                    "max_len": teacher.max_len, "test": t_test, **_judged(t_test, baselines), **latency.get("teacher", {})},
+                    "max_len": teacher.max_len, "test": t_test, **_judged(t_test, baselines), **latency.get("teacher", {}),
+                    # kd.method=mutual: the copy of this teacher that learned beside the student (scores only; the
+                    # teacher above stays the reference)
+                    "mutual": distilled.get("teacher_mutual")},
         "student": {"artifact": str(run.final / "onnx" / "model.onnx"), "onnx_type": cfg.eval.onnx_type,
                     "params": s["student_params"], **sizes, "deploy_folder": str(run.final / "onnx"),
                     "max_len": cfg.student.max_len, "layers_kept": s["teacher_layers"], "vocab_kept": s["vocab_kept"],
@@ -467,6 +471,12 @@ def verdict_section(m: dict) -> str:
     if m["failed"]:
         lines.append(f"  - retention {m['retention_accuracy']:.3f} / {m['retention_macro_f1']:.3f}: {m['retention_note']}")
     lines.append(f"- teacher: {m['teacher']['verdict']['text']}")
+    mutual = m["teacher"].get("mutual")
+    if mutual:  # kd.method=mutual: did learning beside the student hurt the teacher?
+        t, tm = m["teacher"]["test"], mutual["test"]
+        lines.append(f"- the teacher's copy that learned beside the student (kd.method=mutual, lr {mutual['lr']:g}): test "
+                     f"accuracy {tm['accuracy']:.4f} (teacher {t['accuracy']:.4f}), macro-F1 {tm['macro_f1']:.4f} "
+                     f"(teacher {t['macro_f1']:.4f}); the teacher as fine-tuned stays the reference")
     lines += [f"- {c['type']} ONNX (shrink curve): {c['verdict']['text']}" for c in m.get("curve", [])
               if c["type"] != s["onnx_type"]]
     lines.append(f"- majority class: always '{maj['label']}' ({maj['train_share']:.1%} of train): accuracy "
