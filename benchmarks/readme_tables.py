@@ -31,6 +31,11 @@ def _measured(env: dict) -> str:
             f"`{(env.get('git_commit') or '?')[:8]}`{' (dirty)' if env.get('git_dirty') else ''}")
 
 
+def _provenance(r: dict) -> str:
+    """'Measured ... commit `x`, by `command` → `benchmarks/results/<name>.json`': where a table's numbers come from."""
+    return f"{_measured(r['environment'])}, by `{r['command'].strip()}` → `benchmarks/results/{r['benchmark']}.json`"
+
+
 def default_run_table(r: dict) -> str:
     """Original teacher | corrected teacher (the reference) | student, in domain and out of domain."""
     t, s, o = r["teacher"], r["student"], r.get("original_teacher") or {}
@@ -484,8 +489,7 @@ def decode_speed_table(r: dict) -> str:
     out += ["", f"llama.cpp (llama-cpp-python), {r['threads']} threads; every model loaded once and timed in turn, "
             f"{r['repeats']} rounds after {r['warmup']} warm-up (medians, min–max): a {r['prompt_tokens']}-token prompt "
             f"in one batch, then {r['decode_tokens']} decode steps. Students: the GGUFs of the levers rows above, with "
-            f"the quality their own runs measured against the corrected teacher. {_measured(r['environment'])}, by "
-            f"`{r['command'].strip()}` → `benchmarks/results/{r['benchmark']}.json`."]
+            f"the quality their own runs measured against the corrected teacher. {_provenance(r)}."]
     return "\n".join(out)
 
 
@@ -516,7 +520,7 @@ def recovery_curve_table(r: dict) -> str:
             f"every {r['eval_every']} steps against the corrected teacher; the columns pick the evaluations nearest a "
             "quarter, half and all of the budget. One cosine schedule spans the whole budget, so an earlier point is a "
             f"lower bound on what that many tokens buy with a schedule of their own. Plot: `{r['plot']}`. "
-            f"{_measured(r['environment'])}, by `{r['command'].strip()}` → `benchmarks/results/{r['benchmark']}.json`."]
+            f"{_provenance(r)}."]
     return "\n".join(out)
 
 
