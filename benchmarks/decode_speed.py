@@ -65,15 +65,16 @@ def baseline_ggufs(types: list[str], folder: Path) -> dict[str, Path]:
 
 def lever_ggufs(root: Path) -> dict[str, tuple[Path, dict]]:
     """{label: (student.gguf, its run's metrics)} of every finished levers row that has a GGUF, in ROWS order."""
-    out = {}
-    for run in sorted(root.glob("*"), key=lambda p: (list(ROWS).index(p.name.split("-seed")[0])
-                                                     if p.name.split("-seed")[0] in ROWS else len(ROWS), p.name)):
-        gguf = run / "student.gguf"
-        if (run / "DONE").is_file() and gguf.is_file():
-            row = run.name.split("-seed")[0]
-            label = ROWS[row][0] if row in ROWS else run.name
-            out[f"{label}{run.name[len(row):]}"] = (gguf, json.loads((run / "metrics.json").read_text()))
-    return out
+    order = list(ROWS)
+    found = []
+    for run in root.glob("*"):
+        row, seed = run.name.split("-seed")[0], run.name.partition("-seed")[1:]  # levers' folders: <row>[-seed<s>]
+        if (run / "DONE").is_file() and (run / "student.gguf").is_file():
+            rank = order.index(row) if row in ROWS else len(order)
+            label = (ROWS[row][0] if row in ROWS else run.name) + "".join(seed)
+            found.append((rank, run.name, label, run))
+    return {label: (run / "student.gguf", json.loads((run / "metrics.json").read_text()))
+            for _, _, label, run in sorted(found)}
 
 
 def main() -> None:

@@ -544,9 +544,8 @@ def distill_classifier(teacher, student, teacher_tokenizer, splits, id_table: np
             parts["relation"] = rel.item()
         return loss, parts
 
-    desc = "distilling student" if use_teacher else "training student (CE only)"
-    if mutual is not None:
-        desc = "mutual learning (student + teacher copy)"
+    desc = ("mutual learning (student + teacher copy)" if mutual is not None
+            else "distilling student" if use_teacher else "training student (CE only)")
     out = train_classifier(student, s_train, y_train, val, splits.ids("val"), cfg, loss_fn, desc=desc,
                            checkpoint_dir=checkpoint_dir, companion=mutual)
     test = tokenize(student_tokenizer, splits.test.texts, cfg.max_len)
