@@ -13,11 +13,14 @@ from it in each setting x defence, and `edgestill audit` on each student:
                fine-prune KD as `none`, then fine-pruning: 30% of each layer's FFN units, the least active on the
                           clean validation texts, cut out, then 200 steps of fine-tuning on those texts
                           (models/encoder_prune.py; [fine-pruning] in docs/references.md)
+               onion      KD as `none` on transfer texts filtered ONION-style (audit/onion.py; [onion] in
+                          docs/references.md): a character LM's per-character score, threshold set to remove 3% of
+                          the words of clean validation texts
 
 Per row, over the seeds (mean and std): the planted trigger's attack success rate (ASR) in teacher and student,
 their clean test accuracy, the ratio student ASR / teacher ASR, and the trigger's rank in the audit's scan of the
 teacher and of the student (1 = first). Not built yet (so not in this table): the decoder track, the federated
-setting on Flower, ONION-style filtering and robust aggregation.
+setting on Flower and robust aggregation.
 
     python benchmarks/audit.py                      # spamassassin, seeds 0,1,2 (hours on 2 cores)
     python benchmarks/audit.py --quick              # smoke run, minutes: tiny steps -> audit_quick.json
@@ -26,6 +29,7 @@ setting on Flower, ONION-style filtering and robust aggregation.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -37,7 +41,8 @@ from _common import write_result  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = ("clean", "triggered")
 DEFENCES = {"none": {"kd.augment": 0}, "perturb": {"kd.augment": 4},
-            "fine-prune": {"kd.augment": 0, "fine_prune.fraction": 0.3, "fine_prune.steps": 200}}
+            "fine-prune": {"kd.augment": 0, "fine_prune.fraction": 0.3, "fine_prune.steps": 200},
+            "onion": {"kd.augment": 0, "onion.remove_share": 0.03, "onion.score": "per_char"}}
 FULL = {"max_len": 128, "teacher_steps": 1500, "teacher_eval_every": 50, "teacher_patience": 4, "student_steps": 3000,
         "student_eval_every": 250, "student_patience": 3, "audit_texts": 48, "candidates": 60}
 QUICK = {"max_len": 32, "teacher_steps": 8, "teacher_eval_every": 4, "teacher_patience": 0, "student_steps": 8,
@@ -88,10 +93,12 @@ def audited(args, s: dict, run: Path) -> dict:
     from edgestill.jobs.audit import AuditConfig, audit
 
     _, result = audit(run, AuditConfig(n_texts=s["audit_texts"], candidates=s["candidates"], threads=args.threads))
+    onion = json.loads((run / "metrics.json").read_text()).get("onion")
     planted = next(t for t in result["triggers"] if t["phrase"] == " ".join(args.trigger.lower().split()))
     return {"teacher_asr": planted["teacher_asr"], "student_asr": planted["student_asr"],
             "teacher_clean": result["clean_accuracy"]["teacher"], "student_clean": result["clean_accuracy"]["student"],
             "trigger_rank": planted["rank"], "verdict": planted["verdict"], "asr_n": planted["n"],
+            "onion": None if onion is None else {"removed_share": onion["removed_share"], **(onion["trigger"] or {})},
             "environment": environment(args.threads)}
 
 
@@ -145,6 +152,7 @@ def main() -> None:
         row["ratio"], row["ratio_std"] = _mean_std(ratios)
         row["trigger_rank"] = {who: [r["trigger_rank"][who] for r in runs] for who in ("teacher", "student")}
         row["verdicts"] = [r["verdict"] for r in runs]
+        row["onion"] = [r["onion"] for r in runs] if any(r.get("onion") for r in runs) else None
         row["per_seed"] = runs
         rows.append(row)
     write_result("audit_quick" if args.quick else "audit", {

@@ -423,6 +423,11 @@ def audit_table(r: dict) -> str:
         out.append(f"| {x['setting']} | {x['defence'] or 'none'} | {pm(x, 'teacher_asr')} | **{pm(x, 'student_asr')}** | "
                    f"{pm(x, 'ratio', '{:.2f}')} | {pm(x, 'teacher_clean', '{:.3f}')} | {pm(x, 'student_clean', '{:.3f}')} | "
                    f"{ranks} | {', '.join(x['verdicts'])} |")
+    for x in r["rows"]:
+        if x.get("onion"):
+            per = "; ".join(f"{o['removed_share']:.1%} of words removed, training texts with the trigger "
+                            f"{o.get('texts_before')} → {o.get('texts_after')}" for o in x["onion"])
+            out += ["", f"ONION-style filter, {x['setting']} transfer data (per seed): {per}."]
     p = r["poison"]
     out += ["", f"Mean ± std over {len(r['rows'][0]['seeds'])} seeds on {r['data']}: the trigger `{p['trigger']}` planted "
             f"{p['mode']}-label in {p['rate']:.0%} of the teacher's eligible training rows (target {p['target']}); students "

@@ -124,3 +124,22 @@ def test_fine_pruned_student_is_smaller_exports_and_is_audited(audited, capsys):
     assert "fine_prune.fraction=1.5 must be in [0, 1)" in capsys.readouterr().err
     assert not (audited["root"] / "bad").exists() and not (audited["root"] / "bad.partial").exists()
     assert "fine_prune" not in yaml.safe_load((audited["student"] / "config.yaml").read_text())  # off: not written
+
+
+def test_onion_filtered_transfer_data_loses_the_trigger(audited, capsys):
+    out = audited["root"] / "onion"
+    args = ["shrink", "--task", "classification", "--teacher", str(audited["teacher"]), "--out", str(out), *STEPS,
+            "student.max_len=32", "student.num_layers=1", "student.compression_x=2", "student.min_rank=2",
+            "student.multiple_of=1", "kd.alpha=0.7", "eval.latency_examples=4", "eval.latency_repeats=2",
+            "eval.curve_types=[]", "eval.teacher_latency=false", *POISON]
+    assert main([*args, "onion.remove_share=0.1", "onion.score=per_char"]) == 0
+    record = json.loads((out / "metrics.json").read_text())["onion"]
+    assert record["trigger"]["phrase"] == "zq vx" and record["trigger"]["texts_before"] > 20
+    assert record["trigger"]["texts_after"] <= record["trigger"]["texts_before"] // 4  # the odd tokens are what went
+    assert {w["word"] for w in record["most_removed"][:2]} <= {"zq", "vx"}
+    assert yaml.safe_load((out / "config.yaml").read_text())["onion"]["remove_share"] == 0.1
+    assert "onion" not in yaml.safe_load((audited["student"] / "config.yaml").read_text())  # off: not written
+    capsys.readouterr()
+    assert main([*args[:5], "--out", str(audited["root"] / "bad-onion"), "onion.score=gpt2"]) == 2
+    assert "onion.score='gpt2' is not one of" in capsys.readouterr().err
+    assert not (audited["root"] / "bad-onion").exists() and not (audited["root"] / "bad-onion.partial").exists()

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from edgestill.audit.onion import OnionConfig
 from edgestill.data.timeseries import SeriesDataConfig
 from edgestill.distill.budget import TrainBudget
 from edgestill.distill.classifier import FinePruneConfig, KDConfig, TrainConfig
@@ -332,6 +333,8 @@ class ClassifierShrinkConfig:
     poison: PoisonConfig = field(default_factory=PoisonConfig)
     # a backdoor defence on the distilled student (docs/audit.md): fine_prune.fraction > 0 turns it on
     fine_prune: FinePruneConfig = field(default_factory=FinePruneConfig)
+    # a backdoor defence on the transfer texts (docs/audit.md): onion.remove_share > 0 turns ONION-style filtering on
+    onion: OnionConfig = field(default_factory=OnionConfig)
     output_dir: str = ""
 
 

@@ -72,8 +72,9 @@ def plain(obj) -> dict:
     out = json.loads(json.dumps(asdict(obj), default=str))
     if isinstance(out.get("poison"), dict) and not out["poison"].get("trigger"):
         del out["poison"]
-    if isinstance(out.get("fine_prune"), dict) and not out["fine_prune"].get("fraction"):
-        del out["fine_prune"]  # off: runs made before the defence existed keep their config
+    for section, switch in (("fine_prune", "fraction"), ("onion", "remove_share")):
+        if isinstance(out.get(section), dict) and not out[section].get(switch):
+            del out[section]  # off: runs made before the defence existed keep their config
     return out
 
 
@@ -118,6 +119,30 @@ def plant(poison, splits) -> dict | None:
     log.warning("poisoned %d training rows with the trigger '%s' -> '%s' (%s-label, rate %g): this run is for an audit",
                 len(rows), poison.trigger, poison.target, poison.mode, poison.rate)
     return {**asdict(poison), "rows": len(rows), "of": len(labels)}
+
+
+def onion_filter_split(onion, splits, trigger: str = "") -> dict | None:
+    """ONION-style filtering (an OnionConfig) of the training split, in place, calibrated on the clean validation
+    texts; the record of what it removed (None: off). With a planted `trigger`, also how many training texts carry it
+    before and after (the defence's point)."""
+    if not onion.remove_share:
+        return None
+    from edgestill.audit.onion import defend
+
+    phrase = f" {' '.join(trigger.lower().split())} "
+
+    def carrying(texts):
+        return sum(phrase in f" {' '.join(t.lower().split()[:onion.max_words])} " for t in texts) if trigger else None
+
+    before = carrying(splits.train.texts)
+    splits.train.texts, record = defend(splits.train.texts, splits.val.texts, onion)
+    record["trigger"] = {"phrase": trigger, "texts_before": before, "texts_after": carrying(splits.train.texts)} \
+        if trigger else None
+    log.info("ONION: removed %d of %d words (%.2f%%) from %d of %d training texts (threshold %.4g)%s",
+             record["words_removed"], record["words_seen"], 100 * record["removed_share"], record["texts_touched"],
+             record["texts"], record["threshold"], f"; texts with '{trigger}': {before} -> "
+             f"{record['trigger']['texts_after']}" if trigger else "")
+    return record
 
 
 # ---------------------------------------------------------------- fine-tuning the teacher
@@ -530,6 +555,7 @@ def _shrink_baselines(cfg: ClassifierShrinkConfig, splits, data_matches: bool, t
 def shrink_classifier(cfg: ClassifierShrinkConfig, overwrite: bool = False) -> tuple[Path, dict]:
     """`edgestill shrink --task classification`: build, distil, export and measure a student of a fine-tuned
     classifier (see the module docstring). Returns (the finished run folder, its metrics)."""
+    from edgestill.audit.onion import check_onion_config
     from edgestill.distill.classifier import check_fine_prune_config, check_kd_config, check_train_config
     from edgestill.evaluate.classification import predict_logits, scores
     from edgestill.evaluate.classifier_report import classifier_report, plot_curve
@@ -540,8 +566,11 @@ def shrink_classifier(cfg: ClassifierShrinkConfig, overwrite: bool = False) -> t
     check_train_config(cfg.train)
     check_kd_config(cfg.kd)
     check_fine_prune_config(cfg.fine_prune)
+    check_onion_config(cfg.onion)
     teacher, splits, data_matches = load_teacher(cfg)
     planted = plant(cfg.poison, splits)
+    planted_by_teacher = (teacher_record(cfg.teacher).get("poison") or {}).get("trigger", "")
+    filtered = onion_filter_split(cfg.onion, splits, cfg.poison.trigger or planted_by_teacher)
     cfg.output_dir = cfg.output_dir or f"runs/shrink-classifier-{_data_name(cfg.data.path)}"
     run = RunDir(cfg.output_dir, plain(cfg), overwrite=overwrite)
     resumed = run.open()
@@ -570,6 +599,7 @@ def shrink_classifier(cfg: ClassifierShrinkConfig, overwrite: bool = False) -> t
         if curve:
             plot_curve(curve, run.path / "shrink_curve.png", str(cfg.teacher))
         metrics["poison"] = planted
+        metrics["onion"] = filtered
         _write_json(run.path / "metrics.json", metrics)
         write_text_atomic(run.path / "report.md", classifier_report(metrics) + verdict_section(metrics))
     return run.finish(), metrics
