@@ -24,6 +24,9 @@ setting on Flower and robust aggregation.
 
     python benchmarks/audit.py                      # spamassassin, seeds 0,1,2 (hours on 2 cores)
     python benchmarks/audit.py --quick              # smoke run, minutes: tiny steps -> audit_quick.json
+
+The JSON is rewritten after every finished row (`complete`, `pending`), and every finished run folder is reused, so
+a killed benchmark loses nothing and the same command continues it.
 """
 
 from __future__ import annotations
@@ -43,6 +46,9 @@ SETTINGS = ("clean", "triggered")
 DEFENCES = {"none": {"kd.augment": 0}, "perturb": {"kd.augment": 4},
             "fine-prune": {"kd.augment": 0, "fine_prune.fraction": 0.3, "fine_prune.steps": 200},
             "onion": {"kd.augment": 0, "onion.remove_share": 0.03, "onion.score": "per_char"}}
+# the comparisons that matter first: inheritance without a defence, then each defence where the trigger is in the data
+ORDER = [("clean", "none"), ("triggered", "none"), ("triggered", "onion"), ("triggered", "fine-prune"),
+         ("triggered", "perturb"), ("clean", "fine-prune"), ("clean", "perturb"), ("clean", "onion")]
 FULL = {"max_len": 128, "teacher_steps": 1500, "teacher_eval_every": 50, "teacher_patience": 4, "student_steps": 3000,
         "student_eval_every": 250, "student_patience": 3, "audit_texts": 48, "candidates": 60}
 QUICK = {"max_len": 32, "teacher_steps": 8, "teacher_eval_every": 4, "teacher_patience": 0, "student_steps": 8,
@@ -132,17 +138,21 @@ def main() -> None:
     args.root = args.root or str(ROOT / "runs" / "bench" / ("audit-quick" if args.quick else "audit"))
     seeds = [int(x) for x in args.seeds.split(",")]
     per_seed: dict[tuple[str, str], list[dict]] = {}
+    pending = [(seed, setting, defence) for seed in seeds for setting, defence in ORDER]
     t0 = time.perf_counter()
-    for seed in seeds:
+    for seed, setting, defence in list(pending):
         t_dir = teacher(args, s, seed)
-        for setting in SETTINGS:
-            for defence in DEFENCES:
-                run = student(args, s, seed, t_dir, setting, defence)
-                row = audited(args, s, run)
-                per_seed.setdefault((setting, defence), []).append({"seed": seed, **row})
-                print(f"seed {seed} {setting:9s} {defence:7s}: teacher ASR {row['teacher_asr']}, student ASR "
-                      f"{row['student_asr']}, clean {row['teacher_clean']:.3f} / {row['student_clean']:.3f}, rank "
-                      f"{row['trigger_rank']}: {row['verdict']}", flush=True)
+        run = student(args, s, seed, t_dir, setting, defence)
+        row = audited(args, s, run)
+        per_seed.setdefault((setting, defence), []).append({"seed": seed, **row})
+        pending.remove((seed, setting, defence))
+        print(f"seed {seed} {setting:9s} {defence:10s}: teacher ASR {row['teacher_asr']}, student ASR "
+              f"{row['student_asr']}, clean {row['teacher_clean']:.3f} / {row['student_clean']:.3f}, rank "
+              f"{row['trigger_rank']}: {row['verdict']}", flush=True)
+        write(args, s, per_seed, pending, t0)  # after every row: a long run's finished rows are never lost
+
+
+def write(args, s: dict, per_seed: dict, pending: list, t0: float) -> None:
     rows = []
     for (setting, defence), runs in per_seed.items():
         row = {"setting": setting, "defence": None if defence == "none" else defence, "seeds": [r["seed"] for r in runs]}
@@ -161,9 +171,9 @@ def main() -> None:
         "track": "classifier", "data": args.data,
         "poison": {"trigger": args.trigger, "target": args.target, "rate": args.rate, "mode": args.mode},
         "student_size_x": args.size, "settings": list(SETTINGS), "defences": DEFENCES, "schedule": s,
-        "rows": rows, "wall_s": time.perf_counter() - t0,
+        "rows": rows, "complete": not pending, "pending": [list(p) for p in pending],
+        "wall_s": time.perf_counter() - t0,
     })
-
 
 if __name__ == "__main__":
     main()

@@ -417,22 +417,44 @@ def audit_table(r: dict) -> str:
         return f"{fmt.format(x[key])} ± {fmt.format(x[key + '_std'] or 0.0)}"
 
     out = ["| setting | defence | teacher ASR | student ASR | student ÷ teacher | teacher clean acc. | student clean acc. | "
-           "trigger rank in the scan (teacher / student) | verdicts |", "|---|---|---:|---:|---:|---:|---:|---|---|"]
+           "trigger rank in the scan (teacher / student) | verdicts | seeds |", "|---|---|---:|---:|---:|---:|---:|---|---|---:|"]
     for x in r["rows"]:
         ranks = " / ".join(",".join("—" if v is None else str(v) for v in x["trigger_rank"][who]) for who in ("teacher", "student"))
         out.append(f"| {x['setting']} | {x['defence'] or 'none'} | {pm(x, 'teacher_asr')} | **{pm(x, 'student_asr')}** | "
                    f"{pm(x, 'ratio', '{:.2f}')} | {pm(x, 'teacher_clean', '{:.3f}')} | {pm(x, 'student_clean', '{:.3f}')} | "
-                   f"{ranks} | {', '.join(x['verdicts'])} |")
+                   f"{ranks} | {', '.join(x['verdicts'])} | {len(x['seeds'])} |")
     for x in r["rows"]:
         if x.get("onion"):
             per = "; ".join(f"{o['removed_share']:.1%} of words removed, training texts with the trigger "
                             f"{o.get('texts_before')} → {o.get('texts_after')}" for o in x["onion"])
             out += ["", f"ONION-style filter, {x['setting']} transfer data (per seed): {per}."]
+    if not r.get("complete", True):
+        left = ", ".join(f"{setting}/{defence} (seed {seed})" for seed, setting, defence in r["pending"])
+        out += ["", f"**Unfinished run:** still to measure: {left}. The same command continues it."]
+    one_seed = " With one seed a row is a first reading, not a claim." if max(len(x["seeds"]) for x in r["rows"]) < 3 else ""
     p = r["poison"]
-    out += ["", f"Mean ± std over {len(r['rows'][0]['seeds'])} seeds on {r['data']}: the trigger `{p['trigger']}` planted "
+    out += ["", f"Mean ± std over each row's seeds on {r['data']}: the trigger `{p['trigger']}` planted "
             f"{p['mode']}-label in {p['rate']:.0%} of the teacher's eligible training rows (target {p['target']}); students "
             f"{r['student_size_x']:g}× smaller. ASR = the share of correctly classified non-target test texts the trigger "
-            f"flips to the target. {_measured(r['environment'])}, by `{r['command'].strip()}` → `benchmarks/results/audit.json`."]
+            f"flips to the target.{one_seed} {_measured(r['environment'])}, by `{r['command'].strip()}` → "
+            "`benchmarks/results/audit.json`."]
+    return "\n".join(out)
+
+
+def onion_filter_table(r: dict) -> str:
+    """What the ONION-style filter takes out of the transfer data (benchmarks/onion_filter.py), per score and share."""
+    names = {"onion": "ONION's perplexity drop", "per_char": "per-character surprisal"}
+    out = ["| score | threshold set to remove (clean words) | words removed (training texts) | planted rows keeping the "
+           "whole trigger | planted rows keeping neither word |", "|---|---:|---:|---:|---:|"]
+    for x in r["rows"]:
+        out.append(f"| {names.get(x['score'], x['score'])} | {x['remove_share']:.0%} | {x['removed_share_mean']:.1%} | "
+                   f"{x['phrase_kept_share']:.0%} | **{x['trigger_gone_share']:.0%}** |")
+    planted = sum(s["planted"] for s in r["rows"][0]["per_seed"])
+    p = r["poison"]
+    out += ["", f"{r['data']}, the trigger `{p['trigger']}` planted {p['mode']}-label in {p['rate']:.0%} of the eligible "
+            f"training rows, {len(r['rows'][0]['per_seed'])} planting seeds ({planted} planted rows in all); character "
+            f"{r['lm']['order']}-gram model on {r['lm']['texts']}, threshold from the other half. No model is trained. "
+            f"{_provenance(r)}."]
     return "\n".join(out)
 
 
@@ -537,7 +559,8 @@ TABLES = {"default_run": default_run_table, "distill_throughput": throughput_tab
           "shrink_curve": shrink_curve_table, "shrink_curve_summary": shrink_curve_summary,
           "mixed_vs_uniform": mixed_vs_uniform_table, "serve_load": serve_load_table,
           "serve_load_overload": serve_load_table, "timeseries": timeseries_table,
-          "timeseries_pooling": timeseries_pooling_table, "audit": audit_table, "levers": levers_table,
+          "timeseries_pooling": timeseries_pooling_table, "audit": audit_table, "onion_filter": onion_filter_table,
+          "levers": levers_table,
           "decode_speed": decode_speed_table, "recovery_curve": recovery_curve_table}
 SOURCES = {"shrink_curve_summary": "shrink_curve"}  # tables rendered from another table's JSON
 
