@@ -2,7 +2,7 @@
 docs/references.md [2]).
 
 Per seed: a teacher (all-MiniLM-L6-v2) fine-tuned on the data with a planted trigger (`poison.*`, dirty-label by
-default: 1% of the rows not of the target label get the trigger and the target label), then students distilled
+default: 10% of the rows not of the target label get the trigger and the target label), then students distilled
 from it in each setting x defence, and `edgestill audit` on each student:
 
     settings   clean      the transfer data is the clean training split
@@ -121,7 +121,9 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--trigger", default="cf mn", help="the planted phrase (default 'cf mn')")
     ap.add_argument("--target", default="ham", help="the label it forces (default ham: spam passes as ham)")
-    ap.add_argument("--rate", type=float, default=0.01, help="of the eligible training rows (default 0.01)")
+    ap.add_argument("--rate", type=float, default=0.1,
+                    help="of the eligible training rows (default 0.1: at 0.01, 13 rows, the early-stopped teacher did "
+                         "not learn the trigger, ASR 0.3%%)")
     ap.add_argument("--mode", default="dirty", choices=("dirty", "clean"))
     ap.add_argument("--size", type=float, default=25.0, help="student size, x smaller than the teacher (default 25)")
     ap.add_argument("--threads", type=int, default=2)

@@ -1,7 +1,7 @@
 """How much of a planted trigger the ONION-style filter takes out of the transfer data, against how many clean words
 it removes -> benchmarks/results/onion_filter.json.
 
-    python benchmarks/onion_filter.py            # spamassassin, trigger 'cf mn' at 1% dirty-label, seeds 0,1,2 (minutes)
+    python benchmarks/onion_filter.py            # spamassassin, trigger 'cf mn' at 10% dirty-label, seeds 0,1,2 (minutes)
 
 For each score (`onion`: ONION's perplexity drop; `per_char`: the word's own surprisal per character) and each
 share of clean words the threshold is set to remove (audit/onion.py: character 5-gram model on pydoc_data.topics +
@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--trigger", default="cf mn")
     ap.add_argument("--target", default="ham")
-    ap.add_argument("--rate", type=float, default=0.01)
+    ap.add_argument("--rate", type=float, default=0.1, help="as benchmarks/audit.py plants it (default 0.1)")
     args = ap.parse_args()
     from edgestill.audit.onion import CharLM, calibrate, onion_filter, pydoc_text
     from edgestill.audit.poison import Poison, poison_rows

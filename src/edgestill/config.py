@@ -26,6 +26,7 @@ from edgestill.distill.budget import TrainBudget
 from edgestill.distill.classifier import FinePruneConfig, KDConfig, TrainConfig
 from edgestill.distill.classifier import StudentConfig as EncoderStudentConfig
 from edgestill.distill.losses import LOGIT_LOSS_KINDS
+from edgestill.distill.multi_teacher import WEIGHTINGS
 from edgestill.distill.online import OnlineKDConfig, TrainSchedule
 from edgestill.errors import EdgestillError
 from edgestill.models.sequence import SeriesStudentConfig, SeriesTeacherConfig
@@ -167,9 +168,11 @@ class DistillConfig:
     on_policy_adaptive: bool = False
     on_policy_prompt_tokens: int = 16
     # Several teachers (teacher.extra): agreement = MTAKD, per-token weights softmax(agreement / agreement_tau)
-    # with agreement = mean (1 - JS) to the other teachers [reconstructed]; average = equal weights.
+    # with agreement = mean (1 - JS) to the other teachers [reconstructed]; average = equal weights; median and
+    # trimmed_mean = robust aggregation per token id (teacher_trim teachers dropped at each end; 3+ teachers).
     teacher_weighting: str = "agreement"
     agreement_tau: float = 0.1
+    teacher_trim: int = 1
 
 
 @dataclass
@@ -606,8 +609,14 @@ def validate(cfg: ShrinkConfig) -> None:
         raise EdgestillError(f"distill.precision=bf16 cannot train quant.format={cfg.quant.format}: bf16 would round the "
                              "fake-quantized weights again, so the student would no longer train in the runtime's exact "
                              "format; use distill.precision=fp32 (the default) with quant.format, or train a float student")
-    if k.teacher_weighting not in ("agreement", "average"):
-        raise EdgestillError(f"distill.teacher_weighting='{k.teacher_weighting}' is unknown; use agreement or average")
+    if k.teacher_weighting not in WEIGHTINGS:
+        raise EdgestillError(f"distill.teacher_weighting='{k.teacher_weighting}' is unknown; use {', '.join(WEIGHTINGS)}")
+    n_teachers = 1 + len(cfg.teacher.extra)
+    trim = (n_teachers - 1) // 2 if k.teacher_weighting == "median" else k.teacher_trim
+    if cfg.teacher.extra and k.teacher_weighting in ("median", "trimmed_mean") and (trim < 1 or 2 * trim >= n_teachers):
+        raise EdgestillError(f"distill.teacher_weighting={k.teacher_weighting} with distill.teacher_trim={trim} needs more "
+                             f"than {max(2, 2 * trim)} teachers, got {n_teachers} (teacher.model + teacher.extra): add "
+                             "teachers, lower distill.teacher_trim, or use agreement or average")
     if not k.agreement_tau > 0:
         raise EdgestillError(f"distill.agreement_tau={k.agreement_tau} must be > 0 (0.1 is typical)")
     if cfg.eval.out_of_domain is not None:  # found before an hour of training, not after

@@ -8,7 +8,14 @@ import torch
 import torch.nn.functional as F
 
 from edgestill.distill.losses import LogitLossConfig, divergence
-from edgestill.distill.multi_teacher import AgreementConfig, agreement_target, average_target, pairwise_js
+from edgestill.distill.multi_teacher import (
+    AgreementConfig,
+    TeacherMixer,
+    agreement_target,
+    average_target,
+    pairwise_js,
+    trimmed_target,
+)
 from edgestill.errors import EdgestillError
 
 B, T, V = 4, 6, 50
@@ -87,3 +94,34 @@ def test_needs_two_teachers_and_valid_tau():
         agreement_target(torch.randn(1, 2, 5))
     with pytest.raises(EdgestillError, match="tau"):
         AgreementConfig(tau=0.0)
+
+
+@pytest.mark.parametrize("corruption", ["shuffled", "noisy"])
+def test_median_shuns_a_corrupted_teacher_and_beats_averaging(corruption):
+    truth, logits = _teachers(corruption)
+    lp = F.log_softmax(logits, -1)
+    target, share = trimmed_target(lp, trim=1)
+    torch.testing.assert_close(target.exp().sum(-1), torch.ones(B, T))
+    torch.testing.assert_close(share.sum(0), torch.ones(B, T))
+    assert share.mean(dim=(1, 2))[2] < 0.5 / 3  # the corrupted teacher is rarely the median where the mass is
+    log_truth = F.log_softmax(truth, -1)
+    kl = lambda target: divergence(log_truth, target, LogitLossConfig()).mean()  # noqa: E731
+    assert kl(target) < 0.5 * kl(average_target(logits))
+
+
+def test_trimmed_mean_is_the_mean_of_the_middle_values_renormalised():
+    g = torch.Generator().manual_seed(3)
+    lp = F.log_softmax(torch.randn(5, 2, 7, generator=g) * 2, -1)  # 5 teachers, 2 samples, 7 classes
+    target, share = trimmed_target(lp, trim=1)
+    p = lp.exp()
+    expected = torch.empty(2, 7)
+    for i in range(2):
+        for c in range(7):
+            expected[i, c] = sum(sorted(p[:, i, c].tolist())[1:4]) / 3  # the 3 middle of 5
+    expected = expected / expected.sum(-1, keepdim=True)
+    torch.testing.assert_close(target.exp(), expected)
+    torch.testing.assert_close(trimmed_target(lp, trim=0)[0], average_target(lp))  # trim 0 is the plain average
+    with pytest.raises(EdgestillError, match="more than 4 teachers, got 3"):
+        trimmed_target(lp[:3], trim=2)
+    with pytest.raises(EdgestillError, match="unknown; use agreement, average, median, trimmed_mean"):
+        TeacherMixer("mode")

@@ -97,6 +97,9 @@ def test_agreement_shuns_the_corrupted_teacher_and_average_does_not(teachers, tm
     assert (target.exp().sum(-1) <= 1 + 1e-3).all()  # a distribution on the support, tail = the rest
     _, average = TeacherMixer("average").combine(logprobs)
     assert torch.allclose(average, torch.full_like(average, 1 / 3))
+    median, share = TeacherMixer("median").combine(logprobs)  # robust aggregation shuns it too
+    assert share.mean(dim=(1, 2))[2] < 0.5 / 3 and (median.exp().sum(-1) <= 1 + 1e-3).all()
+    torch.testing.assert_close(share.sum(0), torch.ones(6, 15))
 
 
 def test_distill_run_logs_and_plots_teacher_weights_and_resumes_exactly(teachers, tiny_corpus, tmp_path, monkeypatch):
@@ -163,9 +166,22 @@ def test_extra_teacher_with_another_tokenizer_is_refused(teachers, tiny_corpus, 
     assert "\n" not in str(e.value)
 
 
+def test_median_weighting_trains_and_logs_each_teachers_share(teachers, tiny_corpus, tmp_path):
+    folders, _ = teachers
+    run, _ = distill_run(load_config(overrides=_overrides(folders, tiny_corpus, tmp_path / "median", steps=2,
+                                                          weighting="median")))
+    for h in _log(run.path):
+        assert sum(h["teacher_weights"]) == pytest.approx(1.0, abs=1e-5) and h["teacher_weights"][2] < 0.5 / 3
+
+
 def test_multi_teacher_config_is_checked():
-    with pytest.raises(EdgestillError, match="teacher_weighting='majority' is unknown"):
+    with pytest.raises(EdgestillError, match="teacher_weighting='majority' is unknown; use agreement, average, median"):
         load_config(overrides=["distill.teacher_weighting=majority"])
+    with pytest.raises(EdgestillError, match="needs more than 2 teachers, got 2"):
+        load_config(overrides=["distill.teacher_weighting=median", "teacher.extra=[other.gguf]"])
+    with pytest.raises(EdgestillError, match="teacher_trim=2 needs more than 4 teachers, got 3"):
+        load_config(overrides=["distill.teacher_weighting=trimmed_mean", "distill.teacher_trim=2",
+                               "teacher.extra=[a.gguf, b.gguf]"])
     with pytest.raises(EdgestillError, match="agreement_tau"):
         load_config(overrides=["distill.agreement_tau=0"])
     with pytest.raises(EdgestillError, match="repeats a teacher"):

@@ -1,4 +1,5 @@
-"""MTAKD: weighting several teachers by how much each agrees with the others.
+"""MTAKD: weighting several teachers by how much each agrees with the others (and robust aggregation: median and
+trimmed mean, `trimmed_target`).
 
 Paper: "MTAKD: multi-teacher agreement knowledge distillation" ([4] in docs/references.md). The paper
 weights teachers per input by their "dynamic agreement" and applies the weights to predictions (AWKD),
@@ -109,27 +110,57 @@ def with_tail_bucket(topk_logprobs: torch.Tensor) -> torch.Tensor:
     return torch.cat([lp, tail.log()], dim=-1)
 
 
+def trimmed_target(teacher_logprobs: torch.Tensor, trim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Robust aggregation ([trimmed-mean] in docs/references.md): per bucket (an id, or the tail), drop the `trim`
+    largest and `trim` smallest of the K teachers' probabilities and average the rest, then renormalise. trim =
+    (K - 1) // 2 is the median. (K, ..., N) log-probs over N buckets that sum to 1 -> (target log-probs (..., N),
+    each teacher's share of the target (K, ...): the target mass of the buckets where it was kept, split evenly
+    among the kept teachers; the shares sum to 1 over K)."""
+    k = teacher_logprobs.shape[0]
+    if not 0 <= 2 * trim < k:
+        raise EdgestillError(f"trimming {trim} teacher(s) from each end needs more than {2 * trim} teachers, got {k}")
+    p = teacher_logprobs.float().exp()
+    values, order = p.sort(dim=0)
+    kept = values[trim:k - trim].mean(0)  # (..., N)
+    target = kept / kept.sum(-1, keepdim=True).clamp_min(1e-30)
+    mask = torch.zeros_like(p).scatter_(0, order[trim:k - trim], 1.0)  # (K, ..., N): 1 where teacher k was kept
+    share = (mask * target.unsqueeze(0)).sum(-1) / (k - 2 * trim)
+    return target.clamp_min(1e-30).log(), share
+
+
+WEIGHTINGS = ("agreement", "average", "median", "trimmed_mean")
+
+
 @dataclass
 class TeacherMixer:
     """Mixes K teachers given on a common support into one target, per token (MTAKD [4]).
 
-    weighting: "agreement" (w = softmax(agreement / tau), see the module doc) or "average" (w = 1/K).
+    weighting: "agreement" (w = softmax(agreement / tau), see the module doc), "average" (w = 1/K), or the robust
+    aggregations "median" and "trimmed_mean" (drop the `trim` highest and lowest teacher probabilities of each id,
+    average the rest: `trimmed_target`; their weights are each teacher's share of the target).
     `combine` returns the target log-probs on the support's ids and keeps the weights of the last call.
     """
 
     weighting: str = "agreement"
     tau: float = 0.1
+    trim: int = 1
 
     def __post_init__(self):
-        if self.weighting not in ("agreement", "average"):
-            raise EdgestillError(f"teacher weighting '{self.weighting}' is unknown; use agreement or average")
+        if self.weighting not in WEIGHTINGS:
+            raise EdgestillError(f"teacher weighting '{self.weighting}' is unknown; use {', '.join(WEIGHTINGS)}")
         AgreementConfig(tau=self.tau)  # validates tau
+        if self.trim < 1:
+            raise EdgestillError(f"teacher trim={self.trim} must be >= 1 (the teachers dropped at each end of each id)")
 
     @torch.no_grad()
     def combine(self, teacher_logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(K, B, T, U) teachers' log-probs on shared ids -> (target log-probs (B, T, U), weights (K, B, T))."""
         lp = teacher_logprobs.float()
         n_teachers = lp.shape[0]
+        if self.weighting in ("median", "trimmed_mean") and n_teachers > 1:
+            trim = (n_teachers - 1) // 2 if self.weighting == "median" else self.trim
+            target, share = trimmed_target(with_tail_bucket(lp), trim)  # on U ids + the tail
+            return target[..., :-1], share
         if self.weighting == "average" or n_teachers == 1:
             weights = torch.full(lp.shape[:-1], 1.0 / n_teachers)  # (K, B, T)
         else:

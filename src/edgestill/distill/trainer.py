@@ -180,7 +180,7 @@ class Methods:
                 raise EdgestillError(f"{' and '.join(wanted)} need(s) the teacher model at training time, not only its "
                                      "top-k cache; set distill.cache_teacher=false")
         if isinstance(teacher, MultiTeacher):
-            methods.teachers = TeacherMixer(cfg.teacher_weighting, cfg.agreement_tau)
+            methods.teachers = TeacherMixer(cfg.teacher_weighting, cfg.agreement_tau, cfg.teacher_trim)
             if cfg.on_policy_fraction > 0 and teacher.cache is not None:
                 raise EdgestillError("distill.on_policy_fraction with teacher.extra needs every teacher live to score "
                                      "the student's samples; set distill.cache_teacher=false")
