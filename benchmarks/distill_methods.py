@@ -15,7 +15,7 @@ a killed row resumes from its last checkpoint, so rerunning the command continue
 Rows: CE only (alpha 0); forward KL (the default objective); reverse KL; skew KL; JSD; on-policy JSD;
 + hidden-state MSE; + attention relations; KAKD PID-controlled alpha vs fixed alpha in {0.1, 0.5, 0.9, 1.0};
 MTAKD: SmolLM2 + a llama.cpp Q2_K copy + a noise-corrupted copy (all share the tokenizer), agreement
-weighting vs plain averaging vs each single teacher. The single-copy rows train from the same sliced
+weighting vs plain averaging vs the per-token-id median vs each single teacher. The single-copy rows train from the same sliced
 student (sliced from the real teacher) and, like every row, are evaluated against the real teacher.
 
 Seeds (`--seeds`, distill.seed) change the order of the training batches (and on-policy sampling); the sliced
@@ -79,6 +79,8 @@ ROWS = [
         ["distill.teacher_weighting=agreement"], teachers="multi"),
     Row("multi_average", "3 teachers, plain average", "multi_teacher", ["distill.teacher_weighting=average"],
         teachers="multi"),
+    Row("multi_median", "3 teachers, per-token-id median (robust aggregation)", "multi_teacher",
+        ["distill.teacher_weighting=median"], teachers="multi"),
     Row("single_real", "single teacher: SmolLM2", "multi_teacher"),
     Row("single_q2k", "single teacher: Q2_K copy", "multi_teacher", teachers="q2k"),
     Row("single_noisy", "single teacher: corrupted copy", "multi_teacher", teachers="noisy"),
