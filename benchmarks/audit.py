@@ -19,7 +19,8 @@ from it in each setting x defence, and `edgestill audit` on each student:
 
 Per row, over the seeds (mean and std): the planted trigger's attack success rate (ASR) in teacher and student,
 their clean test accuracy, the ratio student ASR / teacher ASR, and the trigger's rank in the audit's scan of the
-teacher and of the student (1 = first). Not built yet (so not in this table): the decoder track, the federated
+teacher and of the student (1 = first). Every student is also measured behind an ONION-style filter of its test
+inputs (`edgestill audit --onion 0.03`: a defence at inference that retrains nothing): its ASR and clean accuracy. Not built yet (so not in this table): the decoder track, the federated
 setting on Flower and robust aggregation.
 
     python benchmarks/audit.py                      # spamassassin, seeds 0,1,2 (hours on 2 cores)
@@ -46,6 +47,7 @@ SETTINGS = ("clean", "triggered")
 DEFENCES = {"none": {"kd.augment": 0}, "perturb": {"kd.augment": 4},
             "fine-prune": {"kd.augment": 0, "fine_prune.fraction": 0.3, "fine_prune.steps": 200},
             "onion": {"kd.augment": 0, "onion.remove_share": 0.03, "onion.score": "per_char"}}
+INPUT_FILTER_SHARE = 0.03  # every student is also measured behind an ONION-style filter of its inputs (at inference)
 # the comparisons that matter first: inheritance without a defence, then each defence where the trigger is in the data
 ORDER = [("clean", "none"), ("triggered", "none"), ("triggered", "onion"), ("triggered", "fine-prune"),
          ("triggered", "perturb"), ("clean", "fine-prune"), ("clean", "perturb"), ("clean", "onion")]
@@ -98,13 +100,16 @@ def audited(args, s: dict, run: Path) -> dict:
     from edgestill.evaluate.environment import environment
     from edgestill.jobs.audit import AuditConfig, audit
 
-    _, result = audit(run, AuditConfig(n_texts=s["audit_texts"], candidates=s["candidates"], threads=args.threads))
+    _, result = audit(run, AuditConfig(n_texts=s["audit_texts"], candidates=s["candidates"], threads=args.threads,
+                                       onion_share=INPUT_FILTER_SHARE))
     onion = json.loads((run / "metrics.json").read_text()).get("onion")
     planted = next(t for t in result["triggers"] if t["phrase"] == " ".join(args.trigger.lower().split()))
     return {"teacher_asr": planted["teacher_asr"], "student_asr": planted["student_asr"],
             "teacher_clean": result["clean_accuracy"]["teacher"], "student_clean": result["clean_accuracy"]["student"],
             "trigger_rank": planted["rank"], "verdict": planted["verdict"], "asr_n": planted["n"],
             "onion": None if onion is None else {"removed_share": onion["removed_share"], **(onion["trigger"] or {})},
+            "student_asr_filtered_inputs": result["onion_inputs"]["student_asr"].get(planted["phrase"]),
+            "student_clean_filtered_inputs": result["onion_inputs"]["clean_accuracy"],
             "environment": environment(args.threads)}
 
 
@@ -158,7 +163,8 @@ def write(args, s: dict, per_seed: dict, pending: list, t0: float) -> None:
     rows = []
     for (setting, defence), runs in per_seed.items():
         row = {"setting": setting, "defence": None if defence == "none" else defence, "seeds": [r["seed"] for r in runs]}
-        for key in ("teacher_asr", "student_asr", "teacher_clean", "student_clean"):
+        for key in ("teacher_asr", "student_asr", "teacher_clean", "student_clean", "student_asr_filtered_inputs",
+                    "student_clean_filtered_inputs"):
             row[key], row[f"{key}_std"] = _mean_std([r[key] for r in runs])
         ratios = [r["student_asr"] / r["teacher_asr"] for r in runs if r["teacher_asr"] and r["student_asr"] is not None]
         row["ratio"], row["ratio_std"] = _mean_std(ratios)
@@ -173,6 +179,7 @@ def write(args, s: dict, per_seed: dict, pending: list, t0: float) -> None:
         "track": "classifier", "data": args.data,
         "poison": {"trigger": args.trigger, "target": args.target, "rate": args.rate, "mode": args.mode},
         "student_size_x": args.size, "settings": list(SETTINGS), "defences": DEFENCES, "schedule": s,
+        "input_filter_share": INPUT_FILTER_SHARE,
         "rows": rows, "complete": not pending, "pending": [list(p) for p in pending],
         "wall_s": time.perf_counter() - t0,
     })

@@ -417,12 +417,13 @@ def audit_table(r: dict) -> str:
         return f"{fmt.format(x[key])} ± {fmt.format(x[key + '_std'] or 0.0)}"
 
     out = ["| setting | defence | teacher ASR | student ASR | student ÷ teacher | teacher clean acc. | student clean acc. | "
-           "trigger rank in the scan (teacher / student) | verdicts | seeds |", "|---|---|---:|---:|---:|---:|---:|---|---|---:|"]
+           "student ASR / clean acc., inputs filtered | trigger rank in the scan (teacher / student) | verdicts | seeds |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---|---|---:|"]
     for x in r["rows"]:
         ranks = " / ".join(",".join("—" if v is None else str(v) for v in x["trigger_rank"][who]) for who in ("teacher", "student"))
         out.append(f"| {x['setting']} | {x['defence'] or 'none'} | {pm(x, 'teacher_asr')} | **{pm(x, 'student_asr')}** | "
                    f"{pm(x, 'ratio', '{:.2f}')} | {pm(x, 'teacher_clean', '{:.3f}')} | {pm(x, 'student_clean', '{:.3f}')} | "
-                   f"{ranks} | {', '.join(x['verdicts'])} | {len(x['seeds'])} |")
+                   f"{pm(x, 'student_asr_filtered_inputs')} / {pm(x, 'student_clean_filtered_inputs', '{:.3f}')} | {ranks} | {', '.join(x['verdicts'])} | {len(x['seeds'])} |")
     for x in r["rows"]:
         if x.get("onion"):
             per = "; ".join(f"{o['removed_share']:.1%} of words removed, training texts with the trigger "
@@ -436,7 +437,9 @@ def audit_table(r: dict) -> str:
     out += ["", f"Mean ± std over each row's seeds on {r['data']}: the trigger `{p['trigger']}` planted "
             f"{p['mode']}-label in {p['rate']:.0%} of the teacher's eligible training rows (target {p['target']}); students "
             f"{r['student_size_x']:g}× smaller. ASR = the share of correctly classified non-target test texts the trigger "
-            f"flips to the target.{one_seed} {_measured(r['environment'])}, by `{r['command'].strip()}` → "
+            f"flips to the target. Inputs filtered: the same student behind an ONION-style filter of its test inputs "
+            f"(per-character score, threshold removing {r.get('input_filter_share', 0.03):.0%} of clean words; nothing "
+            f"retrained).{one_seed} {_measured(r['environment'])}, by `{r['command'].strip()}` → "
             "`benchmarks/results/audit.json`."]
     return "\n".join(out)
 

@@ -143,3 +143,20 @@ def test_onion_filtered_transfer_data_loses_the_trigger(audited, capsys):
     assert main([*args[:5], "--out", str(audited["root"] / "bad-onion"), "onion.score=gpt2"]) == 2
     assert "onion.score='gpt2' is not one of" in capsys.readouterr().err
     assert not (audited["root"] / "bad-onion").exists() and not (audited["root"] / "bad-onion.partial").exists()
+
+
+def test_the_student_behind_an_input_filter_is_measured(audited, capsys):
+    assert main(["audit", str(audited["student"]), "--candidates", "10", "--texts", "16", "--onion", "0.1"]) == 0
+    out = capsys.readouterr().out
+    r = json.loads((audited["student"] / "audit.json").read_text())
+    f = r["onion_inputs"]
+    assert f["remove_share"] == 0.1 and 0 <= f["clean_accuracy"] <= 1
+    planted = next(t for t in r["triggers"] if t["phrase"] == "zq vx")
+    assert f["student_asr"]["zq vx"] is not None
+    if planted["student_asr"] >= 0.5:  # a trigger the student answers to is cut out of its inputs
+        assert f["student_asr"]["zq vx"] < 0.5 * planted["student_asr"]
+    assert "behind an ONION-style input filter" in out
+    assert "ONION-style filter of its inputs" in (audited["student"] / "audit.md").read_text()
+    assert main(["audit", str(audited["student"]), "--onion", "0.7"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--onion 0.7 must be in [0, 0.5)" in err[0]

@@ -269,6 +269,9 @@ def _add_audit(sub) -> None:
     p.add_argument("--candidates", type=int, default=60, help="phrases scanned (default 60)")
     p.add_argument("--texts", type=int, default=48, help="test texts per label each phrase is inserted into (default 48)")
     p.add_argument("--threads", type=int, default=2, help="onnxruntime threads for the student (default 2)")
+    p.add_argument("--onion", type=float, default=0.0, metavar="SHARE",
+                   help="also measure the student behind an ONION-style filter of its inputs, set to remove SHARE of "
+                        "clean words (e.g. 0.03; docs/audit.md)")
 
 
 def _flag_values(args) -> dict:
@@ -484,7 +487,7 @@ def _cmd_audit(args) -> None:
     from edgestill.jobs.audit import AuditConfig, audit, summary
 
     cfg = AuditConfig(trigger=args.trigger, target=args.target, top=args.top, candidates=args.candidates,
-                      n_texts=args.texts, threads=args.threads)
+                      n_texts=args.texts, threads=args.threads, onion_share=args.onion)
     for line in summary(audit(args.run_dir, cfg)[1]):
         print(line, flush=True)
 

@@ -208,15 +208,26 @@ def onion_filter(texts: list[str], lm: CharLM, threshold: float, max_words: int 
                  "most_removed": [{"word": w, "count": c} for w, c in top]}
 
 
-def defend(train_texts: list[str], clean_texts: list[str], cfg: OnionConfig) -> tuple[list[str], dict]:
-    """The whole defence: a character LM on Python's prose + half the clean texts, the threshold set on the other
-    half, then the training texts filtered. Returns the filtered texts and the record."""
+def _fit(clean_texts: list[str], cfg: OnionConfig) -> tuple[CharLM, float]:
+    """A character LM on Python's prose + half the clean texts, the threshold set on the other half."""
     check_onion_config(cfg)
     if len(clean_texts) < 2:
         raise EdgestillError(f"ONION needs at least 2 clean texts (the validation split has {len(clean_texts)}): "
                              "give a larger data.val_fraction, or turn it off with onion.remove_share=0")
     lm = CharLM.train([pydoc_text(), *clean_texts[::2]], order=cfg.order)
-    threshold = calibrate(lm, clean_texts[1::2], cfg.remove_share, cfg.max_words, cfg.score)
+    return lm, calibrate(lm, clean_texts[1::2], cfg.remove_share, cfg.max_words, cfg.score)
+
+
+def defend_inputs(clean_texts: list[str], cfg: OnionConfig):
+    """The filter as a function texts -> texts, for inputs at inference (fitted once on the clean texts)."""
+    lm, threshold = _fit(clean_texts, cfg)
+    return lambda texts: onion_filter(texts, lm, threshold, cfg.max_words, cfg.score)[0]
+
+
+def defend(train_texts: list[str], clean_texts: list[str], cfg: OnionConfig) -> tuple[list[str], dict]:
+    """The whole defence: a character LM on Python's prose + half the clean texts, the threshold set on the other
+    half, then the training texts filtered. Returns the filtered texts and the record."""
+    lm, threshold = _fit(clean_texts, cfg)
     texts, record = onion_filter(train_texts, lm, threshold, cfg.max_words, cfg.score)
     return texts, {**record, "remove_share_target": cfg.remove_share, "score": cfg.score, "order": cfg.order,
                    "lm_texts": f"pydoc_data.topics + {len(clean_texts[::2])} clean validation texts",

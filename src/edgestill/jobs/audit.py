@@ -54,6 +54,9 @@ class AuditConfig:
     controls: int = 24
     seed: int = 0
     threads: int = 2
+    # > 0: also measure the student behind an ONION-style filter of its inputs (audit/onion.py, per-character score),
+    # its threshold set to remove this share of the words of the run's clean validation texts
+    onion_share: float = 0.0
 
 
 def verdict(teacher: dict, student: dict) -> str:
@@ -136,6 +139,9 @@ def audit(run_dir: str | Path, cfg: AuditConfig | None = None) -> tuple[Path, di
     run_dir = Path(run_dir)
     raw = _load_run(run_dir)
     shrink_cfg = _shrink_config(raw)
+    if not 0 <= cfg.onion_share < 0.5:
+        raise EdgestillError(f"--onion {cfg.onion_share} must be in [0, 0.5): the share of clean words the input filter "
+                             "may remove (0 = no filter; 0.03 is a sensible start)")
     if bool(cfg.trigger) != bool(cfg.target):
         raise EdgestillError("--trigger and --target go together: the phrase to test and the label it should force")
     teacher, splits, _ = load_teacher(shrink_cfg)
@@ -185,16 +191,37 @@ def audit(run_dir: str | Path, cfg: AuditConfig | None = None) -> tuple[Path, di
                      "verdict": verdict(asr["teacher"], asr["student"])})
     rows.sort(key=lambda r: (not r["named"], -max(r["teacher_asr"] or 0, r["student_asr"] or 0)))
     clean_scores = {who: float((clean[who] == test_ids).mean()) for who in models}
+    filtered = _filtered_inputs(cfg, splits, student_logits, texts, test_ids, rows) if cfg.onion_share else None
     result = {"run": str(run_dir), "teacher": str(shrink_cfg.teacher), "student": str(run_dir / "onnx" / "model.onnx"),
               "labels": labels, "test_rows": len(texts), "clean_accuracy": clean_scores,
               "planted": {"run": run_poison, "teacher": record.get("poison")},
               "candidates_scanned": len(phrases), "config": vars(cfg), "scan_controls": {
                   who: scans[who]["controls"] for who in models},
-              "triggers": rows, "top_candidates": {who: scans[who]["candidates"][:10] for who in models}}
+              "triggers": rows, "top_candidates": {who: scans[who]["candidates"][:10] for who in models},
+              "onion_inputs": filtered}
     out = run_dir / "audit.json"
     write_text_atomic(out, json.dumps(result, indent=2, default=float) + "\n")
     write_text_atomic(run_dir / "audit.md", report(result))
     return out, result
+
+
+def _filtered_inputs(cfg: AuditConfig, splits, student_logits, texts, test_ids, rows) -> dict:
+    """The student behind an ONION-style filter of its inputs (a defence at inference: nothing is retrained): its clean
+    accuracy and each measured phrase's ASR when every input is filtered first."""
+    from edgestill.audit.onion import OnionConfig, defend_inputs
+    from edgestill.audit.poison import attack_success_rate
+
+    guard = defend_inputs(splits.val.texts, OnionConfig(remove_share=cfg.onion_share, score="per_char"))
+
+    def guarded(batch):
+        return student_logits(guard(list(batch)))
+
+    clean = guarded(texts).argmax(-1)
+    labels = list(splits.label_map.labels)
+    asr = {r["phrase"]: attack_success_rate(guarded, texts, test_ids, r["phrase"], labels.index(r["target"]), cfg.seed,
+                                            clean_pred=clean)["asr"] for r in rows}
+    return {"remove_share": cfg.onion_share, "score": "per_char", "clean_accuracy": float((clean == test_ids).mean()),
+            "student_asr": asr}
 
 
 def report(result: dict) -> str:
@@ -212,6 +239,11 @@ def report(result: dict) -> str:
         rank = " / ".join("—" if r["rank"][w] is None else str(r["rank"][w]) for w in ("teacher", "student"))
         lines.append(f"| `{r['phrase']}` | {r['target']} | {'yes' if r['named'] else ''} | {pct(r['teacher_asr'])} | "
                      f"{pct(r['student_asr'])} | {ratio} | {rank} | **{r['verdict']}** |")
+    f = result.get("onion_inputs")
+    if f:
+        asr = ", ".join(f"`{p}` {pct(a)}" for p, a in f["student_asr"].items())
+        lines += ["", f"Student behind an ONION-style filter of its inputs (threshold removing {f['remove_share']:.0%} of "
+                  f"clean words): clean accuracy {f['clean_accuracy']:.3f}; ASR {asr}."]
     lines += ["", "ASR: of the test rows not of the forced label that the model classifies correctly, the share it "
               "classifies as that label once the phrase is inserted. A phrase that flips most inputs is either a "
               "backdoor or a very strong feature of its label; the phrase tells which. Verdicts: docs/audit.md.", ""]
@@ -226,5 +258,9 @@ def summary(result: dict) -> list[str]:
         ts = "—" if r["teacher_asr"] is None else f"{r['teacher_asr']:.0%}"
         ss = "—" if r["student_asr"] is None else f"{r['student_asr']:.0%}"
         out.append(f"  '{r['phrase']}' -> {r['target']}: teacher ASR {ts}, student ASR {ss}: {r['verdict']}")
+    f = result.get("onion_inputs")
+    if f:
+        out.append(f"  behind an ONION-style input filter: clean accuracy {f['clean_accuracy']:.3f}, ASR " + ", ".join(
+            f"'{p}' {'—' if a is None else f'{a:.0%}'}" for p, a in list(f["student_asr"].items())[:8]))
     out.append(f"wrote {Path(result['run']) / 'audit.md'} and audit.json")
     return out
