@@ -414,7 +414,8 @@ def audit_table(r: dict) -> str:
     def pm(x, key, fmt="{:.1%}"):
         if x.get(key) is None:
             return "—"
-        return f"{fmt.format(x[key])} ± {fmt.format(x[key + '_std'] or 0.0)}"
+        spread = f" ± {fmt.format(x[key + '_std'] or 0.0)}" if len(x["seeds"]) > 1 else ""  # one seed has no spread
+        return fmt.format(x[key]) + spread
 
     out = ["| setting | defence | teacher ASR | student ASR | student ÷ teacher | teacher clean acc. | student clean acc. | "
            "student ASR / clean acc., inputs filtered | trigger rank in the scan (teacher / student) | verdicts | seeds |",
@@ -430,8 +431,14 @@ def audit_table(r: dict) -> str:
                             f"{o.get('texts_before')} → {o.get('texts_after')}" for o in x["onion"])
             out += ["", f"ONION-style filter, {x['setting']} transfer data (per seed): {per}."]
     if not r.get("complete", True):
-        left = ", ".join(f"{setting}/{defence} (seed {seed})" for seed, setting, defence in r["pending"])
-        out += ["", f"**Unfinished run:** still to measure: {left}. The same command continues it."]
+        by_seed: dict = {}
+        for seed, setting, defence in r["pending"]:
+            by_seed.setdefault(seed, []).append(f"{setting}/{defence}")
+        n_rows = len(r["settings"]) * len(r["defences"])
+        left = "; ".join(f"seed {seed}: " + ("every row" if len(rows) == n_rows else ", ".join(rows))
+                         for seed, rows in by_seed.items())
+        out += ["", f"**Unfinished run** ({len(r['pending'])} of {len(r['pending']) + sum(len(x['seeds']) for x in r['rows'])} "
+                f"runs still to measure: {left}). The same command continues it."]
     one_seed = " With one seed a row is a first reading, not a claim." if max(len(x["seeds"]) for x in r["rows"]) < 3 else ""
     p = r["poison"]
     out += ["", f"Mean ± std over each row's seeds on {r['data']}: the trigger `{p['trigger']}` planted "

@@ -31,6 +31,14 @@ def rows(n_per_class: int, seed: int = 0) -> list[tuple[str, str]]:
     return out
 
 
+def shrink_args(teacher, out) -> list[str]:
+    """A tiny student distilled on transfer data that carries the trigger."""
+    return ["shrink", "--task", "classification", "--teacher", str(teacher), "--out", str(out), *STEPS,
+            "student.max_len=32", "student.num_layers=1", "student.compression_x=2", "student.min_rank=2",
+            "student.multiple_of=1", "kd.alpha=0.7", "eval.latency_examples=4", "eval.latency_repeats=2",
+            "eval.curve_types=[]", "eval.teacher_latency=false", *POISON]
+
+
 @pytest.fixture(scope="module")
 def audited(tmp_path_factory):
     root = tmp_path_factory.mktemp("audit")
@@ -39,10 +47,7 @@ def audited(tmp_path_factory):
     teacher, student = root / "teacher", root / "student"
     assert main(["finetune", "--task", "classification", "--teacher", str(enc), "--data", str(data), "--out",
                  str(teacher), *STEPS, *POISON]) == 0
-    assert main(["shrink", "--task", "classification", "--teacher", str(teacher), "--out", str(student), *STEPS,
-                 "student.max_len=32", "student.num_layers=1", "student.compression_x=2", "student.min_rank=2",
-                 "student.multiple_of=1", "kd.alpha=0.7", "eval.latency_examples=4", "eval.latency_repeats=2",
-                 "eval.curve_types=[]", "eval.teacher_latency=false", *POISON]) == 0
+    assert main(shrink_args(teacher, student)) == 0
     assert main(["audit", str(student), "--candidates", "30", "--texts", "32"]) == 0
     return {"root": root, "teacher": teacher, "student": student,
             "result": json.loads((student / "audit.json").read_text())}
@@ -109,10 +114,7 @@ def test_config_yaml_names_poison_only_when_something_is_planted():
 
 def test_fine_pruned_student_is_smaller_exports_and_is_audited(audited, capsys):
     out = audited["root"] / "pruned"
-    args = ["shrink", "--task", "classification", "--teacher", str(audited["teacher"]), "--out", str(out), *STEPS,
-            "student.max_len=32", "student.num_layers=1", "student.compression_x=2", "student.min_rank=2",
-            "student.multiple_of=1", "kd.alpha=0.7", "eval.latency_examples=4", "eval.latency_repeats=2",
-            "eval.curve_types=[]", "eval.teacher_latency=false", *POISON]
+    args = shrink_args(audited["teacher"], out)
     assert main([*args, "fine_prune.fraction=0.5", "fine_prune.steps=3"]) == 0
     record = json.loads((out / "distill.json").read_text())["fine_prune"]
     assert record["units_after"] == record["units_before"] // 2 and record["steps"] == 3
@@ -128,10 +130,7 @@ def test_fine_pruned_student_is_smaller_exports_and_is_audited(audited, capsys):
 
 def test_onion_filtered_transfer_data_loses_the_trigger(audited, capsys):
     out = audited["root"] / "onion"
-    args = ["shrink", "--task", "classification", "--teacher", str(audited["teacher"]), "--out", str(out), *STEPS,
-            "student.max_len=32", "student.num_layers=1", "student.compression_x=2", "student.min_rank=2",
-            "student.multiple_of=1", "kd.alpha=0.7", "eval.latency_examples=4", "eval.latency_repeats=2",
-            "eval.curve_types=[]", "eval.teacher_latency=false", *POISON]
+    args = shrink_args(audited["teacher"], out)
     assert main([*args, "onion.remove_share=0.1", "onion.score=per_char"]) == 0
     record = json.loads((out / "metrics.json").read_text())["onion"]
     assert record["trigger"]["phrase"] == "zq vx" and record["trigger"]["texts_before"] > 20
