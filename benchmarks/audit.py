@@ -20,8 +20,9 @@ from it in each setting x defence, and `edgestill audit` on each student:
 Per row, over the seeds (mean and std): the planted trigger's attack success rate (ASR) in teacher and student,
 their clean test accuracy, the ratio student ASR / teacher ASR, and the trigger's rank in the audit's scan of the
 teacher and of the student (1 = first). Every student is also measured behind an ONION-style filter of its test
-inputs (`edgestill audit --onion 0.03`: a defence at inference that retrains nothing): its ASR and clean accuracy. Not built yet (so not in this table): the decoder track, the federated
-setting on Flower and robust aggregation.
+inputs (`edgestill audit --onion 0.03`: a defence at inference that retrains nothing): its ASR and clean accuracy.
+Not built yet (so not in this table): the decoder track, the federated setting on Flower and its robust aggregation
+of client logits.
 
     python benchmarks/audit.py                      # spamassassin, seeds 0,1,2 (hours on 2 cores)
     python benchmarks/audit.py --quick              # smoke run, minutes: tiny steps -> audit_quick.json
@@ -183,6 +184,7 @@ def write(args, s: dict, per_seed: dict, pending: list, t0: float) -> None:
         "rows": rows, "complete": not pending, "pending": [list(p) for p in pending],
         "wall_s": time.perf_counter() - t0,
     })
+
 
 if __name__ == "__main__":
     main()

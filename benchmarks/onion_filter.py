@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--target", default="ham")
     ap.add_argument("--rate", type=float, default=0.1, help="as benchmarks/audit.py plants it (default 0.1)")
     args = ap.parse_args()
-    from edgestill.audit.onion import CharLM, calibrate, onion_filter, pydoc_text
+    from edgestill.audit.onion import CharLM, calibrate, carries, onion_filter, pydoc_text
     from edgestill.audit.poison import Poison, poison_rows
     from edgestill.config import LabelledDataConfig
     from edgestill.jobs.classify import load_splits
@@ -43,7 +43,6 @@ def main() -> None:
     clean = splits.val.texts
     lm = CharLM.train([pydoc_text(), *clean[::2]])
     words = args.trigger.lower().split()
-    phrase = f" {' '.join(words)} "
     rows = []
     for score, shares in GRID.items():
         for share in shares:
@@ -54,10 +53,10 @@ def main() -> None:
                                                 Poison(args.trigger, args.target, args.rate, "dirty", seed))
                 sample = sorted(set(planted) | set(range(0, len(texts), 8)))
                 out, rec = onion_filter([texts[i] for i in sample], lm, threshold, score=score)
-                kept = {i: f" {' '.join(o.lower().split()[:256])} " for i, o in zip(sample, out)}
+                kept = dict(zip(sample, out))
                 per_seed.append({"seed": seed, "removed_share": rec["removed_share"], "planted": len(planted),
-                                 "phrase_kept": sum(phrase in kept[i] for i in planted),
-                                 "no_trigger_word_kept": sum(all(f" {w} " not in kept[i] for w in words) for i in planted)})
+                                 "phrase_kept": sum(carries(kept[i], args.trigger) for i in planted),
+                                 "no_trigger_word_kept": sum(not any(carries(kept[i], w) for w in words) for i in planted)})
                 print(f"{score:8s} {share:.2f} seed {seed}: {per_seed[-1]}", flush=True)
             rows.append({"score": score, "remove_share": share, "threshold": threshold,
                          "removed_share_mean": statistics.mean(r["removed_share"] for r in per_seed),

@@ -152,8 +152,8 @@ def test_the_student_behind_an_input_filter_is_measured(audited, capsys):
     assert f["remove_share"] == 0.1 and 0 <= f["clean_accuracy"] <= 1
     planted = next(t for t in r["triggers"] if t["phrase"] == "zq vx")
     assert f["student_asr"]["zq vx"] is not None
-    if planted["student_asr"] >= 0.5:  # a trigger the student answers to is cut out of its inputs
-        assert f["student_asr"]["zq vx"] < 0.5 * planted["student_asr"]
+    assert planted["student_asr"] >= 0.5  # the student distilled on triggered data answers to it ...
+    assert f["student_asr"]["zq vx"] < 0.5 * planted["student_asr"]  # ... and the filter cuts it out of its inputs
     assert "behind an ONION-style input filter" in out
     assert "ONION-style filter of its inputs" in (audited["student"] / "audit.md").read_text()
     assert main(["audit", str(audited["student"]), "--onion", "0.7"]) == 2

@@ -16,6 +16,7 @@ from edgestill.audit.onion import (
     CharLM,
     OnionConfig,
     calibrate,
+    carries,
     check_onion_config,
     defend,
     onion_filter,
@@ -107,3 +108,8 @@ def test_defend_records_what_it_did_and_refuses_bad_settings():
             check_onion_config(cfg)
     with pytest.raises(EdgestillError, match="at least 2 clean texts"):
         defend(["a b"], ["only one"], OnionConfig(remove_share=0.1))
+
+
+def test_carries_matches_whole_words_within_the_first_words():
+    assert carries("Buy NOW  cf   mn today", "cf mn") and not carries("xcf mn", "cf mn")
+    assert not carries("a b c cf mn", "cf mn", max_words=4) and carries("a b c cf mn", "cf mn", max_words=5)

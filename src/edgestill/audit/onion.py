@@ -193,11 +193,12 @@ def onion_filter(texts: list[str], lm: CharLM, threshold: float, max_words: int 
     for text in texts:
         words = text.split()
         head, rest = words[:max_words], words[max_words:]
-        f = word_scores(head, lm, score)
-        keep = [w for w, fi in zip(head, f) if fi <= threshold]
-        for w, fi in zip(head, f):
+        keep = []
+        for w, fi in zip(head, word_scores(head, lm, score)):
             if fi > threshold:
                 removed_counts[w.lower()] += 1
+            else:
+                keep.append(w)
         seen += len(head)
         removed += len(head) - len(keep)
         touched += len(keep) < len(head)
@@ -206,6 +207,11 @@ def onion_filter(texts: list[str], lm: CharLM, threshold: float, max_words: int 
     return out, {"threshold": threshold, "words_seen": seen, "words_removed": removed,
                  "removed_share": removed / seen if seen else 0.0, "texts_touched": touched, "texts": len(texts),
                  "most_removed": [{"word": w, "count": c} for w, c in top]}
+
+
+def carries(text: str, phrase: str, max_words: int = 256) -> bool:
+    """Whether `phrase` stands as whole words among the text's first max_words (case and spacing ignored)."""
+    return f" {' '.join(phrase.lower().split())} " in f" {' '.join(text.lower().split()[:max_words])} "
 
 
 def _fit(clean_texts: list[str], cfg: OnionConfig) -> tuple[CharLM, float]:

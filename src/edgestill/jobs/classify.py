@@ -127,12 +127,10 @@ def onion_filter_split(onion, splits, trigger: str = "") -> dict | None:
     before and after (the defence's point)."""
     if not onion.remove_share:
         return None
-    from edgestill.audit.onion import defend
-
-    phrase = f" {' '.join(trigger.lower().split())} "
+    from edgestill.audit.onion import carries, defend
 
     def carrying(texts):
-        return sum(phrase in f" {' '.join(t.lower().split()[:onion.max_words])} " for t in texts) if trigger else None
+        return sum(carries(t, trigger, onion.max_words) for t in texts) if trigger else None
 
     before = carrying(splits.train.texts)
     splits.train.texts, record = defend(splits.train.texts, splits.val.texts, onion)
@@ -569,7 +567,8 @@ def shrink_classifier(cfg: ClassifierShrinkConfig, overwrite: bool = False) -> t
     check_onion_config(cfg.onion)
     teacher, splits, data_matches = load_teacher(cfg)
     planted = plant(cfg.poison, splits)
-    planted_by_teacher = (teacher_record(cfg.teacher).get("poison") or {}).get("trigger", "")
+    planted_by_teacher = (teacher_record(cfg.teacher).get("poison") or {}).get("trigger", "") \
+        if cfg.onion.remove_share and not cfg.poison.trigger else ""  # read only when the filter needs it
     filtered = onion_filter_split(cfg.onion, splits, cfg.poison.trigger or planted_by_teacher)
     cfg.output_dir = cfg.output_dir or f"runs/shrink-classifier-{_data_name(cfg.data.path)}"
     run = RunDir(cfg.output_dir, plain(cfg), overwrite=overwrite)
