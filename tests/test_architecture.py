@@ -23,6 +23,7 @@ above it, so nothing reaches back up and there is no cycle:
     plan       core, data, models, quant, runtime, evaluate, export  device profiles, cost model, allocation
     serve      core, data, models, runtime, plan                     the HTTP server, its engine and scheduler
     audit      core                                                  planted triggers, the trigger scan, ASR
+    federated  core, data, models, evaluate, distill                 federated two-way KD on Flower, aggregation
     config     core and every package above                          config.py: the recipe schema, which
                                                                      reuses the packages' configs/registries
     jobs       all of the above, jobs                                one recipe per command
@@ -48,7 +49,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 ROOT = SRC / "edgestill"
 
 CORE = ("errors", "files", "runs", "progress")
-PACKAGES = ("data", "models", "quant", "runtime", "evaluate", "distill", "export", "plan", "serve", "audit")
+PACKAGES = ("data", "models", "quant", "runtime", "evaluate", "distill", "export", "plan", "serve", "audit", "federated")
 _EVERYTHING = ("core", *PACKAGES, "config", "jobs")
 MAY_IMPORT = {
     "core": {"core"},
@@ -62,6 +63,7 @@ MAY_IMPORT = {
     "plan": {"core", "data", "models", "quant", "runtime", "evaluate", "export"},
     "serve": {"core", "data", "models", "runtime", "plan"},
     "audit": {"core"},
+    "federated": {"core", "data", "models", "evaluate", "distill"},
     "config": {"core", *PACKAGES},
     "jobs": set(_EVERYTHING),
     "cli": set(_EVERYTHING),

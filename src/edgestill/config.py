@@ -341,6 +341,83 @@ class ClassifierShrinkConfig:
     output_dir: str = ""
 
 
+@dataclass
+class FederatedSection:
+    """LBKD's setting ([2] in docs/references.md): clients and server exchange logits on a public transfer set, both ways."""
+
+    clients: int = 4
+    malicious: int = 0  # clients 0 .. malicious-1 plant `poison` in their own data (audits; 0: an honest federation)
+    rounds: int = 3
+    public_share: float = 0.3  # of the training split: the public, unlabelled transfer set; the rest is dealt to clients
+    public_poison: float = 0.0  # of the public texts carrying the trigger (an attacker placed them in the transfer set)
+    aggregation: str = "mean"  # of the clients' logits: mean, median, trimmed_mean, agreement (federated/aggregate.py)
+    trim: int = 1  # trimmed_mean: clients dropped at each end, per label
+    agreement_tau: float = 0.1
+    alpha: float = 0.5  # clients: weight of KD towards the server's logits on the public texts (rounds 2+)
+    temperature: float = 2.0  # of both directions' KD
+    client_layers: int = 0  # each client model: this many encoder layers of the base, evenly spaced (0: all of them)
+    cpus: int = 2  # Ray's CPUs for the simulation
+    cpus_per_client: int = 1  # clients run side by side: cpus // cpus_per_client at a time, each with this many threads
+
+
+@dataclass
+class FederatedConfig:
+    task: str = CLASSIFICATION
+    stage: str = "federated"
+    base: str = "all-minilm-l6-v2"  # every party starts from this encoder (a HF folder or id) with a fresh head
+    data: LabelledDataConfig = field(default_factory=LabelledDataConfig)
+    federated: FederatedSection = field(default_factory=FederatedSection)
+    # one client's training per round (on its own data, + KD on the public texts); the best validation state is kept
+    client: TrainConfig = field(default_factory=lambda: TrainConfig(steps=150, lr=1e-4, max_len=128, eval_every=50))
+    # the server's distillation per round, on the public texts; its model is `student`, cut from the base encoder
+    server: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, lr=1e-3, max_len=128, eval_every=100))
+    student: EncoderStudentConfig = field(default_factory=EncoderStudentConfig)
+    poison: PoisonConfig = field(default_factory=PoisonConfig)  # planted in the malicious clients' data (audits only)
+    output_dir: str = ""
+
+
+FEDERATED_QUICK_OVERRIDES = ["client.steps=20", "client.eval_every=10", "server.steps=40", "server.eval_every=20",
+                             "client.max_len=64", "server.max_len=64", "student.max_len=64", "federated.rounds=2"]
+
+
+def load_federated_config(path: str | Path | None = None, overrides: list[str] | None = None, quick: bool = False,
+                          values: dict | None = None) -> FederatedConfig:
+    """Defaults <- recipe <- quick profile <- key=value overrides <- `values` (CLI flags, set verbatim)."""
+    from edgestill.federated.aggregate import check_aggregation
+
+    cfg = fill(FederatedConfig(), path, [*(FEDERATED_QUICK_OVERRIDES if quick else []), *(overrides or [])], values)
+    if cfg.task != CLASSIFICATION or cfg.stage != "federated":
+        raise EdgestillError(f"task/stage are fixed for this command ({CLASSIFICATION}/federated)")
+    f = cfg.federated
+    if f.clients < 2:
+        raise EdgestillError(f"federated.clients={f.clients}: a federation needs at least 2 clients")
+    if not 0 <= f.malicious < f.clients:
+        raise EdgestillError(f"federated.malicious={f.malicious} must be in 0..{f.clients - 1} (at least one honest "
+                             "client)")
+    if f.malicious and not cfg.poison.trigger:
+        raise EdgestillError(f"federated.malicious={f.malicious} needs a trigger to plant: poison.trigger='cf mn' "
+                             "poison.target=ham (or federated.malicious=0)")
+    if f.public_poison and not cfg.poison.trigger:
+        raise EdgestillError("federated.public_poison needs poison.trigger and poison.target: the phrase placed in the "
+                             "public texts")
+    if f.rounds < 1:
+        raise EdgestillError(f"federated.rounds={f.rounds}: give at least 1 round")
+    if not 0 < f.public_share < 1:
+        raise EdgestillError(f"federated.public_share={f.public_share} must be in (0, 1): the share of the training "
+                             "split that becomes the public transfer set")
+    if not 0 <= f.public_poison < 1:
+        raise EdgestillError(f"federated.public_poison={f.public_poison} must be in [0, 1)")
+    if not 0 <= f.alpha <= 1 or not f.temperature > 0:
+        raise EdgestillError(f"federated.alpha={f.alpha} must be in [0, 1] and federated.temperature="
+                             f"{f.temperature} > 0")
+    if f.cpus < 1 or not 1 <= f.cpus_per_client <= f.cpus:
+        raise EdgestillError(f"federated.cpus={f.cpus} and cpus_per_client={f.cpus_per_client}: need 1 <= "
+                             "cpus_per_client <= cpus")
+    check_aggregation(f.aggregation, f.clients, f.trim)
+    cfg.server.max_len = cfg.student.max_len  # the server's position table decides its length
+    return cfg
+
+
 CLASSIFIER_QUICK_OVERRIDES = {
     "finetune": ["train.steps=60", "train.max_len=64", "train.eval_every=30"],
     "shrink": ["train.steps=100", "student.max_len=64", "train.eval_every=50", "eval.latency_examples=16",

@@ -5,6 +5,8 @@
 
 RUN is a finished classifier shrink run (`edgestill shrink --task classification`). Its teacher is the fine-tuned
 folder the run names; its student is the deployable ONNX file (`RUN/onnx/`), run in onnxruntime as a device would.
+A federated run (`edgestill federate`) is audited the same way: its server's student against client 0 (the first
+malicious client when any is), `RUN/clients/0`.
 
 1. Candidates: phrases of 1-3 words from the run's transfer data (its training split, with any trigger the run or
    its teacher's fine-tuning planted for an audit), ranked by how one-sided their labels are
@@ -81,12 +83,14 @@ def _load_run(run_dir: Path) -> dict:
 
     if not (run_dir / "config.yaml").is_file():
         raise EdgestillError(f"'{run_dir}' is not a run folder (no config.yaml); give a folder written by "
-                             "`edgestill shrink --task classification`")
+                             "`edgestill shrink --task classification` or `edgestill federate`")
     if not is_classifier_run(run_dir):
         raise EdgestillError(f"'{run_dir}' is a decoder (LM) run; `edgestill audit` audits classifier runs only so far "
                              "(a teacher and the student distilled from it by `edgestill shrink --task classification`)")
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    if cfg.get("stage") != "shrink":
+    if cfg.get("stage") == "federated":  # `edgestill federate`: the server's student against client 0 (malicious if any)
+        cfg["teacher"] = str(run_dir / "clients" / "0")
+    elif cfg.get("stage") != "shrink":
         raise EdgestillError(f"'{run_dir}' is a fine-tuned teacher with no student; audit the run of `edgestill shrink "
                              f"--task classification --teacher {run_dir}`, which has both")
     if not (run_dir / "metrics.json").is_file() or not (run_dir / "onnx" / "model.onnx").is_file():

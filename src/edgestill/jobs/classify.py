@@ -86,7 +86,7 @@ def _data_name(spec: str) -> str:
     return spec if spec in ALIASES else Path(spec).stem or "data"
 
 
-def _data_record(data: LabelledDataConfig) -> dict:
+def data_record(data: LabelledDataConfig) -> dict:
     """The data config with file paths made absolute (so a teacher's record means the same file from anywhere)."""
     d = asdict(data)
     for k in ("path", "test_path"):
@@ -206,7 +206,7 @@ def _train_teacher(cfg: FinetuneConfig, run: RunDir, splits, planted: dict | Non
     model, tokenizer, label_map = load_encoder_classifier(cfg.teacher, splits.label_map)
     torch.manual_seed(cfg.train.seed)
     result = train(model, tokenizer, splits, cfg.train, checkpoint_dir=run.path / "checkpoints")  # a kill resumes there
-    record = {"task": CLASSIFICATION, "role": "teacher", "base_model": cfg.teacher, "data": _data_record(cfg.data),
+    record = {"task": CLASSIFICATION, "role": "teacher", "base_model": cfg.teacher, "data": data_record(cfg.data),
               "max_len": cfg.train.max_len, "test": result["test"], "poison": planted}
     staged = save_classifier(model, tokenizer, label_map, run.path / "model.tmp", extra=record)
     for f in staged.iterdir():  # the run folder itself is the HF folder (`--teacher RUN`)
@@ -243,7 +243,7 @@ def finetune(cfg: FinetuneConfig, overwrite: bool = False) -> tuple[Path, dict]:
         metrics = {
             "task": CLASSIFICATION, "stage": "finetune", "base_model": cfg.teacher,
             "teacher": _teacher_block(model, run, result, baselines), "baselines": baselines,
-            "data": {"spec": _data_record(cfg.data), "split": "seeded stratified; test never used for training or selection",
+            "data": {"spec": data_record(cfg.data), "split": "seeded stratified; test never used for training or selection",
                      **splits.summary()},
             "train": asdict(cfg.train), "val_curve": result.get("val_curve"), "history": result["history"],
             "poison": planted, "environment": environment(None, start),
@@ -278,7 +278,7 @@ def _resolve_data(cfg: ClassifierShrinkConfig, record: dict) -> bool:
         log.warning("teacher '%s' does not record its training data: its held-out scores are only fair if it never saw "
                     "the test split of %s", cfg.teacher, cfg.data.path)
         return False
-    same = _data_record(cfg.data) == {k: recorded.get(k) for k in asdict(cfg.data)}
+    same = data_record(cfg.data) == {k: recorded.get(k) for k in asdict(cfg.data)}
     if not same:
         log.warning("the teacher was fine-tuned on %s (split seed %s); this run uses %s (seed %s): the teacher may have "
                     "seen some of this test split, so its score can be optimistic", recorded.get("path"),
@@ -472,7 +472,7 @@ def _shrink_metrics(cfg, teacher: _Teacher, distilled: dict, exported: dict, cur
         "onnx_parity_vs_pytorch": exported[cfg.eval.onnx_type][0].get("parity_vs_pytorch"),
         "vocab_trim": vocab_trim,
         "baselines": baselines,
-        "data": {"spec": _data_record(cfg.data), "same_split_as_teacher_finetuning": data_matches,
+        "data": {"spec": data_record(cfg.data), "same_split_as_teacher_finetuning": data_matches,
                  "scored_on": "test split (never used for training, distillation or model selection)", **splits.summary()},
         "train": {"best_step": distilled["best_step"], "steps": cfg.train.steps, "kd": asdict(cfg.kd),
                   **{k: distilled[k] for k in ("stopped_at_step", "stopped_early", "stop_reason", "transfer_set")
