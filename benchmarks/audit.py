@@ -16,13 +16,17 @@ from it in each setting x defence, and `edgestill audit` on each student:
                onion      KD as `none` on transfer texts filtered ONION-style (audit/onion.py; [onion] in
                           docs/references.md): a character LM's per-character score, threshold set to remove 3% of
                           the words of clean validation texts
+    federated  LBKD's setting (`edgestill federate`, on Flower): 5 clients, one of them malicious (the trigger planted
+               in its own rows at the same rate), exchange logits with a server student on a public transfer set (30%
+               of the training split, 10% of it carrying the trigger) for 3 rounds, both ways. "teacher" is the
+               malicious client, "student" the server. The defence is how the server aggregates the clients'
+               logits: mean (none), median, trimmed_mean (one client dropped at each end), agreement (MTAKD)
 
 Per row, over the seeds (mean and std): the planted trigger's attack success rate (ASR) in teacher and student,
 their clean test accuracy, the ratio student ASR / teacher ASR, and the trigger's rank in the audit's scan of the
 teacher and of the student (1 = first). Every student is also measured behind an ONION-style filter of its test
 inputs (`edgestill audit --onion 0.03`: a defence at inference that retrains nothing): its ASR and clean accuracy.
-Not built yet (so not in this table): the decoder track, the federated setting on Flower and its robust aggregation
-of client logits.
+Not built yet (so not in this table): the decoder track.
 
     python benchmarks/audit.py                      # spamassassin, seeds 0,1,2 (hours on 2 cores)
     python benchmarks/audit.py --quick              # smoke run, minutes: tiny steps -> audit_quick.json
@@ -44,18 +48,24 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-SETTINGS = ("clean", "triggered")
+SETTINGS = ("clean", "triggered", "federated")
 DEFENCES = {"none": {"kd.augment": 0}, "perturb": {"kd.augment": 4},
             "fine-prune": {"kd.augment": 0, "fine_prune.fraction": 0.3, "fine_prune.steps": 200},
             "onion": {"kd.augment": 0, "onion.remove_share": 0.03, "onion.score": "per_char"}}
+AGGREGATIONS = {"none": "mean", "median": "median", "trimmed-mean": "trimmed_mean", "agreement": "agreement"}
 INPUT_FILTER_SHARE = 0.03  # every student is also measured behind an ONION-style filter of its inputs (at inference)
 # the comparisons that matter first: inheritance without a defence, then each defence where the trigger is in the data
-ORDER = [("clean", "none"), ("triggered", "none"), ("triggered", "onion"), ("triggered", "fine-prune"),
+ORDER = [("clean", "none"), ("triggered", "none"), ("triggered", "onion"), ("federated", "none"),
+         ("federated", "median"), ("federated", "agreement"), ("federated", "trimmed-mean"), ("triggered", "fine-prune"),
          ("triggered", "perturb"), ("clean", "fine-prune"), ("clean", "perturb"), ("clean", "onion")]
 FULL = {"max_len": 128, "teacher_steps": 1500, "teacher_eval_every": 50, "teacher_patience": 4, "student_steps": 3000,
-        "student_eval_every": 250, "student_patience": 3, "audit_texts": 48, "candidates": 60}
+        "student_eval_every": 250, "student_patience": 3, "audit_texts": 48, "candidates": 60,
+        "clients": 5, "client_layers": 3, "rounds": 3, "client_steps": 150, "client_eval_every": 50, "server_steps": 300,
+        "server_eval_every": 100, "public_poison": 0.1}
 QUICK = {"max_len": 32, "teacher_steps": 8, "teacher_eval_every": 4, "teacher_patience": 0, "student_steps": 8,
-         "student_eval_every": 4, "student_patience": 0, "audit_texts": 8, "candidates": 10}
+         "student_eval_every": 4, "student_patience": 0, "audit_texts": 8, "candidates": 10,
+         "clients": 3, "client_layers": 1, "rounds": 2, "client_steps": 4, "client_eval_every": 2, "server_steps": 4,
+         "server_eval_every": 2, "public_poison": 0.1}
 
 
 def poison_values(args, seed: int) -> dict:
@@ -97,20 +107,50 @@ def student(args, s: dict, seed: int, teacher_dir: Path, setting: str, defence: 
     return out
 
 
+def federated(args, s: dict, seed: int, defence: str) -> Path:
+    """LBKD's setting on Flower: the malicious client is the "teacher", the server the "student"."""
+    from edgestill.config import load_federated_config
+    from edgestill.jobs.federate import federate
+
+    out = Path(args.root) / f"seed{seed}" / f"federated-{defence}"
+    if (out / "DONE").is_file():
+        return out
+    values = {"data.path": args.data, "federated.clients": s["clients"], "federated.malicious": 1,
+              "federated.rounds": s["rounds"], "federated.public_poison": s["public_poison"],
+              "federated.aggregation": AGGREGATIONS[defence], "federated.client_layers": s["client_layers"],
+              "federated.cpus": args.threads, "client.steps": s["client_steps"], "client.eval_every": s["client_eval_every"],
+              "client.lr": 1e-4, "client.batch_size": 16, "client.max_len": s["max_len"], "client.seed": seed,
+              "server.steps": s["server_steps"], "server.eval_every": s["server_eval_every"], "server.lr": 1e-3,
+              "server.batch_size": 32, "server.seed": seed, "student.max_len": s["max_len"], "student.num_layers": 2,
+              "student.compression_x": args.size, **poison_values(args, seed), "output_dir": str(out)}
+    federate(load_federated_config(values=values))
+    return out
+
+
 def audited(args, s: dict, run: Path) -> dict:
     from edgestill.evaluate.environment import environment
     from edgestill.jobs.audit import AuditConfig, audit
 
-    _, result = audit(run, AuditConfig(n_texts=s["audit_texts"], candidates=s["candidates"], threads=args.threads,
-                                       onion_share=INPUT_FILTER_SHARE))
-    onion = json.loads((run / "metrics.json").read_text()).get("onion")
+    cfg = AuditConfig(n_texts=s["audit_texts"], candidates=s["candidates"], threads=args.threads,
+                      onion_share=INPUT_FILTER_SHARE)
+    done = json.loads((run / "audit.json").read_text()) if (run / "audit.json").is_file() else None
+    same = done is not None and {k: v for k, v in done["config"].items() if k != "threads"} == {
+        k: v for k, v in vars(cfg).items() if k != "threads"}
+    result = done if same else audit(run, cfg)[1]  # a finished row's audit is reused when a killed benchmark resumes
+    metrics = json.loads((run / "metrics.json").read_text())
+    onion = metrics.get("onion")
     planted = next(t for t in result["triggers"] if t["phrase"] == " ".join(args.trigger.lower().split()))
+    fed = metrics.get("summary") if metrics.get("stage") == "federated" else None
     return {"teacher_asr": planted["teacher_asr"], "student_asr": planted["student_asr"],
             "teacher_clean": result["clean_accuracy"]["teacher"], "student_clean": result["clean_accuracy"]["student"],
             "trigger_rank": planted["rank"], "verdict": planted["verdict"], "asr_n": planted["n"],
             "onion": None if onion is None else {"removed_share": onion["removed_share"], **(onion["trigger"] or {})},
             "student_asr_filtered_inputs": result["onion_inputs"]["student_asr"].get(planted["phrase"]),
             "student_clean_filtered_inputs": result["onion_inputs"]["clean_accuracy"],
+            "federated": None if fed is None else {
+                "honest_clients_asr": fed["honest_clients_asr"], "honest_clients_accuracy": fed["honest_clients_accuracy"],
+                "malicious_share_last_round": metrics["rounds"][-1]["client_share"][0],
+                "server_asr_per_round": [r["server"]["asr"] for r in metrics["rounds"]]},
             "environment": environment(args.threads)}
 
 
@@ -149,8 +189,10 @@ def main() -> None:
     pending = [(seed, setting, defence) for seed in seeds for setting, defence in ORDER]
     t0 = time.perf_counter()
     for seed, setting, defence in list(pending):
-        t_dir = teacher(args, s, seed)
-        run = student(args, s, seed, t_dir, setting, defence)
+        if setting == "federated":
+            run = federated(args, s, seed, defence)
+        else:
+            run = student(args, s, seed, teacher(args, s, seed), setting, defence)
         row = audited(args, s, run)
         per_seed.setdefault((setting, defence), []).append({"seed": seed, **row})
         pending.remove((seed, setting, defence))
@@ -172,6 +214,11 @@ def write(args, s: dict, per_seed: dict, pending: list, t0: float) -> None:
         row["trigger_rank"] = {who: [r["trigger_rank"][who] for r in runs] for who in ("teacher", "student")}
         row["verdicts"] = [r["verdict"] for r in runs]
         row["onion"] = [r["onion"] for r in runs] if any(r.get("onion") for r in runs) else None
+        if setting == "federated":
+            row["honest_clients_asr"], row["honest_clients_asr_std"] = _mean_std(
+                [r["federated"]["honest_clients_asr"] for r in runs])
+            row["malicious_share"], row["malicious_share_std"] = _mean_std(
+                [r["federated"]["malicious_share_last_round"] for r in runs])
         row["per_seed"] = runs
         rows.append(row)
     write_result("audit_quick" if args.quick else "audit", {
@@ -179,7 +226,8 @@ def write(args, s: dict, per_seed: dict, pending: list, t0: float) -> None:
         "what": __doc__.split("\n\n")[0],
         "track": "classifier", "data": args.data,
         "poison": {"trigger": args.trigger, "target": args.target, "rate": args.rate, "mode": args.mode},
-        "student_size_x": args.size, "settings": list(SETTINGS), "defences": DEFENCES, "schedule": s,
+        "student_size_x": args.size, "settings": list(SETTINGS), "defences": DEFENCES,
+        "federated_aggregations": AGGREGATIONS, "order": [list(o) for o in ORDER], "schedule": s,
         "input_filter_share": INPUT_FILTER_SHARE,
         "rows": rows, "complete": not pending, "pending": [list(p) for p in pending],
         "wall_s": time.perf_counter() - t0,

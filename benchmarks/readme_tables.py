@@ -409,6 +409,15 @@ def timeseries_pooling_table(r: dict) -> str:
     return "\n".join(out)
 
 
+def _federated_prose(r: dict) -> str:
+    f = r["schedule"]
+    return (f" Federated (`edgestill federate`, Flower): {f['clients']} clients ({f['client_layers']}-layer encoders), one "
+            f"malicious (the same planting in its own rows: it is the \"teacher\"), exchange logits with a server "
+            f"student (the \"student\", {r['student_size_x']:g}× smaller than the full encoder) on a public set of 30% "
+            f"of the training texts, {f['public_poison']:.0%} of them carrying the trigger, for {f['rounds']} rounds both "
+            "ways; the defence is the server's aggregation of the clients' logits.")
+
+
 def audit_table(r: dict) -> str:
     """Teacher and student ASR and clean accuracy per setting x defence of benchmarks/audit.py."""
     def pm(x, key, fmt="{:.1%}"):
@@ -430,11 +439,16 @@ def audit_table(r: dict) -> str:
             per = "; ".join(f"{o['removed_share']:.1%} of words removed, training texts with the trigger "
                             f"{o.get('texts_before')} → {o.get('texts_after')}" for o in x["onion"])
             out += ["", f"ONION-style filter, {x['setting']} transfer data (per seed): {per}."]
+    fed = [x for x in r["rows"] if x["setting"] == "federated"]
+    if fed:
+        per = "; ".join(f"{x['defence'] or 'mean (none)'}: {pm(x, 'honest_clients_asr')}, the malicious client's share of "
+                        f"the last aggregate {pm(x, 'malicious_share', '{:.2f}')}" for x in fed)
+        out += ["", f"Federated, honest clients' mean ASR after the rounds (by aggregation): {per}."]
     if not r.get("complete", True):
         by_seed: dict = {}
         for seed, setting, defence in r["pending"]:
             by_seed.setdefault(seed, []).append(f"{setting}/{defence}")
-        n_rows = len(r["settings"]) * len(r["defences"])
+        n_rows = len(r.get("order") or []) or len(r["settings"]) * len(r["defences"])
         left = "; ".join(f"seed {seed}: " + ("every row" if len(rows) == n_rows else ", ".join(rows))
                          for seed, rows in by_seed.items())
         out += ["", f"**Unfinished run** ({len(r['pending'])} of {len(r['pending']) + sum(len(x['seeds']) for x in r['rows'])} "
@@ -446,7 +460,8 @@ def audit_table(r: dict) -> str:
             f"{r['student_size_x']:g}× smaller. ASR = the share of correctly classified non-target test texts the trigger "
             f"flips to the target. Inputs filtered: the same student behind an ONION-style filter of its test inputs "
             f"(per-character score, threshold removing {r.get('input_filter_share', 0.03):.0%} of clean words; nothing "
-            f"retrained).{one_seed} {_measured(r['environment'])}, by `{r['command'].strip()}` → "
+            f"retrained).{_federated_prose(r) if fed else ''}{one_seed} {_measured(r['environment'])}, by "
+            f"`{r['command'].strip()}` → "
             "`benchmarks/results/audit.json`."]
     return "\n".join(out)
 
