@@ -60,7 +60,7 @@ ORDER = [("clean", "none"), ("triggered", "none"), ("triggered", "onion"), ("fed
          ("triggered", "perturb"), ("clean", "fine-prune"), ("clean", "perturb"), ("clean", "onion")]
 FULL = {"max_len": 128, "teacher_steps": 1500, "teacher_eval_every": 50, "teacher_patience": 4, "student_steps": 3000,
         "student_eval_every": 250, "student_patience": 3, "audit_texts": 48, "candidates": 60,
-        "clients": 5, "client_layers": 3, "rounds": 3, "client_steps": 150, "client_eval_every": 50, "server_steps": 300,
+        "clients": 5, "client_layers": 2, "rounds": 3, "client_steps": 100, "client_eval_every": 50, "server_steps": 300,
         "server_eval_every": 100, "public_poison": 0.1}
 QUICK = {"max_len": 32, "teacher_steps": 8, "teacher_eval_every": 4, "teacher_patience": 0, "student_steps": 8,
          "student_eval_every": 4, "student_patience": 0, "audit_texts": 8, "candidates": 10,
