@@ -178,6 +178,24 @@ def test_audit_table_shows_both_asrs_and_an_unmeasurable_ratio():
     table = readme_tables.audit_table(r)
     assert "| clean | none | 90.0% ± 5.0% | **6.0% ± 1.0%** | — |" in table
     assert "1,1,2 / —,7,9" in table and "`cf mn`" in table
+    assert "Federated" not in table
+
+
+def test_audit_table_gives_federated_rows_the_honest_clients_and_the_malicious_clients_share():
+    env = {"date": "2026-12-05T00:00:00", "cpu_model": "cpu", "threads": 2, "git_commit": "abcdef12",
+           "load_average_before": [1.0], "load_average_after": [1.0]}
+    row = {"setting": "federated", "defence": "median", "seeds": [0], "teacher_asr": 0.9, "teacher_asr_std": 0.0,
+           "student_asr": 0.05, "student_asr_std": 0.0, "ratio": 0.056, "ratio_std": 0.0, "teacher_clean": 0.95,
+           "teacher_clean_std": 0.0, "student_clean": 0.96, "student_clean_std": 0.0,
+           "honest_clients_asr": 0.04, "honest_clients_asr_std": 0.0, "malicious_share": 0.12, "malicious_share_std": 0.0,
+           "trigger_rank": {"teacher": [1], "student": [9]}, "verdicts": ["not inherited"]}
+    r = {"rows": [row], "poison": {"trigger": "cf mn", "mode": "dirty", "rate": 0.1, "target": "ham"},
+         "data": "spamassassin", "student_size_x": 25.0, "environment": env, "command": "python benchmarks/audit.py",
+         "schedule": {"clients": 5, "client_layers": 2, "rounds": 3, "public_poison": 0.1}}
+    table = readme_tables.audit_table(r)
+    assert "| federated | median | 90.0% | **5.0%** |" in table
+    assert "median: 4.0%, the malicious client's share of the last aggregate 0.12" in table
+    assert "5 clients (2-layer encoders), one malicious" in table and "10% of them carrying the trigger" in table
 
 
 def test_levers_summary_keeps_each_rows_seeds_apart_and_gives_their_range():
