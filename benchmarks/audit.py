@@ -56,8 +56,8 @@ AGGREGATIONS = {"none": "mean", "median": "median", "trimmed-mean": "trimmed_mea
 INPUT_FILTER_SHARE = 0.03  # every student is also measured behind an ONION-style filter of its inputs (at inference)
 # the comparisons that matter first: inheritance without a defence, then each defence where the trigger is in the data
 ORDER = [("clean", "none"), ("triggered", "none"), ("triggered", "onion"), ("federated", "none"),
-         ("federated", "median"), ("federated", "agreement"), ("federated", "trimmed-mean"), ("triggered", "fine-prune"),
-         ("triggered", "perturb"), ("clean", "fine-prune"), ("clean", "perturb"), ("clean", "onion")]
+         ("triggered", "fine-prune"), ("triggered", "perturb"), ("federated", "median"), ("federated", "agreement"),
+         ("federated", "trimmed-mean"), ("clean", "fine-prune"), ("clean", "perturb"), ("clean", "onion")]
 FULL = {"max_len": 128, "teacher_steps": 1500, "teacher_eval_every": 50, "teacher_patience": 4, "student_steps": 3000,
         "student_eval_every": 250, "student_patience": 3, "audit_texts": 48, "candidates": 60,
         "clients": 5, "client_layers": 2, "rounds": 3, "client_steps": 100, "client_eval_every": 50, "server_steps": 300,
