@@ -412,7 +412,8 @@ def timeseries_pooling_table(r: dict) -> str:
 def _federated_prose(r: dict) -> str:
     f = r["schedule"]
     return (f" Federated (`edgestill federate`, Flower): {f['clients']} clients ({f['client_layers']}-layer encoders), one "
-            f"malicious (the same planting in its own rows: it is the \"teacher\"), exchange logits with a server "
+            f"malicious (the trigger planted in {r['poison'].get('federated_rate', r['poison']['rate']):.0%} of its "
+            f"eligible rows: it is the \"teacher\"), exchange logits with a server "
             f"student (the \"student\", {r['student_size_x']:g}× smaller than the full encoder) on a public set of 30% "
             f"of the training texts, {f['public_poison']:.0%} of them carrying the trigger, for {f['rounds']} rounds both "
             "ways; the defence is the server's aggregation of the clients' logits.")

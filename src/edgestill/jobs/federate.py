@@ -16,8 +16,8 @@ setting, [2] in docs/references.md; docs/audit.md).
    server is exported to ONNX (`RUN/onnx/`), so `edgestill audit RUN` audits it against client 0 (the first
    malicious client).
 
-Writes RUN/metrics.json, RUN/report.md, RUN/rounds.json (per round: each client's validation score, each client's
-share of the aggregate, the server's validation score, test accuracy and ASR), RUN/clients/<k>/ and RUN/student/ (HF
+Writes RUN/metrics.json, RUN/report.md, RUN/rounds.json (per round: each client's validation score, test accuracy and
+ASR, each client's share of the aggregate, the server's validation score, test accuracy and ASR), RUN/clients/<k>/ and RUN/student/ (HF
 folders) and RUN/onnx/. A kill loses at most the round in progress: the same command resumes after the last finished
 round (clients that had finished it are not retrained).
 """
@@ -130,8 +130,11 @@ def client_step(run: str, k: int, rnd: int, server: np.ndarray | None) -> tuple[
     result = client_round(model, tok, mine["texts"], splits.label_map.encode(mine["labels"]), public, server,
                           tokenize(tok, splits.val.texts, train.max_len), splits.ids("val"), train,
                           cfg.federated.alpha, cfg.federated.temperature, desc=f"client {k} round {rnd}")
+    scored = score(model, tok, cfg.client.max_len, splits, cfg.poison)  # each round: did this client learn the trigger?
     last = {"val_macro_f1": float(result["best_val_macro_f1"]), "best_step": int(result["best_step"]),
-            "learned_from_server": int(server is not None and cfg.federated.alpha > 0)}
+            "learned_from_server": int(server is not None and cfg.federated.alpha > 0),
+            "test_accuracy": float(scored["test"]["accuracy"]),
+            **({"asr": float(scored["asr"])} if scored["asr"] is not None else {})}
     save_classifier(model, tok, splits.label_map, folder, extra={
         "task": CLASSIFICATION, "role": "client", "client": k, "round": rnd, "malicious": mine["malicious"],
         "poison": mine["poison"], "base_model": cfg.base, "data": data_record(cfg.data), "max_len": cfg.client.max_len,
@@ -240,11 +243,12 @@ def report(m: dict) -> str:
     lines += ["", f"Server ASR ÷ malicious clients' ASR: "
               f"{'—' if s['server_over_malicious_asr'] is None else format(s['server_over_malicious_asr'], '.2f')}; "
               f"honest clients' mean ASR {pct(s['honest_clients_asr'])}.", "",
-              "| round | server val macro-F1 | server test acc. | server ASR | clients' share of the aggregate |",
-              "|---:|---:|---:|---:|---|"]
+              "| round | server val macro-F1 | server test acc. | server ASR | clients' ASR | clients' share of the aggregate |",
+              "|---:|---:|---:|---:|---|---|"]
     for r in m["rounds"]:
         lines.append(f"| {r['round']} | {r['server_val_macro_f1']:.4f} | {r['server']['test']['accuracy']:.4f} | "
-                     f"{pct(r['server']['asr'])} | {' '.join(f'{x:.2f}' for x in r['client_share'])} |")
+                     f"{pct(r['server']['asr'])} | {' '.join(pct(c.get('asr')) for c in r['clients'])} | "
+                     f"{' '.join(f'{x:.2f}' for x in r['client_share'])} |")
     lines += ["", "ASR: of the test rows not of the target label that the party classifies correctly, the share it "
               "classifies as the target once the trigger is inserted. Audit the server against client 0 with "
               f"`edgestill audit {m['run']}`.", ""]
