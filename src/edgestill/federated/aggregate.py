@@ -37,11 +37,11 @@ def aggregate_logits(client_logits: torch.Tensor, method: str, trim: int = 1, ta
     """(K, N, C) client logits -> (target log-probs (N, C), each client's mean share of the target (K,))."""
     k = client_logits.shape[0]
     check_aggregation(method, k, trim)
-    logprobs = F.log_softmax(client_logits.detach().float() / temperature, dim=-1)  # (K, N, C)
     if method == "mean":
         return average_target(client_logits, temperature), torch.full((k,), 1.0 / k)
     if method == "agreement":
         result = agreement_target(client_logits, AgreementConfig(tau=tau, temperature=temperature))
         return result.target_logprobs, result.weights.mean(1)
+    logprobs = F.log_softmax(client_logits.detach().float() / temperature, dim=-1)  # (K, N, C)
     target, share = trimmed_target(logprobs, (k - 1) // 2 if method == "median" else trim)
     return target, share.mean(1)

@@ -63,8 +63,9 @@ def client_round(model, tokenizer, texts: list[str], ids: np.ndarray, public: li
         ce = F.cross_entropy(logits[gold], y[gold]) if gold.any() else logits.sum() * 0.0
         if not with_public:
             return ce, {"ce": ce.item()}
-        pub = torch.from_numpy(np.asarray(idx) >= n_own)
-        kl = (kd_logits_loss(logits[pub], soft[np.asarray(idx)[pub.numpy()] - n_own], temperature) if pub.any()
+        rows = np.asarray(idx)
+        pub = rows >= n_own  # the public texts of this batch
+        kl = (kd_logits_loss(logits[torch.from_numpy(pub)], soft[rows[pub] - n_own], temperature) if pub.any()
               else logits.sum() * 0.0)
         return (1 - alpha) * ce + alpha * kl, {"ce": ce.item(), "kl": kl.item()}
 

@@ -297,8 +297,7 @@ def federate(cfg: FederatedConfig, overwrite: bool = False) -> tuple[Path, dict]
             clients.append({"client": k, "malicious": record["malicious"], "rows": record["rows"],
                             "poison": record["poison"], "params": stored_params(model),
                             **score(model, tok, cfg.client.max_len, splits, cfg.poison)})
-        final = score(server.model, server.tok, cfg.server.max_len, splits, cfg.poison)
-        final["params"] = stored_params(server.model)
+        final = {**history[-1]["server"], "params": stored_params(server.model)}  # scored at the end of the last round
         export_classifier_onnx(run.path / SERVER, run.path / "onnx", "f32")
         metrics = {"task": CLASSIFICATION, "stage": "federated", "run": str(run.final), "engine": "flwr (simulation)",
                    "federated": asdict(cfg.federated), "poison": asdict(cfg.poison),
