@@ -32,7 +32,9 @@ Not built yet (so not in this table): the decoder track.
     python benchmarks/audit.py --quick              # smoke run, minutes: tiny steps -> audit_quick.json
 
 The JSON is rewritten after every finished row (`complete`, `pending`), and every finished run folder is reused, so
-a killed benchmark loses nothing and the same command continues it.
+a killed benchmark loses nothing and the same command continues it. A row already in the JSON for the same recipe
+(data, poison, size, schedule, defences) is kept as it is, with the commit and machine that measured it, so the
+benchmark also continues on a machine whose run folders are gone; `--fresh` measures every row again.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import write_result  # noqa: E402
+from _common import RESULTS, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = ("clean", "triggered", "federated")
@@ -155,6 +157,16 @@ def audited(args, s: dict, run: Path) -> dict:
             "environment": environment(args.threads)}
 
 
+def recorded(path: Path, recipe: dict) -> dict[tuple[int, str, str], dict]:
+    """(seed, setting, defence) -> the per-seed row the JSON at `path` already holds for this same recipe."""
+    if not path.is_file():
+        return {}
+    done = json.loads(path.read_text())
+    if any(done.get(k) != v for k, v in recipe.items()):
+        return {}
+    return {(r["seed"], row["setting"], row["defence"] or "none"): r for row in done["rows"] for r in row["per_seed"]}
+
+
 def _mean_std(xs):
     xs = [x for x in xs if x is not None]
     if not xs:
@@ -179,6 +191,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--root", default=None, help="run folders (default runs/bench/audit[-quick])")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny steps -> audit_quick.json")
+    ap.add_argument("--fresh", action="store_true", help="measure every row again, even those already in the JSON")
     args = ap.parse_args()
     import logging
 
@@ -192,7 +205,13 @@ def main() -> None:
     per_seed: dict[tuple[str, str], list[dict]] = {}
     pending = [(seed, setting, defence) for seed in seeds for setting, defence in ORDER]
     t0 = time.perf_counter()
+    kept = {} if args.fresh else recorded(RESULTS / f"{result_name(args)}.json", recipe(args, s))
     for seed, setting, defence in list(pending):
+        if (seed, setting, defence) in kept:  # measured before, by the commit its row names
+            per_seed.setdefault((setting, defence), []).append(kept[(seed, setting, defence)])
+            pending.remove((seed, setting, defence))
+            print(f"seed {seed} {setting:9s} {defence:10s}: kept from the JSON", flush=True)
+            continue
         if setting == "federated":
             run = federated(args, s, seed, defence)
         else:
@@ -204,6 +223,18 @@ def main() -> None:
               f"{row['student_asr']}, clean {row['teacher_clean']:.3f} / {row['student_clean']:.3f}, rank "
               f"{row['trigger_rank']}: {row['verdict']}", flush=True)
         write(args, s, per_seed, pending, t0)  # after every row: a long run's finished rows are never lost
+
+
+def result_name(args) -> str:
+    return "audit_quick" if args.quick else "audit"
+
+
+def recipe(args, s: dict) -> dict:
+    """What makes two runs of this benchmark measure the same thing."""
+    return {"data": args.data, "poison": {"trigger": args.trigger, "target": args.target, "rate": args.rate,
+                                          "mode": args.mode, "federated_rate": args.fed_rate},
+            "student_size_x": args.size, "schedule": s, "defences": DEFENCES, "federated_aggregations": AGGREGATIONS,
+            "input_filter_share": INPUT_FILTER_SHARE}
 
 
 def write(args, s: dict, per_seed: dict, pending: list, t0: float) -> None:
@@ -225,15 +256,10 @@ def write(args, s: dict, per_seed: dict, pending: list, t0: float) -> None:
                 [r["federated"]["malicious_share_last_round"] for r in runs])
         row["per_seed"] = runs
         rows.append(row)
-    write_result("audit_quick" if args.quick else "audit", {
+    write_result(result_name(args), {
         "command": "python benchmarks/audit.py " + " ".join(sys.argv[1:]),
         "what": __doc__.split("\n\n")[0],
-        "track": "classifier", "data": args.data,
-        "poison": {"trigger": args.trigger, "target": args.target, "rate": args.rate, "mode": args.mode,
-                   "federated_rate": args.fed_rate},
-        "student_size_x": args.size, "settings": list(SETTINGS), "defences": DEFENCES,
-        "federated_aggregations": AGGREGATIONS, "order": [list(o) for o in ORDER], "schedule": s,
-        "input_filter_share": INPUT_FILTER_SHARE,
+        "track": "classifier", **recipe(args, s), "settings": list(SETTINGS), "order": [list(o) for o in ORDER],
         "rows": rows, "complete": not pending, "pending": [list(p) for p in pending],
         "wall_s": time.perf_counter() - t0,
     })
