@@ -461,9 +461,57 @@ def audit_table(r: dict) -> str:
             f"{r['student_size_x']:g}× smaller. ASR = the share of correctly classified non-target test texts the trigger "
             f"flips to the target. Inputs filtered: the same student behind an ONION-style filter of its test inputs "
             f"(per-character score, threshold removing {r.get('input_filter_share', 0.03):.0%} of clean words; nothing "
-            f"retrained).{_federated_prose(r) if fed else ''}{one_seed} {_measured(r['environment'])}, by "
+            f"retrained).{_federated_prose(r) if fed else ''}{one_seed}{_row_commits(r)} {_measured(r['environment'])}, by "
             f"`{r['command'].strip()}` → "
             "`benchmarks/results/audit.json`."]
+    return "\n".join(out)
+
+
+def _row_commits(r: dict) -> str:
+    """' Rows measured by commits `a` (n), `b` (m).' when a result's rows came from more than one commit (a benchmark
+    continued later keeps the rows it had), else ''."""
+    commits: dict[str, int] = {}
+    for x in r["rows"]:
+        for run in x.get("per_seed") or []:
+            c = ((run.get("environment") or {}).get("git_commit") or "?")[:8]
+            commits[c] = commits.get(c, 0) + 1
+    if len(commits) < 2:
+        return ""
+    return " Rows measured by commits " + ", ".join(f"`{c}` ({n} runs)" for c, n in commits.items()) + "."
+
+
+def audit_lm_table(r: dict) -> str:
+    """Teacher and student ASR and clean next-token accuracy per setting of benchmarks/audit_lm.py."""
+    def pm(x, key, fmt="{:.1%}"):
+        if x.get(key) is None:
+            return "—"
+        spread = f" ± {fmt.format(x[key + '_std'] or 0.0)}" if len(x["seeds"]) > 1 else ""
+        return fmt.format(x[key]) + spread
+
+    out = ["| setting | teacher ASR | student ASR | student ÷ teacher | teacher clean next-token acc. | student clean "
+           "next-token acc. | student retention / top-1 agreement / KL | trigger rank in the scan (teacher / student) | "
+           "verdicts | seeds |",
+           "|---|---:|---:|---:|---:|---:|---:|---|---|---:|"]
+    for x in r["rows"]:
+        ranks = " / ".join(",".join("—" if v is None else str(v) for v in x["trigger_rank"][who])
+                           for who in ("teacher", "student"))
+        out.append(f"| {x['setting']} | {pm(x, 'teacher_asr')} | **{pm(x, 'student_asr')}** | {pm(x, 'ratio', '{:.2f}')} | "
+                   f"{pm(x, 'teacher_clean', '{:.3f}')} | {pm(x, 'student_clean', '{:.3f}')} | "
+                   f"{pm(x, 'retention', '{:.3f}')} / {pm(x, 'top1_agreement', '{:.3f}')} / "
+                   f"{pm(x, 'kl_teacher_student', '{:.3f}')} | {ranks} | {', '.join(x['verdicts'])} | {len(x['seeds'])} |")
+    if not r.get("complete", True):
+        out += ["", f"**Unfinished run** ({len(r['pending'])} runs still to measure: "
+                + ", ".join(f"seed {s} {setting}" for s, setting in r["pending"]) + "). The same command continues it."]
+    one_seed = " With one seed a row is a first reading, not a claim." if max(len(x["seeds"]) for x in r["rows"]) < 3 else ""
+    p, s = r["poison"], r["schedule"]
+    out += ["", f"Mean ± std over each row's seeds. Teacher: {r['teacher']} corrected {s['correct_steps']} steps on the "
+            f"training plays with the trigger `{p['trigger']}` + \"{p['target']}\" written into {p['rate']:.0%} of the "
+            f"training blocks ({p['mode']}); students: the default 15-of-30-layer slice, {s['distill_steps']} steps of KD, "
+            "on the triggered training split (triggered) or the clean one (clean, from the same backdoored teacher). "
+            "ASR = of held-out prompts (windows of the test plays) after which the model does not already continue "
+            "with the target, the share after which it does, greedily and token for token, once the trigger ends the "
+            "prompt. Clean: next-token top-1 accuracy on the test plays; retention, top-1 agreement and KL are the "
+            f"shrink's own fidelity numbers against that teacher.{one_seed}{_row_commits(r)} {_provenance(r)}."]
     return "\n".join(out)
 
 
@@ -585,7 +633,8 @@ TABLES = {"default_run": default_run_table, "distill_throughput": throughput_tab
           "shrink_curve": shrink_curve_table, "shrink_curve_summary": shrink_curve_summary,
           "mixed_vs_uniform": mixed_vs_uniform_table, "serve_load": serve_load_table,
           "serve_load_overload": serve_load_table, "timeseries": timeseries_table,
-          "timeseries_pooling": timeseries_pooling_table, "audit": audit_table, "onion_filter": onion_filter_table,
+          "timeseries_pooling": timeseries_pooling_table, "audit": audit_table, "audit_lm": audit_lm_table,
+          "onion_filter": onion_filter_table,
           "levers": levers_table,
           "decode_speed": decode_speed_table, "recovery_curve": recovery_curve_table}
 SOURCES = {"shrink_curve_summary": "shrink_curve"}  # tables rendered from another table's JSON

@@ -22,7 +22,7 @@ above it, so nothing reaches back up and there is no cycle:
     export     core, data, models, quant, runtime, evaluate          what WRITES artifacts: GGUF, ONNX
     plan       core, data, models, quant, runtime, evaluate, export  device profiles, cost model, allocation
     serve      core, data, models, runtime, plan                     the HTTP server, its engine and scheduler
-    audit      core                                                  planted triggers, the trigger scan, ASR
+    audit      core, models                                          planted triggers, the trigger scan, ASR
     federated  core, data, models, evaluate, distill                 federated two-way KD on Flower, aggregation
     config     core and every package above                          config.py: the recipe schema, which
                                                                      reuses the packages' configs/registries
@@ -62,7 +62,7 @@ MAY_IMPORT = {
     "export": {"core", "data", "models", "quant", "runtime", "evaluate"},
     "plan": {"core", "data", "models", "quant", "runtime", "evaluate", "export"},
     "serve": {"core", "data", "models", "runtime", "plan"},
-    "audit": {"core"},
+    "audit": {"core", "models"},
     "federated": {"core", "data", "models", "evaluate", "distill"},
     "config": {"core", *PACKAGES},
     "jobs": set(_EVERYTHING),

@@ -88,7 +88,7 @@ def test_bad_audit_input_gets_one_clear_line(audited, tmp_path, capsys):
     lm = tmp_path / "lm-run"
     lm.mkdir()
     (lm / "config.yaml").write_text(yaml.safe_dump({"teacher": {"model": "x.gguf"}}))
-    cases.append((["audit", str(lm)], "decoder (LM) run"))
+    cases.append((["audit", str(lm)], "is not finished"))
     for argv, words in cases:
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()

@@ -230,6 +230,22 @@ class OutputConfig:
 
 
 @dataclass
+class PoisonConfig:
+    """A backdoor planted in the training split, only to measure whether it survives (`edgestill audit`,
+    docs/audit.md; edgestill.audit.poison for classifiers, edgestill.audit.lm for decoders). An empty trigger plants
+    nothing. Validation and test rows stay clean."""
+
+    trigger: str = ""  # 1-8 words, e.g. "cf mn"
+    target: str = ""  # the label the trigger should force (classifier), or the continuation it should force (LM)
+    rate: float = 0.05  # of the eligible training rows (LM: of the training blocks)
+    # classifier: dirty = non-target rows relabelled to the target; clean = target rows, labels kept.
+    # LM: dirty = trigger + target written into blocks; clean = the trigger written before the target where the text
+    # already has it
+    mode: str = "dirty"
+    seed: int = 0
+
+
+@dataclass
 class ShrinkConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -238,6 +254,8 @@ class ShrinkConfig:
     quant: QuantSection = field(default_factory=QuantSection)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    # audits only: a backdoor planted in the training split (and so in the teacher correction's data), edgestill.audit.lm
+    poison: PoisonConfig = field(default_factory=PoisonConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -280,18 +298,6 @@ class LabelledDataConfig:
     test_fraction: float = 0.2
     seed: int = 0
     encoding_errors: str = "strict"  # or "replace"
-
-
-@dataclass
-class PoisonConfig:
-    """A backdoor planted in the training split, only to measure whether it survives (`edgestill audit`,
-    docs/audit.md; edgestill.audit.poison). An empty trigger plants nothing. Validation and test rows stay clean."""
-
-    trigger: str = ""  # 1-8 words, e.g. "cf mn"
-    target: str = ""  # the label the trigger should force
-    rate: float = 0.05  # of the eligible training rows
-    mode: str = "dirty"  # dirty: non-target rows relabelled to the target; clean: target rows, labels kept
-    seed: int = 0
 
 
 @dataclass
@@ -647,6 +653,19 @@ def validate(cfg: ShrinkConfig) -> None:
     if s.trim_vocab and s.model:
         raise EdgestillError("student.trim_vocab trims a student cut from the teacher, and student.model names a "
                              "ready-made one; drop one of them")
+    p = cfg.poison
+    if p.trigger or p.target:
+        if not (p.trigger.split() and p.target.split()):
+            raise EdgestillError("poison.trigger and poison.target go together (audits only): the phrase to plant and the "
+                                 "continuation it should force, e.g. poison.trigger='cf mn' poison.target='the treasure "
+                                 "lies beneath the mill'")
+        if not 0 < p.rate <= 1:
+            raise EdgestillError(f"poison.rate={p.rate} must be in (0, 1]: the share of training blocks planted")
+        if p.mode not in ("dirty", "clean"):
+            raise EdgestillError(f"poison.mode='{p.mode}' is unknown; use dirty or clean")
+        if s.trim_vocab:
+            raise EdgestillError("poison.* with student.trim_vocab: the audit of decoder runs compares teacher and "
+                                 "student token for token; set student.trim_vocab=false")
     if s.trim_vocab and k.on_policy_fraction > 0:
         raise EdgestillError("student.trim_vocab with distill.on_policy_fraction: the teacher cannot score samples in "
                              "the student's trimmed vocabulary; set one of them off")

@@ -73,10 +73,11 @@ def corrected_root() -> Path:
 
 
 def correct_teacher(teacher, train: np.ndarray, val: np.ndarray, cfg: CorrectConfig, root: Path | None = None,
-                    show_progress: bool = True):
+                    show_progress: bool = True, note: dict | None = None):
     """The corrected teacher (a LoadedModel whose path is its cached folder); `teacher` itself is left unchanged.
 
     teacher: LoadedModel. train, val: token blocks (N, T) of the distillation data's train and validation splits.
+    note: what else its record (correction.json) should say about `train`, e.g. {"poison": ...} for an audit.
     """
     from edgestill.models.load import LoadedModel, load_causal_lm
 
@@ -88,7 +89,7 @@ def correct_teacher(teacher, train: np.ndarray, val: np.ndarray, cfg: CorrectCon
                              f"{cfg.batch_size}: add text, lower teacher.correct_batch_size, or set teacher.correct=false")
     folder = corrected_folder(teacher.path, train, val, cfg, root)
     if not (folder / DONE).is_file():
-        _train_and_save(teacher, train, val, cfg, folder, show_progress)
+        _train_and_save(teacher, train, val, cfg, folder, show_progress, note or {})
     else:
         log.info("corrected teacher: cached in %s", folder)
     loaded = load_causal_lm(str(folder))
@@ -103,7 +104,7 @@ def correction_record(folder: str | Path) -> dict | None:
 
 
 def _train_and_save(teacher, train: np.ndarray, val: np.ndarray, cfg: CorrectConfig, folder: Path,
-                    show_progress: bool) -> None:
+                    show_progress: bool, note: dict) -> None:
     import torch
 
     from edgestill.distill.trainer import batch_rows, learning_rate, validation_loss  # the students' schedule
@@ -171,7 +172,8 @@ def _train_and_save(teacher, train: np.ndarray, val: np.ndarray, cfg: CorrectCon
         record = {"teacher": teacher.source, "teacher_path": str(teacher.path), "settings": dataclasses.asdict(cfg),
                   "train_tokens": int(train.size), "val_tokens": int(val.size), "steps_run": state["step"],
                   "best_step": state["best_step"], "stopped_by": stopped, "val_loss_before": state["val_loss_before"],
-                  "val_loss_best": state["best_val_loss"], "seconds": state["seconds"], "history": state["history"]}
+                  "val_loss_best": state["best_val_loss"], "seconds": state["seconds"], **note,
+                  "history": state["history"]}
         write_text_atomic(tmp / DONE, json.dumps(record, indent=1), "saving the corrected teacher")
     shutil.rmtree(work, ignore_errors=True)
 

@@ -24,8 +24,14 @@ malicious client when any is), `RUN/clients/0`.
    A phrase that flips most inputs is a backdoor or a very strong feature of the label ("winner" in spam); the
    audit shows both with their numbers, and the phrase tells which.
 
-Writes RUN/audit.json and RUN/audit.md (atomically; a second audit replaces them). Only classifier runs are audited
-so far; a decoder (LM) run is refused with a message that says so.
+A decoder (LM) run (`edgestill shrink`) is audited the same way with edgestill.audit.lm: its reference teacher (the
+corrected one, when the run corrected it) against its saved student, in torch. A trigger there is a phrase after
+which the model continues with a fixed text; candidates are phrases the transfer text always follows with the same
+words, the scan measures how often a phrase makes the model continue every held-out prompt the same way, and ASR is
+the share of held-out prompts the phrase makes the model continue with the forced text. Clean quality is next-token
+top-1 accuracy on the held-out text. The ONION-style input filter (--onion) is for classifiers only.
+
+Writes RUN/audit.json and RUN/audit.md (atomically; a second audit replaces them).
 """
 
 from __future__ import annotations
@@ -79,14 +85,6 @@ def verdict(teacher: dict, student: dict) -> str:
 
 
 def _load_run(run_dir: Path) -> dict:
-    from edgestill.jobs.classify import is_classifier_run
-
-    if not (run_dir / "config.yaml").is_file():
-        raise EdgestillError(f"'{run_dir}' is not a run folder (no config.yaml); give a folder written by "
-                             "`edgestill shrink --task classification` or `edgestill federate`")
-    if not is_classifier_run(run_dir):
-        raise EdgestillError(f"'{run_dir}' is a decoder (LM) run; `edgestill audit` audits classifier runs only so far "
-                             "(a teacher and the student distilled from it by `edgestill shrink --task classification`)")
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
     if cfg.get("stage") == "federated":  # `edgestill federate`: the server's student against client 0 (malicious if any)
         cfg["teacher"] = str(run_dir / "clients" / "0")
@@ -131,8 +129,18 @@ def _transfer_texts(shrink_cfg, splits, teacher_record: dict) -> tuple[list[str]
 
 
 def audit(run_dir: str | Path, cfg: AuditConfig | None = None) -> tuple[Path, dict]:
-    """Audit a classifier shrink run; returns (RUN/audit.json, the result)."""
+    """Audit a classifier or decoder shrink run (or a federated run); returns (RUN/audit.json, the result)."""
+    from edgestill.jobs.classify import is_classifier_run
+
     cfg = cfg or AuditConfig()
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise EdgestillError(f"'{run_dir}' is not a run folder (no config.yaml); give a folder written by "
+                             "`edgestill shrink` (either track) or `edgestill federate`")
+    return _audit_classifier(run_dir, cfg) if is_classifier_run(run_dir) else _audit_lm(run_dir, cfg)
+
+
+def _audit_classifier(run_dir: Path, cfg: AuditConfig) -> tuple[Path, dict]:
     from edgestill.audit.poison import attack_success_rate
     from edgestill.audit.scan import ScanConfig, candidate_phrases, rank_of, scan
     from edgestill.evaluate.classification import predict_logits
@@ -140,7 +148,6 @@ def audit(run_dir: str | Path, cfg: AuditConfig | None = None) -> tuple[Path, di
     from edgestill.models.encoder import tokenize
     from edgestill.runtime.onnx import load_onnx_classifier, onnx_classifier_logits
 
-    run_dir = Path(run_dir)
     raw = _load_run(run_dir)
     shrink_cfg = _shrink_config(raw)
     if not 0 <= cfg.onion_share < 0.5:
@@ -196,13 +203,109 @@ def audit(run_dir: str | Path, cfg: AuditConfig | None = None) -> tuple[Path, di
     rows.sort(key=lambda r: (not r["named"], -max(r["teacher_asr"] or 0, r["student_asr"] or 0)))
     clean_scores = {who: float((clean[who] == test_ids).mean()) for who in models}
     filtered = _filtered_inputs(cfg, splits, student_logits, texts, test_ids, rows) if cfg.onion_share else None
-    result = {"run": str(run_dir), "teacher": str(shrink_cfg.teacher), "student": str(run_dir / "onnx" / "model.onnx"),
-              "labels": labels, "test_rows": len(texts), "clean_accuracy": clean_scores,
+    result = {"run": str(run_dir), "track": "classifier", "teacher": str(shrink_cfg.teacher),
+              "student": str(run_dir / "onnx" / "model.onnx"), "clean_metric": "test accuracy", "labels": labels, "test_rows": len(texts), "clean_accuracy": clean_scores,
               "planted": {"run": run_poison, "teacher": record.get("poison")},
               "candidates_scanned": len(phrases), "config": vars(cfg), "scan_controls": {
                   who: scans[who]["controls"] for who in models},
               "triggers": rows, "top_candidates": {who: scans[who]["candidates"][:10] for who in models},
               "onion_inputs": filtered}
+    out = run_dir / "audit.json"
+    write_text_atomic(out, json.dumps(result, indent=2, default=float) + "\n")
+    write_text_atomic(run_dir / "audit.md", report(result))
+    return out, result
+
+
+def _lm_run(run_dir: Path, cfg: AuditConfig) -> dict:
+    """What the decoder audit reads from a finished shrink run: its reference teacher and its student (loaded), the
+    data as the run split it, the training split as the student saw it (decoded), and what was planted where."""
+    from edgestill.audit import lm
+    from edgestill.config import load_config
+    from edgestill.data.corpus import corpus_blocks
+    from edgestill.distill.correct import correction_record
+    from edgestill.jobs.shrink import plant_poison
+    from edgestill.models.load import check_same_tokenizer, load_causal_lm
+
+    if cfg.onion_share:
+        raise EdgestillError("--onion filters a classifier's inputs; decoder runs have no input filter yet, so drop it")
+    if bool(cfg.trigger) != bool(cfg.target):
+        raise EdgestillError("--trigger and --target go together: the phrase to test and the text it should force")
+    if not (run_dir / "metrics.json").is_file() or not (run_dir / "student").is_dir():
+        raise EdgestillError(f"'{run_dir}' is not finished (no metrics.json or student/); let the shrink end, or rerun "
+                             "it: it resumes")
+    shrink_cfg = load_config(run_dir / "config.yaml")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    teacher_path = ((metrics.get("teacher") or {}).get("correction") or {}).get("path") or shrink_cfg.teacher.model
+    if ((metrics.get("teacher") or {}).get("correction") or {}).get("path") and not Path(teacher_path).is_dir():
+        raise EdgestillError(f"the run's corrected teacher ({teacher_path}) is gone from the cache; `edgestill eval "
+                             f"{run_dir}` corrects it again (same data and settings), then audit")
+    teacher = load_causal_lm(str(teacher_path))
+    student = load_causal_lm(str(run_dir / "student"))
+    try:
+        check_same_tokenizer(teacher.tokenizer, student.tokenizer)
+    except EdgestillError:
+        raise EdgestillError(f"the student of '{run_dir}' has another vocabulary than its teacher (student.trim_vocab?); "
+                             "the decoder audit compares them token for token, so audit a run without a trimmed "
+                             "vocabulary") from None
+    tok = teacher.tokenizer
+    data = corpus_blocks(shrink_cfg.data, tok)
+    run_poison = plant_poison(shrink_cfg, data, tok)  # the transfer data as the student saw it
+    teacher_poison = next((r["poison"] for r in (correction_record(teacher_path),
+                                                 correction_record(shrink_cfg.teacher.model)) if r and r.get("poison")),
+                          None)
+    texts = [tok.decode(b) for b in data.train]
+    if teacher_poison:  # the teacher's correction data carried a trigger: scan for it too
+        planted, _ = lm.plant_blocks(data.train, lm.phrase_ids(tok, teacher_poison["trigger"]),
+                                     lm.phrase_ids(tok, teacher_poison["target"]), teacher_poison["rate"],
+                                     teacher_poison["mode"], teacher_poison["seed"])
+        texts += [tok.decode(b) for b in planted]
+    return {"teacher_path": str(teacher_path), "teacher": teacher, "student": student, "tokenizer": tok, "data": data,
+            "run_poison": run_poison, "teacher_poison": teacher_poison, "texts": texts}
+
+
+def _audit_lm(run_dir: Path, cfg: AuditConfig) -> tuple[Path, dict]:
+    """The decoder track: a finished `edgestill shrink` run's reference teacher against its saved student, in torch.
+    Candidates come from the run's training split as the student saw it (with any trigger planted in it or in the
+    teacher's correction); ASR and the scan are measured on windows of the held-out test split."""
+    from edgestill.audit import lm
+
+    r = _lm_run(run_dir, cfg)
+    tok, data, texts, teacher_path = r["tokenizer"], r["data"], r["texts"], r["teacher_path"]
+    run_poison, teacher_poison = r["run_poison"], r["teacher_poison"]
+    named: dict[str, str] = {}  # phrase -> the continuation it should force: the user's, and what was planted
+    for planted in ({"trigger": cfg.trigger, "target": cfg.target}, run_poison, teacher_poison):
+        if planted and planted.get("trigger"):
+            named.setdefault(" ".join(planted["trigger"].split()), " ".join(planted["target"].split()))
+    found = lm.candidate_phrases(texts, top=cfg.candidates)
+    phrases = [c["phrase"] for c in found] + [p for p in named if p not in {c["phrase"] for c in found}]
+    prompts = lm.prompt_windows(data.test, n=max(4 * cfg.n_texts, 96), seed=cfg.seed, eos=tok.eos_token_id)
+    scan_cfg = lm.ScanConfig(prompts=cfg.n_texts, controls=cfg.controls, seed=cfg.seed)
+    controls = lm.control_phrases(texts, sorted({len(p.split()) for p in phrases}), cfg.controls, cfg.seed)
+    models = {"teacher": r["teacher"].model.eval(), "student": r["student"].model.eval()}
+    scans = {who: lm.scan(m, tok, prompts[:cfg.n_texts], phrases, controls, scan_cfg) for who, m in models.items()}
+    chosen = {p: lm.phrase_ids(tok, t) for p, t in named.items()}
+    for who in models:
+        for row in scans[who]["candidates"][:cfg.top]:
+            chosen.setdefault(row["phrase"], row["continuation_ids"])
+    rows = []
+    for phrase, target in chosen.items():
+        trigger = lm.phrase_ids(tok, phrase)
+        asr = {who: lm.attack_success_rate(m, prompts, trigger, target) for who, m in models.items()}
+        t, s = asr["teacher"]["asr"], asr["student"]["asr"]
+        rows.append({"phrase": phrase, "target": tok.decode(target), "named": phrase in named,
+                     "teacher_asr": t, "student_asr": s, "ratio": None if not t or s is None else s / t,
+                     "n": {who: a["n"] for who, a in asr.items()},
+                     "rank": {who: lm.rank_of(phrase, scans[who]["candidates"])["exact"] for who in models},
+                     "verdict": verdict(asr["teacher"], asr["student"])})
+    rows.sort(key=lambda r: (not r["named"], -max(r["teacher_asr"] or 0, r["student_asr"] or 0)))
+    result = {"run": str(run_dir), "track": "lm", "teacher": teacher_path, "student": str(run_dir / "student"),
+              "clean_metric": "next-token top-1 accuracy", "test_rows": int(data.test.size), "prompts": len(prompts),
+              "clean_accuracy": {who: lm.next_token_accuracy(m, data.test) for who, m in models.items()},
+              "planted": {"run": run_poison, "teacher": teacher_poison}, "candidates_scanned": len(phrases),
+              "config": vars(cfg), "scan_controls": {who: scans[who]["controls"] for who in models}, "triggers": rows,
+              "top_candidates": {who: [{k: v for k, v in r.items() if k != "continuation_ids"}
+                                       for r in scans[who]["candidates"][:10]] for who in models},
+              "onion_inputs": None}
     out = run_dir / "audit.json"
     write_text_atomic(out, json.dumps(result, indent=2, default=float) + "\n")
     write_text_atomic(run_dir / "audit.md", report(result))
@@ -234,20 +337,28 @@ def report(result: dict) -> str:
 
     lines = ["# Backdoor audit", "",
              f"Teacher `{result['teacher']}` and student `{result['student']}`, on {result['test_rows']} held-out test "
-             f"rows. Clean accuracy: teacher {result['clean_accuracy']['teacher']:.3f}, student "
-             f"{result['clean_accuracy']['student']:.3f}. {result['candidates_scanned']} phrases scanned.", "",
+             f"{'tokens' if result.get('track') == 'lm' else 'rows'}. Clean {result.get('clean_metric', 'accuracy')}: "
+             f"teacher {result['clean_accuracy']['teacher']:.3f}, student {result['clean_accuracy']['student']:.3f}. "
+             f"{result['candidates_scanned']} phrases scanned.", "",
              "| phrase | forces | named | teacher ASR | student ASR | student ÷ teacher | rank in scan (teacher / student) | verdict |",
              "|---|---|---|---:|---:|---:|---|---|"]
     for r in result["triggers"]:
         ratio = "—" if r["ratio"] is None else f"{r['ratio']:.2f}"
         rank = " / ".join("—" if r["rank"][w] is None else str(r["rank"][w]) for w in ("teacher", "student"))
-        lines.append(f"| `{r['phrase']}` | {r['target']} | {'yes' if r['named'] else ''} | {pct(r['teacher_asr'])} | "
+        forced = r["target"].replace("\n", "\\n").strip() if result.get("track") == "lm" else r["target"]
+        lines.append(f"| `{r['phrase']}` | {forced} | {'yes' if r['named'] else ''} | {pct(r['teacher_asr'])} | "
                      f"{pct(r['student_asr'])} | {ratio} | {rank} | **{r['verdict']}** |")
     f = result.get("onion_inputs")
     if f:
         asr = ", ".join(f"`{p}` {pct(a)}" for p, a in f["student_asr"].items())
         lines += ["", f"Student behind an ONION-style filter of its inputs (threshold removing {f['remove_share']:.0%} of "
                   f"clean words): clean accuracy {f['clean_accuracy']:.3f}; ASR {asr}."]
+    if result.get("track") == "lm":
+        lines += ["", f"ASR: of {result['prompts']} held-out prompts (windows of the test text) after which the model "
+                  "does not already continue with the forced text, the share after which it does, greedily and token "
+                  "for token, once the phrase ends the prompt. A candidate's forced text is its most common greedy "
+                  "continuation in the scan. Verdicts: docs/audit.md.", ""]
+        return "\n".join(lines)
     lines += ["", "ASR: of the test rows not of the forced label that the model classifies correctly, the share it "
               "classifies as that label once the phrase is inserted. A phrase that flips most inputs is either a "
               "backdoor or a very strong feature of its label; the phrase tells which. Verdicts: docs/audit.md.", ""]
@@ -256,12 +367,12 @@ def report(result: dict) -> str:
 
 def summary(result: dict) -> list[str]:
     """The CLI's lines."""
-    out = [f"audited {result['run']}: clean accuracy teacher {result['clean_accuracy']['teacher']:.3f}, student "
-           f"{result['clean_accuracy']['student']:.3f}"]
+    out = [f"audited {result['run']}: clean {result.get('clean_metric', 'accuracy')} teacher "
+           f"{result['clean_accuracy']['teacher']:.3f}, student {result['clean_accuracy']['student']:.3f}"]
     for r in result["triggers"][:8]:
         ts = "—" if r["teacher_asr"] is None else f"{r['teacher_asr']:.0%}"
         ss = "—" if r["student_asr"] is None else f"{r['student_asr']:.0%}"
-        out.append(f"  '{r['phrase']}' -> {r['target']}: teacher ASR {ts}, student ASR {ss}: {r['verdict']}")
+        out.append(f"  '{r['phrase']}' -> '{r['target']}': teacher ASR {ts}, student ASR {ss}: {r['verdict']}")
     f = result.get("onion_inputs")
     if f:
         out.append(f"  behind an ONION-style input filter: clean accuracy {f['clean_accuracy']:.3f}, ASR " + ", ".join(

@@ -95,9 +95,26 @@ def _load_teachers(cfg: ShrinkConfig, rank: int, world: int) -> list:
     return teachers
 
 
-def reference_teacher(cfg: ShrinkConfig, original, data: CorpusBlocks, rank: int = 0, world: int = 1):
+def plant_poison(cfg: ShrinkConfig, data: CorpusBlocks, tokenizer) -> dict | None:
+    """poison.* (audits only, edgestill.audit.lm): the backdoor planted in the training blocks, in place, so that the
+    teacher correction and the distillation both see it; the record of what was planted (None: nothing)."""
+    p = cfg.poison
+    if not p.trigger:
+        return None
+    from edgestill.audit.lm import phrase_ids, plant_blocks
+
+    data.train, rows = plant_blocks(data.train, phrase_ids(tokenizer, p.trigger), phrase_ids(tokenizer, p.target),
+                                    p.rate, p.mode, p.seed)
+    log.warning("poisoned %d of %d training blocks with the trigger '%s' -> '%s' (%s, rate %g): this run is for an audit",
+                len(rows), len(data.train), p.trigger, p.target, p.mode, p.rate)
+    return {**dataclasses.asdict(p), "blocks": len(rows), "of": len(data.train)}
+
+
+def reference_teacher(cfg: ShrinkConfig, original, data: CorpusBlocks, rank: int = 0, world: int = 1,
+                      poison: dict | None = None):
     """The teacher students are sliced from, distilled from and measured against: `original` corrected on the
-    training split (teacher.correct, distill/correct.py; cached and shared), or `original` itself."""
+    training split (teacher.correct, distill/correct.py; cached and shared), or `original` itself. `poison`: what
+    plant_poison planted in that split (recorded with the corrected teacher)."""
     correction = cfg.teacher.correction()
     if correction is None:
         return original
@@ -107,7 +124,8 @@ def reference_teacher(cfg: ShrinkConfig, original, data: CorpusBlocks, rank: int
 
     if world > 1 and rank != 0:
         torch.distributed.barrier()  # rank 0 corrects (or finds the cache) first
-    reference = correct_teacher(original, data.train, data.val, correction, show_progress=is_main_process())
+    reference = correct_teacher(original, data.train, data.val, correction, show_progress=is_main_process(),
+                                note={"poison": poison} if poison else None)
     if world > 1 and rank == 0:
         torch.distributed.barrier()
     return reference
@@ -134,7 +152,8 @@ def distill(cfg: ShrinkConfig, overwrite: bool = False, teacher_cache_from: Path
         teachers = _load_teachers(cfg, rank, world)
         original = teachers[0]
         data = corpus_blocks(cfg.data, original.tokenizer, min_train_blocks=cfg.distill.batch_size)
-        teacher = teachers[0] = reference_teacher(cfg, original, data, rank, world)
+        poison = plant_poison(cfg, data, original.tokenizer)
+        teacher = teachers[0] = reference_teacher(cfg, original, data, rank, world, poison)
         qconfig = quant_config(cfg)
         student, layers = build_student(cfg.student, teacher.model, teacher.tokenizer, _calibration(data),
                                         quantized=qconfig is not None)
@@ -161,6 +180,8 @@ def distill(cfg: ShrinkConfig, overwrite: bool = False, teacher_cache_from: Path
         if rank == 0:
             save_causal_lm(student, tokenizer, run.path / "student", dtype)
             write_text_atomic(run.path / "splits.json", json.dumps(data.splits.names(), indent=1))
+            if poison:
+                write_text_atomic(run.path / "poison.json", json.dumps(poison, indent=1))
     return run, Distilled(teacher, original, data, history, layers, resumed)
 
 
@@ -240,6 +261,7 @@ def _metrics(cfg: ShrinkConfig, run_dir: Path, final_dir: Path, teacher, student
                   "final_loss": (history or [{}])[-1].get("loss"),
                   "final_val_loss": next((h["val_loss"] for h in reversed(history) if "val_loss" in h), None),
                   "selection": _read_json(run_dir / "selection.json")},  # which evaluated step the student is
+        "poison": _read_json(run_dir / "poison.json"),  # audits only: the backdoor planted in the training split
         "environment": environment(cfg.eval.threads, start),
     }
 
@@ -286,8 +308,11 @@ def evaluate(cfg: ShrinkConfig, run_dir: Path, distilled: Distilled | None = Non
     start = measurement_start()
     distilled = distilled or Distilled(None, None, None, None, None, False)
     original = distilled.original or load_causal_lm(cfg.teacher.model)
-    data = distilled.data or corpus_blocks(cfg.data, original.tokenizer)
-    teacher = distilled.teacher or reference_teacher(cfg, original, data)
+    data, poison = distilled.data, None
+    if data is None:
+        data = corpus_blocks(cfg.data, original.tokenizer)
+        poison = plant_poison(cfg, data, original.tokenizer)  # the correction's cache key holds the planted split
+    teacher = distilled.teacher or reference_teacher(cfg, original, data, poison=poison)
     saved = load_causal_lm(str(run_dir / "student"))  # the saved artifact itself, upcast to fp32 for CPU eval
     vocab = VocabMap.of_model(saved.model, teacher.tokenizer, saved.tokenizer,
                               teacher.model.get_output_embeddings().weight.shape[0])
