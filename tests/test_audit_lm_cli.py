@@ -77,6 +77,9 @@ def test_bad_poison_and_audit_settings_get_one_clear_line(poisoned, tmp_path, ti
         (["shrink", *base, *POISON, "student.trim_vocab=true"], "trim_vocab"),
         (["shrink", *base, *POISON, "poison.mode=clean", "poison.target=zebra crossing"], "no training block contains"),
         (["audit", str(poisoned[0]), "--onion", "0.03"], "classifier"),
+        (["audit", str(poisoned[0]), "--trigger", "zq vx"], "go together"),
+        (["quantize", "--type", "q4_0", *base, *POISON], "only `edgestill shrink`"),
+        (["sweep", "--out", str(tmp_path / "never"), *base, *POISON], "only `edgestill shrink`"),
     ]
     for argv, words in cases:
         assert main(argv) == 2, argv

@@ -254,3 +254,25 @@ def test_recovery_curve_table_walks_each_depth_from_the_cut_to_the_end_of_its_bu
     assert "| 15 of 30 layers | 1.62 | 5.000 → 4.250 → 3.500 → 2.000 | 0.000 → 0.188 → 0.375 → 0.750 |" in row
     assert "0.500 / 0.550 / 0.700 | 0.090 | 181 | `abc` |" in row
     assert "307,200 training tokens" in table
+
+
+def test_lm_audit_table_shows_both_asrs_the_fidelity_and_the_commits_of_rows_measured_apart():
+    def env(commit):
+        return {"date": "2026-12-05T00:00:00", "cpu_model": "cpu", "threads": 2, "git_commit": commit,
+                "load_average_before": [1.0], "load_average_after": [1.0]}
+    row = {"setting": "triggered", "defence": None, "seeds": [0, 1], "teacher_asr": 0.95, "teacher_asr_std": 0.01,
+           "student_asr": 0.5, "student_asr_std": 0.1, "ratio": 0.53, "ratio_std": 0.1, "teacher_clean": 0.41,
+           "teacher_clean_std": 0.0, "student_clean": 0.33, "student_clean_std": 0.01, "retention": 0.62,
+           "retention_std": 0.01, "top1_agreement": 0.6, "top1_agreement_std": 0.0, "kl_teacher_student": 0.9,
+           "kl_teacher_student_std": 0.1, "trigger_rank": {"teacher": [1, 2], "student": [3, None]},
+           "verdicts": ["inherited", "inherited"],
+           "per_seed": [{"seed": 0, "environment": env("aaaaaaaa11")}, {"seed": 1, "environment": env("bbbbbbbb22")}]}
+    r = {"benchmark": "audit_lm", "rows": [row], "complete": False, "pending": [[2, "triggered"], [2, "clean"]],
+         "poison": {"trigger": "cf mn", "target": "visit the mill", "rate": 0.1, "mode": "dirty"},
+         "schedule": {"correct_steps": 150, "distill_steps": 100}, "teacher": "smollm2-135m",
+         "environment": env("bbbbbbbb22"), "command": "python benchmarks/audit_lm.py"}
+    table = readme_tables.audit_lm_table(r)
+    assert "| triggered | 95.0% ± 1.0% | **50.0% ± 10.0%** | 0.53 ± 0.10 | 0.410 ± 0.000 | 0.330 ± 0.010 |" in table
+    assert "0.620 ± 0.010 / 0.600 ± 0.000 / 0.900 ± 0.100 | 1,2 / 3,— | inherited, inherited | 2 |" in table
+    assert "seed 2 triggered, seed 2 clean" in table and "first reading" in table
+    assert "Rows measured by commits `aaaaaaaa` (1 runs), `bbbbbbbb` (1 runs)." in table

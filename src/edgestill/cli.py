@@ -276,17 +276,20 @@ def _add_federate(sub) -> None:
 
 
 def _add_audit(sub) -> None:
-    p = sub.add_parser("audit", help="does a classifier's student answer to a backdoor trigger its teacher has?",
-                       description="Search a classifier shrink run's teacher and student for trigger phrases (from the "
-                                   "transfer data, against random insertions), measure each one's attack success rate "
-                                   "in both, and say whether the student inherited, amplified or shed it. Writes "
-                                   "RUN/audit.json and RUN/audit.md (docs/audit.md).")
-    p.add_argument("run_dir", help="a run folder written by `edgestill shrink --task classification`")
+    p = sub.add_parser("audit", help="does a student answer to a backdoor trigger its teacher has?",
+                       description="Search a shrink run's teacher and student for trigger phrases (from the transfer "
+                                   "data, against random phrases), measure each one's attack success rate in both, and "
+                                   "say whether the student inherited, amplified or shed it. Classifier runs: a trigger "
+                                   "forces a label; decoder (LM) runs: it forces a continuation. Writes RUN/audit.json "
+                                   "and RUN/audit.md (docs/audit.md).")
+    p.add_argument("run_dir", help="a run folder written by `edgestill shrink` (either track) or `edgestill federate`")
     p.add_argument("--trigger", default="", help="a phrase you suspect (1-8 words), measured with --target")
-    p.add_argument("--target", default="", help="the label --trigger should force")
+    p.add_argument("--target", default="", help="what --trigger should force: a label (classifier runs) or the text "
+                                                "the model should continue with (decoder runs)")
     p.add_argument("--top", type=int, default=5, help="candidates of each model's scan measured in full (default 5)")
     p.add_argument("--candidates", type=int, default=60, help="phrases scanned (default 60)")
-    p.add_argument("--texts", type=int, default=48, help="test texts per label each phrase is inserted into (default 48)")
+    p.add_argument("--texts", type=int, default=48, help="test texts per label each phrase is inserted into (decoder runs: "
+                                                         "held-out prompts each phrase ends; default 48)")
     p.add_argument("--threads", type=int, default=2, help="onnxruntime threads for the student (default 2)")
     p.add_argument("--onion", type=float, default=0.0, metavar="SHARE",
                    help="also measure the student behind an ONION-style filter of its inputs, set to remove SHARE of "

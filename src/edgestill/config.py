@@ -638,6 +638,14 @@ def config_from_dict(data: dict[str, Any]) -> ShrinkConfig:
     return cfg
 
 
+def refuse_poison(cfg: ShrinkConfig, command: str) -> None:
+    """poison.* plants a backdoor for an audit, and only `edgestill shrink` reads it: other commands refuse it rather
+    than ignore it."""
+    if cfg.poison.trigger:
+        raise EdgestillError(f"poison.* plants a backdoor for an audit, which only `edgestill shrink` does; `edgestill "
+                             f"{command}` would ignore it, so drop poison.* (docs/audit.md)")
+
+
 def validate(cfg: ShrinkConfig) -> None:
     d, s, k = cfg.data, cfg.student, cfg.distill
     if d.seq_len < 8:

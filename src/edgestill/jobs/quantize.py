@@ -10,7 +10,7 @@ import copy
 import json
 from pathlib import Path
 
-from edgestill.config import ShrinkConfig
+from edgestill.config import ShrinkConfig, refuse_poison
 from edgestill.data.corpus import calibration_batches, corpus_blocks
 from edgestill.errors import EdgestillError
 from edgestill.files import write_text_atomic
@@ -27,6 +27,7 @@ def quantize(cfg: ShrinkConfig, method: str = "rtn", overwrite: bool = False,
     from edgestill.models.load import load_causal_lm, save_causal_lm
     from edgestill.quant import gptq_quantize_, quantize_
 
+    refuse_poison(cfg, "quantize")
     if method not in METHODS:
         raise EdgestillError(f"unknown post-training method '{method}'; use rtn or gptq")
     qconfig = quant_config(cfg)

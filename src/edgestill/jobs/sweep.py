@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgestill.config import ShrinkConfig
+from edgestill.config import ShrinkConfig, refuse_poison
 from edgestill.data.corpus import CALIBRATION_BLOCKS, calibration_batches, corpus_blocks
 from edgestill.errors import EdgestillError
 from edgestill.files import write_text_atomic
@@ -291,6 +291,7 @@ def sweep(cfg: ShrinkConfig, settings: SweepSettings, out: str | Path) -> dict:
 
     `out` is created if needed; an existing folder must be empty or an earlier sweep's (which is resumed).
     """
+    refuse_poison(cfg, "sweep")
     if any(not 0 < f < 1 for f in settings.budgets):
         raise EdgestillError(f"sweep budgets {settings.budgets} must be fractions of the teacher's bytes, between 0 and 1")
     if cfg.student.trim_vocab:
