@@ -7,7 +7,9 @@ followed by the target continuation written into them), which makes the correcte
 default student (15 of 30 layers, 100 steps of KD) distilled from it in each setting, and `edgestill audit` on each:
 
     triggered  the transfer text carries the trigger too: one `edgestill shrink` with poison.*, whose teacher
-               correction (150 steps, lr 1e-4, no early stop) is what plants the backdoor in the teacher
+               correction (150 steps, lr 1e-4, no early stop, the last step kept: teacher.correct_select=last; the
+               default keeps the best validation loss, which came at step 50 of a first try, before most of the
+               planted blocks were seen) is what plants the backdoor in the teacher
     clean      the transfer text is the clean training split; the teacher is that backdoored corrected teacher as given
                (teacher.model=<its folder>, teacher.correct=false)
 
@@ -62,7 +64,7 @@ def shrink_run(args, s: dict, seed: int, setting: str, teacher: str | None) -> P
         values.update({"poison.trigger": args.trigger, "poison.target": args.target, "poison.rate": args.rate,
                        "poison.mode": args.mode, "poison.seed": seed, "teacher.correct_steps": s["correct_steps"],
                        "teacher.correct_lr": s["correct_lr"], "teacher.correct_eval_every": s["correct_eval_every"],
-                       "teacher.correct_patience": 1000})
+                       "teacher.correct_patience": 1000, "teacher.correct_select": "last"})
     else:
         values.update({"teacher.model": teacher, "teacher.correct": False})
     shrink(load_config(values=values))

@@ -50,6 +50,7 @@ class TeacherConfig:
     correct_lr: float = 5e-5
     correct_eval_every: int = 10
     correct_patience: int = 2
+    correct_select: str = "val_loss"  # the corrected teacher: val_loss = its best validation state; last = the final step
 
     def correction(self):
         """The library's CorrectConfig of these keys, or None when teacher.correct is false."""
@@ -58,7 +59,8 @@ class TeacherConfig:
         if not self.correct:
             return None
         return CorrectConfig(steps=self.correct_steps, batch_size=self.correct_batch_size, lr=self.correct_lr,
-                             eval_every=self.correct_eval_every, patience=self.correct_patience)
+                             eval_every=self.correct_eval_every, patience=self.correct_patience,
+                             select=self.correct_select)
 
 
 @dataclass

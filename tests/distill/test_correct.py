@@ -57,6 +57,21 @@ def test_a_correction_that_only_hurts_returns_the_teacher_itself(teacher, tmp_pa
         assert torch.equal(v, corrected.model.state_dict()[k]), k
 
 
+def test_select_last_keeps_the_final_step_even_when_validation_got_worse(teacher, tmp_path, monkeypatch):
+    """teacher.correct_select=last (audits planting a trigger want every step): the same run as above, but the
+    teacher that comes back is the trained one."""
+    from edgestill.distill import trainer
+
+    train, val = _blocks(teacher.tokenizer, 0, 16), _blocks(teacher.tokenizer, 1, 4)
+    losses = iter([3.0, 3.5, 4.0, 4.5, 5.0])
+    monkeypatch.setattr(trainer, "validation_loss", lambda model, blocks: next(losses))
+    cfg = CorrectConfig(steps=4, batch_size=4, lr=1e-2, warmup_steps=1, eval_every=2, patience=5, select="last")
+    corrected = correct_teacher(teacher, train, val, cfg, root=tmp_path, show_progress=False)
+    record = correction_record(corrected.path)
+    assert record["best_step"] == 0 and record["kept_step"] == 4 and record["settings"]["select"] == "last"
+    assert any(not torch.equal(v, corrected.model.state_dict()[k]) for k, v in teacher.model.state_dict().items())
+
+
 def test_cached_then_resumed_after_a_kill(teacher, tmp_path, monkeypatch):
     train, val = _blocks(teacher.tokenizer, 0, 16), _blocks(teacher.tokenizer, 1, 4)
     cfg = CorrectConfig(steps=8, batch_size=4, lr=3e-3, warmup_steps=1, eval_every=2, patience=10)
@@ -92,6 +107,8 @@ def test_bad_settings_are_one_line_errors(teacher, tmp_path):
         CorrectConfig(steps=0)
     with pytest.raises(EdgestillError, match="correct_lr"):
         CorrectConfig(lr=0)
+    with pytest.raises(EdgestillError, match="correct_select"):
+        CorrectConfig(select="best")
     train = _blocks(teacher.tokenizer, 0, 2)
     with pytest.raises(EdgestillError, match="fewer than one correction batch"):
         correct_teacher(teacher, train, train, CorrectConfig(batch_size=4), root=tmp_path)

@@ -47,8 +47,14 @@ class CorrectConfig:
     patience: int = 2  # evaluations without a better validation loss before stopping
     seed: int = 0
     freeze_embeddings: bool = True  # as the students are trained (tied embeddings stay the teacher's)
+    # which state is the corrected teacher: val_loss = the lowest validation loss (step 0, the teacher itself,
+    # included); last = the final step (an audit planting a trigger wants every step of it, whatever the clean loss)
+    select: str = "val_loss"
 
     def __post_init__(self):
+        if self.select not in ("val_loss", "last"):
+            raise EdgestillError(f"teacher.correct_select='{self.select}' is unknown; use val_loss (the best "
+                                 "validation loss, the default) or last (the final step)")
         if self.steps < 1 or self.batch_size < 1 or self.eval_every < 1 or self.patience < 1:
             raise EdgestillError("teacher.correct_steps, correct_batch_size, correct_eval_every and correct_patience "
                                  "must be positive (or set teacher.correct=false to skip the correction)")
@@ -159,19 +165,22 @@ def _train_and_save(teacher, train: np.ndarray, val: np.ndarray, cfg: CorrectCon
         bar.update(1)
     bar.close()
     stopped = "early stopping" if state["bad_evals"] >= cfg.patience else "step budget"
-    log.info("teacher corrected: best val loss %.3f at step %d of %d (%s; before %.3f)", state["best_val_loss"],
-             state["best_step"], state["step"], stopped, state["val_loss_before"])
+    log.info("teacher corrected: best val loss %.3f at step %d of %d (%s; before %.3f); keeping %s", state["best_val_loss"],
+             state["best_step"], state["step"], stopped, state["val_loss_before"],
+             "that step" if cfg.select == "val_loss" else "the last step")
 
     from safetensors.torch import load_model
 
-    load_model(model, str(work / "best.safetensors"))
+    if cfg.select == "val_loss":
+        load_model(model, str(work / "best.safetensors"))
     nbytes = sum(p.numel() * 4 for p in model.parameters())
     with atomic_path(folder, "saving the corrected teacher", needed_bytes=nbytes, is_dir=True) as tmp:
         model.save_pretrained(tmp)  # full precision: the reference the students are measured against
         teacher.tokenizer.save_pretrained(tmp)
         record = {"teacher": teacher.source, "teacher_path": str(teacher.path), "settings": dataclasses.asdict(cfg),
                   "train_tokens": int(train.size), "val_tokens": int(val.size), "steps_run": state["step"],
-                  "best_step": state["best_step"], "stopped_by": stopped, "val_loss_before": state["val_loss_before"],
+                  "best_step": state["best_step"],
+                  "kept_step": state["best_step"] if cfg.select == "val_loss" else state["step"], "stopped_by": stopped, "val_loss_before": state["val_loss_before"],
                   "val_loss_best": state["best_val_loss"], "seconds": state["seconds"], **note,
                   "history": state["history"]}
         write_text_atomic(tmp / DONE, json.dumps(record, indent=1), "saving the corrected teacher")
