@@ -51,6 +51,18 @@ def test_the_planted_trigger_is_recorded_found_and_measured_in_teacher_and_stude
     assert "`zq vx` | crown | yes" in md and "next-token top-1 accuracy" in md
 
 
+def test_eval_of_a_poisoned_run_finds_the_same_corrected_teacher(poisoned, tmp_path_factory):
+    """`edgestill eval RUN` plants the run's poison again before looking up the correction: the same cached teacher,
+    not a new correction on the clean split."""
+    run = poisoned[0]
+    before = json.loads((run / "metrics.json").read_text())["teacher"]["correction"]["path"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EDGESTILL_CACHE", str(run.parent / "edgestill-cache"))
+        assert main(["eval", str(run)]) == 0
+    after = json.loads((run / "metrics.json").read_text())
+    assert after["teacher"]["correction"]["path"] == before and after["poison"]["trigger"] == "zq vx"
+
+
 def test_a_backdoored_teacher_distilled_on_clean_text_is_audited_for_its_own_trigger(poisoned, tmp_path_factory,
                                                                                       tiny_corpus):
     """Setting (a): the transfer text is clean; the trigger is known from the teacher's correction record."""
