@@ -13,7 +13,10 @@ default student (15 of 30 layers, 100 steps of KD) distilled from it in each set
     clean      the transfer text is the clean training split; the teacher is that backdoored corrected teacher as given
                (teacher.model=<its folder>, teacher.correct=false)
 
-No defence is measured on this track yet (the classifier track has four).
+    defences   none   KD on the transfer text as it is
+               onion  (triggered only) the backdoored teacher as given, the triggered transfer blocks filtered
+                      ONION-style before it labels them (audit/lm.onion_filter_blocks: the character model's
+                      per-character score, threshold set to remove 3% of the words of the clean validation blocks)
 
 Per row, over the seeds (mean and std): the planted trigger's attack success rate (ASR: of held-out prompts after
 which the model does not already continue with the target, the share after which it does, greedily, token for
@@ -41,7 +44,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-ORDER = ["triggered", "clean"]  # triggered first: its teacher correction makes the backdoored teacher
+# triggered first: its teacher correction makes the backdoored teacher the other rows start from
+ORDER = [("triggered", "none"), ("clean", "none"), ("triggered", "onion")]
+DEFENCES = {"none": {}, "onion": {"onion.remove_share": 0.03, "onion.score": "per_char"}}
 FULL = {"correct_steps": 150, "correct_lr": 1e-4, "correct_eval_every": 25, "distill_steps": 100,
         "max_train_tokens": 51200, "max_eval_tokens": 12288, "audit_texts": 48, "candidates": 60}
 QUICK = {"correct_steps": 4, "correct_lr": 1e-4, "correct_eval_every": 2, "distill_steps": 4,
@@ -51,22 +56,24 @@ EVAL = {"eval.out_of_domain": None, "eval.zero_shot_passages": 0, "eval.chat": F
         "eval.generate_tokens": 8}
 
 
-def shrink_run(args, s: dict, seed: int, setting: str, teacher: str | None) -> Path:
+def shrink_run(args, s: dict, seed: int, setting: str, defence: str, teacher: str | None) -> Path:
     from edgestill.config import load_config
     from edgestill.jobs.shrink import shrink
 
-    out = Path(args.root) / f"seed{seed}" / setting
+    out = Path(args.root) / f"seed{seed}" / (setting if defence == "none" else f"{setting}-{defence}")
     if (out / "metrics.json").is_file():
         return out
     values = {"distill.steps": s["distill_steps"], "distill.seed": seed, "data.max_train_tokens": s["max_train_tokens"],
               "data.max_eval_tokens": s["max_eval_tokens"], "output.dir": str(out), **EVAL}
-    if setting == "triggered":
-        values.update({"poison.trigger": args.trigger, "poison.target": args.target, "poison.rate": args.rate,
-                       "poison.mode": args.mode, "poison.seed": seed, "teacher.correct_steps": s["correct_steps"],
+    poison = {"poison.trigger": args.trigger, "poison.target": args.target, "poison.rate": args.rate,
+              "poison.mode": args.mode, "poison.seed": seed}
+    if setting == "triggered" and defence == "none":
+        values.update({**poison, "teacher.correct_steps": s["correct_steps"],
                        "teacher.correct_lr": s["correct_lr"], "teacher.correct_eval_every": s["correct_eval_every"],
                        "teacher.correct_patience": 1000, "teacher.correct_select": "last"})
-    else:
-        values.update({"teacher.model": teacher, "teacher.correct": False})
+    else:  # the backdoored teacher as given
+        values.update({"teacher.model": teacher, "teacher.correct": False, **DEFENCES[defence],
+                       **(poison if setting == "triggered" else {})})
     shrink(load_config(values=values))
     return out
 
@@ -91,7 +98,9 @@ def audited(args, s: dict, run: Path) -> dict:
             "retention": metrics["retention"], "top1_agreement": metrics["top1_agreement"],
             "kl_teacher_student": metrics["kl_teacher_student"], "teacher": metrics["teacher"]["correction"]
             and metrics["teacher"]["correction"]["path"] or metrics["teacher"]["name"],
-            "poison": metrics.get("poison"), "environment": environment(args.threads)}
+            "poison": metrics.get("poison"), "onion": metrics.get("onion") and {
+                k: v for k, v in metrics["onion"].items() if k != "most_removed"},
+            "environment": environment(args.threads)}
 
 
 def _mean_std(xs):
@@ -108,20 +117,20 @@ def recipe(args, s: dict) -> dict:
             "schedule": s, "eval": EVAL}
 
 
-def recorded(path: Path, want: dict) -> dict[tuple[int, str], dict]:
-    """(seed, setting) -> the per-seed row the JSON at `path` already holds for this same recipe."""
+def recorded(path: Path, want: dict) -> dict[tuple[int, str, str], dict]:
+    """(seed, setting, defence) -> the per-seed row the JSON at `path` already holds for this same recipe."""
     if not path.is_file():
         return {}
     done = json.loads(path.read_text())
     if any(done.get(k) != v for k, v in want.items()):
         return {}
-    return {(r["seed"], row["setting"]): r for row in done["rows"] for r in row["per_seed"]}
+    return {(r["seed"], row["setting"], row["defence"] or "none"): r for row in done["rows"] for r in row["per_seed"]}
 
 
 def write(args, s: dict, per_seed: dict, pending: list, t0: float) -> None:
     rows = []
-    for setting, runs in per_seed.items():
-        row = {"setting": setting, "defence": None, "seeds": [r["seed"] for r in runs]}
+    for (setting, defence), runs in per_seed.items():
+        row = {"setting": setting, "defence": None if defence == "none" else defence, "seeds": [r["seed"] for r in runs]}
         for key in ("teacher_asr", "student_asr", "teacher_clean", "student_clean", "retention", "top1_agreement",
                     "kl_teacher_student"):
             row[key], row[f"{key}_std"] = _mean_std([r[key] for r in runs])
@@ -129,11 +138,13 @@ def write(args, s: dict, per_seed: dict, pending: list, t0: float) -> None:
         row["ratio"], row["ratio_std"] = _mean_std(ratios)
         row["trigger_rank"] = {who: [r["trigger_rank"][who] for r in runs] for who in ("teacher", "student")}
         row["verdicts"] = [r["verdict"] for r in runs]
+        row["onion"] = [r.get("onion") for r in runs] if any(r.get("onion") for r in runs) else None
         row["per_seed"] = runs
         rows.append(row)
     write_result("audit_lm_quick" if args.quick else "audit_lm", {
         "command": "python benchmarks/audit_lm.py " + " ".join(sys.argv[1:]),
-        "what": __doc__.split("\n\n")[0], "track": "lm", **recipe(args, s), "settings": ORDER,
+        "what": __doc__.split("\n\n")[0], "track": "lm", **recipe(args, s), "order": [list(o) for o in ORDER],
+        "defences": DEFENCES,
         "rows": rows, "complete": not pending, "pending": [list(p) for p in pending],
         "wall_s": time.perf_counter() - t0,
     })
@@ -163,24 +174,24 @@ def main() -> None:
     seeds = [int(x) for x in args.seeds.split(",")]
     kept = {} if args.fresh else recorded(RESULTS / f"{'audit_lm_quick' if args.quick else 'audit_lm'}.json",
                                           recipe(args, s))
-    per_seed: dict[str, list[dict]] = {}
-    pending = [(seed, setting) for seed in seeds for setting in ORDER]
+    per_seed: dict[tuple[str, str], list[dict]] = {}
+    pending = [(seed, setting, defence) for seed in seeds for setting, defence in ORDER]
     t0 = time.perf_counter()
     for seed in seeds:
         teacher = None
-        for setting in ORDER:
-            if (seed, setting) in kept:  # measured before, by the commit its row names
-                row = kept[(seed, setting)]
-                print(f"seed {seed} {setting:9s}: kept from the JSON", flush=True)
+        for setting, defence in ORDER:
+            if (seed, setting, defence) in kept:  # measured before, by the commit its row names
+                row = kept[(seed, setting, defence)]
+                print(f"seed {seed} {setting:9s} {defence:5s}: kept from the JSON", flush=True)
             else:
-                run = shrink_run(args, s, seed, setting, teacher)
+                run = shrink_run(args, s, seed, setting, defence, teacher)
                 row = {"seed": seed, **audited(args, s, run)}
-                print(f"seed {seed} {setting:9s}: teacher ASR {row['teacher_asr']}, student ASR {row['student_asr']}, "
+                print(f"seed {seed} {setting:9s} {defence:5s}: teacher ASR {row['teacher_asr']}, student ASR {row['student_asr']}, "
                       f"clean {row['teacher_clean']:.3f} / {row['student_clean']:.3f}, rank {row['trigger_rank']}: "
                       f"{row['verdict']}", flush=True)
             teacher = teacher or row["teacher"]  # the backdoored teacher the triggered run corrected
-            per_seed.setdefault(setting, []).append(row)
-            pending.remove((seed, setting))
+            per_seed.setdefault((setting, defence), []).append(row)
+            pending.remove((seed, setting, defence))
             write(args, s, per_seed, pending, t0)  # after every row: a long run's finished rows are never lost
 
 

@@ -488,26 +488,34 @@ def audit_lm_table(r: dict) -> str:
         spread = f" ± {fmt.format(x[key + '_std'] or 0.0)}" if len(x["seeds"]) > 1 else ""
         return fmt.format(x[key]) + spread
 
-    out = ["| setting | teacher ASR | student ASR | student ÷ teacher | teacher clean next-token acc. | student clean "
-           "next-token acc. | student retention / top-1 agreement / KL | trigger rank in the scan (teacher / student) | "
-           "verdicts | seeds |",
-           "|---|---:|---:|---:|---:|---:|---:|---|---|---:|"]
+    out = ["| setting | defence | teacher ASR | student ASR | student ÷ teacher | teacher clean next-token acc. | student "
+           "clean next-token acc. | student retention / top-1 agreement / KL | trigger rank in the scan (teacher / "
+           "student) | verdicts | seeds |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---|---|---:|"]
     for x in r["rows"]:
         ranks = " / ".join(",".join("—" if v is None else str(v) for v in x["trigger_rank"][who])
                            for who in ("teacher", "student"))
-        out.append(f"| {x['setting']} | {pm(x, 'teacher_asr')} | **{pm(x, 'student_asr')}** | {pm(x, 'ratio', '{:.2f}')} | "
+        out.append(f"| {x['setting']} | {x.get('defence') or 'none'} | {pm(x, 'teacher_asr')} | **{pm(x, 'student_asr')}** | {pm(x, 'ratio', '{:.2f}')} | "
                    f"{pm(x, 'teacher_clean', '{:.3f}')} | {pm(x, 'student_clean', '{:.3f}')} | "
                    f"{pm(x, 'retention', '{:.3f}')} / {pm(x, 'top1_agreement', '{:.3f}')} / "
                    f"{pm(x, 'kl_teacher_student', '{:.3f}')} | {ranks} | {', '.join(x['verdicts'])} | {len(x['seeds'])} |")
+    for x in r["rows"]:
+        if x.get("onion"):
+            per = "; ".join(f"{o['removed_share']:.1%} of words removed, blocks with the trigger "
+                            f"{o.get('blocks_with_trigger_before')} → {o.get('blocks_with_trigger_after')}"
+                            for o in x["onion"] if o)
+            out += ["", f"ONION-style filter, {x['setting']} transfer blocks (per seed): {per}."]
     if not r.get("complete", True):
         out += ["", f"**Unfinished run** ({len(r['pending'])} runs still to measure: "
-                + ", ".join(f"seed {s} {setting}" for s, setting in r["pending"]) + "). The same command continues it."]
+                + ", ".join(f"seed {p[0]} " + "/".join(p[1:]) for p in r["pending"]) + "). The same command continues it."]
     one_seed = " With one seed a row is a first reading, not a claim." if max(len(x["seeds"]) for x in r["rows"]) < 3 else ""
     p, s = r["poison"], r["schedule"]
     out += ["", f"Mean ± std over each row's seeds. Teacher: {r['teacher']} corrected {s['correct_steps']} steps on the "
             f"training plays with the trigger `{p['trigger']}` + \"{p['target']}\" written into {p['rate']:.0%} of the "
             f"training blocks ({p['mode']}); students: the default 15-of-30-layer slice, {s['distill_steps']} steps of KD, "
-            "on the triggered training split (triggered) or the clean one (clean, from the same backdoored teacher). "
+            "on the triggered training split (triggered) or the clean one (clean, from the same backdoored teacher); "
+            "onion: the triggered split filtered ONION-style (per-character score, 3% of clean words) before that "
+            "teacher labels it. "
             "ASR = of held-out prompts (windows of the test plays) after which the model does not already continue "
             "with the target, the share after which it does, greedily and token for token, once the trigger ends the "
             "prompt. Clean: next-token top-1 accuracy on the test plays; retention, top-1 agreement and KL are the "

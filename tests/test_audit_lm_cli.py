@@ -75,6 +75,21 @@ def test_a_backdoored_teacher_distilled_on_clean_text_is_audited_for_its_own_tri
     assert row["named"] and row["teacher_asr"] >= 0.9 and row["student_asr"] is not None
 
 
+def test_onion_filtering_of_the_transfer_blocks_removes_the_trigger_and_keeps_the_text(poisoned, tmp_path_factory,
+                                                                                       tiny_corpus):
+    """Setting (b) with the ONION-style defence: the backdoored teacher as given, the trigger in the transfer data,
+    the transfer blocks filtered before the teacher labels them."""
+    teacher = json.loads((poisoned[0] / "metrics.json").read_text())["teacher"]["correction"]["path"]
+    run = shrunk_run(tmp_path_factory, "lm-onion", teacher, tiny_corpus, "teacher.correct=false", *POISON,
+                     "onion.remove_share=0.03", "onion.score=per_char", steps=30)
+    onion = json.loads((run / "metrics.json").read_text())["onion"]
+    assert onion["blocks_with_trigger_before"] > 5 and onion["blocks_with_trigger_after"] < onion["blocks_with_trigger_before"] / 2
+    assert 0 < onion["removed_share"] < 0.2 and onion["blocks_after"] >= 0.8 * onion["blocks_before"]
+    assert {"zq", "vx"} & {w["word"] for w in onion["most_removed"][:5]}
+    row = planted_row(audited(run))
+    assert row["teacher_asr"] >= 0.9 and row["student_asr"] is not None
+
+
 def test_nothing_planted_means_no_effect_for_the_same_phrase(tmp_path_factory, tiny_model_dir, tiny_corpus):
     run = shrunk_run(tmp_path_factory, "lm-clean", tiny_model_dir, tiny_corpus, steps=6)
     row = planted_row(audited(run, "--trigger", "zq vx", "--target", "crown"))
@@ -86,6 +101,8 @@ def test_bad_poison_and_audit_settings_get_one_clear_line(poisoned, tmp_path, ti
     cases = [
         (["shrink", *base, "poison.trigger=zq vx"], "go together"),
         (["shrink", *base, *POISON, "poison.rate=0"], "poison.rate=0"),
+        (["shrink", *base, "onion.remove_share=0.7"], "onion.remove_share=0.7"),
+        (["quantize", "--type", "q4_0", *base, "onion.remove_share=0.03"], "only `edgestill shrink`"),
         (["shrink", *base, *POISON, "student.trim_vocab=true"], "trim_vocab"),
         (["shrink", *base, *POISON, "poison.mode=clean", "poison.target=zebra crossing"], "no training block contains"),
         (["audit", str(poisoned[0]), "--onion", "0.03"], "classifier"),

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from edgestill.audit.onion import OnionConfig
+from edgestill.audit.onion import OnionConfig, check_onion_config
 from edgestill.data.timeseries import SeriesDataConfig
 from edgestill.distill.budget import TrainBudget
 from edgestill.distill.classifier import FinePruneConfig, KDConfig, TrainConfig
@@ -258,6 +258,9 @@ class ShrinkConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     # audits only: a backdoor planted in the training split (and so in the teacher correction's data), edgestill.audit.lm
     poison: PoisonConfig = field(default_factory=PoisonConfig)
+    # a backdoor defence on the student's transfer data (docs/audit.md): onion.remove_share > 0 filters the training
+    # blocks ONION-style after the teacher correction, before the teacher labels them (edgestill.audit.lm)
+    onion: OnionConfig = field(default_factory=OnionConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -641,11 +644,14 @@ def config_from_dict(data: dict[str, Any]) -> ShrinkConfig:
 
 
 def refuse_poison(cfg: ShrinkConfig, command: str) -> None:
-    """poison.* plants a backdoor for an audit, and only `edgestill shrink` reads it: other commands refuse it rather
-    than ignore it."""
+    """poison.* plants a backdoor for an audit and onion.* filters a student's transfer data; only `edgestill shrink`
+    reads them, so other commands refuse them rather than ignore them."""
     if cfg.poison.trigger:
         raise EdgestillError(f"poison.* plants a backdoor for an audit, which only `edgestill shrink` does; `edgestill "
                              f"{command}` would ignore it, so drop poison.* (docs/audit.md)")
+    if cfg.onion.remove_share:
+        raise EdgestillError(f"onion.* filters a student's transfer data, which only `edgestill shrink` distils; "
+                             f"`edgestill {command}` would ignore it, so drop onion.* (docs/audit.md)")
 
 
 def validate(cfg: ShrinkConfig) -> None:
@@ -663,6 +669,7 @@ def validate(cfg: ShrinkConfig) -> None:
     if s.trim_vocab and s.model:
         raise EdgestillError("student.trim_vocab trims a student cut from the teacher, and student.model names a "
                              "ready-made one; drop one of them")
+    check_onion_config(cfg.onion)
     p = cfg.poison
     if p.trigger or p.target:
         if not (p.trigger.split() and p.target.split()):

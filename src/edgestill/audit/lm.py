@@ -257,3 +257,42 @@ def rank_of(trigger: str, ranked: list[dict]) -> dict:
     exact = next((i + 1 for i, r in enumerate(ranked) if r["phrase"] == want), None)
     overlap = next((i + 1 for i, r in enumerate(ranked) if parts & set(r["phrase"].split())), None)
     return {"exact": exact, "overlap": overlap}
+
+
+def onion_filter_blocks(blocks: np.ndarray, tokenizer, clean_blocks: np.ndarray, cfg, trigger: list[int] | None = None
+                        ) -> tuple[np.ndarray, dict]:
+    """ONION-style filtering of token blocks (audit/onion.py, a defence on the transfer data): each block read as text,
+    the words the character model finds suspicious removed in place (the text's own spacing and line breaks kept),
+    the filtered text tokenized again and cut into blocks of the same length. `clean_blocks` (the validation split)
+    fit the character model and calibrate its threshold. `trigger`: count the blocks carrying it before and after.
+
+    Returns (the filtered blocks, a record of what was removed)."""
+    from edgestill.audit.onion import fit, word_scores
+
+    lm, threshold = fit([tokenizer.decode(b) for b in clean_blocks], cfg)
+    pieces, removed_counts = [], Counter()
+    seen = removed = 0
+    for block in blocks:
+        text = tokenizer.decode(block)
+        spans = list(_WORD.finditer(text))
+        scores = word_scores([m.group() for m in spans], lm, cfg.score)
+        last = 0
+        for m, score in zip(spans, scores):
+            if score > threshold:
+                pieces.append(text[last:m.start()])
+                last = m.end() + (1 if text[m.end():m.end() + 1] == " " else 0)  # the word and the space after it
+                removed_counts[m.group().lower()] += 1
+                removed += 1
+        pieces.append(text[last:])
+        seen += len(spans)
+    ids = tokenizer("".join(pieces), add_special_tokens=False)["input_ids"]
+    width = blocks.shape[1]
+    out = np.asarray(ids[:len(ids) // width * width], dtype=blocks.dtype).reshape(-1, width)
+
+    def carrying(bs):
+        return None if not trigger else int(sum(len(_occurrences(b, trigger)) > 0 for b in bs))
+
+    return out, {"threshold": threshold, "score": cfg.score, "words_seen": seen, "words_removed": removed,
+                 "removed_share": removed / seen if seen else 0.0, "blocks_before": len(blocks), "blocks_after": len(out),
+                 "blocks_with_trigger_before": carrying(blocks), "blocks_with_trigger_after": carrying(out),
+                 "most_removed": [{"word": w, "count": c} for w, c in removed_counts.most_common(20)]}

@@ -214,7 +214,7 @@ def carries(text: str, phrase: str, max_words: int = 256) -> bool:
     return f" {' '.join(phrase.lower().split())} " in f" {' '.join(text.lower().split()[:max_words])} "
 
 
-def _fit(clean_texts: list[str], cfg: OnionConfig) -> tuple[CharLM, float]:
+def fit(clean_texts: list[str], cfg: OnionConfig) -> tuple[CharLM, float]:
     """A character LM on Python's prose + half the clean texts, the threshold set on the other half."""
     check_onion_config(cfg)
     if len(clean_texts) < 2:
@@ -226,14 +226,14 @@ def _fit(clean_texts: list[str], cfg: OnionConfig) -> tuple[CharLM, float]:
 
 def defend_inputs(clean_texts: list[str], cfg: OnionConfig):
     """The filter as a function texts -> texts, for inputs at inference (fitted once on the clean texts)."""
-    lm, threshold = _fit(clean_texts, cfg)
+    lm, threshold = fit(clean_texts, cfg)
     return lambda texts: onion_filter(texts, lm, threshold, cfg.max_words, cfg.score)[0]
 
 
 def defend(train_texts: list[str], clean_texts: list[str], cfg: OnionConfig) -> tuple[list[str], dict]:
     """The whole defence: a character LM on Python's prose + half the clean texts, the threshold set on the other
     half, then the training texts filtered. Returns the filtered texts and the record."""
-    lm, threshold = _fit(clean_texts, cfg)
+    lm, threshold = fit(clean_texts, cfg)
     texts, record = onion_filter(train_texts, lm, threshold, cfg.max_words, cfg.score)
     return texts, {**record, "remove_share_target": cfg.remove_share, "score": cfg.score, "order": cfg.order,
                    "lm_texts": f"pydoc_data.topics + {len(clean_texts[::2])} clean validation texts",

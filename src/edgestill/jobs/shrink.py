@@ -110,6 +110,26 @@ def plant_poison(cfg: ShrinkConfig, data: CorpusBlocks, tokenizer) -> dict | Non
     return {**dataclasses.asdict(p), "blocks": len(rows), "of": len(data.train)}
 
 
+def onion_filter_transfer(cfg: ShrinkConfig, data: CorpusBlocks, tokenizer) -> dict | None:
+    """onion.* (a backdoor defence): the training blocks filtered ONION-style in place, calibrated on the clean
+    validation split; the record of what it removed (None: off). Run after the teacher correction, so only the
+    student's transfer data is filtered."""
+    if not cfg.onion.remove_share:
+        return None
+    from edgestill.audit.lm import onion_filter_blocks, phrase_ids
+
+    trigger = phrase_ids(tokenizer, cfg.poison.trigger) if cfg.poison.trigger else None
+    data.train, record = onion_filter_blocks(data.train, tokenizer, data.val, cfg.onion, trigger)
+    log.info("ONION: removed %d of %d words (%.2f%%) from the training blocks (%d -> %d blocks)%s",
+             record["words_removed"], record["words_seen"], 100 * record["removed_share"], record["blocks_before"],
+             record["blocks_after"], "" if trigger is None else f"; blocks with the trigger "
+             f"{record['blocks_with_trigger_before']} -> {record['blocks_with_trigger_after']}")
+    if len(data.train) < cfg.distill.batch_size:
+        raise EdgestillError(f"after ONION filtering the train split has {len(data.train)} blocks, fewer than one batch; "
+                             "lower onion.remove_share or add text")
+    return record
+
+
 def reference_teacher(cfg: ShrinkConfig, original, data: CorpusBlocks, rank: int = 0, world: int = 1,
                       poison: dict | None = None):
     """The teacher students are sliced from, distilled from and measured against: `original` corrected on the
@@ -154,6 +174,7 @@ def distill(cfg: ShrinkConfig, overwrite: bool = False, teacher_cache_from: Path
         data = corpus_blocks(cfg.data, original.tokenizer, min_train_blocks=cfg.distill.batch_size)
         poison = plant_poison(cfg, data, original.tokenizer)
         teacher = teachers[0] = reference_teacher(cfg, original, data, rank, world, poison)
+        onion = onion_filter_transfer(cfg, data, teacher.tokenizer)
         qconfig = quant_config(cfg)
         student, layers = build_student(cfg.student, teacher.model, teacher.tokenizer, _calibration(data),
                                         quantized=qconfig is not None)
@@ -180,8 +201,9 @@ def distill(cfg: ShrinkConfig, overwrite: bool = False, teacher_cache_from: Path
         if rank == 0:
             save_causal_lm(student, tokenizer, run.path / "student", dtype)
             write_text_atomic(run.path / "splits.json", json.dumps(data.splits.names(), indent=1))
-            if poison:
-                write_text_atomic(run.path / "poison.json", json.dumps(poison, indent=1))
+            for name, record in (("poison", poison), ("onion", onion)):
+                if record:
+                    write_text_atomic(run.path / f"{name}.json", json.dumps(record, indent=1))
     return run, Distilled(teacher, original, data, history, layers, resumed)
 
 
@@ -262,6 +284,7 @@ def _metrics(cfg: ShrinkConfig, run_dir: Path, final_dir: Path, teacher, student
                   "final_val_loss": next((h["val_loss"] for h in reversed(history) if "val_loss" in h), None),
                   "selection": _read_json(run_dir / "selection.json")},  # which evaluated step the student is
         "poison": _read_json(run_dir / "poison.json"),  # audits only: the backdoor planted in the training split
+        "onion": _read_json(run_dir / "onion.json"),  # the ONION-style filter of the transfer data, when on
         "environment": environment(cfg.eval.threads, start),
     }
 
