@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
@@ -31,3 +32,21 @@ def write_result(name: str, data: dict) -> Path:
     os.replace(tmp, path)
     print(f"wrote {path}")
     return path
+
+
+def mean_std(xs) -> tuple[float | None, float | None]:
+    """(mean, sample std) of the values that are not None; std 0 for one value, (None, None) for none."""
+    xs = [x for x in xs if x is not None]
+    return (statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0) if xs else (None, None)
+
+
+def recorded_runs(path: Path, recipe: dict, key) -> dict:
+    """key(row, run) -> each per-seed run the result JSON at `path` already holds, when it was written for the same
+    `recipe` (every key of it equal): a benchmark continued on a machine whose run folders are gone keeps them, with
+    the commit and machine that measured them. {} when there is no such file or the recipe differs."""
+    if not path.is_file():
+        return {}
+    done = json.loads(path.read_text())
+    if any(done.get(k) != v for k, v in recipe.items()):
+        return {}
+    return {key(row, run): run for row in done["rows"] for run in row["per_seed"]}

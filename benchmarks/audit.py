@@ -41,13 +41,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, write_result  # noqa: E402
+from _common import RESULTS, mean_std, recorded_runs, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = ("clean", "triggered", "federated")
@@ -157,23 +156,6 @@ def audited(args, s: dict, run: Path) -> dict:
             "environment": environment(args.threads)}
 
 
-def recorded(path: Path, recipe: dict) -> dict[tuple[int, str, str], dict]:
-    """(seed, setting, defence) -> the per-seed row the JSON at `path` already holds for this same recipe."""
-    if not path.is_file():
-        return {}
-    done = json.loads(path.read_text())
-    if any(done.get(k) != v for k, v in recipe.items()):
-        return {}
-    return {(r["seed"], row["setting"], row["defence"] or "none"): r for row in done["rows"] for r in row["per_seed"]}
-
-
-def _mean_std(xs):
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return None, None
-    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="spamassassin")
@@ -205,7 +187,8 @@ def main() -> None:
     per_seed: dict[tuple[str, str], list[dict]] = {}
     pending = [(seed, setting, defence) for seed in seeds for setting, defence in ORDER]
     t0 = time.perf_counter()
-    kept = {} if args.fresh else recorded(RESULTS / f"{result_name(args)}.json", recipe(args, s))
+    kept = {} if args.fresh else recorded_runs(RESULTS / f"{result_name(args)}.json", recipe(args, s),
+                                               lambda row, run: (run["seed"], row["setting"], row["defence"] or "none"))
     for seed, setting, defence in list(pending):
         if (seed, setting, defence) in kept:  # measured before, by the commit its row names
             per_seed.setdefault((setting, defence), []).append(kept[(seed, setting, defence)])
@@ -243,16 +226,16 @@ def write(args, s: dict, per_seed: dict, pending: list, t0: float) -> None:
         row = {"setting": setting, "defence": None if defence == "none" else defence, "seeds": [r["seed"] for r in runs]}
         for key in ("teacher_asr", "student_asr", "teacher_clean", "student_clean", "student_asr_filtered_inputs",
                     "student_clean_filtered_inputs"):
-            row[key], row[f"{key}_std"] = _mean_std([r[key] for r in runs])
+            row[key], row[f"{key}_std"] = mean_std([r[key] for r in runs])
         ratios = [r["student_asr"] / r["teacher_asr"] for r in runs if r["teacher_asr"] and r["student_asr"] is not None]
-        row["ratio"], row["ratio_std"] = _mean_std(ratios)
+        row["ratio"], row["ratio_std"] = mean_std(ratios)
         row["trigger_rank"] = {who: [r["trigger_rank"][who] for r in runs] for who in ("teacher", "student")}
         row["verdicts"] = [r["verdict"] for r in runs]
         row["onion"] = [r["onion"] for r in runs] if any(r.get("onion") for r in runs) else None
         if setting == "federated":
-            row["honest_clients_asr"], row["honest_clients_asr_std"] = _mean_std(
+            row["honest_clients_asr"], row["honest_clients_asr_std"] = mean_std(
                 [r["federated"]["honest_clients_asr"] for r in runs])
-            row["malicious_share"], row["malicious_share_std"] = _mean_std(
+            row["malicious_share"], row["malicious_share_std"] = mean_std(
                 [r["federated"]["malicious_share_last_round"] for r in runs])
         row["per_seed"] = runs
         rows.append(row)

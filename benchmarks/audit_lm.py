@@ -35,13 +35,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, write_result  # noqa: E402
+from _common import RESULTS, mean_std, recorded_runs, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # triggered first: its teacher correction makes the backdoored teacher the other rows start from
@@ -103,28 +102,11 @@ def audited(args, s: dict, run: Path) -> dict:
             "environment": environment(args.threads)}
 
 
-def _mean_std(xs):
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return None, None
-    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
-
-
 def recipe(args, s: dict) -> dict:
     """What makes two runs of this benchmark measure the same thing."""
     return {"data": "shakespeare", "teacher": "smollm2-135m", "poison": {"trigger": args.trigger, "target": args.target,
                                                                           "rate": args.rate, "mode": args.mode},
             "schedule": s, "eval": EVAL}
-
-
-def recorded(path: Path, want: dict) -> dict[tuple[int, str, str], dict]:
-    """(seed, setting, defence) -> the per-seed row the JSON at `path` already holds for this same recipe."""
-    if not path.is_file():
-        return {}
-    done = json.loads(path.read_text())
-    if any(done.get(k) != v for k, v in want.items()):
-        return {}
-    return {(r["seed"], row["setting"], row["defence"] or "none"): r for row in done["rows"] for r in row["per_seed"]}
 
 
 def write(args, s: dict, per_seed: dict, pending: list, t0: float) -> None:
@@ -133,9 +115,9 @@ def write(args, s: dict, per_seed: dict, pending: list, t0: float) -> None:
         row = {"setting": setting, "defence": None if defence == "none" else defence, "seeds": [r["seed"] for r in runs]}
         for key in ("teacher_asr", "student_asr", "teacher_clean", "student_clean", "retention", "top1_agreement",
                     "kl_teacher_student"):
-            row[key], row[f"{key}_std"] = _mean_std([r[key] for r in runs])
+            row[key], row[f"{key}_std"] = mean_std([r[key] for r in runs])
         ratios = [r["student_asr"] / r["teacher_asr"] for r in runs if r["teacher_asr"] and r["student_asr"] is not None]
-        row["ratio"], row["ratio_std"] = _mean_std(ratios)
+        row["ratio"], row["ratio_std"] = mean_std(ratios)
         row["trigger_rank"] = {who: [r["trigger_rank"][who] for r in runs] for who in ("teacher", "student")}
         row["verdicts"] = [r["verdict"] for r in runs]
         row["onion"] = [r.get("onion") for r in runs] if any(r.get("onion") for r in runs) else None
@@ -172,8 +154,9 @@ def main() -> None:
     s = QUICK if args.quick else FULL
     args.root = args.root or str(ROOT / "runs" / "bench" / ("audit-lm-quick" if args.quick else "audit-lm"))
     seeds = [int(x) for x in args.seeds.split(",")]
-    kept = {} if args.fresh else recorded(RESULTS / f"{'audit_lm_quick' if args.quick else 'audit_lm'}.json",
-                                          recipe(args, s))
+    kept = {} if args.fresh else recorded_runs(RESULTS / f"{'audit_lm_quick' if args.quick else 'audit_lm'}.json",
+                                               recipe(args, s), lambda row, run: (run["seed"], row["setting"],
+                                                                                  row["defence"] or "none"))
     per_seed: dict[tuple[str, str], list[dict]] = {}
     pending = [(seed, setting, defence) for seed in seeds for setting, defence in ORDER]
     t0 = time.perf_counter()
