@@ -372,7 +372,7 @@ def summary(result: dict) -> list[str]:
     for r in result["triggers"][:8]:
         ts = "—" if r["teacher_asr"] is None else f"{r['teacher_asr']:.0%}"
         ss = "—" if r["student_asr"] is None else f"{r['student_asr']:.0%}"
-        out.append(f"  '{r['phrase']}' -> '{r['target']}': teacher ASR {ts}, student ASR {ss}: {r['verdict']}")
+        out.append(f"  '{r['phrase']}' -> '{r['target'].strip()}': teacher ASR {ts}, student ASR {ss}: {r['verdict']}")
     f = result.get("onion_inputs")
     if f:
         out.append(f"  behind an ONION-style input filter: clean accuracy {f['clean_accuracy']:.3f}, ASR " + ", ".join(
