@@ -477,7 +477,7 @@ def _row_commits(r: dict) -> str:
             commits[c] = commits.get(c, 0) + 1
     if len(commits) < 2:
         return ""
-    return " Rows measured by commits " + ", ".join(f"`{c}` ({n} runs)" for c, n in commits.items()) + "."
+    return " Rows measured by commits " + ", ".join(f"`{c}` ({n} run{'s' if n != 1 else ''})" for c, n in commits.items()) + "."
 
 
 def audit_lm_table(r: dict) -> str:

@@ -275,4 +275,4 @@ def test_lm_audit_table_shows_both_asrs_the_fidelity_and_the_commits_of_rows_mea
     assert "| triggered | none | 95.0% ± 1.0% | **50.0% ± 10.0%** | 0.53 ± 0.10 | 0.410 ± 0.000 | 0.330 ± 0.010 |" in table
     assert "0.620 ± 0.010 / 0.600 ± 0.000 / 0.900 ± 0.100 | 1,2 / 3,— | inherited, inherited | 2 |" in table
     assert "seed 2 triggered/none, seed 2 clean/none" in table and "first reading" in table
-    assert "Rows measured by commits `aaaaaaaa` (1 runs), `bbbbbbbb` (1 runs)." in table
+    assert "Rows measured by commits `aaaaaaaa` (1 run), `bbbbbbbb` (1 run)." in table
