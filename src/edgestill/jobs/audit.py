@@ -235,8 +235,9 @@ def _lm_run(run_dir: Path, cfg: AuditConfig) -> dict:
                              "it: it resumes")
     shrink_cfg = load_config(run_dir / "config.yaml")
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    teacher_path = ((metrics.get("teacher") or {}).get("correction") or {}).get("path") or shrink_cfg.teacher.model
-    if ((metrics.get("teacher") or {}).get("correction") or {}).get("path") and not Path(teacher_path).is_dir():
+    corrected = ((metrics.get("teacher") or {}).get("correction") or {}).get("path")
+    teacher_path = corrected or shrink_cfg.teacher.model
+    if corrected and not Path(corrected).is_dir():
         raise EdgestillError(f"the run's corrected teacher ({teacher_path}) is gone from the cache; `edgestill eval "
                              f"{run_dir}` corrects it again (same data and settings), then audit")
     teacher = load_causal_lm(str(teacher_path))
