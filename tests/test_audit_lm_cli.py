@@ -90,6 +90,21 @@ def test_onion_filtering_of_the_transfer_blocks_removes_the_trigger_and_keeps_th
     assert row["teacher_asr"] >= 0.9 and row["student_asr"] is not None
 
 
+def test_fine_pruning_cuts_the_students_ffn_and_fine_tunes_it_on_clean_text(poisoned, tmp_path_factory, tiny_corpus):
+    """Setting (b) with fine-pruning: the student's least active FFN units cut on the clean validation blocks, then
+    fine-tuned on them; the run records it, the saved student is the smaller one, and the audit reads it."""
+    teacher = json.loads((poisoned[0] / "metrics.json").read_text())["teacher"]["correction"]["path"]
+    run = shrunk_run(tmp_path_factory, "lm-fine-prune", teacher, tiny_corpus, "teacher.correct=false", *POISON,
+                     "fine_prune.fraction=0.25", "fine_prune.steps=10", "fine_prune.lr=1e-3", steps=30)
+    metrics = json.loads((run / "metrics.json").read_text())
+    pruned = metrics["fine_prune"]
+    assert pruned["units_before"] == 128 and pruned["units_after"] == 96 and pruned["steps"] == 10
+    assert pruned["val_loss_after_fine_tune"] < pruned["val_loss_after_prune"]
+    assert metrics["student"]["intermediate_size"] == 96 and json.loads((run / "fine_prune.json").read_text()) == pruned
+    row = planted_row(audited(run))
+    assert row["teacher_asr"] >= 0.9 and row["student_asr"] is not None
+
+
 def test_nothing_planted_means_no_effect_for_the_same_phrase(tmp_path_factory, tiny_model_dir, tiny_corpus):
     run = shrunk_run(tmp_path_factory, "lm-clean", tiny_model_dir, tiny_corpus, steps=6)
     row = planted_row(audited(run, "--trigger", "zq vx", "--target", "crown"))
@@ -109,6 +124,10 @@ def test_bad_poison_and_audit_settings_get_one_clear_line(poisoned, tmp_path, ti
         (["audit", str(poisoned[0]), "--trigger", "zq vx"], "go together"),
         (["quantize", "--type", "q4_0", *base, *POISON], "only `edgestill shrink`"),
         (["sweep", "--out", str(tmp_path / "never"), *base, *POISON], "only `edgestill shrink`"),
+        (["shrink", *base, "fine_prune.fraction=1.2"], "fine_prune.fraction=1.2"),
+        (["shrink", *base, "fine_prune.fraction=0.3", "quant.format=q4_0"], "with quant.format=q4_0"),
+        (["shrink", *base, "fine_prune.fraction=0.3", "student.low_rank=0.5"], "with student.low_rank=0.5"),
+        (["sweep", "--out", str(tmp_path / "never"), *base, "fine_prune.fraction=0.3"], "only `edgestill shrink`"),
     ]
     for argv, words in cases:
         assert main(argv) == 2, argv

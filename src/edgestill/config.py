@@ -23,7 +23,7 @@ import yaml
 from edgestill.audit.onion import OnionConfig, check_onion_config
 from edgestill.data.timeseries import SeriesDataConfig
 from edgestill.distill.budget import TrainBudget
-from edgestill.distill.classifier import FinePruneConfig, KDConfig, TrainConfig
+from edgestill.distill.classifier import FinePruneConfig, KDConfig, TrainConfig, check_fine_prune_config
 from edgestill.distill.classifier import StudentConfig as EncoderStudentConfig
 from edgestill.distill.losses import LOGIT_LOSS_KINDS
 from edgestill.distill.multi_teacher import WEIGHTINGS
@@ -261,6 +261,9 @@ class ShrinkConfig:
     # a backdoor defence on the student's transfer data (docs/audit.md): onion.remove_share > 0 filters the training
     # blocks ONION-style after the teacher correction, before the teacher labels them (edgestill.audit.lm)
     onion: OnionConfig = field(default_factory=OnionConfig)
+    # a backdoor defence on the distilled student (docs/audit.md): fine_prune.fraction > 0 removes that share of every
+    # block's least active FFN units on the clean validation blocks, then fine-tunes on them (distill/fine_prune.py)
+    fine_prune: FinePruneConfig = field(default_factory=lambda: FinePruneConfig(batch_size=8))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -652,6 +655,23 @@ def refuse_poison(cfg: ShrinkConfig, command: str) -> None:
     if cfg.onion.remove_share:
         raise EdgestillError(f"onion.* filters a student's transfer data, which only `edgestill shrink` distils; "
                              f"`edgestill {command}` would ignore it, so drop onion.* (docs/audit.md)")
+    if cfg.fine_prune.fraction:
+        raise EdgestillError(f"fine_prune.* prunes and fine-tunes a distilled student, which only `edgestill shrink` "
+                             f"makes; `edgestill {command}` would ignore it, so drop fine_prune.* (docs/audit.md)")
+
+
+def _check_fine_prune(cfg: ShrinkConfig) -> None:
+    """fine_prune.* cuts the student's FFN units and fine-tunes them in float, token for token with the teacher."""
+    check_fine_prune_config(cfg.fine_prune)
+    if not cfg.fine_prune.fraction:
+        return
+    clash = ("quant.format", cfg.quant.format) if cfg.quant.format is not None else \
+        ("student.low_rank", cfg.student.low_rank) if cfg.student.low_rank is not None else \
+        ("student.trim_vocab", True) if cfg.student.trim_vocab else None
+    if clash:
+        raise EdgestillError(f"fine_prune.fraction={cfg.fine_prune.fraction} with {clash[0]}={clash[1]}: fine-pruning "
+                             "a decoder student cuts and fine-tunes dense float FFNs in the teacher's vocabulary; "
+                             f"drop one of them (docs/audit.md)")
 
 
 def validate(cfg: ShrinkConfig) -> None:
@@ -670,6 +690,7 @@ def validate(cfg: ShrinkConfig) -> None:
         raise EdgestillError("student.trim_vocab trims a student cut from the teacher, and student.model names a "
                              "ready-made one; drop one of them")
     check_onion_config(cfg.onion)
+    _check_fine_prune(cfg)
     p = cfg.poison
     if p.trigger or p.target:
         if not (p.trigger.split() and p.target.split()):

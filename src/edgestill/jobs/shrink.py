@@ -130,6 +130,16 @@ def onion_filter_transfer(cfg: ShrinkConfig, data: CorpusBlocks, tokenizer) -> d
     return record
 
 
+def fine_prune_student(cfg: ShrinkConfig, student, data: CorpusBlocks) -> dict | None:
+    """fine_prune.* (a backdoor defence, distill/fine_prune.py): the distilled student's dormant FFN units cut on the
+    clean validation blocks, then fine-tuned on them, in place; the record of what changed (None: off)."""
+    if not cfg.fine_prune.fraction:
+        return None
+    from edgestill.distill.fine_prune import fine_prune_lm
+
+    return fine_prune_lm(student, data.val, cfg.fine_prune, cfg.distill.seed, show_progress=is_main_process())
+
+
 def reference_teacher(cfg: ShrinkConfig, original, data: CorpusBlocks, rank: int = 0, world: int = 1,
                       poison: dict | None = None):
     """The teacher students are sliced from, distilled from and measured against: `original` corrected on the
@@ -192,6 +202,7 @@ def distill(cfg: ShrinkConfig, overwrite: bool = False, teacher_cache_from: Path
             quantize_(student, qconfig, step="prepare")  # fake-quant forward, straight-through gradients
         history = train(student, source, data.train, cfg.distill, run.path, val_blocks=data.val, layers=layers,
                         reference=teacher.model, vocab=vocab)
+        pruned = fine_prune_student(cfg, student, data)
         dtype = cfg.output.dtype
         if qconfig is not None:
             report = quantize_(student, qconfig, step="convert")  # weights := exact runtime values
@@ -201,7 +212,7 @@ def distill(cfg: ShrinkConfig, overwrite: bool = False, teacher_cache_from: Path
         if rank == 0:
             save_causal_lm(student, tokenizer, run.path / "student", dtype)
             write_text_atomic(run.path / "splits.json", json.dumps(data.splits.names(), indent=1))
-            for name, record in (("poison", poison), ("onion", onion)):
+            for name, record in (("poison", poison), ("onion", onion), ("fine_prune", pruned)):
                 if record:
                     write_text_atomic(run.path / f"{name}.json", json.dumps(record, indent=1))
     return run, Distilled(teacher, original, data, history, layers, resumed)
@@ -285,6 +296,7 @@ def _metrics(cfg: ShrinkConfig, run_dir: Path, final_dir: Path, teacher, student
                   "selection": _read_json(run_dir / "selection.json")},  # which evaluated step the student is
         "poison": _read_json(run_dir / "poison.json"),  # audits only: the backdoor planted in the training split
         "onion": _read_json(run_dir / "onion.json"),  # the ONION-style filter of the transfer data, when on
+        "fine_prune": _read_json(run_dir / "fine_prune.json"),  # the student's FFN units cut + clean fine-tuning, when on
         "environment": environment(cfg.eval.threads, start),
     }
 

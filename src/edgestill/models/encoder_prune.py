@@ -93,16 +93,22 @@ def cut_ffn_(model, keep: list[torch.Tensor]) -> None:
     model.config.intermediate_size = len(keep[0])
 
 
-def prune_dormant_(model, enc: dict, fraction: float) -> dict:
-    """Remove the `fraction` least active FFN units of every layer (activation on clean `enc`). Returns a record."""
+def most_active(scores: list[torch.Tensor], fraction: float) -> tuple[list[torch.Tensor], dict]:
+    """Per layer, the units to keep when the `fraction` least active (lowest score) go, the same count in every
+    layer; and the record of what goes."""
     if not 0 < fraction < 1:
         raise EdgestillError(f"fine-pruning fraction {fraction} must be in (0, 1)")
-    scores = ffn_mean_activation(model, enc)
     units = len(scores[0])
     kept = max(1, units - int(round(fraction * units)))
     order = [torch.argsort(s, descending=True) for s in scores]  # most active first
     keep, dropped = [o[:kept] for o in order], [o[kept:] for o in order]
+    return keep, {"units_before": units, "units_after": kept, "fraction": fraction,
+                  "mean_activation_of_pruned": [float(s[d].mean()) if len(d) else None for s, d in zip(scores, dropped)],
+                  "mean_activation_of_kept": [float(s[k].mean()) for s, k in zip(scores, keep)]}
+
+
+def prune_dormant_(model, enc: dict, fraction: float) -> dict:
+    """Remove the `fraction` least active FFN units of every layer (activation on clean `enc`). Returns a record."""
+    keep, record = most_active(ffn_mean_activation(model, enc), fraction)
     cut_ffn_(model, keep)
-    return {"units_before": units, "units_after": kept, "fraction": fraction,
-            "mean_activation_of_pruned": [float(s[d].mean()) if len(d) else None for s, d in zip(scores, dropped)],
-            "mean_activation_of_kept": [float(s[k].mean()) for s, k in zip(scores, keep)]}
+    return record

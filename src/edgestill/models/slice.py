@@ -102,7 +102,8 @@ def _ffn_keep(mlp, size: int) -> torch.Tensor:
     return torch.topk(ffn_weight_score(mlp), size).indices.sort().values
 
 
-def _narrow_ffn(mlp, keep: torch.Tensor) -> None:
+def narrow_ffn(mlp, keep: torch.Tensor) -> None:
+    """Keep FFN units `keep` (sorted indices) of a gated MLP (gate_proj, up_proj, down_proj), in place."""
     for name in ("gate_proj", "up_proj"):
         old = getattr(mlp, name)
         new = nn.Linear(old.in_features, len(keep), bias=old.bias is not None, dtype=old.weight.dtype)
@@ -163,7 +164,7 @@ def slice_decoder(teacher, layers: list[int], intermediate_size: int | None = No
         raise EdgestillError(f"slicing {type(teacher).__name__} left weights unset: {missing[:3]} {unexpected[:3]}")
     if intermediate_size is not None and intermediate_size != teacher_ffn:
         for block in student_layers:
-            _narrow_ffn(block.mlp, _ffn_keep(block.mlp, intermediate_size))
+            narrow_ffn(block.mlp, _ffn_keep(block.mlp, intermediate_size))
         student.config.intermediate_size = intermediate_size
     if getattr(student.config, "tie_word_embeddings", False):
         student.tie_weights()
