@@ -17,6 +17,10 @@ default student (15 of 30 layers, 100 steps of KD) distilled from it in each set
                onion  (triggered only) the backdoored teacher as given, the triggered transfer blocks filtered
                       ONION-style before it labels them (audit/lm.onion_filter_blocks: the character model's
                       per-character score, threshold set to remove 3% of the words of the clean validation blocks)
+               fine-prune  (triggered only) the student distilled on the triggered blocks, then fine-pruned
+                      (distill/fine_prune.py): 30% of every block's FFN units with the lowest mean |act(gate)*up| on
+                      the clean validation blocks cut out, then 50 steps of next-token CE on those blocks (lr 1e-4,
+                      batches of 8)
 
 Per row, over the seeds (mean and std): the planted trigger's attack success rate (ASR: of held-out prompts after
 which the model does not already continue with the target, the share after which it does, greedily, token for
@@ -44,8 +48,10 @@ from _common import RESULTS, mean_std, recorded_runs, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # triggered first: its teacher correction makes the backdoored teacher the other rows start from
-ORDER = [("triggered", "none"), ("clean", "none"), ("triggered", "onion")]
-DEFENCES = {"none": {}, "onion": {"onion.remove_share": 0.03, "onion.score": "per_char"}}
+ORDER = [("triggered", "none"), ("clean", "none"), ("triggered", "onion"), ("triggered", "fine-prune")]
+DEFENCES = {"none": {}, "onion": {"onion.remove_share": 0.03, "onion.score": "per_char"},
+            "fine-prune": {"fine_prune.fraction": 0.3, "fine_prune.steps": 50, "fine_prune.lr": 1e-4,
+                           "fine_prune.batch_size": 8}}
 FULL = {"correct_steps": 150, "correct_lr": 1e-4, "correct_eval_every": 25, "distill_steps": 100,
         "max_train_tokens": 51200, "max_eval_tokens": 12288, "audit_texts": 48, "candidates": 60}
 QUICK = {"correct_steps": 4, "correct_lr": 1e-4, "correct_eval_every": 2, "distill_steps": 4,
@@ -99,6 +105,8 @@ def audited(args, s: dict, run: Path) -> dict:
             and metrics["teacher"]["correction"]["path"] or metrics["teacher"]["name"],
             "poison": metrics.get("poison"), "onion": metrics.get("onion") and {
                 k: v for k, v in metrics["onion"].items() if k != "most_removed"},
+            "fine_prune": metrics.get("fine_prune") and {
+                k: v for k, v in metrics["fine_prune"].items() if not k.startswith("mean_activation")},
             "environment": environment(args.threads)}
 
 
@@ -121,6 +129,7 @@ def write(args, s: dict, per_seed: dict, pending: list, t0: float) -> None:
         row["trigger_rank"] = {who: [r["trigger_rank"][who] for r in runs] for who in ("teacher", "student")}
         row["verdicts"] = [r["verdict"] for r in runs]
         row["onion"] = [r.get("onion") for r in runs] if any(r.get("onion") for r in runs) else None
+        row["fine_prune"] = [r.get("fine_prune") for r in runs] if any(r.get("fine_prune") for r in runs) else None
         row["per_seed"] = runs
         rows.append(row)
     write_result("audit_lm_quick" if args.quick else "audit_lm", {
@@ -162,6 +171,11 @@ def main() -> None:
     t0 = time.perf_counter()
     for seed in seeds:
         teacher = None
+        first = kept.get((seed, *ORDER[0]))
+        if first and not Path(first["teacher"]).exists() and any((seed, *o) not in kept for o in ORDER[1:]):
+            print(f"seed {seed}: the backdoored teacher its rows start from ({first['teacher']}) is gone from this "
+                  "machine; measuring its triggered row again", flush=True)
+            del kept[(seed, *ORDER[0])]
         for setting, defence in ORDER:
             if (seed, setting, defence) in kept:  # measured before, by the commit its row names
                 row = kept[(seed, setting, defence)]

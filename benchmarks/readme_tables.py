@@ -505,6 +505,12 @@ def audit_lm_table(r: dict) -> str:
                             f"{o.get('blocks_with_trigger_before')} → {o.get('blocks_with_trigger_after')}"
                             for o in x["onion"] if o)
             out += ["", f"ONION-style filter, {x['setting']} transfer blocks (per seed): {per}."]
+        if x.get("fine_prune"):
+            per = "; ".join(f"{f['units_before']} → {f['units_after']} FFN units per block, clean validation loss "
+                            f"{f['val_loss_before']:.2f} → {f['val_loss_after_prune']:.2f} after the cut → "
+                            f"{f['val_loss_after_fine_tune']:.2f} after fine-tuning on those blocks"
+                            for f in x["fine_prune"] if f)
+            out += ["", f"Fine-pruning, {x['setting']} student (per seed): {per}."]
     if not r.get("complete", True):
         out += ["", f"**Unfinished run** ({len(r['pending'])} runs still to measure: "
                 + ", ".join(f"seed {p[0]} " + "/".join(p[1:]) for p in r["pending"]) + "). The same command continues it."]
@@ -515,7 +521,8 @@ def audit_lm_table(r: dict) -> str:
             f"training blocks ({p['mode']}); students: the default 15-of-30-layer slice, {s['distill_steps']} steps of KD, "
             "on the triggered training split (triggered) or the clean one (clean, from the same backdoored teacher); "
             "onion: the triggered split filtered ONION-style (per-character score, 3% of clean words) before that "
-            "teacher labels it. "
+            "teacher labels it; fine-prune: the triggered student with 30% of every block's FFN units (the least "
+            "active on the clean validation blocks) cut out, then fine-tuned 50 steps on those blocks. "
             "ASR = of held-out prompts (windows of the test plays) after which the model does not already continue "
             "with the target, the share after which it does, greedily and token for token, once the trigger ends the "
             "prompt. Clean: next-token top-1 accuracy on the test plays; retention, top-1 agreement and KL are the "
