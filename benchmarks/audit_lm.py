@@ -21,6 +21,9 @@ default student (15 of 30 layers, 100 steps of KD) distilled from it in each set
                       (distill/fine_prune.py): 30% of every block's FFN units with the lowest mean |act(gate)*up| on
                       the clean validation blocks cut out, then 50 steps of next-token CE on those blocks (lr 1e-4,
                       batches of 8)
+               perturb  (triggered only) KD on perturbed inputs: 10% of the triggered transfer blocks' tokens
+                      replaced by tokens drawn from the blocks' unigram distribution before the backdoored teacher
+                      labels them (audit/lm.perturb_blocks)
 
 Per row, over the seeds (mean and std): the planted trigger's attack success rate (ASR: of held-out prompts after
 which the model does not already continue with the target, the share after which it does, greedily, token for
@@ -48,10 +51,12 @@ from _common import RESULTS, mean_std, recorded_runs, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # triggered first: its teacher correction makes the backdoored teacher the other rows start from
-ORDER = [("triggered", "none"), ("clean", "none"), ("triggered", "onion"), ("triggered", "fine-prune")]
+ORDER = [("triggered", "none"), ("clean", "none"), ("triggered", "onion"), ("triggered", "fine-prune"),
+         ("triggered", "perturb")]
 DEFENCES = {"none": {}, "onion": {"onion.remove_share": 0.03, "onion.score": "per_char"},
             "fine-prune": {"fine_prune.fraction": 0.3, "fine_prune.steps": 50, "fine_prune.lr": 1e-4,
-                           "fine_prune.batch_size": 8}}
+                           "fine_prune.batch_size": 8},
+            "perturb": {"perturb.token_rate": 0.1}}
 FULL = {"correct_steps": 150, "correct_lr": 1e-4, "correct_eval_every": 25, "distill_steps": 100,
         "max_train_tokens": 51200, "max_eval_tokens": 12288, "audit_texts": 48, "candidates": 60}
 QUICK = {"correct_steps": 4, "correct_lr": 1e-4, "correct_eval_every": 2, "distill_steps": 4,
@@ -105,6 +110,7 @@ def audited(args, s: dict, run: Path) -> dict:
             and metrics["teacher"]["correction"]["path"] or metrics["teacher"]["name"],
             "poison": metrics.get("poison"), "onion": metrics.get("onion") and {
                 k: v for k, v in metrics["onion"].items() if k != "most_removed"},
+            "perturb": metrics.get("perturb"),
             "fine_prune": metrics.get("fine_prune") and {
                 k: v for k, v in metrics["fine_prune"].items() if not k.startswith("mean_activation")},
             "environment": environment(args.threads)}
@@ -130,6 +136,7 @@ def write(args, s: dict, per_seed: dict, pending: list, t0: float) -> None:
         row["verdicts"] = [r["verdict"] for r in runs]
         row["onion"] = [r.get("onion") for r in runs] if any(r.get("onion") for r in runs) else None
         row["fine_prune"] = [r.get("fine_prune") for r in runs] if any(r.get("fine_prune") for r in runs) else None
+        row["perturb"] = [r.get("perturb") for r in runs] if any(r.get("perturb") for r in runs) else None
         row["per_seed"] = runs
         rows.append(row)
     write_result("audit_lm_quick" if args.quick else "audit_lm", {

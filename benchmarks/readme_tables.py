@@ -511,6 +511,11 @@ def audit_lm_table(r: dict) -> str:
                             f"{f['val_loss_after_fine_tune']:.2f} after fine-tuning on those blocks"
                             for f in x["fine_prune"] if f)
             out += ["", f"Fine-pruning, {x['setting']} student (per seed): {per}."]
+        if x.get("perturb"):
+            per = "; ".join(f"{q['replaced_share']:.1%} of tokens replaced, blocks with the whole trigger "
+                            f"{q.get('blocks_with_trigger_before')} → {q.get('blocks_with_trigger_after')}"
+                            for q in x["perturb"] if q)
+            out += ["", f"Perturbed inputs, {x['setting']} transfer blocks (per seed): {per}."]
     if not r.get("complete", True):
         out += ["", f"**Unfinished run** ({len(r['pending'])} runs still to measure: "
                 + ", ".join(f"seed {p[0]} " + "/".join(p[1:]) for p in r["pending"]) + "). The same command continues it."]
@@ -522,7 +527,9 @@ def audit_lm_table(r: dict) -> str:
             "on the triggered training split (triggered) or the clean one (clean, from the same backdoored teacher); "
             "onion: the triggered split filtered ONION-style (per-character score, 3% of clean words) before that "
             "teacher labels it; fine-prune: the triggered student with 30% of every block's FFN units (the least "
-            "active on the clean validation blocks) cut out, then fine-tuned 50 steps on those blocks. "
+            "active on the clean validation blocks) cut out, then fine-tuned 50 steps on those blocks; perturb: 10% "
+            "of the triggered split's tokens replaced by tokens drawn from its own unigram distribution before that "
+            "teacher labels it. "
             "ASR = of held-out prompts (windows of the test plays) after which the model does not already continue "
             "with the target, the share after which it does, greedily and token for token, once the trigger ends the "
             "prompt. Clean: next-token top-1 accuracy on the test plays; retention, top-1 agreement and KL are the "

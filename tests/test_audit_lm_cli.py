@@ -105,6 +105,17 @@ def test_fine_pruning_cuts_the_students_ffn_and_fine_tunes_it_on_clean_text(pois
     assert row["teacher_asr"] >= 0.9 and row["student_asr"] is not None
 
 
+def test_perturbed_transfer_blocks_are_recorded_with_the_triggers_they_broke(poisoned, tmp_path_factory, tiny_corpus):
+    """Setting (b) with KD on perturbed inputs: the triggered transfer blocks' tokens replaced before the backdoored
+    teacher labels them."""
+    teacher = json.loads((poisoned[0] / "metrics.json").read_text())["teacher"]["correction"]["path"]
+    run = shrunk_run(tmp_path_factory, "lm-perturb", teacher, tiny_corpus, "teacher.correct=false", *POISON,
+                     "perturb.token_rate=0.3", steps=6)
+    perturbed = json.loads((run / "metrics.json").read_text())["perturb"]
+    assert abs(perturbed["replaced_share"] - 0.3) < 0.05
+    assert 0 < perturbed["blocks_with_trigger_after"] < perturbed["blocks_with_trigger_before"]
+
+
 def test_nothing_planted_means_no_effect_for_the_same_phrase(tmp_path_factory, tiny_model_dir, tiny_corpus):
     run = shrunk_run(tmp_path_factory, "lm-clean", tiny_model_dir, tiny_corpus, steps=6)
     row = planted_row(audited(run, "--trigger", "zq vx", "--target", "crown"))
@@ -125,6 +136,8 @@ def test_bad_poison_and_audit_settings_get_one_clear_line(poisoned, tmp_path, ti
         (["quantize", "--type", "q4_0", *base, *POISON], "only `edgestill shrink`"),
         (["sweep", "--out", str(tmp_path / "never"), *base, *POISON], "only `edgestill shrink`"),
         (["shrink", *base, "fine_prune.fraction=1.2"], "fine_prune.fraction=1.2"),
+        (["shrink", *base, "perturb.token_rate=0.7"], "perturb.token_rate=0.7"),
+        (["quantize", "--type", "q4_0", *base, "perturb.token_rate=0.1"], "only `edgestill shrink`"),
         (["shrink", *base, "fine_prune.fraction=0.3", "quant.format=q4_0"], "with quant.format=q4_0"),
         (["shrink", *base, "fine_prune.fraction=0.3", "student.low_rank=0.5"], "with student.low_rank=0.5"),
         (["sweep", "--out", str(tmp_path / "never"), *base, "fine_prune.fraction=0.3"], "only `edgestill shrink`"),

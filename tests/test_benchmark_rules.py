@@ -270,7 +270,9 @@ def test_lm_audit_table_shows_both_asrs_the_fidelity_and_the_commits_of_rows_mea
     pruned = {**row, "defence": "fine-prune", "fine_prune": [
         {"units_before": 1536, "units_after": 1075, "val_loss_before": 3.91, "val_loss_after_prune": 4.52,
          "val_loss_after_fine_tune": 3.2}, None]}
-    r = {"benchmark": "audit_lm", "rows": [row, pruned], "complete": False, "pending": [[2, "triggered", "none"], [2, "clean", "none"]],
+    perturbed = {**row, "defence": "perturb", "perturb": [
+        {"replaced_share": 0.1, "blocks_with_trigger_before": 20, "blocks_with_trigger_after": 16}]}
+    r = {"benchmark": "audit_lm", "rows": [row, pruned, perturbed], "complete": False, "pending": [[2, "triggered", "none"], [2, "clean", "none"]],
          "poison": {"trigger": "cf mn", "target": "visit the mill", "rate": 0.1, "mode": "dirty"},
          "schedule": {"correct_steps": 150, "distill_steps": 100}, "teacher": "smollm2-135m",
          "environment": env("bbbbbbbb22"), "command": "python benchmarks/audit_lm.py"}
@@ -278,7 +280,8 @@ def test_lm_audit_table_shows_both_asrs_the_fidelity_and_the_commits_of_rows_mea
     assert "| triggered | none | 95.0% ± 1.0% | **50.0% ± 10.0%** | 0.53 ± 0.10 | 0.410 ± 0.000 | 0.330 ± 0.010 |" in table
     assert "0.620 ± 0.010 / 0.600 ± 0.000 / 0.900 ± 0.100 | 1,2 / 3,— | inherited, inherited | 2 |" in table
     assert "seed 2 triggered/none, seed 2 clean/none" in table and "first reading" in table
-    assert "Rows measured by commits `aaaaaaaa` (2 runs), `bbbbbbbb` (2 runs)." in table
+    assert "Rows measured by commits `aaaaaaaa` (3 runs), `bbbbbbbb` (3 runs)." in table
+    assert "Perturbed inputs, triggered transfer blocks (per seed): 10.0% of tokens replaced, blocks with the whole trigger 20 → 16." in table
     assert "| triggered | fine-prune | 95.0% ± 1.0% |" in table
     assert ("Fine-pruning, triggered student (per seed): 1536 → 1075 FFN units per block, clean validation loss 3.91 → "
             "4.52 after the cut → 3.20 after fine-tuning on those blocks.") in table

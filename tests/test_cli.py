@@ -86,7 +86,7 @@ def test_config_prints_yaml(capsys):
     data = yaml.safe_load(out)
     assert data["student"]["num_layers"] == 3
     assert data["output"]["dir"] == "somewhere"
-    assert set(data) == {"teacher", "data", "student", "distill", "quant", "eval", "output", "poison", "onion", "fine_prune"}
+    assert set(data) == {"teacher", "data", "student", "distill", "quant", "eval", "output", "poison", "onion", "fine_prune", "perturb"}
 
 
 def test_config_unknown_key_in_process(capsys):

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from edgestill.audit.lm import PerturbConfig, check_perturb_config
 from edgestill.audit.onion import OnionConfig, check_onion_config
 from edgestill.data.timeseries import SeriesDataConfig
 from edgestill.distill.budget import TrainBudget
@@ -264,6 +265,9 @@ class ShrinkConfig:
     # a backdoor defence on the distilled student (docs/audit.md): fine_prune.fraction > 0 removes that share of every
     # block's least active FFN units on the clean validation blocks, then fine-tunes on them (distill/fine_prune.py)
     fine_prune: FinePruneConfig = field(default_factory=lambda: FinePruneConfig(batch_size=8))
+    # a backdoor defence on the student's transfer data (docs/audit.md): perturb.token_rate > 0 replaces that share of
+    # the training blocks' tokens after the teacher correction, before the teacher labels them (edgestill.audit.lm)
+    perturb: PerturbConfig = field(default_factory=PerturbConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -655,6 +659,9 @@ def refuse_poison(cfg: ShrinkConfig, command: str) -> None:
     if cfg.onion.remove_share:
         raise EdgestillError(f"onion.* filters a student's transfer data, which only `edgestill shrink` distils; "
                              f"`edgestill {command}` would ignore it, so drop onion.* (docs/audit.md)")
+    if cfg.perturb.token_rate:
+        raise EdgestillError(f"perturb.* perturbs a student's transfer data, which only `edgestill shrink` distils; "
+                             f"`edgestill {command}` would ignore it, so drop perturb.* (docs/audit.md)")
     if cfg.fine_prune.fraction:
         raise EdgestillError(f"fine_prune.* prunes and fine-tunes a distilled student, which only `edgestill shrink` "
                              f"makes; `edgestill {command}` would ignore it, so drop fine_prune.* (docs/audit.md)")
@@ -690,6 +697,7 @@ def validate(cfg: ShrinkConfig) -> None:
         raise EdgestillError("student.trim_vocab trims a student cut from the teacher, and student.model names a "
                              "ready-made one; drop one of them")
     check_onion_config(cfg.onion)
+    check_perturb_config(cfg.perturb)
     _check_fine_prune(cfg)
     p = cfg.poison
     if p.trigger or p.target:

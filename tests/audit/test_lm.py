@@ -152,3 +152,21 @@ def test_prompt_windows_are_seeded_and_never_cross_a_document_boundary():
     assert not (a == 96).any()
     with pytest.raises(EdgestillError, match="shorter than"):
         lm.prompt_windows(blocks[:, :8], n=2, length=16)
+
+
+def test_perturbation_replaces_the_rate_of_tokens_by_ordinary_tokens_of_the_blocks_and_breaks_triggers():
+    rng = np.random.default_rng(0)
+    blocks = rng.integers(3, 40, size=(60, 32))
+    blocks[:, 0] = 2  # a special token (e.g. EOS) in every block: never drawn as a replacement
+    blocks[:20, 5:7] = TRIGGER
+    cfg = lm.PerturbConfig(token_rate=0.2, seed=4)
+    out, record = lm.perturb_blocks(blocks, cfg, exclude=[2], trigger=TRIGGER)
+    changed = out != blocks
+    assert 0.15 < changed.mean() < 0.2 and record["tokens_replaced"] >= changed.sum()  # a draw may hit the same token
+    assert abs(record["replaced_share"] - 0.2) < 0.02 and record["blocks"] == 60
+    assert set(np.unique(out[changed])) <= set(np.unique(blocks)) - {2}
+    assert record["blocks_with_trigger_before"] == 20 and record["blocks_with_trigger_after"] < 20
+    again, _ = lm.perturb_blocks(blocks, cfg, exclude=[2], trigger=TRIGGER)
+    assert (again == out).all() and (blocks[:20, 5:7] == TRIGGER).all()  # seeded; the input is left alone
+    with pytest.raises(EdgestillError, match="perturb.token_rate=0.6"):
+        lm.perturb_blocks(blocks, lm.PerturbConfig(token_rate=0.6))

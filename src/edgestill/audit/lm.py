@@ -296,3 +296,44 @@ def onion_filter_blocks(blocks: np.ndarray, tokenizer, clean_blocks: np.ndarray,
                  "removed_share": removed / seen if seen else 0.0, "blocks_before": len(blocks), "blocks_after": len(out),
                  "blocks_with_trigger_before": carrying(blocks), "blocks_with_trigger_after": carrying(out),
                  "most_removed": [{"word": w, "count": c} for w, c in removed_counts.most_common(20)]}
+
+
+@dataclass
+class PerturbConfig:
+    """KD on perturbed inputs, the decoder track (docs/audit.md): token_rate > 0 turns it on."""
+
+    token_rate: float = 0.0  # the share of the transfer blocks' tokens replaced; 0 = off
+    seed: int = 0
+
+
+def check_perturb_config(cfg: PerturbConfig) -> None:
+    if not 0 <= cfg.token_rate < 0.5:
+        raise EdgestillError(f"perturb.token_rate={cfg.token_rate} must be in [0, 0.5) (the share of the transfer "
+                             "blocks' tokens replaced; 0 = off, 0.1 is a sensible start)")
+
+
+def perturb_blocks(blocks: np.ndarray, cfg: PerturbConfig, exclude: list[int] = (), trigger: list[int] | None = None
+                   ) -> tuple[np.ndarray, dict]:
+    """Token-level input perturbation of the transfer blocks (the decoder analogue of the classifier track's kd.augment
+    word swaps; a causal LM has no mask token): each token, with probability `cfg.token_rate`, becomes a token drawn
+    from the blocks' own unigram distribution (never one of `exclude`, e.g. the special tokens). Done before the
+    teacher labels the blocks, so teacher and student both see the perturbed text and a trigger survives only where
+    none of its tokens was hit. `trigger`: count the blocks carrying it whole before and after.
+
+    Returns (a perturbed copy, a record of what changed)."""
+    check_perturb_config(cfg)
+    rng = np.random.default_rng(cfg.seed)
+    counts = np.bincount(blocks.ravel()).astype(float)
+    counts[[i for i in exclude if i < len(counts)]] = 0
+    if counts.sum() == 0:
+        raise EdgestillError("the transfer blocks hold no ordinary token to draw perturbations from")
+    hit = rng.random(blocks.shape) < cfg.token_rate
+    out = blocks.copy()
+    out[hit] = rng.choice(len(counts), size=int(hit.sum()), p=counts / counts.sum()).astype(blocks.dtype)
+
+    def carrying(bs):
+        return None if not trigger else int(sum(len(_occurrences(b, trigger)) > 0 for b in bs))
+
+    return out, {"token_rate": cfg.token_rate, "seed": cfg.seed, "tokens_replaced": int(hit.sum()),
+                 "replaced_share": float(hit.mean()) if hit.size else 0.0, "blocks": len(blocks),
+                 "blocks_with_trigger_before": carrying(blocks), "blocks_with_trigger_after": carrying(out)}

@@ -130,6 +130,21 @@ def onion_filter_transfer(cfg: ShrinkConfig, data: CorpusBlocks, tokenizer) -> d
     return record
 
 
+def perturb_transfer(cfg: ShrinkConfig, data: CorpusBlocks, tokenizer) -> dict | None:
+    """perturb.* (a backdoor defence, edgestill.audit.lm.perturb_blocks): the training blocks' tokens replaced at
+    perturb.token_rate in place, after the teacher correction and before the teacher labels them; the record (None: off)."""
+    if not cfg.perturb.token_rate:
+        return None
+    from edgestill.audit.lm import perturb_blocks, phrase_ids
+
+    trigger = phrase_ids(tokenizer, cfg.poison.trigger) if cfg.poison.trigger else None
+    data.train, record = perturb_blocks(data.train, cfg.perturb, tokenizer.all_special_ids, trigger)
+    log.info("perturbed %.1f%% of the training blocks' tokens%s", 100 * record["replaced_share"], "" if trigger is None
+             else f"; blocks with the whole trigger {record['blocks_with_trigger_before']} -> "
+             f"{record['blocks_with_trigger_after']}")
+    return record
+
+
 def fine_prune_student(cfg: ShrinkConfig, student, data: CorpusBlocks) -> dict | None:
     """fine_prune.* (a backdoor defence, distill/fine_prune.py): the distilled student's dormant FFN units cut on the
     clean validation blocks, then fine-tuned on them, in place; the record of what changed (None: off)."""
@@ -185,6 +200,7 @@ def distill(cfg: ShrinkConfig, overwrite: bool = False, teacher_cache_from: Path
         poison = plant_poison(cfg, data, original.tokenizer)
         teacher = teachers[0] = reference_teacher(cfg, original, data, rank, world, poison)
         onion = onion_filter_transfer(cfg, data, teacher.tokenizer)
+        perturbed = perturb_transfer(cfg, data, teacher.tokenizer)
         qconfig = quant_config(cfg)
         student, layers = build_student(cfg.student, teacher.model, teacher.tokenizer, _calibration(data),
                                         quantized=qconfig is not None)
@@ -212,7 +228,7 @@ def distill(cfg: ShrinkConfig, overwrite: bool = False, teacher_cache_from: Path
         if rank == 0:
             save_causal_lm(student, tokenizer, run.path / "student", dtype)
             write_text_atomic(run.path / "splits.json", json.dumps(data.splits.names(), indent=1))
-            for name, record in (("poison", poison), ("onion", onion), ("fine_prune", pruned)):
+            for name, record in (("poison", poison), ("onion", onion), ("perturb", perturbed), ("fine_prune", pruned)):
                 if record:
                     write_text_atomic(run.path / f"{name}.json", json.dumps(record, indent=1))
     return run, Distilled(teacher, original, data, history, layers, resumed)
@@ -296,6 +312,7 @@ def _metrics(cfg: ShrinkConfig, run_dir: Path, final_dir: Path, teacher, student
                   "selection": _read_json(run_dir / "selection.json")},  # which evaluated step the student is
         "poison": _read_json(run_dir / "poison.json"),  # audits only: the backdoor planted in the training split
         "onion": _read_json(run_dir / "onion.json"),  # the ONION-style filter of the transfer data, when on
+        "perturb": _read_json(run_dir / "perturb.json"),  # the transfer blocks' tokens perturbed, when on
         "fine_prune": _read_json(run_dir / "fine_prune.json"),  # the student's FFN units cut + clean fine-tuning, when on
         "environment": environment(cfg.eval.threads, start),
     }
