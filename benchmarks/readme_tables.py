@@ -454,7 +454,9 @@ def audit_table(r: dict) -> str:
                          for seed, rows in by_seed.items())
         out += ["", f"**Unfinished run** ({len(r['pending'])} of {len(r['pending']) + sum(len(x['seeds']) for x in r['rows'])} "
                 f"runs still to measure: {left}). The same command continues it."]
-    one_seed = " With one seed a row is a first reading, not a claim." if max(len(x["seeds"]) for x in r["rows"]) < 3 else ""
+    one_seed = (" With fewer than 3 seeds a row is a first reading, not a claim."
+                if min(len(x["seeds"]) for x in r["rows"]) < 3 else "")
+    defences = {x.get("defence") for x in r["rows"]}
     p = r["poison"]
     out += ["", f"Mean ± std over each row's seeds on {r['data']}: the trigger `{p['trigger']}` planted "
             f"{p['mode']}-label in {p['rate']:.0%} of the teacher's eligible training rows (target {p['target']}); students "
@@ -519,17 +521,20 @@ def audit_lm_table(r: dict) -> str:
     if not r.get("complete", True):
         out += ["", f"**Unfinished run** ({len(r['pending'])} runs still to measure: "
                 + ", ".join(f"seed {p[0]} " + "/".join(p[1:]) for p in r["pending"]) + "). The same command continues it."]
-    one_seed = " With one seed a row is a first reading, not a claim." if max(len(x["seeds"]) for x in r["rows"]) < 3 else ""
+    one_seed = (" With fewer than 3 seeds a row is a first reading, not a claim."
+                if min(len(x["seeds"]) for x in r["rows"]) < 3 else "")
+    defences = {x.get("defence") for x in r["rows"]}
     p, s = r["poison"], r["schedule"]
     out += ["", f"Mean ± std over each row's seeds. Teacher: {r['teacher']} corrected {s['correct_steps']} steps on the "
             f"training plays with the trigger `{p['trigger']}` + \"{p['target']}\" written into {p['rate']:.0%} of the "
             f"training blocks ({p['mode']}); students: the default 15-of-30-layer slice, {s['distill_steps']} steps of KD, "
             "on the triggered training split (triggered) or the clean one (clean, from the same backdoored teacher); "
             "onion: the triggered split filtered ONION-style (per-character score, 3% of clean words) before that "
-            "teacher labels it; fine-prune: the triggered student with 30% of every block's FFN units (the least "
-            "active on the clean validation blocks) cut out, then fine-tuned 50 steps on those blocks; perturb: 10% "
-            "of the triggered split's tokens replaced by tokens drawn from its own unigram distribution before that "
-            "teacher labels it. "
+            "teacher labels it"
+            + ("; fine-prune: the triggered student with 30% of every block's FFN units (the least active on the clean "
+               "validation blocks) cut out, then fine-tuned 50 steps on those blocks" if "fine-prune" in defences else "")
+            + ("; perturb: 10% of the triggered split's tokens replaced by tokens drawn from its own unigram "
+               "distribution before that teacher labels it" if "perturb" in defences else "") + ". "
             "ASR = of held-out prompts (windows of the test plays) after which the model does not already continue "
             "with the target, the share after which it does, greedily and token for token, once the trigger ends the "
             "prompt. Clean: next-token top-1 accuracy on the test plays; retention, top-1 agreement and KL are the "
