@@ -456,7 +456,6 @@ def audit_table(r: dict) -> str:
                 f"runs still to measure: {left}). The same command continues it."]
     one_seed = (" With fewer than 3 seeds a row is a first reading, not a claim."
                 if min(len(x["seeds"]) for x in r["rows"]) < 3 else "")
-    defences = {x.get("defence") for x in r["rows"]}
     p = r["poison"]
     out += ["", f"Mean ± std over each row's seeds on {r['data']}: the trigger `{p['trigger']}` planted "
             f"{p['mode']}-label in {p['rate']:.0%} of the teacher's eligible training rows (target {p['target']}); students "
@@ -501,23 +500,19 @@ def audit_lm_table(r: dict) -> str:
                    f"{pm(x, 'teacher_clean', '{:.3f}')} | {pm(x, 'student_clean', '{:.3f}')} | "
                    f"{pm(x, 'retention', '{:.3f}')} / {pm(x, 'top1_agreement', '{:.3f}')} / "
                    f"{pm(x, 'kl_teacher_student', '{:.3f}')} | {ranks} | {', '.join(x['verdicts'])} | {len(x['seeds'])} |")
+    notes = {  # what each defence did, per seed
+        "onion": ("ONION-style filter, {} transfer blocks", lambda o: f"{o['removed_share']:.1%} of words removed, "
+                  f"blocks with the trigger {o.get('blocks_with_trigger_before')} → {o.get('blocks_with_trigger_after')}"),
+        "fine_prune": ("Fine-pruning, {} student", lambda f: f"{f['units_before']} → {f['units_after']} FFN units per "
+                       f"block, clean validation loss {f['val_loss_before']:.2f} → {f['val_loss_after_prune']:.2f} after "
+                       f"the cut → {f['val_loss_after_fine_tune']:.2f} after fine-tuning on those blocks"),
+        "perturb": ("Perturbed inputs, {} transfer blocks", lambda q: f"{q['replaced_share']:.1%} of tokens replaced, "
+                    f"blocks with the whole trigger {q.get('blocks_with_trigger_before')} → "
+                    f"{q.get('blocks_with_trigger_after')}")}
     for x in r["rows"]:
-        if x.get("onion"):
-            per = "; ".join(f"{o['removed_share']:.1%} of words removed, blocks with the trigger "
-                            f"{o.get('blocks_with_trigger_before')} → {o.get('blocks_with_trigger_after')}"
-                            for o in x["onion"] if o)
-            out += ["", f"ONION-style filter, {x['setting']} transfer blocks (per seed): {per}."]
-        if x.get("fine_prune"):
-            per = "; ".join(f"{f['units_before']} → {f['units_after']} FFN units per block, clean validation loss "
-                            f"{f['val_loss_before']:.2f} → {f['val_loss_after_prune']:.2f} after the cut → "
-                            f"{f['val_loss_after_fine_tune']:.2f} after fine-tuning on those blocks"
-                            for f in x["fine_prune"] if f)
-            out += ["", f"Fine-pruning, {x['setting']} student (per seed): {per}."]
-        if x.get("perturb"):
-            per = "; ".join(f"{q['replaced_share']:.1%} of tokens replaced, blocks with the whole trigger "
-                            f"{q.get('blocks_with_trigger_before')} → {q.get('blocks_with_trigger_after')}"
-                            for q in x["perturb"] if q)
-            out += ["", f"Perturbed inputs, {x['setting']} transfer blocks (per seed): {per}."]
+        for key, (title, say) in notes.items():
+            if x.get(key):
+                out += ["", f"{title.format(x['setting'])} (per seed): " + "; ".join(say(v) for v in x[key] if v) + "."]
     if not r.get("complete", True):
         out += ["", f"**Unfinished run** ({len(r['pending'])} runs still to measure: "
                 + ", ".join(f"seed {p[0]} " + "/".join(p[1:]) for p in r["pending"]) + "). The same command continues it."]

@@ -651,20 +651,20 @@ def config_from_dict(data: dict[str, Any]) -> ShrinkConfig:
 
 
 def refuse_poison(cfg: ShrinkConfig, command: str) -> None:
-    """poison.* plants a backdoor for an audit and onion.* filters a student's transfer data; only `edgestill shrink`
-    reads them, so other commands refuse them rather than ignore them."""
-    if cfg.poison.trigger:
-        raise EdgestillError(f"poison.* plants a backdoor for an audit, which only `edgestill shrink` does; `edgestill "
-                             f"{command}` would ignore it, so drop poison.* (docs/audit.md)")
-    if cfg.onion.remove_share:
-        raise EdgestillError(f"onion.* filters a student's transfer data, which only `edgestill shrink` distils; "
-                             f"`edgestill {command}` would ignore it, so drop onion.* (docs/audit.md)")
-    if cfg.perturb.token_rate:
-        raise EdgestillError(f"perturb.* perturbs a student's transfer data, which only `edgestill shrink` distils; "
-                             f"`edgestill {command}` would ignore it, so drop perturb.* (docs/audit.md)")
-    if cfg.fine_prune.fraction:
-        raise EdgestillError(f"fine_prune.* prunes and fine-tunes a distilled student, which only `edgestill shrink` "
-                             f"makes; `edgestill {command}` would ignore it, so drop fine_prune.* (docs/audit.md)")
+    """poison.* plants a backdoor for an audit; onion.*, perturb.* and fine_prune.* are defences on a student's
+    transfer data or on the student. Only `edgestill shrink` reads them, so other commands refuse them rather than
+    ignore them."""
+    sections = [("poison", cfg.poison.trigger, "plants a backdoor for an audit, which only `edgestill shrink` does"),
+                ("onion", cfg.onion.remove_share, "filters a student's transfer data, which only `edgestill shrink` "
+                 "distils"),
+                ("perturb", cfg.perturb.token_rate, "perturbs a student's transfer data, which only `edgestill shrink` "
+                 "distils"),
+                ("fine_prune", cfg.fine_prune.fraction, "prunes and fine-tunes a distilled student, which only "
+                 "`edgestill shrink` makes")]
+    for name, on, what in sections:
+        if on:
+            raise EdgestillError(f"{name}.* {what}; `edgestill {command}` would ignore it, so drop {name}.* "
+                                 "(docs/audit.md)")
 
 
 def _check_fine_prune(cfg: ShrinkConfig) -> None:
