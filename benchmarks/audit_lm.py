@@ -19,8 +19,10 @@ default student (15 of 30 layers, 100 steps of KD) distilled from it in each set
                       per-character score, threshold set to remove 3% of the words of the clean validation blocks)
                fine-prune  (triggered only) the student distilled on the triggered blocks, then fine-pruned
                       (distill/fine_prune.py): 30% of every block's FFN units with the lowest mean |act(gate)*up| on
-                      the clean validation blocks cut out, then 50 steps of next-token CE on those blocks (lr 1e-4,
-                      batches of 8)
+                      the clean validation blocks cut out, then 24 steps of next-token CE on those blocks (lr 1e-4,
+                      batches of 8: 3 passes over them; the validation split is 64 blocks here, not 16, so that the
+                      fine-tuning has text enough not to learn it by heart: a 50-step try on 16 blocks, 25 passes,
+                      took a smoke-run student's retention from 0.11 to 0.01)
                perturb  (triggered only) KD on perturbed inputs: 10% of the triggered transfer blocks' tokens
                       replaced by tokens drawn from the blocks' unigram distribution before the backdoored teacher
                       labels them (audit/lm.perturb_blocks)
@@ -54,8 +56,8 @@ ROOT = Path(__file__).resolve().parent.parent
 ORDER = [("triggered", "none"), ("clean", "none"), ("triggered", "onion"), ("triggered", "fine-prune"),
          ("triggered", "perturb")]
 DEFENCES = {"none": {}, "onion": {"onion.remove_share": 0.03, "onion.score": "per_char"},
-            "fine-prune": {"fine_prune.fraction": 0.3, "fine_prune.steps": 50, "fine_prune.lr": 1e-4,
-                           "fine_prune.batch_size": 8},
+            "fine-prune": {"fine_prune.fraction": 0.3, "fine_prune.steps": 24, "fine_prune.lr": 1e-4,
+                           "fine_prune.batch_size": 8, "data.max_val_tokens": 16384},
             "perturb": {"perturb.token_rate": 0.1}}
 FULL = {"correct_steps": 150, "correct_lr": 1e-4, "correct_eval_every": 25, "distill_steps": 100,
         "max_train_tokens": 51200, "max_eval_tokens": 12288, "audit_texts": 48, "candidates": 60}

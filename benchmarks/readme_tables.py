@@ -527,7 +527,7 @@ def audit_lm_table(r: dict) -> str:
             "onion: the triggered split filtered ONION-style (per-character score, 3% of clean words) before that "
             "teacher labels it"
             + ("; fine-prune: the triggered student with 30% of every block's FFN units (the least active on the clean "
-               "validation blocks) cut out, then fine-tuned 50 steps on those blocks" if "fine-prune" in defences else "")
+               "validation blocks, 64 of 256 tokens) cut out, then fine-tuned 24 steps of 8 on those blocks" if "fine-prune" in defences else "")
             + ("; perturb: 10% of the triggered split's tokens replaced by tokens drawn from its own unigram "
                "distribution before that teacher labels it" if "perturb" in defences else "") + ". "
             "ASR = of held-out prompts (windows of the test plays) after which the model does not already continue "

@@ -263,8 +263,10 @@ class ShrinkConfig:
     # blocks ONION-style after the teacher correction, before the teacher labels them (edgestill.audit.lm)
     onion: OnionConfig = field(default_factory=OnionConfig)
     # a backdoor defence on the distilled student (docs/audit.md): fine_prune.fraction > 0 removes that share of every
-    # block's least active FFN units on the clean validation blocks, then fine-tunes on them (distill/fine_prune.py)
-    fine_prune: FinePruneConfig = field(default_factory=lambda: FinePruneConfig(batch_size=8))
+    # block's least active FFN units on the clean validation blocks, then fine-tunes on them (distill/fine_prune.py):
+    # 6 steps of 8 blocks, 3 passes over the default 16 validation blocks (more and the student learns them by heart;
+    # raise data.max_val_tokens to fine-tune longer)
+    fine_prune: FinePruneConfig = field(default_factory=lambda: FinePruneConfig(steps=6, batch_size=8))
     # a backdoor defence on the student's transfer data (docs/audit.md): perturb.token_rate > 0 replaces that share of
     # the training blocks' tokens after the teacher correction, before the teacher labels them (edgestill.audit.lm)
     perturb: PerturbConfig = field(default_factory=PerturbConfig)

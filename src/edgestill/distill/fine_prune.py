@@ -19,6 +19,7 @@ from edgestill.errors import EdgestillError
 from edgestill.progress import progress_bar
 
 log = logging.getLogger("edgestill")
+MAX_EPOCHS = 3  # more passes over the few clean blocks than this and a student learns them by heart
 
 
 def fine_prune_lm(model, clean: np.ndarray, cfg, seed: int = 0, show_progress: bool = True) -> dict:
@@ -41,6 +42,11 @@ def fine_prune_lm(model, clean: np.ndarray, cfg, seed: int = 0, show_progress: b
              record["units_before"], record["units_after"], before, record["val_loss_after_prune"], cfg.steps)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     batch = min(cfg.batch_size, len(clean))
+    epochs = cfg.steps * batch / len(clean)
+    if epochs > MAX_EPOCHS:
+        log.warning("fine-pruning fine-tunes %.0f epochs over %d clean validation blocks: the student may learn them by "
+                    "heart and lose its held-out quality (the test scores show it); lower fine_prune.steps or raise "
+                    "data.max_val_tokens", epochs, len(clean))
     bar = progress_bar(total=cfg.steps, desc="fine-pruning: clean fine-tuning", unit="step", disable=not show_progress)
     model.train()
     for step in range(cfg.steps):
@@ -55,5 +61,5 @@ def fine_prune_lm(model, clean: np.ndarray, cfg, seed: int = 0, show_progress: b
     bar.close()
     model.eval()
     record.update(val_loss_after_fine_tune=validation_loss(model, clean), steps=cfg.steps, lr=cfg.lr,
-                  batch_size=batch, seconds=time.perf_counter() - t0)
+                  batch_size=batch, epochs=epochs, seconds=time.perf_counter() - t0)
     return record
