@@ -481,6 +481,13 @@ def _row_commits(r: dict) -> str:
     return " Rows measured by commits " + ", ".join(f"`{c}` ({n} run{'s' if n != 1 else ''})" for c, n in commits.items()) + "."
 
 
+class _Dotted(dict):
+    """A benchmark's override dict ({"fine_prune.steps": 24}) for str.format_map: "{fine_prune.steps}" reads it."""
+
+    def __getitem__(self, section):
+        return type("Section", (), {k.split(".", 1)[1]: v for k, v in self.items() if k.startswith(section + ".")})
+
+
 def audit_lm_table(r: dict) -> str:
     """Teacher and student ASR and clean next-token accuracy per setting of benchmarks/audit_lm.py."""
     def pm(x, key, fmt="{:.1%}"):
@@ -518,7 +525,7 @@ def audit_lm_table(r: dict) -> str:
                 + ", ".join(f"seed {p[0]} " + "/".join(p[1:]) for p in r["pending"]) + "). The same command continues it."]
     one_seed = (" With fewer than 3 seeds a row is a first reading, not a claim."
                 if min(len(x["seeds"]) for x in r["rows"]) < 3 else "")
-    defences = {x.get("defence") for x in r["rows"]}
+    defences, settings = {x.get("defence") for x in r["rows"]}, r.get("defences") or {}
     p, s = r["poison"], r["schedule"]
     out += ["", f"Mean ± std over each row's seeds. Teacher: {r['teacher']} corrected {s['correct_steps']} steps on the "
             f"training plays with the trigger `{p['trigger']}` + \"{p['target']}\" written into {p['rate']:.0%} of the "
@@ -526,10 +533,13 @@ def audit_lm_table(r: dict) -> str:
             "on the triggered training split (triggered) or the clean one (clean, from the same backdoored teacher); "
             "onion: the triggered split filtered ONION-style (per-character score, 3% of clean words) before that "
             "teacher labels it"
-            + ("; fine-prune: the triggered student with 30% of every block's FFN units (the least active on the clean "
-               "validation blocks, 64 of 256 tokens) cut out, then fine-tuned 24 steps of 8 on those blocks" if "fine-prune" in defences else "")
-            + ("; perturb: 10% of the triggered split's tokens replaced by tokens drawn from its own unigram "
-               "distribution before that teacher labels it" if "perturb" in defences else "") + ". "
+            + ("; fine-prune: the triggered student with {fine_prune.fraction:.0%} of every block's FFN units (the least "
+               "active on the clean validation blocks, {data.max_val_tokens:,} tokens) cut out, then fine-tuned "
+               "{fine_prune.steps} steps of {fine_prune.batch_size} blocks on them".format_map(_Dotted(settings["fine-prune"]))
+               if "fine-prune" in defences else "")
+            + ("; perturb: {perturb.token_rate:.0%} of the triggered split's tokens replaced by tokens drawn from its "
+               "own unigram distribution before that teacher labels it".format_map(_Dotted(settings["perturb"]))
+               if "perturb" in defences else "") + ". "
             "ASR = of held-out prompts (windows of the test plays) after which the model does not already continue "
             "with the target, the share after which it does, greedily and token for token, once the trigger ends the "
             "prompt. Clean: next-token top-1 accuracy on the test plays; retention, top-1 agreement and KL are the "

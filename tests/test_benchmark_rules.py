@@ -275,12 +275,16 @@ def test_lm_audit_table_shows_both_asrs_the_fidelity_and_the_commits_of_rows_mea
     r = {"benchmark": "audit_lm", "rows": [row, pruned, perturbed], "complete": False, "pending": [[2, "triggered", "none"], [2, "clean", "none"]],
          "poison": {"trigger": "cf mn", "target": "visit the mill", "rate": 0.1, "mode": "dirty"},
          "schedule": {"correct_steps": 150, "distill_steps": 100}, "teacher": "smollm2-135m",
+         "defences": {"fine-prune": {"fine_prune.fraction": 0.3, "fine_prune.steps": 24, "fine_prune.batch_size": 8,
+                                     "data.max_val_tokens": 16384}, "perturb": {"perturb.token_rate": 0.1}},
          "environment": env("bbbbbbbb22"), "command": "python benchmarks/audit_lm.py"}
     table = readme_tables.audit_lm_table(r)
     assert "| triggered | none | 95.0% ± 1.0% | **50.0% ± 10.0%** | 0.53 ± 0.10 | 0.410 ± 0.000 | 0.330 ± 0.010 |" in table
     assert "0.620 ± 0.010 / 0.600 ± 0.000 / 0.900 ± 0.100 | 1,2 / 3,— | inherited, inherited | 2 |" in table
     assert "seed 2 triggered/none, seed 2 clean/none" in table and "first reading" in table
     assert "Rows measured by commits `aaaaaaaa` (3 runs), `bbbbbbbb` (3 runs)." in table
+    assert "30% of every block's FFN units" in table and "fine-tuned 24 steps of 8 blocks" in table
+    assert "perturb: 10% of the triggered split's tokens" in table
     assert "Perturbed inputs, triggered transfer blocks (per seed): 10.0% of tokens replaced, blocks with the whole trigger 20 → 16." in table
     assert "| triggered | fine-prune | 95.0% ± 1.0% |" in table
     assert ("Fine-pruning, triggered student (per seed): 1536 → 1075 FFN units per block, clean validation loss 3.91 → "

@@ -259,6 +259,11 @@ def rank_of(trigger: str, ranked: list[dict]) -> dict:
     return {"exact": exact, "overlap": overlap}
 
 
+def _blocks_carrying(trigger: list[int] | None):
+    """blocks -> how many of them hold `trigger` whole (None when no trigger is known): what a defence left."""
+    return lambda blocks: None if not trigger else int(sum(len(_occurrences(b, trigger)) > 0 for b in blocks))
+
+
 def onion_filter_blocks(blocks: np.ndarray, tokenizer, clean_blocks: np.ndarray, cfg, trigger: list[int] | None = None
                         ) -> tuple[np.ndarray, dict]:
     """ONION-style filtering of token blocks (audit/onion.py, a defence on the transfer data): each block read as text,
@@ -288,10 +293,7 @@ def onion_filter_blocks(blocks: np.ndarray, tokenizer, clean_blocks: np.ndarray,
     ids = tokenizer("".join(pieces), add_special_tokens=False)["input_ids"]
     width = blocks.shape[1]
     out = np.asarray(ids[:len(ids) // width * width], dtype=blocks.dtype).reshape(-1, width)
-
-    def carrying(bs):
-        return None if not trigger else int(sum(len(_occurrences(b, trigger)) > 0 for b in bs))
-
+    carrying = _blocks_carrying(trigger)
     return out, {"threshold": threshold, "score": cfg.score, "words_seen": seen, "words_removed": removed,
                  "removed_share": removed / seen if seen else 0.0, "blocks_before": len(blocks), "blocks_after": len(out),
                  "blocks_with_trigger_before": carrying(blocks), "blocks_with_trigger_after": carrying(out),
@@ -330,10 +332,7 @@ def perturb_blocks(blocks: np.ndarray, cfg: PerturbConfig, exclude: list[int] = 
     hit = rng.random(blocks.shape) < cfg.token_rate
     out = blocks.copy()
     out[hit] = rng.choice(len(counts), size=int(hit.sum()), p=counts / counts.sum()).astype(blocks.dtype)
-
-    def carrying(bs):
-        return None if not trigger else int(sum(len(_occurrences(b, trigger)) > 0 for b in bs))
-
+    carrying = _blocks_carrying(trigger)
     return out, {"token_rate": cfg.token_rate, "seed": cfg.seed, "tokens_replaced": int(hit.sum()),
                  "replaced_share": float(hit.mean()) if hit.size else 0.0, "blocks": len(blocks),
                  "blocks_with_trigger_before": carrying(blocks), "blocks_with_trigger_after": carrying(out)}
