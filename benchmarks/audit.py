@@ -189,12 +189,12 @@ def main() -> None:
     t0 = time.perf_counter()
     kept = {} if args.fresh else recorded_runs(RESULTS / f"{result_name(args)}.json", recipe(args, s),
                                                lambda row, run: (run["seed"], row["setting"], row["defence"] or "none"))
-    for seed, setting, defence in list(pending):
+    for seed, setting, defence in list(pending):  # all kept rows first: a JSON written mid-run never loses any
         if (seed, setting, defence) in kept:  # measured before, by the commit its row names
             per_seed.setdefault((setting, defence), []).append(kept[(seed, setting, defence)])
             pending.remove((seed, setting, defence))
             print(f"seed {seed} {setting:9s} {defence:10s}: kept from the JSON", flush=True)
-            continue
+    for seed, setting, defence in list(pending):
         if setting == "federated":
             run = federated(args, s, seed, defence)
         else:

@@ -150,6 +150,17 @@ def write(args, s: dict, per_seed: dict, pending: list, t0: float) -> None:
     })
 
 
+def with_kept(per_seed: dict, kept: dict, pending: list) -> tuple[dict, list]:
+    """The rows and the runs still to measure as the JSON should hold them mid-run: rows kept from an earlier run for
+    seeds the loop has not reached yet stay in (a continued run never writes a JSON with fewer rows than it read)."""
+    rows = {key: list(runs) for key, runs in per_seed.items()}
+    for seed, setting, defence in pending:
+        if (seed, setting, defence) in kept:
+            rows.setdefault((setting, defence), []).append(kept[(seed, setting, defence)])
+    ordered = {o: sorted(rows[o], key=lambda r: r["seed"]) for o in ORDER if o in rows}
+    return ordered, [p for p in pending if p not in kept]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0,1,2")
@@ -198,7 +209,7 @@ def main() -> None:
             teacher = teacher or row["teacher"]  # the backdoored teacher the triggered run corrected
             per_seed.setdefault((setting, defence), []).append(row)
             pending.remove((seed, setting, defence))
-            write(args, s, per_seed, pending, t0)  # after every row: a long run's finished rows are never lost
+            write(args, s, *with_kept(per_seed, kept, pending), t0)  # after every row: finished rows are never lost
 
 
 if __name__ == "__main__":
