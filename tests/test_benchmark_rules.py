@@ -289,3 +289,45 @@ def test_lm_audit_table_shows_both_asrs_the_fidelity_and_the_commits_of_rows_mea
     assert "| triggered | fine-prune | 95.0% ± 1.0% |" in table
     assert ("Fine-pruning, triggered student (per seed): 1536 → 1075 FFN units per block, clean validation loss 3.91 → "
             "4.52 after the cut → 3.20 after fine-tuning on those blocks.") in table
+
+
+def _vl_runs(stage1_low, rgb_low, stage2_low, ptq_low):
+    """Per-seed metrics as benchmarks/edgevl.py reads them from its runs: three seeds, seen-class accuracies."""
+    low = {"teacher": 0.7, "student_rgb_only": rgb_low, "edgevl_stage1": stage1_low, "edgevl_stage2_int8": stage2_low,
+           "stage1_ptq_int8": ptq_low}
+    runs = []
+    for seed, jitter in enumerate((-0.01, 0.0, 0.01)):
+        models = {}
+        for name, acc in low.items():
+            z = {view: {"seen": a + jitter, "heldout": 0.3, "all": 0.25} for view, a in (("first", 0.95), ("second", acc))}
+            b = 3_000_000 if name == "teacher" else 49_000
+            models[name] = {"file": f"{name}.onnx", "params": 1, "bytes": b, "compression_x": 3_000_000 / b,
+                            "latency_ms": 0.1, "zero_shot": z}
+        runs.append({"seed": seed, "models": models, "environment": {"git_commit": "abc123", "git_dirty": False}})
+    return runs
+
+
+@pytest.mark.parametrize("accs, gain, met", [
+    ((0.85, 0.70, 0.845, 0.80), True, True),
+    ((0.74, 0.70, 0.735, 0.70), False, False),  # 4 points: not enough
+    ((0.85, 0.70, 0.80, 0.82), True, False),  # stage 2 loses 5 points, more than post-training int8
+])
+def test_edgevl_goal_needs_5_points_on_the_second_view_and_a_stage2_within_a_point_of_stage1(accs, gain, met):
+    edgevl = pytest.importorskip("edgevl")
+    rows = edgevl._rows(_vl_runs(*accs))
+    assert [r["seeds"] for r in rows][0] == [0, 1, 2] and len(rows) == 10
+    goal = edgevl._goal(rows)
+    assert goal["beats_rgb_only_by_5_points"] is gain and goal["met"] is met
+    assert goal["student_50x_smaller"] and goal["student_compression_x"] == pytest.approx(3_000_000 / 49_000)
+    row = next(r for r in rows if r["model"] == "edgevl_stage1" and r["modality"] == "low-light")
+    assert row["zero_shot_accuracy_seen"] == pytest.approx(accs[0]) and row["zero_shot_accuracy_seen_std"] == pytest.approx(0.01)
+    env = {"date": "2026-12-06T00:00:00", "cpu_model": "cpu", "threads": 2, "git_commit": "abcdef12",
+           "load_average_before": [1.0], "load_average_after": [1.0]}
+    table = readme_tables.edgevl_table({
+        "rows": rows, "goal": goal, "chance": {"seen": 1 / 7, "heldout": 1 / 3},
+        "dataset": {"source": "MNIST", "seen": ["zero"] * 7, "heldout": ["seven", "eight", "nine"],
+                    "images": {"train": 2450, "val": 350, "test_seen": 700, "test_heldout": 1500}},
+        "teacher_source": "trained here", "second_modality": "derived: low-light", "environment": env,
+        "command": "python benchmarks/edgevl.py", "benchmark": "edgevl"})
+    assert ("by ≥ 5 points (" + ("+" if gain else "+4.0") ) in table
+    assert ("**no**" in table) is (not met) and "Runs by commit `abc123`" in table

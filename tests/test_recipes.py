@@ -9,9 +9,11 @@ from edgestill.config import (
     FederatedConfig,
     ShrinkConfig,
     TimeseriesConfig,
+    VisionConfig,
     load_config,
     load_federated_config,
     load_timeseries_config,
+    load_vision_config,
 )
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
@@ -26,6 +28,8 @@ def test_recipe_loads(path):
     recipe = yaml.safe_load(path.read_text())
     if recipe.get("task") == "timeseries":
         assert isinstance(load_timeseries_config(path), TimeseriesConfig)
+    elif recipe.get("task") == "vision":
+        assert isinstance(load_vision_config(path), VisionConfig)
     elif recipe.get("stage") == "federated":
         assert isinstance(load_federated_config(path), FederatedConfig)
     else:
@@ -35,6 +39,11 @@ def test_recipe_loads(path):
 def test_timeseries_recipe_is_the_defaults_with_its_own_folder():
     cfg = load_timeseries_config(Path(__file__).parent.parent / "recipes" / "cmapss_fd001_rul_online_kd.yaml")
     assert cfg == TimeseriesConfig(output_dir="runs/rul-cmapss-fd001")
+
+
+def test_vision_recipe_is_the_defaults_with_its_own_folder():
+    cfg = load_vision_config(Path(__file__).parent.parent / "recipes" / "mnist_lowlight_edgevl.yaml")
+    assert cfg == VisionConfig(output_dir="runs/vision-mnist-lowlight")
 
 
 def test_default_recipe_is_the_defaults():

@@ -40,6 +40,7 @@ examples:
   edgestill shrink --task classification --teacher runs/teacher --out runs/clf     # -> student ONNX + metrics
   edgestill export --format onnx runs/clf --type int8   # classifier ONNX + tokenizer + label_map.json (folder)
   edgestill shrink --task timeseries --data cmapss-fd001 --out runs/rul   # RUL: teacher + tiny int8 student, online KD
+  edgestill shrink --task vision --data mnist-5k --out runs/vision   # EdgeVL: zero-shot image student on a 2nd view, int8
   torchrun --nproc_per_node 2 -m edgestill.cli distill --out runs/ddp   # DDP, gloo on CPU
   edgestill shrink --device rpi5 --max-memory 150MB --min-decode-tokens-per-s 20   # plan for a device, then shrink
   edgestill sweep --device rpi5-8gb                 # plans light -> extreme, each shrunk: the shrink curve
@@ -82,10 +83,12 @@ def _add_shrink(sub) -> None:
     p = sub.add_parser("shrink", help="slice, distil and evaluate a student (the main job)",
                        description="Slice a student from the teacher, distil it, evaluate it against the teacher, write a report.")
     _add_common(p)
-    p.add_argument("--task", default="lm", choices=["lm", "classification", "timeseries"],
-                   help="lm (a decoder LLM, default), classification (an encoder fine-tuned by `edgestill finetune`) or "
+    p.add_argument("--task", default="lm", choices=["lm", "classification", "timeseries", "vision"],
+                   help="lm (a decoder LLM, default), classification (an encoder fine-tuned by `edgestill finetune`), "
                         "timeseries (remaining useful life from run-to-failure sensor series: a teacher and a tiny "
-                        "student trained together, --data cmapss-fd001 or a CSV)")
+                        "student trained together, --data cmapss-fd001 or a CSV) or vision (EdgeVL: an image tower "
+                        "aligned to class-name prompts, shrunk to an int8 student that reads a second view; --data "
+                        "mnist-5k or FOLDER/rgb/<class>/<image>)")
     _add_classification(p)
     g = p.add_argument_group("device-aware plan (lm): the best student for a device within a budget, then shrink it")
     g.add_argument("--device", help="device profile (edgestill devices), host, or a YAML path")
@@ -552,6 +555,26 @@ def _cmd_timeseries(args) -> None:
     print(f"run folder: {final}", flush=True)
 
 
+def _cmd_vision(args) -> None:
+    """shrink --task vision."""
+    from edgestill.config import load_vision_config
+    from edgestill.jobs import vision
+
+    unused = {"--teacher": args.teacher, "--test-data": args.test_data, "--text-column": args.text_column,
+              "--label-column": args.label_column, "--train-budget": getattr(args, "train_budget", None),
+              "--device": args.device}
+    given = [flag for flag, value in unused.items() if value]
+    if given:
+        raise EdgestillError(f"{', '.join(given)}: not used with --task vision; the teacher is trained in the same run "
+                             "(teacher.* sets its size), images are split by data.val_share / data.test_share and "
+                             "class names come from the class folders")
+    values = {"data.path": args.data, "output_dir": args.out}
+    cfg = load_vision_config(args.config, args.overrides, args.quick, values)
+    final, metrics = vision.shrink_vision(cfg, overwrite=args.overwrite)
+    print(vision.summary_line(metrics))
+    print(f"run folder: {final}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -566,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_libraries()
         command = COMMANDS[args.command]
         if args.command == "shrink" and args.task != "lm":
-            command = _cmd_classifier if args.task == "classification" else _cmd_timeseries
+            command = {"classification": _cmd_classifier, "timeseries": _cmd_timeseries, "vision": _cmd_vision}[args.task]
         command(args)
     except EdgestillError as e:
         return _error(e)

@@ -22,15 +22,19 @@ import yaml
 
 from edgestill.audit.lm import PerturbConfig, check_perturb_config
 from edgestill.audit.onion import OnionConfig, check_onion_config
+from edgestill.data.images import ImageDataConfig
 from edgestill.data.timeseries import SeriesDataConfig
+from edgestill.data.views import LowLightConfig
 from edgestill.distill.budget import TrainBudget
 from edgestill.distill.classifier import FinePruneConfig, KDConfig, TrainConfig, check_fine_prune_config
 from edgestill.distill.classifier import StudentConfig as EncoderStudentConfig
+from edgestill.distill.edgevl import Stage1Config, Stage2Config, TeacherFitConfig
 from edgestill.distill.losses import LOGIT_LOSS_KINDS
 from edgestill.distill.multi_teacher import WEIGHTINGS
 from edgestill.distill.online import OnlineKDConfig, TrainSchedule
 from edgestill.errors import EdgestillError
 from edgestill.models.sequence import SeriesStudentConfig, SeriesTeacherConfig
+from edgestill.models.vision import PROMPT, ImageTowerConfig
 from edgestill.quant.formats import format_names
 
 
@@ -486,6 +490,53 @@ def load_timeseries_config(path: str | Path | None = None, overrides: list[str] 
     if cfg.task != TIMESERIES:
         raise EdgestillError(f"this recipe is for task '{cfg.task}', not {TIMESERIES}; use `edgestill shrink --task {cfg.task}`")
     cfg.kd.check()
+    return cfg
+
+
+# --- the vision track (`edgestill shrink --task vision`): EdgeVL, open-vocabulary image students ---------------
+
+VISION = "vision"
+
+
+@dataclass
+class VisionTextConfig:
+    encoder: str = "all-minilm-l6-v2"  # the frozen text tower: an HF encoder folder or id, or the embedded default
+    template: str = PROMPT  # the prompt each class name fills
+
+
+@dataclass
+class VisionEvalConfig:
+    threads: int = 2  # onnxruntime intra-op threads for the latency measurement
+    latency_images: int = 64  # test images timed one at a time (batch 1)
+    latency_repeats: int = 5
+
+
+@dataclass
+class VisionConfig:
+    task: str = VISION
+    data: ImageDataConfig = field(default_factory=ImageDataConfig)
+    low_light: LowLightConfig = field(default_factory=LowLightConfig)  # the derived second view's sensor
+    text: VisionTextConfig = field(default_factory=VisionTextConfig)
+    teacher: ImageTowerConfig = field(default_factory=lambda: ImageTowerConfig(widths=[48, 96, 192], convs=2))
+    student: ImageTowerConfig = field(default_factory=ImageTowerConfig)
+    teacher_fit: TeacherFitConfig = field(default_factory=TeacherFitConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    eval: VisionEvalConfig = field(default_factory=VisionEvalConfig)
+    seed: int = 0  # initialisation and batch order of every model (the data split is data.split_seed)
+    output_dir: str = ""
+
+
+VISION_QUICK_OVERRIDES = ["teacher.widths=[16, 32]", "teacher.convs=1", "teacher_fit.epochs=2", "stage1.epochs=2",
+                          "stage2.epochs=1", "eval.latency_images=8", "eval.latency_repeats=2"]
+
+
+def load_vision_config(path: str | Path | None = None, overrides: list[str] | None = None, quick: bool = False,
+                       values: dict | None = None) -> VisionConfig:
+    """Defaults <- recipe <- quick profile <- key=value overrides <- `values` (CLI flags, set verbatim)."""
+    cfg = fill(VisionConfig(), path, [*(VISION_QUICK_OVERRIDES if quick else []), *(overrides or [])], values)
+    if cfg.task != VISION:
+        raise EdgestillError(f"this recipe is for task '{cfg.task}', not {VISION}; use `edgestill shrink --task {cfg.task}`")
     return cfg
 
 

@@ -24,12 +24,13 @@ from edgestill.files import atomic_path
 INPUT, OUTPUT = "window", "rul"
 
 
-def _compact(path: Path) -> None:
+def compact(path: Path, names: tuple[str, str] = (INPUT, OUTPUT)) -> None:
+    """Drop debug metadata and shape annotations, and shorten internal tensor names (`names`: input, output)."""
     import onnx
 
     proto = onnx.load(str(path))
     g = proto.graph
-    keep = {INPUT, OUTPUT, ""}  # "" marks an omitted optional input
+    keep = {*names, ""}  # "" marks an omitted optional input
     names: dict[str, str] = {}
 
     def short(name: str) -> str:
@@ -74,26 +75,29 @@ def export_float(model: nn.Module, window: int, sensors: int, rul_cap: float, pa
         except Exception as e:
             raise EdgestillError(f"ONNX export of {model.__class__.__name__} failed: {e.__class__.__name__}: "
                                  f"{str(e).splitlines()[0][:200]}") from None
-        _compact(Path(tmp))
+        compact(Path(tmp))
     return path
 
 
 class _Calibration:
-    def __init__(self, x: np.ndarray, batch: int = 64):
-        self.batches = iter([{INPUT: x[i:i + batch]} for i in range(0, len(x), batch)])
+    def __init__(self, x: np.ndarray, batch: int = 64, name: str = INPUT):
+        self.batches = iter([{name: x[i:i + batch]} for i in range(0, len(x), batch)])
 
     def get_next(self):
         return next(self.batches, None)
 
 
-def quantize_int8(float_path: str | Path, path: str | Path, calibration: np.ndarray) -> Path:
-    """Static int8 (QDQ) of a float ONNX file, activation ranges calibrated on `calibration` windows."""
+def quantize_int8(float_path: str | Path, path: str | Path, calibration: np.ndarray,
+                  names: tuple[str, str] = (INPUT, OUTPUT)) -> Path:
+    """Static int8 (QDQ) of a float ONNX file, activation ranges calibrated on `calibration` inputs (`names`: the
+    file's input and output)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if len(calibration) == 0:
         raise EdgestillError("int8 calibration needs at least one window")
-    reader = type("Reader", (_Calibration, CalibrationDataReader), {})(np.ascontiguousarray(calibration, np.float32))
+    reader = type("Reader", (_Calibration, CalibrationDataReader), {})(np.ascontiguousarray(calibration, np.float32),
+                                                                      name=names[0])
     path = Path(path)
     with atomic_path(path, "writing the int8 ONNX model") as tmp:
         pre = Path(str(tmp) + ".pre.onnx")
@@ -103,7 +107,7 @@ def quantize_int8(float_path: str | Path, path: str | Path, calibration: np.ndar
                             weight_type=QuantType.QInt8, activation_type=QuantType.QInt8)
         finally:
             pre.unlink(missing_ok=True)
-        _compact(Path(tmp))
+        compact(Path(tmp), names)
     return path
 
 
