@@ -360,6 +360,11 @@ TIMESERIES_LABELS = {"teacher": "teacher (Transformer, trained alone)", "teacher
                      "online_kd": "online KD", "online_mutual": "online KD + adaptive mutual learning"}
 
 
+def _goal_checks(goal: dict, checks: dict[str, str]) -> str:
+    """'text: yes; text: **no**' for each goal key of `checks` (key -> what it checks)."""
+    return "; ".join(f"{text}: {'yes' if goal[key] else '**no**'}" for key, text in checks.items())
+
+
 def timeseries_table(r: dict) -> str:
     """RMSE / PHM score / bytes / latency per method of benchmarks/timeseries.py, then the references and the goal."""
     def pm(x, key, fmt="{:.2f}"):
@@ -381,7 +386,7 @@ def timeseries_table(r: dict) -> str:
               "online_beats_offline_beyond_spread": "online KD beats offline KD beyond the seed spread",
               "online_beats_alone_beyond_spread": "online KD beats the student alone beyond the seed spread",
               "mutual_does_not_hurt_teacher": "mutual learning does not hurt the teacher"}
-    goal = "; ".join(f"{text}: {'yes' if g[key] else '**no**'}" for key, text in checks.items())
+    goal = _goal_checks(g, checks)
     seeds = len(r["rows"][0]["seeds"])
     out += ["", f"Mean ± std over {seeds} seeds; students as deployed (static int8 QDQ ONNX in onnxruntime), the "
             f"teacher as float ONNX; × smaller = the teacher's file ÷ this file. Data: {d['source']}: "
@@ -488,7 +493,7 @@ def edgevl_table(r: dict) -> str:
               "stage2_loses_less_than_ptq": "and less than post-training int8 loses, both views together (" + ", ".join(
                   f"{k} {v:+.1f}" for k, v in g["ptq_int8_loss_points"].items()) + ")",
               "student_50x_smaller": f"student ≥ 50× smaller ({g['student_compression_x']:.0f}×)"}
-    goal = "; ".join(f"{text}: {'yes' if g[key] else '**no**'}" for key, text in checks.items())
+    goal = _goal_checks(g, checks)
     commits = sorted({c for x in r["rows"] for c in x["commits"]})
     dirty = any(x["git_dirty"] for x in r["rows"])
     seeds = len(r["rows"][0]["seeds"])
