@@ -11,6 +11,8 @@ recipes/mnist_lowlight_edgevl.yaml) gives every row on both views:
     edgevl_stage1       dual-modality distillation (float ONNX)
     edgevl_stage2_int8  stage 2 (int8 QAT + triplet on pseudo-labels), static int8 QDQ ONNX
     stage1_ptq_int8     edgevl_stage1 through post-training static int8 QDQ
+    stage2_noqat_ptq_int8  the control: stage 2's training without fake quantization, then post-training int8,
+                        which separates what QAT adds from what stage 2's extra epochs add
 Accuracies are zero-shot in onnxruntime; bytes are ONNX file bytes (the text side, shared by all, is not counted);
 latency: batch 1, onnxruntime, 2 threads, on second-view test images.
 
@@ -70,7 +72,15 @@ def _rows(runs: list[dict]) -> list[dict]:
     return rows
 
 
+def _int8_losses(rows: list[dict], model: str) -> dict[int, float]:
+    """seed -> the seen-class accuracy `model` loses against edgevl_stage1, summed over both views."""
+    by = {(r["model"], r["modality"]): {run["seed"]: run["seen"] for run in r["per_seed"]} for r in rows}
+    seeds = by[("edgevl_stage1", "low-light")]
+    return {s: sum(by[("edgevl_stage1", m)][s] - by[(model, m)][s] for m in MODALITIES.values()) for s in seeds}
+
+
 def _goal(rows: list[dict]) -> dict:
+    """The issue's goal. A difference between two int8 routes counts only when it holds on every seed."""
     by = {(r["model"], r["modality"]): r for r in rows}
 
     def acc(model, modality="low-light"):
@@ -79,18 +89,24 @@ def _goal(rows: list[dict]) -> dict:
 
     (s1, s1_sd), (rgb, rgb_sd) = acc("edgevl_stage1"), acc("student_rgb_only")
     lose = {m: {mod: by[("edgevl_stage1", mod)]["zero_shot_accuracy_seen"] - by[(m, mod)]["zero_shot_accuracy_seen"]
-                for mod in MODALITIES.values()} for m in ("edgevl_stage2_int8", "stage1_ptq_int8")}
+                for mod in MODALITIES.values()} for m in ("edgevl_stage2_int8", "stage1_ptq_int8", "stage2_noqat_ptq_int8")}
+    per_seed = {m: _int8_losses(rows, m) for m in lose}
+    stage2 = per_seed["edgevl_stage2_int8"]
     goal = {"second_view_student_gain_points": 100 * (s1 - rgb),
             "beats_rgb_only_by_5_points": s1 - rgb >= 0.05,
             "beats_rgb_only_beyond_spread": s1 - s1_sd > rgb + rgb_sd,
             "stage2_int8_loss_points": {k: 100 * v for k, v in lose["edgevl_stage2_int8"].items()},
             "ptq_int8_loss_points": {k: 100 * v for k, v in lose["stage1_ptq_int8"].items()},
+            "noqat_ptq_int8_loss_points": {k: 100 * v for k, v in lose["stage2_noqat_ptq_int8"].items()},
+            "per_seed_loss_points_both_views": {m: {s: 100 * v for s, v in d.items()} for m, d in per_seed.items()},
             "stage2_loses_at_most_1_point": all(v <= 0.01 for v in lose["edgevl_stage2_int8"].values()),
-            # over both views together: where int8 costs nothing on a view, neither can lose less there
-            "stage2_loses_less_than_ptq": sum(lose["edgevl_stage2_int8"].values()) < sum(lose["stage1_ptq_int8"].values()),
+            # the issue's check, on every seed, both views together
+            "stage2_loses_less_than_ptq": all(stage2[s] < per_seed["stage1_ptq_int8"][s] for s in stage2),
             "student_compression_x": by[("edgevl_stage2_int8", "low-light")]["compression_x"],
             "student_50x_smaller": by[("edgevl_stage2_int8", "low-light")]["compression_x"] >= 50}
-    goal["met"] = all(v for k, v in goal.items() if isinstance(v, bool))
+    goal["met"] = all(v for v in goal.values() if isinstance(v, bool))
+    # not part of the goal: does the fake quantization itself help, or only stage 2's extra training?
+    goal["qat_beats_the_same_training_without_it"] = all(stage2[s] < per_seed["stage2_noqat_ptq_int8"][s] for s in stage2)
     return goal
 
 

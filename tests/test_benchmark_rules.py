@@ -291,10 +291,10 @@ def test_lm_audit_table_shows_both_asrs_the_fidelity_and_the_commits_of_rows_mea
             "4.52 after the cut → 3.20 after fine-tuning on those blocks.") in table
 
 
-def _vl_runs(stage1_low, rgb_low, stage2_low, ptq_low):
+def _vl_runs(stage1_low, rgb_low, stage2_low, ptq_low, noqat_low=None):
     """Per-seed metrics as benchmarks/edgevl.py reads them from its runs: three seeds, seen-class accuracies."""
     low = {"teacher": 0.7, "student_rgb_only": rgb_low, "edgevl_stage1": stage1_low, "edgevl_stage2_int8": stage2_low,
-           "stage1_ptq_int8": ptq_low}
+           "stage1_ptq_int8": ptq_low, "stage2_noqat_ptq_int8": ptq_low if noqat_low is None else noqat_low}
     runs = []
     for seed, jitter in enumerate((-0.01, 0.0, 0.01)):
         models = {}
@@ -315,7 +315,7 @@ def _vl_runs(stage1_low, rgb_low, stage2_low, ptq_low):
 def test_edgevl_goal_needs_5_points_on_the_second_view_and_a_stage2_within_a_point_of_stage1(accs, gain, met):
     edgevl = pytest.importorskip("edgevl")
     rows = edgevl._rows(_vl_runs(*accs))
-    assert [r["seeds"] for r in rows][0] == [0, 1, 2] and len(rows) == 10
+    assert [r["seeds"] for r in rows][0] == [0, 1, 2] and len(rows) == 12
     goal = edgevl._goal(rows)
     assert goal["beats_rgb_only_by_5_points"] is gain and goal["met"] is met
     assert goal["student_50x_smaller"] and goal["student_compression_x"] == pytest.approx(3_000_000 / 49_000)
@@ -331,3 +331,13 @@ def test_edgevl_goal_needs_5_points_on_the_second_view_and_a_stage2_within_a_poi
         "command": "python benchmarks/edgevl.py", "benchmark": "edgevl"})
     assert ("by ≥ 5 points (" + ("+" if gain else "+4.0") ) in table
     assert ("**no**" in table) is (not met) and "Runs by commit `abc123`" in table
+
+
+def test_edgevl_counts_an_int8_difference_only_when_it_holds_on_every_seed():
+    edgevl = pytest.importorskip("edgevl")
+    runs = _vl_runs(0.85, 0.70, 0.85, 0.85, noqat_low=0.85)
+    for run, delta in zip(runs, (0.004, -0.002, 0.0)):  # stage 2 ahead of PTQ on one seed, behind on one
+        run["models"]["edgevl_stage2_int8"]["zero_shot"]["second"]["seen"] += delta
+    goal = edgevl._goal(edgevl._rows(runs))
+    assert goal["stage2_loses_less_than_ptq"] is False and goal["qat_beats_the_same_training_without_it"] is False
+    assert goal["per_seed_loss_points_both_views"]["edgevl_stage2_int8"][0] == pytest.approx(-0.4)

@@ -31,7 +31,7 @@ def finished(tmp_path_factory):
 def test_run_writes_every_model_and_its_zero_shot_numbers(finished):
     _, out = finished
     for name in ("teacher.onnx", "student_rgb_only.onnx", "edgevl_stage1.onnx", "edgevl_stage2.int8.onnx",
-                 "edgevl_stage1.ptq.int8.onnx", "class_embeddings.npy", "classes.json", "metrics.json", "report.md",
+                 "edgevl_stage1.ptq.int8.onnx", "edgevl_stage2_noqat.ptq.int8.onnx", "class_embeddings.npy", "classes.json", "metrics.json", "report.md",
                  "zero_shot.png", "DONE"):
         assert (out / name).is_file(), name
     m = json.loads((out / "metrics.json").read_text())
@@ -45,7 +45,8 @@ def test_run_writes_every_model_and_its_zero_shot_numbers(finished):
             z = row["zero_shot"][view]
             assert 0 <= z["seen"] <= 1 and z["heldout"] == 1.0  # one held-out class: always right
             assert z["n"] == {"seen": 2, "heldout": 6}  # 1 test image of each of the 2 seen classes
-    for name in ("edgevl_stage2.int8.onnx", "edgevl_stage1.ptq.int8.onnx"):
+    assert not (out / "edgevl_stage2.onnx").exists() and not (out / "edgevl_stage2_noqat.onnx").exists()
+    for name in ("edgevl_stage2.int8.onnx", "edgevl_stage1.ptq.int8.onnx", "edgevl_stage2_noqat.ptq.int8.onnx"):
         assert any(i.data_type == onnx.TensorProto.INT8 for i in onnx.load(str(out / name)).graph.initializer)
     emb = np.load(out / "class_embeddings.npy", allow_pickle=False)
     assert emb.shape == (3, 384) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)

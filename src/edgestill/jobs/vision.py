@@ -6,9 +6,11 @@ small int8 student that reads a second visual modality, for open-vocabulary clas
     2. text      the class-name prompts, embedded once by the frozen sentence encoder (models/vision.py)
     3. teacher   an image tower aligned to the seen classes' prompts (distill/edgevl.train_teacher)
     4. students  student_rgb_only (stage 1 on the first view only), edgevl_stage1 (both views), edgevl_stage2
-                 (stage 1's student, int8 QAT + triplet on pseudo-labels), all without labels
-    5. export    ONNX: teacher and students float; edgevl_stage1 through post-training int8 (stage1_ptq_int8) and
-                 edgevl_stage2 through int8 after its QAT (edgevl_stage2_int8), both static QDQ
+                 (stage 1's student, int8 QAT + triplet on pseudo-labels), all without labels; and a control,
+                 edgevl_stage2_noqat: stage 2's training without the fake quantization
+    5. export    ONNX: teacher and students float; edgevl_stage1 through post-training int8 (stage1_ptq_int8),
+                 edgevl_stage2 through int8 after its QAT (edgevl_stage2_int8) and the control through post-training
+                 int8 (stage2_noqat_ptq_int8: what QAT adds beyond stage 2's extra training), all static QDQ
     6. measure   zero-shot accuracy (seen, held-out, all) in onnxruntime on each view; file bytes; batch-1 latency
     7. report    metrics.json, report.md, zero_shot.png
 
@@ -32,7 +34,10 @@ from edgestill.runs import RunDir
 
 log = logging.getLogger(__name__)
 
-MODELS = ("teacher", "student_rgb_only", "edgevl_stage1", "edgevl_stage2_int8", "stage1_ptq_int8")
+MODELS = ("teacher", "student_rgb_only", "edgevl_stage1", "edgevl_stage2_int8", "stage1_ptq_int8", "stage2_noqat_ptq_int8")
+# an int8 row -> the trained float model its file quantizes
+INT8_OF = {"edgevl_stage2_int8": "edgevl_stage2", "stage1_ptq_int8": "edgevl_stage1",
+           "stage2_noqat_ptq_int8": "edgevl_stage2_noqat"}
 VIEWS = ("first", "second")
 
 
@@ -128,8 +133,15 @@ def train_all(cfg: VisionConfig, data: Prepared, run: Path) -> tuple[dict, dict]
         qat_int8.to_float(prepared, model)
         return fit
 
+    def no_qat(model):  # the control: the same stage 2 (same seed, batches and views) in float
+        model.load_state_dict(stage1.state_dict())
+        return stage(cfg.stage2, "stage 2 without fake quantization (control)", pseudo=pseudo[s.train],
+                     margin=cfg.stage2.margin, triplet_weight=cfg.stage2.triplet_weight)(model)
+
     stage2, fits["edgevl_stage2"] = _trained(run, "edgevl_stage2", tower(cfg.student, 1), qat)
-    return {"teacher": teacher, "student_rgb_only": rgb_only, "edgevl_stage1": stage1, "edgevl_stage2": stage2}, fits
+    control, fits["edgevl_stage2_noqat"] = _trained(run, "edgevl_stage2_noqat", tower(cfg.student, 1), no_qat)
+    return {"teacher": teacher, "student_rgb_only": rgb_only, "edgevl_stage1": stage1, "edgevl_stage2": stage2,
+            "edgevl_stage2_noqat": control}, fits
 
 
 def export_and_measure(cfg: VisionConfig, data: Prepared, models: dict, folder: Path) -> dict:
@@ -146,11 +158,12 @@ def export_and_measure(cfg: VisionConfig, data: Prepared, models: dict, folder: 
     # calibration: training images of both views, as the deployed student will read either
     pick = np.random.default_rng(0).permutation(len(s.train))[:256]
     calib = np.concatenate([data.first[s.train][pick], data.second[s.train][pick]])
-    files = {"teacher": floats["teacher"], "student_rgb_only": floats["student_rgb_only"],
-             "edgevl_stage1": floats["edgevl_stage1"],
-             "edgevl_stage2_int8": export_int8(floats["edgevl_stage2"], folder / "edgevl_stage2.int8.onnx", calib),
-             "stage1_ptq_int8": export_int8(floats["edgevl_stage1"], folder / "edgevl_stage1.ptq.int8.onnx", calib)}
-    (folder / "edgevl_stage2.onnx").unlink()  # its float weights are in edgevl_stage2.safetensors
+    files = {name: floats[name] for name in ("teacher", "student_rgb_only", "edgevl_stage1")}
+    for name, source in INT8_OF.items():
+        stem = f"{source}.int8.onnx" if name == "edgevl_stage2_int8" else f"{source}.ptq.int8.onnx"
+        files[name] = export_int8(floats[source], folder / stem, calib)
+    for source in ("edgevl_stage2", "edgevl_stage2_noqat"):
+        floats[source].unlink()  # their float weights are in <name>.safetensors
     sessions = {name: onnx_session(path, cfg.eval.threads) for name, path in files.items()}
     out = {}
     for name, session in sessions.items():
@@ -159,8 +172,7 @@ def export_and_measure(cfg: VisionConfig, data: Prepared, models: dict, folder: 
             scores[view] = zero_shot_scores(onnx_embed(session, images[s.test]), data.images.y[s.test],
                                             onnx_embed(session, images[s.heldout]), data.images.y[s.heldout],
                                             data.text, s.seen_classes, s.heldout_classes)
-        model = models["edgevl_stage2" if name == "edgevl_stage2_int8" else
-                       "edgevl_stage1" if name == "stage1_ptq_int8" else name]
+        model = models[INT8_OF.get(name, name)]
         out[name] = {"file": files[name].name, "bytes": files[name].stat().st_size, "params": parameter_count(model),
                      "int8": name.endswith("_int8"), "zero_shot": scores}
     feeds = [{INPUT: data.second[i:i + 1]} for i in s.test[np.linspace(0, len(s.test) - 1, cfg.eval.latency_images).astype(int)]]
