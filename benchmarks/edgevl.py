@@ -16,7 +16,7 @@ recipes/mnist_lowlight_edgevl.yaml) gives every row on both views:
 Accuracies are zero-shot in onnxruntime; bytes are ONNX file bytes (the text side, shared by all, is not counted);
 latency: batch 1, onnxruntime, 2 threads, on second-view test images.
 
-    python benchmarks/edgevl.py                  # seeds 0,1,2 (~10 min a seed on 2 cores); resumes after a kill
+    python benchmarks/edgevl.py                  # seeds 0,1,2 (~2 min a seed on 2 cores); resumes after a kill
     python benchmarks/edgevl.py --quick          # smoke run: quick profile, seed 0 -> edgevl_quick.json
 """
 
