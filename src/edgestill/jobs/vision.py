@@ -94,7 +94,8 @@ def _trained(run: Path, name: str, model, train):
 
 
 def train_all(cfg: VisionConfig, data: Prepared, run: Path) -> tuple[dict, dict]:
-    """The teacher and the three students (module docstring). Returns ({name: model}, {name: fit record})."""
+    """The teacher, the three students and the control (module docstring). Returns ({name: model}, {name: fit
+    record})."""
     import dataclasses
 
     import torch
@@ -110,7 +111,7 @@ def train_all(cfg: VisionConfig, data: Prepared, run: Path) -> tuple[dict, dict]
         torch.manual_seed(seed + offset)
         return ImageTower(channels, dim, tc)
 
-    teacher, fits = {}, {}
+    fits: dict = {}
     teacher, fits["teacher"] = _trained(run, "teacher", tower(cfg.teacher, 0), lambda m: edgevl.train_teacher(
         m, data.first[s.train], data.seen_labels(s.train), data.first[s.val], data.seen_labels(s.val),
         data.text[s.seen_classes], cfg.teacher_fit, seed))
