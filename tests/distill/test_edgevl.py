@@ -45,6 +45,7 @@ def _blobs(n=240, seed=0):
 def test_teacher_aligns_to_prompts_and_students_learn_its_embedding():
     x, y = _blobs()
     text = torch.nn.functional.normalize(torch.randn(3, 16, generator=torch.Generator().manual_seed(0)), dim=-1).numpy()
+    torch.manual_seed(0)  # the test must not depend on what ran before it
     teacher = ImageTower(1, 16, ImageTowerConfig(widths=[8, 8], convs=1))
     fit = train_teacher(teacher, x[:200], y[:200], x[200:], y[200:], text, TeacherFitConfig(epochs=15, lr=5e-3), 0)
     assert fit["best_val"] < 0.1  # val zero-shot accuracy > 0.9
@@ -54,15 +55,15 @@ def test_teacher_aligns_to_prompts_and_students_learn_its_embedding():
 
     def run(share, seed, epochs):
         torch.manual_seed(1)
-        student = ImageTower(1, 16, ImageTowerConfig(widths=[4], convs=1))
+        student = ImageTower(1, 16, ImageTowerConfig(widths=[8], convs=1))
         before = float(embedding_l1(student(torch.from_numpy(second[200:])), torch.from_numpy(target[200:])))
-        c = Stage1Config(epochs=epochs, lr=3e-3, second_share=share)
+        c = Stage1Config(epochs=epochs, lr=1e-2, second_share=share)
         r = distill_stage(student, x[:200], second[:200], target[:200], (x[200:], second[200:], target[200:]), c, seed, "t")
         return student, r, before
 
-    student, r, before = run(1.0, 0, 20)
-    assert r["best_val"] < 0.6 * before  # learns the teacher's embedding of the first view from the second
-    _, r2, _ = run(1.0, 0, 20)
+    student, r, before = run(1.0, 0, 40)
+    assert r["best_val"] < 0.3 * before  # learns the teacher's embedding of the first view from the second
+    _, r2, _ = run(1.0, 0, 40)
     assert r2["best_val"] == r["best_val"]  # seeded
 
 
