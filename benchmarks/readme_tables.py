@@ -567,7 +567,7 @@ def audit_lm_table(r: dict) -> str:
             if x.get(key):
                 out += ["", f"{title.format(x['setting'])} (per seed): " + "; ".join(say(v) for v in x[key] if v) + "."]
     if not r.get("complete", True):
-        out += ["", f"**Unfinished run** ({len(r['pending'])} runs still to measure: "
+        out += ["", f"**Unfinished run** ({len(r['pending'])} run{'s' if len(r['pending']) != 1 else ''} still to measure: "
                 + ", ".join(f"seed {p[0]} " + "/".join(p[1:]) for p in r["pending"]) + "). The same command continues it."]
     one_seed = (" With fewer than 3 seeds a row is a first reading, not a claim."
                 if min(len(x["seeds"]) for x in r["rows"]) < 3 else "")
