@@ -38,17 +38,16 @@ MODALITIES = {"first": "original", "second": "low-light"}
 
 def _run(seed: int, folder: Path, quick: bool) -> dict:
     """The finished run of `seed` (resumed or made), its metrics."""
-    from edgestill.config import load_vision_config
-    from edgestill.jobs.vision import plain, shrink_vision
+    import yaml
+
+    from edgestill.config import load_vision_config, plain
+    from edgestill.jobs.vision import shrink_vision
     from edgestill.runs import is_finished_run
 
     cfg = load_vision_config(RECIPE, [f"seed={seed}"], quick=quick, values={"output_dir": str(folder)})
     if is_finished_run(folder):
         saved = json.loads((folder / "metrics.json").read_text())
-        made = (folder / "config.yaml").read_text()
-        import yaml
-
-        if yaml.safe_load(made) != plain(cfg):
+        if yaml.safe_load((folder / "config.yaml").read_text()) != plain(cfg):
             raise SystemExit(f"{folder} was made with other settings (its config.yaml); delete it or pass --root")
         return saved
     return shrink_vision(cfg)[1]

@@ -540,6 +540,13 @@ def load_vision_config(path: str | Path | None = None, overrides: list[str] | No
     return cfg
 
 
+def plain(cfg) -> dict:
+    """A config dataclass as plain JSON/YAML-safe data (tuples as lists, other values as str): what config.yaml holds."""
+    import json
+
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
 # --- reading recipes and overrides into any of these configs ------------------------------------------------
 
 

@@ -160,6 +160,13 @@ def write_text_atomic(path: str | Path, text: str, action: str = "") -> Path:
     return Path(path)
 
 
+def write_json_atomic(path: str | Path, obj, action: str = "") -> Path:
+    """`obj` as indented JSON (anything JSON cannot hold written as its str), atomically."""
+    import json
+
+    return write_text_atomic(path, json.dumps(obj, indent=1, default=str) + "\n", action)
+
+
 def ensure_free_space(path: str | Path, needed_bytes: int, action: str) -> None:
     """Refuse, before writing anything, when the disk holding `path` has less than `needed_bytes` free."""
     free = free_bytes(path)

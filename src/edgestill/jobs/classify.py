@@ -56,9 +56,10 @@ from edgestill.config import (
     fill,
     load_classifier_config,
 )
+from edgestill.config import plain as config_plain
 from edgestill.data.labelled import ALIASES, LABEL_MAP_FILE
 from edgestill.errors import EdgestillError
-from edgestill.files import write_text_atomic
+from edgestill.files import write_json_atomic, write_text_atomic
 from edgestill.runs import RunDir
 
 log = logging.getLogger(__name__)
@@ -69,17 +70,13 @@ TEACHER_INFO = "edgestill.json"
 def plain(obj) -> dict:
     """asdict with tuples as lists (YAML-safe): what config.yaml holds. A `poison` section that plants nothing is left
     out, so runs made before audits existed (and every ordinary run) keep the config they were started with."""
-    out = json.loads(json.dumps(asdict(obj), default=str))
+    out = config_plain(obj)
     if isinstance(out.get("poison"), dict) and not out["poison"].get("trigger"):
         del out["poison"]
     for section, switch in (("fine_prune", "fraction"), ("onion", "remove_share")):
         if isinstance(out.get(section), dict) and not out[section].get(switch):
             del out[section]  # off: runs made before the defence existed keep their config
     return out
-
-
-def _write_json(path: Path, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=1, default=str) + "\n")
 
 
 def _data_name(spec: str) -> str:
@@ -212,7 +209,7 @@ def _train_teacher(cfg: FinetuneConfig, run: RunDir, splits, planted: dict | Non
     for f in staged.iterdir():  # the run folder itself is the HF folder (`--teacher RUN`)
         os.replace(f, run.path / f.name)
     shutil.rmtree(staged, ignore_errors=True)
-    _write_json(run.path / "finetune.json", result)
+    write_json_atomic(run.path / "finetune.json", result)
     shutil.rmtree(run.path / "checkpoints", ignore_errors=True)  # the model is saved: the checkpoints are spent
     return model, label_map, result
 
@@ -250,7 +247,7 @@ def finetune(cfg: FinetuneConfig, overwrite: bool = False) -> tuple[Path, dict]:
         }
         if metrics["teacher"]["verdict"]["failed"]:
             log.warning("teacher: %s", metrics["teacher"]["verdict"]["text"])
-        _write_json(run.path / "metrics.json", metrics)
+        write_json_atomic(run.path / "metrics.json", metrics)
         write_text_atomic(run.path / "report.md", _finetune_report(cfg, splits, label_map, result, metrics, run.final))
     return run.finish(), metrics
 
@@ -333,7 +330,7 @@ def _student(cfg: ClassifierShrinkConfig, run: RunDir, resumed: bool, teacher: _
                  **{k: result[k] for k in ("stopped_at_step", "stopped_early", "stop_reason", "val_curve",
                                            "transfer_set")}, "fine_prune": pruned,
                  "teacher_mutual": result.get("teacher_mutual")}
-    _write_json(distill_file, distilled)
+    write_json_atomic(distill_file, distilled)
     shutil.rmtree(run.path / "checkpoints", ignore_errors=True)  # the student is saved: the checkpoints are spent
     return student, s_tok, distilled
 
@@ -599,7 +596,7 @@ def shrink_classifier(cfg: ClassifierShrinkConfig, overwrite: bool = False) -> t
             plot_curve(curve, run.path / "shrink_curve.png", str(cfg.teacher))
         metrics["poison"] = planted
         metrics["onion"] = filtered
-        _write_json(run.path / "metrics.json", metrics)
+        write_json_atomic(run.path / "metrics.json", metrics)
         write_text_atomic(run.path / "report.md", classifier_report(metrics) + verdict_section(metrics))
     return run.finish(), metrics
 

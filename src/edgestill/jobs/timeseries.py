@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import math
 import shutil
@@ -29,20 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
-from edgestill.config import TimeseriesConfig
+from edgestill.config import TimeseriesConfig, plain
 from edgestill.errors import EdgestillError
-from edgestill.files import write_text_atomic
+from edgestill.files import write_json_atomic, write_text_atomic
 from edgestill.runs import RunDir
 
 log = logging.getLogger(__name__)
-
-
-def plain(cfg: TimeseriesConfig) -> dict:
-    return json.loads(json.dumps(asdict(cfg), default=str))
-
-
-def _write_json(path: Path, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=1, default=str) + "\n")
 
 
 def phm_score(pred: np.ndarray, true: np.ndarray) -> float:
@@ -317,11 +308,11 @@ def shrink_timeseries(cfg: TimeseriesConfig, overwrite: bool = False) -> tuple[P
                     "student int8 (onnxruntime)": onnx_preds["student_int8"]}, cfg.eval.plot_units)
         if streamed:
             _plot_stream(run.path / "stream.png", streamed)
-        _write_json(run.path / "series.json", {"window": cfg.data.window, "rul_cap": data.cap,
+        write_json_atomic(run.path / "series.json", {"window": cfg.data.window, "rul_cap": data.cap,
                                                "sensors": data.splits.sensors, "normalizer": asdict(data.norm),
                                                "input": "window: (batch, window, sensors) float32, normalised",
                                                "output": "rul: (batch,) cycles"})
-        _write_json(run.path / "metrics.json", metrics)
+        write_json_atomic(run.path / "metrics.json", metrics)
         write_text_atomic(run.path / "report.md", _report(metrics))
         for name in ("ckpt-teacher", "ckpt-student", "ckpt-pair"):
             shutil.rmtree(run.path / name, ignore_errors=True)

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edgestill.config import VisionConfig
+from edgestill.config import VisionConfig, plain
 from edgestill.errors import EdgestillError
-from edgestill.files import write_text_atomic
+from edgestill.files import write_json_atomic, write_text_atomic
 from edgestill.runs import RunDir
 
 log = logging.getLogger(__name__)
@@ -39,14 +39,6 @@ MODELS = ("teacher", "student_rgb_only", "edgevl_stage1", "edgevl_stage2_int8", 
 INT8_OF = {"edgevl_stage2_int8": "edgevl_stage2", "stage1_ptq_int8": "edgevl_stage1",
            "stage2_noqat_ptq_int8": "edgevl_stage2_noqat"}
 VIEWS = ("first", "second")
-
-
-def plain(cfg: VisionConfig) -> dict:
-    return json.loads(json.dumps(asdict(cfg), default=str))
-
-
-def _write_json(path: Path, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=1, default=str) + "\n")
 
 
 class Prepared:
@@ -89,7 +81,7 @@ def _trained(run: Path, name: str, model, train):
         return model, json.loads(record.read_text())
     fit = train(model)
     save_model(model, str(weights))
-    _write_json(record, fit)
+    write_json_atomic(record, fit)
     return model, fit
 
 
@@ -261,13 +253,13 @@ def shrink_vision(cfg: VisionConfig, overwrite: bool = False) -> tuple[Path, dic
                    "seed": cfg.seed, "models": {name: rows[name] for name in MODELS}, "fits": fits,
                    "environment": environment(cfg.eval.threads, start)}
         np.save(run.path / "class_embeddings.npy", data.text)  # what a device matches image embeddings against
-        _write_json(run.path / "classes.json", {"classes": data.images.classes, "template": cfg.text.template,
+        write_json_atomic(run.path / "classes.json", {"classes": data.images.classes, "template": cfg.text.template,
                                                 "encoder": cfg.text.encoder, "embeddings": "class_embeddings.npy"})
         rows = metrics["models"]
         plot(run.path / "zero_shot.png", {n: (r["zero_shot"]["first"]["seen"], r["zero_shot"]["second"]["seen"])
                                           for n, r in rows.items()},
              "second view", rows["teacher"]["zero_shot"]["first"]["chance"]["seen"])
-        _write_json(run.path / "metrics.json", metrics)
+        write_json_atomic(run.path / "metrics.json", metrics)
         write_text_atomic(run.path / "report.md", _report(metrics))
     return run.finish(), metrics
 
