@@ -324,9 +324,11 @@ def serve_load_table(r: dict) -> str:
         return "" if x is None else fmt.format(x)
 
     names = [v["name"] for v in r["variants"]]
-    out = ["| load | policy | variants | deadline misses (per seed) | vs FIFO fixed | value met | goodput tok/s | tokens/s | "
+    span = "goodput_span_tokens_per_s" in r["rows"][0]  # runs before 2026-12-06 measured goodput over each case's span
+    out = ["| load | policy | variants | deadline misses (per seed) | vs FIFO fixed | value met | goodput tok/s | "
+           + ("span goodput tok/s | " if span else "") + "tokens/s | "
            "TTFT p50 / p99 s | latency p99 s | served by (" + " / ".join(names) + ") | top-1 of served | lost | errors |",
-           "|---:|---|---|---|---:|---:|---:|---:|---|---:|---|---:|---:|---:|"]
+           "|---:|---|---|---|---:|---:|---:|" + ("---:|" if span else "") + "---:|---|---:|---|---:|---:|---:|"]
     for x in r["rows"]:
         seeds = ", ".join(f"{m:.2f}" for m in x["deadline_miss_rate_by_seed"])
         vs = x.get("fewer_misses_than_fifo_fixed")
@@ -336,6 +338,7 @@ def serve_load_table(r: dict) -> str:
         out.append(f"| {x['load']} | {x['policy'].upper() if x['policy'] != 'density' else 'density (plain)'} | {'adaptive' if x['adaptive'] else 'Q8_0'}{threads} | "
                    f"**{x['deadline_miss_rate']:.2f}** ({seeds}) | {vs_text} | {f(x.get('value_met_fraction'))} | "
                    f"{x['goodput_tokens_per_s']:.1f} | "
+                   + (f"{x['goodput_span_tokens_per_s']:.1f} | " if span else "") +
                    f"{x['tokens_per_s']:.1f} | {f(x['ttft_p50_s'])} / {f(x['ttft_p99_s'])} | {f(x['latency_p99_s'])} | "
                    f"{served} | {f(x['top1_agreement_served'], '{:.3f}')} | {x['lost_requests']} | "
                    f"{x['server_errors']} |")
@@ -345,13 +348,18 @@ def serve_load_table(r: dict) -> str:
     out += ["", f"Per row: {w['requests_per_load_and_seed']} requests × {len(r['rows'][0]['seeds'])} seeds; misses "
             "= late or refused (429/503) ÷ requests, the mean over seeds with each seed's in brackets; vs FIFO fixed = "
             "the change in that mean; value met = the values (1, 1, 2 or 5) of the requests that met their deadline ÷ "
-            "all values. Load = arrival rate × a request's mean service time alone on the Q8_0 server, "
+            "all values; goodput = output tokens of the requests that met their deadline ÷ "
+            + ("the workload's window, from its first arrival to its last deadline (the same for every case); span "
+               "goodput = the same tokens ÷ the case's own seconds from the first arrival to the last answer, which "
+               "falls when a policy serves a deferred request after its deadline" if span else
+               "the case's own seconds from the first arrival to the last answer")
+            + ". Load = arrival rate × a request's mean service time alone on the Q8_0 server, "
             f"measured first ({fit['overhead_s'] * 1e3:.0f} ms + {fit['s_per_prompt_token'] * 1e3:.2f} ms per prompt "
             f"token + {fit['s_per_output_token'] * 1e3:.1f} ms per output token). Deadlines: "
             f"{w['deadline_x_alone'][0]:g}–{w['deadline_x_alone'][1]:g}× that time; queue {w['queue']}; "
             f"{w['threads']} llama.cpp thread{'s' if w['threads'] != 1 else ''} (edgestill serve's default here). Variants, best first, with their fidelity to the corrected teacher on "
             f"the held-out plays: {variants}. {_measured(r['environment'])}, by `{r['command'].strip()}` → "
-            "`benchmarks/results/serve_load.json`."]
+            f"`benchmarks/results/{r.get('benchmark', 'serve_load')}.json`."]
     return "\n".join(out)
 
 

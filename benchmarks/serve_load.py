@@ -22,15 +22,20 @@ Threads: every case runs llama.cpp with `edgestill serve`'s default, every core 
 generator share the machine). One extra case, FIFO on one Q8_0 with a llama.cpp thread on every core, shows why. Every case sees the same arrivals (they depend only on the seed and load).
 
 Per (load, policy, variants), over the seeds: deadline_miss_rate = requests not answered by their deadline (late,
-or refused 429/503) / requests; goodput = output tokens of the requests that met their deadline / seconds from the
-first arrival to the last answer; tokens/s = all output tokens / the same seconds; p50/p99 time to first token and
+or refused 429/503) / requests; goodput = output tokens of the requests that met their deadline / the
+workload's window, from its first arrival to its last deadline (the same seconds for every case; no token after it
+can count); span goodput = the same tokens / the case's own seconds from the first arrival to the last answer (the
+definition of runs before 2026-12-06: a policy that serves a deferred request after its deadline lengthens its own
+span, and so lowers this one, without delivering fewer tokens in time); tokens/s = all output tokens / the case's own
+span; p50/p99 time to first token and
 p99 time to the last, over the requests answered 200; value met = the values of the requests that met their
 deadline / the values of all requests (what VDF is for); lost requests (no answer at all) and server errors (5xx other
 than the deliberate 503s, and /metrics' generation failures), both of which must be 0.
 
     python benchmarks/serve_load.py                     # ~1.5 h on 2 cores: 9 cases x 3 loads x 3 seeds x 30 requests
     python benchmarks/serve_load.py --seeds 0 --loads 1.6 --requests 20     # a quick look
-Needs the GGUFs of benchmarks/quant_table.py (--no-train is enough) and the run of benchmarks/default_run.py.
+Uses the GGUFs of benchmarks/quant_table.py and the run of benchmarks/default_run.py, and makes them when missing
+(the teacher's correction, ~6 min unless cached, its llama.cpp files, and the default shrink, ~15 min).
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, write_result  # noqa: E402
+from _common import RESULTS, START, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "runs" / "bench"
@@ -63,27 +68,63 @@ SLACK = (2.0, 8.0)
 
 # --- the variants and what each keeps ------------------------------------------------------------------------------
 
-def variants() -> list[dict]:
-    """The served files, best first, each with its fidelity from the benchmark that measured it."""
+def variants(fidelity_blocks: int = 48) -> list[dict]:
+    """The served files, best first, each with its fidelity to the corrected teacher. The teacher's llama.cpp files
+    are quant_table.json's when they are on disk (with that benchmark's fidelity); otherwise (a fresh clone, or a
+    teacher correction since changed) they are made here from the corrected teacher, as quant_table.py makes them,
+    and their fidelity is measured here on the held-out plays from llama.cpp's logits. The student is the default
+    run's (made here when missing: the default `edgestill shrink`, ~15 min), with the fidelity that run measured."""
     table = json.loads((RESULTS / "quant_table.json").read_text())
     rows = {r["name"]: r for r in table["rows"]}
-    out = []
-    for qtype in ("Q8_0", "Q4_K_M", "Q4_0"):
-        row = rows[f"llama.cpp {qtype}"]
-        path = ROOT / row["gguf"]
-        if not path.is_file():
-            raise SystemExit(f"{path} is missing: run python benchmarks/quant_table.py --no-train first")
-        out.append({"name": f"teacher-{qtype.lower()}", "gguf": path, "top1_agreement": row["top1_agreement"],
-                    "kl": row["kl_teacher_model"], "fidelity_source": "quant_table.json (llama.cpp logits)"})
-    student = DEFAULT_RUN / "student.gguf"
+    qtypes = ("Q8_0", "Q4_K_M", "Q4_0")
+    if all((ROOT / rows[f"llama.cpp {q}"]["gguf"]).is_file() for q in qtypes):
+        out = [{"name": f"teacher-{q.lower()}", "gguf": ROOT / rows[f"llama.cpp {q}"]["gguf"],
+                "top1_agreement": rows[f"llama.cpp {q}"]["top1_agreement"],
+                "kl": rows[f"llama.cpp {q}"]["kl_teacher_model"], "fidelity_source": "quant_table.json (llama.cpp logits)"}
+               for q in qtypes]
+    else:
+        out = made_teacher_variants(qtypes, fidelity_blocks)
     if not (DEFAULT_RUN / "DONE").is_file():
-        raise SystemExit(f"{DEFAULT_RUN} is missing: run python benchmarks/default_run.py first")
+        print(f"making the default run in {DEFAULT_RUN} (edgestill shrink, ~15 min)", flush=True)
+        subprocess.run([sys.executable, "-m", "edgestill.cli", "shrink", "--out", str(DEFAULT_RUN), "--overwrite"],
+                       cwd=ROOT, check=True)
+    student = DEFAULT_RUN / "student.gguf"
     if not student.is_file():
         subprocess.run([sys.executable, "-m", "edgestill.cli", "export", str(DEFAULT_RUN), "--type", "q8_0"], check=True)
-    run = json.loads((RESULTS / "default_run.json").read_text())
+    run = json.loads((DEFAULT_RUN / "metrics.json").read_text())
     out.append({"name": f"student{run['student']['num_layers']}-q8_0", "gguf": student,
                 "top1_agreement": run["top1_agreement"], "kl": run["kl_teacher_student"],
-                "fidelity_source": "default_run.json (the run's PyTorch student, before its Q8_0 export)"})
+                "fidelity_source": f"{DEFAULT_RUN.relative_to(ROOT)}/metrics.json (the run's PyTorch student, before "
+                                   "its Q8_0 export)"})
+    return out
+
+
+def made_teacher_variants(qtypes, blocks: int) -> list[dict]:
+    """The corrected teacher's llama.cpp files, made (quant_table.make_artifacts, no training beyond the cached
+    correction) and scored here: top-1 agreement and KL against the corrected teacher on `blocks` held-out blocks."""
+    from quant_table import make_artifacts
+
+    from edgestill.config import ShrinkConfig
+    from edgestill.data.corpus import corpus_blocks
+    from edgestill.evaluate.gguf_eval import gguf_quality, teacher_logprobs
+    from edgestill.jobs.shrink import reference_teacher
+    from edgestill.models.load import load_causal_lm, resolve_model_path
+
+    cfg = ShrinkConfig()
+    original = load_causal_lm(cfg.teacher.model)
+    data = corpus_blocks(cfg.data, original.tokenizer)
+    reference = reference_teacher(cfg, original, data)
+    made = {r["name"]: r for r in make_artifacts(reference, Path(resolve_model_path(cfg.teacher.model)), train=False)}
+    test = data.test[:blocks]
+    t_logp = teacher_logprobs(reference.model, test)
+    out = []
+    for q in qtypes:
+        path = Path(made[f"llama.cpp {q}"]["gguf"])
+        quality = gguf_quality(path, test, t_logp)
+        print(f"  {path.name}: top-1 {quality['top1_agreement']:.3f}, KL {quality['kl_teacher_model']:.3f}", flush=True)
+        out.append({"name": f"teacher-{q.lower()}", "gguf": path, "top1_agreement": quality["top1_agreement"],
+                    "kl": quality["kl_teacher_model"], "fidelity_source": f"measured here (llama.cpp logits, "
+                    f"{test.size:,} held-out tokens; quant_table.json's files are not on disk)"})
     return out
 
 
@@ -177,6 +218,8 @@ def summarize(reqs: list[dict], seen: list[dict], fidelity: dict) -> dict:
         return None if not xs else xs[min(len(xs) - 1, math.ceil(p * len(xs)) - 1)]
 
     served = [s["variant"] for s in ok]
+    window = max(r["at"] + r["deadline_s"] for r in reqs) - min(r["at"] for r in reqs)
+    met_tokens = sum(s["tokens"] for s in seen if s["met"])
     return {
         "requests": len(seen), "answered": len(ok), "met": sum(s["met"] for s in seen),
         "late": sum(s["status"] == 200 and not s["met"] for s in seen),
@@ -184,7 +227,7 @@ def summarize(reqs: list[dict], seen: list[dict], fidelity: dict) -> dict:
         "deadline_miss_rate": 1 - sum(s["met"] for s in seen) / len(seen),
         "value_met_fraction": sum(r["body"]["value"] for r, s in zip(reqs, seen) if s["met"])
         / sum(r["body"]["value"] for r in reqs),
-        "goodput_tokens_per_s": sum(s["tokens"] for s in seen if s["met"]) / seconds,
+        "goodput_tokens_per_s": met_tokens / window, "goodput_span_tokens_per_s": met_tokens / seconds,
         "tokens_per_s": sum(s["tokens"] for s in ok) / seconds,
         "ttft_p50_s": q(ttft, 0.5), "ttft_p99_s": q(ttft, 0.99), "latency_p99_s": q(latency, 0.99),
         "lost_requests": sum(s["status"] is None for s in seen),
@@ -192,7 +235,7 @@ def summarize(reqs: list[dict], seen: list[dict], fidelity: dict) -> dict:
         "server_errors": sum(s["status"] is not None and s["status"] >= 500 and s["status"] != 503 for s in seen),
         "served_by": {v: served.count(v) for v in sorted(set(served))},
         "top1_agreement_served": statistics.mean(fidelity[v] for v in served) if served else None,
-        "seconds": seconds,
+        "seconds": seconds, "window_s": window,
     }
 
 
@@ -318,11 +361,14 @@ def main() -> None:
     ap.add_argument("--name", default="serve_load",
                     help="result name: benchmarks/results/<name>.json (default serve_load; a partial run, e.g. one load, "
                          "goes under another name so it does not replace the full table)")
+    ap.add_argument("--fidelity-blocks", type=int, default=48,
+                    help="held-out blocks that score the teacher's variants when they are made here (default 48)")
     ap.add_argument("--no-all-cores-case", action="store_true",
                     help="skip the extra FIFO case on one Q8_0 with a llama.cpp thread on every core")
     args = ap.parse_args()
     import os
 
+    from edgestill.evaluate.environment import environment
     from edgestill.jobs.serve import default_threads
 
     args.threads = args.threads or default_threads()
@@ -332,7 +378,7 @@ def main() -> None:
 
     from llama_cpp import Llama
 
-    served = variants()
+    served = variants(args.fidelity_blocks)
     fidelity = {v["name"]: v["top1_agreement"] for v in served}
     fixed = served[0]
     vocab = Llama(str(fixed["gguf"]), vocab_only=True, verbose=False)
@@ -375,11 +421,13 @@ def main() -> None:
                 "load": load, "policy": policy, "adaptive": adaptive, "threads": threads,
                 "variants": [v["name"] for v in served] if adaptive else [fixed["name"]],
                 "requests": sum(r["requests"] for r in per_seed),
-                **{k: mean(k) for k in ("deadline_miss_rate", "goodput_tokens_per_s", "tokens_per_s", "ttft_p50_s",
+                **{k: mean(k) for k in ("deadline_miss_rate", "goodput_tokens_per_s", "goodput_span_tokens_per_s",
+                                        "tokens_per_s", "ttft_p50_s",
                                         "ttft_p99_s", "latency_p99_s", "top1_agreement_served",
                                         "value_met_fraction")},
                 "deadline_miss_rate_by_seed": [r["deadline_miss_rate"] for r in per_seed],
                 "goodput_by_seed": [r["goodput_tokens_per_s"] for r in per_seed],
+                "goodput_span_by_seed": [r["goodput_span_tokens_per_s"] for r in per_seed],
                 "lost_requests": sum(r["lost_requests"] for r in per_seed),
                 "lost_errors": [e for r in per_seed for e in r["lost_errors"]][:5],
                 "server_errors": sum(r["server_errors"] for r in per_seed) + int(results["server_errors_metric"]),
@@ -398,8 +446,15 @@ def main() -> None:
                 r["fewer_misses_than_fifo_fixed"] = 1 - r["deadline_miss_rate"] / base["deadline_miss_rate"]
         best = next((r for r in rows if r["load"] == load and r["policy"] == "vdf" and r["adaptive"]), None)
         if best is not None:
-            anchor[str(load)] = {"vdf_adaptive_fewer_misses": best.get("fewer_misses_than_fifo_fixed"),
-                                 "goodput_ratio": best["goodput_tokens_per_s"] / max(base["goodput_tokens_per_s"], 1e-9)}
+            fewer = best.get("fewer_misses_than_fifo_fixed")
+            ratio = best["goodput_tokens_per_s"] / max(base["goodput_tokens_per_s"], 1e-9)
+            anchor[str(load)] = {"vdf_adaptive_fewer_misses": fewer, "goodput_ratio": ratio,
+                                 "goodput_span_ratio": best["goodput_span_tokens_per_s"]
+                                 / max(base["goodput_span_tokens_per_s"], 1e-9),
+                                 "goal_met": fewer is not None and fewer >= 0.6 and ratio >= 1.0}
+    env = environment(start=START)
+    for row in rows:  # one run measures every row: each names the commit that produced it
+        row["commit"], row["git_dirty"] = env.get("git_commit"), env.get("git_dirty")
     write_result(args.name, {
         "command": "python benchmarks/serve_load.py " + " ".join(sys.argv[1:]),
         "what": __doc__.split("\n\n")[0],
@@ -413,7 +468,7 @@ def main() -> None:
                      "threads": args.threads},
         "anchor": {"edge_llm_fewer_timeouts": 0.63, "goal": "VDF + adaptive >= 60% fewer misses than FIFO on one Q8_0 "
                    "under overload, at equal or higher goodput", "measured": anchor},
-        "rows": rows,
+        "rows": rows, "environment": env,
     })
 
 

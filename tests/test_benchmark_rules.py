@@ -341,3 +341,19 @@ def test_edgevl_counts_an_int8_difference_only_when_it_holds_on_every_seed():
     goal = edgevl._goal(edgevl._rows(runs))
     assert goal["stage2_loses_less_than_ptq"] is False and goal["qat_beats_the_same_training_without_it"] is False
     assert goal["per_seed_loss_points_both_views"]["edgevl_stage2_int8"][0] == pytest.approx(-0.4)
+
+
+def test_serve_goodput_divides_by_the_workloads_window_so_a_late_deferred_answer_costs_no_goodput():
+    serve_load = pytest.importorskip("serve_load")
+    reqs = [{"at": 0.0, "deadline_s": 2.0, "body": {"value": 1}}, {"at": 1.0, "deadline_s": 4.0, "body": {"value": 5}}]
+
+    def seen(second_end):  # request 0 on time with 8 tokens; request 1 late, answered at `second_end`
+        return [{"sent": 10.0, "status": 200, "ttft": 0.1, "end": 11.0, "tokens": 8, "variant": "q8", "met": True},
+                {"sent": 11.0, "status": 200, "ttft": 0.1, "end": second_end, "tokens": 4, "variant": "q8",
+                 "met": False}]
+
+    soon, later = (serve_load.summarize(reqs, seen(end), {"q8": 1.0}) for end in (16.0, 30.0))
+    assert soon["window_s"] == later["window_s"] == 5.0  # first arrival 0 to the last deadline 1 + 4
+    assert soon["goodput_tokens_per_s"] == later["goodput_tokens_per_s"] == pytest.approx(8 / 5)
+    assert soon["goodput_span_tokens_per_s"] == pytest.approx(8 / 6) and later["goodput_span_tokens_per_s"] == pytest.approx(8 / 20)
+    assert soon["deadline_miss_rate"] == 0.5 and soon["value_met_fraction"] == pytest.approx(1 / 6)
