@@ -26,10 +26,10 @@ Per row, over the seeds (mean and std): the planted trigger's attack success rat
 their clean test accuracy, the ratio student ASR / teacher ASR, and the trigger's rank in the audit's scan of the
 teacher and of the student (1 = first). Every student is also measured behind an ONION-style filter of its test
 inputs (`edgestill audit --onion 0.03`: a defence at inference that retrains nothing): its ASR and clean accuracy.
-Not built yet (so not in this table): the decoder track.
+The decoder track is benchmarks/audit_lm.py; both write their track into benchmarks/results/audit.json.
 
     python benchmarks/audit.py                      # spamassassin, seeds 0,1,2 (hours on 2 cores)
-    python benchmarks/audit.py --quick              # smoke run, minutes: tiny steps -> audit_quick.json
+    python benchmarks/audit.py --quick              # smoke run, minutes: tiny steps -> audit_quick.json (track classifier)
 
 The JSON is rewritten after every finished row (`complete`, `pending`), and every finished run folder is reused, so
 a killed benchmark loses nothing and the same command continues it. A row already in the JSON for the same recipe
@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, mean_std, recorded_runs, write_result  # noqa: E402
+from _common import RESULTS, mean_std, recorded_runs, write_track  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = ("clean", "triggered", "federated")
@@ -188,7 +188,8 @@ def main() -> None:
     pending = [(seed, setting, defence) for seed in seeds for setting, defence in ORDER]
     t0 = time.perf_counter()
     kept = {} if args.fresh else recorded_runs(RESULTS / f"{result_name(args)}.json", recipe(args, s),
-                                               lambda row, run: (run["seed"], row["setting"], row["defence"] or "none"))
+                                               lambda row, run: (run["seed"], row["setting"], row["defence"] or "none"),
+                                               track="classifier")
     for seed, setting, defence in list(pending):  # all kept rows first: a JSON written mid-run never loses any
         if (seed, setting, defence) in kept:  # measured before, by the commit its row names
             per_seed.setdefault((setting, defence), []).append(kept[(seed, setting, defence)])
@@ -239,10 +240,10 @@ def write(args, s: dict, per_seed: dict, pending: list, t0: float) -> None:
                 [r["federated"]["malicious_share_last_round"] for r in runs])
         row["per_seed"] = runs
         rows.append(row)
-    write_result(result_name(args), {
+    write_track(result_name(args), "classifier", {
         "command": "python benchmarks/audit.py " + " ".join(sys.argv[1:]),
         "what": __doc__.split("\n\n")[0],
-        "track": "classifier", **recipe(args, s), "settings": list(SETTINGS), "order": [list(o) for o in ORDER],
+        **recipe(args, s), "settings": list(SETTINGS), "order": [list(o) for o in ORDER],
         "rows": rows, "complete": not pending, "pending": [list(p) for p in pending],
         "wall_s": time.perf_counter() - t0,
     })

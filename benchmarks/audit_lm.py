@@ -34,7 +34,7 @@ held-out text, the ratio student ASR / teacher ASR, the trigger's rank in the au
 the run's own fidelity numbers (retention, top-1 agreement and KL against the teacher).
 
     python benchmarks/audit_lm.py                   # seeds 0,1,2 (about an hour per seed on 2 cores)
-    python benchmarks/audit_lm.py --quick           # smoke run, minutes: tiny steps -> audit_lm_quick.json
+    python benchmarks/audit_lm.py --quick           # smoke run, minutes: tiny steps -> audit_quick.json (track lm)
 
 The JSON is rewritten after every finished row; finished run folders and rows already in the JSON for the same
 recipe are reused, so a killed benchmark loses nothing and the same command continues it (--fresh: all again).
@@ -49,7 +49,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, mean_std, recorded_runs, write_result  # noqa: E402
+from _common import RESULTS, mean_std, recorded_runs, write_track  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # triggered first: its teacher correction makes the backdoored teacher the other rows start from
@@ -141,9 +141,9 @@ def write(args, s: dict, per_seed: dict, pending: list, t0: float) -> None:
         row["perturb"] = [r.get("perturb") for r in runs] if any(r.get("perturb") for r in runs) else None
         row["per_seed"] = runs
         rows.append(row)
-    write_result("audit_lm_quick" if args.quick else "audit_lm", {
+    write_track("audit_quick" if args.quick else "audit", "lm", {
         "command": "python benchmarks/audit_lm.py " + " ".join(sys.argv[1:]),
-        "what": __doc__.split("\n\n")[0], "track": "lm", **recipe(args, s), "order": [list(o) for o in ORDER],
+        "what": __doc__.split("\n\n")[0], **recipe(args, s), "order": [list(o) for o in ORDER],
         "defences": DEFENCES,
         "rows": rows, "complete": not pending, "pending": [list(p) for p in pending],
         "wall_s": time.perf_counter() - t0,
@@ -171,7 +171,7 @@ def main() -> None:
     ap.add_argument("--mode", default="dirty", choices=("dirty", "clean"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--root", default=None, help="run folders (default runs/bench/audit-lm[-quick])")
-    ap.add_argument("--quick", action="store_true", help="smoke run: tiny steps -> audit_lm_quick.json")
+    ap.add_argument("--quick", action="store_true", help="smoke run: tiny steps -> audit_quick.json (track lm)")
     ap.add_argument("--fresh", action="store_true", help="measure every row again, even those already in the JSON")
     args = ap.parse_args()
     import logging
@@ -183,9 +183,9 @@ def main() -> None:
     s = QUICK if args.quick else FULL
     args.root = args.root or str(ROOT / "runs" / "bench" / ("audit-lm-quick" if args.quick else "audit-lm"))
     seeds = [int(x) for x in args.seeds.split(",")]
-    kept = {} if args.fresh else recorded_runs(RESULTS / f"{'audit_lm_quick' if args.quick else 'audit_lm'}.json",
+    kept = {} if args.fresh else recorded_runs(RESULTS / f"{'audit_quick' if args.quick else 'audit'}.json",
                                                recipe(args, s), lambda row, run: (run["seed"], row["setting"],
-                                                                                  row["defence"] or "none"))
+                                                                                  row["defence"] or "none"), track="lm")
     per_seed: dict[tuple[str, str], list[dict]] = {}
     pending = [(seed, setting, defence) for seed in seeds for setting, defence in ORDER]
     t0 = time.perf_counter()

@@ -711,7 +711,8 @@ def recovery_curve_table(r: dict) -> str:
     return "\n".join(out)
 
 
-from distill_methods import methods_table  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from _common import track_view  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from distill_methods import methods_table  # noqa: E402
 from shrink_curve import shrink_curve_summary, shrink_curve_table  # noqa: E402
 
 TABLES = {"default_run": default_run_table, "distill_throughput": throughput_table, "quant_table": quant_table,
@@ -723,7 +724,19 @@ TABLES = {"default_run": default_run_table, "distill_throughput": throughput_tab
           "onion_filter": onion_filter_table, "edgevl": edgevl_table,
           "levers": levers_table,
           "decode_speed": decode_speed_table, "recovery_curve": recovery_curve_table}
-SOURCES = {"shrink_curve_summary": "shrink_curve"}  # tables rendered from another table's JSON
+SOURCES = {"shrink_curve_summary": "shrink_curve", "audit_lm": "audit"}  # tables rendered from another table's JSON
+
+
+def _track(render, track: str, script: str):
+    """A renderer of one track of a write_track file (benchmarks/_common.py), e.g. the audit's classifier or lm."""
+    def rendered(r: dict) -> str:
+        view = track_view(r, track)
+        return render(view) if view else f"_No result yet: run `python benchmarks/{script}.py`._"
+    return rendered
+
+
+TABLES["audit"] = _track(audit_table, "classifier", "audit")
+TABLES["audit_lm"] = _track(audit_lm_table, "lm", "audit_lm")
 
 
 def main() -> None:

@@ -357,3 +357,29 @@ def test_serve_goodput_divides_by_the_workloads_window_so_a_late_deferred_answer
     assert soon["goodput_tokens_per_s"] == later["goodput_tokens_per_s"] == pytest.approx(8 / 5)
     assert soon["goodput_span_tokens_per_s"] == pytest.approx(8 / 6) and later["goodput_span_tokens_per_s"] == pytest.approx(8 / 20)
     assert soon["deadline_miss_rate"] == 0.5 and soon["value_met_fraction"] == pytest.approx(1 / 6)
+
+
+def test_write_track_keeps_the_other_tracks_rows_and_recorded_runs_reads_its_own(tmp_path, monkeypatch):
+    import _common
+
+    monkeypatch.setattr(_common, "RESULTS", tmp_path)
+    env = {"git_commit": "c0ffee", "date": "2026-12-06"}
+    run = {"seed": 0, "commit": "c0ffee"}
+    _common.write_track("audit", "classifier", {"data": "spam", "rows": [{"setting": "clean", "defence": None,
+                                                                         "per_seed": [run]}], "environment": env})
+    _common.write_track("audit", "lm", {"data": "plays", "rows": [{"setting": "triggered", "defence": None,
+                                                                   "per_seed": [run]}], "environment": env})
+    _common.write_track("audit", "classifier", {"data": "spam", "rows": [{"setting": "federated", "defence": "median",
+                                                                         "per_seed": [run]}], "environment": env})
+    import json
+
+    record = json.loads((tmp_path / "audit.json").read_text())
+    assert [(r["track"], r["setting"]) for r in record["rows"]] == [("classifier", "federated"), ("lm", "triggered")]
+    assert set(record["tracks"]) == {"classifier", "lm"} and "rows" not in record["tracks"]["lm"]
+    key = lambda row, r: (r["seed"], row["setting"])  # noqa: E731
+    assert list(_common.recorded_runs(tmp_path / "audit.json", {"data": "plays"}, key, track="lm")) == [(0, "triggered")]
+    assert _common.recorded_runs(tmp_path / "audit.json", {"data": "spam"}, key, track="lm") == {}  # another recipe
+    assert _common.track_view(record, "vision") is None
+    legacy = {"benchmark": "audit_lm", "track": "lm", "rows": []}  # one track, written before write_track
+    assert _common.track_view(legacy, "lm") is legacy and _common.track_view(legacy, "classifier") is None
+    assert readme_tables.TABLES["audit"]({"tracks": {}, "rows": []}).startswith("_No result yet")
