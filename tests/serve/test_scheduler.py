@@ -142,3 +142,24 @@ def test_random_load_loses_nothing_and_starves_no_one(policy, seed):
     assert sorted(j.id for j in left) == sorted(j.id for j in pushed)  # each exactly once
     assert min(waits) >= 0 and max(waits) <= max_wait + (capacity + 1) * longest
     assert len(waits) > 50  # the load was served, not refused wholesale
+
+
+def test_a_request_is_hopeless_only_if_even_its_fastest_variant_is_late_but_is_planned_at_its_best():
+    # due in 2 s; 4 s on the best variant, 1 s on the fastest: not hopeless, and VDF plans the queue with the 4 s
+    stepped = Job(arrival=0.0, predicted_s=4.0, least_s=1.0, deadline=2.0, value=1.0)
+    hopeless = Job(arrival=0.0, predicted_s=4.0, least_s=3.0, deadline=2.0, value=1.0)
+    s = Scheduler("vdf", capacity=8, max_wait_s=1e9)
+    s.push(stepped)
+    s.push(hopeless)
+    assert s.drop_infeasible(now=0.0) == [hopeless] and len(s) == 1
+    assert stepped.slack(0.0) == pytest.approx(1.0) and Job(0.0, 4.0, deadline=2.0).slack(0.0) == pytest.approx(-2.0)
+    assert s.backlog_s() == pytest.approx(4.0)
+    # VDF's plan runs each on its best variant when that ends in time, else on its fastest: stepped (1 s, stepped
+    # down) then rich (3 s on its best) both fit, in deadline order
+    rich = Job(arrival=0.0, predicted_s=3.0, least_s=1.0, deadline=5.5, value=9.0)
+    assert stepped.service_s(0.0, 2.0) == 1.0 and rich.service_s(1.0, 5.5) == 3.0
+    assert best_effort_order([rich, stepped], start=0.0, max_wait_s=1e9) == [stepped, rich]
+    # one variant, 2 s whatever the start, due at 2.5: after stepped it ends at 3, so the lowest density is set aside
+    fixed = Job(arrival=0.0, predicted_s=2.0, deadline=2.5, value=0.1)
+    assert fixed.service_s(1.0, 2.5) == 2.0
+    assert best_effort_order([rich, fixed, stepped], start=0.0, max_wait_s=1e9) == [stepped, rich, fixed]

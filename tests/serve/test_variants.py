@@ -46,6 +46,10 @@ def test_the_queue_load_makes_a_request_step_down():
     # without deadlines, the aging bound stands in for one
     assert choose(Job(0.0, 1.0), 0.0, [Job(0.0, 1.0)], [4.0, 2.0, 1.0], max_wait_s=3.5) == 1
     assert choose(Job(0.0, 1.0), 0.0, [Job(0.0, 1.0)], [4.0, 2.0, 1.0]) == 0
+    # a queued request that can step down itself (2 s on its best, 1 s on its fastest, due at 3.5) is simulated so:
+    # after this one's 2 s it still makes it on its fastest, so this one need not step down to its fastest
+    assert choose(Job(0.0, 1.0), 0.0, [Job(0.0, 2.0, deadline=3.5, least_s=1.0)], [4.0, 2.0, 1.0]) == 1
+    assert choose(Job(0.0, 1.0), 0.0, [Job(0.0, 2.0, deadline=3.5)], [4.0, 2.0, 1.0]) == 2
 
 
 @pytest.mark.parametrize("seed", range(200))

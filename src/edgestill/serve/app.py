@@ -191,20 +191,21 @@ class Server:
 
     def admit(self, kind: str, kwargs: dict, prompt_tokens: int, stream: bool, deadline_s, value: float,
               pinned: int | None = None) -> Job:
-        """Queue a request. Its predicted cost (for VDF, for the deadline checks) is its time on the fastest variant
-        it may get: a request is hopeless only if no variant can serve it in time."""
+        """Queue a request. The queue is planned (VDF's order, the backlog, the variant choice's look-ahead) with its
+        time on the best variant it may get, the one it runs on unless the load makes it step down; whether it is
+        hopeless is judged by its time on the fastest: only if no variant can serve it in time."""
         if self.stopping:
             raise QueueFull(0, 5.0)
         now = time.monotonic()
         work = Work(kind, kwargs, stream, prompt_tokens, asyncio.Queue(), asyncio.get_running_loop(), pinned=pinned)
         costs = self.costs(work)
-        predicted = costs[pinned] if pinned is not None else min(costs)
-        if deadline_s is not None and predicted > deadline_s:
+        planned, least = (costs[pinned], costs[pinned]) if pinned is not None else (costs[0], min(costs))
+        if deadline_s is not None and least > deadline_s:
             raise BadRequest(f"'deadline_s'={deadline_s} is shorter than this request's predicted service time "
-                             f"({predicted:.2f} s for {prompt_tokens} prompt and {kwargs['max_tokens']} output tokens "
+                             f"({least:.2f} s for {prompt_tokens} prompt and {kwargs['max_tokens']} output tokens "
                              "here); raise deadline_s or lower max_tokens", 503, "deadline_s")
-        job = Job(arrival=now, predicted_s=predicted, deadline=None if deadline_s is None else now + deadline_s,
-                  value=value, payload=work)
+        job = Job(arrival=now, predicted_s=planned, deadline=None if deadline_s is None else now + deadline_s,
+                  value=value, payload=work, least_s=least)
         self.scheduler.push(job)
         self.counters["requests_admitted"] += 1
         self.wake.set()
@@ -238,7 +239,7 @@ class Server:
             free_at = running.payload.started + running.payload.run_predicted_s
         for late in self.scheduler.drop_infeasible(now, free_at):
             self._reject(late, 503, f"the request cannot meet its deadline ({late.deadline - late.arrival:.1f} s): "
-                         f"{late.predicted_s:.1f} s of work, {now - late.arrival:.1f} s queued, and the server is busy "
+                         f"{late.least_s or late.predicted_s:.1f} s of work at the least, {now - late.arrival:.1f} s queued, and the server is busy "
                          f"for {max(0.0, (free_at or now) - now):.1f} s more", "deadline")
 
     async def run_reaper(self, every_s: float = 0.05) -> None:

@@ -44,15 +44,24 @@ class Job:
     """A request as the scheduler sees it. Times are seconds on one monotonic clock."""
 
     arrival: float
-    predicted_s: float  # predicted service time (prefill + decode) on this server
+    predicted_s: float  # predicted service time (prefill + decode) on this server: what the queue is planned with
     deadline: float | None = None  # absolute; None: no deadline
     value: float = 1.0  # the client's priority, > 0
     payload: object = None  # what the server needs to run it
     id: int = field(default_factory=itertools.count().__next__)
+    least_s: float | None = None  # the least service time it could get (its fastest variant); None: predicted_s
+
+    def service_s(self, start: float, due: float) -> float:
+        """Its time if it starts at `start`: on its best variant (`predicted_s`) when that still ends by `due`, else
+        on its fastest (`least_s`), as the adaptive variant choice would run it (one variant: the same either way)."""
+        if self.least_s is None or start + self.predicted_s <= due:
+            return self.predicted_s
+        return self.least_s
 
     def slack(self, now: float) -> float:
-        """Seconds to spare if it started now (inf without a deadline)."""
-        return math.inf if self.deadline is None else self.deadline - now - self.predicted_s
+        """Seconds to spare if it started now on the fastest it could run (inf without a deadline)."""
+        least = self.predicted_s if self.least_s is None else self.least_s
+        return math.inf if self.deadline is None else self.deadline - now - least
 
 
 def _density(job: Job) -> tuple:
@@ -80,7 +89,7 @@ def best_effort_order(jobs, start: float, max_wait_s: float) -> list[Job]:
     while True:
         t, late = start, None
         for i, job in enumerate(kept):
-            t += job.predicted_s
+            t += job.service_s(t, due[job.id])
             if t > due[job.id]:
                 late = i
                 break

@@ -11,9 +11,11 @@ fidelity (more bits, or more of the teacher's layers). `edgestill eval` measures
 The rule `choose` applies, trying the variants best first: take the first one on which
   1. the request finishes by its deadline, and
   2. the queued requests miss no more deadlines than they would if this one ran on the fastest variant.
-The queued requests are simulated in the order the scheduler will run them, each on the fastest variant, with the
+The queued requests are simulated in the order the scheduler will run them, each on its best variant when that
+still ends by its deadline and on its fastest otherwise (Job.service_s: what this rule would then give it), with the
 server's aging bound (`max_wait_s`) standing in for the deadline of a request that names none; that is the "queue
-load" term. So an idle server serves everything on the best variant, and under load requests step down only as far
+load" term. (Simulating every queued request on the fastest variant, as before 2026-12-06, assumed the queue would
+run up to twice as fast as it then did, since most requests run on the best.) So an idle server serves everything on the best variant, and under load requests step down only as far
 as the queue needs. When no variant meets the request's own deadline it gets the fastest (the least late).
 """
 
@@ -26,19 +28,20 @@ from edgestill.errors import EdgestillError
 
 
 def _misses(queued, start: float, max_wait_s: float) -> int:
-    """Queued jobs (in run order, each taking its `predicted_s`) that would finish after their deadline, or after
-    arrival + max_wait_s for a job without one, if the first started at `start`."""
+    """Queued jobs (in run order, each on its best variant when that ends in time, else on its fastest: Job.service_s)
+    that would finish after their deadline, or after arrival + max_wait_s for a job without one, if the first
+    started at `start`."""
     t, missed = start, 0
     for job in queued:
-        t += job.predicted_s
         due = job.deadline if job.deadline is not None else job.arrival + max_wait_s
+        t += job.service_s(t, due)
         missed += t > due
     return missed
 
 
 def choose(job, now: float, queued, costs: list[float], max_wait_s: float = math.inf) -> int:
     """The index of the variant (costs[i]: `job`'s predicted seconds on variant i, best variant first) to run `job`
-    on, starting `now`, ahead of `queued` (the waiting jobs in run order, each `predicted_s` on the fastest)."""
+    on, starting `now`, ahead of `queued` (the waiting jobs in run order)."""
     if not costs:
         raise ValueError("choose needs at least one variant")
     fastest = min(range(len(costs)), key=lambda i: (costs[i], i))
