@@ -37,8 +37,9 @@ def write_result(name: str, data: dict) -> Path:
 def write_track(name: str, track: str, data: dict) -> Path:
     """One track's result (its settings and rows) written into RESULTS/<name>.json beside the other tracks there, so
     that one file holds every track of a benchmark (the audit's `classifier` and `lm`). The file: `tracks` maps each
-    track to its settings and environment; `rows` holds every track's rows, each with its `track`. Locked against
-    another writer, written atomically."""
+    track to its settings and environment; `rows` holds every track's rows, each with its `track`; `environment` at
+    the top is that of the latest write (each track's own stays in `tracks`). Locked against another writer, written
+    atomically."""
     import fcntl
 
     from edgestill.evaluate.environment import environment
@@ -48,11 +49,13 @@ def write_track(name: str, track: str, data: dict) -> Path:
     with open(path.with_suffix(".json.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         old = json.loads(path.read_text()) if path.is_file() else {}
-        tracks = {t: view for t in (old.get("tracks") or {}) if t != track for view in [track_view(old, t)]}
-        tracks[track] = {**data, "environment": data.get("environment") or environment(start=START)}
+        tracks = {t: track_view(old, t) for t in old.get("tracks", {}) if t != track}
+        env = data.get("environment") or environment(start=START)
+        tracks[track] = {**data, "environment": env}
         payload = {"benchmark": name, "tracks": {t: {k: v for k, v in view.items() if k != "rows"}
                                                  for t, view in sorted(tracks.items())},
-                   "rows": [{"track": t, **row} for t, view in sorted(tracks.items()) for row in view["rows"]]}
+                   "rows": [{"track": t, **row} for t, view in sorted(tracks.items()) for row in view["rows"]],
+                   "environment": env}
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(payload, indent=2) + "\n")
         os.replace(tmp, path)

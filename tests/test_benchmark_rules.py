@@ -376,6 +376,7 @@ def test_write_track_keeps_the_other_tracks_rows_and_recorded_runs_reads_its_own
     record = json.loads((tmp_path / "audit.json").read_text())
     assert [(r["track"], r["setting"]) for r in record["rows"]] == [("classifier", "federated"), ("lm", "triggered")]
     assert set(record["tracks"]) == {"classifier", "lm"} and "rows" not in record["tracks"]["lm"]
+    assert record["environment"] == env  # the latest write's, for a reader of the whole file
     key = lambda row, r: (r["seed"], row["setting"])  # noqa: E731
     assert list(_common.recorded_runs(tmp_path / "audit.json", {"data": "plays"}, key, track="lm")) == [(0, "triggered")]
     assert _common.recorded_runs(tmp_path / "audit.json", {"data": "spam"}, key, track="lm") == {}  # another recipe
