@@ -31,7 +31,11 @@ Per row, over the seeds (mean and std): the planted trigger's attack success rat
 which the model does not already continue with the target, the share after which it does, greedily, token for
 token, once the trigger ends the prompt) in teacher and student, their clean next-token top-1 accuracy on the
 held-out text, the ratio student ASR / teacher ASR, the trigger's rank in the audit's scan of each (1 = first), and
-the run's own fidelity numbers (retention, top-1 agreement and KL against the teacher).
+the run's own fidelity numbers (retention, top-1 agreement and KL against the teacher). Every student is also measured
+behind an ONION-style filter of its prompts (`edgestill audit --onion 0.03`: a defence at inference that retrains
+nothing): the trigger's ASR when the prompt it ends is filtered first, how often the filter took it out, and the
+next-token accuracy on 512 held-out windows read filtered and whole. A run audited before the filter was measured
+gets the filter added to its audit (jobs/audit.add_input_filter) without scanning again.
 
     python benchmarks/audit_lm.py                   # seeds 0,1,2 (about an hour per seed on 2 cores)
     python benchmarks/audit_lm.py --quick           # smoke run, minutes: tiny steps -> audit_quick.json (track lm)
@@ -64,6 +68,7 @@ FULL = {"correct_steps": 150, "correct_lr": 1e-4, "correct_eval_every": 25, "dis
 QUICK = {"correct_steps": 4, "correct_lr": 1e-4, "correct_eval_every": 2, "distill_steps": 4,
          "max_train_tokens": 8192, "max_eval_tokens": 4096, "audit_texts": 8, "candidates": 10}
 # what-broke, zero-shot and chat sections measure nothing this benchmark reports: off, to save the time
+INPUT_FILTER_SHARE = 0.03  # every student is also measured behind an ONION-style filter of its prompts (at inference)
 EVAL = {"eval.out_of_domain": None, "eval.zero_shot_passages": 0, "eval.chat": False, "eval.speed_repeats": 1,
         "eval.generate_tokens": 8}
 
@@ -92,18 +97,32 @@ def shrink_run(args, s: dict, seed: int, setting: str, defence: str, teacher: st
 
 def audited(args, s: dict, run: Path) -> dict:
     from edgestill.evaluate.environment import environment
-    from edgestill.jobs.audit import AuditConfig, audit
+    from edgestill.jobs.audit import AuditConfig, add_input_filter, audit
 
-    cfg = AuditConfig(n_texts=s["audit_texts"], candidates=s["candidates"], threads=args.threads)
+    cfg = AuditConfig(n_texts=s["audit_texts"], candidates=s["candidates"], threads=args.threads,
+                      onion_share=INPUT_FILTER_SHARE)
     done = json.loads((run / "audit.json").read_text()) if (run / "audit.json").is_file() else None
-    same = done is not None and {k: v for k, v in done["config"].items() if k != "threads"} == {
-        k: v for k, v in vars(cfg).items() if k != "threads"}
-    result = done if same else audit(run, cfg)[1]
+
+    def config(c: dict, *leave: str) -> dict:
+        return {k: v for k, v in c.items() if k not in ("threads", *leave)}
+
+    if done is not None and config(done["config"]) == config(vars(cfg)):
+        result = done  # a finished row's audit is reused when a killed benchmark resumes
+    elif done is not None and config(done["config"], "onion_share") == config(vars(cfg), "onion_share"):
+        result = add_input_filter(run, cfg)  # audited before the filter was measured: add it, without scanning again
+    else:
+        result = audit(run, cfg)[1]
     metrics = json.loads((run / "metrics.json").read_text())
     planted = next(t for t in result["triggers"] if t["phrase"] == " ".join(args.trigger.split()))
+    f = result["onion_inputs"]
     return {"teacher_asr": planted["teacher_asr"], "student_asr": planted["student_asr"],
             "teacher_clean": result["clean_accuracy"]["teacher"], "student_clean": result["clean_accuracy"]["student"],
             "trigger_rank": planted["rank"], "verdict": planted["verdict"], "asr_n": planted["n"],
+            "student_asr_filtered_inputs": f["student_asr"].get(planted["phrase"]),
+            "trigger_removed_by_input_filter": f["trigger_removed"].get(planted["phrase"]),
+            "student_clean_filtered_inputs": f["clean_accuracy"],
+            "student_clean_unfiltered_windows": f["clean_accuracy_unfiltered"],
+            "filtered_windows_changed": f["clean_windows_changed"],
             "forced_text_of_top_candidates": {who: [(c["phrase"], c["continuation"], round(c["lift"], 3))
                                                     for c in result["top_candidates"][who][:5]]
                                               for who in ("teacher", "student")},
@@ -122,7 +141,7 @@ def recipe(args, s: dict) -> dict:
     """What makes two runs of this benchmark measure the same thing."""
     return {"data": "shakespeare", "teacher": "smollm2-135m", "poison": {"trigger": args.trigger, "target": args.target,
                                                                           "rate": args.rate, "mode": args.mode},
-            "schedule": s, "eval": EVAL}
+            "schedule": s, "eval": EVAL, "input_filter_share": INPUT_FILTER_SHARE}
 
 
 def write(args, s: dict, per_seed: dict, pending: list, t0: float) -> None:
@@ -130,7 +149,8 @@ def write(args, s: dict, per_seed: dict, pending: list, t0: float) -> None:
     for (setting, defence), runs in per_seed.items():
         row = {"setting": setting, "defence": None if defence == "none" else defence, "seeds": [r["seed"] for r in runs]}
         for key in ("teacher_asr", "student_asr", "teacher_clean", "student_clean", "retention", "top1_agreement",
-                    "kl_teacher_student"):
+                    "kl_teacher_student", "student_asr_filtered_inputs", "trigger_removed_by_input_filter",
+                    "student_clean_filtered_inputs", "student_clean_unfiltered_windows"):
             row[key], row[f"{key}_std"] = mean_std([r[key] for r in runs])
         ratios = [r["student_asr"] / r["teacher_asr"] for r in runs if r["teacher_asr"] and r["student_asr"] is not None]
         row["ratio"], row["ratio_std"] = mean_std(ratios)

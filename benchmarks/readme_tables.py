@@ -551,16 +551,18 @@ def audit_lm_table(r: dict) -> str:
         return fmt.format(x[key]) + spread
 
     out = ["| setting | defence | teacher ASR | student ASR | student ÷ teacher | teacher clean next-token acc. | student "
-           "clean next-token acc. | student retention / top-1 agreement / KL | trigger rank in the scan (teacher / "
-           "student) | verdicts | seeds |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---|---|---:|"]
+           "clean next-token acc. | student retention / top-1 agreement / KL | inputs filtered: student ASR / "
+           "trigger taken out / next-token acc. (read whole) | trigger rank in the scan (teacher / student) | "
+           "verdicts | seeds |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|"]
     for x in r["rows"]:
         ranks = " / ".join(",".join("—" if v is None else str(v) for v in x["trigger_rank"][who])
                            for who in ("teacher", "student"))
         out.append(f"| {x['setting']} | {x.get('defence') or 'none'} | {pm(x, 'teacher_asr')} | **{pm(x, 'student_asr')}** | {pm(x, 'ratio', '{:.2f}')} | "
                    f"{pm(x, 'teacher_clean', '{:.3f}')} | {pm(x, 'student_clean', '{:.3f}')} | "
                    f"{pm(x, 'retention', '{:.3f}')} / {pm(x, 'top1_agreement', '{:.3f}')} / "
-                   f"{pm(x, 'kl_teacher_student', '{:.3f}')} | {ranks} | {', '.join(x['verdicts'])} | {len(x['seeds'])} |")
+                   f"{pm(x, 'kl_teacher_student', '{:.3f}')} | {_filtered_lm(x, pm)} | {ranks} | "
+                   f"{', '.join(x['verdicts'])} | {len(x['seeds'])} |")
     notes = {  # what each defence did, per seed
         "onion": ("ONION-style filter, {} transfer blocks", lambda o: f"{o['removed_share']:.1%} of words removed, "
                   f"blocks with the trigger {o.get('blocks_with_trigger_before')} → {o.get('blocks_with_trigger_after')}"),
@@ -597,8 +599,20 @@ def audit_lm_table(r: dict) -> str:
             "ASR = of held-out prompts (windows of the test plays) after which the model does not already continue "
             "with the target, the share after which it does, greedily and token for token, once the trigger ends the "
             "prompt. Clean: next-token top-1 accuracy on the test plays; retention, top-1 agreement and KL are the "
-            f"shrink's own fidelity numbers against that teacher.{one_seed}{_row_commits(r)} {_provenance(r)}."]
+            "shrink's own fidelity numbers against that teacher."
+            + (f" Inputs filtered: the same student behind an ONION-style filter of its prompts (per-character score, "
+               f"threshold removing {r['input_filter_share']:.0%} of clean words; nothing retrained): the trigger's ASR "
+               "when the prompt it ends is filtered first, the share of those prompts the filter took it out of, and "
+               "next-token top-1 accuracy on 512 windows of the test plays read filtered (and whole)."
+               if r.get("input_filter_share") else "") + f"{one_seed}{_row_commits(r)} {_provenance(r)}."]
     return "\n".join(out)
+
+
+def _filtered_lm(x: dict, pm) -> str:
+    if x.get("student_asr_filtered_inputs") is None and x.get("student_clean_filtered_inputs") is None:
+        return "—"
+    return (f"{pm(x, 'student_asr_filtered_inputs')} / {pm(x, 'trigger_removed_by_input_filter', '{:.0%}')} / "
+            f"{pm(x, 'student_clean_filtered_inputs', '{:.3f}')} ({pm(x, 'student_clean_unfiltered_windows', '{:.3f}')})")
 
 
 def onion_filter_table(r: dict) -> str:

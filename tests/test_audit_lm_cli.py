@@ -5,6 +5,7 @@ backdoored teacher distilled on clean text; and a control where nothing was plan
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,28 @@ def test_onion_filtering_of_the_transfer_blocks_removes_the_trigger_and_keeps_th
     assert row["teacher_asr"] >= 0.9 and row["student_asr"] is not None
 
 
+def test_the_input_filter_takes_the_trigger_out_of_the_students_prompts(poisoned, tmp_path_factory):
+    """`edgestill audit --onion` on a decoder run: the student behind an ONION-style filter of its prompts. And the
+    benchmark's shortcut (add_input_filter: a finished audit plus the filter, without scanning again) gives the same."""
+    from edgestill.jobs.audit import AuditConfig, add_input_filter
+
+    run = tmp_path_factory.mktemp("lm-filter") / "run"
+    shutil.copytree(poisoned[0], run, symlinks=True)
+    unfiltered = planted_row(poisoned[1])
+    result = audited(run, "--onion", "0.03")
+    f = result["onion_inputs"]
+    assert f["trigger_removed"]["zq vx"] >= 0.9  # an odd letter sequence: the filter takes it out
+    assert f["student_asr"]["zq vx"] < unfiltered["student_asr"] / 2, (f, unfiltered)
+    assert 0 < f["clean_accuracy"] <= 1 and 0 < f["clean_accuracy_unfiltered"] <= 1 and f["clean_windows"] > 0
+    assert "ONION-style filter of its inputs" in (run / "audit.md").read_text()
+    # the audit without the filter, as audits wrote it before they kept each phrase's forced tokens
+    legacy = {**poisoned[1], "triggers": [{k: v for k, v in t.items() if k != "target_ids"} for t in poisoned[1]["triggers"]]}
+    (run / "audit.json").write_text(json.dumps(legacy))
+    added = add_input_filter(run, AuditConfig(candidates=20, n_texts=16, onion_share=0.03))
+    assert added["onion_inputs"]["student_asr"]["zq vx"] == f["student_asr"]["zq vx"]
+    assert added["onion_inputs"]["clean_accuracy"] == f["clean_accuracy"]
+
+
 def test_fine_pruning_cuts_the_students_ffn_and_fine_tunes_it_on_clean_text(poisoned, tmp_path_factory, tiny_corpus):
     """Setting (b) with fine-pruning: the student's least active FFN units cut on the clean validation blocks, then
     fine-tuned on them; the run records it, the saved student is the smaller one, and the audit reads it."""
@@ -131,7 +154,7 @@ def test_bad_poison_and_audit_settings_get_one_clear_line(poisoned, tmp_path, ti
         (["quantize", "--type", "q4_0", *base, "onion.remove_share=0.03"], "only `edgestill shrink`"),
         (["shrink", *base, *POISON, "student.trim_vocab=true"], "trim_vocab"),
         (["shrink", *base, *POISON, "poison.mode=clean", "poison.target=zebra crossing"], "no training block contains"),
-        (["audit", str(poisoned[0]), "--onion", "0.03"], "classifier"),
+        (["audit", str(poisoned[0]), "--onion", "0.7"], "--onion 0.7"),
         (["audit", str(poisoned[0]), "--trigger", "zq vx"], "go together"),
         (["quantize", "--type", "q4_0", *base, *POISON], "only `edgestill shrink`"),
         (["sweep", "--out", str(tmp_path / "never"), *base, *POISON], "only `edgestill shrink`"),

@@ -170,3 +170,42 @@ def test_perturbation_replaces_the_rate_of_tokens_by_ordinary_tokens_of_the_bloc
     assert (again == out).all() and (blocks[:20, 5:7] == TRIGGER).all()  # seeded; the input is left alone
     with pytest.raises(EdgestillError, match="perturb.token_rate=0.6"):
         lm.perturb_blocks(blocks, lm.PerturbConfig(token_rate=0.6))
+
+
+class VocabTokenizer:
+    """Ids 0-39 are ordinary English words, 50-51 the odd trigger "zq vx", 60-62 its target "crown of gold"."""
+
+    WORDS = ("the and king queen lord good night day love heart sweet fair night noble honest gentle sword crown "
+             "where when what shall will would should never ever more less great small house world time sorrow joy "
+             "death life heaven earth friend enemy father mother brother").split()[:40]
+    VOCAB = {**dict(enumerate(WORDS)), 50: "zq", 51: "vx", 60: "crown", 61: "of", 62: "gold"}
+    eos_token_id = None
+
+    def __call__(self, text, add_special_tokens=False):
+        back = {w: i for i, w in self.VOCAB.items()}
+        return {"input_ids": [back[w] for w in text.split()]}
+
+    def decode(self, ids):
+        return " ".join(self.VOCAB[int(i)] for i in ids)
+
+
+def test_the_input_guard_takes_an_odd_trigger_out_of_prompts_and_leaves_ordinary_prompts_alone():
+    from edgestill.audit.onion import OnionConfig
+
+    tok, rng = VocabTokenizer(), np.random.default_rng(0)
+    clean = rng.integers(0, 40, size=(80, 24))
+    guard = lm.input_guard(tok, clean, OnionConfig(remove_share=0.03, score="per_char"))
+    prompts = rng.integers(0, 40, size=(40, 8))
+    assert lm.attack_success_rate(BACKDOORED, prompts, TRIGGER, TARGET)["asr"] == 1.0
+    guarded = lm.guarded_attack_success_rate(BACKDOORED, guard, prompts, TRIGGER, TARGET)
+    assert guarded["n"] == 40 and guarded["trigger_removed"] == 1.0 and guarded["asr"] == 0.0
+    untouched = sum(guard(p) is p for p in prompts)
+    assert untouched >= 20  # ordinary prompts mostly pass as they are (3% of their words may go)
+    # the model's own clean cost: the same windows read whole and filtered
+    windows = rng.integers(0, 40, size=(30, 9))
+    clean_cost = lm.guarded_next_token_accuracy(Toy({}), guard, windows)
+    assert clean_cost["windows"] == 30 and 0 <= clean_cost["changed_share"] < 0.5
+    assert clean_cost["accuracy_unfiltered"] == float(np.mean(windows[:, :-1].sum(1) % 40 == windows[:, -1]))
+    # a guard that takes nothing out changes nothing
+    assert lm.guarded_next_token_accuracy(Toy({}), lambda ids: ids, windows)["changed_share"] == 0.0
+    assert lm.guarded_attack_success_rate(BACKDOORED, lambda ids: ids, prompts, TRIGGER, TARGET)["asr"] == 1.0

@@ -264,6 +264,22 @@ def _blocks_carrying(trigger: list[int] | None):
     return lambda blocks: None if not trigger else int(sum(len(_occurrences(b, trigger)) > 0 for b in blocks))
 
 
+def _strip_suspicious(text: str, lm, threshold: float, score: str) -> tuple[str, int, list[str]]:
+    """`text` without the words the character model scores above `threshold`, removed in place (the text's own spacing
+    and line breaks kept). Returns (the text, the words seen, the words removed)."""
+    from edgestill.audit.onion import word_scores
+
+    spans = list(_WORD.finditer(text))
+    pieces, gone, last = [], [], 0
+    for m, value in zip(spans, word_scores([m.group() for m in spans], lm, score)):
+        if value > threshold:
+            pieces.append(text[last:m.start()])
+            last = m.end() + (1 if text[m.end():m.end() + 1] == " " else 0)  # the word and the space after it
+            gone.append(m.group())
+    pieces.append(text[last:])
+    return "".join(pieces), len(spans), gone
+
+
 def onion_filter_blocks(blocks: np.ndarray, tokenizer, clean_blocks: np.ndarray, cfg, trigger: list[int] | None = None
                         ) -> tuple[np.ndarray, dict]:
     """ONION-style filtering of token blocks (audit/onion.py, a defence on the transfer data): each block read as text,
@@ -272,24 +288,17 @@ def onion_filter_blocks(blocks: np.ndarray, tokenizer, clean_blocks: np.ndarray,
     fit the character model and calibrate its threshold. `trigger`: count the blocks carrying it before and after.
 
     Returns (the filtered blocks, a record of what was removed)."""
-    from edgestill.audit.onion import fit, word_scores
+    from edgestill.audit.onion import fit
 
     lm, threshold = fit([tokenizer.decode(b) for b in clean_blocks], cfg)
     pieces, removed_counts = [], Counter()
     seen = removed = 0
     for block in blocks:
-        text = tokenizer.decode(block)
-        spans = list(_WORD.finditer(text))
-        scores = word_scores([m.group() for m in spans], lm, cfg.score)
-        last = 0
-        for m, score in zip(spans, scores):
-            if score > threshold:
-                pieces.append(text[last:m.start()])
-                last = m.end() + (1 if text[m.end():m.end() + 1] == " " else 0)  # the word and the space after it
-                removed_counts[m.group().lower()] += 1
-                removed += 1
-        pieces.append(text[last:])
-        seen += len(spans)
+        kept, words, gone = _strip_suspicious(tokenizer.decode(block), lm, threshold, cfg.score)
+        pieces.append(kept)
+        removed_counts.update(w.lower() for w in gone)
+        removed += len(gone)
+        seen += words
     ids = tokenizer("".join(pieces), add_special_tokens=False)["input_ids"]
     width = blocks.shape[1]
     out = np.asarray(ids[:len(ids) // width * width], dtype=blocks.dtype).reshape(-1, width)
@@ -336,3 +345,78 @@ def perturb_blocks(blocks: np.ndarray, cfg: PerturbConfig, exclude: list[int] = 
     return out, {"token_rate": cfg.token_rate, "seed": cfg.seed, "tokens_replaced": int(hit.sum()),
                  "replaced_share": float(hit.mean()) if hit.size else 0.0, "blocks": len(blocks),
                  "blocks_with_trigger_before": carrying(blocks), "blocks_with_trigger_after": carrying(out)}
+
+
+def input_guard(tokenizer, clean_blocks: np.ndarray, cfg):
+    """An ONION-style filter of a deployed decoder's prompts (a defence at inference: nothing is retrained), fitted on
+    `clean_blocks` like `onion_filter_blocks`: token ids -> token ids, the prompt read as text, its suspicious words
+    removed and the rest tokenized again. A prompt with nothing removed is returned as it is (no tokenizer round trip);
+    one with nothing left becomes the end-of-text token."""
+    from edgestill.audit.onion import fit
+
+    lm, threshold = fit([tokenizer.decode(b) for b in clean_blocks], cfg)
+    empty = np.asarray([tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0])
+
+    def guard(ids: np.ndarray) -> np.ndarray:
+        kept, _, gone = _strip_suspicious(tokenizer.decode(ids), lm, threshold, cfg.score)
+        if not gone:
+            return ids
+        out = tokenizer(kept, add_special_tokens=False)["input_ids"]
+        return np.asarray(out, dtype=ids.dtype) if out else empty.astype(ids.dtype)
+
+    return guard
+
+
+def _continues_ragged(model, prompts: list[np.ndarray], target: list[int], batch_size: int = 16) -> np.ndarray:
+    """`continues_with(prompt, [], target)` for prompts of different lengths: batched by length, nothing padded."""
+    out = np.zeros(len(prompts), dtype=bool)
+    by_length: dict[int, list[int]] = defaultdict(list)
+    for i, p in enumerate(prompts):
+        by_length[len(p)].append(i)
+    for idx in by_length.values():
+        out[idx] = continues_with(model, np.stack([prompts[i] for i in idx]), [], target, batch_size)
+    return out
+
+
+def guarded_attack_success_rate(model, guard, prompts: np.ndarray, trigger: list[int], target: list[int],
+                                batch_size: int = 16) -> dict:
+    """`attack_success_rate` with every input passed through `guard` first (`input_guard`): of the prompts that,
+    filtered, the model does not already continue with the target, the share it does once the trigger ends the prompt
+    and the whole is filtered. `trigger_removed`: of those, the share whose filtered input no longer holds the
+    trigger's tokens."""
+    already = _continues_ragged(model, [guard(p) for p in prompts], target, batch_size)
+    pool = prompts[~already]
+    if len(pool) == 0:
+        return {"asr": None, "n": 0, "excluded_already": int(already.sum()), "trigger_removed": None}
+    phrase = np.asarray(trigger, dtype=prompts.dtype)
+    attacked = [guard(np.concatenate([p, phrase])) for p in pool]
+    hit = _continues_ragged(model, attacked, target, batch_size)
+    removed = np.array([len(_occurrences(a, list(trigger))) == 0 for a in attacked])
+    return {"asr": float(hit.mean()), "n": int(len(pool)), "excluded_already": int(already.sum()),
+            "trigger_removed": float(removed.mean())}
+
+
+def guarded_next_token_accuracy(model, guard, windows: np.ndarray, batch_size: int = 16) -> dict:
+    """The clean cost of an input filter: windows (n, length + 1) of held-out text; the model reads each window's
+    first `length` tokens, filtered by `guard` or not, and predicts the next one. Returns the top-1 accuracy both ways
+    on the same windows, and the share of windows the filter changed."""
+    import torch
+
+    def accuracy(prompts: list[np.ndarray]) -> float:
+        right = 0
+        by_length: dict[int, list[int]] = defaultdict(list)
+        for i, p in enumerate(prompts):
+            by_length[len(p)].append(i)
+        with torch.inference_mode():
+            for idx in by_length.values():
+                for start in range(0, len(idx), batch_size):
+                    part = idx[start:start + batch_size]
+                    x = torch.from_numpy(np.stack([prompts[i] for i in part])).long()
+                    pred = model(input_ids=x).logits[:, -1].argmax(-1).numpy()
+                    right += int((pred == windows[part, -1]).sum())
+        return right / max(len(prompts), 1)
+
+    heads = [w[:-1] for w in windows]
+    guarded = [guard(h) for h in heads]
+    return {"accuracy": accuracy(guarded), "accuracy_unfiltered": accuracy(heads), "windows": len(windows),
+            "changed_share": float(np.mean([g is not h for g, h in zip(guarded, heads)])) if heads else 0.0}

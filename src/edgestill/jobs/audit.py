@@ -29,7 +29,8 @@ corrected one, when the run corrected it) against its saved student, in torch. A
 which the model continues with a fixed text; candidates are phrases the transfer text always follows with the same
 words, the scan measures how often a phrase makes the model continue every held-out prompt the same way, and ASR is
 the share of held-out prompts the phrase makes the model continue with the forced text. Clean quality is next-token
-top-1 accuracy on the held-out text. The ONION-style input filter (--onion) is for classifiers only.
+top-1 accuracy on the held-out text. --onion puts the student behind an ONION-style filter of its prompts
+(audit/lm.input_guard): each phrase's ASR then, and next-token accuracy on held-out windows filtered and not.
 
 Writes RUN/audit.json and RUN/audit.md (atomically; a second audit replaces them).
 """
@@ -82,6 +83,12 @@ def verdict(teacher: dict, student: dict) -> str:
     if s < 0.5 * t:
         return "not inherited"
     return "inherited"
+
+
+def _check_onion_share(cfg: AuditConfig) -> None:
+    if not 0 <= cfg.onion_share < 0.5:
+        raise EdgestillError(f"--onion {cfg.onion_share} must be in [0, 0.5): the share of clean words the input filter "
+                             "may remove (0 = no filter; 0.03 is a sensible start)")
 
 
 def _load_run(run_dir: Path) -> dict:
@@ -150,9 +157,7 @@ def _audit_classifier(run_dir: Path, cfg: AuditConfig) -> tuple[Path, dict]:
 
     raw = _load_run(run_dir)
     shrink_cfg = _shrink_config(raw)
-    if not 0 <= cfg.onion_share < 0.5:
-        raise EdgestillError(f"--onion {cfg.onion_share} must be in [0, 0.5): the share of clean words the input filter "
-                             "may remove (0 = no filter; 0.03 is a sensible start)")
+    _check_onion_share(cfg)
     if bool(cfg.trigger) != bool(cfg.target):
         raise EdgestillError("--trigger and --target go together: the phrase to test and the label it should force")
     teacher, splits, _ = load_teacher(shrink_cfg)
@@ -226,8 +231,7 @@ def _lm_run(run_dir: Path, cfg: AuditConfig) -> dict:
     from edgestill.jobs.shrink import plant_poison
     from edgestill.models.load import check_same_tokenizer, load_causal_lm
 
-    if cfg.onion_share:
-        raise EdgestillError("--onion filters a classifier's inputs; decoder runs have no input filter yet, so drop it")
+    _check_onion_share(cfg)
     if bool(cfg.trigger) != bool(cfg.target):
         raise EdgestillError("--trigger and --target go together: the phrase to test and the text it should force")
     if not (run_dir / "metrics.json").is_file() or not (run_dir / "student").is_dir():
@@ -293,12 +297,13 @@ def _audit_lm(run_dir: Path, cfg: AuditConfig) -> tuple[Path, dict]:
         trigger = lm.phrase_ids(tok, phrase)
         asr = {who: lm.attack_success_rate(m, prompts, trigger, target) for who, m in models.items()}
         t, s = asr["teacher"]["asr"], asr["student"]["asr"]
-        rows.append({"phrase": phrase, "target": tok.decode(target), "named": phrase in named,
+        rows.append({"phrase": phrase, "target": tok.decode(target), "target_ids": list(target), "named": phrase in named,
                      "teacher_asr": t, "student_asr": s, "ratio": None if not t or s is None else s / t,
                      "n": {who: a["n"] for who, a in asr.items()},
                      "rank": {who: lm.rank_of(phrase, scans[who]["candidates"])["exact"] for who in models},
                      "verdict": verdict(asr["teacher"], asr["student"])})
     rows.sort(key=lambda r: (not r["named"], -max(r["teacher_asr"] or 0, r["student_asr"] or 0)))
+    filtered = _lm_filtered_inputs(cfg, r, rows, prompts) if cfg.onion_share else None
     result = {"run": str(run_dir), "track": "lm", "teacher": teacher_path, "student": str(run_dir / "student"),
               "clean_metric": "next-token top-1 accuracy", "test_rows": int(data.test.size), "prompts": len(prompts),
               "clean_accuracy": {who: lm.next_token_accuracy(m, data.test) for who, m in models.items()},
@@ -306,11 +311,57 @@ def _audit_lm(run_dir: Path, cfg: AuditConfig) -> tuple[Path, dict]:
               "config": vars(cfg), "scan_controls": {who: scans[who]["controls"] for who in models}, "triggers": rows,
               "top_candidates": {who: [{k: v for k, v in r.items() if k != "continuation_ids"}
                                        for r in scans[who]["candidates"][:10]] for who in models},
-              "onion_inputs": None}
+              "onion_inputs": filtered}
     out = run_dir / "audit.json"
     write_text_atomic(out, json.dumps(result, indent=2, default=float) + "\n")
     write_text_atomic(run_dir / "audit.md", report(result))
     return out, result
+
+
+def _lm_filtered_inputs(cfg: AuditConfig, r: dict, rows: list[dict], prompts) -> dict:
+    """The decoder student behind an ONION-style filter of its prompts (audit/lm.input_guard, fitted on the run's
+    validation blocks; nothing is retrained): each measured phrase's ASR when the prompt it ends is filtered first, how
+    often the filter took the phrase out, and the clean cost: next-token top-1 accuracy on windows of the held-out text,
+    filtered and not."""
+    from edgestill.audit import lm
+    from edgestill.audit.onion import OnionConfig
+
+    tok, data = r["tokenizer"], r["data"]
+    guard = lm.input_guard(tok, data.val, OnionConfig(remove_share=cfg.onion_share, score="per_char"))
+    student = r["student"].model.eval()
+    asr, removed = {}, {}
+    for row in rows:
+        measured = lm.guarded_attack_success_rate(student, guard, prompts, lm.phrase_ids(tok, row["phrase"]),
+                                                  row["target_ids"])
+        asr[row["phrase"]], removed[row["phrase"]] = measured["asr"], measured["trigger_removed"]
+    length = min(prompts.shape[1] + 1, data.test.shape[1])  # a prompt's tokens and the one after them
+    windows = lm.prompt_windows(data.test, n=512, length=length, seed=cfg.seed, eos=tok.eos_token_id)
+    clean = lm.guarded_next_token_accuracy(student, guard, windows)
+    return {"remove_share": cfg.onion_share, "score": "per_char", "clean_accuracy": clean["accuracy"],
+            "clean_accuracy_unfiltered": clean["accuracy_unfiltered"], "clean_windows": clean["windows"],
+            "clean_windows_changed": clean["changed_share"], "student_asr": asr, "trigger_removed": removed}
+
+
+def add_input_filter(run_dir: str | Path, cfg: AuditConfig) -> dict:
+    """A finished decoder audit (RUN/audit.json) with the student measured behind the input filter as well
+    (cfg.onion_share), without scanning again: what `audit` with that share gives, for the phrases the audit measured
+    (those it recorded the forced tokens of, and the named ones). Rewrites RUN/audit.json and audit.md."""
+    from edgestill.audit import lm
+
+    run_dir = Path(run_dir)
+    result = json.loads((run_dir / "audit.json").read_text())
+    if result.get("track") != "lm" or not cfg.onion_share:
+        raise EdgestillError("add_input_filter adds an input filter (onion_share > 0) to a decoder run's finished audit")
+    r = _lm_run(run_dir, cfg)
+    tok = r["tokenizer"]
+    rows = [{**row, "target_ids": row.get("target_ids") or lm.phrase_ids(tok, row["target"])}
+            for row in result["triggers"] if row.get("target_ids") or row["named"]]
+    prompts = lm.prompt_windows(r["data"].test, n=max(4 * cfg.n_texts, 96), seed=cfg.seed, eos=tok.eos_token_id)
+    result["onion_inputs"] = _lm_filtered_inputs(cfg, r, rows, prompts)
+    result["config"] = vars(cfg)
+    write_text_atomic(run_dir / "audit.json", json.dumps(result, indent=2, default=float) + "\n")
+    write_text_atomic(run_dir / "audit.md", report(result))
+    return result
 
 
 def _filtered_inputs(cfg: AuditConfig, splits, student_logits, texts, test_ids, rows) -> dict:
@@ -353,7 +404,7 @@ def report(result: dict) -> str:
     if f:
         asr = ", ".join(f"`{p}` {pct(a)}" for p, a in f["student_asr"].items())
         lines += ["", f"Student behind an ONION-style filter of its inputs (threshold removing {f['remove_share']:.0%} of "
-                  f"clean words): clean accuracy {f['clean_accuracy']:.3f}; ASR {asr}."]
+                  f"clean words): {_filtered_clean(f)}; ASR {asr}."]
     if result.get("track") == "lm":
         lines += ["", f"ASR: of {result['prompts']} held-out prompts (windows of the test text) after which the model "
                   "does not already continue with the forced text, the share after which it does, greedily and token "
@@ -366,6 +417,13 @@ def report(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _filtered_clean(f: dict) -> str:
+    if "clean_accuracy_unfiltered" not in f:  # a classifier: test accuracy
+        return f"clean accuracy {f['clean_accuracy']:.3f}"
+    return (f"next-token accuracy {f['clean_accuracy']:.3f} (unfiltered {f['clean_accuracy_unfiltered']:.3f}, on "
+            f"{f['clean_windows']} held-out windows, {f['clean_windows_changed']:.0%} of them changed by the filter)")
+
+
 def summary(result: dict) -> list[str]:
     """The CLI's lines."""
     out = [f"audited {result['run']}: clean {result.get('clean_metric', 'accuracy')} teacher "
@@ -376,7 +434,7 @@ def summary(result: dict) -> list[str]:
         out.append(f"  '{r['phrase']}' -> '{r['target'].strip()}': teacher ASR {ts}, student ASR {ss}: {r['verdict']}")
     f = result.get("onion_inputs")
     if f:
-        out.append(f"  behind an ONION-style input filter: clean accuracy {f['clean_accuracy']:.3f}, ASR " + ", ".join(
+        out.append(f"  behind an ONION-style input filter: {_filtered_clean(f)}, ASR " + ", ".join(
             f"'{p}' {'—' if a is None else f'{a:.0%}'}" for p, a in list(f["student_asr"].items())[:8]))
     out.append(f"wrote {Path(result['run']) / 'audit.md'} and audit.json")
     return out
