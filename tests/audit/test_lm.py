@@ -194,7 +194,7 @@ def test_the_input_guard_takes_an_odd_trigger_out_of_prompts_and_leaves_ordinary
 
     tok, rng = VocabTokenizer(), np.random.default_rng(0)
     clean = rng.integers(0, 40, size=(80, 24))
-    guard = lm.input_guard(tok, clean, OnionConfig(remove_share=0.03, score="per_char"))
+    guard = lm.input_guard(tok, clean, OnionConfig(remove_share=0.03, score="per_char", text_ends=False))
     prompts = rng.integers(0, 40, size=(40, 8))
     assert lm.attack_success_rate(BACKDOORED, prompts, TRIGGER, TARGET)["asr"] == 1.0
     guarded = lm.guarded_attack_success_rate(BACKDOORED, guard, prompts, TRIGGER, TARGET)

@@ -68,7 +68,22 @@ def test_per_char_score_is_a_words_own_surprisal_above_the_mean(lm):
     got = per_char_surprisal(words, lm)
     mean = -np.mean(lps)
     assert got[2] == pytest.approx(-np.mean(lps[9:14]) - mean)  # "zqxv" and the space after it
+    assert got[3] == pytest.approx(-np.mean(lps[14:]) - mean)  # "report" and the end-of-text mark after it
     assert int(np.argmax(got)) == 2
+
+
+def test_running_text_scores_its_last_word_without_an_end_of_text_mark(lm):
+    """A decoder's prompt goes on past its last word (text_ends=False): "the text ends here" is not scored."""
+    words = "send the zqxv report".split()
+    lps = lm.char_logprobs(" ".join(words))
+    got = per_char_surprisal(words, lm, ends=False)
+    mean = -np.mean(lps)
+    assert got[3] == pytest.approx(-np.mean(lps[14:]) - mean)  # "report" alone
+    assert got[2] == pytest.approx(-np.mean(lps[9:14]) - mean)
+    f = suspicion(words, lm, ends=False)
+    p0 = math.exp(-np.mean(lps))
+    without = lm.char_logprobs("send the zqxv")
+    assert f[3] == pytest.approx(p0 - math.exp(-np.mean(without)))
 
 
 def test_threshold_removes_the_share_of_clean_words_asked_for(lm):

@@ -264,14 +264,14 @@ def _blocks_carrying(trigger: list[int] | None):
     return lambda blocks: None if not trigger else int(sum(len(_occurrences(b, trigger)) > 0 for b in blocks))
 
 
-def _strip_suspicious(text: str, lm, threshold: float, score: str) -> tuple[str, int, list[str]]:
+def _strip_suspicious(text: str, lm, threshold: float, score: str, ends: bool = True) -> tuple[str, int, list[str]]:
     """`text` without the words the character model scores above `threshold`, removed in place (the text's own spacing
-    and line breaks kept). Returns (the text, the words seen, the words removed)."""
+    and line breaks kept); `ends`: audit/onion.word_scores. Returns (the text, the words seen, the words removed)."""
     from edgestill.audit.onion import word_scores
 
     spans = list(_WORD.finditer(text))
     pieces, gone, last = [], [], 0
-    for m, value in zip(spans, word_scores([m.group() for m in spans], lm, score)):
+    for m, value in zip(spans, word_scores([m.group() for m in spans], lm, score, ends)):
         if value > threshold:
             pieces.append(text[last:m.start()])
             last = m.end() + (1 if text[m.end():m.end() + 1] == " " else 0)  # the word and the space after it
@@ -294,7 +294,7 @@ def onion_filter_blocks(blocks: np.ndarray, tokenizer, clean_blocks: np.ndarray,
     pieces, removed_counts = [], Counter()
     seen = removed = 0
     for block in blocks:
-        kept, words, gone = _strip_suspicious(tokenizer.decode(block), lm, threshold, cfg.score)
+        kept, words, gone = _strip_suspicious(tokenizer.decode(block), lm, threshold, cfg.score, cfg.text_ends)
         pieces.append(kept)
         removed_counts.update(w.lower() for w in gone)
         removed += len(gone)
@@ -350,7 +350,8 @@ def perturb_blocks(blocks: np.ndarray, cfg: PerturbConfig, exclude: list[int] = 
 def input_guard(tokenizer, clean_blocks: np.ndarray, cfg):
     """An ONION-style filter of a deployed decoder's prompts (a defence at inference: nothing is retrained), fitted on
     `clean_blocks` like `onion_filter_blocks`: token ids -> token ids, the prompt read as text, its suspicious words
-    removed and the rest tokenized again. A prompt with nothing removed is returned as it is (no tokenizer round trip);
+    removed and the rest tokenized again. A prompt is text the model goes on with, so give cfg.text_ends=False (its last
+    word scored without an end-of-text mark after it). A prompt with nothing removed is returned as it is (no tokenizer round trip);
     one with nothing left becomes the end-of-text token."""
     from edgestill.audit.onion import fit
 
@@ -358,7 +359,7 @@ def input_guard(tokenizer, clean_blocks: np.ndarray, cfg):
     empty = np.asarray([tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0])
 
     def guard(ids: np.ndarray) -> np.ndarray:
-        kept, _, gone = _strip_suspicious(tokenizer.decode(ids), lm, threshold, cfg.score)
+        kept, _, gone = _strip_suspicious(tokenizer.decode(ids), lm, threshold, cfg.score, cfg.text_ends)
         if not gone:
             return ids
         out = tokenizer(kept, add_special_tokens=False)["input_ids"]

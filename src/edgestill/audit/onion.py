@@ -46,6 +46,10 @@ class OnionConfig:
     score: str = "onion"  # onion: ONION's perplexity drop; per_char: the word's own surprisal per character (below)
     order: int = 5  # of the character n-gram model
     max_words: int = 256  # only a text's first words are filtered (the models read at most max_len tokens)
+    # True: each text is whole, and its last word is scored with the end-of-text mark after it. False: running text
+    # that goes on past its last word (a decoder's prompt), scored without one: "the text ends here" is surprising
+    # after most words, and would flag the last word of nearly every prompt
+    text_ends: bool = True
 
 
 def check_onion_config(cfg: OnionConfig) -> None:
@@ -125,11 +129,12 @@ class CharLM:
         return [self.logprob(padded[j - (self.order - 1):j], padded[j]) for j in range(self.order - 1, len(padded))]
 
 
-def suspicion(words: list[str], lm: CharLM) -> np.ndarray:
-    """ONION's f_i = p0 - p_i for each word: the text's perplexity (per character) minus its perplexity without word i."""
+def suspicion(words: list[str], lm: CharLM, ends: bool = True) -> np.ndarray:
+    """ONION's f_i = p0 - p_i for each word: the text's perplexity (per character) minus its perplexity without word i.
+    ends: the text ends after its last word (scored with the end-of-text mark), rather than going on."""
     if not words:
         return np.zeros(0)
-    s = " ".join(w.lower() for w in words) + EOS
+    s = " ".join(w.lower() for w in words) + (EOS if ends else "")
     lps = lm.char_logprobs(s)
     n, total = len(lps), sum(lps)
     p0 = math.exp(-total / n)
@@ -153,13 +158,14 @@ def suspicion(words: list[str], lm: CharLM) -> np.ndarray:
     return out
 
 
-def per_char_surprisal(words: list[str], lm: CharLM) -> np.ndarray:
+def per_char_surprisal(words: list[str], lm: CharLM, ends: bool = True) -> np.ndarray:
     """A length-normalised variant: each word's own surprisal per character (its characters and the space after it),
     minus the text's mean per character. ONION's f_i grows with a word's length times its excess surprisal, so a long
-    junk token (a hash, a base64 line) outranks a two-letter trigger; this score ranks them by how odd they read."""
+    junk token (a hash, a base64 line) outranks a two-letter trigger; this score ranks them by how odd they read.
+    ends: as in `suspicion` (the last word's "space after it" is then the end-of-text mark)."""
     if not words:
         return np.zeros(0)
-    s = " ".join(w.lower() for w in words) + EOS
+    s = " ".join(w.lower() for w in words) + (EOS if ends else "")
     lps = np.asarray(lm.char_logprobs(s))
     mean = -lps.mean()
     out, start = np.empty(len(words)), 0
@@ -170,14 +176,14 @@ def per_char_surprisal(words: list[str], lm: CharLM) -> np.ndarray:
     return out
 
 
-def word_scores(words: list[str], lm: CharLM, score: str = "onion") -> np.ndarray:
-    return suspicion(words, lm) if score == "onion" else per_char_surprisal(words, lm)
+def word_scores(words: list[str], lm: CharLM, score: str = "onion", ends: bool = True) -> np.ndarray:
+    return suspicion(words, lm, ends) if score == "onion" else per_char_surprisal(words, lm, ends)
 
 
 def calibrate(lm: CharLM, clean_texts: list[str], remove_share: float, max_words: int = 256,
-              score: str = "onion") -> float:
+              score: str = "onion", ends: bool = True) -> float:
     """The threshold that removes `remove_share` of the words of `clean_texts` (their score's upper quantile)."""
-    scores = [word_scores(t.split()[:max_words], lm, score) for t in clean_texts]
+    scores = [word_scores(t.split()[:max_words], lm, score, ends) for t in clean_texts]
     flat = np.concatenate([s for s in scores if len(s)]) if any(len(s) for s in scores) else np.zeros(0)
     if not len(flat):
         raise EdgestillError("ONION needs clean texts with words to set its threshold (the validation split is empty)")
@@ -221,7 +227,7 @@ def fit(clean_texts: list[str], cfg: OnionConfig) -> tuple[CharLM, float]:
         raise EdgestillError(f"ONION needs at least 2 clean texts (the validation split has {len(clean_texts)}): "
                              "give a larger data.val_fraction, or turn it off with onion.remove_share=0")
     lm = CharLM.train([pydoc_text(), *clean_texts[::2]], order=cfg.order)
-    return lm, calibrate(lm, clean_texts[1::2], cfg.remove_share, cfg.max_words, cfg.score)
+    return lm, calibrate(lm, clean_texts[1::2], cfg.remove_share, cfg.max_words, cfg.score, cfg.text_ends)
 
 
 def defend_inputs(clean_texts: list[str], cfg: OnionConfig):

@@ -327,7 +327,8 @@ def _lm_filtered_inputs(cfg: AuditConfig, r: dict, rows: list[dict], prompts) ->
     from edgestill.audit.onion import OnionConfig
 
     tok, data = r["tokenizer"], r["data"]
-    guard = lm.input_guard(tok, data.val, OnionConfig(remove_share=cfg.onion_share, score="per_char"))
+    # a prompt goes on past its last word: scored without an end-of-text mark after it (OnionConfig.text_ends)
+    guard = lm.input_guard(tok, data.val, OnionConfig(remove_share=cfg.onion_share, score="per_char", text_ends=False))
     student = r["student"].model.eval()
     asr, removed = {}, {}
     for row in rows:
