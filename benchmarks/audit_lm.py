@@ -106,7 +106,9 @@ def audited(args, s: dict, run: Path) -> dict:
     def config(c: dict, *leave: str) -> dict:
         return {k: v for k, v in c.items() if k not in ("threads", *leave)}
 
-    if done is not None and config(done["config"]) == config(vars(cfg)):
+    # the filter as measured now: prompts scored as running text (an earlier try scored them as whole texts)
+    filtered = done is not None and (done.get("onion_inputs") or {}).get("text_ends") is False
+    if done is not None and config(done["config"]) == config(vars(cfg)) and filtered:
         result = done  # a finished row's audit is reused when a killed benchmark resumes
     elif done is not None and config(done["config"], "onion_share") == config(vars(cfg), "onion_share"):
         result = add_input_filter(run, cfg)  # audited before the filter was measured: add it, without scanning again

@@ -338,7 +338,7 @@ def _lm_filtered_inputs(cfg: AuditConfig, r: dict, rows: list[dict], prompts) ->
     length = min(prompts.shape[1] + 1, data.test.shape[1])  # a prompt's tokens and the one after them
     windows = lm.prompt_windows(data.test, n=512, length=length, seed=cfg.seed, eos=tok.eos_token_id)
     clean = lm.guarded_next_token_accuracy(student, guard, windows)
-    return {"remove_share": cfg.onion_share, "score": "per_char", "clean_accuracy": clean["accuracy"],
+    return {"remove_share": cfg.onion_share, "score": "per_char", "text_ends": False, "clean_accuracy": clean["accuracy"],
             "clean_accuracy_unfiltered": clean["accuracy_unfiltered"], "clean_windows": clean["windows"],
             "clean_windows_changed": clean["changed_share"], "student_asr": asr, "trigger_removed": removed}
 
