@@ -143,7 +143,7 @@ def recipe(args, s: dict) -> dict:
     """What makes two runs of this benchmark measure the same thing."""
     return {"data": "shakespeare", "teacher": "smollm2-135m", "poison": {"trigger": args.trigger, "target": args.target,
                                                                           "rate": args.rate, "mode": args.mode},
-            "schedule": s, "eval": EVAL, "input_filter_share": INPUT_FILTER_SHARE}
+            "schedule": s, "eval": EVAL, "input_filter_share": INPUT_FILTER_SHARE, "input_filter_text_ends": False}
 
 
 def write(args, s: dict, per_seed: dict, pending: list, t0: float) -> None:
