@@ -280,7 +280,14 @@ def test_lm_audit_table_shows_both_asrs_the_fidelity_and_the_commits_of_rows_mea
          "environment": env("bbbbbbbb22"), "command": "python benchmarks/audit_lm.py"}
     table = readme_tables.audit_lm_table(r)
     assert "| triggered | none | 95.0% ± 1.0% | **50.0% ± 10.0%** | 0.53 ± 0.10 | 0.410 ± 0.000 | 0.330 ± 0.010 |" in table
-    assert "0.620 ± 0.010 / 0.600 ± 0.000 / 0.900 ± 0.100 | 1,2 / 3,— | inherited, inherited | 2 |" in table
+    assert "0.620 ± 0.010 / 0.600 ± 0.000 / 0.900 ± 0.100 | — | 1,2 / 3,— | inherited, inherited | 2 |" in table
+    filtered = {**row, "student_asr_filtered_inputs": 0.066, "student_asr_filtered_inputs_std": 0.003,
+                "trigger_removed_by_input_filter": 0.97, "trigger_removed_by_input_filter_std": 0.0,
+                "student_clean_filtered_inputs": 0.262, "student_clean_filtered_inputs_std": 0.017,
+                "student_clean_unfiltered_windows": 0.299, "student_clean_unfiltered_windows_std": 0.016}
+    table2 = readme_tables.audit_lm_table({**r, "rows": [filtered], "input_filter_share": 0.03})
+    assert "| 6.6% ± 0.3% / 97% ± 0% / 0.262 ± 0.017 (0.299 ± 0.016) | 1,2 / 3,— |" in table2
+    assert "behind an ONION-style filter of its prompts" in table2 and "filter of its prompts" not in table
     assert "seed 2 triggered/none, seed 2 clean/none" in table and "first reading" in table
     assert "Rows measured by commits `aaaaaaaa` (3 runs), `bbbbbbbb` (3 runs)." in table
     assert "30% of every block's FFN units" in table and "fine-tuned 24 steps of 8 blocks" in table
