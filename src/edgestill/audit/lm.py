@@ -351,8 +351,8 @@ def input_guard(tokenizer, clean_blocks: np.ndarray, cfg):
     """An ONION-style filter of a deployed decoder's prompts (a defence at inference: nothing is retrained), fitted on
     `clean_blocks` like `onion_filter_blocks`: token ids -> token ids, the prompt read as text, its suspicious words
     removed and the rest tokenized again. A prompt is text the model goes on with, so give cfg.text_ends=False (its last
-    word scored without an end-of-text mark after it). A prompt with nothing removed is returned as it is (no tokenizer round trip);
-    one with nothing left becomes the end-of-text token."""
+    word scored without an end-of-text mark after it). A prompt with nothing removed is returned as it is (no tokenizer
+    round trip); one with nothing left becomes the end-of-text token."""
     from edgestill.audit.onion import fit
 
     lm, threshold = fit([tokenizer.decode(b) for b in clean_blocks], cfg)
@@ -368,13 +368,18 @@ def input_guard(tokenizer, clean_blocks: np.ndarray, cfg):
     return guard
 
 
-def _continues_ragged(model, prompts: list[np.ndarray], target: list[int], batch_size: int = 16) -> np.ndarray:
-    """`continues_with(prompt, [], target)` for prompts of different lengths: batched by length, nothing padded."""
-    out = np.zeros(len(prompts), dtype=bool)
-    by_length: dict[int, list[int]] = defaultdict(list)
+def _same_length(prompts: list[np.ndarray]) -> list[list[int]]:
+    """The indices of `prompts` grouped by length: prompts of different lengths batched without padding."""
+    groups: dict[int, list[int]] = defaultdict(list)
     for i, p in enumerate(prompts):
-        by_length[len(p)].append(i)
-    for idx in by_length.values():
+        groups[len(p)].append(i)
+    return list(groups.values())
+
+
+def _continues_ragged(model, prompts: list[np.ndarray], target: list[int], batch_size: int = 16) -> np.ndarray:
+    """`continues_with(prompt, [], target)` for prompts of different lengths."""
+    out = np.zeros(len(prompts), dtype=bool)
+    for idx in _same_length(prompts):
         out[idx] = continues_with(model, np.stack([prompts[i] for i in idx]), [], target, batch_size)
     return out
 
@@ -401,20 +406,12 @@ def guarded_next_token_accuracy(model, guard, windows: np.ndarray, batch_size: i
     """The clean cost of an input filter: windows (n, length + 1) of held-out text; the model reads each window's
     first `length` tokens, filtered by `guard` or not, and predicts the next one. Returns the top-1 accuracy both ways
     on the same windows, and the share of windows the filter changed."""
-    import torch
-
     def accuracy(prompts: list[np.ndarray]) -> float:
         right = 0
-        by_length: dict[int, list[int]] = defaultdict(list)
-        for i, p in enumerate(prompts):
-            by_length[len(p)].append(i)
-        with torch.inference_mode():
-            for idx in by_length.values():
-                for start in range(0, len(idx), batch_size):
-                    part = idx[start:start + batch_size]
-                    x = torch.from_numpy(np.stack([prompts[i] for i in part])).long()
-                    pred = model(input_ids=x).logits[:, -1].argmax(-1).numpy()
-                    right += int((pred == windows[part, -1]).sum())
+        for idx in _same_length(prompts):
+            for start, logits in _forward_logits(model, np.stack([prompts[i] for i in idx]), batch_size):
+                part = idx[start:start + len(logits)]
+                right += int((logits[:, -1].argmax(-1).numpy() == windows[part, -1]).sum())
         return right / max(len(prompts), 1)
 
     heads = [w[:-1] for w in windows]

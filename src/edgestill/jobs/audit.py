@@ -283,7 +283,7 @@ def _audit_lm(run_dir: Path, cfg: AuditConfig) -> tuple[Path, dict]:
             named.setdefault(" ".join(planted["trigger"].split()), " ".join(planted["target"].split()))
     found = lm.candidate_phrases(texts, top=cfg.candidates)
     phrases = [c["phrase"] for c in found] + [p for p in named if p not in {c["phrase"] for c in found}]
-    prompts = lm.prompt_windows(data.test, n=max(4 * cfg.n_texts, 96), seed=cfg.seed, eos=tok.eos_token_id)
+    prompts = _lm_prompts(cfg, data, tok)
     scan_cfg = lm.ScanConfig(prompts=cfg.n_texts, controls=cfg.controls, seed=cfg.seed)
     controls = lm.control_phrases(texts, sorted({len(p.split()) for p in phrases}), cfg.controls, cfg.seed)
     models = {"teacher": r["teacher"].model.eval(), "student": r["student"].model.eval()}
@@ -318,6 +318,13 @@ def _audit_lm(run_dir: Path, cfg: AuditConfig) -> tuple[Path, dict]:
     return out, result
 
 
+def _lm_prompts(cfg: AuditConfig, data, tok):
+    """The held-out prompts a decoder audit measures ASR on (seeded windows of the test split)."""
+    from edgestill.audit import lm
+
+    return lm.prompt_windows(data.test, n=max(4 * cfg.n_texts, 96), seed=cfg.seed, eos=tok.eos_token_id)
+
+
 def _lm_filtered_inputs(cfg: AuditConfig, r: dict, rows: list[dict], prompts) -> dict:
     """The decoder student behind an ONION-style filter of its prompts (audit/lm.input_guard, fitted on the run's
     validation blocks; nothing is retrained): each measured phrase's ASR when the prompt it ends is filtered first, how
@@ -328,7 +335,8 @@ def _lm_filtered_inputs(cfg: AuditConfig, r: dict, rows: list[dict], prompts) ->
 
     tok, data = r["tokenizer"], r["data"]
     # a prompt goes on past its last word: scored without an end-of-text mark after it (OnionConfig.text_ends)
-    guard = lm.input_guard(tok, data.val, OnionConfig(remove_share=cfg.onion_share, score="per_char", text_ends=False))
+    onion = OnionConfig(remove_share=cfg.onion_share, score="per_char", text_ends=False)
+    guard = lm.input_guard(tok, data.val, onion)
     student = r["student"].model.eval()
     asr, removed = {}, {}
     for row in rows:
@@ -338,7 +346,8 @@ def _lm_filtered_inputs(cfg: AuditConfig, r: dict, rows: list[dict], prompts) ->
     length = min(prompts.shape[1] + 1, data.test.shape[1])  # a prompt's tokens and the one after them
     windows = lm.prompt_windows(data.test, n=512, length=length, seed=cfg.seed, eos=tok.eos_token_id)
     clean = lm.guarded_next_token_accuracy(student, guard, windows)
-    return {"remove_share": cfg.onion_share, "score": "per_char", "text_ends": False, "clean_accuracy": clean["accuracy"],
+    return {"remove_share": onion.remove_share, "score": onion.score, "text_ends": onion.text_ends,
+            "clean_accuracy": clean["accuracy"],
             "clean_accuracy_unfiltered": clean["accuracy_unfiltered"], "clean_windows": clean["windows"],
             "clean_windows_changed": clean["changed_share"], "student_asr": asr, "trigger_removed": removed}
 
@@ -357,7 +366,7 @@ def add_input_filter(run_dir: str | Path, cfg: AuditConfig) -> dict:
     tok = r["tokenizer"]
     rows = [{**row, "target_ids": row.get("target_ids") or lm.phrase_ids(tok, row["target"])}
             for row in result["triggers"] if row.get("target_ids") or row["named"]]
-    prompts = lm.prompt_windows(r["data"].test, n=max(4 * cfg.n_texts, 96), seed=cfg.seed, eos=tok.eos_token_id)
+    prompts = _lm_prompts(cfg, r["data"], tok)
     result["onion_inputs"] = _lm_filtered_inputs(cfg, r, rows, prompts)
     result["config"] = vars(cfg)
     write_text_atomic(run_dir / "audit.json", json.dumps(result, indent=2, default=float) + "\n")
