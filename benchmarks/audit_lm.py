@@ -34,7 +34,7 @@ held-out text, the ratio student ASR / teacher ASR, the trigger's rank in the au
 the run's own fidelity numbers (retention, top-1 agreement and KL against the teacher). Every student is also measured
 behind an ONION-style filter of its prompts (`edgestill audit --onion 0.03`: a defence at inference that retrains
 nothing): the trigger's ASR when the prompt it ends is filtered first, how often the filter took it out, and the
-next-token accuracy on 512 held-out windows read filtered and whole. A run audited before the filter was measured
+next-token accuracy on up to 512 held-out windows read filtered and whole. A run audited before the filter was measured
 gets the filter added to its audit (jobs/audit.add_input_filter) without scanning again.
 
     python benchmarks/audit_lm.py                   # seeds 0,1,2 (about an hour per seed on 2 cores)
@@ -67,8 +67,8 @@ FULL = {"correct_steps": 150, "correct_lr": 1e-4, "correct_eval_every": 25, "dis
         "max_train_tokens": 51200, "max_eval_tokens": 12288, "audit_texts": 48, "candidates": 60}
 QUICK = {"correct_steps": 4, "correct_lr": 1e-4, "correct_eval_every": 2, "distill_steps": 4,
          "max_train_tokens": 8192, "max_eval_tokens": 4096, "audit_texts": 8, "candidates": 10}
-# what-broke, zero-shot and chat sections measure nothing this benchmark reports: off, to save the time
 INPUT_FILTER_SHARE = 0.03  # every student is also measured behind an ONION-style filter of its prompts (at inference)
+# what-broke, zero-shot and chat sections measure nothing this benchmark reports: off, to save the time
 EVAL = {"eval.out_of_domain": None, "eval.zero_shot_passages": 0, "eval.chat": False, "eval.speed_repeats": 1,
         "eval.generate_tokens": 8}
 

@@ -603,7 +603,7 @@ def audit_lm_table(r: dict) -> str:
             + (f" Inputs filtered: the same student behind an ONION-style filter of its prompts (per-character score, "
                f"threshold removing {r['input_filter_share']:.0%} of clean words; nothing retrained): the trigger's ASR "
                "when the prompt it ends is filtered first, the share of those prompts the filter took it out of, and "
-               "next-token top-1 accuracy on 512 windows of the test plays read filtered (and whole)."
+               "next-token top-1 accuracy on up to 512 windows of the test plays read filtered (and whole)."
                if r.get("input_filter_share") else "") + f"{one_seed}{_row_commits(r)} {_provenance(r)}."]
     return "\n".join(out)
 
