@@ -25,8 +25,10 @@ def _load1(load) -> str:
 
 
 def _measured(env: dict) -> str:
-    """'Measured <date> on <cpu> (<threads> threads, 1-min load a → b), commit `x`': a result's provenance in prose."""
-    return (f"Measured {env['date'][:10]} on {env.get('cpu_model') or '?'} ({env.get('threads', '?')} threads, 1-min load "
+    """'Measured <date> on <cpu> (<threads> threads[, <kernels' ISA>], 1-min load a → b), commit `x`': a result's
+    provenance in prose."""
+    isa = f", {env['cpu_capability']}" if env.get("cpu_capability") else ""  # recorded from 2026-12-06 on
+    return (f"Measured {env['date'][:10]} on {env.get('cpu_model') or '?'} ({env.get('threads', '?')} threads{isa}, 1-min load "
             f"{_load1(env.get('load_average_before'))} → {_load1(env.get('load_average_after'))}), commit "
             f"`{(env.get('git_commit') or '?')[:8]}`{' (dirty)' if env.get('git_dirty') else ''}")
 

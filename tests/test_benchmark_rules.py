@@ -391,3 +391,11 @@ def test_write_track_keeps_the_other_tracks_rows_and_recorded_runs_reads_its_own
     legacy = {"benchmark": "audit_lm", "track": "lm", "rows": []}  # one track, written before write_track
     assert _common.track_view(legacy, "lm") is legacy and _common.track_view(legacy, "classifier") is None
     assert readme_tables.TABLES["audit"]({"tracks": {}, "rows": []}).startswith("_No result yet")
+
+
+def test_provenance_names_the_kernels_instruction_set_where_it_was_recorded():
+    env = {"date": "2026-12-06T12:00:00+00:00", "cpu_model": "AMD EPYC", "threads": 2, "load_average_before": [1.0, 1, 1],
+           "load_average_after": [2.0, 2, 2], "git_commit": "a8a06c0deadbeef", "git_dirty": False}
+    assert readme_tables._measured(env) == ("Measured 2026-12-06 on AMD EPYC (2 threads, 1-min load 1.0 → 2.0), "
+                                             "commit `a8a06c0d`")
+    assert "(2 threads, AVX512, 1-min load" in readme_tables._measured({**env, "cpu_capability": "AVX512"})

@@ -17,6 +17,8 @@ def test_a_record_carries_full_provenance():
     assert env["load_average_before"] == start["load_average_before"]
     assert isinstance(env["load_average_after"], list) and len(env["load_average_after"]) == 3
     assert env["cpu_model"], "the CPU model is read on Linux (/proc/cpuinfo)"
+    # the kernels' instruction set: the same model name can mean AVX512 on one machine and AVX2 on the next
+    assert isinstance(env["cpu_capability"], str) and env["cpu_capability"]
 
 
 def test_a_record_without_a_start_says_so():

@@ -1,6 +1,10 @@
 """What every result records (docs/references.md#measurement-conventions): command, git commit and whether the
-tree was dirty, date, CPU model, threads, and the load average before and after the measurement (timings taken
-on a busy machine are wrong, and the record says so).
+tree was dirty, date, CPU model and the vector instructions PyTorch's kernels use, threads, and the load average
+before and after the measurement (timings taken on a busy machine are wrong, and the record says so).
+
+The instruction set matters beyond speed: two machines that report the same model name ("AMD EPYC") may run
+PyTorch's AVX512 kernels on one and its AVX2 kernels on the other, whose float sums round differently, and a small
+model's training can end elsewhere after a few hundred steps of such differences.
 
     start = measurement_start()      # before the timed part
     ...
@@ -26,6 +30,16 @@ def cpu_model() -> str | None:
     except OSError:
         pass
     return platform.processor() or None
+
+
+def cpu_capability() -> str | None:
+    """The vector instruction set PyTorch dispatches its CPU kernels to ("AVX512", "AVX2", "DEFAULT", ...)."""
+    try:
+        import torch
+
+        return torch.backends.cpu.get_cpu_capability()
+    except Exception:  # an older torch without the query
+        return None
 
 
 def load_average() -> list[float] | None:
@@ -80,6 +94,7 @@ def environment(threads: int | None = None, start: dict | None = None) -> dict:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "date_start": (start or {}).get("date_start"),
         "cpu_model": cpu_model(),
+        "cpu_capability": cpu_capability(),
         "threads": threads if threads is not None else torch.get_num_threads(),
         "load_average_before": (start or {}).get("load_average_before"),
         "load_average_after": load_average(),
