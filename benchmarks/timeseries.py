@@ -19,7 +19,7 @@ recorded too). Bytes are ONNX file bytes; the teacher's is its float ONNX file. 
 teacher's predictions as the test engines' readings arrive in time order, against the same student frozen
 (prequential RMSE on the second half of the stream).
 
-    python benchmarks/timeseries.py                     # seeds 0,1,2 (~1 h on 2 cores); resumes after a kill
+    python benchmarks/timeseries.py                     # seeds 0,1,2 (35-90 min on 2 cores); resumes after a kill
     python benchmarks/timeseries.py --quick             # smoke run: 2 epochs, 1 seed -> timeseries_quick.json
 """
 
