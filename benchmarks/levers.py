@@ -19,6 +19,8 @@ Rows (issue 15's levers; a lever joins when it runs end to end through `shrink`)
     width_activation   the same cut ranked by activation importance on calibration text (Minitron, models/width.py)
     low_rank    student.low_rank=0.5: every matrix of the kept blocks as SVD-initialised factors storing half the
                 blocks' dense parameters (method [7]; PyTorch / ONNX only, no GGUF)
+    blockwise   the same number of steps as `none`, the first half block-wise (distill.blockwise_steps: each kept
+                block learns the teacher blocks cut around it from the teacher's own stream), the rest end-to-end KD
     q4_k, q3_k, q2_k   quant.format=...: QAT + KD in llama.cpp's K-quant (bit-exact), the GGUF is the artifact
     combined    the GGUF levers together (trim, FFN 768 ranked by activations, Q3_K): the smallest student
                 llama.cpp runs here
@@ -57,6 +59,8 @@ ROWS = {
     "q4_k": ("+ QAT in Q4_K (GGUF)", ["quant.format=q4_k"]),
     "q3_k": ("+ QAT in Q3_K (GGUF)", ["quant.format=q3_k"]),
     "q2_k": ("+ QAT in Q2_K (GGUF)", ["quant.format=q2_k"]),
+    # the same steps of the same tokens as `none`, the first half block-wise (overrides filled in by _row_overrides)
+    "blockwise": ("block-wise first stage, then end-to-end KD (half the steps each)", []),
     "combined": ("trimmed + FFN 768 (activation ranking) + QAT Q3_K (GGUF)",
                  ["student.trim_vocab=true", "student.intermediate_size=768", "student.width_importance=activation",
                   "quant.format=q3_k"]),
@@ -75,6 +79,9 @@ def run_row(name: str, base: list[str], root: Path, seed: int) -> dict:
     from edgestill.jobs.shrink import shrink
 
     label, overrides = ROWS[name]
+    if name == "blockwise":  # half of the shared steps block-wise, the rest end to end: the same budget as `none`
+        steps = load_config(overrides=base).distill.steps
+        overrides = [f"distill.blockwise_steps={steps // 2}", f"distill.steps={steps - steps // 2}"]
     out = root / (name if seed == 0 else f"{name}-seed{seed}")
     if not (out / "DONE").is_file():
         cfg = load_config(overrides=[*base, *overrides, f"distill.seed={seed}", f"output.dir={out}"])

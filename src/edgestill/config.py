@@ -142,6 +142,10 @@ class DistillConfig:
     grad_clip: float = 1.0
     checkpoint_every: int = 20
     eval_every: int = 25
+    # Block-wise first stage (distill/blockwise.py), for a student sliced out of the teacher: this many steps in which
+    # each kept block learns, from the teacher's own stream, to do the work of the teacher blocks cut around it; then
+    # `steps` of end-to-end KD. Same batch size and lr; not counted by `budget`. 0: none.
+    blockwise_steps: int = 0
     # Which evaluated state the run keeps (the student as cut, step 0, is one): val_kl = lowest held-out
     # KL(teacher || student) (fidelity first), val_loss = lowest held-out CE, last = the final step.
     select: str = "val_kl"
@@ -793,6 +797,13 @@ def validate(cfg: ShrinkConfig) -> None:
     TrainBudget.parse(k.budget)  # refused here, before the teacher is loaded
     if k.steps < 1 or k.batch_size < 1 or k.top_k < 1:
         raise EdgestillError("distill.steps, distill.batch_size and distill.top_k must be positive")
+    if k.blockwise_steps < 0:
+        raise EdgestillError(f"distill.blockwise_steps={k.blockwise_steps} must be >= 0 (0: no block-wise stage)")
+    if k.blockwise_steps and (s.model is not None or s.hidden_size is not None):
+        raise EdgestillError("distill.blockwise_steps trains each block of a student sliced out of the teacher on the "
+                             "teacher's own stream: it needs student.layers or student.num_layers, the teacher's "
+                             "hidden size (student.hidden_size unset) and no student.model; or set "
+                             "distill.blockwise_steps=0")
     kinds = LOGIT_LOSS_KINDS  # the divergences the trainer knows (distill/losses.py)
     if k.loss not in kinds:
         hint = difflib.get_close_matches(k.loss, kinds, n=1)

@@ -216,6 +216,8 @@ def distill(cfg: ShrinkConfig, overwrite: bool = False, teacher_cache_from: Path
         del teachers  # a cached source holds all the extra teachers have to say
         if qconfig is not None:
             quantize_(student, qconfig, step="prepare")  # fake-quant forward, straight-through gradients
+        if cfg.distill.blockwise_steps:
+            _blockwise_stage(cfg, student, teacher.model, data, layers, run.path, world)
         history = train(student, source, data.train, cfg.distill, run.path, val_blocks=data.val, layers=layers,
                         reference=teacher.model, vocab=vocab)
         pruned = fine_prune_student(cfg, student, data)
@@ -232,6 +234,25 @@ def distill(cfg: ShrinkConfig, overwrite: bool = False, teacher_cache_from: Path
                 if record:
                     write_text_atomic(run.path / f"{name}.json", json.dumps(record, indent=1))
     return run, Distilled(teacher, original, data, history, layers, resumed)
+
+
+def _blockwise_stage(cfg: ShrinkConfig, student, teacher_model, data: CorpusBlocks, layers, run_path: Path,
+                     world: int) -> None:
+    """distill.blockwise_steps: each kept block trained on its span of the teacher first (distill/blockwise.py).
+    Skipped once end-to-end KD has checkpointed: that checkpoint already holds the stage's result."""
+    from edgestill.distill.blockwise import blockwise_distill
+
+    if world > 1:
+        raise EdgestillError("distill.blockwise_steps runs in one process; run without torchrun, or set "
+                             "distill.blockwise_steps=0")
+    if (run_path / "checkpoints" / "LATEST").is_file():
+        return
+    d = cfg.distill
+    history = blockwise_distill(student, teacher_model, data.train, layers, d.blockwise_steps, d.lr, d.batch_size,
+                                run_path, seed=d.seed, checkpoint_every=d.checkpoint_every)
+    if history:
+        log.info("block-wise stage: %d steps, mean block loss %.4f -> %.4f", len(history), history[0]["loss"],
+                 history[-1]["loss"])
 
 
 def domain_blocks(data: CorpusBlocks, tokenizer, seq_len: int):
