@@ -74,6 +74,15 @@ QUICK = ["data.seq_len=64", "data.max_train_tokens=4096", "data.max_eval_tokens=
 log = logging.getLogger("edgestill")
 
 
+def _blockwise(out: Path, train: dict) -> dict | None:
+    """A block-wise first stage's steps and tokens (RUN/blockwise/blockwise.json), or None for a row without one."""
+    path = out / "blockwise" / "blockwise.json"
+    if not path.is_file():
+        return None
+    steps = json.loads(path.read_text())["steps"]
+    return {"steps": steps, "tokens": steps * train["tokens"] // max(1, train["steps"])}
+
+
 def run_row(name: str, base: list[str], root: Path, seed: int) -> dict:
     from edgestill.config import load_config
     from edgestill.jobs.shrink import shrink
@@ -102,6 +111,8 @@ def run_row(name: str, base: list[str], root: Path, seed: int) -> dict:
         "formats": _formats(out),
         "low_rank": {k: v for k, v in (m["student"].get("low_rank") or {}).items() if k != "ranks"} or None,
         "train_tokens": m["train"]["tokens"], "selection": m["train"].get("selection"),
+        # the block-wise stage's steps come on top of `train_tokens` (end-to-end KD's), with the same tokens a step
+        "blockwise": _blockwise(out, m["train"]),
         "decode_tokens_per_s": s["decode_tokens_per_s"],
         "environment": m["environment"],
     }

@@ -399,3 +399,23 @@ def test_provenance_names_the_kernels_instruction_set_where_it_was_recorded():
     assert readme_tables._measured(env) == ("Measured 2026-12-06 on AMD EPYC (2 threads, 1-min load 1.0 → 2.0), "
                                              "commit `a8a06c0d`")
     assert "(2 threads, AVX512, 1-min load" in readme_tables._measured({**env, "cpu_capability": "AVX512"})
+
+
+def test_levers_count_a_block_wise_stage_in_the_rows_budget(tmp_path):
+    levers = pytest.importorskip("levers")
+    assert levers._blockwise(tmp_path, {"steps": 50, "tokens": 51200}) is None
+    (tmp_path / "blockwise").mkdir()
+    (tmp_path / "blockwise" / "blockwise.json").write_text('{"steps": 50, "history": []}')
+    staged = levers._blockwise(tmp_path, {"steps": 50, "tokens": 51200})
+    assert staged == {"steps": 50, "tokens": 51200}
+
+    env = {"date": "2026-12-06T12:00:00+00:00", "cpu_model": "x", "threads": 2, "git_commit": "abc", "git_dirty": False}
+
+    def row(name, train_tokens, blockwise=None):
+        return {"row": name, "label": name, "seed": 0, "bytes": 1e6, "compression_x_fp16": 1.0, "compression_x_source": 0.5,
+                "retention": 0.5, "top1_agreement": 0.5, "kl_teacher_student": 0.3, "out_of_domain": {},
+                "train_tokens": train_tokens, "blockwise": blockwise, "environment": env, "formats": None, "quant": None}
+
+    text = readme_tables.levers_table({"rows": [row("none", 102400), row("blockwise", 51200, staged)],
+                                       "environment": env, "command": "levers.py", "benchmark": "levers"})
+    assert "for every row (102,400 tokens, of which the block-wise row spends 50 steps (51,200 tokens)" in text
