@@ -25,6 +25,9 @@ Rows (issue 15's levers; a lever joins when it runs end to end through `shrink`)
     combined    the GGUF levers together (trim, FFN 768 ranked by activations, Q3_K): the smallest student
                 llama.cpp runs here
 
+Rows of an earlier invocation that this one does not run again stay in the JSON, with their own commit and
+environment, as long as it used the same shared overrides; a row run again replaces its earlier self.
+
 Each row records the student's bytes as the device loads them (a quantized row's GGUF, else the HF folder: weights +
 config + tokenizer files) and its ratio to F16 and to the teacher file the user started from; in-domain retention, top-1 and KL against the
 corrected teacher; the same out of domain (general English, never trained on); for a trimmed vocabulary what the
@@ -45,6 +48,7 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+import _common  # noqa: E402
 from _common import EVAL_LIGHT, write_result  # noqa: E402
 from distill_methods import _keep_cache  # noqa: E402
 
@@ -81,6 +85,20 @@ def _blockwise(out: Path, train: dict) -> dict | None:
         return None
     steps = json.loads(path.read_text())["steps"]
     return {"steps": steps, "tokens": steps * train["tokens"] // max(1, train["steps"])}
+
+
+def merge_rows(previous: Path, base: list[str], results: list[dict]) -> list[dict]:
+    """This invocation's rows plus the earlier ones it did not measure again (each keeps its own overrides, commit
+    and environment), when the earlier file used the same shared overrides; seed by seed, in ROWS order."""
+    old = json.loads(previous.read_text()) if previous.is_file() else {}
+    ran = {(r["row"], r["seed"]) for r in results}
+    earlier = [r for r in old.get("rows", []) if (r["row"], r["seed"]) not in ran and r["row"] in ROWS]
+    if earlier and old.get("shared_overrides") != base:
+        log.warning("%s: its %d other rows were measured with other shared overrides (%s); they are not kept",
+                    previous.name, len(earlier), old.get("shared_overrides"))
+        earlier = []
+    order = list(ROWS)
+    return sorted([*earlier, *results], key=lambda r: (r["seed"], order.index(r["row"])))
 
 
 def run_row(name: str, base: list[str], root: Path, seed: int) -> dict:
@@ -171,8 +189,10 @@ def main() -> None:
     seeded = rows if args.seed_rows is None else [r.strip() for r in args.seed_rows.split(",") if r.strip()]
     if set(seeded) - set(rows):
         raise SystemExit(f"--seed-rows {', '.join(sorted(set(seeded) - set(rows)))} not in --rows")
-    results = [run_row(name, base, root, seed) for seed in seeds for name in rows if seed == seeds[0] or name in seeded]
-    write_result("levers_quick" if args.quick else "levers", {
+    name = "levers_quick" if args.quick else "levers"
+    results = [run_row(row, base, root, seed) for seed in seeds for row in rows if seed == seeds[0] or row in seeded]
+    results = merge_rows(_common.RESULTS / f"{name}.json", base, results)
+    write_result(name, {
         "what": "the default student with and without each lever (same teacher, data, steps); scores against the "
                 "corrected teacher, in domain (held-out plays) and out of domain (general English)",
         "command": "python benchmarks/levers.py " + " ".join(sys.argv[1:]),

@@ -419,3 +419,19 @@ def test_levers_count_a_block_wise_stage_in_the_rows_budget(tmp_path):
     text = readme_tables.levers_table({"rows": [row("none", 102400), row("blockwise", 51200, staged)],
                                        "environment": env, "command": "levers.py", "benchmark": "levers"})
     assert "for every row (102,400 tokens, of which the block-wise row spends 50 steps (51,200 tokens)" in text
+
+
+def test_levers_keep_the_rows_an_invocation_did_not_run_again_when_the_shared_settings_match(tmp_path):
+    import json
+
+    levers = pytest.importorskip("levers")
+    previous = tmp_path / "levers.json"
+    old = [{"row": "none", "seed": 0, "retention": 0.5}, {"row": "q3_k", "seed": 0, "retention": 0.4},
+           {"row": "width", "seed": 1, "retention": 0.3}]
+    previous.write_text(json.dumps({"shared_overrides": ["a=1"], "rows": old}))
+    new = [{"row": "q2_k", "seed": 0, "retention": 0.2}, {"row": "none", "seed": 0, "retention": 0.6}]
+    merged = levers.merge_rows(previous, ["a=1"], new)
+    assert [(r["row"], r["seed"], r["retention"]) for r in merged] == [
+        ("none", 0, 0.6), ("q3_k", 0, 0.4), ("q2_k", 0, 0.2), ("width", 1, 0.3)]  # rerun replaces, order is ROWS'
+    assert levers.merge_rows(previous, ["a=2"], new) == sorted(new, key=lambda r: list(levers.ROWS).index(r["row"]))
+    assert levers.merge_rows(tmp_path / "none.json", ["a=1"], new)[0]["row"] == "none"
