@@ -48,8 +48,7 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-import _common  # noqa: E402
-from _common import EVAL_LIGHT, write_result  # noqa: E402
+from _common import EVAL_LIGHT, RESULTS, write_result  # noqa: E402
 from distill_methods import _keep_cache  # noqa: E402
 
 ROWS = {
@@ -63,7 +62,7 @@ ROWS = {
     "q4_k": ("+ QAT in Q4_K (GGUF)", ["quant.format=q4_k"]),
     "q3_k": ("+ QAT in Q3_K (GGUF)", ["quant.format=q3_k"]),
     "q2_k": ("+ QAT in Q2_K (GGUF)", ["quant.format=q2_k"]),
-    # the same steps of the same tokens as `none`, the first half block-wise (overrides filled in by _row_overrides)
+    # the same steps of the same tokens as `none`, the first half block-wise (run_row fills in the overrides)
     "blockwise": ("block-wise first stage, then end-to-end KD (half the steps each)", []),
     "combined": ("trimmed + FFN 768 (activation ranking) + QAT Q3_K (GGUF)",
                  ["student.trim_vocab=true", "student.intermediate_size=768", "student.width_importance=activation",
@@ -191,7 +190,7 @@ def main() -> None:
         raise SystemExit(f"--seed-rows {', '.join(sorted(set(seeded) - set(rows)))} not in --rows")
     name = "levers_quick" if args.quick else "levers"
     results = [run_row(row, base, root, seed) for seed in seeds for row in rows if seed == seeds[0] or row in seeded]
-    results = merge_rows(_common.RESULTS / f"{name}.json", base, results)
+    results = merge_rows(RESULTS / f"{name}.json", base, results)
     write_result(name, {
         "what": "the default student with and without each lever (same teacher, data, steps); scores against the "
                 "corrected teacher, in domain (held-out plays) and out of domain (general English)",

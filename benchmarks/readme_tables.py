@@ -661,12 +661,12 @@ def levers_table(r: dict) -> str:
                    f"{f(x['kl_teacher_student'])} | {f(ood.get('retention'))} | {f(ood.get('top1_agreement'))} | "
                    f"{pair(v, 'student_tokens_per_teacher_token')} | {pair(v, 'teacher_trimmed_mass')} | "
                    f"`{(env.get('git_commit') or '?')[:8]}`{' (dirty)' if env.get('git_dirty') else ''} |")
-    staged = next((x for x in r["rows"] if x.get("blockwise")), None)
-    split = ("" if staged is None else f", of which the block-wise row spends {staged['blockwise']['steps']} steps "
-             f"({staged['blockwise']['tokens']:,} tokens) on its first stage and the rest on end-to-end KD")
+    first, staged = r["rows"][0], next((x["blockwise"] for x in r["rows"] if x.get("blockwise")), None)
+    tokens = first["train_tokens"] + (first.get("blockwise") or {}).get("tokens", 0)  # a stage counts in the budget
+    split = ("" if staged is None else f", of which the block-wise row spends {staged['steps']} steps "
+             f"({staged['tokens']:,} tokens) on its first stage and the rest on end-to-end KD")
     out += ["", f"Scores against the corrected teacher; the same training steps and tokens for every row "
-            f"({r['rows'][0]['train_tokens'] + ((r['rows'][0].get('blockwise') or {}).get('tokens') or 0):,} "
-            f"tokens{split}). MB on device: a quantized row's GGUF, else the HF folder "
+            f"({tokens:,} tokens{split}). MB on device: a quantized row's GGUF, else the HF folder "
             "(weights, config, tokenizer). A K-quant needs rows that are a multiple of 256 weights; this teacher's rows "
             "of 576 (every matrix but the FFN down projection, and the tied embedding) fall back to another format as "
             "llama.cpp's own quantizer does, and the bits/weight column counts what was stored. Retention is per teacher token for every row (a trimmed student "

@@ -48,7 +48,7 @@ def test_the_stage_lowers_every_blocks_loss_and_leaves_embeddings_and_head_alone
                              show_progress=False) == history
     for a, b in zip(again.parameters(), student.parameters()):
         assert torch.equal(a, b)
-    assert not (tmp_path / "blockwise" / "checkpoint").exists()  # no litter once done
+    assert not (tmp_path / "blockwise" / "checkpoints").exists()  # no litter once done
 
 
 def test_a_killed_stage_resumes_from_its_checkpoint_and_ends_where_an_unbroken_one_does(tiny_model_dir, tmp_path,
@@ -72,7 +72,7 @@ def test_a_killed_stage_resumes_from_its_checkpoint_and_ends_where_an_unbroken_o
     with pytest.raises(KeyboardInterrupt):
         blockwise_distill(make_student(), teacher, blocks, [1, 3], run_dir=tmp_path / "killed", **kwargs)
     monkeypatch.setattr(bw, "block_losses", real)
-    assert (tmp_path / "killed" / "blockwise" / "checkpoint" / "state.json").is_file()
+    assert (tmp_path / "killed" / "blockwise" / "checkpoints" / "LATEST").is_file()
     resumed = make_student()
     history = blockwise_distill(resumed, teacher, blocks, [1, 3], run_dir=tmp_path / "killed", **kwargs)
     assert [h["step"] for h in history] == list(range(1, 11))

@@ -123,7 +123,7 @@ class Killed(Exception):
 
 def test_a_resumed_time_budget_keeps_the_total_its_first_attempt_chose(setup, tmp_path, monkeypatch):
     cfg = dataclasses.replace(BASE, budget="4s", checkpoint_every=3)
-    save = trainer._save_checkpoint
+    save = trainer.save_checkpoint
     saved = []
 
     def save_then_die(root, student, optimizer, step, *args):
@@ -132,10 +132,10 @@ def test_a_resumed_time_budget_keeps_the_total_its_first_attempt_chose(setup, tm
         if len(saved) == 2:  # the probe's checkpoint, then the first regular one
             raise Killed
 
-    monkeypatch.setattr(trainer, "_save_checkpoint", save_then_die)
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_die)
     with pytest.raises(Killed):
         _run(setup, tmp_path / "r", cfg)
-    monkeypatch.setattr(trainer, "_save_checkpoint", save)
+    monkeypatch.setattr(trainer, "save_checkpoint", save)
     total = json.loads((tmp_path / "r" / "budget.json").read_text())["steps"]
     monkeypatch.setattr(trainer, "_resolve_time_budget", lambda *a, **k: pytest.fail("a resumed budget is re-measured"))
     _, history = _run(setup, tmp_path / "r", cfg)

@@ -117,7 +117,7 @@ def test_distill_run_logs_and_plots_teacher_weights_and_resumes_exactly(teachers
     assert not (run.path / "cache" / "teacher_topk").exists()
 
     # the same run killed after its step-4 checkpoint, then rerun: it resumes and ends on the same weights and log
-    save = trainer._save_checkpoint
+    save = trainer.save_checkpoint
 
     class Killed(Exception):
         pass
@@ -128,10 +128,10 @@ def test_distill_run_logs_and_plots_teacher_weights_and_resumes_exactly(teachers
             raise Killed
 
     cfg2 = load_config(overrides=_overrides(folders, tiny_corpus, tmp_path / "part"))
-    monkeypatch.setattr(trainer, "_save_checkpoint", save_then_die)
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_die)
     with pytest.raises(Killed):
         distill_run(cfg2)
-    monkeypatch.setattr(trainer, "_save_checkpoint", save)
+    monkeypatch.setattr(trainer, "save_checkpoint", save)
     run2, ctx2 = distill_run(cfg2)
     assert ctx2.resumed
     log2 = _log(run2.path)

@@ -115,17 +115,17 @@ def test_features_pid_and_on_policy_train_and_resume_exactly(setup, tmp_path, mo
     assert alphas[0] == cfg.alpha and len(set(alphas)) > 1 and all(0 <= a <= 1 for a in alphas)
     assert all("on_policy_fraction" in h for h in history)
     # the same run stopped after its step-3 checkpoint and resumed ends on the same weights and log
-    save = trainer._save_checkpoint
+    save = trainer.save_checkpoint
 
     def save_then_die(root, student, optimizer, step, *args):
         save(root, student, optimizer, step, *args)
         if step == 3:
             raise Killed
 
-    monkeypatch.setattr(trainer, "_save_checkpoint", save_then_die)
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_die)
     with pytest.raises(Killed):
         _run(setup, tmp_path, cfg, name="part")
-    monkeypatch.setattr(trainer, "_save_checkpoint", save)
+    monkeypatch.setattr(trainer, "save_checkpoint", save)
     resumed, history2 = _run(setup, tmp_path, cfg, name="part")
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)

@@ -38,8 +38,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edgestill.distill.trainer import batch_rows, load_checkpoint, save_checkpoint
 from edgestill.errors import EdgestillError
 from edgestill.files import atomic_path, write_text_atomic
+from edgestill.models.slice import decoder_layers
 from edgestill.progress import progress_bar
 
 
@@ -55,12 +57,6 @@ def spans(layers: list[int], num_teacher_layers: int) -> list[tuple[int, int]]:
         last = num_teacher_layers - 1 if i == len(kept) - 1 else k
         out.append((first, last))
     return out
-
-
-def _decoder_layers(model):
-    from edgestill.models.slice import decoder_layers
-
-    return decoder_layers(model)
 
 
 class _Streams:
@@ -103,7 +99,7 @@ class _Streams:
 
 def block_losses(student, teacher, input_ids: torch.Tensor, layer_spans: list[tuple[int, int]]) -> torch.Tensor:
     """Each student block's normalised MSE against its span's end, fed its span's start (both the teacher's)."""
-    t_layers, s_layers = _decoder_layers(teacher), _decoder_layers(student)
+    t_layers, s_layers = decoder_layers(teacher), decoder_layers(student)
     with torch.no_grad(), _Streams(t_layers) as t:
         teacher.model(input_ids=input_ids)  # the base model: no logits needed
     feed = [t.inputs[first] for first, _ in layer_spans]
@@ -126,7 +122,7 @@ def check_blockwise(student, teacher, layers: list[int] | None) -> list[tuple[in
                              f"the same hidden size (student {student.config.hidden_size}, teacher "
                              f"{teacher.config.hidden_size}); leave student.hidden_size unset or set "
                              f"distill.blockwise_steps=0")
-    n_s, n_t = len(_decoder_layers(student)), len(_decoder_layers(teacher))
+    n_s, n_t = len(decoder_layers(student)), len(decoder_layers(teacher))
     if n_s != len(layers):
         raise EdgestillError(f"block-wise distillation: the student has {n_s} blocks but {len(layers)} kept blocks "
                              f"were named")
@@ -141,8 +137,6 @@ def blockwise_distill(student, teacher, blocks: np.ndarray, layers: list[int] | 
     block). The blocks' weights change; the embeddings, final norm and head do not."""
     from safetensors.torch import load_model, save_model
 
-    from edgestill.distill.trainer import batch_rows
-
     layer_spans = check_blockwise(student, teacher, layers)
     if steps < 1:
         return []
@@ -154,16 +148,10 @@ def blockwise_distill(student, teacher, blocks: np.ndarray, layers: list[int] | 
     if done.is_file():  # finished before: the same folder loads the result instead of training again
         load_model(student, str(folder / "student.safetensors"))
         return json.loads(done.read_text())["history"]
-    params = [p for layer in _decoder_layers(student) for p in layer.parameters() if p.requires_grad]
+    params = [p for layer in decoder_layers(student) for p in layer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    ckpt = folder / "checkpoint"
-    start, history = 0, []
-    if (ckpt / "state.json").is_file():
-        load_model(student, str(ckpt / "student.safetensors"))
-        # weights_only: the optimizer state is tensors and numbers we wrote; nothing else is unpickled
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-        state = json.loads((ckpt / "state.json").read_text())
-        start, history = state["step"], state["history"]
+    ckpt = folder / "checkpoints"  # the end-to-end loop's checkpoint format (distill/trainer.py), in this folder
+    start, history = load_checkpoint(ckpt, student, optimizer)
     torch.manual_seed(seed)
     teacher.eval()
     student.train()
@@ -184,10 +172,7 @@ def blockwise_distill(student, teacher, blocks: np.ndarray, layers: list[int] | 
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
-            with atomic_path(ckpt, "writing a block-wise checkpoint", is_dir=True) as tmp:
-                save_model(student, str(tmp / "student.safetensors"))
-                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-                (tmp / "state.json").write_text(json.dumps({"step": step + 1, "history": history}))
+            save_checkpoint(ckpt, student, optimizer, step + 1, history)
     bar.close()
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_path(folder / "student.safetensors", "writing the block-wise student") as tmp:

@@ -237,7 +237,7 @@ def _mean_across_ranks(values: list[float]) -> list[float]:
 
 # --- checkpoints -------------------------------------------------------------------------------------
 
-def _save_checkpoint(ckpt_root: Path, student, optimizer, step: int, history: list[dict],
+def save_checkpoint(ckpt_root: Path, student, optimizer, step: int, history: list[dict],
                      methods: Methods | None = None) -> None:
     """Write ckpt-<step>/ completely, then atomically point LATEST at it, then drop older ones."""
     from safetensors.torch import save_model
@@ -273,7 +273,12 @@ def _read_best(ckpt_root: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _load_checkpoint(ckpt_root: Path, student, optimizer, methods: Methods | None = None) -> tuple[int, list[dict]]:
+def has_checkpoint(run_dir: str | Path) -> bool:
+    """Whether `distill` has checkpointed in `run_dir` (a rerun resumes from there)."""
+    return (Path(run_dir) / "checkpoints" / "LATEST").is_file()
+
+
+def load_checkpoint(ckpt_root: Path, student, optimizer, methods: Methods | None = None) -> tuple[int, list[dict]]:
     from safetensors.torch import load_model
 
     latest = ckpt_root / "LATEST"
@@ -558,7 +563,7 @@ def distill(student, teacher, blocks: np.ndarray, cfg: DistillConfig, run_dir: s
     methods.vocab = vocab
     trainable = [p for p in student.parameters() if p.requires_grad] + methods.parameters()
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start_step, history = _load_checkpoint(ckpt_root, student, optimizer, methods)
+    start_step, history = load_checkpoint(ckpt_root, student, optimizer, methods)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(log_path, "".join(json.dumps(h) + "\n" for h in history))  # drop steps after the checkpoint
@@ -612,7 +617,7 @@ def distill(student, teacher, blocks: np.ndarray, cfg: DistillConfig, run_dir: s
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             if last or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0):
-                _save_checkpoint(ckpt_root, student, optimizer, step + 1, history, methods)
+                save_checkpoint(ckpt_root, student, optimizer, step + 1, history, methods)
         bar.set_postfix(loss=f"{loss_v:.3f}", kd=f"{kd_v:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
         bar.update(1)
         return record
@@ -627,7 +632,7 @@ def distill(student, teacher, blocks: np.ndarray, cfg: DistillConfig, run_dir: s
         start_step += n
         cfg = _resolve_time_budget(cfg, budget, run_dir, cfg.batch_size * seq_len, timed, start_step, t_begin, eval_s,
                                    rank, student, reference if select != "last" else None, val_blocks,
-                                   lambda: _save_checkpoint(ckpt_root, student, optimizer, start_step, history, methods),
+                                   lambda: save_checkpoint(ckpt_root, student, optimizer, start_step, history, methods),
                                    vocab)
     bar = progress_bar(total=cfg.steps, initial=start_step, desc="distilling", unit="step", disable=not show_progress)
     for step in range(start_step, cfg.steps):

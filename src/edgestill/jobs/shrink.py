@@ -241,11 +241,12 @@ def _blockwise_stage(cfg: ShrinkConfig, student, teacher_model, data: CorpusBloc
     """distill.blockwise_steps: each kept block trained on its span of the teacher first (distill/blockwise.py).
     Skipped once end-to-end KD has checkpointed: that checkpoint already holds the stage's result."""
     from edgestill.distill.blockwise import blockwise_distill
+    from edgestill.distill.trainer import has_checkpoint
 
     if world > 1:
         raise EdgestillError("distill.blockwise_steps runs in one process; run without torchrun, or set "
                              "distill.blockwise_steps=0")
-    if (run_path / "checkpoints" / "LATEST").is_file():
+    if has_checkpoint(run_path):
         return
     d = cfg.distill
     history = blockwise_distill(student, teacher_model, data.train, layers, d.blockwise_steps, d.lr, d.batch_size,
