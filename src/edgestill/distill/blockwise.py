@@ -14,7 +14,7 @@ counts the same whatever the scale of the stream at its depth). Each block's inp
 the student blocks before it, so all blocks learn from one teacher forward per batch, in parallel, and an early
 block's error does not feed the later ones while it is still large. End-to-end KD (distill/trainer.py) then
 trains the blocks together on the teacher's logits. This is the staged schedule issue 15 asks for (block-wise
-first, then end to end; cf. MLFS's multistage training, [9] in docs/references.md) [R]: the block pairing and the
+first, then end to end; cf. MLFS's multistage training, [9] in docs/references.md): the block pairing and the
 normalised loss are ours.
 
 The teacher's streams are computed live on each batch rather than cached: 30 streams of 576 floats a token are
