@@ -76,6 +76,22 @@ def test_a_point_reads_its_run_metrics_against_the_reference():
     assert ShrinkPoint.from_metrics("x", {**m, "out_of_domain": None}).out_of_domain is None  # eval.out_of_domain=null
 
 
+def test_a_point_names_the_levers_its_run_pulled():
+    m = {"compression_x_fp32": 20.0, "retention": 0.5, "top1_agreement": 0.5,
+         "teacher": {"num_layers": 30, "intermediate_size": 1536},
+         "student": {"bytes": 1000, "perplexity": 30.0, "num_layers": 10, "intermediate_size": 768, "quant": "q3_k",
+                     "low_rank": None},
+         "vocab_trim": {"student_vocab": 9000, "teacher_vocab": 49152, "teacher_trimmed_mass": 0.01}}
+    assert ShrinkPoint.from_metrics("10L q3_k", m).levers == {
+        "layers": [10, 30], "ffn": [768, 1536], "vocab": [9000, 49152], "format": "q3_k", "low_rank": None}
+    full = {**m, "student": {**m["student"], "num_layers": 30, "intermediate_size": 1536, "quant": None,
+                             "low_rank": {"keep": 0.5, "factorized": 7, "ranks": {"a": 3}}}, "vocab_trim": None}
+    assert ShrinkPoint.from_metrics("30L", full).levers == {
+        "layers": None, "ffn": None, "vocab": None, "format": None, "low_rank": {"keep": 0.5, "factorized": 7}}
+    older = {**m, "teacher": {"num_layers": 30}}  # a run from before the teacher's FFN width was recorded
+    assert ShrinkPoint.from_metrics("10L", older).levers["ffn"] is None
+
+
 def test_report_writes_json_png_and_html(tmp_path):
     meta = {"title": "tiny", "reference": "corrected", "source_file": {"path": "t.gguf", "bytes": 98_400_000},
             "dropped_budgets": [{"budget_fraction": 0.01, "max_file_bytes": 5_000_000, "reason": "too small"}]}

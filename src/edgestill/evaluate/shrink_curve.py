@@ -71,6 +71,7 @@ class ShrinkPoint:
     environment: dict | None = None  # where and with which code this row was measured (PROVENANCE_KEYS)
     train_tokens: int | None = None  # tokens the student was distilled on (steps x batch x sequence); None: no training
     train_budget: str | None = None  # the distill.budget that set them (None: distill.steps)
+    levers: dict | None = None  # what made an edgestill point small (levers_used); None for a file not shrunk by us
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,7 +88,26 @@ class ShrinkPoint:
                                                        "kl_teacher_student": ood["kl_teacher_student"],
                                                        "perplexity": ood.get("student_perplexity")},
                    environment=provenance(m.get("environment")), train_tokens=(m.get("train") or {}).get("tokens"),
-                   train_budget=((m.get("train") or {}).get("budget") or {}).get("budget"))
+                   train_budget=((m.get("train") or {}).get("budget") or {}).get("budget"), levers=levers_used(m))
+
+
+def levers_used(m: dict) -> dict:
+    """The levers a shrink run pulled, from its metrics.json; each is None when left alone. `layers` and `ffn`:
+    [student, teacher] (depth and FFN-width slicing); `vocab`: [student, teacher] (a trimmed vocabulary); `format`:
+    the GGUF weight format QAT trained in (a point named "+mix" has per-unit formats on top); `low_rank`: the share
+    of parameters the factorised blocks keep and how many matrices were factorised. Runs from before the teacher's
+    FFN width was recorded read it as the student's."""
+    s, t = m["student"], m.get("teacher") or {}
+
+    def sliced(key: str, teacher_value) -> list | None:
+        return [s.get(key), teacher_value] if s.get(key) != teacher_value else None
+
+    trim, low_rank = m.get("vocab_trim"), s.get("low_rank")
+    return {"layers": sliced("num_layers", t.get("num_layers")),
+            "ffn": sliced("intermediate_size", t.get("intermediate_size", s.get("intermediate_size"))),
+            "vocab": [trim["student_vocab"], trim["teacher_vocab"]] if trim else None,
+            "format": s.get("quant"),
+            "low_rank": {k: v for k, v in low_rank.items() if k != "ranks"} if low_rank else None}
 
 
 def provenance(env: dict | None) -> dict | None:

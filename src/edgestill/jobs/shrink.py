@@ -305,7 +305,9 @@ def _metrics(cfg: ShrinkConfig, run_dir: Path, final_dir: Path, teacher, student
     return {
         "teacher": {"name": cfg.teacher.model, "params": t_params, "bytes": weight_bytes(teacher.path),
                     "source_bytes": source_bytes, "source": str(source or teacher.path),
-                    "num_layers": len(decoder_layers(teacher.model)), "perplexity": summary["teacher_perplexity"],
+                    "num_layers": len(decoder_layers(teacher.model)),
+                    "intermediate_size": getattr(teacher.model.config, "intermediate_size", None),
+                    "perplexity": summary["teacher_perplexity"],
                     "correction": _correction(teacher.path), **speed["teacher"]},
         "student": {"path": str(final_dir / "student"), "artifact": str(final_dir / artifact.name),
                     "params": s_params, "bytes": s_bytes, "weight_bytes": weight_bytes(artifact),
