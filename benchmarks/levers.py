@@ -21,6 +21,8 @@ Rows (issue 15's levers; a lever joins when it runs end to end through `shrink`)
                 blocks' dense parameters (method [7]; PyTorch / ONNX only, no GGUF)
     blockwise   the same number of steps as `none`, the first half block-wise (distill.blockwise_steps: each kept
                 block learns the teacher blocks cut around it from the teacher's own stream), the rest end-to-end KD
+    blockwise_extra   all of `none`'s end-to-end steps after a block-wise stage of half as many: a longer budget,
+                to see whether the warm start helps when it costs end-to-end steps nothing
     q4_k, q3_k, q2_k   quant.format=...: QAT + KD in llama.cpp's K-quant (bit-exact), the GGUF is the artifact
     combined    the GGUF levers together (trim, FFN 768 ranked by activations, Q3_K): the smallest student
                 llama.cpp runs here
@@ -64,6 +66,8 @@ ROWS = {
     "q2_k": ("+ QAT in Q2_K (GGUF)", ["quant.format=q2_k"]),
     # the same steps of the same tokens as `none`, the first half block-wise (run_row fills in the overrides)
     "blockwise": ("block-wise first stage, then end-to-end KD (half the steps each)", []),
+    # all of `none`'s end-to-end steps, after a block-wise stage of half as many: does the warm start help at all
+    "blockwise_extra": ("block-wise first stage (half the steps) before all of none's end-to-end steps", []),
     "combined": ("trimmed + FFN 768 (activation ranking) + QAT Q3_K (GGUF)",
                  ["student.trim_vocab=true", "student.intermediate_size=768", "student.width_importance=activation",
                   "quant.format=q3_k"]),
@@ -100,14 +104,24 @@ def merge_rows(previous: Path, base: list[str], results: list[dict]) -> list[dic
     return sorted([*earlier, *results], key=lambda r: (r["seed"], order.index(r["row"])))
 
 
+def row_overrides(name: str, base: list[str]) -> list[str]:
+    """A row's config overrides. The block-wise rows get theirs from the shared steps: `blockwise` spends half of them
+    block-wise and the rest end to end (the same budget as `none`); `blockwise_extra` adds half as many block-wise
+    steps before all of them."""
+    from edgestill.config import load_config
+
+    if not name.startswith("blockwise"):
+        return ROWS[name][1]
+    steps = load_config(overrides=base).distill.steps
+    stage = [f"distill.blockwise_steps={steps // 2}"]
+    return [*stage, f"distill.steps={steps - steps // 2}"] if name == "blockwise" else stage
+
+
 def run_row(name: str, base: list[str], root: Path, seed: int) -> dict:
     from edgestill.config import load_config
     from edgestill.jobs.shrink import shrink
 
-    label, overrides = ROWS[name]
-    if name == "blockwise":  # half of the shared steps block-wise, the rest end to end: the same budget as `none`
-        steps = load_config(overrides=base).distill.steps
-        overrides = [f"distill.blockwise_steps={steps // 2}", f"distill.steps={steps - steps // 2}"]
+    label, overrides = ROWS[name][0], row_overrides(name, base)
     out = root / (name if seed == 0 else f"{name}-seed{seed}")
     if not (out / "DONE").is_file():
         cfg = load_config(overrides=[*base, *overrides, f"distill.seed={seed}", f"output.dir={out}"])

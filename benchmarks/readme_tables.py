@@ -661,10 +661,16 @@ def levers_table(r: dict) -> str:
                    f"{f(x['kl_teacher_student'])} | {f(ood.get('retention'))} | {f(ood.get('top1_agreement'))} | "
                    f"{pair(v, 'student_tokens_per_teacher_token')} | {pair(v, 'teacher_trimmed_mass')} | "
                    f"`{(env.get('git_commit') or '?')[:8]}`{' (dirty)' if env.get('git_dirty') else ''} |")
-    first, staged = r["rows"][0], next((x["blockwise"] for x in r["rows"] if x.get("blockwise")), None)
-    tokens = first["train_tokens"] + (first.get("blockwise") or {}).get("tokens", 0)  # a stage counts in the budget
+    def budget(x: dict) -> int:  # a block-wise stage's tokens count in a row's budget
+        return x["train_tokens"] + (x.get("blockwise") or {}).get("tokens", 0)
+
+    tokens = budget(r["rows"][0])
+    staged = next((x["blockwise"] for x in r["rows"] if x.get("blockwise") and budget(x) == tokens), None)
     split = ("" if staged is None else f", of which the block-wise row spends {staged['steps']} steps "
              f"({staged['tokens']:,} tokens) on its first stage and the rest on end-to-end KD")
+    longer = {x["label"]: x for x in r["rows"] if budget(x) != tokens}
+    split += "".join(f"; except {label}: {budget(x):,} tokens ({x['blockwise']['tokens'] if x.get('blockwise') else 0:,} "
+                     f"block-wise, {x['train_tokens']:,} end to end)" for label, x in longer.items())
     out += ["", f"Scores against the corrected teacher; the same training steps and tokens for every row "
             f"({tokens:,} tokens{split}). MB on device: a quantized row's GGUF, else the HF folder "
             "(weights, config, tokenizer). A K-quant needs rows that are a multiple of 256 weights; this teacher's rows "

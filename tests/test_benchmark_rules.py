@@ -416,9 +416,16 @@ def test_levers_count_a_block_wise_stage_in_the_rows_budget(tmp_path):
                 "retention": 0.5, "top1_agreement": 0.5, "kl_teacher_student": 0.3, "out_of_domain": {},
                 "train_tokens": train_tokens, "blockwise": blockwise, "environment": env, "formats": None, "quant": None}
 
-    text = readme_tables.levers_table({"rows": [row("none", 102400), row("blockwise", 51200, staged)],
+    text = readme_tables.levers_table({"rows": [row("none", 102400), row("blockwise", 51200, staged),
+                                                row("blockwise_extra", 102400, staged)],
                                        "environment": env, "command": "levers.py", "benchmark": "levers"})
     assert "for every row (102,400 tokens, of which the block-wise row spends 50 steps (51,200 tokens)" in text
+    assert "; except blockwise_extra: 153,600 tokens (51,200 block-wise, 102,400 end to end))" in text
+
+    # the longer row gets its block-wise stage on top of all of `none`'s end-to-end steps; the other halves them
+    assert levers.row_overrides("blockwise", ["distill.steps=101"]) == ["distill.blockwise_steps=50", "distill.steps=51"]
+    assert levers.row_overrides("blockwise_extra", ["distill.steps=101"]) == ["distill.blockwise_steps=50"]
+    assert levers.row_overrides("trim_vocab", []) == ["student.trim_vocab=true"]
 
 
 def test_levers_keep_the_rows_an_invocation_did_not_run_again_when_the_shared_settings_match(tmp_path):
