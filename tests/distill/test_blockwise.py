@@ -7,7 +7,8 @@ import pytest
 import torch
 from conftest import tiny_distill_setup
 
-from edgestill.distill.blockwise import block_losses, blockwise_distill, check_blockwise, spans, token_normalised_mse
+from edgestill.distill.blockwise import block_losses, blockwise_distill, check_blockwise, spans
+from edgestill.distill.blockwise import token_normalised_mse as token_loss
 from edgestill.errors import EdgestillError
 
 
@@ -24,10 +25,10 @@ def test_every_token_counts_the_same_in_the_block_loss_however_large_its_stream(
     target[0, 0] *= 100.0  # the first token's stream tens of times the others' scale (an attention sink's)
     out = target.clone()
     out[0, 1] = 0.0  # one ordinary token entirely wrong: a quarter of the tokens
-    assert token_normalised_mse(out, target).item() == pytest.approx(0.25)
+    assert token_loss(out, target).item() == pytest.approx(0.25)
     sink_wrong = target.clone()
     sink_wrong[0, 0] = 0.0  # the large token entirely wrong weighs the same, not ~all of the loss
-    assert token_normalised_mse(sink_wrong, target).item() == pytest.approx(0.25)
+    assert token_loss(sink_wrong, target).item() == pytest.approx(0.25)
 
 
 def test_a_full_copy_of_the_teacher_has_zero_block_loss(tiny_model_dir):
