@@ -23,6 +23,8 @@ Rows (issue 15's levers; a lever joins when it runs end to end through `shrink`)
                 block learns the teacher blocks cut around it from the teacher's own stream), the rest end-to-end KD
     blockwise_extra   all of `none`'s end-to-end steps after a block-wise stage of half as many: a longer budget,
                 to see whether the warm start helps when it costs end-to-end steps nothing
+    longer      the default student with 1.5 times the shared steps, all end to end: the same tokens as
+                blockwise_extra, so the two say whether the stage's tokens are worth more than end-to-end ones
     q4_k, q3_k, q2_k   quant.format=...: QAT + KD in llama.cpp's K-quant (bit-exact), the GGUF is the artifact
     combined    the GGUF levers together (trim, FFN 768 ranked by activations, Q3_K): the smallest student
                 llama.cpp runs here
@@ -68,6 +70,8 @@ ROWS = {
     "blockwise": ("block-wise first stage, then end-to-end KD (half the steps each)", []),
     # all of `none`'s end-to-end steps, after a block-wise stage of half as many: does the warm start help at all
     "blockwise_extra": ("block-wise first stage (half the steps) before all of none's end-to-end steps", []),
+    # the same tokens as blockwise_extra, all of them end to end: what the stage's extra tokens buy without it
+    "longer": ("default student, 1.5x the steps, all end-to-end KD", []),
     "combined": ("trimmed + FFN 768 (activation ranking) + QAT Q3_K (GGUF)",
                  ["student.trim_vocab=true", "student.intermediate_size=768", "student.width_importance=activation",
                   "quant.format=q3_k"]),
@@ -105,14 +109,16 @@ def merge_rows(previous: Path, base: list[str], results: list[dict]) -> list[dic
 
 
 def row_overrides(name: str, base: list[str]) -> list[str]:
-    """A row's config overrides. The block-wise rows get theirs from the shared steps: `blockwise` spends half of them
+    """A row's config overrides. Three rows get theirs from the shared steps: `blockwise` spends half of them
     block-wise and the rest end to end (the same budget as `none`); `blockwise_extra` adds half as many block-wise
-    steps before all of them."""
+    steps before all of them; `longer` trains 1.5 times as many end to end (blockwise_extra's tokens)."""
     from edgestill.config import load_config
 
-    if not name.startswith("blockwise"):
+    if not name.startswith("blockwise") and name != "longer":
         return ROWS[name][1]
     steps = load_config(overrides=base).distill.steps
+    if name == "longer":
+        return [f"distill.steps={steps + steps // 2}"]
     stage = [f"distill.blockwise_steps={steps // 2}"]
     return [*stage, f"distill.steps={steps - steps // 2}"] if name == "blockwise" else stage
 

@@ -425,6 +425,7 @@ def test_levers_count_a_block_wise_stage_in_the_rows_budget(tmp_path):
     # the longer row gets its block-wise stage on top of all of `none`'s end-to-end steps; the other halves them
     assert levers.row_overrides("blockwise", ["distill.steps=101"]) == ["distill.blockwise_steps=50", "distill.steps=51"]
     assert levers.row_overrides("blockwise_extra", ["distill.steps=101"]) == ["distill.blockwise_steps=50"]
+    assert levers.row_overrides("longer", ["distill.steps=101"]) == ["distill.steps=151"]
     assert levers.row_overrides("trim_vocab", []) == ["student.trim_vocab=true"]
 
 
