@@ -69,7 +69,7 @@ ROWS = {
     # the same steps of the same tokens as `none`, the first half block-wise (run_row fills in the overrides)
     "blockwise": ("block-wise first stage, then end-to-end KD (half the steps each)", []),
     # all of `none`'s end-to-end steps, after a block-wise stage of half as many: does the warm start help at all
-    "blockwise_extra": ("block-wise first stage (half the steps) before all of none's end-to-end steps", []),
+    "blockwise_extra": ("block-wise first stage (half the steps), then all of the default's end-to-end steps", []),
     # the same tokens as blockwise_extra, all of them end to end: what the stage's extra tokens buy without it
     "longer": ("default student, 1.5x the steps, all end-to-end KD", []),
     "combined": ("trimmed + FFN 768 (activation ranking) + QAT Q3_K (GGUF)",

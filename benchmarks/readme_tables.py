@@ -669,8 +669,9 @@ def levers_table(r: dict) -> str:
     split = ("" if staged is None else f", of which the block-wise row spends {staged['steps']} steps "
              f"({staged['tokens']:,} tokens) on its first stage and the rest on end-to-end KD")
     longer = {x["label"]: x for x in r["rows"] if budget(x) != tokens}
-    split += "".join(f"; except {label}: {budget(x):,} tokens ({x['blockwise']['tokens'] if x.get('blockwise') else 0:,} "
-                     f"block-wise, {x['train_tokens']:,} end to end)" for label, x in longer.items())
+    if longer:
+        split += "; but " + "; ".join(f"'{label}' {budget(x):,} ({(x.get('blockwise') or {}).get('tokens', 0):,} "
+                                      f"block-wise, {x['train_tokens']:,} end to end)" for label, x in longer.items())
     out += ["", f"Scores against the corrected teacher; the same training steps and tokens for every row "
             f"({tokens:,} tokens{split}). MB on device: a quantized row's GGUF, else the HF folder "
             "(weights, config, tokenizer). A K-quant needs rows that are a multiple of 256 weights; this teacher's rows "

@@ -420,7 +420,7 @@ def test_levers_count_a_block_wise_stage_in_the_rows_budget(tmp_path):
                                                 row("blockwise_extra", 102400, staged)],
                                        "environment": env, "command": "levers.py", "benchmark": "levers"})
     assert "for every row (102,400 tokens, of which the block-wise row spends 50 steps (51,200 tokens)" in text
-    assert "; except blockwise_extra: 153,600 tokens (51,200 block-wise, 102,400 end to end))" in text
+    assert "; but 'blockwise_extra' 153,600 (51,200 block-wise, 102,400 end to end))" in text
 
     # the longer row gets its block-wise stage on top of all of `none`'s end-to-end steps; the other halves them
     assert levers.row_overrides("blockwise", ["distill.steps=101"]) == ["distill.blockwise_steps=50", "distill.steps=51"]
