@@ -135,21 +135,26 @@ def test_shrink_for_a_device_runs_the_best_plan_within_the_budget(tiny_model_dir
     assert "need --device" in capsys.readouterr().err
 
 
-def test_a_device_plan_with_a_trimmed_vocabulary_is_priced_and_run_with_it(tiny_model_dir, tmp_path, capsys):
-    """shrink --device ... student.trim_vocab=true: the planner prices the trimmed embedding (plan.json's vocab), and
-    the run trims to exactly that many tokens; `edgestill plan --trim-vocab` prints the same cut."""
+def _few_words_corpus(folder: Path) -> Path:
+    """A domain of six words: the tokens of the other words' merges are cut by a trimmed vocabulary."""
     import random
 
     from conftest import WORDS
 
-    from edgestill.cli import main
-
-    tiny_corpus = tmp_path / "few-words"  # a domain of six words: the tokens of the others' merges are cut
-    tiny_corpus.mkdir()
+    folder.mkdir()
     for i in range(8):
         rng = random.Random(i)
-        (tiny_corpus / f"doc{i}.txt").write_text("\n".join(" ".join(rng.choice(WORDS[:6]) for _ in range(8)) + "."
-                                                           for _ in range(150)))
+        (folder / f"doc{i}.txt").write_text("\n".join(" ".join(rng.choice(WORDS[:6]) for _ in range(8)) + "."
+                                                      for _ in range(150)))
+    return folder
+
+
+def test_a_device_plan_with_a_trimmed_vocabulary_is_priced_and_run_with_it(tiny_model_dir, tmp_path, capsys):
+    """shrink --device ... student.trim_vocab=true: the planner prices the trimmed embedding (plan.json's vocab), and
+    the run trims to exactly that many tokens; `edgestill plan --trim-vocab` prints the same cut."""
+    from edgestill.cli import main
+
+    tiny_corpus = _few_words_corpus(tmp_path / "few-words")
     teacher_fp32_bytes = sum(f.stat().st_size for f in tiny_model_dir.glob("*.safetensors"))
     budget = int(teacher_fp32_bytes * 0.4)
     out = tmp_path / "dev-trim"
@@ -166,6 +171,31 @@ def test_a_device_plan_with_a_trimmed_vocabulary_is_priced_and_run_with_it(tiny_
                  "--file-size", str(budget), "--trim-vocab", "--calibration-tokens", "64", "--no-correct"]) == 0
     printed = capsys.readouterr().out
     assert f"vocabulary {plan['vocab']['size']:,} of {teacher_vocab:,}" in printed and "the trim cuts" in printed
+
+
+def test_a_sweep_with_a_trimmed_vocabulary_plans_and_cuts_every_point_with_it(tiny_model_dir, tmp_path):
+    """sweep ... student.trim_vocab=true: plans priced with the trimmed embedding and tokenizer, every point cut to
+    that vocabulary within its budget, its levers saying so; plans made without the trim are not reused."""
+    corpus = _few_words_corpus(tmp_path / "few-words")
+    out = tmp_path / "sweep-trim"
+    teacher_vocab = json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
+    settings = SweepSettings(budgets=[0.4], device="rpi5", baseline_types=("Q8_0",), calibration_blocks=2)
+    base = [*tiny_overrides(tiny_model_dir, corpus, out / "unused", steps=2), "eval.out_of_domain=null"]
+    sweep(load_config(overrides=base), settings, out)
+    assert json.loads((out / "plans.json").read_text())["vocab"] is None
+
+    result = sweep(load_config(overrides=[*base, "student.trim_vocab=true"]), settings, out)
+    saved = json.loads((out / "plans.json").read_text())
+    assert saved["vocab"]["size"] < teacher_vocab  # planned again, with the trim
+    ours = [p for p in result["points"] if p["series"] == "edgestill"]
+    assert len(ours) == len(saved["plans"]) >= 1
+    for point in ours:
+        plan = next(p for p in saved["plans"] if p["plan"] == point["detail"]["plan"])
+        assert plan["plan"]["vocab"]["size"] == saved["vocab"]["size"]
+        student = json.loads((Path(point["detail"]["run"]) / "student" / "config.json").read_text())
+        assert student["vocab_size"] == saved["vocab"]["size"]  # shrunk again, cut to what was priced
+        assert point["bytes"] <= plan["max_file_bytes"]
+        assert point["levers"]["vocab"] == [saved["vocab"]["size"], teacher_vocab]
 
 
 def _reference(cfg):

@@ -5,6 +5,8 @@
     for each file-size budget (fractions of the teacher's fp32 bytes, light -> extreme):
         best plan = plan(reference, device, Budget(max_file_bytes=...))   # shape + per-layer formats (EdgeDistill)
         run it:  edgestill shrink student.layers=... quant.format=... quant.plan=...   -> SWEEP/points/NN-<size>/
+    with student.trim_vocab=true every plan is priced with the vocabulary trimmed to the training split's tokens
+    (fewer embedding rows, a shorter tokenizer in the GGUF) and every point is cut to it, as `shrink` does alone
     baselines, run by llama.cpp and scored against the reference, in domain and out of domain:
         llama.cpp's own quantizer of the reference (Q8_0 ... Q2_K)       series "llama.cpp"
         the teacher file the user started from, when it is a GGUF        series "original file"
@@ -21,6 +23,7 @@ and a finished point measured against another reference (or made for another pla
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -121,7 +124,8 @@ class HeldOut:
 
 
 def make_plans(cfg: ShrinkConfig, settings: SweepSettings, teacher, train_blocks, metadata_bytes: int,
-               folder: Path | None = None, dropped: list | None = None, reference: str | None = None) -> list[dict]:
+               folder: Path | None = None, dropped: list | None = None, reference: str | None = None,
+               vocab_keep=None) -> list[dict]:
     """The best feasible plan for every budget (the same plan twice is run once).
 
     teacher: the model plans are cut from (the sweep's reference); reference: its reference_key, which with the
@@ -129,6 +133,8 @@ def make_plans(cfg: ShrinkConfig, settings: SweepSettings, teacher, train_blocks
     for all budgets; a file made for another teacher is measured again).
     Budgets even the smallest student misses are dropped first, from the cost model alone; budgets no plan meets
     after measuring are dropped too. Each drop is appended to `dropped` as {budget_fraction, max_file_bytes, reason}.
+    vocab_keep: the teacher token ids a trimmed vocabulary keeps (student.trim_vocab), so every plan is priced with
+    the trimmed embedding; metadata_bytes is then the trimmed tokenizer's.
     """
     dropped = [] if dropped is None else dropped
     from edgestill.plan import cached_sensitivity, plan
@@ -136,8 +142,11 @@ def make_plans(cfg: ShrinkConfig, settings: SweepSettings, teacher, train_blocks
     from edgestill.plan.cost import StudentShape
 
     teacher_bytes = 4 * sum(p.numel() for p in teacher.parameters())
-    budgets, too_small = feasible_file_budgets(StudentShape.from_config(teacher.config), settings.device, teacher_bytes,
-                                               settings.budgets, settings.formats, metadata_bytes)
+    shape = StudentShape.from_config(teacher.config)
+    if vocab_keep is not None:
+        shape = dataclasses.replace(shape, vocab=len(vocab_keep))
+    budgets, too_small = feasible_file_budgets(shape, settings.device, teacher_bytes, settings.budgets, settings.formats,
+                                               metadata_bytes)
     dropped += [{"budget_fraction": f, "max_file_bytes": int(teacher_bytes * f), "reason": why} for f, why in too_small.items()]
     batches = calibration_batches(train_blocks, settings.calibration_blocks)
     # valid for exactly these calibration tokens, teacher and formats (whatever data settings produced them)
@@ -150,7 +159,7 @@ def make_plans(cfg: ShrinkConfig, settings: SweepSettings, teacher, train_blocks
     for fraction, budget in budgets:
         try:
             best = plan(teacher, settings.device, budget, batches, formats=settings.formats, sensitivity=sensitivity,
-                        metadata_bytes=metadata_bytes, top=1, cache=cache)[0]
+                        metadata_bytes=metadata_bytes, top=1, cache=cache, vocab_keep=vocab_keep)[0]
         except EdgestillError as e:
             log.warning("budget 1/%.0f of the teacher: %s", 1 / fraction, e)
             dropped.append({"budget_fraction": fraction, "max_file_bytes": budget.max_file_bytes, "reason": str(e)})
@@ -225,18 +234,22 @@ def baseline_points(folder: Path, reference: Reference, held_out: HeldOut, types
     return [ShrinkPoint(**done[name]) for name, _, _ in wanted if name in done], perplexity
 
 
-def _plans(cfg: ShrinkConfig, settings: SweepSettings, out: Path, reference: Reference, train, metadata: int) -> tuple[list, list]:
-    """(plans, dropped budgets with their reasons): SWEEP/plans.json when it was made for these budgets, device and
-    reference, else new plans (written before training)."""
+def _plans(cfg: ShrinkConfig, settings: SweepSettings, out: Path, reference: Reference, train, metadata: int,
+           trim=None) -> tuple[list, list]:
+    """(plans, dropped budgets with their reasons): SWEEP/plans.json when it was made for these budgets, device,
+    reference and vocabulary (trim: a VocabTrim, or None for the teacher's), else new plans (written before training)."""
     plans_path = out / "plans.json"
     saved = json.loads(plans_path.read_text()) if plans_path.is_file() else None
-    if saved is not None and (saved.get("budgets"), saved.get("device"), saved.get("reference")) == \
-            (settings.budgets, settings.device, reference.key):
+    vocab = None if trim is None else {"size": trim.size, "kept_sha256": _sha(np.asarray(trim.kept, dtype=np.int64))}
+    if saved is not None and (saved.get("budgets"), saved.get("device"), saved.get("reference"), saved.get("vocab")) == \
+            (settings.budgets, settings.device, reference.key, vocab):
         return saved["plans"], saved.get("dropped", [])
     dropped: list = []
-    plans = make_plans(cfg, settings, reference.loaded.model, train, metadata, out, dropped, reference.key)
+    plans = make_plans(cfg, settings, reference.loaded.model, train, metadata, out, dropped, reference.key,
+                       vocab_keep=None if trim is None else trim.kept)
     write_text_atomic(plans_path, json.dumps({"budgets": settings.budgets, "device": settings.device,
-                                              "reference": reference.key, "plans": plans, "dropped": dropped}, indent=1))
+                                              "reference": reference.key, "vocab": vocab, "plans": plans,
+                                              "dropped": dropped}, indent=1))
     return plans, dropped
 
 
@@ -255,10 +268,11 @@ def _finished_point(run: Path, point_cfg: ShrinkConfig, reference: Reference) ->
 
 
 def _plan_of(cfg: ShrinkConfig) -> tuple:
-    """What a plan fixes in a point's config (the layers kept, the FFN width, the formats) and the training it gets
-    (distill.budget, else distill.steps): a point finished with less or more training is shrunk again."""
+    """What a plan fixes in a point's config (the layers kept, the FFN width, the formats, a trimmed vocabulary) and
+    the training it gets (distill.budget, else distill.steps): a point finished otherwise is shrunk again."""
     training = cfg.distill.budget or cfg.distill.steps
-    return list(cfg.student.layers or []), cfg.student.intermediate_size, cfg.quant.format, dict(cfg.quant.plan or {}), training
+    return (list(cfg.student.layers or []), cfg.student.intermediate_size, cfg.quant.format, dict(cfg.quant.plan or {}),
+            training, cfg.student.trim_vocab)
 
 
 def _shrink_points(cfg: ShrinkConfig, plans: list[dict], out: Path, reference: Reference) -> list:
@@ -294,10 +308,6 @@ def sweep(cfg: ShrinkConfig, settings: SweepSettings, out: str | Path) -> dict:
     refuse_poison(cfg, "sweep")
     if any(not 0 < f < 1 for f in settings.budgets):
         raise EdgestillError(f"sweep budgets {settings.budgets} must be fractions of the teacher's bytes, between 0 and 1")
-    if cfg.student.trim_vocab:
-        raise EdgestillError("the sweep does not take student.trim_vocab yet: it plans without the trim and scores each "
-                             "point's GGUF in llama.cpp on the teacher's token ids; run `edgestill shrink "
-                             "student.trim_vocab=true` for one student instead")
     if cfg.student.low_rank is not None:
         raise EdgestillError("the sweep does not take student.low_rank: its points are GGUFs scored in llama.cpp, and a "
                              "low-rank student has no GGUF; run `edgestill shrink student.low_rank=...` for one student "
@@ -324,8 +334,9 @@ def _sweep(cfg: ShrinkConfig, settings: SweepSettings, out: Path) -> dict:
     from edgestill.evaluate.environment import environment, measurement_start
     from edgestill.evaluate.metrics import deploy_bytes
     from edgestill.evaluate.shrink_curve import write_shrink_report
-    from edgestill.jobs.shrink import reference_teacher
+    from edgestill.jobs.shrink import domain_blocks, reference_teacher
     from edgestill.models.load import gguf_file, load_causal_lm
+    from edgestill.models.vocab import domain_trim
     from edgestill.plan.cost import tokenizer_metadata_bytes
 
     start = measurement_start()
@@ -338,8 +349,14 @@ def _sweep(cfg: ShrinkConfig, settings: SweepSettings, out: Path) -> dict:
     source = teacher_gguf or Path(original.path)  # the teacher file(s) the user started from
     source_bytes = deploy_bytes(source)  # a GGUF holds its tokenizer; a folder counts its tokenizer files too
     del original  # the points load it again for their what-broke section
-    metadata = tokenizer_metadata_bytes(teacher_gguf) if teacher_gguf else 0
-    plans, dropped = _plans(cfg, settings, out, reference, data.train, metadata)
+    trim = None
+    if cfg.student.trim_vocab:  # every plan priced with the embedding and tokenizer `shrink` will cut (jobs/plan.py)
+        trim = domain_trim(loaded.tokenizer, domain_blocks(data, loaded.tokenizer, cfg.data.seq_len),
+                           loaded.model.config.vocab_size)
+        log.info("planning with the vocabulary trimmed to the %d tokens the train split uses (+ bytes and specials), "
+                 "of %d", trim.size, trim.old_size)
+    metadata = tokenizer_metadata_bytes(teacher_gguf, *((trim.kept, trim.merges) if trim else ())) if teacher_gguf else 0
+    plans, dropped = _plans(cfg, settings, out, reference, data.train, metadata, trim)
     for i, p in enumerate(plans):
         log.info("plan %d/%d (budget %.1f MB): %s", i + 1, len(plans), p["max_file_bytes"] / 1e6, p["summary"])
     points = _shrink_points(cfg, plans, out, reference)
