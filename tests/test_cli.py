@@ -421,6 +421,15 @@ def test_finished_run_is_kept_without_overwrite(bad_runs, tiny_model_dir, tiny_c
     assert not (out / "metrics.json").exists(), "the old run's files are replaced, not mixed in"
 
 
+def test_a_sweep_names_a_format_it_cannot_plan_before_any_work(tiny_model_dir, tiny_corpus, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--formats", "q4_0,q9_9", "--out", str(out),
+                 *tiny_overrides(tiny_model_dir, tiny_corpus, tmp_path / "unused", steps=2)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "sweep formats q9_9" in err and "q3_k" in err
+    assert not out.exists()
+
+
 def test_rerun_after_a_typo_in_the_teacher_path(tiny_model_dir, tiny_corpus, tmp_path, capsys):
     """A run that failed before doing any work does not block the corrected command."""
     out = tmp_path / "run"

@@ -187,6 +187,7 @@ def test_a_sweep_with_a_trimmed_vocabulary_plans_and_cuts_every_point_with_it(ti
     result = sweep(load_config(overrides=[*base, "student.trim_vocab=true"]), settings, out)
     saved = json.loads((out / "plans.json").read_text())
     assert saved["vocab"]["size"] < teacher_vocab  # planned again, with the trim
+    assert saved["formats"] == list(settings.formats)  # what the plans were made for (other formats: planned again)
     ours = [p for p in result["points"] if p["series"] == "edgestill"]
     assert len(ours) == len(saved["plans"]) >= 1
     for point in ours:

@@ -150,6 +150,8 @@ def _add_run_commands(sub) -> None:
 
 
 def _add_sweep(sub) -> None:
+    from edgestill.quant.formats import format_names
+
     p = sub.add_parser("sweep", help="shrink to a series of size budgets and draw the shrink curve",
                        description="For each file-size budget (fractions of the teacher's fp32 bytes), plan the best student "
                                    "for the device (shape + per-layer formats), shrink it end to end, then draw retention vs "
@@ -161,6 +163,10 @@ def _add_sweep(sub) -> None:
                    help="file-size budgets as fractions of the teacher's fp32 bytes, light to extreme")
     p.add_argument("--thresholds", default="0.95,0.90", help="retention levels whose break points are marked")
     p.add_argument("--baseline", default="Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q3_K_M,Q2_K", help="llama.cpp quantizer types of the teacher")
+    default_formats = ",".join(format_names(plan_default=True))  # the planner's defaults (plan.DEFAULT_FORMATS)
+    p.add_argument("--formats", default=default_formats,
+                   help=f"GGUF formats the plans may give a layer (default {default_formats}; add q4_k, q3_k or q2_k for "
+                        "K-quants, whose quantization-aware training is slower)")
 
 
 def _add_serve(sub) -> None:
@@ -455,7 +461,8 @@ def _cmd_sweep(args) -> None:
     args.out = None  # the sweep folder; each point gets its own output.dir inside it
     settings = SweepSettings(budgets=[_fraction(b) for b in args.budgets.split(",")], device=args.device,
                              thresholds=tuple(_fraction(t) for t in args.thresholds.split(",")),
-                             baseline_types=tuple(t.strip().upper() for t in args.baseline.split(",") if t.strip()))
+                             baseline_types=tuple(t.strip().upper() for t in args.baseline.split(",") if t.strip()),
+                             formats=tuple(f.strip().lower() for f in args.formats.split(",") if f.strip()))
     result = sweep(_resolve(args), settings, out)
     from edgestill.evaluate.shrink_curve import break_point_lines
 

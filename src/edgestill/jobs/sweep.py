@@ -237,19 +237,19 @@ def baseline_points(folder: Path, reference: Reference, held_out: HeldOut, types
 def _plans(cfg: ShrinkConfig, settings: SweepSettings, out: Path, reference: Reference, train, metadata: int,
            trim=None) -> tuple[list, list]:
     """(plans, dropped budgets with their reasons): SWEEP/plans.json when it was made for these budgets, device,
-    reference and vocabulary (trim: a VocabTrim, or None for the teacher's), else new plans (written before training)."""
+    reference, vocabulary (trim: a VocabTrim, or None for the teacher's) and formats, else new plans (written before
+    training)."""
     plans_path = out / "plans.json"
     saved = json.loads(plans_path.read_text()) if plans_path.is_file() else None
     vocab = None if trim is None else {"size": trim.size, "kept_sha256": _sha(np.asarray(trim.kept, dtype=np.int64))}
-    if saved is not None and (saved.get("budgets"), saved.get("device"), saved.get("reference"), saved.get("vocab")) == \
-            (settings.budgets, settings.device, reference.key, vocab):
+    made_for = {"budgets": settings.budgets, "device": settings.device, "reference": reference.key, "vocab": vocab,
+                "formats": list(settings.formats)}
+    if saved is not None and {k: saved.get(k) for k in made_for} == made_for:
         return saved["plans"], saved.get("dropped", [])
     dropped: list = []
     plans = make_plans(cfg, settings, reference.loaded.model, train, metadata, out, dropped, reference.key,
                        vocab_keep=None if trim is None else trim.kept)
-    write_text_atomic(plans_path, json.dumps({"budgets": settings.budgets, "device": settings.device,
-                                              "reference": reference.key, "vocab": vocab, "plans": plans,
-                                              "dropped": dropped}, indent=1))
+    write_text_atomic(plans_path, json.dumps({**made_for, "plans": plans, "dropped": dropped}, indent=1))
     return plans, dropped
 
 
@@ -306,6 +306,12 @@ def sweep(cfg: ShrinkConfig, settings: SweepSettings, out: str | Path) -> dict:
     `out` is created if needed; an existing folder must be empty or an earlier sweep's (which is resumed).
     """
     refuse_poison(cfg, "sweep")
+    from edgestill.plan.cost import GGUF_FORMAT_NAMES
+
+    bad = [f for f in settings.formats if f not in GGUF_FORMAT_NAMES]
+    if bad or not settings.formats:  # before the teacher is loaded and corrected
+        raise EdgestillError(f"sweep formats {', '.join(bad) or '(none)'}: a plan gives each layer one of "
+                             f"{', '.join(GGUF_FORMAT_NAMES)}; e.g. --formats q8_0,q5_0,q4_0,q3_k")
     if any(not 0 < f < 1 for f in settings.budgets):
         raise EdgestillError(f"sweep budgets {settings.budgets} must be fractions of the teacher's bytes, between 0 and 1")
     if cfg.student.low_rank is not None:
