@@ -2,6 +2,8 @@
 
     python benchmarks/shrink_curve.py          # runs `edgestill sweep --device host --out runs/sweep-smollm2-135m`
     python benchmarks/shrink_curve.py --copy   # only copy a finished sweep's results (no training)
+    python benchmarks/shrink_curve.py --out runs/sweep-levers --formats q8_0,q5_0,q4_0,q3_k student.trim_vocab=true
+                                               # the planner with the trim and formats under 4 bits
 
 The sweep itself is the user command (`edgestill sweep`, resumable: rerun after a kill and it continues);
 this script runs it and files its shrink_curve.json and plot where the README reads them. Teacher smollm2-135m
@@ -48,8 +50,11 @@ def main() -> None:
     ap.add_argument("--out", default="runs/sweep-smollm2-135m", help="the sweep folder")
     ap.add_argument("--device", default="host")
     ap.add_argument("--copy", action="store_true", help="do not run the sweep; file the results of a finished one")
+    ap.add_argument("--formats", help="the formats plans may use (the sweep's --formats; default: its default)")
+    ap.add_argument("overrides", nargs="*", help="config overrides for every point, e.g. student.trim_vocab=true")
     args = ap.parse_args()
-    argv = ["sweep", "--device", args.device, "--out", args.out]
+    argv = ["sweep", "--device", args.device, "--out", args.out, *(["--formats", args.formats] if args.formats else []),
+            *args.overrides]
     if not args.copy:
         from edgestill.cli import main as cli
 
