@@ -81,17 +81,6 @@ def test_the_trimmed_students_gguf_runs_in_llamacpp_with_its_tokenizer(trimmed_r
     assert parity["top1_agreement"] >= 0.99 and parity["max_abs_diff"] < 1e-4 * parity["logit_scale"]
 
 
-def test_the_sweep_refuses_a_trimmed_vocabulary_before_any_folder(tiny_model_dir, tiny_corpus, tmp_path):
-    from conftest import one_line_error
-
-    from edgestill.config import load_config
-    from edgestill.jobs.sweep import SweepSettings, sweep
-
-    cfg = load_config(overrides=[*tiny_overrides(tiny_model_dir, tiny_corpus, tmp_path / "x"), "student.trim_vocab=true"])
-    msg = one_line_error(sweep, cfg, SweepSettings(budgets=[0.5]), tmp_path / "sweep")
-    assert "student.trim_vocab" in msg and not (tmp_path / "sweep").exists()
-
-
 def test_the_trim_keeps_every_token_of_the_whole_training_split_not_only_the_sample(tiny_model_dir, tmp_path):
     """Each document speaks its own four words; distilling on a 4-block sample misses some documents' words, and the
     trim still keeps them (the domain is the training split, the sample is only what the run distils on)."""
