@@ -223,7 +223,8 @@ def recipe(args, s: dict) -> dict:
 
 def write(args, s: dict, per_seed: dict, pending: list, t0: float) -> None:
     rows = []
-    for (setting, defence), runs in per_seed.items():
+    for (setting, defence), runs in sorted(per_seed.items(), key=lambda kv: ORDER.index(kv[0])):  # the table's order
+        runs = sorted(runs, key=lambda r: r["seed"])  # a row measured again for one seed joins the others in order
         row = {"setting": setting, "defence": None if defence == "none" else defence, "seeds": [r["seed"] for r in runs]}
         for key in ("teacher_asr", "student_asr", "teacher_clean", "student_clean", "student_asr_filtered_inputs",
                     "student_clean_filtered_inputs"):
