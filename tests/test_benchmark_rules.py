@@ -443,3 +443,24 @@ def test_levers_keep_the_rows_an_invocation_did_not_run_again_when_the_shared_se
         ("none", 0, 0.6), ("q3_k", 0, 0.4), ("q2_k", 0, 0.2), ("width", 1, 0.3)]  # rerun replaces, order is ROWS'
     assert levers.merge_rows(previous, ["a=2"], new) == sorted(new, key=lambda r: list(levers.ROWS).index(r["row"]))
     assert levers.merge_rows(tmp_path / "none.json", ["a=1"], new)[0]["row"] == "none"
+
+
+def test_the_audit_table_keeps_its_order_and_each_rows_seeds_in_order_when_a_seed_is_measured_again(monkeypatch):
+    audit = pytest.importorskip("audit")
+
+    def run(seed, asr, rank):
+        return {"seed": seed, "teacher_asr": 1.0, "student_asr": asr, "teacher_clean": 0.9, "student_clean": 0.9,
+                "student_asr_filtered_inputs": 0.0, "student_clean_filtered_inputs": 0.9,
+                "trigger_rank": {"teacher": 1, "student": rank}, "verdict": f"v{seed}", "onion": None}
+
+    written = {}
+    monkeypatch.setattr(audit, "write_track", lambda name, track, data: written.update(data))
+    monkeypatch.setattr(audit, "recipe", lambda args, s: {})
+    monkeypatch.setattr(audit, "result_name", lambda args: "audit")
+    # seed 0 of (triggered, none) measured again after seed 1, and after a later row of ORDER
+    audit.write(None, {}, {("triggered", "none"): [run(1, 1.0, 1), run(0, 0.5, 2)], ("clean", "none"): [run(0, 0.0, 9)]},
+                [], 0.0)
+    assert [(r["setting"], r["defence"]) for r in written["rows"]] == [("clean", None), ("triggered", None)]
+    triggered = written["rows"][1]
+    assert triggered["seeds"] == [0, 1] and triggered["trigger_rank"]["student"] == [2, 1]
+    assert triggered["verdicts"] == ["v0", "v1"] and triggered["student_asr"] == pytest.approx(0.75)
