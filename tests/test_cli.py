@@ -426,7 +426,7 @@ def test_a_sweep_names_a_format_it_cannot_plan_before_any_work(tiny_model_dir, t
     assert main(["sweep", "--formats", "q4_0,q9_9", "--out", str(out),
                  *tiny_overrides(tiny_model_dir, tiny_corpus, tmp_path / "unused", steps=2)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "sweep formats q9_9" in err and "q3_k" in err
+    assert err.count("\n") == 1 and "formats ['q9_9'] are not GGUF formats" in err and "q3_k" in err
     assert not out.exists()
 
 

@@ -38,6 +38,26 @@ def _teacher_and_gguf(spec: str):
     return load_causal_lm(spec), gguf_file(spec)
 
 
+def trim_to_price(tokenizer, blocks, seq_len: int, teacher_vocab: int):
+    """The VocabTrim `shrink student.trim_vocab=true` will cut from the training split of `blocks` (CorpusBlocks), for
+    plans to price (`plan --trim-vocab`, `shrink --device`, `sweep`)."""
+    from edgestill.jobs.shrink import domain_blocks
+    from edgestill.models.vocab import domain_trim
+
+    trim = domain_trim(tokenizer, domain_blocks(blocks, tokenizer, seq_len), teacher_vocab)
+    log.info("planning with the vocabulary trimmed to the %d tokens the train split uses (+ bytes and specials), of %d",
+             trim.size, trim.old_size)
+    return trim
+
+
+def priced_tokenizer_bytes(gguf, trim=None) -> int:
+    """The tokenizer bytes a student's GGUF carries, copied from the teacher's GGUF `gguf` (cut to `trim` when given);
+    0 without a teacher GGUF (a HF folder's tokenizer is written from tokenizer.json at export)."""
+    from edgestill.plan.cost import tokenizer_metadata_bytes
+
+    return 0 if gguf is None else tokenizer_metadata_bytes(gguf, *((trim.kept, trim.merges) if trim else ()))
+
+
 def _plan(loaded, gguf, device, budget, data: DataConfig, calibration_blocks: int = CALIBRATION_BLOCKS,
           plan_options: bool = True, correction=None, trim_vocab: bool = False, **plan_kwargs) -> list:
     """edgestill.plan.plan on the teacher `loaded`, after the cheap feasibility check (plan_options: the check's line
@@ -48,22 +68,18 @@ def _plan(loaded, gguf, device, budget, data: DataConfig, calibration_blocks: in
     gguf: the teacher's GGUF, whose tokenizer fields (cut to the trim) the student's file copies; None: no tokenizer
     bytes are counted (a HF folder's tokenizer is written from tokenizer.json at export)."""
     from edgestill.distill.correct import correct_teacher
-    from edgestill.jobs.shrink import domain_blocks
-    from edgestill.models.vocab import domain_trim
     from edgestill.plan import DEFAULT_FORMATS, check_budget
     from edgestill.plan import plan as plan_students
-    from edgestill.plan.cost import StudentShape, Workload, tokenizer_metadata_bytes
+    from edgestill.plan.cost import StudentShape, Workload
 
     kwargs = {"workload": Workload(), "formats": DEFAULT_FORMATS, **plan_kwargs}
     shape = StudentShape.from_config(loaded.model.config)
     trim, blocks = None, None
     if trim_vocab:  # the trim needs the text: read it before the cost model's check, which prices the cut
         blocks = corpus_blocks(data, loaded.tokenizer)
-        trim = domain_trim(loaded.tokenizer, domain_blocks(blocks, loaded.tokenizer, data.seq_len), shape.vocab)
+        trim = trim_to_price(loaded.tokenizer, blocks, data.seq_len, shape.vocab)
         shape = dataclasses.replace(shape, vocab=trim.size)
-        log.info("planning with the vocabulary trimmed to the %d tokens the train split uses (+ bytes and specials), "
-                 "of %d", trim.size, trim.old_size)
-    metadata = 0 if gguf is None else tokenizer_metadata_bytes(gguf, *((trim.kept, trim.merges) if trim else ()))
+    metadata = priced_tokenizer_bytes(gguf, trim)
     # before the calibration text is read (unless the trim needed it): an impossible budget needs only the shape to fail
     check_budget(shape, device, budget, kwargs["formats"], kwargs.get("depths"), kwargs.get("widths"),
                  kwargs["workload"], metadata, plan_options=plan_options)

@@ -306,12 +306,9 @@ def sweep(cfg: ShrinkConfig, settings: SweepSettings, out: str | Path) -> dict:
     `out` is created if needed; an existing folder must be empty or an earlier sweep's (which is resumed).
     """
     refuse_poison(cfg, "sweep")
-    from edgestill.plan.cost import GGUF_FORMAT_NAMES
+    from edgestill.plan.allocate import check_formats
 
-    bad = [f for f in settings.formats if f not in GGUF_FORMAT_NAMES]
-    if bad or not settings.formats:  # before the teacher is loaded and corrected
-        raise EdgestillError(f"sweep formats {', '.join(bad) or '(none)'}: a plan gives each layer one of "
-                             f"{', '.join(GGUF_FORMAT_NAMES)}; e.g. --formats q8_0,q5_0,q4_0,q3_k")
+    check_formats(settings.formats)  # before the teacher is loaded and corrected
     if any(not 0 < f < 1 for f in settings.budgets):
         raise EdgestillError(f"sweep budgets {settings.budgets} must be fractions of the teacher's bytes, between 0 and 1")
     if cfg.student.low_rank is not None:
@@ -340,10 +337,9 @@ def _sweep(cfg: ShrinkConfig, settings: SweepSettings, out: Path) -> dict:
     from edgestill.evaluate.environment import environment, measurement_start
     from edgestill.evaluate.metrics import deploy_bytes
     from edgestill.evaluate.shrink_curve import write_shrink_report
-    from edgestill.jobs.shrink import domain_blocks, reference_teacher
+    from edgestill.jobs.plan import priced_tokenizer_bytes, trim_to_price
+    from edgestill.jobs.shrink import reference_teacher
     from edgestill.models.load import gguf_file, load_causal_lm
-    from edgestill.models.vocab import domain_trim
-    from edgestill.plan.cost import tokenizer_metadata_bytes
 
     start = measurement_start()
     began = environment(start=start)  # the code the sweep started with (a point resumed later records its own)
@@ -355,13 +351,10 @@ def _sweep(cfg: ShrinkConfig, settings: SweepSettings, out: Path) -> dict:
     source = teacher_gguf or Path(original.path)  # the teacher file(s) the user started from
     source_bytes = deploy_bytes(source)  # a GGUF holds its tokenizer; a folder counts its tokenizer files too
     del original  # the points load it again for their what-broke section
-    trim = None
-    if cfg.student.trim_vocab:  # every plan priced with the embedding and tokenizer `shrink` will cut (jobs/plan.py)
-        trim = domain_trim(loaded.tokenizer, domain_blocks(data, loaded.tokenizer, cfg.data.seq_len),
-                           loaded.model.config.vocab_size)
-        log.info("planning with the vocabulary trimmed to the %d tokens the train split uses (+ bytes and specials), "
-                 "of %d", trim.size, trim.old_size)
-    metadata = tokenizer_metadata_bytes(teacher_gguf, *((trim.kept, trim.merges) if trim else ())) if teacher_gguf else 0
+    # every plan priced with the embedding and tokenizer `shrink` will cut
+    trim = trim_to_price(loaded.tokenizer, data, cfg.data.seq_len, loaded.model.config.vocab_size) \
+        if cfg.student.trim_vocab else None
+    metadata = priced_tokenizer_bytes(teacher_gguf, trim)
     plans, dropped = _plans(cfg, settings, out, reference, data.train, metadata, trim)
     for i, p in enumerate(plans):
         log.info("plan %d/%d (budget %.1f MB): %s", i + 1, len(plans), p["max_file_bytes"] / 1e6, p["summary"])

@@ -373,14 +373,19 @@ def with_device_ram(budget: Budget, device: DeviceProfile) -> Budget:
     return dataclasses.replace(budget, max_ram_bytes=int(device.ram_bytes.value))
 
 
-def student_floor(teacher: StudentShape, device: DeviceProfile, formats=DEFAULT_FORMATS, depths=None, widths=None,
-                  workload: Workload = Workload(), metadata_bytes: int = 0) -> Floor:
-    """The Floor of plan(teacher, device, ..., formats, depths, widths): arithmetic on the cost model only."""
+def check_formats(formats) -> None:
+    """One clear error unless `formats` names at least one format the cost model can price (and QAT can train)."""
     if not formats:
         raise EdgestillError(f"no candidate formats; choose from {', '.join(GGUF_FORMAT_NAMES)}")
     bad = [f for f in formats if f not in GGUF_FORMAT_NAMES]
     if bad:
         raise EdgestillError(f"formats {bad} are not GGUF formats; choose from {', '.join(GGUF_FORMAT_NAMES)}")
+
+
+def student_floor(teacher: StudentShape, device: DeviceProfile, formats=DEFAULT_FORMATS, depths=None, widths=None,
+                  workload: Workload = Workload(), metadata_bytes: int = 0) -> Floor:
+    """The Floor of plan(teacher, device, ..., formats, depths, widths): arithmetic on the cost model only."""
+    check_formats(formats)
     depths, widths = candidate_sizes(teacher, depths, widths)
     shape = dataclasses.replace(teacher, layers=depths[-1], intermediate=widths[-1])
     rates = Rates.of(device, workload.runtime)
