@@ -15,8 +15,13 @@ a killed row resumes from its last checkpoint, so rerunning the command continue
 Rows: CE only (alpha 0); forward KL (the default objective); reverse KL; skew KL; JSD; on-policy JSD;
 + hidden-state MSE; + attention relations; KAKD PID-controlled alpha vs fixed alpha in {0.1, 0.5, 0.9, 1.0};
 MTAKD: SmolLM2 + a llama.cpp Q2_K copy + a noise-corrupted copy (all share the tokenizer), agreement
-weighting vs plain averaging vs the per-token-id median vs each single teacher. The single-copy rows train from the same sliced
-student (sliced from the real teacher) and, like every row, are evaluated against the real teacher.
+weighting vs plain averaging vs the per-token-id median vs each single teacher. The copies are made from the teacher as
+given; each run corrects its own teachers on the train split (teacher.correct, the default). The single-copy rows train
+from the same sliced student as every other row (the forward-KL run's layers, sliced from the corrected real teacher)
+and, like every row, are evaluated against the corrected real teacher.
+
+The JSON is written after every row; rows of an earlier result with the same steps and reference are kept (a row
+measured again replaces its seed), rows measured against another reference are dropped and listed as not measured.
 
 Seeds (`--seeds`, distill.seed) change the order of the training batches (and on-policy sampling); the sliced
 student, the corrected teacher and the data are the same for every seed. Seed 0 lives in <root>/<row>, seed s in
@@ -222,6 +227,40 @@ BASE_OVERRIDES: list[str] = []  # set in main: the overrides every row shares (l
 SCORES = ("retention", "top1_agreement", "kl_teacher_student")
 
 
+def earlier_entries(path: Path, steps: int, reference: str) -> dict[str, list[dict]]:
+    """The per-seed entries of an earlier result at `path` that this run can stand beside: same steps per row and
+    measured against the same reference (a table never mixes rows against the teacher as given with rows against the
+    corrected one). Row name -> entries; {} when there is no such result."""
+    if not path.is_file():
+        return {}
+    old = json.loads(path.read_text())
+    if old.get("steps") != steps:
+        return {}
+    out = {}
+    for name, r in old.get("rows", {}).items():
+        if r.get("reference", "original") != reference:
+            continue
+        shared = {k: v for k, v in r.items() if k not in ("per_seed", "n_seeds") and not k.endswith("_range")}
+        out[name] = [{**shared, **p} for p in r.get("per_seed", [])]
+    return out
+
+
+def merge_entries(earlier: dict[str, list[dict]], measured: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """Earlier entries with this run's: a (row, seed) measured now replaces the earlier one; seeds sorted."""
+    merged = {}
+    for name in {**earlier, **measured}:
+        by_seed = {e["seed"]: e for e in earlier.get(name, [])}
+        by_seed.update({e["seed"]: e for e in measured.get(name, [])})
+        merged[name] = [by_seed[s] for s in sorted(by_seed)]
+    return merged
+
+
+def ordered(rows: dict) -> dict:
+    """Rows in ROWS order (the table's), whatever order they were measured in."""
+    rank = {r.name: i for i, r in enumerate(ROWS)}
+    return dict(sorted(rows.items(), key=lambda kv: rank.get(kv[0], len(rank))))
+
+
 def aggregate(entries: list[dict]) -> dict:
     """One row of the result from its per-seed entries: the scores' mean (and min/max across seeds), the seeds kept."""
     row = {k: v for k, v in entries[0].items() if k not in (*SCORES, "seed", "environment", "run_dir")}
@@ -321,6 +360,9 @@ def methods_table(result: dict) -> str:
                  f"on {cpus}, 2 threads" + (f", 1-min load at each row's start {min(loads):.1f}–{max(loads):.1f}" if loads else "")
                  + f"; each row names its commit; by `{result.get('command', 'benchmarks/distill_methods.py')}` → "
                  f"`benchmarks/results/{result.get('benchmark', 'distill_methods')}.json`.")
+    missing = [r.label for r in ROWS if r.name in result.get("not_measured", [])]
+    if missing:
+        notes.append(f"Not yet measured against this reference: {'; '.join(missing)}.")
     return "\n".join(lines + [""] + notes)
 
 
@@ -338,7 +380,7 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="key=value overrides applied to every row")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from _common import EVAL_LIGHT, write_result
+    from _common import EVAL_LIGHT, RESULTS, write_result
 
     from edgestill.config import load_config
 
@@ -359,7 +401,11 @@ def main() -> None:
         seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     except ValueError:
         sys.exit(f"--seeds takes comma-separated integers, e.g. 0,1,2 (got {args.seeds!r})")
-    per_seed = {}
+    ref_kind = "corrected" if base.teacher.correction() is not None else "original"
+    result_name = "distill_methods_quick" if args.quick else "distill_methods"
+    earlier = earlier_entries(RESULTS / f"{result_name}.json", steps, ref_kind)  # kept unless measured again below
+    per_seed: dict[str, list[dict]] = {}
+    path = None
     for seed, row in [(seed, row) for seed in seeds for row in wanted]:  # seed-major: every row of seed 0 comes first
         name = SAME_AS.get(row.name, row.name)
         source = next(r for r in ROWS if r.name == name)
@@ -368,8 +414,11 @@ def main() -> None:
             teacher_overrides = [f"teacher.extra=[{copies['q2k']}, {copies['noisy']}]"]
         elif source.teachers in ("q2k", "noisy"):
             reference = run_row(ROWS[1], BASE_OVERRIDES, [], out_root)  # forward_kl, seed 0: its slice is every row's start
-            layers = json.loads((Path(reference["run_dir"]) / "metrics.json").read_text())["student"]["layers_kept"]
-            init = make_student_init(out_root / "_teachers" / "student-init", real, layers)
+            ref_metrics = json.loads((Path(reference["run_dir"]) / "metrics.json").read_text())
+            layers = ref_metrics["student"]["layers_kept"]
+            # sliced from what forward KL sliced from: the corrected teacher (teacher.correct), else the teacher as given
+            sliced_from = (ref_metrics["teacher"].get("correction") or {}).get("path") or real
+            init = make_student_init(out_root / "_teachers" / f"student-init-{ref_kind}", sliced_from, layers)
             teacher_overrides = [f"teacher.model={copies[source.teachers]}", f"student.model={init}"]
         log.info("=== row %s (%s), seed %d", row.name, source.label, seed)
         entry = run_row(source, [*BASE_OVERRIDES, *teacher_overrides, *source.overrides],
@@ -377,19 +426,23 @@ def main() -> None:
                         out_root, seed)
         per_seed.setdefault(row.name, []).append(
             {**entry, "label": row.label, "group": row.group, "same_run_as": name if name != row.name else None})
-    result_rows = {name: aggregate(entries) for name, entries in per_seed.items()}
-
-    path = write_result("distill_methods_quick" if args.quick else "distill_methods", {
-        "what": "distillation methods on one teacher, corpus, student shape and token budget; held-out retention",
-        "command": " ".join(["python", "benchmarks/distill_methods.py", *sys.argv[1:]]),
-        "teacher": real, "corpus": base.data.path, "student_layers": base.student.num_layers,
-        "held_out": "the test split (by play)", "steps": steps, "seeds": seeds,
-        "tokens_per_step": base.distill.batch_size * base.data.seq_len, "base_overrides": BASE_OVERRIDES,
-        "extra_teachers": {"q2k": "llama.cpp Q2_K of an f32 GGUF export of the teacher",
-                           "noisy": f"the teacher with Gaussian noise of {NOISE_STD} x std added to every decoder matrix"},
-        "rows": result_rows, "versus_forward_kl": versus(per_seed, "forward_kl"),
-    })
-    print(methods_table(json.loads(path.read_text())))
+        # Written after every row, so a run stopped part-way (or a machine lost) keeps what it measured.
+        merged = merge_entries(earlier, per_seed)
+        path = write_result(result_name, {
+            "what": "distillation methods on one teacher, corpus, student shape and token budget; held-out retention",
+            "command": " ".join(["python", "benchmarks/distill_methods.py", *sys.argv[1:]]),
+            "teacher": real, "corpus": base.data.path, "student_layers": base.student.num_layers,
+            "held_out": "the test split (by play)", "steps": steps,
+            "seeds": sorted({e["seed"] for entries in merged.values() for e in entries}),
+            "tokens_per_step": base.distill.batch_size * base.data.seq_len, "base_overrides": BASE_OVERRIDES,
+            "extra_teachers": {"q2k": "llama.cpp Q2_K of an f32 GGUF export of the teacher",
+                               "noisy": f"the teacher with Gaussian noise of {NOISE_STD} x std added to every decoder matrix"},
+            "rows": {n: aggregate(entries) for n, entries in ordered(merged).items()},
+            "versus_forward_kl": versus(merged, "forward_kl"),
+            "not_measured": [r.name for r in ROWS if r.name not in merged],
+        })
+    if path is not None:
+        print(methods_table(json.loads(path.read_text())))
 
 
 if __name__ == "__main__":

@@ -124,6 +124,30 @@ def test_methods_never_claim_from_fewer_than_three_seeds():
     assert "no claim: lower on 2/2" in text and "a claim needs ≥ 3 seeds" in text and "abc1234" in text
 
 
+def test_methods_keep_earlier_rows_against_the_same_reference_and_drop_the_others(tmp_path):
+    """A run stopped part-way keeps what it measured: the next run keeps the earlier rows measured against its
+    reference with the same steps, replaces a seed measured again, and never mixes in rows against another reference."""
+    import json
+
+    methods = pytest.importorskip("distill_methods")
+
+    def result(rows: dict, steps: int = 100) -> Path:
+        path = tmp_path / f"r{steps}.json"
+        path.write_text(json.dumps({"steps": steps, "rows": {n: methods.aggregate(e) for n, e in rows.items()}}))
+        return path
+
+    old = {"forward_kl": [_method_entry(s, 0.9, reference="corrected") for s in (0, 1)],
+           "jsd": [_method_entry(0, 0.8, reference="original")]}
+    earlier = methods.earlier_entries(result(old), 100, "corrected")
+    assert set(earlier) == {"forward_kl"} and [e["seed"] for e in earlier["forward_kl"]] == [0, 1]
+    assert methods.earlier_entries(result(old, steps=200), 100, "corrected") == {}  # another budget: nothing kept
+    merged = methods.merge_entries(earlier, {"forward_kl": [_method_entry(1, 0.7, reference="corrected")],
+                                             "jsd": [_method_entry(0, 0.6, reference="corrected")]})
+    assert [e["kl_teacher_student"] for e in merged["forward_kl"]] == [0.9, 0.7]  # seed 1 measured again
+    assert methods.aggregate(merged["forward_kl"])["n_seeds"] == 2
+    assert list(methods.ordered({"jsd": 1, "ce_only": 2, "forward_kl": 3})) == ["ce_only", "forward_kl", "jsd"]
+
+
 def test_recovery_curve_reads_step_zero_and_every_evaluation(tmp_path):
     import json
     import math
