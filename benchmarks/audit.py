@@ -129,7 +129,7 @@ def federated(args, s: dict, seed: int, defence: str) -> Path:
     return out
 
 
-def audited(args, s: dict, run: Path) -> dict:
+def audited(args, s: dict, run: Path, start: dict | None = None) -> dict:
     from edgestill.evaluate.environment import environment
     from edgestill.jobs.audit import AuditConfig, audit
 
@@ -153,7 +153,7 @@ def audited(args, s: dict, run: Path) -> dict:
                 "honest_clients_asr": fed["honest_clients_asr"], "honest_clients_accuracy": fed["honest_clients_accuracy"],
                 "malicious_share_last_round": metrics["rounds"][-1]["client_share"][0],
                 "server_asr_per_round": [r["server"]["asr"] for r in metrics["rounds"]]},
-            "environment": environment(args.threads)}
+            "environment": environment(args.threads, start=start)}
 
 
 def main() -> None:
@@ -179,6 +179,8 @@ def main() -> None:
 
     import torch
 
+    from edgestill.evaluate.environment import measurement_start
+
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", stream=sys.stderr)
     torch.set_num_threads(args.threads)
     s = QUICK if args.quick else FULL
@@ -196,11 +198,12 @@ def main() -> None:
             pending.remove((seed, setting, defence))
             print(f"seed {seed} {setting:9s} {defence:10s}: kept from the JSON", flush=True)
     for seed, setting, defence in list(pending):
+        start = measurement_start()  # the row's date and load average before its training, not at its audit
         if setting == "federated":
             run = federated(args, s, seed, defence)
         else:
             run = student(args, s, seed, teacher(args, s, seed), setting, defence)
-        row = audited(args, s, run)
+        row = audited(args, s, run, start)
         per_seed.setdefault((setting, defence), []).append({"seed": seed, **row})
         pending.remove((seed, setting, defence))
         print(f"seed {seed} {setting:9s} {defence:10s}: teacher ASR {row['teacher_asr']}, student ASR "
