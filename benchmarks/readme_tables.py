@@ -251,8 +251,12 @@ def _classifier_target(t: dict) -> str:
         qual = f"the teacher trails TF-IDF + LR by {-lead * 100:.1f} macro-F1 points"
     else:
         qual = f"the teacher beats TF-IDF + LR by {'' if t.get('qualifies') else 'only '}{lead * 100:.1f} macro-F1 points"
+    seeds = ""
+    if (t.get("seeds") or 1) > 1:
+        per = ", ".join(f"{v:.1%}" for v in t["retention_macro_f1_per_seed"])
+        seeds = f" on the mean of {t['seeds']} student seeds ({per}; std {t['retention_macro_f1_std'] * 100:.1f} points)"
     best = (f"; best student {t['best_row']} at {t['compression_x_fp32']:.1f}× keeps {t['retention_macro_f1']:.1%} of the "
-            "teacher's macro-F1" if "best_row" in t else "")
+            f"teacher's macro-F1{seeds}" if "best_row" in t else "")
     why = f" ({t['reason']})" if t.get("reason") and not t["met"] else ""
     return (f"Target (data set where the teacher beats TF-IDF + LR by ≥ 2 points; a student ≥ "
             f"{t['min_compression_x_fp32']:g}× smaller, all files counted, keeping ≥ {t['min_retention']:.0%} of its "

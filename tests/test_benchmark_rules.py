@@ -51,6 +51,20 @@ def test_classifier_target_excludes_students_smaller_than_50x():
     assert t["met"] is False and "no student at ≥ 50×" in t["reason"]
 
 
+def test_classifier_target_judges_a_size_by_its_seeds_mean_not_its_best_seed():
+    rows = _rows(0.84, 0.77, {"macro_f1": 0.83})  # seed 0 keeps 98.8%
+    rows += [{**rows[-1], "name": f"kd-50x-seed{s}", "seed_of": "kd-50x", "macro_f1": f1,
+              "retention_macro_f1": f1 / 0.84} for s, f1 in ((1, 0.80), (2, 0.81))]
+    t = classifier.target_verdict({"rows": rows})
+    assert t["met"] is False and t["seeds"] == 3 and t["best_row"] == "kd-50x"
+    assert t["retention_macro_f1"] == pytest.approx((0.83 + 0.80 + 0.81) / 3 / 0.84)
+    assert "mean of 3 seeds" in t["reason"]
+    d = {"data": {"train": {"n": 9}, "val": {"n": 1}, "test": {"n": 2}}, "rows": rows, "target": t}
+    assert "on the mean of 3 student seeds (98.8%, 95.2%, 96.4%" in readme_tables.classifier_table({"datasets": {"m": d}})
+    rows[-1]["failed"] = True  # one seed at or below the majority class: the size is out
+    assert "at or below the majority" in classifier.target_verdict({"rows": rows})["reason"]
+
+
 def test_classifier_table_strikes_out_a_failed_students_retention():
     rows = _rows(0.84, 0.77, {"macro_f1": 0.40})
     rows[-1].update(failed=True, beats_tfidf_logreg=False, label="KD student ~50× — FAILED (≤ majority class)")
