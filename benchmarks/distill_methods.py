@@ -191,8 +191,9 @@ def run_row(row: Row, overrides: list[str], eval_overrides: list[str], out_root:
         _keep_cache(run.path, shared)
         eval_cfg = load_config(overrides=[*overrides, *eval_overrides, f"output.dir={out}"])
         same_teacher = eval_cfg.teacher.model == cfg.teacher.model
-        evaluate(eval_cfg, run.path, Distilled(ctx.teacher if same_teacher else None, ctx.data if same_teacher else None,
-                                               ctx.history, ctx.layers, ctx.resumed), final_dir=run.final)
+        # a row trained from another teacher is measured against the real one, which evaluate() loads (and corrects)
+        distilled = ctx if same_teacher else Distilled(None, None, None, ctx.history, ctx.layers, ctx.resumed)
+        evaluate(eval_cfg, run.path, distilled, final_dir=run.final)
         (run.path / "bench_row.json").write_text(json.dumps({"distill_wall_s": distill_wall_s}))
         shutil.rmtree(run.path / "checkpoints", ignore_errors=True)
         run.finish()
@@ -205,6 +206,9 @@ def run_row(row: Row, overrides: list[str], eval_overrides: list[str], out_root:
         "trained_from": [cfg["teacher"]["model"], *cfg["teacher"]["extra"]], "evaluated_against": m["teacher"]["name"],
         "reference": m.get("reference", "original"),
         "retention": m["retention"], "top1_agreement": m["top1_agreement"], "kl_teacher_student": m["kl_teacher_student"],
+        # what broke outside the plays: the same scores on general English nothing here trained on
+        "out_of_domain": {k: (m.get("out_of_domain") or {}).get(k) for k in ("retention", "top1_agreement",
+                                                                              "kl_teacher_student", "source")},
         "student_perplexity": m["student"]["perplexity"], "teacher_perplexity": m["teacher"]["perplexity"],
         "steps": len(history), "train_tokens": len(history) * tokens_per_step,
         "train_s": sum(tokens_per_step / h["tokens_per_s"] for h in history),
@@ -263,13 +267,18 @@ def ordered(rows: dict) -> dict:
 
 def aggregate(entries: list[dict]) -> dict:
     """One row of the result from its per-seed entries: the scores' mean (and min/max across seeds), the seeds kept."""
-    row = {k: v for k, v in entries[0].items() if k not in (*SCORES, "seed", "environment", "run_dir")}
+    row = {k: v for k, v in entries[0].items() if k not in (*SCORES, "seed", "environment", "run_dir", "out_of_domain")}
     for key in (*SCORES, "train_s"):
         values = [e[key] for e in entries]
         row[key] = sum(values) / len(values)
         row[f"{key}_range"] = [min(values), max(values)]
+    ood = [e.get("out_of_domain") or {} for e in entries]
+    if all(o.get("retention") is not None for o in ood):  # the mean over seeds, when every seed measured it
+        row["out_of_domain"] = {"source": ood[0].get("source"),
+                                **{k: sum(o[k] for o in ood) / len(ood) for k in SCORES}}
     row["n_seeds"] = len(entries)
-    row["per_seed"] = [{k: e[k] for k in ("seed", *SCORES, "train_s", "run_dir", "environment")} for e in entries]
+    row["per_seed"] = [{k: e.get(k) for k in ("seed", *SCORES, "out_of_domain", "train_s", "run_dir", "environment")}
+                       for e in entries]
     return row
 
 
@@ -304,6 +313,11 @@ def _score(r: dict, key: str) -> str:
     return f"{r[key]:.3f}" + (f" ({lo:.3f}–{hi:.3f})" if r.get("n_seeds", 1) > 1 else "")
 
 
+def _ood_source(rows: dict) -> str:
+    sources = {(r.get("out_of_domain") or {}).get("source") for r in rows.values()} - {None}
+    return ", ".join(sorted(sources)) or "general English (not measured in these rows)"
+
+
 def methods_table(result: dict) -> str:
     """Markdown table of a distill_methods result, one row per config: a row that is the same run as another (same
     config) names it instead of repeating its numbers. Scores are means across seeds (range in brackets); a row is
@@ -312,8 +326,9 @@ def methods_table(result: dict) -> str:
     seeds = result.get("seeds", [0])
     groups = {"loss": "divergence", "features": "feature transfer", "kd_weight": "KD weight",
               "multi_teacher": "teachers"}
-    lines = ["| | method | retention | top-1 agreement | KL(teacher ‖ student) | vs forward KL (KL, by seed) | train s | commit |",
-             "|---|---|---:|---:|---:|---|---:|---|"]
+    lines = ["| | method | retention | top-1 agreement | KL(teacher ‖ student) | out-of-domain retention / top-1 "
+             "| vs forward KL (KL, by seed) | train s | commit |",
+             "|---|---|---:|---:|---:|---:|---|---:|---|"]
     vs = result.get("versus_forward_kl", {})
     for group, title in groups.items():
         members = {n: r for n, r in rows.items() if r["group"] == group}
@@ -325,7 +340,7 @@ def methods_table(result: dict) -> str:
             same = r.get("same_run_as")
             if same and same in rows:
                 lines.append(f"| {title if i == 0 else ''} | {r['label']} | the {rows[same]['label']} run above (same "
-                             "config) | | | | | |")
+                             "config) | | | | | | |")
                 continue
             envs = [p.get("environment") or result.get("environment") or {} for p in r.get("per_seed", [r])]
             commits = ", ".join(sorted({(e.get("git_commit") or "?")[:7] for e in envs}))
@@ -333,8 +348,10 @@ def methods_table(result: dict) -> str:
             verdict = ""
             if v:
                 verdict = (f"{v['claimed']}: " if v["claimed"] else "no claim: ") + f"lower on {v['better_on']}/{vs[name]['seeds']}"
+            ood = r.get("out_of_domain") or {}
+            ood_text = f"{ood['retention']:.3f} / {ood['top1_agreement']:.3f}" if ood.get("retention") is not None else "—"
             lines.append(f"| {title if i == 0 else ''} | {r['label']} | {_score(r, 'retention')} | {_score(r, 'top1_agreement')} "
-                         f"| {_score(r, 'kl_teacher_student')} | {verdict} | {r['train_s']:.0f} | {commits} |")
+                         f"| {_score(r, 'kl_teacher_student')} | {ood_text} | {verdict} | {r['train_s']:.0f} | {commits} |")
     notes = []
     w = rows.get("multi_agreement", {}).get("teacher_weights_mean")
     if w:
@@ -354,7 +371,8 @@ def methods_table(result: dict) -> str:
     loads = [e["load_average_before"][0] for e in envs if isinstance(e.get("load_average_before"), list)]
     notes.append(f"Each row: {result['steps']} steps × {result['tokens_per_step']} tokens of {result['corpus']}, "
                  f"{result['student_layers']}-layer sliced student of {result['teacher']}; retention = reference ppl ÷ "
-                 f"student ppl on {result['held_out']}, never trained on; every row is measured against "
+                 f"student ppl on {result['held_out']}, never trained on; out of domain: the same on "
+                 f"{_ood_source(rows)}, which nothing here trains on; every row is measured against "
                  f"{'the corrected teacher' if refs == {'corrected'} else 'the teacher as given' if refs == {'original'} else 'its own reference (' + ', '.join(sorted(refs)) + ')'}. "
                  f"Measured {dates[0] if dates else '?'}{f' to {dates[-1]}' if dates and dates[-1] != dates[0] else ''} "
                  f"on {cpus}, 2 threads" + (f", 1-min load at each row's start {min(loads):.1f}–{max(loads):.1f}" if loads else "")

@@ -160,6 +160,9 @@ def test_methods_keep_earlier_rows_against_the_same_reference_and_drop_the_other
     assert [e["kl_teacher_student"] for e in merged["forward_kl"]] == [0.9, 0.7]  # seed 1 measured again
     assert methods.aggregate(merged["forward_kl"])["n_seeds"] == 2
     assert list(methods.ordered({"jsd": 1, "ce_only": 2, "forward_kl": 3})) == ["ce_only", "forward_kl", "jsd"]
+    ood = [{"retention": r, "top1_agreement": 0.3, "kl_teacher_student": 1.5, "source": "english"} for r in (0.2, 0.4)]
+    row = methods.aggregate([_method_entry(s, 0.9, out_of_domain=o) for s, o in enumerate(ood)])
+    assert row["out_of_domain"]["retention"] == pytest.approx(0.3) and row["per_seed"][1]["out_of_domain"] == ood[1]
 
 
 def test_recovery_curve_reads_step_zero_and_every_evaluation(tmp_path):
