@@ -2,7 +2,7 @@
 
     python benchmarks/distill_methods.py                   # every row, 100 steps each (hours on 2 CPU cores)
     python benchmarks/distill_methods.py --steps 200       # a bigger budget (every row gets the same one)
-    python benchmarks/distill_methods.py --rows jsd,pid    # only some rows (others already finished are kept)
+    python benchmarks/distill_methods.py --rows jsd,pid    # only some rows, in this order (others in the JSON are kept)
     python benchmarks/distill_methods.py --quick           # smoke run on tiny settings (minutes) -> distill_methods_quick.json
     python benchmarks/distill_methods.py --seeds 0,1,2 --rows ce_only,forward_kl,pid   # 3 seeds: differences can be claimed
 
@@ -16,9 +16,10 @@ Rows: CE only (alpha 0); forward KL (the default objective); reverse KL; skew KL
 + hidden-state MSE; + attention relations; KAKD PID-controlled alpha vs fixed alpha in {0.1, 0.5, 0.9, 1.0};
 MTAKD: SmolLM2 + a llama.cpp Q2_K copy + a noise-corrupted copy (all share the tokenizer), agreement
 weighting vs plain averaging vs the per-token-id median vs each single teacher. The copies are made from the teacher as
-given; each run corrects its own teachers on the train split (teacher.correct, the default). The single-copy rows train
-from the same sliced student as every other row (the forward-KL run's layers, sliced from the corrected real teacher)
-and, like every row, are evaluated against the corrected real teacher.
+given and teach as they are: only the real teacher is corrected on the train split (teacher.correct, the default), as
+a correction would repair a degraded copy. The single-copy rows train from the same sliced student as every other row
+(the forward-KL run's layers, sliced from the corrected real teacher) and, like every row, are evaluated against the
+corrected real teacher.
 
 The JSON is written after every row; rows of an earlier result with the same steps and reference are kept (a row
 measured again replaces its seed), rows measured against another reference are dropped and listed as not measured.
@@ -406,7 +407,9 @@ def main() -> None:
     out_root = Path(args.out or ("runs/bench/methods-quick" if args.quick else "runs/bench/methods"))
     BASE_OVERRIDES = [*(QUICK if args.quick else []), *EVAL_LIGHT, f"distill.steps={steps}", *args.overrides]
     base = load_config(overrides=BASE_OVERRIDES)
-    wanted = [r for r in ROWS if not args.rows or r.name in args.rows.split(",")]
+    asked = [n for n in args.rows.split(",") if n]
+    # rows run in the order asked (the table keeps ROWS' order), so the ones that matter most can go first
+    wanted = [r for n in asked for r in ROWS if r.name == n] if asked else list(ROWS)
     unknown = set(filter(None, args.rows.split(","))) - {r.name for r in ROWS}
     if unknown:
         sys.exit(f"unknown rows {sorted(unknown)}; choose from {', '.join(r.name for r in ROWS)}")
@@ -437,10 +440,13 @@ def main() -> None:
             # sliced from what forward KL sliced from: the corrected teacher (teacher.correct), else the teacher as given
             sliced_from = (ref_metrics["teacher"].get("correction") or {}).get("path") or real
             init = make_student_init(out_root / "_teachers" / f"student-init-{ref_kind}", sliced_from, layers)
-            teacher_overrides = [f"teacher.model={copies[source.teachers]}", f"student.model={init}"]
+            # the degraded copy teaches as it is (a correction would repair it); the student is still measured
+            # against the real teacher, corrected as in every other row
+            teacher_overrides = [f"teacher.model={copies[source.teachers]}", f"student.model={init}", "teacher.correct=false"]
         log.info("=== row %s (%s), seed %d", row.name, source.label, seed)
         entry = run_row(source, [*BASE_OVERRIDES, *teacher_overrides, *source.overrides],
-                        [f"teacher.model={real}"] if source.teachers in ("q2k", "noisy") else [],
+                        [f"teacher.model={real}", f"teacher.correct={str(base.teacher.correct).lower()}"]
+                        if source.teachers in ("q2k", "noisy") else [],
                         out_root, seed)
         per_seed.setdefault(row.name, []).append(
             {**entry, "label": row.label, "group": row.group, "same_run_as": name if name != row.name else None})
