@@ -21,7 +21,7 @@ a correction would repair a degraded copy. The single-copy rows train from the s
 (the forward-KL run's layers, sliced from the corrected real teacher) and, like every row, are evaluated against the
 corrected real teacher.
 
-The JSON is written after every row; rows of an earlier result with the same steps and reference are kept (a row
+The JSON is written after every row; rows of an earlier result with the same shared overrides and reference are kept (a row
 measured again replaces its seed), rows measured against another reference are dropped and listed as not measured.
 
 Seeds (`--seeds`, distill.seed) change the order of the training batches (and on-policy sampling); the sliced
@@ -232,14 +232,14 @@ BASE_OVERRIDES: list[str] = []  # set in main: the overrides every row shares (l
 SCORES = ("retention", "top1_agreement", "kl_teacher_student")
 
 
-def earlier_entries(path: Path, steps: int, reference: str) -> dict[str, list[dict]]:
-    """The per-seed entries of an earlier result at `path` that this run can stand beside: same steps per row and
-    measured against the same reference (a table never mixes rows against the teacher as given with rows against the
-    corrected one). Row name -> entries; {} when there is no such result."""
+def earlier_entries(path: Path, base_overrides: list[str], reference: str) -> dict[str, list[dict]]:
+    """The per-seed entries of an earlier result at `path` that this run can stand beside: the same overrides shared
+    by every row (steps, evaluation, the user's) and measured against the same reference (a table never mixes rows
+    against the teacher as given with rows against the corrected one). Row name -> entries; {} when there is none."""
     if not path.is_file():
         return {}
     old = json.loads(path.read_text())
-    if old.get("steps") != steps:
+    if old.get("base_overrides") != base_overrides:
         return {}
     out = {}
     for name, r in old.get("rows", {}).items():
@@ -424,7 +424,7 @@ def main() -> None:
         sys.exit(f"--seeds takes comma-separated integers, e.g. 0,1,2 (got {args.seeds!r})")
     ref_kind = "corrected" if base.teacher.correction() is not None else "original"
     result_name = "distill_methods_quick" if args.quick else "distill_methods"
-    earlier = earlier_entries(RESULTS / f"{result_name}.json", steps, ref_kind)  # kept unless measured again below
+    earlier = earlier_entries(RESULTS / f"{result_name}.json", BASE_OVERRIDES, ref_kind)  # kept unless measured again below
     per_seed: dict[str, list[dict]] = {}
     path = None
     for seed, row in [(seed, row) for seed in seeds for row in wanted]:  # seed-major: every row of seed 0 comes first
@@ -434,8 +434,8 @@ def main() -> None:
         if source.teachers == "multi":
             teacher_overrides = [f"teacher.extra=[{copies['q2k']}, {copies['noisy']}]"]
         elif source.teachers in ("q2k", "noisy"):
-            reference = run_row(ROWS[1], BASE_OVERRIDES, [], out_root)  # forward_kl, seed 0: its slice is every row's start
-            ref_metrics = json.loads((Path(reference["run_dir"]) / "metrics.json").read_text())
+            forward_kl = run_row(ROWS[1], BASE_OVERRIDES, [], out_root)  # seed 0: its slice is every row's start
+            ref_metrics = json.loads((Path(forward_kl["run_dir"]) / "metrics.json").read_text())
             layers = ref_metrics["student"]["layers_kept"]
             # sliced from what forward KL sliced from: the corrected teacher (teacher.correct), else the teacher as given
             sliced_from = (ref_metrics["teacher"].get("correction") or {}).get("path") or real

@@ -140,21 +140,24 @@ def test_methods_never_claim_from_fewer_than_three_seeds():
 
 def test_methods_keep_earlier_rows_against_the_same_reference_and_drop_the_others(tmp_path):
     """A run stopped part-way keeps what it measured: the next run keeps the earlier rows measured against its
-    reference with the same steps, replaces a seed measured again, and never mixes in rows against another reference."""
+    reference with the same shared overrides, replaces a seed measured again, and never mixes in rows against another reference."""
     import json
 
     methods = pytest.importorskip("distill_methods")
 
-    def result(rows: dict, steps: int = 100) -> Path:
-        path = tmp_path / f"r{steps}.json"
-        path.write_text(json.dumps({"steps": steps, "rows": {n: methods.aggregate(e) for n, e in rows.items()}}))
+    base = ["distill.steps=100"]
+
+    def result(rows: dict, shared: list[str] = base) -> Path:
+        path = tmp_path / f"r{len(shared)}.json"
+        path.write_text(json.dumps({"base_overrides": shared, "rows": {n: methods.aggregate(e) for n, e in rows.items()}}))
         return path
 
     old = {"forward_kl": [_method_entry(s, 0.9, reference="corrected") for s in (0, 1)],
            "jsd": [_method_entry(0, 0.8, reference="original")]}
-    earlier = methods.earlier_entries(result(old), 100, "corrected")
+    earlier = methods.earlier_entries(result(old), base, "corrected")
     assert set(earlier) == {"forward_kl"} and [e["seed"] for e in earlier["forward_kl"]] == [0, 1]
-    assert methods.earlier_entries(result(old, steps=200), 100, "corrected") == {}  # another budget: nothing kept
+    other = [*base, "data.seq_len=128"]  # other shared settings: nothing kept
+    assert methods.earlier_entries(result(old, other), base, "corrected") == {}
     merged = methods.merge_entries(earlier, {"forward_kl": [_method_entry(1, 0.7, reference="corrected")],
                                              "jsd": [_method_entry(0, 0.6, reference="corrected")]})
     assert [e["kl_teacher_student"] for e in merged["forward_kl"]] == [0.9, 0.7]  # seed 1 measured again
