@@ -104,6 +104,19 @@ def _train_run(cfg, data, run: str, seed: int, folder: Path, teacher_alone=None)
     return {name: models[role] for name, role in yields.items()}
 
 
+def _val_rmse(seed_folder: Path, cap: float) -> dict[str, float | None]:
+    """Each model's best validation RMSE in cycles (float PyTorch, the epoch training kept), from its run's
+    history.json: the score to choose settings by, since the test RMSE must not be."""
+    out = {}
+    for run, (_, yields) in PLAN.items():
+        path = seed_folder / run / "history.json"
+        best = json.loads(path.read_text()).get("best", {}) if path.is_file() else {}
+        for name, role in yields.items():
+            val = best.get(role, {}).get("val_rmse")
+            out[name] = None if val is None else val * cap
+    return out
+
+
 def _measure(cfg, data, trained: dict, folder: Path) -> dict:
     """Every model's test scores (students as int8 ONNX in onnxruntime, teachers as float), bytes and batch-1
     latency (jobs/timeseries.export_and_measure), plus its parameters and float PyTorch scores."""
@@ -175,6 +188,8 @@ def main() -> None:
         for run in PLAN:
             trained.update(_train_run(cfg, data, run, seed, root / f"seed{seed}" / run, trained.get("teacher")))
         measured, preds = _measure(cfg, data, trained, root / f"seed{seed}" / "onnx")
+        for name, val in _val_rmse(root / f"seed{seed}", data.cap).items():
+            measured[name]["val_rmse"] = val
         env = environment(args.threads)
         for name, m in measured.items():
             per_seed.setdefault(name, []).append({"seed": seed, **m, "commit": env["git_commit"],
@@ -198,6 +213,7 @@ def main() -> None:
                "bytes": runs[0]["bytes"], "compression_x": teacher_bytes / runs[0]["bytes"]}
         for key, pick in (("rmse", lambda r: r["test"]["rmse"]), ("phm_score", lambda r: r["test"]["phm_score"]),
                           ("mae", lambda r: r["test"]["mae"]), ("torch_rmse", lambda r: r["torch_test"]["rmse"]),
+                          ("val_rmse", lambda r: r.get("val_rmse")),
                           ("latency_ms", lambda r: r["latency_ms"])):
             row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([pick(r) for r in runs])
         row["rmse_vs_teacher"] = row["rmse_mean"] / teacher_rmse

@@ -210,6 +210,21 @@ def test_timeseries_table_marks_a_student_at_the_constant_floor_and_says_which_g
     assert "ridge regression on the window | | | | | 22.30" in table
 
 
+def test_timeseries_validation_rmse_comes_from_each_runs_kept_epoch_in_cycles(tmp_path):
+    import json
+
+    timeseries = pytest.importorskip("timeseries")
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "history.json").write_text(json.dumps({"best": {"teacher": {"val_rmse": 0.12}}}))
+    (tmp_path / "online_mutual").mkdir()
+    (tmp_path / "online_mutual" / "history.json").write_text(
+        json.dumps({"best": {"student": {"val_rmse": 0.16}, "teacher": {"val_rmse": 0.1}}}))
+    val = timeseries._val_rmse(tmp_path, 125.0)
+    assert val["teacher"] == pytest.approx(15.0) and val["online_mutual"] == pytest.approx(20.0)
+    assert val["teacher_mutual"] == pytest.approx(12.5)
+    assert val["student_alone"] is None  # a run not trained yet has no score, not a zero
+
+
 def test_audit_table_shows_both_asrs_and_an_unmeasurable_ratio():
     env = {"date": "2026-12-04T00:00:00", "cpu_model": "cpu", "threads": 2, "git_commit": "abcdef12",
            "load_average_before": [1.0], "load_average_after": [1.0]}
