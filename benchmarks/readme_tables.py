@@ -414,6 +414,40 @@ def timeseries_table(r: dict) -> str:
     return "\n".join(out)
 
 
+def timeseries_size_table(small: dict) -> str:
+    """The RUL student's size, chosen by validation RMSE: the earlier 8/16-channel student (its own JSON, measured
+    when it was the default) beside the default of benchmarks/results/timeseries.json, per method."""
+    large = _load("timeseries")
+    if large is None:
+        return "_No result yet: run `python benchmarks/timeseries.py`._"
+
+    def cell(x, key):
+        mean, std = x.get(key + "_mean"), x.get(key + "_std")
+        return "" if mean is None else f"{mean:.2f} ± {std:.2f}"
+
+    runs = [(small, "8/16"), (large, "12/24")]
+    heads = [f"{name}: {r['rows'][-1]['params']:,} params, {r['rows'][-1]['bytes']:,} B" for r, name in runs]
+    out = ["| model | validation RMSE, " + " | validation RMSE, ".join(heads) + " | test RMSE, 8/16 | test RMSE, 12/24 |",
+           "|---|---:|---:|---:|---:|"]
+    by_method = [{x["method"]: x for x in r["rows"]} for r, _ in runs]
+    for method in by_method[1]:
+        pair = [b.get(method, {}) for b in by_method]
+        val = [cell(x, "val_rmse") for x in pair]
+        lower = [x.get("val_rmse_mean") for x in pair]
+        if None not in lower and lower[0] != lower[1]:  # the lower validation RMSE in bold: the size it favours
+            i = lower.index(min(lower))
+            val[i] = f"**{val[i]}**"
+        out.append(f"| {TIMESERIES_LABELS.get(method, method)} | {val[0]} | {val[1]} | {cell(pair[0], 'rmse')} | "
+                   f"{cell(pair[1], 'rmse')} |")
+    out += ["", f"Cycles, mean ± std over {len(small['rows'][0]['seeds'])} seeds; validation RMSE: the float model at "
+            "the epoch training kept (16 validation engines), the lower of the two in bold; test RMSE: as deployed (int8 ONNX for students). "
+            f"8/16: {_measured(small['environment'])}, by `{small['command'].strip()}` (today: "
+            "`python benchmarks/timeseries.py --name timeseries_student_c8h16 --root runs/bench/timeseries-c8h16 "
+            "student.channels=8 student.hidden=16`) → `benchmarks/results/timeseries_student_c8h16.json`; 12/24: "
+            "`benchmarks/results/timeseries.json` (above)."]
+    return "\n".join(out)
+
+
 def timeseries_pooling_table(r: dict) -> str:
     """The RUL student's pooling ablation (benchmarks/timeseries_pooling.py)."""
     out = ["| student pooling over time | params | int8 bytes | test RMSE (cycles), int8 ONNX | per seed |",
@@ -423,7 +457,9 @@ def timeseries_pooling_table(r: dict) -> str:
         seeds = ", ".join(f"{s['rmse']:.2f}" for s in x["per_seed"])
         out.append(f"| {labels.get(x['pool'], x['pool'])} | {x['params']:,} | {x['bytes']:,} | "
                    f"**{x['rmse_mean']:.2f} ± {x['rmse_std']:.2f}** | {seeds} |")
-    out += ["", f"The student trained alone, {len(r['rows'][0]['seeds'])} seeds, the recipe's training otherwise. "
+    st = r.get("config", {}).get("student", {})
+    size = f" ({st['channels']}/{2 * st['channels']} channels, hidden {st['hidden']})" if "channels" in st else ""
+    out += ["", f"The student{size} trained alone, {len(r['rows'][0]['seeds'])} seeds, the recipe's training otherwise. "
             f"{_measured(r['environment'])}, by `{r['command'].strip()}` → `benchmarks/results/timeseries_pooling.json`."]
     return "\n".join(out)
 
@@ -751,11 +787,13 @@ TABLES = {"default_run": default_run_table, "distill_throughput": throughput_tab
           "shrink_curve": shrink_curve_table, "shrink_curve_summary": shrink_curve_summary,
           "mixed_vs_uniform": mixed_vs_uniform_table, "serve_load": serve_load_table,
           "serve_load_overload": serve_load_table, "timeseries": timeseries_table,
-          "timeseries_pooling": timeseries_pooling_table, "audit": audit_table, "audit_lm": audit_lm_table,
+          "timeseries_pooling": timeseries_pooling_table, "timeseries_size": timeseries_size_table,
+          "audit": audit_table, "audit_lm": audit_lm_table,
           "onion_filter": onion_filter_table, "edgevl": edgevl_table,
           "levers": levers_table,
           "decode_speed": decode_speed_table, "recovery_curve": recovery_curve_table}
-SOURCES = {"shrink_curve_summary": "shrink_curve", "audit_lm": "audit"}  # tables rendered from another table's JSON
+SOURCES = {"shrink_curve_summary": "shrink_curve", "audit_lm": "audit",  # tables rendered from another table's JSON
+           "timeseries_size": "timeseries_student_c8h16"}
 
 
 def _track(render, track: str, script: str):

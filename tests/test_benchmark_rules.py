@@ -210,6 +210,27 @@ def test_timeseries_table_marks_a_student_at_the_constant_floor_and_says_which_g
     assert "ridge regression on the window | | | | | 22.30" in table
 
 
+def test_timeseries_size_table_bolds_the_lower_validation_rmse_not_the_test(monkeypatch):
+    env = {"date": "2026-12-06T00:00:00", "cpu_model": "cpu", "threads": 2, "git_commit": "abcdef12",
+           "load_average_before": [1.0], "load_average_after": [1.0]}
+
+    def run(rows, params):
+        return {"rows": [{"method": m, "seeds": [0, 1, 2], "params": params, "bytes": 3 * params, "rmse_mean": t,
+                          "rmse_std": 0.5, "val_rmse_mean": v, "val_rmse_std": 0.25} for m, v, t in rows],
+                "environment": env, "command": "python benchmarks/timeseries.py"}
+
+    small = run([("teacher", 15.0, 17.0), ("offline_kd", 16.0, 18.0), ("online_kd", 16.0, 19.0)], 1287)
+    large = run([("teacher", 15.0, 17.0), ("offline_kd", 15.5, 18.5), ("online_kd", 16.5, 18.0)], 2775)
+    monkeypatch.setattr(readme_tables, "_load", lambda name: large if name == "timeseries" else None)
+    table = readme_tables.timeseries_size_table(small)
+    assert "| offline KD (frozen teacher) | 16.00 ± 0.25 | **15.50 ± 0.25** | 18.00 ± 0.50 | 18.50 ± 0.50 |" in table
+    assert "| online KD | **16.00 ± 0.25** | 16.50 ± 0.25 | 19.00 ± 0.50 | 18.00 ± 0.50 |" in table  # val decides
+    assert "| teacher (Transformer, trained alone) | 15.00 ± 0.25 | 15.00 ± 0.25 |" in table  # a tie: no bold
+    assert "8/16: 1,287 params" in table and "12/24: 2,775 params" in table
+    monkeypatch.setattr(readme_tables, "_load", lambda name: None)
+    assert "No result yet" in readme_tables.timeseries_size_table(small)
+
+
 def test_timeseries_validation_rmse_comes_from_each_runs_kept_epoch_in_cycles(tmp_path):
     import json
 
