@@ -440,7 +440,8 @@ def timeseries_size_table(small: dict) -> str:
         out.append(f"| {TIMESERIES_LABELS.get(method, method)} | {val[0]} | {val[1]} | {cell(pair[0], 'rmse')} | "
                    f"{cell(pair[1], 'rmse')} |")
     out += ["", f"Cycles, mean ± std over {len(small['rows'][0]['seeds'])} seeds; validation RMSE: the float model at "
-            "the epoch training kept (16 validation engines), the lower of the two in bold; test RMSE: as deployed (int8 ONNX for students). "
+            f"the epoch training kept ({small['dataset']['val_units']} validation engines), the lower of the two in "
+            "bold; test RMSE: as deployed (int8 ONNX for students). "
             f"8/16: {_measured(small['environment'])}, by `{small['command'].strip()}` (today: "
             "`python benchmarks/timeseries.py --name timeseries_student_c8h16 --root runs/bench/timeseries-c8h16 "
             "student.channels=8 student.hidden=16`) → `benchmarks/results/timeseries_student_c8h16.json`; 12/24: "

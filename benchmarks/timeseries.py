@@ -21,8 +21,8 @@ teacher's predictions as the test engines' readings arrive in time order, agains
 
     python benchmarks/timeseries.py                     # seeds 0,1,2 (35-90 min on 2 cores); resumes after a kill
     python benchmarks/timeseries.py --quick             # smoke run: 2 epochs, 1 seed -> timeseries_quick.json
-    python benchmarks/timeseries.py --name timeseries_c12 --root runs/bench/timeseries-c12 student.channels=12
-                                                        # the recipe with overrides, into its own JSON and folders
+    python benchmarks/timeseries.py --name timeseries_student_c8h16 --root runs/bench/timeseries-c8h16 \
+        student.channels=8 student.hidden=16            # the recipe with overrides, into its own JSON and folders
 """
 
 from __future__ import annotations

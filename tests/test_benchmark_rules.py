@@ -217,7 +217,7 @@ def test_timeseries_size_table_bolds_the_lower_validation_rmse_not_the_test(monk
     def run(rows, params):
         return {"rows": [{"method": m, "seeds": [0, 1, 2], "params": params, "bytes": 3 * params, "rmse_mean": t,
                           "rmse_std": 0.5, "val_rmse_mean": v, "val_rmse_std": 0.25} for m, v, t in rows],
-                "environment": env, "command": "python benchmarks/timeseries.py"}
+                "environment": env, "command": "python benchmarks/timeseries.py", "dataset": {"val_units": 16}}
 
     small = run([("teacher", 15.0, 17.0), ("offline_kd", 16.0, 18.0), ("online_kd", 16.0, 19.0)], 1287)
     large = run([("teacher", 15.0, 17.0), ("offline_kd", 15.5, 18.5), ("online_kd", 16.5, 18.0)], 2775)
