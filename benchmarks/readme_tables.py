@@ -781,11 +781,13 @@ def recovery_curve_table(r: dict) -> str:
 
 from _common import track_view  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from distill_methods import methods_table  # noqa: E402
-from shrink_curve import shrink_curve_summary, shrink_curve_table  # noqa: E402
+from shrink_curve import shrink_curve_compare, shrink_curve_summary, shrink_curve_table  # noqa: E402
 
 TABLES = {"default_run": default_run_table, "distill_throughput": throughput_table, "quant_table": quant_table,
           "distill_methods": methods_table, "cost_model": cost_model_table, "classifier": classifier_table,
           "shrink_curve": shrink_curve_table, "shrink_curve_summary": shrink_curve_summary,
+          "shrink_curve_levers": shrink_curve_table,
+          "shrink_curve_compare": lambda r: shrink_curve_compare(r, _load("shrink_curve")),
           "mixed_vs_uniform": mixed_vs_uniform_table, "serve_load": serve_load_table,
           "serve_load_overload": serve_load_table, "timeseries": timeseries_table,
           "timeseries_pooling": timeseries_pooling_table, "timeseries_size": timeseries_size_table,
@@ -794,6 +796,7 @@ TABLES = {"default_run": default_run_table, "distill_throughput": throughput_tab
           "levers": levers_table,
           "decode_speed": decode_speed_table, "recovery_curve": recovery_curve_table}
 SOURCES = {"shrink_curve_summary": "shrink_curve", "audit_lm": "audit",  # tables rendered from another table's JSON
+           "shrink_curve_compare": "shrink_curve_levers",
            "timeseries_size": "timeseries_student_c8h16"}
 
 

@@ -2,8 +2,9 @@
 
     python benchmarks/shrink_curve.py          # runs `edgestill sweep --device host --out runs/sweep-smollm2-135m`
     python benchmarks/shrink_curve.py --copy   # only copy a finished sweep's results (no training)
-    python benchmarks/shrink_curve.py --out runs/sweep-levers --formats q8_0,q5_0,q4_0,q3_k student.trim_vocab=true
-                                               # the planner with the trim and formats under 4 bits
+    python benchmarks/shrink_curve.py --name shrink_curve_levers --out runs/sweep-levers \
+        --formats q8_0,q5_0,q4_0,q3_k student.trim_vocab=true
+        # the planner with the trimmed vocabulary and formats under 4 bits -> shrink_curve_levers.json / .png
 
 The sweep itself is the user command (`edgestill sweep`, resumable: rerun after a kill and it continues);
 this script runs it and files its shrink_curve.json and plot where the README reads them. Teacher smollm2-135m
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -30,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import START, write_result
 
 ROOT = Path(__file__).resolve().parent.parent
-PLOT = ROOT / "docs" / "img" / "shrink_curve.png"
+IMG = ROOT / "docs" / "img"
 
 
 def row_environment(point: dict) -> dict | None:
@@ -45,9 +47,22 @@ def row_environment(point: dict) -> dict | None:
     return provenance(env)
 
 
+def row_selection(point: dict) -> dict | None:
+    """Which evaluated state an edgestill row's run kept (distill.select): {select, selected_step, last_step}, from
+    its run's metrics.json; None for a llama.cpp or original-file row, or a run from before checkpoint selection."""
+    run = Path(point.get("detail", {}).get("run", ""))
+    if point["series"] != "edgestill" or not (run / "metrics.json").is_file():
+        return point.get("selection")
+    sel = (json.loads((run / "metrics.json").read_text()).get("train") or {}).get("selection")
+    return None if not sel else {k: sel.get(k) for k in ("select", "selected_step", "last_step")}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/sweep-smollm2-135m", help="the sweep folder")
+    ap.add_argument("--name", default="shrink_curve",
+                    help="file the result as benchmarks/results/NAME.json and docs/img/NAME.png (default: shrink_curve, "
+                         "the README's first-screen curve)")
     ap.add_argument("--device", default="host")
     ap.add_argument("--copy", action="store_true", help="do not run the sweep; file the results of a finished one")
     ap.add_argument("--formats", help="the formats plans may use (the sweep's --formats; default: its default)")
@@ -71,17 +86,19 @@ def main() -> None:
                  "rerun the sweep (python benchmarks/shrink_curve.py) rather than filing it")
     for point in result["points"]:
         point["environment"] = row_environment(point)
+        point["selection"] = row_selection(point)
     plans = json.loads((out / "plans.json").read_text())
     from edgestill.evaluate.environment import environment
 
-    write_result("shrink_curve", {"command": "edgestill " + " ".join(argv), "sweep_folder": str(out),
+    write_result(args.name, {"command": "edgestill " + " ".join(argv), "sweep_folder": str(out),
                                   "plans": plans["plans"], **result,  # its `environment`: the sweep's own
                                   "copied_by": environment(start=START)})
-    PLOT.parent.mkdir(parents=True, exist_ok=True)
-    tmp = PLOT.with_suffix(".png.tmp")
+    plot = IMG / f"{args.name}.png"
+    plot.parent.mkdir(parents=True, exist_ok=True)
+    tmp = plot.with_suffix(".png.tmp")
     shutil.copyfile(out / "shrink_curve.png", tmp)
-    tmp.replace(PLOT)
-    print(f"wrote {PLOT}")
+    tmp.replace(plot)
+    print(f"wrote {plot}")
 
 
 _OLD = ("_benchmarks/results/shrink_curve.json predates the honest shrink curve (no corrected reference, no fidelity "
@@ -139,9 +156,94 @@ def shrink_curve_table(r: dict) -> str:
              f"Sweep started {(env.get('date_start') or env['date'])[:10]} at commit `{(env['git_commit'] or '?')[:8]}`"
              f"{' (uncommitted changes)' if env.get('git_dirty') else ''} on {env['cpu_cores']} CPU cores, by "
              f"`{r['command']}`; rows measured at commit(s) {', '.join(f'`{c}`' for c in sorted(commits))} (each row's "
-             "environment is in `benchmarks/results/shrink_curve.json`).")]
+             f"environment is in `benchmarks/results/{r.get('benchmark', 'shrink_curve')}.json`).")]
     return "\n".join(rows)
 
+
+def _points_by_budget(r: dict) -> dict[float, tuple[int, dict]]:
+    """{budget fraction of the fp32 teacher: (budget bytes, the edgestill point that ran its plan)} of a sweep."""
+    out = {}
+    for plan in r.get("plans", []):
+        for p in r["points"]:
+            d = p.get("detail", {})
+            if p["series"] == "edgestill" and d.get("plan", {}).get("layers") == plan["plan"]["layers"] \
+                    and d.get("predicted_file_bytes") == plan["plan"]["prediction"]["file_bytes"]:
+                out[plan["budget_fraction"]] = (plan["max_file_bytes"], p)
+    return out
+
+
+def _student(plan: dict) -> str:
+    """'30 layers, FFN 1536, vocabulary 19,254, 16 q3_k + 12 q4_0 + 3 q5_0' from a plan dict."""
+    from collections import Counter
+
+    from edgestill.plan.allocate import Plan
+
+    pl = Plan.from_dict(plan)
+    mix = " + ".join(f"{n} {f}" for f, n in Counter(pl.unit_formats().values()).most_common())
+    vocab = f", vocabulary {pl.vocab['size']:,}" if pl.vocab else ""
+    return f"{pl.shape.layers} layers, FFN {pl.shape.intermediate}{vocab}, {mix}"
+
+
+def _kept(p: dict) -> str:
+    """The training step whose state the point's run kept, of how many (distill.select)."""
+    sel = p.get("selection")
+    return f"{sel['selected_step']} of {sel['last_step']}" if sel else "the last (before selection)"
+
+
+def _target(r: dict) -> str:
+    """Issue 15's two targets, checked on one sweep's points against its own llama.cpp Q4_K_M."""
+    ours = [p for p in r["points"] if p["series"] == "edgestill"]
+    q4km = next((p for p in r["points"] if p["series"] == "llama.cpp" and p["name"].endswith("Q4_K_M")), None)
+    f16 = ours[0]["bytes"] * ours[0]["compression_x_fp16"] if ours and ours[0].get("compression_x_fp16") else None
+    parts = []
+    if f16:
+        tenth = [p for p in ours if p["bytes"] <= f16 / 10]
+        best = max(tenth, key=lambda p: p["retention"], default=None)
+        parts.append(f"≤ 10% of the F16 teacher ({f16 / 10e6:.1f} MB) keeping ≥ 95% retention in domain and ≥ 90% out of "
+                     "domain: " + (f"**no** (the best point that small, {best['name']} at {best['bytes'] / 1e6:.1f} MB, keeps "
+                                   f"{best['retention']:.3f} / {(best.get('out_of_domain') or {}).get('retention', 0):.3f})"
+                                   if best and not (best["retention"] >= 0.95
+                                                    and (best.get("out_of_domain") or {}).get("retention", 0) >= 0.90)
+                                   else "yes" if best else "**no** (no point that small)"))
+    if q4km:
+        half = [p for p in ours if p["bytes"] <= q4km["bytes"] / 2]
+        met = [p for p in half if p["retention"] >= q4km["retention"] and p["top1_agreement"] >= q4km["top1_agreement"]]
+        best = max(half, key=lambda p: p["retention"], default=None)
+        parts.append(f"at ≤ half of llama.cpp's Q4_K_M ({q4km['bytes'] / 2e6:.1f} MB), its retention "
+                     f"{q4km['retention']:.3f} and top-1 {q4km['top1_agreement']:.3f} or better: "
+                     + (f"yes ({met[0]['name']})" if met else
+                        f"**no** (best: {best['name']} at {best['bytes'] / 1e6:.1f} MB, retention {best['retention']:.3f}, "
+                        f"top-1 {best['top1_agreement']:.3f})" if best else "**no** (no point that small)"))
+    return "Target: " + "; ".join(parts) + "." if parts else ""
+
+
+def shrink_curve_compare(levers: dict, base: dict | None) -> str:
+    """The lever sweep (trimmed vocabulary, formats under 4 bits) beside the default sweep, budget by budget, then
+    issue 15's targets checked on the lever sweep."""
+    if "reference" not in levers:
+        return _OLD
+    rows = ["| budget | sweep (commit) | student | MB | × F16 | step kept | KL | top-1 | retention | "
+            "KL, out of domain | retention, out of domain |", "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+    curves = [("levers", levers)] + ([("default", base)] if base and "reference" in base else [])
+    by = {name: _points_by_budget(r) for name, r in curves}
+    dropped = {name: {d["budget_fraction"]: d for d in r.get("dropped_budgets") or []} for name, r in curves}
+    for f in sorted({f for b in [*by.values(), *dropped.values()] for f in b}, reverse=True):
+        for name, _r in curves:
+            if f in dropped[name] and f not in by[name]:
+                d = dropped[name][f]
+                why = re.search(r"the smallest student .*? needs an? [\d.]+\s?MB file", d["reason"])
+                rows.append(f"| {d['max_file_bytes'] / 1e6:.1f} MB (1/{1 / f:.0f} of fp32) | {name} | no student: "
+                            f"{why.group(0) if why else d['reason']} | | | | | | | | |")
+            if f not in by[name]:
+                continue
+            budget, p = by[name][f]
+            ood, env = p.get("out_of_domain") or {}, p.get("environment") or {}
+            rows.append(f"| {budget / 1e6:.1f} MB (1/{1 / f:.0f} of fp32) | {name} (`{(env.get('git_commit') or '?')[:8]}`) | "
+                        f"{_student(p['detail']['plan'])} | {p['bytes'] / 1e6:.1f} | "
+                        f"{_f(p.get('compression_x_fp16'), '{:.2f}')} | {_kept(p)} | "
+                        f"{_f(p.get('kl_teacher_student'), '{:.3g}')} | {p['top1_agreement']:.3f} | {p['retention']:.3f} | "
+                        f"{_f(ood.get('kl_teacher_student'), '{:.3g}')} | {_f(ood.get('retention'))} |")
+    return "\n".join(rows + ["", _target(levers)])
 
 if __name__ == "__main__":
     main()

@@ -544,3 +544,50 @@ def test_the_audit_table_keeps_its_order_and_each_rows_seeds_in_order_when_a_see
     triggered = written["rows"][1]
     assert triggered["seeds"] == [0, 1] and triggered["trigger_rank"]["student"] == [2, 1]
     assert triggered["verdicts"] == ["v0", "v1"] and triggered["student_asr"] == pytest.approx(0.75)
+
+
+def _sweep(points: list[tuple], q4km: tuple, dropped: list[float] = ()) -> dict:
+    """A sweep result: edgestill points (fraction, MB, retention, top-1, ood retention, selection) and llama.cpp's
+    Q4_K_M (MB, retention, top-1); the fp32 teacher is 538 MB, so F16 is 269 MB."""
+    plans, rows = [], []
+    for i, (f, mb, ret, top1, ood, sel) in enumerate(points):
+        plan = {"shape": {"layers": 10 + i, "hidden": 8, "intermediate": 16, "heads": 2, "kv_heads": 1, "vocab": 32,
+                          "tied": True, "head_dim": 4},
+                "layers": list(range(10 + i)), "intermediate_size": 16, "default_format": "q4_0", "quant_plan": {},
+                "prediction": {"file_bytes": int(mb * 1e6), "weight_bytes": 1, "kv_cache_bytes": 1,
+                               "compute_buffer_bytes": 1, "peak_ram_bytes": 1, "decode_tokens_per_s": 1.0,
+                               "prefill_tokens_per_s": 1.0, "bits_per_weight": 4.5},
+                "predicted_kl": 0.1, "structural_kl": 0.1, "quantization_kl": 0.0}
+        plans.append({"budget_fraction": f, "max_file_bytes": int(f * 538e6), "plan": plan})
+        rows.append({"series": "edgestill", "name": f"{10 + i}L q4_0", "bytes": int(mb * 1e6), "retention": ret,
+                     "top1_agreement": top1, "compression_x_fp16": 269 / mb, "kl_teacher_student": 0.2,
+                     "out_of_domain": {"retention": ood, "kl_teacher_student": 0.3}, "selection": sel,
+                     "environment": {"git_commit": "abcdef1234"},
+                     "detail": {"plan": plan, "predicted_file_bytes": int(mb * 1e6)}})
+    rows.append({"series": "llama.cpp", "name": "llama.cpp Q4_K_M", "bytes": int(q4km[0] * 1e6), "retention": q4km[1],
+                 "top1_agreement": q4km[2]})
+    return {"reference": "corrected", "plans": plans, "points": rows, "source_file": {"bytes": 98_400_000},
+            "dropped_budgets": [{"budget_fraction": f, "max_file_bytes": int(f * 538e6),
+                                 "reason": "no student can meet the budget on host (file <= 22MB): the smallest "
+                                           "student edgestill can plan here (8 layers) needs a 27.7MB file; use x"}
+                                for f in dropped]}
+
+
+def test_shrink_curve_compare_pairs_budgets_and_checks_the_targets_on_the_lever_sweep():
+    shrink_curve = pytest.importorskip("shrink_curve")
+    sel = {"select": "val_kl", "selected_step": 0, "last_step": 100}
+    levers = _sweep([(1 / 8, 60.0, 0.96, 0.9, 0.5, sel), (1 / 24, 22.0, 0.5, 0.4, 0.02, sel)], (105.0, 0.95, 0.87))
+    base = _sweep([(1 / 8, 66.0, 0.75, 0.66, 0.35, None)], (105.0, 0.95, 0.87), dropped=[1 / 24])
+    table = shrink_curve.shrink_curve_compare(levers, base)
+    lines = table.splitlines()
+    budget = [i for i, line in enumerate(lines) if line.startswith("| 67.2 MB (1/8 of fp32)")]
+    assert len(budget) == 2 and "levers (`abcdef12`)" in lines[budget[0]] and "default" in lines[budget[1]]
+    assert "| 0 of 100 |" in lines[budget[0]] and "the last (before selection)" in lines[budget[1]]
+    assert "| 22.4 MB (1/24 of fp32) | default | no student: the smallest student edgestill can plan here " \
+           "(8 layers) needs a 27.7MB file |" in table
+    # 22 MB is under 10% of F16 (26.9 MB) but keeps 0.5; 60 MB is over half of Q4_K_M (52.5 MB)
+    assert "(26.9 MB) keeping ≥ 95% retention in domain and ≥ 90% out of domain: **no** (the best point that " \
+           "small, 11L q4_0 at 22.0 MB, keeps 0.500 / 0.020)" in table
+    assert "(52.5 MB), its retention 0.950 and top-1 0.870 or better: **no** (best: 11L q4_0 at 22.0 MB" in table
+    met = _sweep([(1 / 8, 50.0, 0.96, 0.9, 0.5, sel)], (105.0, 0.95, 0.87))
+    assert "or better: yes (10L q4_0)" in shrink_curve.shrink_curve_compare(met, None)
