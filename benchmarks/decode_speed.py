@@ -4,6 +4,8 @@ and the teacher file the user started from, alternated inside one run -> benchma
     python benchmarks/decode_speed.py                       # every finished GGUF row of runs/bench/levers (~10 min)
     python benchmarks/decode_speed.py --types Q4_K_M,Q8_0   # more llama.cpp baselines
     python benchmarks/decode_speed.py --quick               # one short round: a smoke run -> decode_speed_quick.json
+    python benchmarks/decode_speed.py --sweep runs/sweep-levers --types Q4_K_M,Q3_K_M --name decode_speed_sweep
+        # every point of a finished sweep against the sweep's own llama.cpp files -> decode_speed_sweep.json
 
 The students are the GGUFs that `benchmarks/levers.py` left in its run folders (a float row has no GGUF and is not
 timed here). The baselines are llama.cpp's own quantizer applied to the corrected teacher those rows are scored
@@ -77,6 +79,33 @@ def lever_ggufs(root: Path) -> dict[str, tuple[Path, dict]]:
             for _, _, label, run in sorted(found)}
 
 
+def sweep_ggufs(folder: Path) -> dict[str, tuple[Path, dict]]:
+    """{point name: (student.gguf, its run's metrics)} of a finished sweep (edgestill sweep), largest first."""
+    curve = folder / "shrink_curve.json"
+    if not curve.is_file():
+        raise SystemExit(f"{curve} does not exist: finish the sweep first (rerun the same edgestill sweep command)")
+    out = {}
+    for p in sorted(json.loads(curve.read_text())["points"], key=lambda p: -p["bytes"]):
+        run = Path(p.get("detail", {}).get("run", ""))
+        if p["series"] == "edgestill" and (run / "student.gguf").is_file():
+            out[p["name"]] = (run / "student.gguf", json.loads((run / "metrics.json").read_text()))
+    return out
+
+
+def sweep_baselines(folder: Path, types: list[str], teacher_gguf: str | None) -> dict[str, Path]:
+    """The sweep's own llama.cpp files of the corrected teacher (baseline/reference-<TYPE>.gguf) and the original."""
+    out = {}
+    for qtype in types:
+        path = folder / "baseline" / f"reference-{qtype}.gguf"
+        if not path.is_file():
+            raise SystemExit(f"{path} does not exist: the sweep scored no llama.cpp {qtype} (its types: "
+                             f"{sorted(q.stem.removeprefix('reference-') for q in (folder / 'baseline').glob('*.gguf'))})")
+        out[f"llama.cpp {qtype} of the corrected teacher"] = path
+    if teacher_gguf:
+        out[f"original file ({Path(teacher_gguf).name})"] = Path(teacher_gguf)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--types", default="Q4_K_M", help="llama.cpp quantization types of the corrected teacher (default Q4_K_M)")
@@ -86,16 +115,26 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sweep", default=None,
+                    help="time a finished sweep's points (and its own llama.cpp files) instead of the levers rows")
+    ap.add_argument("--name", default=None, help="result name (default decode_speed; --quick: decode_speed_quick)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     from edgestill.runtime.llamacpp import alternated_speed
 
     types = [t.strip().upper() for t in args.types.split(",") if t.strip()]
-    students = lever_ggufs(Path(args.levers_root))
+    if args.sweep:
+        from edgestill.config import load_config
+        from edgestill.models.load import gguf_file
+
+        students = sweep_ggufs(Path(args.sweep))
+        baselines = sweep_baselines(Path(args.sweep), types, gguf_file(load_config().teacher.model))
+    else:
+        students = lever_ggufs(Path(args.levers_root))
+        baselines = baseline_ggufs(types, Path("runs/bench/decode_speed"))
     if not students:
-        raise SystemExit(f"no finished levers row with a GGUF under {args.levers_root}: run python benchmarks/levers.py "
-                         "--rows q3_k,combined first")
-    baselines = baseline_ggufs(types, Path("runs/bench/decode_speed"))
+        raise SystemExit(f"no finished student with a GGUF under {args.sweep or args.levers_root}: run python "
+                         "benchmarks/levers.py --rows q3_k,combined (or finish the sweep) first")
     repeats = args.repeats or (1 if args.quick else 7)
     decode_tokens = args.decode_tokens or (4 if args.quick else 64)
     paths = {**baselines, **{name: path for name, (path, _) in students.items()}}
@@ -116,10 +155,11 @@ def main() -> None:
                           "out_of_domain_retention": (m.get("out_of_domain") or {}).get("retention"),
                           "reference": m.get("reference"), "git_commit": m["environment"].get("git_commit")}
         rows.append(row)
-    write_result("decode_speed_quick" if args.quick else "decode_speed", {
+    write_result(args.name or ("decode_speed_quick" if args.quick else "decode_speed"), {
         "what": "prefill and decode tokens/s in llama.cpp, every model loaded once and timed in turn inside one run",
         "command": "python benchmarks/decode_speed.py " + " ".join(sys.argv[1:]),
         "prompt_tokens": args.prompt_tokens, "decode_tokens": decode_tokens, "repeats": repeats, "warmup": 1,
+        "students": f"the points of {args.sweep}" if args.sweep else f"the levers rows of {args.levers_root}",
         "threads": args.threads, "anchor": f"llama.cpp {types[0]} of the corrected teacher" if types else None,
         "rows": rows,
     })

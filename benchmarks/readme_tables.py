@@ -743,8 +743,9 @@ def decode_speed_table(r: dict) -> str:
                    f"{rng(x, 'prefill_tokens_per_s')} | {quality} |")
     out += ["", f"llama.cpp (llama-cpp-python), {r['threads']} threads; every model loaded once and timed in turn, "
             f"{r['repeats']} rounds after {r['warmup']} warm-up (medians, min–max): a {r['prompt_tokens']}-token prompt "
-            f"in one batch, then {r['decode_tokens']} decode steps. Students: the GGUFs of the levers rows above, with "
-            f"the quality their own runs measured against the corrected teacher. {_provenance(r)}."]
+            f"in one batch, then {r['decode_tokens']} decode steps. Students: the GGUFs of "
+            f"{r.get('students', 'the levers rows above').replace('the levers rows of runs/bench/levers', 'the levers rows above')}"
+            f", with the quality their own runs measured against the corrected teacher. {_provenance(r)}."]
     return "\n".join(out)
 
 
@@ -794,7 +795,7 @@ TABLES = {"default_run": default_run_table, "distill_throughput": throughput_tab
           "audit": audit_table, "audit_lm": audit_lm_table,
           "onion_filter": onion_filter_table, "edgevl": edgevl_table,
           "levers": levers_table,
-          "decode_speed": decode_speed_table, "recovery_curve": recovery_curve_table}
+          "decode_speed": decode_speed_table, "decode_speed_sweep": decode_speed_table, "recovery_curve": recovery_curve_table}
 SOURCES = {"shrink_curve_summary": "shrink_curve", "audit_lm": "audit",  # tables rendered from another table's JSON
            "shrink_curve_compare": "shrink_curve_levers",
            "timeseries_size": "timeseries_student_c8h16"}

@@ -591,3 +591,30 @@ def test_shrink_curve_compare_pairs_budgets_and_checks_the_targets_on_the_lever_
     assert "(52.5 MB), its retention 0.950 and top-1 0.870 or better: **no** (best: 11L q4_0 at 22.0 MB" in table
     met = _sweep([(1 / 8, 50.0, 0.96, 0.9, 0.5, sel)], (105.0, 0.95, 0.87))
     assert "or better: yes (10L q4_0)" in shrink_curve.shrink_curve_compare(met, None)
+
+
+def test_decode_speed_times_a_sweeps_points_largest_first_against_its_own_llamacpp_files(tmp_path):
+    import json
+
+    decode_speed = pytest.importorskip("decode_speed")
+    points = []
+    for name, mb, has_gguf in [("10L q4_0", 22, True), ("30L q8_0", 125, True), ("22L q3_k", 33, False)]:
+        run = tmp_path / "points" / name.replace(" ", "-")
+        run.mkdir(parents=True)
+        (run / "metrics.json").write_text(json.dumps({"retention": mb / 200}))
+        if has_gguf:
+            (run / "student.gguf").write_bytes(b"GGUF")
+        points.append({"series": "edgestill", "name": name, "bytes": mb * 10**6, "detail": {"run": str(run)}})
+    points.append({"series": "llama.cpp", "name": "llama.cpp Q4_K_M", "bytes": 105 * 10**6, "detail": {}})
+    with pytest.raises(SystemExit, match="finish the sweep first"):
+        decode_speed.sweep_ggufs(tmp_path)
+    (tmp_path / "shrink_curve.json").write_text(json.dumps({"points": points}))
+    found = decode_speed.sweep_ggufs(tmp_path)
+    assert list(found) == ["30L q8_0", "10L q4_0"]  # largest first; a point without a GGUF is not timed
+    assert found["10L q4_0"][1] == {"retention": 0.11}
+    (tmp_path / "baseline").mkdir()
+    (tmp_path / "baseline" / "reference-Q4_K_M.gguf").write_bytes(b"GGUF")
+    base = decode_speed.sweep_baselines(tmp_path, ["Q4_K_M"], str(tmp_path / "teacher.Q4_1.gguf"))
+    assert list(base) == ["llama.cpp Q4_K_M of the corrected teacher", "original file (teacher.Q4_1.gguf)"]
+    with pytest.raises(SystemExit, match=r"no llama.cpp Q3_K_M \(its types: \['Q4_K_M'\]\)"):
+        decode_speed.sweep_baselines(tmp_path, ["Q3_K_M"], None)
