@@ -5,6 +5,10 @@
     python benchmarks/shrink_curve.py --name shrink_curve_levers --out runs/sweep-levers \
         --formats q8_0,q5_0,q4_0,q3_k student.trim_vocab=true
         # the planner with the trimmed vocabulary and formats under 4 bits -> shrink_curve_levers.json / .png
+    python benchmarks/shrink_curve.py --name shrink_curve_q3k --out runs/sweep-q3k --budgets 1/8,1/12 \
+        --formats q8_0,q5_0,q4_0,q3_k
+        # Q3_K without the trim at two budgets: which of the two levers gave what (copy the lever sweep's
+        # sensitivity.json, baseline.json and baseline/ into runs/sweep-q3k first and both are reused, not redone)
 
 The sweep itself is the user command (`edgestill sweep`, resumable: rerun after a kill and it continues);
 this script runs it and files its shrink_curve.json and plot where the README reads them. Teacher smollm2-135m
@@ -66,9 +70,11 @@ def main() -> None:
     ap.add_argument("--device", default="host")
     ap.add_argument("--copy", action="store_true", help="do not run the sweep; file the results of a finished one")
     ap.add_argument("--formats", help="the formats plans may use (the sweep's --formats; default: its default)")
+    ap.add_argument("--budgets", help="the sweep's --budgets (default: its default, 1/4 ... 1/24 of fp32)")
     ap.add_argument("overrides", nargs="*", help="config overrides for every point, e.g. student.trim_vocab=true")
     args = ap.parse_args()
     argv = ["sweep", "--device", args.device, "--out", args.out, *(["--formats", args.formats] if args.formats else []),
+            *(["--budgets", args.budgets] if args.budgets else []),
             *args.overrides]
     if not args.copy:
         from edgestill.cli import main as cli
@@ -217,14 +223,14 @@ def _target(r: dict) -> str:
     return "Target: " + "; ".join(parts) + "." if parts else ""
 
 
-def shrink_curve_compare(levers: dict, base: dict | None) -> str:
-    """The lever sweep (trimmed vocabulary, formats under 4 bits) beside the default sweep, budget by budget, then
-    issue 15's targets checked on the lever sweep."""
+def shrink_curve_compare(levers: dict, *others: tuple[str, dict | None]) -> str:
+    """The lever sweep (trimmed vocabulary, formats under 4 bits) beside other sweeps of the same budgets (name,
+    result; a missing result is left out), budget by budget, then issue 15's targets checked on the lever sweep."""
     if "reference" not in levers:
         return _OLD
     rows = ["| budget | sweep (commit) | student | MB | × F16 | step kept | KL | top-1 | retention | "
             "KL, out of domain | retention, out of domain |", "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|"]
-    curves = [("levers", levers)] + ([("default", base)] if base and "reference" in base else [])
+    curves = [("trim + Q3_K", levers)] + [(name, r) for name, r in others if r and "reference" in r]
     by = {name: _points_by_budget(r) for name, r in curves}
     dropped = {name: {d["budget_fraction"]: d for d in r.get("dropped_budgets") or []} for name, r in curves}
     for f in sorted({f for b in [*by.values(), *dropped.values()] for f in b}, reverse=True):

@@ -578,10 +578,10 @@ def test_shrink_curve_compare_pairs_budgets_and_checks_the_targets_on_the_lever_
     sel = {"select": "val_kl", "selected_step": 0, "last_step": 100}
     levers = _sweep([(1 / 8, 60.0, 0.96, 0.9, 0.5, sel), (1 / 24, 22.0, 0.5, 0.4, 0.02, sel)], (105.0, 0.95, 0.87))
     base = _sweep([(1 / 8, 66.0, 0.75, 0.66, 0.35, None)], (105.0, 0.95, 0.87), dropped=[1 / 24])
-    table = shrink_curve.shrink_curve_compare(levers, base)
+    table = shrink_curve.shrink_curve_compare(levers, ("default", base), ("not run", None))
     lines = table.splitlines()
     budget = [i for i, line in enumerate(lines) if line.startswith("| 67.2 MB (1/8 of fp32)")]
-    assert len(budget) == 2 and "levers (`abcdef12`)" in lines[budget[0]] and "default" in lines[budget[1]]
+    assert len(budget) == 2 and "trim + Q3_K (`abcdef12`)" in lines[budget[0]] and "default" in lines[budget[1]]
     assert "| 0 of 100 |" in lines[budget[0]] and "the last (before selection)" in lines[budget[1]]
     assert "| 22.4 MB (1/24 of fp32) | default | no student: the smallest student edgestill can plan here " \
            "(8 layers) needs a 27.7MB file |" in table
@@ -590,7 +590,8 @@ def test_shrink_curve_compare_pairs_budgets_and_checks_the_targets_on_the_lever_
            "small, 11L q4_0 at 22.0 MB, keeps 0.500 / 0.020)" in table
     assert "(52.5 MB), its retention 0.950 and top-1 0.870 or better: **no** (best: 11L q4_0 at 22.0 MB" in table
     met = _sweep([(1 / 8, 50.0, 0.96, 0.9, 0.5, sel)], (105.0, 0.95, 0.87))
-    assert "or better: yes (10L q4_0)" in shrink_curve.shrink_curve_compare(met, None)
+    assert "or better: yes (10L q4_0)" in shrink_curve.shrink_curve_compare(met)
+    assert "not run" not in table
 
 
 def test_decode_speed_times_a_sweeps_points_largest_first_against_its_own_llamacpp_files(tmp_path):
