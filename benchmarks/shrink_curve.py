@@ -196,6 +196,11 @@ def _kept(p: dict) -> str:
     return f"{sel['selected_step']} of {sel['last_step']}" if sel else "the last (before selection)"
 
 
+def _ood(p: dict) -> float:
+    """A point's out-of-domain retention (0 when not measured)."""
+    return (p.get("out_of_domain") or {}).get("retention", 0.0)
+
+
 def _target(r: dict) -> str:
     """Issue 15's two targets, checked on one sweep's points against its own llama.cpp Q4_K_M."""
     ours = [p for p in r["points"] if p["series"] == "edgestill"]
@@ -204,13 +209,13 @@ def _target(r: dict) -> str:
     parts = []
     if f16:
         tenth = [p for p in ours if p["bytes"] <= f16 / 10]
+        met = [p for p in tenth if p["retention"] >= 0.95 and _ood(p) >= 0.90]
         best = max(tenth, key=lambda p: p["retention"], default=None)
+        verdict = (f"yes ({met[0]['name']})" if met else "**no** (no point that small)" if best is None else
+                   f"**no** (the best point that small, {best['name']} at {best['bytes'] / 1e6:.1f} MB, keeps "
+                   f"{best['retention']:.3f} / {_ood(best):.3f})")
         parts.append(f"≤ 10% of the F16 teacher ({f16 / 10e6:.1f} MB) keeping ≥ 95% retention in domain and ≥ 90% out of "
-                     "domain: " + (f"**no** (the best point that small, {best['name']} at {best['bytes'] / 1e6:.1f} MB, keeps "
-                                   f"{best['retention']:.3f} / {(best.get('out_of_domain') or {}).get('retention', 0):.3f})"
-                                   if best and not (best["retention"] >= 0.95
-                                                    and (best.get("out_of_domain") or {}).get("retention", 0) >= 0.90)
-                                   else "yes" if best else "**no** (no point that small)"))
+                     f"domain: {verdict}")
     if q4km:
         half = [p for p in ours if p["bytes"] <= q4km["bytes"] / 2]
         met = [p for p in half if p["retention"] >= q4km["retention"] and p["top1_agreement"] >= q4km["top1_agreement"]]

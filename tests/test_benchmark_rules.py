@@ -592,6 +592,9 @@ def test_shrink_curve_compare_pairs_budgets_and_checks_the_targets_on_the_lever_
     met = _sweep([(1 / 8, 50.0, 0.96, 0.9, 0.5, sel)], (105.0, 0.95, 0.87))
     assert "or better: yes (10L q4_0)" in shrink_curve.shrink_curve_compare(met)
     assert "not run" not in table
+    # the point with the most retention that small fails out of domain; a smaller one meets both bars
+    both = _sweep([(1 / 24, 20.0, 0.99, 0.9, 0.5, sel), (1 / 30, 18.0, 0.96, 0.9, 0.95, sel)], (105.0, 0.95, 0.87))
+    assert "and ≥ 90% out of domain: yes (11L q4_0)" in shrink_curve.shrink_curve_compare(both)
 
 
 def test_decode_speed_times_a_sweeps_points_largest_first_against_its_own_llamacpp_files(tmp_path):
