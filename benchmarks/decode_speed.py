@@ -159,7 +159,7 @@ def main() -> None:
         "what": "prefill and decode tokens/s in llama.cpp, every model loaded once and timed in turn inside one run",
         "command": "python benchmarks/decode_speed.py " + " ".join(sys.argv[1:]),
         "prompt_tokens": args.prompt_tokens, "decode_tokens": decode_tokens, "repeats": repeats, "warmup": 1,
-        "students": f"the points of {args.sweep}" if args.sweep else f"the levers rows of {args.levers_root}",
+        "sweep": args.sweep,  # the sweep folder whose points were timed; None: the levers rows
         "threads": args.threads, "anchor": f"llama.cpp {types[0]} of the corrected teacher" if types else None,
         "rows": rows,
     })

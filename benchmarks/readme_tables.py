@@ -741,11 +741,10 @@ def decode_speed_table(r: dict) -> str:
         out.append(f"| {x['name']} | {x['file_bytes'] / 1e6:.1f} | {x.get(f'bytes_x_vs_{anchor}', float('nan')):.2f} | "
                    f"{rng(x, 'decode_tokens_per_s')} | {x.get(f'decode_x_vs_{anchor}', float('nan')):.2f} | "
                    f"{rng(x, 'prefill_tokens_per_s')} | {quality} |")
+    students = f"the points of {r['sweep']}" if r.get("sweep") else "the levers rows above"
     out += ["", f"llama.cpp (llama-cpp-python), {r['threads']} threads; every model loaded once and timed in turn, "
             f"{r['repeats']} rounds after {r['warmup']} warm-up (medians, min–max): a {r['prompt_tokens']}-token prompt "
-            f"in one batch, then {r['decode_tokens']} decode steps. Students: the GGUFs of "
-            f"{r.get('students', 'the levers rows above').replace('the levers rows of runs/bench/levers', 'the levers rows above')}"
-            f", with the quality their own runs measured against the corrected teacher. {_provenance(r)}."]
+            f"in one batch, then {r['decode_tokens']} decode steps. Students: the GGUFs of {students}, with the quality their own runs measured against the corrected teacher. {_provenance(r)}."]
     return "\n".join(out)
 
 

@@ -39,25 +39,30 @@ ROOT = Path(__file__).resolve().parent.parent
 IMG = ROOT / "docs" / "img"
 
 
-def row_environment(point: dict) -> dict | None:
+def run_metrics(point: dict) -> dict | None:
+    """The metrics.json of an edgestill row's run, or None (a llama.cpp or original-file row, a run folder gone)."""
+    path = Path(point.get("detail", {}).get("run", "")) / "metrics.json"
+    return json.loads(path.read_text()) if point["series"] == "edgestill" and path.is_file() else None
+
+
+def row_environment(point: dict, metrics: dict | None) -> dict | None:
     """Where and with which code this row was measured: the point's own record, else (an edgestill point of an
-    older sweep) its run's metrics.json; None when neither says."""
+    older sweep) its run's metrics; None when neither says."""
     from edgestill.evaluate.shrink_curve import provenance
 
     env = point.get("environment")
-    run = Path(point.get("detail", {}).get("run", ""))
-    if env is None and point["series"] == "edgestill" and (run / "metrics.json").is_file():
-        env = json.loads((run / "metrics.json").read_text()).get("environment")
+    if env is None and metrics is not None:
+        env = metrics.get("environment")
     return provenance(env)
 
 
-def row_selection(point: dict) -> dict | None:
+def row_selection(point: dict, metrics: dict | None) -> dict | None:
     """Which evaluated state an edgestill row's run kept (distill.select): {select, selected_step, last_step}, from
-    its run's metrics.json; None for a llama.cpp or original-file row, or a run from before checkpoint selection."""
-    run = Path(point.get("detail", {}).get("run", ""))
-    if point["series"] != "edgestill" or not (run / "metrics.json").is_file():
+    its run's metrics (else what the row already says); None for a llama.cpp or original-file row, or a run from
+    before checkpoint selection."""
+    if metrics is None:
         return point.get("selection")
-    sel = (json.loads((run / "metrics.json").read_text()).get("train") or {}).get("selection")
+    sel = (metrics.get("train") or {}).get("selection")
     return None if not sel else {k: sel.get(k) for k in ("select", "selected_step", "last_step")}
 
 
@@ -91,8 +96,9 @@ def main() -> None:
         sys.exit(f"{curve} was written before the sweep measured against the corrected teacher (no 'reference'): "
                  "rerun the sweep (python benchmarks/shrink_curve.py) rather than filing it")
     for point in result["points"]:
-        point["environment"] = row_environment(point)
-        point["selection"] = row_selection(point)
+        metrics = run_metrics(point)
+        point["environment"] = row_environment(point, metrics)
+        point["selection"] = row_selection(point, metrics)
     plans = json.loads((out / "plans.json").read_text())
     from edgestill.evaluate.environment import environment
 

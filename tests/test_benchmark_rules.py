@@ -315,6 +315,8 @@ def test_decode_speed_table_gives_each_model_against_the_anchor_with_its_range_a
     assert "| 105.0 | 1.00 | 40.0 (39.0–41.0) | 1.00 |" in lines[2]
     assert "| 45.0 | 2.33 | 60.0 (59.0–61.0) | 1.50 |" in lines[3] and "0.431 / 0.065" in lines[3]
     assert "7 rounds after 1 warm-up" in table and "commit `abc`" in table
+    assert "Students: the GGUFs of the levers rows above," in table
+    assert "Students: the GGUFs of the points of runs/s," in readme_tables.decode_speed_table({**r, "sweep": "runs/s"})
 
 
 def test_recovery_curve_table_walks_each_depth_from_the_cut_to_the_end_of_its_budget():
