@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from edgestill.plan.sensitivity import Sensitivity, layer_sensitivity, mean_kl, unit_names
@@ -36,3 +37,33 @@ def test_remap_follows_the_kept_teacher_layers(tiny2, calib_batches):
     sens = layer_sensitivity(tiny2, calib_batches, formats=("q4_0",))
     student = sens.remap([1])
     assert student.kl["model.layers.0"] == sens.kl["model.layers.1"] and student.kl["lm_head"] == sens.kl["lm_head"]
+
+
+def test_a_file_measured_for_more_formats_is_read_for_fewer(tiny2, calib_batches, tmp_path, monkeypatch):
+    """A sweep rerun with fewer formats reads them from the kept file; another teacher's file is measured again."""
+    import json
+
+    import edgestill.plan.sensitivity as sensitivity
+
+    path = tmp_path / "sensitivity.json"
+    key = {"formats": ["q8_0", "q4_0"], "teacher": "tiny", "calibration_tokens_sha256": "abc"}
+    full = sensitivity.cached_sensitivity(tiny2, calib_batches, ("q8_0", "q4_0"), path, key)
+    kept = path.read_text()
+
+    def measured(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(sensitivity, "layer_sensitivity", measured)
+    fewer = sensitivity.cached_sensitivity(tiny2, calib_batches, ("q4_0",), path, {**key, "formats": ["q4_0"]})
+    assert fewer.formats == ["q4_0"] and fewer.units == full.units
+    assert fewer.kl == {u: {"q4_0": d["q4_0"]} for u, d in full.kl.items()}
+    assert path.read_text() == kept  # the whole file stays for the next run with every format
+
+    monkeypatch.undo()
+    other = sensitivity.cached_sensitivity(tiny2, calib_batches, ("q4_0",), path,
+                                           {**key, "formats": ["q4_0"], "teacher": "other"})
+    assert json.loads(path.read_text())["key"]["teacher"] == "other" and other.formats == ["q4_0"]
+    monkeypatch.setattr(sensitivity, "layer_sensitivity", measured)
+    with pytest.raises(AssertionError, match="measured again"):  # a format the file lacks
+        sensitivity.cached_sensitivity(tiny2, calib_batches, ("q8_0",), path,
+                                       {**key, "formats": ["q8_0"], "teacher": "other"})

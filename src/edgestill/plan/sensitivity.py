@@ -76,6 +76,15 @@ class Sensitivity:
                    kl={u: {f: float(v) for f, v in d.items()} for u, d in data["kl"].items()},
                    tokens=int(data.get("tokens", 0)), notes=dict(data.get("notes") or {}))
 
+    def restrict(self, formats) -> Sensitivity:
+        """The same measurements for `formats` only (each unit and format was measured on its own)."""
+        missing = [f for f in formats if f not in self.formats]
+        if missing:
+            raise KeyError(f"formats not measured: {missing}")
+        kl = {u: {f: d[f] for f in formats} for u, d in self.kl.items()}
+        return Sensitivity(units=list(self.units), formats=list(formats), kl=kl, tokens=self.tokens,
+                           notes=dict(self.notes))
+
     def remap(self, layers: list[int]) -> Sensitivity:
         """Sensitivities of a student sliced with teacher `layers`: student layer j takes teacher layer layers[j] [R]."""
         kl = {f"model.layers.{j}": self.kl[f"model.layers.{i}"] for j, i in enumerate(layers)}
@@ -170,7 +179,9 @@ def cached_sensitivity(model, batches: list[torch.Tensor], formats, path=None, k
     """layer_sensitivity, kept in `path` (JSON) under `key` (teacher, formats, a hash of the calibration tokens).
 
     Measuring takes minutes to an hour on a real teacher; a sweep killed while planning, or rerun with other
-    budgets, reads it back. A file under another key is measured again and replaced.
+    budgets, reads it back. A file measured for more formats under an otherwise equal key is read for the formats
+    asked (every unit and format is measured on its own, so the subset is what measuring them would give, and the
+    file is kept whole). A file under another key is measured again and replaced.
     """
     import json
     from pathlib import Path
@@ -182,7 +193,19 @@ def cached_sensitivity(model, batches: list[torch.Tensor], formats, path=None, k
         if stored.get("key") == key:
             log.info("layer sensitivity read from %s", path)
             return Sensitivity.from_dict(stored["sensitivity"])
+        if _formats_subset(stored.get("key"), key):
+            log.info("layer sensitivity read from %s (its %s of the formats it measured)", path, list(formats))
+            return Sensitivity.from_dict(stored["sensitivity"]).restrict(list(formats))
     sensitivity = layer_sensitivity(model, batches, formats)
     if path is not None:
         write_text_atomic(path, json.dumps({"key": key, "sensitivity": sensitivity.to_dict()}, indent=1))
     return sensitivity
+
+
+def _formats_subset(stored: dict | None, key: dict | None) -> bool:
+    """Whether a sensitivity file kept under `stored` holds every format of `key`, all else in the keys equal."""
+    if not isinstance(stored, dict) or not isinstance(key, dict) or "formats" not in key:
+        return False
+    rest = {k: v for k, v in stored.items() if k != "formats"}
+    return (rest == {k: v for k, v in key.items() if k != "formats"}
+            and set(key["formats"]) <= set(stored.get("formats") or ()))
