@@ -334,6 +334,9 @@ class Bench:
                 "student_target_params": cfg["student"].get("target_params"), "layers_kept": s["layers_kept"],
                 "vocab_kept": s["vocab_kept"], "max_len": s["max_len"], "steps": cfg["train"]["steps"],
                 "lr": cfg["train"]["lr"], "batch_size": cfg["train"]["batch_size"], "best_step": m["train"]["best_step"],
+                "best_val_macro_f1": _val_at(m, m["train"]["best_step"]), "patience": cfg["train"].get("patience"),
+                "stopped_at_step": m["train"].get("stopped_at_step"),
+                "stop_reason": m["train"].get("stop_reason"),
                 "kd": cfg["kd"], "transfer_set": m["train"].get("transfer_set"), "test_pytorch": m["baselines"]["student_pytorch"]["test"],
                 "sliced_untrained_test": m["baselines"]["student_sliced_untrained"]["test"],
                 "onnx_parity": m.get("onnx_parity_vs_pytorch"), "teacher_score_matches_finetune_run": same_teacher,
@@ -555,6 +558,11 @@ def plot_curve(result: dict, path: Path) -> None:
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
     print(f"wrote {path}")
+
+
+def _val_at(metrics: dict, step) -> float | None:
+    """The val macro-F1 a student run recorded at `step` (its kept state: recipes are compared on this, not on test)."""
+    return next((h.get("val_macro_f1") for h in metrics.get("history") or [] if h.get("step") == step), None)
 
 
 def main() -> None:

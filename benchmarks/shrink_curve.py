@@ -9,6 +9,10 @@
         --formats q8_0,q5_0,q4_0,q3_k
         # Q3_K without the trim at two budgets: which of the two levers gave what (copy the lever sweep's
         # sensitivity.json, baseline.json and baseline/ into runs/sweep-q3k first and both are reused, not redone)
+    python benchmarks/shrink_curve.py --name shrink_curve_trim --out runs/sweep-trim --budgets 1/8,1/12 \
+        student.trim_vocab=true
+        # the trim without Q3_K at the same two budgets (the same copies; its three formats are read from the
+        # lever sweep's four-format sensitivities)
 
 The sweep itself is the user command (`edgestill sweep`, resumable: rerun after a kill and it continues);
 this script runs it and files its shrink_curve.json and plot where the README reads them. Teacher smollm2-135m

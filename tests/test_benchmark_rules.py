@@ -65,6 +65,28 @@ def test_classifier_target_judges_a_size_by_its_seeds_mean_not_its_best_seed():
     assert "at or below the majority" in classifier.target_verdict({"rows": rows})["reason"]
 
 
+def test_classifier_recipes_table_compares_two_recipes_seed_by_seed_and_on_their_means(monkeypatch):
+    def result(f1s, vals, **args):
+        rows = _rows(0.84, 0.77, {"macro_f1": f1s[0]})
+        rows += [{**rows[-1], "name": f"kd-50x-seed{s}", "seed_of": "kd-50x", "macro_f1": f1,
+                  "retention_macro_f1": f1 / 0.84} for s, f1 in enumerate(f1s[1:], 1)]
+        for s, (x, v) in enumerate(zip(rows[3:], vals)):
+            x.update(student_seed=s, best_val_macro_f1=v, best_step=100 * (s + 1), stopped_at_step=3000)
+        return {"args": args, "datasets": {"moviereviews": {"rows": rows}}}
+
+    base = result([0.80, 0.81, 0.79], [0.75, 0.76, 0.77])
+    monkeypatch.setattr(readme_tables, "_load", lambda name: base if name == "classifier" else None)
+    table = readme_tables.classifier_recipes_table(result([0.82, 0.83, 0.81], [0.78, 0.78, 0.78], student_patience=0,
+                                                          student_steps=3000))
+    lines = table.splitlines()
+    assert sum(line.startswith("| patience 0, 3000 steps |") for line in lines) == 3
+    assert sum(line.startswith("| the table above") for line in lines) == 3
+    assert "val macro-F1 0.7600, test retention 95.2% ± 1.2" in table  # the base recipe: mean of its seeds
+    assert "val macro-F1 0.7800, test retention 97.6% ± 1.2" in table
+    assert "97% of it: 0.8148" in table
+    assert "no kd-50x rows" in readme_tables.classifier_recipes_table({"datasets": {}})
+
+
 def test_classifier_table_strikes_out_a_failed_students_retention():
     rows = _rows(0.84, 0.77, {"macro_f1": 0.40})
     rows[-1].update(failed=True, beats_tfidf_logreg=False, label="KD student ~50× — FAILED (≤ majority class)")
