@@ -167,6 +167,7 @@ def _add_sweep(sub) -> None:
     p.add_argument("--formats", default=default_formats,
                    help=f"GGUF formats the plans may give a layer (default {default_formats}; add q4_k, q3_k or q2_k for "
                         "K-quants, whose quantization-aware training is slower)")
+    p.add_argument("--hidden-sizes", help=HIDDEN_SIZES_HELP)
 
 
 def _add_serve(sub) -> None:
@@ -236,6 +237,7 @@ def _add_plan(sub) -> None:
     p.add_argument("--formats", default=default_formats, help=f"candidate GGUF formats (default {default_formats})")
     p.add_argument("--depths", help="candidate layer counts, e.g. 30,20,15 (default 100/75/50/33/25%% of the teacher)")
     p.add_argument("--widths", help="candidate FFN sizes, e.g. 1536,1024 (default 100/75/50%%)")
+    p.add_argument("--hidden-sizes", help=HIDDEN_SIZES_HELP)
     p.add_argument("--calibration-tokens", type=int, default=1024,
                    help="calibration tokens from the train split, in blocks of 256 (default 1024: the same tokens "
                         "shrink --device and sweep plan with)")
@@ -326,6 +328,10 @@ def _fraction(text: str) -> float:
         return float(num) / float(den) if den else float(num)
     except (ValueError, ZeroDivisionError):
         raise EdgestillError(f"'{text}' is not a fraction; write e.g. 0.125 or 1/8") from None
+
+
+HIDDEN_SIZES_HELP = ("candidate hidden sizes, e.g. 576,448 (multiples of 32; default: the teacher's alone): plans may "
+                     "also cut hidden channels, Minitron-style, ranked by their activations on the calibration text")
 
 
 def _ints(text: str | None) -> list[int] | None:
@@ -462,7 +468,8 @@ def _cmd_sweep(args) -> None:
     settings = SweepSettings(budgets=[_fraction(b) for b in args.budgets.split(",")], device=args.device,
                              thresholds=tuple(_fraction(t) for t in args.thresholds.split(",")),
                              baseline_types=tuple(t.strip().upper() for t in args.baseline.split(",") if t.strip()),
-                             formats=tuple(f.strip().lower() for f in args.formats.split(",") if f.strip()))
+                             formats=tuple(f.strip().lower() for f in args.formats.split(",") if f.strip()),
+                             hiddens=tuple(_ints(args.hidden_sizes) or ()) or None)
     result = sweep(_resolve(args), settings, out)
     from edgestill.evaluate.shrink_curve import break_point_lines
 
@@ -491,7 +498,8 @@ def _cmd_plan(args) -> None:
     correction = None if args.no_correct else TeacherConfig().correction()
     plans = plan(args.teacher, args.device, budget, data, max(1, args.calibration_tokens // data.seq_len), correction,
                  workload=Workload(context_tokens=args.context, prompt_tokens=args.prompt), formats=formats,
-                 depths=_ints(args.depths), widths=_ints(args.widths), trim_vocab=args.trim_vocab)
+                 depths=_ints(args.depths), widths=_ints(args.widths), hiddens=_ints(args.hidden_sizes),
+                 trim_vocab=args.trim_vocab)
     device = plans[0].device if plans else args.device
     print(f"{len(plans)} feasible plans on {device}; the best {min(args.top, len(plans))} by predicted KL:")
     for i, p in enumerate(plans[: args.top], 1):

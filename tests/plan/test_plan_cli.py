@@ -30,6 +30,15 @@ def test_plan_writes_ranked_plans_within_budget(tiny_model_dir, tiny_corpus, tmp
     data = json.loads(out.read_text())
     assert data["plans"] and all(p["prediction"]["file_bytes"] <= 150_000 for p in data["plans"])
     assert "feasible plans on toy" in capsys.readouterr().out
+    # --hidden-sizes adds cut hidden channels to the candidates; a bad size is one line
+    assert main(["plan", "--device", str(device), "--teacher", str(tiny_model_dir), "--data", str(tiny_corpus),
+                 "--file-size", "150KB", "--depths", "2", "--widths", "128", "--calibration-tokens", "64",
+                 "--formats", "q8_0,q4_0", "--hidden-sizes", "64,32", "--out", str(out)]) == 0
+    hiddens = {p["shape"]["hidden"] for p in json.loads(out.read_text())["plans"]}
+    assert hiddens == {64, 32}, hiddens
+    assert main(["plan", "--device", str(device), "--teacher", str(tiny_model_dir), "--data", str(tiny_corpus),
+                 "--file-size", "150KB", "--depths", "2", "--hidden-sizes", "48"]) == 2
+    assert "multiple of 32" in capsys.readouterr().err
     assert main(["plan", "--device", str(device), "--teacher", str(tiny_model_dir), "--data", str(tiny_corpus),
                  "--file-size", "1KB", "--depths", "2", "--widths", "128", "--calibration-tokens", "64"]) == 2
     err = capsys.readouterr().err
@@ -48,7 +57,8 @@ def test_plan_refuses_zero_and_nonsense_budgets_in_one_line(capsys):
 
 
 def test_a_device_plan_refuses_width_keys_it_does_not_plan(tmp_path):
-    """A plan fixes depth, FFN width and formats; a hidden size or head count would cut a student it never priced."""
+    """A plan fixes depth, widths and formats; a hidden size or head count set by hand would cut a student it never
+    priced (the plan's own hidden cut comes from --hidden-sizes)."""
     from conftest import one_line_error
 
     from edgestill.config import load_config

@@ -82,7 +82,7 @@ def _plan(loaded, gguf, device, budget, data: DataConfig, calibration_blocks: in
     metadata = priced_tokenizer_bytes(gguf, trim)
     # before the calibration text is read (unless the trim needed it): an impossible budget needs only the shape to fail
     check_budget(shape, device, budget, kwargs["formats"], kwargs.get("depths"), kwargs.get("widths"),
-                 kwargs["workload"], metadata, plan_options=plan_options)
+                 kwargs["workload"], metadata, plan_options=plan_options, hiddens=kwargs.get("hiddens"))
     blocks = blocks or corpus_blocks(data, loaded.tokenizer)
     if correction is not None:
         loaded = correct_teacher(loaded, blocks.train, blocks.val, correction)
@@ -96,7 +96,7 @@ def plan(teacher: str, device, budget, data: DataConfig | None = None, calibrati
     calibrated on the train split of `data` (default: the embedded corpus). correction: a CorrectConfig to plan for
     the corrected teacher (as `shrink` does by default), None for the teacher as given. trim_vocab: students with
     the vocabulary trimmed to that split's tokens (`shrink student.trim_vocab=true`). plan_kwargs go to
-    edgestill.plan.plan (formats, depths, widths, workload, top, ...)."""
+    edgestill.plan.plan (formats, depths, widths, hiddens, workload, top, ...)."""
     loaded, gguf = _teacher_and_gguf(teacher)
     return _plan(loaded, gguf, device, budget, data or DataConfig(), calibration_blocks, correction=correction,
                  trim_vocab=trim_vocab, **plan_kwargs)
@@ -111,17 +111,19 @@ def plans_json(path: str | Path, device, budget, teacher: str, plans: list) -> P
     return write_text_atomic(path, json.dumps(data, indent=2) + "\n", "writing the plans")
 
 
-def point_config(base: ShrinkConfig, plan, out: Path, teacher_ffn: int) -> ShrinkConfig:
-    """The ShrinkConfig that executes `plan` (an edgestill.plan.Plan) into `out`."""
+def point_config(base: ShrinkConfig, plan, out: Path, teacher_ffn: int, teacher_hidden: int | None = None) -> ShrinkConfig:
+    """The ShrinkConfig that executes `plan` (an edgestill.plan.Plan) into `out`; teacher_ffn / teacher_hidden: the
+    teacher's widths (a plan narrower than them sets student.intermediate_size / student.hidden_size)."""
     s = base.student
     if any(w is not None for w in (s.hidden_size, s.num_attention_heads, s.num_key_value_heads)):
-        raise EdgestillError("a device plan fixes the layers, the FFN width and the formats, not the hidden size or "
-                             "the heads; leave student.hidden_size, student.num_attention_heads and "
-                             "student.num_key_value_heads unset with --device and sweep")
+        raise EdgestillError("a device plan fixes the layers, the widths and the formats (the hidden size among the "
+                             "candidates you give it: --hidden-sizes), not the heads; leave student.hidden_size, "
+                             "student.num_attention_heads and student.num_key_value_heads unset with --device and sweep")
     cfg = copy.deepcopy(base)
     cfg.student.layers = list(plan.layers)
     cfg.student.num_layers = len(plan.layers)
     cfg.student.intermediate_size = plan.intermediate_size if plan.intermediate_size < teacher_ffn else None
+    cfg.student.hidden_size = plan.shape.hidden if teacher_hidden and plan.shape.hidden < teacher_hidden else None
     cfg.quant.format = plan.default_format
     cfg.quant.plan = dict(plan.quant_plan)
     cfg.student.trim_vocab = bool(plan.vocab)  # a plan priced with the trimmed vocabulary is run with it
@@ -142,7 +144,8 @@ def shrink_for_device(cfg: ShrinkConfig, device: str, budget, overwrite: bool = 
     best = _plan(loaded, gguf, device, budget, cfg.data, plan_options=False, correction=cfg.teacher.correction(),
                  trim_vocab=cfg.student.trim_vocab, top=1)[0]
     log.info("plan for %s: %s", device, best.summary())
-    point = point_config(cfg, best, Path(cfg.output.dir), loaded.model.config.intermediate_size)
+    point = point_config(cfg, best, Path(cfg.output.dir), loaded.model.config.intermediate_size,
+                         loaded.model.config.hidden_size)
     del loaded
     result = shrink(point, overwrite=overwrite)
     if result is not None:

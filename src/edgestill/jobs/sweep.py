@@ -58,6 +58,7 @@ class SweepSettings:
     baseline_types: tuple[str, ...] = BASELINE_TYPES
     calibration_blocks: int = CALIBRATION_BLOCKS
     formats: tuple[str, ...] = DEFAULT_FORMATS  # what quantization-aware training can use (q4_k's search is too slow)
+    hiddens: tuple[int, ...] | None = None  # candidate hidden sizes (Minitron's hidden cut); None: the teacher's alone
     threads: int = 2  # llama.cpp's, scoring the baselines
 
     def criteria(self) -> list:
@@ -146,7 +147,7 @@ def make_plans(cfg: ShrinkConfig, settings: SweepSettings, teacher, train_blocks
     if vocab_keep is not None:
         shape = dataclasses.replace(shape, vocab=len(vocab_keep))
     budgets, too_small = feasible_file_budgets(shape, settings.device, teacher_bytes, settings.budgets, settings.formats,
-                                               metadata_bytes)
+                                               metadata_bytes, hiddens=settings.hiddens and list(settings.hiddens))
     dropped += [{"budget_fraction": f, "max_file_bytes": int(teacher_bytes * f), "reason": why} for f, why in too_small.items()]
     batches = calibration_batches(train_blocks, settings.calibration_blocks)
     # valid for exactly these calibration tokens, teacher and formats (whatever data settings produced them)
@@ -159,12 +160,14 @@ def make_plans(cfg: ShrinkConfig, settings: SweepSettings, teacher, train_blocks
     for fraction, budget in budgets:
         try:
             best = plan(teacher, settings.device, budget, batches, formats=settings.formats, sensitivity=sensitivity,
-                        metadata_bytes=metadata_bytes, top=1, cache=cache, vocab_keep=vocab_keep)[0]
+                        metadata_bytes=metadata_bytes, top=1, cache=cache, vocab_keep=vocab_keep,
+                        hiddens=settings.hiddens and list(settings.hiddens))[0]
         except EdgestillError as e:
             log.warning("budget 1/%.0f of the teacher: %s", 1 / fraction, e)
             dropped.append({"budget_fraction": fraction, "max_file_bytes": budget.max_file_bytes, "reason": str(e)})
             continue
-        same = json.dumps([best.layers, best.intermediate_size, best.default_format, best.quant_plan], sort_keys=True)
+        same = json.dumps([best.layers, best.shape.hidden, best.intermediate_size, best.default_format, best.quant_plan],
+                          sort_keys=True)
         if same in seen:
             continue
         seen.add(same)
@@ -237,13 +240,13 @@ def baseline_points(folder: Path, reference: Reference, held_out: HeldOut, types
 def _plans(cfg: ShrinkConfig, settings: SweepSettings, out: Path, reference: Reference, train, metadata: int,
            trim=None) -> tuple[list, list]:
     """(plans, dropped budgets with their reasons): SWEEP/plans.json when it was made for these budgets, device,
-    reference, vocabulary (trim: a VocabTrim, or None for the teacher's) and formats, else new plans (written before
-    training)."""
+    reference, vocabulary (trim: a VocabTrim, or None for the teacher's), formats and hidden sizes, else new plans
+    (written before training)."""
     plans_path = out / "plans.json"
     saved = json.loads(plans_path.read_text()) if plans_path.is_file() else None
     vocab = None if trim is None else {"size": trim.size, "kept_sha256": _sha(np.asarray(trim.kept, dtype=np.int64))}
     made_for = {"budgets": settings.budgets, "device": settings.device, "reference": reference.key, "vocab": vocab,
-                "formats": list(settings.formats)}
+                "formats": list(settings.formats), "hiddens": list(settings.hiddens) if settings.hiddens else None}
     if saved is not None and {k: saved.get(k) for k in made_for} == made_for:
         return saved["plans"], saved.get("dropped", [])
     dropped: list = []
@@ -271,8 +274,8 @@ def _plan_of(cfg: ShrinkConfig) -> tuple:
     """What a plan fixes in a point's config (the layers kept, the FFN width, the formats, a trimmed vocabulary) and
     the training it gets (distill.budget, else distill.steps): a point finished otherwise is shrunk again."""
     training = cfg.distill.budget or cfg.distill.steps
-    return (list(cfg.student.layers or []), cfg.student.intermediate_size, cfg.quant.format, dict(cfg.quant.plan or {}),
-            training, cfg.student.trim_vocab)
+    return (list(cfg.student.layers or []), cfg.student.hidden_size, cfg.student.intermediate_size, cfg.quant.format,
+            dict(cfg.quant.plan or {}), training, cfg.student.trim_vocab)
 
 
 def _shrink_points(cfg: ShrinkConfig, plans: list[dict], out: Path, reference: Reference) -> list:
@@ -286,7 +289,8 @@ def _shrink_points(cfg: ShrinkConfig, plans: list[dict], out: Path, reference: R
     for i, p in enumerate(plans):
         plan = Plan.from_dict(p["plan"])
         run = out / "points" / f"{i:02d}-{p['max_file_bytes'] / 1e6:.0f}MB"
-        point_cfg = point_config(cfg, plan, run, reference.loaded.model.config.intermediate_size)
+        point_cfg = point_config(cfg, plan, run, reference.loaded.model.config.intermediate_size,
+                                 reference.loaded.model.config.hidden_size)
         if _finished_point(run, point_cfg, reference) is None:
             stale = (run / "DONE").is_file()  # another plan's or another reference's: replaced once the new one finishes
             log.info("sweep point %d/%d -> %s%s", i + 1, len(plans), run, " (made for another plan or teacher: again)" * stale)

@@ -184,7 +184,8 @@ class Plan:
         mix = ", ".join(f"{n}x{fmt}" for fmt, n in counts.most_common())
         p = self.prediction
         trim = f", vocabulary {self.vocab['size']:,} of {self.vocab['teacher_size']:,}" if self.vocab else ""
-        return (f"{self.shape.layers} layers, ffn {self.shape.intermediate}{trim}, {mix}: {p.file_bytes / 1e6:.1f} MB file, "
+        return (f"{self.shape.layers} layers{_hidden_note(self.shape)}, ffn {self.shape.intermediate}{trim}, {mix}: "
+                f"{p.file_bytes / 1e6:.1f} MB file, "
                 f"{p.peak_ram_bytes / 1e6:.1f} MB RAM, decode {p.decode_tokens_per_s:.1f} tok/s, "
                 f"prefill {p.prefill_tokens_per_s:.1f} tok/s, predicted KL {self.predicted_kl:.4f}")
 
@@ -350,7 +351,7 @@ class Floor:
         counts = Counter(self.formats.values()).most_common()
         mix = f"all {counts[0][0]}" if len(counts) == 1 else ", ".join(f"{n}x {f}" for f, n in counts)
         layers = f"{self.shape.layers} layer" + ("s" if self.shape.layers != 1 else "")
-        return f"{layers}, FFN {self.shape.intermediate}, {mix}"
+        return f"{layers}{_hidden_note(self.shape)}, FFN {self.shape.intermediate}, {mix}"
 
 
 def candidate_sizes(teacher: StudentShape, depths=None, widths=None) -> tuple[list[int], list[int]]:
@@ -364,6 +365,29 @@ def candidate_sizes(teacher: StudentShape, depths=None, widths=None) -> tuple[li
         if not 1 <= w <= teacher.intermediate:
             raise EdgestillError(f"width {w} is outside 1..{teacher.intermediate} (the teacher's FFN)")
     return depths, widths
+
+
+def candidate_hiddens(teacher: StudentShape, hiddens=None) -> list[int]:
+    """The candidate hidden sizes, largest first (default: the teacher's alone; Minitron's hidden-channel cut is a
+    lever to ask for), validated: a cut one below the teacher's and a multiple of 32 (every GGUF format's block)."""
+    hiddens = sorted(set(hiddens or [teacher.hidden]), reverse=True)
+    for h in hiddens:
+        if h != teacher.hidden and (not 32 <= h < teacher.hidden or h % 32):
+            raise EdgestillError(f"hidden size {h} must be a multiple of 32 between 32 and the teacher's {teacher.hidden} "
+                                 "(GGUF stores rows in blocks of 32)")
+    return hiddens
+
+
+def with_hidden(shape: StudentShape, hidden: int) -> StudentShape:
+    """`shape` with its hidden channels cut to `hidden` (heads and head_dim kept, as models.width cuts them)."""
+    if hidden == shape.hidden:
+        return shape
+    return dataclasses.replace(shape, hidden=hidden, head_dim=shape.dim_per_head)
+
+
+def _hidden_note(shape: StudentShape) -> str:
+    """', hidden 416' for a shape whose hidden channels were cut (hidden no longer heads x head_dim), else ''."""
+    return "" if shape.hidden == shape.heads * shape.dim_per_head else f", hidden {shape.hidden}"
 
 
 def with_device_ram(budget: Budget, device: DeviceProfile) -> Budget:
@@ -383,11 +407,12 @@ def check_formats(formats) -> None:
 
 
 def student_floor(teacher: StudentShape, device: DeviceProfile, formats=DEFAULT_FORMATS, depths=None, widths=None,
-                  workload: Workload = Workload(), metadata_bytes: int = 0) -> Floor:
-    """The Floor of plan(teacher, device, ..., formats, depths, widths): arithmetic on the cost model only."""
+                  workload: Workload = Workload(), metadata_bytes: int = 0, hiddens=None) -> Floor:
+    """The Floor of plan(teacher, device, ..., formats, depths, widths, hiddens): arithmetic on the cost model only."""
     check_formats(formats)
     depths, widths = candidate_sizes(teacher, depths, widths)
-    shape = dataclasses.replace(teacher, layers=depths[-1], intermediate=widths[-1])
+    shape = with_hidden(dataclasses.replace(teacher, layers=depths[-1], intermediate=widths[-1]),
+                        candidate_hiddens(teacher, hiddens)[-1])
     rates = Rates.of(device, workload.runtime)
     lowest_first = sorted(formats, key=lambda f: (format_bits(f), f))  # a cost tie goes to the fewer nominal bits
     costs = {u: {f: _unit_costs(shape, u, f, rates, workload.prompt_tokens) for f in lowest_first}
@@ -463,7 +488,7 @@ def floor_error(budget: Budget, floor: Floor, device: DeviceProfile, ram_from_de
 
 
 def _lower_floor_hint(teacher: StudentShape, device: DeviceProfile, budget: Budget, floor: Floor, formats, widths,
-                      workload: Workload, metadata_bytes: int) -> str:
+                      workload: Workload, metadata_bytes: int, hiddens=None) -> str:
     """How `edgestill plan`'s own options lower the floor, said only where they would let it meet `budget`.
 
     Fewer layers (--depths) help when one layer would fit; a shorter --context when the weights fit the
@@ -471,7 +496,7 @@ def _lower_floor_hint(teacher: StudentShape, device: DeviceProfile, budget: Budg
     """
     hints = []
     if floor.shape.layers > 1:
-        one = student_floor(teacher, device, formats, [1], widths, workload, metadata_bytes)
+        one = student_floor(teacher, device, formats, [1], widths, workload, metadata_bytes, hiddens)
         if not budget.violations(one.bound):
             hints.append(f"or plan fewer layers: with --depths 1 the smallest needs a {_size(one.bound.file_bytes)} "
                          f"file and {_size(one.bound.peak_ram_bytes)} peak RAM")
@@ -484,7 +509,7 @@ def _lower_floor_hint(teacher: StudentShape, device: DeviceProfile, budget: Budg
 
 def check_budget(teacher: StudentShape, device: str | DeviceProfile, budget: Budget, formats=DEFAULT_FORMATS,
                  depths=None, widths=None, workload: Workload = Workload(), metadata_bytes: int = 0,
-                 plan_options: bool = True) -> Floor:
+                 plan_options: bool = True, hiddens=None) -> Floor:
     """Refuse, with one line, a budget no plan of these candidates can meet; call it before measuring anything.
 
     plan(), shrink --device and the sweep all call it first: pure arithmetic, milliseconds. Returns the
@@ -493,10 +518,10 @@ def check_budget(teacher: StudentShape, device: str | DeviceProfile, budget: Bud
     """
     device = load_device(device)
     full = with_device_ram(budget, device)
-    floor = student_floor(teacher, device, formats, depths, widths, workload, metadata_bytes)
+    floor = student_floor(teacher, device, formats, depths, widths, workload, metadata_bytes, hiddens)
     if not full.violations(floor.bound):
         return floor
-    hint = (_lower_floor_hint(teacher, device, full, floor, formats, widths, workload, metadata_bytes)
+    hint = (_lower_floor_hint(teacher, device, full, floor, formats, widths, workload, metadata_bytes, hiddens)
             if plan_options else "")
     raise EdgestillError(floor_error(full, floor, device, budget.max_ram_bytes is None, hint=hint))
 
@@ -518,11 +543,13 @@ def default_widths(intermediate: int) -> list[int]:
 def plan(model, device: str | DeviceProfile, budget: Budget, batches, formats=DEFAULT_FORMATS,
          depths: list[int] | None = None, widths: list[int] | None = None, workload: Workload = Workload(),
          metadata_bytes: int = 0, sensitivity: Sensitivity | None = None, top: int | None = None,
-         cache: dict | None = None, vocab_keep=None) -> list[Plan]:
+         cache: dict | None = None, vocab_keep=None, hiddens: list[int] | None = None) -> list[Plan]:
     """Ranked feasible student plans for `model` (a Llama-style teacher) on `device` within `budget`.
 
     batches: calibration token ids (held-out text is never used here). depths/widths: candidate layer
-    counts and FFN sizes (defaults: 100/75/50/33/25% of the layers, 100/75/50% of the FFN).
+    counts and FFN sizes (defaults: 100/75/50/33/25% of the layers, 100/75/50% of the FFN). hiddens: candidate hidden sizes
+    (default: the teacher's alone), cut Minitron-style by activation importance on `batches` as shrink cuts them
+    (student.hidden_size; heads and head_dim kept); every layer/FFN candidate is tried at each.
     metadata_bytes: the tokenizer's share of the GGUF (cost.tokenizer_metadata_bytes(teacher.gguf)).
     cache: a dict kept between calls on the same model and batches (a sweep plans for several budgets): the
       reference logits, block influence and every candidate's structural KL are measured once.
@@ -553,8 +580,9 @@ def plan(model, device: str | DeviceProfile, budget: Budget, batches, formats=DE
         columns = torch.tensor(ids, dtype=torch.long)
         teacher_shape = dataclasses.replace(teacher_shape, vocab=len(columns))
     depths, widths = candidate_sizes(teacher_shape, depths, widths)
+    hiddens = candidate_hiddens(teacher_shape, hiddens)
     # An impossible budget fails here, in milliseconds, not after the minutes of measurement below.
-    check_budget(teacher_shape, device, budget, formats, depths, widths, workload, metadata_bytes)
+    check_budget(teacher_shape, device, budget, formats, depths, widths, workload, metadata_bytes, hiddens=hiddens)
     budget = with_device_ram(budget, device)
     model.eval()
     cache = {} if cache is None else cache
@@ -580,34 +608,37 @@ def plan(model, device: str | DeviceProfile, budget: Budget, batches, formats=DE
     scores = cache["block_influence"]
 
     plans, nearest = [], None
-    for depth in depths:
+    for depth, width, hidden in ((d, w, h) for d in depths for w in widths for h in hiddens):
         layers = choose_layers(teacher_shape.layers, depth, scores)
-        for width in widths:
-            shape = dataclasses.replace(teacher_shape, layers=depth, intermediate=width)
-            if depth == teacher_shape.layers and width == teacher_shape.intermediate:
-                structural = 0.0  # the teacher itself, only quantized
-            elif (depth, width, trimmed) in cache:
-                structural = cache[(depth, width, trimmed)]
-            else:
-                student = slice_decoder(model, layers, allow_full=True)
-                if width != teacher_shape.intermediate:  # FFN units ranked by their activations, as shrink cuts them
-                    student = prune_width(student, batches, intermediate_size=width)
-                structural = cache[(depth, width, trimmed)] = mean_kl(student, batches, reference, columns)
-                del student
-                log.info("candidate %d layers, ffn %d: structural KL %.4f", depth, width, structural)
-            sens = sensitivity.remap(layers)
-            try:
-                formats_by_unit, prediction, quant_kl = allocate(shape, sens, device, budget, formats, workload,
-                                                                 metadata_bytes)
-            except _Infeasible as e:
-                worst = max(e.violated.values())
-                if nearest is None or worst < nearest[0]:
-                    nearest = (worst, shape, layers, e.state, e.prediction, e.violated)
-                continue
-            default, qplan = plan_dict(formats_by_unit)
-            plans.append(Plan(shape=shape, layers=list(layers), default_format=default, quant_plan=qplan,
-                              prediction=prediction, predicted_kl=structural + quant_kl, structural_kl=structural,
-                              quantization_kl=quant_kl, device=device.name, workload=workload, vocab=trim_record))
+        shape = with_hidden(dataclasses.replace(teacher_shape, layers=depth, intermediate=width), hidden)
+        narrower = {"intermediate_size": width} if width != teacher_shape.intermediate else {}
+        if hidden != teacher_shape.hidden:
+            narrower["hidden_size"] = hidden
+        key = (depth, width, trimmed) if hidden == teacher_shape.hidden else (depth, width, trimmed, hidden)
+        if depth == teacher_shape.layers and not narrower:
+            structural = 0.0  # the teacher itself, only quantized
+        elif key in cache:
+            structural = cache[key]
+        else:
+            student = slice_decoder(model, layers, allow_full=True)
+            if narrower:  # FFN units and hidden channels ranked by their activations, as shrink cuts them
+                student = prune_width(student, batches, **narrower)
+            structural = cache[key] = mean_kl(student, batches, reference, columns)
+            del student
+            log.info("candidate %d layers%s, ffn %d: structural KL %.4f", depth, _hidden_note(shape), width, structural)
+        sens = sensitivity.remap(layers)
+        try:
+            formats_by_unit, prediction, quant_kl = allocate(shape, sens, device, budget, formats, workload,
+                                                             metadata_bytes)
+        except _Infeasible as e:
+            worst = max(e.violated.values())
+            if nearest is None or worst < nearest[0]:
+                nearest = (worst, shape, layers, e.state, e.prediction, e.violated)
+            continue
+        default, qplan = plan_dict(formats_by_unit)
+        plans.append(Plan(shape=shape, layers=list(layers), default_format=default, quant_plan=qplan,
+                          prediction=prediction, predicted_kl=structural + quant_kl, structural_kl=structural,
+                          quantization_kl=quant_kl, device=device.name, workload=workload, vocab=trim_record))
     if not plans:
         worst, shape, layers, state, p, violated = nearest
         mix = ", ".join(f"{n}x{fmt}" for fmt, n in Counter(state.values()).most_common())
@@ -616,7 +647,7 @@ def plan(model, device: str | DeviceProfile, budget: Budget, batches, formats=DE
                 "prefill": f"min_prefill_tokens_per_s <= {p.prefill_tokens_per_s:.1f}"}
         raise EdgestillError(
             f"no student fits the budget on {device.name} ({budget.to_dict()}). The nearest: {shape.layers} layers "
-            f"(teacher layers {layers}), ffn {shape.intermediate}, at its lowest formats ({mix}): "
+            f"(teacher layers {layers}){_hidden_note(shape)}, ffn {shape.intermediate}, at its lowest formats ({mix}): "
             f"{p.file_bytes / 1e6:.1f} MB file, {p.peak_ram_bytes / 1e6:.1f} MB peak RAM, "
             f"decode {p.decode_tokens_per_s:.1f} tok/s, prefill {p.prefill_tokens_per_s:.1f} tok/s; it would need "
             + ", ".join(need[k] for k in violated)
@@ -631,12 +662,13 @@ def uniform_bytes(shape: StudentShape, fmt: str, metadata_bytes: int = 0) -> int
 
 
 def feasible_file_budgets(teacher: StudentShape, device: str | DeviceProfile, teacher_bytes: int, fractions,
-                          formats=DEFAULT_FORMATS, metadata_bytes: int = 0) -> tuple[list[tuple[float, Budget]], dict]:
+                          formats=DEFAULT_FORMATS, metadata_bytes: int = 0,
+                          hiddens=None) -> tuple[list[tuple[float, Budget]], dict]:
     """([(fraction, Budget(max_file_bytes=fraction x teacher_bytes))] for the fractions the smallest plannable student
     can meet, {fraction: why} for the others), before anything is measured; each drop is also logged as a warning.
     None left: one line, at once."""
     device = load_device(device)
-    floor = student_floor(teacher, device, formats, metadata_bytes=metadata_bytes)
+    floor = student_floor(teacher, device, formats, metadata_bytes=metadata_bytes, hiddens=hiddens)
     n = teacher_bytes // floor.bound.file_bytes  # 1/n: the tightest fraction whose budget the floor's file fits
     fixes = {"file": f"use --budgets no tighter than 1/{n} of the teacher ({teacher_bytes / 1e6:.1f}MB in fp32)"
              if n >= 1 else "no file budget below the teacher's own size can be met"}
