@@ -833,6 +833,7 @@ TABLES = {"default_run": default_run_table, "distill_throughput": throughput_tab
           "shrink_curve_levers": shrink_curve_table,
           "shrink_curve_compare": lambda r: shrink_curve_compare(r, ("Q3_K, full vocabulary", _load("shrink_curve_q3k")),
                                                                  ("trim, 4 bits and up", _load("shrink_curve_trim")),
+                                                                 ("trim + Q3_K + hidden cut", _load("shrink_curve_hidden")),
                                                                  ("default", _load("shrink_curve"))),
           "mixed_vs_uniform": mixed_vs_uniform_table, "serve_load": serve_load_table,
           "serve_load_overload": serve_load_table, "timeseries": timeseries_table,

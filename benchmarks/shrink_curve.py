@@ -13,6 +13,10 @@
         student.trim_vocab=true
         # the trim without Q3_K at the same two budgets (the same copies; its three formats are read from the
         # lever sweep's four-format sensitivities)
+    python benchmarks/shrink_curve.py --name shrink_curve_hidden --out runs/sweep-hidden --budgets 1/24 \
+        --formats q8_0,q5_0,q4_0,q3_k --hidden-sizes 576,448,384 student.trim_vocab=true
+        # every lever and the hidden-channel cut at the tightest budget, the only one whose plan it changes
+        # (the same copies first)
 
 The sweep itself is the user command (`edgestill sweep`, resumable: rerun after a kill and it continues);
 this script runs it and files its shrink_curve.json and plot where the README reads them. Teacher smollm2-135m
@@ -80,11 +84,12 @@ def main() -> None:
     ap.add_argument("--copy", action="store_true", help="do not run the sweep; file the results of a finished one")
     ap.add_argument("--formats", help="the formats plans may use (the sweep's --formats; default: its default)")
     ap.add_argument("--budgets", help="the sweep's --budgets (default: its default, 1/4 ... 1/24 of fp32)")
+    ap.add_argument("--hidden-sizes", help="the sweep's --hidden-sizes (default: the teacher's hidden alone)")
     ap.add_argument("overrides", nargs="*", help="config overrides for every point, e.g. student.trim_vocab=true")
     args = ap.parse_args()
     argv = ["sweep", "--device", args.device, "--out", args.out, *(["--formats", args.formats] if args.formats else []),
             *(["--budgets", args.budgets] if args.budgets else []),
-            *args.overrides]
+            *(["--hidden-sizes", args.hidden_sizes] if args.hidden_sizes else []), *args.overrides]
     if not args.copy:
         from edgestill.cli import main as cli
 
