@@ -58,8 +58,8 @@ def test_a_trimmed_run_refuses_a_ready_made_student(tiny_model_dir, tiny_corpus,
     assert not (tmp_path / "run").exists() and not (tmp_path / "run.partial").exists()
 
 
-@pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python is not installed")
-def test_the_trimmed_students_gguf_runs_in_llamacpp_with_its_tokenizer(trimmed_run, tmp_path):
+def _runs_in_llamacpp_as_transformers_does(run, tmp_path) -> None:
+    """The run's student exported to an f32 GGUF: llama.cpp tokenizes as its tokenizer does and gives its logits."""
     import numpy as np
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -68,9 +68,9 @@ def test_the_trimmed_students_gguf_runs_in_llamacpp_with_its_tokenizer(trimmed_r
     from edgestill.runtime.llamacpp import LlamaCpp, llamacpp_logits
 
     gguf = tmp_path / "student.gguf"
-    assert main(["export", str(trimmed_run), "--format", "gguf", "--out", str(gguf), "--type", "f32"]) == 0
-    tok = AutoTokenizer.from_pretrained(trimmed_run / "student")
-    model = AutoModelForCausalLM.from_pretrained(trimmed_run / "student", dtype=torch.float32).eval()
+    assert main(["export", str(run), "--format", "gguf", "--out", str(gguf), "--type", "f32"]) == 0
+    tok = AutoTokenizer.from_pretrained(run / "student")
+    model = AutoModelForCausalLM.from_pretrained(run / "student", dtype=torch.float32).eval()
     text = "the king spoke of quantum zebras"
     with LlamaCpp(gguf, n_ctx=64) as m:
         assert m.llm.tokenize(text.encode(), add_bos=False, special=False) == tok(text)["input_ids"]
@@ -79,6 +79,25 @@ def test_the_trimmed_students_gguf_runs_in_llamacpp_with_its_tokenizer(trimmed_r
         ref = model(torch.tensor([ids])).logits[0].numpy()
     parity = logit_parity(ref, np.asarray(llamacpp_logits(gguf, ids, kv_type="f32")))
     assert parity["top1_agreement"] >= 0.99 and parity["max_abs_diff"] < 1e-4 * parity["logit_scale"]
+
+
+@pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python is not installed")
+def test_the_trimmed_students_gguf_runs_in_llamacpp_with_its_tokenizer(trimmed_run, tmp_path):
+    _runs_in_llamacpp_as_transformers_does(trimmed_run, tmp_path)
+
+
+@pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python is not installed")
+def test_a_trimmed_student_with_cut_hidden_channels_runs_in_llamacpp(tiny_model_dir, narrow_corpus, tmp_path_factory,
+                                                                       tmp_path):
+    """Two levers a plan can pull together (--hidden-sizes with student.trim_vocab): fewer embedding rows, and
+    narrower ones."""
+    import json
+
+    run = shrunk_run(tmp_path_factory, "trim-hidden", tiny_model_dir, narrow_corpus, "student.trim_vocab=true",
+                     "student.hidden_size=32", steps=2)
+    config = json.loads((run / "student" / "config.json").read_text())
+    assert config["hidden_size"] == 32 and config["vocab_size"] < 300
+    _runs_in_llamacpp_as_transformers_does(run, tmp_path)
 
 
 def test_the_trim_keeps_every_token_of_the_whole_training_split_not_only_the_sample(tiny_model_dir, tmp_path):
