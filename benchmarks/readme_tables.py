@@ -270,6 +270,18 @@ def _seed_rows(r: dict | None, data: str, size: str) -> list[dict]:
     return [x for x in rows if x["kind"] == "kd" and (x["name"] == size or x.get("seed_of") == size)]
 
 
+_RECIPE_ARGS = {"student_steps": "at most {} steps", "student_patience": "patience {}", "augment": "{} perturbed copies",
+                "temperature": "T = {}", "alpha": "α = {}", "hidden_weight": "hidden-state weight {}",
+                "student_lr": "lr {}", "student_batch_size": "batch {}"}
+
+
+def _recipe_change(args: dict, base: dict) -> str:
+    """What a variant's benchmarks/classifier.py settings change against the base result's: 'patience 0, at most
+    6000 steps' (the settings that shape a student's training)."""
+    changed = [fmt.format(args[k]) for k, fmt in _RECIPE_ARGS.items() if k in args and args[k] != base.get(k)]
+    return ", ".join(changed) or "the same settings"
+
+
 def classifier_recipes_table(r: dict, data: str = "moviereviews", size: str = "kd-50x") -> str:
     """One student size trained with two recipes over the same seeds: the result `r` (a variant's
     benchmarks/classifier.py --name ... run) beside classifier.json's rows. Recipes are compared on the val macro-F1
@@ -278,15 +290,15 @@ def classifier_recipes_table(r: dict, data: str = "moviereviews", size: str = "k
     ours = _seed_rows(r, data, size)
     if not ours:
         return f"_no {size} rows for {data} in this result_"
-    args = r.get("args") or {}
-    label = (f"patience {args.get('student_patience')}, {args.get('student_steps')} steps"
-             if args.get("student_patience") is not None else r.get("command", "variant"))
+    label = _recipe_change(r.get("args") or {}, (base or {}).get("args") or {})
     teacher = next((x for x in r["datasets"][data]["rows"] if x["kind"] == "teacher"), None)
     tfidf = next((x for x in r["datasets"][data]["rows"] if x["kind"] == "tfidf"), None)
     out = ["| recipe | student seed | steps run | step kept | val macro-F1 (kept state) | test macro-F1 | retention "
            "(macro-F1) | beats TF-IDF + LR | commit |", "|---|---:|---:|---:|---:|---:|---:|---|---|"]
     means = []
-    for name, rows in (("the table above (early stopping, patience 3)", _seed_rows(base, data, size)), (label, ours)):
+    b = (base or {}).get("args") or {}
+    base_label = f"the table above (patience {b.get('student_patience', '?')}, at most {b.get('student_steps', '?')} steps)"
+    for name, rows in ((base_label, _seed_rows(base, data, size)), (label, ours)):
         for x in rows:
             env = x.get("environment") or {}
             out.append(f"| {name} | {x.get('student_seed', '?')} | {x.get('stopped_at_step', '?')} | "
@@ -297,9 +309,11 @@ def classifier_recipes_table(r: dict, data: str = "moviereviews", size: str = "k
             vals = [x["best_val_macro_f1"] for x in rows if x.get("best_val_macro_f1") is not None]
             ret = [x["retention_macro_f1"] for x in rows]
             sd = statistics.stdev(ret) if len(ret) > 1 else 0.0
-            means.append(f"{name}: {len(rows)} seeds, val macro-F1 "
+            seeds = f"{len(rows)} seeds" if len(rows) > 1 else "1 seed (not a claim)"
+            means.append(f"{name}: {seeds}, val macro-F1 "
                          + (f"{statistics.mean(vals):.4f}" if len(vals) == len(rows) else "not recorded")
-                         + f", test retention {statistics.mean(ret) * 100:.1f}% ± {sd * 100:.1f}")
+                         + f", test retention {statistics.mean(ret) * 100:.1f}%"
+                         + (f" ± {sd * 100:.1f}" if len(rows) > 1 else ""))
     tail = [f"Mean over seeds: {'; '.join(means)}."]
     if teacher and tfidf:
         tail.append(f"Teacher macro-F1 {teacher['macro_f1']:.4f} (97% of it: {0.97 * teacher['macro_f1']:.4f}); "
@@ -842,7 +856,7 @@ TABLES = {"default_run": default_run_table, "distill_throughput": throughput_tab
           "onion_filter": onion_filter_table, "edgevl": edgevl_table,
           "levers": levers_table,
           "decode_speed": decode_speed_table, "decode_speed_sweep": decode_speed_table,
-          "classifier_patience0": classifier_recipes_table, "recovery_curve": recovery_curve_table}
+          "classifier_patience0": classifier_recipes_table, "classifier_augment8": classifier_recipes_table, "recovery_curve": recovery_curve_table}
 SOURCES = {"shrink_curve_summary": "shrink_curve", "audit_lm": "audit",  # tables rendered from another table's JSON
            "shrink_curve_compare": "shrink_curve_levers",
            "timeseries_size": "timeseries_student_c8h16"}

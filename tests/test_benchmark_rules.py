@@ -74,13 +74,13 @@ def test_classifier_recipes_table_compares_two_recipes_seed_by_seed_and_on_their
             x.update(student_seed=s, best_val_macro_f1=v, best_step=100 * (s + 1), stopped_at_step=3000)
         return {"args": args, "datasets": {"moviereviews": {"rows": rows}}}
 
-    base = result([0.80, 0.81, 0.79], [0.75, 0.76, 0.77])
+    base = result([0.80, 0.81, 0.79], [0.75, 0.76, 0.77], student_patience=3, student_steps=3000, augment=4)
     monkeypatch.setattr(readme_tables, "_load", lambda name: base if name == "classifier" else None)
     table = readme_tables.classifier_recipes_table(result([0.82, 0.83, 0.81], [0.78, 0.78, 0.78], student_patience=0,
-                                                          student_steps=3000))
+                                                          student_steps=6000, augment=4))
     lines = table.splitlines()
-    assert sum(line.startswith("| patience 0, 3000 steps |") for line in lines) == 3
-    assert sum(line.startswith("| the table above") for line in lines) == 3
+    assert sum(line.startswith("| at most 6000 steps, patience 0 |") for line in lines) == 3
+    assert sum(line.startswith("| the table above (patience 3, at most 3000 steps) |") for line in lines) == 3
     assert "val macro-F1 0.7600, test retention 95.2% ± 1.2" in table  # the base recipe: mean of its seeds
     assert "val macro-F1 0.7800, test retention 97.6% ± 1.2" in table
     assert "97% of it: 0.8148" in table
