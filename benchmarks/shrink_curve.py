@@ -14,9 +14,9 @@
         # the trim without Q3_K at the same two budgets (the same copies; its three formats are read from the
         # lever sweep's four-format sensitivities)
     python benchmarks/shrink_curve.py --name shrink_curve_hidden --out runs/sweep-hidden --budgets 1/24 \
-        --formats q8_0,q5_0,q4_0,q3_k --hidden-sizes 576,448,384 student.trim_vocab=true
-        # every lever and the hidden-channel cut at the tightest budget, the only one whose plan it changes
-        # (the same copies first)
+        --formats q8_0,q5_0,q4_0,q3_k --hidden-sizes 576,288 student.trim_vocab=true
+        # every lever and the hidden-channel cut (288: the only size both GGUF's blocks and the 9 heads divide)
+        # at the tightest budget (the same copies first)
 
 The sweep itself is the user command (`edgestill sweep`, resumable: rerun after a kill and it continues);
 this script runs it and files its shrink_curve.json and plot where the README reads them. Teacher smollm2-135m

@@ -19,6 +19,7 @@ from edgestill.models.slice import build_student, count_params, decoder_layers, 
 from edgestill.models.width import (
     WidthKeep,
     activation_scores,
+    check_widths,
     choose_heads,
     cut_width,
     prune_width,
@@ -231,8 +232,14 @@ def test_ffn_only_weight_cut_is_slice_decoders(teacher, calibration):
     (dict(num_attention_heads=3), "not a multiple of student.num_key_value_heads=2"),
     (dict(num_attention_heads=4, num_key_value_heads=1), "4 query heads per KV head, more than the teacher's 2"),
     (dict(intermediate_size=129), "student.intermediate_size=129 must be between 1 and the teacher's 128"),
+    # transformers refuses hidden % heads != 0 even with head_dim set: refused before any training, not at save
+    (dict(hidden_size=34), "student.hidden_size=34 is not a multiple of the student's 4 attention heads"),
+    (dict(hidden_size=36, num_attention_heads=2, num_key_value_heads=1), None),
 ])
 def test_bad_widths_name_the_key_to_fix(teacher, widths, needle):
+    if needle is None:  # a good size: check_widths lets it through
+        assert check_widths(teacher.config, **widths)[0] == widths["hidden_size"]
+        return
     assert needle in one_line_error(prune_width, teacher, None, **widths)
 
 

@@ -25,8 +25,13 @@ def test_candidate_hidden_sizes_are_validated():
     teacher = StudentShape(layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=300)
     assert candidate_hiddens(teacher) == [64] and candidate_hiddens(teacher, [32, 64, 32]) == [64, 32]
     for bad in (48, 96, 0):
-        with pytest.raises(EdgestillError, match="multiple of 32 between 32 and the teacher's 64"):
+        with pytest.raises(EdgestillError, match="must be a multiple of 32 .* below the teacher's 64; use 32"):
             candidate_hiddens(teacher, [bad])
+    # SmolLM2's 9 heads: transformers needs hidden % heads == 0, GGUF blocks of 32, so 288 is the only cut
+    smollm = StudentShape(layers=30, hidden=576, intermediate=1536, heads=9, kv_heads=3, vocab=49152, head_dim=64)
+    assert candidate_hiddens(smollm, [576, 288]) == [576, 288]
+    with pytest.raises(EdgestillError, match="multiple of 288 .* 9 for the teacher's heads.*; use 288$"):
+        candidate_hiddens(smollm, [576, 384])
 
 
 def test_a_narrower_hidden_lowers_the_floor(tiny2, toy_device):

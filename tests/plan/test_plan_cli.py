@@ -38,7 +38,7 @@ def test_plan_writes_ranked_plans_within_budget(tiny_model_dir, tiny_corpus, tmp
     assert hiddens == {64, 32}, hiddens
     assert main(["plan", "--device", str(device), "--teacher", str(tiny_model_dir), "--data", str(tiny_corpus),
                  "--file-size", "150KB", "--depths", "2", "--hidden-sizes", "48"]) == 2
-    assert "multiple of 32" in capsys.readouterr().err
+    assert "must be a multiple of 32" in capsys.readouterr().err
     assert main(["plan", "--device", str(device), "--teacher", str(tiny_model_dir), "--data", str(tiny_corpus),
                  "--file-size", "1KB", "--depths", "2", "--widths", "128", "--calibration-tokens", "64"]) == 2
     err = capsys.readouterr().err

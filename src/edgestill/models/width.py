@@ -107,6 +107,10 @@ def check_widths(config, hidden_size: int | None = None, num_attention_heads: in
                               ("num_attention_heads", heads, n_head), ("intermediate_size", ffn, config.intermediate_size)):
         if not 1 <= value <= limit:
             raise EdgestillError(f"student.{key}={value} must be between 1 and the teacher's {limit}")
+    if hidden != config.hidden_size and hidden % heads:
+        raise EdgestillError(f"student.hidden_size={hidden} is not a multiple of the student's {heads} attention heads: "
+                             "transformers refuses such a Llama config (even with head_dim set); use a multiple of "
+                             f"{heads}, e.g. {hidden // heads * heads or heads}")
     if heads % kv:
         raise EdgestillError(f"student.num_attention_heads={heads} is not a multiple of student.num_key_value_heads={kv}: "
                              "every KV head serves the same number of query heads (transformers and llama.cpp); "

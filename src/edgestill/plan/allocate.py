@@ -369,12 +369,17 @@ def candidate_sizes(teacher: StudentShape, depths=None, widths=None) -> tuple[li
 
 def candidate_hiddens(teacher: StudentShape, hiddens=None) -> list[int]:
     """The candidate hidden sizes, largest first (default: the teacher's alone; Minitron's hidden-channel cut is a
-    lever to ask for), validated: a cut one below the teacher's and a multiple of 32 (every GGUF format's block)."""
+    lever to ask for), validated: a cut one below the teacher's, a multiple of 32 (every GGUF format's block) and of
+    the heads, which the cut keeps (transformers refuses a Llama config whose hidden size is not)."""
     hiddens = sorted(set(hiddens or [teacher.hidden]), reverse=True)
+    step = math.lcm(32, teacher.heads)
     for h in hiddens:
-        if h != teacher.hidden and (not 32 <= h < teacher.hidden or h % 32):
-            raise EdgestillError(f"hidden size {h} must be a multiple of 32 between 32 and the teacher's {teacher.hidden} "
-                                 "(GGUF stores rows in blocks of 32)")
+        if h != teacher.hidden and (not step <= h < teacher.hidden or h % step):
+            fits = [n for n in range(step, teacher.hidden, step)][::-1]
+            raise EdgestillError(f"hidden size {h} cannot be cut to: it must be a multiple of {step} (32 for GGUF's "
+                                 f"blocks, {teacher.heads} for the teacher's heads, which transformers needs) below the "
+                                 f"teacher's {teacher.hidden}; " + (f"use {', '.join(map(str, fits))}" if fits else
+                                                                     "this teacher has no such size"))
     return hiddens
 
 
