@@ -78,18 +78,21 @@ def test_a_point_reads_its_run_metrics_against_the_reference():
 
 def test_a_point_names_the_levers_its_run_pulled():
     m = {"compression_x_fp32": 20.0, "retention": 0.5, "top1_agreement": 0.5,
-         "teacher": {"num_layers": 30, "intermediate_size": 1536},
+         "teacher": {"num_layers": 30, "intermediate_size": 1536, "hidden_size": 576},
          "student": {"bytes": 1000, "perplexity": 30.0, "num_layers": 10, "intermediate_size": 768, "quant": "q3_k",
-                     "low_rank": None},
+                     "low_rank": None, "hidden_size": 288},
          "vocab_trim": {"student_vocab": 9000, "teacher_vocab": 49152, "teacher_trimmed_mass": 0.01}}
     assert ShrinkPoint.from_metrics("10L q3_k", m).levers == {
-        "layers": [10, 30], "ffn": [768, 1536], "vocab": [9000, 49152], "format": "q3_k", "low_rank": None}
-    full = {**m, "student": {**m["student"], "num_layers": 30, "intermediate_size": 1536, "quant": None,
+        "layers": [10, 30], "ffn": [768, 1536], "hidden": [288, 576], "vocab": [9000, 49152], "format": "q3_k",
+        "low_rank": None}
+    full = {**m, "student": {**m["student"], "num_layers": 30, "intermediate_size": 1536, "hidden_size": 576, "quant": None,
                              "low_rank": {"keep": 0.5, "factorized": 7, "ranks": {"a": 3}}}, "vocab_trim": None}
     assert ShrinkPoint.from_metrics("30L", full).levers == {
-        "layers": None, "ffn": None, "vocab": None, "format": None, "low_rank": {"keep": 0.5, "factorized": 7}}
-    older = {**m, "teacher": {"num_layers": 30}}  # a run from before the teacher's FFN width was recorded
+        "layers": None, "ffn": None, "hidden": None, "vocab": None, "format": None,
+        "low_rank": {"keep": 0.5, "factorized": 7}}
+    older = {**m, "teacher": {"num_layers": 30}}  # a run from before the teacher's widths were recorded
     assert ShrinkPoint.from_metrics("10L", older).levers["ffn"] is None
+    assert ShrinkPoint.from_metrics("10L", older).levers["hidden"] is None
 
 
 def test_report_writes_json_png_and_html(tmp_path):

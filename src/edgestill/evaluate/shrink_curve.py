@@ -92,8 +92,8 @@ class ShrinkPoint:
 
 
 def levers_used(m: dict) -> dict:
-    """The levers a shrink run pulled, from its metrics.json; each is None when left alone. `layers` and `ffn`:
-    [student, teacher] (depth and FFN-width slicing); `vocab`: [student, teacher] (a trimmed vocabulary); `format`:
+    """The levers a shrink run pulled, from its metrics.json; each is None when left alone. `layers`, `ffn` and
+    `hidden`: [student, teacher] (depth slicing, FFN-width and hidden-channel cuts); `vocab`: [student, teacher] (a trimmed vocabulary); `format`:
     the GGUF weight format QAT trained in (a point named "+mix" has per-unit formats on top); `low_rank`: the share
     of parameters the factorised blocks keep and how many matrices were factorised. Runs from before the teacher's
     FFN width was recorded read it as the student's."""
@@ -105,6 +105,7 @@ def levers_used(m: dict) -> dict:
     trim, low_rank = m.get("vocab_trim"), s.get("low_rank")
     return {"layers": sliced("num_layers", t.get("num_layers")),
             "ffn": sliced("intermediate_size", t.get("intermediate_size", s.get("intermediate_size"))),
+            "hidden": sliced("hidden_size", t.get("hidden_size", s.get("hidden_size"))),
             "vocab": [trim["student_vocab"], trim["teacher_vocab"]] if trim else None,
             "format": s.get("quant"),
             "low_rank": {k: v for k, v in low_rank.items() if k != "ranks"} if low_rank else None}

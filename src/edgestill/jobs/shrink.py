@@ -307,6 +307,7 @@ def _metrics(cfg: ShrinkConfig, run_dir: Path, final_dir: Path, teacher, student
                     "source_bytes": source_bytes, "source": str(source or teacher.path),
                     "num_layers": len(decoder_layers(teacher.model)),
                     "intermediate_size": getattr(teacher.model.config, "intermediate_size", None),
+                    "hidden_size": getattr(teacher.model.config, "hidden_size", None),
                     "perplexity": summary["teacher_perplexity"],
                     "correction": _correction(teacher.path), **speed["teacher"]},
         "student": {"path": str(final_dir / "student"), "artifact": str(final_dir / artifact.name),
