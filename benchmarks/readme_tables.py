@@ -301,8 +301,9 @@ def classifier_recipes_table(r: dict, data: str = "moviereviews", size: str = "k
     for name, rows in ((base_label, _seed_rows(base, data, size)), (label, ours)):
         for x in rows:
             env = x.get("environment") or {}
+            val = x.get("best_val_macro_f1")
             out.append(f"| {name} | {x.get('student_seed', '?')} | {x.get('stopped_at_step', '?')} | "
-                       f"{x.get('best_step', '?')} | {'—' if x.get('best_val_macro_f1') is None else format(x['best_val_macro_f1'], '.4f')} | {x['macro_f1']:.4f} | "
+                       f"{x.get('best_step', '?')} | {'—' if val is None else f'{val:.4f}'} | {x['macro_f1']:.4f} | "
                        f"{x['retention_macro_f1']:.3f} | {'yes' if x.get('beats_tfidf_logreg') else 'no'} | "
                        f"`{(env.get('git_commit') or '?')[:7]}` |")
         if rows:
@@ -856,7 +857,8 @@ TABLES = {"default_run": default_run_table, "distill_throughput": throughput_tab
           "onion_filter": onion_filter_table, "edgevl": edgevl_table,
           "levers": levers_table,
           "decode_speed": decode_speed_table, "decode_speed_sweep": decode_speed_table,
-          "classifier_patience0": classifier_recipes_table, "classifier_augment8": classifier_recipes_table, "recovery_curve": recovery_curve_table}
+          "classifier_patience0": classifier_recipes_table, "classifier_augment8": classifier_recipes_table,
+          "recovery_curve": recovery_curve_table}
 SOURCES = {"shrink_curve_summary": "shrink_curve", "audit_lm": "audit",  # tables rendered from another table's JSON
            "shrink_curve_compare": "shrink_curve_levers",
            "timeseries_size": "timeseries_student_c8h16"}

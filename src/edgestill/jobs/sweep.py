@@ -147,7 +147,7 @@ def make_plans(cfg: ShrinkConfig, settings: SweepSettings, teacher, train_blocks
     if vocab_keep is not None:
         shape = dataclasses.replace(shape, vocab=len(vocab_keep))
     budgets, too_small = feasible_file_budgets(shape, settings.device, teacher_bytes, settings.budgets, settings.formats,
-                                               metadata_bytes, hiddens=settings.hiddens and list(settings.hiddens))
+                                               metadata_bytes, hiddens=settings.hiddens)
     dropped += [{"budget_fraction": f, "max_file_bytes": int(teacher_bytes * f), "reason": why} for f, why in too_small.items()]
     batches = calibration_batches(train_blocks, settings.calibration_blocks)
     # valid for exactly these calibration tokens, teacher and formats (whatever data settings produced them)
@@ -161,7 +161,7 @@ def make_plans(cfg: ShrinkConfig, settings: SweepSettings, teacher, train_blocks
         try:
             best = plan(teacher, settings.device, budget, batches, formats=settings.formats, sensitivity=sensitivity,
                         metadata_bytes=metadata_bytes, top=1, cache=cache, vocab_keep=vocab_keep,
-                        hiddens=settings.hiddens and list(settings.hiddens))[0]
+                        hiddens=settings.hiddens)[0]
         except EdgestillError as e:
             log.warning("budget 1/%.0f of the teacher: %s", 1 / fraction, e)
             dropped.append({"budget_fraction": fraction, "max_file_bytes": budget.max_file_bytes, "reason": str(e)})
@@ -271,7 +271,8 @@ def _finished_point(run: Path, point_cfg: ShrinkConfig, reference: Reference) ->
 
 
 def _plan_of(cfg: ShrinkConfig) -> tuple:
-    """What a plan fixes in a point's config (the layers kept, the FFN width, the formats, a trimmed vocabulary) and
+    """What a plan fixes in a point's config (the layers kept, the hidden and FFN widths, the formats, a trimmed
+    vocabulary) and
     the training it gets (distill.budget, else distill.steps): a point finished otherwise is shrunk again."""
     training = cfg.distill.budget or cfg.distill.steps
     return (list(cfg.student.layers or []), cfg.student.hidden_size, cfg.student.intermediate_size, cfg.quant.format,

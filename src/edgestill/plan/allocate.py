@@ -375,7 +375,7 @@ def candidate_hiddens(teacher: StudentShape, hiddens=None) -> list[int]:
     step = math.lcm(32, teacher.heads)
     for h in hiddens:
         if h != teacher.hidden and (not step <= h < teacher.hidden or h % step):
-            fits = [n for n in range(step, teacher.hidden, step)][::-1]
+            fits = range(step, teacher.hidden, step)[::-1]
             raise EdgestillError(f"hidden size {h} cannot be cut to: it must be a multiple of {step} (32 for GGUF's "
                                  f"blocks, {teacher.heads} for the teacher's heads, which transformers needs) below the "
                                  f"teacher's {teacher.hidden}; " + (f"use {', '.join(map(str, fits))}" if fits else
@@ -552,8 +552,8 @@ def plan(model, device: str | DeviceProfile, budget: Budget, batches, formats=DE
     """Ranked feasible student plans for `model` (a Llama-style teacher) on `device` within `budget`.
 
     batches: calibration token ids (held-out text is never used here). depths/widths: candidate layer
-    counts and FFN sizes (defaults: 100/75/50/33/25% of the layers, 100/75/50% of the FFN). hiddens: candidate hidden sizes
-    (default: the teacher's alone), cut Minitron-style by activation importance on `batches` as shrink cuts them
+    counts and FFN sizes (defaults: 100/75/50/33/25% of the layers, 100/75/50% of the FFN). hiddens: candidate
+    hidden sizes (default: the teacher's alone), cut Minitron-style by activation importance on `batches` as shrink cuts them
     (student.hidden_size; heads and head_dim kept); every layer/FFN candidate is tried at each.
     metadata_bytes: the tokenizer's share of the GGUF (cost.tokenizer_metadata_bytes(teacher.gguf)).
     cache: a dict kept between calls on the same model and batches (a sweep plans for several budgets): the
@@ -613,37 +613,38 @@ def plan(model, device: str | DeviceProfile, budget: Budget, batches, formats=DE
     scores = cache["block_influence"]
 
     plans, nearest = [], None
-    for depth, width, hidden in ((d, w, h) for d in depths for w in widths for h in hiddens):
+    for depth in depths:
         layers = choose_layers(teacher_shape.layers, depth, scores)
-        shape = with_hidden(dataclasses.replace(teacher_shape, layers=depth, intermediate=width), hidden)
-        narrower = {"intermediate_size": width} if width != teacher_shape.intermediate else {}
-        if hidden != teacher_shape.hidden:
-            narrower["hidden_size"] = hidden
-        key = (depth, width, trimmed) if hidden == teacher_shape.hidden else (depth, width, trimmed, hidden)
-        if depth == teacher_shape.layers and not narrower:
-            structural = 0.0  # the teacher itself, only quantized
-        elif key in cache:
-            structural = cache[key]
-        else:
-            student = slice_decoder(model, layers, allow_full=True)
-            if narrower:  # FFN units and hidden channels ranked by their activations, as shrink cuts them
-                student = prune_width(student, batches, **narrower)
-            structural = cache[key] = mean_kl(student, batches, reference, columns)
-            del student
-            log.info("candidate %d layers%s, ffn %d: structural KL %.4f", depth, _hidden_note(shape), width, structural)
         sens = sensitivity.remap(layers)
-        try:
-            formats_by_unit, prediction, quant_kl = allocate(shape, sens, device, budget, formats, workload,
-                                                             metadata_bytes)
-        except _Infeasible as e:
-            worst = max(e.violated.values())
-            if nearest is None or worst < nearest[0]:
-                nearest = (worst, shape, layers, e.state, e.prediction, e.violated)
-            continue
-        default, qplan = plan_dict(formats_by_unit)
-        plans.append(Plan(shape=shape, layers=list(layers), default_format=default, quant_plan=qplan,
-                          prediction=prediction, predicted_kl=structural + quant_kl, structural_kl=structural,
-                          quantization_kl=quant_kl, device=device.name, workload=workload, vocab=trim_record))
+        for width, hidden in ((w, h) for w in widths for h in hiddens):
+            shape = with_hidden(dataclasses.replace(teacher_shape, layers=depth, intermediate=width), hidden)
+            narrower = {"intermediate_size": width} if width != teacher_shape.intermediate else {}
+            if hidden != teacher_shape.hidden:
+                narrower["hidden_size"] = hidden
+            if depth == teacher_shape.layers and not narrower:
+                structural = 0.0  # the teacher itself, only quantized
+            elif (depth, width, hidden, trimmed) in cache:
+                structural = cache[(depth, width, hidden, trimmed)]
+            else:
+                student = slice_decoder(model, layers, allow_full=True)
+                if narrower:  # FFN units and hidden channels ranked by their activations, as shrink cuts them
+                    student = prune_width(student, batches, **narrower)
+                structural = cache[(depth, width, hidden, trimmed)] = mean_kl(student, batches, reference, columns)
+                del student
+                log.info("candidate %d layers%s, ffn %d: structural KL %.4f", depth, _hidden_note(shape), width,
+                         structural)
+            try:
+                formats_by_unit, prediction, quant_kl = allocate(shape, sens, device, budget, formats, workload,
+                                                                 metadata_bytes)
+            except _Infeasible as e:
+                worst = max(e.violated.values())
+                if nearest is None or worst < nearest[0]:
+                    nearest = (worst, shape, layers, e.state, e.prediction, e.violated)
+                continue
+            default, qplan = plan_dict(formats_by_unit)
+            plans.append(Plan(shape=shape, layers=list(layers), default_format=default, quant_plan=qplan,
+                              prediction=prediction, predicted_kl=structural + quant_kl, structural_kl=structural,
+                              quantization_kl=quant_kl, device=device.name, workload=workload, vocab=trim_record))
     if not plans:
         worst, shape, layers, state, p, violated = nearest
         mix = ", ".join(f"{n}x{fmt}" for fmt, n in Counter(state.values()).most_common())
