@@ -194,15 +194,16 @@ def _points_by_budget(r: dict) -> dict[float, tuple[int, dict]]:
 
 
 def _student(plan: dict) -> str:
-    """'30 layers, FFN 1536, vocabulary 19,254, 16 q3_k + 12 q4_0 + 3 q5_0' from a plan dict."""
+    """'30 layers, FFN 1536, vocabulary 19,254, 16 q3_k + 12 q4_0 + 3 q5_0' from a plan dict (', hidden 288' after
+    the layers when the plan cuts hidden channels)."""
     from collections import Counter
 
-    from edgestill.plan.allocate import Plan
+    from edgestill.plan.allocate import Plan, hidden_note
 
     pl = Plan.from_dict(plan)
     mix = " + ".join(f"{n} {f}" for f, n in Counter(pl.unit_formats().values()).most_common())
     vocab = f", vocabulary {pl.vocab['size']:,}" if pl.vocab else ""
-    return f"{pl.shape.layers} layers, FFN {pl.shape.intermediate}{vocab}, {mix}"
+    return f"{pl.shape.layers} layers{hidden_note(pl.shape)}, FFN {pl.shape.intermediate}{vocab}, {mix}"
 
 
 def _kept(p: dict) -> str:

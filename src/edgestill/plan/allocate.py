@@ -184,7 +184,7 @@ class Plan:
         mix = ", ".join(f"{n}x{fmt}" for fmt, n in counts.most_common())
         p = self.prediction
         trim = f", vocabulary {self.vocab['size']:,} of {self.vocab['teacher_size']:,}" if self.vocab else ""
-        return (f"{self.shape.layers} layers{_hidden_note(self.shape)}, ffn {self.shape.intermediate}{trim}, {mix}: "
+        return (f"{self.shape.layers} layers{hidden_note(self.shape)}, ffn {self.shape.intermediate}{trim}, {mix}: "
                 f"{p.file_bytes / 1e6:.1f} MB file, "
                 f"{p.peak_ram_bytes / 1e6:.1f} MB RAM, decode {p.decode_tokens_per_s:.1f} tok/s, "
                 f"prefill {p.prefill_tokens_per_s:.1f} tok/s, predicted KL {self.predicted_kl:.4f}")
@@ -351,7 +351,7 @@ class Floor:
         counts = Counter(self.formats.values()).most_common()
         mix = f"all {counts[0][0]}" if len(counts) == 1 else ", ".join(f"{n}x {f}" for f, n in counts)
         layers = f"{self.shape.layers} layer" + ("s" if self.shape.layers != 1 else "")
-        return f"{layers}{_hidden_note(self.shape)}, FFN {self.shape.intermediate}, {mix}"
+        return f"{layers}{hidden_note(self.shape)}, FFN {self.shape.intermediate}, {mix}"
 
 
 def candidate_sizes(teacher: StudentShape, depths=None, widths=None) -> tuple[list[int], list[int]]:
@@ -390,7 +390,7 @@ def with_hidden(shape: StudentShape, hidden: int) -> StudentShape:
     return dataclasses.replace(shape, hidden=hidden, head_dim=shape.dim_per_head)
 
 
-def _hidden_note(shape: StudentShape) -> str:
+def hidden_note(shape: StudentShape) -> str:
     """', hidden 416' for a shape whose hidden channels were cut (hidden no longer heads x head_dim), else ''."""
     return "" if shape.hidden == shape.heads * shape.dim_per_head else f", hidden {shape.hidden}"
 
@@ -631,7 +631,7 @@ def plan(model, device: str | DeviceProfile, budget: Budget, batches, formats=DE
                     student = prune_width(student, batches, **narrower)
                 structural = cache[(depth, width, hidden, trimmed)] = mean_kl(student, batches, reference, columns)
                 del student
-                log.info("candidate %d layers%s, ffn %d: structural KL %.4f", depth, _hidden_note(shape), width,
+                log.info("candidate %d layers%s, ffn %d: structural KL %.4f", depth, hidden_note(shape), width,
                          structural)
             try:
                 formats_by_unit, prediction, quant_kl = allocate(shape, sens, device, budget, formats, workload,
@@ -653,7 +653,7 @@ def plan(model, device: str | DeviceProfile, budget: Budget, batches, formats=DE
                 "prefill": f"min_prefill_tokens_per_s <= {p.prefill_tokens_per_s:.1f}"}
         raise EdgestillError(
             f"no student fits the budget on {device.name} ({budget.to_dict()}). The nearest: {shape.layers} layers "
-            f"(teacher layers {layers}){_hidden_note(shape)}, ffn {shape.intermediate}, at its lowest formats ({mix}): "
+            f"(teacher layers {layers}){hidden_note(shape)}, ffn {shape.intermediate}, at its lowest formats ({mix}): "
             f"{p.file_bytes / 1e6:.1f} MB file, {p.peak_ram_bytes / 1e6:.1f} MB peak RAM, "
             f"decode {p.decode_tokens_per_s:.1f} tok/s, prefill {p.prefill_tokens_per_s:.1f} tok/s; it would need "
             + ", ".join(need[k] for k in violated)
