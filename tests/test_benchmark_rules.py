@@ -65,6 +65,34 @@ def test_classifier_target_judges_a_size_by_its_seeds_mean_not_its_best_seed():
     assert "at or below the majority" in classifier.target_verdict({"rows": rows})["reason"]
 
 
+def test_an_int8_student_is_a_row_of_its_own_and_its_seeds_one_candidate(tmp_path):
+    """The int8 ONNX file of a KD student is judged by its own bytes and scores, its seeds averaged as one size."""
+    (tmp_path / "onnx-int8").mkdir()
+    (tmp_path / "onnx-int8" / "model.onnx").write_bytes(b"x")
+    teacher_test = {"accuracy": 0.8, "macro_f1": 0.84}
+
+    def int8_of(row: dict, f1: float) -> dict:
+        metrics = {"curve": [{"type": "f32", "test": {"accuracy": 0.8, "macro_f1": row["macro_f1"]}},
+                             {"type": "int8", "test": {"accuracy": 0.8, "macro_f1": f1}, "top1_agreement_with_teacher": 0.9}]}
+        return classifier.Bench.int8_row(row, metrics, tmp_path, teacher_test,
+                                         lambda folder: {"deploy_bytes": 1, "compression_x_fp32": 60.0})
+
+    rows = _rows(0.84, 0.77, {"macro_f1": 0.80})
+    rows[-1]["compression_x_fp32"] = 26.0  # the fp32 file is too large for the target
+    seeds = [{**rows[-1], "name": f"kd-50x-seed{s}", "seed_of": "kd-50x", "label": f"KD student ~50× (student seed {s})"}
+             for s in (1, 2)]
+    int8 = [int8_of(r, f1) for r, f1 in zip([rows[-1], *seeds], (0.83, 0.82, 0.81))]
+    assert [r["name"] for r in int8] == ["kd-50x-int8", "kd-50x-seed1-int8", "kd-50x-seed2-int8"]
+    assert [r["seed_of"] for r in int8] == [None, "kd-50x-int8", "kd-50x-int8"]
+    assert int8[0]["kind"] == "kd_int8" and int8[0]["compression_x_fp32"] == 60.0
+    assert int8[0]["retention_macro_f1"] == pytest.approx(0.83 / 0.84)
+    assert int8_of({**rows[1]}, 0.8) is None  # only KD students have an int8 row
+    t = classifier.target_verdict({"rows": rows + seeds + int8})
+    assert t["best_row"] == "kd-50x-int8" and t["seeds"] == 3
+    assert t["retention_macro_f1"] == pytest.approx(0.82 / 0.84) and t["met"] is True
+    assert classifier.Bench.int8_row(rows[-1], {"curve": []}, tmp_path, teacher_test, None) is None
+
+
 def test_classifier_recipes_table_compares_two_recipes_seed_by_seed_and_on_their_means(monkeypatch):
     def result(f1s, vals, **args):
         rows = _rows(0.84, 0.77, {"macro_f1": f1s[0]})
