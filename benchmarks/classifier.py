@@ -118,6 +118,7 @@ class Bench:
             # the smallest students cannot hold 2 layers even at the lowest rank: they keep 1 (--one-layer-from)
             "student.num_layers": 1 if a.one_layer_from and target_x >= a.one_layer_from else a.num_layers,
             "student.compression_x": float(target_x), "student.target_params": self.student_params(data, target_x),
+            "student.strategy": a.strategy,
             "train.steps": a.student_steps,
             "train.lr": a.student_lr, "train.batch_size": a.student_batch_size, "train.eval_every": min(a.eval_every, a.student_steps),
             "train.patience": a.student_patience,
@@ -628,6 +629,10 @@ def main() -> None:
     ap.add_argument("--teacher-lr", type=float, default=1e-4)
     ap.add_argument("--student-lr", type=float, default=1e-3)
     ap.add_argument("--num-layers", type=int, default=2, help="teacher layers kept in every student")
+    ap.add_argument("--strategy", choices=("global", "energy"), default="global",
+                    help="how the parameter budget is split into ranks (edgestill.models.lowrank): global = the singular "
+                         "values with the most energy per parameter anywhere; energy = the same energy share in every "
+                         "matrix (gives the token table and the FFN more rank)")
     ap.add_argument("--one-layer-from", type=float, default=100.0,
                     help="students this many × smaller or more keep 1 layer (at 100× two layers do not fit even at rank 8; "
                          "0: never)")
@@ -735,7 +740,7 @@ def main() -> None:
         "verdict_rule": "a row whose test accuracy is not above the majority-class row's is FAILED (beats_majority false); "
                         "beats_tfidf_logreg compares accuracy with the TF-IDF + logistic regression row",
         "student": {"num_layers": args.num_layers, "one_layer_from_x": args.one_layer_from, "max_len": args.max_len, "trim_vocab": True,
-                    "factorization": "truncated SVD of every matrix (not the head), global rank budget",
+                    "factorization": f"truncated SVD of every matrix (not the head), {args.strategy} rank budget",
                     "kd": {"temperature": args.temperature, "alpha": args.alpha, "hidden_weight": args.hidden_weight,
                            "augment": args.augment},
                     "ablation": f"ce-{_x(args.ablation_x)}x: the same student config with kd.alpha=0 (CE only, labelled "

@@ -270,7 +270,8 @@ def _seed_rows(r: dict | None, data: str, size: str) -> list[dict]:
     return [x for x in rows if x["kind"] == "kd" and (x["name"] == size or x.get("seed_of") == size)]
 
 
-_RECIPE_ARGS = {"student_steps": "at most {} steps", "student_patience": "patience {}", "augment": "{} perturbed copies",
+_RECIPE_DEFAULTS = {"strategy": "global"}  # settings older results did not record: what they ran with
+_RECIPE_ARGS = {"strategy": "ranks by {} share", "num_layers": "{} layers", "student_steps": "at most {} steps", "student_patience": "patience {}", "augment": "{} perturbed copies",
                 "temperature": "T = {}", "alpha": "α = {}", "hidden_weight": "hidden-state weight {}",
                 "student_lr": "lr {}", "student_batch_size": "batch {}"}
 
@@ -278,7 +279,8 @@ _RECIPE_ARGS = {"student_steps": "at most {} steps", "student_patience": "patien
 def _recipe_change(args: dict, base: dict) -> str:
     """What a variant's benchmarks/classifier.py settings change against the base result's: 'patience 0, at most
     6000 steps' (the settings that shape a student's training)."""
-    changed = [fmt.format(args[k]) for k, fmt in _RECIPE_ARGS.items() if k in args and args[k] != base.get(k)]
+    changed = [fmt.format(args[k]) for k, fmt in _RECIPE_ARGS.items()
+               if k in args and args[k] != base.get(k, _RECIPE_DEFAULTS.get(k))]
     return ", ".join(changed) or "the same settings"
 
 

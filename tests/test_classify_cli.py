@@ -127,7 +127,9 @@ def test_shrink_draws_the_runs_shrink_curve_over_onnx_types(runs):
         assert c["retention_accuracy"] == pytest.approx(c["test"]["accuracy"] / m["teacher"]["test"]["accuracy"])
         assert c["onnx_parity_vs_pytorch"]["prediction_agreement"] >= 0.995
         assert c["latency_ms_per_example"] > 0 and c["speedup_x"] > 0
-    assert curve["int4"]["onnx_bytes"] < curve["int8"]["onnx_bytes"] < curve["f32"]["onnx_bytes"]
+    # int4 can store only tables whose rows fill its 32-weight blocks: a narrow token table stays fp32 there, so an
+    # int4 file may be larger than the int8 one, which stores every table
+    assert max(curve["int4"]["onnx_bytes"], curve["int8"]["onnx_bytes"]) < curve["f32"]["onnx_bytes"]
     assert (shrunk / "shrink_curve.png").stat().st_size > 0
     assert "Shrink curve" in (shrunk / "report.md").read_text()
 
@@ -226,6 +228,16 @@ def test_cli_export_int8_is_smaller_and_agrees_with_fake_quant_pytorch(runs, cap
     folder = shrunk / "onnx-int8"
     report = json.loads((folder / "export_report.json").read_text())
     assert report["type"] == "int8" and report["formats"] and report["float_matmuls"] <= 1  # only the fp32 head is left
+    # the token table is stored in int8 too, and no float copy of it is left in the file
+    table = next(k for k in report["formats"] if "word_embeddings" in k)
+    assert report["formats"][table] == "Int8PerChannel"
+    import onnx
+
+    student, _, _ = load_encoder_classifier(str(shrunk / "student"))
+    linearize_(student)
+    rows = tuple(dict(student.named_modules())[table].weight.shape)
+    floats = [tuple(i.dims) for i in onnx.load(str(folder / "model.onnx")).graph.initializer if i.data_type == 1]
+    assert rows not in floats
     assert report["parity_vs_pytorch"]["prediction_agreement"] >= 0.995
     assert (folder / "model.onnx").stat().st_size < (shrunk / "onnx" / "model.onnx").stat().st_size
     assert (folder / "tokenizer.json").is_file() and LabelMap.load(folder) == LabelMap.load(shrunk / "student")

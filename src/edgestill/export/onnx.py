@@ -10,7 +10,9 @@ by a name the exporter may change) and its MatMul is rewritten to consume the qu
     GGUFQ8_0 (`q8_0`)                 MatMulNBits, bits 8, block 32, zp 128     the Q8_0 codes and scales, exactly
     Int8PerChannel (`int8`)           DequantizeLinear(axis 0) -> Transpose -> MatMul   int8 + fp32 scale / row
 
-A tied embedding (SmolLM2's token table is also its head) is stored once: the head reads the
+An embedding table listed in `formats` (an nn.Embedding: a classifier's token table, or the small table of a
+factorized one) is stored the same way and read by a Gather of the packed rows that dequantizes only the rows
+it looks up. A tied embedding (SmolLM2's token table is also its head) is stored once: the head reads the
 quantized table through MatMulNBits/DequantizeLinear, and the token lookup gathers the same bytes
 and dequantizes only the rows it needs. GGUF formats with a minimum or a super-block (Q4_1, Q5_x,
 Q4_K) have no exact ONNX op and are refused with the formats that work.
@@ -199,21 +201,27 @@ class _Graph:
         self.graph.initializer.extend(keep)
 
 
-def _matmul_nodes(g: _Graph, p: _NBits | _Int8Rows, prefix: str, x: str, y: str) -> list:
-    """Nodes computing y = x @ Wᵀ from the packed weight (initializers named after `prefix`)."""
-    from onnx import helper
-
+def _add_packed(g: _Graph, p: _NBits | _Int8Rows, prefix: str) -> list[str]:
+    """Store the packed weight as initializers named after `prefix`: [codes, scales(, zero points)]."""
     if isinstance(p, _Int8Rows):
-        q, s = g.add_init(prefix + "_q", p.q), g.add_init(prefix + "_scale", p.scale)
-        return [helper.make_node("DequantizeLinear", [q, s], [prefix + "_w"], axis=0, name=prefix + "_dq"),
-                helper.make_node("Transpose", [prefix + "_w"], [prefix + "_wt"], perm=[1, 0], name=prefix + "_t"),
-                helper.make_node("MatMul", [x, prefix + "_wt"], [y], name=prefix + "_matmul")]
-    n = p.scales.shape[0]
+        return [g.add_init(prefix + "_q", p.q), g.add_init(prefix + "_scale", p.scale)]
     inputs = [g.add_init(prefix + "_B", p.B), g.add_init(prefix + "_scales", p.scales.reshape(-1))]
     if p.zero_points is not None:
         inputs.append(g.add_init(prefix + "_zp", p.zero_points.reshape(-1)))
-    return [helper.make_node("MatMulNBits", [x, *inputs], [y], domain="com.microsoft", K=p.K, N=n, bits=p.bits,
-                             block_size=p.block_size, name=prefix + "_matmulnbits")]
+    return inputs
+
+
+def _matmul_nodes(g: _Graph, p: _NBits | _Int8Rows, prefix: str, x: str, y: str) -> list:
+    """Nodes computing y = x @ Wᵀ from the packed weight (stored here as initializers named after `prefix`)."""
+    from onnx import helper
+
+    inputs = _add_packed(g, p, prefix)
+    if isinstance(p, _Int8Rows):
+        return [helper.make_node("DequantizeLinear", inputs, [prefix + "_w"], axis=0, name=prefix + "_dq"),
+                helper.make_node("Transpose", [prefix + "_w"], [prefix + "_wt"], perm=[1, 0], name=prefix + "_t"),
+                helper.make_node("MatMul", [x, prefix + "_wt"], [y], name=prefix + "_matmul")]
+    return [helper.make_node("MatMulNBits", [x, *inputs], [y], domain="com.microsoft", K=p.K, N=p.scales.shape[0],
+                             bits=p.bits, block_size=p.block_size, name=prefix + "_matmulnbits")]
 
 
 def _gather_nodes(g: _Graph, p: _NBits | _Int8Rows, prefix: str, ids: str, y: str) -> list:
@@ -283,15 +291,15 @@ class _Forward:
 
 
 def _planned_linears(model, formats: dict) -> dict[str, tuple[object, object]]:
-    """module name -> (nn.Linear, format); every name must exist."""
+    """module name -> (nn.Linear or nn.Embedding, format); every name must exist."""
     from torch import nn
 
     modules = dict(model.named_modules())
     out = {}
     for name, fmt in formats.items():
         module = modules.get(name)
-        if not isinstance(module, nn.Linear):
-            raise EdgestillError(f"ONNX export: '{name}' is not a Linear of this model")
+        if not isinstance(module, (nn.Linear, nn.Embedding)):
+            raise EdgestillError(f"ONNX export: '{name}' is not a Linear or an Embedding of this model")
         out[name] = (module, fmt)
     return out
 
@@ -300,7 +308,7 @@ def export_onnx(model, path, formats: dict | None = None, example_inputs: dict |
                 opset: int = OPSET) -> OnnxExportReport:
     """Export `model` (a transformers model whose output has `.logits`) to `path`, quantized per `formats`.
 
-    formats: Linear module name -> edgestill.quant format (Int8PerChannel, Int4Block, GGUFQ4_0,
+    formats: Linear (or Embedding) module name -> edgestill.quant format (Int8PerChannel, Int4Block, GGUFQ4_0,
       GGUFQ8_0). The file computes with `fmt.fake_quant(weight)`, exactly; a model converted by
       `quantize_` already holds those values and they pass through unchanged (re-quantizing them is
       exact for every symmetric format). Unlisted Linears stay fp32.
@@ -348,9 +356,8 @@ def export_onnx(model, path, formats: dict | None = None, example_inputs: dict |
 
 
 def _quantize_graph(proto, model, planned: dict) -> dict[str, str]:
-    """Rewrite each planned Linear's MatMul (and a tied embedding's Gather) onto packed weights."""
-    from edgestill.quant.formats import format_to_dict
-
+    """Rewrite each planned Linear's MatMul (and a tied embedding's Gather), and each planned Embedding's Gather,
+    onto packed weights."""
     g = _Graph(proto)
     stored: dict[str, str] = {}
     embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
@@ -360,6 +367,17 @@ def _quantize_graph(proto, model, planned: dict) -> dict[str, str]:
         if not np.array_equal(packed.dequantize(), fmt.fake_quant(module.weight.detach().float()).numpy()):
             raise EdgestillError(f"ONNX packing of '{name}' in {type(fmt).__name__} does not reproduce its weights; "
                                  "not writing a file that computes something else (this is a bug, please report it)")
+        prefix = _safe(name)
+        if not hasattr(module, "in_features"):  # an nn.Embedding: its lookups gather the packed rows
+            table = g.by_digest.get(_digest(weight))
+            gathers = [n for n in (g.consumers(table, "Gather") if table else []) if n.input[0] == table]
+            if not gathers:
+                raise EdgestillError(f"ONNX export: no Gather reads the table of '{name}' (exporter layout changed?)")
+            _add_packed(g, packed, prefix)
+            for gather in gathers:  # every lookup reads the one packed table
+                g.replace_node(gather, _gather_nodes(g, packed, prefix, gather.input[1], gather.output[0]))
+            stored[name] = _stored_name(fmt)
+            continue
         const = g.by_digest.get(_digest(np.ascontiguousarray(weight.T)))
         matmuls = g.consumers(const, "MatMul") if const else []
         if not matmuls:  # a weight shared with a Gather stays (N, K) and reaches MatMul through a Transpose
@@ -368,12 +386,10 @@ def _quantize_graph(proto, model, planned: dict) -> dict[str, str]:
                 matmuls += g.consumers(t.output[0], "MatMul")
         if not matmuls:
             raise EdgestillError(f"ONNX export: no MatMul reads the weight of '{name}' (exporter layout changed?)")
-        prefix = _safe(name)
         for i, mm in enumerate(matmuls):
             nodes = _matmul_nodes(g, packed, prefix if i == 0 else f"{prefix}_{i}", mm.input[0], mm.output[0])
             g.replace_node(mm, nodes)
-        fmt_dict = format_to_dict(fmt)
-        stored[name] = fmt_dict["format"] + ("" if "block_size" not in fmt_dict else f"(block_size={fmt_dict['block_size']})")
+        stored[name] = _stored_name(fmt)
         # A tied embedding shares this table: gather from the packed bytes instead of a float copy.
         if embedding is not None and embedding.weight is module.weight:
             table = g.by_digest.get(_digest(weight))
@@ -383,6 +399,14 @@ def _quantize_graph(proto, model, planned: dict) -> dict[str, str]:
                     stored[_module_name(model, embedding)] = stored[name] + " (tied)"
     g.drop_unused_initializers()
     return stored
+
+
+def _stored_name(fmt) -> str:
+    """'Int8PerChannel', 'Int4Block(block_size=32)': a format as the report names it."""
+    from edgestill.quant.formats import format_to_dict
+
+    d = format_to_dict(fmt)
+    return d["format"] + ("" if "block_size" not in d else f"(block_size={d['block_size']})")
 
 
 def _module_name(model, target) -> str:

@@ -15,8 +15,10 @@ compute the same thing (`linearize_`):
     FactorizedEmbedding table[ids] @ P   -> Embedding(vocab, E) then Linear(E, hidden, no bias)
 
 so with `--type int8|int4` both factors of every low-rank layer are stored quantized (Int8PerChannel:
-DequantizeLinear; Int4Block: MatMulNBits). The classification head stays fp32 (a few hundred numbers
-that decide every prediction). Embedding tables (Gather) stay fp32. The exporter's per-node debug
+DequantizeLinear; Int4Block: MatMulNBits), and so is the token table (a factorized embedding's small
+table, or a whole one): a Gather of its packed rows, dequantized after the lookup. The classification
+head stays fp32 (a few hundred numbers that decide every prediction), and so do the position and
+token-type tables (a few thousand numbers). The exporter's per-node debug
 metadata (stack traces) is stripped: it does not change the graph and would dominate a small file.
 
 The sequence length is capped at `max_len` (a student's position table has only that many rows):
@@ -112,7 +114,7 @@ def linearize_(model: nn.Module) -> dict[str, str]:
 
 
 def quant_formats(model: nn.Module, tensor_type: str) -> dict[str, object]:
-    """Linear module name -> format for `--type` (f32: none); the head stays float."""
+    """Module name -> format for `--type` (f32: none): every Linear and the token table; the head stays float."""
     if tensor_type not in CLASSIFIER_TYPES:
         raise EdgestillError(f"ONNX classifier export --type '{tensor_type}': choose one of {', '.join(CLASSIFIER_TYPES)}")
     if tensor_type == "f32":
@@ -120,9 +122,11 @@ def quant_formats(model: nn.Module, tensor_type: str) -> dict[str, object]:
     from edgestill.quant.formats import format_by_name
 
     fmt = format_by_name(tensor_type)
+    token_table = model.get_input_embeddings()
+    token_table = getattr(token_table, "lookup", token_table)  # a factorized table: its (vocab, E) lookup
     return {name: fmt for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and not any(name == p or name.startswith(p + ".") for p in KEEP_FLOAT)
-            and fmt.supports(m.in_features)}
+            if (isinstance(m, nn.Linear) and fmt.supports(m.in_features) or m is token_table and fmt.supports(m.embedding_dim))
+            and not any(name == p or name.startswith(p + ".") for p in KEEP_FLOAT)}
 
 
 @torch.no_grad()
