@@ -18,9 +18,10 @@ driven through the same functions as `edgestill finetune/shrink/export --task cl
     kd-<X>x-seed<S>  with --student-seeds: the same KD student trained again with train.seed S (batch order and
               augmented copies; same teacher, split and initial student). The target is judged on the mean over a
               size's seeds, never on its best seed
-    kd-<X>x-int8  (and kd-<X>x-seed<S>-int8) the same trained KD student in int8 ONNX (weights int8 with a scale per
-              output channel; RUN/onnx-int8/, which the shrink run exports and scores in onnxruntime on test): its own
-              bytes on device and scores, judged by the same target (its seeds are one candidate, as above)
+    kd-<X>x-int8, kd-<X>x-int4  (and kd-<X>x-seed<S>-int8 ...) the same trained KD student in int8 ONNX (weights
+              int8 with a scale per output channel) and in int4 ONNX (4-bit blocks of 32, MatMulNBits): RUN/onnx-int8/
+              and onnx-int4/, which the shrink run exports and scores in onnxruntime on test; their own bytes on device
+              and scores, judged by the same target (a type's seeds are one candidate, as above)
     ce-50x    the same student at ~50× trained with CE only (kd.alpha=0, labelled texts): the KD ablation
     kd-50x-labelled  the same KD student on the labelled texts alone (kd.augment=0): the augmentation ablation
 
@@ -35,7 +36,7 @@ distillation or checkpoint selection:
   (the shrink run scores the exported file); retention = student ÷ teacher (accuracy and macro-F1);
   top-1 agreement = the PyTorch student vs the teacher (the ONNX file agrees with it on `onnx_parity`).
 - size: what the device loads is each row's `onnx/` folder (fp32 model.onnx, the trimmed tokenizer, label_map.json,
-  export_report.json; `onnx-int8/` with the int8 model.onnx for the int8 rows); compression_x_fp32 / _fp16 = teacher params × 4 (× 2) ÷ all those bytes, and
+  export_report.json; `onnx-int8/`, `onnx-int4/` for the int8 and int4 rows); compression_x_fp32 / _fp16 = teacher params × 4 (× 2) ÷ all those bytes, and
   compression_x_fp32_weights_only / _fp16_weights_only ÷ model.onnx alone. The teacher's own row uses its fp32 ONNX
   export folder (`jobs.classify.export_classifier`, RUN/onnx/). TF-IDF's size counts its weights, idf and vocabulary.
 - provenance: every row carries the `environment` of the run that measured it (commit, git_dirty, date, CPU model,
@@ -60,6 +61,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -82,6 +84,7 @@ QUICK = {"max_len": 32, "teacher_steps": 8, "teacher_eval_every": 4, "teacher_pa
 # Bytes budgeted for export_report.json and for the tokenizer_config.json the export writes again (~0.5-1 KB each)
 REPORT_MARGIN_BYTES = 2048
 # the student rows: kind -> how it is trained
+QUANTIZED_ROWS = ("int8", "int4")  # each KD student's files in these ONNX types are rows of their own (kd_<type>)
 STUDENT_KINDS = {"kd": "KD student (augmented transfer set)", "kd_labelled": "KD student (labelled texts only)",
                  "ce": "CE-only student"}
 
@@ -248,24 +251,26 @@ class Bench:
     # ------------------------------------------------------------------ measuring
 
     @staticmethod
-    def int8_row(fp32_row: dict, metrics: dict, run: Path, t_test: dict, sizes) -> dict | None:
-        """A KD student's int8 ONNX file as a row of its own (kind `kd_int8`): the same trained student, its weights
-        stored as int8 with a scale per output channel (RUN/onnx-int8/, exported and scored on the test split in
-        onnxruntime by the shrink run itself), its own bytes on device. None when the run has no such file."""
+    def quantized_row(fp32_row: dict, metrics: dict, run: Path, t_test: dict, sizes, kind: str = "int8") -> dict | None:
+        """A KD student's int8 (or int4) ONNX file as a row of its own (kind `kd_int8` / `kd_int4`): the same trained
+        student, its weights stored as int8 with a scale per output channel (int4: 4-bit blocks of 32, MatMulNBits), in
+        RUN/onnx-<kind>/, which the shrink run exported and scored on the test split in onnxruntime; its own bytes on
+        device. None when the run has no such file."""
         from edgestill.evaluate.classification import retention
 
-        c = next((c for c in metrics.get("curve") or [] if c["type"] == "int8"), None)
-        if fp32_row["kind"] != "kd" or c is None or not (run / "onnx-int8" / "model.onnx").is_file():
+        c = next((c for c in metrics.get("curve") or [] if c["type"] == kind), None)
+        folder = run / f"onnx-{kind}"
+        if fp32_row["kind"] != "kd" or c is None or not (folder / "model.onnx").is_file():
             return None
         keep = ("target_x", "student_seed", "params", "student_compression_x_config", "student_target_params",
                 "layers_kept", "vocab_kept", "max_len", "steps", "lr", "batch_size", "best_step", "best_val_macro_f1",
                 "patience", "stopped_at_step", "stop_reason", "kd", "transfer_set", "run", "train_time", "environment")
         return {**{k: fp32_row.get(k) for k in keep},
-                "name": f"{fp32_row['name']}-int8", "kind": "kd_int8", "onnx_type": "int8",
-                "seed_of": f"{fp32_row['seed_of']}-int8" if fp32_row.get("seed_of") else None,
-                "label": fp32_row["label"].replace(STUDENT_KINDS["kd"], STUDENT_KINDS["kd"] + ", int8 ONNX", 1),
+                "name": f"{fp32_row['name']}-{kind}", "kind": f"kd_{kind}", "onnx_type": kind,
+                "seed_of": f"{fp32_row['seed_of']}-{kind}" if fp32_row.get("seed_of") else None,
+                "label": re.sub(r"~([\d.]+)×", rf"~\1× in fp32, as {kind} ONNX", fp32_row["label"], count=1),
                 "accuracy": c["test"]["accuracy"], "macro_f1": c["test"]["macro_f1"], **retention(c["test"], t_test),
-                "top1_agreement_with_teacher": c.get("top1_agreement_with_teacher"), **sizes(run / "onnx-int8"),
+                "top1_agreement_with_teacher": c.get("top1_agreement_with_teacher"), **sizes(folder),
                 "onnx_parity": c.get("onnx_parity_vs_pytorch"), "fp32_row": fp32_row["name"]}
 
     def collect(self, data: str, rows: list[dict]) -> dict:
@@ -368,10 +373,12 @@ class Bench:
                 "run": str(run), "train_time": timings.get(row["name"]), "environment": m.get("environment"),
             })
             systems_dirs[row["name"]] = run / "onnx"
-            int8 = self.int8_row(out_rows[-1], m, run, t_test, sizes)
-            if int8:
-                out_rows.append(int8)
-                systems_dirs[int8["name"]] = run / "onnx-int8"
+            fp32_row = out_rows[-1]
+            for kind in QUANTIZED_ROWS:
+                q = self.quantized_row(fp32_row, m, run, t_test, sizes, kind)
+                if q:
+                    out_rows.append(q)
+                    systems_dirs[q["name"]] = run / f"onnx-{kind}"
         judge_rows(out_rows)
 
         # latency: one alternated loop over the teacher and every student, same texts, batch 1
@@ -467,10 +474,11 @@ def target_verdict(result: dict) -> dict:
     verdict = {**TARGET, "teacher_lead_over_tfidf_macro_f1": lead,
                "qualifies": lead is not None and lead >= TARGET["min_teacher_lead_macro_f1"],
                "rule": "qualifies: teacher macro-F1 − TF-IDF + LR macro-F1 ≥ 0.02 on test; met: a KD student whose ONNX "
-                       "folder (model.onnx, fp32 or int8, + tokenizer + label map + report) is ≥ 50× smaller than the teacher's "
+                       "folder (model.onnx, fp32, int8 or int4, + tokenizer + label map + report) is ≥ 50× smaller than the teacher's "
                        "fp32 params, above the majority class, with macro-F1 retention ≥ 0.97 and macro-F1 above "
                        "TF-IDF + LR's"}
-    sized = [r for r in rows if r["kind"] in ("kd", "kd_int8") and r["compression_x_fp32"] >= TARGET["min_compression_x_fp32"]]
+    kinds = ("kd", *(f"kd_{k}" for k in QUANTIZED_ROWS))
+    sized = [r for r in rows if r["kind"] in kinds and r["compression_x_fp32"] >= TARGET["min_compression_x_fp32"]]
     verdict["failed_rows_excluded"] = [r["name"] for r in sized if r.get("failed")]
     # a size measured with several student seeds is one candidate, scored by its mean: picking its best seed would be
     # picking a draw of the noise. One failed seed (at or below the majority class) rules the whole size out.
@@ -556,15 +564,17 @@ def plot_curve(result: dict, path: Path) -> None:
         ax.plot(xs, [r["retention_accuracy"] for r in kd], "o-", color=color, label=f"{data}: KD students (accuracy)")
         ax.plot(xs, [r["retention_macro_f1"] for r in kd], "o:", color=color, alpha=0.6, label=f"{data}: KD (macro-F1)")
         ax2.plot(xs, [r.get("speedup_x") or float("nan") for r in kd], "o-", color=color, label=data)
-        int8 = sorted((r for r in rows if r["kind"] == "kd_int8" and not r.get("seed_of")), key=lambda r: r["compression_x_fp32"])
-        if int8:  # the same students stored as int8: same training, fewer bytes
-            ax.plot([r["compression_x_fp32"] for r in int8], [r["retention_macro_f1"] for r in int8], "s--", color=color,
-                    alpha=0.8, label=f"{data}: the KD students in int8 ONNX (macro-F1)")
-            ax2.plot([r["compression_x_fp32"] for r in int8], [r.get("speedup_x") or float("nan") for r in int8], "s--",
-                     color=color, alpha=0.8, label=f"{data}: int8")
+        for qt, marker in zip(QUANTIZED_ROWS, ("s--", "^:")):  # the same students stored quantized: fewer bytes
+            q = sorted((r for r in rows if r["kind"] == f"kd_{qt}" and not r.get("seed_of")),
+                       key=lambda r: r["compression_x_fp32"])
+            if q:
+                ax.plot([r["compression_x_fp32"] for r in q], [r["retention_macro_f1"] for r in q], marker, color=color,
+                        alpha=0.7, label=f"{data}: the KD students in {qt} ONNX (macro-F1)")
+                ax2.plot([r["compression_x_fp32"] for r in q], [r.get("speedup_x") or float("nan") for r in q], marker,
+                         color=color, alpha=0.7, label=f"{data}: {qt}")
         for r in rows:
             if r.get("seed_of"):  # the same size again with another student seed: a dot beside its line
-                ax.plot(r["compression_x_fp32"], r["retention_macro_f1" if r["kind"] == "kd_int8" else "retention_accuracy"],
+                ax.plot(r["compression_x_fp32"], r["retention_macro_f1" if r["kind"] != "kd" else "retention_accuracy"],
                         ".", color=color, alpha=0.7)
             if r["kind"] in ("ce", "kd_labelled"):
                 ax.plot(r["compression_x_fp32"], r["retention_accuracy"], "x" if r["kind"] == "ce" else "+", ms=9,

@@ -359,8 +359,9 @@ def classifier_table(r: dict) -> str:
         stamp = (f" This data set was measured {d['date'][:10]}, commit `{(d.get('commit') or '?')[:8]}`, by an earlier "
                  "invocation with its own settings (the line below describes the latest one)."
                  if d.get("from_earlier_invocation") and d.get("date") else "")
-        int8 = ("; the int8 rows: the same student's `onnx-int8/`, its `model.onnx` with int8 weights and a scale per "
-                "output channel") if any(x["kind"] == "kd_int8" for x in d.get("rows", [])) else ""
+        int8 = ("; the int8 and int4 rows: the same student's `onnx-int8/` or `onnx-int4/`, its `model.onnx` with int8 "
+                "weights and a scale per output channel, or 4-bit blocks of 32 (MatMulNBits)"
+                if any(x["kind"] in ("kd_int8", "kd_int4") for x in d.get("rows", [])) else "")
         out += ["", "MB on device = every file of the row's `onnx/` folder (fp32 `model.onnx`, trimmed tokenizer, label "
                     f"map, export report{int8}); × fp32 = teacher params × 4 ÷ those bytes, weights only = ÷ `model.onnx` "
                     "alone; TF-IDF counts its weights, idf and vocabulary. Retention = student ÷ teacher macro-F1 on test. "

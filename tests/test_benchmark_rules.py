@@ -74,8 +74,8 @@ def test_an_int8_student_is_a_row_of_its_own_and_its_seeds_one_candidate(tmp_pat
     def int8_of(row: dict, f1: float) -> dict:
         metrics = {"curve": [{"type": "f32", "test": {"accuracy": 0.8, "macro_f1": row["macro_f1"]}},
                              {"type": "int8", "test": {"accuracy": 0.8, "macro_f1": f1}, "top1_agreement_with_teacher": 0.9}]}
-        return classifier.Bench.int8_row(row, metrics, tmp_path, teacher_test,
-                                         lambda folder: {"deploy_bytes": 1, "compression_x_fp32": 60.0})
+        return classifier.Bench.quantized_row(row, metrics, tmp_path, teacher_test,
+                                              lambda folder: {"deploy_bytes": 1, "compression_x_fp32": 60.0})
 
     rows = _rows(0.84, 0.77, {"macro_f1": 0.80})
     rows[-1]["compression_x_fp32"] = 26.0  # the fp32 file is too large for the target
@@ -85,12 +85,15 @@ def test_an_int8_student_is_a_row_of_its_own_and_its_seeds_one_candidate(tmp_pat
     assert [r["name"] for r in int8] == ["kd-50x-int8", "kd-50x-seed1-int8", "kd-50x-seed2-int8"]
     assert [r["seed_of"] for r in int8] == [None, "kd-50x-int8", "kd-50x-int8"]
     assert int8[0]["kind"] == "kd_int8" and int8[0]["compression_x_fp32"] == 60.0
+    assert int8[1]["label"] == "KD student ~50× in fp32, as int8 ONNX (student seed 1)"
     assert int8[0]["retention_macro_f1"] == pytest.approx(0.83 / 0.84)
     assert int8_of({**rows[1]}, 0.8) is None  # only KD students have an int8 row
     t = classifier.target_verdict({"rows": rows + seeds + int8})
     assert t["best_row"] == "kd-50x-int8" and t["seeds"] == 3
     assert t["retention_macro_f1"] == pytest.approx(0.82 / 0.84) and t["met"] is True
-    assert classifier.Bench.int8_row(rows[-1], {"curve": []}, tmp_path, teacher_test, None) is None
+    assert classifier.Bench.quantized_row(rows[-1], {"curve": []}, tmp_path, teacher_test, None) is None
+    assert classifier.Bench.quantized_row(rows[-1], {"curve": [{"type": "int4"}]}, tmp_path, teacher_test, None, "int4") \
+        is None  # no onnx-int4/ folder: no row
 
 
 def test_classifier_recipes_table_compares_two_recipes_seed_by_seed_and_on_their_means(monkeypatch):
