@@ -863,6 +863,9 @@ TABLES = {"default_run": default_run_table, "distill_throughput": throughput_tab
           "levers": levers_table,
           "decode_speed": decode_speed_table, "decode_speed_sweep": decode_speed_table,
           "classifier_patience0": classifier_recipes_table, "classifier_augment8": classifier_recipes_table,
+          "classifier_hidden": classifier_recipes_table,
+          "classifier_energy": lambda r: classifier_recipes_table(r, size="kd-25x"),
+          "classifier_energy4": lambda r: classifier_recipes_table(r, size="kd-25x"),
           "recovery_curve": recovery_curve_table}
 SOURCES = {"shrink_curve_summary": "shrink_curve", "audit_lm": "audit",  # tables rendered from another table's JSON
            "shrink_curve_compare": "shrink_curve_levers",
