@@ -677,3 +677,31 @@ def test_decode_speed_times_a_sweeps_points_largest_first_against_its_own_llamac
     assert list(base) == ["llama.cpp Q4_K_M of the corrected teacher", "original file (teacher.Q4_1.gguf)"]
     with pytest.raises(SystemExit, match=r"no llama.cpp Q3_K_M \(its types: \['Q4_K_M'\]\)"):
         decode_speed.sweep_baselines(tmp_path, ["Q3_K_M"], None)
+
+
+def _environments(node, found: list) -> list:
+    """Every `environment` dict anywhere in a result (top level, per row, per loop)."""
+    if isinstance(node, dict):
+        if isinstance(node.get("environment"), dict):
+            found.append(node["environment"])
+        for value in node.values():
+            _environments(value, found)
+    elif isinstance(node, list):
+        for value in node:
+            _environments(value, found)
+    return found
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "results").glob("*.json")),
+                         ids=lambda p: p.name)
+def test_every_committed_result_names_its_commit_machine_and_load(path):
+    """The README takes numbers only from these files: each carries, at the top and wherever rows were measured at
+    other times, the commit, git_dirty, CPU model, threads and the load average."""
+    import json
+
+    result = json.loads(path.read_text())
+    assert isinstance(result.get("environment"), dict), f"{path.name}: no top-level environment"
+    for env in _environments(result, []):
+        missing = [k for k in ("git_commit", "git_dirty", "cpu_model", "threads") if k not in env]
+        assert not missing, f"{path.name}: an environment lacks {missing}"
+        assert any(k.startswith("load_average") for k in env), f"{path.name}: an environment without the load average"
