@@ -553,7 +553,7 @@ def plot_curve(result: dict, path: Path) -> None:
 
     from edgestill.evaluate.report import save_figure
 
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.4))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 6.2))
     colors = {"spamassassin": "tab:blue", "drugreview": "tab:orange", "moviereviews": "tab:green"}
     for data, d in (result.get("datasets") or {}).items():
         color = colors.get(data, None)
@@ -599,7 +599,7 @@ def plot_curve(result: dict, path: Path) -> None:
         a.set_xlabel("compression_x_fp32 (teacher params × 4 ÷ bytes of all files in onnx/, log)")
         a.set_ylabel(label)
         a.grid(alpha=0.3, which="both")
-        a.legend(fontsize=7)
+        a.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)  # below: the curves stay visible
     fig.suptitle("Classifier shrink curve: fine-tuned all-MiniLM-L6-v2 → sliced, SVD-factorized, vocabulary-trimmed students")
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
