@@ -224,21 +224,22 @@ def _matmul_nodes(g: _Graph, p: _NBits | _Int8Rows, prefix: str, x: str, y: str)
                              bits=p.bits, block_size=p.block_size, name=prefix + "_matmulnbits")]
 
 
-def _gather_nodes(g: _Graph, p: _NBits | _Int8Rows, prefix: str, ids: str, y: str) -> list:
-    """Nodes computing y = W[ids] (ids of any rank) from the packed table, dequantizing only those rows."""
+def _gather_nodes(g: _Graph, p: _NBits | _Int8Rows, prefix: str, ids: str, y: str, tag: str = "") -> list:
+    """Nodes computing y = W[ids] (ids of any rank) from the packed table (initializers named after `prefix`),
+    dequantizing only those rows; `tag` tells apart the nodes of a second lookup of the same table."""
     from onnx import TensorProto, helper
 
-    nodes = []
+    nodes, own = [], prefix + tag
 
     def node(op, inputs, outputs=None, **attrs):
-        out = outputs or [f"{prefix}_{op.lower()}_{len(nodes)}"]
-        nodes.append(helper.make_node(op, inputs, out, name=f"{prefix}_{op}_{len(nodes)}", **attrs))
+        out = outputs or [f"{own}_{op.lower()}_{len(nodes)}"]
+        nodes.append(helper.make_node(op, inputs, out, name=f"{own}_{op}_{len(nodes)}", **attrs))
         return out[0]
 
     if isinstance(p, _Int8Rows):
         rows = node("Gather", [prefix + "_q", ids], axis=0)  # (..., K) int8
         scale = node("Gather", [prefix + "_scale", ids], axis=0)  # (...)
-        scale = node("Unsqueeze", [scale, g.const(prefix + "_axis_last", [-1])])
+        scale = node("Unsqueeze", [scale, g.const(own + "_axis_last", [-1])])
         node("Mul", [node("Cast", [rows], to=TensorProto.FLOAT), scale], [y])
         return nodes
     if p.zero_points is not None:
@@ -246,24 +247,24 @@ def _gather_nodes(g: _Graph, p: _NBits | _Int8Rows, prefix: str, ids: str, y: st
     n, k_blocks = p.scales.shape
     codes = node("Gather", [prefix + "_B", ids], axis=0)  # (..., k_blocks, bytes per block) uint8
     if p.bits == 4:
-        lo = node("BitwiseAnd", [codes, g.const(prefix + "_mask", 15, np.uint8)])
-        hi = node("BitShift", [codes, g.const(prefix + "_four", 4, np.uint8)], direction="RIGHT")
-        axis = g.const(prefix + "_axis_last", [-1])
+        lo = node("BitwiseAnd", [codes, g.const(own + "_mask", 15, np.uint8)])
+        hi = node("BitShift", [codes, g.const(own + "_four", 4, np.uint8)], direction="RIGHT")
+        axis = g.const(own + "_axis_last", [-1])
         codes = node("Concat", [node("Unsqueeze", [lo, axis]), node("Unsqueeze", [hi, axis])], axis=-1)
         # (..., k_blocks, bs/2, 2): weight 2i of a block is byte i's low nibble, 2i+1 its high nibble
-    blocks_shape = g.const(prefix + "_blocks_shape", [-1, k_blocks, p.block_size])
+    blocks_shape = g.const(own + "_blocks_shape", [-1, k_blocks, p.block_size])
     codes = node("Reshape", [codes, blocks_shape])  # (rows, k_blocks, bs)
     zero = float(1 << (p.bits - 1))
-    values = node("Sub", [node("Cast", [codes], to=TensorProto.FLOAT), g.const(prefix + "_zp_const", zero, np.float32)])
-    table = node("Reshape", [prefix + "_scales", g.const(prefix + "_table_shape", [n, k_blocks])])  # shared with the head
+    values = node("Sub", [node("Cast", [codes], to=TensorProto.FLOAT), g.const(own + "_zp_const", zero, np.float32)])
+    table = node("Reshape", [prefix + "_scales", g.const(own + "_table_shape", [n, k_blocks])])  # shared with the head
     scale = node("Gather", [table, ids], axis=0)  # (..., k_blocks)
-    scale = node("Reshape", [scale, g.const(prefix + "_scale_shape", [-1, k_blocks, 1])])  # (rows, k_blocks, 1)
+    scale = node("Reshape", [scale, g.const(own + "_scale_shape", [-1, k_blocks, 1])])  # (rows, k_blocks, 1)
     values = node("Mul", [values, scale])
     # back to the ids' shape + (K,): shape(ids) ++ [k_blocks * bs], then drop a padded last block
     ids_shape = node("Shape", [ids])
-    flat = node("Reshape", [values, node("Concat", [ids_shape, g.const(prefix + "_row", [k_blocks * p.block_size])], axis=0)])
+    flat = node("Reshape", [values, node("Concat", [ids_shape, g.const(own + "_row", [k_blocks * p.block_size])], axis=0)])
     if k_blocks * p.block_size != p.K:
-        flat = node("Slice", [flat, g.const(prefix + "_s0", [0]), g.const(prefix + "_s1", [p.K]), g.const(prefix + "_ax", [-1])])
+        flat = node("Slice", [flat, g.const(own + "_s0", [0]), g.const(own + "_s1", [p.K]), g.const(own + "_ax", [-1])])
     node("Identity", [flat], [y])
     return nodes
 
@@ -374,8 +375,9 @@ def _quantize_graph(proto, model, planned: dict) -> dict[str, str]:
             if not gathers:
                 raise EdgestillError(f"ONNX export: no Gather reads the table of '{name}' (exporter layout changed?)")
             _add_packed(g, packed, prefix)
-            for gather in gathers:  # every lookup reads the one packed table
-                g.replace_node(gather, _gather_nodes(g, packed, prefix, gather.input[1], gather.output[0]))
+            for i, gather in enumerate(gathers):  # every lookup reads the one packed table
+                g.replace_node(gather, _gather_nodes(g, packed, prefix, gather.input[1], gather.output[0],
+                                                     tag=f"_{i}" if i else ""))
             stored[name] = _stored_name(fmt)
             continue
         const = g.by_digest.get(_digest(np.ascontiguousarray(weight.T)))
