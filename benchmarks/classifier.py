@@ -36,9 +36,9 @@ distillation or checkpoint selection:
   (the shrink run scores the exported file); retention = student ÷ teacher (accuracy and macro-F1);
   top-1 agreement = the PyTorch student vs the teacher (the ONNX file agrees with it on `onnx_parity`).
 - size: what the device loads is each row's `onnx/` folder (fp32 model.onnx, the trimmed tokenizer, label_map.json,
-  export_report.json; `onnx-int8/`, `onnx-int4/` for the int8 and int4 rows); compression_x_fp32 / _fp16 = teacher params × 4 (× 2) ÷ all those bytes, and
-  compression_x_fp32_weights_only / _fp16_weights_only ÷ model.onnx alone. The teacher's own row uses its fp32 ONNX
-  export folder (`jobs.classify.export_classifier`, RUN/onnx/). TF-IDF's size counts its weights, idf and vocabulary.
+  export_report.json; `onnx-int8/`, `onnx-int4/` for the int8 and int4 rows); compression_x_fp32 / _fp16 = teacher
+  params × 4 (× 2) ÷ all those bytes, and compression_x_fp32_weights_only / _fp16_weights_only ÷ model.onnx alone.
+  The teacher's own row uses its fp32 ONNX export folder (`jobs.classify.export_classifier`, RUN/onnx/). TF-IDF's size counts its weights, idf and vocabulary.
 - provenance: every row carries the `environment` of the run that measured it (commit, git_dirty, date, CPU model,
   threads, load before and after); the latency loop has its own (`latency.environment`).
 - latency: onnxruntime, batch 1 (one unpadded text at a time, truncated to the row's max length),
@@ -474,8 +474,8 @@ def target_verdict(result: dict) -> dict:
     verdict = {**TARGET, "teacher_lead_over_tfidf_macro_f1": lead,
                "qualifies": lead is not None and lead >= TARGET["min_teacher_lead_macro_f1"],
                "rule": "qualifies: teacher macro-F1 − TF-IDF + LR macro-F1 ≥ 0.02 on test; met: a KD student whose ONNX "
-                       "folder (model.onnx, fp32, int8 or int4, + tokenizer + label map + report) is ≥ 50× smaller than the teacher's "
-                       "fp32 params, above the majority class, with macro-F1 retention ≥ 0.97 and macro-F1 above "
+                       "folder (model.onnx, fp32, int8 or int4, + tokenizer + label map + report) is ≥ 50× smaller "
+                       "than the teacher's fp32 params, above the majority class, with macro-F1 retention ≥ 0.97 and macro-F1 above "
                        "TF-IDF + LR's"}
     kinds = ("kd", *(f"kd_{k}" for k in QUANTIZED_ROWS))
     sized = [r for r in rows if r["kind"] in kinds and r["compression_x_fp32"] >= TARGET["min_compression_x_fp32"]]
