@@ -38,7 +38,8 @@ distillation or checkpoint selection:
 - size: what the device loads is each row's `onnx/` folder (fp32 model.onnx, the trimmed tokenizer, label_map.json,
   export_report.json; `onnx-int8/`, `onnx-int4/` for the int8 and int4 rows); compression_x_fp32 / _fp16 = teacher
   params × 4 (× 2) ÷ all those bytes, and compression_x_fp32_weights_only / _fp16_weights_only ÷ model.onnx alone.
-  The teacher's own row uses its fp32 ONNX export folder (`jobs.classify.export_classifier`, RUN/onnx/). TF-IDF's size counts its weights, idf and vocabulary.
+  The teacher's own row uses its fp32 ONNX export folder (`jobs.classify.export_classifier`, RUN/onnx/).
+  TF-IDF's size counts its weights, idf and vocabulary.
 - provenance: every row carries the `environment` of the run that measured it (commit, git_dirty, date, CPU model,
   threads, load before and after); the latency loop has its own (`latency.environment`).
 - latency: onnxruntime, batch 1 (one unpadded text at a time, truncated to the row's max length),
