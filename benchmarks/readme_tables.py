@@ -271,7 +271,8 @@ def _seed_rows(r: dict | None, data: str, size: str) -> list[dict]:
 
 
 _RECIPE_DEFAULTS = {"strategy": "global"}  # settings older results did not record: what they ran with
-_RECIPE_ARGS = {"strategy": "ranks by {} share", "num_layers": "{} layers", "student_steps": "at most {} steps", "student_patience": "patience {}", "augment": "{} perturbed copies",
+_RECIPE_ARGS = {"strategy": "ranks by {} share", "num_layers": "{} layers", "student_steps": "at most {} steps",
+                "student_patience": "patience {}", "augment": "{} perturbed copies",
                 "temperature": "T = {}", "alpha": "α = {}", "hidden_weight": "hidden-state weight {}",
                 "student_lr": "lr {}", "student_batch_size": "batch {}"}
 

@@ -217,6 +217,8 @@ def test_onnxruntime_predictions_agree_with_pytorch(runs):
 
 
 def test_cli_export_int8_is_smaller_and_agrees_with_fake_quant_pytorch(runs, capsys):
+    import onnx
+
     from edgestill.evaluate.classification import predict_logits
     from edgestill.export.onnx_classifier import fake_quant_reference, linearize_, quant_formats
     from edgestill.models.encoder import load_encoder_classifier, tokenize
@@ -231,9 +233,7 @@ def test_cli_export_int8_is_smaller_and_agrees_with_fake_quant_pytorch(runs, cap
     # the token table is stored in int8 too, and no float copy of it is left in the file
     table = next(k for k in report["formats"] if "word_embeddings" in k)
     assert report["formats"][table] == "Int8PerChannel"
-    import onnx
-
-    student, _, _ = load_encoder_classifier(str(shrunk / "student"))
+    student, tok, label_map = load_encoder_classifier(str(shrunk / "student"))
     linearize_(student)
     rows = tuple(dict(student.named_modules())[table].weight.shape)
     floats = [tuple(i.dims) for i in onnx.load(str(folder / "model.onnx")).graph.initializer if i.data_type == 1]
@@ -241,8 +241,6 @@ def test_cli_export_int8_is_smaller_and_agrees_with_fake_quant_pytorch(runs, cap
     assert report["parity_vs_pytorch"]["prediction_agreement"] >= 0.995
     assert (folder / "model.onnx").stat().st_size < (shrunk / "onnx" / "model.onnx").stat().st_size
     assert (folder / "tokenizer.json").is_file() and LabelMap.load(folder) == LabelMap.load(shrunk / "student")
-    student, tok, label_map = load_encoder_classifier(str(shrunk / "student"))
-    linearize_(student)
     reference = fake_quant_reference(student, quant_formats(student, "int8"))
     test = _test_texts(runs)
     expected = label_map.decode(predict_logits(reference, tokenize(tok, test.texts, 24)).argmax(-1))

@@ -330,8 +330,9 @@ def _fraction(text: str) -> float:
         raise EdgestillError(f"'{text}' is not a fraction; write e.g. 0.125 or 1/8") from None
 
 
-HIDDEN_SIZES_HELP = ("candidate hidden sizes, e.g. 576,288 (multiples of 32 and of the heads; default: the teacher's alone): plans may "
-                     "also cut hidden channels, Minitron-style, ranked by their activations on the calibration text")
+HIDDEN_SIZES_HELP = ("candidate hidden sizes, e.g. 576,288 (multiples of 32 and of the heads; default: the teacher's "
+                     "alone): plans may also cut hidden channels, Minitron-style, ranked by their activations on the "
+                     "calibration text")
 
 
 def _ints(text: str | None) -> list[int] | None:

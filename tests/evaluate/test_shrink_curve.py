@@ -85,8 +85,9 @@ def test_a_point_names_the_levers_its_run_pulled():
     assert ShrinkPoint.from_metrics("10L q3_k", m).levers == {
         "layers": [10, 30], "ffn": [768, 1536], "hidden": [288, 576], "vocab": [9000, 49152], "format": "q3_k",
         "low_rank": None}
-    full = {**m, "student": {**m["student"], "num_layers": 30, "intermediate_size": 1536, "hidden_size": 576, "quant": None,
-                             "low_rank": {"keep": 0.5, "factorized": 7, "ranks": {"a": 3}}}, "vocab_trim": None}
+    full = {**m, "student": {**m["student"], "num_layers": 30, "intermediate_size": 1536, "hidden_size": 576,
+                             "quant": None, "low_rank": {"keep": 0.5, "factorized": 7, "ranks": {"a": 3}}},
+            "vocab_trim": None}
     assert ShrinkPoint.from_metrics("30L", full).levers == {
         "layers": None, "ffn": None, "hidden": None, "vocab": None, "format": None,
         "low_rank": {"keep": 0.5, "factorized": 7}}

@@ -94,8 +94,8 @@ class ShrinkPoint:
 def levers_used(m: dict) -> dict:
     """The levers a shrink run pulled, from its metrics.json; each is None when left alone. `layers`, `ffn` and
     `hidden`: [student, teacher] (depth slicing, FFN-width and hidden-channel cuts); `vocab`: [student, teacher] (a
-    trimmed vocabulary); `format`: the GGUF weight format QAT trained in (a point named "+mix" has per-unit formats on top); `low_rank`: the share
-    of parameters the factorised blocks keep and how many matrices were factorised. Runs from before the teacher's
+    trimmed vocabulary); `format`: the GGUF weight format QAT trained in (a point named "+mix" has per-unit formats on
+    top); `low_rank`: the share of parameters the factorised blocks keep and how many matrices were factorised. Runs from before the teacher's
     FFN width was recorded read it as the student's."""
     s, t = m["student"], m.get("teacher") or {}
 

@@ -291,7 +291,7 @@ class _Forward:
         self.module = Wrapper().eval()
 
 
-def _planned_linears(model, formats: dict) -> dict[str, tuple[object, object]]:
+def _planned_modules(model, formats: dict) -> dict[str, tuple[object, object]]:
     """module name -> (nn.Linear or nn.Embedding, format); every name must exist."""
     from torch import nn
 
@@ -323,7 +323,7 @@ def export_onnx(model, path, formats: dict | None = None, example_inputs: dict |
     path = Path(path)
     formats = dict(formats or {})
     model = copy.deepcopy(model).float().eval()
-    planned = _planned_linears(model, formats)
+    planned = _planned_modules(model, formats)
     if example_inputs is None:
         vocab = model.config.vocab_size
         example_inputs = {"input_ids": torch.arange(16).reshape(2, 8) % vocab}

@@ -272,8 +272,8 @@ def _finished_point(run: Path, point_cfg: ShrinkConfig, reference: Reference) ->
 
 def _plan_of(cfg: ShrinkConfig) -> tuple:
     """What a plan fixes in a point's config (the layers kept, the hidden and FFN widths, the formats, a trimmed
-    vocabulary) and
-    the training it gets (distill.budget, else distill.steps): a point finished otherwise is shrunk again."""
+    vocabulary) and the training it gets (distill.budget, else distill.steps): a point finished otherwise is shrunk
+    again."""
     training = cfg.distill.budget or cfg.distill.steps
     return (list(cfg.student.layers or []), cfg.student.hidden_size, cfg.student.intermediate_size, cfg.quant.format,
             dict(cfg.quant.plan or {}), training, cfg.student.trim_vocab)

@@ -553,8 +553,8 @@ def plan(model, device: str | DeviceProfile, budget: Budget, batches, formats=DE
 
     batches: calibration token ids (held-out text is never used here). depths/widths: candidate layer
     counts and FFN sizes (defaults: 100/75/50/33/25% of the layers, 100/75/50% of the FFN). hiddens: candidate
-    hidden sizes (default: the teacher's alone), cut Minitron-style by activation importance on `batches` as shrink cuts them
-    (student.hidden_size; heads and head_dim kept); every layer/FFN candidate is tried at each.
+    hidden sizes (default: the teacher's alone), cut Minitron-style by activation importance on `batches` as shrink
+    cuts them (student.hidden_size; heads and head_dim kept); every layer/FFN candidate is tried at each.
     metadata_bytes: the tokenizer's share of the GGUF (cost.tokenizer_metadata_bytes(teacher.gguf)).
     cache: a dict kept between calls on the same model and batches (a sweep plans for several budgets): the
       reference logits, block influence and every candidate's structural KL are measured once.
@@ -621,15 +621,16 @@ def plan(model, device: str | DeviceProfile, budget: Budget, batches, formats=DE
             narrower = {"intermediate_size": width} if width != teacher_shape.intermediate else {}
             if hidden != teacher_shape.hidden:
                 narrower["hidden_size"] = hidden
+            key = (depth, width, hidden, trimmed)
             if depth == teacher_shape.layers and not narrower:
                 structural = 0.0  # the teacher itself, only quantized
-            elif (depth, width, hidden, trimmed) in cache:
-                structural = cache[(depth, width, hidden, trimmed)]
+            elif key in cache:
+                structural = cache[key]
             else:
                 student = slice_decoder(model, layers, allow_full=True)
                 if narrower:  # FFN units and hidden channels ranked by their activations, as shrink cuts them
                     student = prune_width(student, batches, **narrower)
-                structural = cache[(depth, width, hidden, trimmed)] = mean_kl(student, batches, reference, columns)
+                structural = cache[key] = mean_kl(student, batches, reference, columns)
                 del student
                 log.info("candidate %d layers%s, ffn %d: structural KL %.4f", depth, hidden_note(shape), width,
                          structural)
