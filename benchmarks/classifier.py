@@ -125,7 +125,7 @@ class Bench:
             "student.strategy": a.strategy,
             "train.steps": a.student_steps,
             "train.lr": a.student_lr, "train.batch_size": a.student_batch_size, "train.eval_every": min(a.eval_every, a.student_steps),
-            "train.patience": a.student_patience,
+            "train.patience": a.student_patience, "train.ema": a.ema,
             "train.seed": a.seed if seed is None else seed, "kd.temperature": a.temperature, "kd.alpha": a.alpha if kd else 0.0,
             "kd.hidden_weight": a.hidden_weight if kd else 0.0, "kd.augment": a.augment if kind == "kd" else 0,
             "eval.onnx_type": "f32", "eval.threads": a.threads,
@@ -655,6 +655,9 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=2.0)
     ap.add_argument("--alpha", type=float, default=0.7)
     ap.add_argument("--hidden-weight", type=float, default=0.0)
+    ap.add_argument("--ema", type=float, default=0.0,
+                    help="students validate and keep an exponential moving average of their weights with this decay "
+                         "(train.ema, e.g. 0.998; 0: the weights of the step validated)")
     ap.add_argument("--augment", type=int, default=None,
                     help="perturbed copies of each training text in the KD rows' transfer set (kd.augment; 0: the labelled "
                          f"texts alone, and no kd-<X>x-labelled ablation row) (default {FULL['augment']})")
@@ -755,6 +758,7 @@ def main() -> None:
                     "factorization": f"truncated SVD of every matrix (not the head), {args.strategy} rank budget",
                     "kd": {"temperature": args.temperature, "alpha": args.alpha, "hidden_weight": args.hidden_weight,
                            "augment": args.augment},
+                    "train": {"ema": args.ema},
                     "ablation": f"ce-{_x(args.ablation_x)}x: the same student config with kd.alpha=0 (CE only, labelled "
                                 f"texts); kd-{_x(args.ablation_x)}x-labelled: KD on the labelled texts alone (kd.augment=0)"},
         "load_average": {"start": load_start, "end": os.getloadavg()[0]},

@@ -287,12 +287,14 @@ def test_augmenting_a_ce_only_student_is_refused(teacher, splits):
                            KDConfig(alpha=0.0, augment=2))
 
 
-def test_a_killed_training_resumes_from_its_checkpoint_and_ends_where_an_uninterrupted_one_does(enc_dir, splits, tmp_path):
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_a_killed_training_resumes_from_its_checkpoint_and_ends_where_an_uninterrupted_one_does(enc_dir, splits, tmp_path,
+                                                                                                ema):
     import torch.nn.functional as F
 
     from edgestill.distill.classifier import train_classifier
 
-    cfg = TrainConfig(steps=12, batch_size=8, lr=3e-3, max_len=24, eval_every=3)
+    cfg = TrainConfig(steps=12, batch_size=8, lr=3e-3, max_len=24, eval_every=3, ema=ema)
     ce = lambda m, batch, y, idx: (F.cross_entropy(m(**batch).logits, y), {})  # noqa: E731
 
     def run(folder, loss_fn=ce):
@@ -330,6 +332,51 @@ def test_a_checkpoint_of_another_training_is_refused(enc_dir, splits, tmp_path):
     train_classifier(*args, TrainConfig(steps=4, batch_size=8, max_len=24, eval_every=2), checkpoint_dir=tmp_path)
     with pytest.raises(EdgestillError, match="is of another training"):
         train_classifier(*args, TrainConfig(steps=6, batch_size=8, max_len=24, eval_every=2), checkpoint_dir=tmp_path)
+    with pytest.raises(EdgestillError, match="holds no weight average"):  # a weight average it never kept
+        train_classifier(*args, TrainConfig(steps=4, batch_size=8, max_len=24, eval_every=2, ema=0.9),
+                         checkpoint_dir=tmp_path)
+
+
+# ---------------------------------------------------------------- train.ema: the weight average is validated and kept
+
+
+def test_weight_ema_averages_with_a_warm_up_and_lends_its_weights_only_inside_the_block():
+    from edgestill.distill.ema import WeightEMA
+
+    model = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        model.weight.fill_(0.0), model.bias.fill_(0.0)
+    ema = WeightEMA(model, decay=0.9)
+    assert ema.rate(0) == pytest.approx(0.1) and ema.rate(1000) == 0.9  # (1 + n) / (10 + n), capped by the decay
+    expected = 0.0
+    for n, value in enumerate([1.0, 2.0, 3.0]):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        ema.update(model, n)
+        d = min(0.9, (1 + n) / (10 + n))
+        expected = d * expected + (1 - d) * value
+    assert torch.allclose(ema.shadow["weight"], torch.full((1, 2), expected))
+    with ema.applied(model):
+        assert torch.allclose(model.weight, torch.full((1, 2), expected))
+    assert torch.equal(model.weight, torch.full((1, 2), 3.0))  # its own weights back
+    with pytest.raises(EdgestillError, match="train.ema=1.0 must be in"):
+        WeightEMA(model, 1.0)
+
+
+def test_with_ema_every_validation_scores_the_average_and_the_kept_state_is_the_average(enc_dir, splits, monkeypatch):
+    seen = _rig(monkeypatch, [0.4, 0.9, 0.5])
+    cfg = TrainConfig(steps=6, batch_size=8, lr=3e-3, max_len=24, eval_every=2, ema=0.8)
+    model, result = _train(enc_dir, splits, cfg)
+    assert result["best_step"] == 4 and _same_state(model, seen[1])  # the state validated at step 4 is restored ...
+    plain = _rig(monkeypatch, [0.4, 0.9, 0.5])
+    _, plain_result = _train(enc_dir, splits, TrainConfig(steps=6, batch_size=8, lr=3e-3, max_len=24, eval_every=2))
+    assert plain_result["best_step"] == 4
+    # ... and it is not the weights of step 4 (what the same run without the average validates), but their average
+    assert not _same_state(model, plain[1])
+    moved = [k for k, v in plain[1].items() if v.is_floating_point() and not torch.equal(v, seen[1][k])]
+    assert moved and all(not torch.equal(plain[1][k], seen[0][k]) for k in moved)
+    with pytest.raises(EdgestillError, match="train.ema=1.5"):
+        _train(enc_dir, splits, TrainConfig(steps=2, max_len=24, ema=1.5))
 
 
 # ---------------------------------------------------------------- kd.method=mutual: a teacher copy learns beside the student

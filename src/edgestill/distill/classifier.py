@@ -26,6 +26,7 @@ import copy
 import json
 import logging
 import shutil
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -61,6 +62,9 @@ class TrainConfig:
     patience: int = 0
     select_on: str = "macro_f1"  # "macro_f1" (val macro-F1, higher is better) or "loss" (val cross-entropy, lower)
     min_delta: float = 0.0
+    # > 0: validate and keep an exponential moving average of the weights with this decay (distill/ema.py), not the
+    # weights of the last step; 0 = off
+    ema: float = 0.0
 
 
 @dataclass
@@ -167,6 +171,8 @@ def check_train_config(cfg: TrainConfig) -> None:
                              f"({cfg.min_delta}) must be >= 0 and train.steps ({cfg.steps}) >= 1")
     if cfg.patience and not cfg.eval_every:
         raise EdgestillError("train.patience needs validations to count: set train.eval_every > 0")
+    if cfg.ema and not 0.0 < cfg.ema < 1.0:
+        raise EdgestillError(f"train.ema={cfg.ema} must be in (0, 1) (e.g. 0.998), or 0 for no weight average")
 
 
 def check_kd_config(kd: KDConfig) -> None:
@@ -204,7 +210,8 @@ def improved(val: dict, best: dict | None, cfg: TrainConfig) -> bool:
 
 # --- checkpoints: a killed fine-tune or distillation resumes at its last validation, on the same batches -----------
 
-def _save_checkpoint(folder: Path, model, opt, sched, gen: torch.Generator, loop: dict, best, companion=None) -> None:
+def _save_checkpoint(folder: Path, model, opt, sched, gen: torch.Generator, loop: dict, best, companion=None,
+                     ema=None) -> None:
     """Everything the loop needs to go on as if never stopped, written completely before LATEST points at it.
 
     Weights are safetensors; the optimizer's, the schedule's and the generator's states are tensors and numbers,
@@ -224,13 +231,15 @@ def _save_checkpoint(folder: Path, model, opt, sched, gen: torch.Generator, loop
         (tmp / "loop.json").write_text(json.dumps({**loop, "best": None if best is None else [best[0], best[1]]}))
         if companion is not None:  # what else learns in the loop (kd.method=mutual: the teacher copy)
             companion.save(tmp)
+        if ema is not None:  # train.ema: the weight average
+            ema.save(tmp)
     write_text_atomic(folder / "LATEST", final.name, "writing a checkpoint")
     for old in folder.glob("ckpt-*"):
         if old.name != final.name:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_checkpoint(folder: Path, model, opt, sched, gen: torch.Generator, companion=None):
+def _load_checkpoint(folder: Path, model, opt, sched, gen: torch.Generator, companion=None, ema=None):
     """(loop state, best) from the checkpoint LATEST names, loaded into model/opt/sched/gen; None when there is none."""
     from safetensors.torch import load_file, load_model
 
@@ -246,6 +255,8 @@ def _load_checkpoint(folder: Path, model, opt, sched, gen: torch.Generator, comp
     torch.set_rng_state(state["torch_rng"])
     if companion is not None:
         companion.load(path)
+    if ema is not None:
+        ema.load(path)
     loop = json.loads((path / "loop.json").read_text())
     kept = loop.pop("best")  # [val scores, step] of the best state so far, or None
     best = None if kept is None else (kept[0], kept[1], load_file(str(path / "best.safetensors")))
@@ -264,8 +275,11 @@ def train_classifier(model, train_enc: dict, train_labels: np.ndarray, val_enc: 
     cross-entropy. With `checkpoint_dir`, every validation also writes a checkpoint there, and a call that finds
     one resumes from it on the same batches (the result equals an uninterrupted run's); `companion` (save(folder),
     load(folder)) is what else learns inside loss_fn and goes into the same checkpoints. Returns the history, the
-    val curve, the chosen step and the step the loop stopped at.
+    val curve, the chosen step and the step the loop stopped at. With `cfg.ema`, the weight average is what every
+    validation scores and what the best state keeps.
     """
+    from edgestill.distill.ema import WeightEMA
+
     check_train_config(cfg)
     if len(train_labels) == 0:
         raise EdgestillError("the training split is empty; give more labelled rows")
@@ -277,16 +291,17 @@ def train_classifier(model, train_enc: dict, train_labels: np.ndarray, val_enc: 
                             lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, cfg))
     loss_fn = loss_fn or (lambda m, batch, y, idx: (F.cross_entropy(m(**batch).logits, y), {}))
+    ema = WeightEMA(model, cfg.ema) if cfg.ema else None
     history, best, stale, stopped_early = [], None, 0, False  # best = (val scores, step, state)
     order, pos = torch.randperm(len(train_labels), generator=gen).numpy(), 0
     start = 0
-    resumed = _load_checkpoint(checkpoint_dir, model, opt, sched, gen, companion) if checkpoint_dir is not None else None
+    resumed = _load_checkpoint(checkpoint_dir, model, opt, sched, gen, companion, ema) if checkpoint_dir is not None else None
     if resumed is not None:
         loop, best = resumed
-        if loop["steps"] != cfg.steps or loop["n_train"] != len(train_labels):
+        if loop["steps"] != cfg.steps or loop["n_train"] != len(train_labels) or loop.get("ema", 0.0) != cfg.ema:
             raise EdgestillError(f"the checkpoint in {checkpoint_dir} is of another training ({loop['steps']} steps on "
-                                 f"{loop['n_train']} texts, not {cfg.steps} on {len(train_labels)}); remove the "
-                                 "folder to start again")
+                                 f"{loop['n_train']} texts, train.ema={loop.get('ema', 0.0)}; not {cfg.steps} on "
+                                 f"{len(train_labels)}, train.ema={cfg.ema}); remove the folder to start again")
         start, history, stale, pos = loop["step"], loop["history"], loop["stale"], loop["pos"]
         order = np.asarray(loop["order"], dtype=order.dtype)
     bar = progress_bar(total=cfg.steps, initial=start, desc=desc, unit="step")
@@ -304,14 +319,18 @@ def train_classifier(model, train_enc: dict, train_labels: np.ndarray, val_enc: 
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
+        if ema is not None:
+            ema.update(model, step)
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps:
-            val = validation_scores(model, val_enc, val_labels, cfg.eval_batch_size)
+            with ema.applied(model) if ema is not None else nullcontext():
+                val = validation_scores(model, val_enc, val_labels, cfg.eval_batch_size)
+                scored = copy.deepcopy(model.state_dict()) if improved(val, best and best[0], cfg) else None
             history.append({"step": step + 1, "loss": float(loss.item()), **{k: float(v) for k, v in parts.items()},
                             **{f"val_{k}": v for k, v in val.items()}})
-            if improved(val, best and best[0], cfg):
-                best, stale = (val, step + 1, copy.deepcopy(model.state_dict())), 0
+            if scored is not None:
+                best, stale = (val, step + 1, scored), 0
             else:
                 stale += 1
                 if cfg.patience and stale >= cfg.patience:
@@ -320,7 +339,7 @@ def train_classifier(model, train_enc: dict, train_labels: np.ndarray, val_enc: 
             if checkpoint_dir is not None and step + 1 < cfg.steps:
                 _save_checkpoint(checkpoint_dir, model, opt, sched, gen,
                                  {"step": step + 1, "steps": cfg.steps, "n_train": len(train_labels), "history": history,
-                                  "stale": stale, "pos": pos, "order": order.tolist()}, best, companion)
+                                  "stale": stale, "pos": pos, "order": order.tolist(), "ema": cfg.ema}, best, companion, ema)
     bar.close()
     model.load_state_dict(best[2])  # the best validation state, not the last one
     model.eval()
