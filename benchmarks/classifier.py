@@ -191,8 +191,13 @@ class Bench:
         if not (out / "DONE").is_file():
             return False
         saved = yaml.safe_load((out / "config.yaml").read_text()) or {}
-        wanted = plain(cfg)
-        diff = [s for s in sections if saved.get(s) != wanted.get(s)]
+        wanted, defaults = plain(cfg), plain(type(cfg)())
+
+        def filled(section: str):  # a setting added after the run was made counts as its default
+            s, d = saved.get(section), defaults.get(section)
+            return {**d, **s} if isinstance(s, dict) and isinstance(d, dict) else s
+
+        diff = [s for s in sections if filled(s) != wanted.get(s)]
         if not diff:
             return True
         if not self.args.overwrite:

@@ -705,3 +705,25 @@ def test_every_committed_result_names_its_commit_machine_and_load(path):
         missing = [k for k in ("git_commit", "git_dirty", "cpu_model", "threads") if k not in env]
         assert not missing, f"{path.name}: an environment lacks {missing}"
         assert any(k.startswith("load_average") for k in env), f"{path.name}: an environment without the load average"
+
+
+def test_a_finished_row_is_reused_when_only_a_setting_added_since_differs_by_its_default(tmp_path):
+    """A run made before a setting existed (its config.yaml lacks the key) is the same run as one asking for the
+    setting's default; asking for another value is a different run."""
+    import argparse
+
+    import yaml
+
+    from edgestill.config import ClassifierShrinkConfig
+    from edgestill.jobs.classify import plain
+
+    cfg = ClassifierShrinkConfig(output_dir=str(tmp_path))
+    saved = plain(cfg)
+    del saved["train"]["ema"]  # written before train.ema existed
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    (tmp_path / "DONE").write_text("")
+    bench = classifier.Bench(argparse.Namespace(root=str(tmp_path), overwrite=False))
+    assert bench._finished(cfg, ("train", "kd")) is True
+    cfg.train.ema = 0.998
+    with pytest.raises(SystemExit, match="different train config"):
+        bench._finished(cfg, ("train", "kd"))
