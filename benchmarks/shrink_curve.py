@@ -85,11 +85,13 @@ def main() -> None:
     ap.add_argument("--formats", help="the formats plans may use (the sweep's --formats; default: its default)")
     ap.add_argument("--budgets", help="the sweep's --budgets (default: its default, 1/4 ... 1/24 of fp32)")
     ap.add_argument("--hidden-sizes", help="the sweep's --hidden-sizes (default: the teacher's hidden alone)")
+    ap.add_argument("--probe-steps", type=int, help="the sweep's --probe-steps (default: 0, no recovery probe)")
     ap.add_argument("overrides", nargs="*", help="config overrides for every point, e.g. student.trim_vocab=true")
     args = ap.parse_args()
     argv = ["sweep", "--device", args.device, "--out", args.out, *(["--formats", args.formats] if args.formats else []),
             *(["--budgets", args.budgets] if args.budgets else []),
-            *(["--hidden-sizes", args.hidden_sizes] if args.hidden_sizes else []), *args.overrides]
+            *(["--hidden-sizes", args.hidden_sizes] if args.hidden_sizes else []),
+            *(["--probe-steps", str(args.probe_steps)] if args.probe_steps else []), *args.overrides]
     if not args.copy:
         from edgestill.cli import main as cli
 

@@ -288,3 +288,23 @@ def test_a_plan_cache_shared_between_budgets_gives_the_same_plans(tiny_model_dir
         cached = plan(model, "rpi5-8gb", budget, batches, top=3, cache=cache)
         assert [p.to_dict() for p in cached] == [p.to_dict() for p in fresh]
     assert any(isinstance(k, tuple) for k in cache)  # structural KL kept per shape
+
+
+def test_a_sweep_with_the_recovery_probe_plans_again_and_every_plan_carries_it(swept, tmp_path):
+    import dataclasses
+    import shutil
+
+    import numpy as np
+
+    from edgestill.jobs.sweep import _plans
+    from edgestill.plan.probe import RecoveryProbe
+
+    out, cfg, settings, _ = swept
+    copy = tmp_path / "sweep"
+    shutil.copytree(out, copy)  # the module's sweep stays as it is for the other tests
+    reference, data = _reference(cfg)
+    probed = dataclasses.replace(settings, probe=RecoveryProbe(steps=2, top=2))
+    plans, _ = _plans(cfg, probed, copy, reference, np.asarray(data.train), 0)
+    assert plans and all(p["plan"]["recovery"]["steps"] == 2 for p in plans)
+    assert all("after a 2-step recovery probe" in p["summary"] for p in plans)
+    assert json.loads((copy / "plans.json").read_text())["probe"]["steps"] == 2  # plans made without it are not reused

@@ -168,6 +168,8 @@ def _add_sweep(sub) -> None:
                    help=f"GGUF formats the plans may give a layer (default {default_formats}; add q4_k, q3_k or q2_k for "
                         "K-quants, whose quantization-aware training is slower)")
     p.add_argument("--hidden-sizes", help=HIDDEN_SIZES_HELP)
+    p.add_argument("--probe-steps", type=int, default=0, help=PROBE_STEPS_HELP)
+    p.add_argument("--probe-top", type=int, default=3, help="how many of each budget's best plans the probe tries (default 3)")
 
 
 def _add_serve(sub) -> None:
@@ -238,6 +240,8 @@ def _add_plan(sub) -> None:
     p.add_argument("--depths", help="candidate layer counts, e.g. 30,20,15 (default 100/75/50/33/25%% of the teacher)")
     p.add_argument("--widths", help="candidate FFN sizes, e.g. 1536,1024 (default 100/75/50%%)")
     p.add_argument("--hidden-sizes", help=HIDDEN_SIZES_HELP)
+    p.add_argument("--probe-steps", type=int, default=0, help=PROBE_STEPS_HELP)
+    p.add_argument("--probe-top", type=int, default=3, help="how many of the best plans the probe tries (default 3)")
     p.add_argument("--calibration-tokens", type=int, default=1024,
                    help="calibration tokens from the train split, in blocks of 256 (default 1024: the same tokens "
                         "shrink --device and sweep plan with)")
@@ -330,6 +334,8 @@ def _fraction(text: str) -> float:
         raise EdgestillError(f"'{text}' is not a fraction; write e.g. 0.125 or 1/8") from None
 
 
+PROBE_STEPS_HELP = ("re-rank the best plans by their KL after this many KD steps each (the recovery probe: a deep, narrow "
+                    "student can be the best as cut and the worse after training); 0 = off, ranked as cut (default)")
 HIDDEN_SIZES_HELP = ("candidate hidden sizes, e.g. 576,288 (multiples of 32 and of the heads; default: the teacher's "
                      "alone): plans may also cut hidden channels, Minitron-style, ranked by their activations on the "
                      "calibration text")
@@ -460,6 +466,7 @@ def _cmd_export(args) -> None:
 
 def _cmd_sweep(args) -> None:
     from edgestill.jobs.sweep import SweepSettings, sweep
+    from edgestill.plan.probe import RecoveryProbe
 
     if args.overwrite:
         raise EdgestillError("sweep has no --overwrite: rerunning it resumes the folder (finished points are kept); "
@@ -470,7 +477,8 @@ def _cmd_sweep(args) -> None:
                              thresholds=tuple(_fraction(t) for t in args.thresholds.split(",")),
                              baseline_types=tuple(t.strip().upper() for t in args.baseline.split(",") if t.strip()),
                              formats=tuple(f.strip().lower() for f in args.formats.split(",") if f.strip()),
-                             hiddens=tuple(_ints(args.hidden_sizes) or ()) or None)
+                             hiddens=tuple(_ints(args.hidden_sizes) or ()) or None,
+                             probe=RecoveryProbe(steps=args.probe_steps, top=args.probe_top))
     result = sweep(_resolve(args), settings, out)
     from edgestill.evaluate.shrink_curve import break_point_lines
 
@@ -492,6 +500,7 @@ def _cmd_plan(args) -> None:
     from edgestill.jobs.plan import plan, plans_json
     from edgestill.plan.allocate import Budget
     from edgestill.plan.cost import Workload
+    from edgestill.plan.probe import RecoveryProbe
 
     budget = Budget.parse(args.ram, args.file_size, args.decode, args.prefill)
     formats = tuple(f.strip().lower() for f in args.formats.split(",") if f.strip())
@@ -500,9 +509,11 @@ def _cmd_plan(args) -> None:
     plans = plan(args.teacher, args.device, budget, data, max(1, args.calibration_tokens // data.seq_len), correction,
                  workload=Workload(context_tokens=args.context, prompt_tokens=args.prompt), formats=formats,
                  depths=_ints(args.depths), widths=_ints(args.widths), hiddens=_ints(args.hidden_sizes),
-                 trim_vocab=args.trim_vocab)
+                 trim_vocab=args.trim_vocab, probe=RecoveryProbe(steps=args.probe_steps, top=args.probe_top))
     device = plans[0].device if plans else args.device
-    print(f"{len(plans)} feasible plans on {device}; the best {min(args.top, len(plans))} by predicted KL:")
+    order = f"KL after a {args.probe_steps}-step recovery probe (the best {args.probe_top})" if args.probe_steps else \
+        "predicted KL"
+    print(f"{len(plans)} feasible plans on {device}; the best {min(args.top, len(plans))} by {order}:")
     for i, p in enumerate(plans[: args.top], 1):
         print(f"{i}. {p.summary()}")
         print(f"   teacher layers {p.layers}; default {p.default_format}; plan {json.dumps(p.quant_plan)}")

@@ -36,6 +36,15 @@ def test_plan_writes_ranked_plans_within_budget(tiny_model_dir, tiny_corpus, tmp
                  "--formats", "q8_0,q4_0", "--hidden-sizes", "64,32", "--out", str(out)]) == 0
     hiddens = {p["shape"]["hidden"] for p in json.loads(out.read_text())["plans"]}
     assert hiddens == {64, 32}, hiddens
+    # --probe-steps: the best plans re-ranked by their KL after a few KD steps on train blocks past the calibration
+    assert main(["plan", "--device", str(device), "--teacher", str(tiny_model_dir), "--data", str(tiny_corpus),
+                 "--file-size", "150KB", "--depths", "4,2", "--widths", "128", "--calibration-tokens", "64",
+                 "--formats", "q8_0,q4_0", "--probe-steps", "2", "--probe-top", "2", "--no-correct",
+                 "--out", str(out)]) == 0
+    assert "by KL after a 2-step recovery probe (the best 2)" in capsys.readouterr().out
+    plans = json.loads(out.read_text())["plans"]
+    assert [p["recovery"] is not None for p in plans[:2]] == [True, True] and len(plans[0]["recovery"]["losses"]) == 2
+    assert plans[0]["recovery"]["rank_kl"] <= plans[1]["recovery"]["rank_kl"]
     assert main(["plan", "--device", str(device), "--teacher", str(tiny_model_dir), "--data", str(tiny_corpus),
                  "--file-size", "150KB", "--depths", "2", "--hidden-sizes", "48"]) == 2
     assert "must be a multiple of 32" in capsys.readouterr().err

@@ -71,8 +71,10 @@ def _plan(loaded, gguf, device, budget, data: DataConfig, calibration_blocks: in
     from edgestill.plan import DEFAULT_FORMATS, check_budget
     from edgestill.plan import plan as plan_students
     from edgestill.plan.cost import StudentShape, Workload
+    from edgestill.plan.probe import probe_batches
 
     kwargs = {"workload": Workload(), "formats": DEFAULT_FORMATS, **plan_kwargs}
+    probe = kwargs.get("probe")
     shape = StudentShape.from_config(loaded.model.config)
     trim, blocks = None, None
     if trim_vocab:  # the trim needs the text: read it before the cost model's check, which prices the cut
@@ -86,6 +88,8 @@ def _plan(loaded, gguf, device, budget, data: DataConfig, calibration_blocks: in
     blocks = blocks or corpus_blocks(data, loaded.tokenizer)
     if correction is not None:
         loaded = correct_teacher(loaded, blocks.train, blocks.val, correction)
+    if probe is not None:  # its KD steps read the train blocks after the calibration ones
+        kwargs["probe_batches"] = probe_batches(blocks.train, calibration_blocks, probe)
     return plan_students(loaded.model, device, budget, calibration_batches(blocks.train, calibration_blocks),
                          metadata_bytes=metadata, vocab_keep=trim.kept if trim else None, **kwargs)
 
@@ -96,7 +100,7 @@ def plan(teacher: str, device, budget, data: DataConfig | None = None, calibrati
     calibrated on the train split of `data` (default: the embedded corpus). correction: a CorrectConfig to plan for
     the corrected teacher (as `shrink` does by default), None for the teacher as given. trim_vocab: students with
     the vocabulary trimmed to that split's tokens (`shrink student.trim_vocab=true`). plan_kwargs go to
-    edgestill.plan.plan (formats, depths, widths, hiddens, workload, top, ...)."""
+    edgestill.plan.plan (formats, depths, widths, hiddens, workload, top, probe, ...)."""
     loaded, gguf = _teacher_and_gguf(teacher)
     return _plan(loaded, gguf, device, budget, data or DataConfig(), calibration_blocks, correction=correction,
                  trim_vocab=trim_vocab, **plan_kwargs)

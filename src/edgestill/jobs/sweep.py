@@ -38,6 +38,7 @@ from edgestill.errors import EdgestillError
 from edgestill.files import write_text_atomic
 from edgestill.jobs.plan import point_config
 from edgestill.plan.allocate import DEFAULT_FORMATS
+from edgestill.plan.probe import RecoveryProbe, probe_batches
 from edgestill.runs import WorkFolder
 
 log = logging.getLogger("edgestill")
@@ -59,6 +60,8 @@ class SweepSettings:
     calibration_blocks: int = CALIBRATION_BLOCKS
     formats: tuple[str, ...] = DEFAULT_FORMATS  # what quantization-aware training can use (q4_k's search is too slow)
     hiddens: tuple[int, ...] | None = None  # candidate hidden sizes (Minitron's hidden cut); None: the teacher's alone
+    # the recovery probe (plan/probe.py): each budget's best plans re-ranked by their KL after a few KD steps; off by default
+    probe: RecoveryProbe = field(default_factory=RecoveryProbe)
     threads: int = 2  # llama.cpp's, scoring the baselines
 
     def criteria(self) -> list:
@@ -155,13 +158,14 @@ def make_plans(cfg: ShrinkConfig, settings: SweepSettings, teacher, train_blocks
     key = {"formats": list(settings.formats), "teacher": cfg.teacher.model, "reference": reference,
            "calibration_tokens_sha256": tokens}
     sensitivity = cached_sensitivity(teacher, batches, settings.formats, folder / "sensitivity.json" if folder else None, key)
-    cache: dict = {}  # reference logits, block influence, structural KL per shape: shared by the budgets
+    cache: dict = {}  # reference logits, block influence, structural KL (and the probe's) per shape: shared by the budgets
+    probed = probe_batches(train_blocks, settings.calibration_blocks, settings.probe, cfg.distill.batch_size)
     plans, seen = [], set()
     for fraction, budget in budgets:
         try:
             best = plan(teacher, settings.device, budget, batches, formats=settings.formats, sensitivity=sensitivity,
                         metadata_bytes=metadata_bytes, top=1, cache=cache, vocab_keep=vocab_keep,
-                        hiddens=settings.hiddens)[0]
+                        hiddens=settings.hiddens, probe=settings.probe, probe_batches=probed)[0]
         except EdgestillError as e:
             log.warning("budget 1/%.0f of the teacher: %s", 1 / fraction, e)
             dropped.append({"budget_fraction": fraction, "max_file_bytes": budget.max_file_bytes, "reason": str(e)})
@@ -246,7 +250,8 @@ def _plans(cfg: ShrinkConfig, settings: SweepSettings, out: Path, reference: Ref
     saved = json.loads(plans_path.read_text()) if plans_path.is_file() else None
     vocab = None if trim is None else {"size": trim.size, "kept_sha256": _sha(np.asarray(trim.kept, dtype=np.int64))}
     made_for = {"budgets": settings.budgets, "device": settings.device, "reference": reference.key, "vocab": vocab,
-                "formats": list(settings.formats), "hiddens": list(settings.hiddens) if settings.hiddens else None}
+                "formats": list(settings.formats), "hiddens": list(settings.hiddens) if settings.hiddens else None,
+                "probe": settings.probe.to_dict() if settings.probe.on else None}
     if saved is not None and {k: saved.get(k) for k in made_for} == made_for:
         return saved["plans"], saved.get("dropped", [])
     dropped: list = []

@@ -160,6 +160,14 @@ class Plan:
     workload: Workload = field(default_factory=Workload)
     # a trimmed vocabulary (plan(vocab_keep=...)): {"size", "teacher_size", "teacher_mass_trimmed"}; None = the teacher's
     vocab: dict[str, Any] | None = None
+    # the recovery probe (plan/probe.py), for the plans it tried: {"steps", "kl", "losses", "rank_kl"}; rank_kl =
+    # the KL after the probe + quantization_kl, what the probed plans are ranked by. None = not probed
+    recovery: dict[str, Any] | None = None
+
+    @property
+    def rank_kl(self) -> float:
+        """What plans are ordered by: the KL after the recovery probe (+ quantization) when probed, else as cut."""
+        return self.recovery["rank_kl"] if self.recovery else self.predicted_kl
 
     @property
     def intermediate_size(self) -> int:
@@ -187,14 +195,17 @@ class Plan:
         return (f"{self.shape.layers} layers{hidden_note(self.shape)}, ffn {self.shape.intermediate}{trim}, {mix}: "
                 f"{p.file_bytes / 1e6:.1f} MB file, "
                 f"{p.peak_ram_bytes / 1e6:.1f} MB RAM, decode {p.decode_tokens_per_s:.1f} tok/s, "
-                f"prefill {p.prefill_tokens_per_s:.1f} tok/s, predicted KL {self.predicted_kl:.4f}")
+                f"prefill {p.prefill_tokens_per_s:.1f} tok/s, predicted KL {self.predicted_kl:.4f}"
+                + (f", {self.recovery['kl']:.4f} after a {self.recovery['steps']}-step recovery probe"
+                   if self.recovery else ""))
 
     def to_dict(self) -> dict[str, Any]:
         return {"shape": self.shape.to_dict(), "layers": list(self.layers), "intermediate_size": self.intermediate_size,
                 "default_format": self.default_format, "quant_plan": dict(self.quant_plan),
                 "prediction": self.prediction.to_dict(), "predicted_kl": self.predicted_kl,
                 "structural_kl": self.structural_kl, "quantization_kl": self.quantization_kl,
-                "device": self.device, "workload": self.workload.to_dict(), "vocab": self.vocab}
+                "device": self.device, "workload": self.workload.to_dict(), "vocab": self.vocab,
+                "recovery": self.recovery}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Plan:
@@ -203,7 +214,7 @@ class Plan:
                    prediction=Prediction.from_dict(data["prediction"]), predicted_kl=float(data["predicted_kl"]),
                    structural_kl=float(data["structural_kl"]), quantization_kl=float(data["quantization_kl"]),
                    device=str(data.get("device", "")), workload=Workload.from_dict(data.get("workload") or {}),
-                   vocab=data.get("vocab"))
+                   vocab=data.get("vocab"), recovery=data.get("recovery"))
 
 
 def plan_dict(formats: dict[str, str]) -> tuple[str, dict[str, str]]:
@@ -548,7 +559,8 @@ def default_widths(intermediate: int) -> list[int]:
 def plan(model, device: str | DeviceProfile, budget: Budget, batches, formats=DEFAULT_FORMATS,
          depths: list[int] | None = None, widths: list[int] | None = None, workload: Workload = Workload(),
          metadata_bytes: int = 0, sensitivity: Sensitivity | None = None, top: int | None = None,
-         cache: dict | None = None, vocab_keep=None, hiddens: list[int] | None = None) -> list[Plan]:
+         cache: dict | None = None, vocab_keep=None, hiddens: list[int] | None = None, probe=None,
+         probe_batches=None) -> list[Plan]:
     """Ranked feasible student plans for `model` (a Llama-style teacher) on `device` within `budget`.
 
     batches: calibration token ids (held-out text is never used here). depths/widths: candidate layer
@@ -565,6 +577,10 @@ def plan(model, device: str | DeviceProfile, budget: Budget, batches, formats=DE
       is the teacher's probability on the tokens cut, on the calibration text: each plan's vocab records it, as a
       number beside the KL rather than inside it (a KL against a student that gives those tokens no mass is
       infinite). The layer sensitivities stay those measured over the whole vocabulary [R].
+    probe: a plan.probe.RecoveryProbe; when on, the `probe.top` best plans are each distilled for `probe.steps` KD
+      steps on `probe_batches` (train-split blocks the calibration does not use, plan.probe.probe_batches), scored
+      again on `batches`, and ranked by that KL + their quantization KL (Plan.recovery, Plan.rank_kl); the rest
+      follow in their order as cut. Probe results are kept in `cache` too.
     A budget even the smallest candidate cannot meet raises EdgestillError before anything is measured
     (check_budget); one the floor meets but no allocation does names the nearest plan at the end.
     """
@@ -660,7 +676,36 @@ def plan(model, device: str | DeviceProfile, budget: Budget, batches, formats=DE
             + ", ".join(need[k] for k in violated)
             + ". Relax the budget, allow lower formats, or add smaller depths/widths")
     plans.sort(key=lambda p: p.predicted_kl)
+    if probe is not None and probe.on:
+        plans = _probe(model, plans, batches, reference, columns, trimmed, probe, probe_batches, cache)
     return plans[:top] if top else plans
+
+
+def _probe(model, plans: list[Plan], batches, reference, columns, trimmed, probe, probe_batches, cache: dict) -> list[Plan]:
+    """The recovery probe (plan/probe.py) on the best `probe.top` plans; they are re-ranked by Plan.rank_kl."""
+    from edgestill.models.slice import slice_decoder
+    from edgestill.models.width import prune_width
+    from edgestill.plan.probe import recover
+    from edgestill.plan.sensitivity import mean_kl
+
+    tried = plans[: probe.top]
+    for i, p in enumerate(tried):
+        key = ("probe", tuple(p.layers), p.shape.intermediate, p.shape.hidden, trimmed, probe.steps)
+        if key not in cache:
+            student = slice_decoder(model, p.layers, allow_full=True)
+            narrower = {k: v for k, v in (("intermediate_size", p.shape.intermediate), ("hidden_size", p.shape.hidden))
+                        if v != getattr(model.config, k)}
+            if narrower:
+                student = prune_width(student, batches, **narrower)
+            losses = recover(student, model, probe_batches or [], probe, columns)
+            cache[key] = {"steps": probe.steps, "kl": mean_kl(student, batches, reference, columns),
+                          "losses": [round(x, 5) for x in losses]}
+            del student
+            log.info("recovery probe %d/%d, %d layers%s, ffn %d: KL %.4f as cut, %.4f after %d steps", i + 1,
+                     len(tried), p.shape.layers, hidden_note(p.shape), p.shape.intermediate, p.structural_kl,
+                     cache[key]["kl"], probe.steps)
+        p.recovery = {**cache[key], "rank_kl": cache[key]["kl"] + p.quantization_kl}
+    return sorted(tried, key=lambda p: p.rank_kl) + plans[probe.top:]
 
 
 def uniform_bytes(shape: StudentShape, fmt: str, metadata_bytes: int = 0) -> int:
