@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -60,6 +61,7 @@ def main() -> None:
     ap.add_argument("--probe-steps", type=int, default=20)
     ap.add_argument("--probe-top", type=int, default=3)
     args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")  # the planner's candidates and probes
 
     from edgestill.config import DataConfig, TeacherConfig
     from edgestill.jobs import plan as plan_job

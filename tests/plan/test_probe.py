@@ -62,6 +62,11 @@ def test_the_probe_reranks_the_best_plans_by_their_kl_after_recovery(tiny2, cali
     only_best = plan(tiny2, toy_device, budget, calib_batches, probe=RecoveryProbe(steps=3, top=1),
                      probe_batches=calib_batches, **kwargs)
     assert [p.recovery is not None for p in only_best] == [True, False]  # top=1: the rest keep their order as cut
+    # the best plan at each candidate hidden size is probed too, however low it ranks as cut
+    cut = plan(tiny2, toy_device, budget, calib_batches, probe=RecoveryProbe(steps=3, top=1),
+               probe_batches=calib_batches, hiddens=[64, 32], **kwargs)
+    probed_hiddens = sorted(p.shape.hidden for p in cut if p.recovery is not None)
+    assert probed_hiddens == [32, 64] and all(p.recovery is None for p in cut[2:])
 
 
 def test_probe_settings_and_batches():

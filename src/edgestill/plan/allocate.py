@@ -577,7 +577,8 @@ def plan(model, device: str | DeviceProfile, budget: Budget, batches, formats=DE
       is the teacher's probability on the tokens cut, on the calibration text: each plan's vocab records it, as a
       number beside the KL rather than inside it (a KL against a student that gives those tokens no mass is
       infinite). The layer sensitivities stay those measured over the whole vocabulary [R].
-    probe: a plan.probe.RecoveryProbe; when on, the `probe.top` best plans are each distilled for `probe.steps` KD
+    probe: a plan.probe.RecoveryProbe; when on, the `probe.top` best plans (and the best at each hidden size) are
+      each distilled for `probe.steps` KD
       steps on `probe_batches` (train-split blocks the calibration does not use, plan.probe.probe_batches), scored
       again on `batches`, and ranked by that KL + their quantization KL (Plan.recovery, Plan.rank_kl); the rest
       follow in their order as cut. Probe results are kept in `cache` too.
@@ -682,13 +683,19 @@ def plan(model, device: str | DeviceProfile, budget: Budget, batches, formats=DE
 
 
 def _probe(model, plans: list[Plan], batches, reference, columns, trimmed, probe, probe_batches, cache: dict) -> list[Plan]:
-    """The recovery probe (plan/probe.py) on the best `probe.top` plans; they are re-ranked by Plan.rank_kl."""
+    """The recovery probe (plan/probe.py) on the best `probe.top` plans and the best plan at each hidden size (the
+    hidden cut changes the KL as cut the most, and recovery can undo it: a cut family may fill the top K alone);
+    those are re-ranked by Plan.rank_kl, ahead of the rest."""
     from edgestill.models.slice import slice_decoder
     from edgestill.models.width import prune_width
     from edgestill.plan.probe import recover
     from edgestill.plan.sensitivity import mean_kl
 
     tried = plans[: probe.top]
+    for hidden in sorted({p.shape.hidden for p in plans}, reverse=True):
+        best = next(p for p in plans if p.shape.hidden == hidden)
+        if all(best is not t for t in tried):
+            tried.append(best)
     for i, p in enumerate(tried):
         key = ("probe", tuple(p.layers), p.shape.intermediate, p.shape.hidden, trimmed, probe.steps)
         if key not in cache:
@@ -705,7 +712,7 @@ def _probe(model, plans: list[Plan], batches, reference, columns, trimmed, probe
                      len(tried), p.shape.layers, hidden_note(p.shape), p.shape.intermediate, p.structural_kl,
                      cache[key]["kl"], probe.steps)
         p.recovery = {**cache[key], "rank_kl": cache[key]["kl"] + p.quantization_kl}
-    return sorted(tried, key=lambda p: p.rank_kl) + plans[probe.top:]
+    return sorted(tried, key=lambda p: p.rank_kl) + [p for p in plans if all(p is not t for t in tried)]
 
 
 def uniform_bytes(shape: StudentShape, fmt: str, metadata_bytes: int = 0) -> int:

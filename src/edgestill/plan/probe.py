@@ -2,9 +2,9 @@
 
 The planner ranks candidate shapes by the KL each has against the teacher before any training (its structural KL)
 plus what quantization adds. That is the order of the students as cut, and recovery can reverse it: at 22.4 MB the
-planner's choice (30 layers at hidden 288, KL 5.02 as cut) trained to a worse student than 10 uncut layers (KL 6.67
-as cut), and the two training logs had already crossed after 10 of 100 steps (docs/distillation.md, "The recovery probe"). So, for the `top`
-best plans:
+planner's choice (30 layers at hidden 288, the lowest KL as cut) trained to a worse student than 10 uncut layers, and
+the two training logs had crossed after 10 of 100 steps (docs/distillation.md, "The recovery probe"). So, for the
+`top` best plans and the best plan at each candidate hidden size (one cut family can fill the top `top` alone):
 
     student  = the teacher sliced and width-cut as the plan says (as the structural KL cuts it)
     for step in 1..steps:   KD on one batch of train-split blocks the calibration does not use
