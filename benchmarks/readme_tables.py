@@ -862,6 +862,37 @@ def recovery_curve_table(r: dict) -> str:
     return "\n".join(out)
 
 
+def recovery_probe_table(r: dict) -> str:
+    """The probed plans of benchmarks/recovery_probe.py: their rank as cut and after the probe, the KL before and after,
+    and what a committed sweep measured for the same student after its full training."""
+    probe = r["probe"]
+    out = [f"| rank (probe) | rank as cut | student | MB | predicted KL as cut | KL after {probe['steps']} probe steps | "
+           "probe s | trained (same shape): KL / top-1 / retention |", "|---:|---:|---|---:|---:|---:|---:|---|"]
+    probed = [x for x in r["plans"] if x.get("recovery")]
+    for x, wall in zip(sorted(probed, key=lambda x: x["rank"]), _probe_walls(r, probed)):
+        hidden = "" if x["hidden"] == max(p["hidden"] for p in r["plans"]) else f", hidden {x['hidden']}"
+        trained = "; ".join(f"{t['kl_teacher_student']:.3f} / {t['top1_agreement']:.3f} / {t['retention']:.3f} "
+                            f"(`{t['file'].rsplit('/', 1)[-1]}`, {t['name']}, `{(t['git_commit'] or '?')[:7]}`)"
+                            for t in x["trained"]) or "not trained"
+        out.append(f"| {x['rank']} | {x['rank_as_cut']} | {x['layers']} layers{hidden}, FFN {x['ffn']} | "
+                   f"{x['file_bytes'] / 1e6:.1f} | {x['predicted_kl']:.2f} | {x['recovery']['rank_kl']:.2f} | "
+                   f"{'—' if wall is None else f'{wall:.0f}'} | {trained} |")
+    out += ["", f"{len(r['plans'])} feasible plans at {r['max_file_bytes'] / 1e6:.1f} MB (1/{1 / r['budget_fraction']:.0f} "
+            f"of the fp32 bytes; hidden sizes {', '.join(map(str, r['hidden_sizes']))}; formats "
+            f"{', '.join(r['formats'])}{'; trimmed vocabulary' if r['trim_vocab'] else ''}), the best "
+            f"{probe['top']} and the best at each hidden size probed; KL after the probe includes the plan's "
+            f"quantization KL, as the predicted KL does. Planning took {r['plan_wall_s'] / 60:.1f} min in all, "
+            f"the probes {sum(r['probe_wall_s']) / 60:.1f} of it. {_provenance(r)}."]
+    return "\n".join(out)
+
+
+def _probe_walls(r: dict, probed: list[dict]) -> list:
+    """Each probed plan's probe seconds: probe_wall_s is in probing order (rank as cut, then the hidden sizes' best)."""
+    order = sorted(probed, key=lambda x: x["rank_as_cut"])
+    walls = dict(zip((id(x) for x in order), r.get("probe_wall_s") or []))
+    return [walls.get(id(x)) for x in sorted(probed, key=lambda x: x["rank"])]
+
+
 from _common import track_view  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from distill_methods import methods_table  # noqa: E402
 from shrink_curve import shrink_curve_compare, shrink_curve_summary, shrink_curve_table  # noqa: E402
@@ -886,7 +917,7 @@ TABLES = {"default_run": default_run_table, "distill_throughput": throughput_tab
           "classifier_energy": lambda r: classifier_recipes_table(r, size="kd-25x"),
           "classifier_energy4": lambda r: classifier_recipes_table(r, size="kd-25x"),
           "classifier_energy_ema": lambda r: classifier_recipes_table(r, size="kd-25x", base_name="classifier_energy"),
-          "recovery_curve": recovery_curve_table}
+          "recovery_curve": recovery_curve_table, "recovery_probe": recovery_probe_table}
 SOURCES = {"shrink_curve_summary": "shrink_curve", "audit_lm": "audit",  # tables rendered from another table's JSON
            "shrink_curve_compare": "shrink_curve_levers",
            "timeseries_size": "timeseries_student_c8h16"}
