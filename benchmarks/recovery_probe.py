@@ -3,7 +3,8 @@ KD steps pick the student that trains better?
 
     python benchmarks/recovery_probe.py                       # 1/24 of the fp32 bytes, hidden 576 and 288 (~15 min)
     python benchmarks/recovery_probe.py --probe-steps 40 --probe-top 4
--> benchmarks/results/recovery_probe.json
+    python benchmarks/recovery_probe.py --budget 1/16 --hidden-sizes 576 --name recovery_probe_33mb
+-> benchmarks/results/recovery_probe.json (or NAME.json)
 
 One `edgestill plan` call on the corrected default teacher, with the candidates and formats of the hidden-cut sweep
 (benchmarks/results/shrink_curve_hidden.json): every feasible plan with its KL as cut and its predicted KL, and for
@@ -60,6 +61,7 @@ def main() -> None:
     ap.add_argument("--no-trim", action="store_true", help="plan with the teacher's whole vocabulary")
     ap.add_argument("--probe-steps", type=int, default=20)
     ap.add_argument("--probe-top", type=int, default=3)
+    ap.add_argument("--name", default="recovery_probe", help="file the result as benchmarks/results/NAME.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")  # the planner's candidates and probes
 
@@ -106,7 +108,7 @@ def main() -> None:
             print(f"{rows[-1]['rank']}. (as cut: {rows[-1]['rank_as_cut']}) {p.summary()}"
                   + "".join(f"\n   trained in {t['file']} ({t['name']}): KL {t['kl_teacher_student']:.3f}, top-1 "
                             f"{t['top1_agreement']:.3f}, retention {t['retention']:.3f}" for t in trained))
-    write_result("recovery_probe", {
+    write_result(args.name, {
         "command": "python benchmarks/recovery_probe.py " + " ".join(sys.argv[1:]), "teacher": args.teacher,
         "reference": "corrected", "budget_fraction": fraction, "max_file_bytes": budget.max_file_bytes,
         "formats": args.formats.split(","), "hidden_sizes": [int(h) for h in args.hidden_sizes.split(",")],
