@@ -662,7 +662,8 @@ def main() -> None:
     ap.add_argument("--hidden-weight", type=float, default=0.0)
     ap.add_argument("--ema", type=float, default=0.0,
                     help="students validate and keep an exponential moving average of their weights with this decay "
-                         "(train.ema, e.g. 0.998; 0: the weights of the step validated)")
+                         "(train.ema, e.g. 0.998; 0, the default here: the weights of the step validated, as the "
+                         "README's rows were trained; `edgestill shrink --task classification` defaults to 0.998)")
     ap.add_argument("--augment", type=int, default=None,
                     help="perturbed copies of each training text in the KD rows' transfer set (kd.augment; 0: the labelled "
                          f"texts alone, and no kd-<X>x-labelled ablation row) (default {FULL['augment']})")
