@@ -578,10 +578,9 @@ def plan(model, device: str | DeviceProfile, budget: Budget, batches, formats=DE
       number beside the KL rather than inside it (a KL against a student that gives those tokens no mass is
       infinite). The layer sensitivities stay those measured over the whole vocabulary [R].
     probe: a plan.probe.RecoveryProbe; when on, the `probe.top` best plans (and the best at each hidden size) are
-      each distilled for `probe.steps` KD
-      steps on `probe_batches` (train-split blocks the calibration does not use, plan.probe.probe_batches), scored
-      again on `batches`, and ranked by that KL + their quantization KL (Plan.recovery, Plan.rank_kl); the rest
-      follow in their order as cut. Probe results are kept in `cache` too.
+      each distilled for `probe.steps` KD steps on `probe_batches` (train-split blocks the calibration does not use,
+      plan.probe.probe_batches), scored again on `batches`, and ranked by that KL + their quantization KL
+      (Plan.recovery, Plan.rank_kl); the rest follow in their order as cut. Probe results are kept in `cache` too.
     A budget even the smallest candidate cannot meet raises EdgestillError before anything is measured
     (check_budget); one the floor meets but no allocation does names the nearest plan at the end.
     """
@@ -697,7 +696,8 @@ def _probe(model, plans: list[Plan], batches, reference, columns, trimmed, probe
         if all(best is not t for t in tried):
             tried.append(best)
     for i, p in enumerate(tried):
-        key = ("probe", tuple(p.layers), p.shape.intermediate, p.shape.hidden, trimmed, probe.steps)
+        key = ("probe", tuple(p.layers), p.shape.intermediate, p.shape.hidden, trimmed, probe.steps, probe.lr,
+               probe.warmup_steps)
         if key not in cache:
             student = slice_decoder(model, p.layers, allow_full=True)
             narrower = {k: v for k, v in (("intermediate_size", p.shape.intermediate), ("hidden_size", p.shape.hidden))
