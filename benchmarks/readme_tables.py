@@ -887,10 +887,14 @@ def recovery_probe_table(r: dict) -> str:
 
 
 def _probe_walls(r: dict, probed: list[dict]) -> list:
-    """Each probed plan's probe seconds: probe_wall_s is in probing order (rank as cut, then the hidden sizes' best)."""
+    """Each probed plan's probe seconds, in rank order: its recovery's wall_s; results made before the planner kept it
+    list them in probing order in probe_wall_s (rank as cut: the best plans, then one hidden size's best after them)."""
+    ranked = sorted(probed, key=lambda x: x["rank"])
+    if all("wall_s" in x["recovery"] for x in probed):
+        return [x["recovery"]["wall_s"] for x in ranked]
     order = sorted(probed, key=lambda x: x["rank_as_cut"])
     walls = dict(zip((id(x) for x in order), r.get("probe_wall_s") or []))
-    return [walls.get(id(x)) for x in sorted(probed, key=lambda x: x["rank"])]
+    return [walls.get(id(x)) for x in ranked]
 
 
 from _common import track_view  # noqa: E402  (benchmarks/ is on sys.path when run as a script)

@@ -67,31 +67,19 @@ def main() -> None:
 
     from edgestill.config import DataConfig, TeacherConfig
     from edgestill.jobs import plan as plan_job
-    from edgestill.plan import probe as probe_module
     from edgestill.plan.allocate import Budget
     from edgestill.plan.probe import RecoveryProbe
 
     num, _, den = args.budget.partition("/")
     fraction = float(num) / float(den or 1)
-    loaded, _ = plan_job._teacher_and_gguf(args.teacher)
+    loaded, gguf = plan_job._teacher_and_gguf(args.teacher)
     teacher_bytes = 4 * sum(p.numel() for p in loaded.model.parameters())
-    del loaded
     budget = Budget(max_file_bytes=int(teacher_bytes * fraction))  # as the sweep sets it
-
-    timings, real_recover = [], probe_module.recover
-
-    def timed_recover(*a, **k):
-        t0 = time.perf_counter()
-        losses = real_recover(*a, **k)
-        timings.append(time.perf_counter() - t0)
-        return losses
-
-    probe_module.recover = timed_recover
     t0 = time.perf_counter()
-    plans = plan_job.plan(args.teacher, "host", budget, DataConfig(), correction=TeacherConfig().correction(),
-                          trim_vocab=not args.no_trim, formats=tuple(args.formats.split(",")),
-                          hiddens=[int(h) for h in args.hidden_sizes.split(",")],
-                          probe=RecoveryProbe(steps=args.probe_steps, top=args.probe_top))
+    plans = plan_job._plan(loaded, gguf, "host", budget, DataConfig(), correction=TeacherConfig().correction(),
+                           trim_vocab=not args.no_trim, formats=tuple(args.formats.split(",")),
+                           hiddens=[int(h) for h in args.hidden_sizes.split(",")],
+                           probe=RecoveryProbe(steps=args.probe_steps, top=args.probe_top))
     wall = time.perf_counter() - t0
     points = trained_points()
     as_cut = sorted(plans, key=lambda p: p.predicted_kl)
@@ -113,7 +101,7 @@ def main() -> None:
         "reference": "corrected", "budget_fraction": fraction, "max_file_bytes": budget.max_file_bytes,
         "formats": args.formats.split(","), "hidden_sizes": [int(h) for h in args.hidden_sizes.split(",")],
         "trim_vocab": not args.no_trim, "probe": RecoveryProbe(steps=args.probe_steps, top=args.probe_top).to_dict(),
-        "probe_wall_s": timings, "plan_wall_s": wall, "plans": rows,
+        "probe_wall_s": [x["recovery"]["wall_s"] for x in rows if x["recovery"]], "plan_wall_s": wall, "plans": rows,
         "note": "rank_as_cut orders by predicted KL (structural + quantization, before any training); rank by the KL "
                 "after the probe + quantization for the probed plans. `trained`: committed sweep points of the same "
                 "teacher layers, hidden size and FFN width (their formats may differ), after their full recovery."})

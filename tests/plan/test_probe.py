@@ -57,6 +57,7 @@ def test_the_probe_reranks_the_best_plans_by_their_kl_after_recovery(tiny2, cali
     assert [p.shape.layers for p in probed] == [1, 2]
     assert [p.recovery["kl"] for p in probed] == [pytest.approx(0.1), pytest.approx(0.2)]
     assert all(p.rank_kl == pytest.approx(p.recovery["kl"] + p.quantization_kl) for p in probed)
+    assert all(p.recovery["wall_s"] >= 0 for p in probed)  # what each probe cost, kept with its result
     assert "after a 3-step recovery probe" in probed[0].summary()
     assert Plan.from_dict(json.loads(json.dumps(probed[0].to_dict()))).to_dict() == probed[0].to_dict()
     only_best = plan(tiny2, toy_device, budget, calib_batches, probe=RecoveryProbe(steps=3, top=1),

@@ -171,8 +171,10 @@ def check_train_config(cfg: TrainConfig) -> None:
                              f"({cfg.min_delta}) must be >= 0 and train.steps ({cfg.steps}) >= 1")
     if cfg.patience and not cfg.eval_every:
         raise EdgestillError("train.patience needs validations to count: set train.eval_every > 0")
-    if cfg.ema and not 0.0 < cfg.ema < 1.0:
-        raise EdgestillError(f"train.ema={cfg.ema} must be in (0, 1) (e.g. 0.998), or 0 for no weight average")
+    if cfg.ema:
+        from edgestill.distill.ema import check_decay
+
+        check_decay(cfg.ema)
 
 
 def check_kd_config(kd: KDConfig) -> None:

@@ -18,10 +18,15 @@ import torch
 from edgestill.errors import EdgestillError
 
 
+def check_decay(decay: float) -> None:
+    """Refuse a decay the average cannot use (train.ema: 0 means no average and never reaches WeightEMA)."""
+    if not 0.0 < decay < 1.0:
+        raise EdgestillError(f"train.ema={decay} must be in (0, 1) (e.g. 0.998), or 0 for no weight average")
+
+
 class WeightEMA:
     def __init__(self, model: torch.nn.Module, decay: float):
-        if not 0.0 < decay < 1.0:
-            raise EdgestillError(f"train.ema={decay} must be in (0, 1) (e.g. 0.998), or 0 for no weight average")
+        check_decay(decay)
         self.decay = decay
         self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
 

@@ -37,6 +37,7 @@ import dataclasses
 import logging
 import math
 import re
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -160,8 +161,8 @@ class Plan:
     workload: Workload = field(default_factory=Workload)
     # a trimmed vocabulary (plan(vocab_keep=...)): {"size", "teacher_size", "teacher_mass_trimmed"}; None = the teacher's
     vocab: dict[str, Any] | None = None
-    # the recovery probe (plan/probe.py), for the plans it tried: {"steps", "kl", "losses", "rank_kl"}; rank_kl =
-    # the KL after the probe + quantization_kl, what the probed plans are ranked by. None = not probed
+    # the recovery probe (plan/probe.py), for the plans it tried: {"steps", "kl", "losses", "wall_s", "rank_kl"};
+    # rank_kl = the KL after the probe + quantization_kl, what the probed plans are ranked by. None = not probed
     recovery: dict[str, Any] | None = None
 
     @property
@@ -704,9 +705,10 @@ def _probe(model, plans: list[Plan], batches, reference, columns, trimmed, probe
                         if v != getattr(model.config, k)}
             if narrower:
                 student = prune_width(student, batches, **narrower)
+            start = time.perf_counter()
             losses = recover(student, model, probe_batches or [], probe, columns)
             cache[key] = {"steps": probe.steps, "kl": mean_kl(student, batches, reference, columns),
-                          "losses": [round(x, 5) for x in losses]}
+                          "losses": [round(x, 5) for x in losses], "wall_s": time.perf_counter() - start}
             del student
             log.info("recovery probe %d/%d, %d layers%s, ffn %d: KL %.4f as cut, %.4f after %d steps", i + 1,
                      len(tried), p.shape.layers, hidden_note(p.shape), p.shape.intermediate, p.structural_kl,
