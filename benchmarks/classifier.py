@@ -96,7 +96,8 @@ def _x(v: float) -> str:
 
 # Settings added after some committed rows were made, with the value that behaves as the code did before them (a
 # run folder whose config.yaml lacks the key ran that way; not the setting's default, which may differ).
-SETTINGS_ADDED = {("train", "ema"): 0.0}
+SETTINGS_ADDED = {("train", "ema"): 0.0, ("kd", "transfer"): "", ("kd", "transfer_column"): "text",
+                  ("kd", "transfer_sentences"): False, ("kd", "transfer_max"): 0}
 
 
 class Bench:
@@ -133,6 +134,8 @@ class Bench:
             "train.patience": a.student_patience, "train.ema": a.ema,
             "train.seed": a.seed if seed is None else seed, "kd.temperature": a.temperature, "kd.alpha": a.alpha if kd else 0.0,
             "kd.hidden_weight": a.hidden_weight if kd else 0.0, "kd.augment": a.augment if kind == "kd" else 0,
+            "kd.transfer": a.transfer if kind == "kd" else "", "kd.transfer_sentences": a.transfer_sentences,
+            "kd.transfer_max": a.transfer_max,
             "eval.onnx_type": "f32", "eval.threads": a.threads,
             # the benchmark times teacher and all students in one alternated loop (below); the run's own timing is minimal
             "eval.teacher_latency": False, "eval.tfidf_baseline": False, "eval.latency_examples": 4,
@@ -672,6 +675,12 @@ def main() -> None:
     ap.add_argument("--augment", type=int, default=None,
                     help="perturbed copies of each training text in the KD rows' transfer set (kd.augment; 0: the labelled "
                          f"texts alone, and no kd-<X>x-labelled ablation row) (default {FULL['augment']})")
+    ap.add_argument("--transfer", default="",
+                    help="unlabelled texts added to the KD rows' transfer set (kd.transfer: files or built-in corpora, "
+                         "e.g. moviereviews-plots,drugreview; default none)")
+    ap.add_argument("--transfer-sentences", action="store_true",
+                    help="cut the --transfer texts into sentences (kd.transfer_sentences)")
+    ap.add_argument("--transfer-max", type=int, default=0, help="at most this many --transfer texts (0: all)")
     ap.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (latency) and torch threads")
     ap.add_argument("--train-threads", type=int, default=None,
                     help="torch threads for training only (default --threads; 1 when sharing the machine)")
@@ -768,7 +777,8 @@ def main() -> None:
         "student": {"num_layers": args.num_layers, "one_layer_from_x": args.one_layer_from, "max_len": args.max_len, "trim_vocab": True,
                     "factorization": f"truncated SVD of every matrix (not the head), {args.strategy} rank budget",
                     "kd": {"temperature": args.temperature, "alpha": args.alpha, "hidden_weight": args.hidden_weight,
-                           "augment": args.augment},
+                           "augment": args.augment, "transfer": args.transfer,
+                           "transfer_sentences": args.transfer_sentences, "transfer_max": args.transfer_max},
                     "train": {"ema": args.ema},
                     "ablation": f"ce-{_x(args.ablation_x)}x: the same student config with kd.alpha=0 (CE only, labelled "
                                 f"texts); kd-{_x(args.ablation_x)}x-labelled: KD on the labelled texts alone (kd.augment=0)"},

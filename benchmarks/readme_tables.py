@@ -270,11 +270,14 @@ def _seed_rows(r: dict | None, data: str, size: str) -> list[dict]:
     return [x for x in rows if x["kind"] == "kd" and (x["name"] == size or x.get("seed_of") == size)]
 
 
-_RECIPE_DEFAULTS = {"strategy": "global", "ema": 0.0}  # settings older results did not record: what they ran with
+# settings older results did not record: what they ran with
+_RECIPE_DEFAULTS = {"strategy": "global", "ema": 0.0, "transfer": "", "transfer_sentences": False, "transfer_max": 0}
 _RECIPE_ARGS = {"strategy": "ranks by {} share", "num_layers": "{} layers", "student_steps": "at most {} steps",
                 "student_patience": "patience {}", "augment": "{} perturbed copies",
                 "temperature": "T = {}", "alpha": "α = {}", "hidden_weight": "hidden-state weight {}",
-                "student_lr": "lr {}", "student_batch_size": "batch {}", "ema": "weight average (EMA {})"}
+                "student_lr": "lr {}", "student_batch_size": "batch {}", "ema": "weight average (EMA {})",
+                "transfer": "unlabelled text ({})", "transfer_sentences": "cut into sentences",
+                "transfer_max": "at most {} of it"}
 
 
 def _recipe_change(args: dict, base: dict) -> str:

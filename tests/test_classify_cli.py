@@ -354,3 +354,25 @@ def test_shrink_with_mutual_learning_reports_the_teacher_copy_beside_the_referen
     assert mutual["lr"] == 1e-3 and {"accuracy", "macro_f1"} <= set(mutual["test"])
     assert m["train"]["kd"]["method"] == "mutual" and "lambda_ts" in m["history"][-1]
     assert "learned beside the student (kd.method=mutual" in (out / "report.md").read_text()
+
+
+def test_shrink_with_unlabelled_transfer_text_drops_split_texts_and_reports_it(runs, tmp_path, capsys):
+    """kd.transfer from the command line: a text file of unlabelled texts joins the transfer set; any that is a test
+    (or train, or validation) text is dropped first, and metrics.json and the report say how many were used."""
+    test_text = _test_texts(runs).texts[0]
+    extra = tmp_path / "unlabelled.txt"
+    extra.write_text("\n".join([test_text, "a hammer beside the cat", "mango and a drill", "ok"]) + "\n")
+    args = ["shrink", "--task", "classification", "--teacher", str(runs["teacher"]), "--data", str(runs["csv"]),
+            *STEPS, "train.steps=6", "student.max_len=24", "student.num_layers=1", "student.compression_x=3",
+            "student.min_rank=2", "student.multiple_of=1", "kd.alpha=0.7", "eval.latency_examples=2",
+            "eval.latency_repeats=1", "eval.teacher_latency=false", "eval.tfidf_baseline=false", "eval.curve_types=[f32]"]
+    assert main([*args, f"kd.transfer={tmp_path / 'nope.txt'}", "--out", str(tmp_path / "missing")]) == 2
+    assert "is neither a file nor a built-in corpus" in _one_line_error(capsys)
+    assert not (tmp_path / "missing").exists() and not (tmp_path / "missing.partial").exists()
+    out = tmp_path / "transfer"
+    assert main([*args, f"kd.transfer={extra}", "--out", str(out)]) == 0
+    ts = json.loads((out / "metrics.json").read_text())["train"]["transfer_set"]
+    assert ts["unlabelled"] == 2
+    assert ts["source"] == {"spec": str(extra), "sentences": False, "loaded": 3, "dropped_in_splits": 1, "used": 2,
+                            "onion": None}
+    assert "+ 2 unlabelled texts from" in (out / "report.md").read_text()

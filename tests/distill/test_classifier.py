@@ -274,9 +274,54 @@ def test_augmented_transfer_set_is_labelled_by_the_teacher_only(teacher, splits)
     finally:
         handle.remove()
     n = len(splits.train.texts)
-    assert result["transfer_set"] == {"labelled": n, "augmented": 3 * n}
+    assert result["transfer_set"] == {"labelled": n, "augmented": 3 * n, "unlabelled": 0}
     assert len(calls) == -(-4 * n // 64)  # the teacher's logits: one pass over the transfer set, before training
     assert {"ce", "kl"} <= set(result["history"][-1])
+
+
+def test_transfer_texts_get_the_teachers_labels_only_and_the_students_own_pieces(teacher, splits, monkeypatch):
+    """kd.transfer: unlabelled texts join the transfer set with no gold label; the student reads them through its
+    trimmed tokenizer (a word it never kept falls back to [UNK], as on a device), the teacher through its own."""
+    import edgestill.distill.classifier as clf
+
+    model, tok, _ = teacher
+    student, s_tok, table, _ = _student(model, tok, splits)
+    transfer = ["unseen zebra words with apple", "hammer and cat"]
+    seen, calls = {}, []
+    real = clf.train_classifier
+
+    def spy(model_, s_train, y_train, *args, **kwargs):
+        seen.update(s_train=s_train, y=y_train)
+        return real(model_, s_train, y_train, *args, **kwargs)
+
+    monkeypatch.setattr(clf, "train_classifier", spy)
+    handle = model.register_forward_hook(lambda m, i, o: calls.append(1))
+    try:
+        result = distill_classifier(model, student, tok, splits, table, s_tok,
+                                    TrainConfig(steps=6, batch_size=16, lr=3e-3, max_len=24, eval_every=0),
+                                    KDConfig(alpha=0.7, augment=1, transfer="given"), transfer_texts=transfer)
+    finally:
+        handle.remove()
+    n = len(splits.train.texts)
+    assert result["transfer_set"] == {"labelled": n, "augmented": n, "unlabelled": 2}
+    assert (seen["y"][:n] >= 0).all() and (seen["y"][n:] == -100).all()
+    own = tokenize(s_tok, transfer, 24)
+    np.testing.assert_array_equal(seen["s_train"]["input_ids"][-2:], own["input_ids"])
+    assert s_tok.unk_token_id in own["input_ids"][0]  # 'zebra' is not in the trimmed vocabulary
+    mapped = table[tokenize(tok, splits.train.texts[:3], 24)["input_ids"]]  # the labelled texts: the teacher's pieces
+    np.testing.assert_array_equal(seen["s_train"]["input_ids"][:3], mapped)
+    assert len(calls) == -(-(2 * n + 2) // 64)  # the teacher labels all of it in one pass before training
+
+
+@pytest.mark.parametrize("kd, match", [
+    (KDConfig(alpha=0.0, transfer="t.txt"), "kd.transfer='t.txt'.*need kd.alpha > 0"),
+    (KDConfig(transfer_max=-1), "kd.transfer_max=-1 >= 0"),
+    (KDConfig(alpha=0.5, transfer="t.txt", hidden_weight=1.0), "set kd.hidden_weight=0 or kd.transfer=''"),
+    (KDConfig(alpha=0.5, transfer="t.txt", method="mutual"), "kd.augment=0 and kd.transfer=''"),
+])
+def test_transfer_settings_that_cannot_work_are_refused_in_one_line(kd, match):
+    with pytest.raises(EdgestillError, match=match):
+        check_kd_config(kd)
 
 
 def test_augmenting_a_ce_only_student_is_refused(teacher, splits):
@@ -440,7 +485,7 @@ def test_a_killed_mutual_run_resumes_the_teacher_copy_too(teacher, splits, tmp_p
 @pytest.mark.parametrize("kd, match", [
     (KDConfig(method="online"), "kd.method 'online': choose offline or mutual"),
     (KDConfig(method="mutual", alpha=0.0), "needs kd.alpha > 0"),
-    (KDConfig(method="mutual", augment=2), "set kd.augment=0"),
+    (KDConfig(method="mutual", augment=2), "set kd.augment=0 and kd.transfer=''"),
     (KDConfig(method="mutual", mutual_gamma=1.5), "gamma=1.5 must be in"),
     (KDConfig(method="mutual", mutual_teacher_lr=0.0), "mutual_teacher_lr=0.0 must be > 0"),
 ])

@@ -78,6 +78,12 @@ class KDConfig:
     # perturbed copies of each training text added to the transfer set, labelled by the teacher's logits only
     # (distill/augment.py, [tang2019]); 0 = the labelled texts alone. Needs alpha > 0.
     augment: int = 0
+    # unlabelled texts added to the transfer set, labelled by the teacher's logits only (data/unlabelled.py): a comma
+    # list of .txt/.csv/.tsv/.jsonl files or built-in corpora; "" = none. Needs alpha > 0
+    transfer: str = ""
+    transfer_column: str = "text"  # the text column of a .csv/.tsv/.jsonl transfer file
+    transfer_sentences: bool = False  # cut every transfer text into sentences (for a task on sentences)
+    transfer_max: int = 0  # at most this many transfer texts, a seeded random choice; 0 = all
     # offline: the fine-tuned teacher is frozen. mutual: a copy of it keeps learning beside the student, from the labels
     # and from the student (adaptive mutual learning, distill/mutual.py, [10]); the frozen teacher stays the reference
     method: str = "offline"
@@ -185,15 +191,24 @@ def check_kd_config(kd: KDConfig) -> None:
     if kd.augment < 0 or (kd.augment and kd.alpha <= 0):
         raise EdgestillError(f"kd.augment={kd.augment}: augmented texts carry only the teacher's soft labels, so they "
                              "need kd.alpha > 0 (and kd.augment >= 0); set kd.augment=0 for a CE-only student")
+    if kd.transfer_max < 0 or (kd.transfer and kd.alpha <= 0):
+        raise EdgestillError(f"kd.transfer='{kd.transfer}': transfer texts carry only the teacher's soft labels, so "
+                             f"they need kd.alpha > 0 (and kd.transfer_max={kd.transfer_max} >= 0); set kd.transfer='' "
+                             "for a CE-only student")
+    if kd.transfer and kd.hidden_weight > 0:
+        raise EdgestillError("kd.transfer texts are tokenized by the student's trimmed tokenizer, so their pieces do "
+                             "not line up with the teacher's for the hidden-state term; set kd.hidden_weight=0 or "
+                             "kd.transfer=''")
     if kd.method not in KD_METHODS:
         raise EdgestillError(f"kd.method '{kd.method}': choose {' or '.join(KD_METHODS)}")
     if kd.method == "mutual":
         if kd.alpha <= 0:
             raise EdgestillError("kd.method=mutual trains teacher and student on each other's predictions: it needs "
                                  "kd.alpha > 0 (kd.alpha=0 is the CE-only student, with no teacher)")
-        if kd.augment:
+        if kd.augment or kd.transfer:
             raise EdgestillError("kd.method=mutual scores the transfer set with the teacher as it learns, and the "
-                                 "perturbed copies (kd.augment) have no label for it to learn from; set kd.augment=0")
+                                 "perturbed copies (kd.augment) and unlabelled texts (kd.transfer) have no label for it "
+                                 "to learn from; set kd.augment=0 and kd.transfer=''")
         if kd.mutual_teacher_lr <= 0:
             raise EdgestillError(f"kd.mutual_teacher_lr={kd.mutual_teacher_lr} must be > 0")
         from edgestill.distill.mutual import MutualConfig
@@ -494,13 +509,16 @@ class MutualTeacher:
 
 
 def distill_classifier(teacher, student, teacher_tokenizer, splits, id_table: np.ndarray | None, student_tokenizer,
-                       cfg: TrainConfig, kd: KDConfig, checkpoint_dir: Path | None = None) -> dict:
+                       cfg: TrainConfig, kd: KDConfig, checkpoint_dir: Path | None = None,
+                       transfer_texts: list[str] | None = None) -> dict:
     """Train `student` on `splits.train` with KD from `teacher` (α=0, β=0: CE only; the teacher is then unused).
 
     Training inputs are tokenized once with the teacher's tokenizer; the student sees the same pieces
     renumbered through `id_table` (identical to its trimmed tokenizer on training text). With `kd.augment`
     = k, the transfer set is the training texts plus k perturbed copies of each (distill/augment.py): the
-    copies have no gold label, so only the KD term sees them. The teacher's logits on the whole transfer set
+    copies have no gold label, so only the KD term sees them. `transfer_texts` (kd.transfer, loaded by the caller:
+    data/unlabelled.py) join the transfer set the same way; the student reads them through its own tokenizer, as a
+    device would (their words need not be in its trimmed vocabulary). The teacher's logits on the whole transfer set
     are computed once, before the first step. Validation and test use the student's own tokenizer, as a
     device would. With kd.method=mutual the teacher's logits come live from a copy that learns too (MutualTeacher):
     the student's loss is (1−α)·CE + α·λ_TS·T²·KL, and the copy's val and test scores are returned ("teacher_mutual").
@@ -518,8 +536,16 @@ def distill_classifier(teacher, student, teacher_tokenizer, splits, id_table: np
                  kd.augment)
         texts += copies
         y_train = np.concatenate([y_train, np.full(len(copies), -100, dtype=y_train.dtype)])  # -100: no gold label
+    own = len(texts)  # texts whose pieces the trimmed vocabulary holds (the training texts and their copies)
+    if transfer_texts:
+        log.info("transfer set: + %d unlabelled texts (kd.transfer)", len(transfer_texts))
+        texts += list(transfer_texts)
+        y_train = np.concatenate([y_train, np.full(len(transfer_texts), -100, dtype=y_train.dtype)])
     train = tokenize(teacher_tokenizer, texts, cfg.max_len)
     s_train = dict(train, input_ids=id_table[train["input_ids"]]) if id_table is not None else train
+    if id_table is not None and len(texts) > own:  # words outside the trimmed vocabulary: the student's own pieces
+        extra = tokenize(student_tokenizer, texts[own:], cfg.max_len)
+        s_train = {k: np.concatenate([v[:own], extra[k]]) for k, v in s_train.items()}
     val = tokenize(student_tokenizer, splits.val.texts, cfg.max_len)
     teacher_logits = None
     if use_teacher:
@@ -539,7 +565,7 @@ def distill_classifier(teacher, student, teacher_tokenizer, splits, id_table: np
         ce = F.cross_entropy(out.logits[gold], y[gold]) if gold.any() else out.logits.sum() * 0.0
         parts, loss = {"ce": ce.item()}, (1 - kd.alpha) * ce
         if live_teacher or mutual is not None:
-            t_batch = {k: torch.from_numpy(v[idx][:, : batch["input_ids"].shape[1]]).to(y.device) for k, v in train.items()}
+            t_batch = {k: v.to(y.device) for k, v in batch_tensors(train, idx).items()}  # the teacher's own pieces
         if mutual is not None:  # the teacher copy's forward with gradients: it learns from this batch too
             t_out = mutual.model(**t_batch, output_hidden_states=live_teacher)
             t_ce = F.cross_entropy(t_out.logits[gold], y[gold]) if gold.any() else t_out.logits.sum() * 0.0
@@ -580,7 +606,8 @@ def distill_classifier(teacher, student, teacher_tokenizer, splits, id_table: np
             "test": evaluate_classifier(mutual.model, t_test, splits.ids("test"), cfg.eval_batch_size),
             "lr": kd.mutual_teacher_lr, "weights_at_end": dict(zip(("lambda_ts", "lambda_st"), mutual.weights.weights()))}
     out["config"] = {"train": asdict(cfg), "kd": asdict(kd)}
-    out["transfer_set"] = {"labelled": len(splits.train.texts), "augmented": len(texts) - len(splits.train.texts)}
+    out["transfer_set"] = {"labelled": len(splits.train.texts), "augmented": own - len(splits.train.texts),
+                           "unlabelled": len(texts) - own}
     return out
 
 

@@ -30,6 +30,19 @@ def plot_curve(curve: list[dict], path: Path, teacher: str) -> None:
                       edgestill_label="student (slice + low-rank + KD), ONNX type")
 
 
+def _transfer_line(ts: dict | None) -> list[str]:
+    """What the student learned from: the labelled texts, their perturbed copies, unlabelled texts (kd.transfer)."""
+    if not ts:
+        return []
+    line = f"- transfer set: {ts['labelled']:,} labelled texts + {ts.get('augmented', 0):,} perturbed copies"
+    src = ts.get("source")
+    if src:
+        line += (f" + {ts.get('unlabelled', 0):,} unlabelled texts from {src['spec']}"
+                 f"{' (cut into sentences)' if src.get('sentences') else ''}, {src['dropped_in_splits']:,} dropped "
+                 "as texts of the labelled splits")
+    return [line + " (the copies and unlabelled texts carry the teacher's soft labels only)"]
+
+
 def classifier_report(m: dict) -> str:
     """A short report.md from metrics.json."""
     t, s = m["teacher"], m["student"]
@@ -52,6 +65,7 @@ def classifier_report(m: dict) -> str:
         f"compression_x_fp16 {m['compression_x_fp16']:.1f}",
         f"- student: teacher layers {s['layers_kept']}, vocabulary {s['vocab_kept']:,} tokens, max {s['max_len']} tokens, "
         f"{s['params']:,} params (low-rank factors)",
+        *_transfer_line(m.get("train", {}).get("transfer_set")),
         f"- latency per example, onnxruntime, batch 1, {m['environment']['onnxruntime_threads']} threads, median of "
         f"{s['repeats']} alternated repeats over {s['examples']} texts: student {s['latency_ms_per_example']:.2f} ms "
         f"(spread {s['latency_ms_spread'][0]:.2f}–{s['latency_ms_spread'][1]:.2f}), teacher {lat_t}; "

@@ -294,6 +294,32 @@ class _Teacher:
     path: str
 
 
+def transfer_texts(cfg: ClassifierShrinkConfig, splits) -> tuple[list[str], dict | None]:
+    """The unlabelled texts of `kd.transfer` (data/unlabelled.py) that join the transfer set, and what became of
+    them: any that is a text of the train, validation or test split is dropped (a validation or test text would
+    leak), then `kd.transfer_max` are chosen, then the ONION-style filter runs over them when it is on."""
+    from edgestill.data.unlabelled import exclude, load_transfer, subsample
+
+    if not cfg.kd.transfer:
+        return [], None
+    texts = load_transfer(cfg.kd.transfer, cfg.kd.transfer_column, cfg.kd.transfer_sentences)
+    kept, overlap = exclude(texts, splits.train.texts, splits.val.texts, splits.test.texts)
+    if overlap:
+        log.warning("kd.transfer: dropped %d text(s) that are also in the labelled splits (a validation or test text "
+                    "in the transfer set would leak into the student)", overlap)
+    chosen = subsample(kept, cfg.kd.transfer_max, cfg.train.seed)
+    record = {"spec": cfg.kd.transfer, "sentences": cfg.kd.transfer_sentences, "loaded": len(texts),
+              "dropped_in_splits": overlap, "used": len(chosen), "onion": None}
+    if cfg.onion.remove_share and chosen:
+        from edgestill.audit.onion import defend
+
+        chosen, record["onion"] = defend(chosen, splits.val.texts, cfg.onion)
+    if not chosen:
+        raise EdgestillError(f"kd.transfer='{cfg.kd.transfer}' leaves no text once the labelled splits' own texts are "
+                             "dropped; give other unlabelled text, or set kd.transfer=''")
+    return chosen, record
+
+
 def _student(cfg: ClassifierShrinkConfig, run: RunDir, resumed: bool, teacher: _Teacher, splits) -> tuple:
     """Stages 1-2, the student cut from the teacher and distilled, skipped on resume once saved: (model, tokenizer,
     distill record)."""
@@ -313,8 +339,10 @@ def _student(cfg: ClassifierShrinkConfig, run: RunDir, resumed: bool, teacher: _
     log.info("student: layers %s of the teacher, vocab %d of %d, %s params (%.1fx fewer)", info["teacher_layers"],
              info["vocab_kept"], info["teacher_vocab"], f"{info['student_params']:,}", info["params_x_smaller"])
     sliced = evaluate_classifier(student, tokenize(s_tok, splits.test.texts, cfg.student.max_len), splits.ids("test"))
+    transfer, transfer_record = transfer_texts(cfg, splits)
     result = distill_classifier(teacher.model, student, teacher.tokenizer, splits, table, s_tok, cfg.train, cfg.kd,
-                                checkpoint_dir=run.path / "checkpoints")  # a kill resumes there
+                                checkpoint_dir=run.path / "checkpoints", transfer_texts=transfer)  # a kill resumes there
+    result["transfer_set"]["source"] = transfer_record
     pruned = None
     if cfg.fine_prune.fraction > 0:
         pruned = fine_prune(student, s_tok, splits, cfg.fine_prune, cfg.student.max_len, cfg.train.seed)
@@ -551,6 +579,7 @@ def shrink_classifier(cfg: ClassifierShrinkConfig, overwrite: bool = False) -> t
     """`edgestill shrink --task classification`: build, distil, export and measure a student of a fine-tuned
     classifier (see the module docstring). Returns (the finished run folder, its metrics)."""
     from edgestill.audit.onion import check_onion_config
+    from edgestill.data.unlabelled import sources
     from edgestill.distill.classifier import check_fine_prune_config, check_kd_config, check_train_config
     from edgestill.evaluate.classification import predict_logits, scores
     from edgestill.evaluate.classifier_report import classifier_report, plot_curve
@@ -562,6 +591,7 @@ def shrink_classifier(cfg: ClassifierShrinkConfig, overwrite: bool = False) -> t
     check_kd_config(cfg.kd)
     check_fine_prune_config(cfg.fine_prune)
     check_onion_config(cfg.onion)
+    sources(cfg.kd.transfer)  # every transfer file exists, before a run folder is made
     teacher, splits, data_matches = load_teacher(cfg)
     planted = plant(cfg.poison, splits)
     planted_by_teacher = (teacher_record(cfg.teacher).get("poison") or {}).get("trigger", "") \
