@@ -927,6 +927,8 @@ TABLES = {"default_run": default_run_table, "distill_throughput": throughput_tab
           "classifier_ema": classifier_recipes_table,
           "classifier_transfer": lambda r: classifier_recipes_table(r, size="kd-25x", base_name="classifier_energy_ema"),
           "classifier_energy4_ema": lambda r: classifier_recipes_table(r, size="kd-25x", base_name="classifier_energy_ema"),
+          "classifier_energy_ema_seeds": lambda r: classifier_recipes_table(r, size="kd-25x",
+                                                                            base_name="classifier_transfer"),
           "recovery_curve": recovery_curve_table, "recovery_probe": recovery_probe_table,
           "recovery_probe_33mb": recovery_probe_table}
 SOURCES = {"shrink_curve_summary": "shrink_curve", "audit_lm": "audit",  # tables rendered from another table's JSON
