@@ -926,7 +926,6 @@ TABLES = {"default_run": default_run_table, "distill_throughput": throughput_tab
           "classifier_energy_ema": lambda r: classifier_recipes_table(r, size="kd-25x", base_name="classifier_energy"),
           "classifier_ema": classifier_recipes_table,
           "classifier_transfer": lambda r: classifier_recipes_table(r, size="kd-25x", base_name="classifier_energy_ema"),
-          "classifier_energy4_ema": lambda r: classifier_recipes_table(r, size="kd-25x", base_name="classifier_energy_ema"),
           "classifier_energy_ema_seeds": lambda r: classifier_recipes_table(r, size="kd-25x",
                                                                             base_name="classifier_transfer"),
           "recovery_curve": recovery_curve_table, "recovery_probe": recovery_probe_table,

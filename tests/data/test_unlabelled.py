@@ -24,7 +24,7 @@ def test_csv_tsv_and_jsonl_files_give_their_text_column(tmp_path):
     spec = ",".join(str(tmp_path / n) for n in ("a.csv", "b.tsv", "c.jsonl"))
     assert load_transfer(spec, column="body") == ["one two three", "four five six", "seven eight nine",
                                                   "ten eleven twelve"]
-    with pytest.raises(EdgestillError, match="no column 'text'.*kd.transfer_column"):
+    with pytest.raises(EdgestillError, match=r"no column\(s\) \['text'\].*kd.transfer_column"):
         load_transfer(str(tmp_path / "a.csv"))
     with pytest.raises(EdgestillError, match=r"c.jsonl:1 has no 'text' field.*kd.transfer_column"):
         load_transfer(str(tmp_path / "c.jsonl"))

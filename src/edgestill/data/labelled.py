@@ -220,29 +220,22 @@ def _label_str(value, where: str) -> str:
     return text
 
 
-def _read_csv(path: Path, text_column: str, label_column: str, encoding_errors: str) -> LabelledText:
-    content = decode_utf8(path.read_bytes(), path, encoding_errors)
-    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    reader = csv.DictReader(io.StringIO(content, newline=""), delimiter=delimiter)
-    columns = reader.fieldnames or []
-    missing = [c for c in (text_column, label_column) if c not in columns]
-    if missing:
-        raise EdgestillError(
-            f"{path} has no column(s) {missing} (found {columns[:10]}); name the text and label columns with "
-            "--text-column/--label-column (data.text_column, data.label_column)"
-        )
-    out = LabelledText([], [], [])
-    for row in reader:
-        where = f"{path}:{reader.line_num}"
-        out.texts.append(row[text_column] or "")
-        out.labels.append(_label_str(row[label_column], where))
-        out.origin.append(where)
-    return out
+LABEL_COLUMNS_FIX = "--text-column/--label-column (data.text_column, data.label_column)"
 
 
-def _read_jsonl(path: Path, text_column: str, label_column: str, encoding_errors: str) -> LabelledText:
+def read_records(path: Path, columns: tuple[str, ...], encoding_errors: str, fix: str) -> list[tuple[str, dict]]:
+    """(where, row) for every row of a CSV/TSV file (header row) or a JSONL file (one object a line, blank lines
+    skipped), refused in one line when a row lacks one of `columns` (`fix` names the setting that renames them). CSV
+    values are strings; JSONL values as parsed."""
     content = decode_utf8(path.read_bytes(), path, encoding_errors)
-    out = LabelledText([], [], [])
+    if path.suffix.lower() in (".csv", ".tsv"):
+        reader = csv.DictReader(io.StringIO(content, newline=""), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+        found = reader.fieldnames or []
+        missing = [c for c in columns if c not in found]
+        if missing:
+            raise EdgestillError(f"{path} has no column(s) {missing} (found {found[:10]}); name the columns with {fix}")
+        return [(f"{path}:{reader.line_num}", row) for row in reader]
+    out = []
     for lineno, line in enumerate(content.splitlines(), 1):
         if not line.strip():
             continue
@@ -251,14 +244,20 @@ def _read_jsonl(path: Path, text_column: str, label_column: str, encoding_errors
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise EdgestillError(f"{where} is not valid JSON ({e.msg}); each line must be one JSON object") from None
-        if not isinstance(record, dict) or text_column not in record or label_column not in record:
+        if not isinstance(record, dict) or any(c not in record for c in columns):
             found = list(record)[:10] if isinstance(record, dict) else type(record).__name__
-            raise EdgestillError(
-                f"{where} has no '{text_column}' and '{label_column}' fields (found {found}); name them with "
-                "--text-column/--label-column (data.text_column, data.label_column)"
-            )
-        out.texts.append("" if record[text_column] is None else str(record[text_column]))
-        out.labels.append(_label_str(record[label_column], where))
+            names = " and ".join(f"'{c}'" for c in columns)
+            raise EdgestillError(f"{where} has no {names} field{'s' if len(columns) > 1 else ''} (found {found}); "
+                                 f"name them with {fix}")
+        out.append((where, record))
+    return out
+
+
+def _read_labelled(path: Path, text_column: str, label_column: str, encoding_errors: str) -> LabelledText:
+    out = LabelledText([], [], [])
+    for where, row in read_records(path, (text_column, label_column), encoding_errors, LABEL_COLUMNS_FIX):
+        out.texts.append("" if row[text_column] is None else str(row[text_column]))
+        out.labels.append(_label_str(row[label_column], where))
         out.origin.append(where)
     return out
 
@@ -402,11 +401,8 @@ def load_labelled(spec: str, text_column: str = "text", label_column: str = "lab
     path = Path(spec).expanduser()
     if not path.is_file():
         raise EdgestillError(f"labelled data '{spec}' not found: give a .csv, .tsv or .jsonl file, or one of {list(ALIASES)}")
-    suffix = path.suffix.lower()
-    if suffix in (".csv", ".tsv"):
-        return _read_csv(path, text_column, label_column, encoding_errors)
-    if suffix in (".jsonl", ".json"):
-        return _read_jsonl(path, text_column, label_column, encoding_errors)
+    if path.suffix.lower() in (".csv", ".tsv", ".jsonl", ".json"):
+        return _read_labelled(path, text_column, label_column, encoding_errors)
     raise EdgestillError(f"labelled data '{spec}' has an unsupported type '{path.suffix}'; use .csv, .tsv or .jsonl")
 
 

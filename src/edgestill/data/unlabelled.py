@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import bz2
 import csv
-import io
-import json
 import logging
 import re
 from pathlib import Path
@@ -65,30 +63,10 @@ def _plots() -> list[str]:
 
 
 def _read_file(path: Path, column: str) -> list[str]:
-    content = labelled.decode_utf8(path.read_bytes(), path, "strict")
-    suffix = path.suffix.lower()
-    if suffix == ".txt":
-        return content.splitlines()
-    if suffix == ".jsonl":
-        texts = []
-        for lineno, line in enumerate(content.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EdgestillError(f"{path}:{lineno} is not valid JSON ({e.msg}); each line must be one JSON "
-                                     "object") from None
-            if not isinstance(record, dict) or column not in record:
-                raise EdgestillError(f"{path}:{lineno} has no '{column}' field; name the text field with "
-                                     "kd.transfer_column")
-            texts.append("" if record[column] is None else str(record[column]))
-        return texts
-    reader = csv.DictReader(io.StringIO(content, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
-    if column not in (reader.fieldnames or []):
-        raise EdgestillError(f"{path} has no column '{column}' (found {(reader.fieldnames or [])[:10]}); name the "
-                             "text column with kd.transfer_column")
-    return [row[column] or "" for row in reader]
+    if path.suffix.lower() == ".txt":
+        return labelled.decode_utf8(path.read_bytes(), path, "strict").splitlines()
+    return ["" if row[column] is None else str(row[column])
+            for _, row in labelled.read_records(path, (column,), "strict", "kd.transfer_column")]
 
 
 def split_sentences(text: str) -> list[str]:
