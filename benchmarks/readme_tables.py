@@ -94,9 +94,13 @@ def default_run_table(r: dict) -> str:
 
 def throughput_table(r: dict) -> str:
     modes = {"cached": f"cached top-{r['top_k']} logits (memory-mapped), fp32",
-             "cached_bf16": "the same under bf16 autocast", "live": "teacher recomputed every step, fp32"}
-    rows = ["| teacher signal | student training tokens/s (median, spread) | bound from measured matmul FLOP/s | of bound |",
-            "|---|---:|---:|---:|"]
+             "cached_bf16": "the same under bf16 autocast", "live": "teacher recomputed every step, fp32",
+             "cached_compile": "cached, fp32, `distill.compile=true`",
+             "cached_bf16_compile": "cached, bf16 autocast, `distill.compile=true`"}
+    first = any("first_step_s" in r[k] for k in modes if k in r)
+    rows = ["| teacher signal | student training tokens/s (median, spread) | bound from measured matmul FLOP/s | of bound |"
+            + (" first step, s (not timed) |" if first else ""),
+            "|---|---:|---:|---:|" + ("---:|" if first else "")]
     for key, label in modes.items():
         if key not in r:
             continue
@@ -104,10 +108,16 @@ def throughput_table(r: dict) -> str:
         bound = f"{m['bound_tokens_per_s']:.0f}" if "bound_tokens_per_s" in m else ""
         frac = f"{m['fraction_of_bound']:.2f}" if "fraction_of_bound" in m else ""
         rows.append(f"| {label} | {m['tokens_per_s']:.0f} ({m['tokens_per_s_spread'][0]:.0f}–{m['tokens_per_s_spread'][1]:.0f}) "
-                    f"| {bound} | {frac} |")
-    rows.append(f"| **cached ÷ live** | **{r['speedup_cached_over_live']:.2f}×** | | |")
-    if "speedup_bf16_over_fp32" in r:
-        rows.append(f"| **bf16 ÷ fp32 (cached)** | **{r['speedup_bf16_over_fp32']:.2f}×** | | |")
+                    f"| {bound} | {frac} |" + (f" {m['first_step_s']:.1f} |" if first else ""))
+    ratios = [("speedup_cached_over_live", "cached ÷ live"), ("speedup_bf16_over_fp32", "bf16 ÷ fp32 (cached)"),
+              ("speedup_cached_compile_over_cached", "compiled ÷ eager (fp32)"),
+              ("speedup_cached_bf16_compile_over_cached_bf16", "compiled ÷ eager (bf16)")]
+    for key, label in ratios:
+        if key in r:
+            rows.append(f"| **{label}** | **{r[key]:.2f}×** | | |" + (" |" if first else ""))
+    pays = [f"compiling{' (bf16)' if 'bf16' in k else ''} pays for itself after {r[k]:.0f} steps"
+            for k in ("cached_compile_pays_off_after_steps", "cached_bf16_compile_pays_off_after_steps")
+            if r.get(k) is not None]
     pay = r.get("cache_pays_off_after_epochs")
     flops = (f" One training token is {r['training_flops_per_token'] / 1e6:.0f} M matmul FLOPs (the live teacher's "
              "forward pass not counted)." if "training_flops_per_token" in r else "")
@@ -115,6 +125,7 @@ def throughput_table(r: dict) -> str:
         "",
         f"Building the cache ran the teacher at {r['cache_build_tokens_per_s']:.0f} tokens/s once"
         + (f"; it pays for itself after {pay:.1f} epochs" if pay else "")
+        + "".join(f"; {p}" for p in pays)
         + f". {r['student_layers']}-layer student, batch {r['batch_size']}×{r['seq_len']}.{flops} "
         f"{_measured(r['environment'])}, `benchmarks/distill_throughput.py` → `benchmarks/results/distill_throughput.json`.",
     ])

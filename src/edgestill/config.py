@@ -155,6 +155,12 @@ class DistillConfig:
     # AVX-512 BF16; benchmarks/distill_throughput.py measures it); float students only, since bf16 would round a
     # quantization-aware student's runtime-exact weights again.
     precision: str = "fp32"
+    # true: the student's training forward runs through torch.compile (inductor: fused elementwise kernels, generated
+    # C++ on CPU). Costs a one-off compilation (about a minute for the default student) on the first step; validation
+    # and export run the same module uncompiled. Float students only (a fused kernel could round the runtime-exact
+    # fake-quantized weights differently), one process (not torchrun), and not with distill.attention_relation_weight
+    # (its hooks). benchmarks/distill_throughput.py measures what it gains.
+    compile: bool = False
     # Which divergence the KD term uses (distill/losses.py): forward_kl | reverse_kl (MiniLLM) |
     # skew_kl | skew_reverse_kl (DistiLLM, mixing weight `skew`) | jsd (GKD, M = beta p + (1-beta) q) | total_variation
     loss: str = "forward_kl"
@@ -824,6 +830,14 @@ def validate(cfg: ShrinkConfig) -> None:
         raise EdgestillError(f"distill.precision=bf16 cannot train quant.format={cfg.quant.format}: bf16 would round the "
                              "fake-quantized weights again, so the student would no longer train in the runtime's exact "
                              "format; use distill.precision=fp32 (the default) with quant.format, or train a float student")
+    if k.compile:
+        clash = ("quant.format", cfg.quant.format, "the fused kernels could round the runtime-exact fake-quantized "
+                 "weights differently") if cfg.quant.format is not None else \
+            ("distill.attention_relation_weight", k.attention_relation_weight, "its Q/K/V hooks are not traced") \
+            if k.attention_relation_weight > 0 else None
+        if clash is not None:
+            raise EdgestillError(f"distill.compile=true cannot train with {clash[0]}={clash[1]}: {clash[2]}; set "
+                                 f"distill.compile=false (the default) for this run")
     if k.teacher_weighting not in WEIGHTINGS:
         raise EdgestillError(f"distill.teacher_weighting='{k.teacher_weighting}' is unknown; use {', '.join(WEIGHTINGS)}")
     n_teachers = 1 + len(cfg.teacher.extra)

@@ -170,6 +170,48 @@ def test_bf16_precision_trains_in_bf16_and_keeps_fp32_weights(setup, tmp_path):
     assert abs(h16[-1]["loss"] - h32[-1]["loss"]) < 0.1 * h32[0]["loss"]
 
 
+def test_compile_trains_through_torch_compile_to_the_eager_weights(setup, tmp_path, monkeypatch):
+    """distill.compile=true sends every training forward through torch.compile (inductor) and ends on the weights the
+    eager run ends on (up to fused-kernel rounding); the run's checkpoint holds the plain module's keys."""
+    compiled = []
+
+    def spy(module, *args, **kwargs):
+        compiled.append(module)
+        return real(module, *args, **kwargs)
+
+    real = torch.compile
+    monkeypatch.setattr(trainer.torch, "compile", spy)
+    cfg = dataclasses.replace(BASE, eval_every=0, steps=3, checkpoint_every=3)
+    eager, h_eager = _run(setup, tmp_path, cfg, name="eager")
+    assert not compiled
+    fused, h_fused = _run(setup, tmp_path, dataclasses.replace(cfg, compile=True), name="compiled")
+    assert compiled == [fused]  # once, the student itself
+    np.testing.assert_allclose([h["loss"] for h in h_fused], [h["loss"] for h in h_eager], rtol=1e-4)
+    for (name, a), b in zip(eager.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+    from safetensors import safe_open
+
+    ckpt = next((tmp_path / "compiled" / "checkpoints").rglob("*.safetensors"))
+    with safe_open(str(ckpt), "pt") as f:
+        assert not any("_orig_mod" in k for k in f.keys())
+
+
+def test_compile_refuses_torchrun(setup, tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer, "dist_setup", lambda: (0, 2))
+    with pytest.raises(EdgestillError, match="distill.compile=true is for one process; this run has 2 torchrun"):
+        _run(setup, tmp_path, dataclasses.replace(BASE, compile=True))
+    assert not (tmp_path / "run").exists()
+
+
+def test_compile_refuses_what_it_cannot_train():
+    with pytest.raises(EdgestillError, match="distill.compile=true cannot train with quant.format=q4_0"):
+        load_config(overrides=["distill.compile=true", "quant.format=q4_0"])
+    with pytest.raises(EdgestillError, match="distill.compile=true cannot train with distill.attention_relation_weight"):
+        load_config(overrides=["distill.compile=true", "distill.attention_relation_weight=1"])
+    with pytest.raises(ValueError, match="distill.compile needs the student"):
+        Methods.from_config(DistillConfig(compile=True))
+
+
 def test_bf16_precision_refuses_a_quantization_aware_student():
     with pytest.raises(EdgestillError, match="distill.precision=bf16 cannot train quant.format=q4_0"):
         load_config(overrides=["distill.precision=bf16", "quant.format=q4_0"])

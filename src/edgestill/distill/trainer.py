@@ -148,6 +148,7 @@ class Methods:
     teachers:   MTAKD mixer of several teachers (a MultiTeacher source); teacher_weights: its last mean weights
     vocab:      a student with a trimmed vocabulary (models/vocab.VocabMap): it reads its own ids, and the teacher's
                 targets are mapped into its vocabulary
+    compiled:   the student under torch.compile (distill.compile): the training forward runs through it
     """
 
     logit: LogitLossConfig
@@ -161,6 +162,7 @@ class Methods:
     teachers: TeacherMixer | None = None
     teacher_weights: list[float] | None = None
     vocab: object | None = None
+    compiled: torch.nn.Module | None = None
 
     @classmethod
     def from_config(cls, cfg: DistillConfig, student=None, teacher=None, layers: list[int] | None = None) -> "Methods":
@@ -196,6 +198,11 @@ class Methods:
         if cfg.attention_relation_weight > 0:
             methods.student_qkv = CaptureQKV(student)
             methods.teacher_qkv = CaptureQKV(methods.teacher_model)
+        if cfg.compile:  # compiled lazily, on the first call; the module itself stays as it is (state dict, eval)
+            if student is None:
+                raise ValueError("distill.compile needs the student: build Methods once with it and pass it to every "
+                                 "train_step, or each step would compile again")
+            methods.compiled = torch.compile(student)
         return methods
 
     def parameters(self) -> list:
@@ -379,7 +386,8 @@ def train_step(model, optimizer, teacher, blocks: np.ndarray, rows: np.ndarray, 
     student_ids = input_ids if methods.vocab is None else methods.vocab.student_ids(input_ids)
     with methods.student_qkv if methods.student_qkv is not None else contextlib.nullcontext(), \
             torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-        out = model(input_ids=student_ids, output_hidden_states=want_hidden)
+        forward = methods.compiled if methods.compiled is not None else model
+        out = forward(input_ids=student_ids, output_hidden_states=want_hidden)
     logits = out.logits[:, :-1].float()  # (b, T-1, V); the losses in fp32 whatever the forward's precision
     labels = student_ids[:, 1:]  # (b, T-1)
     kd_logits = logits
@@ -541,6 +549,9 @@ def distill(student, teacher, blocks: np.ndarray, cfg: DistillConfig, run_dir: s
     every token of them kept, and the student reads its own.
     """
     rank, world = dist_setup()
+    if cfg.compile and world > 1:
+        raise EdgestillError(f"distill.compile=true is for one process; this run has {world} torchrun processes: set "
+                             "distill.compile=false, or run without torchrun")
     if cfg.batch_size % world:
         raise EdgestillError(f"distill.batch_size={cfg.batch_size} must be divisible by the {world} torchrun processes")
     if len(blocks) < cfg.batch_size:
