@@ -31,6 +31,8 @@ The decoder track is benchmarks/audit_lm.py; both write their track into benchma
     python benchmarks/audit.py                      # spamassassin, seeds 0,1,2 (hours on 2 cores)
     python benchmarks/audit.py --quick              # smoke run, minutes: tiny steps -> audit_quick.json (track classifier)
 
+Rows are measured in the table's order, every seed of a row before the next row (a teacher per seed, trained once and
+reused), so a run stopped part-way leaves the first rows with all their seeds rather than all the rows of one seed.
 The JSON is rewritten after every finished row (`complete`, `pending`), and every finished run folder is reused, so
 a killed benchmark loses nothing and the same command continues it. A row already in the JSON for the same recipe
 (data, poison, size, schedule, defences) is kept as it is, with the commit and machine that measured it, so the
@@ -187,7 +189,7 @@ def main() -> None:
     args.root = args.root or str(ROOT / "runs" / "bench" / ("audit-quick" if args.quick else "audit"))
     seeds = [int(x) for x in args.seeds.split(",")]
     per_seed: dict[tuple[str, str], list[dict]] = {}
-    pending = [(seed, setting, defence) for seed in seeds for setting, defence in ORDER]
+    pending = [(seed, setting, defence) for setting, defence in ORDER for seed in seeds]  # a row's seeds together
     t0 = time.perf_counter()
     kept = {} if args.fresh else recorded_runs(RESULTS / f"{result_name(args)}.json", recipe(args, s),
                                                lambda row, run: (run["seed"], row["setting"], row["defence"] or "none"),
