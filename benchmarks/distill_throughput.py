@@ -10,7 +10,8 @@ rounds inside one process (docs/references.md#measurement-conventions):
   cached_compile, cached_bf16_compile
                the cached modes with distill.compile=true: the student's training forward under torch.compile
                (inductor); its first step compiles, and `first_step_s` against the eager mode's says what that costs
-               and `compile_pays_off_after_steps` after how many steps it is won back
+               and `compile_pays_off_after_steps` after how many steps it is won back. Compiled cold: inductor's
+               on-disk cache is a fresh folder, so an earlier compile on this machine cannot shorten it
 The one-off cost of building the cache is reported separately, with the number of epochs after which it pays off.
 The bound: the machine's measured matmul FLOP/s (torch.mm 1024^3, fp32 and bf16; plan/hostbench.py) divided by the
 matmul FLOPs of one training token (plan/cost.training_flops_per_token); `fraction_of_bound` is how close each mode
@@ -25,6 +26,8 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -49,6 +52,15 @@ def main() -> None:
     modes = [m for m in args.modes.split(",") if m]
     if not modes or any(m not in MODES for m in modes) or "cached" not in modes:
         ap.error(f"--modes must name modes of {', '.join(MODES)}, cached among them (the others are compared to it)")
+    compile_cache = tempfile.mkdtemp(prefix="edgestill-inductor-")  # a cold compile, what a first run pays
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = compile_cache
+    try:
+        measure(args, modes)
+    finally:
+        shutil.rmtree(compile_cache, ignore_errors=True)
+
+
+def measure(args, modes: list[str]) -> None:
 
     from edgestill.config import DistillConfig
     from edgestill.data.corpus import load_documents, split_documents, tokenize_blocks
@@ -135,6 +147,7 @@ def main() -> None:
                 "bf16 autocast and torch.compile",
         "teacher": args.teacher, "student_layers": args.num_layers, "batch_size": args.batch_size, "seq_len": args.seq_len,
         "top_k": args.top_k, "torch_threads": torch.get_num_threads(), "modes": modes,
+        "compile_cache": "cold: a fresh TORCHINDUCTOR_CACHE_DIR for this run",
         **result, **extra,
         "training_flops_per_token": flops_per_token,
         "bound_note": "bound = measured torch.mm FLOP/s (fp32 or bf16) / matmul FLOPs of one training token; the live "
