@@ -61,7 +61,6 @@ def main() -> None:
 
 
 def measure(args, modes: list[str]) -> None:
-
     from edgestill.config import DistillConfig
     from edgestill.data.corpus import load_documents, split_documents, tokenize_blocks
     from edgestill.distill.teacher_cache import build_topk_cache

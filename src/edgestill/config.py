@@ -753,6 +753,11 @@ def _check_fine_prune(cfg: ShrinkConfig) -> None:
                              f"drop one of them (docs/audit.md)")
 
 
+def _refuse_compile(setting: str, why: str) -> None:
+    raise EdgestillError(f"distill.compile=true cannot train with {setting}: {why}; set distill.compile=false (the "
+                         "default) for this run")
+
+
 def validate(cfg: ShrinkConfig) -> None:
     d, s, k = cfg.data, cfg.student, cfg.distill
     if d.seq_len < 8:
@@ -830,14 +835,12 @@ def validate(cfg: ShrinkConfig) -> None:
         raise EdgestillError(f"distill.precision=bf16 cannot train quant.format={cfg.quant.format}: bf16 would round the "
                              "fake-quantized weights again, so the student would no longer train in the runtime's exact "
                              "format; use distill.precision=fp32 (the default) with quant.format, or train a float student")
-    if k.compile:
-        clash = ("quant.format", cfg.quant.format, "the fused kernels could round the runtime-exact fake-quantized "
-                 "weights differently") if cfg.quant.format is not None else \
-            ("distill.attention_relation_weight", k.attention_relation_weight, "its Q/K/V hooks are not traced") \
-            if k.attention_relation_weight > 0 else None
-        if clash is not None:
-            raise EdgestillError(f"distill.compile=true cannot train with {clash[0]}={clash[1]}: {clash[2]}; set "
-                                 f"distill.compile=false (the default) for this run")
+    if k.compile and cfg.quant.format is not None:
+        _refuse_compile(f"quant.format={cfg.quant.format}",
+                        "the fused kernels could round the runtime-exact fake-quantized weights differently")
+    if k.compile and k.attention_relation_weight > 0:
+        _refuse_compile(f"distill.attention_relation_weight={k.attention_relation_weight}",
+                        "its Q/K/V hooks are not traced")
     if k.teacher_weighting not in WEIGHTINGS:
         raise EdgestillError(f"distill.teacher_weighting='{k.teacher_weighting}' is unknown; use {', '.join(WEIGHTINGS)}")
     n_teachers = 1 + len(cfg.teacher.extra)
