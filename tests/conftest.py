@@ -26,6 +26,14 @@ def _measured_reference_side_in_a_temp_dir(tmp_path_factory):
     os.environ["EDGESTILL_MEASURED_CACHE"] = str(tmp_path_factory.mktemp("measured"))
     yield
 
+
+@pytest.fixture(autouse=True, scope="session")
+def _audit_predictions_in_a_temp_dir(tmp_path_factory):
+    """The audit's cached teacher predictions (audit/cache.py) go to a temp folder, not ~/.cache/edgestill."""
+    os.environ["EDGESTILL_AUDIT_CACHE"] = str(tmp_path_factory.mktemp("audit-cache"))
+    yield
+
+
 WORDS = ("the king queen lord lady love death night day sword crown heart blood speak hear see good "
          "noble fair foul friend enemy war peace thou thee thy art hath doth shall will not what why").split()
 

@@ -159,3 +159,26 @@ def test_the_student_behind_an_input_filter_is_measured(audited, capsys):
     assert main(["audit", str(audited["student"]), "--onion", "0.7"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--onion 0.7 must be in [0, 0.5)" in err[0]
+
+
+def test_a_second_audit_of_the_same_teacher_answers_from_its_cache(audited, capsys):
+    # a student of the same teacher on the same data asks the teacher the same questions: none is computed again
+    assert main(["audit", str(audited["student"]), "--candidates", "30", "--texts", "32"]) == 0
+    r = json.loads((audited["student"] / "audit.json").read_text())
+    first, again = audited["result"], r
+    assert first["teacher_predictions"]["computed"] > 0 and again["teacher_predictions"]["computed"] == 0
+    assert again["teacher_predictions"]["from_cache"] > 1000
+    assert [(t["phrase"], t["teacher_asr"], t["rank"]) for t in again["triggers"]] == [
+        (t["phrase"], t["teacher_asr"], t["rank"]) for t in first["triggers"]]
+    assert again["clean_accuracy"] == first["clean_accuracy"]
+    assert "from the cache of an earlier audit" in capsys.readouterr().out
+
+
+def test_a_teacher_its_folder_cannot_name_keeps_no_cache(audited, tmp_path):
+    from types import SimpleNamespace
+
+    from edgestill.jobs.audit import _prediction_cache
+
+    assert _prediction_cache(SimpleNamespace(path=str(tmp_path), model=None, tokenizer=None, max_len=32)).path is None
+    r = audited["result"]["teacher_predictions"]
+    assert r["cache"] and r["cache"].endswith(".npz")

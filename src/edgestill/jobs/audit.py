@@ -147,6 +147,24 @@ def audit(run_dir: str | Path, cfg: AuditConfig | None = None) -> tuple[Path, di
     return _audit_classifier(run_dir, cfg) if is_classifier_run(run_dir) else _audit_lm(run_dir, cfg)
 
 
+def _prediction_cache(teacher):
+    """The on-disk cache of a fine-tuned teacher's answers (audit/cache.py); keeps nothing for a model its folder
+    cannot name."""
+    import torch
+
+    from edgestill.audit.cache import CACHE_VERSION, PredictionCache, cache_root
+    from edgestill.evaluate.measured import sha256_of, tokenizer_fingerprint
+    from edgestill.models.load import model_fingerprint
+
+    weights = model_fingerprint(teacher.path)
+    if weights is None:
+        return PredictionCache(None)
+    param = next(teacher.model.parameters())
+    key = sha256_of([weights, tokenizer_fingerprint(teacher.tokenizer), int(teacher.max_len), torch.__version__,
+                     f"{param.device.type}:{param.dtype}", CACHE_VERSION])
+    return PredictionCache(cache_root() / f"{key}.npz", key)
+
+
 def _audit_classifier(run_dir: Path, cfg: AuditConfig) -> tuple[Path, dict]:
     from edgestill.audit.poison import attack_success_rate
     from edgestill.audit.scan import ScanConfig, candidate_phrases, rank_of, scan
@@ -170,6 +188,10 @@ def _audit_classifier(run_dir: Path, cfg: AuditConfig) -> tuple[Path, dict]:
     test_ids = splits.ids("test")
     session, s_tok, _, s_len = load_onnx_classifier(run_dir / "onnx", cfg.threads)
 
+    # the teacher's answers are the same for every student of it: kept on disk (audit/cache.py)
+    cache = _prediction_cache(teacher)
+
+    @cache.wrap
     def teacher_logits(batch):
         return predict_logits(teacher.model, tokenize(teacher.tokenizer, list(batch), teacher.max_len), desc="teacher")
 
@@ -207,6 +229,7 @@ def _audit_classifier(run_dir: Path, cfg: AuditConfig) -> tuple[Path, dict]:
                      "verdict": verdict(asr["teacher"], asr["student"])})
     rows.sort(key=lambda r: (not r["named"], -max(r["teacher_asr"] or 0, r["student_asr"] or 0)))
     clean_scores = {who: float((clean[who] == test_ids).mean()) for who in models}
+    cache.save()
     filtered = _filtered_inputs(cfg, splits, student_logits, texts, test_ids, rows) if cfg.onion_share else None
     result = {"run": str(run_dir), "track": "classifier", "teacher": str(shrink_cfg.teacher),
               "student": str(run_dir / "onnx" / "model.onnx"), "clean_metric": "test accuracy", "labels": labels, "test_rows": len(texts), "clean_accuracy": clean_scores,
@@ -214,7 +237,8 @@ def _audit_classifier(run_dir: Path, cfg: AuditConfig) -> tuple[Path, dict]:
               "candidates_scanned": len(phrases), "config": vars(cfg), "scan_controls": {
                   who: scans[who]["controls"] for who in models},
               "triggers": rows, "top_candidates": {who: scans[who]["candidates"][:10] for who in models},
-              "onion_inputs": filtered}
+              "onion_inputs": filtered, "teacher_predictions": {"from_cache": cache.hits, "computed": cache.misses,
+                                                                "cache": None if cache.path is None else str(cache.path)}}
     out = run_dir / "audit.json"
     write_text_atomic(out, json.dumps(result, indent=2, default=float) + "\n")
     write_text_atomic(run_dir / "audit.md", report(result))
@@ -446,5 +470,9 @@ def summary(result: dict) -> list[str]:
     if f:
         out.append(f"  behind an ONION-style input filter: {_filtered_clean(f)}, ASR " + ", ".join(
             f"'{p}' {'—' if a is None else f'{a:.0%}'}" for p, a in list(f["student_asr"].items())[:8]))
+    kept = result.get("teacher_predictions") or {}
+    if kept.get("from_cache"):
+        out.append(f"  the teacher's answers: {kept['from_cache']} from the cache of an earlier audit of it, "
+                   f"{kept['computed']} computed ({kept['cache']})")
     out.append(f"wrote {Path(result['run']) / 'audit.md'} and audit.json")
     return out
