@@ -16,6 +16,10 @@ from it in each setting x defence, and `edgestill audit` on each student:
                onion      KD as `none` on transfer texts filtered ONION-style (audit/onion.py; [onion] in
                           docs/references.md): a character LM's per-character score, threshold set to remove 3% of
                           the words of clean validation texts
+               scrub      KD as `none` on transfer texts scrubbed of what the teacher's trigger scan flags
+                          (audit/scrub.py): the transfer data's 60 most one-sided phrases inserted into 32 clean
+                          validation texts per label; each that flips at least 50% more of them than random words do
+                          is cut out of every transfer text
     federated  LBKD's setting (`edgestill federate`, on Flower): 5 clients, one of them malicious (the trigger planted
                in half of its own spam rows: --fed-rate), exchange logits with a server student on a public transfer set (30%
                of the training split, 10% of it carrying the trigger) for 3 rounds, both ways. "teacher" is the
@@ -48,17 +52,18 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, mean_std, recorded_runs, write_track  # noqa: E402
+from _common import RESULTS, mean_std, recorded_runs, track_view, write_track  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = ("clean", "triggered", "federated")
 DEFENCES = {"none": {"kd.augment": 0}, "perturb": {"kd.augment": 4},
             "fine-prune": {"kd.augment": 0, "fine_prune.fraction": 0.3, "fine_prune.steps": 200},
-            "onion": {"kd.augment": 0, "onion.remove_share": 0.03, "onion.score": "per_char"}}
+            "onion": {"kd.augment": 0, "onion.remove_share": 0.03, "onion.score": "per_char"},
+            "scrub": {"kd.augment": 0, "scrub.lift": 0.5}}
 AGGREGATIONS = {"none": "mean", "median": "median", "trimmed-mean": "trimmed_mean", "agreement": "agreement"}
 INPUT_FILTER_SHARE = 0.03  # every student is also measured behind an ONION-style filter of its inputs (at inference)
 # the comparisons that matter first: inheritance without a defence, then each defence where the trigger is in the data
-ORDER = [("clean", "none"), ("triggered", "none"), ("triggered", "onion"), ("federated", "none"),
+ORDER = [("clean", "none"), ("triggered", "none"), ("triggered", "onion"), ("triggered", "scrub"), ("federated", "none"),
          ("triggered", "fine-prune"), ("triggered", "perturb"), ("federated", "median"), ("federated", "agreement"),
          ("federated", "trimmed-mean"), ("clean", "fine-prune"), ("clean", "perturb"), ("clean", "onion")]
 FULL = {"max_len": 128, "teacher_steps": 1500, "teacher_eval_every": 50, "teacher_patience": 4, "student_steps": 3000,
@@ -142,13 +147,17 @@ def audited(args, s: dict, run: Path, start: dict | None = None) -> dict:
         k: v for k, v in vars(cfg).items() if k != "threads"}
     result = done if same else audit(run, cfg)[1]  # a finished row's audit is reused when a killed benchmark resumes
     metrics = json.loads((run / "metrics.json").read_text())
-    onion = metrics.get("onion")
+    onion, scrub = metrics.get("onion"), metrics.get("scrub")
     planted = next(t for t in result["triggers"] if t["phrase"] == " ".join(args.trigger.lower().split()))
     fed = metrics.get("summary") if metrics.get("stage") == "federated" else None
     return {"teacher_asr": planted["teacher_asr"], "student_asr": planted["student_asr"],
             "teacher_clean": result["clean_accuracy"]["teacher"], "student_clean": result["clean_accuracy"]["student"],
             "trigger_rank": planted["rank"], "verdict": planted["verdict"], "asr_n": planted["n"],
             "onion": None if onion is None else {"removed_share": onion["removed_share"], **(onion["trigger"] or {})},
+            "scrub": None if scrub is None else {"cut": [[f["phrase"], f["lift"]] for f in scrub["flagged"]],
+                                                 "best_uncut": None if scrub["best_uncut"] is None else [
+                                                     scrub["best_uncut"]["phrase"], scrub["best_uncut"]["lift"]],
+                                                 "texts_touched": scrub["texts_touched"], **(scrub["trigger"] or {})},
             "student_asr_filtered_inputs": result["onion_inputs"]["student_asr"].get(planted["phrase"]),
             "student_clean_filtered_inputs": result["onion_inputs"]["clean_accuracy"],
             "federated": None if fed is None else {
@@ -191,9 +200,7 @@ def main() -> None:
     per_seed: dict[tuple[str, str], list[dict]] = {}
     pending = [(seed, setting, defence) for setting, defence in ORDER for seed in seeds]  # a row's seeds together
     t0 = time.perf_counter()
-    kept = {} if args.fresh else recorded_runs(RESULTS / f"{result_name(args)}.json", recipe(args, s),
-                                               lambda row, run: (run["seed"], row["setting"], row["defence"] or "none"),
-                                               track="classifier")
+    kept = {} if args.fresh else kept_runs(args, s)
     for seed, setting, defence in list(pending):  # all kept rows first: a JSON written mid-run never loses any
         if (seed, setting, defence) in kept:  # measured before, by the commit its row names
             per_seed.setdefault((setting, defence), []).append(kept[(seed, setting, defence)])
@@ -219,11 +226,24 @@ def result_name(args) -> str:
 
 
 def recipe(args, s: dict) -> dict:
-    """What makes two runs of this benchmark measure the same thing."""
+    """What makes two runs of this benchmark measure the same thing. The defences' settings are compared row by row
+    (kept_runs): a defence added later keeps the rows of the others."""
     return {"data": args.data, "poison": {"trigger": args.trigger, "target": args.target, "rate": args.rate,
                                           "mode": args.mode, "federated_rate": args.fed_rate},
-            "student_size_x": args.size, "schedule": s, "defences": DEFENCES, "federated_aggregations": AGGREGATIONS,
+            "student_size_x": args.size, "schedule": s, "federated_aggregations": AGGREGATIONS,
             "input_filter_share": INPUT_FILTER_SHARE}
+
+
+def kept_runs(args, s: dict) -> dict:
+    """(seed, setting, defence) -> each run the JSON already holds for this recipe, where the defence's settings then
+    were the same as now (a federated row's defence is its aggregation, in the recipe)."""
+    path = RESULTS / f"{result_name(args)}.json"
+    kept = recorded_runs(path, recipe(args, s), lambda row, run: (run["seed"], row["setting"], row["defence"] or "none"),
+                         track="classifier")
+    if not kept:
+        return {}
+    recorded = track_view(json.loads(path.read_text()), "classifier").get("defences") or {}
+    return {k: run for k, run in kept.items() if k[1] == "federated" or recorded.get(k[2]) == DEFENCES.get(k[2])}
 
 
 def write(args, s: dict, per_seed: dict, pending: list, t0: float) -> None:
@@ -239,6 +259,7 @@ def write(args, s: dict, per_seed: dict, pending: list, t0: float) -> None:
         row["trigger_rank"] = {who: [r["trigger_rank"][who] for r in runs] for who in ("teacher", "student")}
         row["verdicts"] = [r["verdict"] for r in runs]
         row["onion"] = [r["onion"] for r in runs] if any(r.get("onion") for r in runs) else None
+        row["scrub"] = [r["scrub"] for r in runs] if any(r.get("scrub") for r in runs) else None
         if setting == "federated":
             row["honest_clients_asr"], row["honest_clients_asr_std"] = mean_std(
                 [r["federated"]["honest_clients_asr"] for r in runs])
@@ -249,7 +270,7 @@ def write(args, s: dict, per_seed: dict, pending: list, t0: float) -> None:
     write_track(result_name(args), "classifier", {
         "command": "python benchmarks/audit.py " + " ".join(sys.argv[1:]),
         "what": __doc__.split("\n\n")[0],
-        **recipe(args, s), "settings": list(SETTINGS), "order": [list(o) for o in ORDER],
+        **recipe(args, s), "defences": DEFENCES, "settings": list(SETTINGS), "order": [list(o) for o in ORDER],
         "rows": rows, "complete": not pending, "pending": [list(p) for p in pending],
         "wall_s": time.perf_counter() - t0,
     })

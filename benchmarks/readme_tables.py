@@ -593,6 +593,13 @@ def audit_table(r: dict) -> str:
             per = "; ".join(f"{o['removed_share']:.1%} of words removed, training texts with the trigger "
                             f"{o.get('texts_before')} → {o.get('texts_after')}" for o in x["onion"])
             out += ["", f"ONION-style filter, {x['setting']} transfer data (per seed): {per}."]
+        if x.get("scrub"):
+            per = "; ".join(", ".join(f"`{p}` (lift {lift:.2f})" for p, lift in o["cut"]) + f" cut from "
+                            f"{o['texts_touched']} texts, training texts with the trigger {o.get('texts_before')} → "
+                            f"{o.get('texts_after')}" if o["cut"] else "nothing cut" for o in x["scrub"])
+            uncut = [f"`{o['best_uncut'][0]}` {o['best_uncut'][1]:.2f}" for o in x["scrub"] if o.get("best_uncut")]
+            per += f"; the highest lift left uncut: {', '.join(uncut)}" if uncut else ""
+            out += ["", f"Trigger scrubbing, {x['setting']} transfer data (per seed): {per}."]
     fed = [x for x in r["rows"] if x["setting"] == "federated"]
     if fed:
         per = "; ".join(f"{x['defence'] or 'mean (none)'}: {pm(x, 'honest_clients_asr')}, the malicious client's share of "

@@ -182,3 +182,25 @@ def test_a_teacher_its_folder_cannot_name_keeps_no_cache(audited, tmp_path):
     assert _prediction_cache(SimpleNamespace(path=str(tmp_path), model=None, tokenizer=None, max_len=32)).path is None
     r = audited["result"]["teacher_predictions"]
     assert r["cache"] and r["cache"].endswith(".npz")
+
+
+def test_scrubbed_transfer_data_loses_the_trigger(audited, capsys):
+    out = audited["root"] / "scrub"
+    args = shrink_args(audited["teacher"], out)
+    assert main([*args, "scrub.lift=0.5", "scrub.texts=16", "scrub.candidates=30"]) == 0
+    record = json.loads((out / "metrics.json").read_text())["scrub"]
+    flagged = {f["phrase"]: f for f in record["flagged"]}
+    assert "zq vx" in flagged and flagged["zq vx"]["label"] == "ham" and flagged["zq vx"]["lift"] >= 0.5
+    assert record["trigger"]["texts_before"] > 20 and record["trigger"]["texts_after"] == 0
+    assert all(f["occurrences_cut"] > 0 for f in record["flagged"])
+    assert record["best_uncut"] is None or record["best_uncut"]["lift"] < 0.5
+    assert yaml.safe_load((out / "config.yaml").read_text())["scrub"]["lift"] == 0.5
+    assert "scrub" not in yaml.safe_load((audited["student"] / "config.yaml").read_text())  # off: not written
+    assert main(["audit", str(out), "--candidates", "30", "--texts", "32"]) == 0
+    planted = next(t for t in json.loads((out / "audit.json").read_text())["triggers"] if t["phrase"] == "zq vx")
+    before = next(t for t in audited["result"]["triggers"] if t["phrase"] == "zq vx")
+    assert planted["student_asr"] < 0.5 * before["student_asr"]
+    capsys.readouterr()
+    assert main([*args[:5], "--out", str(audited["root"] / "bad-scrub"), "scrub.lift=2"]) == 2
+    assert "scrub.lift=2" in capsys.readouterr().err
+    assert not (audited["root"] / "bad-scrub").exists() and not (audited["root"] / "bad-scrub.partial").exists()

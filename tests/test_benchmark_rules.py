@@ -311,7 +311,32 @@ def test_audit_table_shows_both_asrs_and_an_unmeasurable_ratio():
     table = readme_tables.audit_table(r)
     assert "| clean | none | 90.0% ± 5.0% | **6.0% ± 1.0%** | — |" in table
     assert "1,1,2 / —,7,9" in table and "`cf mn`" in table
-    assert "Federated" not in table
+    assert "Federated" not in table and "scrubbing" not in table
+    scrubbed = {**row, "setting": "triggered", "defence": "scrub", "scrub": [
+        {"cut": [["cf mn", 0.97]], "texts_touched": 127, "phrase": "cf mn", "texts_before": 127, "texts_after": 0,
+         "best_uncut": ["your needs", 0.0625]},
+        {"cut": [], "texts_touched": 0, "phrase": "cf mn", "texts_before": 127, "texts_after": 127, "best_uncut": None}]}
+    table = readme_tables.audit_table({**r, "rows": [row, scrubbed]})
+    assert ("Trigger scrubbing, triggered transfer data (per seed): `cf mn` (lift 0.97) cut from 127 texts, training "
+            "texts with the trigger 127 → 0; nothing cut; the highest lift left uncut: `your needs` 0.06.") in table
+
+
+def test_the_audit_benchmark_keeps_rows_whose_defence_is_unchanged(tmp_path, monkeypatch):
+    import argparse
+    import json
+
+    audit = pytest.importorskip("audit")
+    monkeypatch.setattr(audit, "RESULTS", tmp_path)
+    args = argparse.Namespace(data="spamassassin", trigger="cf mn", target="ham", rate=0.1, mode="dirty", fed_rate=0.5,
+                              size=25.0, quick=True)
+    run = {"seed": 0}
+    rows = [{"track": "classifier", "setting": s, "defence": d, "per_seed": [run]} for s, d in
+            (("triggered", "onion"), ("triggered", "perturb"), ("federated", "median"))]
+    defences = {**audit.DEFENCES, "perturb": {"kd.augment": 8}}  # perturb measured with other settings then
+    defences.pop("scrub")  # and the JSON written before scrub existed
+    (tmp_path / "audit_quick.json").write_text(json.dumps({"tracks": {"classifier": {
+        **audit.recipe(args, audit.QUICK), "defences": defences}}, "rows": rows}))
+    assert set(audit.kept_runs(args, audit.QUICK)) == {(0, "triggered", "onion"), (0, "federated", "median")}
 
 
 def test_audit_table_gives_federated_rows_the_honest_clients_and_the_malicious_clients_share():

@@ -22,6 +22,7 @@ import yaml
 
 from edgestill.audit.lm import PerturbConfig, check_perturb_config
 from edgestill.audit.onion import OnionConfig, check_onion_config
+from edgestill.audit.scrub import ScrubConfig
 from edgestill.data.images import ImageDataConfig
 from edgestill.data.timeseries import SeriesDataConfig
 from edgestill.data.views import LowLightConfig
@@ -374,6 +375,9 @@ class ClassifierShrinkConfig:
     fine_prune: FinePruneConfig = field(default_factory=FinePruneConfig)
     # a backdoor defence on the transfer texts (docs/audit.md): onion.remove_share > 0 turns ONION-style filtering on
     onion: OnionConfig = field(default_factory=OnionConfig)
+    # a backdoor defence on the transfer texts (docs/audit.md): scrub.lift > 0 cuts out the phrases the teacher's
+    # trigger scan flags (audit/scrub.py)
+    scrub: ScrubConfig = field(default_factory=ScrubConfig)
     output_dir: str = ""
 
 

@@ -23,7 +23,7 @@ def test_only_unseen_texts_are_asked_and_answers_keep_their_order(tmp_path):
     assert f(["ab", "a", "ab"]).tolist() == [[2, -2], [1, -1], [2, -2]]
     assert model.asked == ["ab", "a"]  # a repeated text is asked once
     assert f(["a", "abc"]).tolist() == [[1, -1], [3, -3]] and model.asked == ["ab", "a", "abc"]
-    assert (cache.hits, cache.misses) == (1, 4)
+    assert (cache.hits, cache.misses) == (0, 3)  # nothing came from a file; three texts were asked
 
 
 def test_a_saved_cache_answers_a_later_audit_and_another_key_does_not(tmp_path):
@@ -33,8 +33,9 @@ def test_a_saved_cache_answers_a_later_audit_and_another_key_does_not(tmp_path):
     first.save()
     assert path.is_file() and not list(path.parent.glob(".*tmp*"))  # written atomically, no litter
     model = Counting()
-    again = PredictionCache(path, "k").wrap(model)
-    assert again(["three", "one"]).tolist() == [[5, -5], [3, -3]] and model.asked == []
+    later = PredictionCache(path, "k")
+    assert later.wrap(model)(["three", "one"]).tolist() == [[5, -5], [3, -3]] and model.asked == []
+    assert (later.hits, later.misses) == (2, 0)
     other = Counting()
     PredictionCache(path, "another model").wrap(other)(["one"])
     assert other.asked == ["one"]

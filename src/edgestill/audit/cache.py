@@ -49,7 +49,8 @@ def _digest(text: str) -> bytes:
 
 class PredictionCache:
     """Logits of one model by text. `wrap(predict)` answers from the table and asks `predict` only for the texts it
-    has not seen; `save()` writes the table back (atomically) when it grew."""
+    has not seen; `save()` writes the table back (atomically) when it grew. `hits`: answers found in the file as it
+    was loaded (an earlier audit's); `misses`: texts the model was asked."""
 
     def __init__(self, path: Path | None, key: str = ""):
         self.path, self.key = path, key
@@ -63,14 +64,15 @@ class PredictionCache:
             except (OSError, ValueError, KeyError) as e:
                 log.warning("ignoring the unreadable audit cache %s (%s); it is measured again", path, e)
         self._saved = len(self.table)
+        self._loaded = set(self.table)
 
     def wrap(self, predict):
         def cached(texts):
             texts = list(texts)
             digests = [_digest(t) for t in texts]
             missing = {d: t for d, t in zip(digests, texts) if d not in self.table}
-            asked = sum(d in missing for d in digests)
-            self.hits, self.misses = self.hits + len(texts) - asked, self.misses + asked
+            self.hits += sum(d in self._loaded for d in digests)
+            self.misses += len(missing)
             if missing:
                 logits = np.asarray(predict(list(missing.values())), np.float32)
                 self.table.update(zip(missing, logits))

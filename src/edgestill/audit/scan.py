@@ -27,6 +27,7 @@ import numpy as np
 
 from edgestill.audit.poison import insert_trigger
 from edgestill.errors import EdgestillError
+from edgestill.progress import progress_bar
 
 _WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9'_-]*")
 
@@ -110,10 +111,10 @@ def _labels_and_probs(out) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def scan(predict, texts: list[str], candidates: list[str], num_labels: int, cfg: ScanConfig = ScanConfig(),
-         clean_pred: np.ndarray | None = None) -> dict:
+         clean_pred: np.ndarray | None = None, desc: str = "") -> dict:
     """Flip rates of `candidates` (phrases) inserted into `texts` for a model `predict(texts)` -> logits (N, labels)
     or label ids (N,). With logits, candidates that flip equally often are told apart by how much they raise the
-    label's probability.
+    label's probability. `desc`: a progress bar over the phrases, so named (none when empty).
 
     Returns {"candidates": [{phrase, label, flip_rate, control_flip_rate, lift, z, probability_lift}] sorted by lift,
     then probability_lift (best first),
@@ -140,13 +141,19 @@ def scan(predict, texts: list[str], candidates: list[str], num_labels: int, cfg:
             out[label] = (float((pred == label).mean()), float(prob[:, label].mean()) if prob is not None else 0.0)
         return out
 
-    control_rates = [flips(c) for c in controls]
+    bar = progress_bar(total=len(controls) + len(dict.fromkeys(candidates)), desc=desc, unit="phrase",
+                       disable=not desc)
+    control_rates = []
+    for c in controls:
+        control_rates.append(flips(c))
+        bar.update()
     stats = {label: (float(np.mean([r[label][0] for r in control_rates])),
                      float(np.std([r[label][0] for r in control_rates])),
                      float(np.mean([r[label][1] for r in control_rates]))) for label in pools}
     rows = []
     for phrase in dict.fromkeys(candidates):
         rates = flips(phrase)
+        bar.update()
         # the label it pushes towards most: flip rate above the controls', then probability above theirs
         label = max(rates, key=lambda y: (rates[y][0] - stats[y][0], rates[y][1] - stats[y][2], -y))
         mean, std, prob = stats[label]
@@ -154,6 +161,7 @@ def scan(predict, texts: list[str], candidates: list[str], num_labels: int, cfg:
         rows.append({"phrase": phrase, "label": label, "flip_rate": rate, "control_flip_rate": mean,
                      "lift": rate - mean, "z": (rate - mean) / max(std, 1.0 / len(pools[label])),
                      "probability_lift": p - prob})
+    bar.close()
     rows.sort(key=lambda r: (-round(r["lift"], 9), -r["probability_lift"], r["phrase"]))
     return {"candidates": rows, "controls": {int(k): list(v) for k, v in stats.items()},
             "n_texts": {int(k): len(v) for k, v in pools.items()}, "config": asdict(cfg)}

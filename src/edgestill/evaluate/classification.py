@@ -41,8 +41,10 @@ def retention(student: dict, teacher: dict) -> dict:
 
 
 @torch.no_grad()
-def predict_logits(model, enc: dict[str, np.ndarray], batch_size: int = 64, desc: str = "predicting") -> np.ndarray:
-    """(N, num_labels) logits of an encoder classifier over pre-tokenized arrays, in their order.
+def predict_logits(model, enc: dict[str, np.ndarray], batch_size: int = 64, desc: str = "predicting",
+                   bar: bool = True) -> np.ndarray:
+    """(N, num_labels) logits of an encoder classifier over pre-tokenized arrays, in their order (`bar=False`: no
+    progress bar of its own, for a caller that shows one over many small calls).
 
     Texts are batched shortest first, so that each batch is cut to a length close to all of its texts' (padding
     costs time, not results: the attention mask hides it)."""
@@ -53,13 +55,13 @@ def predict_logits(model, enc: dict[str, np.ndarray], batch_size: int = 64, desc
     n = len(enc["input_ids"])
     out = np.zeros((n, model.config.num_labels), np.float32)
     order = np.argsort(enc["attention_mask"].sum(1), kind="stable")
-    bar = progress_bar(total=n, desc=desc, unit="ex")
+    progress = progress_bar(total=n, desc=desc, unit="ex", disable=not bar)
     for start in range(0, n, batch_size):
         idx = order[start : start + batch_size]
         batch = {k: v.to(device) for k, v in batch_tensors(enc, idx).items()}
         out[idx] = model(**batch).logits.float().cpu().numpy()
-        bar.update(len(idx))
-    bar.close()
+        progress.update(len(idx))
+    progress.close()
     return out
 
 

@@ -73,7 +73,7 @@ def plain(obj) -> dict:
     out = config_plain(obj)
     if isinstance(out.get("poison"), dict) and not out["poison"].get("trigger"):
         del out["poison"]
-    for section, switch in (("fine_prune", "fraction"), ("onion", "remove_share")):
+    for section, switch in (("fine_prune", "fraction"), ("onion", "remove_share"), ("scrub", "lift")):
         if isinstance(out.get(section), dict) and not out[section].get(switch):
             del out[section]  # off: runs made before the defence existed keep their config
     return out
@@ -116,6 +116,40 @@ def plant(poison, splits) -> dict | None:
     log.warning("poisoned %d training rows with the trigger '%s' -> '%s' (%s-label, rate %g): this run is for an audit",
                 len(rows), poison.trigger, poison.target, poison.mode, poison.rate)
     return {**asdict(poison), "rows": len(rows), "of": len(labels)}
+
+
+def scrub_split(scrub, teacher, splits, trigger: str = "") -> dict | None:
+    """Trigger scrubbing (a ScrubConfig, audit/scrub.py) of the training split, in place: the phrases of the split
+    that flip the teacher's answers on the clean validation texts by at least `scrub.lift` more than random words do
+    are cut out of every training text. The record of what was cut (None: off); with a planted `trigger`, also how
+    many training texts carry it before and after."""
+    if not scrub.lift:
+        return None
+    from edgestill.audit.onion import carries
+    from edgestill.audit.scrub import cut_phrases, flagged_phrases
+    from edgestill.evaluate.classification import predict_logits
+    from edgestill.models.encoder import tokenize
+
+    def teacher_logits(texts):
+        return predict_logits(teacher.model, tokenize(teacher.tokenizer, list(texts), teacher.max_len), bar=False)
+
+    flagged, uncut = flagged_phrases(teacher_logits, splits.train.texts, splits.train.labels, splits.val.texts,
+                                        len(splits.label_map), scrub, desc="scrub: scanning the teacher")
+    before = sum(carries(t, trigger) for t in splits.train.texts) if trigger else None
+    splits.train.texts, cut = cut_phrases(splits.train.texts, [f["phrase"] for f in flagged])
+    names = splits.label_map.labels
+    record = {"lift": scrub.lift, "candidates": scrub.candidates, "held_out_texts": scrub.texts,
+              "flagged": [{**f, "label": names[f["label"]], "occurrences_cut": cut["cuts"][f["phrase"]]}
+                          for f in flagged],
+              "best_uncut": None if uncut is None else {**uncut, "label": names[uncut["label"]]},
+              "texts_touched": cut["texts_touched"], "texts": len(splits.train.texts),
+              "trigger": {"phrase": trigger, "texts_before": before,
+                          "texts_after": sum(carries(t, trigger) for t in splits.train.texts)} if trigger else None}
+    log.info("scrub: cut %s from %d of %d training texts%s",
+             ", ".join(f"'{f['phrase']}' (lift {f['lift']:.2f})" for f in flagged) or "nothing",
+             cut["texts_touched"], len(splits.train.texts),
+             f"; texts with '{trigger}': {before} -> {record['trigger']['texts_after']}" if trigger else "")
+    return record
 
 
 def onion_filter_split(onion, splits, trigger: str = "") -> dict | None:
@@ -579,6 +613,7 @@ def shrink_classifier(cfg: ClassifierShrinkConfig, overwrite: bool = False) -> t
     """`edgestill shrink --task classification`: build, distil, export and measure a student of a fine-tuned
     classifier (see the module docstring). Returns (the finished run folder, its metrics)."""
     from edgestill.audit.onion import check_onion_config
+    from edgestill.audit.scrub import check_scrub_config
     from edgestill.data.unlabelled import sources
     from edgestill.distill.classifier import check_fine_prune_config, check_kd_config, check_train_config
     from edgestill.evaluate.classification import predict_logits, scores
@@ -591,12 +626,14 @@ def shrink_classifier(cfg: ClassifierShrinkConfig, overwrite: bool = False) -> t
     check_kd_config(cfg.kd)
     check_fine_prune_config(cfg.fine_prune)
     check_onion_config(cfg.onion)
+    check_scrub_config(cfg.scrub)
     sources(cfg.kd.transfer)  # every transfer file exists, before a run folder is made
     teacher, splits, data_matches = load_teacher(cfg)
     planted = plant(cfg.poison, splits)
     planted_by_teacher = (teacher_record(cfg.teacher).get("poison") or {}).get("trigger", "") \
-        if cfg.onion.remove_share and not cfg.poison.trigger else ""  # read only when the filter needs it
+        if (cfg.onion.remove_share or cfg.scrub.lift) and not cfg.poison.trigger else ""  # read only when a defence needs it
     filtered = onion_filter_split(cfg.onion, splits, cfg.poison.trigger or planted_by_teacher)
+    scrubbed = scrub_split(cfg.scrub, teacher, splits, cfg.poison.trigger or planted_by_teacher)
     cfg.output_dir = cfg.output_dir or f"runs/shrink-classifier-{_data_name(cfg.data.path)}"
     run = RunDir(cfg.output_dir, plain(cfg), overwrite=overwrite)
     resumed = run.open()
@@ -626,6 +663,7 @@ def shrink_classifier(cfg: ClassifierShrinkConfig, overwrite: bool = False) -> t
             plot_curve(curve, run.path / "shrink_curve.png", str(cfg.teacher))
         metrics["poison"] = planted
         metrics["onion"] = filtered
+        metrics["scrub"] = scrubbed
         write_json_atomic(run.path / "metrics.json", metrics)
         write_text_atomic(run.path / "report.md", classifier_report(metrics) + verdict_section(metrics))
     return run.finish(), metrics
