@@ -134,7 +134,7 @@ def scrub_split(scrub, teacher, splits, trigger: str = "") -> dict | None:
         return predict_logits(teacher.model, tokenize(teacher.tokenizer, list(texts), teacher.max_len), bar=False)
 
     flagged, uncut = flagged_phrases(teacher_logits, splits.train.texts, splits.train.labels, splits.val.texts,
-                                        len(splits.label_map), scrub, desc="scrub: scanning the teacher")
+                                     len(splits.label_map), scrub, desc="scrub: scanning the teacher")
     before = sum(carries(t, trigger) for t in splits.train.texts) if trigger else None
     splits.train.texts, cut = cut_phrases(splits.train.texts, [f["phrase"] for f in flagged])
     names = splits.label_map.labels
