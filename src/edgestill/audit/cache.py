@@ -1,8 +1,8 @@
 """A classifier's predictions kept on disk, so that auditing a second student of the same teacher does not ask the
 teacher the same questions again.
 
-A classifier audit asks its teacher for about ten thousand predictions: every candidate phrase and control inserted
-into held-out texts, then each chosen phrase's ASR. The teacher's answers take most of the audit's time (its student
+A classifier audit asks its teacher for some 15,000 predictions at the defaults: every candidate phrase and control
+inserted into held-out texts, then each chosen phrase's ASR. The teacher's answers take most of the audit's time (its student
 is a small ONNX file), and they are the same for every student distilled from that teacher on the same data: the
 candidates come from the transfer data, the texts and insertion positions are seeded. `PredictionCache` keeps them,
 keyed by the text:
@@ -12,11 +12,10 @@ keyed by the text:
            length it reads, torch's version, the device and CACHE_VERSION
 
 The file holds the texts' sha256 digests (as raw bytes: numpy's fixed-width byte strings would drop a digest's
-trailing zero bytes) and float32 logits (numpy arrays, read with allow_pickle=False), never the
-texts. A file that cannot be read, or was written for another key, is ignored and replaced; a cache that cannot be
-written is a warning, never a failure. A model with no folder to name it by is not cached. Logits from the cache
-were computed in another batch than a fresh call would use; they can differ from it in the last float bits, as any
-two batchings do.
+trailing zero bytes) and float32 logits (numpy arrays, read with allow_pickle=False), never the texts. A file that
+cannot be read, or was written for another key, is ignored and replaced; a cache that cannot be written is a
+warning, never a failure. A model with no folder to name it by is not cached. Logits from the cache were computed in
+another batch than a fresh call would use; they can differ from it in the last float bits, as any two batchings do.
 """
 
 from __future__ import annotations
@@ -88,8 +87,8 @@ class PredictionCache:
         try:
             with atomic_path(self.path, "writing the audit's prediction cache") as tmp:
                 with open(tmp, "wb") as f:
-                    np.savez(f, key=np.array(self.key), digests=np.frombuffer(b"".join(d for d, _ in items), np.uint8).reshape(-1, 32),
-                             logits=np.stack([v for _, v in items]))
+                    digests = np.frombuffer(b"".join(d for d, _ in items), np.uint8).reshape(-1, 32)
+                    np.savez(f, key=np.array(self.key), digests=digests, logits=np.stack([v for _, v in items]))
         except Exception as e:  # a cache is never worth failing an audit for
             log.warning("could not write the audit cache %s (%s); the next audit asks the model again", self.path, e)
             return
