@@ -19,12 +19,10 @@ student then learns nothing from it: the record lists every phrase cut, with its
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
+from edgestill.audit.scan import words
 from edgestill.errors import EdgestillError
-
-_WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9'_-]*")
 
 
 @dataclass
@@ -67,10 +65,6 @@ def flagged_phrases(predict, texts: list[str], labels: list, held_out: list[str]
     return flagged, next((r for r in rows if r["lift"] < cfg.lift), None)
 
 
-def _norm(token: str) -> str:
-    return " ".join(_WORD.findall(token.lower()))
-
-
 def cut_phrases(texts: list[str], phrases: list[str]) -> tuple[list[str], dict]:
     """`texts` with every occurrence of each phrase (its words in a row, matched as the scan reads words: lower-case,
     punctuation around them ignored) cut out; (texts, {"texts_touched", "cuts": {phrase: occurrences}})."""
@@ -79,7 +73,7 @@ def cut_phrases(texts: list[str], phrases: list[str]) -> tuple[list[str], dict]:
     out, touched = [], 0
     for text in texts:
         tokens = text.split()
-        norm = [_norm(t) for t in tokens]
+        norm = [" ".join(words(t)) for t in tokens]  # a token read as the scan reads words
         drop = [False] * len(tokens)
         for p in wanted:
             n = len(p)
