@@ -135,7 +135,7 @@ class Bench:
             "train.seed": a.seed if seed is None else seed, "kd.temperature": a.temperature, "kd.alpha": a.alpha if kd else 0.0,
             "kd.hidden_weight": a.hidden_weight if kd else 0.0, "kd.augment": a.augment if kind == "kd" else 0,
             "kd.transfer": a.transfer if kind == "kd" else "", "kd.transfer_sentences": a.transfer_sentences,
-            "kd.transfer_max": a.transfer_max,
+            "kd.transfer_max": a.transfer_max, "soup.ingredients": a.soup,
             "eval.onnx_type": "f32", "eval.threads": a.threads,
             # the benchmark times teacher and all students in one alternated loop (below); the run's own timing is minimal
             "eval.teacher_latency": False, "eval.tfidf_baseline": False, "eval.latency_examples": 4,
@@ -248,7 +248,7 @@ class Bench:
                 print(f"[{data}] {row['name']}: failed: {e}", flush=True)
                 continue
             out = Path(cfg.output_dir)
-            if not retrained and self._finished(cfg, ("teacher", "student", "train", "kd")):
+            if not retrained and self._finished(cfg, ("teacher", "student", "train", "kd", "soup")):
                 print(f"[{data}] {row['name']}: finished run {out} reused", flush=True)
                 continue
             partial = out.with_name(out.name + ".partial")
@@ -276,7 +276,7 @@ class Bench:
         folder = run / f"onnx-{kind}"
         if fp32_row["kind"] != "kd" or c is None or not (folder / "model.onnx").is_file():
             return None
-        keep = ("target_x", "student_seed", "params", "student_compression_x_config", "student_target_params",
+        keep = ("target_x", "student_seed", "soup_seeds", "params", "student_compression_x_config", "student_target_params",
                 "layers_kept", "vocab_kept", "max_len", "steps", "lr", "batch_size", "best_step", "best_val_macro_f1",
                 "patience", "stopped_at_step", "stop_reason", "kd", "transfer_set", "run", "train_time", "environment")
         return {**{k: fp32_row.get(k) for k in keep},
@@ -366,11 +366,16 @@ class Bench:
             cfg = yaml.safe_load((run / "config.yaml").read_text())
             s = m["student"]
             same_teacher = m["teacher"]["test"] == {k: t_test[k] for k in m["teacher"]["test"]}
+            soup = m.get("soup")  # soup.ingredients: the run's student is the average of students of these seeds
             out_rows.append({
                 "name": row["name"], "kind": row["kind"], "target_x": row["target_x"],
                 "label": f"{STUDENT_KINDS[row['kind']]} ~{_x(row['target_x'])}×" + ("" if row["kind"] == "kd" else " (ablation)")
                          + (f" (student seed {row['seed']})" if row.get("seed_of") else ""),
                 "seed_of": row.get("seed_of"), "student_seed": cfg["train"].get("seed"),
+                "soup_seeds": soup["seeds"] if soup else None,
+                "soup_ingredients": [{"seed": x["seed"], "val_macro_f1": x["val"]["macro_f1"],
+                                      "test_macro_f1": x["test"]["macro_f1"], "best_step": x["best_step"],
+                                      "stopped_at_step": x["stopped_at_step"]} for x in soup["ingredients"]] if soup else None,
                 "accuracy": s["test"]["accuracy"], "macro_f1": s["test"]["macro_f1"], **retention(s["test"], t_test),
                 "top1_agreement_with_teacher": m["top1_agreement_with_teacher"],
                 "params": s["params"], **sizes(run / "onnx"),
@@ -379,7 +384,9 @@ class Bench:
                 "vocab_kept": s["vocab_kept"], "ranks": s.get("ranks"), "max_len": s["max_len"],
                 "steps": cfg["train"]["steps"], "val_history": m.get("history"),
                 "lr": cfg["train"]["lr"], "batch_size": cfg["train"]["batch_size"], "best_step": m["train"]["best_step"],
-                "best_val_macro_f1": _val_at(m, m["train"]["best_step"]), "patience": cfg["train"].get("patience"),
+                # a soup is compared on its own val score (the average was never a kept state of one training)
+                "best_val_macro_f1": soup["val"]["macro_f1"] if soup else _val_at(m, m["train"]["best_step"]),
+                "patience": cfg["train"].get("patience"),
                 "stopped_at_step": m["train"].get("stopped_at_step"),
                 "stop_reason": m["train"].get("stop_reason"),
                 "kd": cfg["kd"], "transfer_set": m["train"].get("transfer_set"), "test_pytorch": m["baselines"]["student_pytorch"]["test"],
@@ -672,6 +679,10 @@ def main() -> None:
                     help="students validate and keep an exponential moving average of their weights with this decay "
                          "(train.ema, e.g. 0.998; 0, the default here: the weights of the step validated, as the "
                          "README's rows were trained; `edgestill shrink --task classification` defaults to 0.998)")
+    ap.add_argument("--soup", type=int, default=1,
+                    help="students per KD row, trained with seeds s, s+1, ... from the same cut and averaged (soup."
+                         "ingredients; 1, the default: one student). With --student-seeds 0,2,4 and --soup 2 the rows "
+                         "are the soups of seeds 0+1, 2+3 and 4+5")
     ap.add_argument("--augment", type=int, default=None,
                     help="perturbed copies of each training text in the KD rows' transfer set (kd.augment; 0: the labelled "
                          f"texts alone, and no kd-<X>x-labelled ablation row) (default {FULL['augment']})")
@@ -779,7 +790,7 @@ def main() -> None:
                     "kd": {"temperature": args.temperature, "alpha": args.alpha, "hidden_weight": args.hidden_weight,
                            "augment": args.augment, "transfer": args.transfer,
                            "transfer_sentences": args.transfer_sentences, "transfer_max": args.transfer_max},
-                    "train": {"ema": args.ema},
+                    "train": {"ema": args.ema}, "soup": {"ingredients": args.soup},
                     "ablation": f"ce-{_x(args.ablation_x)}x: the same student config with kd.alpha=0 (CE only, labelled "
                                 f"texts); kd-{_x(args.ablation_x)}x-labelled: KD on the labelled texts alone (kd.augment=0)"},
         "load_average": {"start": load_start, "end": os.getloadavg()[0]},

@@ -282,13 +282,14 @@ def _seed_rows(r: dict | None, data: str, size: str) -> list[dict]:
 
 
 # settings older results did not record: what they ran with
-_RECIPE_DEFAULTS = {"strategy": "global", "ema": 0.0, "transfer": "", "transfer_sentences": False, "transfer_max": 0}
+_RECIPE_DEFAULTS = {"strategy": "global", "ema": 0.0, "transfer": "", "transfer_sentences": False, "transfer_max": 0,
+                    "soup": 1}
 _RECIPE_ARGS = {"strategy": "ranks by {} share", "num_layers": "{} layers", "student_steps": "at most {} steps",
                 "student_patience": "patience {}", "augment": "{} perturbed copies",
                 "temperature": "T = {}", "alpha": "α = {}", "hidden_weight": "hidden-state weight {}",
                 "student_lr": "lr {}", "student_batch_size": "batch {}", "ema": "weight average (EMA {})",
                 "transfer": "unlabelled text ({})", "transfer_sentences": "cut into sentences",
-                "transfer_max": "at most {} of it"}
+                "transfer_max": "at most {} of it", "soup": "a uniform soup of {} students"}
 
 
 def _recipe_change(args: dict, base: dict) -> str:
@@ -322,8 +323,10 @@ def classifier_recipes_table(r: dict, data: str = "moviereviews", size: str = "k
         for x in rows:
             env = x.get("environment") or {}
             val = x.get("best_val_macro_f1")
-            out.append(f"| {name} | {x.get('student_seed', '?')} | {x.get('stopped_at_step', '?')} | "
-                       f"{x.get('best_step', '?')} | {'—' if val is None else f'{val:.4f}'} | {x['macro_f1']:.4f} | "
+            soup = x.get("soup_ingredients")  # seeds, steps run and steps kept of each ingredient, joined by +
+            seed, run, kept = (("+".join(str(i[k]) for i in soup) for k in ("seed", "stopped_at_step", "best_step"))
+                               if soup else (x.get("student_seed", "?"), x.get("stopped_at_step", "?"), x.get("best_step", "?")))
+            out.append(f"| {name} | {seed} | {run} | {kept} | {'—' if val is None else f'{val:.4f}'} | {x['macro_f1']:.4f} | "
                        f"{x['retention_macro_f1']:.3f} | {'yes' if x.get('beats_tfidf_logreg') else 'no'} | "
                        f"`{(env.get('git_commit') or '?')[:7]}` |")
         if rows:
@@ -331,6 +334,9 @@ def classifier_recipes_table(r: dict, data: str = "moviereviews", size: str = "k
             ret = [x["retention_macro_f1"] for x in rows]
             sd = statistics.stdev(ret) if len(ret) > 1 else 0.0
             seeds = f"{len(rows)} seeds" if len(rows) > 1 else "1 seed (not a claim)"
+            if rows[0].get("soup_ingredients"):  # each row a soup: independent soups count, not their ingredients
+                seeds = f"{len(rows)} soups of {len(rows[0]['soup_ingredients'])} seeds each" if len(rows) > 1 \
+                    else "1 soup (not a claim)"
             means.append(f"{name}: {seeds}, val macro-F1 "
                          + (f"{statistics.mean(vals):.4f}" if len(vals) == len(rows) else "not recorded")
                          + f", test retention {statistics.mean(ret) * 100:.1f}%"
@@ -946,6 +952,7 @@ TABLES = {"default_run": default_run_table, "distill_throughput": throughput_tab
           "classifier_transfer": lambda r: classifier_recipes_table(r, size="kd-25x", base_name="classifier_energy_ema"),
           "classifier_energy_ema_seeds": lambda r: classifier_recipes_table(r, size="kd-25x",
                                                                             base_name="classifier_transfer"),
+          "classifier_soup": lambda r: classifier_recipes_table(r, size="kd-25x", base_name="classifier_transfer"),
           "recovery_curve": recovery_curve_table, "recovery_probe": recovery_probe_table,
           "recovery_probe_33mb": recovery_probe_table}
 SOURCES = {"shrink_curve_summary": "shrink_curve", "audit_lm": "audit",  # tables rendered from another table's JSON

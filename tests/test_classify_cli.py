@@ -376,3 +376,62 @@ def test_shrink_with_unlabelled_transfer_text_drops_split_texts_and_reports_it(r
     assert ts["source"] == {"spec": str(extra), "sentences": False, "loaded": 3, "dropped_in_splits": 1, "used": 2,
                             "onion": None}
     assert "+ 2 unlabelled texts from" in (out / "report.md").read_text()
+
+
+def test_a_soup_averages_students_that_equal_single_seed_runs_and_resumes_after_each(runs, tmp_path, capsys,
+                                                                                        monkeypatch):
+    """soup.ingredients=2 from the command line: ingredient k is the student a run with train.seed + k alone distils
+    (bit for bit), the exported student is their average, and a run killed in the second ingredient resumes without
+    distilling the first again. Bad settings are refused before any folder is made."""
+    import torch
+    import yaml
+    from safetensors.torch import load_file
+
+    import edgestill.distill.classifier as classifier
+
+    args = ["shrink", "--task", "classification", "--teacher", str(runs["teacher"]), "--data", str(runs["csv"]),
+            *STEPS, "train.steps=10", "train.eval_every=5", "student.max_len=24", "student.num_layers=1",
+            "student.compression_x=3", "student.min_rank=2", "student.multiple_of=1", "kd.alpha=0.7", "kd.augment=1",
+            "eval.latency_examples=2", "eval.latency_repeats=1", "eval.teacher_latency=false",
+            "eval.tfidf_baseline=false", "eval.curve_types=[f32]"]
+    assert main([*args, "soup.ingredients=0", "--out", str(tmp_path / "bad")]) == 2
+    assert "soup.ingredients=0 must be between 1 (no soup) and 16" in _one_line_error(capsys)
+    assert main([*args, "soup.ingredients=2", "kd.method=mutual", "kd.augment=0", "--out", str(tmp_path / "bad")]) == 2
+    assert "with kd.method=mutual" in _one_line_error(capsys)
+    assert not list(tmp_path.glob("bad*"))
+
+    alone = tmp_path / "seed1"
+    assert main([*args, "train.seed=1", "--out", str(alone)]) == 0
+    assert "soup" not in yaml.safe_load((alone / "config.yaml").read_text())  # off: the config of runs made before soups existed
+
+    real, calls = classifier.distill_classifier, []
+
+    def killed_in_the_second(*a, **k):
+        calls.append(a[6].seed)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as a kill would
+        return real(*a, **k)
+
+    out = tmp_path / "soup"
+    monkeypatch.setattr(classifier, "distill_classifier", killed_in_the_second)
+    assert main([*args, "soup.ingredients=2", "--out", str(out)]) == 130  # interrupted: rerun to resume
+    assert (tmp_path / "soup.partial" / "ingredients" / "seed0" / "distill.json").is_file()
+    calls.clear()
+    monkeypatch.setattr(classifier, "distill_classifier", lambda *a, **k: (calls.append(a[6].seed), real(*a, **k))[1])
+    assert main([*args, "soup.ingredients=2", "--out", str(out)]) == 0
+    assert calls == [1]  # seed 0 was not distilled again
+
+    ingredients = [load_file(str(out / "ingredients" / f"seed{s}" / "model.safetensors")) for s in (0, 1)]
+    single = load_file(str(alone / "student" / "model.safetensors"))
+    assert all(torch.equal(ingredients[1][k], single[k]) for k in single)  # the seed-1 run's own student
+    soup = load_file(str(out / "student" / "model.safetensors"))
+    floats = [k for k, v in soup.items() if v.is_floating_point()]
+    assert any(not torch.equal(ingredients[0][k], ingredients[1][k]) for k in floats)
+    for k in floats:
+        torch.testing.assert_close(soup[k], (ingredients[0][k] + ingredients[1][k]) / 2)
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["soup"]["seeds"] == [0, 1] and [r["seed"] for r in m["soup"]["ingredients"]] == [0, 1]
+    assert m["soup"]["test"] == m["baselines"]["student_pytorch"]["test"]
+    assert m["soup"]["ingredients"][1]["test"] == json.loads((alone / "distill.json").read_text())["test_pytorch"]
+    assert "a uniform soup of 2 students distilled with seeds 0, 1" in (out / "report.md").read_text()
+    assert not (out / "checkpoints").exists()

@@ -33,6 +33,7 @@ from edgestill.distill.edgevl import Stage1Config, Stage2Config, TeacherFitConfi
 from edgestill.distill.losses import LOGIT_LOSS_KINDS
 from edgestill.distill.multi_teacher import WEIGHTINGS
 from edgestill.distill.online import OnlineKDConfig, TrainSchedule
+from edgestill.distill.soup import SoupConfig
 from edgestill.errors import EdgestillError
 from edgestill.models.sequence import SeriesStudentConfig, SeriesTeacherConfig
 from edgestill.models.vision import PROMPT, ImageTowerConfig
@@ -378,6 +379,9 @@ class ClassifierShrinkConfig:
     # a backdoor defence on the transfer texts (docs/audit.md): scrub.lift > 0 cuts out the phrases the teacher's
     # trigger scan flags (audit/scrub.py)
     scrub: ScrubConfig = field(default_factory=ScrubConfig)
+    # soup.ingredients >= 2: that many students distilled from the same cut with seeds train.seed, +1, ..., their
+    # weights averaged into the one student exported (distill/soup.py)
+    soup: SoupConfig = field(default_factory=SoupConfig)
     output_dir: str = ""
 
 

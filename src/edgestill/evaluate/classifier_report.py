@@ -43,6 +43,16 @@ def _transfer_line(ts: dict | None) -> list[str]:
     return [line + " (the copies and unlabelled texts carry the teacher's soft labels only)"]
 
 
+def _soup_line(soup: dict | None) -> list[str]:
+    """soup.ingredients: each ingredient's scores beside the averaged student's (PyTorch, before export)."""
+    if not soup:
+        return []
+    parts = ", ".join(f"seed {r['seed']} {r['val']['macro_f1']:.4f} / {r['test']['macro_f1']:.4f}" for r in soup["ingredients"])
+    return [f"- student: a {soup['method']} soup of {len(soup['ingredients'])} students distilled with seeds "
+            f"{', '.join(map(str, soup['seeds']))} from the same cut, their weights averaged; val / test macro-F1 (PyTorch): "
+            f"soup {soup['val']['macro_f1']:.4f} / {soup['test']['macro_f1']:.4f}, ingredients {parts}"]
+
+
 def classifier_report(m: dict) -> str:
     """A short report.md from metrics.json."""
     t, s = m["teacher"], m["student"]
@@ -66,6 +76,7 @@ def classifier_report(m: dict) -> str:
         f"- student: teacher layers {s['layers_kept']}, vocabulary {s['vocab_kept']:,} tokens, max {s['max_len']} tokens, "
         f"{s['params']:,} params (low-rank factors)",
         *_transfer_line(m.get("train", {}).get("transfer_set")),
+        *_soup_line(m.get("soup")),
         f"- latency per example, onnxruntime, batch 1, {m['environment']['onnxruntime_threads']} threads, median of "
         f"{s['repeats']} alternated repeats over {s['examples']} texts: student {s['latency_ms_per_example']:.2f} ms "
         f"(spread {s['latency_ms_spread'][0]:.2f}–{s['latency_ms_spread'][1]:.2f}), teacher {lat_t}; "

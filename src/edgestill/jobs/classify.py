@@ -76,6 +76,8 @@ def plain(obj) -> dict:
     for section, switch in (("fine_prune", "fraction"), ("onion", "remove_share"), ("scrub", "lift")):
         if isinstance(out.get(section), dict) and not out[section].get(switch):
             del out[section]  # off: runs made before the defence existed keep their config
+    if isinstance(out.get("soup"), dict) and out["soup"].get("ingredients", 1) <= 1:
+        del out["soup"]  # one student: runs made before soups existed keep their config
     return out
 
 
@@ -354,12 +356,84 @@ def transfer_texts(cfg: ClassifierShrinkConfig, splits) -> tuple[list[str], dict
     return chosen, record
 
 
-def _student(cfg: ClassifierShrinkConfig, run: RunDir, resumed: bool, teacher: _Teacher, splits) -> tuple:
-    """Stages 1-2, the student cut from the teacher and distilled, skipped on resume once saved: (model, tokenizer,
-    distill record)."""
+def _distil(cfg: ClassifierShrinkConfig, teacher: _Teacher, splits, checkpoint_dir: Path) -> tuple:
+    """One student cut from the teacher and distilled with cfg.train.seed: (model, tokenizer, build info, the untrained
+    cut's test scores, distill_classifier's result). A soup's ingredient goes through here with its own seed, so it is
+    the student a run of that seed alone would distil."""
     import torch
 
-    from edgestill.distill.classifier import build_student, distill_classifier, fine_prune
+    from edgestill.distill.classifier import build_student, distill_classifier
+    from edgestill.evaluate.classification import evaluate_classifier
+    from edgestill.models.encoder import tokenize
+
+    torch.manual_seed(cfg.train.seed)
+    student, s_tok, table, info = build_student(teacher.model, teacher.tokenizer, splits.train.texts, cfg.student)
+    log.info("student: layers %s of the teacher, vocab %d of %d, %s params (%.1fx fewer)", info["teacher_layers"],
+             info["vocab_kept"], info["teacher_vocab"], f"{info['student_params']:,}", info["params_x_smaller"])
+    sliced = evaluate_classifier(student, tokenize(s_tok, splits.test.texts, cfg.student.max_len), splits.ids("test"))
+    transfer, transfer_record = transfer_texts(cfg, splits)
+    result = distill_classifier(teacher.model, student, teacher.tokenizer, splits, table, s_tok, cfg.train, cfg.kd,
+                                checkpoint_dir=checkpoint_dir, transfer_texts=transfer)  # a kill resumes there
+    result["transfer_set"]["source"] = transfer_record
+    return student, s_tok, info, sliced, result
+
+
+def _distilled_record(info: dict, sliced: dict, result: dict) -> dict:
+    """distill.json: what the student's training did (build info without the model config, curves, stop, scores)."""
+    return {"student": {k: v for k, v in info.items() if k != "config"}, "sliced_untrained_test": sliced,
+            "history": result["history"], "best_step": result["best_step"], "test_pytorch": result["test"],
+            **{k: result[k] for k in ("stopped_at_step", "stopped_early", "stop_reason", "val_curve", "transfer_set")},
+            "teacher_mutual": result.get("teacher_mutual")}
+
+
+def _soup(cfg: ClassifierShrinkConfig, run: RunDir, teacher: _Teacher, splits) -> tuple:
+    """soup.ingredients students distilled with seeds train.seed, +1, ... (each saved in RUN/ingredients/seed<s>/ once
+    trained, so a killed run resumes after the last saved one), averaged into one (distill/soup.py): (the soup,
+    its tokenizer, distill record of the first ingredient + "soup": every ingredient's and the soup's scores)."""
+    from edgestill.distill.soup import ingredient_seeds, uniform_soup
+    from edgestill.evaluate.classification import evaluate_classifier
+    from edgestill.models.encoder import load_encoder_classifier, save_classifier, tokenize
+
+    models, records = [], []
+    seeds = ingredient_seeds(cfg.train.seed, cfg.soup)
+    for k, seed in enumerate(seeds):
+        folder = run.path / "ingredients" / f"seed{seed}"
+        if (folder / "distill.json").is_file():  # written last
+            log.info("soup ingredient %d of %d (seed %d): the saved student in %s", k + 1, len(seeds), seed, folder)
+            model, s_tok, _ = load_encoder_classifier(str(folder))
+            record = json.loads((folder / "distill.json").read_text())
+        else:
+            log.info("soup ingredient %d of %d: seed %d", k + 1, len(seeds), seed)
+            checkpoints = run.path / "checkpoints" / f"seed{seed}"
+            model, s_tok, info, sliced, result = _distil(dataclasses.replace(
+                cfg, train=dataclasses.replace(cfg.train, seed=seed)), teacher, splits, checkpoints)
+            save_classifier(model, s_tok, teacher.label_map, folder,
+                            extra={"task": CLASSIFICATION, "role": "soup ingredient", "teacher": str(cfg.teacher),
+                                   "max_len": cfg.student.max_len, "seed": seed})
+            record = {"seed": seed, **_distilled_record(info, sliced, result)}
+            write_json_atomic(folder / "distill.json", record)
+            shutil.rmtree(checkpoints, ignore_errors=True)
+        models.append(model)
+        records.append(record)
+    soup = models[0]
+    soup.load_state_dict(uniform_soup([m.state_dict() for m in models]))
+    val, test = (tokenize(s_tok, getattr(splits, name).texts, cfg.student.max_len) for name in ("val", "test"))
+    rows = [{"seed": r["seed"], "best_step": r["best_step"], "stopped_at_step": r.get("stopped_at_step"),
+             "val": evaluate_classifier(m, val, splits.ids("val")), "test": r["test_pytorch"]}
+            for r, m in zip(records, models)]
+    soup_val, soup_test = evaluate_classifier(soup, val, splits.ids("val")), evaluate_classifier(soup, test, splits.ids("test"))
+    log.info("soup of %d students: val macro-F1 %.4f (ingredients %s), test %.4f (ingredients %s)", len(models),
+             soup_val["macro_f1"], ", ".join(f"{r['val']['macro_f1']:.4f}" for r in rows), soup_test["macro_f1"],
+             ", ".join(f"{r['test']['macro_f1']:.4f}" for r in rows))
+    distilled = {**{k: v for k, v in records[0].items() if k != "seed"}, "test_pytorch": soup_test,
+                 "soup": {"method": "uniform", "seeds": seeds, "ingredients": rows, "val": soup_val, "test": soup_test}}
+    return soup, s_tok, distilled
+
+
+def _student(cfg: ClassifierShrinkConfig, run: RunDir, resumed: bool, teacher: _Teacher, splits) -> tuple:
+    """Stages 1-2, the student cut from the teacher and distilled (or soup.ingredients of them, averaged), skipped on
+    resume once saved: (model, tokenizer, distill record)."""
+    from edgestill.distill.classifier import fine_prune
     from edgestill.evaluate.classification import evaluate_classifier
     from edgestill.models.encoder import load_encoder_classifier, save_classifier, tokenize
 
@@ -368,30 +442,22 @@ def _student(cfg: ClassifierShrinkConfig, run: RunDir, resumed: bool, teacher: _
         log.info("resuming after the saved student in %s", student_dir)
         student, s_tok, _ = load_encoder_classifier(str(student_dir))
         return student, s_tok, json.loads(distill_file.read_text())
-    torch.manual_seed(cfg.train.seed)
-    student, s_tok, table, info = build_student(teacher.model, teacher.tokenizer, splits.train.texts, cfg.student)
-    log.info("student: layers %s of the teacher, vocab %d of %d, %s params (%.1fx fewer)", info["teacher_layers"],
-             info["vocab_kept"], info["teacher_vocab"], f"{info['student_params']:,}", info["params_x_smaller"])
-    sliced = evaluate_classifier(student, tokenize(s_tok, splits.test.texts, cfg.student.max_len), splits.ids("test"))
-    transfer, transfer_record = transfer_texts(cfg, splits)
-    result = distill_classifier(teacher.model, student, teacher.tokenizer, splits, table, s_tok, cfg.train, cfg.kd,
-                                checkpoint_dir=run.path / "checkpoints", transfer_texts=transfer)  # a kill resumes there
-    result["transfer_set"]["source"] = transfer_record
-    pruned = None
+    if cfg.soup.ingredients > 1:
+        student, s_tok, distilled = _soup(cfg, run, teacher, splits)
+    else:
+        student, s_tok, info, sliced, result = _distil(cfg, teacher, splits, run.path / "checkpoints")
+        distilled = _distilled_record(info, sliced, result)
+    distilled["fine_prune"] = None
     if cfg.fine_prune.fraction > 0:
-        pruned = fine_prune(student, s_tok, splits, cfg.fine_prune, cfg.student.max_len, cfg.train.seed)
-        result["test"] = evaluate_classifier(student, tokenize(s_tok, splits.test.texts, cfg.student.max_len),
-                                             splits.ids("test"))
-        log.info("fine-pruned: %d -> %d FFN units per layer, then %d clean fine-tuning steps", pruned["units_before"],
-                 pruned["units_after"], pruned["steps"])
+        distilled["fine_prune"] = fine_prune(student, s_tok, splits, cfg.fine_prune, cfg.student.max_len, cfg.train.seed)
+        distilled["test_pytorch"] = evaluate_classifier(student, tokenize(s_tok, splits.test.texts, cfg.student.max_len),
+                                                        splits.ids("test"))
+        log.info("fine-pruned: %d -> %d FFN units per layer, then %d clean fine-tuning steps",
+                 distilled["fine_prune"]["units_before"], distilled["fine_prune"]["units_after"],
+                 distilled["fine_prune"]["steps"])
     save_classifier(student, s_tok, teacher.label_map, student_dir,
                     extra={"task": CLASSIFICATION, "role": "student", "teacher": str(cfg.teacher),
                            "max_len": cfg.student.max_len})
-    distilled = {"student": {k: v for k, v in info.items() if k != "config"}, "sliced_untrained_test": sliced,
-                 "history": result["history"], "best_step": result["best_step"], "test_pytorch": result["test"],
-                 **{k: result[k] for k in ("stopped_at_step", "stopped_early", "stop_reason", "val_curve",
-                                           "transfer_set")}, "fine_prune": pruned,
-                 "teacher_mutual": result.get("teacher_mutual")}
     write_json_atomic(distill_file, distilled)
     shutil.rmtree(run.path / "checkpoints", ignore_errors=True)  # the student is saved: the checkpoints are spent
     return student, s_tok, distilled
@@ -616,6 +682,7 @@ def shrink_classifier(cfg: ClassifierShrinkConfig, overwrite: bool = False) -> t
     from edgestill.audit.scrub import check_scrub_config
     from edgestill.data.unlabelled import sources
     from edgestill.distill.classifier import check_fine_prune_config, check_kd_config, check_train_config
+    from edgestill.distill.soup import check_soup_config
     from edgestill.evaluate.classification import predict_logits, scores
     from edgestill.evaluate.classifier_report import classifier_report, plot_curve
     from edgestill.evaluate.environment import measurement_start
@@ -627,6 +694,7 @@ def shrink_classifier(cfg: ClassifierShrinkConfig, overwrite: bool = False) -> t
     check_fine_prune_config(cfg.fine_prune)
     check_onion_config(cfg.onion)
     check_scrub_config(cfg.scrub)
+    check_soup_config(cfg.soup, cfg.kd.method)
     sources(cfg.kd.transfer)  # every transfer file exists, before a run folder is made
     teacher, splits, data_matches = load_teacher(cfg)
     planted = plant(cfg.poison, splits)
@@ -664,6 +732,7 @@ def shrink_classifier(cfg: ClassifierShrinkConfig, overwrite: bool = False) -> t
         metrics["poison"] = planted
         metrics["onion"] = filtered
         metrics["scrub"] = scrubbed
+        metrics["soup"] = distilled.get("soup")
         write_json_atomic(run.path / "metrics.json", metrics)
         write_text_atomic(run.path / "report.md", classifier_report(metrics) + verdict_section(metrics))
     return run.finish(), metrics
