@@ -418,6 +418,14 @@ def test_a_soup_averages_students_that_equal_single_seed_runs_and_resumes_after_
     assert (tmp_path / "soup.partial" / "ingredients" / "seed0" / "distill.json").is_file()
     calls.clear()
     monkeypatch.setattr(classifier, "distill_classifier", lambda *a, **k: (calls.append(a[6].seed), real(*a, **k))[1])
+    import edgestill.evaluate.classification as scoring
+
+    def checksum(weights) -> float:
+        return float(sum(v.double().sum() for v in weights.values() if v.is_floating_point()))
+
+    scored, real_scores = [], scoring.evaluate_classifier  # the weights of every model the job scores
+    monkeypatch.setattr(scoring, "evaluate_classifier",
+                        lambda model, *a, **k: (scored.append(checksum(model.state_dict())), real_scores(model, *a, **k))[1])
     assert main([*args, "soup.ingredients=2", "--out", str(out)]) == 0
     assert calls == [1]  # seed 0 was not distilled again
 
@@ -425,6 +433,8 @@ def test_a_soup_averages_students_that_equal_single_seed_runs_and_resumes_after_
     single = load_file(str(alone / "student" / "model.safetensors"))
     assert all(torch.equal(ingredients[1][k], single[k]) for k in single)  # the seed-1 run's own student
     soup = load_file(str(out / "student" / "model.safetensors"))
+    for weights in (*ingredients, soup):  # each ingredient scored with its own weights, the soup with the average
+        assert any(abs(c - checksum(weights)) < 1e-6 * max(1.0, abs(c)) for c in scored)
     floats = [k for k, v in soup.items() if v.is_floating_point()]
     assert any(not torch.equal(ingredients[0][k], ingredients[1][k]) for k in floats)
     for k in floats:
@@ -433,5 +443,11 @@ def test_a_soup_averages_students_that_equal_single_seed_runs_and_resumes_after_
     assert m["soup"]["seeds"] == [0, 1] and [r["seed"] for r in m["soup"]["ingredients"]] == [0, 1]
     assert m["soup"]["test"] == m["baselines"]["student_pytorch"]["test"]
     assert m["soup"]["ingredients"][1]["test"] == json.loads((alone / "distill.json").read_text())["test_pytorch"]
+    seed0 = json.loads((out / "ingredients" / "seed0" / "distill.json").read_text())
+    assert m["soup"]["ingredients"][0]["test"] == seed0["test_pytorch"]
+    val_f1 = [r["val"]["macro_f1"] for r in m["soup"]["ingredients"]]  # each ingredient's own, not the soup's
+    assert val_f1[0] == max(h["val_macro_f1"] for h in seed0["history"] if "val_macro_f1" in h)
+    assert val_f1[1] == max(h["val_macro_f1"] for h in json.loads((alone / "distill.json").read_text())["history"]
+                            if "val_macro_f1" in h)
     assert "a uniform soup of 2 students distilled with seeds 0, 1" in (out / "report.md").read_text()
     assert not (out / "checkpoints").exists()

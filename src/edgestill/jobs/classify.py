@@ -415,12 +415,12 @@ def _soup(cfg: ClassifierShrinkConfig, run: RunDir, teacher: _Teacher, splits) -
             shutil.rmtree(checkpoints, ignore_errors=True)
         models.append(model)
         records.append(record)
-    soup = models[0]
-    soup.load_state_dict(uniform_soup([m.state_dict() for m in models]))
     val, test = (tokenize(s_tok, getattr(splits, name).texts, cfg.student.max_len) for name in ("val", "test"))
     rows = [{"seed": r["seed"], "best_step": r["best_step"], "stopped_at_step": r.get("stopped_at_step"),
              "val": evaluate_classifier(m, val, splits.ids("val")), "test": r["test_pytorch"]}
-            for r, m in zip(records, models)]
+            for r, m in zip(records, models)]  # before the average replaces the first ingredient's weights
+    soup = models[0]
+    soup.load_state_dict(uniform_soup([m.state_dict() for m in models]))
     soup_val, soup_test = evaluate_classifier(soup, val, splits.ids("val")), evaluate_classifier(soup, test, splits.ids("test"))
     log.info("soup of %d students: val macro-F1 %.4f (ingredients %s), test %.4f (ingredients %s)", len(models),
              soup_val["macro_f1"], ", ".join(f"{r['val']['macro_f1']:.4f}" for r in rows), soup_test["macro_f1"],
