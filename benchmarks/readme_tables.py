@@ -342,6 +342,7 @@ def classifier_recipes_table(r: dict, data: str = "moviereviews", size: str = "k
                          + f", test retention {statistics.mean(ret) * 100:.1f}%"
                          + (f" ± {sd * 100:.1f}" if len(rows) > 1 else ""))
     tail = [f"Mean over seeds: {'; '.join(means)}."]
+    unit = "seed(s)" if not ours[0].get("soup_seeds") else f"soup(s) of {len(ours[0]['soup_seeds'])} seeds"
     rows = r["datasets"][data]["rows"]
     for kind in ("kd_int8", "kd_int4"):
         files = [x for x in rows if x["kind"] == kind and (x["name"] == f"{size}-{kind[3:]}"
@@ -350,12 +351,12 @@ def classifier_recipes_table(r: dict, data: str = "moviereviews", size: str = "k
             ret = [x["retention_macro_f1"] for x in files]
             tail.append(f"{label}, as {kind[3:]} ONNX files: {files[0].get('deploy_bytes', 0) / 1e6:.2f} MB, "
                         f"{files[0]['compression_x_fp32']:.1f}× smaller than the teacher, test retention "
-                        f"{statistics.mean(ret) * 100:.1f}% on the mean of {len(ret)} seed(s) ("
+                        f"{statistics.mean(ret) * 100:.1f}% on the mean of {len(ret)} {unit} ("
                         + ", ".join(f"{x * 100:.1f}%" for x in ret) + ").")
     t = r["datasets"][data].get("target") or {}
     if "met" in t:
         tail.append(f"Target of this result: **{'met' if t['met'] else 'not met'}** (best: {t.get('best_row')}, "
-                    f"{(t.get('retention_macro_f1') or 0) * 100:.1f}% on the mean of {t.get('seeds', 1)} seed(s), "
+                    f"{(t.get('retention_macro_f1') or 0) * 100:.1f}% on the mean of {t.get('seeds', 1)} {unit}, "
                     f"{t.get('compression_x_fp32') or 0:.1f}×).")
     if teacher and tfidf:
         tail.append(f"Teacher macro-F1 {teacher['macro_f1']:.4f} (97% of it: {0.97 * teacher['macro_f1']:.4f}); "

@@ -120,10 +120,14 @@ def test_classifier_recipes_table_compares_two_recipes_seed_by_seed_and_on_their
     soups = result([0.82, 0.83, 0.81], [0.78, 0.78, 0.78], student_patience=3, student_steps=3000, augment=4, soup=2)
     for s, x in zip((0, 2, 4), soups["datasets"]["moviereviews"]["rows"][3:]):  # rows of seeds 0, 2, 4: soups of s, s+1
         x["soup_ingredients"] = [{"seed": i, "stopped_at_step": 3000, "best_step": 250 * (i + 1)} for i in (s, s + 1)]
+        x["soup_seeds"] = [s, s + 1]
+    soups["datasets"]["moviereviews"]["target"] = {"met": True, "best_row": "kd-50x", "retention_macro_f1": 0.976,
+                                                    "seeds": 3, "compression_x_fp32": 52.9}
     table = readme_tables.classifier_recipes_table(soups)
     assert "| a uniform soup of 2 students | 2+3 | 3000+3000 | 750+1000 | 0.7800 | 0.8300 |" in table
     assert "a uniform soup of 2 students: 3 soups of 2 seeds each, val macro-F1 0.7800, test retention 97.6% ± 1.2" \
         in table
+    assert "**met** (best: kd-50x, 97.6% on the mean of 3 soup(s) of 2 seeds, 52.9×)" in table
 
 
 def test_classifier_table_strikes_out_a_failed_students_retention():
