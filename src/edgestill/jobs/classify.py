@@ -31,7 +31,9 @@ and measures, on the held-out test split:
   deployable file (`metrics.json` "curve", `shrink_curve.png`, a table in report.md).
 
 Runs are RunDir folders: built in `<out>.partial/`, renamed when finished, never replacing a finished run without
-`--overwrite`. A killed shrink resumes after the saved student (training is the costly part).
+`--overwrite`. A killed shrink resumes after the saved student (training is the costly part); with
+`soup.ingredients` = K it distils K students from the same cut with consecutive seeds and exports their weight average
+(distill/soup.py), and a kill resumes after the last ingredient saved.
 """
 
 from __future__ import annotations
