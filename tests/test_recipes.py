@@ -32,6 +32,10 @@ def test_recipe_loads(path):
         assert isinstance(load_vision_config(path), VisionConfig)
     elif recipe.get("stage") == "federated":
         assert isinstance(load_federated_config(path), FederatedConfig)
+    elif recipe.get("task") == "classification":
+        from edgestill.config import ClassifierShrinkConfig, load_classifier_config
+
+        assert isinstance(load_classifier_config(recipe.get("stage"), path), ClassifierShrinkConfig)
     else:
         assert isinstance(load_config(path), ShrinkConfig)
 
@@ -61,3 +65,35 @@ def test_federated_recipe_is_the_audit_benchmarks_setting():
     assert (f.clients, f.malicious, f.rounds, f.public_poison, f.client_layers) == (
         s["clients"], 1, s["rounds"], s["public_poison"], s["client_layers"])
     assert (cfg.client.steps, cfg.server.steps, cfg.student.compression_x) == (s["client_steps"], s["server_steps"], 25)
+
+
+def test_classifier_soup_recipe_is_the_benchmarks_row_that_met_the_target(monkeypatch):
+    """recipes/moviereviews_minilm_soup_classifier.yaml trains what benchmarks/classifier.py trained for the soup of
+    seeds 0+1 in classifier_soup.json (its settings; not the benchmark's evaluation shortcuts or folders)."""
+    import argparse
+    import json
+    import sys
+
+    from edgestill.config import load_classifier_config
+    from edgestill.jobs.classify import plain
+
+    root = Path(__file__).parent.parent
+    sys.path.insert(0, str(root / "benchmarks"))
+    import classifier
+
+    result = json.loads((root / "benchmarks" / "results" / "classifier_soup.json").read_text())
+    bench = classifier.Bench(argparse.Namespace(**result["args"]))
+    monkeypatch.setattr(bench, "student_params", lambda data, x: 824934)  # its teacher's, recorded in the JSON rows
+    row = next(r for r in result["datasets"]["moviereviews"]["rows"] if r["name"] == "kd-25x")
+    assert row["student_target_params"] == 824934 and row["soup_seeds"] == [0, 1]
+    want = plain(bench.student_cfg("moviereviews", "kd-25x", 25.0, "kd"))
+    got = plain(load_classifier_config("shrink", root / "recipes" / "moviereviews_minilm_soup_classifier.yaml"))
+    for section in ("student", "train", "kd", "soup", "data"):
+        assert got[section] == want[section], section
+    # the teacher command in the recipe's comment fine-tunes the benchmark's teacher
+    assert "edgestill finetune --task classification --data moviereviews --out runs/finetune-moviereviews " \
+           "train.patience=4" in (root / "recipes" / "moviereviews_minilm_soup_classifier.yaml").read_text()
+    teacher = plain(load_classifier_config("finetune", overrides=["train.patience=4"], values={"data.path": "moviereviews"}))
+    for section, value in plain(bench.teacher_cfg("moviereviews")).items():
+        if section != "output_dir":
+            assert teacher[section] == value, section
