@@ -944,6 +944,7 @@ TABLES = {"default_run": default_run_table, "distill_throughput": throughput_tab
           "onion_filter": onion_filter_table, "edgevl": edgevl_table,
           "levers": levers_table,
           "decode_speed": decode_speed_table, "decode_speed_sweep": decode_speed_table,
+          "decode_speed_default": decode_speed_table,
           "classifier_patience0": classifier_recipes_table, "classifier_augment8": classifier_recipes_table,
           "classifier_hidden": classifier_recipes_table,
           "classifier_energy": lambda r: classifier_recipes_table(r, size="kd-25x"),

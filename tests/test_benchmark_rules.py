@@ -765,3 +765,19 @@ def test_a_finished_row_is_reused_when_only_a_setting_added_since_asks_for_the_o
     cfg.train.ema = 0.998
     with pytest.raises(SystemExit, match="different train config"):
         bench._finished(cfg, ("train", "kd"))
+
+
+def test_shrink_curve_summary_says_a_file_bigger_than_the_original_is_bigger():
+    from shrink_curve import shrink_curve_summary
+
+    def bp(name, size):
+        return {"name": name, "bytes": size}
+    r = {"reference": "corrected", "source_file": {"bytes": 100_000_000},
+         "break_points": {"kl": {"description": "KL ≤ 0.10 (mean KL)", "edgestill": bp("30L q8_0", 134_000_000),
+                                 "llama.cpp": bp("Q4_K_M", 105_000_000)},
+                          "top1": {"description": "top-1 ≥ 0.80 (share)", "edgestill": bp("30L q5_0", 80_000_000),
+                                   "llama.cpp": None}}}
+    text = shrink_curve_summary(r)
+    assert "KL ≤ 0.10: edgestill 134.0 MB (30L q8_0), **1.34× the original file's bytes**" in text
+    assert "top-1 ≥ 0.80: edgestill 80.0 MB (30L q5_0), **1.25× smaller than the original file**; llama.cpp no file" in text
+    assert "0.75× smaller" not in text
