@@ -2,6 +2,8 @@
 
     python benchmarks/shrink_curve.py          # runs `edgestill sweep --device host --out runs/sweep-smollm2-135m`
     python benchmarks/shrink_curve.py --copy   # only copy a finished sweep's results (no training)
+    python benchmarks/shrink_curve.py --redraw [--name shrink_curve_levers]
+        # no runs: redraw docs/img/NAME.png from the committed benchmarks/results/NAME.json
     python benchmarks/shrink_curve.py --name shrink_curve_levers --out runs/sweep-levers \
         --formats q8_0,q5_0,q4_0,q3_k student.trim_vocab=true
         # the planner with the trimmed vocabulary and formats under 4 bits -> shrink_curve_levers.json / .png
@@ -74,6 +76,21 @@ def row_selection(point: dict, metrics: dict | None) -> dict | None:
     return None if not sel else {k: sel.get(k) for k in ("select", "selected_step", "last_step")}
 
 
+def redraw(result: dict, path: Path) -> None:
+    """Draw the four-panel curve of a filed result (benchmarks/results/NAME.json) into `path`, as the sweep drew
+    it from its points: the same bars (the result's thresholds), title and original-file size."""
+    from dataclasses import fields
+
+    from edgestill.evaluate.shrink_curve import ShrinkPoint, criteria, plot_fidelity_curve
+
+    keys = {f.name for f in fields(ShrinkPoint)}
+    points = [ShrinkPoint(**{k: v for k, v in p.items() if k in keys}) for p in result["points"]]
+    t = result["thresholds"]
+    bars = criteria(retention=t.get("retention", []), top1=t.get("top1_agreement", []), kl=t.get("kl_teacher_student", []))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plot_fidelity_curve(points, path, bars, result.get("title", ""), (result.get("source_file") or {}).get("bytes"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/sweep-smollm2-135m", help="the sweep folder")
@@ -82,12 +99,21 @@ def main() -> None:
                          "the README's first-screen curve)")
     ap.add_argument("--device", default="host")
     ap.add_argument("--copy", action="store_true", help="do not run the sweep; file the results of a finished one")
+    ap.add_argument("--redraw", action="store_true",
+                    help="no runs: redraw docs/img/NAME.png from the committed benchmarks/results/NAME.json")
     ap.add_argument("--formats", help="the formats plans may use (the sweep's --formats; default: its default)")
     ap.add_argument("--budgets", help="the sweep's --budgets (default: its default, 1/4 ... 1/24 of fp32)")
     ap.add_argument("--hidden-sizes", help="the sweep's --hidden-sizes (default: the teacher's hidden alone)")
     ap.add_argument("--probe-steps", type=int, help="the sweep's --probe-steps (default: 0, no recovery probe)")
     ap.add_argument("overrides", nargs="*", help="config overrides for every point, e.g. student.trim_vocab=true")
     args = ap.parse_args()
+    if args.redraw:
+        filed = ROOT / "benchmarks" / "results" / f"{args.name}.json"
+        if not filed.is_file():
+            sys.exit(f"{filed} does not exist: nothing to redraw (run python benchmarks/shrink_curve.py --name {args.name})")
+        redraw(json.loads(filed.read_text()), IMG / f"{args.name}.png")
+        print(f"wrote {IMG / f'{args.name}.png'}")
+        return
     argv = ["sweep", "--device", args.device, "--out", args.out, *(["--formats", args.formats] if args.formats else []),
             *(["--budgets", args.budgets] if args.budgets else []),
             *(["--hidden-sizes", args.hidden_sizes] if args.hidden_sizes else []),

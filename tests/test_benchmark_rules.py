@@ -781,3 +781,18 @@ def test_shrink_curve_summary_says_a_file_bigger_than_the_original_is_bigger():
     assert "KL ≤ 0.10: edgestill 134.0 MB (30L q8_0), **1.34× the original file's bytes**" in text
     assert "top-1 ≥ 0.80: edgestill 80.0 MB (30L q5_0), **1.25× smaller than the original file**; llama.cpp no file" in text
     assert "0.75× smaller" not in text
+
+
+@pytest.mark.parametrize("name", ["shrink_curve", "shrink_curve_levers"])
+def test_shrink_curve_redraw_draws_a_filed_result_without_its_sweep_folder(name, tmp_path):
+    import json
+
+    from shrink_curve import redraw
+
+    filed = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / f"{name}.json"
+    result = json.loads(filed.read_text())
+    assert result["points"]
+    png = tmp_path / "img" / f"{name}.png"
+    redraw(result, png)  # every key a filed point carries beyond ShrinkPoint's (environment, selection) is dropped
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(png.parent.glob("*.tmp"))

@@ -255,7 +255,7 @@ def plot_fidelity_curve(points: list[ShrinkPoint], path: Path, bars: list[Criter
     """Four panels against the file size in MB (log): KL, top-1 agreement, in-domain and out-of-domain retention.
 
     The original file is its own marker, and its size a vertical line; with `source_bytes` the top axis reads
-    compression_x_source (× smaller than that file). Each bar of `bars` is a horizontal line on its panel, with the
+    compression_x_source (that file's bytes ÷ a point's; under 1× the point is bigger). Each bar of `bars` is a horizontal line on its panel, with the
     edgestill break point as a filled star and llama.cpp's as a hollow one.
     """
     import matplotlib
@@ -294,7 +294,7 @@ def plot_fidelity_curve(points: list[ShrinkPoint], path: Path, bars: list[Criter
             top.xaxis.set_major_locator(LogLocator(base=10, subs=(1, 1.5, 2, 3, 5, 7)))
             top.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}×"))
             top.xaxis.set_minor_formatter(NullFormatter())
-            top.set_xlabel("compression_x_source (× smaller than the original file)", fontsize=8)
+            top.set_xlabel("compression_x_source: original file ÷ this file (under 1×: bigger than the original)", fontsize=8)
         ax.set_xlabel("file size, MB (log)")
         ax.set_ylabel(ylabel, fontsize=9)
         ax.grid(alpha=0.3, which="both")
