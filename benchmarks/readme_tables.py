@@ -618,7 +618,7 @@ def audit_table(r: dict) -> str:
             by_seed.setdefault(seed, []).append(f"{setting}/{defence}")
         n_rows = len(r.get("order") or []) or len(r["settings"]) * len(r["defences"])
         left = "; ".join(f"seed {seed}: " + ("every row" if len(rows) == n_rows else ", ".join(rows))
-                         for seed, rows in by_seed.items())
+                         for seed, rows in sorted(by_seed.items()))
         out += ["", f"**Unfinished run** ({len(r['pending'])} of {len(r['pending']) + sum(len(x['seeds']) for x in r['rows'])} "
                 f"runs still to measure: {left}). The same command continues it."]
     one_seed = (" With fewer than 3 seeds a row is a first reading, not a claim."
