@@ -255,8 +255,8 @@ def plot_fidelity_curve(points: list[ShrinkPoint], path: Path, bars: list[Criter
     """Four panels against the file size in MB (log): KL, top-1 agreement, in-domain and out-of-domain retention.
 
     The original file is its own marker, and its size a vertical line; with `source_bytes` the top axis reads
-    compression_x_source (that file's bytes ÷ a point's; under 1× the point is bigger). Each bar of `bars` is a horizontal line on its panel, with the
-    edgestill break point as a filled star and llama.cpp's as a hollow one.
+    compression_x_source (that file's bytes ÷ a point's; under 1× the point is bigger). Each bar of `bars` is a
+    horizontal line on its panel, with the edgestill break point as a filled star and llama.cpp's as a hollow one.
     """
     import matplotlib
     import numpy as np
