@@ -79,12 +79,9 @@ def row_selection(point: dict, metrics: dict | None) -> dict | None:
 def redraw(result: dict, path: Path) -> None:
     """Draw the four-panel curve of a filed result (benchmarks/results/NAME.json) into `path`, as the sweep drew
     it from its points: the same bars (the result's thresholds), title and original-file size."""
-    from dataclasses import fields
-
     from edgestill.evaluate.shrink_curve import ShrinkPoint, criteria, plot_fidelity_curve
 
-    keys = {f.name for f in fields(ShrinkPoint)}
-    points = [ShrinkPoint(**{k: v for k, v in p.items() if k in keys}) for p in result["points"]]
+    points = [ShrinkPoint.from_dict(p) for p in result["points"]]
     t = result["thresholds"]
     bars = criteria(retention=t.get("retention", []), top1=t.get("top1_agreement", []), kl=t.get("kl_teacher_student", []))
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,7 @@ from __future__ import annotations
 import base64
 import html
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from edgestill.evaluate.report import save_figure
@@ -75,6 +75,12 @@ class ShrinkPoint:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ShrinkPoint:
+        """A point from to_dict()'s output; keys a filed row adds beside them (a benchmark's `selection`) are dropped."""
+        keys = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in keys})
 
     @classmethod
     def from_metrics(cls, name: str, m: dict, detail: dict | None = None) -> ShrinkPoint:

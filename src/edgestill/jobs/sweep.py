@@ -238,7 +238,7 @@ def baseline_points(folder: Path, reference: Reference, held_out: HeldOut, types
         write_text_atomic(cache_path, json.dumps({"key": key, "reference_perplexity": perplexity, "points": done}, indent=1))
     source.unlink(missing_ok=True)
     perplexity = perplexity or held_out.perplexities()  # nothing was to be scored (no types, no GGUF teacher)
-    return [ShrinkPoint(**done[name]) for name, _, _ in wanted if name in done], perplexity
+    return [ShrinkPoint.from_dict(done[name]) for name, _, _ in wanted if name in done], perplexity
 
 
 def _plans(cfg: ShrinkConfig, settings: SweepSettings, out: Path, reference: Reference, train, metadata: int,
